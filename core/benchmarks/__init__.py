@@ -1,0 +1,1 @@
+"""Benchmarks behind ``python -m core bench <name>``; each prints a table and writes JSON."""

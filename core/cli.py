@@ -1,0 +1,83 @@
+"""``python -m core <command>``: the command line shared by users and the app's jobs.
+
+Each command lives in its own module, which provides::
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None
+    def run(args: argparse.Namespace) -> int      # exit status
+
+Modules are imported only when their command runs, so ``--help`` stays fast and a
+command does not pay for Sionna or the model unless it needs them.
+
+Errors: a :class:`~core.errors.CoreError` prints one line naming the bad file or
+argument and exits 2; any other exception prints one line and exits 1. ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from core.device import DEVICE_CHOICES
+from core.errors import CoreError
+
+#: command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate-maps": ("core.generation", "ray-trace radio maps of scenes with Sionna RT into Zarr stores"),
+    "make-dataset": ("core.measurements", "ray-trace a UE measurement dataset along random walks"),
+    "train": ("core.training", "train the map-conditioned transformer from a YAML config"),
+    "evaluate": ("core.evaluation", "evaluate a training run (optionally with gradient refinement)"),
+    "ablate": ("core.ablation", "train and evaluate baseline vs physics-regularized models"),
+    "bench": ("core.benchmarks.cli", "run a benchmark (physics, maps, train); prints a table, writes JSON"),
+}
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on error")
+    parser.add_argument(
+        "--device", default="auto", help=f"torch device: {', '.join(DEVICE_CHOICES)} or cuda:N (default: auto)"
+    )
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only ``command``'s module is imported to add its arguments."""
+    parser = argparse.ArgumentParser(
+        prog="python -m core",
+        description="Physics-regularized UE localization: radio maps, datasets, training, evaluation.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
+        _add_common(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser(command if command in COMMANDS else None)
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return int(args._run(args) or 0)
+    except CoreError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not bad input: one line unless --debug
+        if debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (run again with --debug for the traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,213 @@
+"""The measurement-dataset contract: UE walks with temporal measurement reports.
+
+One sample is one UE walking for ``T`` reports; the label is its position at the last
+report. Each report holds, for the ``K`` strongest sites, the path gain, time of
+arrival and azimuth of arrival of the strongest path, plus serving-cell SNR, SINR,
+throughput and BLER.
+
+Storage: a Zarr v3 group (``MeasurementDataset.save`` / ``.load``)::
+
+    ue_xyz          float32 [N, T, 3]     UE position at each report [m, scene frame]
+    t               float32 [N, T]        report time [s], 0 at the first report
+    report_mask     bool    [N, T]        True where the report exists (>= 1 per sample)
+    site_ids        int16   [N, T, K]     index into attrs["sites"], strongest first; -1 = none
+    site_features   float32 [N, T, K, 3]  (path_gain [dB], toa [ns], aoa [deg]) per site; NaN = none
+    cell_features   float32 [N, T, 4]     serving (snr [dB], sinr [dB], throughput [Mbit/s], bler [1])
+    los             bool    [N, T]        serving site in line of sight
+    split           int8    [N]           0 train, 1 val, 2 test
+    clean/site_features, clean/cell_features   the same before measurement noise
+    attrs: format_version, kind, scene, sites, noise, seed, generator settings...
+
+Where a report is missing (``report_mask`` false) its features are NaN. Site slot 0 is
+the serving (strongest) site, which is what the radio map describes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.atomic import atomic_path
+from core.errors import StoreError
+
+FORMAT_VERSION = 1
+SITE_FEATURES: tuple[str, ...] = ("path_gain", "toa", "aoa")
+CELL_FEATURES: tuple[str, ...] = ("snr", "sinr", "throughput", "bler")
+SPLITS = {"train": 0, "val": 1, "test": 2}
+
+_ARRAYS: dict[str, tuple[str, int]] = {  # name -> (dtype, ndim)
+    "ue_xyz": ("float32", 3),
+    "t": ("float32", 2),
+    "report_mask": ("bool", 2),
+    "site_ids": ("int16", 3),
+    "site_features": ("float32", 4),
+    "cell_features": ("float32", 3),
+    "los": ("bool", 2),
+    "split": ("int8", 1),
+}
+
+
+@dataclass
+class MeasurementDataset:
+    """In-memory measurement dataset; see the module docstring for shapes and units."""
+
+    ue_xyz: np.ndarray
+    t: np.ndarray
+    report_mask: np.ndarray
+    site_ids: np.ndarray
+    site_features: np.ndarray
+    cell_features: np.ndarray
+    los: np.ndarray
+    split: np.ndarray
+    attrs: dict[str, Any] = field(default_factory=dict)
+    clean_site_features: np.ndarray | None = None
+    clean_cell_features: np.ndarray | None = None
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- shape facts ------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        return self.ue_xyz.shape[0]
+
+    @property
+    def num_reports(self) -> int:
+        return self.ue_xyz.shape[1]
+
+    @property
+    def num_sites_per_report(self) -> int:
+        return self.site_ids.shape[2]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """float32 ``[N, 2]``: UE (x, y) at the last report [m]."""
+        return self.ue_xyz[:, -1, :2]
+
+    def indices(self, split: str) -> np.ndarray:
+        """Sample indices of ``split`` (train, val or test)."""
+        if split not in SPLITS:
+            raise StoreError(f"unknown split {split!r} (use {', '.join(SPLITS)})")
+        return np.flatnonzero(self.split == SPLITS[split])
+
+    def map_features(self, names: tuple[str, ...] | list[str]) -> np.ndarray:
+        """float32 ``[N, T, F]``: the serving-site observation of each map feature.
+
+        Channel ``f`` is feature ``names[f]`` in its map unit, so the result can be
+        compared with a radio map read at the UE position. NaN where missing.
+        """
+        out = np.full(self.cell_features.shape[:2] + (len(names),), np.nan, dtype=np.float32)
+        for f, name in enumerate(names):
+            if name in SITE_FEATURES:
+                out[..., f] = self.site_features[:, :, 0, SITE_FEATURES.index(name)]
+            elif name in CELL_FEATURES:
+                out[..., f] = self.cell_features[..., CELL_FEATURES.index(name)]
+            else:
+                raise StoreError(f"dataset {self.source or ''}: no measurement for map feature {name!r}")
+        return out
+
+    def subset(self, idx: np.ndarray) -> MeasurementDataset:
+        """A new dataset holding samples ``idx`` only."""
+        take = lambda a: None if a is None else a[idx]  # noqa: E731
+        return MeasurementDataset(
+            self.ue_xyz[idx], self.t[idx], self.report_mask[idx], self.site_ids[idx], self.site_features[idx],
+            self.cell_features[idx], self.los[idx], self.split[idx], dict(self.attrs),
+            take(self.clean_site_features), take(self.clean_cell_features), self.source,
+        )
+
+    # -- validation -------------------------------------------------------------------
+    def validate(self) -> None:
+        where = f"dataset {self.source}" if self.source else "dataset"
+        for name, (dtype, ndim) in _ARRAYS.items():
+            arr = getattr(self, name)
+            if not isinstance(arr, np.ndarray) or arr.dtype != np.dtype(dtype) or arr.ndim != ndim:
+                got = f"{arr.dtype} with {arr.ndim} dims" if isinstance(arr, np.ndarray) else type(arr).__name__
+                raise StoreError(f"{where}: array {name!r} must be {dtype} with {ndim} dims, got {got}")
+        n, t = self.ue_xyz.shape[:2]
+        k = self.site_ids.shape[2] if self.site_ids.ndim == 3 else 0
+        expected = {
+            "ue_xyz": (n, t, 3), "t": (n, t), "report_mask": (n, t), "site_ids": (n, t, k),
+            "site_features": (n, t, k, len(SITE_FEATURES)), "cell_features": (n, t, len(CELL_FEATURES)),
+            "los": (n, t), "split": (n,),
+        }
+        for name, shape in expected.items():
+            if getattr(self, name).shape != shape:
+                raise StoreError(f"{where}: array {name!r} has shape {getattr(self, name).shape}, expected {shape}")
+        if n and not self.report_mask.any(axis=1).all():
+            raise StoreError(f"{where}: some samples have no valid report (report_mask all false)")
+        if not np.isfinite(self.ue_xyz).all():
+            raise StoreError(f"{where}: NaN or inf in 'ue_xyz'")
+        present = self.report_mask
+        serving = self.site_features[:, :, 0, :][present]
+        if serving.size and not np.isfinite(serving).all():
+            raise StoreError(f"{where}: NaN or inf in the serving-site features of a present report")
+        cells = self.cell_features[present]
+        if cells.size and not np.isfinite(cells).all():
+            raise StoreError(f"{where}: NaN or inf in 'cell_features' of a present report")
+        if not np.isin(self.split, list(SPLITS.values())).all():
+            raise StoreError(f"{where}: 'split' holds values other than 0, 1, 2")
+
+    # -- storage ----------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the dataset as a Zarr v3 group at ``path``, atomically."""
+        import zarr
+
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            group = zarr.open_group(store=str(tmp), mode="w", zarr_format=3)
+            for name in _ARRAYS:
+                arr = getattr(self, name)
+                group.create_array(name, data=arr, chunks=(min(4096, max(len(arr), 1)),) + arr.shape[1:])
+            if self.clean_site_features is not None and self.clean_cell_features is not None:
+                clean = group.create_group("clean")
+                for name, arr in (("site_features", self.clean_site_features), ("cell_features", self.clean_cell_features)):
+                    clean.create_array(name, data=arr, chunks=(min(4096, max(len(arr), 1)),) + arr.shape[1:])
+            group.attrs.update(
+                {
+                    "format_version": FORMAT_VERSION,
+                    "kind": "measurement_dataset",
+                    "site_features": list(SITE_FEATURES),
+                    "cell_features": list(CELL_FEATURES),
+                    "attrs": self.attrs,
+                }
+            )
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> MeasurementDataset:
+        """Read and validate a dataset; errors name ``path`` and the problem."""
+        import zarr
+
+        path = Path(path)
+        if not path.exists():
+            raise StoreError(f"dataset {path}: no such store (make it with `python -m core make-dataset`)")
+        try:
+            group = zarr.open_group(store=str(path), mode="r")
+            meta = dict(group.attrs)
+        except Exception as exc:
+            raise StoreError(f"dataset {path}: not a readable Zarr group ({type(exc).__name__}: {exc})") from None
+        if meta.get("kind") != "measurement_dataset":
+            raise StoreError(f"dataset {path}: not a measurement-dataset store (kind={meta.get('kind')!r})")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise StoreError(
+                f"dataset {path}: format version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+            )
+        arrays: dict[str, np.ndarray] = {}
+        try:
+            for name in _ARRAYS:
+                arrays[name] = np.asarray(group[name][...])
+            clean_site = clean_cell = None
+            if "clean" in group:
+                clean_site = np.asarray(group["clean/site_features"][...])
+                clean_cell = np.asarray(group["clean/cell_features"][...])
+        except KeyError as exc:
+            raise StoreError(f"dataset {path}: missing array {exc}") from None
+        except Exception as exc:
+            raise StoreError(f"dataset {path}: corrupt array data ({type(exc).__name__}: {exc})") from None
+        return cls(**arrays, attrs=meta.get("attrs") or {}, clean_site_features=clean_site,
+                   clean_cell_features=clean_cell, source=str(path))

@@ -1,0 +1,329 @@
+"""The radio-map contract: a stack of per-cell feature maps on a regular grid.
+
+Coordinates
+-----------
+``bounds = (x_min, y_min, x_max, y_max)`` are the OUTER EDGES of the grid, in scene
+metres. Row ``i`` runs along +y and column ``j`` along +x. A value is the average over
+its cell, and cell ``(i, j)`` is centred at::
+
+    x_j = x_min + (j + 0.5) * cell_size
+    y_i = y_min + (i + 0.5) * cell_size
+
+with ``cell_size = (x_max - x_min) / W = (y_max - y_min) / H`` (cells are square).
+
+Storage
+-------
+A Zarr v3 group (``RadioMap.save`` / ``RadioMap.load``)::
+
+    <name>.zarr/
+        values   float32 [F, H, W]   chunked (1, 128, 128), zstd-compressed
+        valid    bool    [H, W]      coverage mask
+        layers/<name>  float32 [K, H, W]  optional extra layers (e.g. per-site path gain)
+        attrs: format_version, features, units, bounds, attrs (free JSON: scene, sites, ...)
+
+Cells outside ``valid`` may hold NaN or -inf (no coverage); covered cells must be finite.
+Saving is atomic (see :mod:`core.atomic`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.atomic import atomic_path
+from core.errors import StoreError
+from core.features import feature_spec
+
+FORMAT_VERSION = 1
+_CHUNK = 128
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Statistics of one feature over the covered cells, in the feature's unit.
+
+    For angular features ``mean`` is the circular mean (deg, in (-180, 180]) and
+    ``std`` the circular standard deviation ``sqrt(-2 ln R)`` in degrees, where ``R``
+    is the mean resultant length.
+    """
+
+    mean: float
+    std: float
+    min: float
+    max: float
+
+
+def _feature_stats(values: np.ndarray, angular: bool) -> FeatureStats:
+    """Statistics of a 1-D array of covered-cell values (float64 accumulation)."""
+    v = values.astype(np.float64)
+    if v.size == 0:
+        return FeatureStats(float("nan"), float("nan"), float("nan"), float("nan"))
+    if angular:
+        rad = np.deg2rad(v)
+        c, s = np.cos(rad).mean(), np.sin(rad).mean()
+        r = min(math.hypot(c, s), 1.0)
+        mean = math.degrees(math.atan2(s, c))
+        std = math.degrees(math.sqrt(-2.0 * math.log(r))) if r > 0 else float("inf")
+        return FeatureStats(mean, std, float(v.min()), float(v.max()))
+    return FeatureStats(float(v.mean()), float(v.std()), float(v.min()), float(v.max()))
+
+
+class RadioMap:
+    """Per-cell radio features of one scene.
+
+    Args:
+        values: float32 ``[F, H, W]``; channel ``f`` is feature ``features[f]``.
+        features: feature names in channel order (see :mod:`core.features`).
+        bounds: ``(x_min, y_min, x_max, y_max)``, the outer edges of the grid [m].
+        valid: bool ``[H, W]`` coverage mask; all true if omitted.
+        attrs: JSON-serialisable metadata: scene name, sites, generator settings...
+        layers: extra named float32 ``[K, H, W]`` arrays on the same grid, for
+            example ``{"site_path_gain": ...}`` with one path-gain layer per site.
+        source: where the map was loaded from, used in error messages.
+    """
+
+    def __init__(
+        self,
+        values: np.ndarray,
+        features: list[str] | tuple[str, ...],
+        bounds: tuple[float, float, float, float],
+        valid: np.ndarray | None = None,
+        attrs: dict[str, Any] | None = None,
+        layers: dict[str, np.ndarray] | None = None,
+        source: str | os.PathLike | None = None,
+    ) -> None:
+        where = f"radio map {source}" if source else "radio map"
+        values = np.asarray(values)
+        if values.ndim != 3:
+            raise StoreError(f"{where}: values must be [F, H, W], got shape {values.shape}")
+        if values.dtype != np.float32:
+            raise StoreError(f"{where}: values must be float32, got {values.dtype}")
+        n_feat, height, width = values.shape
+        if height == 0 or width == 0:
+            raise StoreError(f"{where}: empty grid {height}x{width}")
+        features = [str(f) for f in features]
+        if len(features) != n_feat:
+            raise StoreError(f"{where}: {len(features)} feature names for {n_feat} channels")
+        if len(set(features)) != len(features):
+            raise StoreError(f"{where}: duplicate feature names in {features}")
+        for name in features:
+            try:
+                feature_spec(name)
+            except Exception as exc:
+                raise StoreError(f"{where}: {exc}") from None
+
+        bounds = tuple(float(b) for b in bounds)
+        if len(bounds) != 4 or not all(math.isfinite(b) for b in bounds):
+            raise StoreError(f"{where}: bounds must be 4 finite numbers, got {bounds}")
+        x_min, y_min, x_max, y_max = bounds
+        if not (x_max > x_min and y_max > y_min):
+            raise StoreError(f"{where}: bounds {bounds} must have x_max > x_min and y_max > y_min")
+        dx, dy = (x_max - x_min) / width, (y_max - y_min) / height
+        if not math.isclose(dx, dy, rel_tol=1e-5):
+            raise StoreError(f"{where}: cells must be square, got {dx:g} m x {dy:g} m from bounds {bounds}")
+
+        if valid is None:
+            valid = np.ones((height, width), dtype=bool)
+        valid = np.asarray(valid)
+        if valid.shape != (height, width) or valid.dtype != np.bool_:
+            raise StoreError(f"{where}: valid must be bool [{height}, {width}], got {valid.dtype} {valid.shape}")
+
+        covered = values[:, valid]
+        if covered.size and not np.isfinite(covered).all():
+            bad = [features[f] for f in range(n_feat) if not np.isfinite(covered[f]).all()]
+            raise StoreError(f"{where}: NaN or inf inside the coverage mask in feature(s) {', '.join(bad)}")
+
+        layers = {str(k): np.asarray(v) for k, v in (layers or {}).items()}
+        for name, layer in layers.items():
+            if layer.ndim != 3 or layer.shape[1:] != (height, width) or layer.dtype != np.float32:
+                raise StoreError(
+                    f"{where}: layer {name!r} must be float32 [K, {height}, {width}], got {layer.dtype} {layer.shape}"
+                )
+
+        try:
+            json.dumps(attrs or {})
+        except TypeError as exc:
+            raise StoreError(f"{where}: attrs are not JSON-serialisable ({exc})") from None
+
+        self._values = values
+        self._features = tuple(features)
+        self._bounds = bounds
+        self._valid = valid
+        self._attrs = dict(attrs or {})
+        self._layers = layers
+        self._source = source
+        self._stats = {
+            name: _feature_stats(values[f][valid], feature_spec(name).angular) for f, name in enumerate(features)
+        }
+
+    # -- properties -------------------------------------------------------------------
+    @property
+    def values(self) -> np.ndarray:
+        """float32 ``[F, H, W]``."""
+        return self._values
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return self._features
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """``(x_min, y_min, x_max, y_max)``, outer edges [m]."""
+        return self._bounds
+
+    @property
+    def valid(self) -> np.ndarray:
+        """bool ``[H, W]`` coverage mask."""
+        return self._valid
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return self._attrs
+
+    @property
+    def layers(self) -> dict[str, np.ndarray]:
+        return self._layers
+
+    @property
+    def source(self) -> str | None:
+        return None if self._source is None else str(self._source)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(H, W)``."""
+        return self._values.shape[1], self._values.shape[2]
+
+    @property
+    def cell_size(self) -> float:
+        """Edge length of a (square) cell [m]."""
+        return (self._bounds[2] - self._bounds[0]) / self._values.shape[2]
+
+    @property
+    def stats(self) -> dict[str, FeatureStats]:
+        """Per-feature statistics over covered cells (circular for angles)."""
+        return self._stats
+
+    @property
+    def units(self) -> dict[str, str]:
+        return {name: feature_spec(name).unit for name in self._features}
+
+    def index(self, name: str) -> int:
+        """Channel index of feature ``name``."""
+        try:
+            return self._features.index(name)
+        except ValueError:
+            raise StoreError(f"{self.source or 'radio map'}: has no feature {name!r} (it has {list(self._features)})") from None
+
+    def feature(self, name: str) -> np.ndarray:
+        """``[H, W]`` map of one feature."""
+        return self._values[self.index(name)]
+
+    def cell_centers(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(x [W], y [H])``: cell-centre coordinates along each axis [m]."""
+        x_min, y_min, _, _ = self._bounds
+        height, width = self.shape
+        cell = self.cell_size
+        return x_min + (np.arange(width) + 0.5) * cell, y_min + (np.arange(height) + 0.5) * cell
+
+    def cell_of(self, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row and column ``(i [N], j [N])`` of the cells that contain points ``xy [N, 2]``, clipped to the grid."""
+        xy = np.asarray(xy, dtype=np.float64)
+        x_min, y_min, _, _ = self._bounds
+        height, width = self.shape
+        j = np.clip(np.floor((xy[:, 0] - x_min) / self.cell_size), 0, width - 1).astype(np.int64)
+        i = np.clip(np.floor((xy[:, 1] - y_min) / self.cell_size), 0, height - 1).astype(np.int64)
+        return i, j
+
+    def contains(self, xy: np.ndarray) -> np.ndarray:
+        """bool ``[N]``: points inside the outer bounds."""
+        xy = np.asarray(xy)
+        x_min, y_min, x_max, y_max = self._bounds
+        return (xy[:, 0] >= x_min) & (xy[:, 0] <= x_max) & (xy[:, 1] >= y_min) & (xy[:, 1] <= y_max)
+
+    def __repr__(self) -> str:
+        height, width = self.shape
+        return (
+            f"RadioMap({list(self._features)}, {height}x{width} cells of {self.cell_size:g} m, "
+            f"bounds={self._bounds}, coverage={self._valid.mean():.1%})"
+        )
+
+    # -- storage ----------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the map as a Zarr v3 group at ``path``, atomically. Returns the path."""
+        import zarr
+
+        path = Path(path)
+        height, width = self.shape
+        chunks = (1, min(_CHUNK, height), min(_CHUNK, width))
+        with atomic_path(path) as tmp:
+            group = zarr.open_group(store=str(tmp), mode="w", zarr_format=3)
+            group.create_array("values", data=self._values, chunks=chunks)
+            group.create_array("valid", data=self._valid, chunks=chunks[1:])
+            if self._layers:
+                sub = group.create_group("layers")
+                for name, layer in self._layers.items():
+                    sub.create_array(name, data=layer, chunks=(1,) + chunks[1:])
+            group.attrs.update(
+                {
+                    "format_version": FORMAT_VERSION,
+                    "kind": "radio_map",
+                    "features": list(self._features),
+                    "units": self.units,
+                    "bounds": list(self._bounds),
+                    "cell_size": self.cell_size,
+                    "attrs": self._attrs,
+                }
+            )
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> RadioMap:
+        """Read and validate a map written by :meth:`save`.
+
+        Raises :class:`~core.errors.StoreError` naming ``path`` and the problem when the
+        store is missing, corrupt, of another format version, or inconsistent.
+        """
+        import zarr
+
+        path = Path(path)
+        if not path.exists():
+            raise StoreError(f"radio map {path}: no such store (generate it with `python -m core generate-maps`)")
+        try:
+            group = zarr.open_group(store=str(path), mode="r")
+            meta = dict(group.attrs)
+        except Exception as exc:
+            raise StoreError(f"radio map {path}: not a readable Zarr group ({type(exc).__name__}: {exc})") from None
+        if meta.get("kind") != "radio_map":
+            raise StoreError(f"radio map {path}: not a radio-map store (missing kind='radio_map' in its attrs)")
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(f"radio map {path}: format version {version!r}, this code reads version {FORMAT_VERSION}")
+        for key in ("features", "bounds"):
+            if key not in meta:
+                raise StoreError(f"radio map {path}: attrs lack {key!r}")
+        try:
+            values = group["values"][...]
+            valid = group["valid"][...]
+            layers = {}
+            if "layers" in group:
+                for name, arr in group["layers"].arrays():
+                    layers[name] = arr[...]
+        except KeyError as exc:
+            raise StoreError(f"radio map {path}: missing array {exc}") from None
+        except Exception as exc:
+            raise StoreError(f"radio map {path}: corrupt array data ({type(exc).__name__}: {exc})") from None
+        return cls(
+            np.asarray(values),
+            meta["features"],
+            tuple(meta["bounds"]),
+            valid=np.asarray(valid),
+            attrs=meta.get("attrs") or {},
+            layers=layers,
+            source=path,
+        )
