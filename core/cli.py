@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("core.evaluation", "evaluate a training run (optionally with gradient refinement)"),
     "ablate": ("core.ablation", "train and evaluate baseline vs physics-regularized models"),
     "bench": ("core.benchmarks.cli", "run a benchmark (physics, maps, train); prints a table, writes JSON"),
+    "jobs": ("core.jobs", "list, follow, submit and cancel the background jobs the app also uses"),
 }
 
 

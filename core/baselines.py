@@ -1,0 +1,104 @@
+"""Classical map-based localization baselines, on the same observations as the model.
+
+Both compare a sample's observation ``o[F]`` (serving-site features of its last report,
+in map order; see :func:`core.data_loading.physics_observation`) with every COVERED
+cell ``c`` of the radio map, whose value ``v_c[F]`` is the cell average at its centre.
+Residuals are normalised by the map's statistics (``sigma_f``; AoA residuals wrapped to
+(-180, 180]); masked (missing) features are skipped.
+
+* kNN fingerprinting: ``d_c^2 = sum_f ((o_f - v_{c,f}) / sigma_f)^2``; the estimate is
+  the mean centre of the ``k`` cells with the smallest ``d_c``.
+* Maximum-likelihood map matching: the covered cell centre that minimises the physics
+  loss ``sum_f w_f rho((o_f - v_{c,f}) / sigma_f)`` (the run's weights, MSE or Huber),
+  found exhaustively.
+
+Both run batched: ``[B, M]`` distance blocks accumulated feature by feature, so memory
+is ``O(B * M)`` for ``M`` covered cells.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from core.features import feature_spec, wrap_degrees
+from core.physics_loss import guarded_sigma, resolve_weights
+from core.radio_map import RadioMap
+
+
+def covered_cells(radio_map: RadioMap) -> tuple[np.ndarray, np.ndarray]:
+    """``(centres [M, 2] m, values [M, F])`` of the covered cells."""
+    xs, ys = radio_map.cell_centers()
+    i, j = np.nonzero(radio_map.valid)
+    return np.stack([xs[j], ys[i]], 1), radio_map.values[:, i, j].T
+
+
+def _scores(radio_map: RadioMap, observed, mask, rho, weights, batch_size: int, reduce):
+    """Run ``reduce(score [B, M], centres)`` over batches; ``score = sum_f weights_f rho(z_f)``."""
+    centres, values = covered_cells(radio_map)
+    # the physics loss's normalisation: map statistics, guarded against 0/inf
+    sigma = [guarded_sigma(radio_map.stats[n].mean, radio_map.stats[n].std, feature_spec(n).angular)
+             for n in radio_map.features]
+    cent = torch.from_numpy(centres)
+    vals = torch.from_numpy(values.astype(np.float32))  # [M, F]
+    obs = torch.as_tensor(np.asarray(observed), dtype=torch.float32)
+    msk = torch.ones_like(obs, dtype=torch.bool) if mask is None else torch.as_tensor(np.asarray(mask)).bool()
+    obs = torch.where(msk, obs, torch.zeros(()))
+    angular = [feature_spec(n).angular for n in radio_map.features]
+    out = []
+    for s in range(0, len(obs), batch_size):
+        o, m = obs[s : s + batch_size], msk[s : s + batch_size]
+        score = torch.zeros(len(o), len(vals))
+        for f in range(vals.shape[1]):
+            if weights[f] == 0:
+                continue
+            r = o[:, f : f + 1] - vals[None, :, f]
+            if angular[f]:
+                r = wrap_degrees(r)
+            z = r / float(sigma[f])
+            score += float(weights[f]) * rho(z) * m[:, f : f + 1]
+        out.append(reduce(score, cent))
+    return np.concatenate(out) if out else np.zeros((0, 2))
+
+
+def knn_fingerprint(radio_map: RadioMap, observed, mask=None, k: int = 5, batch_size: int = 128) -> np.ndarray:
+    """``[N, 2]`` estimates: mean centre of the ``k`` nearest covered cells in normalised feature space."""
+
+    def reduce(score, cent):
+        idx = torch.topk(score, min(k, score.shape[1]), dim=1, largest=False).indices
+        return cent[idx].mean(1).numpy()
+
+    return _scores(radio_map, observed, mask, lambda z: z * z, [1.0] * len(radio_map.features), batch_size, reduce)
+
+
+def ml_map_matching(radio_map: RadioMap, observed, mask=None, weights: dict[str, float] | None = None,
+                    loss: str = "huber", huber_delta: float = 1.0, batch_size: int = 128) -> np.ndarray:
+    """``[N, 2]`` estimates: the covered cell centre minimising the physics loss (exhaustive)."""
+    w = resolve_weights(radio_map.features, weights)
+    if loss == "mse":
+        rho = lambda z: z * z  # noqa: E731
+    else:
+        def rho(z):
+            a = z.abs()
+            q = a.clamp(max=huber_delta)
+            return q * (a - 0.5 * q)
+
+    def reduce(score, cent):
+        return cent[score.argmin(1)].numpy()
+
+    return _scores(radio_map, observed, mask, rho, w, batch_size, reduce)
+
+
+def run_baselines(dataset, radio_map: RadioMap, indices, config=None, k: int = 5) -> dict[str, np.ndarray]:
+    """``{"knn": xy [N, 2], "ml": xy [N, 2]}`` for samples ``indices`` of ``dataset``."""
+    from core.data_loading import physics_observation
+
+    obs = physics_observation(dataset.subset(np.asarray(indices)), radio_map.features,
+                              config.physics_loss.observation if config else "last")
+    mask = np.isfinite(obs)
+    p = config.physics_loss if config else None
+    return {
+        "knn": knn_fingerprint(radio_map, obs, mask, k=k),
+        "ml": ml_map_matching(radio_map, obs, mask, weights=p.feature_weights if p else None,
+                              loss=p.loss if p else "huber", huber_delta=p.huber_delta if p else 1.0),
+    }

@@ -1,0 +1,226 @@
+"""Training configuration: plain data, validated by pydantic, loaded from YAML.
+
+The keys follow the reference design::
+
+    seed: 0
+    data:          {dataset, scene, max_samples}
+    model:         {preset, d_model, num_layers, num_heads, ...}   (preset + overrides)
+    training:      {epochs, batch_size, learning_rate, ..., loss: {use_physics_loss, lambda_fine}}
+    physics_loss:  {enabled, lambda_phys, radio_maps_dir, feature_weights, loss, huber_delta,
+                    observation, refinement: {enabled, num_steps, learning_rate,
+                    min_confidence_threshold, use_prior}}
+
+Every section forbids unknown keys. :func:`load_config` turns any problem (unknown key,
+bad value, bad YAML, bad ``--set``) into a :class:`~core.errors.ConfigError` whose
+message names the key path, e.g. ``physics_loss.lambda_phys: Input should be
+greater than or equal to 0``.
+
+The physics term is active only when ``training.loss.use_physics_loss`` and
+``physics_loss.enabled`` are both true and ``physics_loss.lambda_phys > 0``
+(:attr:`Config.physics_active`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from core.errors import ConfigError
+from core.features import FEATURES
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+#: Model presets: the default (``small``) trains on the default dataset in minutes on a 2-core CPU.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=32, num_layers=1, num_heads=2, grid_size=8, map_size=32, patch_size=8),
+    "small": dict(d_model=64, num_layers=2, num_heads=4, grid_size=32, map_size=128, patch_size=16),
+    "base": dict(d_model=256, num_layers=4, num_heads=8, grid_size=64, map_size=256, patch_size=16),
+    "large": dict(d_model=512, num_layers=8, num_heads=8, grid_size=128, map_size=512, patch_size=16),
+}
+
+
+class DataConfig(_Section):
+    dataset: str = "datasets/etoile"
+    #: scene name; its map is ``<physics_loss.radio_maps_dir>/<scene>.zarr``. None: the dataset's attrs["scene"].
+    scene: str | None = None
+    #: use only the first N samples (quick experiments); None = all
+    max_samples: int | None = Field(default=None, gt=0)
+
+
+class ModelConfig(_Section):
+    """``preset`` picks the sizes; any field set here overrides the preset's value."""
+
+    preset: Literal["tiny", "small", "base", "large"] = "small"
+    d_model: int | None = Field(default=None, gt=0)
+    num_layers: int | None = Field(default=None, gt=0)
+    num_heads: int | None = Field(default=None, gt=0)
+    #: the coarse head classifies over grid_size x grid_size cells of the map
+    grid_size: int | None = Field(default=None, ge=2)
+    #: the map is resampled to map_size x map_size pixels before patching
+    map_size: int | None = Field(default=None, ge=4)
+    #: patch edge in resampled pixels; map tokens = (map_size / patch_size)^2
+    patch_size: int | None = Field(default=None, ge=1)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    mlp_ratio: int = Field(default=4, ge=1)
+    #: add per-site geometric anchors (site position minus ToA distance along AoA) to the tokens
+    geometry_hint: bool = True
+
+    def resolved(self) -> dict[str, Any]:
+        """The preset's sizes with this section's overrides applied."""
+        sizes = dict(MODEL_PRESETS[self.preset])
+        for key in sizes:
+            value = getattr(self, key)
+            if value is not None:
+                sizes[key] = value
+        if sizes["d_model"] % sizes["num_heads"]:
+            raise ConfigError(f"model.d_model: {sizes['d_model']} is not divisible by model.num_heads={sizes['num_heads']}")
+        if sizes["map_size"] % sizes["patch_size"]:
+            raise ConfigError(f"model.patch_size: {sizes['patch_size']} does not divide model.map_size={sizes['map_size']}")
+        sizes.update(dropout=self.dropout, mlp_ratio=self.mlp_ratio, geometry_hint=self.geometry_hint)
+        return sizes
+
+
+class LossConfig(_Section):
+    use_physics_loss: bool = True
+    #: weight of the Gaussian NLL of the in-cell offset
+    lambda_fine: float = Field(default=1.0, ge=0.0)
+
+
+class TrainingConfig(_Section):
+    epochs: int = Field(default=30, gt=0)
+    batch_size: int = Field(default=256, gt=0)
+    learning_rate: float = Field(default=2e-3, gt=0.0)
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    warmup_epochs: int = Field(default=1, ge=0)
+    grad_clip: float = Field(default=1.0, ge=0.0)
+    #: stop when the val median has not improved for this many epochs (0 = never)
+    early_stopping_patience: int = Field(default=8, ge=0)
+    #: torch CPU threads per process (0 = torch's default)
+    num_threads: int = Field(default=2, ge=0)
+    loss: LossConfig = LossConfig()
+
+
+class RefinementConfig(_Section):
+    enabled: bool = False
+    num_steps: int = Field(default=5, ge=0)
+    learning_rate: float = Field(default=0.5, gt=0.0)
+    #: only predictions with confidence below this move
+    min_confidence_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    #: Gaussian prior at the network's prediction with its predicted sigma
+    use_prior: bool = True
+
+
+class PhysicsLossConfig(_Section):
+    enabled: bool = True
+    lambda_phys: float = Field(default=0.1, ge=0.0)
+    radio_maps_dir: str = "radio_maps"
+    #: per-feature weights; None = the defaults of core.features
+    feature_weights: dict[str, float] | None = None
+    loss: Literal["mse", "huber"] = "huber"
+    huber_delta: float = Field(default=1.0, gt=0.0)
+    #: which measurement the map is compared with: the serving-site features of the
+    #: last report (where the label is) or the temporal aggregate of all reports
+    observation: Literal["last", "mean"] = "last"
+    refinement: RefinementConfig = RefinementConfig()
+
+    @field_validator("feature_weights")
+    @classmethod
+    def _known_features(cls, weights):
+        if weights is not None:
+            for name, w in weights.items():
+                if name not in FEATURES:
+                    raise ValueError(f"unknown feature {name!r} (known: {', '.join(FEATURES)})")
+                if w < 0:
+                    raise ValueError(f"weight of {name!r} must be >= 0, got {w}")
+        return weights
+
+
+class Config(_Section):
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    physics_loss: PhysicsLossConfig = PhysicsLossConfig()
+
+    @property
+    def physics_active(self) -> bool:
+        """Whether the physics term is computed at all during training."""
+        p = self.physics_loss
+        return bool(self.training.loss.use_physics_loss and p.enabled and p.lambda_phys > 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    first = exc.errors()[0]
+    path = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    extra = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{source}: {path}: {msg}{extra}"
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``"section.key=value"`` to nested ``data`` in place; ``value`` is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+    key, raw = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({exc.problem})") from None
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    try:
+        config = Config.model_validate(data or {})
+        config.model.resolved()
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+    return config
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read the YAML at ``path`` (or the defaults), apply ``section.key=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    if overrides:
+        source += " (with --set)"
+    return config_from_dict(data, source)

@@ -1,0 +1,252 @@
+"""From a :class:`~core.dataset.MeasurementDataset` and its :class:`~core.radio_map.RadioMap` to model tensors.
+
+Normalisation uses the MAP's statistics (:attr:`RadioMap.stats`), never batch or
+dataset statistics, so a batch of one is normalised exactly like a batch of 4096:
+
+    z_f = (x_f - mean_f) / std_f                 for scalar features (dB stays dB)
+    (cos a, sin a)                               for angular features (AoA), never a linear z
+
+Per report (token) the input vector is, in this order:
+
+* for each of the K site slots: (z path_gain, z toa, cos aoa, sin aoa, present)   5K values
+* serving cell: (z snr, z sinr, z throughput, z bler)                                4 values
+* time before the last report, ``(t_last - t) / 10 s``                              1 value
+* optional geometric anchors per site slot (``geometry_hint``): the site's (x, y) and
+  ``site_xy - d * (cos aoa, sin aoa)`` with ``d = sqrt((c * toa)^2 - dh^2)`` the
+  horizontal distance implied by the ToA, both scaled to [-1, 1] by the map bounds   4K values
+
+Missing values are 0 (the report-mask and ``present`` flags tell the model). Site ids
+go separately (embedded by the model), as ``slot * (S + 1) + id + 1`` (0 = no site).
+
+The physics observation of a sample is the serving-site features in map order
+(``MeasurementDataset.map_features``) of its LAST report, where the label is
+(``observation="last"``), or the temporal aggregate over its reports (``"mean"``:
+masked mean, circular for AoA).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.dataset import CELL_FEATURES, SITE_FEATURES, MeasurementDataset
+from core.features import feature_spec
+from core.radio_map import RadioMap
+
+SPEED_OF_LIGHT = 299_792_458.0  # m/s
+TIME_SCALE_S = 10.0
+UE_HEIGHT_M = 1.5  # assumed receiver height for the geometric anchor
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    """Map statistics per feature name: ``(mean, std)``; angular features use cos/sin."""
+
+    mean: dict[str, float]
+    std: dict[str, float]
+
+    @classmethod
+    def from_map(cls, radio_map: RadioMap) -> Normalizer:
+        mean, std = {}, {}
+        for name in radio_map.features:
+            s = radio_map.stats[name]
+            mean[name] = float(s.mean) if math.isfinite(s.mean) else 0.0
+            std[name] = float(s.std) if math.isfinite(s.std) and s.std > 1e-6 else 1.0
+        return cls(mean, std)
+
+    def z(self, name: str, x: np.ndarray) -> np.ndarray:
+        """``(x - mean) / std`` (identity for a feature the map lacks)."""
+        return (x - self.mean.get(name, 0.0)) / self.std.get(name, 1.0)
+
+
+@dataclass
+class TensorData:
+    """Model-ready tensors of ``N`` samples with ``T`` reports and ``K`` site slots.
+
+    feats       float32 [N, T, D]   token inputs (see module doc)
+    site_index  long    [N, T, K]   embedded site ids, 0 = none
+    mask        bool    [N, T]      report present
+    target_xy   float32 [N, 2]      UE position at the last report [m]
+    observed    float32 [N, F]      physics observation in map units (NaN -> 0, see obs_mask)
+    obs_mask    bool    [N, F]      observation present
+    los         bool    [N]         serving site in LOS at the last report
+    num_reports long    [N]         number of present reports
+    indices     long    [N]         indices into the source dataset
+    """
+
+    feats: torch.Tensor
+    site_index: torch.Tensor
+    mask: torch.Tensor
+    target_xy: torch.Tensor
+    observed: torch.Tensor
+    obs_mask: torch.Tensor
+    los: torch.Tensor
+    num_reports: torch.Tensor
+    indices: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.feats.shape[0]
+
+    def batch(self, idx: torch.Tensor, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name)[idx].to(device) for name in self.__dataclass_fields__}
+
+
+def num_site_embeddings(dataset: MeasurementDataset) -> int:
+    """Number of distinct site ids (``len(attrs["sites"])`` or the largest id + 1)."""
+    n = len(dataset.attrs.get("sites") or [])
+    return max(n, int(dataset.site_ids.max()) + 1, 1)
+
+
+def site_positions(dataset: MeasurementDataset) -> np.ndarray | None:
+    """float64 ``[S, 3]`` site positions from ``attrs["sites"]``, or None when unknown."""
+    sites = dataset.attrs.get("sites") or []
+    try:
+        pos = np.array([s["position"] for s in sites], dtype=np.float64)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return pos if pos.ndim == 2 and pos.shape[1] == 3 and len(pos) else None
+
+
+def circular_mean_deg(angles: np.ndarray, mask: np.ndarray, axis: int) -> np.ndarray:
+    """Masked circular mean of ``angles`` [deg] along ``axis`` (NaN where nothing is valid)."""
+    rad = np.deg2rad(np.where(mask, angles, 0.0))
+    c = np.where(mask, np.cos(rad), 0.0).sum(axis)
+    s = np.where(mask, np.sin(rad), 0.0).sum(axis)
+    out = np.degrees(np.arctan2(s, c))
+    return np.where(mask.any(axis), out, np.nan)
+
+
+def physics_observation(dataset: MeasurementDataset, features: tuple[str, ...], mode: str = "last") -> np.ndarray:
+    """float32 ``[N, F]``: serving-site observation per sample in map feature order; NaN = missing."""
+    obs = dataset.map_features(features)  # [N, T, F]
+    if mode == "last":
+        return obs[:, -1, :]
+    valid = np.isfinite(obs)
+    out = np.where(valid, obs, 0.0).sum(1) / np.maximum(valid.sum(1), 1)
+    out = np.where(valid.any(1), out, np.nan)
+    for f, name in enumerate(features):
+        if feature_spec(name).angular:
+            out[:, f] = circular_mean_deg(obs[..., f], valid[..., f], axis=1)
+    return out.astype(np.float32)
+
+
+def token_dim(k: int, geometry_hint: bool) -> int:
+    return 5 * k + len(CELL_FEATURES) + 1 + (4 * k if geometry_hint else 0)
+
+
+def build_tensors(
+    dataset: MeasurementDataset,
+    radio_map: RadioMap,
+    indices: np.ndarray | None = None,
+    geometry_hint: bool = True,
+    observation: str = "last",
+) -> TensorData:
+    """Model tensors of ``dataset[indices]`` normalised with ``radio_map``'s statistics."""
+    if indices is None:
+        indices = np.arange(dataset.num_samples)
+    indices = np.asarray(indices, dtype=np.int64)
+    ds = dataset.subset(indices)
+    norm = Normalizer.from_map(radio_map)
+    n, t_len, k = ds.site_ids.shape
+    mask = ds.report_mask
+    sf = ds.site_features.astype(np.float64)  # [N, T, K, 3]
+    present = np.isfinite(sf).all(-1) & (ds.site_ids >= 0) & mask[..., None]  # [N, T, K]
+
+    pg = norm.z("path_gain", sf[..., SITE_FEATURES.index("path_gain")])
+    toa = norm.z("toa", sf[..., SITE_FEATURES.index("toa")])
+    aoa = np.deg2rad(sf[..., SITE_FEATURES.index("aoa")])
+    per_site = np.stack([pg, toa, np.cos(aoa), np.sin(aoa)], -1)  # [N, T, K, 4]
+    per_site = np.where(present[..., None], per_site, 0.0)
+    per_site = np.concatenate([per_site, present[..., None].astype(np.float64)], -1).reshape(n, t_len, 5 * k)
+
+    cf = ds.cell_features.astype(np.float64)
+    cells = np.stack([norm.z(name, cf[..., i]) for i, name in enumerate(CELL_FEATURES)], -1)
+    cells = np.where(np.isfinite(cells) & mask[..., None], cells, 0.0)
+
+    t_last = ds.t[:, -1:].astype(np.float64)
+    tau = ((t_last - ds.t) / TIME_SCALE_S)[..., None]
+    parts = [per_site, cells, tau]
+
+    if geometry_hint:
+        parts.append(_geometric_anchors(ds, radio_map, present))
+    feats = np.concatenate(parts, -1)
+    feats = np.where(np.isfinite(feats), feats, 0.0)
+    feats[~mask] = 0.0
+
+    n_sites = num_site_embeddings(dataset)
+    ids = ds.site_ids.astype(np.int64)
+    slot = np.arange(k)[None, None, :]
+    site_index = np.where(ids >= 0, slot * (n_sites + 1) + ids + 1, 0)
+
+    obs = physics_observation(ds, radio_map.features, observation)
+    obs_mask = np.isfinite(obs)
+    # LOS of the serving site at the last report (False where that report is missing).
+    los = ds.los[:, -1] & mask[:, -1]
+    return TensorData(
+        feats=torch.from_numpy(feats.astype(np.float32)),
+        site_index=torch.from_numpy(site_index),
+        mask=torch.from_numpy(mask.copy()),
+        target_xy=torch.from_numpy(ds.labels.astype(np.float32).copy()),
+        observed=torch.from_numpy(np.where(obs_mask, obs, 0.0).astype(np.float32)),
+        obs_mask=torch.from_numpy(obs_mask),
+        los=torch.from_numpy(los.copy()),
+        num_reports=torch.from_numpy(mask.sum(1).astype(np.int64)),
+        indices=torch.from_numpy(indices),
+    )
+
+
+def _geometric_anchors(ds: MeasurementDataset, radio_map: RadioMap, present: np.ndarray) -> np.ndarray:
+    """``[N, T, 4K]``: per slot, site (x, y) and the ToA/AoA anchor, scaled to [-1, 1] by the map bounds."""
+    n, t_len, k = ds.site_ids.shape
+    pos = site_positions(ds)
+    if pos is None:
+        return np.zeros((n, t_len, 4 * k))
+    ids = np.clip(ds.site_ids.astype(np.int64), 0, len(pos) - 1)
+    site = pos[ids]  # [N, T, K, 3]
+    sf = ds.site_features.astype(np.float64)
+    d3 = sf[..., SITE_FEATURES.index("toa")] * 1e-9 * SPEED_OF_LIGHT
+    dh = site[..., 2] - UE_HEIGHT_M
+    d = np.sqrt(np.clip(d3**2 - dh**2, 0.0, None))
+    aoa = np.deg2rad(sf[..., SITE_FEATURES.index("aoa")])
+    anchor = site[..., :2] - d[..., None] * np.stack([np.cos(aoa), np.sin(aoa)], -1)
+    x_min, y_min, x_max, y_max = radio_map.bounds
+    centre = np.array([(x_min + x_max) / 2, (y_min + y_max) / 2])
+    half = np.array([(x_max - x_min) / 2, (y_max - y_min) / 2])
+    out = np.concatenate([(site[..., :2] - centre) / half, np.clip((anchor - centre) / half, -2, 2)], -1)
+    out = np.where(present[..., None] & np.isfinite(out), out, 0.0)
+    return out.reshape(n, t_len, 4 * k)
+
+
+def map_input(radio_map: RadioMap, size: int) -> torch.Tensor:
+    """float32 ``[C, size, size]``: the whole map, normalised and resampled for the patch encoder.
+
+    Channels: z-scored scalar features, cos/sin for angular ones, then the coverage
+    fraction. Holes are 0 before pooling and pooling is coverage-weighted (a masked
+    area average), so uncovered cells never leak -inf/NaN. AoA is averaged as cos/sin.
+    """
+    norm = Normalizer.from_map(radio_map)
+    valid = radio_map.valid
+    chans = []
+    for f, name in enumerate(radio_map.features):
+        v = radio_map.values[f].astype(np.float64)
+        if feature_spec(name).angular:
+            rad = np.deg2rad(v)
+            chans += [np.cos(rad), np.sin(rad)]
+        else:
+            chans.append(norm.z(name, v))
+    x = np.stack(chans)
+    x = np.where(valid[None] & np.isfinite(x), x, 0.0)
+    x = torch.from_numpy(x.astype(np.float32))[None]
+    w = torch.from_numpy(valid.astype(np.float32))[None, None]
+    num = F.adaptive_avg_pool2d(x * w, size)
+    den = F.adaptive_avg_pool2d(w, size)
+    out = torch.where(den > 0, num / den.clamp_min(1e-6), torch.zeros_like(num))
+    return torch.cat([out, den], 1)[0]
+
+
+def map_channels(radio_map: RadioMap) -> int:
+    return sum(2 if feature_spec(n).angular else 1 for n in radio_map.features) + 1

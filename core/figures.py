@@ -1,0 +1,435 @@
+"""Plotly figures of the workbench: radio maps, training curves, attention, refinement.
+
+Every builder returns a ``plotly.graph_objects.Figure`` with a title, axis labels with
+units and colour bars, so a figure reads without the code. Scene coordinates are
+metres (x east, y north); heatmaps are drawn at cell centres (see
+:mod:`core.radio_map`), with ``y`` growing upwards.
+
+Large maps are shown every ``k``-th cell (nearest, never averaged: averaging would
+mix angles through ±180° and dB with linear) so the browser gets at most
+``max_cells`` cells per side; hover shows the exact stored value.
+
+``geometry`` arguments take a ``core.scenes.SceneGeometry`` (or its ``to_dict()``)
+and draw building footprints; ``sites`` is a list of ``{"name", "position": [x, y, z]}``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from core.errors import CoreError
+from core.features import feature_spec, wrap_degrees
+from core.radio_map import RadioMap
+
+#: colour scales per feature; angles use a cyclic one so -180 and 180 look the same
+COLORSCALES = {"aoa": "Twilight", "bler": "Reds", "toa": "Viridis_r"}
+BUILDING_FILL = "rgba(70, 70, 70, 0.45)"
+BUILDING_LINE = "rgba(20, 20, 20, 0.9)"
+SITE_COLOR = "#d62728"
+
+
+def _feature_label(name: str) -> str:
+    spec = feature_spec(name)
+    return f"{spec.description} [{spec.unit}]"
+
+
+def _short_label(name: str) -> str:
+    spec = feature_spec(name)
+    return f"{name} [{spec.unit}]"
+
+
+def _stride(shape: tuple[int, int], max_cells: int) -> int:
+    return max(1, math.ceil(max(shape) / max_cells))
+
+
+def _map_grid(rm: RadioMap, values: np.ndarray, max_cells: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Cell-centre axes and the values shown, every ``k``-th cell, NaN outside coverage."""
+    k = _stride(rm.shape, max_cells)
+    xs, ys = rm.cell_centers()
+    z = np.where(rm.valid, values, np.nan).astype(np.float64)
+    return xs[::k], ys[::k], z[::k, ::k], k
+
+
+def _footprints(geometry: Any) -> list[tuple[np.ndarray, float]]:
+    """``[(footprint [P, 2] m, height m)]`` from a SceneGeometry, its dict, or None."""
+    if geometry is None:
+        return []
+    buildings = geometry.get("buildings", []) if isinstance(geometry, Mapping) else getattr(geometry, "buildings", [])
+    out = []
+    for b in buildings:
+        fp = b.get("footprint") if isinstance(b, Mapping) else getattr(b, "footprint", None)
+        h = b.get("height", 0.0) if isinstance(b, Mapping) else getattr(b, "height", 0.0)
+        if fp is None:
+            continue
+        fp = np.asarray(fp, dtype=np.float64)
+        if fp.ndim == 2 and fp.shape[0] >= 3 and fp.shape[1] >= 2:
+            out.append((fp[:, :2], float(h)))
+    return out
+
+
+def add_buildings(fig: go.Figure, geometry: Any, row: int | None = None, col: int | None = None,
+                  showlegend: bool = True) -> None:
+    """Overlay building footprints (filled grey outlines) on an x/y [m] figure."""
+    xs: list[float | None] = []
+    ys: list[float | None] = []
+    for fp, _ in _footprints(geometry):
+        xs += fp[:, 0].tolist() + [fp[0, 0], None]
+        ys += fp[:, 1].tolist() + [fp[0, 1], None]
+    if not xs:
+        return
+    trace = go.Scatter(x=xs, y=ys, mode="lines", fill="toself", fillcolor=BUILDING_FILL,
+                       line=dict(color=BUILDING_LINE, width=0.6), name="buildings", hoverinfo="skip",
+                       showlegend=showlegend)
+    fig.add_trace(trace, row=row, col=col)
+
+
+def add_sites(fig: go.Figure, sites: Sequence[Mapping] | None, row: int | None = None, col: int | None = None,
+              showlegend: bool = True) -> None:
+    """Overlay base-station sites as labelled markers."""
+    if not sites:
+        return
+    pos = np.array([s["position"] for s in sites], dtype=np.float64)
+    names = [str(s.get("name", i)) for i, s in enumerate(sites)]
+    fig.add_trace(
+        go.Scatter(
+            x=pos[:, 0], y=pos[:, 1], mode="markers+text", text=names, textposition="top center",
+            marker=dict(symbol="triangle-up", size=13, color=SITE_COLOR, line=dict(color="white", width=1.5)),
+            textfont=dict(color=SITE_COLOR), name="sites",
+            customdata=pos[:, 2:3] if pos.shape[1] > 2 else None,
+            hovertemplate="site %{text}<br>x=%{x:.1f} m, y=%{y:.1f} m" + (
+                "<br>height %{customdata[0]:.1f} m" if pos.shape[1] > 2 else "") + "<extra></extra>",
+            showlegend=showlegend,
+        ),
+        row=row, col=col,
+    )
+
+
+def _equal_axes(fig: go.Figure, bounds: Sequence[float], row: int | None = None, col: int | None = None) -> None:
+    x_min, y_min, x_max, y_max = bounds
+    fig.update_xaxes(title_text="x [m]", range=[x_min, x_max], constrain="domain", row=row, col=col)
+    fig.update_yaxes(title_text="y [m]", range=[y_min, y_max], scaleanchor="x" if row is None else None,
+                     constrain="domain", row=row, col=col)
+
+
+def _heatmap(rm: RadioMap, name: str, values: np.ndarray, max_cells: int, colorscale: str | None = None,
+             colorbar_title: str | None = None, zmid: float | None = None, **kwargs) -> tuple[go.Heatmap, int]:
+    xs, ys, z, k = _map_grid(rm, values, max_cells)
+    unit = feature_spec(name).unit if name in _known_features() else ""
+    trace = go.Heatmap(
+        x=xs, y=ys, z=z, colorscale=colorscale or COLORSCALES.get(name, "Viridis"), zmid=zmid,
+        colorbar=dict(title=dict(text=colorbar_title or _short_label(name), side="right")),
+        hovertemplate=f"x=%{{x:.1f}} m<br>y=%{{y:.1f}} m<br>{name}=%{{z:.4g}} {unit}<extra></extra>",
+        name=name, **kwargs,
+    )
+    return trace, k
+
+
+def _known_features() -> set[str]:
+    from core.features import FEATURES
+
+    return set(FEATURES)
+
+
+def feature_heatmap(rm: RadioMap, feature: str, geometry: Any = None, sites: Sequence[Mapping] | None = None,
+                    max_cells: int = 256, title: str | None = None, height: int = 560) -> go.Figure:
+    """Heatmap of one feature of ``rm`` in its unit, with buildings, sites and hover values.
+
+    Cells outside the coverage mask are blank. ``sites`` defaults to ``rm.attrs["sites"]``.
+    """
+    sites = rm.attrs.get("sites") if sites is None else sites
+    trace, k = _heatmap(rm, feature, rm.feature(feature), max_cells)
+    fig = go.Figure(trace)
+    add_buildings(fig, geometry)
+    add_sites(fig, sites)
+    note = f" (every {k}th cell shown)" if k > 1 else ""
+    scene = rm.attrs.get("scene", "")
+    fig.update_layout(
+        title=title or f"{_feature_label(feature)} — {scene}, {rm.shape[0]}×{rm.shape[1]} cells of "
+                       f"{rm.cell_size:g} m{note}",
+        height=height, margin=dict(l=60, r=20, t=60, b=50), legend=dict(orientation="h", y=-0.12),
+    )
+    _equal_axes(fig, rm.bounds)
+    return fig
+
+
+def feature_histogram(rm: RadioMap, feature: str, bins: int = 60) -> go.Figure:
+    """Histogram of one feature over the covered cells."""
+    values = rm.feature(feature)[rm.valid]
+    fig = go.Figure(go.Histogram(x=values, nbinsx=bins, marker_color="#1f77b4", name=feature,
+                                 hovertemplate=f"{feature} %{{x}}<br>%{{y}} cells<extra></extra>"))
+    stats = rm.stats[feature]
+    kind = "circular mean" if feature_spec(feature).angular else "mean"
+    fig.update_layout(
+        title=f"Distribution of {feature} over {values.size:,} covered cells ({kind} {stats.mean:.3g}, "
+              f"std {stats.std:.3g} {feature_spec(feature).unit})",
+        xaxis_title=_short_label(feature), yaxis_title="number of cells", height=360, bargap=0.02,
+        margin=dict(l=60, r=20, t=60, b=50),
+    )
+    return fig
+
+
+def difference(rm_a: RadioMap, rm_b: RadioMap, feature: str) -> np.ndarray:
+    """``a - b`` of one feature, ``[H, W]``; angles wrapped to (-180, 180]; NaN where
+    either map has no coverage. The maps must share their grid."""
+    if rm_a.shape != rm_b.shape or not np.allclose(rm_a.bounds, rm_b.bounds):
+        raise CoreError(
+            f"maps {rm_a.source or 'A'} and {rm_b.source or 'B'} are on different grids "
+            f"({rm_a.shape[0]}×{rm_a.shape[1]} in {rm_a.bounds} vs {rm_b.shape[0]}×{rm_b.shape[1]} in {rm_b.bounds}); "
+            "a difference needs the same grid"
+        )
+    diff = rm_a.feature(feature).astype(np.float64) - rm_b.feature(feature).astype(np.float64)
+    if feature_spec(feature).angular:
+        diff = wrap_degrees(diff)
+    return np.where(rm_a.valid & rm_b.valid, diff, np.nan)
+
+
+def difference_heatmap(rm_a: RadioMap, rm_b: RadioMap, feature: str, label_a: str = "A", label_b: str = "B",
+                       geometry: Any = None, max_cells: int = 256) -> go.Figure:
+    """Heatmap of ``a - b`` of one feature, with a diverging colour scale centred on 0."""
+    diff = difference(rm_a, rm_b, feature)
+    unit = feature_spec(feature).unit
+    both = RadioMap(np.nan_to_num(diff, nan=0.0)[None].astype(np.float32), [feature], rm_a.bounds,
+                    valid=np.isfinite(diff))
+    trace, k = _heatmap(both, feature, both.feature(feature), max_cells, colorscale="RdBu_r",
+                        colorbar_title=f"Δ {feature} [{unit}]", zmid=0.0)
+    fig = go.Figure(trace)
+    add_buildings(fig, geometry)
+    finite = diff[np.isfinite(diff)]
+    med = float(np.median(np.abs(finite))) if finite.size else float("nan")
+    fig.update_layout(title=f"Difference of {feature}: {label_a} − {label_b} (median |Δ| {med:.3g} {unit})",
+                      height=560, margin=dict(l=60, r=20, t=60, b=50), legend=dict(orientation="h", y=-0.12))
+    _equal_axes(fig, rm_a.bounds)
+    return fig
+
+
+# -- training ---------------------------------------------------------------------------
+def loss_curves(metrics: Sequence[Mapping], title: str = "Training curves") -> go.Figure:
+    """Every loss term per epoch (train solid, val dashed) and the val errors [m].
+
+    ``metrics`` are the rows of a run's ``metrics.jsonl``: numeric keys such as
+    ``train_total``, ``val_phys``, ``val_median_m``, ``val_p90_m``.
+    """
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Loss terms", "Validation error"),
+                        horizontal_spacing=0.1)
+    if not metrics:
+        fig.update_layout(title=f"{title} — no epoch finished yet", height=380)
+        return fig
+    epochs = [r.get("epoch", i + 1) for i, r in enumerate(metrics)]
+    keys = sorted({k for r in metrics for k, v in r.items() if isinstance(v, (int, float))})
+    loss_keys = [k for k in keys if k.startswith(("train_", "val_")) and not k.endswith("_m")]
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+    terms = sorted({k.split("_", 1)[1] for k in loss_keys})
+    for key in loss_keys:
+        split, term = key.split("_", 1)
+        ys = [r.get(key) for r in metrics]
+        fig.add_trace(go.Scatter(x=epochs, y=ys, mode="lines+markers", name=key,
+                                 line=dict(color=palette[terms.index(term) % len(palette)],
+                                           dash="solid" if split == "train" else "dash")), row=1, col=1)
+    for key, color in (("val_median_m", "#1f77b4"), ("val_p90_m", "#d62728")):
+        if key in keys:
+            fig.add_trace(go.Scatter(x=epochs, y=[r.get(key) for r in metrics], mode="lines+markers",
+                                     name=key.replace("val_", "val ").replace("_m", " [m]"),
+                                     line=dict(color=color)), row=1, col=2)
+    fig.update_xaxes(title_text="epoch")
+    fig.update_yaxes(title_text="loss (dimensionless)", row=1, col=1)
+    fig.update_yaxes(title_text="localization error [m]", row=1, col=2)
+    fig.update_layout(title=title, height=420, margin=dict(l=60, r=20, t=70, b=50))
+    return fig
+
+
+def error_cdf(errors: Mapping[str, np.ndarray], title: str = "Error CDF", max_m: float | None = None) -> go.Figure:
+    """Empirical CDF of localization errors [m], one curve per name."""
+    fig = go.Figure()
+    for name, err in errors.items():
+        err = np.sort(np.asarray(err, dtype=np.float64)[np.isfinite(err)])
+        if err.size == 0:
+            continue
+        cdf = np.arange(1, err.size + 1) / err.size
+        fig.add_trace(go.Scatter(x=err, y=cdf, mode="lines", name=f"{name} (median {np.median(err):.2f} m)",
+                                 hovertemplate="error %{x:.2f} m<br>fraction %{y:.3f}<extra>" + name + "</extra>"))
+    fig.update_layout(title=title, xaxis_title="localization error [m]", yaxis_title="fraction of samples ≤ error",
+                      yaxis_range=[0, 1.01], height=420, margin=dict(l=60, r=20, t=60, b=50))
+    if max_m:
+        fig.update_xaxes(range=[0, max_m])
+    return fig
+
+
+# -- attention ---------------------------------------------------------------------------
+def temporal_attention(layers: Sequence[np.ndarray], report_mask: np.ndarray | None = None,
+                       title: str = "Temporal self-attention") -> go.Figure:
+    """One heatmap per layer (rows) and head (columns) of a sample's self-attention.
+
+    Args:
+        layers: ``L`` arrays ``[heads, T, T]``: weight of key report ``k`` (column) for
+            query report ``q`` (row); each row sums to 1 over present reports.
+        report_mask: bool ``[T]``, missing reports are marked in the axis labels.
+    """
+    n_layers = len(layers)
+    heads = int(np.asarray(layers[0]).shape[0]) if n_layers else 0
+    if n_layers == 0 or heads == 0:
+        raise CoreError("no temporal attention to draw (the model returned none)")
+    t = np.asarray(layers[0]).shape[-1]
+    labels = [f"r{i}" + ("" if report_mask is None or report_mask[i] else " (missing)") for i in range(t)]
+    fig = make_subplots(rows=n_layers, cols=heads, subplot_titles=[f"layer {l + 1}, head {h + 1}"
+                                                                    for l in range(n_layers) for h in range(heads)],
+                        horizontal_spacing=0.03, vertical_spacing=0.12 / max(1, n_layers - 1) if n_layers > 1 else 0.1)
+    for l, attn in enumerate(layers):
+        attn = np.asarray(attn, dtype=np.float64)
+        for h in range(heads):
+            fig.add_trace(go.Heatmap(z=attn[h], x=labels, y=labels, coloraxis="coloraxis",
+                                     hovertemplate="query %{y} → key %{x}<br>weight %{z:.3f}<extra></extra>"),
+                          row=l + 1, col=h + 1)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_xaxes(title_text="key report", row=n_layers)
+    fig.update_yaxes(title_text="query report", col=1)
+    fig.update_layout(title=title, coloraxis=dict(colorscale="Blues", cmin=0, colorbar=dict(title="weight")),
+                      height=max(320, 250 * n_layers + 80), margin=dict(l=70, r=20, t=80, b=50))
+    return fig
+
+
+def patch_attention_map(weights: np.ndarray, patch_bounds: Sequence[float], geometry: Any = None,
+                        sites: Sequence[Mapping] | None = None, true_xy: Sequence[float] | None = None,
+                        pred_xy: Sequence[float] | None = None, title: str = "Cross-attention over map patches",
+                        colorbar_title: str = "attention weight") -> go.Figure:
+    """Attention weights over a ``[gh, gw]`` grid of map patches, drawn over the scene.
+
+    Args:
+        weights: ``[gh, gw]``; patch ``(i, j)`` covers the cell-centred block ``i`` (along
+            +y) and ``j`` (along +x) of ``patch_bounds = (x_min, y_min, x_max, y_max)`` [m].
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    gh, gw = weights.shape
+    x_min, y_min, x_max, y_max = patch_bounds
+    xs = x_min + (np.arange(gw) + 0.5) * (x_max - x_min) / gw
+    ys = y_min + (np.arange(gh) + 0.5) * (y_max - y_min) / gh
+    fig = go.Figure(go.Heatmap(x=xs, y=ys, z=weights, colorscale="Hot_r", opacity=0.85,
+                               colorbar=dict(title=dict(text=colorbar_title, side="right")),
+                               hovertemplate="patch centre x=%{x:.0f} m, y=%{y:.0f} m<br>weight %{z:.4f}<extra></extra>",
+                               name="attention"))
+    add_buildings(fig, geometry)
+    add_sites(fig, sites)
+    _add_points(fig, true_xy, pred_xy)
+    fig.update_layout(title=title, height=560, margin=dict(l=60, r=20, t=60, b=50), legend=dict(orientation="h", y=-0.12))
+    _equal_axes(fig, patch_bounds)
+    return fig
+
+
+def _add_points(fig: go.Figure, true_xy, pred_xy) -> None:
+    if true_xy is not None:
+        fig.add_trace(go.Scatter(x=[true_xy[0]], y=[true_xy[1]], mode="markers", name="ground truth",
+                                 marker=dict(symbol="star", size=16, color="#2ca02c", line=dict(color="black", width=1)),
+                                 hovertemplate="truth x=%{x:.1f} m, y=%{y:.1f} m<extra></extra>"))
+    if pred_xy is not None:
+        fig.add_trace(go.Scatter(x=[pred_xy[0]], y=[pred_xy[1]], mode="markers", name="prediction",
+                                 marker=dict(symbol="x", size=13, color="#1f77b4", line=dict(color="white", width=1)),
+                                 hovertemplate="prediction x=%{x:.1f} m, y=%{y:.1f} m<extra></extra>"))
+
+
+# -- refinement --------------------------------------------------------------------------
+def ellipse_points(center: Sequence[float], sigma: Any, n_sigma: float = 1.0, n: int = 64) -> np.ndarray:
+    """``[n+1, 2]`` outline of the ``n_sigma`` uncertainty ellipse at ``center`` [m].
+
+    ``sigma`` is a scalar σ (circle), ``(σx, σy)`` (axis-aligned) or a 2×2 covariance [m²].
+    """
+    s = np.asarray(sigma, dtype=np.float64)
+    theta = np.linspace(0, 2 * np.pi, n + 1)
+    circle = np.stack([np.cos(theta), np.sin(theta)], axis=1)
+    if s.ndim == 0:
+        pts = circle * float(s)
+    elif s.shape == (2,):
+        pts = circle * s[None, :]
+    elif s.shape == (2, 2):
+        vals, vecs = np.linalg.eigh(s)
+        pts = circle * np.sqrt(np.clip(vals, 0, None))[None, :] @ vecs.T
+    else:
+        raise CoreError(f"sigma of shape {s.shape}: expected a scalar, (σx, σy) or a 2×2 covariance")
+    return np.asarray(center, dtype=np.float64)[None, :2] + n_sigma * pts
+
+
+def sample_map(rm: RadioMap, feature: str, true_xy: Sequence[float], pred_xy: Sequence[float], sigma: Any = None,
+               path: np.ndarray | None = None, step: int | None = None, geometry: Any = None,
+               window_m: float | None = 120.0, title: str | None = None, max_cells: int = 256) -> go.Figure:
+    """The ``feature`` map around one sample: ground truth, prediction with its 1σ/2σ
+    ellipses, and the refinement path up to ``step`` (``path [S+1, 2]`` m, step 0 = the
+    network's prediction)."""
+    fig = feature_heatmap(rm, feature, geometry=geometry, max_cells=max_cells)
+    if sigma is not None:
+        for k, dash in ((1.0, "solid"), (2.0, "dot")):
+            pts = ellipse_points(pred_xy, sigma, k)
+            fig.add_trace(go.Scatter(x=pts[:, 0], y=pts[:, 1], mode="lines", name=f"{k:g}σ uncertainty",
+                                     line=dict(color="#1f77b4", width=2, dash=dash), hoverinfo="skip"))
+    if path is not None and len(path) > 1:
+        path = np.asarray(path, dtype=np.float64)
+        upto = len(path) - 1 if step is None else int(np.clip(step, 0, len(path) - 1))
+        shown = path[: upto + 1]
+        fig.add_trace(go.Scatter(x=shown[:, 0], y=shown[:, 1], mode="lines+markers", name="refinement path",
+                                 text=[f"step {i}" for i in range(len(shown))],
+                                 line=dict(color="#ff7f0e", width=2), marker=dict(size=7),
+                                 hovertemplate="%{text}<br>x=%{x:.1f} m, y=%{y:.1f} m<extra></extra>"))
+        fig.add_trace(go.Scatter(x=[shown[-1, 0]], y=[shown[-1, 1]], mode="markers", name=f"refined (step {upto})",
+                                 marker=dict(symbol="diamond", size=12, color="#ff7f0e", line=dict(color="black", width=1)),
+                                 hovertemplate="step " + str(upto) + "<br>x=%{x:.1f} m, y=%{y:.1f} m<extra></extra>"))
+    _add_points(fig, true_xy, pred_xy)
+    if window_m:
+        cx = (true_xy[0] + pred_xy[0]) / 2
+        cy = (true_xy[1] + pred_xy[1]) / 2
+        half = max(window_m / 2, 0.6 * math.hypot(true_xy[0] - pred_xy[0], true_xy[1] - pred_xy[1]) + 10)
+        fig.update_xaxes(range=[cx - half, cx + half])
+        fig.update_yaxes(range=[cy - half, cy + half])
+    fig.update_layout(title=title or f"{_feature_label(feature)} around the sample", height=600)
+    return fig
+
+
+def residual_bars(features: Sequence[str], before: np.ndarray, after: np.ndarray | None = None,
+                  title: str = "Per-feature residuals (map at the position − measurement)") -> go.Figure:
+    """Bar chart of per-feature residuals, before and after refinement, in each feature's unit."""
+    labels = [_short_label(f) for f in features]
+    fig = go.Figure(go.Bar(x=labels, y=np.asarray(before, dtype=np.float64), name="network prediction",
+                           marker_color="#1f77b4", hovertemplate="%{x}: %{y:.3g}<extra>prediction</extra>"))
+    if after is not None:
+        fig.add_trace(go.Bar(x=labels, y=np.asarray(after, dtype=np.float64), name="after refinement",
+                             marker_color="#ff7f0e", hovertemplate="%{x}: %{y:.3g}<extra>refined</extra>"))
+    fig.add_hline(y=0, line_color="black", line_width=1)
+    fig.update_layout(title=title, barmode="group", xaxis_title="feature [its unit]",
+                      yaxis_title="residual (in the feature's unit)", height=380, margin=dict(l=60, r=20, t=60, b=50))
+    return fig
+
+
+def loss_per_step(loss: np.ndarray, title: str = "Physics loss per refinement step") -> go.Figure:
+    loss = np.asarray(loss, dtype=np.float64)
+    fig = go.Figure(go.Scatter(x=np.arange(loss.size), y=loss, mode="lines+markers", name="physics loss",
+                               hovertemplate="step %{x}<br>loss %{y:.4g}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="refinement step (0 = network prediction)",
+                      yaxis_title="physics loss (weighted, dimensionless)", height=340, margin=dict(l=60, r=20, t=60, b=50))
+    return fig
+
+
+def refinement_summary(err_before: np.ndarray, err_after: np.ndarray, refined: np.ndarray | None = None) -> go.Figure:
+    """Error before vs after refinement per sample [m] (left) and both CDFs (right)."""
+    b = np.asarray(err_before, dtype=np.float64)
+    a = np.asarray(err_after, dtype=np.float64)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Per sample", "Error CDF"), horizontal_spacing=0.12)
+    colors = None if refined is None else np.where(np.asarray(refined), "#ff7f0e", "#7f7f7f")
+    fig.add_trace(go.Scatter(x=b, y=a, mode="markers", marker=dict(size=5, color=colors, opacity=0.7),
+                             name="samples (orange: refined)",
+                             hovertemplate="before %{x:.2f} m<br>after %{y:.2f} m<extra></extra>"), row=1, col=1)
+    top = float(np.nanmax(np.concatenate([b, a]))) if b.size else 1.0
+    fig.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", line=dict(color="black", dash="dash"),
+                             name="no change", hoverinfo="skip"), row=1, col=1)
+    for name, err, color in (("before", b, "#1f77b4"), ("after", a, "#ff7f0e")):
+        e = np.sort(err[np.isfinite(err)])
+        if e.size:
+            fig.add_trace(go.Scatter(x=e, y=np.arange(1, e.size + 1) / e.size, mode="lines", line=dict(color=color),
+                                     name=f"{name} refinement (median {np.median(e):.2f} m)"), row=1, col=2)
+    fig.update_xaxes(title_text="error before refinement [m]", row=1, col=1)
+    fig.update_yaxes(title_text="error after refinement [m]", row=1, col=1)
+    fig.update_xaxes(title_text="localization error [m]", row=1, col=2)
+    fig.update_yaxes(title_text="fraction of samples ≤ error", range=[0, 1.01], row=1, col=2)
+    fig.update_layout(title="Batch summary: before vs after refinement", height=430, margin=dict(l=60, r=20, t=80, b=50))
+    return fig

@@ -1,0 +1,281 @@
+"""Using a trained run: load it, predict, refine, list runs. The API the app calls.
+
+* :func:`load_run` -> :class:`LoadedRun` (config, model in eval mode, dataset, radio map,
+  metrics history);
+* :func:`predict` -> :class:`Prediction` (positions, sigma, confidence, errors and,
+  on request, attention weights with the map-patch geometry);
+* :func:`refine_prediction` -> :class:`RefinedPrediction` (test-time refinement with
+  the run's refinement settings);
+* :func:`list_runs` -> a pandas DataFrame summarising the run directories.
+
+Outputs are numpy arrays on the CPU. Missing or corrupt files raise
+:class:`~core.errors.StoreError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from core.config import Config, load_config
+from core.data_loading import TensorData, build_tensors, map_input
+from core.dataset import MeasurementDataset
+from core.device import resolve_device
+from core.errors import CoreError, StoreError
+from core.metrics import position_errors
+from core.model import MapConditionedTransformer
+from core.radio_map import RadioMap
+
+
+@dataclass
+class LoadedRun:
+    """A run directory loaded for inference.
+
+    run_dir: the directory; config: its resolved :class:`Config`; model: in eval mode on
+    ``device``; dataset / radio_map: what it was trained on; metrics: metrics.jsonl as a
+    DataFrame (empty if none); checkpoint: which file the weights came from.
+    """
+
+    run_dir: Path
+    config: Config
+    model: MapConditionedTransformer
+    dataset: MeasurementDataset
+    radio_map: RadioMap
+    metrics: pd.DataFrame
+    device: torch.device
+    checkpoint: Path
+    map_image: torch.Tensor
+    _physics: Any = field(default=None, repr=False)
+
+    @property
+    def physics(self):
+        """The run's :class:`~core.physics_loss.PhysicsLoss` (built on first use)."""
+        if self._physics is None:
+            from core.training import make_physics_loss
+
+            self._physics = make_physics_loss(self.config, self.radio_map, self.device)
+        return self._physics
+
+    def tensors(self, indices) -> TensorData:
+        return build_tensors(self.dataset, self.radio_map, np.asarray(indices, dtype=np.int64),
+                             self.model.spec.geometry_hint, self.config.physics_loss.observation)
+
+
+@dataclass
+class Prediction:
+    """Model outputs for samples ``indices`` (numpy; ``N`` samples, metres)."""
+
+    indices: np.ndarray  # [N] into the dataset
+    xy: np.ndarray  # [N, 2] predicted position
+    sigma: np.ndarray  # [N, 2] predicted std per axis
+    confidence: np.ndarray  # [N] in [0, 1]
+    true_xy: np.ndarray  # [N, 2] position at the last report
+    error_m: np.ndarray  # [N]
+    los: np.ndarray  # [N] serving site LOS at the last report
+    num_reports: np.ndarray  # [N] valid reports
+    #: {"temporal": [ [N, H, T, T] ] * layers, "cross": [ [N, H, T, P] ] * layers} or None
+    attention: dict[str, list[np.ndarray]] | None = None
+    patch_grid: tuple[int, int] | None = None  # (rows, cols); patch p = row * cols + col, row along +y
+    patch_bounds: np.ndarray | None = None  # [P, 4] (x_min, y_min, x_max, y_max) of each patch [m]
+
+
+@dataclass
+class RefinedPrediction:
+    """Refinement of a :class:`Prediction` (numpy; ``S`` steps)."""
+
+    xy: np.ndarray  # [N, 2] final positions
+    path: np.ndarray  # [S+1, N, 2] positions per step, start included
+    loss: np.ndarray  # [S+1, N] objective per step (physics + prior)
+    physics: np.ndarray  # [S+1, N] physics part
+    refined: np.ndarray  # [N] bool, the samples that moved
+    residual_before: np.ndarray  # [N, F] observed - map(p) at the start (feature units, AoA wrapped)
+    residual_after: np.ndarray  # [N, F] at the end
+    features: tuple[str, ...]
+    error_before_m: np.ndarray  # [N]
+    error_after_m: np.ndarray  # [N]
+    steps: int
+    lr: float
+    threshold: float
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    from core.training import resolve_path
+
+    return resolve_path(path)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return pd.DataFrame()
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                if n == len(path.read_text().splitlines()):
+                    break  # a line being written
+                raise StoreError(f"{path}: line {n} is not JSON") from None
+    return pd.DataFrame(rows)
+
+
+def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedRun:
+    """Load ``run_dir`` (best.pt, else last.pt) with its dataset and radio map."""
+    from core.training import build_model, load_checkpoint, load_scene
+
+    run_dir = _resolve(run_dir)
+    if not run_dir.is_dir():
+        raise StoreError(f"{run_dir}: no such run directory")
+    config_path = run_dir / "config.yaml"
+    if not config_path.exists():
+        raise StoreError(f"{config_path}: missing (not a run directory?)")
+    try:
+        config = load_config(config_path)
+    except CoreError as exc:
+        raise StoreError(f"{config_path}: {exc}") from None
+    ckpt_path = run_dir / "best.pt"
+    if not ckpt_path.exists():
+        ckpt_path = run_dir / "last.pt"
+    if not ckpt_path.exists():
+        raise StoreError(f"{run_dir / 'best.pt'}: missing (no checkpoint in the run directory)")
+    device = resolve_device(device)
+    ckpt = load_checkpoint(ckpt_path, device)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "spec" not in ckpt:
+        raise StoreError(f"{ckpt_path}: not a checkpoint of this project (no model/spec)")
+    dataset, radio_map = load_scene(config)
+    model = build_model(ckpt["spec"], config.seed)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise StoreError(f"{ckpt_path}: weights do not fit the model ({str(exc).splitlines()[0]})") from None
+    model.to(device).eval()
+    if tuple(model.spec.bounds) != tuple(radio_map.bounds):
+        raise StoreError(f"{ckpt_path}: trained on a map with bounds {model.spec.bounds}, but "
+                         f"{radio_map.source} has {radio_map.bounds}")
+    return LoadedRun(run_dir, config, model, dataset, radio_map, read_metrics(run_dir), device, ckpt_path,
+                     map_input(radio_map, model.spec.map_size).to(device))
+
+
+def patch_bounds(spec, bounds) -> tuple[tuple[int, int], np.ndarray]:
+    """``((rows, cols), [P, 4])``: map patches in scene metres, row-major, row along +y."""
+    rows, cols = spec.patch_grid
+    x_min, y_min, x_max, y_max = bounds
+    px, py = (x_max - x_min) / cols, (y_max - y_min) / rows
+    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    r, c = r.ravel(), c.ravel()
+    return (rows, cols), np.stack([x_min + c * px, y_min + r * py, x_min + (c + 1) * px, y_min + (r + 1) * py], 1)
+
+
+@torch.no_grad()
+def predict(run: LoadedRun, indices, return_attention: bool = False, batch_size: int = 1024) -> Prediction:
+    """Predict samples ``indices`` (dataset indices) of ``run``."""
+    indices = np.atleast_1d(np.asarray(indices, dtype=np.int64))
+    if indices.size and (indices.min() < 0 or indices.max() >= run.dataset.num_samples):
+        raise CoreError(f"predict: indices must be in [0, {run.dataset.num_samples}), got {indices.min()}..{indices.max()}")
+    data = run.tensors(indices)
+    parts: dict[str, list] = {"xy": [], "sigma": [], "confidence": []}
+    temporal: list[list[np.ndarray]] = []
+    cross: list[list[np.ndarray]] = []
+    for start in range(0, len(data), batch_size):
+        b = data.batch(torch.arange(start, min(start + batch_size, len(data))), run.device)
+        out = run.model(b["feats"], b["site_index"], b["mask"], run.map_image, return_attention=return_attention)
+        for k in parts:
+            parts[k].append(getattr(out, k).cpu().numpy())
+        if return_attention:
+            temporal.append([w.cpu().numpy() for w in out.attention["temporal"]])
+            cross.append([w.cpu().numpy() for w in out.attention["cross"]])
+    cat = {k: (np.concatenate(v) if v else np.zeros((0, 2) if k != "confidence" else (0,), np.float32))
+           for k, v in parts.items()}
+    true_xy = data.target_xy.numpy()
+    pred = Prediction(
+        indices=indices, xy=cat["xy"], sigma=cat["sigma"], confidence=cat["confidence"], true_xy=true_xy,
+        error_m=position_errors(cat["xy"], true_xy), los=data.los.numpy(), num_reports=data.num_reports.numpy(),
+    )
+    if return_attention:
+        layers = run.model.spec.num_layers
+        pred.attention = {
+            "temporal": [np.concatenate([c[layer] for c in temporal]) for layer in range(layers)],
+            "cross": [np.concatenate([c[layer] for c in cross]) for layer in range(layers)],
+        }
+        pred.patch_grid, pred.patch_bounds = patch_bounds(run.model.spec, run.radio_map.bounds)
+    return pred
+
+
+def refine_prediction(run: LoadedRun, prediction: Prediction, steps: int | None = None, lr: float | None = None,
+                      threshold: float | None = None) -> RefinedPrediction:
+    """Refine ``prediction`` on the run's physics loss; ``None`` takes the config's refinement settings."""
+    from core.refinement import refine
+
+    r = run.config.physics_loss.refinement
+    steps = r.num_steps if steps is None else int(steps)
+    lr = r.learning_rate if lr is None else float(lr)
+    threshold = r.min_confidence_threshold if threshold is None else float(threshold)
+    data = run.tensors(prediction.indices)
+    dev = run.device
+    res = refine(
+        torch.as_tensor(prediction.xy, device=dev), data.observed.to(dev), run.physics, steps=steps, lr=lr,
+        confidence=torch.as_tensor(prediction.confidence, device=dev), threshold=threshold,
+        prior_sigma=torch.as_tensor(prediction.sigma, device=dev).clamp_min(1e-3) if r.use_prior else None,
+        mask=data.obs_mask.to(dev),
+    )
+    xy = res.xy.cpu().numpy()
+    return RefinedPrediction(
+        xy=xy, path=res.path.cpu().numpy(), loss=res.loss.cpu().numpy(), physics=res.physics.cpu().numpy(),
+        refined=res.refined.cpu().numpy(), residual_before=res.residual_start.cpu().numpy(),
+        residual_after=res.residual_end.cpu().numpy(), features=tuple(res.features),
+        error_before_m=prediction.error_m, error_after_m=position_errors(xy, prediction.true_xy),
+        steps=steps, lr=lr, threshold=threshold,
+    )
+
+
+def list_runs(runs_dir: str | os.PathLike = "runs", extra=("assets/default_run",)) -> pd.DataFrame:
+    """One row per run directory (a folder with config.yaml) under ``runs_dir`` and in ``extra``.
+
+    Columns: name, path, status, epochs (run/total), best_val_median_m, last_epoch_s, has_checkpoint.
+    """
+    candidates: list[Path] = []
+    root = _resolve(runs_dir)
+    if root.is_dir():
+        candidates += sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        candidates += sorted(p for p in root.glob("*/*") if p.is_dir() and (p / "config.yaml").exists()
+                             and not p.name.startswith("."))
+    for e in extra or ():
+        p = _resolve(e)
+        if p.is_dir():
+            candidates.append(p)
+    rows, seen = [], set()
+    for p in candidates:
+        if p.resolve() in seen or not (p / "config.yaml").exists():
+            continue
+        seen.add(p.resolve())
+        status: dict[str, Any] = {}
+        try:
+            status = json.loads((p / "status.json").read_text())
+        except (OSError, ValueError):
+            pass
+        try:
+            metrics = read_metrics(p)
+        except StoreError:
+            metrics = pd.DataFrame()
+        best = status.get("best_val_median_m")
+        if best is None and "val_median_m" in metrics:
+            best = float(metrics["val_median_m"].min())
+        rows.append({
+            "name": p.name if p.parent != root else p.name,
+            "path": str(p),
+            "status": status.get("state", "unknown" if metrics.empty else "stopped"),
+            "epochs": f"{status.get('epoch', len(metrics))}/{status.get('epochs', '?')}",
+            "best_val_median_m": best,
+            "last_epoch_s": float(metrics["epoch_s"].iloc[-1]) if "epoch_s" in metrics and len(metrics) else None,
+            "has_checkpoint": (p / "best.pt").exists() or (p / "last.pt").exists(),
+        })
+    return pd.DataFrame(rows, columns=["name", "path", "status", "epochs", "best_val_median_m", "last_epoch_s",
+                                       "has_checkpoint"])

@@ -1,0 +1,671 @@
+"""Background jobs: ``python -m core ...`` commands run detached and tracked in SQLite.
+
+The app and the command line (``python -m core jobs ...``) share this module. A job is
+one ``python -m core <command> <args...>`` process, started from an argument list
+(never a shell string), writing its output to one path.
+
+How a job runs
+--------------
+::
+
+    JobManager.submit()                       (app or CLI process)
+      └─ python -m core.jobs --db DB --run ID (the *waiter*; new session = process group)
+           └─ python -m core <args...>        (the command; same process group)
+
+* The waiter starts the command with ``CORE_PROGRESS_FILE`` set (see
+  :mod:`core.progress`), stdout and stderr appended to the job's log file, copies the
+  progress record into the database every 0.5 s, and records the exit status, so a
+  job's result is known even when the app that launched it has gone.
+* The database is the truth. :meth:`JobManager.refresh` checks that the recorded
+  processes still exist, comparing each pid's start time (psutil) so a reused pid is
+  not mistaken for the job. A job whose processes have all gone without an exit
+  status (killed, machine rebooted) is marked ``failed``; it never stays ``running``.
+* :meth:`JobManager.cancel` sends SIGTERM to the whole process group, then SIGKILL
+  after a grace period.
+* Two active jobs whose outputs are the same path (or one inside the other) are
+  refused with :class:`JobConflictError`.
+
+Files: the database defaults to ``<repo>/.jobs/jobs.sqlite`` (``CORE_JOBS_DB``
+overrides it); each job gets ``<db dir>/<id>/log.txt`` and ``progress.json``.
+
+Statuses: ``queued`` (registered, waiter not yet running) → ``running`` →
+``succeeded`` | ``failed`` | ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+from core import progress
+from core.errors import CoreError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DB_ENV = "CORE_JOBS_DB"
+DEFAULT_DB = REPO_ROOT / ".jobs" / "jobs.sqlite"
+
+ACTIVE = ("queued", "running")
+FINAL = ("succeeded", "failed", "cancelled")
+STATUSES = ACTIVE + FINAL
+
+#: the kinds of job, keyed by the ``python -m core`` command they run
+KINDS = {
+    "generate-maps": "map generation",
+    "make-dataset": "dataset generation",
+    "train": "training",
+    "ablate": "ablation",
+    "evaluate": "evaluation",
+    "selftest": "job-system self test",
+}
+
+_POLL_S = 0.5
+_QUEUED_TIMEOUT_S = 60.0  # a waiter that has not started by then never will
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind             TEXT    NOT NULL,
+    args             TEXT    NOT NULL,   -- JSON list: the arguments after `python -m core`
+    command          TEXT    NOT NULL,   -- the same command as a user would type it
+    output           TEXT,               -- absolute path the job writes (conflict checks)
+    cwd              TEXT    NOT NULL,
+    status           TEXT    NOT NULL,
+    fraction         REAL    NOT NULL DEFAULT 0,
+    message          TEXT    NOT NULL DEFAULT '',
+    pid              INTEGER,            -- the waiter = process-group id
+    pid_created      REAL,               -- its start time (psutil), against pid reuse
+    child_pid        INTEGER,            -- the command itself
+    child_created    REAL,
+    log_path         TEXT    NOT NULL,
+    progress_path    TEXT    NOT NULL,
+    created          REAL    NOT NULL,
+    started          REAL,
+    finished         REAL,
+    exit_code        INTEGER,
+    error            TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+class JobError(CoreError):
+    """A job cannot be found, started or changed."""
+
+
+class JobConflictError(JobError):
+    """Another active job already writes the same output."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What to run: ``python -m core <args...>`` writing ``output``.
+
+    Attributes:
+        kind: one of :data:`KINDS`.
+        args: the command-line arguments after ``python -m core``.
+        output: the file or directory the command writes (relative paths are taken
+            from the job's working directory), or ``None`` if it writes nothing.
+    """
+
+    kind: str
+    args: tuple[str, ...]
+    output: str | None = None
+
+
+@dataclass
+class Job:
+    """One row of the jobs table; times are Unix seconds."""
+
+    id: int
+    kind: str
+    args: list[str]
+    command: str
+    output: str | None
+    cwd: str
+    status: str
+    fraction: float
+    message: str
+    pid: int | None
+    pid_created: float | None
+    child_pid: int | None
+    child_created: float | None
+    log_path: str
+    progress_path: str
+    created: float
+    started: float | None
+    finished: float | None
+    exit_code: int | None
+    error: str | None
+    cancel_requested: bool
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started is None:
+            return None
+        return (self.finished or time.time()) - self.started
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- spec builders: one per kind, so the app and the CLI build the same commands ----------
+def _num(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def generate_maps_spec(
+    scene: str,
+    output_dir: str = "radio_maps",
+    resolution: float = 1.0,
+    map_size: tuple[int, int] = (512, 512),
+    samples_per_tx: int | None = None,
+    max_depth: int | None = None,
+    force: bool = False,
+) -> JobSpec:
+    """Ray-trace the radio map of ``scene`` into ``<output_dir>/<scene>.zarr``."""
+    args = ["generate-maps", "--scenes", scene, "--output-dir", output_dir, "--resolution", _num(float(resolution)),
+            "--map-size", str(int(map_size[0])), str(int(map_size[1]))]
+    if samples_per_tx is not None:
+        args += ["--samples-per-tx", str(int(samples_per_tx))]
+    if max_depth is not None:
+        args += ["--max-depth", str(int(max_depth))]
+    if force:
+        args.append("--force")
+    return JobSpec("generate-maps", tuple(args), str(Path(output_dir) / f"{scene}.zarr"))
+
+
+def make_dataset_spec(scene: str, out: str, num_ues: int = 20000, reports: int = 8,
+                      radio_maps: str | None = None) -> JobSpec:
+    """Ray-trace a measurement dataset of ``scene`` into ``out``."""
+    args = ["make-dataset", "--scene", scene, "--num-ues", str(int(num_ues)), "--reports", str(int(reports)),
+            "--out", out]
+    if radio_maps is not None:
+        args += ["--radio-maps", radio_maps]
+    return JobSpec("make-dataset", tuple(args), out)
+
+
+def train_spec(config: str, out: str, overrides: dict[str, object] | None = None) -> JobSpec:
+    """Train from the YAML ``config`` into run directory ``out``; ``overrides`` become ``--set k=v``."""
+    args = ["train", "--config", config]
+    for key, value in (overrides or {}).items():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        args += ["--set", f"{key}={_num(value) if isinstance(value, float) else value}"]
+    args += ["--out", out]
+    return JobSpec("train", tuple(args), out)
+
+
+def ablate_spec(scene: str, out: str, extra: Sequence[str] = ()) -> JobSpec:
+    """Train and evaluate the ablation (baseline, λ=0.1, λ=0.5) of ``scene`` into ``out``."""
+    return JobSpec("ablate", ("ablate", "--scene", scene, "--out", out, *extra), out)
+
+
+def selftest_spec(seconds: float = 2.0, exit_code: int = 0, out: str | None = None, child: bool = False) -> JobSpec:
+    """A tiny job that reports progress for ``seconds`` (checks the job system end to end)."""
+    args = ["jobs", "selftest", "--seconds", _num(float(seconds)), "--exit-code", str(int(exit_code))]
+    if out is not None:
+        args += ["--out", out]
+    if child:
+        args.append("--child")
+    return JobSpec("selftest", tuple(args), out)
+
+
+# -- processes ----------------------------------------------------------------------------
+def _create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
+def _reap(pid: int) -> None:
+    """Collect ``pid``'s exit status if it is our own child (so it is no zombie)."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _alive(pid: int | None, created: float | None) -> bool:
+    """True if process ``pid`` exists, is not a zombie, and started at ``created``."""
+    if pid is None:
+        return False
+    _reap(pid)
+    try:
+        proc = psutil.Process(pid)
+        if created is not None and abs(proc.create_time() - created) > 0.05:
+            return False  # the pid was reused by another process
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while any non-zombie process is left in process group ``pgid``."""
+    _reap(pgid)
+    for proc in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(proc.info["pid"]) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, PermissionError, OSError):
+            continue
+    return False
+
+
+def tail(path: str | os.PathLike, lines: int = 30, max_bytes: int = 65536) -> str:
+    """The last ``lines`` lines of text file ``path`` ('' if it does not exist)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    # tqdm rewrites its bar with carriage returns: keep the last state of each line
+    rows = [row.rsplit("\r", 1)[-1] for row in data.replace("\r\n", "\n").split("\n")]
+    return "\n".join(rows[-lines:]).strip("\n")
+
+
+# -- the manager --------------------------------------------------------------------------
+class JobManager:
+    """Submit, list, refresh and cancel jobs registered in one SQLite database.
+
+    Args:
+        db_path: the database file; default ``$CORE_JOBS_DB`` or ``<repo>/.jobs/jobs.sqlite``.
+        cwd: working directory of the jobs (relative outputs resolve against it);
+            default the repository root.
+        env: extra environment variables for the jobs.
+    """
+
+    def __init__(self, db_path: str | os.PathLike | None = None, cwd: str | os.PathLike | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.db_path = Path(db_path or os.environ.get(DB_ENV) or DEFAULT_DB).resolve()
+        self.cwd = Path(cwd or REPO_ROOT).resolve()
+        self.env = dict(env or {})
+        try:
+            self.db_path.parent.mkdir(parents=True, exist_ok=True)
+            with self._connect() as db:
+                db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise JobError(f"jobs database {self.db_path}: cannot open ({exc})") from None
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            yield db
+        finally:
+            db.close()
+
+    def _update(self, job_id: int, **fields) -> None:
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self._connect() as db:
+            db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
+
+    @staticmethod
+    def _row(row: sqlite3.Row) -> Job:
+        d = dict(row)
+        d["args"] = json.loads(d["args"])
+        d["cancel_requested"] = bool(d["cancel_requested"])
+        return Job(**d)
+
+    def _get(self, job_id: int) -> Job:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (int(job_id),)).fetchone()
+        if row is None:
+            raise JobError(f"no job #{job_id} in {self.db_path}")
+        return self._row(row)
+
+    # -- public API ------------------------------------------------------------------------
+    def get(self, job_id: int) -> Job:
+        """Job ``job_id``, its status refreshed."""
+        return self.refresh(self._get(job_id))
+
+    def list(self, kind: str | None = None, status: str | None = None, limit: int = 100) -> list[Job]:
+        """Jobs, newest first, statuses refreshed."""
+        query, params = "SELECT * FROM jobs", []
+        where = []
+        if kind:
+            where.append("kind = ?")
+            params.append(kind)
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        query += " ORDER BY id DESC LIMIT ?"
+        params.append(int(limit))
+        with self._connect() as db:
+            rows = db.execute(query, params).fetchall()
+        jobs = [self.refresh(self._row(r)) for r in rows]
+        return [j for j in jobs if status is None or j.status == status]
+
+    def active(self) -> list[Job]:
+        """Jobs that are queued or running."""
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE status IN (?, ?) ORDER BY id", ACTIVE).fetchall()
+        return [j for j in (self.refresh(self._row(r)) for r in rows) if j.active]
+
+    def _resolve_output(self, output: str | None) -> str | None:
+        if output is None:
+            return None
+        path = Path(output)
+        return str((path if path.is_absolute() else self.cwd / path).resolve())
+
+    def submit(self, spec: JobSpec) -> Job:
+        """Register ``spec`` and start it in the background; returns the new job.
+
+        Raises :class:`JobConflictError` if an active job writes the same output (or a
+        path inside it, or a parent of it).
+        """
+        if spec.kind not in KINDS:
+            raise JobError(f"unknown job kind {spec.kind!r} (known: {', '.join(KINDS)})")
+        args = [str(a) for a in spec.args]
+        output = self._resolve_output(spec.output)
+        for job in self.active():  # refresh first, so a dead job does not block
+            if output and job.output and (
+                Path(output).is_relative_to(job.output) or Path(job.output).is_relative_to(output)
+            ):
+                raise JobConflictError(
+                    f"job #{job.id} ({job.kind}, {job.status}) already writes {job.output}; "
+                    f"wait for it to finish or cancel it before starting another job that writes {output}"
+                )
+        command = "python -m core " + shlex.join(args)
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")  # the conflict check and the insert are one step
+            if output:
+                for row in db.execute("SELECT id, output FROM jobs WHERE status IN (?, ?) AND output IS NOT NULL",
+                                      ACTIVE):
+                    if Path(output).is_relative_to(row["output"]) or Path(row["output"]).is_relative_to(output):
+                        db.execute("ROLLBACK")
+                        raise JobConflictError(f"job #{row['id']} already writes {row['output']}")
+            cur = db.execute(
+                "INSERT INTO jobs (kind, args, command, output, cwd, status, log_path, progress_path, created) "
+                "VALUES (?, ?, ?, ?, ?, 'queued', '', '', ?)",
+                (spec.kind, json.dumps(args), command, output, str(self.cwd), time.time()),
+            )
+            job_id = cur.lastrowid
+            job_dir = self.db_path.parent / str(job_id)
+            db.execute("UPDATE jobs SET log_path = ?, progress_path = ? WHERE id = ?",
+                       (str(job_dir / "log.txt"), str(job_dir / "progress.json"), job_id))
+            db.execute("COMMIT")
+        job_dir.mkdir(parents=True, exist_ok=True)
+        log_path = job_dir / "log.txt"
+        env = {**os.environ, **self.env}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+        try:
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "core.jobs", "--db", str(self.db_path), "--run", str(job_id)],
+                    cwd=self.cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    start_new_session=True,  # own process group: cancel ends it all
+                )
+        except OSError as exc:
+            self._update(job_id, status="failed", finished=time.time(), error=f"could not start: {exc}")
+            raise JobError(f"job #{job_id}: could not start {command} ({exc})") from None
+        self._update(job_id, pid=proc.pid, pid_created=_create_time(proc.pid))
+        _PROCS[proc.pid] = proc  # keep the Popen, so Python reaps it without a ResourceWarning
+        return self._get(job_id)
+
+    def refresh(self, job: Job) -> Job:
+        """Re-check an active job's processes; a job whose processes are all gone
+        without a recorded exit status becomes ``failed`` (or ``cancelled``)."""
+        if not job.active:
+            return job
+        if _alive(job.pid, job.pid_created) or _alive(job.child_pid, job.child_created):
+            return self._with_progress(job)
+        if job.pid is None and time.time() - job.created < _QUEUED_TIMEOUT_S:
+            return job  # being started right now
+        job = self._get(job.id)  # the waiter may have just written its result
+        if not job.active:
+            return job
+        if job.cancel_requested:
+            status, error = "cancelled", "cancelled by the user"
+        elif job.pid is None:
+            status, error = "failed", "the job never started"
+        else:
+            status, error = "failed", "the job's processes ended without recording an exit status (killed or crashed)"
+        with self._connect() as db:  # only if nobody finished it meanwhile
+            db.execute("UPDATE jobs SET status = ?, error = ?, finished = ? WHERE id = ? AND status IN (?, ?)",
+                       (status, error, time.time(), job.id, *ACTIVE))
+        return self._get(job.id)
+
+    def _with_progress(self, job: Job) -> Job:
+        record = progress.read(job.progress_path)
+        if record:
+            job.fraction = float(record.get("fraction", job.fraction))
+            job.message = str(record.get("message", job.message))
+        return job
+
+    def cancel(self, job_id: int, grace_s: float = 5.0) -> Job:
+        """End job ``job_id``'s whole process group: SIGTERM, then SIGKILL after ``grace_s``."""
+        job = self._get(job_id)
+        if not job.active:
+            return job
+        self._update(job.id, cancel_requested=1)
+        pgid = job.pid if _alive(job.pid, job.pid_created) else None
+        if pgid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGTERM)
+            deadline = time.time() + grace_s
+            while _group_alive(pgid) and time.time() < deadline:
+                time.sleep(0.1)
+            if _group_alive(pgid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
+                deadline = time.time() + 5.0
+                while _group_alive(pgid) and time.time() < deadline:
+                    time.sleep(0.1)
+        elif _alive(job.child_pid, job.child_created):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(job.child_pid, signal.SIGKILL)
+        # give the waiter a moment to write "cancelled" with the exit code itself
+        deadline = time.time() + 2.0
+        while self._get(job.id).active and time.time() < deadline and _alive(job.pid, job.pid_created):
+            time.sleep(0.05)
+        return self.refresh(self._get(job.id))
+
+    def log(self, job_id: int, lines: int = 40) -> str:
+        """The last ``lines`` lines of job ``job_id``'s log."""
+        return tail(self._get(job_id).log_path, lines)
+
+    def wait(self, job_id: int, timeout_s: float = 60.0, poll_s: float = 0.2) -> Job:
+        """Block until job ``job_id`` is final or ``timeout_s`` passes; returns it."""
+        deadline = time.time() + timeout_s
+        job = self.get(job_id)
+        while job.active and time.time() < deadline:
+            time.sleep(poll_s)
+            job = self.get(job_id)
+        return job
+
+    def delete(self, job_id: int) -> None:
+        """Forget a finished job (its files stay)."""
+        job = self.get(job_id)
+        if job.active:
+            raise JobError(f"job #{job_id} is {job.status}; cancel it before deleting it")
+        with self._connect() as db:
+            db.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
+
+
+_PROCS: dict[int, subprocess.Popen] = {}
+
+
+# -- the waiter: `python -m core.jobs --db DB --run ID` -----------------------------------
+def _wait_job(db_path: str, job_id: int) -> int:
+    manager = JobManager(db_path)
+    job = manager._get(job_id)
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):  # keep waiting: the command gets the same signal
+        stop["signal"] = signum
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    env = dict(os.environ)
+    env[progress.PROGRESS_ENV] = job.progress_path
+    env["PYTHONUNBUFFERED"] = "1"
+    cmd = [sys.executable, "-m", "core", *job.args]
+    with open(job.log_path, "ab", buffering=0) as log:
+        log.write(f"$ {job.command}\n".encode())
+        try:
+            proc = subprocess.Popen(cmd, cwd=job.cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT)
+        except OSError as exc:
+            manager._update(job_id, status="failed", finished=time.time(), error=f"could not start: {exc}")
+            return 1
+        manager._update(job_id, status="running", started=time.time(), child_pid=proc.pid,
+                        child_created=_create_time(proc.pid))
+        last = None
+        while True:
+            try:
+                code = proc.wait(timeout=_POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            record = progress.read(job.progress_path)
+            if record and record != last:
+                last = record
+                manager._update(job_id, fraction=float(record.get("fraction", 0.0)),
+                                message=str(record.get("message", ""))[:500])
+    record = progress.read(job.progress_path) or {}
+    cancelled = manager._get(job_id).cancel_requested
+    if cancelled:
+        status, error = "cancelled", "cancelled by the user"
+    elif code == 0:
+        status, error = "succeeded", None
+    else:
+        why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        last_line = next((ln for ln in reversed(tail(job.log_path, 20).splitlines()) if ln.strip()), "")
+        status, error = "failed", f"{why}: {last_line}" if last_line else why
+    manager._update(
+        job_id, status=status, exit_code=code, error=error, finished=time.time(),
+        fraction=1.0 if code == 0 and not cancelled else float(record.get("fraction", 0.0)),
+        message=str(record.get("message", ""))[:500],
+    )
+    return 0
+
+
+# -- `python -m core jobs ...` ------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", default=None, help=f"jobs database (default: ${DB_ENV} or .jobs/jobs.sqlite)")
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = sub.add_parser("list", help="list jobs, newest first")
+    p.add_argument("--kind", choices=list(KINDS), default=None)
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = sub.add_parser("show", help="one job's record and the tail of its log")
+    p.add_argument("id", type=int)
+    p.add_argument("--lines", type=int, default=30)
+    p = sub.add_parser("log", help="the tail of a job's log")
+    p.add_argument("id", type=int)
+    p.add_argument("--lines", type=int, default=40)
+    p = sub.add_parser("cancel", help="end a job's whole process group")
+    p.add_argument("id", type=int)
+    p = sub.add_parser("submit", help="run `python -m core ARGS...` as a background job")
+    p.add_argument("--kind", choices=list(KINDS), default=None, help="default: the first of ARGS")
+    p.add_argument("--output", default=None, help="the path the command writes (refuses a second writer)")
+    p.add_argument("--wait", action="store_true", help="block until it finishes; exit with its status")
+    p.add_argument("command_args", nargs=argparse.REMAINDER, help="the command, e.g. -- train --config ...")
+    p = sub.add_parser("selftest", help="a tiny job: reports progress for a few seconds (used by tests)")
+    p.add_argument("--seconds", type=float, default=2.0)
+    p.add_argument("--exit-code", type=int, default=0)
+    p.add_argument("--out", default=None, help="write a small JSON file here when done")
+    p.add_argument("--child", action="store_true", help="also start a sleeping child process")
+
+
+def _selftest(args: argparse.Namespace) -> int:
+    child = None
+    if args.child:  # a grandchild in the same process group, to check cancel ends the group
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        print(f"child pid {child.pid}", flush=True)
+    steps = max(1, int(args.seconds / 0.1))
+    for step in range(steps + 1):
+        progress.report(step / steps, f"step {step}/{steps}", force=True)
+        if step % 5 == 0:
+            print(f"selftest step {step}/{steps}", flush=True)
+        time.sleep(args.seconds / steps)
+    if child is not None:
+        child.kill()
+        child.wait()
+    if args.exit_code:
+        print(f"error: selftest asked to fail with exit status {args.exit_code}", file=sys.stderr, flush=True)
+        return args.exit_code
+    if args.out:
+        from core.atomic import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps({"ok": True, "seconds": args.seconds}))
+    print("selftest done", flush=True)
+    return 0
+
+
+def _fmt_time(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "selftest":
+        return _selftest(args)
+    manager = JobManager(args.db)
+    if args.action == "list":
+        jobs = manager.list(kind=args.kind, limit=args.limit)
+        if args.json:
+            print(json.dumps([j.to_dict() for j in jobs], indent=1))
+            return 0
+        print(f"{'id':>4}  {'kind':<14} {'status':<10} {'progress':>8}  {'created':<19}  command")
+        for j in jobs:
+            print(f"{j.id:>4}  {j.kind:<14} {j.status:<10} {j.fraction:>7.0%}  {_fmt_time(j.created):<19}  {j.command}")
+        return 0
+    if args.action in ("show", "log"):
+        job = manager.get(args.id)
+        if args.action == "show":
+            for key, value in job.to_dict().items():
+                if key in ("created", "started", "finished"):
+                    value = _fmt_time(value)
+                print(f"{key:>16}: {value}")
+            print("--- log tail ---")
+        print(manager.log(job.id, args.lines))
+        return 0
+    if args.action == "cancel":
+        job = manager.cancel(args.id)
+        print(f"job #{job.id}: {job.status}")
+        return 0
+    if args.action == "submit":
+        command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+        if not command:
+            raise JobError("jobs submit: give the command after --, e.g. `jobs submit -- train --config ...`")
+        kind = args.kind or ("selftest" if command[:2] == ["jobs", "selftest"] else command[0])
+        job = manager.submit(JobSpec(kind, tuple(command), args.output))
+        print(f"job #{job.id} started: {job.command}\nlog: {job.log_path}")
+        if args.wait:
+            job = manager.wait(job.id, timeout_s=7 * 24 * 3600)
+            print(f"job #{job.id}: {job.status}" + (f" ({job.error})" if job.error else ""))
+            return 0 if job.status == "succeeded" else 1
+        return 0
+    raise JobError(f"unknown jobs action {args.action!r}")
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m core.jobs", description="the waiter of one job (internal)")
+    parser.add_argument("--db", required=True)
+    parser.add_argument("--run", type=int, required=True)
+    ns = parser.parse_args(argv)
+    return _wait_job(ns.db, ns.run)
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,250 @@
+"""The map-conditioned transformer: UE position from a sequence of measurement reports.
+
+Shapes: ``B`` samples, ``T`` reports, ``K`` site slots, ``D`` token inputs, ``d`` model
+width, ``H`` heads, ``P`` map patches, ``G`` coarse grid size (``G x G`` cells).
+
+1. Measurement tokens  ``x[B, T, d] = W feats + sum_k E[site_index_k] + pos[t] (+ e_missing)``
+2. Map tokens          ``m[P, d]``: a strided conv over the resampled map (all features,
+   AoA as cos/sin, coverage channel; see :func:`core.data_loading.map_input`) + a
+   learned patch position, then one self-attention block. Computed once per forward
+   (every sample of a scene shares it).
+3. ``num_layers`` blocks, each: temporal self-attention over the valid reports,
+   cross-attention from the reports to the map tokens, MLP (pre-LN, residual).
+4. Pooling: the mean of valid report tokens concatenated with the last valid one.
+5. Heads
+   * coarse: ``logits[B, G*G]`` over the map's grid cells (cell ``c = i*G + j``, row i = y);
+   * fine: conditioned on a cell ``c`` (the true one in training, the argmax in
+     inference): ``offset[B, 2]`` in cell units, ``tanh``-bounded to ±1 cell, and its
+     ``logvar[B, 2]`` (natural log of the variance in cell units²).
+6. Outputs: ``xy = centre(c) + offset * cell`` [m], ``sigma = exp(logvar / 2) * cell`` [m],
+   ``confidence = P(3x3 cells around c) * exp(-sigma_rms / cell)`` in [0, 1].
+
+Attention weights are computed explicitly (``softmax(QK^T / sqrt(d_h))``) when
+``return_attention=True`` and on the CPU (measured faster there than the fused kernel at
+T = 8); otherwise (CUDA) :func:`torch.nn.functional.scaled_dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a model (stored in checkpoints)."""
+
+    token_dim: int
+    num_site_embeddings: int  # K * (S + 1) + 1
+    num_reports: int  # T
+    map_channels: int
+    bounds: tuple[float, float, float, float]  # map outer edges [m]
+    d_model: int = 96
+    num_layers: int = 2
+    num_heads: int = 4
+    grid_size: int = 32
+    map_size: int = 128
+    patch_size: int = 16
+    dropout: float = 0.0
+    mlp_ratio: int = 4
+    geometry_hint: bool = True
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        n = self.map_size // self.patch_size
+        return n, n
+
+
+@dataclass
+class ModelOutput:
+    """See the module doc. ``attention`` = {"temporal": [[B,H,T,T]] * L, "cross": [[B,H,T,P]] * L}."""
+
+    logits: torch.Tensor  # [B, G*G]
+    cell: torch.Tensor  # [B] long, the cell the position is built from (argmax)
+    offset: torch.Tensor  # [B, 2] in cell units
+    logvar: torch.Tensor  # [B, 2]
+    xy: torch.Tensor  # [B, 2] metres
+    sigma: torch.Tensor  # [B, 2] metres
+    confidence: torch.Tensor  # [B]
+    target_offset_pred: torch.Tensor | None = None  # [B, 2] fine head at the TRUE cell (training)
+    target_logvar: torch.Tensor | None = None  # [B, 2]
+    attention: dict[str, list[torch.Tensor]] | None = field(default=None)
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries ``q[B, Tq, d]`` over keys/values ``kv[B, Tk, d]``."""
+
+    def __init__(self, d: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, q, kv, key_mask=None, return_attention=False):
+        """``key_mask[B, Tk]`` True = attend. Returns ``(out[B, Tq, d], weights[B, H, Tq, Tk] | None)``."""
+        b, tq, d = q.shape
+        tk = kv.shape[1]
+        h, dh = self.heads, d // self.heads
+        q = self.q(q).view(b, tq, h, dh).transpose(1, 2)
+        k, v = self.kv(kv).view(kv.shape[0], tk, 2, h, dh).permute(2, 0, 3, 1, 4)
+        k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        p = self.dropout if self.training else 0.0
+        if return_attention or not q.is_cuda:  # explicit is faster than the CPU SDPA kernels at these sizes
+            scores = q @ k.transpose(-1, -2) / math.sqrt(dh)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            weights = scores.softmax(-1)
+            y = F.dropout(weights, p, self.training) @ v
+            weights = weights if return_attention else None
+        else:
+            weights = None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return self.out(y.transpose(1, 2).reshape(b, tq, d)), weights
+
+
+class MLP(nn.Sequential):
+    def __init__(self, d: int, ratio: int, dropout: float) -> None:
+        super().__init__(nn.Linear(d, ratio * d), nn.GELU(), nn.Linear(ratio * d, d), nn.Dropout(dropout))
+
+
+class Block(nn.Module):
+    """Temporal self-attention, cross-attention to the map, MLP; pre-LN residuals."""
+
+    def __init__(self, d: int, heads: int, ratio: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.self_attn = Attention(d, heads, dropout)
+        self.cross_attn = Attention(d, heads, dropout)
+        self.mlp = MLP(d, ratio, dropout)
+
+    def forward(self, x, mask, map_tokens, return_attention=False):
+        h = self.ln1(x)
+        a, w_self = self.self_attn(h, h, mask, return_attention)
+        x = x + a
+        a, w_cross = self.cross_attn(self.ln2(x), map_tokens, None, return_attention)
+        x = x + a
+        x = x + self.mlp(self.ln3(x))
+        return x, w_self, w_cross
+
+
+class MapEncoder(nn.Module):
+    """``map[C, S, S]`` -> map tokens ``[1, P, d]`` (strided-conv patches + position + one attention block)."""
+
+    def __init__(self, channels: int, d: int, patch: int, num_patches: int, heads: int, ratio: int, dropout: float):
+        super().__init__()
+        self.patch = nn.Conv2d(channels, d, kernel_size=patch, stride=patch)
+        self.pos = nn.Parameter(torch.zeros(1, num_patches, d))
+        self.ln1, self.ln2, self.ln_out = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = Attention(d, heads, dropout)
+        self.mlp = MLP(d, ratio, dropout)
+        nn.init.normal_(self.pos, std=0.02)
+
+    def forward(self, map_image: torch.Tensor) -> torch.Tensor:
+        x = self.patch(map_image[None]).flatten(2).transpose(1, 2) + self.pos  # [1, P, d], row-major, row = y
+        h = self.ln1(x)
+        x = x + self.attn(h, h)[0]
+        x = x + self.mlp(self.ln2(x))
+        return self.ln_out(x)
+
+
+class MapConditionedTransformer(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        d, g = spec.d_model, spec.grid_size
+        self.token_in = nn.Linear(spec.token_dim, d)
+        self.site_embed = nn.Embedding(spec.num_site_embeddings, d, padding_idx=0)
+        self.report_pos = nn.Parameter(torch.zeros(1, spec.num_reports, d))
+        self.missing = nn.Parameter(torch.zeros(d))
+        n_patch = spec.patch_grid[0] * spec.patch_grid[1]
+        self.map_encoder = MapEncoder(spec.map_channels, d, spec.patch_size, n_patch, spec.num_heads,
+                                      spec.mlp_ratio, spec.dropout)
+        self.blocks = nn.ModuleList(
+            Block(d, spec.num_heads, spec.mlp_ratio, spec.dropout) for _ in range(spec.num_layers)
+        )
+        self.ln_f = nn.LayerNorm(d)
+        self.pool = nn.Linear(2 * d, d)
+        self.coarse = nn.Sequential(nn.GELU(), nn.Linear(d, g * g))
+        self.cell_embed = nn.Embedding(g * g, d)
+        self.fine = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, 4))
+        nn.init.normal_(self.report_pos, std=0.02)
+        x_min, y_min, x_max, y_max = spec.bounds
+        self.register_buffer("cell_wh", torch.tensor([(x_max - x_min) / g, (y_max - y_min) / g]), persistent=False)
+        self.register_buffer("origin", torch.tensor([x_min, y_min]), persistent=False)
+
+    # -- geometry -------------------------------------------------------------------------
+    def cell_centre(self, cell: torch.Tensor) -> torch.Tensor:
+        """``[B]`` cell indices -> ``[B, 2]`` centres [m]."""
+        g = self.spec.grid_size
+        ij = torch.stack([cell % g, cell // g], -1).to(self.cell_wh.dtype)  # (j, i) = (x, y)
+        return self.origin + (ij + 0.5) * self.cell_wh
+
+    def cell_of(self, xy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``xy[B, 2]`` -> (cell ``[B]`` long, offset from its centre in cell units ``[B, 2]``)."""
+        g = self.spec.grid_size
+        u = (xy - self.origin) / self.cell_wh
+        ij = u.floor().clamp(0, g - 1)
+        offset = u - (ij + 0.5)
+        return (ij[:, 1] * g + ij[:, 0]).long(), offset
+
+    def _fine(self, pooled, cell):
+        raw = self.fine(torch.cat([pooled, self.cell_embed(cell)], -1))
+        return torch.tanh(raw[:, :2]), raw[:, 2:].clamp(-8.0, 4.0)
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(self, feats, site_index, mask, map_image, target_cell=None, return_attention=False) -> ModelOutput:
+        """``feats[B,T,D]``, ``site_index[B,T,K]`` long, ``mask[B,T]`` bool, ``map_image[C,S,S]``;
+        ``target_cell[B]`` (training) also evaluates the fine head at the true cell."""
+        x = self.token_in(feats) + self.site_embed(site_index).sum(2) + self.report_pos[:, : feats.shape[1]]
+        x = torch.where(mask[..., None], x, x + self.missing)
+        map_tokens = self.map_encoder(map_image)
+        temporal, cross = [], []
+        for block in self.blocks:
+            x, w_self, w_cross = block(x, mask, map_tokens, return_attention)
+            if return_attention:
+                temporal.append(w_self)
+                cross.append(w_cross)
+        h = self.ln_f(x)
+        m = mask[..., None].to(h.dtype)
+        mean = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        last_idx = (mask.long() * torch.arange(mask.shape[1], device=mask.device)).argmax(1)  # last valid report
+        last = h[torch.arange(h.shape[0], device=h.device), last_idx]
+        pooled = self.pool(torch.cat([mean, last], -1))
+
+        logits = self.coarse(pooled)
+        cell = logits.argmax(-1)
+        offset, logvar = self._fine(pooled, cell)
+        xy = self.cell_centre(cell) + offset * self.cell_wh
+        sigma = torch.exp(0.5 * logvar) * self.cell_wh
+        prob = logits.softmax(-1).view(-1, 1, self.spec.grid_size, self.spec.grid_size)
+        block = F.avg_pool2d(prob, 3, stride=1, padding=1, count_include_pad=True) * 9  # 3x3 neighbourhood mass
+        p_near = block.flatten(1).gather(1, cell[:, None])[:, 0].clamp(0.0, 1.0)
+        sigma_rms = torch.exp(0.5 * logvar).pow(2).mean(-1).sqrt()
+        confidence = p_near * torch.exp(-sigma_rms)
+
+        out = ModelOutput(logits, cell, offset, logvar, xy, sigma, confidence)
+        if target_cell is not None:
+            out.target_offset_pred, out.target_logvar = self._fine(pooled, target_cell)
+        if return_attention:
+            out.attention = {"temporal": temporal, "cross": cross}
+        return out
+
+
+def coarse_loss(logits: torch.Tensor, target_cell: torch.Tensor) -> torch.Tensor:
+    """``L_coarse = mean_b -log softmax(logits_b)[c_b]`` (cross-entropy, nats)."""
+    return F.cross_entropy(logits, target_cell)
+
+
+def fine_loss(offset: torch.Tensor, logvar: torch.Tensor, target_offset: torch.Tensor) -> torch.Tensor:
+    """Gaussian NLL without the constant: ``mean 0.5 * (logvar + (target - offset)^2 / exp(logvar))`` over B and (x, y)."""
+    return (0.5 * (logvar + (target_offset - offset).pow(2) * torch.exp(-logvar))).mean()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,235 @@
+"""What exists for each scene: radio maps, measurement dataset and training runs.
+
+A :class:`Workspace` is a root folder laid out as the repository is::
+
+    <root>/radio_maps/<scene>.zarr     radio map (python -m core generate-maps)
+    <root>/datasets/<scene>/           measurement dataset (python -m core make-dataset)
+    <root>/runs/<name>/                training runs (python -m core train / ablate)
+    <root>/assets/default_run/         the shipped model
+    <root>/configs/*.yaml              training presets
+    <root>/scenes/                     the user's Mitsuba XML scenes
+
+The root defaults to the repository; ``CORE_WORKSPACE`` moves it (tests use a tmp
+folder), and ``CORE_RADIO_MAPS_DIR``, ``CORE_DATASETS_DIR``, ``CORE_RUNS_DIR`` and
+``CORE_SCENES_DIR`` move single folders. Jobs run with the root as their working
+directory, so the relative paths in their commands are the ones shown here.
+
+Status checks are cheap (they read the store's ``zarr.json`` metadata, never the
+arrays) so a page can list every scene at once; loading validates fully.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.errors import CoreError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SCENE = "etoile"
+PRESETS = ("baseline", "model", "strong_physics")
+
+
+@dataclass(frozen=True)
+class StoreStatus:
+    """``state`` is ``ok``, ``missing`` or ``corrupt``; ``message`` says why when not ok."""
+
+    path: Path
+    state: str
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "ok"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A training run directory and the little the app needs to list it."""
+
+    name: str
+    path: Path
+    scene: str | None
+    dataset: str | None
+    state: str  # running | done | stopped | unknown (from status.json) | no-checkpoint
+    epochs_done: int
+    best_val_median_m: float | None
+    lambda_phys: float | None
+    has_checkpoint: bool
+    config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class SceneStatus:
+    name: str
+    radio_map: StoreStatus
+    dataset: StoreStatus
+    runs: tuple[RunInfo, ...]
+
+
+def _read_zarr_attrs(path: Path) -> dict:
+    meta = json.loads((path / "zarr.json").read_text())
+    return meta.get("attributes") or {}
+
+
+def store_status(path: str | os.PathLike, kind: str) -> StoreStatus:
+    """Whether the Zarr store at ``path`` exists and claims to be a ``kind`` store
+    (``radio_map`` or ``measurement_dataset``)."""
+    path = Path(path)
+    if not path.exists():
+        return StoreStatus(path, "missing", f"{path} does not exist")
+    try:
+        attrs = _read_zarr_attrs(path)
+    except (OSError, ValueError) as exc:
+        return StoreStatus(path, "corrupt", f"{path}: unreadable store metadata ({type(exc).__name__})")
+    if attrs.get("kind") != kind:
+        return StoreStatus(path, "corrupt", f"{path}: not a {kind.replace('_', ' ')} store (kind={attrs.get('kind')!r})")
+    return StoreStatus(path, "ok")
+
+
+def _load_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The per-epoch records of ``run_dir/metrics.jsonl`` (bad lines skipped)."""
+    rows = []
+    try:
+        text = (Path(run_dir) / "metrics.jsonl").read_text()
+    except OSError:
+        return rows
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def run_info(path: str | os.PathLike, name: str | None = None) -> RunInfo:
+    """Summarise the run directory ``path`` (never raises for a half-written run)."""
+    path = Path(path)
+    config = _load_yaml(path / "config.yaml")
+    data = config.get("data") or {}
+    dataset = data.get("dataset")
+    scene = data.get("scene") or (Path(dataset).name if dataset else None)
+    try:
+        status = json.loads((path / "status.json").read_text())
+    except (OSError, ValueError):
+        status = {}
+    metrics = read_metrics(path)
+    medians = [r["val_median_m"] for r in metrics if isinstance(r.get("val_median_m"), (int, float))]
+    physics = config.get("physics_loss") or {}
+    lam = physics.get("lambda_phys")
+    has_ckpt = (path / "best.pt").exists() or (path / "last.pt").exists()
+    state = status.get("state") or ("done" if has_ckpt else "no-checkpoint")
+    return RunInfo(
+        name=name or path.name, path=path, scene=scene, dataset=dataset, state=str(state),
+        epochs_done=len(metrics), best_val_median_m=min(medians) if medians else None,
+        lambda_phys=float(lam) if isinstance(lam, (int, float)) else None, has_checkpoint=has_ckpt, config=config,
+    )
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+    radio_maps_dir: Path
+    datasets_dir: Path
+    runs_dir: Path
+    scenes_dir: Path
+    assets_dir: Path
+    configs_dir: Path
+
+    @classmethod
+    def from_env(cls, root: str | os.PathLike | None = None) -> Workspace:
+        """The workspace at ``root`` (default ``$CORE_WORKSPACE`` or the repository)."""
+        root = Path(root or os.environ.get("CORE_WORKSPACE") or REPO_ROOT).resolve()
+
+        def folder(env: str, default: str) -> Path:
+            value = os.environ.get(env)
+            return Path(value).resolve() if value else root / default
+
+        configs = root / "configs" if (root / "configs").is_dir() else REPO_ROOT / "configs"
+        return cls(root, folder("CORE_RADIO_MAPS_DIR", "radio_maps"), folder("CORE_DATASETS_DIR", "datasets"),
+                   folder("CORE_RUNS_DIR", "runs"), folder("CORE_SCENES_DIR", "scenes"), root / "assets", configs)
+
+    def rel(self, path: str | os.PathLike) -> str:
+        """``path`` relative to the root when inside it (as commands show it), else absolute."""
+        path = Path(path).resolve()
+        try:
+            return str(path.relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+    # -- paths ---------------------------------------------------------------------------
+    def map_path(self, scene: str) -> Path:
+        return self.radio_maps_dir / f"{scene}.zarr"
+
+    def dataset_path(self, scene: str) -> Path:
+        return self.datasets_dir / scene
+
+    def preset_path(self, preset: str) -> Path:
+        if preset not in PRESETS:
+            raise CoreError(f"unknown training preset {preset!r} (use {', '.join(PRESETS)})")
+        return self.configs_dir / f"{preset}.yaml"
+
+    def default_run_path(self) -> Path:
+        return self.assets_dir / "default_run"
+
+    # -- what exists --------------------------------------------------------------------
+    def scene_names(self) -> list[str]:
+        """Known scenes: the catalogue of :mod:`core.scenes` (if available) plus every
+        scene that has a map or a dataset here; the default scene first."""
+        names: set[str] = set()
+        try:
+            from core.scenes import list_scenes
+
+            names.update(info.name for info in list_scenes(self.scenes_dir if self.scenes_dir.is_dir() else None))
+        except ImportError:
+            pass
+        except CoreError:
+            pass
+        if self.radio_maps_dir.is_dir():
+            names.update(p.name[: -len(".zarr")] for p in self.radio_maps_dir.glob("*.zarr") if not p.name.startswith("."))
+        if self.datasets_dir.is_dir():
+            names.update(p.name for p in self.datasets_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        names.add(DEFAULT_SCENE)
+        return sorted(names, key=lambda n: (n != DEFAULT_SCENE, n))
+
+    def runs(self, scene: str | None = None) -> list[RunInfo]:
+        """Training runs (``runs/*`` with a config, and the shipped default run), newest first;
+        only those of ``scene`` if given."""
+        infos = []
+        if self.runs_dir.is_dir():
+            dirs = [p for p in self.runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+            for d in sorted(dirs, key=lambda p: p.stat().st_mtime, reverse=True):
+                if (d / "config.yaml").exists():
+                    infos.append(run_info(d, self.rel(d)))
+                # an ablation keeps its runs one level down
+                for sub in sorted(p for p in d.iterdir() if p.is_dir() and (p / "config.yaml").exists()):
+                    infos.append(run_info(sub, self.rel(sub)))
+        default = self.default_run_path()
+        if (default / "config.yaml").exists():
+            infos.append(run_info(default, self.rel(default)))
+        return [r for r in infos if scene is None or r.scene == scene]
+
+    def ablations(self) -> list[Path]:
+        """Ablation output folders (those holding a results table)."""
+        if not self.runs_dir.is_dir():
+            return []
+        return sorted(p.parent for p in self.runs_dir.glob("*/*.csv") if not p.parent.name.startswith("."))
+
+    def scene_status(self, scene: str) -> SceneStatus:
+        return SceneStatus(scene, store_status(self.map_path(scene), "radio_map"),
+                           store_status(self.dataset_path(scene), "measurement_dataset"), tuple(self.runs(scene)))

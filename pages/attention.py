@@ -1,0 +1,97 @@
+"""Attention: temporal self-attention and cross-attention over map patches."""
+
+import numpy as np
+import streamlit as st
+
+import workbench as wb
+from core import figures
+
+st.title("Attention")
+ws = wb.workspace()
+scene = wb.active_scene()
+st.caption("Each measurement report is a token. Reports attend to each other (temporal self-attention) and to "
+           "tokens of radio-map patches (cross-attention).")
+
+runs = [r for r in ws.runs() if r.has_checkpoint]
+if not runs:
+    st.warning("No trained model yet. Train one on the Training page (the shipped model lives in "
+               f"`{ws.rel(ws.default_run_path())}`).")
+    st.page_link("pages/training.py", label="Go to Training")
+    st.stop()
+
+names = [r.name for r in runs]
+preferred = [i for i, r in enumerate(runs) if r.scene == scene]
+cols = st.columns([3, 1, 1])
+name = cols[0].selectbox("Run", names, index=preferred[0] if preferred else 0, key="att_run")
+split = cols[1].selectbox("Split", ["test", "val", "train"], key="att_split")
+
+run = None
+with wb.guard(f"run {name}"):
+    run = wb.load_run(ws.root / name)
+if run is None:
+    st.stop()
+if run.config.data.scene and run.config.data.scene != scene:
+    st.info(f"This run was trained on scene {run.config.data.scene!r}, not the active scene {scene!r}.")
+
+idx = run.dataset.indices(split)
+if idx.size == 0:
+    st.warning(f"The {split} split of this run's dataset is empty.")
+    st.stop()
+pos = cols[2].number_input(f"Sample (0–{idx.size - 1})", min_value=0, max_value=int(idx.size - 1), value=0,
+                           key="att_sample")
+sample = int(idx[pos])
+
+
+@st.cache_data(show_spinner="Running the model…", max_entries=32)
+def attention_of(path: str, stamp: float, indices: tuple[int, ...]):
+    from core.inference import predict
+
+    p = predict(wb.load_run(path), np.array(indices), return_attention=True)
+    return p
+
+
+with wb.guard("attention"):
+    pred = attention_of(str(ws.root / name), wb.mtime(ws.root / name), (sample,))
+    geometry = wb.geometry(run.config.data.scene or scene)
+    sites = run.radio_map.attrs.get("sites")
+    st.markdown(f"Sample **{sample}**: error **{pred.error_m[0]:.1f} m**, confidence {pred.confidence[0]:.2f}, "
+                f"{int(pred.num_reports[0])} valid reports, {'LOS' if pred.los[0] else 'NLOS'} at the last report.")
+    mask = run.dataset.report_mask[sample]
+    temporal = [layer[0] for layer in pred.attention["temporal"]]  # L x [heads, T, T]
+    st.plotly_chart(figures.temporal_attention(temporal, mask, title=f"Temporal self-attention of sample {sample} "
+                                               "(row: query report, column: key report)"), key="att_temporal")
+
+    st.subheader("Cross-attention over map patches")
+    cross = pred.attention["cross"]  # L x [N, heads, T, P]
+    n_layers, heads = len(cross), cross[0].shape[1]
+    c = st.columns(3)
+    layer = c[0].selectbox("Layer", list(range(1, n_layers + 1)), index=n_layers - 1, key="att_layer")
+    head = c[1].selectbox("Head", ["mean of heads"] + [f"head {h + 1}" for h in range(heads)], key="att_head")
+    t_len = cross[0].shape[2]
+    report = c[2].selectbox("Query report", ["mean of present reports"] + [f"report {t}" for t in range(t_len)],
+                            key="att_report")
+    w = cross[layer - 1][0]  # [heads, T, P]
+    w = w.mean(axis=0) if head.startswith("mean") else w[int(head.split()[-1]) - 1]
+    w = w[mask].mean(axis=0) if report.startswith("mean") else w[int(report.split()[-1])]
+    rows, cols_ = pred.patch_grid
+    bounds = run.radio_map.bounds
+    st.plotly_chart(figures.patch_attention_map(
+        w.reshape(rows, cols_), bounds, geometry, sites, pred.true_xy[0], pred.xy[0],
+        title=f"Cross-attention of sample {sample}, layer {layer}, {head}, {report}"), key="att_cross")
+
+st.subheader("Average attention over the scene")
+n_avg = st.slider("Samples averaged", min_value=16, max_value=int(min(1024, idx.size)) if idx.size > 16 else 16,
+                  value=int(min(256, idx.size)), step=16, key="att_navg", disabled=idx.size <= 16)
+with wb.guard("average attention"):
+    batch = tuple(int(i) for i in idx[: min(n_avg, idx.size)])
+    avg = attention_of(str(ws.root / name), wb.mtime(ws.root / name), batch)
+    last = avg.attention["cross"][-1]  # [N, heads, T, P]
+    present = run.dataset.report_mask[np.array(batch)]  # [N, T]
+    weights = (last.mean(axis=1) * present[:, :, None]).sum(axis=(0, 1)) / max(present.sum(), 1)
+    rows, cols_ = avg.patch_grid
+    st.plotly_chart(figures.patch_attention_map(
+        weights.reshape(rows, cols_), run.radio_map.bounds, geometry, sites,
+        title=f"Mean cross-attention of the last layer over {len(batch)} {split} samples (all heads and reports)",
+        colorbar_title="mean weight"), key="att_avg")
+    st.caption("Where the model looks on average: patches holding sites and street canyons usually draw the most "
+               "attention. Each query's weights sum to 1 over all patches.")

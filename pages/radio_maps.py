@@ -1,0 +1,100 @@
+"""Radio maps: every feature of the active scene, histograms, comparisons, generation."""
+
+import streamlit as st
+
+import workbench as wb
+from core import figures
+from core.jobs import generate_maps_spec
+from core.workspace import store_status
+
+st.title("Radio maps")
+ws = wb.workspace()
+scene = wb.active_scene()
+st.caption(f"Scene **{scene}** · maps in `{ws.rel(ws.radio_maps_dir)}/`. Each cell holds the features of its "
+           "serving (strongest) site; cells without coverage are blank.")
+
+path = ws.map_path(scene)
+status = store_status(path, "radio_map")
+radio_map = None
+if status.ok:
+    try:
+        radio_map = wb.load_map(path)
+    except Exception as exc:  # a corrupt store: say so and offer to rebuild it
+        status_msg = str(exc)
+        wb.missing_box("Radio map unreadable", status_msg, generate_maps_spec(scene, ws.rel(ws.radio_maps_dir), force=True),
+                       "Regenerate it", key="regen_map")
+else:
+    wb.missing_box("No radio map" if status.state == "missing" else "Radio map broken", status.message,
+                   generate_maps_spec(scene, ws.rel(ws.radio_maps_dir), force=status.state == "corrupt"),
+                   f"Generate the radio map of {scene} (default settings)", key="make_map_rm")
+
+if radio_map is not None:
+    geometry = wb.geometry(scene)
+    gen = radio_map.attrs.get("generator") or {}
+    st.caption(f"{radio_map.shape[0]}×{radio_map.shape[1]} cells of {radio_map.cell_size:g} m, coverage "
+               f"{radio_map.valid.mean():.0%}, {len(radio_map.attrs.get('sites') or [])} sites."
+               + (f" Generator: {', '.join(f'{k}={v}' for k, v in gen.items() if not isinstance(v, (dict, list)))}."
+                  if isinstance(gen, dict) and gen else ""))
+    tab_map, tab_cmp = st.tabs(["Feature map", "Compare two maps"])
+    with tab_map:
+        feature = st.selectbox("Feature", list(radio_map.features), key="rm_feature",
+                               format_func=lambda f: f"{f} [{radio_map.units[f]}]")
+        with wb.guard("feature map"):
+            st.plotly_chart(figures.feature_heatmap(radio_map, feature, geometry), key="rm_heatmap")
+            st.plotly_chart(figures.feature_histogram(radio_map, feature), key="rm_hist")
+    with tab_cmp:
+        stores = sorted(p for p in ws.radio_maps_dir.glob("*.zarr") if not p.name.startswith("."))
+        labels = [ws.rel(p) for p in stores]
+        if not labels:
+            st.info("No map stores to compare.")
+        else:
+            cols = st.columns(2)
+            picks = []
+            for side, col in zip(("A", "B"), cols):
+                with col:
+                    default = labels.index(ws.rel(path)) if ws.rel(path) in labels else 0
+                    store = st.selectbox(f"Map {side}", labels, index=default, key=f"cmp_store_{side}")
+                    picks.append(store)
+            with wb.guard("comparison"):
+                rm_a = wb.load_map(ws.root / picks[0])
+                rm_b = wb.load_map(ws.root / picks[1])
+                shared = [f for f in rm_a.features if f in rm_b.features]
+                fa = cols[0].selectbox("Feature A", list(rm_a.features), key="cmp_fa")
+                fb = cols[1].selectbox("Feature B", list(rm_b.features),
+                                       index=list(rm_b.features).index(fa) if fa in rm_b.features else 0, key="cmp_fb")
+                cols[0].plotly_chart(figures.feature_heatmap(rm_a, fa, geometry if picks[0] == ws.rel(path) else None,
+                                                             height=460, max_cells=160,
+                                                             title=f"A: {fa} [{rm_a.units[fa]}] — {picks[0]}"), key="cmp_a")
+                cols[1].plotly_chart(figures.feature_heatmap(rm_b, fb, geometry if picks[1] == ws.rel(path) else None,
+                                                             height=460, max_cells=160,
+                                                             title=f"B: {fb} [{rm_b.units[fb]}] — {picks[1]}"), key="cmp_b")
+                if fa != fb:
+                    st.info("Pick the same feature on both sides to see their difference.")
+                elif picks[0] == picks[1]:
+                    st.info("Pick two different stores (for example two generator settings) to see their difference.")
+                else:
+                    st.plotly_chart(figures.difference_heatmap(rm_a, rm_b, fa, picks[0], picks[1], geometry),
+                                    key="cmp_diff")
+
+# -- generation form ---------------------------------------------------------------------
+st.divider()
+st.subheader("Generate radio maps")
+with st.form("generate_maps"):
+    cols = st.columns(5)
+    resolution = cols[0].number_input("Cell size [m]", min_value=0.1, max_value=50.0, value=1.0, step=0.5)
+    height = cols[1].number_input("Map height [cells]", min_value=8, max_value=4096, value=512, step=64)
+    width = cols[2].number_input("Map width [cells]", min_value=8, max_value=4096, value=512, step=64)
+    samples = cols[3].number_input("Samples per site", min_value=1000, max_value=100_000_000, value=1_000_000,
+                                   step=100_000, help="Ray-tracing samples per transmitter; time grows with it.")
+    depth = cols[4].number_input("Max depth", min_value=0, max_value=10, value=3,
+                                 help="Maximum number of reflections per path.")
+    gen_scene = st.text_input("Scene", value=scene)
+    force = st.checkbox("Overwrite an existing map (--force)", value=False)
+    submitted = st.form_submit_button("Start map generation", type="primary")
+if submitted:
+    with wb.guard("map generation"):
+        spec = generate_maps_spec(gen_scene.strip(), ws.rel(ws.radio_maps_dir), float(resolution),
+                                  (int(height), int(width)), int(samples), int(depth), force)
+        wb.launch(spec)
+
+wb.job_panel(("generate-maps",), key="map_jobs", limit=4, title="Map-generation jobs")

@@ -1,0 +1,86 @@
+"""Scenes (home): each scene in 3D, what exists for it, and the active scene."""
+
+import pandas as pd
+import streamlit as st
+
+import workbench as wb
+from core.jobs import generate_maps_spec, make_dataset_spec
+
+st.title("Scenes")
+st.caption("Pick the active scene in the sidebar; every page then works on it. "
+           "Below: the scene in 3D and what exists for it.")
+
+ws = wb.workspace()
+scene = wb.active_scene()
+
+# -- what exists, for every scene -----------------------------------------------------
+with wb.guard("scene table"):
+    names = wb.scene_names(str(ws.root))
+    rows = []
+    for name in names:
+        status = ws.scene_status(name)
+        rows.append({
+            "scene": name,
+            "active": "●" if name == scene else "",
+            "radio map": status.radio_map.state,
+            "dataset": status.dataset.state,
+            "models": len([r for r in status.runs if r.has_checkpoint]),
+        })
+    with st.expander(f"All {len(rows)} scenes and what exists for them", expanded=False):
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+
+st.subheader(f"Active scene: {scene}")
+status = ws.scene_status(scene)
+cols = st.columns(3)
+cols[0].metric("Radio map", status.radio_map.state, help=str(status.radio_map.path))
+cols[1].metric("Dataset", status.dataset.state, help=str(status.dataset.path))
+cols[2].metric("Trained models", len([r for r in status.runs if r.has_checkpoint]))
+
+# -- the 3D view ---------------------------------------------------------------------
+radio_map = None
+if status.radio_map.ok:
+    with wb.guard("radio map"):
+        radio_map = wb.load_map(status.radio_map.path)
+geometry = wb.geometry(scene)
+
+view_cols = st.columns([2, 2, 3])
+view = view_cols[0].radio("View", ["3D", "Top"], horizontal=True, key="scene_view")
+feature = None
+if radio_map is not None:
+    feature = view_cols[1].selectbox("Coverage layer", list(radio_map.features), key="scene_feature")
+
+if geometry is None and radio_map is None:
+    st.info("Nothing to draw yet for this scene: no geometry and no radio map.")
+else:
+    with wb.guard("3D view"):
+        from core.deck import coverage_caption, scene_deck
+
+        deck = scene_deck(geometry, radio_map, feature or "path_gain", pitch=50.0 if view == "3D" else 0.0,
+                          bearing=-20.0 if view == "3D" else 0.0)
+        st.pydeck_chart(deck, height=560)
+        notes = []
+        if radio_map is not None:
+            notes.append(coverage_caption(radio_map, feature))
+        if geometry is not None:
+            notes.append(f"{len(geometry.buildings)} buildings, {len(geometry.sites)} sites.")
+        st.caption(" ".join(notes) + " Drag to pan, right-drag to rotate, scroll to zoom.")
+
+# -- what is missing, with the button that makes it ----------------------------------
+if not status.radio_map.ok:
+    wb.missing_box("Radio map", status.radio_map.message,
+                   generate_maps_spec(scene, ws.rel(ws.radio_maps_dir), force=status.radio_map.state == "corrupt"),
+                   f"Generate the radio map of {scene}", key="make_map")
+if not status.dataset.ok:
+    wb.missing_box("Measurement dataset", status.dataset.message,
+                   make_dataset_spec(scene, ws.rel(ws.dataset_path(scene))),
+                   f"Make the dataset of {scene}", key="make_dataset")
+if not any(r.has_checkpoint for r in status.runs):
+    st.info(f"No trained model for {scene} yet: train one on the Training page.", icon=":material/monitoring:")
+    st.page_link("pages/training.py", label="Go to Training", icon=":material/monitoring:")
+else:
+    with st.expander("Models of this scene"):
+        st.dataframe(pd.DataFrame([{"run": r.name, "state": r.state, "epochs": r.epochs_done,
+                                    "λ_phys": r.lambda_phys, "best val median [m]": r.best_val_median_m}
+                                   for r in status.runs]), hide_index=True, width="stretch")
+
+wb.job_panel(("generate-maps", "make-dataset"), key="scene_jobs", limit=3, title="Map and dataset jobs")

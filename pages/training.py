@@ -1,0 +1,161 @@
+"""Training: launch from presets, follow jobs and live curves, compare runs, ablate."""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+import yaml
+
+import workbench as wb
+from core import figures
+from core.jobs import ablate_spec, make_dataset_spec, train_spec
+from core.workspace import PRESETS, read_metrics, store_status
+
+st.title("Training")
+ws = wb.workspace()
+scene = wb.active_scene()
+dataset_path = ws.dataset_path(scene)
+map_path = ws.map_path(scene)
+st.caption(f"Scene **{scene}** · dataset `{ws.rel(dataset_path)}` · runs in `{ws.rel(ws.runs_dir)}/`. "
+           "Loss: L_total = L_coarse + λ_fine·L_fine + λ_phys·L_phys (λ_phys = 0 is the baseline).")
+
+ds_status = store_status(dataset_path, "measurement_dataset")
+map_status = store_status(map_path, "radio_map")
+if not ds_status.ok:
+    wb.missing_box("No dataset to train on" if ds_status.state == "missing" else "Dataset broken", ds_status.message,
+                   make_dataset_spec(scene, ws.rel(dataset_path)), f"Make the dataset of {scene}", key="train_make_ds")
+if not map_status.ok:
+    st.warning(f"**Radio map**: {map_status.message}. Training needs it; generate it on the Radio maps page.")
+    st.page_link("pages/radio_maps.py", label="Go to Radio maps")
+
+
+def preset_values(preset: str) -> dict:
+    try:
+        cfg = yaml.safe_load(ws.preset_path(preset).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        cfg = {}
+    tr, phys, model = cfg.get("training") or {}, cfg.get("physics_loss") or {}, cfg.get("model") or {}
+    return {"lambda_phys": float(phys.get("lambda_phys", 0.0) or 0.0), "epochs": int(tr.get("epochs", 30)),
+            "batch_size": int(tr.get("batch_size", 256)), "learning_rate": float(tr.get("learning_rate", 2e-3)),
+            "model_preset": str(model.get("preset", "small"))}
+
+
+# -- launch ------------------------------------------------------------------------------
+st.subheader("Launch a training run")
+preset = st.selectbox("Preset", PRESETS, index=1, key="train_preset",
+                      format_func=lambda p: {"baseline": "baseline (λ_phys = 0)", "model": "model (λ_phys = 0.1)",
+                                             "strong_physics": "strong physics (λ_phys = 0.5)"}[p])
+values = preset_values(preset)
+with st.form("train_form"):
+    cols = st.columns(4)
+    lam = cols[0].number_input("λ_phys", min_value=0.0, max_value=10.0, value=values["lambda_phys"], step=0.05,
+                               format="%.3f", key=f"lam_{preset}")
+    epochs = cols[1].number_input("Epochs", min_value=1, max_value=1000, value=values["epochs"], key=f"ep_{preset}")
+    batch = cols[2].number_input("Batch size", min_value=8, max_value=8192, value=values["batch_size"], step=32,
+                                 key=f"bs_{preset}")
+    lr = cols[3].number_input("Learning rate", min_value=1e-6, max_value=1.0, value=values["learning_rate"],
+                              format="%.5f", key=f"lr_{preset}")
+    cols = st.columns(3)
+    sizes = ["tiny", "small", "base", "large"]
+    model_preset = cols[0].selectbox("Model size", sizes, index=sizes.index(values["model_preset"])
+                                     if values["model_preset"] in sizes else 1, key=f"mp_{preset}",
+                                     help="tiny/small train on a 2-core CPU; base/large are for GPUs")
+    max_samples = cols[1].number_input("Use the first N samples (0 = all)", min_value=0, value=0, step=1000)
+    name = cols[2].text_input("Run name", value=f"{preset}-{time.strftime('%m%d-%H%M%S')}")
+    go = st.form_submit_button("Start training", type="primary")
+if go:
+    with wb.guard("training"):
+        overrides = {"physics_loss.lambda_phys": float(lam), "training.epochs": int(epochs),
+                     "training.batch_size": int(batch), "training.learning_rate": float(lr),
+                     "model.preset": model_preset, "data.dataset": ws.rel(dataset_path), "data.scene": scene}
+        if lam > 0:
+            overrides["training.loss.use_physics_loss"] = True
+            overrides["physics_loss.enabled"] = True
+        if ws.radio_maps_dir != ws.root / "radio_maps":
+            overrides["physics_loss.radio_maps_dir"] = ws.rel(ws.radio_maps_dir)
+        if max_samples:
+            overrides["data.max_samples"] = int(max_samples)
+        clean = "".join(c for c in name.strip() if c.isalnum() or c in "-_.") or "run"
+        job_id = wb.launch(train_spec(ws.rel(ws.preset_path(preset)), ws.rel(ws.runs_dir / clean), overrides))
+        if job_id is not None:
+            st.session_state["curve_run"] = ws.rel(ws.runs_dir / clean)
+
+wb.job_panel(("train", "ablate"), key="train_jobs", limit=4, title="Training and ablation jobs")
+
+# -- live curves ---------------------------------------------------------------------------
+st.subheader("Training curves")
+runs = ws.runs()
+run_names = [r.name for r in runs]
+pending = st.session_state.get("curve_run")
+if pending and pending not in run_names:
+    run_names = [pending] + run_names  # launched, directory not written yet
+if not run_names:
+    st.info("No runs yet: launch one above.")
+else:
+    default = run_names.index(pending) if pending in run_names else 0
+    picked = st.selectbox("Run", run_names, index=default, key="curve_pick")
+    active_outputs = {j.output for j in wb.jobs().active()}
+    live = str((ws.root / picked).resolve()) in active_outputs
+
+    @st.fragment(run_every=3.0 if live else None)
+    def curves() -> None:
+        rows = read_metrics(ws.root / picked)
+        st.plotly_chart(figures.loss_curves(rows, title=f"{picked}: loss terms and validation error per epoch"
+                                            + (" (live)" if live else "")), key="curves_chart")
+        if rows:
+            last = rows[-1]
+            st.caption(f"Epoch {last.get('epoch', len(rows))}: val median {last.get('val_median_m', float('nan')):.2f} m, "
+                       f"P90 {last.get('val_p90_m', float('nan')):.2f} m, {last.get('epoch_s', float('nan')):.1f} s/epoch.")
+
+    with wb.guard("curves"):
+        curves()
+
+# -- compare -----------------------------------------------------------------------------
+st.subheader("Compare runs")
+if runs:
+    table = pd.DataFrame([{"run": r.name, "scene": r.scene, "state": r.state, "λ_phys": r.lambda_phys,
+                           "epochs": r.epochs_done, "best val median [m]": r.best_val_median_m,
+                           "checkpoint": r.has_checkpoint} for r in runs])
+    st.dataframe(table, hide_index=True, width="stretch")
+
+for ablation in ws.ablations():
+    with st.expander(f"Ablation table: {ws.rel(ablation)}", expanded=True):
+        for csv in sorted(ablation.glob("*.csv")):
+            with wb.guard(str(csv)):
+                st.caption(csv.name)
+                st.dataframe(pd.read_csv(csv), hide_index=True, width="stretch")
+
+
+@st.cache_data(show_spinner="Predicting the test split…", max_entries=16)
+def test_errors(path: str, stamp: float, limit: int = 2000) -> np.ndarray:
+    from core.inference import predict
+
+    run = wb.load_run(path)
+    idx = run.dataset.indices("test")[:limit]
+    return predict(run, idx).error_m
+
+
+with_ckpt = [r for r in runs if r.has_checkpoint]
+if with_ckpt:
+    chosen = st.multiselect("Error CDF of runs (test split, up to 2,000 samples)", [r.name for r in with_ckpt],
+                            default=[r.name for r in with_ckpt][:2], key="cdf_runs")
+    if chosen:
+        errors = {}
+        for name in chosen:
+            with wb.guard(f"run {name}"):
+                errors[name] = test_errors(str(ws.root / name), wb.mtime(ws.root / name))
+        if errors:
+            st.plotly_chart(figures.error_cdf(errors, title="Localization error CDF on the test split"), key="cdf")
+
+# -- ablation ----------------------------------------------------------------------------
+st.subheader("Ablation")
+st.caption("Trains the baseline, λ_phys = 0.1 and 0.5 on the same data and seed, evaluates each with and without "
+           "refinement next to the kNN and maximum-likelihood baselines, and writes a table and the CDF data.")
+with st.form("ablate_form"):
+    out = st.text_input("Output folder", value=ws.rel(ws.runs_dir / "ablation"))
+    start = st.form_submit_button("Start the ablation")
+if start:
+    with wb.guard("ablation"):
+        wb.launch(ablate_spec(scene, out.strip()))

@@ -1,0 +1,79 @@
+"""Training configuration: the shipped configs, overrides and clear errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.config import Config, apply_override, config_from_dict, load_config
+from core.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name, lam, active", [("baseline", 0.0, False), ("model", 0.1, True), ("strong_physics", 0.5, True)])
+def test_shipped_configs(name, lam, active):
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.physics_loss.lambda_phys == lam
+    assert cfg.physics_active is active
+    assert cfg.data.dataset == "datasets/etoile"
+    assert cfg.physics_loss.radio_maps_dir == "radio_maps"
+    # the three differ only in the physics term
+    base = load_config(ROOT / "configs" / "model.yaml").to_dict()
+    mine = cfg.to_dict()
+    for section in ("data", "model", "training"):
+        if section == "training":
+            mine[section]["loss"].pop("use_physics_loss"), base[section]["loss"].pop("use_physics_loss")
+        assert mine[section] == base[section]
+
+
+def test_overrides_are_yaml_typed():
+    cfg = load_config(ROOT / "configs" / "model.yaml", ["training.epochs=3", "physics_loss.lambda_phys=0.25",
+                                                       "physics_loss.refinement.enabled=false",
+                                                       "physics_loss.feature_weights={toa: 2.0}"])
+    assert cfg.training.epochs == 3 and cfg.physics_loss.lambda_phys == 0.25
+    assert cfg.physics_loss.refinement.enabled is False
+    assert cfg.physics_loss.feature_weights == {"toa": 2.0}
+    data = {}
+    apply_override(data, "model.d_model=48")
+    assert data == {"model": {"d_model": 48}}
+
+
+@pytest.mark.parametrize("override, key", [
+    ("physics_loss.lambda_phys=-0.1", "physics_loss.lambda_phys"),
+    ("training.epochs=0", "training.epochs"),
+    ("training.batchsize=4", "training.batchsize"),
+    ("physics_loss.refinement.num_step=3", "physics_loss.refinement.num_step"),
+    ("physics_loss.refinement.min_confidence_threshold=2", "physics_loss.refinement.min_confidence_threshold"),
+    ("model.preset=huge", "model.preset"),
+    ("physics_loss.feature_weights={rsrp: 1.0}", "physics_loss.feature_weights"),
+    ("physics_loss.loss=l1", "physics_loss.loss"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(ROOT / "configs" / "model.yaml", [override])
+    assert key in str(info.value)
+
+
+def test_inconsistent_sizes_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="model.d_model"):
+        config_from_dict({"model": {"d_model": 30, "num_heads": 4}})
+    with pytest.raises(ConfigError, match="no such config"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["training.epochs"])
+    assert isinstance(load_config(None), Config)
+
+
+def test_cli_reports_bad_config_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "core", "train", "--config", "configs/model.yaml",
+                           "--set", "physics_loss.lambda_phys=-1", "--out", str(tmp_path / "run")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "physics_loss.lambda_phys" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,39 @@
+"""Error metrics against hand-computed values."""
+
+import math
+
+import numpy as np
+
+from core.metrics import error_cdf, error_metrics, grouped_metrics, position_errors
+
+
+def test_metrics_hand_values():
+    pred = np.array([[3.0, 4.0], [0.0, 0.0], [6.0, 8.0], [0.0, 30.0]])
+    true = np.zeros((4, 2))
+    e = position_errors(pred, true)
+    assert np.allclose(e, [5.0, 0.0, 10.0, 30.0])
+    m = error_metrics(e)
+    assert m["count"] == 4
+    assert m["median_m"] == 7.5  # mean of 5 and 10
+    assert math.isclose(m["rmse_m"], math.sqrt((25 + 0 + 100 + 900) / 4))
+    # linear interpolation: position 0.9 * 3 = 2.7 between 10 and 30
+    assert math.isclose(m["p90_m"], 10 + 0.7 * 20)
+    assert math.isclose(m["p67_m"], 10 + (0.67 * 3 - 2) * 20)  # sorted [0, 5, 10, 30], position 2.01
+    assert m["success_5m"] == 0.5 and m["success_10m"] == 0.75 and m["success_20m"] == 0.75
+
+
+def test_groups_and_empty():
+    e = np.array([1.0, 2.0, 3.0, 4.0])
+    g = grouped_metrics(e, los=[True, False, True, False], num_reports=[8, 2, 4, 5])
+    assert g["los"]["median_m"] == 2.0 and g["nlos"]["median_m"] == 3.0
+    assert g["sparse"]["count"] == 2 and g["sparse"]["median_m"] == 2.5  # 2 and 4 reports < 5
+    assert g["dense"]["median_m"] == 2.5 and g["all"]["count"] == 4
+    empty = error_metrics([])
+    assert empty["count"] == 0 and math.isnan(empty["median_m"])
+
+
+def test_cdf_is_monotone_and_ends_at_one():
+    cdf = error_cdf(np.arange(101.0), points=11, max_m=100.0)
+    assert cdf["error_m"][0] == 0.0 and cdf["error_m"][-1] == 100.0
+    assert np.all(np.diff(cdf["fraction"]) >= 0) and cdf["fraction"][-1] == 1.0
+    assert math.isclose(cdf["fraction"][5], 51 / 101)

@@ -1,0 +1,240 @@
+"""Streamlit helpers shared by ``app.py`` and the pages: the active scene, cached
+loaders, error boxes and the live job panel.
+
+Everything that is not drawing lives in ``core`` (jobs, workspace, figures, decks);
+this module only glues it to Streamlit. It is the one place besides the pages that
+imports streamlit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import streamlit as st
+
+from core.errors import CoreError
+from core.jobs import JobConflictError, JobManager, JobSpec
+from core.workspace import DEFAULT_SCENE, Workspace
+
+STATUS_ICON = {"queued": ":material/schedule:", "running": ":material/autorenew:", "succeeded": ":material/check_circle:",
+               "failed": ":material/error:", "cancelled": ":material/cancel:"}
+POLL_S = 2.0
+
+
+# -- workspace and the active scene -----------------------------------------------------
+def workspace() -> Workspace:
+    return Workspace.from_env()
+
+
+@st.cache_resource(show_spinner=False)
+def _job_manager(db: str | None, root: str) -> JobManager:
+    return JobManager(db, cwd=root)
+
+
+def jobs() -> JobManager:
+    """The job manager of this workspace (``CORE_JOBS_DB`` or ``<repo>/.jobs``)."""
+    ws = workspace()
+    return _job_manager(os.environ.get("CORE_JOBS_DB"), str(ws.root))
+
+
+@st.cache_data(show_spinner=False, ttl=30)
+def scene_names(root: str) -> list[str]:
+    return Workspace.from_env(root).scene_names()
+
+
+def active_scene() -> str:
+    """The scene every page works on (picked on the Scenes page or in the sidebar)."""
+    return st.session_state.get("active_scene") or DEFAULT_SCENE
+
+
+def _on_scene_change() -> None:
+    st.session_state["active_scene"] = st.session_state["_scene_picker"]
+
+
+def scene_picker(container=None) -> str:
+    """A select box for the active scene (kept in ``st.session_state["active_scene"]``)."""
+    container = container or st.sidebar
+    ws = workspace()
+    names = scene_names(str(ws.root))
+    current = active_scene()
+    if current not in names:
+        names = [current] + names
+    container.selectbox("Active scene", names, index=names.index(current), key="_scene_picker",
+                        on_change=_on_scene_change, help="Every page works on this scene.")
+    st.session_state["active_scene"] = current
+    return current
+
+
+# -- errors ------------------------------------------------------------------------------
+@contextlib.contextmanager
+def guard(what: str = "") -> Iterator[None]:
+    """Show a core error (or any other exception) as an error box, never a traceback."""
+    try:
+        yield
+    except CoreError as exc:
+        st.error(f"{what}: {exc}" if what else str(exc), icon=":material/warning:")
+    except ImportError as exc:
+        st.error(f"{what + ': ' if what else ''}a part of the project is not installed or not built yet ({exc}).",
+                 icon=":material/extension:")
+    except Exception as exc:  # a bug: say what happened in one line
+        st.error(f"{what + ': ' if what else ''}unexpected {type(exc).__name__}: {exc}", icon=":material/bug_report:")
+
+
+# -- cached loaders (keyed by path and modification time, so new outputs show) -----------
+def mtime(path: str | os.PathLike) -> float:
+    """Latest modification time of ``path`` (and of its zarr.json for a store)."""
+    path = Path(path)
+    times = [0.0]
+    for p in (path, path / "zarr.json", path / "best.pt", path / "config.yaml"):
+        with contextlib.suppress(OSError):
+            times.append(p.stat().st_mtime)
+    return max(times)
+
+
+@st.cache_resource(show_spinner="Loading the radio map…", max_entries=8)
+def _load_map(path: str, stamp: float):
+    from core.radio_map import RadioMap
+
+    return RadioMap.load(path)
+
+
+def load_map(path: str | os.PathLike):
+    return _load_map(str(path), mtime(path))
+
+
+@st.cache_resource(show_spinner="Loading the dataset…", max_entries=4)
+def _load_dataset(path: str, stamp: float):
+    from core.dataset import MeasurementDataset
+
+    return MeasurementDataset.load(path)
+
+
+def load_dataset(path: str | os.PathLike):
+    return _load_dataset(str(path), mtime(path))
+
+
+@st.cache_resource(show_spinner="Reading the scene geometry…", max_entries=16)
+def _geometry(scene: str, scenes_dir: str | None):
+    from core.scenes import scene_geometry
+
+    return scene_geometry(scene, scenes_dir)
+
+
+def geometry(scene: str):
+    """The scene's buildings and sites, or ``None`` (with a note) when unavailable."""
+    ws = workspace()
+    try:
+        return _geometry(scene, str(ws.scenes_dir) if ws.scenes_dir.is_dir() else None)
+    except ImportError:
+        st.caption("Scene geometry is not available (core.scenes is missing); buildings are not drawn.")
+    except CoreError as exc:
+        st.caption(f"Scene geometry unavailable: {exc}")
+    except Exception as exc:  # geometry is decoration: never break the page over it
+        st.caption(f"Scene geometry unavailable ({type(exc).__name__}: {exc})")
+    return None
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
+def _load_run(path: str, stamp: float):
+    from core.inference import load_run
+
+    return load_run(path, device="cpu")
+
+
+def load_run(path: str | os.PathLike):
+    return _load_run(str(path), mtime(path))
+
+
+# -- jobs --------------------------------------------------------------------------------
+def launch(spec: JobSpec) -> int | None:
+    """Start ``spec`` as a background job; shows the outcome. Returns the job id."""
+    try:
+        job = jobs().submit(spec)
+    except JobConflictError as exc:
+        st.error(f"Not started: {exc}", icon=":material/block:")
+        return None
+    except CoreError as exc:
+        st.error(f"Could not start the job: {exc}", icon=":material/warning:")
+        return None
+    st.session_state.setdefault("launched", []).append(job.id)
+    st.toast(f"Job #{job.id} started: {job.command}")
+    return job.id
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _job_row(job, key: str, show_log: bool) -> None:
+    manager = jobs()
+    with st.container(border=True):
+        top = st.columns([5, 1])
+        top[0].markdown(f"**#{job.id} {job.kind}** {STATUS_ICON.get(job.status, '')} `{job.status}` · "
+                        f"{_fmt_duration(job.duration_s)}")
+        if job.active and top[1].button("Cancel", key=f"{key}-cancel-{job.id}", help="End the job's process group"):
+            with guard(f"cancel job #{job.id}"):
+                manager.cancel(job.id)
+                st.rerun()
+        st.code(job.command, language="bash")
+        if job.active:
+            st.progress(min(max(job.fraction, 0.0), 1.0), text=f"{job.fraction:.0%} {job.message}".strip())
+        elif job.status == "failed":
+            st.error(f"Failed: {job.error or 'no reason recorded'}", icon=":material/error:")
+        elif job.status == "succeeded" and job.output:
+            st.caption(f"Output: {job.output}")
+        if show_log or job.status == "failed":
+            log = manager.log(job.id, 25)
+            with st.expander("Log (last lines)", expanded=job.status == "failed" or (show_log and job.active)):
+                st.code(log or "(empty)", language="text")
+
+
+def job_panel(kinds: Sequence[str] | None = None, key: str = "jobs", limit: int = 6, title: str = "Jobs") -> None:
+    """The jobs of ``kinds``, newest first, polling every 2 s while any is active.
+
+    When a job this session watched finishes, the whole page reruns so its output
+    (a new map, a new run) appears.
+    """
+    def draw() -> None:
+        try:
+            listed = jobs().list(limit=200)
+        except CoreError as exc:
+            st.error(str(exc))
+            return
+        shown = [j for j in listed if kinds is None or j.kind in kinds][:limit]
+        watched = st.session_state.setdefault(f"_active_{key}", set())
+        now_active = {j.id for j in shown if j.active}
+        finished = watched - now_active
+        st.session_state[f"_active_{key}"] = now_active
+        st.markdown(f"#### {title}")
+        if not shown:
+            st.caption("No jobs yet.")
+        for i, job in enumerate(shown):
+            _job_row(job, key, show_log=i == 0)
+        if finished:
+            st.rerun()  # a job ended: redraw the page with its output
+
+    active = False
+    with contextlib.suppress(CoreError):
+        active = any(kinds is None or j.kind in kinds for j in jobs().active())
+    st.fragment(draw, run_every=POLL_S if active or st.session_state.get("launched") else None)()
+
+
+def missing_box(what: str, message: str, spec: JobSpec | None, button: str, key: str) -> None:
+    """A warning that ``what`` is missing or broken, with the button that makes it."""
+    st.warning(f"**{what}**: {message}", icon=":material/search:")
+    if spec is not None:
+        st.caption("The button runs: `python -m core " + " ".join(spec.args) + "`")
+        if st.button(button, key=key, type="primary"):
+            launch(spec)
+            st.rerun()
+
+
+def elapsed(start: float) -> str:
+    return f"{time.time() - start:.1f} s"
