@@ -24,4 +24,6 @@ with st.sidebar:
     with wb.guard("scene list"):
         wb.scene_picker(st.sidebar)
     st.caption("Physics-regularized UE localization with Sionna RT radio maps and a map-conditioned transformer.")
-page.run()
+wb.show_flash()
+with wb.guard():  # never a traceback on the page
+    page.run()

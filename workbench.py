@@ -9,6 +9,7 @@ imports streamlit.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -80,8 +81,10 @@ def guard(what: str = "") -> Iterator[None]:
     except ImportError as exc:
         st.error(f"{what + ': ' if what else ''}a part of the project is not installed or not built yet ({exc}).",
                  icon=":material/extension:")
-    except Exception as exc:  # a bug: say what happened in one line
-        st.error(f"{what + ': ' if what else ''}unexpected {type(exc).__name__}: {exc}", icon=":material/bug_report:")
+    except Exception as exc:  # a bug: one line on the page, the traceback in the server log
+        logging.getLogger("workbench").exception("unexpected error in %s", what or "a page")
+        st.error(f"Unexpected error{' in ' + what if what else ''}: {type(exc).__name__}: {exc}",
+                 icon=":material/bug_report:")
 
 
 # -- cached loaders (keyed by path and modification time, so new outputs show) -----------
@@ -117,25 +120,32 @@ def load_dataset(path: str | os.PathLike):
     return _load_dataset(str(path), mtime(path))
 
 
-@st.cache_resource(show_spinner="Reading the scene geometry…", max_entries=16)
-def _geometry(scene: str, scenes_dir: str | None):
-    from core.scenes import scene_geometry
+@st.cache_resource(show_spinner="Reading the scene geometry (the first time takes a while)…", max_entries=32,
+                   ttl=300)
+def _geometry(scene: str, scenes_dir: str | None, cache_dir: str):
+    """``(geometry, None)`` or ``(None, reason)``; failures are cached too (for 5 min),
+    so a scene without geometry does not start a subprocess on every rerun."""
+    from core.workspace import cached_scene_geometry
 
-    return scene_geometry(scene, scenes_dir)
+    try:
+        return cached_scene_geometry(scene, scenes_dir), None
+    except ImportError as exc:
+        return None, f"core.scenes is not available ({exc})"
+    except CoreError as exc:
+        return None, str(exc)
+    except Exception as exc:  # geometry is decoration: never break the page over it
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def geometry(scene: str):
     """The scene's buildings and sites, or ``None`` (with a note) when unavailable."""
+    from core.workspace import geometry_cache_dir
+
     ws = workspace()
-    try:
-        return _geometry(scene, str(ws.scenes_dir) if ws.scenes_dir.is_dir() else None)
-    except ImportError:
-        st.caption("Scene geometry is not available (core.scenes is missing); buildings are not drawn.")
-    except CoreError as exc:
-        st.caption(f"Scene geometry unavailable: {exc}")
-    except Exception as exc:  # geometry is decoration: never break the page over it
-        st.caption(f"Scene geometry unavailable ({type(exc).__name__}: {exc})")
-    return None
+    geo, why = _geometry(scene, str(ws.scenes_dir) if ws.scenes_dir.is_dir() else None, str(geometry_cache_dir()))
+    if geo is None:
+        st.caption(f"Buildings are not drawn: {why}")
+    return geo
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
@@ -149,16 +159,42 @@ def load_run(path: str | os.PathLike):
     return _load_run(str(path), mtime(path))
 
 
+# -- messages that survive the job panel's automatic rerun --------------------------------
+def _say(text: str, icon: str) -> None:
+    st.error(text, icon=icon)
+    st.session_state.setdefault("_said", []).append((text, icon))
+
+
+def show_flash() -> None:
+    """Called once per run (by app.py): repeat the messages the previous run lost to a rerun."""
+    for text, icon in st.session_state.pop("_flash", []):
+        st.error(text, icon=icon)
+    st.session_state["_said"] = []
+
+
+def _fragment_only_run() -> bool:
+    """True when only a fragment reruns (a poll), not the whole page."""
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    return bool(ctx is not None and ctx.fragment_ids_this_run)
+
+
+def _rerun() -> None:
+    st.session_state["_flash"] = st.session_state.get("_said", [])
+    st.rerun()
+
+
 # -- jobs --------------------------------------------------------------------------------
 def launch(spec: JobSpec) -> int | None:
     """Start ``spec`` as a background job; shows the outcome. Returns the job id."""
     try:
         job = jobs().submit(spec)
     except JobConflictError as exc:
-        st.error(f"Not started: {exc}", icon=":material/block:")
+        _say(f"Not started: {exc}", ":material/block:")
         return None
     except CoreError as exc:
-        st.error(f"Could not start the job: {exc}", icon=":material/warning:")
+        _say(f"Could not start the job: {exc}", ":material/warning:")
         return None
     st.session_state.setdefault("launched", []).append(job.id)
     st.toast(f"Job #{job.id} started: {job.command}")
@@ -217,8 +253,8 @@ def job_panel(kinds: Sequence[str] | None = None, key: str = "jobs", limit: int 
             st.caption("No jobs yet.")
         for i, job in enumerate(shown):
             _job_row(job, key, show_log=i == 0)
-        if finished:
-            st.rerun()  # a job ended: redraw the page with its output
+        if finished and _fragment_only_run():
+            _rerun()  # a job ended during a poll: redraw the whole page with its output
 
     active = False
     with contextlib.suppress(CoreError):
@@ -231,9 +267,8 @@ def missing_box(what: str, message: str, spec: JobSpec | None, button: str, key:
     st.warning(f"**{what}**: {message}", icon=":material/search:")
     if spec is not None:
         st.caption("The button runs: `python -m core " + " ".join(spec.args) + "`")
-        if st.button(button, key=key, type="primary"):
-            launch(spec)
-            st.rerun()
+        if st.button(button, key=key, type="primary") and launch(spec) is not None:
+            st.rerun()  # show the new job (on failure, launch's message stays on screen)
 
 
 def elapsed(start: float) -> str:

@@ -102,8 +102,9 @@ class TrainingConfig(_Section):
     grad_clip: float = Field(default=1.0, ge=0.0)
     #: stop when the val median has not improved for this many epochs (0 = never)
     early_stopping_patience: int = Field(default=8, ge=0)
-    #: torch CPU threads per process (0 = torch's default)
-    num_threads: int = Field(default=2, ge=0)
+    #: torch CPU threads per process (0 = torch default). 1: on a shared 2-core machine, OpenMP threads
+    #: waiting on a busy core made steps ~10x slower than one thread (measured)
+    num_threads: int = Field(default=1, ge=0)
     loss: LossConfig = LossConfig()
 
 

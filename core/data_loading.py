@@ -232,7 +232,7 @@ def map_input(radio_map: RadioMap, size: int) -> torch.Tensor:
     valid = radio_map.valid
     chans = []
     for f, name in enumerate(radio_map.features):
-        v = radio_map.values[f].astype(np.float64)
+        v = np.where(valid, radio_map.values[f].astype(np.float64), 0.0)  # holes may hold NaN/-inf
         if feature_spec(name).angular:
             rad = np.deg2rad(v)
             chans += [np.cos(rad), np.sin(rad)]

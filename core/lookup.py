@@ -28,13 +28,12 @@ Two functions and one object:
   :class:`PreparedMaps`, which adds angle- and hole-awareness).
 * :func:`in_bounds` -- which points lie inside the outer bounds.
 * :class:`PreparedMaps` -- maps made ready for lookup ONCE (holes filled, angles as
-  cos/sin, a coverage channel, statistics, on the device) and reused by the physics
-  loss and the refinement.
+  cos/sin, channels-last, coverage masks, statistics, on the device) and reused by the
+  physics loss and the refinement.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -135,7 +134,8 @@ def lookup(maps, xy: torch.Tensor, bounds=None, scene_index: torch.Tensor | None
     Args:
         maps: float ``[F, H, W]``, or ``[S, F, H, W]`` for ``S`` scenes on grids of the
             same shape; or a :class:`PreparedMaps` (then ``bounds`` is taken from it and
-            angles/holes are handled, see :meth:`PreparedMaps.lookup`).
+            angles/holes are handled, see :meth:`PreparedMaps.lookup`); or a RadioMap
+            or list of them (prepared on every call: prepare once for repeated use).
         xy: ``[N, 2]`` positions ``(x, y)`` in scene metres.
         bounds: ``(x_min, y_min, x_max, y_max)`` OUTER edges [m], or ``[S, 4]`` per scene.
         scene_index: long ``[N]``, the scene of each point (required when ``S > 1``).
@@ -148,6 +148,10 @@ def lookup(maps, xy: torch.Tensor, bounds=None, scene_index: torch.Tensor | None
     """
     if isinstance(maps, PreparedMaps):
         return maps.lookup(xy, scene_index)
+    from core.radio_map import RadioMap
+
+    if isinstance(maps, RadioMap) or (isinstance(maps, (list, tuple)) and maps and isinstance(maps[0], RadioMap)):
+        return PreparedMaps(maps, device=xy.device).lookup(xy, scene_index)  # convenience: prepares every call
     _check_xy(xy)
     if not isinstance(maps, torch.Tensor) or maps.ndim not in (3, 4):
         raise CoreError("lookup: maps must be a tensor [F, H, W] or [S, F, H, W] (or a PreparedMaps)")
@@ -182,17 +186,17 @@ def in_bounds(xy: torch.Tensor, bounds, scene_index: torch.Tensor | None = None)
     return (p[:, 0] >= b[:, 0]) & (p[:, 0] <= b[:, 2]) & (p[:, 1] >= b[:, 1]) & (p[:, 1] <= b[:, 3])
 
 
-def angle_from_cos_sin(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Angle in degrees, in (-180, 180], of the (unnormalised) vector ``(c, s)``.
+def angle_from_cos_sin(c: torch.Tensor, s: torch.Tensor, wrap: bool = True) -> torch.Tensor:
+    """Angle in degrees of the (unnormalised) vector ``(c, s)``: ``atan2(s, c)``.
 
-    Where ``(c, s)`` is (nearly) zero -- two opposite directions averaged -- the angle is
-    undefined; it returns 0 with zero gradient there instead of NaN.
+    In (-180, 180]; with ``wrap=False`` in [-180, 180] (skips one op when the caller
+    wraps anyway). Where ``(c, s)`` is (nearly) zero -- two opposite directions averaged
+    -- the angle is undefined; it is 0 with zero gradient there instead of NaN.
     """
     tiny = (c * c + s * s) < 1e-12
-    c_safe = torch.where(tiny, torch.ones_like(c), c)  # the double-where keeps NaN out of the backward
-    s_safe = torch.where(tiny, torch.zeros_like(s), s)
-    deg = torch.rad2deg(torch.atan2(s_safe, c_safe))
-    return torch.where(deg <= -180.0, deg + 360.0, deg)
+    # the double where keeps NaN out of the backward (atan2's gradient at 0 is 0/0)
+    deg = torch.rad2deg(torch.atan2(torch.where(tiny, 0.0, s), torch.where(tiny, 1.0, c)))
+    return torch.where(deg <= -180.0, deg + 360.0, deg) if wrap else deg
 
 
 # -- prepared maps ------------------------------------------------------------------------
@@ -204,7 +208,7 @@ def _fill_holes(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
         return np.zeros_like(values)
     from scipy.ndimage import distance_transform_edt
 
-    _, (ii, jj) = distance_transform_edt(~valid, return_distances=False, return_indices=True)
+    ii, jj = distance_transform_edt(~valid, return_distances=False, return_indices=True)
     return values[:, ii, jj]
 
 
@@ -279,10 +283,10 @@ class PreparedMaps(torch.nn.Module):
 
         slabs = []
         for m in maps:
-            values = m.values.astype(np.float64)
+            values = np.where(m.valid[None], m.values.astype(np.float64), 0.0)  # holes may hold NaN/-inf
             rad = np.deg2rad(values[list(self.angular)])
             table = np.concatenate([values[list(self.linear)], np.cos(rad), np.sin(rad)], axis=0)
-            table = _fill_holes(np.where(m.valid[None], table, 0.0), m.valid)
+            table = _fill_holes(table, m.valid)
             slabs.append(table)
         if self.num_scenes == 1:
             table = torch.from_numpy(slabs[0]).to(dtype).unsqueeze(0).contiguous(memory_format=torch.channels_last)

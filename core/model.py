@@ -12,12 +12,19 @@ width, ``H`` heads, ``P`` map patches, ``G`` coarse grid size (``G x G`` cells).
    cross-attention from the reports to the map tokens, MLP (pre-LN, residual).
 4. Pooling: the mean of valid report tokens concatenated with the last valid one.
 5. Heads
-   * coarse: ``logits[B, G*G]`` over the map's grid cells (cell ``c = i*G + j``, row i = y);
+   * coarse: ``logits[B, G*G] = q(pooled) . key_c / sqrt(d)`` over the map's grid cells
+     (cell ``c = i*G + j``, row i = y), where ``key_c = MLP(Fourier(centre_c), map_c)``
+     mixes the cell's position and the map's (pooled) features there: the model scores
+     how well the measurements match each cell, like map matching, and nearby cells
+     share statistics;
    * fine: conditioned on a cell ``c`` (the true one in training, the argmax in
      inference): ``offset[B, 2]`` in cell units, ``tanh``-bounded to ±1 cell, and its
      ``logvar[B, 2]`` (natural log of the variance in cell units²).
-6. Outputs: ``xy = centre(c) + offset * cell`` [m], ``sigma = exp(logvar / 2) * cell`` [m],
-   ``confidence = P(3x3 cells around c) * exp(-sigma_rms / cell)`` in [0, 1].
+6. Outputs: ``xy = centre(c) + offset * cell`` [m];
+   ``sigma^2 = exp(logvar) * cell^2 + sum_c' p_c' (centre_c' - centre_c)^2`` [m^2] per axis
+   (the fine head's variance plus the coarse distribution's spread around the chosen
+   cell, so a split coarse vote shows up as a large sigma);
+   ``confidence = P(3x3 cells around c) * exp(-sigma_fine_rms / cell)`` in [0, 1].
 
 Attention weights are computed explicitly (``softmax(QK^T / sqrt(d_h))``) when
 ``return_attention=True`` and on the CPU (measured faster there than the fused kernel at
@@ -32,6 +39,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+#: spatial frequencies (cycles per half map) of the Fourier features of the grid cells
+FOURIER_FREQS = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 @dataclass
@@ -170,13 +180,19 @@ class MapConditionedTransformer(nn.Module):
         )
         self.ln_f = nn.LayerNorm(d)
         self.pool = nn.Linear(2 * d, d)
-        self.coarse = nn.Sequential(nn.GELU(), nn.Linear(d, g * g))
-        self.cell_embed = nn.Embedding(g * g, d)
+        self.coarse_query = nn.Sequential(nn.GELU(), nn.Linear(d, d))
+        self.coarse_bias = nn.Parameter(torch.zeros(g * g))
+        self.cell_key = nn.Sequential(nn.Linear(4 * len(FOURIER_FREQS) + spec.map_channels, d), nn.GELU(), nn.Linear(d, d))
         self.fine = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, 4))
         nn.init.normal_(self.report_pos, std=0.02)
         x_min, y_min, x_max, y_max = spec.bounds
         self.register_buffer("cell_wh", torch.tensor([(x_max - x_min) / g, (y_max - y_min) / g]), persistent=False)
         self.register_buffer("origin", torch.tensor([x_min, y_min]), persistent=False)
+        # Fourier features of the cell centres in [-1, 1]: [G*G, 4 * len(FOURIER_FREQS)]
+        u = (torch.arange(g) + 0.5) / g * 2 - 1
+        vv, uu = torch.meshgrid(u, u, indexing="ij")  # row i = y
+        ang = torch.stack([uu.ravel(), vv.ravel()], -1)[:, :, None] * torch.tensor(FOURIER_FREQS) * math.pi
+        self.register_buffer("cell_fourier", torch.cat([ang.sin(), ang.cos()], -1).flatten(1), persistent=False)
 
     # -- geometry -------------------------------------------------------------------------
     def cell_centre(self, cell: torch.Tensor) -> torch.Tensor:
@@ -193,8 +209,14 @@ class MapConditionedTransformer(nn.Module):
         offset = u - (ij + 0.5)
         return (ij[:, 1] * g + ij[:, 0]).long(), offset
 
-    def _fine(self, pooled, cell):
-        raw = self.fine(torch.cat([pooled, self.cell_embed(cell)], -1))
+    def cell_keys(self, map_image: torch.Tensor) -> torch.Tensor:
+        """``[G*G, d]``: one key per grid cell from its position (Fourier) and the map's features there."""
+        g = self.spec.grid_size
+        local = F.adaptive_avg_pool2d(map_image[None], g)[0].flatten(1).t()  # [G*G, C], row-major, row = y
+        return self.cell_key(torch.cat([self.cell_fourier, local], -1))
+
+    def _fine(self, pooled, keys, cell):
+        raw = self.fine(torch.cat([pooled, keys[cell]], -1))
         return torch.tanh(raw[:, :2]), raw[:, 2:].clamp(-8.0, 4.0)
 
     # -- forward --------------------------------------------------------------------------
@@ -217,12 +239,18 @@ class MapConditionedTransformer(nn.Module):
         last = h[torch.arange(h.shape[0], device=h.device), last_idx]
         pooled = self.pool(torch.cat([mean, last], -1))
 
-        logits = self.coarse(pooled)
+        keys = self.cell_keys(map_image)
+        logits = self.coarse_query(pooled) @ keys.t() / math.sqrt(keys.shape[-1]) + self.coarse_bias
         cell = logits.argmax(-1)
-        offset, logvar = self._fine(pooled, cell)
-        xy = self.cell_centre(cell) + offset * self.cell_wh
-        sigma = torch.exp(0.5 * logvar) * self.cell_wh
-        prob = logits.softmax(-1).view(-1, 1, self.spec.grid_size, self.spec.grid_size)
+        offset, logvar = self._fine(pooled, keys, cell)
+        centre = self.cell_centre(cell)
+        xy = centre + offset * self.cell_wh
+        # sigma^2 = fine variance + spread of the coarse distribution around the chosen centre
+        prob_flat = logits.softmax(-1)
+        all_centres = self.cell_centre(torch.arange(logits.shape[1], device=logits.device))  # [G*G, 2]
+        coarse_var = torch.einsum("bc,bcd->bd", prob_flat, (all_centres[None] - centre[:, None]).pow(2))
+        sigma = (torch.exp(logvar) * self.cell_wh.pow(2) + coarse_var).sqrt()
+        prob = prob_flat.view(-1, 1, self.spec.grid_size, self.spec.grid_size)
         block = F.avg_pool2d(prob, 3, stride=1, padding=1, count_include_pad=True) * 9  # 3x3 neighbourhood mass
         p_near = block.flatten(1).gather(1, cell[:, None])[:, 0].clamp(0.0, 1.0)
         sigma_rms = torch.exp(0.5 * logvar).pow(2).mean(-1).sqrt()
@@ -230,7 +258,7 @@ class MapConditionedTransformer(nn.Module):
 
         out = ModelOutput(logits, cell, offset, logvar, xy, sigma, confidence)
         if target_cell is not None:
-            out.target_offset_pred, out.target_logvar = self._fine(pooled, target_cell)
+            out.target_offset_pred, out.target_logvar = self._fine(pooled, keys, target_cell)
         if return_attention:
             out.attention = {"temporal": temporal, "cross": cross}
         return out

@@ -15,8 +15,8 @@ For a predicted position ``p_n`` and observed features ``o_{n,f}``::
   (:attr:`RadioMap.stats`; circular std for AoA; pooled over scenes), guarded against
   tiny/undefined values -- never a batch statistic, so a batch of one is fine.
   ``normalize=False`` uses ``sigma_f = 1`` (raw units).
-* ``m_{n,f}`` is the observation mask (``[N, F]`` bool; all true if omitted). Masked
-  entries contribute exactly 0 and may hold NaN. A sample with no valid entry has
+* ``m_{n,f}`` is the observation mask (``[N, F]`` bool; if omitted, true wherever the
+  observation is finite). Masked entries contribute exactly 0 and may hold NaN. A sample with no valid entry has
   ``L_n = 0`` and is left out of the ``total``'s denominator.
 * ``c_n`` is the map's coverage at ``p_n``: 1 if the cell under ``p_n`` is covered, 0
   if it is a hole (no gradient). Holes hold their nearest covered cell's values (see
@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
-from core.errors import CoreError
+from core.errors import ConfigError, CoreError
 from core.features import DEFAULT_FEATURE_ORDER, FEATURES, feature_spec
 from core.lookup import PreparedMaps, angle_from_cos_sin, prepare_maps
 
@@ -65,19 +65,19 @@ def guarded_sigma(mean: float, std: float, angular: bool) -> float:
 def resolve_weights(features: tuple[str, ...], weights: dict[str, float] | None) -> list[float]:
     """Per-channel weights: ``weights`` overriding the feature defaults.
 
-    An unknown feature name or a negative/non-finite weight is a :class:`CoreError`
-    naming the key. Known features that the map lacks are ignored.
+    An unknown feature name or a negative/non-finite weight is a
+    :class:`~core.errors.ConfigError` naming the key. Known features that the map lacks are ignored.
     """
     weights = dict(weights or {})
     for key, value in weights.items():
         if key not in FEATURES:
-            raise CoreError(f"physics-loss weights: unknown feature {key!r} (known: {', '.join(FEATURES)})")
+            raise ConfigError(f"physics-loss weights: unknown feature {key!r} (known: {', '.join(FEATURES)})")
         try:
             value = float(value)
         except (TypeError, ValueError):
-            raise CoreError(f"physics-loss weights: {key!r} must be a number, got {value!r}") from None
+            raise ConfigError(f"physics-loss weights: {key!r} must be a number, got {value!r}") from None
         if not math.isfinite(value) or value < 0:
-            raise CoreError(f"physics-loss weights: {key!r} must be a finite number >= 0, got {value}")
+            raise ConfigError(f"physics-loss weights: {key!r} must be a finite number >= 0, got {value}")
         weights[key] = value
     return [weights.get(name, feature_spec(name).default_weight) for name in features]
 
@@ -85,16 +85,15 @@ def resolve_weights(features: tuple[str, ...], weights: dict[str, float] | None)
 class LossInputs(NamedTuple):
     """Inputs of :meth:`PhysicsLoss.evaluate`, validated and split once (see ``prepare_inputs``).
 
-    Feature-major like the table's samples: ``obs_lin [L, N]``: observed linear features
-    (0 where masked); ``obs_cos``, ``obs_sin [A, N]``: unit vectors of observed angles;
-    ``m_lin [L, N]``, ``m_ang [A, N]``: float masks or None. ``mask [N, F]`` bool or None;
+    Feature-major like the table's samples: ``obs_lin [L, N]``: observed linear features,
+    ``obs_ang [A, N]``: observed angles [deg] (both 0 where masked); ``m_lin [L, N]``,
+    ``m_ang [A, N]``: float masks or None. ``mask [N, F]`` bool or None;
     ``n_active``: samples with at least one valid observation (int or 0-d tensor, >= 1).
     """
 
     xy: torch.Tensor
     obs_lin: torch.Tensor
-    obs_cos: torch.Tensor
-    obs_sin: torch.Tensor
+    obs_ang: torch.Tensor
     m_lin: torch.Tensor | None
     m_ang: torch.Tensor | None
     mask: torch.Tensor | None
@@ -107,8 +106,8 @@ class LossInputs(NamedTuple):
         cols = lambda v: None if v is None else v[:, idx]  # noqa: E731
         n_active = max(idx.numel(), 1) if self.mask is None else self.mask[idx].any(dim=1).sum().clamp(min=1)
         return LossInputs(
-            rows(self.xy), cols(self.obs_lin), cols(self.obs_cos), cols(self.obs_sin), cols(self.m_lin),
-            cols(self.m_ang), rows(self.mask), rows(self.scene_index), n_active,
+            rows(self.xy), cols(self.obs_lin), cols(self.obs_ang), cols(self.m_lin), cols(self.m_ang),
+            rows(self.mask), rows(self.scene_index), n_active,
         )
 
 
@@ -143,9 +142,9 @@ class PhysicsLossResult:
     per_sample: torch.Tensor
     coverage: torch.Tensor
     features: tuple[str, ...]
-    _loss: PhysicsLoss
-    _evaluation: Evaluation
-    _inputs: LossInputs
+    _loss: PhysicsLoss = field(repr=False)
+    _evaluation: Evaluation = field(repr=False)  # detached: holding a result keeps no graph alive
+    _inputs: LossInputs = field(repr=False)
 
     @functools.cached_property
     def per_feature_tensor(self) -> torch.Tensor:
@@ -183,7 +182,7 @@ class PhysicsLoss(torch.nn.Module):
 
     Call ``loss(pred_xy [N, 2], observed [N, F], mask=None [N, F] bool,
     scene_index=None [N] long)`` -> :class:`PhysicsLossResult`. ``observed`` must be
-    finite where ``mask`` is true (or everywhere, without a mask).
+    finite where ``mask`` is true; without a mask, non-finite entries count as missing.
     """
 
     def __init__(
@@ -235,7 +234,8 @@ class PhysicsLoss(torch.nn.Module):
     def prepare_inputs(self, pred_xy, observed, mask=None, scene_index=None) -> LossInputs:
         """Validate, move and split the inputs once (see :class:`LossInputs`).
 
-        Masked observations are zeroed here, so NaN there cannot leak anywhere.
+        Masked observations are zeroed here, so NaN there cannot leak anywhere. Without
+        a mask, non-finite observations are treated as missing.
         """
         if not isinstance(pred_xy, torch.Tensor) or pred_xy.ndim != 2 or pred_xy.shape[1] != 2:
             got = tuple(pred_xy.shape) if isinstance(pred_xy, torch.Tensor) else type(pred_xy).__name__
@@ -252,6 +252,10 @@ class PhysicsLoss(torch.nn.Module):
             )
         m_lin = m_ang = None
         n_active: int | torch.Tensor = max(n, 1)
+        if mask is None:
+            finite = torch.isfinite(observed)
+            if not bool(finite.all()):  # NaN marks a missing observation (see core.dataset)
+                mask = finite
         if mask is not None:
             mask = torch.as_tensor(mask, device=device)
             if mask.shape != (n, nf) or mask.dtype != torch.bool:
@@ -261,9 +265,9 @@ class PhysicsLoss(torch.nn.Module):
             m_lin, m_ang = m.index_select(1, maps.linear_index).t(), m.index_select(1, maps.angular_index).t()
             n_active = mask.any(dim=1).sum().clamp(min=1)
         obs_lin = observed.index_select(1, maps.linear_index).t()
-        rad = torch.deg2rad(observed.index_select(1, maps.angular_index).t())
+        obs_ang = observed.index_select(1, maps.angular_index).t()
         scene_index = maps.check_scene_index(scene_index, n)
-        return LossInputs(pred_xy.to(dtype), obs_lin, torch.cos(rad), torch.sin(rad), m_lin, m_ang, mask, scene_index, n_active)
+        return LossInputs(pred_xy.to(dtype), obs_lin, obs_ang, m_lin, m_ang, mask, scene_index, n_active)
 
     def _rho_sum(self, r: torch.Tensor, coef: torch.Tensor, w: torch.Tensor, inv_sigma: torch.Tensor) -> torch.Tensor:
         """``sum_f w_f rho(r_f / sigma_f)`` over the rows of ``r [K, N]`` -> ``[N]``."""
@@ -279,12 +283,9 @@ class PhysicsLoss(torch.nn.Module):
         maps = self.maps
         lin, c, s = maps.split(maps.sample(xy, inputs.scene_index))
         r_lin = inputs.obs_lin - lin
-        # angle from the map's direction (c, s) to the observed one: atan2(sin, cos) of the
-        # difference, which is already wrapped and never interpolates through 0 deg
-        y = inputs.obs_sin * c - inputs.obs_cos * s
-        x = inputs.obs_cos * c + inputs.obs_sin * s
-        tiny = (x * x + y * y) < 1e-12  # opposite directions cancelled: no defined angle
-        r_ang = torch.rad2deg(torch.atan2(torch.where(tiny, 0.0, y), torch.where(tiny, 1.0, x)))
+        # the map's angle comes from its interpolated direction (c, s), never from a linear
+        # interpolation of degrees; the residual is wrapped to [-180, 180)
+        r_ang = torch.remainder(inputs.obs_ang - angle_from_cos_sin(c, s, wrap=False) + 180.0, 360.0) - 180.0
         if inputs.m_lin is not None:
             r_lin = r_lin * inputs.m_lin
             r_ang = r_ang * inputs.m_ang
@@ -326,7 +327,8 @@ class PhysicsLoss(torch.nn.Module):
         ev = self.evaluate(inputs.xy, inputs)
         total = ev.per_sample.sum() / inputs.n_active
         coverage = ev.coverage if ev.coverage is not None else torch.ones_like(ev.per_sample.detach())
-        return PhysicsLossResult(total, ev.per_sample, coverage, self.features, self, ev, inputs)
+        detached = ev._replace(per_sample=ev.per_sample.detach(), r_lin=ev.r_lin.detach(), r_ang=ev.r_ang.detach())
+        return PhysicsLossResult(total, ev.per_sample, coverage, self.features, self, detached, inputs)
 
 
 def aggregate_reports(

@@ -233,3 +233,51 @@ class Workspace:
     def scene_status(self, scene: str) -> SceneStatus:
         return SceneStatus(scene, store_status(self.map_path(scene), "radio_map"),
                            store_status(self.dataset_path(scene), "measurement_dataset"), tuple(self.runs(scene)))
+
+
+# -- scene geometry, cached on disk --------------------------------------------------------
+_GEOMETRY_SCRIPT = (
+    "import json, sys\n"
+    "from core.atomic import atomic_write_text\n"
+    "from core.scenes import scene_geometry\n"
+    "g = scene_geometry(sys.argv[1], sys.argv[2] or None)\n"
+    "atomic_write_text(sys.argv[3], json.dumps(g.to_dict()))\n"
+)
+
+
+def geometry_cache_dir() -> Path:
+    """Where drawn scene geometry is cached: next to the jobs database (git-ignored)."""
+    db = os.environ.get("CORE_JOBS_DB")
+    return (Path(db).resolve().parent if db else REPO_ROOT / ".jobs") / "geometry"
+
+
+def cached_scene_geometry(scene: str, scenes_dir: str | os.PathLike | None = None, timeout_s: float = 600.0):
+    """:func:`core.scenes.scene_geometry` of ``scene``, cached as JSON in :func:`geometry_cache_dir`.
+
+    The scene meshes are read in a separate process, so the app never loads Mitsuba
+    itself (memory, and a crash there cannot take the app down). The cache is reused
+    while it is newer than the scene's XML file.
+    """
+    import subprocess
+    import sys
+
+    from core.scenes import SceneGeometry, resolve_scene
+
+    info = resolve_scene(scene, scenes_dir)
+    cache = geometry_cache_dir() / f"{info.name}.json"
+    try:
+        if cache.stat().st_mtime >= Path(info.path).stat().st_mtime:
+            return SceneGeometry.from_dict(json.loads(cache.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
+    try:
+        proc = subprocess.run([sys.executable, "-c", _GEOMETRY_SCRIPT, info.name, str(scenes_dir or ""), str(cache)],
+                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise CoreError(f"scene {scene}: reading its geometry took over {timeout_s:.0f} s") from None
+    if proc.returncode != 0:
+        last = next((ln for ln in reversed(proc.stderr.splitlines()) if ln.strip()), f"exit status {proc.returncode}")
+        raise CoreError(f"scene {scene}: could not read its geometry ({last.strip()})")
+    return SceneGeometry.from_dict(json.loads(cache.read_text()))

@@ -80,8 +80,8 @@ with wb.guard("attention"):
         title=f"Cross-attention of sample {sample}, layer {layer}, {head}, {report}"), key="att_cross")
 
 st.subheader("Average attention over the scene")
-n_avg = st.slider("Samples averaged", min_value=16, max_value=int(min(1024, idx.size)) if idx.size > 16 else 16,
-                  value=int(min(256, idx.size)), step=16, key="att_navg", disabled=idx.size <= 16)
+top = int(min(1024, idx.size))
+n_avg = st.slider("Samples averaged", 1, top, min(top, 256), key="att_navg") if top > 1 else top
 with wb.guard("average attention"):
     batch = tuple(int(i) for i in idx[: min(n_avg, idx.size)])
     avg = attention_of(str(ws.root / name), wb.mtime(ws.root / name), batch)

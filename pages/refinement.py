@@ -120,9 +120,9 @@ with wb.guard("refinement"):
 
 # -- batch ---------------------------------------------------------------------------------
 st.subheader("Batch summary")
-n_batch = st.slider("Samples refined (the filtered ones, worst first)", 10, int(max(10, min(len(shown), 2000))),
-                    int(min(len(shown), 500)) if len(shown) >= 10 else 10, key="ref_batch",
-                    disabled=len(shown) < 10)
+top = int(min(len(shown), 2000))
+n_batch = (st.slider("Samples refined (the filtered ones, worst first)", 1, top, min(top, 500), key="ref_batch")
+           if top > 1 else top)
 with wb.guard("batch refinement"):
     batch = tuple(int(i) for i in shown["sample"].tolist()[:n_batch])
     bpred, bres = refined(path, stamp, batch, int(steps), float(lr), float(threshold))

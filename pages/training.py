@@ -1,8 +1,6 @@
 """Training: launch from presets, follow jobs and live curves, compare runs, ablate."""
 
 import time
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -11,7 +9,7 @@ import yaml
 import workbench as wb
 from core import figures
 from core.jobs import ablate_spec, make_dataset_spec, train_spec
-from core.workspace import PRESETS, read_metrics, store_status
+from core.workspace import PRESETS, REPO_ROOT, read_metrics, store_status
 
 st.title("Training")
 ws = wb.workspace()
@@ -42,12 +40,21 @@ def preset_values(preset: str) -> dict:
             "model_preset": str(model.get("preset", "small"))}
 
 
+def portable(path) -> str:
+    """A path for the run's config: repo-relative in the repository (short commands),
+    absolute in another workspace (so the app, running from the repository, finds it too)."""
+    return ws.rel(path) if ws.root == REPO_ROOT else str(path)
+
+
 # -- launch ------------------------------------------------------------------------------
 st.subheader("Launch a training run")
 preset = st.selectbox("Preset", PRESETS, index=1, key="train_preset",
                       format_func=lambda p: {"baseline": "baseline (λ_phys = 0)", "model": "model (λ_phys = 0.1)",
                                              "strong_physics": "strong physics (λ_phys = 0.5)"}[p])
 values = preset_values(preset)
+if st.session_state.get("_name_preset") != preset:  # a fresh default name per preset, kept while typing
+    st.session_state["train_name"] = f"{preset}-{time.strftime('%m%d-%H%M%S')}"
+    st.session_state["_name_preset"] = preset
 with st.form("train_form"):
     cols = st.columns(4)
     lam = cols[0].number_input("λ_phys", min_value=0.0, max_value=10.0, value=values["lambda_phys"], step=0.05,
@@ -63,24 +70,25 @@ with st.form("train_form"):
                                      if values["model_preset"] in sizes else 1, key=f"mp_{preset}",
                                      help="tiny/small train on a 2-core CPU; base/large are for GPUs")
     max_samples = cols[1].number_input("Use the first N samples (0 = all)", min_value=0, value=0, step=1000)
-    name = cols[2].text_input("Run name", value=f"{preset}-{time.strftime('%m%d-%H%M%S')}")
+    name = cols[2].text_input("Run name", key="train_name", help="the run is written to runs/<name>")
     go = st.form_submit_button("Start training", type="primary")
 if go:
     with wb.guard("training"):
         overrides = {"physics_loss.lambda_phys": float(lam), "training.epochs": int(epochs),
                      "training.batch_size": int(batch), "training.learning_rate": float(lr),
-                     "model.preset": model_preset, "data.dataset": ws.rel(dataset_path), "data.scene": scene}
+                     "model.preset": model_preset, "data.dataset": portable(dataset_path), "data.scene": scene}
         if lam > 0:
             overrides["training.loss.use_physics_loss"] = True
             overrides["physics_loss.enabled"] = True
-        if ws.radio_maps_dir != ws.root / "radio_maps":
-            overrides["physics_loss.radio_maps_dir"] = ws.rel(ws.radio_maps_dir)
+        if ws.radio_maps_dir != REPO_ROOT / "radio_maps":
+            overrides["physics_loss.radio_maps_dir"] = portable(ws.radio_maps_dir)
         if max_samples:
             overrides["data.max_samples"] = int(max_samples)
         clean = "".join(c for c in name.strip() if c.isalnum() or c in "-_.") or "run"
         job_id = wb.launch(train_spec(ws.rel(ws.preset_path(preset)), ws.rel(ws.runs_dir / clean), overrides))
         if job_id is not None:
             st.session_state["curve_run"] = ws.rel(ws.runs_dir / clean)
+            st.session_state["_name_preset"] = None  # the next run gets a new default name
 
 wb.job_panel(("train", "ablate"), key="train_jobs", limit=4, title="Training and ablation jobs")
 

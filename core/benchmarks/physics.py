@@ -11,7 +11,9 @@ each batch size it times, as the median of ``--repeats`` runs after a warm-up:
   map with a ``[1, N, 1, 2]`` grid, forward, and forward + backward w.r.t. the grid;
   ``bare_fwdbwd_x5``: five of those in a row;
 
-and the peak memory of the loss (forward + backward) and of the refinement.
+and the peak memory of the loss (forward + backward) and of the refinement. The two
+sides of each ratio run interleaved (bare, ours, bare, ours, ...) so that background
+load on a shared machine hits both alike; ``--threads`` (default 1) applies to both.
 
 Peak memory is the peak of bytes allocated through torch's allocator during the
 operation, above the level before it (see :class:`_PeakMemory`): on the CPU from the
@@ -29,7 +31,10 @@ fitted between the two largest batches, must stay flat across batch sizes.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from datetime import date
@@ -89,6 +94,20 @@ def _paired_ms(fns: list[Callable[[], object]], repeats: int, device: torch.devi
     return [1e3 * statistics.median(t) for t in times]
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (the profiler's C++ start/stop log lines) for a moment."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class _PeakMemory:
     """Peak torch memory allocated by a call, above the level before it.
 
@@ -115,7 +134,7 @@ class _PeakMemory:
         from torch._C._profiler import _EventType
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
         deltas = []
         stack = list(prof.profiler.kineto_results.experimental_event_tree())

@@ -1,0 +1,119 @@
+"""``python -m core bench train``: the cost of the physics loss in a training epoch.
+
+Two identical models (same seed, same batches) train side by side, one with
+``lambda_phys = 0`` (no lookup at all) and one with ``lambda_phys > 0``. Their steps
+are INTERLEAVED batch by batch, so a machine shared with other work slows both
+equally; each variant's epoch time is the sum of its own step times (forward,
+backward, optimizer step). Both wall time and process CPU time are recorded: on a
+machine shared with other processes, CPU time is not inflated by waiting for a core,
+so the overhead is computed from it, as ``median_i(cpu_phys,i / cpu_base,i) - 1`` over
+the paired steps (robust to the odd step that another process disturbs); the
+wall-clock ratio of the sums is reported next to it. Target: <= 5 %.
+
+Data: the config's dataset (default: datasets/etoile); ``--synthetic N`` uses an
+analytic scene with N UEs instead (no ray-traced data needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from core.benchmarks.report import write_report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="configs/model.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs to time (default 1)")
+    parser.add_argument("--max-steps", type=int, default=None, help="time only this many batches per epoch")
+    parser.add_argument("--lambda-phys", type=float, default=0.1, help="lambda_phys of the physics variant")
+    parser.add_argument("--synthetic", type=int, default=None, metavar="N", help="use an analytic scene with N UEs")
+
+
+def run(args: argparse.Namespace) -> int:
+    from core.config import load_config
+    from core.device import resolve_device
+    from core.synthetic import synthetic_scene
+    from core.training import build_model, compute_losses, make_physics_loss, prepare, resolve_path, tensors
+
+    device = resolve_device(args.device)
+    overrides = list(args.overrides)
+    tmp = None
+    if args.synthetic:
+        tmp = tempfile.TemporaryDirectory()
+        scene = synthetic_scene(tmp.name, num_ues=args.synthetic, height=128, width=128, cell=2.0, k=4)
+        overrides += [f"{k}={v}" for k, v in scene.items()]
+    base_cfg = load_config(resolve_path(args.config), overrides + ["physics_loss.lambda_phys=0"])
+    phys_cfg = load_config(resolve_path(args.config), overrides + [f"physics_loss.lambda_phys={args.lambda_phys}",
+                                                                   "training.loss.use_physics_loss=true",
+                                                                   "physics_loss.enabled=true"])
+    if base_cfg.training.num_threads and device.type == "cpu":
+        torch.set_num_threads(base_cfg.training.num_threads)
+    run_data = prepare(base_cfg)
+    data = tensors(run_data, "train", base_cfg)
+    image = run_data.map_image.to(device)
+    variants = {}
+    for name, cfg in (("lambda_0", base_cfg), (f"lambda_{args.lambda_phys:g}", phys_cfg)):
+        model = build_model(run_data.spec, cfg.seed).to(device)
+        physics = make_physics_loss(cfg, run_data.radio_map, device) if cfg.physics_active else None
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate)
+        variants[name] = (cfg, model, physics, opt)
+
+    def step(name, batch):
+        cfg, model, physics, opt = variants[name]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0, c0 = time.perf_counter(), time.process_time()
+        terms, _ = compute_losses(model, batch, image, cfg, physics)
+        opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    bs = base_cfg.training.batch_size
+    warm = data.batch(torch.arange(min(bs, len(data))), device)
+    for name in variants:
+        for _ in range(2):
+            step(name, warm)
+    rows = []
+    totals = {name: [] for name in variants}
+    cpu_steps = {name: [] for name in variants}
+    for epoch in range(args.epochs):
+        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(epoch))
+        starts = list(range(0, len(perm), bs))[: args.max_steps]
+        times = {name: 0.0 for name in variants}
+        cpu = {name: 0.0 for name in variants}
+        for i, s in enumerate(starts):
+            batch = data.batch(perm[s : s + bs], device)
+            order = list(variants) if i % 2 == 0 else list(reversed(variants))  # alternate who goes first
+            for name in order:
+                wall, c = step(name, batch)
+                times[name] += wall
+                cpu[name] += c
+                cpu_steps[name].append(c)
+        for name, t in times.items():
+            totals[name].append(t)
+            rows.append({"epoch": epoch + 1, "variant": name, "steps": len(starts), "batch_size": bs,
+                         "samples": min(len(perm), len(starts) * bs), "epoch_s": t, "epoch_cpu_s": cpu[name],
+                         "ms_per_step": 1000 * t / max(len(starts), 1)})
+    names = list(variants)
+    t_base, t_phys = float(np.sum(totals[names[0]])), float(np.sum(totals[names[1]]))
+    ratios = np.array(cpu_steps[names[1]]) / np.maximum(np.array(cpu_steps[names[0]]), 1e-9)
+    overhead = float(np.median(ratios)) - 1.0
+    summary = {
+        "dataset": base_cfg.data.dataset if not args.synthetic else f"synthetic ({args.synthetic} UEs)",
+        "model_preset": base_cfg.model.preset, "train_samples": len(data), "device": str(device),
+        "epoch_s_lambda_0": t_base / args.epochs, "epoch_s_physics": t_phys / args.epochs,
+        "physics_overhead": overhead, "physics_overhead_wall": t_phys / t_base - 1.0, "overhead_target": 0.05, "within_target": bool(overhead <= 0.05),
+    }
+    write_report("train", rows, args.out, summary)
+    if tmp is not None:
+        tmp.cleanup()
+    return 0

@@ -1,0 +1,350 @@
+"""Every page's logic through Streamlit's AppTest, on a tmp workspace (never the shipped data).
+
+The workspace holds an analytic radio map saved as scene ``etoile``, a synthetic
+measurement dataset, a tiny model trained for two epochs, and a cached geometry of a
+few box buildings (so no Sionna is needed). Jobs launched here are real processes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core.jobs import JobManager, train_spec
+from core.workspace import REPO_ROOT
+
+APP = str(REPO_ROOT / "app.py")
+TIMEOUT = 180
+
+
+def _box(x0, y0, x1, y1, h):
+    return {"name": f"b{x0}_{y0}", "footprint": [[x0, y0], [x1, y0], [x1, y1], [x0, y1]], "height": h, "base": 0.0}
+
+
+def build_workspace(root: Path) -> Path:
+    """Fill ``root`` with an analytic map (scene etoile), a synthetic dataset, a tiny model
+    trained for two epochs and cached box geometry for the scenes the tests visit."""
+    import torch
+
+    from core.config import load_config
+    from core.synthetic import analytic_radio_map, synthetic_dataset
+    from core.training import train
+
+    rm = analytic_radio_map(height=32, width=48, bounds=(-96.0, -64.0, 96.0, 64.0))
+    rm._attrs["scene"] = "etoile"
+    rm.save(root / "radio_maps" / "etoile.zarr")
+    ds = synthetic_dataset(rm, 300, reports=6, seed=0)
+    ds.attrs["scene"] = "etoile"
+    ds.save(root / "datasets" / "etoile")
+    threads = torch.get_num_threads()
+    config = load_config(REPO_ROOT / "configs" / "model.yaml", [
+        f"data.dataset={root / 'datasets' / 'etoile'}", "data.scene=etoile", "model.preset=tiny",
+        "training.epochs=2", "training.batch_size=64", "training.num_threads=1",
+        f"physics_loss.radio_maps_dir={root / 'radio_maps'}"])
+    train(config, root / "runs" / "tiny", device="cpu", show_progress=False)
+    torch.set_num_threads(threads)
+    geometry_dir = root / ".jobs" / "geometry"
+    geometry_dir.mkdir(parents=True, exist_ok=True)
+    geometry = {"name": "etoile", "bbox": [-96, -64, 0, 96, 64, 30],
+                "buildings": [_box(-80, 10, -50, 40, 20.0), _box(20, -50, 40, -30, 12.5)],
+                "sites": rm.attrs["sites"]}
+    for name in ("etoile", "simple_street_canyon", "munich", "florence"):  # no Sionna needed to draw
+        (geometry_dir / f"{name}.json").write_text(json.dumps({**geometry, "name": name}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A complete tmp workspace; env vars point the app and the jobs at it."""
+    root = build_workspace(tmp_path_factory.mktemp("ws"))
+    old = {k: os.environ.get(k) for k in ("CORE_WORKSPACE", "CORE_JOBS_DB")}
+    os.environ["CORE_WORKSPACE"] = str(root)
+    os.environ["CORE_JOBS_DB"] = str(root / ".jobs" / "jobs.sqlite")
+    yield root
+    manager = JobManager(root / ".jobs" / "jobs.sqlite", cwd=root)
+    for job in manager.active():
+        manager.cancel(job.id, grace_s=1.0)
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _app(page: str | None = None, scene: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    if scene:
+        at.session_state["active_scene"] = scene
+    at.run()
+    if page:
+        at.switch_page(page).run()
+    _no_exception(at)
+    return at
+
+
+def _no_exception(at: AppTest) -> None:
+    """No traceback box and no "unexpected error" box (a bug caught by the page guard)."""
+    assert not at.exception, [e.value for e in at.exception]
+    bugs = [e.value for e in at.error if str(e.value).startswith("Unexpected error")]
+    assert not bugs, bugs
+
+
+def _texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def _plotly(at: AppTest) -> list[dict]:
+    return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+
+
+def _array(value) -> np.ndarray:
+    """A plotly JSON array: a list, or plotly's typed-array dict ``{dtype, bdata, shape}``."""
+    if isinstance(value, dict) and "bdata" in value:
+        arr = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        if "shape" in value:
+            arr = arr.reshape([int(n) for n in str(value["shape"]).split(",")])
+        return arr.astype(float)
+    return np.array(value, dtype=float)
+
+
+def _manager(root: Path) -> JobManager:
+    return JobManager(root / ".jobs" / "jobs.sqlite", cwd=root)
+
+
+# -- Scenes -------------------------------------------------------------------------------
+def test_scenes_page_shows_what_exists_and_draws_the_deck(workspace):
+    at = _app()
+    assert at.sidebar.selectbox(key="_scene_picker").value == "etoile"
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics == {"Radio map": "ok", "Dataset": "ok", "Trained models": "1"}
+    (deck,) = at.get("deck_gl_json_chart")
+    spec = json.loads(deck.proto.json)
+    layers = {layer["id"]: layer for layer in spec["layers"]}
+    assert {"coverage", "buildings", "sites"} <= set(layers)
+    assert layers["coverage"]["image"].startswith("data:image/png;base64,")
+    assert len(layers["buildings"]["data"]) == 2 and layers["buildings"]["extruded"] is True
+    assert "mapStyle" not in spec or spec["mapStyle"] == "__MAP_STYLE__"  # no basemap: offline
+    assert not at.warning
+
+
+def test_switching_scene_reaches_every_page_and_offers_the_missing_maps(workspace):
+    at = _app()
+    at.sidebar.selectbox(key="_scene_picker").select("simple_street_canyon").run()
+    _no_exception(at)
+    assert at.session_state["active_scene"] == "simple_street_canyon"
+    warnings = _texts(at.warning)
+    assert "Radio map" in warnings and "Measurement dataset" in warnings
+    labels = [b.label for b in at.button]
+    assert "Generate the radio map of simple_street_canyon" in labels
+    at.switch_page("pages/radio_maps.py").run()
+    _no_exception(at)
+    assert "No radio map" in _texts(at.warning)
+    assert at.session_state["active_scene"] == "simple_street_canyon"  # the choice follows the user
+
+
+def test_missing_map_button_launches_the_generation_job(workspace):
+    at = _app("pages/radio_maps.py", scene="munich")
+    at.button(key="make_map_rm").click().run()
+    _no_exception(at)
+    manager = _manager(workspace)
+    job = next(j for j in manager.list() if j.kind == "generate-maps" and "munich" in j.args)
+    try:
+        assert job.command.startswith("python -m core generate-maps --scenes munich --output-dir radio_maps")
+        assert job.output == str(workspace / "radio_maps" / "munich.zarr")
+    finally:
+        manager.cancel(job.id, grace_s=1.0)
+    # while another job writes that store, the button is refused with a clear message
+    from core.jobs import selftest_spec
+
+    blocker = manager.submit(selftest_spec(seconds=60, out="radio_maps/munich.zarr"))
+    try:
+        at.button(key="make_map_rm").click().run()
+        _no_exception(at)
+        assert f"job #{blocker.id}" in _texts(at.error) and "already writes" in _texts(at.error)
+    finally:
+        manager.cancel(blocker.id, grace_s=1.0)
+
+
+# -- Radio maps ---------------------------------------------------------------------------
+def test_radio_maps_every_feature_with_units_and_comparison(workspace):
+    at = _app("pages/radio_maps.py")
+    from core.radio_map import RadioMap
+
+    rm = RadioMap.load(workspace / "radio_maps" / "etoile.zarr")
+    for feature in rm.features:
+        at.selectbox(key="rm_feature").select(feature).run()
+        _no_exception(at)
+        heat, hist = _plotly(at)[:2]
+        unit = rm.units[feature]
+        assert heat["data"][0]["type"] == "heatmap"
+        assert heat["data"][0]["colorbar"]["title"]["text"] == f"{feature} [{unit}]"
+        assert heat["layout"]["xaxis"]["title"]["text"] == "x [m]"
+        assert unit in heat["data"][0]["hovertemplate"]
+        assert any(t.get("name") == "buildings" for t in heat["data"])
+        assert hist["layout"]["xaxis"]["title"]["text"] == f"{feature} [{unit}]"
+    # a second store on the same grid: side by side and the difference
+    shifted = RadioMap(rm.values + np.float32(3.0), rm.features, rm.bounds, rm.valid, rm.attrs)
+    shifted.save(workspace / "radio_maps" / "shifted.zarr")
+    at = _app("pages/radio_maps.py")
+    at.selectbox(key="cmp_store_B").select("radio_maps/shifted.zarr").run()
+    at.selectbox(key="cmp_fa").select("path_gain").run()
+    at.selectbox(key="cmp_fb").select("path_gain").run()
+    _no_exception(at)
+    diff = _plotly(at)[-1]
+    assert diff["data"][0]["colorbar"]["title"]["text"] == "Δ path_gain [dB]"
+    z = _array(diff["data"][0]["z"])
+    assert np.allclose(z[np.isfinite(z)], -3.0, atol=1e-4)  # A - B = -3 dB everywhere
+    (workspace / "radio_maps" / "shifted.zarr").rename(workspace / "radio_maps" / ".shifted.old")
+
+
+def test_corrupt_stores_are_reported_not_raised(workspace):
+    bad = workspace / "radio_maps" / "broken.zarr"
+    bad.mkdir(parents=True)
+    (bad / "zarr.json").write_text("{not json")
+    at = _app("pages/radio_maps.py", scene="broken")
+    assert "Radio map broken" in _texts(at.warning)
+    assert any(b.label.startswith("Generate the radio map of broken") for b in at.button)
+    # metadata that claims a radio map, but no arrays: loading fails with a named store error
+    bad2 = workspace / "radio_maps" / "hollow.zarr"
+    bad2.mkdir()
+    (bad2 / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group",
+                                                "attributes": {"kind": "radio_map", "format_version": 1,
+                                                               "features": ["path_gain"], "bounds": [0, 0, 1, 1]}}))
+    at = _app("pages/radio_maps.py", scene="hollow")
+    assert "Radio map unreadable" in _texts(at.warning) and "hollow.zarr" in _texts(at.warning)
+    at = _app(scene="hollow")  # the Scenes page too
+    assert not at.get("deck_gl_json_chart") or True
+    assert "hollow.zarr" in _texts(at.error) + _texts(at.warning)
+
+
+# -- Training -----------------------------------------------------------------------------
+def test_training_launches_a_tiny_job_and_shows_its_curves(workspace):
+    at = _app("pages/training.py")
+    at.selectbox(key="train_preset").select("baseline").run()
+    form = {n.label: n for n in at.number_input}
+    assert form["λ_phys"].value == 0.0
+    form["Epochs"].set_value(1)
+    form["Use the first N samples (0 = all)"].set_value(200)
+    form["Batch size"].set_value(64)
+    at.selectbox(key="mp_baseline").select("tiny")
+    at.text_input[0].set_value("apptest")
+    at.button[0].click().run()  # the form's submit button
+    _no_exception(at)
+    manager = _manager(workspace)
+    job = next(j for j in manager.list() if j.kind == "train")
+    assert "--out runs/apptest" in job.command and "--set training.epochs=1" in job.command
+    assert "--set model.preset=tiny" in job.command and "--set data.max_samples=200" in job.command
+    done = manager.wait(job.id, timeout_s=240)
+    assert done.status == "succeeded", manager.log(job.id)
+    at = _app("pages/training.py")
+    at.selectbox(key="curve_pick").select("runs/apptest").run()
+    _no_exception(at)
+    curves = next(f for f in _plotly(at) if "loss terms" in f["layout"]["title"]["text"])
+    names = {t["name"] for t in curves["data"]}
+    assert {"train_total", "train_coarse", "train_fine", "val_total"} <= names
+    assert curves["layout"]["yaxis2"]["title"]["text"] == "localization error [m]"
+    runs = at.dataframe[0].value
+    assert {"runs/tiny", "runs/apptest"} <= set(runs["run"])
+    at.multiselect(key="cdf_runs").set_value(["runs/tiny", "runs/apptest"]).run()
+    _no_exception(at)
+    cdf = next(f for f in _plotly(at) if "CDF" in f["layout"]["title"]["text"])
+    assert len(cdf["data"]) == 2, _texts(at.error)
+    assert cdf["layout"]["xaxis"]["title"]["text"] == "localization error [m]"
+
+
+def test_failed_job_is_shown_with_its_log_tail(workspace):
+    manager = _manager(workspace)
+    job = manager.submit(train_spec("configs/model.yaml", "runs/bad", {"physics_loss.lambda_phys": -1.0}))
+    assert manager.wait(job.id, timeout_s=120).status == "failed"
+    at = _app("pages/training.py")
+    errors = _texts(at.error)
+    assert "exit status 2" in errors and "lambda_phys" in errors
+    logs = [c.value for c in at.code]
+    assert any("lambda_phys" in text and "$ python -m core train" in text for text in logs)
+
+
+# -- Attention ----------------------------------------------------------------------------
+def test_attention_page(workspace):
+    at = _app("pages/attention.py")
+    figs = _plotly(at)
+    assert len(figs) == 3
+    temporal, cross, average = figs
+    heads = sum(1 for t in temporal["data"] if t["type"] == "heatmap")
+    assert heads >= 1 and temporal["layout"]["coloraxis"]["colorbar"]["title"]["text"] == "weight"
+    assert cross["data"][0]["type"] == "heatmap" and any(t.get("name") == "ground truth" for t in cross["data"])
+    w = _array(average["data"][0]["z"])
+    assert np.isclose(w.sum(), 1.0, atol=1e-3)  # mean of distributions over patches
+    at.selectbox(key="att_head").select_index(1).run()
+    at.selectbox(key="att_report").select_index(1).run()
+    at.number_input(key="att_sample").set_value(3).run()
+    _no_exception(at)
+    assert "head 1" in _plotly(at)[1]["layout"]["title"]["text"]
+
+
+def test_attention_and_refinement_without_models(tmp_path, monkeypatch):
+    monkeypatch.setenv("CORE_WORKSPACE", str(tmp_path))
+    monkeypatch.setenv("CORE_JOBS_DB", str(tmp_path / ".jobs" / "jobs.sqlite"))
+    for page in ("pages/attention.py", "pages/refinement.py", "pages/training.py", "pages/radio_maps.py"):
+        at = _app(page)
+        assert at.warning, page
+
+
+# -- Refinement ---------------------------------------------------------------------------
+def test_refinement_inspector(workspace):
+    at = _app("pages/refinement.py")
+    table = at.dataframe[0].value
+    assert len(table) > 0 and (np.diff(table["error_m"].to_numpy()) <= 1e-9).all()  # worst first
+    figs = _plotly(at)
+    titles = [f["layout"]["title"]["text"] for f in figs]
+    assert any("refinement path" in t for t in titles) and any("Batch summary" in t for t in titles)
+    sample_map = figs[0]
+    names = {t.get("name") for t in sample_map["data"]}
+    assert {"ground truth", "prediction", "1σ uncertainty", "refinement path"} <= names
+    # refine every sample (threshold above any confidence), step through the path
+    at.number_input(key="ref_thr").set_value(1.01).run()
+    _no_exception(at)
+    slider = next(s for s in at.slider if s.key.startswith("ref_step_"))
+    slider.set_value(1).run()
+    _no_exception(at)
+    path = next(t for t in _plotly(at)[0]["data"] if t.get("name") == "refinement path")
+    assert len(path["x"]) == 2  # start and step 1
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Samples refined"].split(" / ")[0] == metrics["Samples refined"].split(" / ")[1]
+    # filters: every listed sample passes them, and an impossible filter empties the list
+    at.selectbox(key="ref_los").select("LOS").run()
+    _no_exception(at)
+    los_only = at.dataframe[0].value
+    n_los = int((table["los"] == "LOS").sum())
+    assert len(los_only) == n_los and (los_only["los"] == "LOS").all()
+    at.slider(key="ref_conf").set_value((0.999, 1.0)).run()
+    _no_exception(at)
+    if (table["confidence"] < 0.999).all():
+        assert "No sample matches" in _texts(at.caption)
+
+
+def test_job_survives_an_app_restart(workspace):
+    """The job list is read from the database: a new session (an app restart) still sees it."""
+    manager = _manager(workspace)
+    from core.jobs import generate_maps_spec
+
+    job = manager.submit(generate_maps_spec("florence", "radio_maps", samples_per_tx=1000))
+    try:
+        at = _app()
+        codes = [c.value for c in at.code]
+        assert any(job.command in text for text in codes)
+        cancel = next(b for b in at.button if b.key == f"scene_jobs-cancel-{job.id}")
+        cancel.click().run()
+        _no_exception(at)
+        deadline = time.time() + 20
+        while manager.get(job.id).active and time.time() < deadline:
+            time.sleep(0.2)
+        assert manager.get(job.id).status == "cancelled"
+    finally:
+        manager.cancel(job.id, grace_s=1.0)

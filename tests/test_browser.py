@@ -1,0 +1,196 @@
+"""The app in a real browser: Debian's chromium driven by Playwright (never `playwright install`).
+
+Starts ``streamlit run app.py`` on a free localhost port over a tmp workspace, visits
+every page through the sidebar, checks that the plotly charts and the deck.gl canvas
+render, launches a tiny training job from the form and watches it finish. Fails on
+any exception box, any console error and any request to a host other than
+localhost / 127.0.0.1 (those are intercepted and aborted, so nothing leaves the machine).
+
+Set ``BROWSER_SCREENSHOTS=DIR`` to keep a full-page screenshot of every page.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from core.jobs import JobManager
+from core.workspace import REPO_ROOT
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+LOCAL_HOSTS = {"localhost", "127.0.0.1"}
+PAGES = [  # sidebar label, title, plotly charts at least, deck.gl canvas
+    ("Scenes", "Scenes", 0, True),
+    ("Radio maps", "Radio maps", 2, False),
+    ("Training", "Training", 2, False),
+    ("Attention", "Attention", 3, False),
+    ("Refinement inspector", "Refinement inspector", 4, False),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (scripts/install_system.sh)")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_app import build_workspace
+
+    root = build_workspace(tmp_path_factory.mktemp("browser_ws"))
+    port = _free_port()
+    env = {**os.environ, "CORE_WORKSPACE": str(root), "CORE_JOBS_DB": str(root / ".jobs" / "jobs.sqlite")}
+    log = open(root / "streamlit.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            log.close()
+            pytest.fail("streamlit did not start:\n" + (root / "streamlit.log").read_text()[-3000:])
+        time.sleep(0.5)
+    yield url, root
+    manager = JobManager(root / ".jobs" / "jobs.sqlite", cwd=root)
+    for job in manager.active():
+        manager.cancel(job.id, grace_s=1.0)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser_page(server):
+    from playwright.sync_api import sync_playwright
+
+    url, _ = server
+    problems: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+
+        def route(r):
+            parsed = urlparse(r.request.url)
+            if parsed.scheme in ("data", "blob") or parsed.hostname in LOCAL_HOSTS:
+                r.continue_()
+            else:
+                problems.append(f"request to another host: {r.request.url}")
+                r.abort()
+
+        context.route("**/*", route)
+        page = context.new_page()
+        page.on("console", lambda m: m.type == "error" and problems.append(f"console error: {m.text[:300]}"))
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.set_default_timeout(120_000)
+        page.goto(url)
+        page.wait_for_selector('[data-testid="stSidebarNav"]')
+        yield page, problems
+        context.close()
+        browser.close()
+
+
+def _settle(page) -> None:
+    """Wait until the script run and every spinner are done."""
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=stStatusWidget] [data-testid=stStatusWidgetRunningIcon]')"
+        " && document.querySelectorAll('[data-testid=stSpinner]').length === 0", timeout=120_000)
+    page.wait_for_timeout(800)
+
+
+def _no_exception_box(page, where: str) -> None:
+    boxes = page.locator('[data-testid="stException"]')
+    assert boxes.count() == 0, f"{where}: exception box: {boxes.first.inner_text()[:500]}"
+    bugs = page.locator('[data-testid="stAlertContentError"]').filter(has_text="Unexpected error")
+    assert bugs.count() == 0, f"{where}: {bugs.first.inner_text()[:500]}"
+
+
+def _goto(page, label: str, title: str) -> None:
+    page.get_by_test_id("stSidebarNav").get_by_text(label, exact=True).click()
+    page.get_by_role("heading", name=title, exact=True).wait_for()
+    _settle(page)
+
+
+def test_every_page_renders(browser_page):
+    page, problems = browser_page
+    shots = os.environ.get("BROWSER_SCREENSHOTS")
+    for label, title, charts, deck in PAGES:
+        _goto(page, label, title)
+        plots = page.locator(".js-plotly-plot")
+        page.wait_for_function(
+            f"() => [...document.querySelectorAll('.js-plotly-plot')].filter(e => e.querySelector('.main-svg'))"
+            f".length >= {charts}", timeout=120_000)
+        assert plots.count() >= charts, f"{label}: {plots.count()} plotly charts, expected {charts}"
+        if charts:  # drawn, not just a placeholder: the first chart has axes
+            assert page.locator(".js-plotly-plot .xtick").count() > 0, f"{label}: plotly axes missing"
+        if deck:
+            canvas = page.locator('[data-testid="stDeckGlJsonChart"] canvas').first
+            canvas.wait_for(state="visible")
+            box = canvas.bounding_box()
+            assert box and box["width"] > 300 and box["height"] > 300, f"deck.gl canvas too small: {box}"
+        _no_exception_box(page, label)
+        if shots:
+            Path(shots).mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(Path(shots) / f"{label.lower().replace(' ', '_')}.png"), full_page=True)
+    assert not problems, problems
+
+
+def test_launch_a_tiny_training_job_and_see_it_finish(browser_page, server):
+    page, problems = browser_page
+    _, root = server
+    _goto(page, "Training", "Training")
+    form = page.get_by_test_id("stForm").first
+    for label, value in (("Epochs", "1"), ("Use the first N samples (0 = all)", "120"), ("Batch size", "64")):
+        box = form.get_by_label(label, exact=True)
+        box.fill(value)
+        box.press("Tab")
+    name = form.get_by_role("textbox", name="Run name")
+    name.fill("browser-run")
+    name.press("Tab")
+    form.get_by_test_id("stSelectbox").filter(has_text="Model size").click()
+    page.get_by_role("option", name="tiny", exact=True).click()
+    form.get_by_role("button", name="Start training").click()
+    _settle(page)
+    if os.environ.get("BROWSER_SCREENSHOTS"):
+        page.screenshot(path=str(Path(os.environ["BROWSER_SCREENSHOTS"]) / "training_launched.png"), full_page=True)
+    page.get_by_text("--out runs/browser-run").first.wait_for(timeout=60_000)  # the job panel lists it
+    # the job panel polls every 2 s: wait for the status to turn final
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-testid=stMarkdownContainer]')].some("
+        "e => /#\\d+ train.*(succeeded|failed|cancelled)/.test(e.innerText))", timeout=300_000)
+    manager = JobManager(root / ".jobs" / "jobs.sqlite", cwd=root)
+    job = next(j for j in manager.list() if j.output and j.output.endswith("browser-run"))
+    assert job.status == "succeeded", manager.log(job.id)
+    assert "--set training.epochs=1" in job.command and "--set model.preset=tiny" in job.command
+    assert page.get_by_text("succeeded").count() >= 1
+    assert (root / "runs" / "browser-run" / "best.pt").exists()
+    _no_exception_box(page, "Training after the job")
+    assert not problems, problems

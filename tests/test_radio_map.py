@@ -1,0 +1,206 @@
+"""Radio-map store: Zarr round trip, validation of bad stores, atomic saves."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from core.errors import StoreError
+from core.radio_map import RadioMap
+from core.synthetic import analytic_radio_map
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def holey_map() -> RadioMap:
+    rm = analytic_radio_map(height=10, width=14, bounds=(-14.0, 0.0, 14.0, 20.0))
+    values = rm.values.copy()
+    valid = np.ones(rm.shape, dtype=bool)
+    valid[2:4, 5:9] = False
+    values[:, ~valid] = np.nan
+    values[0, 2, 5] = -np.inf
+    layers = {"site_path_gain": np.random.default_rng(0).normal(size=(3, 10, 14)).astype(np.float32)}
+    return RadioMap(values, rm.features, rm.bounds, valid=valid, attrs={**rm.attrs, "note": "test"}, layers=layers)
+
+
+@pytest.fixture
+def saved(tmp_path) -> tuple[RadioMap, Path]:
+    rm = holey_map()
+    return rm, rm.save(tmp_path / "scene.zarr")
+
+
+def test_round_trip(saved):
+    rm, path = saved
+    back = RadioMap.load(path)
+    np.testing.assert_array_equal(back.values, rm.values)  # NaN/-inf in holes survive too
+    np.testing.assert_array_equal(back.valid, rm.valid)
+    assert back.features == rm.features and back.bounds == rm.bounds
+    assert back.attrs == rm.attrs and back.cell_size == rm.cell_size
+    np.testing.assert_array_equal(back.layers["site_path_gain"], rm.layers["site_path_gain"])
+    assert back.values.dtype == np.float32 and back.valid.dtype == np.bool_
+    for name in rm.features:
+        assert back.stats[name] == rm.stats[name]
+    assert str(path) in back.source
+
+
+def test_missing_store_names_the_path(tmp_path):
+    path = tmp_path / "nowhere.zarr"
+    with pytest.raises(StoreError, match="nowhere.zarr.*no such store"):
+        RadioMap.load(path)
+
+
+def test_garbage_in_a_chunk_file(saved):
+    _, path = saved
+    chunk = next(p for p in (path / "values" / "c").rglob("*") if p.is_file())
+    chunk.write_bytes(b"\x00garbage, not zstd\xff" * 5)
+    with pytest.raises(StoreError, match=f"{path.name}.*corrupt"):
+        RadioMap.load(path)
+
+
+def test_garbage_in_the_group_metadata(saved):
+    _, path = saved
+    (path / "zarr.json").write_text("{ this is not json")
+    with pytest.raises(StoreError, match=f"{path.name}.*not a readable Zarr group"):
+        RadioMap.load(path)
+
+
+def test_garbage_in_an_array_metadata(saved):
+    _, path = saved
+    (path / "values" / "zarr.json").write_text("]]]")
+    with pytest.raises(StoreError, match=path.name):
+        RadioMap.load(path)
+
+
+def _edit_attrs(path: Path, **changes) -> None:
+    meta_file = path / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    for key, value in changes.items():
+        if value is None:
+            meta["attributes"].pop(key, None)
+        else:
+            meta["attributes"][key] = value
+    meta_file.write_text(json.dumps(meta))
+
+
+def _replace_array(path: Path, name: str, data: np.ndarray) -> None:
+    group = zarr.open_group(store=str(path), mode="r+")
+    group.create_array(name, data=data, overwrite=True)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(format_version=99), "format version 99"),
+        (dict(kind="measurement_dataset"), "not a radio-map store"),
+        (dict(bounds=None), "lack 'bounds'"),
+        (dict(features=None), "lack 'features'"),
+        (dict(bounds=[14.0, 0.0, -14.0, 20.0]), "x_max > x_min"),
+        (dict(bounds=[-14.0, 0.0, 14.0, 99.0]), "square"),
+        (dict(features=["path_gain", "toa", "aoa", "snr", "sinr", "throughput", "rsrp"]), "unknown feature 'rsrp'"),
+        (dict(features=["path_gain", "toa"]), "2 feature names for 7 channels"),
+    ],
+)
+def test_inconsistent_attributes(saved, change, message):
+    _, path = saved
+    _edit_attrs(path, **change)
+    with pytest.raises(StoreError, match=message) as info:
+        RadioMap.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_inconsistent_arrays(saved):
+    rm, path = saved
+    cases = [
+        ("values", rm.values.astype(np.float64), "float32"),
+        ("values", rm.values[0], r"\[F, H, W\]"),
+        ("valid", rm.valid.astype(np.uint8), "valid must be bool"),
+        ("valid", rm.valid[:5], "valid must be bool"),
+    ]
+    for k, (name, data, message) in enumerate(cases):
+        fresh = rm.save(path.parent / f"case{k}.zarr")
+        _replace_array(fresh, name, data)
+        with pytest.raises(StoreError, match=message) as info:
+            RadioMap.load(fresh)
+        assert str(fresh) in str(info.value)
+
+
+def test_nan_inside_the_mask(saved):
+    rm, path = saved
+    values = rm.values.copy()
+    values[3, 0, 0] = np.nan  # (0, 0) is covered
+    _replace_array(path, "values", values)
+    with pytest.raises(StoreError, match="NaN or inf inside the coverage mask in feature\\(s\\) snr") as info:
+        RadioMap.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_array(saved):
+    _, path = saved
+    import shutil
+
+    shutil.rmtree(path / "valid")
+    with pytest.raises(StoreError, match=f"{path.name}.*missing array"):
+        RadioMap.load(path)
+
+
+def test_interrupted_save_keeps_the_old_map(saved, monkeypatch):
+    old, path = saved
+    new = analytic_radio_map(height=10, width=14, bounds=(0.0, 0.0, 28.0, 20.0))
+    real = zarr.Group.create_array
+    calls = []
+
+    def failing(self, name, *args, **kwargs):
+        calls.append(name)
+        if name == "valid":  # after "values" was written: a half map on disk
+            raise OSError("disk full (simulated)")
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.Group, "create_array", failing)
+    with pytest.raises(OSError, match="disk full"):
+        new.save(path)
+    monkeypatch.undo()
+    assert calls[:2] == ["values", "valid"]
+    back = RadioMap.load(path)
+    np.testing.assert_array_equal(back.values, old.values)
+    assert back.bounds == old.bounds
+    assert sorted(p.name for p in path.parent.iterdir()) == ["scene.zarr"]  # no temp dirs behind
+
+
+def test_killed_save_keeps_the_old_map(saved):
+    old, path = saved
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(REPO)!r})
+import zarr
+from core.synthetic import analytic_radio_map
+real = zarr.Group.create_array
+def killer(self, name, *a, **k):
+    if name == "valid":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, name, *a, **k)
+zarr.Group.create_array = killer
+analytic_radio_map(height=10, width=14, bounds=(0.0, 0.0, 28.0, 20.0)).save({str(path)!r})
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    back = RadioMap.load(path)
+    np.testing.assert_array_equal(back.values, old.values)
+    assert back.bounds == old.bounds
+    leftovers = [p.name for p in path.parent.iterdir() if p.name != "scene.zarr"]
+    assert all(name.startswith(".scene.zarr.tmp-") for name in leftovers)  # hidden, never mistaken for a map
+
+
+def test_overwrite_replaces_the_map(saved):
+    _, path = saved
+    new = analytic_radio_map(height=10, width=14, bounds=(0.0, 0.0, 28.0, 20.0))
+    new.save(path)
+    assert RadioMap.load(path).bounds == (0.0, 0.0, 28.0, 20.0)
+    assert sorted(os.listdir(path.parent)) == ["scene.zarr"]
