@@ -34,3 +34,8 @@ default-run: $(STAMP)
 	$(PY) -m core evaluate --run runs/default_run --refine --baselines
 	rm -f runs/default_run/last.pt
 	rm -rf assets/default_run && cp -r runs/default_run assets/default_run
+
+# Rebuild the shipped default data: etoile's radio map and its measurement dataset.
+default-data: $(STAMP)
+	$(PY) -m core generate-maps --scenes etoile --output-dir radio_maps --resolution 1.0 --map-size 512 512 --force
+	$(PY) -m core make-dataset --scene etoile --num-ues 20000 --reports 8 --out datasets/etoile --radio-maps radio_maps --seed 0 --force

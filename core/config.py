@@ -122,19 +122,22 @@ class PhysicsLossConfig(_Section):
     enabled: bool = True
     lambda_phys: float = Field(default=0.1, ge=0.0)
     radio_maps_dir: str = "radio_maps"
-    #: per-feature weights; None = the defaults of core.features
-    feature_weights: dict[str, float] | None = None
+    #: per-feature weights; None = the defaults of core.features; "auto" = calibrated on the
+    #: train split: w_f = (sigma_map,f / s_f)^2 with s_f the robust spread of the residual
+    #: observed - map(true position), so that w_f z_f^2 = (residual / s_f)^2 (a noise-aware likelihood)
+    feature_weights: dict[str, float] | Literal["auto"] | None = None
     loss: Literal["mse", "huber"] = "huber"
     huber_delta: float = Field(default=1.0, gt=0.0)
-    #: which measurement the map is compared with: the serving-site features of the
-    #: last report (where the label is) or the temporal aggregate of all reports
-    observation: Literal["last", "mean"] = "last"
+    #: which measurement the map is compared with: the serving-site features of the last
+    #: report (where the label is), of the latest report present (the last one, or the one
+    #: before when it is missing), or the temporal aggregate of all reports
+    observation: Literal["last", "latest", "mean"] = "latest"
     refinement: RefinementConfig = RefinementConfig()
 
     @field_validator("feature_weights")
     @classmethod
     def _known_features(cls, weights):
-        if weights is not None:
+        if isinstance(weights, dict):
             for name, w in weights.items():
                 if name not in FEATURES:
                     raise ValueError(f"unknown feature {name!r} (known: {', '.join(FEATURES)})")

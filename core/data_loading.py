@@ -20,8 +20,10 @@ go separately (embedded by the model), as ``slot * (S + 1) + id + 1`` (0 = no si
 
 The physics observation of a sample is the serving-site features in map order
 (``MeasurementDataset.map_features``) of its LAST report, where the label is
-(``observation="last"``), or the temporal aggregate over its reports (``"mean"``:
-masked mean, circular for AoA).
+(``observation="last"``), of its latest PRESENT report (``"latest"``, the default: the
+last one, or the one before when it is missing; a walking UE moves well under a metre
+per report), or the temporal aggregate over its reports (``"mean"``: masked mean,
+circular for AoA).
 """
 
 from __future__ import annotations
@@ -120,11 +122,15 @@ def circular_mean_deg(angles: np.ndarray, mask: np.ndarray, axis: int) -> np.nda
     return np.where(mask.any(axis), out, np.nan)
 
 
-def physics_observation(dataset: MeasurementDataset, features: tuple[str, ...], mode: str = "last") -> np.ndarray:
+def physics_observation(dataset: MeasurementDataset, features: tuple[str, ...], mode: str = "latest") -> np.ndarray:
     """float32 ``[N, F]``: serving-site observation per sample in map feature order; NaN = missing."""
     obs = dataset.map_features(features)  # [N, T, F]
     if mode == "last":
         return obs[:, -1, :]
+    if mode == "latest":
+        present = dataset.report_mask & np.isfinite(obs).any(-1)  # [N, T]
+        latest = obs.shape[1] - 1 - np.argmax(present[:, ::-1], axis=1)
+        return obs[np.arange(len(obs)), latest, :]
     valid = np.isfinite(obs)
     out = np.where(valid, obs, 0.0).sum(1) / np.maximum(valid.sum(1), 1)
     out = np.where(valid.any(1), out, np.nan)
@@ -143,7 +149,7 @@ def build_tensors(
     radio_map: RadioMap,
     indices: np.ndarray | None = None,
     geometry_hint: bool = True,
-    observation: str = "last",
+    observation: str = "latest",
 ) -> TensorData:
     """Model tensors of ``dataset[indices]`` normalised with ``radio_map``'s statistics."""
     if indices is None:

@@ -40,7 +40,7 @@ def _viridis(t: np.ndarray) -> np.ndarray:
     """``t`` in [0, 1] -> uint8 RGB ``[..., 3]`` (viridis)."""
     anchors = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
     pos = np.linspace(0, 1, len(anchors))
-    t = np.clip(t, 0, 1)
+    t = np.clip(np.nan_to_num(t, nan=0.0, posinf=1.0, neginf=0.0), 0, 1)  # uncovered cells: alpha 0 anyway
     return np.stack([np.interp(t, pos, anchors[:, c]) for c in range(3)], axis=-1).astype(np.uint8)
 
 
@@ -97,7 +97,8 @@ def scene_deck(geometry: Any = None, radio_map: RadioMap | None = None, feature:
     """A 3D deck.gl view: buildings extruded from their footprints (height in m), sites
     as red columns with labels, and ``feature`` of ``radio_map`` as a ground overlay.
 
-    ``pitch=0`` gives a top view. ``sites`` defaults to the geometry's, then the map's.
+    ``pitch=0`` gives a top view. ``sites`` defaults to the map's (the layout it was
+    generated with), then the geometry's.
     """
     layers = []
     x_min, y_min, x_max, y_max = _bbox(geometry, radio_map)
@@ -113,17 +114,17 @@ def scene_deck(geometry: Any = None, radio_map: RadioMap | None = None, feature:
         layers.append(pdk.Layer("PolygonLayer", id="buildings", data=buildings, get_polygon="polygon",
                                 extruded=True, get_elevation="top", get_fill_color=[170, 170, 185, 235],
                                 get_line_color=[60, 60, 60], wireframe=True, pickable=True, auto_highlight=True))
+    if sites is None and radio_map is not None:  # the sites the map was generated with
+        sites = radio_map.attrs.get("sites")
     if sites is None and geometry is not None:
         sites = geometry.get("sites") if isinstance(geometry, Mapping) else getattr(geometry, "sites", None)
-    if sites is None and radio_map is not None:
-        sites = radio_map.attrs.get("sites")
     if sites:
         rows = []
         for i, s in enumerate(sites):
             pos = [float(v) for v in s["position"]] + [0.0] * (3 - len(s["position"]))
             lon, lat = to_lonlat(np.array(pos[:2]))
             rows.append({"position": [float(lon), float(lat)], "top": [float(lon), float(lat), pos[2] + 4.0],
-                         "height": pos[2], "name": f"site {s.get('name', i)} ({pos[2]:.0f} m)"})
+                         "height": pos[2], "name": f"{s.get('name', f'site {i}')} ({pos[2]:.0f} m)"})
         layers.append(pdk.Layer("ColumnLayer", id="sites", data=rows, get_position="position", get_elevation="height",
                                 radius=max(2.0, 0.006 * (x_max - x_min)), elevation_scale=1, extruded=True,
                                 get_fill_color=[214, 39, 40, 255], pickable=True))

@@ -44,6 +44,10 @@ def _short_label(name: str) -> str:
     return f"{name} [{spec.unit}]"
 
 
+def _ordinal(k: int) -> str:
+    return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
+
+
 def _stride(shape: tuple[int, int], max_cells: int) -> int:
     return max(1, math.ceil(max(shape) / max_cells))
 
@@ -143,11 +147,19 @@ def feature_heatmap(rm: RadioMap, feature: str, geometry: Any = None, sites: Seq
     Cells outside the coverage mask are blank. ``sites`` defaults to ``rm.attrs["sites"]``.
     """
     sites = rm.attrs.get("sites") if sites is None else sites
-    trace, k = _heatmap(rm, feature, rm.feature(feature), max_cells)
+    # colours span the 1st-99th percentile so a few extreme cells do not wash out the map;
+    # hover still shows every cell's exact value
+    covered = rm.feature(feature)[rm.valid]
+    zmin = zmax = None
+    if covered.size and not feature_spec(feature).angular:
+        zmin, zmax = (float(v) for v in np.percentile(covered, [1, 99]))
+        if zmax <= zmin:
+            zmin = zmax = None
+    trace, k = _heatmap(rm, feature, rm.feature(feature), max_cells, zmin=zmin, zmax=zmax)
     fig = go.Figure(trace)
     add_buildings(fig, geometry)
     add_sites(fig, sites)
-    note = f" (every {k}th cell shown)" if k > 1 else ""
+    note = f" (every {_ordinal(k)} cell shown)" if k > 1 else ""
     scene = rm.attrs.get("scene", "")
     fig.update_layout(
         title=title or f"{_feature_label(feature)} — {scene}, {rm.shape[0]}×{rm.shape[1]} cells of "
@@ -260,6 +272,24 @@ def error_cdf(errors: Mapping[str, np.ndarray], title: str = "Error CDF", max_m:
     return fig
 
 
+def cdf_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], title: str = "Error CDF") -> go.Figure:
+    """Pre-computed CDF curves ``{name: {"error_m": [...], "fraction": [...]}}`` (the
+    ablation's ``cdf.json``), one line per method."""
+    fig = go.Figure()
+    for name, curve in curves.items():
+        x = np.asarray(curve.get("error_m", []), dtype=np.float64)
+        y = np.asarray(curve.get("fraction", []), dtype=np.float64)
+        if x.size == 0:
+            continue
+        med = float(np.interp(0.5, y, x)) if y[-1] >= 0.5 and np.all(np.diff(y) >= 0) else float("nan")
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=f"{name} (median {med:.2f} m)",
+                                 line=dict(dash="dot" if "refine" in name else "solid"),
+                                 hovertemplate="error %{x:.2f} m<br>fraction %{y:.3f}<extra>" + name + "</extra>"))
+    fig.update_layout(title=title, xaxis_title="localization error [m]", yaxis_title="fraction of samples ≤ error",
+                      yaxis_range=[0, 1.01], height=460, margin=dict(l=60, r=20, t=60, b=50))
+    return fig
+
+
 # -- attention ---------------------------------------------------------------------------
 def temporal_attention(layers: Sequence[np.ndarray], report_mask: np.ndarray | None = None,
                        title: str = "Temporal self-attention") -> go.Figure:
@@ -285,9 +315,9 @@ def temporal_attention(layers: Sequence[np.ndarray], report_mask: np.ndarray | N
             fig.add_trace(go.Heatmap(z=attn[h], x=labels, y=labels, coloraxis="coloraxis",
                                      hovertemplate="query %{y} → key %{x}<br>weight %{z:.3f}<extra></extra>"),
                           row=l + 1, col=h + 1)
-    fig.update_yaxes(autorange="reversed")
+    fig.update_yaxes(autorange="reversed", showticklabels=False)
+    fig.update_yaxes(title_text="query report", showticklabels=True, col=1)
     fig.update_xaxes(title_text="key report", row=n_layers)
-    fig.update_yaxes(title_text="query report", col=1)
     fig.update_layout(title=title, coloraxis=dict(colorscale="Blues", cmin=0, colorbar=dict(title="weight")),
                       height=max(320, 250 * n_layers + 80), margin=dict(l=70, r=20, t=80, b=50))
     return fig

@@ -60,7 +60,7 @@ class LoadedRun:
         if self._physics is None:
             from core.training import make_physics_loss
 
-            self._physics = make_physics_loss(self.config, self.radio_map, self.device)
+            self._physics = make_physics_loss(self.config, self.radio_map, self.device, self.dataset)
         return self._physics
 
     def tensors(self, indices) -> TensorData:
@@ -269,7 +269,7 @@ def list_runs(runs_dir: str | os.PathLike = "runs", extra=("assets/default_run",
         if best is None and "val_median_m" in metrics:
             best = float(metrics["val_median_m"].min())
         rows.append({
-            "name": p.name if p.parent != root else p.name,
+            "name": str(p.relative_to(root)) if p.is_relative_to(root) else p.name,
             "path": str(p),
             "status": status.get("state", "unknown" if metrics.empty else "stopped"),
             "epochs": f"{status.get('epoch', len(metrics))}/{status.get('epochs', '?')}",

@@ -28,7 +28,8 @@ How a job runs
 Files: the database defaults to ``<repo>/.jobs/jobs.sqlite`` (``CORE_JOBS_DB``
 overrides it); each job gets ``<db dir>/<id>/log.txt`` and ``progress.json``.
 
-Statuses: ``queued`` (registered, waiter not yet running) → ``running`` →
+Statuses: ``queued`` (registered; waiting for the waiter to start, or for a free slot:
+at most ``CORE_JOBS_MAX_RUNNING`` jobs, default 2, run at once) → ``running`` →
 ``succeeded`` | ``failed`` | ``cancelled``.
 """
 
@@ -70,6 +71,9 @@ KINDS = {
     "evaluate": "evaluation",
     "selftest": "job-system self test",
 }
+
+MAX_RUNNING_ENV = "CORE_JOBS_MAX_RUNNING"
+DEFAULT_MAX_RUNNING = 2  # jobs that run at once; later ones wait as "queued" (a 2-core machine)
 
 _POLL_S = 0.5
 _QUEUED_TIMEOUT_S = 60.0  # a waiter that has not started by then never will
@@ -315,6 +319,25 @@ class JobManager:
         finally:
             db.close()
 
+    def _claim_slot(self, job_id: int, max_running: int) -> bool | None:
+        """Atomically move job ``job_id`` from queued to running if fewer than
+        ``max_running`` jobs run. ``None`` if the job is no longer queued (cancelled)."""
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute("SELECT status, cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row is None or row["status"] != "queued" or row["cancel_requested"]:
+                    return None
+                running = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'running' AND id != ?",
+                                     (job_id,)).fetchone()[0]
+                if running >= max_running:
+                    return False
+                db.execute("UPDATE jobs SET status = 'running', started = ?, message = '' WHERE id = ?",
+                           (time.time(), job_id))
+                return True
+            finally:
+                db.execute("COMMIT")
+
     def _update(self, job_id: int, **fields) -> None:
         cols = ", ".join(f"{k} = ?" for k in fields)
         with self._connect() as db:
@@ -520,6 +543,22 @@ def _wait_job(db_path: str, job_id: int) -> int:
     env[progress.PROGRESS_ENV] = job.progress_path
     env["PYTHONUNBUFFERED"] = "1"
     cmd = [sys.executable, "-m", "core", *job.args]
+    try:
+        max_running = max(1, int(os.environ.get(MAX_RUNNING_ENV, DEFAULT_MAX_RUNNING)))
+    except ValueError:
+        max_running = DEFAULT_MAX_RUNNING
+    waiting = False
+    while True:  # wait in the queue for a free slot
+        claimed = manager._claim_slot(job_id, max_running) if stop["signal"] is None else None
+        if claimed:
+            break
+        if claimed is None:  # cancelled while queued
+            manager._update(job_id, status="cancelled", finished=time.time(), error="cancelled before it started")
+            return 0
+        if not waiting:
+            waiting = True
+            manager._update(job_id, message=f"waiting: {max_running} job(s) already running")
+        time.sleep(_POLL_S)
     with open(job.log_path, "ab", buffering=0) as log:
         log.write(f"$ {job.command}\n".encode())
         try:
@@ -528,8 +567,7 @@ def _wait_job(db_path: str, job_id: int) -> int:
         except OSError as exc:
             manager._update(job_id, status="failed", finished=time.time(), error=f"could not start: {exc}")
             return 1
-        manager._update(job_id, status="running", started=time.time(), child_pid=proc.pid,
-                        child_created=_create_time(proc.pid))
+        manager._update(job_id, child_pid=proc.pid, child_created=_create_time(proc.pid))
         last = None
         while True:
             try:
@@ -581,6 +619,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default=None, help="the path the command writes (refuses a second writer)")
     p.add_argument("--wait", action="store_true", help="block until it finishes; exit with its status")
     p.add_argument("command_args", nargs=argparse.REMAINDER, help="the command, e.g. -- train --config ...")
+    for action in sub.choices.values():  # `jobs list --db X` works as well as `jobs --db X list`
+        action.add_argument("--db", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p = sub.add_parser("selftest", help="a tiny job: reports progress for a few seconds (used by tests)")
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--exit-code", type=int, default=0)

@@ -44,6 +44,7 @@ _FLAT_EXTENT_M = 0.5  # objects thinner than this (ground, markings) are not bui
 # Automatic layout defaults (see docs/maps.md)
 DEFAULT_NUM_SITES = 5
 DEFAULT_MAST_HEIGHT_M = 3.0  # antenna above the roof it stands on
+_FACADE_OFFSET_M = 1.0
 DEFAULT_AREA_SIZE_M = 512.0  # layouts cover the scene-centred square of this size
 
 
@@ -277,8 +278,9 @@ def automatic_layout(
 ) -> list[dict[str, Any]]:
     """Spread ``num_sites`` rooftop sites over ``area`` by farthest-point sampling.
 
-    Candidates are the roof centres (footprint-hull centroid, at ``height +
-    mast_height``) of buildings inside ``area`` (default: the scene-centred square of
+    Candidates are roof corners: for each building, the footprint-hull corner nearest
+    the area centre, pushed 1 m out from the facade, at ``height + mast_height``
+    (a mast at the roof centre would be shadowed by its own roof), for buildings inside ``area`` (default: the scene-centred square of
     side :data:`DEFAULT_AREA_SIZE_M`, clipped to the scene) that are at least as tall
     as the median building there. The first site is the candidate nearest the
     area centre; each next one maximises ``min distance to chosen sites`` x
@@ -295,12 +297,21 @@ def automatic_layout(
     acx, acy = 0.5 * (ax0 + ax1), 0.5 * (ay0 + ay1)
     cand, heights = [], []
     for b in buildings:
-        c = b.footprint.mean(axis=0) if len(b.footprint) else None
-        if c is None or not (ax0 + 0.05 * (ax1 - ax0) <= c[0] <= ax1 - 0.05 * (ax1 - ax0)):
+        if len(b.footprint) < 3:
+            continue
+        c = b.footprint.mean(axis=0)
+        if not (ax0 + 0.05 * (ax1 - ax0) <= c[0] <= ax1 - 0.05 * (ax1 - ax0)):
             continue
         if not (ay0 + 0.05 * (ay1 - ay0) <= c[1] <= ay1 - 0.05 * (ay1 - ay0)):
             continue
-        cand.append((c[0], c[1], b.height + mast_height))
+        # mount on the roof corner facing the area centre, 1 m out from the facade, so
+        # the building's own roof does not shadow the street below
+        k = int(np.argmin(np.hypot(b.footprint[:, 0] - acx, b.footprint[:, 1] - acy)))
+        corner = b.footprint[k]
+        out = corner - c
+        out = out / max(float(np.hypot(*out)), 1e-9)
+        p = corner + _FACADE_OFFSET_M * out
+        cand.append((p[0], p[1], b.height + mast_height))
         heights.append(b.height)
     if len(cand) < num_sites:
         radius = 0.25 * min(ax1 - ax0, ay1 - ay0)

@@ -117,9 +117,59 @@ def tensors(run: RunData, split: str, config: Config) -> TensorData:
     return build_tensors(run.dataset, run.radio_map, idx, run.spec.geometry_hint, config.physics_loss.observation)
 
 
-def make_physics_loss(config: Config, radio_map: RadioMap, device: torch.device):
+def calibrated_weights(dataset: MeasurementDataset, radio_map: RadioMap, observation: str = "latest") -> dict[str, float]:
+    """``feature_weights: auto``: ``w_f ∝ (sigma_map,f / s_f)^2`` from the TRAIN split.
+
+    ``s_f = 1.4826 * median |r_f - median r_f|`` (a robust std) of the residual
+    ``r = observed - map(true position)`` (AoA wrapped), so the physics loss's
+    ``w_f (r_f / sigma_map,f)^2 = (r_f / s_f)^2``: each feature counts by how well the
+    map predicts it, like a Gaussian likelihood with the measured spread. The weights are
+    then scaled to the same sum as the default weights.
+    """
+    from core.data_loading import physics_observation
+    from core.physics_loss import PhysicsLoss, guarded_sigma
+    from core.features import feature_spec
+
+    idx = dataset.indices("train")
+    sub = dataset.subset(idx)
+    obs = physics_observation(sub, radio_map.features, observation)
+    mask = np.isfinite(obs)
+    loss = PhysicsLoss(radio_map, loss="mse")
+    with torch.no_grad():
+        res = loss(torch.from_numpy(sub.labels.astype(np.float32)), torch.from_numpy(np.where(mask, obs, 0.0)),
+                   mask=torch.from_numpy(mask)).residual.double().numpy()
+    weights = {}
+    for f, name in enumerate(radio_map.features):
+        r = res[mask[:, f], f]
+        st = radio_map.stats[name]
+        sigma_map = guarded_sigma(st.mean, st.std, feature_spec(name).angular)
+        spread = 1.4826 * float(np.median(np.abs(r - np.median(r)))) if r.size else float("inf")
+        spread = max(spread, 1e-3 * sigma_map)
+        weights[name] = float(min((sigma_map / spread) ** 2, 1e6)) if np.isfinite(spread) else 0.0
+    # Same total as the default weights: the relative weights carry the noise model, while
+    # the loss keeps the magnitude that lambda_phys was chosen for.
+    from core.physics_loss import resolve_weights
+
+    scale = sum(resolve_weights(radio_map.features, None)) / max(sum(weights.values()), 1e-12)
+    return {name: w * scale for name, w in weights.items()}
+
+
+def resolve_config(config: Config, dataset: MeasurementDataset, radio_map: RadioMap) -> Config:
+    """``config`` with ``feature_weights: auto`` replaced by the calibrated numbers."""
+    if config.physics_loss.feature_weights != "auto":
+        return config
+    data = config.to_dict()
+    data["physics_loss"]["feature_weights"] = calibrated_weights(dataset, radio_map, config.physics_loss.observation)
+    return config_from_dict(data, "resolved config")
+
+
+def make_physics_loss(config: Config, radio_map: RadioMap, device: torch.device, dataset=None):
     from core.physics_loss import PhysicsLoss
 
+    if config.physics_loss.feature_weights == "auto":
+        if dataset is None:
+            raise ConfigError("physics_loss.feature_weights: 'auto' needs the dataset to calibrate on")
+        config = resolve_config(config, dataset, radio_map)
     p = config.physics_loss
     loss = PhysicsLoss(radio_map, weights=p.feature_weights, loss=p.loss, huber_delta=p.huber_delta)
     return loss.to(device) if hasattr(loss, "to") else loss
@@ -239,6 +289,8 @@ def train(config: Config, out_dir: str | os.PathLike, resume: bool = False, devi
         out.mkdir(parents=True, exist_ok=True)
 
     run = run_data or prepare(config)
+    if config.physics_active:  # calibrate "auto" weights now, so the run's config.yaml holds the numbers
+        config = resolve_config(config, run.dataset, run.radio_map)
     train_data, val_data = tensors(run, "train", config), tensors(run, "val", config)
     map_image = run.map_image.to(device)
     model = build_model(run.spec, config.seed).to(device)

@@ -228,7 +228,8 @@ class Workspace:
         """Ablation output folders (those holding a results table)."""
         if not self.runs_dir.is_dir():
             return []
-        return sorted(p.parent for p in self.runs_dir.glob("*/*.csv") if not p.parent.name.startswith("."))
+        found = {p.parent for pattern in ("*/table.csv", "*/cdf.json") for p in self.runs_dir.glob(pattern)}
+        return sorted(p for p in found if not p.name.startswith("."))
 
     def scene_status(self, scene: str) -> SceneStatus:
         return SceneStatus(scene, store_status(self.map_path(scene), "radio_map"),
@@ -265,8 +266,11 @@ def cached_scene_geometry(scene: str, scenes_dir: str | os.PathLike | None = Non
 
     info = resolve_scene(scene, scenes_dir)
     cache = geometry_cache_dir() / f"{info.name}.json"
+    # stale when the scene, the geometry code or the scene's site override is newer
+    sources = [Path(info.path), REPO_ROOT / "core" / "scenes.py", REPO_ROOT / "configs" / "sites" / f"{info.name}.yaml"]
+    newest = max((p.stat().st_mtime for p in sources if p.exists()), default=0.0)
     try:
-        if cache.stat().st_mtime >= Path(info.path).stat().st_mtime:
+        if cache.stat().st_mtime >= newest:
             return SceneGeometry.from_dict(json.loads(cache.read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         pass

@@ -58,7 +58,6 @@ if radio_map is not None:
             with wb.guard("comparison"):
                 rm_a = wb.load_map(ws.root / picks[0])
                 rm_b = wb.load_map(ws.root / picks[1])
-                shared = [f for f in rm_a.features if f in rm_b.features]
                 fa = cols[0].selectbox("Feature A", list(rm_a.features), key="cmp_fa")
                 fb = cols[1].selectbox("Feature B", list(rm_b.features),
                                        index=list(rm_b.features).index(fa) if fa in rm_b.features else 0, key="cmp_fb")
@@ -79,14 +78,32 @@ if radio_map is not None:
 # -- generation form ---------------------------------------------------------------------
 st.divider()
 st.subheader("Generate radio maps")
+# defaults: the settings of the current map when there is one
+gen = (radio_map.attrs.get("generator") if radio_map is not None else None) or {}
+gen = gen if isinstance(gen, dict) else {}
+shape = radio_map.shape if radio_map is not None else (512, 512)
+
+
+def _default(key, fallback, cast):
+    try:
+        return cast(gen.get(key, fallback))
+    except (TypeError, ValueError):
+        return fallback
+
+
+st.caption("The defaults are the settings of the current map." if gen else
+           "Defaults: 512 × 512 cells of 1 m around the scene centre.")
 with st.form("generate_maps"):
     cols = st.columns(5)
-    resolution = cols[0].number_input("Cell size [m]", min_value=0.1, max_value=50.0, value=1.0, step=0.5)
-    height = cols[1].number_input("Map height [cells]", min_value=8, max_value=4096, value=512, step=64)
-    width = cols[2].number_input("Map width [cells]", min_value=8, max_value=4096, value=512, step=64)
-    samples = cols[3].number_input("Samples per site", min_value=1000, max_value=100_000_000, value=1_000_000,
+    resolution = cols[0].number_input("Cell size [m]", min_value=0.1, max_value=50.0,
+                                      value=min(max(_default("resolution", 1.0, float), 0.1), 50.0), step=0.5)
+    height = cols[1].number_input("Map height [cells]", min_value=8, max_value=4096, value=int(shape[0]), step=64)
+    width = cols[2].number_input("Map width [cells]", min_value=8, max_value=4096, value=int(shape[1]), step=64)
+    samples = cols[3].number_input("Samples per site", min_value=1000, max_value=100_000_000,
+                                   value=min(max(_default("samples_per_tx", 1_000_000, int), 1000), 100_000_000),
                                    step=100_000, help="Ray-tracing samples per transmitter; time grows with it.")
-    depth = cols[4].number_input("Max depth", min_value=0, max_value=10, value=3,
+    depth = cols[4].number_input("Max depth", min_value=0, max_value=10,
+                                 value=min(max(_default("max_depth", 3, int), 0), 10),
                                  help="Maximum number of reflections per path.")
     gen_scene = st.text_input("Scene", value=scene)
     force = st.checkbox("Overwrite an existing map (--force)", value=False)

@@ -1,6 +1,8 @@
 """Training: launch from presets, follow jobs and live curves, compare runs, ablate."""
 
+import json
 import time
+
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -129,11 +131,18 @@ if runs:
     st.dataframe(table, hide_index=True, width="stretch")
 
 for ablation in ws.ablations():
-    with st.expander(f"Ablation table: {ws.rel(ablation)}", expanded=True):
-        for csv in sorted(ablation.glob("*.csv")):
-            with wb.guard(str(csv)):
-                st.caption(csv.name)
-                st.dataframe(pd.read_csv(csv), hide_index=True, width="stretch")
+    with st.expander(f"Ablation: {ws.rel(ablation)}", expanded=True):
+        for csv, what in (("table.csv", "Metrics per split and method (errors in m, success as fractions)"),
+                          ("groups.csv", "Test metrics per group (LOS/NLOS, sparse/dense reports)")):
+            if (ablation / csv).exists():
+                with wb.guard(csv):
+                    st.caption(f"{what} — `{csv}`")
+                    st.dataframe(pd.read_csv(ablation / csv), hide_index=True, width="stretch")
+        if (ablation / "cdf.json").exists():
+            with wb.guard("cdf.json"):
+                curves = json.loads((ablation / "cdf.json").read_text())
+                st.plotly_chart(figures.cdf_curves(curves, title=f"Test-split error CDF per method — "
+                                                                 f"{ws.rel(ablation)}"), key=f"abl_cdf_{ablation.name}")
 
 
 @st.cache_data(show_spinner="Predicting the test split…", max_entries=16)

@@ -348,3 +348,74 @@ def test_job_survives_an_app_restart(workspace):
         assert manager.get(job.id).status == "cancelled"
     finally:
         manager.cancel(job.id, grace_s=1.0)
+
+
+def test_ablation_results_are_tabled_and_plotted(workspace):
+    """An ablation folder (table.csv + cdf.json, as `python -m core ablate` writes them) is shown."""
+    import pandas as pd
+
+    from core.inference import load_run, predict
+    from core.metrics import error_cdf, error_metrics
+
+    run = load_run(workspace / "runs" / "tiny")
+    errors = predict(run, run.dataset.indices("test")).error_m
+    out = workspace / "runs" / "ablation"
+    out.mkdir()
+    rows = [{"split": "test", "method": name, **error_metrics(e)} for name, e in
+            (("physics_0.1", errors), ("physics_0.1+refine", errors * 0.9))]
+    pd.DataFrame(rows).to_csv(out / "table.csv", index=False)
+    (out / "cdf.json").write_text(json.dumps({r["method"]: error_cdf(e) for r, e in zip(rows, (errors, errors * 0.9))}))
+    try:
+        at = _app("pages/training.py")
+        tables = [d.value for d in at.dataframe]
+        assert any(list(t.get("method", [])) == ["physics_0.1", "physics_0.1+refine"] for t in tables)
+        cdf = next(f for f in _plotly(at) if f["layout"]["title"]["text"].startswith("Test-split error CDF"))
+        assert [t["name"].split(" (")[0] for t in cdf["data"]] == ["physics_0.1", "physics_0.1+refine"]
+        med = float(cdf["data"][0]["name"].split("median ")[1].split(" m")[0])
+        assert abs(med - np.median(errors)) < 0.05 * np.percentile(errors, 99) + 0.01  # on the 200-point grid
+    finally:
+        import shutil
+
+        shutil.rmtree(out)
+
+
+def test_corrupt_dataset_is_reported_on_training(workspace):
+    bad = workspace / "datasets" / "broken"
+    bad.mkdir(parents=True)
+    (bad / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {"kind": "x"}}))
+    at = _app("pages/training.py", scene="broken")
+    assert "Dataset broken" in _texts(at.warning) and "not a measurement dataset store" in _texts(at.warning)
+    assert any(b.label == "Make the dataset of broken" for b in at.button)
+
+
+def test_map_difference_wraps_angles_and_refuses_other_grids():
+    from core.figures import difference, ellipse_points
+    from core.radio_map import RadioMap
+
+    a = RadioMap(np.full((1, 2, 3), 179.0, np.float32), ["aoa"], (0, 0, 3, 2))
+    b = RadioMap(np.full((1, 2, 3), -179.0, np.float32), ["aoa"], (0, 0, 3, 2))
+    assert np.allclose(difference(a, b, "aoa"), -2.0)  # 179 - (-179) = 358 -> -2 deg, not 358
+    other = RadioMap(np.zeros((1, 2, 2), np.float32), ["aoa"], (0, 0, 2, 2))
+    with pytest.raises(Exception, match="different grids"):
+        difference(a, other, "aoa")
+    pts = ellipse_points((10.0, -5.0), (3.0, 1.0), n_sigma=2.0)
+    assert np.allclose(pts.max(axis=0), [16.0, -3.0], atol=1e-2) and np.allclose(pts.min(axis=0), [4.0, -7.0], atol=1e-2)
+
+
+def test_every_page_on_the_shipped_default_scene(tmp_path, monkeypatch):
+    """A clean clone opens on etoile with its shipped map, dataset and model, and every page
+    draws without a warning. Reads the shipped data only; jobs and caches go to tmp."""
+    monkeypatch.delenv("CORE_WORKSPACE", raising=False)
+    monkeypatch.setenv("CORE_JOBS_DB", str(tmp_path / "jobs.sqlite"))
+    at = _app()
+    assert at.sidebar.selectbox(key="_scene_picker").value == "etoile"
+    assert {m.label: m.value for m in at.metric}["Radio map"] == "ok"
+    assert {m.label: m.value for m in at.metric}["Dataset"] == "ok"
+    assert int({m.label: m.value for m in at.metric}["Trained models"]) >= 1
+    assert at.get("deck_gl_json_chart") and not at.warning
+    expected = {"pages/radio_maps.py": 2, "pages/training.py": 2, "pages/attention.py": 3, "pages/refinement.py": 4}
+    for page, charts in expected.items():
+        at.switch_page(page).run()
+        _no_exception(at)
+        assert not at.warning and not at.error, (page, _texts(at.warning), _texts(at.error))
+        assert len(at.get("plotly_chart")) >= charts, page

@@ -188,3 +188,20 @@ def test_cli_submit_wait_and_list(tmp_path):
     missing = subprocess.run(cmd + ["show", "7"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "no job #7" in missing.stderr
     assert Path(row["log_path"]).is_file()
+
+
+def test_jobs_beyond_the_limit_wait_queued(tmp_path):
+    manager = JobManager(tmp_path / "jobs.sqlite", cwd=tmp_path, env={"CORE_JOBS_MAX_RUNNING": "1"})
+    first = manager.submit(selftest_spec(seconds=120))
+    second = manager.submit(selftest_spec(seconds=0.2))
+    third = manager.submit(selftest_spec(seconds=0.2))
+    _wait_for(lambda: manager.get(first.id).status == "running")
+    waiting = _wait_for(lambda: (j := manager.get(second.id)).message.startswith("waiting") and j)
+    assert waiting.status == "queued" and waiting.child_pid is None
+    assert manager.cancel(third.id, grace_s=2.0).status == "cancelled"  # cancel while queued
+    assert manager.get(first.id).status == "running" and manager.get(second.id).status == "queued"
+    a = manager.cancel(first.id, grace_s=2.0)  # frees the slot
+    b = manager.wait(second.id, 90)
+    assert a.status == "cancelled" and b.status == "succeeded"
+    assert b.started >= a.finished - 0.5  # it only started once the first had ended
+    assert manager.get(third.id).status == "cancelled" and manager.get(third.id).child_pid is None

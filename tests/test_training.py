@@ -92,7 +92,11 @@ def test_run_directory_contents(scene, tmp_path):
     keys = {"epoch", "lr", "train_total", "train_coarse", "train_fine", "train_phys", "val_total", "val_coarse",
             "val_fine", "val_phys", "val_median_m", "val_p90_m", "epoch_s"}
     assert [r["epoch"] for r in rows] == [1, 2] and all(keys <= set(r) for r in rows)
-    assert load_config(run_dir / "config.yaml") == config
+    written = load_config(run_dir / "config.yaml").to_dict()
+    expected = config.to_dict()
+    assert isinstance(written["physics_loss"].pop("feature_weights"), dict)  # "auto" resolved to numbers
+    expected["physics_loss"].pop("feature_weights")
+    assert written == expected
     assert json.loads((run_dir / "status.json").read_text())["state"] == "done"
 
 
@@ -101,3 +105,19 @@ def test_early_stopping(scene, tmp_path):
     config = cfg(scene, "training.epochs=6", "training.learning_rate=1e-12", "training.early_stopping_patience=1")
     result = train(config, tmp_path / "run", show_progress=False)
     assert result["stopped_early"] and result["epochs_run"] < 6
+
+
+def test_auto_feature_weights_are_calibrated_and_written(scene, tmp_path):
+    from core.physics_loss import resolve_weights
+    from core.training import calibrated_weights
+
+    config = cfg(scene, "training.epochs=1", "physics_loss.feature_weights=auto")
+    run = prepare(config)
+    w = calibrated_weights(run.dataset, run.radio_map)
+    assert sum(w.values()) == pytest.approx(sum(resolve_weights(run.radio_map.features, None)))
+    # synthetic noise: ToA 3 ns on a map whose ToA spread is ~100 ns, path gain 2 dB on a few-dB
+    # spread: ToA must count for much more than path gain
+    assert w["toa"] > 10 * w["path_gain"]
+    train(config, tmp_path / "run", run_data=run, show_progress=False)
+    written = load_config(tmp_path / "run" / "config.yaml").physics_loss.feature_weights
+    assert written == pytest.approx(w)

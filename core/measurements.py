@@ -1,0 +1,329 @@
+"""The ray-traced UE measurement dataset (schema: :mod:`core.dataset`).
+
+``python -m core make-dataset --scene etoile --num-ues 20000 --reports 8
+--out datasets/etoile [--radio-maps radio_maps --seed 0 --sites-per-report 4
+--split random|spatial]``
+
+Walks. Each UE starts at a uniform random point of a covered outdoor cell of the
+scene's radio map (``<radio-maps>/<scene>.zarr``; without one, of the scene-centred
+512 m square), never under a roof, and walks in a straight line at a uniform random
+speed in [0.5, 1.5] m/s and heading, one report every 0.2 s (``t = 0, 0.2, ...``).
+A walk that would cross a wall (a horizontal ray from start to end hits geometry),
+leave the map or reach an uncovered point is redrawn. The label is the position at
+the last report; all positions are stored.
+
+Measurements are ray-traced by ``PathSolver`` at the exact UE positions from every
+site (never read from the radio map, which would make a map-based physics loss
+circular). For every report, with ``G_s`` the path gain [dB] of site ``s`` (sum of
+the paths' ``|a|^2``):
+
+* site slots ``k = 0..K-1`` hold the K strongest sites (slot 0 = serving) with their
+  ``(path_gain [dB], toa [ns], aoa [deg])``, ToA/AoA of the site's strongest path;
+* ``snr = P + G_serv - N``, ``sinr = P + G_serv - 10 log10(sum_{s != serv} 10^((P + G_s)/10) + 10^(N/10))``
+  (all sites interfere), ``throughput`` and ``bler`` from :mod:`core.link_abstraction`;
+* ``los``: the serving site has a line-of-sight path.
+
+Measurement noise (``attrs["noise"]``, seeded): every site's path gain + N(0, 2 dB)
+(independently), ToA + N(0, 3 ns), AoA + N(0, 3 deg) wrapped to (-180, 180]; SNR and
+SINR are recomputed from the noisy gains and throughput/BLER from the noisy SINR;
+the slot order stays the clean one. Reports go missing at random with p = 0.2
+(then NaN features, site id -1, los False), keeping at least one per UE.
+``clean/*`` holds every report's features before noise and before dropping.
+
+Split by UE, seeded: 80 % train, 10 % val, 10 % test (``--split random``), or with
+``--split spatial`` the test set is the UEs whose label lies in the 10 % of the area
+with the largest x (and val the next 10 %), a region the model never saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.errors import CoreError
+from core.features import wrap_degrees
+from core.progress import report
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """Measurement-noise model (standard deviations; see the module docstring)."""
+
+    path_gain_db: float = 2.0
+    toa_ns: float = 3.0
+    aoa_deg: float = 3.0
+    p_missing: float = 0.2
+
+
+@dataclass(frozen=True)
+class WalkConfig:
+    """UE motion: straight walks at a uniform random speed and heading."""
+
+    speed_min_mps: float = 0.5
+    speed_max_mps: float = 1.5
+    report_interval_s: float = 0.2
+
+
+def _sites_and_area(scene_name, radio_maps, scenes_dir):
+    """``(info, sites, bounds, valid [H, W] or None, map_path or None)`` for the scene."""
+    from core.radio_map import RadioMap
+    from core.scenes import DEFAULT_AREA_SIZE_M, load_scene, resolve_scene, scene_bbox, site_layout
+
+    info = resolve_scene(scene_name, scenes_dir)
+    if radio_maps:
+        path = Path(radio_maps) / f"{info.name}.zarr"
+        if path.exists():
+            rmap = RadioMap.load(path)
+            return info, rmap.attrs["sites"], rmap.bounds, rmap.valid, str(path)
+    scene = load_scene(info)
+    bb = scene_bbox(scene)
+    cx, cy, half = 0.5 * (bb[0] + bb[3]), 0.5 * (bb[1] + bb[4]), 0.5 * DEFAULT_AREA_SIZE_M
+    bounds = (max(bb[0], cx - half), max(bb[1], cy - half), min(bb[3], cx + half), min(bb[4], cy + half))
+    return info, site_layout(info.name, scenes_dir, area=bounds), bounds, None, None
+
+
+def _draw_walks(rng, scene, n, t_steps, bounds, valid, walk: WalkConfig, rx_height):
+    """Draw ``n`` outdoor straight walks: positions ``[n, T, 3]`` and times ``[T]``."""
+    import mitsuba as mi
+
+    from core.raytracing import indoor_mask
+
+    x_min, y_min, x_max, y_max = bounds
+    times = np.arange(t_steps) * walk.report_interval_s
+    out = np.empty((0, t_steps, 3))
+    if valid is not None:
+        h, w = valid.shape
+        cells = np.flatnonzero(valid)
+        if len(cells) == 0:
+            raise CoreError("the radio map has no covered cell to place UEs in")
+        cell = (x_max - x_min) / w
+    for _ in range(200):
+        need = n - len(out)
+        if need <= 0:
+            break
+        m = int(need * 1.3) + 16
+        if valid is not None:
+            pick = rng.choice(cells, m)
+            i, j = np.divmod(pick, w)
+            p0 = np.stack([x_min + (j + rng.random(m)) * cell, y_min + (i + rng.random(m)) * cell], 1)
+        else:
+            p0 = np.stack([rng.uniform(x_min, x_max, m), rng.uniform(y_min, y_max, m)], 1)
+        speed = rng.uniform(walk.speed_min_mps, walk.speed_max_mps, m)
+        heading = rng.uniform(-np.pi, np.pi, m)
+        step = np.stack([np.cos(heading), np.sin(heading)], 1) * speed[:, None]
+        xy = p0[:, None, :] + times[None, :, None] * step[:, None, :]  # [m, T, 2]
+        ok = ((xy[..., 0] > x_min) & (xy[..., 0] < x_max) & (xy[..., 1] > y_min) & (xy[..., 1] < y_max)).all(1)
+        if valid is not None:
+            jj = np.clip(((xy[..., 0] - x_min) / cell).astype(int), 0, w - 1)
+            ii = np.clip(((xy[..., 1] - y_min) / cell).astype(int), 0, h - 1)
+            ok &= valid[ii, jj].all(1)
+        xyz = np.concatenate([xy, np.full(xy.shape[:2] + (1,), rx_height)], -1)
+        ok &= ~indoor_mask(scene, xyz.reshape(-1, 3)).reshape(m, t_steps).any(1)
+        # no wall between the first and the last position
+        length = np.linalg.norm(xy[:, -1] - xy[:, 0], axis=1)
+        d = np.concatenate([np.cos(heading)[:, None], np.sin(heading)[:, None], np.zeros((m, 1))], 1).astype(np.float32)
+        o = xyz[:, 0].astype(np.float32)
+        ray = mi.Ray3f(mi.Point3f(mi.Float(o[:, 0]), mi.Float(o[:, 1]), mi.Float(o[:, 2])),
+                       mi.Vector3f(mi.Float(d[:, 0]), mi.Float(d[:, 1]), mi.Float(d[:, 2])))
+        ray.maxt = mi.Float(np.maximum(length, 1e-3).astype(np.float32))
+        ok &= ~np.asarray(scene.mi_scene.ray_test(ray), dtype=bool)
+        out = np.concatenate([out, xyz[ok]])[:n]
+    if len(out) < n:
+        raise CoreError(f"could only place {len(out)} of {n} UEs on outdoor covered walks")
+    return out, times
+
+
+def measure(traced: dict[str, np.ndarray], k_sites: int, radio, link) -> dict[str, np.ndarray]:
+    """Clean per-report measurements from per-site traces of ``M`` points.
+
+    Args:
+        traced: :func:`core.raytracing.trace_points` output, ``[M, S]`` arrays.
+        k_sites: site slots K.
+
+    Returns ``site_ids [M, K]`` int16, ``site_features [M, K, 3]``, ``cell_features [M, 4]``,
+    ``los [M]`` and ``order [M, S]`` (sites strongest first).
+    """
+    pg = traced["path_gain"].astype(np.float64)  # [M, S], -inf where no path
+    m, s = pg.shape
+    order = np.argsort(-pg, axis=1, kind="stable")
+    k = min(k_sites, s)
+    top = order[:, :k]
+    rows = np.arange(m)[:, None]
+    has = np.isfinite(pg[rows, top])
+    site_ids = np.full((m, k_sites), -1, np.int16)
+    site_ids[:, :k] = np.where(has, top, -1)
+    feats = np.full((m, k_sites, 3), np.nan, np.float32)
+    for f, name in enumerate(("path_gain", "toa", "aoa")):
+        feats[:, :k, f] = np.where(has, traced[name][rows, top], np.nan)
+    cell = cell_measurements(pg, radio, link)
+    los = traced["los"][np.arange(m), order[:, 0]] & has[:, 0]
+    return {"site_ids": site_ids, "site_features": feats, "cell_features": cell, "los": los, "order": order}
+
+
+def cell_measurements(pg_db: np.ndarray, radio, link) -> np.ndarray:
+    """``[M, 4]`` (snr, sinr, throughput, bler) from every site's path gain ``[M, S]`` [dB]."""
+    serv = np.max(pg_db, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p_mw = 10 ** ((radio.tx_power_dbm + pg_db) / 10)  # -inf dB -> 0 mW
+        interference = np.maximum(p_mw.sum(1) - 10 ** ((radio.tx_power_dbm + serv) / 10), 0.0)
+        snr = radio.tx_power_dbm + serv - radio.noise_dbm
+        sinr = radio.tx_power_dbm + serv - 10 * np.log10(interference + 10 ** (radio.noise_dbm / 10))
+    thr, bler, _ = link(sinr)
+    return np.stack([snr, sinr, thr, bler], axis=1).astype(np.float32)
+
+
+def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | None = None, seed: int = 0,
+                 k_sites: int = 4, split: str = "random", scenes_dir: str | None = None,
+                 noise: NoiseConfig = NoiseConfig(), walk: WalkConfig = WalkConfig(), trace=None):
+    """Build a :class:`~core.dataset.MeasurementDataset` (see the module docstring)."""
+    from tqdm import tqdm
+
+    from core.dataset import SPLITS, MeasurementDataset
+    from core.link_abstraction import LinkAbstraction, LinkConfig
+    from core.raytracing import RadioConfig, TraceSettings, build_scene, trace_points
+
+    if num_ues < 1:
+        raise CoreError(f"--num-ues must be >= 1, got {num_ues}")
+    if reports < 1:
+        raise CoreError(f"--reports must be >= 1, got {reports}")
+    if k_sites < 1:
+        raise CoreError(f"--sites-per-report must be >= 1, got {k_sites}")
+    if split not in ("random", "spatial"):
+        raise CoreError(f"--split must be random or spatial, got {split!r}")
+    t_start = time.perf_counter()
+    radio = RadioConfig()
+    trace = trace or TraceSettings()
+    rng = np.random.default_rng(seed)
+    report(0.0, f"{scene_name}: loading")
+    info, sites, bounds, valid, map_path = _sites_and_area(scene_name, radio_maps, scenes_dir)
+    scene = build_scene(info, sites, radio)
+    link = LinkAbstraction(LinkConfig())
+
+    # walks; UEs whose walk leaves coverage somewhere are replaced by spares
+    xyz = np.empty((0, reports, 3))
+    clean: dict[str, list[np.ndarray]] = {}
+    bar = tqdm(total=num_ues * reports, desc=f"{info.name}: ray tracing UE positions", unit="pos", dynamic_ncols=True)
+    t_trace = 0.0
+    for _ in range(20):
+        need = num_ues - len(xyz)
+        if need <= 0:
+            break
+        walks, times = _draw_walks(rng, scene, need + max(8, need // 20), reports, bounds, valid, walk,
+                                   radio.rx_height_m)
+        t0 = time.perf_counter()
+        done0 = bar.n
+        traced = trace_points(scene, walks.reshape(-1, 3), trace,
+                              progress=lambda d, n: (bar.update(min(done0 + d, num_ues * reports) - bar.n),
+                                                     report(0.9 * bar.n / (num_ues * reports), "ray tracing")))
+        t_trace += time.perf_counter() - t0
+        covered = np.isfinite(traced["path_gain"]).any(1).reshape(len(walks), reports).all(1)
+        meas = measure(traced, k_sites, radio, link)
+        keep = np.flatnonzero(covered)[:need]
+        xyz = np.concatenate([xyz, walks[keep]])
+        for key, arr in meas.items():
+            if key != "order":
+                clean.setdefault(key, []).append(arr.reshape((len(walks), reports) + arr.shape[1:])[keep])
+        clean.setdefault("pg_all", []).append(traced["path_gain"].reshape(len(walks), reports, -1)[keep])
+    bar.close()
+    if len(xyz) < num_ues:
+        raise CoreError(f"could only place {len(xyz)} of {num_ues} UEs on fully covered walks")
+    c = {k: np.concatenate(v) for k, v in clean.items()}
+    n, t = num_ues, reports
+
+    # measurement noise
+    pg_all = c["pg_all"] + rng.normal(0.0, noise.path_gain_db, c["pg_all"].shape)  # -inf stays -inf
+    site_f = c["site_features"].copy()
+    ids = c["site_ids"]
+    has = ids >= 0
+    slot_pg = np.take_along_axis(pg_all, np.where(has, ids, 0).astype(np.int64), axis=2)
+    site_f[..., 0] = np.where(has, slot_pg, np.nan)
+    site_f[..., 1] = np.where(has, site_f[..., 1] + rng.normal(0.0, noise.toa_ns, has.shape), np.nan)
+    site_f[..., 2] = np.where(has, wrap_degrees(site_f[..., 2] + rng.normal(0.0, noise.aoa_deg, has.shape)), np.nan)
+    # SNR/SINR from the noisy gains, the serving site staying the clean slot 0
+    serv = slot_pg[..., 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p_mw = 10 ** ((radio.tx_power_dbm + pg_all) / 10)
+        interf = np.maximum(p_mw.sum(-1) - 10 ** ((radio.tx_power_dbm + serv) / 10), 0.0)
+        snr = radio.tx_power_dbm + serv - radio.noise_dbm
+        sinr = radio.tx_power_dbm + serv - 10 * np.log10(interf + 10 ** (radio.noise_dbm / 10))
+    thr, bler, _ = link(sinr)
+    cell_f = np.stack([snr, sinr, thr, bler], -1).astype(np.float32)
+
+    # missing reports, at least one kept per UE
+    present = rng.random((n, t)) >= noise.p_missing
+    none = ~present.any(1)
+    present[np.flatnonzero(none), rng.integers(0, t, none.sum())] = True
+    site_f[~present] = np.nan
+    cell_f[~present] = np.nan
+    site_ids = np.where(present[..., None], ids, -1).astype(np.int16)
+    los = c["los"] & present
+
+    # split by UE
+    labels = xyz[:, -1, :2]
+    if split == "random":
+        perm = rng.permutation(n)
+        split_arr = np.zeros(n, np.int8)
+        split_arr[perm[int(0.8 * n):int(0.9 * n)]] = SPLITS["val"]
+        split_arr[perm[int(0.9 * n):]] = SPLITS["test"]
+    else:
+        x_hi, x_mid = np.quantile(labels[:, 0], [0.9, 0.8])
+        split_arr = np.where(labels[:, 0] >= x_hi, SPLITS["test"],
+                             np.where(labels[:, 0] >= x_mid, SPLITS["val"], SPLITS["train"])).astype(np.int8)
+
+    elapsed = time.perf_counter() - t_start
+    attrs: dict[str, Any] = {
+        "scene": info.name,
+        "sites": [{"name": s["name"], "position": [float(v) for v in s["position"]]} for s in sites],
+        "bounds": [float(b) for b in bounds],
+        "radio_map": map_path,
+        "noise": asdict(noise),
+        "seed": int(seed),
+        "split": {"kind": split, "fractions": {"train": 0.8, "val": 0.1, "test": 0.1},
+                  "spatial_rule": "test: label x >= 90th percentile, val: 80th-90th" if split == "spatial" else None},
+        "walk": asdict(walk),
+        "generator": {"path_solver": asdict(trace), "sites_per_report": k_sites, "source": "PathSolver at the exact UE positions",
+                      "timings": {"total_s": elapsed, "ray_tracing_s": t_trace}},
+        "radio": radio.to_dict(),
+        "link_abstraction": link.config.to_dict(),
+    }
+    report(1.0, f"{info.name}: done")
+    return MeasurementDataset(
+        ue_xyz=xyz.astype(np.float32), t=np.broadcast_to(times.astype(np.float32), (n, t)).copy(),
+        report_mask=present, site_ids=site_ids, site_features=site_f.astype(np.float32), cell_features=cell_f,
+        los=los, split=split_arr, attrs=attrs, clean_site_features=c["site_features"].astype(np.float32),
+        clean_cell_features=c["cell_features"].astype(np.float32),
+    )
+
+
+# -- command line ------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scene", required=True, help="scene name (see core.scenes.list_scenes)")
+    parser.add_argument("--num-ues", type=int, default=20_000, help="number of UE walks (samples)")
+    parser.add_argument("--reports", type=int, default=8, help="reports per walk, T (default: 8)")
+    parser.add_argument("--out", required=True, help="output Zarr store, e.g. datasets/etoile")
+    parser.add_argument("--radio-maps", default="radio_maps",
+                        help="folder with <scene>.zarr: its sites, bounds and coverage are used (default: radio_maps)")
+    parser.add_argument("--scenes-dir", default=None, help="folder of user scenes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of walks, noise and split (default: 0)")
+    parser.add_argument("--sites-per-report", type=int, default=4, help="K strongest sites per report (default: 4)")
+    parser.add_argument("--split", choices=["random", "spatial"], default="random", help="train/val/test split by UE")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing dataset")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise CoreError(f"--out {out} exists (use --force to overwrite)")
+    ds = make_dataset(args.scene, args.num_ues, args.reports, radio_maps=args.radio_maps, seed=args.seed,
+                      k_sites=args.sites_per_report, split=args.split, scenes_dir=args.scenes_dir)
+    ds.save(out)
+    timings = ds.attrs["generator"]["timings"]
+    print(f"wrote {out}: {ds.num_samples} UEs x {ds.num_reports} reports, "
+          f"{ds.report_mask.mean():.1%} reports present, {timings['total_s']:.1f} s")
+    return 0
