@@ -20,6 +20,7 @@ PAGES = [
 ]
 
 page = st.navigation(PAGES)
+st.session_state["_session_started"] = True  # see workbench.ensure_frame
 with st.sidebar:
     with wb.guard("scene list"):
         wb.scene_picker(st.sidebar)

@@ -26,6 +26,28 @@ STATUS_ICON = {"queued": ":material/schedule:", "running": ":material/autorenew:
 POLL_S = 2.0
 
 
+# -- the frame ------------------------------------------------------------------------------
+def ensure_frame() -> None:
+    """Make sure the page runs inside ``app.py``'s frame (navigation, sidebar, guard).
+
+    With a ``pages/`` folder, Streamlit starts in its old multipage mode, where a first
+    visit to a page URL (a bookmark, or a tab reconnecting after a restart) runs the
+    page file alone, before ``app.py`` ever called ``st.navigation``. Then switch to
+    ``st.navigation`` mode and rerun: the same URL now runs ``app.py`` around this page.
+    """
+    first_run = not st.session_state.get("_session_started")
+    st.session_state["_session_started"] = True
+    if not first_run:  # only a session's first run can start in the old mode (no clicks lost)
+        return
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:  # a future Streamlit: nothing to do
+        return
+    if getattr(PagesManager, "uses_pages_directory", None):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 # -- workspace and the active scene -----------------------------------------------------
 def workspace() -> Workspace:
     return Workspace.from_env()

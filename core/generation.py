@@ -22,8 +22,9 @@ Per scene, on an ``H x W`` grid of square cells (``--map-size H W``, rows along 
        toa = |p - q_s| / c + excess        aoa = azimuth(q_s - p) + residual
 
    The residuals are upsampled bilinearly (the angle one through cos/sin, so never
-   across +-180 deg) and the geometric parts recomputed exactly at each fine cell
-   centre. The serving site's values are kept.
+   across +-180 deg), each fine cell only from coarse points of its own class (line
+   of sight to the site or not, by an exact ray test), and the geometric parts are
+   recomputed exactly at each fine cell centre. The serving site's values are kept.
 
 3. ``throughput`` and ``bler`` come from :mod:`core.link_abstraction` at ``sinr``.
 
@@ -151,6 +152,28 @@ def upsample_bilinear(coarse: np.ndarray, factor: int, shape: tuple[int, int]) -
     return ndimage.map_coordinates(coarse, [gi, gj], order=1, mode="nearest")
 
 
+def upsample_by_class(coarse: np.ndarray, known: np.ndarray, coarse_class: np.ndarray, fine_class: np.ndarray,
+                      factor: int) -> np.ndarray:
+    """Upsample ``coarse [h, w]`` to ``fine_class.shape``, each fine cell from coarse points of its class.
+
+    Normalised bilinear interpolation: ``up(v * m_c) / up(m_c)`` with ``m_c`` the known
+    coarse points of class ``c`` (line of sight to the site or not) and ``c`` the fine
+    cell's class, so LOS cells never blend in the residuals of shadowed neighbours.
+    Where no coarse point of the class is near, the nearest-filled plain bilinear value.
+    """
+    shape = fine_class.shape
+    out = upsample_bilinear(_fill_nearest(np.where(known, coarse, 0.0), known), factor, shape)
+    for cls in (True, False):
+        m = (known & (coarse_class == cls)).astype(np.float64)
+        if not m.any():
+            continue
+        num = upsample_bilinear(np.where(m > 0, coarse, 0.0), factor, shape)
+        den = upsample_bilinear(m, factor, shape)
+        use = (fine_class == cls) & (den > 1e-6)
+        out[use] = num[use] / den[use]
+    return out
+
+
 def _progress_bar(total, desc, position=0):
     from tqdm import tqdm
 
@@ -162,9 +185,10 @@ def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None
     """Ray-trace one scene into a :class:`~core.radio_map.RadioMap` (see the module docstring)."""
     import mitsuba as mi
 
-    from core.link_abstraction import LinkAbstraction, LinkConfig
+    from core.link_abstraction import LinkConfig, link_abstraction
     from core.radio_map import RadioMap
-    from core.raytracing import RadioConfig, TraceSettings, build_scene, import_sionna_rt, indoor_mask, trace_points
+    from core.raytracing import (RadioConfig, TraceSettings, build_scene, import_sionna_rt, indoor_mask,
+                                 line_of_sight, trace_points)
     from core.scenes import _layout_for, buildings_of, scene_bbox
 
     settings.validate()
@@ -251,19 +275,27 @@ def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None
     toa = np.full((h, w), np.nan)
     aoa = np.full((h, w), np.nan)
     for s in range(n_sites):
+        here = (serving == s) & valid
+        if not here.any():
+            continue
         ctoa = np.full(len(cxyz), np.nan)
         caoa = np.full(len(cxyz), np.nan)
         ctoa[c_out], caoa[c_out] = traced["toa"][:, s], traced["aoa"][:, s]
         g_toa, g_aoa = geometric_toa_aoa(cxyz, site_pos[s])
-        known = np.isfinite(ctoa).reshape(hc, wc)
-        excess = _fill_nearest(np.where(np.isfinite(ctoa), ctoa - g_toa, 0.0).reshape(hc, wc), known)
-        resid = np.radians(np.where(np.isfinite(caoa), caoa - g_aoa, 0.0)).reshape(hc, wc)
-        cos_r = _fill_nearest(np.cos(resid), known)
-        sin_r = _fill_nearest(np.sin(resid), known)
-        fine_excess = np.maximum(upsample_bilinear(excess, f, (h, w)), 0.0)
-        fine_resid = np.degrees(np.arctan2(upsample_bilinear(sin_r, f, (h, w)), upsample_bilinear(cos_r, f, (h, w))))
+        known = np.isfinite(ctoa)
+        # residuals: excess delay and azimuth offset of the strongest path (0 when LOS)
+        excess = np.where(known, ctoa - g_toa, 0.0)
+        resid = np.radians(np.where(known, caoa - g_aoa, 0.0))
+        c_los = line_of_sight(scene, cxyz, site_pos[s])
+        f_los = np.zeros((h, w), bool)
+        f_los[here] = line_of_sight(scene, xyz[here], site_pos[s])
+        up = {}
+        for name, vals in (("excess", excess), ("cos", np.cos(resid)), ("sin", np.sin(resid))):
+            up[name] = upsample_by_class(vals.reshape(hc, wc), known.reshape(hc, wc), c_los.reshape(hc, wc),
+                                         f_los, f)
+        fine_excess = np.maximum(up["excess"], 0.0)
+        fine_resid = np.degrees(np.arctan2(up["sin"], up["cos"]))
         f_toa, f_aoa = geometric_toa_aoa(xyz, site_pos[s])
-        here = serving == s
         toa[here] = (f_toa + fine_excess)[here]
         aoa[here] = wrap_degrees(f_aoa + fine_resid)[here]
     timings["paths_s"] = time.perf_counter() - t
@@ -272,7 +304,7 @@ def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None
     # 3. link abstraction
     t = time.perf_counter()
     stage("link", 3)
-    link = link or LinkAbstraction(LinkConfig())
+    link = link or link_abstraction(LinkConfig())
     thr, bler, _ = link(np.where(valid, sinr, np.nan))
     timings["link_s"] = time.perf_counter() - t
     bar.update(1)
@@ -286,7 +318,8 @@ def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None
     gen = asdict(settings)
     gen.update(center=list(center), toa_aoa_resolution_m=cell_c, toa_aoa_grid=[hc, wc],
                toa_aoa_method="PathSolver strongest path on the decimated grid; exact geometric delay/azimuth "
-                              "plus bilinearly upsampled excess delay and cos/sin azimuth residual",
+                              "plus excess delay and cos/sin azimuth residual, bilinearly upsampled within "
+                              "the LOS / NLOS class of each cell",
                path_solver={"max_depth": trace.max_depth, "samples_per_src": trace.samples_per_src},
                sionna_rt=rt.__version__, timings=timings)
     attrs = {

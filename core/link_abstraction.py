@@ -127,3 +127,13 @@ class LinkAbstraction:
         mod, rate = self._phy._mcs_decoder_fun(mcs, cfg.mcs_table_index, cfg.mcs_category)
         tb_size, _, _ = self._phy._transport_block_info(mod, rate, mod * n_re)
         return tb_size.to(self._torch.float32)
+
+
+_CACHE: dict[LinkConfig, LinkAbstraction] = {}
+
+
+def link_abstraction(config: LinkConfig = LinkConfig()) -> LinkAbstraction:
+    """A shared :class:`LinkAbstraction` per config (building one takes seconds)."""
+    if config not in _CACHE:
+        _CACHE[config] = LinkAbstraction(config)
+    return _CACHE[config]

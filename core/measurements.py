@@ -38,7 +38,6 @@ with the largest x (and val the next 10 %), a region the model never saw.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -185,7 +184,7 @@ def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | 
     from tqdm import tqdm
 
     from core.dataset import SPLITS, MeasurementDataset
-    from core.link_abstraction import LinkAbstraction, LinkConfig
+    from core.link_abstraction import LinkConfig, link_abstraction
     from core.raytracing import RadioConfig, TraceSettings, build_scene, trace_points
 
     if num_ues < 1:
@@ -203,7 +202,7 @@ def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | 
     report(0.0, f"{scene_name}: loading")
     info, sites, bounds, valid, map_path = _sites_and_area(scene_name, radio_maps, scenes_dir)
     scene = build_scene(info, sites, radio)
-    link = LinkAbstraction(LinkConfig())
+    link = link_abstraction(LinkConfig())
 
     # walks; UEs whose walk leaves coverage somewhere are replaced by spares
     xyz = np.empty((0, reports, 3))

@@ -32,7 +32,7 @@ _rt = None
 
 
 def import_sionna_rt():
-    """Import ``sionna.rt`` once: CUDA variant on a GPU, LLVM on the CPU; register our pattern."""
+    """Import ``sionna.rt`` once: the CUDA variant on a GPU, LLVM on the CPU."""
     global _rt
     if _rt is not None:
         return _rt

@@ -6,6 +6,7 @@ import streamlit as st
 import workbench as wb
 from core import figures
 
+wb.ensure_frame()
 st.title("Attention")
 ws = wb.workspace()
 scene = wb.active_scene()
@@ -20,7 +21,9 @@ if not runs:
     st.stop()
 
 names = [r.name for r in runs]
-preferred = [i for i, r in enumerate(runs) if r.scene == scene]
+# default: a finished run of the active scene (a run still training is listed, not preselected)
+preferred = ([i for i, r in enumerate(runs) if r.scene == scene and r.state == "done"]
+             or [i for i, r in enumerate(runs) if r.scene == scene])
 cols = st.columns([3, 1, 1])
 name = cols[0].selectbox("Run", names, index=preferred[0] if preferred else 0, key="att_run")
 split = cols[1].selectbox("Split", ["test", "val", "train"], key="att_split")

@@ -7,6 +7,7 @@ from core import figures
 from core.jobs import generate_maps_spec
 from core.workspace import store_status
 
+wb.ensure_frame()
 st.title("Radio maps")
 ws = wb.workspace()
 scene = wb.active_scene()

@@ -7,6 +7,7 @@ import streamlit as st
 import workbench as wb
 from core import figures
 
+wb.ensure_frame()
 st.title("Refinement inspector")
 ws = wb.workspace()
 scene = wb.active_scene()
@@ -20,7 +21,9 @@ if not runs:
     st.page_link("pages/training.py", label="Go to Training")
     st.stop()
 names = [r.name for r in runs]
-preferred = [i for i, r in enumerate(runs) if r.scene == scene]
+# default: a finished run of the active scene (a run still training is listed, not preselected)
+preferred = ([i for i, r in enumerate(runs) if r.scene == scene and r.state == "done"]
+             or [i for i, r in enumerate(runs) if r.scene == scene])
 c = st.columns([3, 1, 1])
 name = c[0].selectbox("Run", names, index=preferred[0] if preferred else 0, key="ref_run")
 split = c[1].selectbox("Split", ["test", "val", "train"], key="ref_split")

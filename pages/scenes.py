@@ -6,6 +6,7 @@ import streamlit as st
 import workbench as wb
 from core.jobs import generate_maps_spec, make_dataset_spec
 
+wb.ensure_frame()
 st.title("Scenes")
 st.caption("Pick the active scene in the sidebar; every page then works on it. "
            "Below: the scene in 3D and what exists for it.")

@@ -11,8 +11,9 @@ import yaml
 import workbench as wb
 from core import figures
 from core.jobs import ablate_spec, make_dataset_spec, train_spec
-from core.workspace import PRESETS, REPO_ROOT, read_metrics, store_status
+from core.workspace import PRESETS, REPO_ROOT, read_metrics, run_info, store_status
 
+wb.ensure_frame()
 st.title("Training")
 ws = wb.workspace()
 scene = wb.active_scene()
@@ -107,7 +108,9 @@ else:
     default = run_names.index(pending) if pending in run_names else 0
     picked = st.selectbox("Run", run_names, index=default, key="curve_pick")
     active_outputs = {j.output for j in wb.jobs().active()}
-    live = str((ws.root / picked).resolve()) in active_outputs
+    # live while a job writes it, or while its status says it trains (e.g. started from a terminal)
+    live = (str((ws.root / picked).resolve()) in active_outputs
+            or ((ws.root / picked).is_dir() and run_info(ws.root / picked).state == "running"))
 
     @st.fragment(run_every=3.0 if live else None)
     def curves() -> None:

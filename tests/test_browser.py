@@ -12,6 +12,7 @@ Set ``BROWSER_SCREENSHOTS=DIR`` to keep a full-page screenshot of every page.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -108,11 +109,36 @@ def browser_page(server):
 
         context.route("**/*", route)
         page = context.new_page()
-        page.on("console", lambda m: m.type == "error" and problems.append(f"console error: {m.text[:300]}"))
+        probes: list[str] = []  # Streamlit's own probes of <page>/_stcore/* on a deep link
+
+        def on_response(r):
+            if r.status >= 400:
+                path = urlparse(r.url).path
+                if re.fullmatch(r"/[\w-]+/_stcore/(host-config|health)", path):
+                    probes.append(path)
+                else:
+                    problems.append(f"HTTP {r.status}: {r.url}")
+
+        def on_console(m):
+            if m.type != "error":
+                return
+            if probes and m.text.startswith("Failed to load resource: the server responded with a status of 404"):
+                probes.pop()  # the console echo of one such probe
+                return
+            problems.append(f"console error: {m.text[:300]}")
+
+        page.on("response", on_response)
+        page.on("console", on_console)
         page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
         page.set_default_timeout(120_000)
-        page.goto(url)
-        page.wait_for_selector('[data-testid="stSidebarNav"]')
+        # the first visit of a fresh server is a deep link (a bookmark, a reconnecting tab):
+        # it must still run inside app.py's frame (titled navigation, scene picker)
+        page.goto(f"{url}/attention")
+        page.get_by_role("heading", name="Attention", exact=True).wait_for()
+        nav = page.get_by_test_id("stSidebarNav")
+        nav.get_by_text("Refinement inspector", exact=True).wait_for()
+        page.get_by_test_id("stSidebar").get_by_text("Active scene").wait_for()
+        _settle(page)
         yield page, problems
         context.close()
         browser.close()

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     variants = {}
     for name, cfg in (("lambda_0", base_cfg), (f"lambda_{args.lambda_phys:g}", phys_cfg)):
         model = build_model(run_data.spec, cfg.seed).to(device)
-        physics = make_physics_loss(cfg, run_data.radio_map, device) if cfg.physics_active else None
+        physics = make_physics_loss(cfg, run_data.radio_map, device, run_data.dataset) if cfg.physics_active else None
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate)
         variants[name] = (cfg, model, physics, opt)
 
