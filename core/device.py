@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from core.errors import CoreError
+
+if TYPE_CHECKING:  # torch is imported lazily so `python -m core --help` stays fast
+    import torch
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -15,6 +18,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     ``"auto"`` (or ``None``) picks ``cuda`` when available, else ``cpu``. Asking for
     CUDA on a machine without it is an error, not a silent fallback.
     """
+    import torch
+
     if isinstance(name, torch.device):
         return name
     if name in (None, "auto"):

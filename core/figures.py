@@ -308,7 +308,7 @@ def temporal_attention(layers: Sequence[np.ndarray], report_mask: np.ndarray | N
     labels = [f"r{i}" + ("" if report_mask is None or report_mask[i] else " (missing)") for i in range(t)]
     fig = make_subplots(rows=n_layers, cols=heads, subplot_titles=[f"layer {l + 1}, head {h + 1}"
                                                                     for l in range(n_layers) for h in range(heads)],
-                        horizontal_spacing=0.03, vertical_spacing=0.12 / max(1, n_layers - 1) if n_layers > 1 else 0.1)
+                        horizontal_spacing=0.03, vertical_spacing=min(0.12, 0.3 / n_layers))
     for l, attn in enumerate(layers):
         attn = np.asarray(attn, dtype=np.float64)
         for h in range(heads):
@@ -317,7 +317,8 @@ def temporal_attention(layers: Sequence[np.ndarray], report_mask: np.ndarray | N
                           row=l + 1, col=h + 1)
     fig.update_yaxes(autorange="reversed", showticklabels=False)
     fig.update_yaxes(title_text="query report", showticklabels=True, col=1)
-    fig.update_xaxes(title_text="key report", row=n_layers)
+    fig.update_xaxes(showticklabels=False)
+    fig.update_xaxes(title_text="key report", showticklabels=True, row=n_layers)
     fig.update_layout(title=title, coloraxis=dict(colorscale="Blues", cmin=0, colorbar=dict(title="weight")),
                       height=max(320, 250 * n_layers + 80), margin=dict(l=70, r=20, t=80, b=50))
     return fig
