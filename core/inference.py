@@ -247,10 +247,12 @@ def list_runs(runs_dir: str | os.PathLike = "runs", extra=("assets/default_run",
         candidates += sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         candidates += sorted(p for p in root.glob("*/*") if p.is_dir() and (p / "config.yaml").exists()
                              and not p.name.startswith("."))
+    names: dict[Path, str] = {}
     for e in extra or ():
         p = _resolve(e)
         if p.is_dir():
             candidates.append(p)
+            names[p] = str(e)  # e.g. "assets/default_run", not to be confused with a run of that name
     rows, seen = [], set()
     for p in candidates:
         if p.resolve() in seen or not (p / "config.yaml").exists():
@@ -269,7 +271,7 @@ def list_runs(runs_dir: str | os.PathLike = "runs", extra=("assets/default_run",
         if best is None and "val_median_m" in metrics:
             best = float(metrics["val_median_m"].min())
         rows.append({
-            "name": str(p.relative_to(root)) if p.is_relative_to(root) else p.name,
+            "name": names.get(p) or (str(p.relative_to(root)) if p.is_relative_to(root) else p.name),
             "path": str(p),
             "status": status.get("state", "unknown" if metrics.empty else "stopped"),
             "epochs": f"{status.get('epoch', len(metrics))}/{status.get('epochs', '?')}",
