@@ -295,3 +295,20 @@ def missing_box(what: str, message: str, spec: JobSpec | None, button: str, key:
 
 def elapsed(start: float) -> str:
     return f"{time.time() - start:.1f} s"
+
+
+def pick_run(ws: Workspace, scene: str, container, key: str) -> str:
+    """A run picker over the trained runs, preselecting a finished run of ``scene``.
+
+    Stops the page with a pointer to the Training page when there is no trained run.
+    """
+    runs = [r for r in ws.runs() if r.has_checkpoint]
+    if not runs:
+        st.warning("No trained model yet. Train one on the Training page (the shipped model lives in "
+                   f"`{ws.rel(ws.default_run_path())}`).")
+        st.page_link("pages/training.py", label="Go to Training")
+        st.stop()
+    # a run still training is listed, not preselected
+    preferred = ([i for i, r in enumerate(runs) if r.scene == scene and r.state == "done"]
+                 or [i for i, r in enumerate(runs) if r.scene == scene])
+    return container.selectbox("Run", [r.name for r in runs], index=preferred[0] if preferred else 0, key=key)

@@ -33,6 +33,7 @@ import numpy as np
 
 from core.atomic import atomic_path
 from core.errors import StoreError
+from core.store import open_group
 
 FORMAT_VERSION = 1
 SITE_FEATURES: tuple[str, ...] = ("path_gain", "toa", "aoa")
@@ -181,22 +182,10 @@ class MeasurementDataset:
     @classmethod
     def load(cls, path: str | os.PathLike) -> MeasurementDataset:
         """Read and validate a dataset; errors name ``path`` and the problem."""
-        import zarr
-
         path = Path(path)
-        if not path.exists():
-            raise StoreError(f"dataset {path}: no such store (make it with `python -m core make-dataset`)")
-        try:
-            group = zarr.open_group(store=str(path), mode="r")
-            meta = dict(group.attrs)
-        except Exception as exc:
-            raise StoreError(f"dataset {path}: not a readable Zarr group ({type(exc).__name__}: {exc})") from None
-        if meta.get("kind") != "measurement_dataset":
-            raise StoreError(f"dataset {path}: not a measurement-dataset store (kind={meta.get('kind')!r})")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise StoreError(
-                f"dataset {path}: format version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}"
-            )
+        group, meta = open_group(
+            path, "dataset", "measurement_dataset", FORMAT_VERSION, "make it with `python -m core make-dataset`"
+        )
         arrays: dict[str, np.ndarray] = {}
         try:
             for name in _ARRAYS:

@@ -38,6 +38,7 @@ import numpy as np
 
 from core.atomic import atomic_path
 from core.errors import StoreError
+from core.store import open_group
 from core.features import feature_spec
 
 FORMAT_VERSION = 1
@@ -289,21 +290,10 @@ class RadioMap:
         Raises :class:`~core.errors.StoreError` naming ``path`` and the problem when the
         store is missing, corrupt, of another format version, or inconsistent.
         """
-        import zarr
-
         path = Path(path)
-        if not path.exists():
-            raise StoreError(f"radio map {path}: no such store (generate it with `python -m core generate-maps`)")
-        try:
-            group = zarr.open_group(store=str(path), mode="r")
-            meta = dict(group.attrs)
-        except Exception as exc:
-            raise StoreError(f"radio map {path}: not a readable Zarr group ({type(exc).__name__}: {exc})") from None
-        if meta.get("kind") != "radio_map":
-            raise StoreError(f"radio map {path}: not a radio-map store (missing kind='radio_map' in its attrs)")
-        version = meta.get("format_version")
-        if version != FORMAT_VERSION:
-            raise StoreError(f"radio map {path}: format version {version!r}, this code reads version {FORMAT_VERSION}")
+        group, meta = open_group(
+            path, "radio map", "radio_map", FORMAT_VERSION, "generate it with `python -m core generate-maps`"
+        )
         for key in ("features", "bounds"):
             if key not in meta:
                 raise StoreError(f"radio map {path}: attrs lack {key!r}")

@@ -13,19 +13,8 @@ scene = wb.active_scene()
 st.caption("Each measurement report is a token. Reports attend to each other (temporal self-attention) and to "
            "tokens of radio-map patches (cross-attention).")
 
-runs = [r for r in ws.runs() if r.has_checkpoint]
-if not runs:
-    st.warning("No trained model yet. Train one on the Training page (the shipped model lives in "
-               f"`{ws.rel(ws.default_run_path())}`).")
-    st.page_link("pages/training.py", label="Go to Training")
-    st.stop()
-
-names = [r.name for r in runs]
-# default: a finished run of the active scene (a run still training is listed, not preselected)
-preferred = ([i for i, r in enumerate(runs) if r.scene == scene and r.state == "done"]
-             or [i for i, r in enumerate(runs) if r.scene == scene])
 cols = st.columns([3, 1, 1])
-name = cols[0].selectbox("Run", names, index=preferred[0] if preferred else 0, key="att_run")
+name = wb.pick_run(ws, scene, cols[0], key="att_run")
 split = cols[1].selectbox("Split", ["test", "val", "train"], key="att_split")
 
 run = None

@@ -15,17 +15,8 @@ st.caption("Test-time refinement moves a prediction downhill on the physics loss
            "measured features and the radio map at the predicted position (plus a prior that keeps it near the "
            "network's estimate, scaled by its σ).")
 
-runs = [r for r in ws.runs() if r.has_checkpoint]
-if not runs:
-    st.warning("No trained model yet. Train one on the Training page.")
-    st.page_link("pages/training.py", label="Go to Training")
-    st.stop()
-names = [r.name for r in runs]
-# default: a finished run of the active scene (a run still training is listed, not preselected)
-preferred = ([i for i, r in enumerate(runs) if r.scene == scene and r.state == "done"]
-             or [i for i, r in enumerate(runs) if r.scene == scene])
 c = st.columns([3, 1, 1])
-name = c[0].selectbox("Run", names, index=preferred[0] if preferred else 0, key="ref_run")
+name = wb.pick_run(ws, scene, c[0], key="ref_run")
 split = c[1].selectbox("Split", ["test", "val", "train"], key="ref_split")
 limit = c[2].number_input("Samples (max)", min_value=50, max_value=20000, value=2000, step=250, key="ref_limit")
 
