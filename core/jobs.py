@@ -321,7 +321,8 @@ class JobManager:
 
     def _claim_slot(self, job_id: int, max_running: int) -> bool | None:
         """Atomically move job ``job_id`` from queued to running if fewer than
-        ``max_running`` jobs run. ``None`` if the job is no longer queued (cancelled)."""
+        ``max_running`` jobs run and no earlier job still waits (first come, first
+        served). ``None`` if the job is no longer queued (cancelled)."""
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -330,7 +331,9 @@ class JobManager:
                     return None
                 running = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'running' AND id != ?",
                                      (job_id,)).fetchone()[0]
-                if running >= max_running:
+                earlier = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND id < ? "
+                                     "AND cancel_requested = 0", (job_id,)).fetchone()[0]
+                if running + earlier >= max_running:
                     return False
                 db.execute("UPDATE jobs SET status = 'running', started = ?, message = '' WHERE id = ?",
                            (time.time(), job_id))
@@ -557,8 +560,9 @@ def _wait_job(db_path: str, job_id: int) -> int:
             return 0
         if not waiting:
             waiting = True
-            manager._update(job_id, message=f"waiting: {max_running} job(s) already running")
+            manager._update(job_id, message=f"waiting: {max_running} job(s) already running or queued first")
         time.sleep(_POLL_S)
+        manager.active()  # marks dead jobs failed, so they free their slot
     with open(job.log_path, "ab", buffering=0) as log:
         log.write(f"$ {job.command}\n".encode())
         try:
