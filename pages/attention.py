@@ -29,7 +29,7 @@ idx = run.dataset.indices(split)
 if idx.size == 0:
     st.warning(f"The {split} split of this run's dataset is empty.")
     st.stop()
-pos = cols[2].number_input(f"Sample (0–{idx.size - 1})", min_value=0, max_value=int(idx.size - 1), value=0,
+pos = cols[2].number_input(f"{split.capitalize()} sample (0–{idx.size - 1})", min_value=0, max_value=int(idx.size - 1), value=0,
                            key="att_sample")
 sample = int(idx[pos])
 
@@ -46,7 +46,7 @@ with wb.guard("attention"):
     pred = attention_of(str(ws.root / name), wb.mtime(ws.root / name), (sample,))
     geometry = wb.geometry(run.config.data.scene or scene)
     sites = run.radio_map.attrs.get("sites")
-    st.markdown(f"Sample **{sample}**: error **{pred.error_m[0]:.1f} m**, confidence {pred.confidence[0]:.2f}, "
+    st.markdown(f"{split.capitalize()} sample {pos} (dataset sample **{sample}**): error **{pred.error_m[0]:.1f} m**, confidence {pred.confidence[0]:.2f}, "
                 f"{int(pred.num_reports[0])} valid reports, {'LOS' if pred.los[0] else 'NLOS'} at the last report.")
     mask = run.dataset.report_mask[sample]
     temporal = [layer[0] for layer in pred.attention["temporal"]]  # L x [heads, T, T]
