@@ -70,7 +70,8 @@ def test_launch_progress_finish(manager, tmp_path):
     assert json.loads((tmp_path / "result.json").read_text())["ok"] is True
     log = manager.log(job.id)
     assert log.splitlines()[0] == "$ " + job.command and "selftest done" in log
-    assert _gone(done.pid) and _gone(done.child_pid)
+    assert _gone(done.child_pid)  # the command ended before its status was recorded
+    assert _wait_for(lambda: _gone(done.pid), timeout=10)  # the waiter exits right after recording it
 
 
 def test_failing_command_is_failed_with_exit_status_and_log_tail(manager):
