@@ -127,8 +127,8 @@ def calibrated_weights(dataset: MeasurementDataset, radio_map: RadioMap, observa
     then scaled to the same sum as the default weights.
     """
     from core.data_loading import physics_observation
-    from core.physics_loss import PhysicsLoss, guarded_sigma
     from core.features import feature_spec
+    from core.physics_loss import PhysicsLoss, guarded_sigma, resolve_weights
 
     idx = dataset.indices("train")
     sub = dataset.subset(idx)
@@ -148,8 +148,6 @@ def calibrated_weights(dataset: MeasurementDataset, radio_map: RadioMap, observa
         weights[name] = float(min((sigma_map / spread) ** 2, 1e6)) if np.isfinite(spread) else 0.0
     # Same total as the default weights: the relative weights carry the noise model, while
     # the loss keeps the magnitude that lambda_phys was chosen for.
-    from core.physics_loss import resolve_weights
-
     scale = sum(resolve_weights(radio_map.features, None)) / max(sum(weights.values()), 1e-12)
     return {name: w * scale for name, w in weights.items()}
 
@@ -171,8 +169,7 @@ def make_physics_loss(config: Config, radio_map: RadioMap, device: torch.device,
             raise ConfigError("physics_loss.feature_weights: 'auto' needs the dataset to calibrate on")
         config = resolve_config(config, dataset, radio_map)
     p = config.physics_loss
-    loss = PhysicsLoss(radio_map, weights=p.feature_weights, loss=p.loss, huber_delta=p.huber_delta)
-    return loss.to(device) if hasattr(loss, "to") else loss
+    return PhysicsLoss(radio_map, weights=p.feature_weights, loss=p.loss, huber_delta=p.huber_delta).to(device)
 
 
 # -- losses -------------------------------------------------------------------------------
