@@ -180,7 +180,10 @@ def test_every_page_renders(browser_page):
         if deck:
             canvas = page.locator('[data-testid="stDeckGlJsonChart"] canvas').first
             canvas.wait_for(state="visible")
-            box = canvas.bounding_box()
+            # a new canvas is 300x150 until deck.gl sizes it to its container
+            deadline = time.time() + 30
+            while (box := canvas.bounding_box()) and box["height"] <= 300 and time.time() < deadline:
+                page.wait_for_timeout(250)
             assert box and box["width"] > 300 and box["height"] > 300, f"deck.gl canvas too small: {box}"
         _no_exception_box(page, label)
         if shots:
