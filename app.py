@@ -7,7 +7,7 @@ call ``core`` and draw.
 
 import streamlit as st
 
-import workbench as wb
+import app_widgets as wb
 
 st.set_page_config(page_title="Localization workbench", layout="wide")
 

@@ -24,13 +24,13 @@ from core.errors import CoreError
 
 #: command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate-maps": ("core.generation", "ray-trace radio maps of scenes with Sionna RT into Zarr stores"),
-    "make-dataset": ("core.measurements", "ray-trace a UE measurement dataset along random walks"),
-    "train": ("core.training", "train the map-conditioned transformer from a YAML config"),
-    "evaluate": ("core.evaluation", "evaluate a training run (optionally with gradient refinement)"),
-    "ablate": ("core.ablation", "train and evaluate baseline vs physics-regularized models"),
+    "generate-maps": ("core.raytracing.generation", "ray-trace radio maps of scenes with Sionna RT into Zarr stores"),
+    "make-dataset": ("core.raytracing.measurements", "ray-trace a UE measurement dataset along random walks"),
+    "train": ("core.learning.training", "train the map-conditioned transformer from a YAML config"),
+    "evaluate": ("core.learning.evaluation", "evaluate a training run (optionally with gradient refinement)"),
+    "ablate": ("core.learning.ablation", "train and evaluate baseline vs physics-regularized models"),
     "bench": ("core.benchmarks.cli", "run a benchmark (physics, maps, train); prints a table, writes JSON"),
-    "jobs": ("core.jobs", "list, follow, submit and cancel the background jobs the app also uses"),
+    "jobs": ("core.jobs.manager", "list, follow, submit and cancel the background jobs the app also uses"),
 }
 
 

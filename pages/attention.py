@@ -3,8 +3,8 @@
 import numpy as np
 import streamlit as st
 
-import workbench as wb
-from core import figures
+import app_widgets as wb
+from core.viz import plots as figures
 
 wb.ensure_frame()
 st.title("Attention")
@@ -36,7 +36,7 @@ sample = int(idx[pos])
 
 @st.cache_data(show_spinner="Running the model…", max_entries=32)
 def attention_of(path: str, stamp: float, indices: tuple[int, ...]):
-    from core.inference import predict
+    from core.learning.inference import predict
 
     p = predict(wb.load_run(path), np.array(indices), return_attention=True)
     return p

@@ -2,10 +2,10 @@
 
 import streamlit as st
 
-import workbench as wb
-from core import figures
-from core.jobs import generate_maps_spec
-from core.workspace import store_status
+import app_widgets as wb
+from core.jobs.manager import generate_maps_spec
+from core.stores.workspace import store_status
+from core.viz import plots as figures
 
 wb.ensure_frame()
 st.title("Radio maps")

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-import workbench as wb
-from core import figures
+import app_widgets as wb
+from core.viz import plots as figures
 
 wb.ensure_frame()
 st.title("Refinement inspector")
@@ -29,7 +29,7 @@ if run is None:
 
 @st.cache_data(show_spinner="Predicting…", max_entries=16)
 def predictions(path: str, stamp: float, split: str, limit: int) -> pd.DataFrame:
-    from core.inference import predict
+    from core.learning.inference import predict
 
     r = wb.load_run(path)
     idx = r.dataset.indices(split)[:limit]
@@ -42,7 +42,7 @@ def predictions(path: str, stamp: float, split: str, limit: int) -> pd.DataFrame
 
 @st.cache_data(show_spinner="Refining…", max_entries=64)
 def refined(path: str, stamp: float, indices: tuple[int, ...], steps: int, lr: float, threshold: float):
-    from core.inference import predict, refine_prediction
+    from core.learning.inference import predict, refine_prediction
 
     r = wb.load_run(path)
     p = predict(r, np.array(indices))

@@ -3,8 +3,8 @@
 import pandas as pd
 import streamlit as st
 
-import workbench as wb
-from core.jobs import generate_maps_spec, make_dataset_spec
+import app_widgets as wb
+from core.jobs.manager import generate_maps_spec, make_dataset_spec
 
 wb.ensure_frame()
 st.title("Scenes")
@@ -54,7 +54,7 @@ if geometry is None and radio_map is None:
     st.info("Nothing to draw yet for this scene: no geometry and no radio map.")
 else:
     with wb.guard("3D view"):
-        from core.deck import coverage_caption, scene_deck
+        from core.viz.scene_deck import coverage_caption, scene_deck
 
         deck = scene_deck(geometry, radio_map, feature or "path_gain", pitch=50.0 if view == "3D" else 0.0,
                           bearing=-20.0 if view == "3D" else 0.0)

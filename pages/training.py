@@ -8,10 +8,11 @@ import pandas as pd
 import streamlit as st
 import yaml
 
-import workbench as wb
-from core import figures
-from core.jobs import ablate_spec, make_dataset_spec, train_spec
-from core.workspace import PRESETS, REPO_ROOT, read_metrics, run_info, store_status
+import app_widgets as wb
+from core import REPO_ROOT
+from core.jobs.manager import ablate_spec, make_dataset_spec, train_spec
+from core.stores.workspace import PRESETS, read_metrics, run_info, store_status
+from core.viz import plots as figures
 
 wb.ensure_frame()
 st.title("Training")
@@ -150,7 +151,7 @@ for ablation in ws.ablations():
 
 @st.cache_data(show_spinner="Predicting the test split…", max_entries=16)
 def test_errors(path: str, stamp: float, limit: int = 2000) -> np.ndarray:
-    from core.inference import predict
+    from core.learning.inference import predict
 
     run = wb.load_run(path)
     idx = run.dataset.indices("test")[:limit]

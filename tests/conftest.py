@@ -13,7 +13,7 @@ TINY_SCENE = "simple_street_canyon"
 
 @pytest.fixture(scope="session")
 def tiny_map_settings():
-    from core.generation import MapSettings
+    from core.raytracing.generation import MapSettings
 
     # 64 x 64 cells of 2 m cover the whole street canyon; few rays keep it fast
     return MapSettings(resolution=2.0, map_size=(64, 64), samples_per_tx=300_000, max_depth=3,
@@ -22,9 +22,9 @@ def tiny_map_settings():
 
 @pytest.fixture(scope="session")
 def tiny_map(tiny_map_settings):
-    """The generated :class:`~core.radio_map.RadioMap` of the tiny scene."""
-    from core.generation import generate_map
-    from core.scenes import resolve_scene
+    """The generated :class:`~core.stores.radio_map.RadioMap` of the tiny scene."""
+    from core.raytracing.generation import generate_map
+    from core.raytracing.scenes import resolve_scene
 
     return generate_map(resolve_scene(TINY_SCENE), tiny_map_settings)
 
@@ -32,7 +32,7 @@ def tiny_map(tiny_map_settings):
 @pytest.fixture(scope="session")
 def tiny_scene(tiny_map):
     """The tiny scene loaded with the map's sites as transmitters."""
-    from core.raytracing import RadioConfig, build_scene
-    from core.scenes import resolve_scene
+    from core.raytracing.scenes import resolve_scene
+    from core.raytracing.tracing import RadioConfig, build_scene
 
     return build_scene(resolve_scene(TINY_SCENE), tiny_map.attrs["sites"], RadioConfig())

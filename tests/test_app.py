@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core.jobs import JobManager, train_spec
-from core.workspace import REPO_ROOT
+from core import REPO_ROOT
+from core.jobs.manager import JobManager, train_spec
 
 APP = str(REPO_ROOT / "app.py")
 TIMEOUT = 180
@@ -33,9 +33,9 @@ def build_workspace(root: Path) -> Path:
     trained for two epochs and cached box geometry for the scenes the tests visit."""
     import torch
 
-    from core.config import load_config
-    from core.synthetic import analytic_radio_map, synthetic_dataset
-    from core.training import train
+    from core.learning.config import load_config
+    from core.learning.training import train
+    from core.physics.synthetic import analytic_radio_map, synthetic_dataset
 
     rm = analytic_radio_map(height=32, width=48, bounds=(-96.0, -64.0, 96.0, 64.0))
     rm._attrs["scene"] = "etoile"
@@ -161,7 +161,7 @@ def test_missing_map_button_launches_the_generation_job(workspace):
     finally:
         manager.cancel(job.id, grace_s=1.0)
     # while another job writes that store, the button is refused with a clear message
-    from core.jobs import selftest_spec
+    from core.jobs.manager import selftest_spec
 
     blocker = manager.submit(selftest_spec(seconds=60, out="radio_maps/munich.zarr"))
     try:
@@ -175,7 +175,7 @@ def test_missing_map_button_launches_the_generation_job(workspace):
 # -- Radio maps ---------------------------------------------------------------------------
 def test_radio_maps_every_feature_with_units_and_comparison(workspace):
     at = _app("pages/radio_maps.py")
-    from core.radio_map import RadioMap
+    from core.stores.radio_map import RadioMap
 
     rm = RadioMap.load(workspace / "radio_maps" / "etoile.zarr")
     for feature in rm.features:
@@ -332,7 +332,7 @@ def test_refinement_inspector(workspace):
 def test_job_survives_an_app_restart(workspace):
     """The job list is read from the database: a new session (an app restart) still sees it."""
     manager = _manager(workspace)
-    from core.jobs import generate_maps_spec
+    from core.jobs.manager import generate_maps_spec
 
     job = manager.submit(generate_maps_spec("florence", "radio_maps", samples_per_tx=1000))
     try:
@@ -354,8 +354,8 @@ def test_ablation_results_are_tabled_and_plotted(workspace):
     """An ablation folder (table.csv + cdf.json, as `python -m core ablate` writes them) is shown."""
     import pandas as pd
 
-    from core.inference import load_run, predict
-    from core.metrics import error_cdf, error_metrics
+    from core.learning.inference import load_run, predict
+    from core.learning.metrics import error_cdf, error_metrics
 
     run = load_run(workspace / "runs" / "tiny")
     errors = predict(run, run.dataset.indices("test")).error_m
@@ -389,8 +389,8 @@ def test_corrupt_dataset_is_reported_on_training(workspace):
 
 
 def test_map_difference_wraps_angles_and_refuses_other_grids():
-    from core.figures import difference, ellipse_points
-    from core.radio_map import RadioMap
+    from core.stores.radio_map import RadioMap
+    from core.viz.plots import difference, ellipse_points
 
     a = RadioMap(np.full((1, 2, 3), 179.0, np.float32), ["aoa"], (0, 0, 3, 2))
     b = RadioMap(np.full((1, 2, 3), -179.0, np.float32), ["aoa"], (0, 0, 3, 2))

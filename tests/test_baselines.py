@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from core.baselines import covered_cells, knn_fingerprint, ml_map_matching, run_baselines
-from core.synthetic import analytic_radio_map, synthetic_dataset
+from core.learning.baselines import covered_cells, knn_fingerprint, ml_map_matching, run_baselines
+from core.physics.synthetic import analytic_radio_map, synthetic_dataset
 
 
 def test_baselines_find_the_true_cell():
@@ -29,7 +29,7 @@ def test_baselines_respect_holes_and_noise():
     valid[:, :4] = False
     values = m.values.copy()
     values[:, ~valid] = np.nan
-    from core.radio_map import RadioMap
+    from core.stores.radio_map import RadioMap
 
     holed = RadioMap(values, m.features, m.bounds, valid=valid, attrs=m.attrs)
     centres, _ = covered_cells(holed)

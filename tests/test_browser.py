@@ -24,8 +24,8 @@ from urllib.parse import urlparse
 
 import pytest
 
-from core.jobs import JobManager
-from core.workspace import REPO_ROOT
+from core import REPO_ROOT
+from core.jobs.manager import JobManager
 
 pytestmark = pytest.mark.browser
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from core.config import Config, apply_override, config_from_dict, load_config
 from core.errors import ConfigError
+from core.learning.config import Config, apply_override, config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from core.synthetic import synthetic_scene
+from core.physics.synthetic import synthetic_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 

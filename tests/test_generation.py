@@ -7,8 +7,8 @@ import pytest
 
 from core.cli import main
 from core.features import wrap_degrees
-from core.radio_map import RadioMap
-from core.raytracing import SPEED_OF_LIGHT, RadioConfig, line_of_sight
+from core.raytracing.tracing import SPEED_OF_LIGHT, RadioConfig, line_of_sight
+from core.stores.radio_map import RadioMap
 
 pytestmark = pytest.mark.sionna
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.config import load_config
 from core.errors import StoreError
-from core.inference import list_runs, load_run, predict, refine_prediction
-from core.synthetic import synthetic_scene
-from core.training import train
+from core.learning.config import load_config
+from core.learning.inference import list_runs, load_run, predict, refine_prediction
+from core.learning.training import train
+from core.physics.synthetic import synthetic_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 

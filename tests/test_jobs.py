@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from core.jobs import (
+from core.jobs.manager import (
     REPO_ROOT,
     JobConflictError,
     JobError,

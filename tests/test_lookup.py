@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from core.errors import CoreError
-from core.lookup import PreparedMaps, in_bounds, lookup
-from core.radio_map import RadioMap
-from core.synthetic import analytic_radio_map
+from core.physics.lookup import PreparedMaps, in_bounds, lookup
+from core.physics.synthetic import analytic_radio_map
+from core.stores.radio_map import RadioMap
 
 
 def bilinear_reference(maps: np.ndarray, xy: np.ndarray, bounds) -> np.ndarray:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.dataset import MeasurementDataset
 from core.features import wrap_degrees
+from core.stores.dataset import MeasurementDataset
 
 pytestmark = pytest.mark.sionna
 
 
 @pytest.fixture(scope="module")
 def tiny_dataset(tiny_map, tmp_path_factory):
-    from core.measurements import make_dataset
+    from core.raytracing.measurements import make_dataset
 
     maps = tmp_path_factory.mktemp("maps")
     tiny_map.save(maps / "simple_street_canyon.zarr")
@@ -24,7 +24,7 @@ def tiny_dataset(tiny_map, tmp_path_factory):
 
 
 def test_schema_and_walks(tiny_dataset, tiny_map, tiny_scene):
-    from core.raytracing import indoor_mask
+    from core.raytracing.tracing import indoor_mask
 
     ds = tiny_dataset
     assert (ds.num_samples, ds.num_reports, ds.num_sites_per_report) == (40, 4, 4)
@@ -46,7 +46,7 @@ def test_schema_and_walks(tiny_dataset, tiny_map, tiny_scene):
 
 
 def test_clean_features_equal_pathsolver_at_the_points(tiny_dataset, tiny_scene):
-    from core.raytracing import TraceSettings, trace_points
+    from core.raytracing.tracing import TraceSettings, trace_points
 
     ds = tiny_dataset
     settings = TraceSettings(**ds.attrs["generator"]["path_solver"])
@@ -86,7 +86,7 @@ def test_noise_and_link_consistency(tiny_dataset):
 
 def test_bad_dataset_input_is_refused(tmp_path):
     from core.errors import CoreError
-    from core.measurements import make_dataset
+    from core.raytracing.measurements import make_dataset
 
     with pytest.raises(CoreError, match="unknown scene"):
         make_dataset("no_such_scene", 2, 2, radio_maps=None)

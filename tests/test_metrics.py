@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from core.metrics import error_cdf, error_metrics, grouped_metrics, position_errors
+from core.learning.metrics import error_cdf, error_metrics, grouped_metrics, position_errors
 
 
 def test_metrics_hand_values():

@@ -6,10 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from core.data_loading import Normalizer, build_tensors, map_channels, map_input, num_site_embeddings, token_dim
-from core.model import MapConditionedTransformer, ModelSpec, coarse_loss, fine_loss
-from core.physics_loss import PhysicsLoss
-from core.synthetic import analytic_radio_map, synthetic_dataset
+from core.learning.data_loading import (
+    Normalizer,
+    build_tensors,
+    map_channels,
+    map_input,
+    num_site_embeddings,
+    token_dim,
+)
+from core.learning.model import MapConditionedTransformer, ModelSpec, coarse_loss, fine_loss
+from core.physics.physics_loss import PhysicsLoss
+from core.physics.synthetic import analytic_radio_map, synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +114,7 @@ def test_map_input_fills_holes_and_uses_map_stats():
     valid = np.ones((16, 16), bool)
     valid[:8, :8] = False
     values[:, ~valid] = -np.inf
-    from core.radio_map import RadioMap
+    from core.stores.radio_map import RadioMap
 
     holed = RadioMap(values, m.features, m.bounds, valid=valid, attrs=m.attrs)
     img = map_input(holed, 8)

@@ -10,10 +10,10 @@ import torch
 
 from core.errors import CoreError
 from core.features import feature_spec
-from core.lookup import PreparedMaps
-from core.physics_loss import PhysicsLoss, aggregate_reports
-from core.radio_map import RadioMap
-from core.synthetic import analytic_radio_map
+from core.physics.lookup import PreparedMaps
+from core.physics.physics_loss import PhysicsLoss, aggregate_reports
+from core.physics.synthetic import analytic_radio_map
+from core.stores.radio_map import RadioMap
 
 FEATS = ["path_gain", "toa", "aoa", "bler"]
 

@@ -14,8 +14,8 @@ import pytest
 import zarr
 
 from core.errors import StoreError
-from core.radio_map import RadioMap
-from core.synthetic import analytic_radio_map
+from core.physics.synthetic import analytic_radio_map
+from core.stores.radio_map import RadioMap
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,7 +180,7 @@ def test_killed_save_keeps_the_old_map(saved):
 import os, signal, sys
 sys.path.insert(0, {str(REPO)!r})
 import zarr
-from core.synthetic import analytic_radio_map
+from core.physics.synthetic import analytic_radio_map
 real = zarr.Group.create_array
 def killer(self, name, *a, **k):
     if name == "valid":

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from core.errors import CoreError
-from core.lookup import PreparedMaps
-from core.physics_loss import PhysicsLoss
-from core.refinement import refine
-from core.synthetic import analytic_features, analytic_radio_map
+from core.physics.lookup import PreparedMaps
+from core.physics.physics_loss import PhysicsLoss
+from core.physics.refinement import refine
+from core.physics.synthetic import analytic_features, analytic_radio_map
 
 RM = analytic_radio_map()  # 64 x 96 cells of 2 m, bounds (-96, -64, 96, 64), three sites
 SITES = np.array([s["position"] for s in RM.attrs["sites"]])
@@ -112,7 +112,7 @@ def test_accepts_maps_prepared_maps_and_scenes():
     torch.testing.assert_close(by_map.xy, by_loss.xy)
     torch.testing.assert_close(by_prepared.xy, by_loss.xy)
     # two scenes in one batch: scene 1 is the same map shifted by (1000, 0)
-    from core.radio_map import RadioMap
+    from core.stores.radio_map import RadioMap
 
     shifted = RadioMap(RM.values, RM.features, (904.0, -64.0, 1096.0, 64.0))
     multi = PhysicsLoss([RM, shifted])

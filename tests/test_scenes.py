@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 
 from core.errors import ConfigError, CoreError
-from core.scenes import (SceneGeometry, automatic_layout, list_scenes, resolve_scene, scene_geometry,
-                         sites_override)
+from core.raytracing.scenes import (
+    SceneGeometry,
+    automatic_layout,
+    list_scenes,
+    resolve_scene,
+    scene_geometry,
+    sites_override,
+)
 
 
 def test_catalogue_has_builtin_and_user_scenes(tmp_path):
@@ -54,7 +60,7 @@ def test_geometry_for_drawing_round_trips():
 
 
 def test_automatic_layout_spreads_sites_on_high_roofs():
-    from core.scenes import Building
+    from core.raytracing.scenes import Building
 
     rng = np.random.default_rng(0)
     buildings = []

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from core.config import load_config
-from core.synthetic import synthetic_scene
-from core.training import build_model, prepare, predict_tensors, tensors, train
+from core.learning.config import load_config
+from core.learning.training import build_model, predict_tensors, prepare, tensors, train
+from core.physics.synthetic import synthetic_scene
 
 TINY = ["model.preset=tiny", "training.batch_size=32", "training.epochs=2", "training.warmup_epochs=0",
         "training.learning_rate=0.005", "training.num_threads=1"]
@@ -25,16 +25,16 @@ def cfg(scene, *extra):
 
 
 def test_physics_off_when_lambda_is_zero(scene, tmp_path, monkeypatch):
-    import core.lookup
-    import core.physics_loss
-    import core.training
+    import core.learning.training
+    import core.physics.lookup
+    import core.physics.physics_loss
 
     def forbidden(*a, **k):
         raise AssertionError("a radio-map lookup ran although lambda_phys = 0")
 
-    monkeypatch.setattr(core.lookup.PreparedMaps, "sample", forbidden)
-    monkeypatch.setattr(core.physics_loss.PhysicsLoss, "forward", forbidden)
-    monkeypatch.setattr(core.training, "make_physics_loss", forbidden)
+    monkeypatch.setattr(core.physics.lookup.PreparedMaps, "sample", forbidden)
+    monkeypatch.setattr(core.physics.physics_loss.PhysicsLoss, "forward", forbidden)
+    monkeypatch.setattr(core.learning.training, "make_physics_loss", forbidden)
     config = cfg(scene, "physics_loss.lambda_phys=0", "training.epochs=1")
     assert not config.physics_active
     result = train(config, tmp_path / "run", show_progress=False)
@@ -108,8 +108,8 @@ def test_early_stopping(scene, tmp_path):
 
 
 def test_auto_feature_weights_are_calibrated_and_written(scene, tmp_path):
-    from core.physics_loss import resolve_weights
-    from core.training import calibrated_weights
+    from core.learning.training import calibrated_weights
+    from core.physics.physics_loss import resolve_weights
 
     config = cfg(scene, "training.epochs=1", "physics_loss.feature_weights=auto")
     run = prepare(config)

@@ -38,8 +38,8 @@ def fidelity(radio_map, scene, points: int, seed: int) -> dict[str, dict[str, fl
     import torch
 
     from core.features import wrap_degrees
-    from core.lookup import lookup
-    from core.raytracing import RadioConfig, indoor_mask, trace_points
+    from core.physics.lookup import lookup
+    from core.raytracing.tracing import RadioConfig, indoor_mask, trace_points
 
     rng = np.random.default_rng(seed)
     h, w = radio_map.shape
@@ -81,9 +81,9 @@ def fidelity(radio_map, scene, points: int, seed: int) -> dict[str, dict[str, fl
 
 def run(args: argparse.Namespace) -> int:
     from core.benchmarks.report import write_report
-    from core.generation import MapSettings, generate_map
-    from core.raytracing import RadioConfig, build_scene
-    from core.scenes import resolve_scene
+    from core.raytracing.generation import MapSettings, generate_map
+    from core.raytracing.scenes import resolve_scene
+    from core.raytracing.tracing import RadioConfig, build_scene
 
     info = resolve_scene(args.scene)
     settings = MapSettings(resolution=args.resolution, map_size=tuple(args.map_size))
@@ -128,7 +128,7 @@ def _dataset_with_map(scene_name, radio_map, args):
     import tempfile
     from pathlib import Path
 
-    from core.measurements import make_dataset
+    from core.raytracing.measurements import make_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         radio_map.save(Path(tmp) / f"{scene_name}.zarr")

@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from core import progress
 from core.device import resolve_device
+from core.jobs import progress
 
 LOSS_RATIO_TARGET = 2.0
 REFINE_RATIO_TARGET = 3.0
@@ -155,10 +155,10 @@ class _PeakMemory:
 def run(args: argparse.Namespace) -> int:
     from core.benchmarks.report import write_report
     from core.errors import CoreError
-    from core.lookup import PreparedMaps
-    from core.physics_loss import PhysicsLoss
-    from core.refinement import refine
-    from core.synthetic import analytic_radio_map
+    from core.physics.lookup import PreparedMaps
+    from core.physics.physics_loss import PhysicsLoss
+    from core.physics.refinement import refine
+    from core.physics.synthetic import analytic_radio_map
 
     try:
         batches = [int(b) for b in str(args.batches).split(",") if b.strip()]
@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
         row["loss_fwdbwd_peak_MiB"] = memory.measure(loss_fwdbwd) / 2**20
         row["refine5_peak_MiB"] = memory.measure(refine5) / 2**20
         rows.append(row)
-        del truth, xy, observed, grid
+        truth = xy = observed = grid = None  # free this size before the next
     progress.report(1.0, "done", force=True)
 
     last = rows[-1]

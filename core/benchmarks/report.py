@@ -8,7 +8,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from core.atomic import atomic_write_text
+from core.stores.atomic import atomic_write_text
 
 
 def machine_info() -> dict[str, Any]:

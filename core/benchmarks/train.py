@@ -36,10 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from core.config import load_config
     from core.device import resolve_device
-    from core.synthetic import synthetic_scene
-    from core.training import build_model, compute_losses, make_physics_loss, prepare, resolve_path, tensors
+    from core.learning.config import load_config
+    from core.learning.training import build_model, compute_losses, make_physics_loss, prepare, resolve_path, tensors
+    from core.physics.synthetic import synthetic_scene
 
     device = resolve_device(args.device)
     overrides = list(args.overrides)

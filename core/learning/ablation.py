@@ -15,7 +15,7 @@ next to the two classical baselines (kNN fingerprinting, ML map matching), and w
 into ``--out``:
 
 * ``table.csv`` / ``table.md``: one row per (split, method), the metrics of
-  :mod:`core.metrics`, train s/epoch, inference ms/sample, and for refined rows the
+  :mod:`core.learning.metrics`, train s/epoch, inference ms/sample, and for refined rows the
   number refined and the median of the refined samples before -> after;
 * ``groups.csv``: the same metrics per LOS/NLOS and sparse/dense group (test split);
 * ``cdf.json``: error-CDF curves (test split) per method;
@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import progress
-from core.atomic import atomic_write_text
-from core.config import load_config
-from core.metrics import METRIC_KEYS, error_cdf, grouped_metrics
+from core.jobs import progress
+from core.learning.config import load_config
+from core.learning.metrics import METRIC_KEYS, error_cdf, grouped_metrics
+from core.stores.atomic import atomic_write_text
 
 VARIANTS = (("baseline", "configs/baseline.yaml"), ("physics_0.1", "configs/model.yaml"),
             ("physics_0.5", "configs/strong_physics.yaml"))
@@ -57,11 +57,11 @@ def _markdown(table: pd.DataFrame) -> str:
 
 def ablate(scene: str, out: str | Path, overrides: list[str] = (), splits=("val", "test"), device="cpu",
            show_progress: bool = True) -> dict[str, Any]:
-    from core.baselines import run_baselines
-    from core.evaluation import evaluate_run
-    from core.inference import load_run
-    from core.metrics import position_errors
-    from core.training import resolve_path, train
+    from core.learning.baselines import run_baselines
+    from core.learning.evaluation import evaluate_run
+    from core.learning.inference import load_run
+    from core.learning.metrics import position_errors
+    from core.learning.training import resolve_path, train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core import REPO_ROOT
 from core.errors import CoreError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SCENE = "etoile"
 PRESETS = ("baseline", "model", "strong_physics")
 
@@ -189,11 +189,11 @@ class Workspace:
 
     # -- what exists --------------------------------------------------------------------
     def scene_names(self) -> list[str]:
-        """Known scenes: the catalogue of :mod:`core.scenes` (if available) plus every
+        """Known scenes: the catalogue of :mod:`core.raytracing.scenes` (if available) plus every
         scene that has a map or a dataset here; the default scene first."""
         names: set[str] = set()
         try:
-            from core.scenes import list_scenes
+            from core.raytracing.scenes import list_scenes
 
             names.update(info.name for info in list_scenes(self.scenes_dir if self.scenes_dir.is_dir() else None))
         except ImportError:
@@ -239,8 +239,8 @@ class Workspace:
 # -- scene geometry, cached on disk --------------------------------------------------------
 _GEOMETRY_SCRIPT = (
     "import json, sys\n"
-    "from core.atomic import atomic_write_text\n"
-    "from core.scenes import scene_geometry\n"
+    "from core.stores.atomic import atomic_write_text\n"
+    "from core.raytracing.scenes import scene_geometry\n"
     "g = scene_geometry(sys.argv[1], sys.argv[2] or None)\n"
     "atomic_write_text(sys.argv[3], json.dumps(g.to_dict()))\n"
 )
@@ -262,12 +262,12 @@ def cached_scene_geometry(scene: str, scenes_dir: str | os.PathLike | None = Non
     import subprocess
     import sys
 
-    from core.scenes import SceneGeometry, resolve_scene
+    from core.raytracing.scenes import SceneGeometry, resolve_scene
 
     info = resolve_scene(scene, scenes_dir)
     cache = geometry_cache_dir() / f"{info.name}.json"
     # stale when the scene, the geometry code or the scene's site override is newer
-    sources = [Path(info.path), REPO_ROOT / "core" / "scenes.py", REPO_ROOT / "configs" / "sites" / f"{info.name}.yaml"]
+    sources = [Path(info.path), REPO_ROOT / "core" / "raytracing" / "scenes.py", REPO_ROOT / "configs" / "sites" / f"{info.name}.yaml"]
     newest = max((p.stat().st_mtime for p in sources if p.exists()), default=0.0)
     try:
         if cache.stat().st_mtime >= newest:

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from core.atomic import atomic_path
 from core.errors import StoreError
-from core.store import open_group
+from core.stores.atomic import atomic_path
+from core.stores.zarr_group import open_group
 
 FORMAT_VERSION = 1
 SITE_FEATURES: tuple[str, ...] = ("path_gain", "toa", "aoa")

@@ -46,18 +46,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from core import progress
-from core.atomic import atomic_path, atomic_write_text
-from core.config import Config, load_config, config_from_dict
-from core.data_loading import TensorData, build_tensors, map_channels, map_input, num_site_embeddings, token_dim
-from core.dataset import MeasurementDataset
+from core import REPO_ROOT
 from core.device import resolve_device
 from core.errors import ConfigError, StoreError
-from core.metrics import error_metrics, position_errors
-from core.model import MapConditionedTransformer, ModelSpec, coarse_loss, fine_loss
-from core.radio_map import RadioMap
+from core.jobs import progress
+from core.learning.config import Config, config_from_dict, load_config
+from core.learning.data_loading import (
+    TensorData,
+    build_tensors,
+    map_channels,
+    map_input,
+    num_site_embeddings,
+    token_dim,
+)
+from core.learning.metrics import error_metrics, position_errors
+from core.learning.model import MapConditionedTransformer, ModelSpec, coarse_loss, fine_loss
+from core.stores.atomic import atomic_path, atomic_write_text
+from core.stores.dataset import MeasurementDataset
+from core.stores.radio_map import RadioMap
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 LOSS_TERMS = ("total", "coarse", "fine", "phys")
 
 
@@ -126,9 +133,9 @@ def calibrated_weights(dataset: MeasurementDataset, radio_map: RadioMap, observa
     map predicts it, like a Gaussian likelihood with the measured spread. The weights are
     then scaled to the same sum as the default weights.
     """
-    from core.data_loading import physics_observation
     from core.features import feature_spec
-    from core.physics_loss import PhysicsLoss, guarded_sigma, resolve_weights
+    from core.learning.data_loading import physics_observation
+    from core.physics.physics_loss import PhysicsLoss, guarded_sigma, resolve_weights
 
     idx = dataset.indices("train")
     sub = dataset.subset(idx)
@@ -162,7 +169,7 @@ def resolve_config(config: Config, dataset: MeasurementDataset, radio_map: Radio
 
 
 def make_physics_loss(config: Config, radio_map: RadioMap, device: torch.device, dataset=None):
-    from core.physics_loss import PhysicsLoss
+    from core.physics.physics_loss import PhysicsLoss
 
     if config.physics_loss.feature_weights == "auto":
         if dataset is None:
@@ -321,7 +328,7 @@ def train(config: Config, out_dir: str | os.PathLike, resume: bool = False, devi
     if is_main:
         atomic_write_text(out / "config.yaml", config.to_yaml())
         _log(out, f"train {len(train_data)} val {len(val_data)} samples, {sum(p.numel() for p in model.parameters())} "
-                  f"parameters, physics {'on (lambda=%g)' % config.physics_loss.lambda_phys if physics else 'off'}, "
+                  f"parameters, physics {f'on (lambda={config.physics_loss.lambda_phys:g})' if physics else 'off'}, "
                   f"device {device}, world {world}, epochs {start_epoch}->{t.epochs}")
     bar = None
     if show_progress and is_main:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from core.features import DEFAULT_FEATURE_ORDER
-from core.radio_map import RadioMap
+from core.stores.radio_map import RadioMap
 
 SPEED_OF_LIGHT = 299_792_458.0  # m/s
 
@@ -125,7 +125,7 @@ def synthetic_dataset(
     probability ``missing_prob`` (features NaN); every sample keeps at least one.
     Free space, so every report is line of sight. Split: 80 % train, 10 % val, 10 % test.
     """
-    from core.dataset import CELL_FEATURES, SITE_FEATURES, MeasurementDataset
+    from core.stores.dataset import CELL_FEATURES, SITE_FEATURES, MeasurementDataset
 
     rng = np.random.default_rng(seed)
     sites = np.array([s["position"] for s in radio_map.attrs["sites"]], dtype=np.float64)  # [S, 3]

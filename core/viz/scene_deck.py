@@ -24,7 +24,7 @@ import numpy as np
 import pydeck as pdk
 
 from core.features import feature_spec
-from core.radio_map import RadioMap
+from core.stores.radio_map import RadioMap
 
 M_LON = 111_319.49  # metres per degree of longitude at the equator
 M_LAT = 110_574.3  # metres per degree of latitude near the equator

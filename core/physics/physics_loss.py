@@ -40,7 +40,7 @@ import torch
 
 from core.errors import ConfigError, CoreError
 from core.features import DEFAULT_FEATURE_ORDER, FEATURES, feature_spec
-from core.lookup import PreparedMaps, angle_from_cos_sin, prepare_maps
+from core.physics.lookup import PreparedMaps, angle_from_cos_sin, prepare_maps
 
 __all__ = ["PhysicsLoss", "PhysicsLossResult", "LossInputs", "aggregate_reports", "resolve_weights", "guarded_sigma"]
 
@@ -254,7 +254,7 @@ class PhysicsLoss(torch.nn.Module):
         n_active: int | torch.Tensor = max(n, 1)
         if mask is None:
             finite = torch.isfinite(observed)
-            if not bool(finite.all()):  # NaN marks a missing observation (see core.dataset)
+            if not bool(finite.all()):  # NaN marks a missing observation (see core.stores.dataset)
                 mask = finite
         if mask is not None:
             mask = torch.as_tensor(mask, device=device)

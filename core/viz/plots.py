@@ -3,7 +3,7 @@
 Every builder returns a ``plotly.graph_objects.Figure`` with a title, axis labels with
 units and colour bars, so a figure reads without the code. Scene coordinates are
 metres (x east, y north); heatmaps are drawn at cell centres (see
-:mod:`core.radio_map`), with ``y`` growing upwards.
+:mod:`core.stores.radio_map`), with ``y`` growing upwards.
 
 Large maps are shown every ``k``-th cell (nearest, never averaged: averaging would
 mix angles through ±180° and dB with linear) so the browser gets at most
@@ -25,7 +25,7 @@ from plotly.subplots import make_subplots
 
 from core.errors import CoreError
 from core.features import feature_spec, wrap_degrees
-from core.radio_map import RadioMap
+from core.stores.radio_map import RadioMap
 
 #: colour scales per feature; angles use a cyclic one so -180 and 180 look the same
 COLORSCALES = {"aoa": "Twilight", "bler": "Reds", "toa": "Viridis_r"}
@@ -306,15 +306,15 @@ def temporal_attention(layers: Sequence[np.ndarray], report_mask: np.ndarray | N
         raise CoreError("no temporal attention to draw (the model returned none)")
     t = np.asarray(layers[0]).shape[-1]
     labels = [f"r{i}" + ("" if report_mask is None or report_mask[i] else " (missing)") for i in range(t)]
-    fig = make_subplots(rows=n_layers, cols=heads, subplot_titles=[f"layer {l + 1}, head {h + 1}"
-                                                                    for l in range(n_layers) for h in range(heads)],
+    fig = make_subplots(rows=n_layers, cols=heads, subplot_titles=[f"layer {layer + 1}, head {h + 1}"
+                                                                    for layer in range(n_layers) for h in range(heads)],
                         horizontal_spacing=0.03, vertical_spacing=min(0.12, 0.3 / n_layers))
-    for l, attn in enumerate(layers):
+    for layer, attn in enumerate(layers):
         attn = np.asarray(attn, dtype=np.float64)
         for h in range(heads):
             fig.add_trace(go.Heatmap(z=attn[h], x=labels, y=labels, coloraxis="coloraxis",
                                      hovertemplate="query %{y} → key %{x}<br>weight %{z:.3f}<extra></extra>"),
-                          row=l + 1, col=h + 1)
+                          row=layer + 1, col=h + 1)
     fig.update_yaxes(autorange="reversed", showticklabels=False)
     fig.update_yaxes(title_text="query report", showticklabels=True, col=1)
     fig.update_xaxes(showticklabels=False)

@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from core import REPO_ROOT
 from core.errors import ConfigError, CoreError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SCENES_DIR = REPO_ROOT / "scenes"
 SITES_CONFIG_DIR = REPO_ROOT / "configs" / "sites"
 SCENES_DIR_ENV = "CORE_SCENES_DIR"
@@ -139,7 +139,7 @@ def _builtin() -> dict[str, SceneInfo]:
     return found
 
 
-def _user(scenes_dir: str | os.PathLike | None) -> dict[str, SceneInfo]:
+def user_scenes(scenes_dir: str | os.PathLike | None) -> dict[str, SceneInfo]:
     root = scenes_folder(scenes_dir)
     found: dict[str, SceneInfo] = {}
     if not root.is_dir():
@@ -160,7 +160,7 @@ def _user(scenes_dir: str | os.PathLike | None) -> dict[str, SceneInfo]:
 def list_scenes(scenes_dir: str | os.PathLike | None = None) -> list[SceneInfo]:
     """Every built-in scene, then every user scene in ``scenes_dir`` (built-in names win)."""
     scenes = _builtin()
-    for name, info in _user(scenes_dir).items():
+    for name, info in user_scenes(scenes_dir).items():
         scenes.setdefault(name, info)
     return list(scenes.values())
 
@@ -196,7 +196,7 @@ def load_scene(info: SceneInfo):
 
     A file Mitsuba cannot parse is a :class:`CoreError` naming it.
     """
-    from core.raytracing import import_sionna_rt
+    from core.raytracing.sionna_rt import import_sionna_rt
 
     rt = import_sionna_rt()
     try:
@@ -264,7 +264,7 @@ def scene_geometry(name: str, scenes_dir: str | os.PathLike | None = None) -> Sc
     scene = load_scene(info)
     buildings = buildings_of(scene)
     bbox = scene_bbox(scene)
-    sites = _layout_for(info.name, buildings, bbox)
+    sites = layout_for(info.name, buildings, bbox)
     return SceneGeometry(info.name, buildings, bbox, sites)
 
 
@@ -373,7 +373,7 @@ def sites_override(scene_name: str, config_dir: str | os.PathLike | None = None)
     return _validate_sites(data.get("sites"), str(path))
 
 
-def _layout_for(scene_name, buildings, bbox, area=None, num_sites=DEFAULT_NUM_SITES):
+def layout_for(scene_name, buildings, bbox, area=None, num_sites=DEFAULT_NUM_SITES):
     override = sites_override(scene_name)
     return override if override is not None else automatic_layout(buildings, bbox, num_sites, area)
 

@@ -9,11 +9,11 @@ How a job runs
 ::
 
     JobManager.submit()                       (app or CLI process)
-      └─ python -m core.jobs --db DB --run ID (the *waiter*; new session = process group)
+      └─ python -m core.jobs.manager --db DB --run ID (the *waiter*; new session = process group)
            └─ python -m core <args...>        (the command; same process group)
 
 * The waiter starts the command with ``CORE_PROGRESS_FILE`` set (see
-  :mod:`core.progress`), stdout and stderr appended to the job's log file, copies the
+  :mod:`core.jobs.progress`), stdout and stderr appended to the job's log file, copies the
   progress record into the database every 0.5 s, and records the exit status, so a
   job's result is known even when the app that launched it has gone.
 * The database is the truth. :meth:`JobManager.refresh` checks that the recorded
@@ -51,10 +51,10 @@ from pathlib import Path
 
 import psutil
 
-from core import progress
+from core import REPO_ROOT
 from core.errors import CoreError
+from core.jobs import progress
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DB_ENV = "CORE_JOBS_DB"
 DEFAULT_DB = REPO_ROOT / ".jobs" / "jobs.sqlite"
 
@@ -437,7 +437,7 @@ class JobManager:
         try:
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "core.jobs", "--db", str(self.db_path), "--run", str(job_id)],
+                    [sys.executable, "-m", "core.jobs.manager", "--db", str(self.db_path), "--run", str(job_id)],
                     cwd=self.cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                     start_new_session=True,  # own process group: cancel ends it all
                 )
@@ -531,7 +531,7 @@ class JobManager:
 _PROCS: dict[int, subprocess.Popen] = {}
 
 
-# -- the waiter: `python -m core.jobs --db DB --run ID` -----------------------------------
+# -- the waiter: `python -m core.jobs.manager --db DB --run ID` -----------------------------------
 def _wait_job(db_path: str, job_id: int) -> int:
     manager = JobManager(db_path)
     job = manager._get(job_id)
@@ -650,7 +650,7 @@ def _selftest(args: argparse.Namespace) -> int:
         print(f"error: selftest asked to fail with exit status {args.exit_code}", file=sys.stderr, flush=True)
         return args.exit_code
     if args.out:
-        from core.atomic import atomic_write_text
+        from core.stores.atomic import atomic_write_text
 
         atomic_write_text(args.out, json.dumps({"ok": True, "seconds": args.seconds}))
     print("selftest done", flush=True)
@@ -704,7 +704,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m core.jobs", description="the waiter of one job (internal)")
+    parser = argparse.ArgumentParser(prog="python -m core.jobs.manager", description="the waiter of one job (internal)")
     parser.add_argument("--db", required=True)
     parser.add_argument("--run", type=int, required=True)
     ns = parser.parse_args(argv)

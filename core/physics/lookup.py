@@ -1,7 +1,7 @@
 """Differentiable lookup of radio maps at continuous positions.
 
 A map value is a cell average and cell ``(i, j)`` is centred at
-``(x_min + (j + 0.5) * cell, y_min + (i + 0.5) * cell)`` (see :mod:`core.radio_map`).
+``(x_min + (j + 0.5) * cell, y_min + (i + 0.5) * cell)`` (see :mod:`core.stores.radio_map`).
 The lookup interpolates bilinearly between cell centres, so it returns the stored value
 exactly at a centre; positions beyond the outermost centres take the border value.
 
@@ -148,7 +148,7 @@ def lookup(maps, xy: torch.Tensor, bounds=None, scene_index: torch.Tensor | None
     """
     if isinstance(maps, PreparedMaps):
         return maps.lookup(xy, scene_index)
-    from core.radio_map import RadioMap
+    from core.stores.radio_map import RadioMap
 
     if isinstance(maps, RadioMap) or (isinstance(maps, (list, tuple)) and maps and isinstance(maps[0], RadioMap)):
         return PreparedMaps(maps, device=xy.device).lookup(xy, scene_index)  # convenience: prepares every call
@@ -217,10 +217,10 @@ def _pooled_stats(maps: Sequence, f: int, angular: bool) -> tuple[float, float]:
     if len(maps) == 1:
         st = maps[0].stats[maps[0].features[f]]
         return st.mean, st.std
-    from core.radio_map import _feature_stats
+    from core.stores.radio_map import feature_stats
 
     v = np.concatenate([m.values[f][m.valid] for m in maps])
-    st = _feature_stats(v, angular)
+    st = feature_stats(v, angular)
     return st.mean, st.std
 
 
@@ -260,7 +260,7 @@ class PreparedMaps(torch.nn.Module):
 
     def __init__(self, maps, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        from core.radio_map import RadioMap
+        from core.stores.radio_map import RadioMap
 
         if isinstance(maps, RadioMap):
             maps = [maps]

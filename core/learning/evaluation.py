@@ -2,7 +2,7 @@
 
 Evaluates a run on one split. The result (also written to ``<run>/eval_<split>[_refine].json``)
 holds at top level ``median_m, rmse_m, p67_m, p90_m, success_5m, success_10m,
-success_20m`` (see :mod:`core.metrics`), ``count``, ``train_s_per_epoch`` (mean epoch
+success_20m`` (see :mod:`core.learning.metrics`), ``count``, ``train_s_per_epoch`` (mean epoch
 time in metrics.jsonl) and ``inference_ms_per_sample`` (batched forward over the split,
 after a warm-up), plus:
 
@@ -22,17 +22,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from core import progress
-from core.atomic import atomic_write_text
 from core.errors import CoreError
-from core.metrics import METRIC_KEYS, error_metrics, grouped_metrics, position_errors
+from core.jobs import progress
+from core.learning.metrics import METRIC_KEYS, error_metrics, grouped_metrics, position_errors
+from core.stores.atomic import atomic_write_text
 
 
 def _timed_predict(run, indices) -> tuple[Any, float]:
-    from core.inference import predict
+    from core.learning.inference import predict
 
     predict(run, indices[: min(64, len(indices))])  # warm-up
     t0 = time.perf_counter()
@@ -44,7 +43,7 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
                  steps: int | None = None, lr: float | None = None, threshold: float | None = None,
                  run=None, write: bool = True, keep_errors: bool = False) -> dict[str, Any]:
     """Evaluate ``run_dir`` on ``split`` (see the module doc); ``run`` may be an already loaded run."""
-    from core.inference import load_run, refine_prediction
+    from core.learning.inference import load_run, refine_prediction
 
     run = run or load_run(run_dir, device=device)
     indices = run.dataset.indices(split)
@@ -72,7 +71,7 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
         }
         errors["model_refined"] = ref.error_after_m
     if baselines:
-        from core.baselines import run_baselines
+        from core.learning.baselines import run_baselines
 
         progress.report(0.6, "classical baselines")
         est = run_baselines(run.dataset, run.radio_map, indices, run.config)

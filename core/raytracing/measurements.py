@@ -1,4 +1,4 @@
-"""The ray-traced UE measurement dataset (schema: :mod:`core.dataset`).
+"""The ray-traced UE measurement dataset (schema: :mod:`core.stores.dataset`).
 
 ``python -m core make-dataset --scene etoile --num-ues 20000 --reports 8
 --out datasets/etoile [--radio-maps radio_maps --seed 0 --sites-per-report 4
@@ -20,7 +20,7 @@ the paths' ``|a|^2``):
 * site slots ``k = 0..K-1`` hold the K strongest sites (slot 0 = serving) with their
   ``(path_gain [dB], toa [ns], aoa [deg])``, ToA/AoA of the site's strongest path;
 * ``snr = P + G_serv - N``, ``sinr = P + G_serv - 10 log10(sum_{s != serv} 10^((P + G_s)/10) + 10^(N/10))``
-  (all sites interfere), ``throughput`` and ``bler`` from :mod:`core.link_abstraction`;
+  (all sites interfere), ``throughput`` and ``bler`` from :mod:`core.raytracing.link_abstraction`;
 * ``los``: the serving site has a line-of-sight path.
 
 Measurement noise (``attrs["noise"]``, seeded): every site's path gain + N(0, 2 dB)
@@ -47,7 +47,7 @@ import numpy as np
 
 from core.errors import CoreError
 from core.features import wrap_degrees
-from core.progress import report
+from core.jobs.progress import report
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,8 @@ class WalkConfig:
 
 def _sites_and_area(scene_name, radio_maps, scenes_dir):
     """``(info, sites, bounds, valid [H, W] or None, map_path or None)`` for the scene."""
-    from core.radio_map import RadioMap
-    from core.scenes import DEFAULT_AREA_SIZE_M, load_scene, resolve_scene, scene_bbox, site_layout
+    from core.raytracing.scenes import DEFAULT_AREA_SIZE_M, load_scene, resolve_scene, scene_bbox, site_layout
+    from core.stores.radio_map import RadioMap
 
     info = resolve_scene(scene_name, scenes_dir)
     if radio_maps:
@@ -91,7 +91,7 @@ def _draw_walks(rng, scene, n, t_steps, bounds, valid, walk: WalkConfig, rx_heig
     """Draw ``n`` outdoor straight walks: positions ``[n, T, 3]`` and times ``[T]``."""
     import mitsuba as mi
 
-    from core.raytracing import indoor_mask
+    from core.raytracing.tracing import indoor_mask
 
     x_min, y_min, x_max, y_max = bounds
     times = np.arange(t_steps) * walk.report_interval_s
@@ -183,9 +183,9 @@ def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | 
     """Build a :class:`~core.dataset.MeasurementDataset` (see the module docstring)."""
     from tqdm import tqdm
 
-    from core.dataset import SPLITS, MeasurementDataset
-    from core.link_abstraction import LinkConfig, link_abstraction
-    from core.raytracing import RadioConfig, TraceSettings, build_scene, trace_points
+    from core.raytracing.link_abstraction import LinkConfig, link_abstraction
+    from core.raytracing.tracing import RadioConfig, TraceSettings, build_scene, trace_points
+    from core.stores.dataset import SPLITS, MeasurementDataset
 
     if num_ues < 1:
         raise CoreError(f"--num-ues must be >= 1, got {num_ues}")

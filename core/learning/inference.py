@@ -24,14 +24,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core.config import Config, load_config
-from core.data_loading import TensorData, build_tensors, map_input
-from core.dataset import MeasurementDataset
 from core.device import resolve_device
 from core.errors import CoreError, StoreError
-from core.metrics import position_errors
-from core.model import MapConditionedTransformer
-from core.radio_map import RadioMap
+from core.learning.config import Config, load_config
+from core.learning.data_loading import TensorData, build_tensors, map_input
+from core.learning.metrics import position_errors
+from core.learning.model import MapConditionedTransformer
+from core.stores.dataset import MeasurementDataset
+from core.stores.radio_map import RadioMap
 
 
 @dataclass
@@ -58,7 +58,7 @@ class LoadedRun:
     def physics(self):
         """The run's :class:`~core.physics_loss.PhysicsLoss` (built on first use)."""
         if self._physics is None:
-            from core.training import make_physics_loss
+            from core.learning.training import make_physics_loss
 
             self._physics = make_physics_loss(self.config, self.radio_map, self.device, self.dataset)
         return self._physics
@@ -106,7 +106,7 @@ class RefinedPrediction:
 
 
 def _resolve(path: str | os.PathLike) -> Path:
-    from core.training import resolve_path
+    from core.learning.training import resolve_path
 
     return resolve_path(path)
 
@@ -129,7 +129,7 @@ def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedRun:
     """Load ``run_dir`` (best.pt, else last.pt) with its dataset and radio map."""
-    from core.training import build_model, load_checkpoint, load_scene
+    from core.learning.training import build_model, load_checkpoint, load_scene
 
     run_dir = _resolve(run_dir)
     if not run_dir.is_dir():
@@ -212,7 +212,7 @@ def predict(run: LoadedRun, indices, return_attention: bool = False, batch_size:
 def refine_prediction(run: LoadedRun, prediction: Prediction, steps: int | None = None, lr: float | None = None,
                       threshold: float | None = None) -> RefinedPrediction:
     """Refine ``prediction`` on the run's physics loss; ``None`` takes the config's refinement settings."""
-    from core.refinement import refine
+    from core.physics.refinement import refine
 
     r = run.config.physics_loss.refinement
     steps = r.num_steps if steps is None else int(steps)

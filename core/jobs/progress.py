@@ -1,7 +1,7 @@
 """Progress reporting shared by the command line and the app's jobs.
 
 On the command line long work shows a tqdm bar. When the app launches a command as a
-job (see ``core.jobs``) it sets ``CORE_PROGRESS_FILE``; :func:`report` then also writes
+job (see ``core.jobs.manager``) it sets ``CORE_PROGRESS_FILE``; :func:`report` then also writes
 ``{"fraction", "message", "time"}`` there, atomically, so the app can show live progress.
 """
 
@@ -11,7 +11,7 @@ import json
 import os
 import time
 
-from core.atomic import atomic_write_text
+from core.stores.atomic import atomic_write_text
 
 PROGRESS_ENV = "CORE_PROGRESS_FILE"
 _MIN_INTERVAL_S = 0.5

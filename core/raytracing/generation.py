@@ -26,7 +26,7 @@ Per scene, on an ``H x W`` grid of square cells (``--map-size H W``, rows along 
    of sight to the site or not, by an exact ray test), and the geometric parts are
    recomputed exactly at each fine cell centre. The serving site's values are kept.
 
-3. ``throughput`` and ``bler`` come from :mod:`core.link_abstraction` at ``sinr``.
+3. ``throughput`` and ``bler`` come from :mod:`core.raytracing.link_abstraction` at ``sinr``.
 
 ``valid`` is false under roofs (inside buildings: an upward ray hits geometry) and
 where no ray reached the cell. The layer ``site_path_gain [S, H, W]`` holds every
@@ -49,7 +49,7 @@ import numpy as np
 
 from core.errors import CoreError
 from core.features import DEFAULT_FEATURE_ORDER, wrap_degrees
-from core.progress import report
+from core.jobs.progress import report
 
 DEFAULT_SAMPLES_PER_TX = 2_000_000
 DEFAULT_MAX_DEPTH = 3
@@ -119,7 +119,7 @@ def cell_centres(bounds, shape) -> tuple[np.ndarray, np.ndarray]:
 
 def geometric_toa_aoa(xyz: np.ndarray, site: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Line-of-sight ``toa = |q - p| / c`` [ns] and ``aoa = atan2(q_y - p_y, q_x - p_x)`` [deg]."""
-    from core.raytracing import SPEED_OF_LIGHT
+    from core.raytracing.tracing import SPEED_OF_LIGHT
 
     d = np.linalg.norm(site - xyz, axis=-1)
     az = np.degrees(np.arctan2(site[..., 1] - xyz[..., 1], site[..., 0] - xyz[..., 0]))
@@ -185,11 +185,18 @@ def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None
     """Ray-trace one scene into a :class:`~core.radio_map.RadioMap` (see the module docstring)."""
     import mitsuba as mi
 
-    from core.link_abstraction import LinkConfig, link_abstraction
-    from core.radio_map import RadioMap
-    from core.raytracing import (RadioConfig, TraceSettings, build_scene, import_sionna_rt, indoor_mask,
-                                 line_of_sight, trace_points)
-    from core.scenes import _layout_for, buildings_of, scene_bbox
+    from core.raytracing.link_abstraction import LinkConfig, link_abstraction
+    from core.raytracing.scenes import buildings_of, layout_for, scene_bbox
+    from core.raytracing.tracing import (
+        RadioConfig,
+        TraceSettings,
+        build_scene,
+        import_sionna_rt,
+        indoor_mask,
+        line_of_sight,
+        trace_points,
+    )
+    from core.stores.radio_map import RadioMap
 
     settings.validate()
     rt = import_sionna_rt()
@@ -204,14 +211,14 @@ def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None
 
     t0 = time.perf_counter()
     stage("load", 0)
-    from core.scenes import load_scene
+    from core.raytracing.scenes import load_scene
 
     base_scene = load_scene(info)
     bbox = scene_bbox(base_scene)
     center = settings.center or (0.5 * (bbox[0] + bbox[3]), 0.5 * (bbox[1] + bbox[4]))
     bounds = map_bounds(center, settings)
     if sites is None:
-        sites = _layout_for(info.name, buildings_of(base_scene), bbox, area=bounds)
+        sites = layout_for(info.name, buildings_of(base_scene), bbox, area=bounds)
     del base_scene
     scene = build_scene(info, sites, radio)
     h, w = settings.map_size
@@ -373,7 +380,7 @@ def _settings_from(args) -> MapSettings:
 def _one_scene(name: str, scenes_dir: str | None, output_dir: str, settings: MapSettings, force: bool,
                position: int = 0) -> tuple[str, str, str]:
     """Generate one scene; returns ``(name, status, detail)``, never raises (worker-safe)."""
-    from core.scenes import resolve_scene
+    from core.raytracing.scenes import resolve_scene
 
     try:
         info = resolve_scene(name, scenes_dir)
@@ -393,14 +400,14 @@ def _one_scene(name: str, scenes_dir: str | None, output_dir: str, settings: Map
 
 
 def run(args: argparse.Namespace) -> int:
-    from core.scenes import _user
+    from core.raytracing.scenes import user_scenes
 
     settings = _settings_from(args)
     names = list(args.scenes or [])
     if not names:
         if not args.scenes_dir:
             raise CoreError("give --scenes NAME ... or --scenes-dir DIR")
-        names = list(_user(args.scenes_dir))
+        names = list(user_scenes(args.scenes_dir))
         if not names:
             raise CoreError(f"--scenes-dir {args.scenes_dir}: no scene XML files found")
     if args.parallel < 1:

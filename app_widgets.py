@@ -18,8 +18,8 @@ from pathlib import Path
 import streamlit as st
 
 from core.errors import CoreError
-from core.jobs import JobConflictError, JobManager, JobSpec
-from core.workspace import DEFAULT_SCENE, Workspace
+from core.jobs.manager import JobConflictError, JobManager, JobSpec
+from core.stores.workspace import DEFAULT_SCENE, Workspace
 
 STATUS_ICON = {"queued": ":material/schedule:", "running": ":material/autorenew:", "succeeded": ":material/check_circle:",
                "failed": ":material/error:", "cancelled": ":material/cancel:"}
@@ -122,7 +122,7 @@ def mtime(path: str | os.PathLike) -> float:
 
 @st.cache_resource(show_spinner="Loading the radio map…", max_entries=8)
 def _load_map(path: str, stamp: float):
-    from core.radio_map import RadioMap
+    from core.stores.radio_map import RadioMap
 
     return RadioMap.load(path)
 
@@ -133,7 +133,7 @@ def load_map(path: str | os.PathLike):
 
 @st.cache_resource(show_spinner="Loading the dataset…", max_entries=4)
 def _load_dataset(path: str, stamp: float):
-    from core.dataset import MeasurementDataset
+    from core.stores.dataset import MeasurementDataset
 
     return MeasurementDataset.load(path)
 
@@ -147,12 +147,12 @@ def load_dataset(path: str | os.PathLike):
 def _geometry(scene: str, scenes_dir: str | None, cache_dir: str):
     """``(geometry, None)`` or ``(None, reason)``; failures are cached too (for 5 min),
     so a scene without geometry does not start a subprocess on every rerun."""
-    from core.workspace import cached_scene_geometry
+    from core.stores.workspace import cached_scene_geometry
 
     try:
         return cached_scene_geometry(scene, scenes_dir), None
     except ImportError as exc:
-        return None, f"core.scenes is not available ({exc})"
+        return None, f"core.raytracing.scenes is not available ({exc})"
     except CoreError as exc:
         return None, str(exc)
     except Exception as exc:  # geometry is decoration: never break the page over it
@@ -161,7 +161,7 @@ def _geometry(scene: str, scenes_dir: str | None, cache_dir: str):
 
 def geometry(scene: str):
     """The scene's buildings and sites, or ``None`` (with a note) when unavailable."""
-    from core.workspace import geometry_cache_dir
+    from core.stores.workspace import geometry_cache_dir
 
     ws = workspace()
     geo, why = _geometry(scene, str(ws.scenes_dir) if ws.scenes_dir.is_dir() else None, str(geometry_cache_dir()))
@@ -172,7 +172,7 @@ def geometry(scene: str):
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
 def _load_run(path: str, stamp: float):
-    from core.inference import load_run
+    from core.learning.inference import load_run
 
     return load_run(path, device="cpu")
 

@@ -24,32 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from core.raytracing.sionna_rt import import_sionna_rt  # noqa: F401  (re-exported)
+
 SPEED_OF_LIGHT = 299_792_458.0  # m/s
 BOLTZMANN = 1.380649e-23  # J/K
 SITE_PATTERN = "tr38901_omni"
-
-_rt = None
-
-
-def import_sionna_rt():
-    """Import ``sionna.rt`` once: the CUDA variant on a GPU, LLVM on the CPU."""
-    global _rt
-    if _rt is not None:
-        return _rt
-    import mitsuba as mi
-
-    if mi.variant() is None:
-        try:
-            import torch
-
-            mi.set_variant("cuda_ad_mono_polarized" if torch.cuda.is_available() else "llvm_ad_mono_polarized")
-        except Exception:
-            mi.set_variant("llvm_ad_mono_polarized")
-    import sionna.rt as rt
-
-    _rt = rt
-    return rt
-
 
 def _omni_tr38901_gain_db(tilt: float) -> float:
     """Gain [dB] that makes the omni TR 38.901 vertical cut integrate to 1 over the sphere."""
@@ -125,7 +104,7 @@ def build_scene(info, sites: list[dict[str, Any]], radio: RadioConfig):
     """Load ``info``'s scene and add one transmitter per site (name, position)."""
     import mitsuba as mi
 
-    from core.scenes import load_scene
+    from core.raytracing.scenes import load_scene
 
     rt = import_sionna_rt()
     scene = load_scene(info)

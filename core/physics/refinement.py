@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from core.errors import CoreError
-from core.physics_loss import PhysicsLoss, residual_in_feature_order
+from core.physics.physics_loss import PhysicsLoss, residual_in_feature_order
 
 __all__ = ["refine", "RefinementResult"]
 

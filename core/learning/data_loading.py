@@ -35,9 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.dataset import CELL_FEATURES, SITE_FEATURES, MeasurementDataset
 from core.features import feature_spec
-from core.radio_map import RadioMap
+from core.stores.dataset import CELL_FEATURES, SITE_FEATURES, MeasurementDataset
+from core.stores.radio_map import RadioMap
 
 SPEED_OF_LIGHT = 299_792_458.0  # m/s
 TIME_SCALE_S = 10.0

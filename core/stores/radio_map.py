@@ -22,7 +22,7 @@ A Zarr v3 group (``RadioMap.save`` / ``RadioMap.load``)::
         attrs: format_version, features, units, bounds, attrs (free JSON: scene, sites, ...)
 
 Cells outside ``valid`` may hold NaN or -inf (no coverage); covered cells must be finite.
-Saving is atomic (see :mod:`core.atomic`).
+Saving is atomic (see :mod:`core.stores.atomic`).
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from core.atomic import atomic_path
 from core.errors import StoreError
-from core.store import open_group
 from core.features import feature_spec
+from core.stores.atomic import atomic_path
+from core.stores.zarr_group import open_group
 
 FORMAT_VERSION = 1
 _CHUNK = 128
@@ -60,7 +60,7 @@ class FeatureStats:
     max: float
 
 
-def _feature_stats(values: np.ndarray, angular: bool) -> FeatureStats:
+def feature_stats(values: np.ndarray, angular: bool) -> FeatureStats:
     """Statistics of a 1-D array of covered-cell values (float64 accumulation)."""
     v = values.astype(np.float64)
     if v.size == 0:
@@ -160,7 +160,7 @@ class RadioMap:
         self._layers = layers
         self._source = source
         self._stats = {
-            name: _feature_stats(values[f][valid], feature_spec(name).angular) for f, name in enumerate(features)
+            name: feature_stats(values[f][valid], feature_spec(name).angular) for f, name in enumerate(features)
         }
 
     # -- properties -------------------------------------------------------------------

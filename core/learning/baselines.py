@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from core.features import feature_spec
-from core.physics_loss import guarded_sigma, resolve_weights
-from core.radio_map import RadioMap
+from core.physics.physics_loss import guarded_sigma, resolve_weights
+from core.stores.radio_map import RadioMap
 
 
 def covered_cells(radio_map: RadioMap) -> tuple[np.ndarray, np.ndarray]:
@@ -99,14 +99,14 @@ def ml_map_matching(radio_map: RadioMap, observed, mask=None, weights: dict[str,
 
 def run_baselines(dataset, radio_map: RadioMap, indices, config=None, k: int = 5) -> dict[str, np.ndarray]:
     """``{"knn": xy [N, 2], "ml": xy [N, 2]}`` for samples ``indices`` of ``dataset``."""
-    from core.data_loading import physics_observation
+    from core.learning.data_loading import physics_observation
 
     obs = physics_observation(dataset.subset(np.asarray(indices)), radio_map.features,
                               config.physics_loss.observation if config else "latest")
     mask = np.isfinite(obs)
     p = config.physics_loss if config else None
     if p is not None and p.feature_weights == "auto":
-        from core.training import resolve_config
+        from core.learning.training import resolve_config
 
         p = resolve_config(config, dataset, radio_map).physics_loss
     return {

@@ -1,0 +1,1 @@
+"""Background jobs: every job is a ``python -m core ...`` process registered in SQLite; progress reporting."""

@@ -1,0 +1,1 @@
+"""Sionna RT: scenes and sites, ray tracing, radio-map generation, link abstraction, measurements."""

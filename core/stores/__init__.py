@@ -1,0 +1,1 @@
+"""On-disk contracts: radio-map, dataset and run stores, workspace layout, atomic writes."""

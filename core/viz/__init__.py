@@ -1,0 +1,1 @@
+"""Figure builders: plotly figures and pydeck scene views (no streamlit here)."""
