@@ -114,7 +114,7 @@ def mtime(path: str | os.PathLike) -> float:
     """Latest modification time of ``path`` (and of its zarr.json for a store)."""
     path = Path(path)
     times = [0.0]
-    for p in (path, path / "zarr.json", path / "best.pt", path / "config.yaml"):
+    for p in (path, path / "zarr.json", path / "best.pt", path / "config.yaml", path / "lineage.json"):
         with contextlib.suppress(OSError):
             times.append(p.stat().st_mtime)
     return max(times)
@@ -178,13 +178,23 @@ def _load_run(path: str, stamp: float):
 
 
 def load_run(path: str | os.PathLike):
-    return _load_run(str(path), mtime(path))
+    """The run at ``path`` with its dataset and map (reloaded, and so checked again against
+    the run's lineage, when the run or either store changes)."""
+    from core.stores.run import input_stores
+
+    stores = input_stores(path) or ()
+    return _load_run(str(path), max([mtime(path), *(mtime(p) for p in stores)]))
 
 
 # -- messages that survive the job panel's automatic rerun --------------------------------
 def _say(text: str, icon: str) -> None:
     st.error(text, icon=icon)
     st.session_state.setdefault("_said", []).append((text, icon))
+
+
+def refuse(text: str) -> None:
+    """Say why an action was not taken (an error box that survives the job panel's rerun)."""
+    _say(text, ":material/block:")
 
 
 def show_flash() -> None:

@@ -22,8 +22,8 @@ with wb.guard(f"run {name}"):
     run = wb.load_run(ws.root / name)
 if run is None:
     st.stop()
-if run.config.data.scene and run.config.data.scene != scene:
-    st.info(f"This run was trained on scene {run.config.data.scene!r}, not the active scene {scene!r}.")
+if run.scene and run.scene != scene:
+    st.info(f"This run was trained on scene {run.scene!r}, not the active scene {scene!r}.")
 
 idx = run.dataset.indices(split)
 if idx.size == 0:
@@ -44,7 +44,7 @@ def attention_of(path: str, stamp: float, indices: tuple[int, ...]):
 
 with wb.guard("attention"):
     pred = attention_of(str(ws.root / name), wb.mtime(ws.root / name), (sample,))
-    geometry = wb.geometry(run.config.data.scene or scene)
+    geometry = wb.geometry(run.scene or scene)
     sites = run.radio_map.attrs.get("sites")
     st.markdown(f"{split.capitalize()} sample {pos} (dataset sample **{sample}**): error **{pred.error_m[0]:.1f} m**, confidence {pred.confidence[0]:.2f}, "
                 f"{int(pred.num_reports[0])} valid reports, {'LOS' if pred.los[0] else 'NLOS'} at the last report.")

@@ -96,7 +96,7 @@ with wb.guard("refinement"):
     if not res.refined[0]:
         st.info(f"This sample's confidence {pred.confidence[0]:.2f} is not below the threshold "
                 f"{threshold:.2f}, so refinement leaves it where it is.")
-    geometry = wb.geometry(run.config.data.scene or scene)
+    geometry = wb.geometry(run.scene or scene)
     err_step = float(np.hypot(*(res.path[step, 0] - pred.true_xy[0])))
     st.markdown(f"Error: network **{res.error_before_m[0]:.2f} m** → step {step}: **{err_step:.2f} m** "
                 f"(final {res.error_after_m[0]:.2f} m). σ = ({pred.sigma[0, 0]:.1f}, {pred.sigma[0, 1]:.1f}) m, "

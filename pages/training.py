@@ -6,12 +6,15 @@ import time
 import numpy as np
 import pandas as pd
 import streamlit as st
-import yaml
 
 import app_widgets as wb
 from core import REPO_ROOT
+from core.errors import CoreError
 from core.jobs.manager import ablate_spec, make_dataset_spec, train_spec
-from core.stores.workspace import PRESETS, read_metrics, run_info, store_status
+from core.learning.config import Config, load_config
+from core.stores.lineage import check_scene_stores
+from core.stores.run import is_taken, read_metrics, run_info
+from core.stores.workspace import PRESETS, store_status
 from core.viz import plots as figures
 
 wb.ensure_frame()
@@ -31,17 +34,23 @@ if not ds_status.ok:
 if not map_status.ok:
     st.warning(f"**Radio map**: {map_status.message}. Training needs it; generate it on the Radio maps page.")
     st.page_link("pages/radio_maps.py", label="Go to Radio maps")
+lineage_problem = ""
+if ds_status.ok and map_status.ok:
+    try:
+        check_scene_stores(dataset_path, map_path)
+    except CoreError as exc:
+        lineage_problem = str(exc)
+        st.error(f"Cannot train on scene {scene}: {exc}", icon=":material/link_off:")
 
 
 def preset_values(preset: str) -> dict:
-    try:
-        cfg = yaml.safe_load(ws.preset_path(preset).read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        cfg = {}
-    tr, phys, model = cfg.get("training") or {}, cfg.get("physics_loss") or {}, cfg.get("model") or {}
-    return {"lambda_phys": float(phys.get("lambda_phys", 0.0) or 0.0), "epochs": int(tr.get("epochs", 30)),
-            "batch_size": int(tr.get("batch_size", 256)), "learning_rate": float(tr.get("learning_rate", 2e-3)),
-            "model_preset": str(model.get("preset", "small"))}
+    """The form's defaults from the preset's validated config (λ_phys as applied: 0 when off)."""
+    config = Config()
+    with wb.guard(f"preset {preset}"):
+        config = load_config(ws.preset_path(preset))
+    return {"lambda_phys": config.physics_loss.lambda_phys if config.physics_active else 0.0,
+            "epochs": config.training.epochs, "batch_size": config.training.batch_size,
+            "learning_rate": config.training.learning_rate, "model_preset": config.model.preset}
 
 
 def portable(path) -> str:
@@ -76,11 +85,17 @@ with st.form("train_form"):
     max_samples = cols[1].number_input("Use the first N samples (0 = all)", min_value=0, value=0, step=1000)
     name = cols[2].text_input("Run name", key="train_name", help="the run is written to runs/<name>")
     go = st.form_submit_button("Start training", type="primary")
-if go:
+clean = "".join(c for c in name.strip() if c.isalnum() or c in "-_.") or "run"
+if go and is_taken(ws.runs_dir / clean):
+    wb.refuse(f"Run name {clean!r} is taken: {ws.rel(ws.runs_dir / clean)} already holds a run. "
+              "Pick another name; nothing was started.")
+elif go and lineage_problem:
+    wb.refuse(f"Not started: {lineage_problem}")
+elif go:
     with wb.guard("training"):
         overrides = {"physics_loss.lambda_phys": float(lam), "training.epochs": int(epochs),
                      "training.batch_size": int(batch), "training.learning_rate": float(lr),
-                     "model.preset": model_preset, "data.dataset": portable(dataset_path), "data.scene": scene}
+                     "model.preset": model_preset, "data.dataset": portable(dataset_path)}
         if lam > 0:
             overrides["training.loss.use_physics_loss"] = True
             overrides["physics_loss.enabled"] = True
@@ -88,7 +103,6 @@ if go:
             overrides["physics_loss.radio_maps_dir"] = portable(ws.radio_maps_dir)
         if max_samples:
             overrides["data.max_samples"] = int(max_samples)
-        clean = "".join(c for c in name.strip() if c.isalnum() or c in "-_.") or "run"
         job_id = wb.launch(train_spec(ws.rel(ws.preset_path(preset)), ws.rel(ws.runs_dir / clean), overrides))
         if job_id is not None:
             st.session_state["curve_run"] = ws.rel(ws.runs_dir / clean)

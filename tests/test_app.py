@@ -45,7 +45,7 @@ def build_workspace(root: Path) -> Path:
     ds.save(root / "datasets" / "etoile")
     threads = torch.get_num_threads()
     config = load_config(REPO_ROOT / "configs" / "model.yaml", [
-        f"data.dataset={root / 'datasets' / 'etoile'}", "data.scene=etoile", "model.preset=tiny",
+        f"data.dataset={root / 'datasets' / 'etoile'}", "model.preset=tiny",
         "training.epochs=2", "training.batch_size=64", "training.num_threads=1",
         f"physics_loss.radio_maps_dir={root / 'radio_maps'}"])
     train(config, root / "runs" / "tiny", device="cpu", show_progress=False)
@@ -257,6 +257,50 @@ def test_training_launches_a_tiny_job_and_shows_its_curves(workspace):
     cdf = next(f for f in _plotly(at) if "CDF" in f["layout"]["title"]["text"])
     assert len(cdf["data"]) == 2, _texts(at.error)
     assert cdf["layout"]["xaxis"]["title"]["text"] == "localization error [m]"
+
+
+def _start_training(at: AppTest, name: str) -> AppTest:
+    at.text_input(key="train_name").set_value(name)
+    next(b for b in at.button if b.label == "Start training").click().run()
+    _no_exception(at)
+    return at
+
+
+def test_training_refuses_a_taken_run_name(workspace):
+    manager = _manager(workspace)
+    jobs_before = [j.id for j in manager.list()]
+    tiny = workspace / "runs" / "tiny"
+    files_before = {p.name: p.stat().st_mtime_ns for p in tiny.iterdir()}
+    at = _start_training(_app("pages/training.py"), "tiny")
+    assert ("Run name 'tiny' is taken: runs/tiny already holds a run. Pick another name; nothing was started."
+            in [e.value for e in at.error])
+    assert [j.id for j in manager.list()] == jobs_before
+    assert {p.name: p.stat().st_mtime_ns for p in tiny.iterdir()} == files_before
+
+
+def test_pages_refuse_a_map_that_is_not_the_datasets(tmp_path, monkeypatch):
+    """Another save of the scene's map (e.g. regenerated) after the dataset and the run were made."""
+    from core.stores.lineage import store_ref
+    from core.stores.radio_map import RadioMap
+
+    root = build_workspace(tmp_path)
+    map_path, ds_path = root / "radio_maps" / "etoile.zarr", root / "datasets" / "etoile"
+    made_with = store_ref(map_path)
+    RadioMap.load(map_path).save(map_path)
+    now, dataset = store_ref(map_path), store_ref(ds_path)
+    monkeypatch.setenv("CORE_WORKSPACE", str(root))
+    monkeypatch.setenv("CORE_JOBS_DB", str(root / ".jobs" / "jobs.sqlite"))
+    mismatch = (f"radio map {map_path} (scene etoile, id {now.id[:8]}) is not the map dataset {ds_path} "
+                f"(scene etoile, id {dataset.id[:8]}) was made with ({map_path} (scene etoile, id "
+                f"{made_with.id[:8]})): make the dataset again, or restore that map")
+    at = _app("pages/training.py")  # the launch form and the test-error CDF of the run
+    assert [e.value for e in at.error] == [f"Cannot train on scene etoile: {mismatch}", f"run runs/tiny: {mismatch}"]
+    _start_training(at, "fresh")
+    assert f"Not started: {mismatch}" in [e.value for e in at.error]
+    assert _manager(root).list() == [] and not (root / "runs" / "fresh").exists()
+    for page in ("pages/attention.py", "pages/refinement.py"):
+        at = _app(page)
+        assert [e.value for e in at.error] == [f"run runs/tiny: {mismatch}"], page
 
 
 def test_failed_job_is_shown_with_its_log_tail(workspace):

@@ -1,4 +1,4 @@
-"""The app's API (load_run, predict, refine_prediction, list_runs) and `python -m core evaluate`."""
+"""The app's API (load_run, predict, refine_prediction, the run lister) and `python -m core evaluate`."""
 
 import json
 import shutil
@@ -11,9 +11,10 @@ import pytest
 
 from core.errors import StoreError
 from core.learning.config import load_config
-from core.learning.inference import list_runs, load_run, predict, refine_prediction
+from core.learning.inference import load_run, predict, refine_prediction
 from core.learning.training import train
 from core.physics.synthetic import synthetic_scene
+from core.stores.run import list_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,12 +67,16 @@ def test_refine_prediction(run_dir):
 
 
 def test_list_runs(run_dir, tmp_path):
-    table = list_runs(run_dir.parent, extra=())
-    assert list(table["name"]) == ["tiny"]
-    row = table.iloc[0]
-    assert row["status"] == "done" and row["epochs"] == "2/2" and row["has_checkpoint"]
-    assert row["best_val_median_m"] == pytest.approx(load_run(run_dir).metrics["val_median_m"].min())
-    assert list_runs(tmp_path / "nothing", extra=()).empty
+    (info,) = list_runs(run_dir.parent)
+    assert info.name == "tiny" and info.path == run_dir and info.scene == "analytic"
+    assert info.state == "done" and (info.epochs_done, info.epochs) == (2, 2) and info.has_checkpoint
+    assert info.lambda_phys == 0.1 and info.config.training.epochs == 2 and not info.problem
+    assert info.best_val_median_m == pytest.approx(load_run(run_dir).metrics["val_median_m"].min())
+    assert info.last_epoch_s > 0
+    assert list_runs(tmp_path / "nothing") == []
+    # by path from another folder, and the extra runs (the shipped one) after those of runs_dir
+    named = list_runs(run_dir.parent, extra=[ROOT / "assets" / "default_run"], relative_to=run_dir.parent.parent)
+    assert [r.name for r in named] == ["runs/tiny", str(ROOT / "assets" / "default_run")]
 
 
 def test_missing_or_corrupt_files_are_store_errors(run_dir, tmp_path):

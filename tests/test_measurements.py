@@ -45,6 +45,16 @@ def test_schema_and_walks(tiny_dataset, tiny_map, tiny_scene):
     assert (np.nan_to_num(pg[..., :-1], nan=-np.inf) >= np.nan_to_num(pg[..., 1:], nan=-np.inf)).all()
 
 
+def test_the_dataset_records_the_map_it_was_made_with(tiny_dataset, tiny_map):
+    from core.stores.lineage import recorded_map, store_ref
+
+    made_with = tiny_dataset.radio_map_ref
+    assert made_with.id == tiny_map.lineage.id and made_with.digest == tiny_map.digest()
+    assert made_with.scene == "simple_street_canyon" and made_with.path.endswith("simple_street_canyon.zarr")
+    assert recorded_map(tiny_dataset.source) == made_with
+    assert store_ref(made_with.path).id == made_with.id
+
+
 def test_clean_features_equal_pathsolver_at_the_points(tiny_dataset, tiny_scene):
     from core.raytracing.tracing import TraceSettings, trace_points
 

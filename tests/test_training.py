@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from core.learning.config import load_config
-from core.learning.training import build_model, predict_tensors, prepare, tensors, train
+from core.learning.model import build_model
+from core.learning.training import predict_tensors, prepare, tensors, train
 from core.physics.synthetic import synthetic_scene
+from core.stores.run import load_checkpoint, read_lineage
 
 TINY = ["model.preset=tiny", "training.batch_size=32", "training.epochs=2", "training.warmup_epochs=0",
         "training.learning_rate=0.005", "training.num_threads=1"]
@@ -58,7 +60,7 @@ def test_one_epoch_lowers_the_loss(scene, tmp_path):
     before = predict_tensors(build_model(run.spec, config.seed), data, run.map_image, "cpu", config=config)
     train(config, tmp_path / "run", run_data=run, show_progress=False)
     model = build_model(run.spec)
-    model.load_state_dict(torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"])
+    model.load_state_dict(load_checkpoint(tmp_path / "run" / "last.pt")["model"])
     after = predict_tensors(model, data, run.map_image, "cpu", config=config)
     assert after["losses"]["total"] < before["losses"]["total"] - 0.05
 
@@ -71,8 +73,8 @@ def test_resumed_run_equals_uninterrupted(scene, tmp_path):
     status = json.loads((tmp_path / "resumed" / "status.json").read_text())
     assert status["state"] == "stopped" and status["epoch"] == 1
     rest = train(config, tmp_path / "resumed", resume=True, show_progress=False)
-    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    a = load_checkpoint(tmp_path / "full" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     strip = lambda rows: [{k: v for k, v in r.items() if k != "epoch_s"} for r in rows]  # noqa: E731
@@ -85,8 +87,13 @@ def test_run_directory_contents(scene, tmp_path):
     config = cfg(scene, "training.epochs=2")
     train(config, tmp_path / "run", show_progress=False)
     run_dir = tmp_path / "run"
-    for name in ("config.yaml", "metrics.jsonl", "best.pt", "last.pt", "log.txt", "status.json"):
+    for name in ("config.yaml", "metrics.jsonl", "best.pt", "last.pt", "log.txt", "status.json", "lineage.json"):
         assert (run_dir / name).exists(), name
+    lineage = read_lineage(run_dir)
+    data = prepare(config)
+    assert lineage.dataset.id == data.dataset.lineage.id and lineage.radio_map.id == data.radio_map.lineage.id
+    last = load_checkpoint(run_dir / "last.pt")  # weights only: tensors and plain data
+    assert isinstance(last["spec"], dict) and isinstance(last["config"], dict) and last["epoch"] == 2
     assert not list(run_dir.glob(".*tmp*"))  # atomic writes leave nothing behind
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     keys = {"epoch", "lr", "train_total", "train_coarse", "train_fine", "train_phys", "val_total", "val_coarse",

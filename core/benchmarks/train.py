@@ -35,10 +35,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synthetic", type=int, default=None, metavar="N", help="use an analytic scene with N UEs")
 
 
+def _overhead(names: list[str], totals: dict[str, list[float]], cpu_steps: dict[str, list[float]],
+              epochs: int) -> dict[str, float | bool]:
+    """Epoch times of the two variants (``names``: baseline, physics) and the physics overhead."""
+    t_base, t_phys = float(np.sum(totals[names[0]])), float(np.sum(totals[names[1]]))
+    ratios = np.array(cpu_steps[names[1]]) / np.maximum(np.array(cpu_steps[names[0]]), 1e-9)
+    overhead = float(np.median(ratios)) - 1.0
+    return {"epoch_s_lambda_0": t_base / epochs, "epoch_s_physics": t_phys / epochs, "physics_overhead": overhead,
+            "physics_overhead_wall": t_phys / t_base - 1.0, "overhead_target": 0.05,
+            "within_target": bool(overhead <= 0.05)}
+
+
 def run(args: argparse.Namespace) -> int:
+    from core import resolve_path
     from core.device import resolve_device
     from core.learning.config import load_config
-    from core.learning.training import build_model, compute_losses, make_physics_loss, prepare, resolve_path, tensors
+    from core.learning.model import build_model
+    from core.learning.training import compute_losses, make_physics_loss, prepare, tensors
     from core.physics.synthetic import synthetic_scene
 
     device = resolve_device(args.device)
@@ -103,15 +116,10 @@ def run(args: argparse.Namespace) -> int:
             rows.append({"epoch": epoch + 1, "variant": name, "steps": len(starts), "batch_size": bs,
                          "samples": min(len(perm), len(starts) * bs), "epoch_s": t, "epoch_cpu_s": cpu[name],
                          "ms_per_step": 1000 * t / max(len(starts), 1)})
-    names = list(variants)
-    t_base, t_phys = float(np.sum(totals[names[0]])), float(np.sum(totals[names[1]]))
-    ratios = np.array(cpu_steps[names[1]]) / np.maximum(np.array(cpu_steps[names[0]]), 1e-9)
-    overhead = float(np.median(ratios)) - 1.0
     summary = {
         "dataset": base_cfg.data.dataset if not args.synthetic else f"synthetic ({args.synthetic} UEs)",
         "model_preset": base_cfg.model.preset, "train_samples": len(data), "device": str(device),
-        "epoch_s_lambda_0": t_base / args.epochs, "epoch_s_physics": t_phys / args.epochs,
-        "physics_overhead": overhead, "physics_overhead_wall": t_phys / t_base - 1.0, "overhead_target": 0.05, "within_target": bool(overhead <= 0.05),
+        **_overhead(list(variants), totals, cpu_steps, args.epochs),
     }
     write_report("train", rows, args.out, summary)
     if tmp is not None:

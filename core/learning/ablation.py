@@ -1,6 +1,7 @@
 """``python -m core ablate --scene etoile --out runs/ablation [--set k=v ...]``.
 
-Trains the three configs on the same data with the same seed:
+Trains the three configs on the same data (``datasets/<scene>``, unless ``--set
+data.dataset=...`` names another; the map is that dataset's) with the same seed:
 
 ===============  ===========================  ===========
 variant          config                       lambda_phys
@@ -33,10 +34,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core import resolve_path
 from core.jobs import progress
 from core.learning.config import load_config
 from core.learning.metrics import METRIC_KEYS, error_cdf, grouped_metrics
 from core.stores.atomic import atomic_write_text
+from core.stores.run import read_status
 
 VARIANTS = (("baseline", "configs/baseline.yaml"), ("physics_0.1", "configs/model.yaml"),
             ("physics_0.5", "configs/strong_physics.yaml"))
@@ -61,7 +64,7 @@ def ablate(scene: str, out: str | Path, overrides: list[str] = (), splits=("val"
     from core.learning.evaluation import evaluate_run
     from core.learning.inference import load_run
     from core.learning.metrics import position_errors
-    from core.learning.training import resolve_path, train
+    from core.learning.training import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,14 +74,13 @@ def ablate(scene: str, out: str | Path, overrides: list[str] = (), splits=("val"
     n_steps = len(VARIANTS) + 1
     started = time.time()
     for v, (name, path) in enumerate(VARIANTS):
-        config = load_config(resolve_path(path), [f"data.scene={scene}", *overrides])
+        config = load_config(resolve_path(path), [f"data.dataset=datasets/{scene}", *overrides])
         run_dir = out / name
-        status = run_dir / "status.json"
-        done = status.exists() and json.loads(status.read_text()).get("state") == "done"
+        done = read_status(run_dir).get("state") == "done"
         if not done:
             progress.report(v / n_steps, f"training {name}")
             print(f"== training {name} (lambda_phys={config.physics_loss.lambda_phys})", flush=True)
-            train(config, run_dir, resume=(run_dir / "last.pt").exists(), device=device, show_progress=show_progress)
+            train(config, run_dir, resume=True, device=device, show_progress=show_progress)
         run = load_run(run_dir, device=device)
         for split in splits:
             res = evaluate_run(run_dir, split, refine=True, run=run, keep_errors=True)
@@ -135,7 +137,8 @@ def ablate(scene: str, out: str | Path, overrides: list[str] = (), splits=("val"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scene", default="etoile", help="scene name (radio map radio_maps/<scene>.zarr)")
+    parser.add_argument("--scene", default="etoile",
+                        help="scene name: trains on datasets/<scene> and the radio map it was made with")
     parser.add_argument("--out", default="runs/ablation", help="output directory")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a key in all three configs (e.g. training.epochs=10); repeatable")

@@ -48,7 +48,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 class DataConfig(_Section):
     dataset: str = "datasets/etoile"
-    #: scene name; its map is ``<physics_loss.radio_maps_dir>/<scene>.zarr``. None: the dataset's attrs["scene"].
+    #: optional, kept for old configs: the scene is the dataset's (attrs["scene"]) and its map
+    #: ``<physics_loss.radio_maps_dir>/<scene>.zarr``; a scene given here must be that one, or training refuses
     scene: str | None = None
     #: use only the first N samples (quick experiments); None = all
     max_samples: int | None = Field(default=None, gt=0)

@@ -5,16 +5,15 @@
 * :func:`predict` -> :class:`Prediction` (positions, sigma, confidence, errors and,
   on request, attention weights with the map-patch geometry);
 * :func:`refine_prediction` -> :class:`RefinedPrediction` (test-time refinement with
-  the run's refinement settings);
-* :func:`list_runs` -> a pandas DataFrame summarising the run directories.
+  the run's refinement settings).
 
-Outputs are numpy arrays on the CPU. Missing or corrupt files raise
-:class:`~core.errors.StoreError` naming the file.
+Run directories are read through :mod:`core.stores.run` (which also lists them). Outputs
+are numpy arrays on the CPU. Missing or corrupt files, and a dataset or radio map that is
+not the one the run was trained on, raise :class:`~core.errors.StoreError` naming them.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +23,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from core import resolve_path
 from core.device import resolve_device
 from core.errors import CoreError, StoreError
-from core.learning.config import Config, load_config
+from core.learning.config import Config
 from core.learning.data_loading import TensorData, build_tensors, map_input
 from core.learning.metrics import position_errors
-from core.learning.model import MapConditionedTransformer
+from core.learning.model import MapConditionedTransformer, build_model
+from core.stores import run as run_store
 from core.stores.dataset import MeasurementDataset
 from core.stores.radio_map import RadioMap
 
@@ -62,6 +63,11 @@ class LoadedRun:
 
             self._physics = make_physics_loss(self.config, self.radio_map, self.device, self.dataset)
         return self._physics
+
+    @property
+    def scene(self) -> str | None:
+        """The scene of the run's dataset (and so of its radio map)."""
+        return self.dataset.ref.scene
 
     def tensors(self, indices) -> TensorData:
         return build_tensors(self.dataset, self.radio_map, np.asarray(indices, dtype=np.int64),
@@ -105,52 +111,23 @@ class RefinedPrediction:
     threshold: float
 
 
-def _resolve(path: str | os.PathLike) -> Path:
-    from core.learning.training import resolve_path
-
-    return resolve_path(path)
-
-
-def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return pd.DataFrame()
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                if n == len(path.read_text().splitlines()):
-                    break  # a line being written
-                raise StoreError(f"{path}: line {n} is not JSON") from None
-    return pd.DataFrame(rows)
-
-
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedRun:
-    """Load ``run_dir`` (best.pt, else last.pt) with its dataset and radio map."""
-    from core.learning.training import build_model, load_checkpoint, load_scene
+    """Load ``run_dir`` (best.pt, else last.pt) with its dataset and radio map.
 
-    run_dir = _resolve(run_dir)
+    The dataset and map its config leads to must be the ones it was trained on (the ids in
+    its ``lineage.json``), and the map the one the dataset was made with.
+    """
+    from core.learning.training import load_scene
+
+    run_dir = resolve_path(run_dir)
     if not run_dir.is_dir():
         raise StoreError(f"{run_dir}: no such run directory")
-    config_path = run_dir / "config.yaml"
-    if not config_path.exists():
-        raise StoreError(f"{config_path}: missing (not a run directory?)")
-    try:
-        config = load_config(config_path)
-    except CoreError as exc:
-        raise StoreError(f"{config_path}: {exc}") from None
-    ckpt_path = run_dir / "best.pt"
-    if not ckpt_path.exists():
-        ckpt_path = run_dir / "last.pt"
-    if not ckpt_path.exists():
-        raise StoreError(f"{run_dir / 'best.pt'}: missing (no checkpoint in the run directory)")
+    config = run_store.read_config(run_dir)
+    ckpt_path = run_store.checkpoint_path(run_dir)
     device = resolve_device(device)
-    ckpt = load_checkpoint(ckpt_path, device)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "spec" not in ckpt:
-        raise StoreError(f"{ckpt_path}: not a checkpoint of this project (no model/spec)")
+    ckpt = run_store.load_checkpoint(ckpt_path, device)
     dataset, radio_map = load_scene(config)
+    run_store.check_lineage(run_dir, dataset.ref, radio_map.ref)
     model = build_model(ckpt["spec"], config.seed)
     try:
         model.load_state_dict(ckpt["model"])
@@ -160,7 +137,8 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
     if tuple(model.spec.bounds) != tuple(radio_map.bounds):
         raise StoreError(f"{ckpt_path}: trained on a map with bounds {model.spec.bounds}, but "
                          f"{radio_map.source} has {radio_map.bounds}")
-    return LoadedRun(run_dir, config, model, dataset, radio_map, read_metrics(run_dir), device, ckpt_path,
+    metrics = pd.DataFrame(run_store.read_metrics(run_dir))
+    return LoadedRun(run_dir, config, model, dataset, radio_map, metrics, device, ckpt_path,
                      map_input(radio_map, model.spec.map_size).to(device))
 
 
@@ -234,50 +212,3 @@ def refine_prediction(run: LoadedRun, prediction: Prediction, steps: int | None 
         error_before_m=prediction.error_m, error_after_m=position_errors(xy, prediction.true_xy),
         steps=steps, lr=lr, threshold=threshold,
     )
-
-
-def list_runs(runs_dir: str | os.PathLike = "runs", extra=("assets/default_run",)) -> pd.DataFrame:
-    """One row per run directory (a folder with config.yaml) under ``runs_dir`` and in ``extra``.
-
-    Columns: name, path, status, epochs (run/total), best_val_median_m, last_epoch_s, has_checkpoint.
-    """
-    candidates: list[Path] = []
-    root = _resolve(runs_dir)
-    if root.is_dir():
-        candidates += sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        candidates += sorted(p for p in root.glob("*/*") if p.is_dir() and (p / "config.yaml").exists()
-                             and not p.name.startswith("."))
-    names: dict[Path, str] = {}
-    for e in extra or ():
-        p = _resolve(e)
-        if p.is_dir():
-            candidates.append(p)
-            names[p] = str(e)  # e.g. "assets/default_run", not to be confused with a run of that name
-    rows, seen = [], set()
-    for p in candidates:
-        if p.resolve() in seen or not (p / "config.yaml").exists():
-            continue
-        seen.add(p.resolve())
-        status: dict[str, Any] = {}
-        try:
-            status = json.loads((p / "status.json").read_text())
-        except (OSError, ValueError):
-            pass
-        try:
-            metrics = read_metrics(p)
-        except StoreError:
-            metrics = pd.DataFrame()
-        best = status.get("best_val_median_m")
-        if best is None and "val_median_m" in metrics:
-            best = float(metrics["val_median_m"].min())
-        rows.append({
-            "name": names.get(p) or (str(p.relative_to(root)) if p.is_relative_to(root) else p.name),
-            "path": str(p),
-            "status": status.get("state", "unknown" if metrics.empty else "stopped"),
-            "epochs": f"{status.get('epoch', len(metrics))}/{status.get('epochs', '?')}",
-            "best_val_median_m": best,
-            "last_epoch_s": float(metrics["epoch_s"].iloc[-1]) if "epoch_s" in metrics and len(metrics) else None,
-            "has_checkpoint": (p / "best.pt").exists() or (p / "last.pt").exists(),
-        })
-    return pd.DataFrame(rows, columns=["name", "path", "status", "epochs", "best_val_median_m", "last_epoch_s",
-                                       "has_checkpoint"])

@@ -276,3 +276,12 @@ def fine_loss(offset: torch.Tensor, logvar: torch.Tensor, target_offset: torch.T
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def build_model(spec: ModelSpec | dict, seed: int = 0) -> MapConditionedTransformer:
+    """A freshly initialised model of ``spec`` (a :class:`ModelSpec` or its dict form, as
+    checkpoints store it), parameters drawn with ``seed``."""
+    if isinstance(spec, dict):
+        spec = ModelSpec(**{**spec, "bounds": tuple(spec["bounds"])})
+    torch.manual_seed(seed)
+    return MapConditionedTransformer(spec)

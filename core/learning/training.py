@@ -14,15 +14,13 @@ Loss per batch::
   (``physics_loss.observation: last``; ``mean`` uses the temporal aggregate instead).
   Computed only when :attr:`Config.physics_active` (no lookup at all otherwise).
 
-Run directory::
+Run directory: :mod:`core.stores.run` (config.yaml, metrics.jsonl, best.pt, last.pt,
+log.txt, status.json, lineage.json). A taken directory is refused unless ``--resume``
+continues it or ``--force`` replaces it; with ``--force`` the new run is written beside
+the old one and takes its place only when training ends (a failed run leaves the old one).
 
-    config.yaml     the resolved config
-    metrics.jsonl   one JSON object per epoch: epoch, lr, train_/val_ + total, coarse,
-                    fine, phys, val_median_m, val_p90_m, epoch_s (rewritten atomically)
-    best.pt         best val median (model, spec, config)       (atomic)
-    last.pt         everything needed to resume                 (atomic)
-    log.txt         human-readable log
-    status.json     {"state": running|done|stopped, "epoch", "epochs", "best_val_median_m"}
+Data: the scene is the dataset's; its radio map is ``<physics_loss.radio_maps_dir>/<scene>.zarr``
+and must be the map the dataset was made with (:mod:`core.stores.lineage`).
 
 Seeded: parameters from ``seed``, batch order from ``(seed, epoch)``, and the torch
 RNG state is checkpointed, so a resumed run equals an uninterrupted one.
@@ -35,18 +33,18 @@ rank 0 writes the run directory.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from core import REPO_ROOT
+from core import resolve_path
 from core.device import resolve_device
 from core.errors import ConfigError, StoreError
 from core.jobs import progress
@@ -60,20 +58,14 @@ from core.learning.data_loading import (
     token_dim,
 )
 from core.learning.metrics import error_metrics, position_errors
-from core.learning.model import MapConditionedTransformer, ModelSpec, coarse_loss, fine_loss
+from core.learning.model import MapConditionedTransformer, ModelSpec, build_model, coarse_loss, fine_loss
+from core.stores import run as run_store
 from core.stores.atomic import atomic_path, atomic_write_text
 from core.stores.dataset import MeasurementDataset
+from core.stores.lineage import check_map_of_dataset, map_path_for
 from core.stores.radio_map import RadioMap
 
 LOSS_TERMS = ("total", "coarse", "fine", "phys")
-
-
-def resolve_path(path: str | os.PathLike) -> Path:
-    """A repo-relative path (``datasets/etoile``) works from any working directory."""
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p
-    return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -86,15 +78,19 @@ class RunData:
 
 
 def load_scene(config: Config) -> tuple[MeasurementDataset, RadioMap]:
-    """The dataset and its scene's radio map named by ``config``."""
+    """The dataset named by ``config`` and the radio map of its scene.
+
+    The scene is the dataset's (``data.scene``, when set, must agree); the map is
+    ``<physics_loss.radio_maps_dir>/<scene>.zarr`` and must be the one the dataset was made
+    with: otherwise a one-line :class:`~core.errors.CoreError` names both stores.
+    """
     dataset = MeasurementDataset.load(resolve_path(config.data.dataset))
+    maps_dir = resolve_path(config.physics_loss.radio_maps_dir)
+    radio_map = RadioMap.load(map_path_for(dataset.ref, maps_dir, config.data.scene))
+    check_map_of_dataset(dataset.ref, dataset.radio_map_ref, radio_map.ref)
     if config.data.max_samples is not None and config.data.max_samples < dataset.num_samples:
         dataset = dataset.subset(np.arange(config.data.max_samples))
-    scene = config.data.scene or dataset.attrs.get("scene")
-    if not scene:
-        raise ConfigError(f"data.scene: not set and dataset {config.data.dataset} names no scene in its attrs")
-    map_path = resolve_path(Path(config.physics_loss.radio_maps_dir) / f"{scene}.zarr")
-    return dataset, RadioMap.load(map_path)
+    return dataset, radio_map
 
 
 def model_spec(config: Config, dataset: MeasurementDataset, radio_map: RadioMap) -> ModelSpec:
@@ -228,34 +224,13 @@ def predict_tensors(model, data: TensorData, map_image: torch.Tensor, device, ba
     return result
 
 
-# -- schedule, checkpoints ----------------------------------------------------------------
+# -- schedule -------------------------------------------------------------------
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps then cosine decay to 0.02 at ``total``."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     progress_ = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
     return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress_))
-
-
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_checkpoint(path: Path, device="cpu") -> dict[str, Any]:
-    if not path.exists():
-        raise StoreError(f"{path}: no such checkpoint")
-    try:
-        return torch.load(path, map_location=device, weights_only=False)
-    except Exception as exc:
-        raise StoreError(f"{path}: corrupt checkpoint ({type(exc).__name__}: {exc})") from None
-
-
-def build_model(spec: ModelSpec | dict, seed: int = 0) -> MapConditionedTransformer:
-    if isinstance(spec, dict):
-        spec = ModelSpec(**{**spec, "bounds": tuple(spec["bounds"])})
-    torch.manual_seed(seed)
-    return MapConditionedTransformer(spec)
 
 
 # -- distributed ----------------------------------------------------------------------------
@@ -276,176 +251,216 @@ def _dist_setup(device: torch.device) -> tuple[int, int, torch.device]:
 
 
 # -- the loop ---------------------------------------------------------------------------------
+@dataclass
+class _Loop:
+    """One training loop: model (``net`` is its DDP wrapper when distributed), optimiser,
+    data, and the progress so far (``best`` val median [m], epochs without improvement)."""
+
+    config: Config
+    run: RunData
+    device: torch.device
+    rank: int
+    world: int
+    model: MapConditionedTransformer
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    physics: Any
+    train_data: TensorData
+    val_data: TensorData
+    map_image: torch.Tensor
+    steps_per_epoch: int
+    net: Any = None
+    start_epoch: int = 0
+    best: float = math.inf
+    bad_epochs: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _build_loop(config: Config, run: RunData, device: torch.device, rank: int, world: int) -> _Loop:
+    t = config.training
+    train_data, val_data = tensors(run, "train", config), tensors(run, "val", config)
+    model = build_model(run.spec, config.seed).to(device)
+    physics = make_physics_loss(config, run.radio_map, device) if config.physics_active else None
+    per_rank = len(train_data) // world
+    steps_per_epoch = max(1, per_rank // t.batch_size + int(per_rank % t.batch_size > 0))
+    total_steps, warmup = steps_per_epoch * t.epochs, steps_per_epoch * t.warmup_epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
+    return _Loop(config, run, device, rank, world, model, optimizer, scheduler, physics, train_data, val_data,
+                 run.map_image.to(device), steps_per_epoch)
+
+
+def _restore(loop: _Loop, out: Path) -> None:
+    """Continue from ``out/last.pt``: weights, optimiser, schedule, RNG and the metrics so far."""
+    ckpt = run_store.load_checkpoint(out / run_store.LAST, loop.device)
+    loop.model.load_state_dict(ckpt["model"])
+    loop.optimizer.load_state_dict(ckpt["optimizer"])
+    loop.scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng"])
+    loop.start_epoch, loop.best, loop.bad_epochs = ckpt["epoch"], ckpt["best_val_median_m"], ckpt["bad_epochs"]
+    loop.history = [row for row in run_store.read_metrics(out) if row.get("epoch", 0) <= loop.start_epoch]
+
+
+def _wrap_distributed(loop: _Loop) -> None:
+    loop.net = loop.model
+    if loop.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        loop.net = DDP(loop.model, device_ids=[loop.device.index] if loop.device.type == "cuda" else None)
+
+
+def _start_run_dir(loop: _Loop, out: Path) -> None:
+    """Write the run's config, lineage and first log line (rank 0)."""
+    config, physics = loop.config, loop.physics
+    run_store.write_lineage(out, loop.run.dataset.ref, loop.run.radio_map.ref)
+    atomic_write_text(out / run_store.CONFIG, config.to_yaml())
+    params = sum(p.numel() for p in loop.model.parameters())
+    run_store.append_log(out, f"train {len(loop.train_data)} val {len(loop.val_data)} samples, {params} parameters, "
+                              f"physics {f'on (lambda={config.physics_loss.lambda_phys:g})' if physics else 'off'}, "
+                              f"dataset {loop.run.dataset.ref.describe()}, map {loop.run.radio_map.ref.describe()}, "
+                              f"device {loop.device}, world {loop.world}, epochs {loop.start_epoch}->{config.training.epochs}")
+
+
+def _train_epoch(loop: _Loop, epoch: int) -> tuple[dict[str, float], int]:
+    """One pass over this rank's share of the train split: ``(summed loss terms, samples seen)``."""
+    t = loop.config.training
+    loop.net.train()
+    gen = torch.Generator().manual_seed(loop.config.seed * 100_003 + epoch)
+    perm = torch.randperm(len(loop.train_data), generator=gen)
+    per_rank = len(perm) // loop.world
+    perm = perm[loop.rank * per_rank : (loop.rank + 1) * per_rank] if loop.world > 1 else perm
+    sums = {k: 0.0 for k in LOSS_TERMS}
+    for step, s in enumerate(range(0, len(perm), t.batch_size)):
+        batch = loop.train_data.batch(perm[s : s + t.batch_size], loop.device)
+        terms, _ = compute_losses(loop.net, batch, loop.map_image, loop.config, loop.physics)
+        loop.optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(loop.model.parameters(), t.grad_clip)
+        loop.optimizer.step()
+        loop.scheduler.step()
+        for k in LOSS_TERMS:
+            if terms[k] is not None:
+                sums[k] += float(terms[k].detach()) * len(batch["feats"])
+        if loop.is_main:
+            progress.report((epoch + (step + 1) / loop.steps_per_epoch) / t.epochs, f"epoch {epoch + 1}/{t.epochs}")
+    return sums, max(len(perm), 1)
+
+
+def _validate(loop: _Loop) -> tuple[dict[str, float | None], dict[str, float]]:
+    """``(mean val loss terms, val error metrics)`` of the current model."""
+    val = predict_tensors(loop.net, loop.val_data, loop.map_image, loop.device, config=loop.config,
+                          physics=loop.physics)
+    return val["losses"], error_metrics(position_errors(val["xy"], loop.val_data.target_xy.numpy()))
+
+
+def _epoch_row(loop: _Loop, epoch: int, sums: dict[str, float], n_seen: int, val_losses: dict[str, float | None],
+               val: dict[str, float], epoch_s: float) -> dict[str, Any]:
+    """The epoch's metrics row (see :mod:`core.stores.run`)."""
+    row: dict[str, Any] = {"epoch": epoch + 1, "lr": loop.optimizer.param_groups[0]["lr"]}
+    for k in LOSS_TERMS:
+        row[f"train_{k}"] = sums[k] / n_seen if (k != "phys" or loop.physics is not None) else None
+    for k in LOSS_TERMS:
+        row[f"val_{k}"] = val_losses[k]
+    row.update(val_median_m=val["median_m"], val_p90_m=val["p90_m"], epoch_s=epoch_s)
+    return row
+
+
+def _save_epoch(loop: _Loop, out: Path, row: dict[str, Any], improved: bool, val: dict[str, Any]) -> None:
+    """Checkpoints, metrics, log line and status after an epoch (rank 0)."""
+    meta = {"spec": asdict(loop.run.spec), "config": loop.config.to_dict(), "epoch": row["epoch"]}
+    if improved:
+        run_store.save_checkpoint(out / run_store.BEST, {**meta, "model": loop.model.state_dict(), "val": val})
+    run_store.save_checkpoint(out / run_store.LAST, {
+        **meta, "model": loop.model.state_dict(), "optimizer": loop.optimizer.state_dict(),
+        "scheduler": loop.scheduler.state_dict(), "rng": torch.get_rng_state(),
+        "best_val_median_m": loop.best, "bad_epochs": loop.bad_epochs})
+    run_store.write_metrics(out, loop.history)
+    run_store.append_log(out, f"epoch {row['epoch']}: " + ", ".join(
+        f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "epoch"))
+    run_store.write_status(out, "running", row["epoch"], loop.config.training.epochs, loop.best)
+
+
+def _run_epochs(loop: _Loop, out: Path, max_epochs: int | None, bar) -> bool:
+    """Train from ``loop.start_epoch``; returns whether early stopping ended the run."""
+    t = loop.config.training
+    for epochs_this_call, epoch in enumerate(range(loop.start_epoch, t.epochs)):
+        if max_epochs is not None and epochs_this_call >= max_epochs:
+            break
+        t0 = time.perf_counter()
+        sums, n_seen = _train_epoch(loop, epoch)
+        val_losses, val = _validate(loop)
+        row = _epoch_row(loop, epoch, sums, n_seen, val_losses, val, time.perf_counter() - t0)
+        loop.history.append(row)
+        improved = val["median_m"] < loop.best
+        loop.best, loop.bad_epochs = (val["median_m"], 0) if improved else (loop.best, loop.bad_epochs + 1)
+        if loop.is_main:
+            _save_epoch(loop, out, row, improved, val)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['train_total']:.3f}", val_med=f"{val['median_m']:.2f}m")
+        if t.early_stopping_patience > 0 and loop.bad_epochs >= t.early_stopping_patience:
+            if loop.is_main:
+                run_store.append_log(out, f"early stop: val median has not improved for {loop.bad_epochs} epochs")
+            return True
+    return False
+
+
 def train(config: Config, out_dir: str | os.PathLike, resume: bool = False, device: str | torch.device = "auto",
           run_data: RunData | None = None, show_progress: bool = True, max_epochs: int | None = None) -> dict[str, Any]:
     """Train ``config`` into ``out_dir``; returns ``{"best_val_median_m", "epochs_run", "stopped_early", ...}``.
 
+    A taken ``out_dir`` is refused unless ``resume`` (then ``last.pt`` must be there, and the
+    run's recorded dataset and map must be the ones ``config`` leads to).
     ``max_epochs`` stops after that many epochs in this call (tests interrupt a run with it).
     """
-    device = resolve_device(device)
-    rank, world, device = _dist_setup(device)
-    is_main = rank == 0
-    t = config.training
-    if t.num_threads and device.type == "cpu":
-        torch.set_num_threads(max(1, t.num_threads // world))
+    rank, world, device = _dist_setup(resolve_device(device))
     out = Path(out_dir)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-
+    if rank == 0:
+        run_store.check_out_dir(out, resume=resume)
+    if config.training.num_threads and device.type == "cpu":
+        torch.set_num_threads(max(1, config.training.num_threads // world))
     run = run_data or prepare(config)
     if config.physics_active:  # calibrate "auto" weights now, so the run's config.yaml holds the numbers
         config = resolve_config(config, run.dataset, run.radio_map)
-    train_data, val_data = tensors(run, "train", config), tensors(run, "val", config)
-    map_image = run.map_image.to(device)
-    model = build_model(run.spec, config.seed).to(device)
-    physics = make_physics_loss(config, run.radio_map, device) if config.physics_active else None
-
-    steps_per_epoch = max(1, (len(train_data) // world) // t.batch_size + int((len(train_data) // world) % t.batch_size > 0))
-    total_steps = steps_per_epoch * t.epochs
-    warmup = steps_per_epoch * t.warmup_epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
-
-    start_epoch, best, bad_epochs, history = 0, float("inf"), 0, []
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    if resume and last_path.exists():
-        ckpt = load_checkpoint(last_path, device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"])
-        start_epoch, best, bad_epochs = ckpt["epoch"], ckpt["best_val_median_m"], ckpt["bad_epochs"]
-        history = [row for row in _read_metrics(out) if row.get("epoch", 0) <= start_epoch]
-    elif resume and is_main:
-        _log(out, f"--resume: no {last_path}, starting from scratch")
-
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    if is_main:
-        atomic_write_text(out / "config.yaml", config.to_yaml())
-        _log(out, f"train {len(train_data)} val {len(val_data)} samples, {sum(p.numel() for p in model.parameters())} "
-                  f"parameters, physics {f'on (lambda={config.physics_loss.lambda_phys:g})' if physics else 'off'}, "
-                  f"device {device}, world {world}, epochs {start_epoch}->{t.epochs}")
+    loop = _build_loop(config, run, device, rank, world)
+    if resume and (out / run_store.LAST).exists():
+        run_store.check_lineage(out, run.dataset.ref, run.radio_map.ref)
+        _restore(loop, out)
+    _wrap_distributed(loop)
+    if loop.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume and loop.start_epoch == 0:
+            run_store.append_log(out, f"--resume: no {out / run_store.LAST}, starting from scratch")
+        _start_run_dir(loop, out)
     bar = None
-    if show_progress and is_main:
+    if show_progress and loop.is_main:
         from tqdm import tqdm
 
-        bar = tqdm(total=t.epochs, initial=start_epoch, desc="train", unit="epoch")
-
-    stopped_early = False
-    epochs_this_call = 0
-    for epoch in range(start_epoch, t.epochs):
-        if max_epochs is not None and epochs_this_call >= max_epochs:
-            break
-        t0 = time.perf_counter()
-        net.train()
-        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        perm = torch.randperm(len(train_data), generator=gen)
-        per_rank = len(perm) // world
-        perm = perm[rank * per_rank : (rank + 1) * per_rank] if world > 1 else perm
-        sums = {k: 0.0 for k in LOSS_TERMS}
-        for step, s in enumerate(range(0, len(perm), t.batch_size)):
-            batch = train_data.batch(perm[s : s + t.batch_size], device)
-            terms, _ = compute_losses(net, batch, map_image, config, physics)
-            optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            for k in LOSS_TERMS:
-                if terms[k] is not None:
-                    sums[k] += float(terms[k].detach()) * len(batch["feats"])
-            if is_main:
-                frac = (epoch + (step + 1) / steps_per_epoch) / t.epochs
-                progress.report(frac, f"epoch {epoch + 1}/{t.epochs}")
-        n_seen = max(len(perm), 1)
-        val = predict_tensors(net, val_data, map_image, device, config=config, physics=physics)
-        err = position_errors(val["xy"], val_data.target_xy.numpy())
-        vm = error_metrics(err)
-        epoch_s = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        for k in LOSS_TERMS:
-            row[f"train_{k}"] = sums[k] / n_seen if (k != "phys" or physics is not None) else None
-        for k in LOSS_TERMS:
-            row[f"val_{k}"] = val["losses"][k]
-        row.update(val_median_m=vm["median_m"], val_p90_m=vm["p90_m"], epoch_s=epoch_s)
-        history.append(row)
-        epochs_this_call += 1
-
-        improved = vm["median_m"] < best
-        if improved:
-            best, bad_epochs = vm["median_m"], 0
-        else:
-            bad_epochs += 1
-        stop = t.early_stopping_patience > 0 and bad_epochs >= t.early_stopping_patience
-        if is_main:
-            meta = {"spec": asdict(run.spec), "config": config.to_dict(), "epoch": epoch + 1}
-            if improved:
-                save_checkpoint(best_path, {**meta, "model": model.state_dict(), "val": vm})
-            save_checkpoint(last_path, {**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                                        "best_val_median_m": best, "bad_epochs": bad_epochs})
-            _write_metrics(out, history)
-            _log(out, f"epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()
-                                                       if isinstance(v, float) and k != "epoch"))
-            _write_status(out, "running", epoch + 1, t.epochs, best)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['train_total']:.3f}", val_med=f"{vm['median_m']:.2f}m")
-        if stop:
-            stopped_early = True
-            if is_main:
-                _log(out, f"early stop: val median has not improved for {bad_epochs} epochs")
-            break
+        bar = tqdm(total=config.training.epochs, initial=loop.start_epoch, desc="train", unit="epoch")
+    stopped_early = _run_epochs(loop, out, max_epochs, bar)
     if bar is not None:
         bar.close()
-    finished = stopped_early or (history and history[-1]["epoch"] >= t.epochs)
-    if is_main:
-        _write_status(out, "done" if finished else "stopped", history[-1]["epoch"] if history else 0, t.epochs, best)
-        progress.report(1.0 if finished else (history[-1]["epoch"] / t.epochs if history else 0.0), "training done")
-    if world > 1:
+    _finish(loop, out, stopped_early)
+    return {"best_val_median_m": loop.best, "epochs_run": len(loop.history), "stopped_early": stopped_early,
+            "history": loop.history, "rank": rank, "world": world}
+
+
+def _finish(loop: _Loop, out: Path, stopped_early: bool) -> None:
+    epochs, history = loop.config.training.epochs, loop.history
+    done_epochs = history[-1]["epoch"] if history else 0
+    finished = stopped_early or done_epochs >= epochs
+    if loop.is_main:
+        run_store.write_status(out, "done" if finished else "stopped", done_epochs, epochs, loop.best)
+        progress.report(1.0 if finished else done_epochs / epochs, "training done")
+    if loop.world > 1:
         import torch.distributed as dist
 
         dist.barrier()
-    return {"best_val_median_m": best, "epochs_run": len(history), "stopped_early": stopped_early,
-            "history": history, "rank": rank, "world": world}
-
-
-def _log(out: Path, line: str) -> None:
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    with open(out / "log.txt", "a") as fh:
-        fh.write(f"{stamp} {line}\n")
-
-
-def _read_metrics(out: Path) -> list[dict]:
-    path = Path(out) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                break  # a torn last line: keep what came before
-    return rows
-
-
-def _write_metrics(out: Path, history: list[dict]) -> None:
-    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
-
-
-def _write_status(out: Path, state: str, epoch: int, epochs: int, best: float) -> None:
-    atomic_write_text(out / "status.json", json.dumps(
-        {"state": state, "epoch": epoch, "epochs": epochs,
-         "best_val_median_m": best if math.isfinite(best) else None}))
-
 
 # -- CLI ----------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -453,26 +468,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config key (YAML value); repeatable")
     parser.add_argument("--out", required=True, help="run directory, e.g. runs/NAME")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in OUT from its last.pt")
+    mode.add_argument("--force", action="store_true",
+                      help="replace the run in OUT: the new run takes its place when training ends")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(resolve_path(args.config), args.overrides)
     out = Path(args.out)
-    if not args.resume and (out / "last.pt").exists():
-        raise ConfigError(f"--out {out}: already holds a run (use --resume, or another directory)")
-    result = train(config, out, resume=args.resume, device=args.device, show_progress=not args.no_progress)
+    run_store.check_out_dir(out, resume=args.resume, force=args.force)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    # --force: rank 0 writes the new run beside the old one; it replaces the old one when training ends
+    target = atomic_path(out) if args.force and rank0 else contextlib.nullcontext(out)
+    with target as out_dir:
+        result = train(config, out_dir, resume=args.resume, device=args.device, show_progress=not args.no_progress)
     if result["rank"] == 0:
         print(f"best val median {result['best_val_median_m']:.2f} m after {result['epochs_run']} epochs -> {out}")
     return 0
 
 
-def config_of_run(run_dir: str | os.PathLike) -> Config:
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise StoreError(f"{path}: no such file (not a run directory?)")
-    return load_config(path)
-
-
-__all__ = ["train", "compute_losses", "predict_tensors", "prepare", "load_scene", "resolve_path", "config_from_dict"]
+__all__ = ["train", "compute_losses", "predict_tensors", "prepare", "load_scene", "config_from_dict"]

@@ -100,6 +100,37 @@ def analytic_radio_map(
     return RadioMap(values, features, bounds, attrs=attrs)
 
 
+def _reflected_walks(rng, radio_map: RadioMap, n: int, t: np.ndarray, speed_mps: tuple[float, float]) -> np.ndarray:
+    """``[N, T, 2]`` straight walks at times ``t [T]`` [s], reflected at the map's edges (one cell in)."""
+    x_min, y_min, x_max, y_max = radio_map.bounds
+    margin = radio_map.cell_size
+    start = rng.uniform([x_min + margin, y_min + margin], [x_max - margin, y_max - margin], size=(n, 2))
+    heading = rng.uniform(-np.pi, np.pi, size=n)
+    speed = rng.uniform(*speed_mps, size=n)
+    path = start[:, None, :] + (speed[:, None] * np.stack([np.cos(heading), np.sin(heading)], 1))[:, None, :] * t[None, :, None]
+    lo, hi = np.array([x_min + margin, y_min + margin]), np.array([x_max - margin, y_max - margin])
+    span = hi - lo
+    folded = np.mod(path - lo, 2 * span)
+    return lo + np.where(folded > span, 2 * span - folded, folded)
+
+
+def _strongest_sites(xy: np.ndarray, sites: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(features [M, k, 3], ids int16 [M, k])`` of the ``k`` strongest sites at points ``xy [M, 2]``."""
+    from core.stores.dataset import SITE_FEATURES
+
+    # with one site, analytic_features' serving site is that site
+    per_site = np.stack(
+        [analytic_features(xy, sites[s : s + 1], features=SITE_FEATURES) for s in range(len(sites))], axis=1
+    )  # [M, S, 3]
+    order = np.argsort(-per_site[:, :, 0], axis=1)[:, :k]  # strongest first
+    kk = order.shape[1]
+    site_feat = np.full((len(xy), k, 3), np.nan)
+    site_feat[:, :kk] = np.take_along_axis(per_site, order[:, :, None], axis=1)
+    site_ids = np.full((len(xy), k), -1, dtype=np.int16)
+    site_ids[:, :kk] = order
+    return site_feat, site_ids
+
+
 def synthetic_dataset(
     radio_map: RadioMap,
     num_ues: int,
@@ -124,37 +155,17 @@ def synthetic_dataset(
     the noise-free values being kept as ``clean_*``. A report is missing with
     probability ``missing_prob`` (features NaN); every sample keeps at least one.
     Free space, so every report is line of sight. Split: 80 % train, 10 % val, 10 % test.
+    When ``radio_map`` was saved or loaded, the dataset records it as the map it was made with.
     """
-    from core.stores.dataset import CELL_FEATURES, SITE_FEATURES, MeasurementDataset
+    from core.stores.dataset import CELL_FEATURES, MeasurementDataset
 
     rng = np.random.default_rng(seed)
     sites = np.array([s["position"] for s in radio_map.attrs["sites"]], dtype=np.float64)  # [S, 3]
     n, t_len = int(num_ues), int(reports)
-    x_min, y_min, x_max, y_max = radio_map.bounds
-    margin = radio_map.cell_size
-
-    # Straight walks reflected at the edges.
-    start = rng.uniform([x_min + margin, y_min + margin], [x_max - margin, y_max - margin], size=(n, 2))
-    heading = rng.uniform(-np.pi, np.pi, size=n)
-    speed = rng.uniform(*speed_mps, size=n)
     t = (np.arange(t_len) * report_interval_s).astype(np.float32)
-    path = start[:, None, :] + (speed[:, None] * np.stack([np.cos(heading), np.sin(heading)], 1))[:, None, :] * t[None, :, None]
-    lo, hi = np.array([x_min + margin, y_min + margin]), np.array([x_max - margin, y_max - margin])
-    span = hi - lo
-    folded = np.mod(path - lo, 2 * span)
-    path = lo + np.where(folded > span, 2 * span - folded, folded)  # [N, T, 2]
+    path = _reflected_walks(rng, radio_map, n, t, speed_mps)
     flat = path.reshape(-1, 2)
-
-    # Per-site features: with one site, analytic_features' serving site is that site.
-    per_site = np.stack(
-        [analytic_features(flat, sites[s : s + 1], features=SITE_FEATURES) for s in range(len(sites))], axis=1
-    )  # [N*T, S, 3]
-    order = np.argsort(-per_site[:, :, 0], axis=1)[:, :k]  # strongest first
-    kk = order.shape[1]
-    site_feat = np.full((n * t_len, k, 3), np.nan)
-    site_feat[:, :kk] = np.take_along_axis(per_site, order[:, :, None], axis=1)
-    site_ids = np.full((n * t_len, k), -1, dtype=np.int16)
-    site_ids[:, :kk] = order
+    site_feat, site_ids = _strongest_sites(flat, sites, k)
     cell_feat = analytic_features(flat, sites, features=CELL_FEATURES)  # [N*T, 4]
 
     clean_site, clean_cell = site_feat.copy(), cell_feat.copy()
@@ -190,6 +201,7 @@ def synthetic_dataset(
                "noise": bool(noise), "seed": int(seed), "generator": {"kind": "analytic random walks"}},
         clean_site_features=clean_site.reshape(n, t_len, k, 3).astype(np.float32),
         clean_cell_features=clean_cell.reshape(n, t_len, 4).astype(np.float32),
+        radio_map_ref=radio_map.ref if radio_map.lineage else None,
     )
 
 
@@ -197,9 +209,9 @@ def synthetic_scene(root, num_ues: int = 200, height: int = 32, width: int = 32,
                     reports: int = 8, k: int = 3, seed: int = 0, noise: bool = True, scene: str = "analytic") -> dict:
     """Write an analytic map and a :func:`synthetic_dataset` under ``root`` (tests, demos).
 
-    Layout: ``root/radio_maps/<scene>.zarr`` and ``root/datasets/<scene>``. Returns the
-    config overrides that point a training config at them:
-    ``{"data.dataset": ..., "data.scene": scene, "physics_loss.radio_maps_dir": ...}``.
+    Layout: ``root/radio_maps/<scene>.zarr`` and ``root/datasets/<scene>`` (which records
+    that map). Returns the config overrides that point a training config at them:
+    ``{"data.dataset": ..., "physics_loss.radio_maps_dir": ...}``.
     """
     from pathlib import Path
 
@@ -210,5 +222,4 @@ def synthetic_scene(root, num_ues: int = 200, height: int = 32, width: int = 32,
     radio_map.save(root / "radio_maps" / f"{scene}.zarr")
     dataset = synthetic_dataset(radio_map, num_ues, reports=reports, k=k, seed=seed, noise=noise)
     dataset.save(root / "datasets" / scene)
-    return {"data.dataset": str(root / "datasets" / scene), "data.scene": scene,
-            "physics_loss.radio_maps_dir": str(root / "radio_maps")}
+    return {"data.dataset": str(root / "datasets" / scene), "physics_loss.radio_maps_dir": str(root / "radio_maps")}

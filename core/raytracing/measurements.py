@@ -70,7 +70,7 @@ class WalkConfig:
 
 
 def _sites_and_area(scene_name, radio_maps, scenes_dir):
-    """``(info, sites, bounds, valid [H, W] or None, map_path or None)`` for the scene."""
+    """``(info, sites, bounds, valid [H, W] or None, map StoreRef or None)`` for the scene."""
     from core.raytracing.scenes import DEFAULT_AREA_SIZE_M, load_scene, resolve_scene, scene_bbox, site_layout
     from core.stores.radio_map import RadioMap
 
@@ -79,7 +79,7 @@ def _sites_and_area(scene_name, radio_maps, scenes_dir):
         path = Path(radio_maps) / f"{info.name}.zarr"
         if path.exists():
             rmap = RadioMap.load(path)
-            return info, rmap.attrs["sites"], rmap.bounds, rmap.valid, str(path)
+            return info, rmap.attrs["sites"], rmap.bounds, rmap.valid, rmap.ref
     scene = load_scene(info)
     bb = scene_bbox(scene)
     cx, cy, half = 0.5 * (bb[0] + bb[3]), 0.5 * (bb[1] + bb[4]), 0.5 * DEFAULT_AREA_SIZE_M
@@ -177,16 +177,7 @@ def cell_measurements(pg_db: np.ndarray, radio, link) -> np.ndarray:
     return np.stack([snr, sinr, thr, bler], axis=1).astype(np.float32)
 
 
-def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | None = None, seed: int = 0,
-                 k_sites: int = 4, split: str = "random", scenes_dir: str | None = None,
-                 noise: NoiseConfig = NoiseConfig(), walk: WalkConfig = WalkConfig(), trace=None):
-    """Build a :class:`~core.dataset.MeasurementDataset` (see the module docstring)."""
-    from tqdm import tqdm
-
-    from core.raytracing.link_abstraction import LinkConfig, link_abstraction
-    from core.raytracing.tracing import RadioConfig, TraceSettings, build_scene, trace_points
-    from core.stores.dataset import SPLITS, MeasurementDataset
-
+def _check_arguments(num_ues: int, reports: int, k_sites: int, split: str) -> None:
     if num_ues < 1:
         raise CoreError(f"--num-ues must be >= 1, got {num_ues}")
     if reports < 1:
@@ -195,19 +186,23 @@ def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | 
         raise CoreError(f"--sites-per-report must be >= 1, got {k_sites}")
     if split not in ("random", "spatial"):
         raise CoreError(f"--split must be random or spatial, got {split!r}")
-    t_start = time.perf_counter()
-    radio = RadioConfig()
-    trace = trace or TraceSettings()
-    rng = np.random.default_rng(seed)
-    report(0.0, f"{scene_name}: loading")
-    info, sites, bounds, valid, map_path = _sites_and_area(scene_name, radio_maps, scenes_dir)
-    scene = build_scene(info, sites, radio)
-    link = link_abstraction(LinkConfig())
 
-    # walks; UEs whose walk leaves coverage somewhere are replaced by spares
-    xyz = np.empty((0, reports, 3))
+
+def _trace_walks(rng, scene, area, num_ues: int, reports: int, k_sites: int, walk: WalkConfig, radio, link, trace):
+    """Walks whose every report is covered, ray-traced: ``(xyz [N, T, 3], times [T], clean, ray-tracing s)``.
+
+    ``area`` is ``(name, bounds, valid)``; ``clean`` holds the noise-free :func:`measure` arrays
+    ``[N, T, ...]`` plus ``pg_all [N, T, S]``. UEs whose walk leaves coverage are replaced by spares.
+    """
+    from tqdm import tqdm
+
+    from core.raytracing.tracing import trace_points
+
+    name, bounds, valid = area
+    total = num_ues * reports
+    xyz, times = np.empty((0, reports, 3)), None
     clean: dict[str, list[np.ndarray]] = {}
-    bar = tqdm(total=num_ues * reports, desc=f"{info.name}: ray tracing UE positions", unit="pos", dynamic_ncols=True)
+    bar = tqdm(total=total, desc=f"{name}: ray tracing UE positions", unit="pos", dynamic_ncols=True)
     t_trace = 0.0
     for _ in range(20):
         need = num_ues - len(xyz)
@@ -218,8 +213,8 @@ def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | 
         t0 = time.perf_counter()
         done0 = bar.n
         traced = trace_points(scene, walks.reshape(-1, 3), trace,
-                              progress=lambda d, n: (bar.update(min(done0 + d, num_ues * reports) - bar.n),
-                                                     report(0.9 * bar.n / (num_ues * reports), "ray tracing")))
+                              progress=lambda d, n: (bar.update(min(done0 + d, total) - bar.n),
+                                                     report(0.9 * bar.n / total, "ray tracing")))
         t_trace += time.perf_counter() - t0
         covered = np.isfinite(traced["path_gain"]).any(1).reshape(len(walks), reports).all(1)
         meas = measure(traced, k_sites, radio, link)
@@ -232,19 +227,20 @@ def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | 
     bar.close()
     if len(xyz) < num_ues:
         raise CoreError(f"could only place {len(xyz)} of {num_ues} UEs on fully covered walks")
-    c = {k: np.concatenate(v) for k, v in clean.items()}
-    n, t = num_ues, reports
+    return xyz, times, {k: np.concatenate(v) for k, v in clean.items()}, t_trace
 
-    # measurement noise
-    pg_all = c["pg_all"] + rng.normal(0.0, noise.path_gain_db, c["pg_all"].shape)  # -inf stays -inf
-    site_f = c["site_features"].copy()
-    ids = c["site_ids"]
+
+def _noisy_measurements(rng, clean: dict[str, np.ndarray], noise: NoiseConfig, radio, link):
+    """``(site_features [N, T, K, 3], cell_features [N, T, 4])`` with measurement noise; SNR and
+    SINR from the noisy gains, the serving site staying the clean slot 0."""
+    pg_all = clean["pg_all"] + rng.normal(0.0, noise.path_gain_db, clean["pg_all"].shape)  # -inf stays -inf
+    site_f = clean["site_features"].copy()
+    ids = clean["site_ids"]
     has = ids >= 0
     slot_pg = np.take_along_axis(pg_all, np.where(has, ids, 0).astype(np.int64), axis=2)
     site_f[..., 0] = np.where(has, slot_pg, np.nan)
     site_f[..., 1] = np.where(has, site_f[..., 1] + rng.normal(0.0, noise.toa_ns, has.shape), np.nan)
     site_f[..., 2] = np.where(has, wrap_degrees(site_f[..., 2] + rng.normal(0.0, noise.aoa_deg, has.shape)), np.nan)
-    # SNR/SINR from the noisy gains, the serving site staying the clean slot 0
     serv = slot_pg[..., 0]
     with np.errstate(divide="ignore", invalid="ignore"):
         p_mw = 10 ** ((radio.tx_power_dbm + pg_all) / 10)
@@ -252,51 +248,81 @@ def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | 
         snr = radio.tx_power_dbm + serv - radio.noise_dbm
         sinr = radio.tx_power_dbm + serv - 10 * np.log10(interf + 10 ** (radio.noise_dbm / 10))
     thr, bler, _ = link(sinr)
-    cell_f = np.stack([snr, sinr, thr, bler], -1).astype(np.float32)
+    return site_f, np.stack([snr, sinr, thr, bler], -1).astype(np.float32)
 
-    # missing reports, at least one kept per UE
-    present = rng.random((n, t)) >= noise.p_missing
+
+def _present_reports(rng, n: int, t: int, p_missing: float) -> np.ndarray:
+    """bool ``[N, T]``: reports kept, each missing with ``p_missing``, at least one per UE."""
+    present = rng.random((n, t)) >= p_missing
     none = ~present.any(1)
     present[np.flatnonzero(none), rng.integers(0, t, none.sum())] = True
-    site_f[~present] = np.nan
-    cell_f[~present] = np.nan
-    site_ids = np.where(present[..., None], ids, -1).astype(np.int16)
-    los = c["los"] & present
+    return present
 
-    # split by UE
-    labels = xyz[:, -1, :2]
+
+def _split_by_ue(rng, labels: np.ndarray, split: str) -> np.ndarray:
+    """int8 ``[N]`` split of UEs with labels ``[N, 2]`` (see the module docstring)."""
+    from core.stores.dataset import SPLITS
+
+    n = len(labels)
     if split == "random":
         perm = rng.permutation(n)
         split_arr = np.zeros(n, np.int8)
         split_arr[perm[int(0.8 * n):int(0.9 * n)]] = SPLITS["val"]
         split_arr[perm[int(0.9 * n):]] = SPLITS["test"]
-    else:
-        x_hi, x_mid = np.quantile(labels[:, 0], [0.9, 0.8])
-        split_arr = np.where(labels[:, 0] >= x_hi, SPLITS["test"],
-                             np.where(labels[:, 0] >= x_mid, SPLITS["val"], SPLITS["train"])).astype(np.int8)
+        return split_arr
+    x_hi, x_mid = np.quantile(labels[:, 0], [0.9, 0.8])
+    return np.where(labels[:, 0] >= x_hi, SPLITS["test"],
+                    np.where(labels[:, 0] >= x_mid, SPLITS["val"], SPLITS["train"])).astype(np.int8)
 
-    elapsed = time.perf_counter() - t_start
+
+def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | None = None, seed: int = 0,
+                 k_sites: int = 4, split: str = "random", scenes_dir: str | None = None,
+                 noise: NoiseConfig = NoiseConfig(), walk: WalkConfig = WalkConfig(), trace=None):
+    """Build a :class:`~core.dataset.MeasurementDataset` (see the module docstring).
+
+    When ``<radio_maps>/<scene>.zarr`` exists, the dataset records it (path, scene, lineage
+    id and digest) as the map it was made with, and its save writes that record.
+    """
+    from core.raytracing.link_abstraction import LinkConfig, link_abstraction
+    from core.raytracing.tracing import RadioConfig, TraceSettings, build_scene
+    from core.stores.dataset import MeasurementDataset
+
+    _check_arguments(num_ues, reports, k_sites, split)
+    t_start = time.perf_counter()
+    radio, trace, rng = RadioConfig(), trace or TraceSettings(), np.random.default_rng(seed)
+    report(0.0, f"{scene_name}: loading")
+    info, sites, bounds, valid, map_ref = _sites_and_area(scene_name, radio_maps, scenes_dir)
+    scene = build_scene(info, sites, radio)
+    link = link_abstraction(LinkConfig())
+    xyz, times, clean, t_trace = _trace_walks(rng, scene, (info.name, bounds, valid), num_ues, reports, k_sites,
+                                              walk, radio, link, trace)
+    site_f, cell_f = _noisy_measurements(rng, clean, noise, radio, link)
+    present = _present_reports(rng, num_ues, reports, noise.p_missing)
+    site_f[~present] = np.nan
+    cell_f[~present] = np.nan
+    split_arr = _split_by_ue(rng, xyz[:, -1, :2], split)
     attrs: dict[str, Any] = {
         "scene": info.name,
         "sites": [{"name": s["name"], "position": [float(v) for v in s["position"]]} for s in sites],
         "bounds": [float(b) for b in bounds],
-        "radio_map": map_path,
+        "radio_map": map_ref.path if map_ref else None,
         "noise": asdict(noise),
         "seed": int(seed),
         "split": {"kind": split, "fractions": {"train": 0.8, "val": 0.1, "test": 0.1},
                   "spatial_rule": "test: label x >= 90th percentile, val: 80th-90th" if split == "spatial" else None},
         "walk": asdict(walk),
         "generator": {"path_solver": asdict(trace), "sites_per_report": k_sites, "source": "PathSolver at the exact UE positions",
-                      "timings": {"total_s": elapsed, "ray_tracing_s": t_trace}},
+                      "timings": {"total_s": time.perf_counter() - t_start, "ray_tracing_s": t_trace}},
         "radio": radio.to_dict(),
         "link_abstraction": link.config.to_dict(),
     }
     report(1.0, f"{info.name}: done")
     return MeasurementDataset(
-        ue_xyz=xyz.astype(np.float32), t=np.broadcast_to(times.astype(np.float32), (n, t)).copy(),
-        report_mask=present, site_ids=site_ids, site_features=site_f.astype(np.float32), cell_features=cell_f,
-        los=los, split=split_arr, attrs=attrs, clean_site_features=c["site_features"].astype(np.float32),
-        clean_cell_features=c["cell_features"].astype(np.float32),
+        ue_xyz=xyz.astype(np.float32), t=np.broadcast_to(times.astype(np.float32), (num_ues, reports)).copy(),
+        report_mask=present, site_ids=np.where(present[..., None], clean["site_ids"], -1).astype(np.int16),
+        site_features=site_f.astype(np.float32), cell_features=cell_f, los=clean["los"] & present, split=split_arr,
+        attrs=attrs, clean_site_features=clean["site_features"].astype(np.float32),
+        clean_cell_features=clean["cell_features"].astype(np.float32), radio_map_ref=map_ref,
     )
 
 

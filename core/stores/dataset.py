@@ -16,7 +16,12 @@ Storage: a Zarr v3 group (``MeasurementDataset.save`` / ``.load``)::
     los             bool    [N, T]        serving site in line of sight
     split           int8    [N]           0 train, 1 val, 2 test
     clean/site_features, clean/cell_features   the same before measurement noise
-    attrs: format_version, kind, scene, sites, noise, seed, generator settings...
+    attrs: format_version, kind, attrs (scene, sites, noise, seed, generator settings...),
+           lineage {id, digest, radio_map: {path, scene, id, digest} | null}
+
+Saving is atomic, stamps a new lineage id and the content digest (every array, attrs and
+the radio-map ref) and records the radio map the dataset was made with
+(:mod:`core.stores.lineage`); loading checks the digest.
 
 Where a report is missing (``report_mask`` false) its features are NaN. Site slot 0 is
 the serving (strongest) site, which is what the radio map describes.
@@ -33,6 +38,7 @@ import numpy as np
 
 from core.errors import StoreError
 from core.stores.atomic import atomic_path
+from core.stores.lineage import Lineage, StoreRef, check_digest, content_digest
 from core.stores.zarr_group import open_group
 
 FORMAT_VERSION = 1
@@ -54,7 +60,11 @@ _ARRAYS: dict[str, tuple[str, int]] = {  # name -> (dtype, ndim)
 
 @dataclass
 class MeasurementDataset:
-    """In-memory measurement dataset; see the module docstring for shapes and units."""
+    """In-memory measurement dataset; see the module docstring for shapes and units.
+
+    ``lineage`` is the id and digest of the store it was loaded from (or last saved to);
+    ``radio_map_ref`` the radio map it was made with (None when unknown).
+    """
 
     ue_xyz: np.ndarray
     t: np.ndarray
@@ -68,6 +78,8 @@ class MeasurementDataset:
     clean_site_features: np.ndarray | None = None
     clean_cell_features: np.ndarray | None = None
     source: str | None = None
+    lineage: Lineage | None = None
+    radio_map_ref: StoreRef | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -118,8 +130,29 @@ class MeasurementDataset:
         return MeasurementDataset(
             self.ue_xyz[idx], self.t[idx], self.report_mask[idx], self.site_ids[idx], self.site_features[idx],
             self.cell_features[idx], self.los[idx], self.split[idx], dict(self.attrs),
-            take(self.clean_site_features), take(self.clean_cell_features), self.source,
+            take(self.clean_site_features), take(self.clean_cell_features), self.source, self.lineage,
+            self.radio_map_ref,
         )
+
+    # -- lineage ----------------------------------------------------------------------
+    @property
+    def ref(self) -> StoreRef:
+        """This dataset as a :class:`~core.stores.lineage.StoreRef` (path, scene, id, digest)."""
+        lineage, scene = self.lineage, self.attrs.get("scene")
+        return StoreRef(self.source or "(dataset in memory)", scene if isinstance(scene, str) else None,
+                        lineage.id if lineage else None, lineage.digest if lineage else None)
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        arrays = {name: getattr(self, name) for name in _ARRAYS}
+        if self.clean_site_features is not None and self.clean_cell_features is not None:
+            arrays.update({"clean/site_features": self.clean_site_features,
+                           "clean/cell_features": self.clean_cell_features})
+        return arrays
+
+    def digest(self) -> str:
+        """The content digest: every array, the attrs and the radio-map ref."""
+        ref = self.radio_map_ref.to_dict() if self.radio_map_ref else None
+        return content_digest(self._arrays(), {"attrs": self.attrs, "radio_map": ref})
 
     # -- validation -------------------------------------------------------------------
     def validate(self) -> None:
@@ -154,20 +187,24 @@ class MeasurementDataset:
             raise StoreError(f"{where}: 'split' holds values other than 0, 1, 2")
 
     # -- storage ----------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the dataset as a Zarr v3 group at ``path``, atomically."""
+    def save(self, path: str | os.PathLike, radio_map: StoreRef | None = None) -> Path:
+        """Write the dataset as a Zarr v3 group at ``path``, atomically, with a new lineage id.
+
+        ``radio_map``: the map it was made with (default: :attr:`radio_map_ref`, kept from
+        the store it was loaded from). Afterwards :attr:`source`, :attr:`lineage` and
+        :attr:`radio_map_ref` describe the saved store. Returns the path.
+        """
         import zarr
 
         path = Path(path)
+        if radio_map is not None:
+            self.radio_map_ref = radio_map
+        lineage = Lineage.new(self.digest())
+        map_ref = self.radio_map_ref.to_dict() if self.radio_map_ref else None
         with atomic_path(path) as tmp:
             group = zarr.open_group(store=str(tmp), mode="w", zarr_format=3)
-            for name in _ARRAYS:
-                arr = getattr(self, name)
+            for name, arr in self._arrays().items():
                 group.create_array(name, data=arr, chunks=(min(4096, max(len(arr), 1)),) + arr.shape[1:])
-            if self.clean_site_features is not None and self.clean_cell_features is not None:
-                clean = group.create_group("clean")
-                for name, arr in (("site_features", self.clean_site_features), ("cell_features", self.clean_cell_features)):
-                    clean.create_array(name, data=arr, chunks=(min(4096, max(len(arr), 1)),) + arr.shape[1:])
             group.attrs.update(
                 {
                     "format_version": FORMAT_VERSION,
@@ -175,8 +212,10 @@ class MeasurementDataset:
                     "site_features": list(SITE_FEATURES),
                     "cell_features": list(CELL_FEATURES),
                     "attrs": self.attrs,
+                    "lineage": {**lineage.to_dict(), "radio_map": map_ref},
                 }
             )
+        self.source, self.lineage = str(path), lineage
         return path
 
     @classmethod
@@ -198,5 +237,9 @@ class MeasurementDataset:
             raise StoreError(f"dataset {path}: missing array {exc}") from None
         except Exception as exc:
             raise StoreError(f"dataset {path}: corrupt array data ({type(exc).__name__}: {exc})") from None
-        return cls(**arrays, attrs=meta.get("attrs") or {}, clean_site_features=clean_site,
-                   clean_cell_features=clean_cell, source=str(path))
+        raw = meta.get("lineage") if isinstance(meta.get("lineage"), dict) else {}
+        dataset = cls(**arrays, attrs=meta.get("attrs") or {}, clean_site_features=clean_site,
+                      clean_cell_features=clean_cell, source=str(path), lineage=Lineage.from_attrs(raw),
+                      radio_map_ref=StoreRef.from_dict(raw.get("radio_map")))
+        check_digest("dataset", path, dataset.lineage, dataset.digest())
+        return dataset

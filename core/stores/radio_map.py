@@ -19,10 +19,12 @@ A Zarr v3 group (``RadioMap.save`` / ``RadioMap.load``)::
         values   float32 [F, H, W]   chunked (1, 128, 128), zstd-compressed
         valid    bool    [H, W]      coverage mask
         layers/<name>  float32 [K, H, W]  optional extra layers (e.g. per-site path gain)
-        attrs: format_version, features, units, bounds, attrs (free JSON: scene, sites, ...)
+        attrs: format_version, features, units, bounds, attrs (free JSON: scene, sites, ...),
+               lineage {id, digest} (see :mod:`core.stores.lineage`)
 
 Cells outside ``valid`` may hold NaN or -inf (no coverage); covered cells must be finite.
-Saving is atomic (see :mod:`core.stores.atomic`).
+Saving is atomic (see :mod:`core.stores.atomic`) and stamps a new lineage id and the
+content digest (values, valid, layers, features, bounds, attrs); loading checks the digest.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import numpy as np
 from core.errors import StoreError
 from core.features import feature_spec
 from core.stores.atomic import atomic_path
+from core.stores.lineage import Lineage, StoreRef, check_digest, content_digest
 from core.stores.zarr_group import open_group
 
 FORMAT_VERSION = 1
@@ -87,6 +90,7 @@ class RadioMap:
         layers: extra named float32 ``[K, H, W]`` arrays on the same grid, for
             example ``{"site_path_gain": ...}`` with one path-gain layer per site.
         source: where the map was loaded from, used in error messages.
+        lineage: id and digest of the store it was loaded from (set by :meth:`save` too).
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class RadioMap:
         attrs: dict[str, Any] | None = None,
         layers: dict[str, np.ndarray] | None = None,
         source: str | os.PathLike | None = None,
+        lineage: Lineage | None = None,
     ) -> None:
         where = f"radio map {source}" if source else "radio map"
         values = np.asarray(values)
@@ -159,6 +164,7 @@ class RadioMap:
         self._attrs = dict(attrs or {})
         self._layers = layers
         self._source = source
+        self._lineage = lineage
         self._stats = {
             name: feature_stats(values[f][valid], feature_spec(name).angular) for f, name in enumerate(features)
         }
@@ -194,6 +200,25 @@ class RadioMap:
     @property
     def source(self) -> str | None:
         return None if self._source is None else str(self._source)
+
+    @property
+    def lineage(self) -> Lineage | None:
+        """Id and digest of the store this map was loaded from or last saved to."""
+        return self._lineage
+
+    @property
+    def ref(self) -> StoreRef:
+        """This map as a :class:`~core.stores.lineage.StoreRef` (path, scene, id, digest)."""
+        lineage = self._lineage
+        return StoreRef(self.source or "(radio map in memory)", self._attrs.get("scene"),
+                        lineage.id if lineage else None, lineage.digest if lineage else None)
+
+    def digest(self) -> str:
+        """The content digest: arrays plus features, bounds and attrs."""
+        arrays = {"values": self._values, "valid": self._valid,
+                  **{f"layers/{name}": layer for name, layer in self._layers.items()}}
+        return content_digest(arrays, {"features": list(self._features), "bounds": list(self._bounds),
+                                       "attrs": self._attrs})
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -256,10 +281,15 @@ class RadioMap:
 
     # -- storage ----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the map as a Zarr v3 group at ``path``, atomically. Returns the path."""
+        """Write the map as a Zarr v3 group at ``path``, atomically, with a new lineage id.
+
+        Afterwards this map's :attr:`source` is ``path`` and :attr:`lineage` the saved one.
+        Returns the path.
+        """
         import zarr
 
         path = Path(path)
+        lineage = Lineage.new(self.digest())
         height, width = self.shape
         chunks = (1, min(_CHUNK, height), min(_CHUNK, width))
         with atomic_path(path) as tmp:
@@ -279,8 +309,10 @@ class RadioMap:
                     "bounds": list(self._bounds),
                     "cell_size": self.cell_size,
                     "attrs": self._attrs,
+                    "lineage": lineage.to_dict(),
                 }
             )
+        self._source, self._lineage = path, lineage
         return path
 
     @classmethod
@@ -308,7 +340,7 @@ class RadioMap:
             raise StoreError(f"radio map {path}: missing array {exc}") from None
         except Exception as exc:
             raise StoreError(f"radio map {path}: corrupt array data ({type(exc).__name__}: {exc})") from None
-        return cls(
+        radio_map = cls(
             np.asarray(values),
             meta["features"],
             tuple(meta["bounds"]),
@@ -316,4 +348,7 @@ class RadioMap:
             attrs=meta.get("attrs") or {},
             layers=layers,
             source=path,
+            lineage=Lineage.from_attrs(meta.get("lineage")),
         )
+        check_digest("radio map", path, radio_map.lineage, radio_map.digest())
+        return radio_map

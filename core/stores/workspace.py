@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from core import REPO_ROOT
 from core.errors import CoreError
+from core.stores.run import RunInfo, list_runs
+from core.stores.zarr_group import read_attrs
 
 DEFAULT_SCENE = "etoile"
 PRESETS = ("baseline", "model", "strong_physics")
@@ -47,32 +48,11 @@ class StoreStatus:
 
 
 @dataclass(frozen=True)
-class RunInfo:
-    """A training run directory and the little the app needs to list it."""
-
-    name: str
-    path: Path
-    scene: str | None
-    dataset: str | None
-    state: str  # running | done | stopped | unknown (from status.json) | no-checkpoint
-    epochs_done: int
-    best_val_median_m: float | None
-    lambda_phys: float | None
-    has_checkpoint: bool
-    config: dict[str, Any] = field(default_factory=dict, repr=False)
-
-
-@dataclass(frozen=True)
 class SceneStatus:
     name: str
     radio_map: StoreStatus
     dataset: StoreStatus
     runs: tuple[RunInfo, ...]
-
-
-def _read_zarr_attrs(path: Path) -> dict:
-    meta = json.loads((path / "zarr.json").read_text())
-    return meta.get("attributes") or {}
 
 
 def store_status(path: str | os.PathLike, kind: str) -> StoreStatus:
@@ -82,63 +62,12 @@ def store_status(path: str | os.PathLike, kind: str) -> StoreStatus:
     if not path.exists():
         return StoreStatus(path, "missing", f"{path} does not exist")
     try:
-        attrs = _read_zarr_attrs(path)
+        attrs = read_attrs(path)
     except (OSError, ValueError) as exc:
         return StoreStatus(path, "corrupt", f"{path}: unreadable store metadata ({type(exc).__name__})")
     if attrs.get("kind") != kind:
         return StoreStatus(path, "corrupt", f"{path}: not a {kind.replace('_', ' ')} store (kind={attrs.get('kind')!r})")
     return StoreStatus(path, "ok")
-
-
-def _load_yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The per-epoch records of ``run_dir/metrics.jsonl`` (bad lines skipped)."""
-    rows = []
-    try:
-        text = (Path(run_dir) / "metrics.jsonl").read_text()
-    except OSError:
-        return rows
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def run_info(path: str | os.PathLike, name: str | None = None) -> RunInfo:
-    """Summarise the run directory ``path`` (never raises for a half-written run)."""
-    path = Path(path)
-    config = _load_yaml(path / "config.yaml")
-    data = config.get("data") or {}
-    dataset = data.get("dataset")
-    scene = data.get("scene") or (Path(dataset).name if dataset else None)
-    try:
-        status = json.loads((path / "status.json").read_text())
-    except (OSError, ValueError):
-        status = {}
-    metrics = read_metrics(path)
-    medians = [r["val_median_m"] for r in metrics if isinstance(r.get("val_median_m"), (int, float))]
-    physics = config.get("physics_loss") or {}
-    lam = physics.get("lambda_phys")
-    has_ckpt = (path / "best.pt").exists() or (path / "last.pt").exists()
-    state = status.get("state") or ("done" if has_ckpt else "no-checkpoint")
-    return RunInfo(
-        name=name or path.name, path=path, scene=scene, dataset=dataset, state=str(state),
-        epochs_done=len(metrics), best_val_median_m=min(medians) if medians else None,
-        lambda_phys=float(lam) if isinstance(lam, (int, float)) else None, has_checkpoint=has_ckpt, config=config,
-    )
 
 
 @dataclass(frozen=True)
@@ -208,20 +137,9 @@ class Workspace:
         return sorted(names, key=lambda n: (n != DEFAULT_SCENE, n))
 
     def runs(self, scene: str | None = None) -> list[RunInfo]:
-        """Training runs (``runs/*`` with a config, and the shipped default run), newest first;
-        only those of ``scene`` if given."""
-        infos = []
-        if self.runs_dir.is_dir():
-            dirs = [p for p in self.runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
-            for d in sorted(dirs, key=lambda p: p.stat().st_mtime, reverse=True):
-                if (d / "config.yaml").exists():
-                    infos.append(run_info(d, self.rel(d)))
-                # an ablation keeps its runs one level down
-                for sub in sorted(p for p in d.iterdir() if p.is_dir() and (p / "config.yaml").exists()):
-                    infos.append(run_info(sub, self.rel(sub)))
-        default = self.default_run_path()
-        if (default / "config.yaml").exists():
-            infos.append(run_info(default, self.rel(default)))
+        """Training runs (``runs/*``, an ablation's variants, and the shipped default run),
+        newest first, named by their path from the root; only those of ``scene`` if given."""
+        infos = list_runs(self.runs_dir, [self.default_run_path()], relative_to=self.root)
         return [r for r in infos if scene is None or r.scene == scene]
 
     def ablations(self) -> list[Path]:

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from core.errors import StoreError
+
+
+def read_attrs(path: str | Path) -> dict[str, Any]:
+    """The group attributes of the Zarr v3 store at ``path``, read from its ``zarr.json`` only.
+
+    Cheap (no array is opened), for status checks and lineage. Raises ``OSError`` or
+    ``ValueError`` when the file is missing or not JSON.
+    """
+    meta = json.loads((Path(path) / "zarr.json").read_text())
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}/zarr.json is not a JSON object")
+    attrs = meta.get("attributes") or {}
+    return attrs if isinstance(attrs, dict) else {}
 
 
 def open_group(path: Path, label: str, kind: str, format_version: int, missing_hint: str) -> tuple[Any, dict]:

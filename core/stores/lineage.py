@@ -1,0 +1,185 @@
+"""Data lineage: which saved store is which, and which radio map a dataset was made with.
+
+Every radio-map and dataset store carries in its group attributes::
+
+    lineage: {"id": "<32 hex>", "digest": "sha256:<64 hex>"}
+    lineage: {"id": ..., "digest": ..., "radio_map": StoreRef | null}     (datasets)
+
+* ``id``: a uuid4, new at every save: two stores with one id are one save.
+* ``digest``: sha256 over the arrays (name, dtype, shape, bytes, with NaN and -0.0 made
+  canonical) and the key metadata (:func:`content_digest`); loading checks it.
+* ``radio_map``: the map the dataset was made with, a :class:`StoreRef`
+  ``{"path", "scene", "id", "digest"}``.
+
+A training run records the refs of its dataset and map (``lineage.json``, see
+:mod:`core.stores.run`). The scene of a run is the dataset's; its map is
+``<radio_maps_dir>/<scene>.zarr`` (:func:`map_path_for`) and must be the one the dataset
+records (:func:`check_map_of_dataset`). Refusals are one :class:`StoreError` line that
+names both stores. Stores saved before lineage existed have none: only their scenes
+are compared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.errors import ConfigError, StoreError
+from core.stores.zarr_group import read_attrs
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """The identity of one saved store: ``id`` (uuid4 hex) and ``digest`` (``sha256:<hex>``)."""
+
+    id: str
+    digest: str
+
+    @classmethod
+    def new(cls, digest: str) -> Lineage:
+        """A fresh id for content with ``digest`` (one per save)."""
+        return cls(uuid.uuid4().hex, digest)
+
+    @classmethod
+    def from_attrs(cls, raw: Any) -> Lineage | None:
+        """The ``lineage`` group attribute, or None when absent or malformed."""
+        if isinstance(raw, Mapping) and isinstance(raw.get("id"), str) and isinstance(raw.get("digest"), str):
+            return cls(raw["id"], raw["digest"])
+        return None
+
+    def to_dict(self) -> dict[str, str]:
+        return {"id": self.id, "digest": self.digest}
+
+
+@dataclass(frozen=True)
+class StoreRef:
+    """A pointer to one saved store: where it is, its scene, and which save (id, digest)."""
+
+    path: str
+    scene: str | None = None
+    id: str | None = None
+    digest: str | None = None
+
+    def describe(self) -> str:
+        """``"<path> (scene <scene>, id <first 8 hex>)"`` for error messages."""
+        scene = f"scene {self.scene}" if self.scene else "no scene"
+        ident = f"id {self.id[:8]}" if self.id else "no lineage id"
+        return f"{self.path} ({scene}, {ident})"
+
+    def to_dict(self) -> dict[str, str | None]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> StoreRef | None:
+        """A ref from its dict form, or None when ``raw`` is not one."""
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("path"), str):
+            return None
+        text = lambda key: raw[key] if isinstance(raw.get(key), str) else None  # noqa: E731
+        return cls(raw["path"], text("scene"), text("id"), text("digest"))
+
+
+# -- digests ------------------------------------------------------------------------------
+def _canonical_array(arr: np.ndarray) -> np.ndarray:
+    """C-contiguous ``arr``; floats with every NaN one bit pattern and -0.0 as +0.0."""
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype.kind == "f":
+        arr = np.where(np.isnan(arr), np.array(np.nan, dtype=arr.dtype), arr + arr.dtype.type(0))
+    return np.ascontiguousarray(arr)
+
+
+def content_digest(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> str:
+    """``"sha256:<hex>"`` of ``arrays`` (by name: dtype, shape, bytes) and JSON ``meta``.
+
+    Equal for a store's content before saving and after loading (JSON turns tuples into
+    lists and keys into strings; zarr may restore -0.0 or NaN with other bits), so the
+    metadata goes through a JSON round trip and the floats are made canonical first.
+    """
+    digest = hashlib.sha256()
+    plain = json.loads(json.dumps(meta, default=str))
+    digest.update(json.dumps(plain, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(arrays):
+        arr = _canonical_array(np.asarray(arrays[name]))
+        digest.update(f"\n{name}:{arr.dtype.str}:{list(arr.shape)}\n".encode())
+        digest.update(arr.reshape(-1).view(np.uint8))
+    return f"sha256:{digest.hexdigest()}"
+
+
+def check_digest(label: str, path: str | os.PathLike, lineage: Lineage | None, actual: str) -> None:
+    """Refuse a store whose content no longer matches the digest written when it was saved."""
+    if lineage is not None and lineage.digest != actual:
+        raise StoreError(f"{label} {path}: content does not match the digest written at save "
+                         f"({lineage.digest[:15]}… vs {actual[:15]}…): it changed afterwards; make it again")
+
+
+# -- cheap reads of a store's lineage (zarr.json only) ---------------------------------------
+def _attrs_or_error(path: Path, label: str) -> dict[str, Any]:
+    if not path.exists():
+        raise StoreError(f"{label} {path}: no such store")
+    try:
+        return read_attrs(path)
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{label} {path}: unreadable store metadata ({type(exc).__name__})") from None
+
+
+def store_ref(path: str | os.PathLike, label: str = "store") -> StoreRef:
+    """The :class:`StoreRef` of the radio map or dataset at ``path``, from its ``zarr.json``."""
+    path = Path(path)
+    attrs = _attrs_or_error(path, label)
+    lineage = Lineage.from_attrs(attrs.get("lineage"))
+    free = attrs.get("attrs") if isinstance(attrs.get("attrs"), Mapping) else {}
+    scene = free.get("scene") if isinstance(free.get("scene"), str) else None
+    return StoreRef(str(path), scene, lineage.id if lineage else None, lineage.digest if lineage else None)
+
+
+def recorded_map(dataset_path: str | os.PathLike) -> StoreRef | None:
+    """The radio map the dataset at ``dataset_path`` records it was made with (None if none)."""
+    raw = _attrs_or_error(Path(dataset_path), "dataset").get("lineage")
+    return StoreRef.from_dict(raw.get("radio_map")) if isinstance(raw, Mapping) else None
+
+
+# -- the rules ----------------------------------------------------------------------------------
+def _describe_path(path: Path, label: str) -> str:
+    try:
+        return store_ref(path, label).describe()
+    except StoreError:
+        return f"{path} (missing or unreadable)"
+
+
+def map_path_for(dataset: StoreRef, radio_maps_dir: str | os.PathLike, scene: str | None = None) -> Path:
+    """``<radio_maps_dir>/<scene>.zarr`` with the scene of ``dataset``.
+
+    ``scene`` is an optional pin (``data.scene`` of a config): when given it must be the
+    dataset's scene, or a :class:`ConfigError` names the pinned map and the dataset.
+    """
+    maps = Path(radio_maps_dir)
+    if not dataset.scene:
+        raise StoreError(f"dataset {dataset.path}: its attrs name no scene, so its radio map is unknown")
+    if scene and scene != dataset.scene:
+        raise ConfigError(f"data.scene {scene!r} selects radio map {_describe_path(maps / f'{scene}.zarr', 'radio map')}"
+                          f" but dataset {dataset.describe()} is of scene {dataset.scene!r}: the scene comes from the "
+                          f"dataset; drop data.scene or set it to {dataset.scene!r}")
+    return maps / f"{dataset.scene}.zarr"
+
+
+def check_map_of_dataset(dataset: StoreRef, recorded: StoreRef | None, radio_map: StoreRef) -> None:
+    """Refuse ``radio_map`` unless it is of the dataset's scene and, when the dataset
+    records its map (``recorded``), that very save (same id)."""
+    if dataset.scene and radio_map.scene != dataset.scene:
+        raise StoreError(f"radio map {radio_map.describe()} is not of the scene of dataset {dataset.describe()}")
+    if recorded is not None and recorded.id and radio_map.id != recorded.id:
+        raise StoreError(f"radio map {radio_map.describe()} is not the map dataset {dataset.describe()} was made "
+                         f"with ({recorded.describe()}): make the dataset again, or restore that map")
+
+
+def check_scene_stores(dataset_path: str | os.PathLike, map_path: str | os.PathLike) -> None:
+    """:func:`check_map_of_dataset` on the stores at the two paths, from their metadata only."""
+    check_map_of_dataset(store_ref(dataset_path, "dataset"), recorded_map(dataset_path),
+                         store_ref(map_path, "radio map"))
