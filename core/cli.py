@@ -67,6 +67,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # before the command's module is imported: tqdm reads its settings on import (torch imports it)
+    with progress.bars_disabled("--no-progress" in argv):
+        try:
+            return _run_command(argv)
+        finally:
+            settle_zarr(cancel=True)  # no "Task was destroyed but it is pending!" at exit
+
+
+def _run_command(argv: list[str]) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     debug = "--debug" in argv
     try:
@@ -75,8 +84,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        if getattr(args, "no_progress", False):
-            progress.disable_bars()
         return int(args._run(args) or 0)
     except CoreError as exc:
         if debug:
@@ -91,8 +98,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {type(exc).__name__}: {exc} (run again with --debug for the traceback)", file=sys.stderr)
         return 1
-    finally:
-        settle_zarr(cancel=True)  # no "Task was destroyed but it is pending!" at exit
 
 
 def run_process(argv: list[str] | None = None) -> int:

@@ -101,6 +101,21 @@ def test_a_live_writers_temp_is_left_alone(tmp_path):
     assert path.read_text() == "slow writer" and _temps(path) == []
 
 
+def test_a_special_file_is_written_in_place_never_replaced(tmp_path):
+    """``--out /dev/null`` must not turn /dev/null into a regular file: shown on a FIFO."""
+    import stat
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list[str] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+    reader.start()
+    atomic_write_text(fifo, "through the pipe")
+    reader.join(timeout=30)
+    assert received == ["through the pipe"]
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and _temps(fifo) == []
+
+
 # -- durability ---------------------------------------------------------------------------
 def test_contents_and_the_parent_are_fsynced_after_the_rename(tmp_path, monkeypatch):
     real = os.fsync

@@ -1,7 +1,7 @@
 """The job side of a command: progress reports, progress bars and the exit record.
 
 On the command line long work shows a tqdm bar; ``--no-progress`` (every long command
-takes it) turns bars off through :func:`disable_bars`. When the app launches a command
+takes it) turns bars off through :func:`bars_disabled`. When the app launches a command
 as a job (see ``core.jobs.manager``) it sets ``CORE_PROGRESS_FILE``; :func:`report` then
 also writes ``{"fraction", "message", "time"}`` there, atomically, so the app can show
 live progress.
@@ -13,15 +13,18 @@ when the process that watches the job (the waiter) has died.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import time
+from collections.abc import Iterator
 
 from core.stores.atomic import atomic_write_text
 
 PROGRESS_ENV = "CORE_PROGRESS_FILE"
 EXIT_ENV = "CORE_JOB_EXIT_FILE"
+TQDM_DISABLE_ENV = "TQDM_DISABLE"
 _MIN_INTERVAL_S = 0.5
 _last_write = 0.0
 
@@ -53,13 +56,26 @@ def read(path: str | os.PathLike) -> dict | None:
         return None
 
 
-def disable_bars() -> None:
-    """``--no-progress``: no tqdm bar in this process or the processes it starts.
+@contextlib.contextmanager
+def bars_disabled(disable: bool = True) -> Iterator[None]:
+    """``--no-progress``: no tqdm bar in this process or the processes it starts, inside
+    the block (the environment is restored after it).
 
-    Sets ``TQDM_DISABLE=1``, which tqdm reads when it is first imported: the commands
-    import tqdm only inside the functions that draw a bar, after the arguments are parsed.
+    Sets ``TQDM_DISABLE=1``, which tqdm reads when it is first imported: so this must
+    start before anything imports tqdm (torch does), as :func:`core.cli.main` does it.
     """
-    os.environ["TQDM_DISABLE"] = "1"
+    if not disable:
+        yield
+        return
+    old = os.environ.get(TQDM_DISABLE_ENV)
+    os.environ[TQDM_DISABLE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(TQDM_DISABLE_ENV, None)
+        else:
+            os.environ[TQDM_DISABLE_ENV] = old
 
 
 # -- the exit record ----------------------------------------------------------------------

@@ -15,6 +15,8 @@ one. Works for single files and for directory stores such as Zarr groups.
   listings of finished outputs, and it names the writer's process. A writer killed
   with SIGKILL leaves its temporary behind; the next write to the same ``path`` removes
   every such sibling whose process is gone (same machine).
+* **Special files.** A device, FIFO or socket at ``path`` (``--out /dev/null``) is
+  written in place: it is never replaced by a regular file.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 import sys
 import time
 import uuid
@@ -164,6 +167,14 @@ def _swap_in(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
+def _is_special(path: Path) -> bool:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; on success it replaces ``path``.
@@ -175,6 +186,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     new output is fsynced, swapped in (see the module docstring) and the parent fsynced.
     """
     path = Path(path)
+    if _is_special(path):
+        yield path  # /dev/null and the like: nothing to swap, and they must stay what they are
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     tmp = temp_name(path)
