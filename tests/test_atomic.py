@@ -20,7 +20,7 @@ import pytest
 from core import REPO_ROOT
 from core.physics.synthetic import analytic_radio_map
 from core.stores import atomic
-from core.stores.atomic import atomic_path, atomic_write_text, read_consistently, remove_stale_temps
+from core.stores.atomic import atomic_path, atomic_write_text, remove_stale_temps
 from core.stores.radio_map import RadioMap
 
 
@@ -242,11 +242,16 @@ def test_without_a_gapless_swap_a_reader_waits_out_the_gap(tmp_path, monkeypatch
     assert loaded.attrs["version"] == 2.0 and len(attempts) >= 2
 
 
-def test_read_consistently_fails_at_once_for_a_missing_path(tmp_path):
-    def read():
-        raise FileNotFoundError(tmp_path / "nothing")
+def test_a_missing_store_fails_at_once_even_while_a_first_write_is_building_it(tmp_path):
+    """A first map generation takes minutes: a reader must not wait for it, the path is
+    plainly missing (only a swap, where the old store is aside, is waited out)."""
+    from core.errors import StoreError
 
-    started = time.monotonic()
-    with pytest.raises(FileNotFoundError):
-        read_consistently(tmp_path / "nothing", read, retry_s=30.0)
-    assert time.monotonic() - started < 5.0  # no writer: nothing to wait for
+    path = tmp_path / "scene.zarr"
+    with atomic_path(path) as tmp:  # this live process is building it
+        tmp.mkdir()
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="no such store"):
+            RadioMap.load(path)
+        assert time.monotonic() - started < 2.0
+        (tmp / "zarr.json").write_text("{}")

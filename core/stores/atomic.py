@@ -1,7 +1,9 @@
 """Atomic, durable writes: build the output under a temporary name, then swap it into place.
 
 A crash at any point leaves either the previous output or the new one, never a half
-one. Works for single files and for directory stores such as Zarr groups.
+one (where the gapless swap below is missing, a crash between its two renames leaves the
+previous output at ``.<name>.old-<pid>-<token>``). Works for single files and for
+directory stores such as Zarr groups.
 
 * **Durable.** Before the swap every file of the new output and every directory in it
   is fsynced; after the swap the parent directory is fsynced, so the rename itself
@@ -58,8 +60,9 @@ def temp_name(path: Path, kind: str = "tmp") -> Path:
     return path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _temp_siblings(path: Path) -> Iterator[tuple[Path, int]]:
-    """The temporary siblings of ``path`` with the pid of the process that made each."""
+def _temp_siblings(path: Path) -> Iterator[tuple[Path, str, int]]:
+    """The temporary siblings of ``path``: each with its kind (``tmp``: a new output being
+    built, ``old``: the old output renamed aside) and the pid of the process that made it."""
     prefix = f".{path.name}."
     try:
         entries = list(os.scandir(path.parent))
@@ -69,7 +72,7 @@ def _temp_siblings(path: Path) -> Iterator[tuple[Path, int]]:
         if entry.name.startswith(prefix):
             m = _TEMP_RE.fullmatch(entry.name[len(prefix) - 1:])
             if m:
-                yield path.parent / entry.name, int(m.group(2))
+                yield path.parent / entry.name, m.group(1), int(m.group(2))
 
 
 def _process_alive(pid: int) -> bool:
@@ -84,7 +87,7 @@ def _process_alive(pid: int) -> bool:
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     """Remove the temporary siblings of ``path`` whose writer process is gone; returns them."""
     removed = []
-    for tmp, pid in _temp_siblings(Path(path)):
+    for tmp, _kind, pid in _temp_siblings(Path(path)):
         if pid != os.getpid() and not _process_alive(pid):
             _remove(tmp)
             removed.append(tmp)
@@ -92,8 +95,10 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
 
 
 def swap_in_progress(path: str | os.PathLike) -> bool:
-    """True while a live process holds a temporary sibling of ``path`` (it may be swapping)."""
-    return any(_process_alive(pid) for _, pid in _temp_siblings(Path(path)))
+    """True while a live process has renamed the old ``path`` aside and not yet put the new
+    one in (only where no gapless swap exists). A new output still being built (a first
+    map generation taking minutes) does not count: ``path`` is plainly missing then."""
+    return any(kind == "old" and _process_alive(pid) for _, kind, pid in _temp_siblings(Path(path)))
 
 
 # -- fsync --------------------------------------------------------------------------------
@@ -224,8 +229,8 @@ def read_consistently(path: str | os.PathLike, read: Callable[[], T], retry_s: f
     A directory swapped in while ``read()`` ran may have given it a mix of the old and the
     new output, and where no gapless swap exists ``path`` is briefly absent. So ``read()``
     is repeated (for up to ``retry_s``) while ``path`` changed identity during it, or is
-    absent while a live writer holds a temporary sibling. Other failures of ``read()``
-    (exceptions in ``errors``) are raised at once.
+    absent while a live writer is swapping it (:func:`swap_in_progress`). Other failures
+    of ``read()`` (exceptions in ``errors``) are raised at once.
     """
     path = Path(path)
     deadline = time.monotonic() + retry_s
