@@ -16,23 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from waiting import wait_for
 
 from core import REPO_ROOT
 from core.physics.synthetic import analytic_radio_map
 from core.stores import atomic
 from core.stores.atomic import atomic_path, atomic_write_text, remove_stale_temps
 from core.stores.radio_map import RadioMap
-
-
-def _wait_for(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    pause = 0.01
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not met within {timeout} s")
-        time.sleep(pause)
-        pause = min(2 * pause, 0.2)
-    return value
 
 
 def _temps(path: Path) -> list[Path]:
@@ -232,7 +222,7 @@ def test_without_a_gapless_swap_a_reader_waits_out_the_gap(tmp_path, monkeypatch
         result: list = []
         reader = threading.Thread(target=lambda: result.append(RadioMap.load(path)))
         reader.start()
-        _wait_for(lambda: attempts, what="the reader tried during the gap")
+        wait_for(lambda: attempts, timeout=30, what="the reader tried during the gap")
         resume.set()
         reader.join(timeout=60)
     finally:
