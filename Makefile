@@ -1,10 +1,20 @@
 # The two set-up commands: `make run` starts the app, `make test` runs every test.
 # Each installs what it needs: system packages, the venv and the pinned pip packages.
+#
+# TORCH_BUILD picks the torch build (scripts/torch_build.sh): auto (default: the CUDA
+# build when `nvidia-smi` lists a GPU, else the CPU one), cpu, cuda, or cuXYZ (e.g.
+# cu128: PyTorch's own index for that CUDA version). A CUDA build has its own install
+# stamp, so asking for one reinstalls torch; the CPU install is the plain pinned one.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
 PORT ?= 8501
+TORCH_BUILD ?= auto
+TORCH := $(shell TORCH_BUILD='$(TORCH_BUILD)' bash scripts/torch_build.sh build)
+ifeq ($(TORCH),)
+$(error TORCH_BUILD=$(TORCH_BUILD): use auto, cpu, cuda or cuXYZ, e.g. cu128)
+endif
+STAMP := $(VENV)/.installed$(if $(filter cpu,$(TORCH)),,-torch-$(TORCH))
 
 .PHONY: run test bench install default-data default-run
 
@@ -12,7 +22,9 @@ $(STAMP): requirements.txt scripts/install_system.sh
 	bash scripts/install_system.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt $(shell TORCH_BUILD=$(TORCH) bash scripts/torch_build.sh pip-args)
+	TORCH_BUILD=$(TORCH) bash scripts/torch_build.sh check $(PY)
+	rm -f $(VENV)/.installed $(VENV)/.installed-torch-*
 	touch $@
 
 install: $(STAMP)

@@ -1,5 +1,5 @@
 import sys
 
-from core.cli import main
+from core.cli import run_process
 
-sys.exit(main())
+sys.exit(run_process())

@@ -10,7 +10,12 @@ command does not pay for Sionna or the model unless it needs them.
 
 Errors: a :class:`~core.errors.CoreError` prints one line naming the bad file or
 argument and exits 2; any other exception prints one line and exits 1. ``--debug``
-shows the traceback instead.
+shows the traceback instead. Before returning, :func:`main` lets Zarr's background I/O
+settle (see :mod:`core.stores.zarr_group`), so nothing but that line reaches stderr.
+
+``--no-progress`` (train, generate-maps, make-dataset, evaluate, ablate, bench) turns
+the tqdm bars off. As a job (see :mod:`core.jobs.manager`) the process records its own
+exit status (:func:`run_process`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import sys
 
 from core.device import DEVICE_CHOICES
 from core.errors import CoreError
+from core.jobs import progress
+from core.stores.zarr_group import settle_zarr
 
 #: command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -60,6 +67,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # before the command's module is imported: tqdm reads its settings on import (torch imports it)
+    with progress.bars_disabled("--no-progress" in argv):
+        try:
+            return _run_command(argv)
+        finally:
+            settle_zarr(cancel=True)  # no "Task was destroyed but it is pending!" at exit
+
+
+def _run_command(argv: list[str]) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     debug = "--debug" in argv
     try:
@@ -82,3 +98,22 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {type(exc).__name__}: {exc} (run again with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def run_process(argv: list[str] | None = None) -> int:
+    """``python -m core``: :func:`main`, and inside a job also the exit record.
+
+    A job's command writes its exit status to ``$CORE_JOB_EXIT_FILE`` as it ends, also on
+    SIGTERM or SIGHUP (see :func:`core.jobs.progress.claim_exit_file`).
+    """
+    exit_file = progress.claim_exit_file()
+    code = 1  # an exception that escapes (with --debug) ends the interpreter with 1
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse: --help, bad arguments
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        raise
+    finally:
+        if exit_file:
+            progress.record_exit(exit_file, code)
+    return code

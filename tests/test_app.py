@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -333,11 +332,24 @@ def test_attention_page(workspace):
 
 
 def test_attention_and_refinement_without_models(tmp_path, monkeypatch):
+    """An empty workspace: each page says exactly what is missing (not just any warning)."""
     monkeypatch.setenv("CORE_WORKSPACE", str(tmp_path))
     monkeypatch.setenv("CORE_JOBS_DB", str(tmp_path / ".jobs" / "jobs.sqlite"))
-    for page in ("pages/attention.py", "pages/refinement.py", "pages/training.py", "pages/radio_maps.py"):
+    no_model = "No trained model yet. Train one on the Training page"
+    radio_map, dataset = tmp_path / "radio_maps" / "etoile.zarr", tmp_path / "datasets" / "etoile"
+    expected = {
+        "pages/attention.py": [no_model],
+        "pages/refinement.py": [no_model],
+        "pages/training.py": [f"**No dataset to train on**: {dataset} does not exist",
+                              f"**Radio map**: {radio_map} does not exist. Training needs it"],
+        "pages/radio_maps.py": [f"**No radio map**: {radio_map} does not exist"],
+    }
+    for page, messages in expected.items():
         at = _app(page)
-        assert at.warning, page
+        warnings = [str(w.value) for w in at.warning]
+        assert len(warnings) == len(messages), (page, warnings)
+        for message, warning in zip(messages, warnings):
+            assert warning.startswith(message), (page, warning)
 
 
 # -- Refinement ---------------------------------------------------------------------------
@@ -386,10 +398,7 @@ def test_job_survives_an_app_restart(workspace):
         cancel = next(b for b in at.button if b.key == f"scene_jobs-cancel-{job.id}")
         cancel.click().run()
         _no_exception(at)
-        deadline = time.time() + 20
-        while manager.get(job.id).active and time.time() < deadline:
-            time.sleep(0.2)
-        assert manager.get(job.id).status == "cancelled"
+        assert manager.wait(job.id, timeout_s=20).status == "cancelled"
     finally:
         manager.cancel(job.id, grace_s=1.0)
 

@@ -11,18 +11,19 @@ Set ``BROWSER_SCREENSHOTS=DIR`` to keep a full-page screenshot of every page.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from waiting import wait_for
 
 from core import REPO_ROOT
 from core.jobs.manager import JobManager
@@ -63,18 +64,20 @@ def server(tmp_path_factory):
         cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
+
+    def answered() -> bool:  # healthy, or dead (then there is nothing to wait for)
         try:
             with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    break
+                return r.status == 200
         except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            log.close()
-            pytest.fail("streamlit did not start:\n" + (root / "streamlit.log").read_text()[-3000:])
-        time.sleep(0.5)
+            return proc.poll() is not None
+
+    started = False
+    with contextlib.suppress(AssertionError):  # a timeout: reported below with the log
+        started = wait_for(answered, timeout=90, what="streamlit's health check") and proc.poll() is None
+    if not started:
+        log.close()
+        pytest.fail("streamlit did not start:\n" + (root / "streamlit.log").read_text()[-3000:])
     yield url, root
     manager = JobManager(root / ".jobs" / "jobs.sqlite", cwd=root)
     for job in manager.active():
@@ -98,6 +101,7 @@ def browser_page(server):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        context.add_init_script(COUNT_SCRIPT_RUNS)
 
         def route(r):
             parsed = urlparse(r.request.url)
@@ -138,18 +142,41 @@ def browser_page(server):
         nav = page.get_by_test_id("stSidebarNav")
         nav.get_by_text("Refinement inspector", exact=True).wait_for()
         page.get_by_test_id("stSidebar").get_by_text("Active scene").wait_for()
-        _settle(page)
+        _settle(page, 0)
         yield page, problems
         context.close()
         browser.close()
 
 
-def _settle(page) -> None:
-    """Wait until the script run and every spinner are done."""
+# Streamlit marks its root with data-test-script-state (running, notRunning, ...): count the
+# runs that finished, so a wait can ask for a run that finished after an action.
+COUNT_SCRIPT_RUNS = """
+window.__finishedRuns = 0;
+new MutationObserver(records => {
+  for (const r of records) {
+    if (r.target.getAttribute('data-test-script-state') === 'notRunning' && r.oldValue !== 'notRunning') {
+      window.__finishedRuns += 1;
+    }
+  }
+}).observe(document, {subtree: true, attributes: true, attributeOldValue: true,
+                      attributeFilter: ['data-test-script-state']});
+"""
+
+
+def _runs(page) -> int:
+    """Script runs finished so far on this page."""
+    return page.evaluate("() => window.__finishedRuns")
+
+
+def _settle(page, after: int) -> None:
+    """Wait until a script run finished after ``after`` runs, nothing runs now, no spinner
+    is left, and the browser has painted the result."""
     page.wait_for_function(
-        "() => !document.querySelector('[data-testid=stStatusWidget] [data-testid=stStatusWidgetRunningIcon]')"
+        f"() => window.__finishedRuns > {after}"
+        " && document.querySelector('[data-testid=stApp]')?.getAttribute('data-test-script-state') === 'notRunning'"
+        " && !document.querySelector('[data-testid=stStatusWidget] [data-testid=stStatusWidgetRunningIcon]')"
         " && document.querySelectorAll('[data-testid=stSpinner]').length === 0", timeout=120_000)
-    page.wait_for_timeout(800)
+    page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
 
 
 def _no_exception_box(page, where: str) -> None:
@@ -160,9 +187,10 @@ def _no_exception_box(page, where: str) -> None:
 
 
 def _goto(page, label: str, title: str) -> None:
+    runs = _runs(page)
     page.get_by_test_id("stSidebarNav").get_by_text(label, exact=True).click()
     page.get_by_role("heading", name=title, exact=True).wait_for()
-    _settle(page)
+    _settle(page, runs)
 
 
 def test_every_page_renders(browser_page):
@@ -181,9 +209,9 @@ def test_every_page_renders(browser_page):
             canvas = page.locator('[data-testid="stDeckGlJsonChart"] canvas').first
             canvas.wait_for(state="visible")
             # a new canvas is 300x150 until deck.gl sizes it to its container
-            deadline = time.time() + 30
-            while (box := canvas.bounding_box()) and box["height"] <= 300 and time.time() < deadline:
-                page.wait_for_timeout(250)
+            page.wait_for_function("c => { const r = c.getBoundingClientRect(); return r.width > 300 && r.height > 300; }",
+                                   arg=canvas.element_handle(), timeout=30_000)
+            box = canvas.bounding_box()
             assert box and box["width"] > 300 and box["height"] > 300, f"deck.gl canvas too small: {box}"
         _no_exception_box(page, label)
         if shots:
@@ -206,8 +234,9 @@ def test_launch_a_tiny_training_job_and_see_it_finish(browser_page, server):
     name.press("Tab")
     form.get_by_test_id("stSelectbox").filter(has_text="Model size").click()
     page.get_by_role("option", name="tiny", exact=True).click()
+    runs = _runs(page)
     form.get_by_role("button", name="Start training").click()
-    _settle(page)
+    _settle(page, runs)
     if os.environ.get("BROWSER_SCREENSHOTS"):
         page.screenshot(path=str(Path(os.environ["BROWSER_SCREENSHOTS"]) / "training_launched.png"), full_page=True)
     page.get_by_text("--out runs/browser-run").first.wait_for(timeout=60_000)  # the job panel lists it

@@ -17,8 +17,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from waiting import gone as _gone
+from waiting import wait_for as _wait_for
 
 from core.jobs.manager import (
+    PRUNED_LOG,
     REPO_ROOT,
     JobConflictError,
     JobError,
@@ -38,21 +41,8 @@ def manager(tmp_path):
         jobs.cancel(job.id, grace_s=1.0)
 
 
-def _wait_for(predicate, timeout=60.0, poll=0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError("condition not met within the timeout")
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+def _under_way(manager: JobManager, job_id: int) -> None:
+    _wait_for(lambda: "selftest step 0" in manager.log(job_id), what="the command's first step in its log")
 
 
 def test_launch_progress_finish(manager, tmp_path):
@@ -96,7 +86,7 @@ def test_cancel_ends_the_whole_process_group(manager):
 
 def test_killed_command_is_failed_not_running(manager):
     job = manager.submit(selftest_spec(seconds=120))
-    _wait_for(lambda: "selftest step 0" in manager.log(job.id))  # the command is under way
+    _under_way(manager, job.id)
     running = manager.get(job.id)
     assert running.status == "running"
     os.kill(running.child_pid, signal.SIGKILL)
@@ -109,7 +99,7 @@ def test_killed_command_is_failed_not_running(manager):
 def test_killed_group_without_exit_status_is_failed(manager):
     """The waiter itself is killed (like a crash or a reboot): refresh must notice."""
     job = manager.submit(selftest_spec(seconds=120))
-    _wait_for(lambda: "selftest step 0" in manager.log(job.id))  # the command is under way
+    _under_way(manager, job.id)
     running = manager.get(job.id)
     assert running.status == "running"
     os.killpg(running.pid, signal.SIGKILL)
@@ -206,3 +196,111 @@ def test_jobs_beyond_the_limit_wait_queued(tmp_path):
     assert a.status == "cancelled" and b.status == "succeeded"
     assert b.started >= a.finished - 0.5  # it only started once the first had ended
     assert manager.get(third.id).status == "cancelled" and manager.get(third.id).child_pid is None
+
+
+# -- the waiter dies: cancel and the exit status still work ------------------------------
+def _kill_waiter(manager: JobManager, job_id: int):
+    """SIGKILL only the waiter of a running job (as the OOM killer might); returns the job."""
+    _under_way(manager, job_id)
+    running = manager.get(job_id)
+    assert running.status == "running" and running.child_pid
+    os.kill(running.pid, signal.SIGKILL)
+    _wait_for(lambda: _gone(running.pid), timeout=10, what="the waiter to die")
+    assert not _gone(running.child_pid)  # the command runs on without it
+    return running
+
+
+def test_cancel_ends_the_whole_group_when_the_waiter_has_died(manager):
+    job = manager.submit(selftest_spec(seconds=120, child=True))
+    line = _wait_for(lambda: next((ln for ln in manager.log(job.id).splitlines() if ln.startswith("child pid")), None),
+                     what="the grandchild's pid in the log")
+    grandchild = int(line.split()[-1])
+    running = _kill_waiter(manager, job.id)
+    assert manager.get(job.id).status == "running"  # the command still runs
+    cancelled = manager.cancel(job.id, grace_s=3.0)
+    assert cancelled.status == "cancelled"
+    for pid in (running.child_pid, grandchild):
+        _wait_for(lambda pid=pid: _gone(pid), timeout=10, what=f"process {pid} to end after cancel")
+
+
+@pytest.mark.parametrize("exit_code", [0, 3])
+def test_the_exit_status_survives_the_waiters_death(manager, exit_code):
+    job = manager.submit(selftest_spec(seconds=2.5, exit_code=exit_code, out=None))
+    running = _kill_waiter(manager, job.id)
+    _wait_for(lambda: _gone(running.child_pid), timeout=60, what="the command to finish")
+    done = manager.get(job.id)
+    assert done.exit_code == exit_code
+    if exit_code == 0:
+        assert done.status == "succeeded" and done.error is None
+    else:
+        assert done.status == "failed" and "exit status 3" in done.error and "selftest asked to fail" in done.error
+    record = json.loads(Path(done.exit_path).read_text())
+    assert record["exit_code"] == exit_code and record["pid"] == running.child_pid
+    assert done.finished == pytest.approx(record["time"])
+
+
+def test_a_terminated_command_records_its_signal(manager):
+    job = manager.submit(selftest_spec(seconds=120))
+    running = _kill_waiter(manager, job.id)
+    os.kill(running.child_pid, signal.SIGTERM)  # not by cancel: some other process ended it
+    _wait_for(lambda: _gone(running.child_pid), timeout=30, what="the command to die")
+    failed = manager.get(job.id)
+    assert failed.status == "failed" and failed.exit_code == -signal.SIGTERM
+    assert "killed by signal 15" in failed.error
+
+
+def test_a_sigkilled_command_with_a_dead_waiter_is_failed_not_running(manager):
+    job = manager.submit(selftest_spec(seconds=120))
+    running = _kill_waiter(manager, job.id)
+    os.kill(running.child_pid, signal.SIGKILL)
+    _wait_for(lambda: _gone(running.child_pid), timeout=30, what="the command to die")
+    failed = manager.get(job.id)
+    assert failed.status == "failed" and failed.exit_code is None
+    assert "without recording an exit status" in failed.error and "SIGKILL" in failed.error
+    assert not Path(failed.exit_path).exists()
+
+
+# -- log retention ------------------------------------------------------------------------
+def _finished_row(manager: JobManager, hours_ago: float) -> int:
+    """A finished job as the waiter leaves it: a row and a folder with a log."""
+    ended = time.time() - hours_ago * 3600
+    with sqlite3.connect(manager.db_path) as db:
+        cur = db.execute(
+            "INSERT INTO jobs (kind, args, command, cwd, status, log_path, progress_path, created, started, finished,"
+            " exit_code) VALUES ('selftest', '[]', 'python -m core jobs selftest', ?, 'succeeded', '', '', ?, ?, ?, 0)",
+            (str(manager.cwd), ended - 5, ended - 4, ended))
+        job_id = cur.lastrowid
+        folder = manager.db_path.parent / str(job_id)
+        db.execute("UPDATE jobs SET log_path = ?, progress_path = ? WHERE id = ?",
+                   (str(folder / "log.txt"), str(folder / "progress.json"), job_id))
+    folder.mkdir(parents=True)
+    (folder / "log.txt").write_text(f"log of job {job_id}\n")
+    return job_id
+
+
+def test_old_logs_are_pruned_newest_and_recent_ones_kept(manager):
+    running = manager.submit(selftest_spec(seconds=120))
+    ids = {hours: _finished_row(manager, hours) for hours in (1, 2, 3, 24 * 40)}
+    assert manager.prune_logs(keep=4, max_age_days=30) == [ids[24 * 40]]  # too old, though among the newest 4
+    assert sorted(manager.prune_logs(keep=2, max_age_days=30)) == [ids[3]]  # beyond the newest 2
+    for hours in (1, 2):
+        assert manager.log(ids[hours]) == f"log of job {ids[hours]}"
+    assert manager.log(ids[3]) == PRUNED_LOG and manager.get(ids[3]).status == "succeeded"  # still listed
+    assert manager.prune_logs(keep=0, max_age_days=0) == [ids[1], ids[2]]
+    assert Path(manager.get(running.id).log_path).is_file()  # an active job's folder is never touched
+    assert manager.get(running.id).active
+
+
+def test_submit_applies_the_retention_policy(tmp_path, monkeypatch):
+    manager = JobManager(tmp_path / "jobs" / "jobs.sqlite", cwd=tmp_path)
+    old = [_finished_row(manager, hours) for hours in (3, 2, 1)]
+    monkeypatch.setenv("CORE_JOBS_KEEP_LOGS", "1")
+    job = manager.submit(selftest_spec(seconds=0.2))
+    folders = sorted(p.name for p in manager.db_path.parent.iterdir() if p.is_dir())
+    assert folders == sorted([str(old[-1]), str(job.id)])  # the newest finished one, and the new job
+    assert manager.wait(job.id, 90).status == "succeeded"
+    env = {**os.environ, "CORE_JOBS_DB": str(manager.db_path), "CORE_JOBS_KEEP_LOGS": "50"}
+    out = subprocess.run([sys.executable, "-m", "core", "jobs", "prune", "--keep", "1"], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"removed the logs of 1 job(s): #{old[-1]}"  # the new job is now the newest

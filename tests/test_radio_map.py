@@ -189,13 +189,16 @@ def killer(self, name, *a, **k):
 zarr.Group.create_array = killer
 analytic_radio_map(height=10, width=14, bounds=(0.0, 0.0, 28.0, 20.0)).save({str(path)!r})
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert proc.wait(timeout=120) == -signal.SIGKILL
     back = RadioMap.load(path)
     np.testing.assert_array_equal(back.values, old.values)
     assert back.bounds == old.bounds
     leftovers = [p.name for p in path.parent.iterdir() if p.name != "scene.zarr"]
-    assert all(name.startswith(".scene.zarr.tmp-") for name in leftovers)  # hidden, never mistaken for a map
+    # hidden (never mistaken for a map) and named after the dead writer
+    assert leftovers and all(name.startswith(f".scene.zarr.tmp-{proc.pid}-") for name in leftovers)
+    old.save(path)  # the next save removes the dead writer's temp
+    assert sorted(os.listdir(path.parent)) == ["scene.zarr"]
 
 
 def test_overwrite_replaces_the_map(saved):

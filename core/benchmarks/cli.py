@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("benchmark", choices=list(BENCHMARKS), help="which benchmark to run")
     parser.add_argument("--out", default=None, help="JSON output path (default: bench_results/<name>.json)")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars (also after the benchmark's name)")
     parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of that benchmark (see bench NAME -h)")
 
 
@@ -26,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     module = importlib.import_module(BENCHMARKS[args.benchmark][0])
     parser = argparse.ArgumentParser(prog=f"python -m core bench {args.benchmark}", description=BENCHMARKS[args.benchmark][1])
     module.add_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     sub_args = parser.parse_args(args.bench_args)
     sub_args.device = args.device
     sub_args.out = args.out or f"bench_results/{args.benchmark}.json"

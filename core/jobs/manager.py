@@ -12,21 +12,34 @@ How a job runs
       └─ python -m core.jobs.manager --db DB --run ID (the *waiter*; new session = process group)
            └─ python -m core <args...>        (the command; same process group)
 
-* The waiter starts the command with ``CORE_PROGRESS_FILE`` set (see
-  :mod:`core.jobs.progress`), stdout and stderr appended to the job's log file, copies the
-  progress record into the database every 0.5 s, and records the exit status, so a
-  job's result is known even when the app that launched it has gone.
+* The waiter starts the command with ``CORE_PROGRESS_FILE`` and ``CORE_JOB_EXIT_FILE``
+  set (see :mod:`core.jobs.progress`), stdout and stderr appended to the job's log file,
+  copies the progress record into the database every 0.5 s, and records the exit status,
+  so a job's result is known even when the app that launched it has gone.
+* The command also records its own exit status, in ``exit.json``, as it ends (also on
+  SIGTERM or SIGHUP). So when the waiter dies (killed, OOM) while the command runs on,
+  the job's result is still known: :meth:`JobManager.refresh` reads it from there.
 * The database is the truth. :meth:`JobManager.refresh` checks that the recorded
   processes still exist, comparing each pid's start time (psutil) so a reused pid is
   not mistaken for the job. A job whose processes have all gone without an exit
-  status (killed, machine rebooted) is marked ``failed``; it never stays ``running``.
+  status anywhere (SIGKILL, machine rebooted) is marked ``failed``; it never stays
+  ``running``.
 * :meth:`JobManager.cancel` sends SIGTERM to the whole process group, then SIGKILL
-  after a grace period.
+  after a grace period; also when the waiter (the group's leader) has died, as long as
+  any process of the group is left.
 * Two active jobs whose outputs are the same path (or one inside the other) are
   refused with :class:`JobConflictError`.
 
 Files: the database defaults to ``<repo>/.jobs/jobs.sqlite`` (``CORE_JOBS_DB``
-overrides it); each job gets ``<db dir>/<id>/log.txt`` and ``progress.json``.
+overrides it); each job gets a folder ``<db dir>/<id>/`` with ``log.txt``,
+``progress.json`` and ``exit.json``.
+
+Log retention (:meth:`JobManager.prune_logs`, run at every submit and by
+``python -m core jobs prune``): a finished job's folder is kept while the job is among
+the newest ``CORE_JOBS_KEEP_LOGS`` (default 50) finished jobs *and* finished less than
+``CORE_JOBS_LOG_DAYS`` (default 30) days ago; otherwise it is deleted. Its row stays in
+the database (the job list keeps its history); its log then reads as removed. Active
+jobs' folders are never touched.
 
 Statuses: ``queued`` (registered; waiting for the waiter to start, or for a free slot:
 at most ``CORE_JOBS_MAX_RUNNING`` jobs, default 2, run at once) → ``running`` →
@@ -40,6 +53,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -74,6 +88,12 @@ KINDS = {
 
 MAX_RUNNING_ENV = "CORE_JOBS_MAX_RUNNING"
 DEFAULT_MAX_RUNNING = 2  # jobs that run at once; later ones wait as "queued" (a 2-core machine)
+
+KEEP_LOGS_ENV = "CORE_JOBS_KEEP_LOGS"
+DEFAULT_KEEP_LOGS = 50  # finished jobs whose folder (log, progress, exit record) is kept
+LOG_DAYS_ENV = "CORE_JOBS_LOG_DAYS"
+DEFAULT_LOG_DAYS = 30.0  # and only while they finished less than this many days ago
+PRUNED_LOG = "(log removed by the log retention policy: see `python -m core jobs prune --help`)"
 
 _POLL_S = 0.5
 _QUEUED_TIMEOUT_S = 60.0  # a waiter that has not started by then never will
@@ -164,6 +184,11 @@ class Job:
         if self.started is None:
             return None
         return (self.finished or time.time()) - self.started
+
+    @property
+    def exit_path(self) -> str:
+        """Where the command records its own exit status (next to its log)."""
+        return str(Path(self.log_path).parent / "exit.json")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -269,6 +294,56 @@ def _group_alive(pgid: int) -> bool:
         except (ProcessLookupError, PermissionError, OSError):
             continue
     return False
+
+
+def _job_group(pid: int | None, created: float | None) -> int | None:
+    """The job's process group id (= its waiter's pid) while any process of it is left.
+
+    The waiter may be gone while its command (and the command's children) run on. Linux
+    does not hand out a pid while a process group of that number has members, so a live
+    process with that pid but another start time means the job's group has ended (the
+    pid now belongs to someone else): then ``None``.
+    """
+    if pid is None:
+        return None
+    if _alive(pid, created):
+        return pid
+    try:
+        if created is not None and abs(psutil.Process(pid).create_time() - created) > 0.05:
+            return None  # reused
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        pass
+    return pid if _group_alive(pid) else None
+
+
+def _signal_group(pgid: int, sig: int, wait_s: float) -> bool:
+    """Send ``sig`` to group ``pgid``; True once the group is gone (waits up to ``wait_s``)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+    deadline = time.time() + wait_s
+    while _group_alive(pgid):
+        if time.time() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _outcome(code: int, cancelled: bool, log_path: str) -> tuple[str, str | None]:
+    """``(status, error)`` of a job whose command ended with exit status ``code``."""
+    if cancelled:
+        return "cancelled", "cancelled by the user"
+    if code == 0:
+        return "succeeded", None
+    why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+    last_line = next((ln for ln in reversed(tail(log_path, 20).splitlines()) if ln.strip()), "")
+    return "failed", f"{why}: {last_line}" if last_line else why
+
+
+def _env_number(name: str, default: float, minimum: float) -> float:
+    try:
+        return max(minimum, float(os.environ.get(name, default)))
+    except ValueError:
+        return default
 
 
 def tail(path: str | os.PathLike, lines: int = 30, max_bytes: int = 65536) -> str:
@@ -403,6 +478,7 @@ class JobManager:
             raise JobError(f"unknown job kind {spec.kind!r} (known: {', '.join(KINDS)})")
         args = [str(a) for a in spec.args]
         output = self._resolve_output(spec.output)
+        self.prune_logs()
         for job in self.active():  # refresh first, so a dead job does not block
             if output and job.output and (
                 Path(output).is_relative_to(job.output) or Path(job.output).is_relative_to(output)
@@ -460,15 +536,23 @@ class JobManager:
         job = self._get(job.id)  # the waiter may have just written its result
         if not job.active:
             return job
-        if job.cancel_requested:
+        record = progress.read_exit(job.exit_path) if job.child_pid is not None else None
+        if record is not None and record.get("pid") not in (None, job.child_pid):
+            record = None  # not written by this job's command
+        code = record["exit_code"] if record else None
+        if code is not None:  # the waiter died, but the command recorded how it ended
+            status, error = _outcome(code, job.cancel_requested, job.log_path)
+        elif job.cancel_requested:
             status, error = "cancelled", "cancelled by the user"
         elif job.pid is None:
             status, error = "failed", "the job never started"
         else:
-            status, error = "failed", "the job's processes ended without recording an exit status (killed or crashed)"
+            status, error = "failed", ("the job's processes ended without recording an exit status "
+                                       "(killed by SIGKILL, out of memory, or the machine stopped)")
+        finished = record["time"] if record else time.time()
         with self._connect() as db:  # only if nobody finished it meanwhile
-            db.execute("UPDATE jobs SET status = ?, error = ?, finished = ? WHERE id = ? AND status IN (?, ?)",
-                       (status, error, time.time(), job.id, *ACTIVE))
+            db.execute("UPDATE jobs SET status = ?, error = ?, finished = ?, exit_code = ? "
+                       "WHERE id = ? AND status IN (?, ?)", (status, error, finished, code, job.id, *ACTIVE))
         return self._get(job.id)
 
     def _with_progress(self, job: Job) -> Job:
@@ -479,25 +563,19 @@ class JobManager:
         return job
 
     def cancel(self, job_id: int, grace_s: float = 5.0) -> Job:
-        """End job ``job_id``'s whole process group: SIGTERM, then SIGKILL after ``grace_s``."""
+        """End job ``job_id``'s whole process group: SIGTERM, then SIGKILL after ``grace_s``.
+
+        Works also when the waiter (the group's leader) has died: every process left in
+        the group, the command and its children, is ended.
+        """
         job = self._get(job_id)
         if not job.active:
             return job
         self._update(job.id, cancel_requested=1)
-        pgid = job.pid if _alive(job.pid, job.pid_created) else None
-        if pgid is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGTERM)
-            deadline = time.time() + grace_s
-            while _group_alive(pgid) and time.time() < deadline:
-                time.sleep(0.1)
-            if _group_alive(pgid):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pgid, signal.SIGKILL)
-                deadline = time.time() + 5.0
-                while _group_alive(pgid) and time.time() < deadline:
-                    time.sleep(0.1)
-        elif _alive(job.child_pid, job.child_created):
+        pgid = _job_group(job.pid, job.pid_created)
+        if pgid is not None and not _signal_group(pgid, signal.SIGTERM, grace_s):
+            _signal_group(pgid, signal.SIGKILL, 5.0)
+        if _alive(job.child_pid, job.child_created):  # never outside the group, but be sure
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(job.child_pid, signal.SIGKILL)
         # give the waiter a moment to write "cancelled" with the exit code itself
@@ -507,8 +585,11 @@ class JobManager:
         return self.refresh(self._get(job.id))
 
     def log(self, job_id: int, lines: int = 40) -> str:
-        """The last ``lines`` lines of job ``job_id``'s log."""
-        return tail(self._get(job_id).log_path, lines)
+        """The last ``lines`` lines of job ``job_id``'s log (a note if the log was pruned)."""
+        job = self._get(job_id)
+        if not job.active and not Path(job.log_path).parent.exists():
+            return PRUNED_LOG
+        return tail(job.log_path, lines)
 
     def wait(self, job_id: int, timeout_s: float = 60.0, poll_s: float = 0.2) -> Job:
         """Block until job ``job_id`` is final or ``timeout_s`` passes; returns it."""
@@ -518,6 +599,30 @@ class JobManager:
             time.sleep(poll_s)
             job = self.get(job_id)
         return job
+
+    def prune_logs(self, keep: int | None = None, max_age_days: float | None = None) -> list[int]:
+        """Apply the log retention policy (see the module docstring); returns the pruned ids.
+
+        ``keep`` and ``max_age_days`` default to ``$CORE_JOBS_KEEP_LOGS`` (50) and
+        ``$CORE_JOBS_LOG_DAYS`` (30). Only ``<db dir>/<id>/`` folders of finished jobs
+        in this database are deleted.
+        """
+        keep = int(_env_number(KEEP_LOGS_ENV, DEFAULT_KEEP_LOGS, 0) if keep is None else keep)
+        days = _env_number(LOG_DAYS_ENV, DEFAULT_LOG_DAYS, 0.0) if max_age_days is None else max_age_days
+        cutoff = time.time() - days * 86400.0
+        with self._connect() as db:
+            rows = db.execute("SELECT id, log_path, COALESCE(finished, created) AS ended FROM jobs "
+                              "WHERE status IN (?, ?, ?) ORDER BY ended DESC, id DESC", FINAL).fetchall()
+        pruned = []
+        for rank, row in enumerate(rows):
+            if rank < keep and row["ended"] >= cutoff:
+                continue
+            folder = Path(row["log_path"]).parent
+            if folder != self.db_path.parent / str(row["id"]) or not folder.is_dir():
+                continue  # not a folder this manager made, or already gone
+            shutil.rmtree(folder, ignore_errors=True)
+            pruned.append(row["id"])
+        return pruned
 
     def delete(self, job_id: int) -> None:
         """Forget a finished job (its files stay)."""
@@ -532,6 +637,57 @@ _PROCS: dict[int, subprocess.Popen] = {}
 
 
 # -- the waiter: `python -m core.jobs.manager --db DB --run ID` -----------------------------------
+def _queue(manager: JobManager, job_id: int, stop: dict) -> bool:
+    """Wait in the queue for a free slot; False if the job was cancelled meanwhile."""
+    try:
+        max_running = max(1, int(os.environ.get(MAX_RUNNING_ENV, DEFAULT_MAX_RUNNING)))
+    except ValueError:
+        max_running = DEFAULT_MAX_RUNNING
+    waiting = False
+    while True:
+        claimed = manager._claim_slot(job_id, max_running) if stop["signal"] is None else None
+        if claimed:
+            return True
+        if claimed is None:  # cancelled while queued
+            manager._update(job_id, status="cancelled", finished=time.time(), error="cancelled before it started")
+            return False
+        if not waiting:
+            waiting = True
+            manager._update(job_id, message=f"waiting: {max_running} job(s) already running or queued first")
+        time.sleep(_POLL_S)
+        manager.active()  # marks dead jobs failed, so they free their slot
+
+
+def _run_command(manager: JobManager, job: Job) -> int | None:
+    """Run the job's command, copying its progress into the database; its exit status
+    (``None`` if it could not start)."""
+    env = dict(os.environ)
+    env[progress.PROGRESS_ENV] = job.progress_path
+    env[progress.EXIT_ENV] = job.exit_path
+    env["PYTHONUNBUFFERED"] = "1"
+    Path(job.exit_path).unlink(missing_ok=True)
+    with open(job.log_path, "ab", buffering=0) as log:
+        log.write(f"$ {job.command}\n".encode())
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "core", *job.args], cwd=job.cwd, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        except OSError as exc:
+            manager._update(job.id, status="failed", finished=time.time(), error=f"could not start: {exc}")
+            return None
+        manager._update(job.id, child_pid=proc.pid, child_created=_create_time(proc.pid))
+        last = None
+        while True:
+            try:
+                return proc.wait(timeout=_POLL_S)
+            except subprocess.TimeoutExpired:
+                pass
+            record = progress.read(job.progress_path)
+            if record and record != last:
+                last = record
+                manager._update(job.id, fraction=float(record.get("fraction", 0.0)),
+                                message=str(record.get("message", ""))[:500])
+
+
 def _wait_job(db_path: str, job_id: int) -> int:
     manager = JobManager(db_path)
     job = manager._get(job_id)
@@ -542,58 +698,14 @@ def _wait_job(db_path: str, job_id: int) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    env = dict(os.environ)
-    env[progress.PROGRESS_ENV] = job.progress_path
-    env["PYTHONUNBUFFERED"] = "1"
-    cmd = [sys.executable, "-m", "core", *job.args]
-    try:
-        max_running = max(1, int(os.environ.get(MAX_RUNNING_ENV, DEFAULT_MAX_RUNNING)))
-    except ValueError:
-        max_running = DEFAULT_MAX_RUNNING
-    waiting = False
-    while True:  # wait in the queue for a free slot
-        claimed = manager._claim_slot(job_id, max_running) if stop["signal"] is None else None
-        if claimed:
-            break
-        if claimed is None:  # cancelled while queued
-            manager._update(job_id, status="cancelled", finished=time.time(), error="cancelled before it started")
-            return 0
-        if not waiting:
-            waiting = True
-            manager._update(job_id, message=f"waiting: {max_running} job(s) already running or queued first")
-        time.sleep(_POLL_S)
-        manager.active()  # marks dead jobs failed, so they free their slot
-    with open(job.log_path, "ab", buffering=0) as log:
-        log.write(f"$ {job.command}\n".encode())
-        try:
-            proc = subprocess.Popen(cmd, cwd=job.cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT)
-        except OSError as exc:
-            manager._update(job_id, status="failed", finished=time.time(), error=f"could not start: {exc}")
-            return 1
-        manager._update(job_id, child_pid=proc.pid, child_created=_create_time(proc.pid))
-        last = None
-        while True:
-            try:
-                code = proc.wait(timeout=_POLL_S)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            record = progress.read(job.progress_path)
-            if record and record != last:
-                last = record
-                manager._update(job_id, fraction=float(record.get("fraction", 0.0)),
-                                message=str(record.get("message", ""))[:500])
+    if not _queue(manager, job_id, stop):
+        return 0
+    code = _run_command(manager, job)
+    if code is None:
+        return 1
     record = progress.read(job.progress_path) or {}
     cancelled = manager._get(job_id).cancel_requested
-    if cancelled:
-        status, error = "cancelled", "cancelled by the user"
-    elif code == 0:
-        status, error = "succeeded", None
-    else:
-        why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-        last_line = next((ln for ln in reversed(tail(job.log_path, 20).splitlines()) if ln.strip()), "")
-        status, error = "failed", f"{why}: {last_line}" if last_line else why
+    status, error = _outcome(code, cancelled, job.log_path)
     manager._update(
         job_id, status=status, exit_code=code, error=error, finished=time.time(),
         fraction=1.0 if code == 0 and not cancelled else float(record.get("fraction", 0.0)),
@@ -618,6 +730,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--lines", type=int, default=40)
     p = sub.add_parser("cancel", help="end a job's whole process group")
     p.add_argument("id", type=int)
+    p = sub.add_parser("prune", help="delete old jobs' log folders (the log retention policy)",
+                       description=f"Delete the folder (log, progress, exit record) of every finished job that is "
+                                   f"not among the newest KEEP finished jobs or finished more than DAYS days ago. "
+                                   f"Defaults: ${KEEP_LOGS_ENV} or {DEFAULT_KEEP_LOGS}, ${LOG_DAYS_ENV} or "
+                                   f"{DEFAULT_LOG_DAYS:g}. Also done at every submit. The jobs stay listed.")
+    p.add_argument("--keep", type=int, default=None, help="finished jobs whose logs are kept")
+    p.add_argument("--days", type=float, default=None, help="delete logs of jobs finished longer ago than this")
     p = sub.add_parser("submit", help="run `python -m core ARGS...` as a background job")
     p.add_argument("--kind", choices=list(KINDS), default=None, help="default: the first of ARGS")
     p.add_argument("--output", default=None, help="the path the command writes (refuses a second writer)")
@@ -687,6 +806,10 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "cancel":
         job = manager.cancel(args.id)
         print(f"job #{job.id}: {job.status}")
+        return 0
+    if args.action == "prune":
+        pruned = manager.prune_logs(args.keep, args.days)
+        print(f"removed the logs of {len(pruned)} job(s)" + (f": {', '.join(f'#{i}' for i in pruned)}" if pruned else ""))
         return 0
     if args.action == "submit":
         command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args

@@ -122,6 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="refinement step size [m]")
     parser.add_argument("--threshold", type=float, default=None, help="refine when confidence < this")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -365,6 +365,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=42, help="ray-sampling seed (default: 42)")
     parser.add_argument("--parallel", type=int, default=1, help="scenes generated at once, in separate processes")
     parser.add_argument("--force", action="store_true", help="regenerate maps that already exist")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
 
 def _settings_from(args) -> MapSettings:

@@ -339,6 +339,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sites-per-report", type=int, default=4, help="K strongest sites per report (default: 4)")
     parser.add_argument("--split", choices=["random", "spatial"], default="random", help="train/val/test split by UE")
     parser.add_argument("--force", action="store_true", help="overwrite an existing dataset")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 
 from core.errors import StoreError
-from core.stores.atomic import atomic_path
+from core.stores.atomic import atomic_path, read_consistently
 from core.stores.lineage import Lineage, StoreRef, check_digest, content_digest
-from core.stores.zarr_group import open_group
+from core.stores.zarr_group import open_group, read_arrays
 
 FORMAT_VERSION = 1
 SITE_FEATURES: tuple[str, ...] = ("path_gain", "toa", "aoa")
@@ -220,25 +220,28 @@ class MeasurementDataset:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MeasurementDataset:
-        """Read and validate a dataset; errors name ``path`` and the problem."""
+        """Read and validate a dataset; errors name ``path`` and the problem. A read that
+        overlaps a save to the same path is repeated (see :func:`~core.stores.atomic.read_consistently`)."""
         path = Path(path)
+        return read_consistently(path, lambda: cls._read(path), errors=(StoreError,))
+
+    @classmethod
+    def _read(cls, path: Path) -> MeasurementDataset:
         group, meta = open_group(
             path, "dataset", "measurement_dataset", FORMAT_VERSION, "make it with `python -m core make-dataset`"
         )
-        arrays: dict[str, np.ndarray] = {}
-        try:
-            for name in _ARRAYS:
-                arrays[name] = np.asarray(group[name][...])
+
+        def arrays():
+            found = {name: np.asarray(group[name][...]) for name in _ARRAYS}
             clean_site = clean_cell = None
             if "clean" in group:
                 clean_site = np.asarray(group["clean/site_features"][...])
                 clean_cell = np.asarray(group["clean/cell_features"][...])
-        except KeyError as exc:
-            raise StoreError(f"dataset {path}: missing array {exc}") from None
-        except Exception as exc:
-            raise StoreError(f"dataset {path}: corrupt array data ({type(exc).__name__}: {exc})") from None
+            return found, clean_site, clean_cell
+
+        found, clean_site, clean_cell = read_arrays(path, "dataset", arrays)
         raw = meta.get("lineage") if isinstance(meta.get("lineage"), dict) else {}
-        dataset = cls(**arrays, attrs=meta.get("attrs") or {}, clean_site_features=clean_site,
+        dataset = cls(**found, attrs=meta.get("attrs") or {}, clean_site_features=clean_site,
                       clean_cell_features=clean_cell, source=str(path), lineage=Lineage.from_attrs(raw),
                       radio_map_ref=StoreRef.from_dict(raw.get("radio_map")))
         check_digest("dataset", path, dataset.lineage, dataset.digest())

@@ -40,9 +40,9 @@ import numpy as np
 
 from core.errors import StoreError
 from core.features import feature_spec
-from core.stores.atomic import atomic_path
+from core.stores.atomic import atomic_path, read_consistently
 from core.stores.lineage import Lineage, StoreRef, check_digest, content_digest
-from core.stores.zarr_group import open_group
+from core.stores.zarr_group import open_group, read_arrays
 
 FORMAT_VERSION = 1
 _CHUNK = 128
@@ -320,26 +320,29 @@ class RadioMap:
         """Read and validate a map written by :meth:`save`.
 
         Raises :class:`~core.errors.StoreError` naming ``path`` and the problem when the
-        store is missing, corrupt, of another format version, or inconsistent.
+        store is missing, corrupt, of another format version, or inconsistent. A read that
+        overlaps a save to the same path is repeated (see :func:`~core.stores.atomic.read_consistently`).
         """
         path = Path(path)
+        return read_consistently(path, lambda: cls._read(path), errors=(StoreError,))
+
+    @classmethod
+    def _read(cls, path: Path) -> RadioMap:
         group, meta = open_group(
             path, "radio map", "radio_map", FORMAT_VERSION, "generate it with `python -m core generate-maps`"
         )
         for key in ("features", "bounds"):
             if key not in meta:
                 raise StoreError(f"radio map {path}: attrs lack {key!r}")
-        try:
-            values = group["values"][...]
-            valid = group["valid"][...]
+
+        def arrays():
             layers = {}
             if "layers" in group:
                 for name, arr in group["layers"].arrays():
                     layers[name] = arr[...]
-        except KeyError as exc:
-            raise StoreError(f"radio map {path}: missing array {exc}") from None
-        except Exception as exc:
-            raise StoreError(f"radio map {path}: corrupt array data ({type(exc).__name__}: {exc})") from None
+            return group["values"][...], group["valid"][...], layers
+
+        values, valid, layers = read_arrays(path, "radio map", arrays)
         radio_map = cls(
             np.asarray(values),
             meta["features"],
