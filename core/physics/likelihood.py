@@ -123,8 +123,7 @@ class PreparedObservation(NamedTuple):
     ``o_pg``, ``o_toa`` (measured - bias), ``u_c``, ``u_s`` (unit vector of measured AoA -
     bias), ``inv2_pg``, ``inv2_toa``, ``inv2_aoa`` (``m / sigma^2``, sigma of AoA in rad),
     ``r_miss`` (``rho(z_miss) sum_f m w``). Serving part: ``o_cell``, ``inv2_cell``
-    ``[F_c, B]``, ``r_miss_cell [B]``. ``site_ids [B, K]`` and ``present [B, K, 3]``
-    (reported and finite).
+    ``[F_c, B]``, ``r_miss_cell [B]``. ``site_ids [B, K]``.
     """
 
     o_pg: torch.Tensor
@@ -139,12 +138,11 @@ class PreparedObservation(NamedTuple):
     inv2_cell: torch.Tensor
     r_miss_cell: torch.Tensor
     site_ids: torch.Tensor
-    present: torch.Tensor
 
     def take(self, idx) -> PreparedObservation:
         """The same observation for samples ``idx`` (a long tensor or a slice)."""
         cols = [v[:, idx] for v in self[:10]]
-        return PreparedObservation(*cols, self.r_miss_cell[idx], self.site_ids[idx], self.present[idx])
+        return PreparedObservation(*cols, self.r_miss_cell[idx], self.site_ids[idx])
 
 
 class LikelihoodTerms(NamedTuple):
@@ -179,11 +177,16 @@ def _huber(z2: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
     return rho, slope
 
 
-def _linear_rho(chan, o, inv2, kind: str, delta: float, grad_out) -> torch.Tensor:
+_DEN_MAX = 1e12  # Cauchy factors are capped (z < 1e6) so that a product of three stays finite in float32
+
+
+def _linear_rho(chan, o, inv2, kind: str, delta: float, grad_out, defer_log: bool = False) -> torch.Tensor:
     """``rho(z2)`` with ``z2 = (chan - o)^2 inv2`` (broadcast); ``grad_out`` <- ``d rho / d chan``.
 
-    In-place on fresh buffers: each op reuses one of two allocations (fresh multi-MiB
-    temporaries cost more in page faults than the arithmetic).
+    With ``defer_log`` (Cauchy only) it returns ``1 + z2`` (capped) instead of its log, so
+    that the caller takes ONE log of the product over features (log is ~20x the cost of
+    a multiply here). In-place on fresh buffers: each op reuses one of two allocations
+    (fresh multi-MiB temporaries cost more in page faults than the arithmetic).
     """
     d = chan - o
     q = d * inv2
@@ -192,15 +195,18 @@ def _linear_rho(chan, o, inv2, kind: str, delta: float, grad_out) -> torch.Tenso
         den = z2.add_(1.0)
         if grad_out is not None:
             torch.div(q, den, out=grad_out).mul_(2.0)
-        return den.log_()
+        return den.clamp_(max=_DEN_MAX) if defer_log else den.log_()
     rho, slope = _huber(z2, delta)
     if grad_out is not None:
         torch.mul(q, slope, out=grad_out).mul_(2.0)
     return rho
 
 
-def _chord_rho(cos, sin, uc, us, inv2, kind: str, delta: float, grad_out) -> torch.Tensor:
-    """``rho(z2)`` with ``z2 = ((cos - uc)^2 + (sin - us)^2) inv2``; ``grad_out [2, ...]`` <- d rho / d (cos, sin)."""
+def _chord_rho(cos, sin, uc, us, inv2, kind: str, delta: float, grad_out, defer_log: bool = False) -> torch.Tensor:
+    """``rho(z2)`` with ``z2 = ((cos - uc)^2 + (sin - us)^2) inv2``; ``grad_out [2, ...]`` <- d rho / d (cos, sin).
+
+    ``defer_log`` as in :func:`_linear_rho`.
+    """
     dc, ds = cos - uc, sin - us
     z2 = (dc * dc).addcmul_(ds, ds).mul_(inv2)
     if kind == "cauchy":
@@ -209,7 +215,7 @@ def _chord_rho(cos, sin, uc, us, inv2, kind: str, delta: float, grad_out) -> tor
             k = torch.div(inv2, den).mul_(2.0)
             torch.mul(dc, k, out=grad_out[0])
             torch.mul(ds, k, out=grad_out[1])
-        return den.log_()
+        return den.clamp_(max=_DEN_MAX) if defer_log else den.log_()
     rho, slope = _huber(z2, delta)
     if grad_out is not None:
         k = slope.mul_(inv2).mul_(2.0)
@@ -231,7 +237,10 @@ class _FusedNLL(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_total):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.reshape(1, -1), None
+        g = grad_total.reshape(1, -1)
+        if bool((g == 1).all()):  # the usual .sum().backward(): no multiply, no new buffer
+            return grad, None
+        return grad * g, None
 
 
 class RobustLikelihood(torch.nn.Module):
@@ -271,8 +280,7 @@ class RobustLikelihood(torch.nn.Module):
         sigma[:, 2] = np.deg2rad(sigma[:, 2])
         dt, dev = maps.dtype, maps.device
         buf = lambda name, v: self.register_buffer(name, torch.as_tensor(np.asarray(v, dtype=np.float64)).to(dev, dt), persistent=False)  # noqa: E731
-        buf("bias", calibration.bias)  # [S, 3], AoA in deg
-        buf("bias_t", calibration.bias.T)  # [3, S]
+        buf("bias_t", calibration.bias.T)  # [3, S], AoA in deg
         buf("inv2_t", ((np.asarray(w) > 0)[None] / sigma**2).T)  # [3, S]: 1 / sigma^2, 0 for unused features
         buf("w_miss", np.asarray(w) * rho_miss)  # [3]
         buf("cell_bias", [calibration.cell[c]["bias"] for c in cells])
@@ -295,32 +303,25 @@ class RobustLikelihood(torch.nn.Module):
         if site.shape != (b, k, 3):
             raise CoreError(f"likelihood: observation site features must be [{b}, {k}, 3], got {tuple(site.shape)}")
         s = maps.num_sites
-        real = ids >= 0
-        if k > 1:
-            srt = ids.sort(dim=1).values
-            if bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()):
-                raise CoreError("likelihood: a report lists the same site twice")
-        # feature-major [8, B, K] columns, then ONE index_copy into site-major [8, S + 1, B]
-        site_t = site.permute(2, 0, 1)  # [3, B, K] view
-        present = real & torch.isfinite(site_t)  # [3, B, K]
-        safe = ids.clamp(min=0).view(-1)
-        cols = torch.empty(8, b, k, dtype=dt, device=dev)
-        o = torch.sub(site_t, self.bias_t.index_select(1, safe).view(3, b, k), out=cols[:3])
-        o.masked_fill_(~present, 0.0)
-        m = present.to(dt)
-        rad = torch.deg2rad(cols[2])
-        torch.mul(torch.cos(rad), m[2], out=cols[2])
-        torch.mul(torch.sin(rad), m[2], out=cols[3])
-        torch.mul(self.inv2_t.index_select(1, safe).view(3, b, k), m, out=cols[4:7])
-        torch.tensordot(self.w_miss, m, dims=1, out=cols[7])
-        index = torch.where(real, ids, s).mul_(b).add_(torch.arange(b, device=dev).unsqueeze(1))  # site * B + b
-        flat = torch.zeros(8, (s + 1) * b, dtype=dt, device=dev)
-        index = index.view(-1)
-        for f in range(8):  # 1-D index_copy: a plain scatter (2-D along dim 1 is several times slower)
-            flat[f].index_copy_(0, index, cols[f].view(-1))
-        per_site = flat.view(8, s + 1, b)[:, :s].unbind(0)  # 8 x [S, B], contiguous (empty slots went to row S)
+        # site-major row of every slot: site * B + b (empty slots: the dummy site S)
+        index = torch.where(ids >= 0, ids, s).mul_(b).add_(torch.arange(b, device=dev).unsqueeze(1)).view(-1)
+        if k > 1 and int(torch.bincount(index, minlength=(s + 1) * b)[: s * b].max()) > 1:
+            raise CoreError("likelihood: a report lists the same site twice")
+        # scatter the measured values into NaN: NaN = site not reported or feature absent (inf counts as absent)
+        flat = torch.full((3, (s + 1) * b), math.nan, dtype=dt, device=dev)
+        src = torch.nan_to_num(site.reshape(b * k, 3).t(), nan=math.nan, posinf=math.nan, neginf=math.nan)
+        for f in range(3):  # 1-D index_copy: a plain scatter
+            flat[f].index_copy_(0, index, src[f])
+        measured = flat.view(3, s + 1, b)[:, :s]  # [3, S, B]
+        m = (measured == measured).to(dt)
+        o = (measured - self.bias_t.unsqueeze(-1)).nan_to_num_(0.0)  # measured - bias, 0 where absent
+        rad = torch.deg2rad(o[2])
+        u_c, u_s = torch.cos(rad).mul_(m[2]), torch.sin(rad).mul_(m[2])
+        inv2 = m * self.inv2_t.unsqueeze(-1)
+        r_miss = torch.tensordot(self.w_miss, m, dims=1)  # [S, B]
+        per_site = (o[0], o[1], u_c, u_s, inv2[0], inv2[1], inv2[2], r_miss)
         o_cell, inv2_cell, r_cell = self._prepare_cell(obs, b)
-        return PreparedObservation(*per_site, o_cell, inv2_cell, r_cell, ids, present.permute(1, 2, 0))
+        return PreparedObservation(*per_site, o_cell, inv2_cell, r_cell, ids)
 
     def _prepare_cell(self, obs: SiteObservation, b: int):
         dt, dev = self.maps.dtype, self.maps.device
@@ -375,6 +376,7 @@ class RobustLikelihood(torch.nn.Module):
         gs = None if grad is None else grad[: 4 * s].view(4, s, b, p)
         un = lambda v: v.unsqueeze(-1)  # noqa: E731  [S, B] -> [S, B, 1]
         kind, delta = self.config.penalty, self.config.huber_delta
+        product = kind == "cauchy" and all(w in (0.0, 1.0) for w in self.w)  # sum of logs = log of the product
         t = None
         for f, w in enumerate(self.w):
             if not w:
@@ -385,15 +387,18 @@ class RobustLikelihood(torch.nn.Module):
                 continue
             if f < 2:
                 o, inv2 = (prep.o_pg, prep.inv2_pg) if f == 0 else (prep.o_toa, prep.inv2_toa)
-                rho = _linear_rho(pg if f == 0 else toa, un(o), un(inv2), kind, delta, None if gs is None else gs[f])
+                rho = _linear_rho(pg if f == 0 else toa, un(o), un(inv2), kind, delta, None if gs is None else gs[f],
+                                  product)
             else:
                 rho = _chord_rho(cos, sin, un(prep.u_c), un(prep.u_s), un(prep.inv2_aoa), kind, delta,
-                                 None if gs is None else gs[2:4])
+                                 None if gs is None else gs[2:4], product)
             if w != 1.0:
                 rho.mul_(w)
                 if gs is not None:
                     gs[f if f < 2 else slice(2, 4)].mul_(w)
-            t = rho if t is None else t.add_(rho)
+            t = rho if t is None else (t.mul_(rho) if product else t.add_(rho))
+        if product:
+            t = t.log_()
         tm = t.sub_(un(prep.r_miss))  # t - R: c (t - R) + R summed over sites
         if gs is not None:
             gs.mul_(cov)

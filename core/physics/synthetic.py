@@ -290,3 +290,30 @@ def synthetic_scene(root, num_ues: int = 200, height: int = 32, width: int = 32,
     dataset.save(root / "datasets" / scene)
     return {"data.dataset": str(root / "datasets" / scene), "data.scene": scene,
             "physics_loss.radio_maps_dir": str(root / "radio_maps")}
+
+
+def with_geometric_site_layers(radio_map: RadioMap, rx_height: float = 1.5) -> RadioMap:
+    """A copy of ``radio_map`` whose per-site ToA and AoA layers are the straight-line ones.
+
+    ``site_toa = |p - q_s| / c`` [ns] and ``site_aoa = azimuth(q_s - p)`` [deg] at every cell
+    centre ``p`` (height ``rx_height``) for the sites of ``attrs["sites"]``; the existing
+    ``site_path_gain`` layer (NaN where no ray arrived) is kept and sets where each site
+    has a path, else free-space path gain everywhere. A stand-in for maps generated
+    before the per-site ToA/AoA layers existed: a geometric (line-of-sight) model.
+    """
+    sites = np.array([q["position"] for q in radio_map.attrs["sites"]], dtype=np.float64)
+    h, w = radio_map.shape
+    xs, ys = radio_map.cell_centers()
+    gx, gy = np.meshgrid(xs, ys)
+    per_site = site_layers_at(np.stack([gx.ravel(), gy.ravel()], axis=1), sites, rx_height=rx_height)
+    layers = {f"site_{name}": v.T.reshape(len(sites), h, w).astype(np.float32) for name, v in per_site.items()}
+    if "site_path_gain" in radio_map.layers:
+        pg = radio_map.layers["site_path_gain"]
+        heard = np.isfinite(pg)
+        layers["site_path_gain"] = pg.astype(np.float32)
+        for name in ("site_toa", "site_aoa"):
+            layers[name] = np.where(heard, layers[name], np.nan).astype(np.float32)
+    merged = {**radio_map.layers, **layers}
+    return RadioMap(radio_map.values, radio_map.features, radio_map.bounds, valid=radio_map.valid,
+                    attrs=radio_map.attrs, layers=merged)
+
