@@ -24,10 +24,12 @@ everywhere, no seam at +-180 deg, no atan2 (the von Mises kernel). The NLL in na
   bounded cost and vanishing pull, so it cannot drag the position, while Huber's constant
   pull beyond ``delta`` still does; the search (:mod:`core.physics.refinement`) handles the
   non-convexity that redescending brings.
-* ``c_k(p)`` in [0, 1] is the coverage of slot k's site at ``p`` (bilinear, differentiable):
-  a position where the map says a REPORTED site has no path costs ``rho(z_miss)`` per
-  feature (default ``z_miss = 10``: as much as a 10-sigma outlier in every feature of that
-  slot), never a perfect match; ``c_0`` is the serving coverage for cell features.
+* ``c_k(p)`` is 1 where slot k's site covers the cell under ``p``, else 0
+  (:meth:`SiteMaps.coverage`, a step: no gradient): a position where the map says a
+  REPORTED site has no path costs ``rho(z_miss)`` per feature (default ``z_miss = 10``: as
+  much as a 10-sigma outlier in every feature of that slot), never a perfect match,
+  whatever the hole-filled values there; ``c_0`` is the serving coverage (``valid``) for
+  cell features.
 * ``m`` masks what is absent: empty slots (site id -1), NaN features, features not in
   :attr:`LikelihoodConfig.site_features`. Absent entries contribute exactly 0.
 * ``w_f`` are optional multipliers (default 1: a calibrated likelihood needs none).
@@ -42,7 +44,12 @@ API (the physics term for training and the objective of the MAP search)::
     prep = lik.prepare(obs)     # once per batch, then lik.evaluate(xy, prep) (what forward does)
     t = lik.terms(xy, obs)      # detached breakdown for an inspector (:class:`LikelihoodTerms`)
 
-Site ids within one report must be distinct (as in the datasets).
+Site ids within one report must be distinct (as in the datasets). Implementation: the
+observation is scattered site-major once (``[S, B]`` per quantity, absent = 0 weight), so
+the candidates of a sample need no gather; one grid_sample reads all sites; a fused
+kernel computes the NLL and, when ``xy`` requires grad, its analytic gradient with
+respect to the sampled channels (the backward is then grid_sample's alone), with one
+``log`` of the product of the Cauchy factors per site instead of one per feature.
 """
 
 from __future__ import annotations
@@ -287,6 +294,17 @@ class RobustLikelihood(torch.nn.Module):
         buf("cell_inv2", [1.0 / calibration.cell[c]["scale"] ** 2 for c in cells])
         buf("cell_w_miss", np.asarray(wc) * rho_miss)
         self._cell_cols = [CELL_FEATURES.index(c) for c in cells]
+
+    @classmethod
+    def calibrated(cls, radio_map, dataset, config: LikelihoodConfig | None = None, split: str | None = "train",
+                   device=None) -> RobustLikelihood:
+        """Calibrate on ``dataset[split]`` (:func:`~core.physics.calibration.calibrate`) and build the likelihood.
+
+        The calibration is ``likelihood.calibration`` (save it with the run: ``.save(path)``).
+        """
+        from core.physics.calibration import calibrate
+
+        return cls(radio_map, calibrate(dataset, radio_map, split=split), config, device=device)
 
     def extra_repr(self) -> str:
         c = self.config
