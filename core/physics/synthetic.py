@@ -158,6 +158,40 @@ def analytic_radio_map(
     return RadioMap(values, features, bounds, valid=valid, attrs=attrs, layers=layers)
 
 
+def _walks(rng, n: int, t: np.ndarray, box, speed_mps) -> np.ndarray:
+    """``[N, T, 2]`` straight walks at times ``t`` from uniform starts in ``box``, reflected at its edges."""
+    x_lo, y_lo, x_hi, y_hi = box
+    start = rng.uniform([x_lo, y_lo], [x_hi, y_hi], size=(n, 2))
+    heading = rng.uniform(-np.pi, np.pi, size=n)
+    speed = rng.uniform(*speed_mps, size=n)
+    path = start[:, None, :] + (speed[:, None] * np.stack([np.cos(heading), np.sin(heading)], 1))[:, None, :] * t[None, :, None]
+    lo, hi = np.array([x_lo, y_lo]), np.array([x_hi, y_hi])
+    span = hi - lo
+    folded = np.mod(path - lo, 2 * span)
+    return lo + np.where(folded > span, 2 * span - folded, folded)
+
+
+def _site_slots(xy: np.ndarray, sites: np.ndarray, k: int, excess_ns, max_range_m):
+    """The ``k`` strongest heard sites at ``xy [M, 2]`` from :func:`site_layers_at`, strongest first.
+
+    Returns ``site_ids`` int16 ``[M, k]`` (-1: none), features ``[M, k, 3]`` (NaN: none) and
+    ``heard`` bool ``[M, min(k, S)]``.
+    """
+    from core.stores.dataset import SITE_FEATURES
+
+    layers = site_layers_at(xy, sites, excess_ns=excess_ns, max_range_m=max_range_m)
+    per_site = np.stack([layers[name] for name in SITE_FEATURES], axis=-1)  # [M, S, 3], NaN: no path
+    gain = np.where(np.isfinite(per_site[..., 0]), per_site[..., 0], -np.inf)
+    order = np.argsort(-gain, axis=1, kind="stable")[:, :k]
+    kk = order.shape[1]
+    heard = np.isfinite(np.take_along_axis(gain, order, axis=1))
+    feats = np.full((len(xy), k, 3), np.nan)
+    feats[:, :kk] = np.where(heard[..., None], np.take_along_axis(per_site, order[:, :, None], axis=1), np.nan)
+    ids = np.full((len(xy), k), -1, dtype=np.int16)
+    ids[:, :kk] = np.where(heard, order, -1)
+    return ids, feats, heard
+
+
 def synthetic_dataset(
     radio_map: RadioMap,
     num_ues: int,
@@ -192,7 +226,7 @@ def synthetic_dataset(
     in ``clean_*`` too); ``los`` is then the serving slot's line-of-sight flag. Otherwise
     every report is line of sight. Split: 80 % train, 10 % val, 10 % test.
     """
-    from core.stores.dataset import CELL_FEATURES, SITE_FEATURES, MeasurementDataset
+    from core.stores.dataset import CELL_FEATURES, MeasurementDataset
 
     rng = np.random.default_rng(seed)
     sites = np.array([s["position"] for s in radio_map.attrs["sites"]], dtype=np.float64)  # [S, 3]
@@ -200,30 +234,12 @@ def synthetic_dataset(
     x_min, y_min, x_max, y_max = radio_map.bounds
     margin = radio_map.cell_size
 
-    # Straight walks reflected at the edges.
-    start = rng.uniform([x_min + margin, y_min + margin], [x_max - margin, y_max - margin], size=(n, 2))
-    heading = rng.uniform(-np.pi, np.pi, size=n)
-    speed = rng.uniform(*speed_mps, size=n)
     t = (np.arange(t_len) * report_interval_s).astype(np.float32)
-    path = start[:, None, :] + (speed[:, None] * np.stack([np.cos(heading), np.sin(heading)], 1))[:, None, :] * t[None, :, None]
-    lo, hi = np.array([x_min + margin, y_min + margin]), np.array([x_max - margin, y_max - margin])
-    span = hi - lo
-    folded = np.mod(path - lo, 2 * span)
-    path = lo + np.where(folded > span, 2 * span - folded, folded)  # [N, T, 2]
+    path = _walks(rng, n, t, (x_min + margin, y_min + margin, x_max - margin, y_max - margin), speed_mps)
     flat = path.reshape(-1, 2)
-
-    # Per-site features from the map's own per-site model, strongest first
     gen = radio_map.attrs.get("generator", {})
-    layers = site_layers_at(flat, sites, excess_ns=gen.get("excess_ns", 0.0), max_range_m=gen.get("max_range_m"))
-    per_site = np.stack([layers[name] for name in SITE_FEATURES], axis=-1)  # [N*T, S, 3], NaN: no path
-    gain = np.where(np.isfinite(per_site[..., 0]), per_site[..., 0], -np.inf)
-    order = np.argsort(-gain, axis=1, kind="stable")[:, :k]
-    kk = order.shape[1]
-    heard = np.isfinite(np.take_along_axis(gain, order, axis=1))  # [N*T, kk]
-    site_feat = np.full((n * t_len, k, 3), np.nan)
-    site_feat[:, :kk] = np.where(heard[..., None], np.take_along_axis(per_site, order[:, :, None], axis=1), np.nan)
-    site_ids = np.full((n * t_len, k), -1, dtype=np.int16)
-    site_ids[:, :kk] = np.where(heard, order, -1)
+    site_ids, site_feat, heard = _site_slots(flat, sites, k, gen.get("excess_ns", 0.0), gen.get("max_range_m"))
+    kk = heard.shape[1]
     cell_feat = analytic_features(flat, sites, features=CELL_FEATURES)  # [N*T, 4]
     nlos = np.zeros((n * t_len, k), dtype=bool)
     if nlos_prob > 0:
