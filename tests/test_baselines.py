@@ -37,5 +37,21 @@ def test_baselines_respect_holes_and_noise():
     ds = synthetic_dataset(m, 60, seed=1, noise=False)
     est = run_baselines(ds, holed, np.arange(60))
     x_min_covered = -64.0 + 4 * m.cell_size
-    for xy in est.values():
-        assert np.isfinite(xy).all() and (xy[:, 0] > x_min_covered).all()
+    for name in ("knn", "ml"):  # the map-based ones answer covered cells only
+        assert np.isfinite(est[name]).all() and (est[name][:, 0] > x_min_covered).all()
+    assert np.isfinite(est["multilateration"]).all()  # map-free: it may answer a hole, where UEs walked
+
+
+def test_run_baselines_adds_multilateration():
+    m = analytic_radio_map(height=32, width=32, bounds=(-64.0, -64.0, 64.0, 64.0))
+    ds = synthetic_dataset(m, 80, seed=2)
+    est = run_baselines(ds, m, np.arange(80))
+    assert set(est) == {"knn", "ml", "multilateration"}
+    err = np.linalg.norm(est["multilateration"] - ds.labels, axis=1)
+    assert est["multilateration"].shape == (80, 2) and np.median(err) < 3.0  # free space: every slot is LOS
+    # without known site positions there is nothing to multilaterate
+    ds.attrs["sites"] = []
+    from core.stores.radio_map import RadioMap
+
+    anonymous = RadioMap(m.values, m.features, m.bounds, attrs={**m.attrs, "sites": []})
+    assert "multilateration" not in run_baselines(ds, anonymous, np.arange(10))

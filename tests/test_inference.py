@@ -104,5 +104,5 @@ def test_evaluate_command(run_dir):
     r = result["refinement"]
     assert r["num_refined"] == result["count"] and {"before", "after", "refined_before", "refined_after"} <= set(r)
     assert r["before"]["median_m"] == pytest.approx(result["median_m"])
-    assert set(result["baselines"]) == {"knn", "ml"}
+    assert set(result["baselines"]) == {"knn", "ml", "multilateration"}
     assert json.loads((run_dir / "eval_test_refine.json").read_text())["count"] == result["count"]

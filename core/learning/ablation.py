@@ -110,9 +110,9 @@ def ablate(scene: str, out: str | Path, overrides: list[str] = (), splits=("val"
         nrep = run.dataset.report_mask[idx].sum(1)
         t0 = time.perf_counter()
         est = run_baselines(run.dataset, run.radio_map, idx, run.config)
-        ms = (time.perf_counter() - t0) * 1000 / max(len(idx), 1) / 2
+        ms = (time.perf_counter() - t0) * 1000 / max(len(idx), 1) / max(len(est), 1)  # per method, on average
         for name, xy in est.items():
-            label = {"knn": "knn_fingerprint", "ml": "ml_map_matching"}[name]
+            label = {"knn": "knn_fingerprint", "ml": "ml_map_matching"}.get(name, name)
             e = position_errors(xy, true_xy)
             g = grouped_metrics(e, los, nrep)
             rows.append({"method": label, "refinement": "no", "split": split, "inference_ms_per_sample": ms,

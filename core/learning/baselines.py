@@ -14,6 +14,10 @@ Residuals are normalised by the map's statistics (``sigma_f``; AoA residuals wra
 
 Both run batched: ``[B, M]`` distance blocks accumulated feature by feature, so memory
 is ``O(B * M)`` for ``M`` covered cells.
+
+* Multilateration (:mod:`core.physics.multilateration`): no map at all -- robust ToA +
+  AoA positioning from the reported sites' known positions (``attrs["sites"]``), kept
+  inside the map's bounds.
 """
 
 from __future__ import annotations
@@ -97,8 +101,20 @@ def ml_map_matching(radio_map: RadioMap, observed, mask=None, weights: dict[str,
     return _scores(radio_map, observed, mask, loss, w, batch_size, reduce, huber_delta)
 
 
+def multilateration(dataset, radio_map: RadioMap, indices) -> np.ndarray | None:
+    """``[N, 2]`` multilateration estimates, or None when the site positions are unknown."""
+    from core.physics.multilateration import multilaterate_dataset
+
+    sites = dataset.attrs.get("sites") or radio_map.attrs.get("sites") or []
+    if not sites:
+        return None
+    xyz = np.array([s["position"] for s in sites], dtype=np.float64)
+    return multilaterate_dataset(dataset, indices, site_xyz=xyz, bounds=radio_map.bounds)
+
+
 def run_baselines(dataset, radio_map: RadioMap, indices, config=None, k: int = 5) -> dict[str, np.ndarray]:
-    """``{"knn": xy [N, 2], "ml": xy [N, 2]}`` for samples ``indices`` of ``dataset``."""
+    """``{"knn": xy [N, 2], "ml": xy [N, 2], "multilateration": xy [N, 2]}`` for samples
+    ``indices`` of ``dataset`` (multilateration only when the sites' positions are known)."""
     from core.learning.data_loading import physics_observation
 
     obs = physics_observation(dataset.subset(np.asarray(indices)), radio_map.features,
@@ -109,8 +125,12 @@ def run_baselines(dataset, radio_map: RadioMap, indices, config=None, k: int = 5
         from core.learning.training import resolve_config
 
         p = resolve_config(config, dataset, radio_map).physics_loss
-    return {
+    out = {
         "knn": knn_fingerprint(radio_map, obs, mask, k=k),
         "ml": ml_map_matching(radio_map, obs, mask, weights=p.feature_weights if p else None,
                               loss=p.loss if p else "huber", huber_delta=p.huber_delta if p else 1.0),
     }
+    mlat = multilateration(dataset, radio_map, np.asarray(indices))
+    if mlat is not None:
+        out["multilateration"] = mlat
+    return out

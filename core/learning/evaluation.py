@@ -11,7 +11,8 @@ after a warm-up), plus:
 * with ``--refine``: ``refinement`` = {num_refined, steps, lr, threshold,
   ``before`` / ``after`` (all samples), ``refined_before`` / ``refined_after`` (only the
   refined ones), ``groups_after``};
-* with ``--baselines``: ``baselines`` = {"knn": metrics, "ml": metrics} on the same split.
+* with ``--baselines``: ``baselines`` = {"knn": metrics, "ml": metrics, "multilateration":
+  metrics} on the same split (each with its ``groups``).
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run directory (e.g. runs/NAME or assets/default_run)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--refine", action="store_true", help="also report test-time refinement before/after")
-    parser.add_argument("--baselines", action="store_true", help="also evaluate kNN and ML map matching")
+    parser.add_argument("--baselines", action="store_true",
+                        help="also evaluate kNN, ML map matching and multilateration")
     parser.add_argument("--steps", type=int, default=None, help="refinement steps (default: the run's config)")
     parser.add_argument("--lr", type=float, default=None, help="refinement step size [m]")
     parser.add_argument("--threshold", type=float, default=None, help="refine when confidence < this")

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from core.errors import CoreError
 from core.features import feature_spec
 
-__all__ = ["lookup", "in_bounds", "normalize_xy", "PreparedMaps", "prepare_maps", "angle_from_cos_sin"]
+__all__ = ["lookup", "in_bounds", "normalize_xy", "PreparedMaps", "prepare_maps", "angle_from_cos_sin", "fill_holes"]
 
 
 # -- plain tensor lookup ------------------------------------------------------------------
@@ -200,8 +200,13 @@ def angle_from_cos_sin(c: torch.Tensor, s: torch.Tensor, wrap: bool = True) -> t
 
 
 # -- prepared maps ------------------------------------------------------------------------
-def _fill_holes(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Copy of ``values [C, H, W]`` whose uncovered cells hold their nearest covered cell's value."""
+def fill_holes(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``values [C, H, W]`` whose uncovered cells (``valid [H, W]`` false) hold their nearest
+    covered cell's value (Euclidean distance in cells); all zeros when nothing is covered.
+
+    Returns ``values`` itself when everything is covered, else a new array. NaN/-inf in
+    uncovered cells never survive.
+    """
     if valid.all():
         return values
     if not valid.any():
@@ -286,7 +291,7 @@ class PreparedMaps(torch.nn.Module):
             values = np.where(m.valid[None], m.values.astype(np.float64), 0.0)  # holes may hold NaN/-inf
             rad = np.deg2rad(values[list(self.angular)])
             table = np.concatenate([values[list(self.linear)], np.cos(rad), np.sin(rad)], axis=0)
-            table = _fill_holes(table, m.valid)
+            table = fill_holes(table, m.valid)
             slabs.append(table)
         if self.num_scenes == 1:
             table = torch.from_numpy(slabs[0]).to(dtype).unsqueeze(0).contiguous(memory_format=torch.channels_last)

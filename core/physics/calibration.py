@@ -1,0 +1,281 @@
+"""Calibration of the map against measurements: per site and feature, a bias and a scale.
+
+At the TRUE positions ``p`` of the calibration split (every present report of every
+sample, or only the latest one), each reported slot of site ``s`` gives a residual::
+
+    r = measured_f - map_{s,f}(p)          (AoA: wrapped to (-180, 180] deg)
+
+over the slots whose site covers ``p`` (:attr:`SiteValues.covered`). Per site ``s`` and
+feature ``f`` (path_gain [dB], toa [ns], aoa [deg])::
+
+    bias_{s,f}  = median(r)                                  (AoA: circular, see below)
+    scale_{s,f} = max(1.4826 * median(|r - bias|), floor_f)  (Gaussian-consistent MAD)
+
+The AoA median is taken on residuals re-centred at their circular mean and wrapped, so
+it never straddles the +-180 deg seam. A site/feature with fewer than ``min_count``
+residuals takes the values pooled over all sites; a feature with fewer than that in all
+takes ``bias = 0`` and :data:`DEFAULT_SCALE`. ``miss_rate_s`` is the fraction of site
+``s``'s reported slots whose true position the map says it does not reach.
+
+Serving-cell features (snr, sinr, throughput, bler) are calibrated the same way against
+``RadioMap.values`` (one bias and scale per feature, over covered true positions). Their
+information criterion: ``ratio_f = scale_f / spread_f`` with ``spread_f`` the feature's
+std over the map's covered cells. A ratio near 1 means the measurement cannot tell cells
+apart better than a random cell draw; ``informative = ratio_f <= max_ratio`` (default
+0.5: the map's spread is at least twice the measurement's error). The same ratio is
+recorded for the per-site features (against each site's own spread).
+
+:class:`Calibration` serialises to and from JSON (``to_json`` / ``from_json``, ``save`` /
+``load``), to be stored with a run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.errors import CoreError
+from core.features import wrap_degrees
+from core.physics.site_lookup import SiteMaps, prepare_site_maps
+
+__all__ = ["Calibration", "calibrate", "robust_location_scale", "SITE_FEATURES", "CELL_FEATURES",
+           "MIN_SCALE", "DEFAULT_SCALE"]
+
+SITE_FEATURES: tuple[str, ...] = ("path_gain", "toa", "aoa")
+CELL_FEATURES: tuple[str, ...] = ("snr", "sinr", "throughput", "bler")
+#: floors of the scale (measurement resolution), feature units
+MIN_SCALE = {"path_gain": 0.5, "toa": 1.0, "aoa": 0.5, "snr": 0.25, "sinr": 0.25, "throughput": 0.1, "bler": 0.005}
+#: scales used when there is nothing to calibrate on (deliberately wide)
+DEFAULT_SCALE = {"path_gain": 6.0, "toa": 30.0, "aoa": 15.0, "snr": 6.0, "sinr": 6.0, "throughput": 20.0, "bler": 0.2}
+MAD_TO_SIGMA = 1.4826
+FORMAT_VERSION = 1
+
+
+def robust_location_scale(r: np.ndarray, angular: bool = False) -> tuple[float, float]:
+    """``(median, 1.4826 * MAD)`` of residuals ``r [M]``; for angles [deg] on the circle.
+
+    Angular: residuals are re-centred at their circular mean ``c`` and wrapped, the
+    median ``m`` of those gives ``bias = wrap(c + m)``, and the MAD is taken of
+    ``wrap(r - bias)``. Empty input gives ``(nan, nan)``.
+    """
+    r = np.asarray(r, dtype=np.float64).ravel()
+    if r.size == 0:
+        return float("nan"), float("nan")
+    if not angular:
+        med = float(np.median(r))
+        return med, MAD_TO_SIGMA * float(np.median(np.abs(r - med)))
+    rad = np.deg2rad(r)
+    centre = math.degrees(math.atan2(np.sin(rad).mean(), np.cos(rad).mean()))
+    bias = float(wrap_degrees(centre + np.median(wrap_degrees(r - centre))))
+    return bias, MAD_TO_SIGMA * float(np.median(np.abs(wrap_degrees(r - bias))))
+
+
+@dataclass
+class Calibration:
+    """Per-site and per-feature bias and scale of ``measured - map`` (see the module doc).
+
+    Attributes:
+        site_names: ``S`` names, in site-id order.
+        bias, scale: float64 ``[S, 3]`` in feature units (path_gain dB, toa ns, aoa deg).
+        count: int ``[S, 3]`` residuals each was estimated from (0: fallback values).
+        spread: ``[S, 3]`` std of each site's map feature over the cells it covers.
+        miss_rate: ``[S]`` fraction of reported slots at uncovered true positions.
+        cell: ``{feature: {"bias", "scale", "count", "spread", "ratio", "informative"}}``.
+        meta: free JSON (split, reports, max_ratio, ...).
+    """
+
+    site_names: list[str]
+    bias: np.ndarray
+    scale: np.ndarray
+    count: np.ndarray
+    spread: np.ndarray
+    miss_rate: np.ndarray
+    cell: dict[str, dict[str, Any]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        s = len(self.site_names)
+        self.bias, self.scale, self.spread = (np.asarray(a, dtype=np.float64).reshape(s, 3)
+                                              for a in (self.bias, self.scale, self.spread))
+        self.count = np.asarray(self.count, dtype=np.int64).reshape(s, 3)
+        self.miss_rate = np.asarray(self.miss_rate, dtype=np.float64).reshape(s)
+        if not (np.isfinite(self.bias).all() and np.isfinite(self.scale).all() and (self.scale > 0).all()):
+            raise CoreError("Calibration: bias and scale must be finite and scale > 0")
+
+    @property
+    def num_sites(self) -> int:
+        return len(self.site_names)
+
+    @property
+    def informative_cell_features(self) -> tuple[str, ...]:
+        """Serving features whose calibration passes the information criterion, in canonical order."""
+        return tuple(f for f in CELL_FEATURES if self.cell.get(f, {}).get("informative", False))
+
+    def ratio(self) -> np.ndarray:
+        """``[S, 3]`` scale / spread per site and feature (NaN where the spread is unknown or 0)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(self.spread > 0, self.scale / self.spread, np.nan)
+
+    # -- serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        tolist = lambda a: [[_num(v) for v in row] for row in np.asarray(a).tolist()]  # noqa: E731
+        return {
+            "format_version": FORMAT_VERSION, "kind": "calibration", "site_features": list(SITE_FEATURES),
+            "site_names": list(self.site_names), "bias": tolist(self.bias), "scale": tolist(self.scale),
+            "count": self.count.tolist(), "spread": tolist(self.spread),
+            "miss_rate": [_num(v) for v in self.miss_rate.tolist()],
+            "cell": {k: {kk: _num(vv) if isinstance(vv, float) else vv for kk, vv in v.items()}
+                     for k, v in self.cell.items()},
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Calibration:
+        if d.get("kind") != "calibration" or d.get("format_version") != FORMAT_VERSION:
+            raise CoreError(f"Calibration: not a calibration of format {FORMAT_VERSION}: "
+                            f"kind={d.get('kind')!r}, format_version={d.get('format_version')!r}")
+        if tuple(d.get("site_features", ())) != SITE_FEATURES:
+            raise CoreError(f"Calibration: site_features must be {list(SITE_FEATURES)}, got {d.get('site_features')}")
+        arr = lambda k: np.array([[np.nan if v is None else v for v in row] for row in d[k]], dtype=np.float64)  # noqa: E731
+        return cls(list(d["site_names"]), arr("bias"), arr("scale"), np.array(d["count"]), arr("spread"),
+                   np.array([np.nan if v is None else v for v in d["miss_rate"]], dtype=np.float64),
+                   {k: dict(v) for k, v in d.get("cell", {}).items()}, dict(d.get("meta", {})))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Calibration:
+        try:
+            return cls.from_dict(json.loads(text))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CoreError(f"Calibration: invalid JSON: {exc}") from None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from core.stores.atomic import atomic_write_text
+
+        path = Path(path)
+        atomic_write_text(path, self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Calibration:
+        path = Path(path)
+        if not path.exists():
+            raise CoreError(f"{path}: no such calibration file")
+        return cls.from_json(path.read_text())
+
+
+def _num(v):
+    """JSON-safe number: NaN/inf -> None."""
+    return None if (isinstance(v, float) and not math.isfinite(v)) else v
+
+
+def _reports(dataset, indices, reports: str) -> tuple[np.ndarray, ...]:
+    """Flattened present reports of ``dataset[indices]``: ``xy [M, 2], ids [M, K], site [M, K, 3], cell [M, 4]``."""
+    ids = dataset.site_ids[indices]
+    present = dataset.report_mask[indices] & (ids[..., 0] >= 0)  # [n, T]
+    if reports == "last":
+        t_len = present.shape[1]
+        latest = t_len - 1 - np.argmax(present[:, ::-1], axis=1)
+        keep = np.zeros_like(present)
+        keep[np.arange(len(keep)), latest] = present[np.arange(len(keep)), latest]
+        present = keep
+    elif reports != "all":
+        raise CoreError(f"calibrate: reports must be 'all' or 'last', got {reports!r}")
+    return (dataset.ue_xyz[indices][present][:, :2], ids[present], dataset.site_features[indices][present],
+            dataset.cell_features[indices][present])
+
+
+def _residuals(maps: SiteMaps, xy, ids, site, cell, chunk: int = 65536):
+    """``(r [M, K, 3], ok [M, K, 3], reported [M, K], covered [M, K], r_cell [M, F_c], ok_cell [M, F_c])``."""
+    r, cov, rc, cc = [], [], [], []
+    with torch.no_grad():
+        for s in range(0, len(xy), chunk):
+            out = maps.lookup(torch.as_tensor(xy[s:s + chunk], dtype=maps.dtype), torch.as_tensor(ids[s:s + chunk]))
+            r.append(out.values.double().cpu().numpy())
+            cov.append(out.covered.cpu().numpy())
+            if out.cell is not None:
+                rc.append(out.cell.double().cpu().numpy())
+                cc.append(out.cell_coverage.cpu().numpy() >= 0.5)
+    k = ids.shape[1]
+    mapped = np.concatenate(r) if r else np.zeros((0, k, 3))
+    covered = np.concatenate(cov) if cov else np.zeros((0, k), bool)
+    res = site.astype(np.float64) - mapped
+    res[..., 2] = wrap_degrees(res[..., 2])
+    reported = ids >= 0
+    ok = reported[..., None] & covered[..., None] & np.isfinite(site)
+    fc = len(maps.cell_features)
+    if fc:
+        cell_map = np.concatenate(rc)
+        cols = [CELL_FEATURES.index(name) for name in maps.cell_features]
+        r_cell = cell[:, cols].astype(np.float64) - cell_map
+        ok_cell = np.concatenate(cc)[:, None] & np.isfinite(r_cell)
+    else:
+        r_cell, ok_cell = np.zeros((len(xy), 0)), np.zeros((len(xy), 0), bool)
+    return np.where(ok, res, 0.0), ok, reported, covered, np.where(ok_cell, r_cell, 0.0), ok_cell
+
+
+def _estimate(r: np.ndarray, name: str, min_count: int, pooled: tuple[float, float] | None):
+    """``(bias, scale, count)`` of one feature's residuals, with the floor and the fallbacks."""
+    if r.size >= min_count:
+        bias, scale = robust_location_scale(r, angular=name == "aoa")
+        count = int(r.size)
+    elif pooled is not None:
+        (bias, scale), count = pooled, 0
+    else:
+        bias, scale, count = 0.0, DEFAULT_SCALE[name], 0
+    return bias, max(scale, MIN_SCALE[name]), count
+
+
+def calibrate(dataset, maps, split: str | None = "train", reports: str = "all", min_count: int = 30,
+              max_ratio: float = 0.5) -> Calibration:
+    """Calibrate ``maps`` (a RadioMap with per-site layers, or a SiteMaps) on ``dataset``.
+
+    Args:
+        dataset: a :class:`~core.stores.dataset.MeasurementDataset` on the map's sites.
+        split: "train" / "val" / "test", or None for every sample.
+        reports: "all" present reports (each at its own true position ``ue_xyz``) or the
+            "last" present one per sample.
+        min_count: fewest residuals for a per-site estimate (else pooled, else default).
+        max_ratio: the information criterion of serving features (see the module doc).
+
+    A RadioMap is prepared with all its linear serving features (to calibrate them too);
+    a SiteMaps calibrates the serving features it holds.
+    """
+    if not isinstance(maps, SiteMaps):
+        names = [f for f in CELL_FEATURES if f in maps.features]
+        maps = prepare_site_maps(maps, cell_features=names)
+    indices = np.arange(dataset.num_samples) if split is None else dataset.indices(split)
+    xy, ids, site, cell = _reports(dataset, indices, reports)
+    if ids.size and int(ids.max()) >= maps.num_sites:
+        raise CoreError(f"calibrate: the dataset reports site {int(ids.max())}, the map has {maps.num_sites} sites")
+    r, ok, reported, covered, r_cell, ok_cell = _residuals(maps, xy, ids, site, cell)
+    s_n = maps.num_sites
+    bias, scale, count = np.zeros((s_n, 3)), np.zeros((s_n, 3)), np.zeros((s_n, 3), np.int64)
+    for f, name in enumerate(SITE_FEATURES):
+        all_r = r[..., f][ok[..., f]]
+        pooled = robust_location_scale(all_r, name == "aoa") if all_r.size >= min_count else None
+        for s in range(s_n):
+            sel = ok[..., f] & (ids == s)
+            bias[s, f], scale[s, f], count[s, f] = _estimate(r[..., f][sel], name, min_count, pooled)
+    heard = reported & np.isfinite(site).all(-1)
+    miss = np.array([(~covered[heard & (ids == s)]).mean() if (heard & (ids == s)).any() else np.nan
+                     for s in range(s_n)])
+    cells = {}
+    for c, name in enumerate(maps.cell_features):
+        b, sc, n = _estimate(r_cell[:, c][ok_cell[:, c]], name, min_count, None)
+        spread = maps.cell_spread.get(name, float("nan"))
+        ratio = sc / spread if spread > 0 else float("inf")
+        cells[name] = {"bias": b, "scale": sc, "count": n, "spread": spread, "ratio": ratio,
+                       "informative": bool(n > 0 and ratio <= max_ratio)}
+    meta = {"split": split, "reports": reports, "min_count": min_count, "max_ratio": max_ratio,
+            "num_reports": int(len(xy)), "scene": dataset.attrs.get("scene")}
+    return Calibration(list(maps.site_names), bias, scale, count, maps.spread, miss, cells, meta)

@@ -1,0 +1,487 @@
+"""The calibrated robust negative log-likelihood of a position given one measurement report.
+
+A report (:class:`SiteObservation`) lists up to ``K`` sites by id with their measured
+(path_gain [dB], toa [ns], aoa [deg]) and the serving cell's (snr, sinr, throughput,
+bler). At a position ``p`` the map (:class:`~core.physics.site_lookup.SiteMaps`) predicts
+each reported site's features; with the :class:`~core.physics.calibration.Calibration`
+(bias ``b_{s,f}`` and scale ``sigma_{s,f}`` per site and feature) the residuals are::
+
+    z_{k,f}   = (o_{k,f} - b_{s,f} - map_{s,f}(p)) / sigma_{s,f}      f = path_gain, toa  (s = site of slot k)
+    z_{k,aoa} = |u(o_{k,aoa} - b_{s,aoa}) - v_s(p)| / sigma_{s,aoa}    (sigma in rad)
+
+where ``u(a) = (cos a, sin a)`` and ``v_s(p)`` is the map's bilinearly interpolated AoA
+direction (its cos/sin channels): the AoA residual is the chord between the observed
+direction and the map's, ``2 sin(|delta|/2)`` ~ ``|delta|`` rad for unit vectors -- smooth
+everywhere, no seam at +-180 deg, no atan2 (the von Mises kernel). The NLL in nats::
+
+    NLL(p) = sum_k sum_f  m_{k,f} w_f [ c_k(p) rho(z_{k,f}) + (1 - c_k(p)) rho(z_miss) ]
+           + sum_c        m_c     w_c [ c_0(p) rho(z_c)     + (1 - c_0(p)) rho(z_miss) ]
+
+* ``rho`` is the Cauchy (Student-t, 1 dof) NLL ``log(1 + z^2)`` (``penalty="cauchy"``, the
+  default) or the Huber NLL ``z^2/2`` for ``|z| <= delta``, ``delta (|z| - delta/2)``
+  beyond (``penalty="huber"``, ``delta = 2``). Cauchy's influence ``2z / (1 + z^2)``
+  REDESCENDS: a slot with an NLOS detour (ToA 100s of ns late, AoA from a reflection) has
+  bounded cost and vanishing pull, so it cannot drag the position, while Huber's constant
+  pull beyond ``delta`` still does; the search (:mod:`core.physics.refinement`) handles the
+  non-convexity that redescending brings.
+* ``c_k(p)`` is 1 where slot k's site covers the cell under ``p``, else 0
+  (:meth:`SiteMaps.coverage`, a step: no gradient): a position where the map says a
+  REPORTED site has no path costs ``rho(z_miss)`` per feature (default ``z_miss = 10``: as
+  much as a 10-sigma outlier in every feature of that slot), never a perfect match,
+  whatever the hole-filled values there; ``c_0`` is the serving coverage (``valid``) for
+  cell features.
+* ``m`` masks what is absent: empty slots (site id -1), NaN features, features not in
+  :attr:`LikelihoodConfig.site_features`. Absent entries contribute exactly 0.
+* ``w_f`` are optional multipliers (default 1: a calibrated likelihood needs none).
+* Serving features ``c`` enter only where the calibration marks them informative
+  (``cell_features="auto"``, see :mod:`core.physics.calibration`) or when listed.
+
+API (the physics term for training and the objective of the MAP search)::
+
+    lik = RobustLikelihood(radio_map_or_site_maps, calibration, LikelihoodConfig())
+    obs = site_observation(dataset, indices)          # the label's report, as tensors
+    nll = lik(xy, obs)          # xy [B, 2] -> [B] nats (or xy [B, P, 2] -> [B, P]); differentiable in xy
+    prep = lik.prepare(obs)     # once per batch, then lik.evaluate(xy, prep) (what forward does)
+    t = lik.terms(xy, obs)      # detached breakdown for an inspector (:class:`LikelihoodTerms`)
+
+Site ids within one report must be distinct (as in the datasets). Implementation: the
+observation is scattered site-major once (``[S, B]`` per quantity, absent = 0 weight), so
+the candidates of a sample need no gather; one grid_sample reads all sites; a fused
+kernel computes the NLL and, when ``xy`` requires grad, its analytic gradient with
+respect to the sampled channels (the backward is then grid_sample's alone), with one
+``log`` of the product of the Cauchy factors per site instead of one per feature.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch.autograd.function import once_differentiable
+
+from core.errors import ConfigError, CoreError
+from core.physics.calibration import CELL_FEATURES, SITE_FEATURES, Calibration
+from core.physics.observation import SiteObservation, site_observation
+from core.physics.site_lookup import SiteMaps, prepare_site_maps
+
+__all__ = ["RobustLikelihood", "LikelihoodConfig", "SiteObservation", "PreparedObservation", "LikelihoodTerms",
+           "site_observation", "penalty", "PENALTIES"]
+
+PENALTIES = ("cauchy", "huber")
+
+
+def penalty(z2: torch.Tensor, kind: str = "cauchy", delta: float = 2.0) -> torch.Tensor:
+    """``rho`` from the SQUARED normalised residual ``z2 >= 0`` (any shape), in nats.
+
+    cauchy: ``log(1 + z2)``; huber: ``z^2/2`` for ``|z| <= delta``, ``delta (|z| - delta/2)``
+    beyond. Finite gradients everywhere, ``z2 = 0`` included.
+    """
+    if kind == "cauchy":
+        return torch.log1p(z2)
+    pos = z2 > 0
+    a = torch.where(pos, torch.where(pos, z2, 1.0).sqrt(), 0.0)  # |z| without sqrt'(0) = inf
+    q = a.clamp(max=delta)
+    return q * (a - 0.5 * q)
+
+
+@dataclass(frozen=True)
+class LikelihoodConfig:
+    """Which features enter and how (see the module doc).
+
+    site_features: per-site features used, a subset of ``("path_gain", "toa", "aoa")``.
+    cell_features: serving features, a subset of ``("snr", "sinr", "throughput", "bler")``,
+        or "auto": those the calibration marks informative.
+    penalty: "cauchy" or "huber"; huber_delta: Huber's threshold in sigmas.
+    miss_z: the normalised residual an uncovered slot is charged per feature.
+    weights: ``{feature: multiplier}`` (default 1).
+    """
+
+    site_features: tuple[str, ...] = SITE_FEATURES
+    cell_features: tuple[str, ...] | str = "auto"
+    penalty: str = "cauchy"
+    huber_delta: float = 2.0
+    miss_z: float = 10.0
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.penalty not in PENALTIES:
+            raise ConfigError(f"likelihood: penalty must be one of {PENALTIES}, got {self.penalty!r}")
+        bad = [f for f in self.site_features if f not in SITE_FEATURES]
+        if bad or not self.site_features:
+            raise ConfigError(f"likelihood: site_features must be a non-empty subset of {SITE_FEATURES}, got {self.site_features}")
+        if self.cell_features != "auto" and any(f not in CELL_FEATURES for f in self.cell_features):
+            raise ConfigError(f"likelihood: cell_features must be 'auto' or a subset of {CELL_FEATURES}, got {self.cell_features}")
+        for key, value in self.weights.items():
+            if key not in SITE_FEATURES + CELL_FEATURES:
+                raise ConfigError(f"likelihood: weights: unknown feature {key!r}")
+            if not (math.isfinite(float(value)) and float(value) >= 0):
+                raise ConfigError(f"likelihood: weights: {key!r} must be a finite number >= 0, got {value}")
+        if not (self.huber_delta > 0 and self.miss_z > 0):
+            raise ConfigError("likelihood: huber_delta and miss_z must be > 0")
+
+
+class PreparedObservation(NamedTuple):
+    """A report made site-major and bias-corrected once (:meth:`RobustLikelihood.prepare`).
+
+    Site-major like the table's samples, ``[S, B]`` each, 0 for sites not reported:
+    ``o_pg``, ``o_toa`` (measured - bias), ``u_c``, ``u_s`` (unit vector of measured AoA -
+    bias), ``inv2_pg``, ``inv2_toa``, ``inv2_aoa`` (``m / sigma^2``, sigma of AoA in rad),
+    ``r_miss`` (``rho(z_miss) sum_f m w``). Serving part: ``o_cell``, ``inv2_cell``
+    ``[F_c, B]``, ``r_miss_cell [B]``. ``site_ids [B, K]``.
+    """
+
+    o_pg: torch.Tensor
+    o_toa: torch.Tensor
+    u_c: torch.Tensor
+    u_s: torch.Tensor
+    inv2_pg: torch.Tensor
+    inv2_toa: torch.Tensor
+    inv2_aoa: torch.Tensor
+    r_miss: torch.Tensor
+    o_cell: torch.Tensor
+    inv2_cell: torch.Tensor
+    r_miss_cell: torch.Tensor
+    site_ids: torch.Tensor
+
+    def take(self, idx) -> PreparedObservation:
+        """The same observation for samples ``idx`` (a long tensor or a slice)."""
+        cols = [v[:, idx] for v in self[:10]]
+        return PreparedObservation(*cols, self.r_miss_cell[idx], self.site_ids[idx])
+
+
+class LikelihoodTerms(NamedTuple):
+    """Detached per-term breakdown at one position per sample (:meth:`RobustLikelihood.terms`).
+
+    total ``[B]`` nats (= the NLL); site ``[B, K, 3]`` nats per slot and feature (coverage
+    mix included); cell ``[B, F_c]`` nats; residual ``[B, K, 3]`` measured - bias - map in
+    feature units (AoA wrapped, deg); z ``[B, K, 3]`` normalised residuals (AoA: chord /
+    sigma); coverage ``[B, K]``; present bool ``[B, K, 3]``; cell_residual, cell_z
+    ``[B, F_c]``; cell_coverage ``[B]``; cell_features names.
+    """
+
+    total: torch.Tensor
+    site: torch.Tensor
+    cell: torch.Tensor
+    residual: torch.Tensor
+    z: torch.Tensor
+    coverage: torch.Tensor
+    present: torch.Tensor
+    cell_residual: torch.Tensor
+    cell_z: torch.Tensor
+    cell_coverage: torch.Tensor
+    cell_features: tuple[str, ...]
+
+
+def _huber(z2: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Huber ``(rho, d rho / d z2)`` from ``z2``; the slope is finite at ``z2 = 0``."""
+    a = z2.sqrt()
+    inside = a <= delta
+    rho = torch.where(inside, 0.5 * z2, delta * (a - 0.5 * delta))
+    slope = torch.where(inside, 0.5, 0.5 * delta / torch.where(inside, 1.0, a))
+    return rho, slope
+
+
+_DEN_MAX = 1e12  # Cauchy factors are capped (z < 1e6) so that a product of three stays finite in float32
+
+
+def _linear_rho(chan, o, inv2, kind: str, delta: float, grad_out, defer_log: bool = False) -> torch.Tensor:
+    """``rho(z2)`` with ``z2 = (chan - o)^2 inv2`` (broadcast); ``grad_out`` <- ``d rho / d chan``.
+
+    With ``defer_log`` (Cauchy only) it returns ``1 + z2`` (capped) instead of its log, so
+    that the caller takes ONE log of the product over features (log is ~20x the cost of
+    a multiply here). In-place on fresh buffers: each op reuses one of two allocations
+    (fresh multi-MiB temporaries cost more in page faults than the arithmetic).
+    """
+    d = chan - o
+    q = d * inv2
+    z2 = d.mul_(q)
+    if kind == "cauchy":  # d log(1 + z2) / d chan = 2 q / (1 + z2)
+        den = z2.add_(1.0)
+        if grad_out is not None:
+            torch.div(q, den, out=grad_out).mul_(2.0)
+        return den.clamp_(max=_DEN_MAX) if defer_log else den.log_()
+    rho, slope = _huber(z2, delta)
+    if grad_out is not None:
+        torch.mul(q, slope, out=grad_out).mul_(2.0)
+    return rho
+
+
+def _chord_rho(cos, sin, uc, us, inv2, kind: str, delta: float, grad_out, defer_log: bool = False) -> torch.Tensor:
+    """``rho(z2)`` with ``z2 = ((cos - uc)^2 + (sin - us)^2) inv2``; ``grad_out [2, ...]`` <- d rho / d (cos, sin).
+
+    ``defer_log`` as in :func:`_linear_rho`.
+    """
+    dc, ds = cos - uc, sin - us
+    z2 = (dc * dc).addcmul_(ds, ds).mul_(inv2)
+    if kind == "cauchy":
+        den = z2.add_(1.0)
+        if grad_out is not None:
+            k = torch.div(inv2, den).mul_(2.0)
+            torch.mul(dc, k, out=grad_out[0])
+            torch.mul(ds, k, out=grad_out[1])
+        return den.clamp_(max=_DEN_MAX) if defer_log else den.log_()
+    rho, slope = _huber(z2, delta)
+    if grad_out is not None:
+        k = slope.mul_(inv2).mul_(2.0)
+        torch.mul(dc, k, out=grad_out[0])
+        torch.mul(ds, k, out=grad_out[1])
+    return rho
+
+
+class _FusedNLL(torch.autograd.Function):
+    """``total = kernel(raw)`` whose kernel also returns ``d total / d raw``: the backward is one multiply."""
+
+    @staticmethod
+    def forward(ctx, raw, kernel):
+        total, grad = kernel(raw, True)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        g = grad_total.reshape(1, -1)
+        if bool((g == 1).all()):  # the usual .sum().backward(): no multiply, no new buffer
+            return grad, None
+        return grad * g, None
+
+
+class RobustLikelihood(torch.nn.Module):
+    """The NLL of the module doc: ``lik(xy, observation) -> [B]`` nats, differentiable in ``xy``.
+
+    Args:
+        maps: a RadioMap with per-site layers, or a :class:`SiteMaps` (shared; it must
+            hold the serving features the config needs).
+        calibration: a :class:`Calibration` with one row per map site.
+        config: a :class:`LikelihoodConfig`.
+        device: where to put a map prepared here.
+    """
+
+    def __init__(self, maps, calibration: Calibration, config: LikelihoodConfig | None = None, device=None) -> None:
+        super().__init__()
+        self.config = config = config or LikelihoodConfig()
+        cells = calibration.informative_cell_features if config.cell_features == "auto" else tuple(config.cell_features)
+        if isinstance(maps, SiteMaps):
+            if tuple(maps.cell_features) != cells:
+                raise CoreError(f"likelihood: the SiteMaps holds cell features {list(maps.cell_features)}, "
+                                f"the config needs {list(cells)}; prepare it with cell_features={cells}")
+            if device is not None:
+                maps = maps.to(device)
+        else:
+            maps = prepare_site_maps(maps, cell_features=cells, device=device)
+        if calibration.num_sites != maps.num_sites:
+            raise CoreError(f"likelihood: the calibration has {calibration.num_sites} sites, the map {maps.num_sites}")
+        missing = [c for c in cells if c not in calibration.cell]
+        if missing:
+            raise CoreError(f"likelihood: cell feature(s) {missing} are not calibrated")
+        self.maps, self.calibration, self.cell_features = maps, calibration, cells
+        rho_miss = float(penalty(torch.tensor(config.miss_z ** 2, dtype=torch.float64), config.penalty, config.huber_delta))
+        w = [float(config.weights.get(f, 1.0)) * (f in config.site_features) for f in SITE_FEATURES]
+        wc = [float(config.weights.get(f, 1.0)) for f in cells]
+        self.w, self.wc, self.rho_miss = w, wc, rho_miss
+        sigma = calibration.scale.copy()
+        sigma[:, 2] = np.deg2rad(sigma[:, 2])
+        dt, dev = maps.dtype, maps.device
+        buf = lambda name, v: self.register_buffer(name, torch.as_tensor(np.asarray(v, dtype=np.float64)).to(dev, dt), persistent=False)  # noqa: E731
+        buf("bias_t", calibration.bias.T)  # [3, S], AoA in deg
+        buf("inv2_t", ((np.asarray(w) > 0)[None] / sigma**2).T)  # [3, S]: 1 / sigma^2, 0 for unused features
+        buf("w_miss", np.asarray(w) * rho_miss)  # [3]
+        buf("cell_bias", [calibration.cell[c]["bias"] for c in cells])
+        buf("cell_inv2", [1.0 / calibration.cell[c]["scale"] ** 2 for c in cells])
+        buf("cell_w_miss", np.asarray(wc) * rho_miss)
+        self._cell_cols = [CELL_FEATURES.index(c) for c in cells]
+
+    @classmethod
+    def calibrated(cls, radio_map, dataset, config: LikelihoodConfig | None = None, split: str | None = "train",
+                   device=None) -> RobustLikelihood:
+        """Calibrate on ``dataset[split]`` (:func:`~core.physics.calibration.calibrate`) and build the likelihood.
+
+        The calibration is ``likelihood.calibration`` (save it with the run: ``.save(path)``).
+        """
+        from core.physics.calibration import calibrate
+
+        return cls(radio_map, calibrate(dataset, radio_map, split=split), config, device=device)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"penalty={c.penalty}, site_features={list(c.site_features)}, cell_features={list(self.cell_features)}, "
+                f"miss_z={c.miss_z}, rho_miss={self.rho_miss:.3f}")
+
+    # -- observation side --------------------------------------------------------------
+    def prepare(self, obs: SiteObservation) -> PreparedObservation:
+        """Validate ``obs`` and make it site-major and bias-corrected (see :class:`PreparedObservation`)."""
+        maps, dt, dev = self.maps, self.maps.dtype, self.maps.device
+        ids = maps.check_site_ids(obs.site_ids)
+        b, k = ids.shape
+        site = torch.as_tensor(obs.site, device=dev).to(dt)
+        if site.shape != (b, k, 3):
+            raise CoreError(f"likelihood: observation site features must be [{b}, {k}, 3], got {tuple(site.shape)}")
+        s = maps.num_sites
+        # site-major row of every slot: site * B + b (empty slots: the dummy site S)
+        index = torch.where(ids >= 0, ids, s).mul_(b).add_(torch.arange(b, device=dev).unsqueeze(1)).view(-1)
+        if k > 1 and int(torch.bincount(index, minlength=(s + 1) * b)[: s * b].max()) > 1:
+            raise CoreError("likelihood: a report lists the same site twice")
+        # scatter the measured values into NaN: NaN = site not reported or feature absent (inf counts as absent)
+        flat = torch.full((3, (s + 1) * b), math.nan, dtype=dt, device=dev)
+        src = torch.nan_to_num(site.reshape(b * k, 3).t(), nan=math.nan, posinf=math.nan, neginf=math.nan)
+        for f in range(3):  # 1-D index_copy: a plain scatter
+            flat[f].index_copy_(0, index, src[f])
+        measured = flat.view(3, s + 1, b)[:, :s]  # [3, S, B]
+        m = (measured == measured).to(dt)
+        o = (measured - self.bias_t.unsqueeze(-1)).nan_to_num_(0.0)  # measured - bias, 0 where absent
+        rad = torch.deg2rad(o[2])
+        u_c, u_s = torch.cos(rad).mul_(m[2]), torch.sin(rad).mul_(m[2])
+        inv2 = m * self.inv2_t.unsqueeze(-1)
+        r_miss = torch.tensordot(self.w_miss, m, dims=1)  # [S, B]
+        per_site = (o[0], o[1], u_c, u_s, inv2[0], inv2[1], inv2[2], r_miss)
+        o_cell, inv2_cell, r_cell = self._prepare_cell(obs, b)
+        return PreparedObservation(*per_site, o_cell, inv2_cell, r_cell, ids)
+
+    def _prepare_cell(self, obs: SiteObservation, b: int):
+        dt, dev = self.maps.dtype, self.maps.device
+        fc = len(self.cell_features)
+        if not fc:
+            z = torch.zeros(0, b, dtype=dt, device=dev)
+            return z, z, torch.zeros(b, dtype=dt, device=dev)
+        if obs.cell is None:
+            raise CoreError(f"likelihood: the observation has no cell features; the config uses {list(self.cell_features)}")
+        cell = torch.as_tensor(obs.cell, device=dev).to(dt)
+        if cell.shape != (b, len(CELL_FEATURES)):
+            raise CoreError(f"likelihood: observation cell features must be [{b}, {len(CELL_FEATURES)}], got {tuple(cell.shape)}")
+        cell = cell[:, self._cell_cols]
+        ok = torch.isfinite(cell)
+        o = torch.where(ok, cell - self.cell_bias, 0.0)
+        m = ok.to(dt)
+        return o.t().contiguous(), (self.cell_inv2 * m).t().contiguous(), m @ self.cell_w_miss
+
+    # -- the NLL -----------------------------------------------------------------------
+    def rho(self, z2: torch.Tensor) -> torch.Tensor:
+        """The configured penalty of squared normalised residuals (see :func:`penalty`)."""
+        return penalty(z2, self.config.penalty, self.config.huber_delta)
+
+    def evaluate(self, xy: torch.Tensor, prep: PreparedObservation) -> torch.Tensor:
+        """NLL at ``xy [B, 2]`` -> ``[B]``, or at candidates ``xy [B, P, 2]`` -> ``[B, P]``.
+
+        One grid_sample, then a fused kernel that also writes the analytic gradient with
+        respect to the sampled channels when ``xy`` requires grad (no autograd graph of
+        the ~30 elementwise ops; see :class:`_FusedNLL`).
+        """
+        single = xy.ndim == 2
+        xy3 = xy.unsqueeze(1) if single else xy
+        b, p = xy3.shape[:2]
+        flat = xy3.reshape(b * p, 2)
+        raw = self.maps.sample(flat)
+        cov = self.maps.coverage(flat)  # [S + 1, N] 0/1, no gradient
+        kernel = lambda r, need_grad: self._kernel(r, cov, prep, b, p, need_grad)  # noqa: E731
+        if raw.requires_grad and torch.is_grad_enabled():
+            total = _FusedNLL.apply(raw, kernel)
+        else:
+            total = kernel(raw, False)[0]
+        return total.squeeze(1) if single else total
+
+    def _kernel(self, raw: torch.Tensor, coverage: torch.Tensor, prep: PreparedObservation, b: int, p: int,
+                need_grad: bool):
+        """``(NLL [B, P], d NLL / d raw [C, N] or None)`` from the sampled channels ``raw [C, N]``
+        and the coverage ``[S + 1, N]``."""
+        s = self.maps.num_sites
+        pg, toa, cos, sin = raw[: 4 * s].view(4, s, b, p).unbind(0)
+        cov = coverage[:s].view(s, b, p)
+        grad = torch.empty_like(raw) if need_grad else None
+        gs = None if grad is None else grad[: 4 * s].view(4, s, b, p)
+        un = lambda v: v.unsqueeze(-1)  # noqa: E731  [S, B] -> [S, B, 1]
+        kind, delta = self.config.penalty, self.config.huber_delta
+        product = kind == "cauchy" and all(w in (0.0, 1.0) for w in self.w)  # sum of logs = log of the product
+        t = None
+        for f, w in enumerate(self.w):
+            if not w:
+                if gs is not None:
+                    gs[f].zero_()
+                    if f == 2:
+                        gs[3].zero_()
+                continue
+            if f < 2:
+                o, inv2 = (prep.o_pg, prep.inv2_pg) if f == 0 else (prep.o_toa, prep.inv2_toa)
+                rho = _linear_rho(pg if f == 0 else toa, un(o), un(inv2), kind, delta, None if gs is None else gs[f],
+                                  product)
+            else:
+                rho = _chord_rho(cos, sin, un(prep.u_c), un(prep.u_s), un(prep.inv2_aoa), kind, delta,
+                                 None if gs is None else gs[2:4], product)
+            if w != 1.0:
+                rho.mul_(w)
+                if gs is not None:
+                    gs[f if f < 2 else slice(2, 4)].mul_(w)
+            t = rho if t is None else (t.mul_(rho) if product else t.add_(rho))
+        if product:
+            t = t.log_()
+        tm = t.sub_(un(prep.r_miss))  # t - R: c (t - R) + R summed over sites
+        if gs is not None:
+            gs.mul_(cov)
+        total = tm.mul_(cov).sum(0).add_(prep.r_miss.sum(0).unsqueeze(-1))
+        if self.cell_features:
+            total.add_(self._cell_kernel(raw, coverage[s].view(b, p), prep, b, p, grad))
+        return total, grad
+
+    def _cell_kernel(self, raw, cov: torch.Tensor, prep: PreparedObservation, b: int, p: int, grad) -> torch.Tensor:
+        """Serving-feature NLL ``[B, P]`` (``cov [B, P]``: serving coverage); writes its gradient rows into ``grad``."""
+        cell = self.maps.cell_part(raw).view(-1, b, p)
+        gc = None if grad is None else grad[4 * self.maps.num_sites:].view(-1, b, p)
+        rho = _linear_rho(cell, prep.o_cell.unsqueeze(-1), prep.inv2_cell.unsqueeze(-1), self.config.penalty,
+                          self.config.huber_delta, gc)
+        wc = torch.as_tensor(self.wc, dtype=rho.dtype, device=rho.device).view(-1, 1, 1)
+        tm = rho.mul_(wc).sum(0).sub_(prep.r_miss_cell.unsqueeze(1))
+        if gc is not None:
+            gc.mul_(wc).mul_(cov)
+        return tm.mul_(cov).add_(prep.r_miss_cell.unsqueeze(1))
+
+    def forward(self, xy: torch.Tensor, obs) -> torch.Tensor:
+        """NLL [nats]: ``xy [B, 2] -> [B]`` or ``xy [B, P, 2] -> [B, P]``; ``obs`` a Site- or PreparedObservation."""
+        if not isinstance(xy, torch.Tensor) or xy.ndim not in (2, 3) or xy.shape[-1] != 2:
+            raise CoreError(f"likelihood: xy must be a tensor [B, 2] or [B, P, 2], got {getattr(xy, 'shape', xy)}")
+        prep = obs if isinstance(obs, PreparedObservation) else self.prepare(obs)
+        if prep.site_ids.shape[0] != xy.shape[0]:
+            raise CoreError(f"likelihood: {xy.shape[0]} positions for {prep.site_ids.shape[0]} observations")
+        return self.evaluate(xy.to(device=self.maps.device, dtype=self.maps.dtype), prep)
+
+    @torch.no_grad()
+    def terms(self, xy: torch.Tensor, obs) -> LikelihoodTerms:
+        """The NLL at ``xy [B, 2]`` broken down per slot and feature (see :class:`LikelihoodTerms`)."""
+        prep = obs if isinstance(obs, PreparedObservation) else self.prepare(obs)
+        maps = self.maps
+        xy = xy.to(device=maps.device, dtype=maps.dtype)
+        raw, coverage = maps.sample(xy), maps.coverage(xy)
+        ids = prep.site_ids
+        b, k = ids.shape
+        g = torch.gather(maps.site_part(raw).permute(2, 0, 1), 2, ids.clamp(min=0).unsqueeze(1).expand(b, 4, k))  # [B, 4, K]
+        slot = lambda v: torch.where(ids >= 0, torch.gather(v.t(), 1, ids.clamp(min=0)), 0.0)  # noqa: E731  [S, B] -> [B, K]
+        cov = slot(coverage[:-1])
+        r_pg, r_toa = slot(prep.o_pg) - g[:, 0], slot(prep.o_toa) - g[:, 1]
+        uc, us = slot(prep.u_c), slot(prep.u_s)
+        chord2 = (g[:, 2] - uc).square() + (g[:, 3] - us).square()
+        r_aoa = torch.rad2deg(torch.atan2(us * g[:, 2] - uc * g[:, 3], uc * g[:, 2] + us * g[:, 3]))
+        inv2 = torch.stack([slot(prep.inv2_pg), slot(prep.inv2_toa), slot(prep.inv2_aoa)], -1)  # m / sigma^2
+        m = (inv2 > 0).to(maps.dtype)  # present and used
+        z2 = torch.stack([r_pg.square(), r_toa.square(), chord2], -1) * inv2
+        w = torch.as_tensor(self.w, dtype=maps.dtype, device=maps.device)
+        site = cov.unsqueeze(-1) * self.rho(z2) * w + (1 - cov).unsqueeze(-1) * self.w_miss * m
+        residual = torch.where(m > 0, torch.stack([r_pg, r_toa, r_aoa], -1), 0.0)
+        cell, c_res, c_z, c_cov = self._cell_terms(raw, coverage[-1], prep, b)
+        total = site.sum((1, 2)) + cell.sum(-1)
+        return LikelihoodTerms(total, site, cell, residual, z2.sqrt(), cov, m > 0, c_res, c_z, c_cov,
+                               self.cell_features)
+
+    def _cell_terms(self, raw: torch.Tensor, cov: torch.Tensor, prep: PreparedObservation, b: int):
+        dt, dev = self.maps.dtype, self.maps.device
+        if not self.cell_features:
+            z = torch.zeros(b, 0, dtype=dt, device=dev)
+            return z, z, z, cov
+        cell = self.maps.cell_part(raw)
+        m = (prep.inv2_cell > 0).to(dt).t()
+        r = (prep.o_cell - cell).t() * m
+        z2 = r.square() * prep.inv2_cell.t()
+        wc = torch.as_tensor(self.wc, dtype=dt, device=dev)
+        nats = cov.unsqueeze(-1) * self.rho(z2) * wc + (1 - cov).unsqueeze(-1) * self.cell_w_miss * m
+        return nats, r, z2.sqrt(), cov
