@@ -46,10 +46,10 @@ def test_schema_and_walks(tiny_dataset, tiny_map, tiny_scene):
 
 
 def test_clean_features_equal_pathsolver_at_the_points(tiny_dataset, tiny_scene):
-    from core.raytracing.tracing import TraceSettings, trace_points
+    from core.raytracing.tracing import PropagationSettings, trace_points
 
     ds = tiny_dataset
-    settings = TraceSettings(**ds.attrs["generator"]["path_solver"])
+    settings = PropagationSettings.from_dict(ds.attrs["propagation"])
     traced = trace_points(tiny_scene, ds.ue_xyz.reshape(-1, 3), settings)
     clean = ds.clean_site_features.reshape(-1, ds.num_sites_per_report, 3)
     ids = ds.site_ids.reshape(-1, ds.num_sites_per_report)

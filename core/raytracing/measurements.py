@@ -70,8 +70,9 @@ class WalkConfig:
 
 
 def _sites_and_area(scene_name, radio_maps, scenes_dir):
-    """``(info, sites, bounds, valid [H, W] or None, map_path or None)`` for the scene."""
+    """``(info, sites, bounds, valid [H, W] or None, map_path or None, map propagation or None)`` for the scene."""
     from core.raytracing.scenes import DEFAULT_AREA_SIZE_M, load_scene, resolve_scene, scene_bbox, site_layout
+    from core.raytracing.tracing import PropagationSettings
     from core.stores.radio_map import RadioMap
 
     info = resolve_scene(scene_name, scenes_dir)
@@ -79,12 +80,13 @@ def _sites_and_area(scene_name, radio_maps, scenes_dir):
         path = Path(radio_maps) / f"{info.name}.zarr"
         if path.exists():
             rmap = RadioMap.load(path)
-            return info, rmap.attrs["sites"], rmap.bounds, rmap.valid, str(path)
+            propagation = PropagationSettings.from_dict(rmap.attrs["propagation"])
+            return info, rmap.attrs["sites"], rmap.bounds, rmap.valid, str(path), propagation
     scene = load_scene(info)
     bb = scene_bbox(scene)
     cx, cy, half = 0.5 * (bb[0] + bb[3]), 0.5 * (bb[1] + bb[4]), 0.5 * DEFAULT_AREA_SIZE_M
     bounds = (max(bb[0], cx - half), max(bb[1], cy - half), min(bb[3], cx + half), min(bb[4], cy + half))
-    return info, site_layout(info.name, scenes_dir, area=bounds), bounds, None, None
+    return info, site_layout(info.name, scenes_dir, area=bounds), bounds, None, None, None
 
 
 def _draw_walks(rng, scene, n, t_steps, bounds, valid, walk: WalkConfig, rx_height):
@@ -179,14 +181,60 @@ def cell_measurements(pg_db: np.ndarray, radio, link) -> np.ndarray:
 
 def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | None = None, seed: int = 0,
                  k_sites: int = 4, split: str = "random", scenes_dir: str | None = None,
-                 noise: NoiseConfig = NoiseConfig(), walk: WalkConfig = WalkConfig(), trace=None):
-    """Build a :class:`~core.dataset.MeasurementDataset` (see the module docstring)."""
-    from tqdm import tqdm
+                 noise: NoiseConfig = NoiseConfig(), walk: WalkConfig = WalkConfig(),
+                 propagation=None):
+    """Build a :class:`~core.stores.dataset.MeasurementDataset` (see the module docstring).
 
+    ``propagation`` (:class:`~core.raytracing.tracing.PropagationSettings`): by default the
+    radio map's own (``attrs["propagation"]``), else the defaults when there is no map;
+    one that differs from the map's is refused.
+    """
     from core.raytracing.link_abstraction import LinkConfig, link_abstraction
-    from core.raytracing.tracing import RadioConfig, TraceSettings, build_scene, trace_points
-    from core.stores.dataset import SPLITS, MeasurementDataset
+    from core.raytracing.tracing import build_scene
+    from core.stores.dataset import MeasurementDataset
 
+    _check_arguments(num_ues, reports, k_sites, split)
+    t_start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    report(0.0, f"{scene_name}: loading")
+    info, sites, bounds, valid, map_path, map_propagation = _sites_and_area(scene_name, radio_maps, scenes_dir)
+    propagation = _propagation_for(propagation, map_propagation, map_path)
+    radio = propagation.radio
+    scene = build_scene(info, sites, radio)
+    link = link_abstraction(LinkConfig())
+    xyz, times, c, t_trace = _trace_walks(rng, scene, info.name, num_ues, reports, bounds, valid, walk, k_sites,
+                                          propagation, link)
+    noisy = _add_noise(rng, c, noise, radio, link)
+    present, site_ids, los = _drop_reports(rng, noisy, c, noise.p_missing)
+    split_arr = _split_samples(rng, xyz[:, -1, :2], split)
+    attrs: dict[str, Any] = {
+        "scene": info.name,
+        "sites": [{"name": s["name"], "position": [float(v) for v in s["position"]]} for s in sites],
+        "bounds": [float(b) for b in bounds],
+        "radio_map": map_path,
+        "noise": asdict(noise),
+        "seed": int(seed),
+        "split": {"kind": split, "fractions": {"train": 0.8, "val": 0.1, "test": 0.1},
+                  "spatial_rule": "test: label x >= 90th percentile, val: 80th-90th" if split == "spatial" else None},
+        "walk": asdict(walk),
+        "propagation": propagation.to_dict(),
+        "generator": {"sites_per_report": k_sites, "source": "PathSolver at the exact UE positions (attrs.propagation)",
+                      "timings": {"total_s": time.perf_counter() - t_start, "ray_tracing_s": t_trace}},
+        "radio": radio.to_dict(),
+        "link_abstraction": link.config.to_dict(),
+    }
+    report(1.0, f"{info.name}: done")
+    n, t = xyz.shape[:2]
+    return MeasurementDataset(
+        ue_xyz=xyz.astype(np.float32), t=np.broadcast_to(times.astype(np.float32), (n, t)).copy(),
+        report_mask=present, site_ids=site_ids, site_features=noisy["site_features"],
+        cell_features=noisy["cell_features"], los=los, split=split_arr, attrs=attrs,
+        clean_site_features=c["site_features"].astype(np.float32),
+        clean_cell_features=c["cell_features"].astype(np.float32),
+    )
+
+
+def _check_arguments(num_ues: int, reports: int, k_sites: int, split: str) -> None:
     if num_ues < 1:
         raise CoreError(f"--num-ues must be >= 1, got {num_ues}")
     if reports < 1:
@@ -195,34 +243,49 @@ def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | 
         raise CoreError(f"--sites-per-report must be >= 1, got {k_sites}")
     if split not in ("random", "spatial"):
         raise CoreError(f"--split must be random or spatial, got {split!r}")
-    t_start = time.perf_counter()
-    radio = RadioConfig()
-    trace = trace or TraceSettings()
-    rng = np.random.default_rng(seed)
-    report(0.0, f"{scene_name}: loading")
-    info, sites, bounds, valid, map_path = _sites_and_area(scene_name, radio_maps, scenes_dir)
-    scene = build_scene(info, sites, radio)
-    link = link_abstraction(LinkConfig())
 
-    # walks; UEs whose walk leaves coverage somewhere are replaced by spares
+
+def _propagation_for(given, from_map, map_path):
+    """The propagation settings to trace with: the map's, unless there is no map."""
+    from core.raytracing.tracing import PropagationSettings
+
+    if from_map is None:
+        return given or PropagationSettings()
+    if given is not None and given != from_map:
+        raise CoreError(f"radio map {map_path} was traced with other propagation settings than asked for: "
+                        f"a dataset must use the map's (attrs propagation) to be comparable with it")
+    return from_map
+
+
+def _trace_walks(rng, scene, name, num_ues, reports, bounds, valid, walk, k_sites, propagation, link):
+    """Draw walks and ray-trace them; walks that leave coverage somewhere are replaced by spares.
+
+    Returns ``(xyz [N, T, 3], times [T], clean, ray_tracing_s)`` with ``clean`` the
+    :func:`measure` arrays ``[N, T, ...]`` plus ``pg_all [N, T, S]`` (every site's gain).
+    """
+    from tqdm import tqdm
+
+    from core.raytracing.tracing import trace_points
+
     xyz = np.empty((0, reports, 3))
     clean: dict[str, list[np.ndarray]] = {}
-    bar = tqdm(total=num_ues * reports, desc=f"{info.name}: ray tracing UE positions", unit="pos", dynamic_ncols=True)
+    total = num_ues * reports
+    bar = tqdm(total=total, desc=f"{name}: ray tracing UE positions", unit="pos", dynamic_ncols=True)
     t_trace = 0.0
     for _ in range(20):
         need = num_ues - len(xyz)
         if need <= 0:
             break
         walks, times = _draw_walks(rng, scene, need + max(8, need // 20), reports, bounds, valid, walk,
-                                   radio.rx_height_m)
+                                   propagation.radio.rx_height_m)
         t0 = time.perf_counter()
         done0 = bar.n
-        traced = trace_points(scene, walks.reshape(-1, 3), trace,
-                              progress=lambda d, n: (bar.update(min(done0 + d, num_ues * reports) - bar.n),
-                                                     report(0.9 * bar.n / (num_ues * reports), "ray tracing")))
+        traced = trace_points(scene, walks.reshape(-1, 3), propagation,
+                              progress=lambda d, n: (bar.update(min(done0 + d, total) - bar.n),
+                                                     report(0.9 * bar.n / total, "ray tracing")))
         t_trace += time.perf_counter() - t0
         covered = np.isfinite(traced["path_gain"]).any(1).reshape(len(walks), reports).all(1)
-        meas = measure(traced, k_sites, radio, link)
+        meas = measure(traced, k_sites, propagation.radio, link)
         keep = np.flatnonzero(covered)[:need]
         xyz = np.concatenate([xyz, walks[keep]])
         for key, arr in meas.items():
@@ -232,10 +295,11 @@ def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | 
     bar.close()
     if len(xyz) < num_ues:
         raise CoreError(f"could only place {len(xyz)} of {num_ues} UEs on fully covered walks")
-    c = {k: np.concatenate(v) for k, v in clean.items()}
-    n, t = num_ues, reports
+    return xyz, times, {k: np.concatenate(v) for k, v in clean.items()}, t_trace
 
-    # measurement noise
+
+def _add_noise(rng, c: dict[str, np.ndarray], noise: NoiseConfig, radio, link) -> dict[str, np.ndarray]:
+    """Noisy ``site_features [N, T, K, 3]`` and ``cell_features [N, T, 4]`` (module docstring)."""
     pg_all = c["pg_all"] + rng.normal(0.0, noise.path_gain_db, c["pg_all"].shape)  # -inf stays -inf
     site_f = c["site_features"].copy()
     ids = c["site_ids"]
@@ -252,52 +316,39 @@ def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | 
         snr = radio.tx_power_dbm + serv - radio.noise_dbm
         sinr = radio.tx_power_dbm + serv - 10 * np.log10(interf + 10 ** (radio.noise_dbm / 10))
     thr, bler, _ = link(sinr)
-    cell_f = np.stack([snr, sinr, thr, bler], -1).astype(np.float32)
+    return {"site_features": site_f.astype(np.float32),
+            "cell_features": np.stack([snr, sinr, thr, bler], -1).astype(np.float32)}
 
-    # missing reports, at least one kept per UE
-    present = rng.random((n, t)) >= noise.p_missing
+
+def _drop_reports(rng, noisy: dict[str, np.ndarray], c: dict[str, np.ndarray], p_missing: float):
+    """Drop reports at random (at least one kept per UE), in place in ``noisy``.
+
+    Returns ``(present [N, T], site_ids [N, T, K] int16, los [N, T])``.
+    """
+    n, t = c["site_ids"].shape[:2]
+    present = rng.random((n, t)) >= p_missing
     none = ~present.any(1)
     present[np.flatnonzero(none), rng.integers(0, t, none.sum())] = True
-    site_f[~present] = np.nan
-    cell_f[~present] = np.nan
-    site_ids = np.where(present[..., None], ids, -1).astype(np.int16)
-    los = c["los"] & present
+    noisy["site_features"][~present] = np.nan
+    noisy["cell_features"][~present] = np.nan
+    site_ids = np.where(present[..., None], c["site_ids"], -1).astype(np.int16)
+    return present, site_ids, c["los"] & present
 
-    # split by UE
-    labels = xyz[:, -1, :2]
+
+def _split_samples(rng, labels: np.ndarray, split: str) -> np.ndarray:
+    """int8 ``[N]`` split by UE: random 80/10/10, or spatial by the label's x (module docstring)."""
+    from core.stores.dataset import SPLITS
+
+    n = len(labels)
     if split == "random":
         perm = rng.permutation(n)
         split_arr = np.zeros(n, np.int8)
         split_arr[perm[int(0.8 * n):int(0.9 * n)]] = SPLITS["val"]
         split_arr[perm[int(0.9 * n):]] = SPLITS["test"]
-    else:
-        x_hi, x_mid = np.quantile(labels[:, 0], [0.9, 0.8])
-        split_arr = np.where(labels[:, 0] >= x_hi, SPLITS["test"],
-                             np.where(labels[:, 0] >= x_mid, SPLITS["val"], SPLITS["train"])).astype(np.int8)
-
-    elapsed = time.perf_counter() - t_start
-    attrs: dict[str, Any] = {
-        "scene": info.name,
-        "sites": [{"name": s["name"], "position": [float(v) for v in s["position"]]} for s in sites],
-        "bounds": [float(b) for b in bounds],
-        "radio_map": map_path,
-        "noise": asdict(noise),
-        "seed": int(seed),
-        "split": {"kind": split, "fractions": {"train": 0.8, "val": 0.1, "test": 0.1},
-                  "spatial_rule": "test: label x >= 90th percentile, val: 80th-90th" if split == "spatial" else None},
-        "walk": asdict(walk),
-        "generator": {"path_solver": asdict(trace), "sites_per_report": k_sites, "source": "PathSolver at the exact UE positions",
-                      "timings": {"total_s": elapsed, "ray_tracing_s": t_trace}},
-        "radio": radio.to_dict(),
-        "link_abstraction": link.config.to_dict(),
-    }
-    report(1.0, f"{info.name}: done")
-    return MeasurementDataset(
-        ue_xyz=xyz.astype(np.float32), t=np.broadcast_to(times.astype(np.float32), (n, t)).copy(),
-        report_mask=present, site_ids=site_ids, site_features=site_f.astype(np.float32), cell_features=cell_f,
-        los=los, split=split_arr, attrs=attrs, clean_site_features=c["site_features"].astype(np.float32),
-        clean_cell_features=c["cell_features"].astype(np.float32),
-    )
+        return split_arr
+    x_hi, x_mid = np.quantile(labels[:, 0], [0.9, 0.8])
+    return np.where(labels[:, 0] >= x_hi, SPLITS["test"],
+                    np.where(labels[:, 0] >= x_mid, SPLITS["val"], SPLITS["train"])).astype(np.int8)
 
 
 # -- command line ------------------------------------------------------------------------
