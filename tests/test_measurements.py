@@ -92,3 +92,32 @@ def test_bad_dataset_input_is_refused(tmp_path):
         make_dataset("no_such_scene", 2, 2, radio_maps=None)
     with pytest.raises(CoreError, match="--num-ues"):
         make_dataset("simple_street_canyon", 0, 2, radio_maps=None)
+
+
+def test_consistency_at_the_truth(tiny_dataset, tmp_path, capsys):
+    """The dataset and its map describe the same physics: residuals at the true positions are small."""
+    import json
+    from pathlib import Path
+
+    from core.cli import main
+
+    maps = Path(tiny_dataset.attrs["radio_map"]).parent
+    out, md = tmp_path / "c.json", tmp_path / "c.md"
+    argv = ["consistency", "--dataset", tiny_dataset.source, "--radio-maps", str(maps), "--split", "all",
+            "--json", str(out), "--markdown", str(md)]
+    assert main(argv) == 0
+    assert "| clean | toa [ns] | site layer, all slots |" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert md.read_text().startswith("| variant | feature | group |")
+    rows = {(r["variant"], r["feature"], r["group"]): r for r in result["rows"]}
+    assert result["summary"]["reports"] == int(tiny_dataset.report_mask[:, -1].sum())
+    assert result["summary"]["serving_agreement"] > 0.8
+    for feature, tol in (("path_gain", 1.0), ("toa", 0.5), ("aoa", 0.5)):
+        clean = rows[("clean", feature, "site layer, all slots")]
+        assert clean["n"] >= tiny_dataset.report_mask[:, -1].sum() and clean["map_nan"] <= 0.05 * clean["n"]
+        assert abs(clean["median"]) < tol and clean["robust_std"] < tol, (feature, clean)
+    # the noisy residuals are the measurement noise: 3 ns ToA, 3 deg AoA, 2 dB path gain
+    assert 1.5 < rows[("noisy", "toa", "site layer, all slots")]["robust_std"] < 5.0
+    assert 1.5 < rows[("noisy", "aoa", "site layer, all slots")]["robust_std"] < 5.0
+    assert rows[("clean", "toa", "site layer, all slots")]["gross"] < 0.1
+    assert ("clean", "sinr", "serving map") in rows and ("noisy", "bler", "serving map") in rows

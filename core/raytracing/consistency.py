@@ -59,7 +59,7 @@ from core.features import wrap_degrees
 GROSS: dict[str, float] = {"path_gain": 10.0, "toa": 30.0, "aoa": 30.0, "snr": 10.0, "sinr": 10.0,
                            "throughput": 20.0, "bler": 0.3}
 #: per-site layer of each site feature (see :mod:`core.stores.radio_map`)
-SITE_LAYERS: dict[str, str] = {"path_gain": "site_path_gain", "toa": "site_toa", "aoa": "site_aoa"}
+FEATURE_LAYERS: dict[str, str] = {"path_gain": "site_path_gain", "toa": "site_toa", "aoa": "site_aoa"}
 SPLIT_CHOICES = ("train", "val", "test", "all")
 
 
@@ -161,7 +161,7 @@ def consistency_rows(ds, rmap, split: str = "test") -> tuple[list[dict[str, Any]
         sf, cf = site_f[idx, -1].astype(np.float64), cell_f[idx, -1].astype(np.float64)
         for f, feat in enumerate(SITE_FEATURES):
             angular = feat == "aoa"
-            layer = rmap.layers.get(SITE_LAYERS[feat])
+            layer = rmap.layers.get(FEATURE_LAYERS[feat])
             if layer is not None:
                 m, k = np.nonzero((ids >= 0) & np.isfinite(sf[..., f]))
                 r = _residual(sf[m, k, f], bilinear(layer, rmap.bounds, xy[m], ids[m, k], angular), angular)

@@ -60,7 +60,6 @@ from core.jobs.progress import report
 from core.raytracing.tracing import MAX_SAMPLES_PER_SRC, SPEED_OF_LIGHT, PropagationSettings
 
 DEFAULT_TOA_DECIMATION = 2
-SITE_LAYER_NAMES = ("site_path_gain", "site_toa", "site_aoa")
 
 
 @dataclass(frozen=True)
@@ -234,14 +233,15 @@ def site_layers(scene, xyz: np.ndarray, indoor: np.ndarray, nodes: dict[str, np.
                 sites: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """The per-site layers ``site_path_gain``, ``site_toa``, ``site_aoa``, each float32 ``[S, H, W]``."""
     from core.raytracing.tracing import line_of_sight
+    from core.stores.radio_map import SITE_LAYERS
 
     outdoor = ~indoor
-    planes = {name: [] for name in SITE_LAYER_NAMES}
+    planes = {name: [] for name in SITE_LAYERS}
     for s, site in enumerate(sites):
         pos = np.asarray(site["position"], dtype=np.float64)
         sees = np.zeros(indoor.shape, bool)
         sees[outdoor] = line_of_sight(scene, xyz[outdoor], pos)
-        for name, plane in zip(SITE_LAYER_NAMES, site_layer(xyz, indoor, nodes, s, pos, sees)):
+        for name, plane in zip(SITE_LAYERS, site_layer(xyz, indoor, nodes, s, pos, sees)):
             planes[name].append(plane)
     return {name: np.stack(p).astype(np.float32) for name, p in planes.items()}
 
