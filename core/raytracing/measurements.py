@@ -14,11 +14,15 @@ the last report; all positions are stored.
 
 Measurements are ray-traced by ``PathSolver`` at the exact UE positions from every
 site (never read from the radio map, which would make a map-based physics loss
-circular). For every report, with ``G_s`` the path gain [dB] of site ``s`` (sum of
-the paths' ``|a|^2``):
+circular), with the radio map's own propagation settings
+(:class:`~core.raytracing.tracing.PropagationSettings` from its ``attrs["propagation"]``;
+the defaults without a map), recorded in ``attrs["propagation"]``: the map at a UE's
+position and the UE's report are two evaluations of the same function. For every
+report, with ``G_s`` the path gain [dB] of site ``s`` (sum of the paths' ``|a|^2``):
 
 * site slots ``k = 0..K-1`` hold the K strongest sites (slot 0 = serving) with their
-  ``(path_gain [dB], toa [ns], aoa [deg])``, ToA/AoA of the site's strongest path;
+  ``(path_gain [dB], toa [ns], aoa [deg])``, ToA/AoA of the site's strongest path --
+  what the map's per-site layers ``site_path_gain / site_toa / site_aoa [S, H, W]`` hold;
 * ``snr = P + G_serv - N``, ``sinr = P + G_serv - 10 log10(sum_{s != serv} 10^((P + G_s)/10) + 10^(N/10))``
   (all sites interfere), ``throughput`` and ``bler`` from :mod:`core.raytracing.link_abstraction`;
 * ``los``: the serving site has a line-of-sight path.

@@ -2,6 +2,10 @@
 
 Everything that touches Mitsuba/Dr.Jit lives here so the rest of ``core`` stays numpy.
 
+Propagation (:class:`PropagationSettings`): the one definition of what PathSolver
+traces (depth, rays, interaction types, seed, receivers per call) and of the radio
+(:class:`RadioConfig`), shared by the radio map and the measurement dataset.
+
 Radio settings (:class:`RadioConfig`, documented in ``docs/maps.md``): carrier
 3.5 GHz, 20 MHz NR carrier (30 kHz SCS, 51 PRBs), 43 dBm per site, UE noise figure
 7 dB at 290 K, UE antenna isotropic at 1.5 m, site antenna :data:`SITE_PATTERN`.
