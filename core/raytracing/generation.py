@@ -60,6 +60,7 @@ from core.jobs.progress import report
 from core.raytracing.tracing import MAX_SAMPLES_PER_SRC, SPEED_OF_LIGHT, PropagationSettings
 
 DEFAULT_TOA_DECIMATION = 2
+DIRECT_TOL_M = 0.5  # a virtual source this close to the site is the site: the direct path
 
 
 @dataclass(frozen=True)
@@ -150,10 +151,6 @@ def _progress_bar(total, desc, position=0):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, position=position, leave=False, dynamic_ncols=True)
-
-
-
-DIRECT_TOL_M = 0.5  # a virtual source this close to the site is the site: the direct path
 
 
 def trace_nodes(scene, xyz: np.ndarray, indoor: np.ndarray, settings: MapSettings, progress=None) -> dict[str, np.ndarray]:
