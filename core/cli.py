@@ -33,6 +33,8 @@ from core.stores.zarr_group import settle_zarr
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate-maps": ("core.raytracing.generation", "ray-trace radio maps of scenes with Sionna RT into Zarr stores"),
     "make-dataset": ("core.raytracing.measurements", "ray-trace a UE measurement dataset along random walks"),
+    "consistency": ("core.raytracing.consistency",
+                    "measured features minus the radio map at the true positions (residual statistics)"),
     "train": ("core.learning.training", "train the map-conditioned transformer from a YAML config"),
     "evaluate": ("core.learning.evaluation", "evaluate a training run (optionally with gradient refinement)"),
     "ablate": ("core.learning.ablation", "train and evaluate baseline vs physics-regularized models"),

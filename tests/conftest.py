@@ -14,10 +14,11 @@ TINY_SCENE = "simple_street_canyon"
 @pytest.fixture(scope="session")
 def tiny_map_settings():
     from core.raytracing.generation import MapSettings
+    from core.raytracing.tracing import PropagationSettings
 
-    # 64 x 64 cells of 2 m cover the whole street canyon; few rays keep it fast
-    return MapSettings(resolution=2.0, map_size=(64, 64), samples_per_tx=300_000, max_depth=3,
-                       toa_decimation=4, path_samples_per_src=3_000, seed=7)
+    # 64 x 64 cells of 2 m cover the whole street canyon; PathSolver every 4th row and column
+    return MapSettings(resolution=2.0, map_size=(64, 64), toa_decimation=4,
+                       propagation=PropagationSettings(max_depth=2, samples_per_src=3_000, seed=7))
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +34,7 @@ def tiny_map(tiny_map_settings):
 def tiny_scene(tiny_map):
     """The tiny scene loaded with the map's sites as transmitters."""
     from core.raytracing.scenes import resolve_scene
-    from core.raytracing.tracing import RadioConfig, build_scene
+    from core.raytracing.tracing import PropagationSettings, build_scene
 
-    return build_scene(resolve_scene(TINY_SCENE), tiny_map.attrs["sites"], RadioConfig())
+    radio = PropagationSettings.from_dict(tiny_map.attrs["propagation"]).radio
+    return build_scene(resolve_scene(TINY_SCENE), tiny_map.attrs["sites"], radio)

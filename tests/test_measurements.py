@@ -56,10 +56,10 @@ def test_the_dataset_records_the_map_it_was_made_with(tiny_dataset, tiny_map):
 
 
 def test_clean_features_equal_pathsolver_at_the_points(tiny_dataset, tiny_scene):
-    from core.raytracing.tracing import TraceSettings, trace_points
+    from core.raytracing.tracing import PropagationSettings, trace_points
 
     ds = tiny_dataset
-    settings = TraceSettings(**ds.attrs["generator"]["path_solver"])
+    settings = PropagationSettings.from_dict(ds.attrs["propagation"])
     traced = trace_points(tiny_scene, ds.ue_xyz.reshape(-1, 3), settings)
     clean = ds.clean_site_features.reshape(-1, ds.num_sites_per_report, 3)
     ids = ds.site_ids.reshape(-1, ds.num_sites_per_report)
@@ -102,3 +102,32 @@ def test_bad_dataset_input_is_refused(tmp_path):
         make_dataset("no_such_scene", 2, 2, radio_maps=None)
     with pytest.raises(CoreError, match="--num-ues"):
         make_dataset("simple_street_canyon", 0, 2, radio_maps=None)
+
+
+def test_consistency_at_the_truth(tiny_dataset, tmp_path, capsys):
+    """The dataset and its map describe the same physics: residuals at the true positions are small."""
+    import json
+    from pathlib import Path
+
+    from core.cli import main
+
+    maps = Path(tiny_dataset.attrs["radio_map"]).parent
+    out, md = tmp_path / "c.json", tmp_path / "c.md"
+    argv = ["consistency", "--dataset", tiny_dataset.source, "--radio-maps", str(maps), "--split", "all",
+            "--json", str(out), "--markdown", str(md)]
+    assert main(argv) == 0
+    assert "| clean | toa [ns] | site layer, all slots |" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert md.read_text().startswith("| variant | feature | group |")
+    rows = {(r["variant"], r["feature"], r["group"]): r for r in result["rows"]}
+    assert result["summary"]["reports"] == int(tiny_dataset.report_mask[:, -1].sum())
+    assert result["summary"]["serving_agreement"] > 0.8
+    for feature, tol in (("path_gain", 1.0), ("toa", 0.5), ("aoa", 0.5)):
+        clean = rows[("clean", feature, "site layer, all slots")]
+        assert clean["n"] >= tiny_dataset.report_mask[:, -1].sum() and clean["map_nan"] <= 0.05 * clean["n"]
+        assert abs(clean["median"]) < tol and clean["robust_std"] < tol, (feature, clean)
+    # the noisy residuals are the measurement noise: 3 ns ToA, 3 deg AoA, 2 dB path gain
+    assert 1.5 < rows[("noisy", "toa", "site layer, all slots")]["robust_std"] < 5.0
+    assert 1.5 < rows[("noisy", "aoa", "site layer, all slots")]["robust_std"] < 5.0
+    assert rows[("clean", "toa", "site layer, all slots")]["gross"] < 0.1
+    assert ("clean", "sinr", "serving map") in rows and ("noisy", "bler", "serving map") in rows

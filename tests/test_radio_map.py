@@ -207,3 +207,29 @@ def test_overwrite_replaces_the_map(saved):
     new.save(path)
     assert RadioMap.load(path).bounds == (0.0, 0.0, 28.0, 20.0)
     assert sorted(os.listdir(path.parent)) == ["scene.zarr"]
+
+
+def test_old_format_is_refused_with_the_command_that_remakes_it(saved):
+    rm, path = saved
+    _edit_attrs(path, format_version=1)
+    with pytest.raises(StoreError) as info:
+        RadioMap.load(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "format version 1 is older" in message
+    h, w = rm.shape
+    x_min, y_min, x_max, y_max = rm.bounds
+    assert message.endswith(
+        f"regenerate it with `python -m core generate-maps --scenes {rm.attrs['scene']} --output-dir {path.parent} "
+        f"--resolution {rm.cell_size:g} --map-size {h} {w} --center {(x_min + x_max) / 2:g} {(y_min + y_max) / 2:g} "
+        "--force`")
+
+
+def test_per_site_layers_must_have_one_plane_per_site(saved):
+    rm, _ = saved
+    layers = {"site_path_gain": np.zeros((3,) + rm.shape, np.float32), "site_toa": np.zeros((2,) + rm.shape, np.float32)}
+    with pytest.raises(StoreError, match="disagree on the number of sites"):
+        RadioMap(rm.values, rm.features, rm.bounds, valid=rm.valid, layers=layers)
+    sites = [{"name": f"s{k}", "position": [0.0, 0.0, 10.0]} for k in range(2)]
+    with pytest.raises(StoreError, match="one plane per site"):
+        RadioMap(rm.values, rm.features, rm.bounds, valid=rm.valid, attrs={"sites": sites},
+                 layers={"site_path_gain": layers["site_path_gain"]})

@@ -1,37 +1,44 @@
-"""Radio-map generation: ray-trace scenes with Sionna RT into :class:`~core.radio_map.RadioMap` stores.
+"""Radio-map generation: ray-trace scenes with Sionna RT into :class:`~core.stores.radio_map.RadioMap` stores.
 
 ``python -m core generate-maps --scenes etoile munich --output-dir radio_maps
 --resolution 1.0 --map-size 512 512 [--parallel 2 --samples-per-tx N --max-depth N
---seed N --force --center X Y --scenes-dir DIR]``
+--toa-decimation N --seed N --force --center X Y --scenes-dir DIR]``
 
 Per scene, on an ``H x W`` grid of square cells (``--map-size H W``, rows along +y,
-``--resolution`` metres), centred on the scene (or ``--center``), at the UE height:
+``--resolution`` metres), centred on the scene (or ``--center``), at the UE height,
+with the :class:`~core.raytracing.tracing.PropagationSettings` that ``make-dataset``
+then reuses (recorded in ``attrs["propagation"]``):
 
-1. ``RadioMapSolver`` gives the path gain of every site, ``G_s [S, H, W]`` (linear).
-   The serving site is ``s* = argmax_s G_s``; with ``P`` the site power [dBm] and ``N``
-   the thermal noise [dBm] (kTB + noise figure)::
+1. ``PathSolver`` traces every site to the NODES: the outdoor cell centres of every
+   ``f``-th row and column (``f = --toa-decimation``, plus the last row and column), the
+   very function the dataset evaluates at the UEs (:func:`~core.raytracing.tracing.trace_points`).
+   Each node keeps, per site ``s``, the path gain ``G`` [dB] and the strongest path's
+   virtual source ``q`` (the site mirrored in the path's reflecting planes).
 
-       path_gain = 10 log10 G_s*                                   [dB]
-       snr       = P + path_gain - N                               [dB]
-       sinr      = P + path_gain - 10 log10(sum_{s != s*} 10^((P + 10 log10 G_s)/10) + 10^(N/10))
+2. Per-site layers on every cell ``p`` (:func:`site_layers`), from the four nodes
+   ``n`` of the bilinear stencil around ``p`` with weights ``w_n`` (nodes without a path
+   to ``s`` get 0): the cell is covered by ``s`` if ``sum w_n >= 0.5`` (and outdoor), then::
 
-2. ``PathSolver`` traces paths from every site to the centres of a decimated grid
-   (``--toa-decimation`` cells per coarse cell). Per site, the strongest path's delay
-   and azimuth of arrival are split into an exact geometric part and a residual::
+       site_path_gain = sum_n w_n (G_n + 20 log10(|q_n - n| / |q_n - p|)) / sum_n w_n      [dB]
+       site_toa       = |q - p| / c                                                       [ns]
+       site_aoa       = atan2(q_y - p_y, q_x - p_x), in (-180, 180]                        [deg]
 
-       toa = |p - q_s| / c + excess        aoa = azimuth(q_s - p) + residual
+   with ``q`` the site itself when ``p`` sees the site (an exact ray test), else the
+   virtual source of the stencil node with the largest weight whose strongest path is
+   not the direct one (else of the largest weight). A specular path's delay and
+   azimuth are thus exact at every cell where it is still the strongest path; errors
+   remain only within ``f`` cells of where the strongest path changes.
 
-   The residuals are upsampled bilinearly (the angle one through cos/sin, so never
-   across +-180 deg), each fine cell only from coarse points of its own class (line
-   of sight to the site or not, by an exact ray test), and the geometric parts are
-   recomputed exactly at each fine cell centre. The serving site's values are kept.
+3. Serving features (``values``): the serving site is ``s* = argmax_s site_path_gain``,
+   ``path_gain``, ``toa``, ``aoa`` are its layers, and SNR, SINR (every other site
+   interferes), throughput and BLER come from
+   :func:`~core.raytracing.measurements.cell_measurements` -- the code that makes the
+   dataset's cell features -- and :mod:`core.raytracing.link_abstraction`.
 
-3. ``throughput`` and ``bler`` come from :mod:`core.raytracing.link_abstraction` at ``sinr``.
-
-``valid`` is false under roofs (inside buildings: an upward ray hits geometry) and
-where no ray reached the cell. The layer ``site_path_gain [S, H, W]`` holds every
-site's path gain [dB] (NaN where no ray arrived). Output goes to
-``<output-dir>/<scene>.zarr``, atomically; existing stores are skipped unless ``--force``.
+``valid`` is false under roofs (an upward ray hits geometry) and where no site covers
+the cell. Output goes to ``<output-dir>/<scene>.zarr``, atomically; existing stores are
+skipped unless ``--force``. ``--samples-per-tx``, ``--max-depth`` and ``--seed`` set the
+propagation's rays per site, depth and seed.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import math
 import os
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,37 +57,29 @@ import numpy as np
 from core.errors import CoreError
 from core.features import DEFAULT_FEATURE_ORDER, wrap_degrees
 from core.jobs.progress import report
+from core.raytracing.tracing import MAX_SAMPLES_PER_SRC, SPEED_OF_LIGHT, PropagationSettings
 
-DEFAULT_SAMPLES_PER_TX = 2_000_000
-DEFAULT_MAX_DEPTH = 3
-DEFAULT_TOA_DECIMATION = 4
+DEFAULT_TOA_DECIMATION = 2
+DIRECT_TOL_M = 0.5  # a virtual source this close to the site is the site: the direct path
 
 
 @dataclass(frozen=True)
 class MapSettings:
-    """Generator settings (stored in ``attrs["generator"]``).
+    """Generator settings (stored in ``attrs["generator"]``; propagation in ``attrs["propagation"]``).
 
     Attributes:
         resolution: cell edge [m].
         map_size: ``(H, W)`` cells.
         center: ``(x, y)`` map centre [m]; None = scene centre.
-        samples_per_tx: RadioMapSolver rays per site.
-        max_depth: RadioMapSolver maximum number of interactions.
-        toa_decimation: coarse-grid factor for the PathSolver ToA/AoA grid.
-        path_max_depth: PathSolver maximum number of interactions.
-        path_samples_per_src: PathSolver rays per site.
-        seed: ray-sampling seed.
+        toa_decimation: ``f``, PathSolver traces every ``f``-th row and column (the nodes).
+        propagation: the propagation physics, shared with ``make-dataset``.
     """
 
     resolution: float = 1.0
     map_size: tuple[int, int] = (512, 512)
     center: tuple[float, float] | None = None
-    samples_per_tx: int = DEFAULT_SAMPLES_PER_TX
-    max_depth: int = DEFAULT_MAX_DEPTH
     toa_decimation: int = DEFAULT_TOA_DECIMATION
-    path_max_depth: int = 2
-    path_samples_per_src: int = 3_000
-    seed: int = 42
+    propagation: PropagationSettings = field(default_factory=PropagationSettings)
 
     def validate(self) -> None:
         if not (isinstance(self.resolution, (int, float)) and math.isfinite(self.resolution) and self.resolution > 0):
@@ -90,14 +89,17 @@ class MapSettings:
             raise CoreError(f"--map-size must be two positive cell counts (H W), got {h} {w}")
         if h * w > 4096 * 4096:
             raise CoreError(f"--map-size {h} {w} is too large (at most 4096 x 4096 cells)")
-        if self.samples_per_tx < 1:
-            raise CoreError(f"--samples-per-tx must be >= 1, got {self.samples_per_tx}")
-        if self.max_depth < 0 or self.path_max_depth < 0:
-            raise CoreError(f"--max-depth must be >= 0, got {self.max_depth}")
         if self.toa_decimation < 1:
             raise CoreError(f"--toa-decimation must be >= 1, got {self.toa_decimation}")
-        if self.seed < 0:
-            raise CoreError(f"--seed must be >= 0, got {self.seed}")
+        p = self.propagation
+        if not 1 <= p.samples_per_src <= MAX_SAMPLES_PER_SRC:
+            raise CoreError(f"--samples-per-tx must be 1..{MAX_SAMPLES_PER_SRC} PathSolver rays per site "
+                            f"(the cost grows as rays x cells), got {p.samples_per_src}")
+        if p.max_depth < 0:
+            raise CoreError(f"--max-depth must be >= 0, got {p.max_depth}")
+        if p.seed < 0:
+            raise CoreError(f"--seed must be >= 0, got {p.seed}")
+        p.validate()
 
 
 def map_bounds(center: tuple[float, float], settings: MapSettings) -> tuple[float, float, float, float]:
@@ -117,61 +119,32 @@ def cell_centres(bounds, shape) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(x, y)  # row i = y
 
 
-def geometric_toa_aoa(xyz: np.ndarray, site: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Line-of-sight ``toa = |q - p| / c`` [ns] and ``aoa = atan2(q_y - p_y, q_x - p_x)`` [deg]."""
-    from core.raytracing.tracing import SPEED_OF_LIGHT
+def geometric_toa_aoa(xyz: np.ndarray, source: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Straight-line ``toa = |q - p| / c`` [ns] and ``aoa = atan2(q_y - p_y, q_x - p_x)`` [deg].
 
-    d = np.linalg.norm(site - xyz, axis=-1)
-    az = np.degrees(np.arctan2(site[..., 1] - xyz[..., 1], site[..., 0] - xyz[..., 0]))
+    ``xyz [..., 3]`` receivers ``p``, ``source [..., 3]`` (broadcast) the (virtual) source ``q``.
+    """
+    d = np.linalg.norm(source - xyz, axis=-1)
+    az = np.degrees(np.arctan2(source[..., 1] - xyz[..., 1], source[..., 0] - xyz[..., 0]))
     return d / SPEED_OF_LIGHT * 1e9, wrap_degrees(az)
 
 
-def _fill_nearest(values: np.ndarray, known: np.ndarray) -> np.ndarray:
-    """Fill ``values [h, w]`` where not ``known`` with the nearest known value (0 if none)."""
-    from scipy import ndimage
-
-    if known.all():
-        return values
-    if not known.any():
-        return np.zeros_like(values)
-    _, (ii, jj) = ndimage.distance_transform_edt(~known, return_indices=True)
-    return values[ii, jj]
+def node_indices(n: int, f: int) -> np.ndarray:
+    """Node rows (or columns) of an axis of ``n`` cells: ``0, f, 2f, ...`` and ``n - 1``."""
+    return np.unique(np.r_[np.arange(0, n, max(f, 1)), n - 1])
 
 
-def upsample_bilinear(coarse: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
-    """Bilinear upsampling of ``coarse [h, w]`` (values at coarse-cell centres) to ``shape``.
+def stencil(n: int, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each cell ``0..n-1``: the lower node's position ``k [n]`` in ``nodes`` and the fraction ``t [n]``.
 
-    Fine cell ``i`` sits at coarse coordinate ``(i + 0.5) / factor - 0.5``; edges clamp.
+    Cell ``i`` lies between nodes ``nodes[k]`` and ``nodes[k + 1]`` at ``t = (i - nodes[k]) /
+    (nodes[k + 1] - nodes[k])`` (one node only: ``k = 0``, ``t = 0``).
     """
-    from scipy import ndimage
-
-    h, w = shape
-    ci = (np.arange(h) + 0.5) / factor - 0.5
-    cj = (np.arange(w) + 0.5) / factor - 0.5
-    gi, gj = np.meshgrid(ci, cj, indexing="ij")
-    return ndimage.map_coordinates(coarse, [gi, gj], order=1, mode="nearest")
-
-
-def upsample_by_class(coarse: np.ndarray, known: np.ndarray, coarse_class: np.ndarray, fine_class: np.ndarray,
-                      factor: int) -> np.ndarray:
-    """Upsample ``coarse [h, w]`` to ``fine_class.shape``, each fine cell from coarse points of its class.
-
-    Normalised bilinear interpolation: ``up(v * m_c) / up(m_c)`` with ``m_c`` the known
-    coarse points of class ``c`` (line of sight to the site or not) and ``c`` the fine
-    cell's class, so LOS cells never blend in the residuals of shadowed neighbours.
-    Where no coarse point of the class is near, the nearest-filled plain bilinear value.
-    """
-    shape = fine_class.shape
-    out = upsample_bilinear(_fill_nearest(np.where(known, coarse, 0.0), known), factor, shape)
-    for cls in (True, False):
-        m = (known & (coarse_class == cls)).astype(np.float64)
-        if not m.any():
-            continue
-        num = upsample_bilinear(np.where(m > 0, coarse, 0.0), factor, shape)
-        den = upsample_bilinear(m, factor, shape)
-        use = (fine_class == cls) & (den > 1e-6)
-        out[use] = num[use] / den[use]
-    return out
+    i = np.arange(n)
+    if len(nodes) == 1:
+        return np.zeros(n, np.int64), np.zeros(n)
+    k = np.clip(np.searchsorted(nodes, i, side="right") - 1, 0, len(nodes) - 2)
+    return k, (i - nodes[k]) / (nodes[k + 1] - nodes[k])
 
 
 def _progress_bar(total, desc, position=0):
@@ -180,38 +153,127 @@ def _progress_bar(total, desc, position=0):
     return tqdm(total=total, desc=desc, position=position, leave=False, dynamic_ncols=True)
 
 
-def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None = None,
-                 radio=None, link=None, label: str = "", position: int = 0):
-    """Ray-trace one scene into a :class:`~core.radio_map.RadioMap` (see the module docstring)."""
-    import mitsuba as mi
+def trace_nodes(scene, xyz: np.ndarray, indoor: np.ndarray, settings: MapSettings, progress=None) -> dict[str, np.ndarray]:
+    """``PathSolver`` at the outdoor nodes of the grid (cell centres ``xyz [H, W, 3]``).
 
-    from core.raytracing.link_abstraction import LinkConfig, link_abstraction
-    from core.raytracing.scenes import buildings_of, layout_for, scene_bbox
-    from core.raytracing.tracing import (
-        RadioConfig,
-        TraceSettings,
-        build_scene,
-        import_sionna_rt,
-        indoor_mask,
-        line_of_sight,
-        trace_points,
-    )
-    from core.stores.radio_map import RadioMap
+    Returns ``rows [hn]`` and ``cols [wn]`` (node cell indices, :func:`node_indices`),
+    ``xyz [hn, wn, 3]``, ``path_gain [hn, wn, S]`` [dB] and ``image [hn, wn, S, 3]`` [m]
+    (the strongest path's virtual source), NaN where the site has no path or the node
+    is indoor.
+    """
+    from core.raytracing.tracing import trace_points
 
-    settings.validate()
-    rt = import_sionna_rt()
-    radio = radio or RadioConfig()
-    timings: dict[str, float] = {}
-    stages = ["load", "radio map", "paths", "link", "assemble"]
-    bar = _progress_bar(len(stages), f"{info.name}", position)
+    h, w = indoor.shape
+    rows, cols = node_indices(h, settings.toa_decimation), node_indices(w, settings.toa_decimation)
+    nxyz = xyz[np.ix_(rows, cols)]
+    outdoor = ~indoor[np.ix_(rows, cols)]
+    traced = trace_points(scene, nxyz[outdoor].reshape(-1, 3), settings.propagation, progress)
+    n_sites = traced["path_gain"].shape[1]
+    pg = np.full(outdoor.shape + (n_sites,), np.nan)
+    pg[outdoor] = np.where(np.isfinite(traced["path_gain"]), traced["path_gain"], np.nan)
+    image = np.full(outdoor.shape + (n_sites, 3), np.nan)
+    image[outdoor] = traced["image"]
+    return {"rows": rows, "cols": cols, "xyz": nxyz, "path_gain": pg, "image": image}
 
-    def stage(name, k):
-        bar.set_description(f"{info.name}: {name}")
-        report(k / len(stages), f"{label}{info.name}: {name}")
 
-    t0 = time.perf_counter()
-    stage("load", 0)
-    from core.raytracing.scenes import load_scene
+def _stencil_nodes(nodes: dict[str, np.ndarray], shape: tuple[int, int]):
+    """The four stencil corners of every cell: ``[(a [H, 1], b [1, W], weight [H, W]), ...]``.
+
+    ``nodes[key][a, b]`` is the corner's node; weights are bilinear in the cell's
+    position between the nodes and sum to 1.
+    """
+    (ki, ti), (kj, tj) = stencil(shape[0], nodes["rows"]), stencil(shape[1], nodes["cols"])
+    tI, tJ = np.meshgrid(ti, tj, indexing="ij")
+    hn, wn = len(nodes["rows"]), len(nodes["cols"])
+    out = []
+    for di, dj, wt in ((0, 0, (1 - tI) * (1 - tJ)), (1, 0, tI * (1 - tJ)), (0, 1, (1 - tI) * tJ), (1, 1, tI * tJ)):
+        out.append((np.minimum(ki + di, hn - 1)[:, None], np.minimum(kj + dj, wn - 1)[None, :], wt))
+    return out
+
+
+def site_layer(xyz: np.ndarray, indoor: np.ndarray, nodes: dict[str, np.ndarray], s: int, site: np.ndarray,
+               sees_site: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Site ``s``'s ``(path_gain [dB], toa [ns], aoa [deg])`` on every cell, each ``[H, W]``, NaN where uncovered.
+
+    ``xyz [H, W, 3]`` cell centres, ``site [3]`` the site's position, ``sees_site [H, W]``
+    an exact line-of-sight test from each cell to the site. Formulas: module docstring;
+    the path gain averages only the stencil nodes of the cell's own class (seeing the
+    site or not) when there are any, so a lit cell never blends in a shadowed node.
+    """
+    node_sees = sees_site[np.ix_(nodes["rows"], nodes["cols"])]
+    weights, same, gains, images, direct = [], [], [], [], []
+    for a, b, wt in _stencil_nodes(nodes, indoor.shape):
+        g, q = nodes["path_gain"][a, b, s], nodes["image"][a, b, s]  # [H, W], [H, W, 3]
+        d_node = np.linalg.norm(q - nodes["xyz"][a, b], axis=-1)
+        d_cell = np.linalg.norm(q - xyz, axis=-1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            gains.append(g + 20 * np.log10(np.maximum(d_node, 1e-3) / np.maximum(d_cell, 1e-3)))
+        weights.append(np.where(np.isfinite(g), wt, 0.0))
+        same.append(node_sees[a, b] == sees_site)
+        images.append(q)
+        direct.append(np.linalg.norm(q - site, axis=-1) < DIRECT_TOL_M)
+    w = np.stack(weights)  # [4, H, W]
+    covered = (w.sum(0) >= 0.5 - 1e-9) & ~indoor
+    w_class = w * np.stack(same)
+    w_pg = np.where(w_class.sum(0) > 0, w_class, w)
+    total = w_pg.sum(0)
+    pg = (np.where(w_pg > 0, np.stack(gains), 0.0) * w_pg).sum(0) / np.where(total > 0, total, 1.0)
+    w_reflected = w * ~np.stack(direct)
+    pick = np.where(w_reflected.sum(0) > 0, w_reflected.argmax(0), w.argmax(0))
+    q = np.take_along_axis(np.stack(images), pick[None, ..., None], 0)[0]
+    q = np.where(sees_site[..., None], site, q)
+    toa, aoa = geometric_toa_aoa(xyz, q)
+    return tuple(np.where(covered, v, np.nan) for v in (pg, toa, aoa))
+
+
+def site_layers(scene, xyz: np.ndarray, indoor: np.ndarray, nodes: dict[str, np.ndarray],
+                sites: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """The per-site layers ``site_path_gain``, ``site_toa``, ``site_aoa``, each float32 ``[S, H, W]``."""
+    from core.raytracing.tracing import line_of_sight
+    from core.stores.radio_map import SITE_LAYERS
+
+    outdoor = ~indoor
+    planes = {name: [] for name in SITE_LAYERS}
+    for s, site in enumerate(sites):
+        pos = np.asarray(site["position"], dtype=np.float64)
+        sees = np.zeros(indoor.shape, bool)
+        sees[outdoor] = line_of_sight(scene, xyz[outdoor], pos)
+        for name, plane in zip(SITE_LAYERS, site_layer(xyz, indoor, nodes, s, pos, sees)):
+            planes[name].append(plane)
+    return {name: np.stack(p).astype(np.float32) for name, p in planes.items()}
+
+
+def serving_values(layers: dict[str, np.ndarray], indoor: np.ndarray, radio, link) -> tuple[np.ndarray, np.ndarray]:
+    """Serving-site features ``values [F, H, W]`` (float32, ``DEFAULT_FEATURE_ORDER``) and ``valid [H, W]``.
+
+    Serving site = largest ``site_path_gain``; SNR/SINR/throughput/BLER from
+    :func:`~core.raytracing.measurements.cell_measurements`, the dataset's own code.
+    """
+    from core.raytracing.measurements import cell_measurements
+
+    pg = layers["site_path_gain"].astype(np.float64)
+    n_sites, h, w = pg.shape
+    flat = np.where(np.isfinite(pg), pg, -np.inf).reshape(n_sites, -1).T  # [H*W, S]
+    valid = (~indoor.reshape(-1)) & np.isfinite(flat).any(1)
+    serving = flat.argmax(1)
+    cells = np.flatnonzero(valid)
+    planes = {name: np.full(h * w, np.nan) for name in DEFAULT_FEATURE_ORDER}
+    planes["path_gain"][cells] = flat[cells, serving[cells]]
+    for name in ("toa", "aoa"):
+        planes[name][cells] = layers[f"site_{name}"].reshape(n_sites, -1)[serving[cells], cells]
+    cell = cell_measurements(flat[cells], radio, link)
+    for f, name in enumerate(("snr", "sinr", "throughput", "bler")):
+        planes[name][cells] = cell[:, f]
+    values = np.stack([planes[name].reshape(h, w) for name in DEFAULT_FEATURE_ORDER]).astype(np.float32)
+    valid = valid.reshape(h, w) & np.isfinite(values).all(axis=0)
+    values[:, ~valid] = np.nan
+    return values, valid
+
+
+def _scene_grid(info, settings: MapSettings, sites):
+    """``(scene, sites, center, bounds, xyz [H, W, 3], indoor [H, W])`` of the map to make."""
+    from core.raytracing.scenes import buildings_of, layout_for, load_scene, scene_bbox
+    from core.raytracing.tracing import build_scene, indoor_mask
 
     base_scene = load_scene(info)
     bbox = scene_bbox(base_scene)
@@ -220,130 +282,85 @@ def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None
     if sites is None:
         sites = layout_for(info.name, buildings_of(base_scene), bbox, area=bounds)
     del base_scene
+    radio = settings.propagation.radio
     scene = build_scene(info, sites, radio)
-    h, w = settings.map_size
-    res = settings.resolution
-    timings["load_s"] = time.perf_counter() - t0
-    bar.update(1)
-
-    # 1. path gain of every site on the full grid
-    t = time.perf_counter()
-    stage("radio map", 1)
-    solver = rt.RadioMapSolver()
-    # ask for slightly less than H*res so ceil(size / cell) is exactly H, never H + 1
-    rm = solver(scene, center=mi.Point3f(center[0], center[1], radio.rx_height_m), orientation=mi.Point3f(0, 0, 0),
-                size=mi.Point2f((w - 0.5) * res, (h - 0.5) * res), cell_size=mi.Point2f(res, res),
-                samples_per_tx=int(settings.samples_per_tx), max_depth=int(settings.max_depth), los=True,
-                specular_reflection=True, diffuse_reflection=False, refraction=False, diffraction=False,
-                seed=int(settings.seed))
-    gain = np.asarray(rm.path_gain, dtype=np.float64)  # [S, H, W] linear
-    centres = np.asarray(rm.cell_centers)  # [H, W, 3], rows along +y
-    if gain.shape[1:] != (h, w):
-        raise RuntimeError(f"RadioMapSolver returned a {gain.shape[1:]} grid, expected {(h, w)}")
-    gx, gy = cell_centres(bounds, (h, w))
-    if not (np.allclose(centres[..., 0], gx, atol=1e-3 * res + 1e-3) and np.allclose(centres[..., 1], gy, atol=1e-3 * res + 1e-3)):
-        raise RuntimeError("RadioMapSolver cell centres do not match the map bounds")
-    timings["radio_map_s"] = time.perf_counter() - t
-    bar.update(1)
-
+    gx, gy = cell_centres(bounds, settings.map_size)
     xyz = np.stack([gx, gy, np.full_like(gx, radio.rx_height_m)], axis=-1)  # [H, W, 3]
-    indoor = indoor_mask(scene, xyz.reshape(-1, 3)).reshape(h, w)
-    serving = gain.argmax(axis=0)  # [H, W]
-    g_serv = np.take_along_axis(gain, serving[None], 0)[0]
-    valid = (~indoor) & (g_serv > 0)
-    with np.errstate(divide="ignore"):
-        pg_db = 10 * np.log10(np.where(valid, g_serv, 1.0))
-        site_db = np.where(gain > 0, 10 * np.log10(np.where(gain > 0, gain, 1.0)), np.nan)
-    rx_mw = 10 ** (radio.tx_power_dbm / 10) * gain  # [S, H, W] mW
-    noise_mw = 10 ** (radio.noise_dbm / 10)
-    interference = rx_mw.sum(0) - np.take_along_axis(rx_mw, serving[None], 0)[0]
-    snr = radio.tx_power_dbm + pg_db - radio.noise_dbm
-    sinr = radio.tx_power_dbm + pg_db - 10 * np.log10(np.maximum(interference, 0.0) + noise_mw)
+    indoor = indoor_mask(scene, xyz.reshape(-1, 3)).reshape(settings.map_size)
+    return scene, sites, center, bounds, xyz, indoor
 
-    # 2. ToA / AoA of the strongest path on the decimated grid
-    t = time.perf_counter()
-    stage("paths", 2)
-    f = max(1, min(settings.toa_decimation, h, w))
-    hc, wc = math.ceil(h / f), math.ceil(w / f)
-    cell_c = res * f
-    cx = bounds[0] + (np.arange(wc) + 0.5) * cell_c
-    cy = bounds[1] + (np.arange(hc) + 0.5) * cell_c
-    cgx, cgy = np.meshgrid(cx, cy)
-    cxyz = np.stack([cgx, cgy, np.full_like(cgx, radio.rx_height_m)], axis=-1).reshape(-1, 3)
-    c_out = ~indoor_mask(scene, cxyz)
-    trace = TraceSettings(max_depth=settings.path_max_depth, samples_per_src=settings.path_samples_per_src,
-                          seed=settings.seed)
-    pbar = _progress_bar(int(c_out.sum()), f"{info.name}: paths", position + 1)
-    traced = trace_points(scene, cxyz[c_out], trace, progress=lambda d, n: (pbar.update(d - pbar.n),
-                                                                               report(0.4 + 0.4 * d / max(n, 1))))
+
+def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None = None, link=None,
+                 label: str = "", position: int = 0):
+    """Ray-trace one scene into a :class:`~core.stores.radio_map.RadioMap` (see the module docstring)."""
+    from core.raytracing.link_abstraction import LinkConfig, link_abstraction
+    from core.stores.radio_map import RadioMap
+
+    settings.validate()
+    timings: dict[str, float] = {}
+    stages = ["load", "paths", "site layers", "link"]
+    bar = _progress_bar(len(stages), f"{info.name}", position)
+
+    def stage(k: int, t_prev: float) -> float:
+        now = time.perf_counter()
+        if k > 0:
+            timings[f"{stages[k - 1].replace(' ', '_')}_s"] = now - t_prev
+            bar.update(1)
+        if k < len(stages):
+            bar.set_description(f"{info.name}: {stages[k]}")
+            report(k / len(stages), f"{label}{info.name}: {stages[k]}")
+        return now
+
+    t0 = t = stage(0, 0.0)
+    scene, sites, center, bounds, xyz, indoor = _scene_grid(info, settings, sites)
+    t = stage(1, t)
+    pbar = _progress_bar(0, f"{info.name}: paths", position + 1)
+
+    def progress(done, total):
+        pbar.total = total
+        pbar.update(done - pbar.n)
+        report(0.25 + 0.25 * done / max(total, 1))
+
+    nodes = trace_nodes(scene, xyz, indoor, settings, progress)
     pbar.close()
-    site_pos = np.array([s["position"] for s in sites], dtype=np.float64)
-    n_sites = len(sites)
-    toa = np.full((h, w), np.nan)
-    aoa = np.full((h, w), np.nan)
-    for s in range(n_sites):
-        here = (serving == s) & valid
-        if not here.any():
-            continue
-        ctoa = np.full(len(cxyz), np.nan)
-        caoa = np.full(len(cxyz), np.nan)
-        ctoa[c_out], caoa[c_out] = traced["toa"][:, s], traced["aoa"][:, s]
-        g_toa, g_aoa = geometric_toa_aoa(cxyz, site_pos[s])
-        known = np.isfinite(ctoa)
-        # residuals: excess delay and azimuth offset of the strongest path (0 when LOS)
-        excess = np.where(known, ctoa - g_toa, 0.0)
-        resid = np.radians(np.where(known, caoa - g_aoa, 0.0))
-        c_los = line_of_sight(scene, cxyz, site_pos[s])
-        f_los = np.zeros((h, w), bool)
-        f_los[here] = line_of_sight(scene, xyz[here], site_pos[s])
-        up = {}
-        for name, vals in (("excess", excess), ("cos", np.cos(resid)), ("sin", np.sin(resid))):
-            up[name] = upsample_by_class(vals.reshape(hc, wc), known.reshape(hc, wc), c_los.reshape(hc, wc),
-                                         f_los, f)
-        fine_excess = np.maximum(up["excess"], 0.0)
-        fine_resid = np.degrees(np.arctan2(up["sin"], up["cos"]))
-        f_toa, f_aoa = geometric_toa_aoa(xyz, site_pos[s])
-        toa[here] = (f_toa + fine_excess)[here]
-        aoa[here] = wrap_degrees(f_aoa + fine_resid)[here]
-    timings["paths_s"] = time.perf_counter() - t
-    bar.update(1)
-
-    # 3. link abstraction
-    t = time.perf_counter()
-    stage("link", 3)
+    t = stage(2, t)
+    layers = site_layers(scene, xyz, indoor, nodes, sites)
+    t = stage(3, t)
     link = link or link_abstraction(LinkConfig())
-    thr, bler, _ = link(np.where(valid, sinr, np.nan))
-    timings["link_s"] = time.perf_counter() - t
-    bar.update(1)
-
-    stage("assemble", 4)
-    planes = {"path_gain": pg_db, "toa": toa, "aoa": aoa, "snr": snr, "sinr": sinr, "throughput": thr, "bler": bler}
-    values = np.stack([np.where(valid, planes[name], np.nan) for name in DEFAULT_FEATURE_ORDER]).astype(np.float32)
-    valid &= np.isfinite(values).all(axis=0)
-    values[:, ~valid] = np.nan
+    values, valid = serving_values(layers, indoor, settings.propagation.radio, link)
+    stage(4, t)
     timings["total_s"] = time.perf_counter() - t0
-    gen = asdict(settings)
-    gen.update(center=list(center), toa_aoa_resolution_m=cell_c, toa_aoa_grid=[hc, wc],
-               toa_aoa_method="PathSolver strongest path on the decimated grid; exact geometric delay/azimuth "
-                              "plus excess delay and cos/sin azimuth residual, bilinearly upsampled within "
-                              "the LOS / NLOS class of each cell",
-               path_solver={"max_depth": trace.max_depth, "samples_per_src": trace.samples_per_src},
-               sionna_rt=rt.__version__, timings=timings)
-    attrs = {
+    bar.close()
+    report(1.0, f"{label}{info.name}: done")
+    attrs = _map_attrs(info, settings, sites, center, nodes, link, timings, float(valid.mean()))
+    return RadioMap(values, DEFAULT_FEATURE_ORDER, bounds, valid=valid, attrs=attrs, layers=layers)
+
+
+def _map_attrs(info, settings: MapSettings, sites, center, nodes, link, timings, coverage: float) -> dict[str, Any]:
+    """The store's ``attrs``: scene, sites, radio, propagation, link abstraction, generator."""
+    from core.raytracing.tracing import import_sionna_rt
+
+    p = settings.propagation
+    gen = {k: v for k, v in asdict(settings).items() if k != "propagation"}
+    gen.update(center=[float(c) for c in center], node_grid=[len(nodes["rows"]), len(nodes["cols"])],
+               node_spacing_m=settings.toa_decimation * settings.resolution,
+               # the command-line values that made it (the app's form starts from these)
+               samples_per_tx=p.samples_per_src, max_depth=p.max_depth, seed=p.seed,
+               method="PathSolver (attrs.propagation) at every toa_decimation-th cell centre; per site the "
+                      "strongest path's virtual source gives exact ToA/AoA between nodes, path gain "
+                      "interpolated after spherical spreading; serving = strongest site",
+               sionna_rt=import_sionna_rt().__version__, timings=timings)
+    return {
         "scene": info.name,
         "scene_source": info.source,
         "sites": [{"name": s["name"], "position": [float(v) for v in s["position"]]} for s in sites],
-        "serving": "strongest site by RadioMapSolver path gain",
-        "radio": radio.to_dict(),
+        "serving": "strongest site by site_path_gain (PathSolver)",
+        "radio": p.radio.to_dict(),
+        "propagation": p.to_dict(),
         "link_abstraction": link.config.to_dict(),
         "generator": gen,
-        "coverage": float(valid.mean()),
+        "coverage": coverage,
     }
-    bar.update(1)
-    bar.close()
-    report(1.0, f"{label}{info.name}: done")
-    return RadioMap(values, DEFAULT_FEATURE_ORDER, bounds, valid=valid, attrs=attrs,
-                    layers={"site_path_gain": site_db.astype(np.float32)})
 
 
 # -- command line ------------------------------------------------------------------------
@@ -356,13 +373,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cells along y (rows) and x (columns) (default: 512 512)")
     parser.add_argument("--center", type=float, nargs=2, default=None, metavar=("X", "Y"),
                         help="map centre in scene metres (default: the scene's centre)")
-    parser.add_argument("--samples-per-tx", type=int, default=DEFAULT_SAMPLES_PER_TX,
-                        help=f"RadioMapSolver rays per site (default: {DEFAULT_SAMPLES_PER_TX})")
-    parser.add_argument("--max-depth", type=int, default=DEFAULT_MAX_DEPTH,
-                        help=f"RadioMapSolver interactions per path (default: {DEFAULT_MAX_DEPTH})")
+    defaults = PropagationSettings()
+    parser.add_argument("--samples-per-tx", type=int, default=defaults.samples_per_src,
+                        help=f"PathSolver rays per site (default: {defaults.samples_per_src}; make-dataset reuses it)")
+    parser.add_argument("--max-depth", type=int, default=defaults.max_depth,
+                        help=f"PathSolver interactions per path (default: {defaults.max_depth}; make-dataset reuses it)")
     parser.add_argument("--toa-decimation", type=int, default=DEFAULT_TOA_DECIMATION,
-                        help=f"ToA/AoA are ray-traced every N cells and upsampled (default: {DEFAULT_TOA_DECIMATION})")
-    parser.add_argument("--seed", type=int, default=42, help="ray-sampling seed (default: 42)")
+                        help=f"PathSolver traces every N-th row and column (default: {DEFAULT_TOA_DECIMATION})")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help=f"PathSolver seed (default: {defaults.seed})")
     parser.add_argument("--parallel", type=int, default=1, help="scenes generated at once, in separate processes")
     parser.add_argument("--force", action="store_true", help="regenerate maps that already exist")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -371,9 +389,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _settings_from(args) -> MapSettings:
     if args.resolution is None or not math.isfinite(args.resolution) or args.resolution <= 0:
         raise CoreError(f"--resolution must be a positive number of metres, got {args.resolution}")
+    propagation = replace(PropagationSettings(), samples_per_src=args.samples_per_tx, max_depth=args.max_depth,
+                          seed=args.seed)
     s = MapSettings(resolution=float(args.resolution), map_size=(int(args.map_size[0]), int(args.map_size[1])),
-                    center=tuple(args.center) if args.center else None, samples_per_tx=args.samples_per_tx,
-                    max_depth=args.max_depth, toa_decimation=args.toa_decimation, seed=args.seed)
+                    center=tuple(args.center) if args.center else None, toa_decimation=args.toa_decimation,
+                    propagation=propagation)
     s.validate()
     return s
 

@@ -14,11 +14,15 @@ the last report; all positions are stored.
 
 Measurements are ray-traced by ``PathSolver`` at the exact UE positions from every
 site (never read from the radio map, which would make a map-based physics loss
-circular). For every report, with ``G_s`` the path gain [dB] of site ``s`` (sum of
-the paths' ``|a|^2``):
+circular), with the radio map's own propagation settings
+(:class:`~core.raytracing.tracing.PropagationSettings` from its ``attrs["propagation"]``;
+the defaults without a map), recorded in ``attrs["propagation"]``: the map at a UE's
+position and the UE's report are two evaluations of the same function. For every
+report, with ``G_s`` the path gain [dB] of site ``s`` (sum of the paths' ``|a|^2``):
 
 * site slots ``k = 0..K-1`` hold the K strongest sites (slot 0 = serving) with their
-  ``(path_gain [dB], toa [ns], aoa [deg])``, ToA/AoA of the site's strongest path;
+  ``(path_gain [dB], toa [ns], aoa [deg])``, ToA/AoA of the site's strongest path --
+  what the map's per-site layers ``site_path_gain / site_toa / site_aoa [S, H, W]`` hold;
 * ``snr = P + G_serv - N``, ``sinr = P + G_serv - 10 log10(sum_{s != serv} 10^((P + G_s)/10) + 10^(N/10))``
   (all sites interfere), ``throughput`` and ``bler`` from :mod:`core.raytracing.link_abstraction`;
 * ``los``: the serving site has a line-of-sight path.
@@ -70,8 +74,9 @@ class WalkConfig:
 
 
 def _sites_and_area(scene_name, radio_maps, scenes_dir):
-    """``(info, sites, bounds, valid [H, W] or None, map StoreRef or None)`` for the scene."""
+    """``(info, sites, bounds, valid [H, W] or None, map StoreRef or None, map propagation or None)`` for the scene."""
     from core.raytracing.scenes import DEFAULT_AREA_SIZE_M, load_scene, resolve_scene, scene_bbox, site_layout
+    from core.raytracing.tracing import PropagationSettings
     from core.stores.radio_map import RadioMap
 
     info = resolve_scene(scene_name, scenes_dir)
@@ -79,12 +84,13 @@ def _sites_and_area(scene_name, radio_maps, scenes_dir):
         path = Path(radio_maps) / f"{info.name}.zarr"
         if path.exists():
             rmap = RadioMap.load(path)
-            return info, rmap.attrs["sites"], rmap.bounds, rmap.valid, rmap.ref
+            propagation = PropagationSettings.from_dict(rmap.attrs["propagation"])
+            return info, rmap.attrs["sites"], rmap.bounds, rmap.valid, rmap.ref, propagation
     scene = load_scene(info)
     bb = scene_bbox(scene)
     cx, cy, half = 0.5 * (bb[0] + bb[3]), 0.5 * (bb[1] + bb[4]), 0.5 * DEFAULT_AREA_SIZE_M
     bounds = (max(bb[0], cx - half), max(bb[1], cy - half), min(bb[3], cx + half), min(bb[4], cy + half))
-    return info, site_layout(info.name, scenes_dir, area=bounds), bounds, None, None
+    return info, site_layout(info.name, scenes_dir, area=bounds), bounds, None, None, None
 
 
 def _draw_walks(rng, scene, n, t_steps, bounds, valid, walk: WalkConfig, rx_height):
@@ -177,6 +183,64 @@ def cell_measurements(pg_db: np.ndarray, radio, link) -> np.ndarray:
     return np.stack([snr, sinr, thr, bler], axis=1).astype(np.float32)
 
 
+def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | None = None, seed: int = 0,
+                 k_sites: int = 4, split: str = "random", scenes_dir: str | None = None,
+                 noise: NoiseConfig = NoiseConfig(), walk: WalkConfig = WalkConfig(),
+                 propagation=None):
+    """Build a :class:`~core.stores.dataset.MeasurementDataset` (see the module docstring).
+
+    When ``<radio_maps>/<scene>.zarr`` exists, the dataset records it (path, scene, lineage
+    id and digest) as the map it was made with, and its save writes that record.
+
+    ``propagation`` (:class:`~core.raytracing.tracing.PropagationSettings`): by default the
+    radio map's own (``attrs["propagation"]``), else the defaults when there is no map;
+    one that differs from the map's is refused.
+    """
+    from core.raytracing.link_abstraction import LinkConfig, link_abstraction
+    from core.raytracing.tracing import build_scene
+    from core.stores.dataset import MeasurementDataset
+
+    _check_arguments(num_ues, reports, k_sites, split)
+    t_start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    report(0.0, f"{scene_name}: loading")
+    info, sites, bounds, valid, map_ref, map_propagation = _sites_and_area(scene_name, radio_maps, scenes_dir)
+    propagation = _propagation_for(propagation, map_propagation, map_ref.path if map_ref else None)
+    radio = propagation.radio
+    scene = build_scene(info, sites, radio)
+    link = link_abstraction(LinkConfig())
+    xyz, times, c, t_trace = _trace_walks(rng, scene, info.name, num_ues, reports, bounds, valid, walk, k_sites,
+                                          propagation, link)
+    noisy = _add_noise(rng, c, noise, radio, link)
+    present, site_ids, los = _drop_reports(rng, noisy, c, noise.p_missing)
+    split_arr = _split_samples(rng, xyz[:, -1, :2], split)
+    attrs: dict[str, Any] = {
+        "scene": info.name,
+        "sites": [{"name": s["name"], "position": [float(v) for v in s["position"]]} for s in sites],
+        "bounds": [float(b) for b in bounds],
+        "radio_map": map_ref.path if map_ref else None,
+        "noise": asdict(noise),
+        "seed": int(seed),
+        "split": {"kind": split, "fractions": {"train": 0.8, "val": 0.1, "test": 0.1},
+                  "spatial_rule": "test: label x >= 90th percentile, val: 80th-90th" if split == "spatial" else None},
+        "walk": asdict(walk),
+        "propagation": propagation.to_dict(),
+        "generator": {"sites_per_report": k_sites, "source": "PathSolver at the exact UE positions (attrs.propagation)",
+                      "timings": {"total_s": time.perf_counter() - t_start, "ray_tracing_s": t_trace}},
+        "radio": radio.to_dict(),
+        "link_abstraction": link.config.to_dict(),
+    }
+    report(1.0, f"{info.name}: done")
+    n, t = xyz.shape[:2]
+    return MeasurementDataset(
+        ue_xyz=xyz.astype(np.float32), t=np.broadcast_to(times.astype(np.float32), (n, t)).copy(),
+        report_mask=present, site_ids=site_ids, site_features=noisy["site_features"],
+        cell_features=noisy["cell_features"], los=los, split=split_arr, attrs=attrs,
+        clean_site_features=c["site_features"].astype(np.float32),
+        clean_cell_features=c["cell_features"].astype(np.float32), radio_map_ref=map_ref,
+    )
+
+
 def _check_arguments(num_ues: int, reports: int, k_sites: int, split: str) -> None:
     if num_ues < 1:
         raise CoreError(f"--num-ues must be >= 1, got {num_ues}")
@@ -188,20 +252,31 @@ def _check_arguments(num_ues: int, reports: int, k_sites: int, split: str) -> No
         raise CoreError(f"--split must be random or spatial, got {split!r}")
 
 
-def _trace_walks(rng, scene, area, num_ues: int, reports: int, k_sites: int, walk: WalkConfig, radio, link, trace):
-    """Walks whose every report is covered, ray-traced: ``(xyz [N, T, 3], times [T], clean, ray-tracing s)``.
+def _propagation_for(given, from_map, map_path):
+    """The propagation settings to trace with: the map's, unless there is no map."""
+    from core.raytracing.tracing import PropagationSettings
 
-    ``area`` is ``(name, bounds, valid)``; ``clean`` holds the noise-free :func:`measure` arrays
-    ``[N, T, ...]`` plus ``pg_all [N, T, S]``. UEs whose walk leaves coverage are replaced by spares.
+    if from_map is None:
+        return given or PropagationSettings()
+    if given is not None and given != from_map:
+        raise CoreError(f"radio map {map_path} was traced with other propagation settings than asked for: "
+                        f"a dataset must use the map's (attrs propagation) to be comparable with it")
+    return from_map
+
+
+def _trace_walks(rng, scene, name, num_ues, reports, bounds, valid, walk, k_sites, propagation, link):
+    """Draw walks and ray-trace them; walks that leave coverage somewhere are replaced by spares.
+
+    Returns ``(xyz [N, T, 3], times [T], clean, ray_tracing_s)`` with ``clean`` the
+    :func:`measure` arrays ``[N, T, ...]`` plus ``pg_all [N, T, S]`` (every site's gain).
     """
     from tqdm import tqdm
 
     from core.raytracing.tracing import trace_points
 
-    name, bounds, valid = area
-    total = num_ues * reports
-    xyz, times = np.empty((0, reports, 3)), None
+    xyz = np.empty((0, reports, 3))
     clean: dict[str, list[np.ndarray]] = {}
+    total = num_ues * reports
     bar = tqdm(total=total, desc=f"{name}: ray tracing UE positions", unit="pos", dynamic_ncols=True)
     t_trace = 0.0
     for _ in range(20):
@@ -209,15 +284,15 @@ def _trace_walks(rng, scene, area, num_ues: int, reports: int, k_sites: int, wal
         if need <= 0:
             break
         walks, times = _draw_walks(rng, scene, need + max(8, need // 20), reports, bounds, valid, walk,
-                                   radio.rx_height_m)
+                                   propagation.radio.rx_height_m)
         t0 = time.perf_counter()
         done0 = bar.n
-        traced = trace_points(scene, walks.reshape(-1, 3), trace,
+        traced = trace_points(scene, walks.reshape(-1, 3), propagation,
                               progress=lambda d, n: (bar.update(min(done0 + d, total) - bar.n),
                                                      report(0.9 * bar.n / total, "ray tracing")))
         t_trace += time.perf_counter() - t0
         covered = np.isfinite(traced["path_gain"]).any(1).reshape(len(walks), reports).all(1)
-        meas = measure(traced, k_sites, radio, link)
+        meas = measure(traced, k_sites, propagation.radio, link)
         keep = np.flatnonzero(covered)[:need]
         xyz = np.concatenate([xyz, walks[keep]])
         for key, arr in meas.items():
@@ -230,12 +305,11 @@ def _trace_walks(rng, scene, area, num_ues: int, reports: int, k_sites: int, wal
     return xyz, times, {k: np.concatenate(v) for k, v in clean.items()}, t_trace
 
 
-def _noisy_measurements(rng, clean: dict[str, np.ndarray], noise: NoiseConfig, radio, link):
-    """``(site_features [N, T, K, 3], cell_features [N, T, 4])`` with measurement noise; SNR and
-    SINR from the noisy gains, the serving site staying the clean slot 0."""
-    pg_all = clean["pg_all"] + rng.normal(0.0, noise.path_gain_db, clean["pg_all"].shape)  # -inf stays -inf
-    site_f = clean["site_features"].copy()
-    ids = clean["site_ids"]
+def _add_noise(rng, c: dict[str, np.ndarray], noise: NoiseConfig, radio, link) -> dict[str, np.ndarray]:
+    """Noisy ``site_features [N, T, K, 3]`` and ``cell_features [N, T, 4]`` (module docstring)."""
+    pg_all = c["pg_all"] + rng.normal(0.0, noise.path_gain_db, c["pg_all"].shape)  # -inf stays -inf
+    site_f = c["site_features"].copy()
+    ids = c["site_ids"]
     has = ids >= 0
     slot_pg = np.take_along_axis(pg_all, np.where(has, ids, 0).astype(np.int64), axis=2)
     site_f[..., 0] = np.where(has, slot_pg, np.nan)
@@ -248,19 +322,27 @@ def _noisy_measurements(rng, clean: dict[str, np.ndarray], noise: NoiseConfig, r
         snr = radio.tx_power_dbm + serv - radio.noise_dbm
         sinr = radio.tx_power_dbm + serv - 10 * np.log10(interf + 10 ** (radio.noise_dbm / 10))
     thr, bler, _ = link(sinr)
-    return site_f, np.stack([snr, sinr, thr, bler], -1).astype(np.float32)
+    return {"site_features": site_f.astype(np.float32),
+            "cell_features": np.stack([snr, sinr, thr, bler], -1).astype(np.float32)}
 
 
-def _present_reports(rng, n: int, t: int, p_missing: float) -> np.ndarray:
-    """bool ``[N, T]``: reports kept, each missing with ``p_missing``, at least one per UE."""
+def _drop_reports(rng, noisy: dict[str, np.ndarray], c: dict[str, np.ndarray], p_missing: float):
+    """Drop reports at random (at least one kept per UE), in place in ``noisy``.
+
+    Returns ``(present [N, T], site_ids [N, T, K] int16, los [N, T])``.
+    """
+    n, t = c["site_ids"].shape[:2]
     present = rng.random((n, t)) >= p_missing
     none = ~present.any(1)
     present[np.flatnonzero(none), rng.integers(0, t, none.sum())] = True
-    return present
+    noisy["site_features"][~present] = np.nan
+    noisy["cell_features"][~present] = np.nan
+    site_ids = np.where(present[..., None], c["site_ids"], -1).astype(np.int16)
+    return present, site_ids, c["los"] & present
 
 
-def _split_by_ue(rng, labels: np.ndarray, split: str) -> np.ndarray:
-    """int8 ``[N]`` split of UEs with labels ``[N, 2]`` (see the module docstring)."""
+def _split_samples(rng, labels: np.ndarray, split: str) -> np.ndarray:
+    """int8 ``[N]`` split by UE: random 80/10/10, or spatial by the label's x (module docstring)."""
     from core.stores.dataset import SPLITS
 
     n = len(labels)
@@ -273,57 +355,6 @@ def _split_by_ue(rng, labels: np.ndarray, split: str) -> np.ndarray:
     x_hi, x_mid = np.quantile(labels[:, 0], [0.9, 0.8])
     return np.where(labels[:, 0] >= x_hi, SPLITS["test"],
                     np.where(labels[:, 0] >= x_mid, SPLITS["val"], SPLITS["train"])).astype(np.int8)
-
-
-def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | None = None, seed: int = 0,
-                 k_sites: int = 4, split: str = "random", scenes_dir: str | None = None,
-                 noise: NoiseConfig = NoiseConfig(), walk: WalkConfig = WalkConfig(), trace=None):
-    """Build a :class:`~core.dataset.MeasurementDataset` (see the module docstring).
-
-    When ``<radio_maps>/<scene>.zarr`` exists, the dataset records it (path, scene, lineage
-    id and digest) as the map it was made with, and its save writes that record.
-    """
-    from core.raytracing.link_abstraction import LinkConfig, link_abstraction
-    from core.raytracing.tracing import RadioConfig, TraceSettings, build_scene
-    from core.stores.dataset import MeasurementDataset
-
-    _check_arguments(num_ues, reports, k_sites, split)
-    t_start = time.perf_counter()
-    radio, trace, rng = RadioConfig(), trace or TraceSettings(), np.random.default_rng(seed)
-    report(0.0, f"{scene_name}: loading")
-    info, sites, bounds, valid, map_ref = _sites_and_area(scene_name, radio_maps, scenes_dir)
-    scene = build_scene(info, sites, radio)
-    link = link_abstraction(LinkConfig())
-    xyz, times, clean, t_trace = _trace_walks(rng, scene, (info.name, bounds, valid), num_ues, reports, k_sites,
-                                              walk, radio, link, trace)
-    site_f, cell_f = _noisy_measurements(rng, clean, noise, radio, link)
-    present = _present_reports(rng, num_ues, reports, noise.p_missing)
-    site_f[~present] = np.nan
-    cell_f[~present] = np.nan
-    split_arr = _split_by_ue(rng, xyz[:, -1, :2], split)
-    attrs: dict[str, Any] = {
-        "scene": info.name,
-        "sites": [{"name": s["name"], "position": [float(v) for v in s["position"]]} for s in sites],
-        "bounds": [float(b) for b in bounds],
-        "radio_map": map_ref.path if map_ref else None,
-        "noise": asdict(noise),
-        "seed": int(seed),
-        "split": {"kind": split, "fractions": {"train": 0.8, "val": 0.1, "test": 0.1},
-                  "spatial_rule": "test: label x >= 90th percentile, val: 80th-90th" if split == "spatial" else None},
-        "walk": asdict(walk),
-        "generator": {"path_solver": asdict(trace), "sites_per_report": k_sites, "source": "PathSolver at the exact UE positions",
-                      "timings": {"total_s": time.perf_counter() - t_start, "ray_tracing_s": t_trace}},
-        "radio": radio.to_dict(),
-        "link_abstraction": link.config.to_dict(),
-    }
-    report(1.0, f"{info.name}: done")
-    return MeasurementDataset(
-        ue_xyz=xyz.astype(np.float32), t=np.broadcast_to(times.astype(np.float32), (num_ues, reports)).copy(),
-        report_mask=present, site_ids=np.where(present[..., None], clean["site_ids"], -1).astype(np.int16),
-        site_features=site_f.astype(np.float32), cell_features=cell_f, los=clean["los"] & present, split=split_arr,
-        attrs=attrs, clean_site_features=clean["site_features"].astype(np.float32),
-        clean_cell_features=clean["cell_features"].astype(np.float32), radio_map_ref=map_ref,
-    )
 
 
 # -- command line ------------------------------------------------------------------------

@@ -2,6 +2,10 @@
 
 Everything that touches Mitsuba/Dr.Jit lives here so the rest of ``core`` stays numpy.
 
+Propagation (:class:`PropagationSettings`): the one definition of what PathSolver
+traces (depth, rays, interaction types, seed, receivers per call) and of the radio
+(:class:`RadioConfig`), shared by the radio map and the measurement dataset.
+
 Radio settings (:class:`RadioConfig`, documented in ``docs/maps.md``): carrier
 3.5 GHz, 20 MHz NR carrier (30 kHz SCS, 51 PRBs), 43 dBm per site, UE noise figure
 7 dB at 290 K, UE antenna isotropic at 1.5 m, site antenna :data:`SITE_PATTERN`.
@@ -19,7 +23,7 @@ pattern would tilt it up on one side).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -166,72 +170,150 @@ def _set_targets(scene, xyz: np.ndarray) -> None:
 
 
 @dataclass(frozen=True)
-class TraceSettings:
-    """PathSolver settings (recorded in the stores' attrs)."""
+class PropagationSettings:
+    """The propagation physics, in ONE place for the radio map and the measurement dataset.
+
+    Map generation traces its grid with these settings and records them in
+    ``attrs["propagation"]`` (:meth:`to_dict`); ``make-dataset`` reads them back from
+    the map (:meth:`from_dict`) and traces the UEs with exactly the same ones, so a
+    report and the map at its position are two evaluations of one function.
+
+    Attributes:
+        max_depth: PathSolver's maximum number of interactions per path.
+        samples_per_src: rays shot per site (Fibonacci lattice) to find candidate paths.
+        los, specular_reflection, diffuse_reflection, refraction, diffraction,
+        edge_diffraction: interaction types (PathSolver flags).
+        seed: PathSolver seed.
+        receivers_per_call: receivers traced per PathSolver call.
+        max_num_paths_per_src: PathSolver's candidate budget per site and call.
+        radio: carrier, power, noise and antennas (site antenna pattern and tilt).
+
+    ``receivers_per_call`` and ``max_num_paths_per_src`` change which paths are found,
+    so they are physics here, not tuning: Sionna's candidate generator stores at most
+    ``max_num_paths_per_src`` (chain, receiver) candidates per site and call, and
+    de-duplicates them in a hash table of ``max(max_num_paths_per_src, 1e6)`` slots, so
+    too many receivers per call silently drop paths (16384 receivers per call with the
+    default 1e6 lost 35 % of etoile's paths; 1024 with 2e6 loses under 1 %).
+    """
 
     max_depth: int = 2
     samples_per_src: int = 3_000
-    batch_size: int = 16_384
-    seed: int = 1
+    los: bool = True
+    specular_reflection: bool = True
+    diffuse_reflection: bool = False
+    refraction: bool = False
+    diffraction: bool = False
+    edge_diffraction: bool = False
+    seed: int = 42
+    receivers_per_call: int = 1_024
+    max_num_paths_per_src: int = 2_000_000
+    radio: RadioConfig = field(default_factory=RadioConfig)
+
+    def validate(self) -> None:
+        """Raise :class:`~core.errors.CoreError` on a value PathSolver would refuse."""
+        from core.errors import CoreError
+
+        checks = {"max_depth": self.max_depth >= 0, "samples_per_src": 1 <= self.samples_per_src <= MAX_SAMPLES_PER_SRC,
+                  "seed": self.seed >= 0, "receivers_per_call": self.receivers_per_call >= 1,
+                  "max_num_paths_per_src": self.max_num_paths_per_src >= 1}
+        for name, ok in checks.items():
+            if not ok:
+                raise CoreError(f"propagation setting {name}={getattr(self, name)} is out of range"
+                                + (f" (1..{MAX_SAMPLES_PER_SRC} rays per site)" if name == "samples_per_src" else ""))
+
+    def solver_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``sionna.rt.PathSolver.__call__``."""
+        keys = ("max_depth", "samples_per_src", "max_num_paths_per_src", "los", "specular_reflection",
+                "diffuse_reflection", "refraction", "diffraction", "edge_diffraction", "seed")
+        return {k: getattr(self, k) for k in keys} | {"synthetic_array": True}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (``radio`` as :meth:`RadioConfig.to_dict`), inverted by :meth:`from_dict`."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "radio"}
+        return d | {"radio": self.radio.to_dict(), "solver": "sionna.rt.PathSolver"}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PropagationSettings:
+        """Settings from :meth:`to_dict`'s output; derived keys (noise_dbm, ...) are ignored."""
+        radio_keys = {f.name for f in fields(RadioConfig)}
+        radio = RadioConfig(**{k: v for k, v in (d.get("radio") or {}).items() if k in radio_keys})
+        own = {f.name for f in fields(cls)} - {"radio"}
+        return cls(**{k: v for k, v in d.items() if k in own}, radio=radio)
 
 
-def trace_points(scene, xyz: np.ndarray, settings: TraceSettings = TraceSettings(), progress=None) -> dict[str, np.ndarray]:
+MAX_SAMPLES_PER_SRC = 200_000  # PathSolver tests every ray against every receiver: cost ~ rays x receivers
+
+
+def trace_points(scene, xyz: np.ndarray, settings: PropagationSettings | None = None,
+                 progress=None) -> dict[str, np.ndarray]:
     """Ray-trace paths from every site to points ``xyz [N, 3]`` with ``PathSolver``.
 
     Returns float32/bool arrays, ``S`` = number of sites (transmitters)::
 
-        path_gain  [N, S]  10 log10(sum_paths |a|^2)                          [dB], -inf if no path
-        toa        [N, S]  delay of the strongest path (max |a|^2)            [ns], NaN if no path
-        aoa        [N, S]  azimuth of arrival of the strongest path, wrapped  [deg], NaN if no path
-        los        [N, S]  a line-of-sight path exists
+        path_gain  [N, S]     10 log10(sum_paths |a|^2)                            [dB], -inf if no path
+        toa        [N, S]     delay tau of the strongest path (max |a|^2)          [ns], NaN if no path
+        aoa        [N, S]     azimuth of arrival phi_r of that path, wrapped       [deg], NaN if no path
+        los        [N, S]     a line-of-sight path exists
+        image      [N, S, 3]  virtual source of the strongest path                 [m], NaN if no path
 
-    ``progress(done, total)`` is called after each batch.
+    ``image = p + c tau (sin theta_r cos phi_r, sin theta_r sin phi_r, cos theta_r)``:
+    the site mirrored in the path's reflecting planes (the site itself for the direct
+    path), from which a specular path's delay and azimuth at any nearby point follow
+    exactly, ``|image - p'| / c`` and ``azimuth(image - p')``, while the path exists.
+    Points go ``settings.receivers_per_call`` at a time (the last call padded to the
+    same count so Dr.Jit reuses its kernels); ``progress(done, total)`` after each call.
     """
     rt = import_sionna_rt()
+    settings = settings or PropagationSettings()
     xyz = np.asarray(xyz, dtype=np.float32)
-    n = len(xyz)
-    n_tx = len(scene.transmitters)
-    out = {
-        "path_gain": np.full((n, n_tx), -np.inf, np.float32),
-        "toa": np.full((n, n_tx), np.nan, np.float32),
-        "aoa": np.full((n, n_tx), np.nan, np.float32),
-        "los": np.zeros((n, n_tx), bool),
-    }
+    n, n_tx = len(xyz), len(scene.transmitters)
+    out = {"path_gain": np.full((n, n_tx), -np.inf, np.float32), "toa": np.full((n, n_tx), np.nan, np.float32),
+           "aoa": np.full((n, n_tx), np.nan, np.float32), "los": np.zeros((n, n_tx), bool),
+           "image": np.full((n, n_tx, 3), np.nan, np.float32)}
     solver = rt.PathSolver()
-    bs = max(1, min(settings.batch_size, n))
+    bs = max(1, min(settings.receivers_per_call, n))
     for start in range(0, n, bs):
         chunk = xyz[start:start + bs]
         m = len(chunk)
-        if m < bs and n > bs:  # keep one receiver count so Dr.Jit reuses its kernels
+        if m < bs:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - m, axis=0)])
         _set_targets(scene, chunk)
-        paths = solver(scene, max_depth=settings.max_depth, samples_per_src=settings.samples_per_src,
-                       synthetic_array=True, los=True, specular_reflection=True, diffuse_reflection=False,
-                       refraction=False, diffraction=False, seed=settings.seed)
-        a_re, a_im = paths.a
-        power = _rx_tx_paths(np.asarray(a_re) ** 2 + np.asarray(a_im) ** 2)
-        valid = _rx_tx_paths(np.asarray(paths.valid))
-        power = np.where(valid, power, 0.0)
-        tau = _rx_tx_paths(np.asarray(paths.tau))
-        phi = _rx_tx_paths(np.asarray(paths.phi_r))
-        if power.shape[-1] == 0:
-            continue
-        inter = np.asarray(paths.interactions)  # [depth, rx, (rx_ant,) tx, (tx_ant,) P]
-        first = _rx_tx_paths(inter[0]) if inter.ndim > 1 else np.zeros_like(valid, dtype=np.uint32)
-        los = (valid & (first == rt.InteractionType.NONE)).any(axis=-1)
-        total = power.sum(axis=-1)
-        best = power.argmax(axis=-1)[..., None]
-        has = total > 0
-        with np.errstate(divide="ignore"):
-            pg = np.where(has, 10 * np.log10(np.where(has, total, 1.0)), -np.inf)
-        sl = slice(start, start + m)
-        out["path_gain"][sl] = pg[:m]
-        out["toa"][sl] = np.where(has, np.take_along_axis(tau, best, -1)[..., 0] * 1e9, np.nan)[:m]
-        out["aoa"][sl] = np.where(has, _wrap(np.degrees(np.take_along_axis(phi, best, -1)[..., 0])), np.nan)[:m]
-        out["los"][sl] = los[:m]
+        paths = solver(scene, **settings.solver_kwargs())
+        for key, arr in _strongest_paths(paths, chunk, rt).items():
+            out[key][start:start + m] = arr[:m]
         if progress is not None:
             progress(min(start + bs, n), n)
     return out
+
+
+def _strongest_paths(paths, xyz: np.ndarray, rt) -> dict[str, np.ndarray]:
+    """Per (receiver, site) summary of one PathSolver result (see :func:`trace_points`)."""
+    a_re, a_im = paths.a
+    valid = _rx_tx_paths(np.asarray(paths.valid))
+    power = np.where(valid, _rx_tx_paths(np.asarray(a_re) ** 2 + np.asarray(a_im) ** 2), 0.0)  # [rx, tx, P]
+    rx, tx = power.shape[:2]
+    if power.shape[-1] == 0:
+        return {"path_gain": np.full((rx, tx), -np.inf), "toa": np.full((rx, tx), np.nan),
+                "aoa": np.full((rx, tx), np.nan), "los": np.zeros((rx, tx), bool),
+                "image": np.full((rx, tx, 3), np.nan)}
+    best = power.argmax(axis=-1)[..., None]
+
+    def strongest(arr):
+        return np.take_along_axis(_rx_tx_paths(np.asarray(arr)), best, -1)[..., 0].astype(np.float64)
+
+    tau, phi, theta = strongest(paths.tau), strongest(paths.phi_r), strongest(paths.theta_r)
+    inter = np.asarray(paths.interactions)  # [depth, rx, (rx_ant,) tx, (tx_ant,) P]
+    first = _rx_tx_paths(inter[0]) if inter.ndim > 1 else np.zeros_like(valid, dtype=np.uint32)
+    total = power.sum(axis=-1)
+    has = total > 0
+    unit = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], -1)
+    image = xyz.astype(np.float64)[:, None, :] + (SPEED_OF_LIGHT * tau)[..., None] * unit
+    with np.errstate(divide="ignore"):
+        pg = np.where(has, 10 * np.log10(np.where(has, total, 1.0)), -np.inf)
+    return {"path_gain": pg, "toa": np.where(has, tau * 1e9, np.nan),
+            "aoa": np.where(has, _wrap(np.degrees(phi)), np.nan),
+            "los": (valid & (first == rt.InteractionType.NONE)).any(axis=-1),
+            "image": np.where(has[..., None], image, np.nan)}
 
 
 def _rx_tx_paths(arr: np.ndarray) -> np.ndarray:

@@ -24,7 +24,10 @@ the radio-map ref) and records the radio map the dataset was made with
 (:mod:`core.stores.lineage`); loading checks the digest.
 
 Where a report is missing (``report_mask`` false) its features are NaN. Site slot 0 is
-the serving (strongest) site, which is what the radio map describes.
+the serving (strongest) site, which is what the radio map's ``values`` describe; slot
+``k`` of site ``s = site_ids[n, t, k]`` compares with the map's per-site layers
+``site_path_gain / site_toa / site_aoa [s]`` (:mod:`core.stores.radio_map`).
+``attrs["propagation"]`` holds the ray-tracing settings, the same as the map's.
 """
 
 from __future__ import annotations

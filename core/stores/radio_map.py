@@ -18,13 +18,34 @@ A Zarr v3 group (``RadioMap.save`` / ``RadioMap.load``)::
     <name>.zarr/
         values   float32 [F, H, W]   chunked (1, 128, 128), zstd-compressed
         valid    bool    [H, W]      coverage mask
-        layers/<name>  float32 [K, H, W]  optional extra layers (e.g. per-site path gain)
+        layers/<name>  float32 [K, H, W]  extra layers on the same grid (the per-site layers below)
         attrs: format_version, features, units, bounds, attrs (free JSON: scene, sites, ...),
                lineage {id, digest} (see :mod:`core.stores.lineage`)
 
 Cells outside ``valid`` may hold NaN or -inf (no coverage); covered cells must be finite.
 Saving is atomic (see :mod:`core.stores.atomic`) and stamps a new lineage id and the
 content digest (values, valid, layers, features, bounds, attrs); loading checks the digest.
+
+Per-site layers
+---------------
+``values`` describe the serving (strongest) site of each cell. Maps made by
+``generate-maps`` (format version 2) also hold EVERY site's features, one plane per
+site in the order of ``attrs["sites"]`` (``S`` sites), so a report's site slot with
+site id ``s`` (``MeasurementDataset.site_ids``) is compared with plane ``s``:
+
+==================  ====================  =====  ==============================================
+layer               shape                 unit   meaning
+==================  ====================  =====  ==============================================
+``site_path_gain``  float32 ``[S, H, W]``  dB     10 log10 of the sum of the paths' ``|a|^2``
+``site_toa``        float32 ``[S, H, W]``  ns     delay of the strongest path (max ``|a|^2``)
+``site_aoa``        float32 ``[S, H, W]``  deg    azimuth of arrival of that path, in (-180, 180]
+==================  ====================  =====  ==============================================
+
+NaN where site ``s`` has no path to the cell (and under roofs); the three layers are
+NaN at the same cells. Where the serving site ``s*`` covers a valid cell,
+``values[path_gain|toa|aoa]`` equal ``site_*[s*]``. Cell values are at the cell
+centre (not cell averages), so the cell-centred bilinear lookup is exact at centres.
+How they are made: :mod:`core.raytracing.generation`.
 """
 
 from __future__ import annotations
@@ -44,7 +65,8 @@ from core.stores.atomic import atomic_path, read_consistently
 from core.stores.lineage import Lineage, StoreRef, check_digest, content_digest
 from core.stores.zarr_group import open_group, read_arrays
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-site layers site_path_gain / site_toa / site_aoa, attrs["propagation"]
+SITE_LAYERS: tuple[str, ...] = ("site_path_gain", "site_toa", "site_aoa")
 _CHUNK = 128
 
 
@@ -78,6 +100,31 @@ def feature_stats(values: np.ndarray, angular: bool) -> FeatureStats:
     return FeatureStats(float(v.mean()), float(v.std()), float(v.min()), float(v.max()))
 
 
+def _check_site_layers(layers: dict[str, np.ndarray], attrs: dict[str, Any], where: str) -> None:
+    """The per-site layers present share one site count, that of ``attrs["sites"]`` when listed."""
+    counts = {name: layers[name].shape[0] for name in SITE_LAYERS if name in layers}
+    sites = attrs.get("sites")
+    if isinstance(sites, list) and counts and set(counts.values()) != {len(sites)}:
+        raise StoreError(f"{where}: per-site layers {counts} must have one plane per site ({len(sites)} in attrs)")
+    if len(set(counts.values())) > 1:
+        raise StoreError(f"{where}: per-site layers {counts} disagree on the number of sites")
+
+
+def regenerate_command(path: str | os.PathLike, meta: dict[str, Any]) -> str:
+    """The ``generate-maps`` command that remakes the store at ``path`` (stored attrs ``meta``) in this format."""
+    path = Path(path)
+    scene = (meta.get("attrs") or {}).get("scene") or path.name.removesuffix(".zarr")
+    cmd = f"python -m core generate-maps --scenes {scene} --output-dir {path.parent}"
+    try:
+        x_min, y_min, x_max, y_max = (float(b) for b in meta["bounds"])
+        cell = float(meta["cell_size"])
+        cmd += (f" --resolution {cell:g} --map-size {round((y_max - y_min) / cell)} {round((x_max - x_min) / cell)}"
+                f" --center {(x_min + x_max) / 2:g} {(y_min + y_max) / 2:g}")
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        pass
+    return cmd + " --force"
+
+
 class RadioMap:
     """Per-cell radio features of one scene.
 
@@ -87,8 +134,8 @@ class RadioMap:
         bounds: ``(x_min, y_min, x_max, y_max)``, the outer edges of the grid [m].
         valid: bool ``[H, W]`` coverage mask; all true if omitted.
         attrs: JSON-serialisable metadata: scene name, sites, generator settings...
-        layers: extra named float32 ``[K, H, W]`` arrays on the same grid, for
-            example ``{"site_path_gain": ...}`` with one path-gain layer per site.
+        layers: extra named float32 ``[K, H, W]`` arrays on the same grid; the per-site
+            layers :data:`SITE_LAYERS` (module docstring) share ``K = S`` sites.
         source: where the map was loaded from, used in error messages.
         lineage: id and digest of the store it was loaded from (set by :meth:`save` too).
     """
@@ -152,6 +199,7 @@ class RadioMap:
                     f"{where}: layer {name!r} must be float32 [K, {height}, {width}], got {layer.dtype} {layer.shape}"
                 )
 
+        _check_site_layers(layers, attrs or {}, where)
         try:
             json.dumps(attrs or {})
         except TypeError as exc:
@@ -329,7 +377,8 @@ class RadioMap:
     @classmethod
     def _read(cls, path: Path) -> RadioMap:
         group, meta = open_group(
-            path, "radio map", "radio_map", FORMAT_VERSION, "generate it with `python -m core generate-maps`"
+            path, "radio map", "radio_map", FORMAT_VERSION, "generate it with `python -m core generate-maps`",
+            regenerate=lambda m: regenerate_command(path, m),
         )
         for key in ("features", "bounds"):
             if key not in meta:
