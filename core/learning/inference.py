@@ -408,9 +408,9 @@ def refinement_surface(run: LoadedRun, refined: RefinedPrediction, row: int, hal
         raise CoreError(f"refinement surface: row {row} is not in [0, {len(refined.indices)})")
     refiner, c = run.refiner(refined.search), refined.search
     obs = site_observation(run.dataset, refined.indices[row:row + 1], window_s=refined.window_s)
-    dt = run.likelihood.maps.dtype
-    prior = position_prior(torch.as_tensor(refined.start_xy[row:row + 1], dtype=dt),
-                           torch.as_tensor(refined.prior_sigma[row:row + 1], dtype=dt), refiner.area,
+    dt, dev = run.likelihood.maps.dtype, run.likelihood.maps.device
+    prior = position_prior(torch.as_tensor(refined.start_xy[row:row + 1], dtype=dt, device=dev),
+                           torch.as_tensor(refined.prior_sigma[row:row + 1], dtype=dt, device=dev), refiner.area,
                            c.outlier_prob, c.min_sigma_m)
     centre = refined.start_xy[row] if centre is None else centre
     return likelihood_surface(run.likelihood, obs, centre, float(half_m or c.window_m), step_m, prior)
