@@ -104,6 +104,25 @@ def test_refine_prediction_is_map_on_every_sample(run_dir):
     assert [none.source_name(i) for i in range(2)] == ["not refined"] * 2
 
 
+def test_inference_runs_on_the_configured_threads_and_restores_them(run_dir, monkeypatch):
+    import torch
+
+    from core.learning import inference
+
+    run = load_run(run_dir)
+    assert run.config.training.num_threads == 1
+    seen = []
+    real = inference._predict
+    monkeypatch.setattr(inference, "_predict", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        predict(run, run.dataset.indices("test")[:3])
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_inspector_helpers(run_dir):
     run = load_run(run_dir)
     pred = predict(run, run.dataset.indices("test")[:6])
