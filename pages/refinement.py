@@ -25,7 +25,7 @@ limit = c[2].number_input("Samples (max)", min_value=50, max_value=20000, value=
 run = None
 with wb.guard(f"run {name}"):
     loaded = wb.load_run(ws.root / name)
-    loaded.calibration  # noqa: B018  made and stored with the run on first use, before its stamp is read
+    _ = loaded.calibration  # made and stored with the run on first use, before its stamp is read (no magic echo)
     run = loaded
 if run is None:
     st.stop()
@@ -135,9 +135,11 @@ with wb.guard("residuals"):
     cols = st.columns(2)
     cols[0].plotly_chart(figures.posterior_along_path(ref.path_posterior[:, i], ref.path_labels), key="ref_path")
     feature = cols[1].selectbox("Map feature under the path", list(run.radio_map.features), key="ref_feature")
+    best = 2 + int(np.argmin(ref.path_posterior[2:, i]))  # the MAP estimate: the best point of the polish
     cols[1].plotly_chart(figures.sample_map(run.radio_map, feature, pred.true_xy[i], pred.xy[i], pred.sigma[i],
-                                            ref.path[:, i], None, wb.geometry(run.scene or scene),
-                                            title=f"The MAP path on the {feature} map"), key="ref_map")
+                                            ref.path[: best + 1, i], None, wb.geometry(run.scene or scene),
+                                            title=f"The MAP path on the {feature} map", end_name="MAP estimate"),
+                         key="ref_map")
 
 # -- batch ---------------------------------------------------------------------------------
 st.subheader("Batch summary")

@@ -140,6 +140,13 @@ def test_inspector_helpers(run_dir):
     # the grid's centre is the MAP estimate: the same posterior as the search found there
     assert np.isclose(surf.posterior[12, 12], ref.posterior_after[row], atol=1e-3)
     assert np.isclose(surf.xs[12], ref.xy[row, 0]) and np.isclose(surf.ys[12], ref.xy[row, 1])
+    # beyond the map's bounds: NaN, not the border's values
+    x0, y0, x1, y1 = run.radio_map.bounds
+    edge = refinement_surface(run, ref, row, half_m=8.0, centre=(x1, y0), step_m=1.0)
+    gx, gy = np.meshgrid(edge.xs, edge.ys)
+    out = (gx > x1) | (gy < y0)
+    assert out.any() and np.isnan(edge.nll[out]).all() and np.isnan(edge.site[:, out]).all()
+    assert np.isfinite(edge.posterior[~out]).all()
     with pytest.raises(CoreError, match="row"):
         refinement_surface(run, ref, 99)
 

@@ -9,8 +9,10 @@ For a sample's observation and prior, on the grid ``x_j = cx + j h``, ``y_i = cy
     prior[i, j]     = prior_nll(x_j, y_i)                 (0 without a prior)
     posterior[i, j] = nll + prior
 
-so ``nll = sum_k site[k] + cell`` (the terms of :meth:`RobustLikelihood.terms`). The grid
-is evaluated in chunks of ``chunk`` points; the observation is prepared once.
+so ``nll = sum_k site[k] + cell`` (the terms of :meth:`RobustLikelihood.terms`). Points
+outside the map's bounds are NaN in every layer (the lookup would clamp them to the
+border). The grid is evaluated in chunks of ``chunk`` points; the observation is
+prepared once.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ MAX_POINTS_PER_SIDE = 161
 
 class LikelihoodSurface(NamedTuple):
     """One sample's surfaces (numpy, float64): xs ``[W]``, ys ``[H]`` [m]; nll, prior,
-    posterior, cell ``[H, W]`` and site ``[K, H, W]`` [nats]; site_ids ``[K]`` (-1 empty slot);
-    step [m]."""
+    posterior, cell ``[H, W]`` and site ``[K, H, W]`` [nats], NaN outside the map; site_ids
+    ``[K]`` (-1 empty slot); step [m]."""
 
     xs: np.ndarray
     ys: np.ndarray
@@ -84,5 +86,10 @@ def likelihood_surface(likelihood, obs, centre, half_m: float, step_m: float | N
     nll = to(total).reshape(shape)
     site_n = to(site).T.reshape(-1, *shape)
     pri = np.zeros(shape) if prior is None else prior.nll(pts.unsqueeze(0))[0].double().cpu().numpy().reshape(shape)
-    return LikelihoodSurface(xs, ys, nll, pri, nll + pri, site_n, to(cell).reshape(shape),
-                             obs.site_ids[0].cpu().numpy(), step)
+    x0, y0, x1, y1 = maps.bounds
+    outside = (gx < x0) | (gx > x1) | (gy < y0) | (gy > y1)
+    cell_n = to(cell).reshape(shape)
+    for layer in (nll, pri, cell_n):
+        layer[outside] = np.nan
+    site_n[:, outside] = np.nan
+    return LikelihoodSurface(xs, ys, nll, pri, nll + pri, site_n, cell_n, obs.site_ids[0].cpu().numpy(), step)

@@ -385,10 +385,12 @@ def ellipse_points(center: Sequence[float], sigma: Any, n_sigma: float = 1.0, n:
 
 def sample_map(rm: RadioMap, feature: str, true_xy: Sequence[float], pred_xy: Sequence[float], sigma: Any = None,
                path: np.ndarray | None = None, step: int | None = None, geometry: Any = None,
-               window_m: float | None = 120.0, title: str | None = None, max_cells: int = 256) -> go.Figure:
+               window_m: float | None = 120.0, title: str | None = None, max_cells: int = 256,
+               end_name: str | None = None) -> go.Figure:
     """The ``feature`` map around one sample: ground truth, prediction with its 1σ/2σ
     ellipses, and the MAP path up to point ``step`` (``path [P, 2]`` m, point 0 = the
-    network's prediction; None: all of it)."""
+    network's prediction; None: all of it); ``end_name`` names its last point's marker
+    (default "path point <step>")."""
     fig = feature_heatmap(rm, feature, geometry=geometry, max_cells=max_cells)
     if sigma is not None:
         for k, dash in ((1.0, "solid"), (2.0, "dot")):
@@ -403,7 +405,7 @@ def sample_map(rm: RadioMap, feature: str, true_xy: Sequence[float], pred_xy: Se
                                  text=[f"step {i}" for i in range(len(shown))],
                                  line=dict(color="#ff7f0e", width=2), marker=dict(size=7),
                                  hovertemplate="%{text}<br>x=%{x:.1f} m, y=%{y:.1f} m<extra></extra>"))
-        fig.add_trace(go.Scatter(x=[shown[-1, 0]], y=[shown[-1, 1]], mode="markers", name=f"path point {upto}",
+        fig.add_trace(go.Scatter(x=[shown[-1, 0]], y=[shown[-1, 1]], mode="markers", name=end_name or f"path point {upto}",
                                  marker=dict(symbol="diamond", size=12, color="#ff7f0e", line=dict(color="black", width=1)),
                                  hovertemplate="step " + str(upto) + "<br>x=%{x:.1f} m, y=%{y:.1f} m<extra></extra>"))
     _add_points(fig, true_xy, pred_xy)
@@ -430,7 +432,8 @@ def surface_layers(surface, site_names: Sequence[str] = ()) -> dict[str, np.ndar
     for k, s in enumerate(np.asarray(surface.site_ids)):
         if s >= 0:
             layers[f"site {site_names[s] if s < len(site_names) else s}"] = surface.site[k]
-    if np.ptp(surface.cell) > 0:
+    cell = np.asarray(surface.cell)[np.isfinite(surface.cell)]
+    if cell.size and np.ptp(cell) > 0:
         layers["serving cell features"] = surface.cell
     return layers
 
@@ -453,9 +456,11 @@ def likelihood_surface(surface, layer: str, true_xy=None, network_xy=None, sigma
     if layer not in layers:
         raise CoreError(f"likelihood surface: no layer {layer!r} (have {', '.join(layers)})")
     z = np.asarray(layers[layer], dtype=np.float64)
-    dz = z - np.nanmin(z)
+    finite = z[np.isfinite(z)]
+    dz = z - (finite.min() if finite.size else 0.0)  # NaN (outside the map) stays NaN
     fig = go.Figure(go.Heatmap(
-        x=surface.xs, y=surface.ys, z=np.minimum(dz, max_delta), zmin=0.0, zmax=max(min(float(np.nanmax(dz)), max_delta), 1e-6),
+        x=surface.xs, y=surface.ys, z=np.minimum(dz, max_delta), zmin=0.0,
+        zmax=max(min(float(finite.max() - finite.min()) if finite.size else 0.0, max_delta), 1e-6),
         colorscale="Viridis_r", name=layer, customdata=dz,
         colorbar=dict(title=dict(text="Δ NLL [nats]<br>(0 = best in view)")),
         hovertemplate="x=%{x:.2f} m, y=%{y:.2f} m<br>Δ=%{customdata:.2f} nats<extra>" + layer + "</extra>"))
