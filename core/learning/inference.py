@@ -2,10 +2,14 @@
 
 * :func:`load_run` -> :class:`LoadedRun` (config, model in eval mode, dataset, radio map,
   metrics history);
-* :func:`predict` -> :class:`Prediction` (positions, sigma, confidence, errors and,
-  on request, attention weights with the map-patch geometry);
-* :func:`refine_prediction` -> :class:`RefinedPrediction` (test-time refinement with
-  the run's refinement settings).
+* :func:`predict` -> :class:`Prediction` (positions, sigma, confidence, errors, the most
+  likely coarse cells and, on request, attention weights with the map-patch geometry);
+* :func:`refine_prediction` -> :class:`RefinedPrediction`: test-time MAP refinement of
+  every sample (:class:`~core.physics.refinement.MapRefiner` on the run's calibrated
+  likelihood, ``calibration.json``, with the network's Gaussian as prior and its next
+  coarse cells as extra starts), with the path and per-term breakdowns before and after;
+* :func:`refinement_surface`, :func:`residual_table`, :func:`serving_table`: what the
+  Refinement inspector draws for one sample.
 
 Run directories are read through :mod:`core.stores.run` (which also lists them). Outputs
 are numpy arrays on the CPU. Missing or corrupt files, and a dataset or radio map that is
