@@ -1,4 +1,4 @@
-"""Refinement inspector: why a prediction is wrong, and what refinement does to it."""
+"""Refinement inspector: why a prediction is wrong, and what MAP refinement does to it."""
 
 import numpy as np
 import pandas as pd
@@ -11,9 +11,11 @@ wb.ensure_frame()
 st.title("Refinement inspector")
 ws = wb.workspace()
 scene = wb.active_scene()
-st.caption("Test-time refinement moves a prediction downhill on the physics loss: the mismatch between the "
-           "measured features and the radio map at the predicted position (plus a prior that keeps it near the "
-           "network's estimate, scaled by its σ).")
+st.caption("MAP refinement looks for the most probable position given the measurement reports and the network: "
+           "J(p) = NLL(reports | p) + prior(p), the calibrated robust likelihood of every reported site's path gain, "
+           "ToA and AoA against the radio map, plus the network's Gaussian (mean, σ) with an outlier floor. "
+           "The search starts from a window around the network's estimate, its next most likely coarse cells and "
+           "the map's best blocks, then refines by pattern search and a few gradient steps.")
 
 c = st.columns([3, 1, 1])
 name = wb.pick_run(ws, scene, c[0], key="ref_run")
@@ -22,46 +24,63 @@ limit = c[2].number_input("Samples (max)", min_value=50, max_value=20000, value=
 
 run = None
 with wb.guard(f"run {name}"):
-    run = wb.load_run(ws.root / name)
+    loaded = wb.load_run(ws.root / name)
+    _ = loaded.calibration  # made and stored with the run on first use, before its stamp is read (no magic echo)
+    run = loaded
 if run is None:
     st.stop()
 
+o = st.columns([1, 1, 1, 1])
+gate = o[0].checkbox("Refine only unconfident samples", value=False, key="ref_gate",
+                     help="By default every sample is refined; tick to refine only those below the threshold.")
+threshold = o[1].number_input("Confidence below", min_value=0.0, max_value=1.01, key="ref_thr", disabled=not gate,
+                              value=float(run.config.physics_loss.refinement.min_confidence_threshold))
+top_k = o[2].number_input("Coarse cells searched", min_value=0, max_value=8, value=3, key="ref_topk",
+                          help="The network's next most likely coarse cells, each searched as an extra start.")
+window_s = o[3].number_input("Pool reports over [s]", min_value=0.0, max_value=5.0, value=1.0, step=0.2,
+                             key="ref_window", help="Reports within this time of the latest one are averaged per site "
+                                                    "(0: the latest report only).")
+options = (float(threshold) if gate else None, int(top_k), float(window_s))
 
-@st.cache_data(show_spinner="Predicting…", max_entries=16)
-def predictions(path: str, stamp: float, split: str, limit: int) -> pd.DataFrame:
-    from core.learning.inference import predict
 
-    r = wb.load_run(path)
-    idx = r.dataset.indices(split)[:limit]
-    p = predict(r, idx)
-    return pd.DataFrame({"sample": p.indices, "error_m": p.error_m, "confidence": p.confidence,
-                         "los": np.where(p.los, "LOS", "NLOS"), "reports": p.num_reports,
-                         "x_m": p.xy[:, 0], "y_m": p.xy[:, 1], "true_x_m": p.true_xy[:, 0], "true_y_m": p.true_xy[:, 1],
-                         "sigma_x_m": p.sigma[:, 0], "sigma_y_m": p.sigma[:, 1]})
-
-
-@st.cache_data(show_spinner="Refining…", max_entries=64)
-def refined(path: str, stamp: float, indices: tuple[int, ...], steps: int, lr: float, threshold: float):
+@st.cache_data(show_spinner="Predicting and refining…", max_entries=8)
+def analysis(path: str, stamp: float, split: str, limit: int, options: tuple):
     from core.learning.inference import predict, refine_prediction
 
     r = wb.load_run(path)
-    p = predict(r, np.array(indices))
-    return p, refine_prediction(r, p, steps=steps, lr=lr, threshold=threshold)
+    pred = predict(r, r.dataset.indices(split)[:limit])
+    threshold, top_k, window_s = options
+    return pred, refine_prediction(r, pred, threshold=threshold, top_k=top_k, window_s=window_s)
+
+
+@st.cache_data(show_spinner="Evaluating the likelihood surface…", max_entries=64)
+def surface(path: str, stamp: float, split: str, limit: int, options: tuple, row: int, half_m: float, centre: tuple):
+    from core.learning.inference import refinement_surface
+
+    _, ref = analysis(path, stamp, split, limit, options)
+    return refinement_surface(wb.load_run(path), ref, row, half_m=half_m, centre=centre)
 
 
 path, stamp = str(ws.root / name), wb.mtime(ws.root / name)
-table = None
-with wb.guard("predictions"):
-    table = predictions(path, stamp, split, int(limit))
-if table is None or table.empty:
+result = None
+with wb.guard("refinement"):
+    result = analysis(path, stamp, split, int(limit), options)
+if result is None:
+    st.stop()
+pred, ref = result
+if len(pred.indices) == 0:
     st.warning(f"No samples in the {split} split.")
     st.stop()
+table = pd.DataFrame({"sample": pred.indices, "error_m": pred.error_m, "map_error_m": ref.error_after_m,
+                      "confidence": pred.confidence, "los": np.where(pred.los, "LOS", "NLOS"),
+                      "reports": pred.num_reports, "sigma_x_m": pred.sigma[:, 0], "sigma_y_m": pred.sigma[:, 1],
+                      "row": np.arange(len(pred.indices))})
 
 # -- filters -----------------------------------------------------------------------------
 st.subheader("Samples")
 f = st.columns(4)
 emax = float(np.ceil(table.error_m.max())) if len(table) else 1.0
-err_rng = f[0].slider("Error [m]", 0.0, max(emax, 1.0), (0.0, max(emax, 1.0)), key="ref_err")
+err_rng = f[0].slider("Network error [m]", 0.0, max(emax, 1.0), (0.0, max(emax, 1.0)), key="ref_err")
 conf_rng = f[1].slider("Confidence", 0.0, 1.0, (0.0, 1.0), key="ref_conf")
 los = f[2].selectbox("Line of sight", ["all", "LOS", "NLOS"], key="ref_los")
 rmin, rmax = int(table.reports.min()), int(table.reports.max())
@@ -70,63 +89,66 @@ shown = table[table.error_m.between(*err_rng) & table.confidence.between(*conf_r
 if los != "all":
     shown = shown[shown.los == los]
 shown = shown.sort_values("error_m", ascending=False)
-st.caption(f"{len(shown)} of {len(table)} samples match; median error {shown.error_m.median():.2f} m "
-           "(sorted worst first)." if len(shown) else "No sample matches the filters.")
-st.dataframe(shown[["sample", "error_m", "confidence", "los", "reports", "sigma_x_m", "sigma_y_m"]].round(3),
-             hide_index=True, width="stretch", height=240)
+st.caption(f"{len(shown)} of {len(table)} samples match; median error: network {shown.error_m.median():.2f} m, "
+           f"network + MAP {shown.map_error_m.median():.2f} m (sorted worst network error first)."
+           if len(shown) else "No sample matches the filters.")
+st.dataframe(shown[["sample", "error_m", "map_error_m", "confidence", "los", "reports", "sigma_x_m", "sigma_y_m"]]
+             .round(3), hide_index=True, width="stretch", height=240)
 if shown.empty:
     st.stop()
 
 # -- one sample ----------------------------------------------------------------------------
 st.subheader("One sample")
-cfg = run.config.physics_loss.refinement
-s = st.columns(5)
-sample = s[0].selectbox("Sample", shown["sample"].tolist(), key="ref_sample")
-feature = s[1].selectbox("Map feature", list(run.radio_map.features), key="ref_feature")
-steps = s[2].number_input("Steps", min_value=1, max_value=200, value=int(cfg.num_steps), key="ref_steps")
-lr = s[3].number_input("Step size", min_value=1e-4, max_value=100.0, value=float(cfg.learning_rate), format="%.4f",
-                       key="ref_lr")
-threshold = s[4].number_input("Refine if confidence <", min_value=0.0, max_value=1.01,
-                              value=float(cfg.min_confidence_threshold), key="ref_thr",
-                              help="Only samples whose confidence is below this threshold are refined.")
+sample = st.selectbox("Sample", shown["sample"].tolist(), key="ref_sample")
+i = int(table.loc[table["sample"] == sample, "row"].iloc[0])
+site_names = [str(site.get("name", k)) for k, site in enumerate(run.radio_map.attrs.get("sites") or [])]
+s = st.columns(3)
+centre_on = s[0].selectbox("Centre the view on", ["network estimate", "MAP estimate", "ground truth"], key="ref_centre")
+centre = {"network estimate": pred.xy[i], "MAP estimate": ref.xy[i], "ground truth": pred.true_xy[i]}[centre_on]
+reach = max(float(np.abs(p - centre).max()) for p in (pred.xy[i], ref.xy[i], pred.true_xy[i]))
+half = s[1].number_input("Half-width [m]", min_value=2.0, max_value=300.0, key=f"ref_half_{sample}_{centre_on}",
+                         value=float(min(max(ref.search.window_m, 1.1 * reach + 2.0), 300.0)),
+                         help="Default: the search window, widened to show the truth and both estimates.")
+st.markdown(f"Error: network **{ref.error_before_m[i]:.2f} m** → MAP **{ref.error_after_m[i]:.2f} m** "
+            f"(won by the start **{ref.source_name(i)}**; posterior {ref.posterior_before[i]:.2f} → "
+            f"{ref.posterior_after[i]:.2f} nats). σ = ({pred.sigma[i, 0]:.1f}, {pred.sigma[i, 1]:.1f}) m, "
+            f"confidence {pred.confidence[i]:.2f}, {int(pred.num_reports[i])} reports.")
+with wb.guard("likelihood surface"):
+    surf = surface(path, stamp, split, int(limit), options, i, float(half), (float(centre[0]), float(centre[1])))
+    layers = list(figures.surface_layers(surf, site_names))
+    layer = s[2].selectbox("Surface", layers, key="ref_layer",
+                           help="The posterior, the likelihood of all sites, the prior, or one reported site's term.")
+    st.plotly_chart(figures.likelihood_surface(
+        surf, layer, true_xy=pred.true_xy[i], network_xy=pred.xy[i], sigma=pred.sigma[i], map_xy=ref.xy[i],
+        path=ref.path[:, i], path_labels=ref.path_labels, starts=ref.starts[i], start_labels=ref.start_labels,
+        site_names=site_names, title=f"Sample {sample}: {layer} around the {centre_on} (Δ from the best in view)"),
+        key="ref_surface")
+with wb.guard("residuals"):
+    from core.learning.inference import residual_table, serving_table
 
-with wb.guard("refinement"):
-    pred, res = refined(path, stamp, (int(sample),), int(steps), float(lr), float(threshold))
-    step = st.slider("Refinement step", 0, int(res.steps), int(res.steps), key=f"ref_step_{sample}_{steps}")
-    if not res.refined[0]:
-        st.info(f"This sample's confidence {pred.confidence[0]:.2f} is not below the threshold "
-                f"{threshold:.2f}, so refinement leaves it where it is.")
-    geometry = wb.geometry(run.scene or scene)
-    err_step = float(np.hypot(*(res.path[step, 0] - pred.true_xy[0])))
-    st.markdown(f"Error: network **{res.error_before_m[0]:.2f} m** → step {step}: **{err_step:.2f} m** "
-                f"(final {res.error_after_m[0]:.2f} m). σ = ({pred.sigma[0, 0]:.1f}, {pred.sigma[0, 1]:.1f}) m, "
-                f"confidence {pred.confidence[0]:.2f}.")
-    st.plotly_chart(figures.sample_map(run.radio_map, feature, pred.true_xy[0], pred.xy[0], pred.sigma[0],
-                                       res.path[:, 0], step, geometry,
-                                       title=f"Sample {sample} on the {feature} map: truth, prediction (1σ, 2σ), "
-                                             f"refinement path to step {step}"), key="ref_map")
+    st.markdown("**Residuals per reported site** in σ units: (measured − calibrated bias − map) / (calibrated "
+                "scale / √reports), at the network's estimate and at the MAP estimate; NLL in nats.")
+    st.dataframe(residual_table(run, ref, i).round(2), hide_index=True, width="stretch", key="ref_residuals")
+    serving = serving_table(ref, i)
+    if len(serving):
+        st.dataframe(serving.round(2), hide_index=True, key="ref_serving")
     cols = st.columns(2)
-    cols[0].plotly_chart(figures.residual_bars(res.features, res.residual_before[0], res.residual_after[0],
-                                               title="Per-feature residuals (measured − map), before and after"),
-                         key="ref_resid")
-    cols[1].plotly_chart(figures.loss_per_step(res.loss[:, 0], title="Refinement objective per step"),
-                         key="ref_loss")
+    cols[0].plotly_chart(figures.posterior_along_path(ref.path_posterior[:, i], ref.path_labels), key="ref_path")
+    feature = cols[1].selectbox("Map feature under the path", list(run.radio_map.features), key="ref_feature")
+    best = 2 + int(np.argmin(ref.path_posterior[2:, i]))  # the MAP estimate: the best point of the polish
+    cols[1].plotly_chart(figures.sample_map(run.radio_map, feature, pred.true_xy[i], pred.xy[i], pred.sigma[i],
+                                            ref.path[: best + 1, i], None, wb.geometry(run.scene or scene),
+                                            title=f"The MAP path on the {feature} map", end_name="MAP estimate"),
+                         key="ref_map")
 
 # -- batch ---------------------------------------------------------------------------------
 st.subheader("Batch summary")
-top = int(min(len(shown), 2000))
-n_batch = (st.slider("Samples refined (the filtered ones, worst first)", 1, top, min(top, 500), key="ref_batch")
-           if top > 1 else top)
-with wb.guard("batch refinement"):
-    batch = tuple(int(i) for i in shown["sample"].tolist()[:n_batch])
-    bpred, bres = refined(path, stamp, batch, int(steps), float(lr), float(threshold))
-    moved = bres.refined
-    m = st.columns(4)
-    m[0].metric("Median error before", f"{np.median(bres.error_before_m):.2f} m")
-    m[1].metric("Median error after", f"{np.median(bres.error_after_m):.2f} m",
-                delta=f"{np.median(bres.error_after_m) - np.median(bres.error_before_m):+.2f} m", delta_color="inverse")
-    m[2].metric("Samples refined", f"{int(moved.sum())} / {len(batch)}")
-    if moved.any():
-        m[3].metric("Median of refined ones", f"{np.median(bres.error_before_m[moved]):.2f} → "
-                                                f"{np.median(bres.error_after_m[moved]):.2f} m")
-    st.plotly_chart(figures.refinement_summary(bres.error_before_m, bres.error_after_m, moved), key="ref_summary")
+rows = shown["row"].to_numpy()
+before, after, moved = ref.error_before_m[rows], ref.error_after_m[rows], ref.refined[rows]
+m = st.columns(4)
+m[0].metric("Median error, network", f"{np.median(before):.2f} m")
+m[1].metric("Median error, network + MAP", f"{np.median(after):.2f} m",
+            delta=f"{np.median(after) - np.median(before):+.2f} m", delta_color="inverse")
+m[2].metric("Samples refined", f"{int(moved.sum())} / {len(rows)}")
+m[3].metric("P90 network → MAP", f"{np.percentile(before, 90):.2f} → {np.percentile(after, 90):.2f} m")
+st.plotly_chart(figures.refinement_summary(before, after, moved), key="ref_summary")

@@ -354,25 +354,49 @@ def test_attention_and_refinement_without_models(tmp_path, monkeypatch):
 
 # -- Refinement ---------------------------------------------------------------------------
 def test_refinement_inspector(workspace):
+    from core.learning.inference import RESIDUAL_COLUMNS
+
     at = _app("pages/refinement.py")
     table = at.dataframe[0].value
     assert len(table) > 0 and (np.diff(table["error_m"].to_numpy()) <= 1e-9).all()  # worst first
+    assert {"error_m", "map_error_m"} <= set(table.columns)
     figs = _plotly(at)
     titles = [f["layout"]["title"]["text"] for f in figs]
-    assert any("refinement path" in t for t in titles) and any("Batch summary" in t for t in titles)
-    sample_map = figs[0]
-    names = {t.get("name") for t in sample_map["data"]}
-    assert {"ground truth", "prediction", "1σ uncertainty", "refinement path"} <= names
-    # refine every sample (threshold above any confidence), step through the path
-    at.number_input(key="ref_thr").set_value(1.01).run()
-    _no_exception(at)
-    slider = next(s for s in at.slider if s.key.startswith("ref_step_"))
-    slider.set_value(1).run()
-    _no_exception(at)
-    path = next(t for t in _plotly(at)[0]["data"] if t.get("name") == "refinement path")
-    assert len(path["x"]) == 2  # start and step 1
+    assert any("Batch summary" in t for t in titles) and any("MAP path" in t for t in titles)
+    surface = next(f for f in figs if f["layout"]["title"]["text"].startswith("Sample "))
+    heat = surface["data"][0]
+    assert heat["type"] == "heatmap" and heat["name"] == "posterior (likelihood + prior)"
+    assert np.nanmin(_array(heat["z"])) == 0.0  # drawn as the difference from the best point in view
+    names = [t.get("name") for t in surface["data"]]
+    assert {"ground truth", "network estimate", "1σ network", "2σ network", "MAP estimate", "MAP path",
+            "search starts"} <= set(names)
+    path = next(t for t in surface["data"] if t.get("name") == "MAP path")
+    assert list(path["text"][:3]) == ["network", "best start", "pattern search"]
+    assert len(_array(path["x"])) == len(path["text"])
+    starts = next(t for t in surface["data"] if t.get("name") == "search starts")
+    assert list(starts["text"][:2]) == ["window", "centre 1"]
+    # the residual table: one row per reported site, residuals in sigma units before and after
+    residuals = at.dataframe[1].value
+    assert list(residuals.columns) == list(RESIDUAL_COLUMNS) and len(residuals) >= 1
+    assert {"path_gain σ network", "toa σ MAP", "aoa σ MAP"} <= set(residuals.columns)
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Samples refined"].split(" / ")[0] == metrics["Samples refined"].split(" / ")[1]
+    done, total = metrics["Samples refined"].split(" / ")
+    assert done == total  # every sample by default
+    # one site's term of the likelihood
+    layers = at.selectbox(key="ref_layer").options
+    site_layer = next(x for x in layers if x.startswith("site "))
+    at.selectbox(key="ref_layer").select(site_layer).run()
+    _no_exception(at)
+    surface = next(f for f in _plotly(at) if f["layout"]["title"]["text"].startswith("Sample "))
+    assert surface["data"][0]["name"] == site_layer and site_layer in surface["layout"]["title"]["text"]
+    at.selectbox(key="ref_centre").select("ground truth").run()
+    _no_exception(at)
+    # the confidence gate is an option: below 0, nothing is refined
+    at.checkbox(key="ref_gate").check().run()
+    at.number_input(key="ref_thr").set_value(0.0).run()
+    _no_exception(at)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Samples refined"].startswith("0 / ")
     # filters: every listed sample passes them, and an impossible filter empties the list
     at.selectbox(key="ref_los").select("LOS").run()
     _no_exception(at)
@@ -383,6 +407,30 @@ def test_refinement_inspector(workspace):
     _no_exception(at)
     if (table["confidence"] < 0.999).all():
         assert "No sample matches" in _texts(at.caption)
+
+
+def test_refinement_inspector_shows_errors_not_tracebacks(workspace, monkeypatch):
+    import core.learning.inference as inference
+    from core.errors import CoreError
+
+    def broken_surface(*args, **kwargs):
+        raise CoreError("likelihood surface: the map has no per-site layers")
+
+    monkeypatch.setattr(inference, "refinement_surface", broken_surface)
+    at = _app("pages/refinement.py")
+    at.number_input(key="ref_limit").set_value(60).run()  # new cache keys
+    _no_exception(at)
+    assert "likelihood surface: likelihood surface: the map has no per-site layers" in _texts(at.error)
+    assert len(at.dataframe) >= 2 and any("Batch summary" in f["layout"]["title"]["text"] for f in _plotly(at))
+
+    def broken_refine(*args, **kwargs):
+        raise CoreError("likelihood: the calibration has 3 sites, the map 5")
+
+    monkeypatch.setattr(inference, "refine_prediction", broken_refine)
+    at.number_input(key="ref_limit").set_value(70).run()
+    _no_exception(at)
+    assert [e.value for e in at.error] == ["refinement: likelihood: the calibration has 3 sites, the map 5"]
+    assert not _plotly(at)
 
 
 def test_job_survives_an_app_restart(workspace):

@@ -102,5 +102,6 @@ def test_bench_physics_runs_small(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert [r["batch"] for r in report["rows"]] == [1, 64]
     summary = report["summary"]
-    assert {"loss_fwdbwd_vs_bare_fwdbwd", "refine5_vs_5_bare_fwdbwd", "loss_ok", "refine_ok"} <= set(summary)
-    assert all(r["loss_fwdbwd_ms"] > 0 and r["refine5_peak_MiB"] >= 0 for r in report["rows"])
+    assert {"loss_fwdbwd_vs_bare_fwdbwd", "loss_ok", "map_ok"} <= set(summary)
+    assert not any(k.startswith("refine") for k in summary)  # the legacy refinement is gone
+    assert all(r["loss_fwdbwd_ms"] > 0 and r["loss_fwdbwd_peak_MiB"] >= 0 for r in report["rows"])

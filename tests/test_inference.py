@@ -1,6 +1,8 @@
-"""The app's API (load_run, predict, refine_prediction, the run lister) and `python -m core evaluate`."""
+"""The app's API (load_run, predict, MAP refine_prediction and its inspector helpers, the run lister)
+and `python -m core evaluate`."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -9,9 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.errors import StoreError
+from core.errors import CoreError, StoreError
 from core.learning.config import load_config
-from core.learning.inference import load_run, predict, refine_prediction
+from core.learning.inference import (
+    RESIDUAL_COLUMNS,
+    load_run,
+    predict,
+    refine_prediction,
+    refinement_surface,
+    residual_table,
+    serving_table,
+)
 from core.learning.training import train
 from core.physics.synthetic import synthetic_scene
 from core.stores.run import list_runs
@@ -53,17 +63,92 @@ def test_load_and_predict_with_attention(run_dir):
         assert w.shape == (n, heads, t, p) and np.allclose(w.sum(-1), 1, atol=1e-5)
 
 
-def test_refine_prediction(run_dir):
+def test_predict_returns_the_most_likely_coarse_cells(run_dir):
+    run = load_run(run_dir)
+    idx = run.dataset.indices("test")[:9]
+    pred = predict(run, idx, top_k=3)
+    assert pred.coarse_xy.shape == (9, 3, 2) and pred.coarse_prob.shape == (9, 3)
+    assert (np.diff(pred.coarse_prob, axis=1) <= 1e-7).all() and (pred.coarse_prob.sum(1) <= 1 + 1e-5).all()
+    cell = run.model.spec.grid_size
+    wh = (np.array(run.radio_map.bounds[2:]) - np.array(run.radio_map.bounds[:2])) / cell
+    assert (np.abs(pred.xy - pred.coarse_xy[:, 0]) <= wh / 2 + 1e-4).all()  # the mean lies in the most likely cell
+
+
+def test_refine_prediction_is_map_on_every_sample(run_dir):
     run = load_run(run_dir)
     pred = predict(run, run.dataset.indices("test"))
-    ref = refine_prediction(run, pred, steps=4, lr=0.5)
+    ref = refine_prediction(run, pred, top_k=2)
     n = len(pred.indices)
-    assert ref.path.shape == (5, n, 2) and ref.loss.shape == (5, n) and ref.refined.shape == (n,)
-    assert ref.refined.all()  # threshold 1.0 in this run's config
-    assert np.allclose(ref.path[0], pred.xy) and np.allclose(ref.path[-1], ref.xy)
-    assert ref.residual_before.shape == ref.residual_after.shape == (n, len(run.radio_map.features))
-    none = refine_prediction(run, pred, steps=3, threshold=0.0)
+    assert (run_dir / "calibration.json").exists()  # the run carries its likelihood scales
+    assert ref.refined.all() and ref.xy.shape == (n, 2) and ref.top_k == 2 and ref.threshold is None
+    p = ref.path.shape[0]
+    assert ref.path.shape == (p, n, 2) and len(ref.path_labels) == p == run.config.physics_loss.refinement.num_steps + 3
+    assert ref.path_labels[:3] == ("network", "best start", "pattern search")
+    assert np.allclose(ref.path[0], pred.xy) and np.allclose(ref.path_posterior[0], ref.posterior_before)
+    assert ref.start_labels[:3] == ("window", "centre 1", "centre 2") and ref.starts.shape[1] == len(ref.start_labels)
+    # the MAP estimate is the best point of its path, never worse than the network's estimate
+    assert (ref.posterior_after <= ref.path_posterior.min(0) + 1e-4).all()
+    assert (ref.posterior_after <= ref.posterior_before + 1e-4).all()
+    assert np.allclose(ref.posterior_after, ref.nll_after + ref.prior_after, atol=1e-3)
+    assert np.allclose(ref.error_after_m, np.linalg.norm(ref.xy - pred.true_xy, axis=1), atol=1e-4)
+    assert np.median(ref.error_after_m) < np.median(ref.error_before_m)
+    k = ref.site_ids.shape[1]
+    for name in ("site_nats_before", "site_z_after", "residual_after", "weight"):
+        assert getattr(ref, name).shape == (n, k, 3), name
+    present = ref.site_ids >= 0
+    assert np.isnan(ref.site_z_after[~present]).all() and (ref.weight[present].max(-1) >= 1).all()
+    assert np.allclose(ref.site_nats_after.sum((1, 2)) + ref.cell_nats_after.sum(1), ref.nll_after, atol=1e-3)
+    # the confidence gate is an option: nothing below 0 -> nothing moves, bit for bit
+    none = refine_prediction(run, pred, threshold=0.0)
     assert not none.refined.any() and np.array_equal(none.xy, pred.xy)
+    assert [none.source_name(i) for i in range(2)] == ["not refined"] * 2
+
+
+def test_inference_runs_on_the_configured_threads_and_restores_them(run_dir, monkeypatch):
+    import torch
+
+    from core.learning import inference
+
+    run = load_run(run_dir)
+    assert run.config.training.num_threads == 1
+    seen = []
+    real = inference._predict
+    monkeypatch.setattr(inference, "_predict", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        predict(run, run.dataset.indices("test")[:3])
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_inspector_helpers(run_dir):
+    run = load_run(run_dir)
+    pred = predict(run, run.dataset.indices("test")[:6])
+    ref = refine_prediction(run, pred)
+    row = 2
+    table = residual_table(run, ref, row)
+    assert list(table.columns) == list(RESIDUAL_COLUMNS) and len(table) == int((ref.site_ids[row] >= 0).sum())
+    assert np.allclose(table["NLL MAP"], ref.site_nats_after[row].sum(-1)[ref.site_ids[row] >= 0])
+    assert list(serving_table(ref, row)["feature"]) == list(ref.cell_features)
+    surf = refinement_surface(run, ref, row, half_m=6.0, centre=ref.xy[row], step_m=0.5)
+    assert surf.xs.shape == (25,) and surf.nll.shape == surf.prior.shape == (25, 25) and surf.step == 0.5
+    assert surf.site.shape == (ref.site_ids.shape[1], 25, 25)
+    assert np.allclose(surf.nll, surf.site.sum(0) + surf.cell, atol=1e-3)
+    assert np.allclose(surf.posterior, surf.nll + surf.prior)
+    # the grid's centre is the MAP estimate: the same posterior as the search found there
+    assert np.isclose(surf.posterior[12, 12], ref.posterior_after[row], atol=1e-3)
+    assert np.isclose(surf.xs[12], ref.xy[row, 0]) and np.isclose(surf.ys[12], ref.xy[row, 1])
+    # beyond the map's bounds: NaN, not the border's values
+    x0, y0, x1, y1 = run.radio_map.bounds
+    edge = refinement_surface(run, ref, row, half_m=8.0, centre=(x1, y0), step_m=1.0)
+    gx, gy = np.meshgrid(edge.xs, edge.ys)
+    out = (gx > x1) | (gy < y0)
+    assert out.any() and np.isnan(edge.nll[out]).all() and np.isnan(edge.site[:, out]).all()
+    assert np.isfinite(edge.posterior[~out]).all()
+    with pytest.raises(CoreError, match="row"):
+        refinement_surface(run, ref, 99)
 
 
 def test_list_runs(run_dir, tmp_path):
@@ -102,7 +187,18 @@ def test_evaluate_command(run_dir):
         assert np.isfinite(result[key]), key
     assert set(result["groups"]) == {"all", "los", "nlos", "sparse", "dense"}
     r = result["refinement"]
-    assert r["num_refined"] == result["count"] and {"before", "after", "refined_before", "refined_after"} <= set(r)
+    assert r["method"] == "map" and r["num_refined"] == result["count"] and r["threshold"] is None
+    assert {"before", "after", "refined_before", "refined_after", "groups_after", "sources", "search"} <= set(r)
+    assert sum(r["sources"].values()) == result["count"] and r["search"]["window_m"] > 0
     assert r["before"]["median_m"] == pytest.approx(result["median_m"])
     assert set(result["baselines"]) == {"knn", "ml", "multilateration"}
     assert json.loads((run_dir / "eval_test_refine.json").read_text())["count"] == result["count"]
+    table = subprocess.run([sys.executable, "-m", "core", "evaluate", "--run", str(run_dir), "--split", "val",
+                            "--refine", "--baselines", "--threshold", "0.5", "--top-k", "1", "--window", "0"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    for label in ("network", "network + MAP", "kNN fingerprint", "ML map matching", "multilateration"):
+        rows = [line for line in lines if re.match(re.escape(label) + r"\s+(-?[\d.]|nan)", line)]
+        assert len(rows) == 2, label  # the metrics and the group table
+    assert "median error [m] per group" in table.stdout and "nlos" in table.stdout and "sparse" in table.stdout

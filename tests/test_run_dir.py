@@ -17,13 +17,18 @@ from core.learning.inference import load_run
 from core.learning.model import ModelSpec
 from core.physics.synthetic import synthetic_scene
 from core.stores.run import (
+    CALIBRATION,
+    calibration_path,
     check_out_dir,
+    ensure_calibration,
     is_taken,
     load_checkpoint,
+    read_calibration,
     read_metrics,
     read_status,
     run_info,
     save_checkpoint,
+    write_calibration,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,3 +171,36 @@ def test_metrics_reader_skips_every_line_that_is_not_a_json_object(tmp_path):
     assert info.epochs_done == 3 and info.best_val_median_m == 7.0 and info.last_epoch_s == 1.5
     assert list(load_run(run_dir).metrics["epoch"]) == [1, 2, 3]  # the app reads the same rows
     assert read_metrics(tmp_path / "nothing") == []
+
+
+def test_calibration_is_stored_with_the_run_and_remade_for_other_stores(tmp_path, monkeypatch):
+    import core.physics.calibration as calibration_module
+    from core.stores.dataset import MeasurementDataset
+    from core.stores.radio_map import RadioMap
+
+    sets = synthetic_scene(tmp_path / "scene", num_ues=60, height=16, width=16, cell=4.0, reports=4, k=2)
+    dataset = MeasurementDataset.load(sets["data.dataset"])
+    radio_map = RadioMap.load(Path(sets["physics_loss.radio_maps_dir"]) / "analytic.zarr")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert read_calibration(run_dir) is None and calibration_path(run_dir) == run_dir / CALIBRATION
+    cal = ensure_calibration(run_dir, dataset, radio_map)  # made and stored
+    stored = read_calibration(run_dir)
+    assert stored.to_dict() == cal.to_dict() and cal.meta["split"] == "train"
+    assert cal.meta["dataset"]["id"] == dataset.ref.id and cal.meta["radio_map"]["id"] == radio_map.ref.id
+    calls = []
+    real = calibration_module.calibrate
+    monkeypatch.setattr(calibration_module, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert ensure_calibration(run_dir, dataset, radio_map).to_dict() == cal.to_dict() and not calls  # read back
+    # made from another save of the dataset: remade and replaced
+    other = dict(cal.meta, dataset={**cal.meta["dataset"], "id": "0" * 32})
+    write_calibration(run_dir, type(cal)(cal.site_names, cal.bias + 1, cal.scale, cal.count, cal.spread,
+                                         cal.miss_rate, cal.cell, other))
+    again = ensure_calibration(run_dir, dataset, radio_map)
+    assert calls == [1] and again.to_dict() == cal.to_dict() and read_calibration(run_dir).to_dict() == cal.to_dict()
+    # a corrupt file is a StoreError on read, and replaced by ensure_calibration
+    calibration_path(run_dir).write_text("{not json")
+    with pytest.raises(StoreError, match=CALIBRATION):
+        read_calibration(run_dir)
+    assert ensure_calibration(run_dir, dataset, radio_map).to_dict() == cal.to_dict()
+    assert read_calibration(run_dir).to_dict() == cal.to_dict() and calls == [1, 1]

@@ -10,7 +10,7 @@ import argparse
 import importlib
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "physics": ("core.benchmarks.physics", "lookup, physics loss and refinement vs bare grid_sample"),
+    "physics": ("core.benchmarks.physics", "lookup, physics loss, likelihood and MAP search vs bare grid_sample"),
     "maps": ("core.benchmarks.maps", "radio-map generation time, map fidelity and dataset time"),
     "train": ("core.benchmarks.train", "epoch time with and without the physics loss"),
 }

@@ -1,4 +1,4 @@
-"""``python -m core bench physics``: lookup, likelihoods and refinement vs bare grid_sample.
+"""``python -m core bench physics``: lookup, likelihoods and the MAP search vs bare grid_sample.
 
 On an analytic 512 x 512 map with 5 sites (2 m cells; :func:`core.physics.synthetic.analytic_radio_map`:
 7 serving features and the per-site layers ``site_path_gain``, ``site_toa``, ``site_aoa``
@@ -6,17 +6,16 @@ On an analytic 512 x 512 map with 5 sites (2 m cells; :func:`core.physics.synthe
 a warm-up:
 
 * serving map (the original physics loss): ``lookup_fwd`` / ``lookup_fwdbwd``
-  (:meth:`PreparedMaps.lookup`), ``loss_fwdbwd`` (:class:`PhysicsLoss`), ``refine5``
-  (:func:`refine`, 5 steps), against ``bare_fwd`` / ``bare_fwdbwd`` / ``bare_fwdbwd_x5``:
-  plain ``F.grid_sample`` on the raw ``[1, 7, H, W]`` map (forward; forward + backward
-  w.r.t. the grid; five of those);
+  (:meth:`PreparedMaps.lookup`), ``loss_fwdbwd`` (:class:`PhysicsLoss`), against
+  ``bare_fwd`` / ``bare_fwdbwd``: plain ``F.grid_sample`` on the raw ``[1, 7, H, W]`` map
+  (forward; forward + backward w.r.t. the grid);
 * per-site layout (the calibrated likelihood, K = 4 slots): ``lik_fwdbwd``
   (:class:`RobustLikelihood` forward + backward w.r.t. ``xy`` on a prepared observation),
   ``lik_prep_fwdbwd`` (the same including :meth:`RobustLikelihood.prepare` of the
   observation), against ``site_bare_fwdbwd``: plain ``F.grid_sample`` forward + backward
   on the raw per-site layers ``[1, 3 S, H, W]``;
 
-and peak memory of the loss, the likelihood and the refinement. The two sides of each
+and peak memory of the loss and the likelihood. The two sides of each
 ratio run interleaved (bare, ours, bare, ours, ...) so that background load on a shared
 machine hits both alike; ``--threads`` (default 1) applies to both.
 
@@ -60,7 +59,6 @@ from core.device import resolve_device
 from core.jobs import progress
 
 LOSS_RATIO_TARGET = 2.0
-REFINE_RATIO_TARGET = 3.0
 LIK_RATIO_TARGET = 2.0
 MAP_MS_TARGET = 1.0
 NUM_SITES = 5
@@ -197,8 +195,6 @@ def _ints(text: str, flag: str) -> list[int]:
 
 def _serving_row(n, ctx, args, device, gen) -> dict:
     """The original serving-map rows at batch ``n`` (see the module doc)."""
-    from core.physics.refinement import refine
-
     half, prepared, loss_fn, bare_map, memory = ctx["half"], ctx["prepared"], ctx["loss"], ctx["bare"], ctx["memory"]
     truth = (torch.rand(n, 2, generator=gen) * 2 - 1) * (0.9 * half)
     xy = (truth + 5.0 * torch.randn(n, 2, generator=gen)).to(device)
@@ -215,10 +211,6 @@ def _serving_row(n, ctx, args, device, gen) -> dict:
         out = F.grid_sample(bare_map, g, mode="bilinear", padding_mode="border", align_corners=False)
         return torch.autograd.grad(out.sum(), g)
 
-    def bare_fwdbwd_x5():
-        for _ in range(5):
-            bare_fwdbwd()
-
     def lookup_fwd():
         with torch.no_grad():
             return prepared.lookup(xy)
@@ -231,21 +223,14 @@ def _serving_row(n, ctx, args, device, gen) -> dict:
         p = xy.detach().requires_grad_(True)
         return torch.autograd.grad(loss_fn(p, observed).total, p)
 
-    def refine5():
-        with torch.no_grad():
-            return refine(xy, observed, loss_fn, steps=5, lr=0.5)
-
     t = {}
     t["bare_fwd"], t["lookup_fwd"] = _paired_ms([bare_fwd, lookup_fwd], args.repeats, device)
     t["bare_fwdbwd"], t["lookup_fwdbwd"], t["loss_fwdbwd"] = _paired_ms(
         [bare_fwdbwd, lookup_fwdbwd, loss_fwdbwd], args.repeats, device)
-    t["bare_fwdbwd_x5"], t["refine5"] = _paired_ms([bare_fwdbwd_x5, refine5], args.repeats, device)
     row = {f"{k}_ms": v for k, v in t.items()}
     row["loss_vs_bare"] = t["loss_fwdbwd"] / t["bare_fwdbwd"]
-    row["refine5_vs_bare_x5"] = t["refine5"] / t["bare_fwdbwd_x5"]
     row["bare_fwdbwd_peak_MiB"] = memory.measure(bare_fwdbwd) / 2**20
     row["loss_fwdbwd_peak_MiB"] = memory.measure(loss_fwdbwd) / 2**20
-    row["refine5_peak_MiB"] = memory.measure(refine5) / 2**20
     return row
 
 
@@ -376,9 +361,6 @@ def _summary(rows: list[dict], map_rows: list[dict], args, device) -> dict:
         "loss_fwdbwd_vs_bare_fwdbwd": round(last["loss_vs_bare"], 3),
         "loss_target": f"<= {LOSS_RATIO_TARGET}",
         "loss_ok": bool(last["loss_vs_bare"] <= LOSS_RATIO_TARGET),
-        "refine5_vs_5_bare_fwdbwd": round(last["refine5_vs_bare_x5"], 3),
-        "refine_target": f"<= {REFINE_RATIO_TARGET}",
-        "refine_ok": bool(last["refine5_vs_bare_x5"] <= REFINE_RATIO_TARGET),
         "lik_fwdbwd_vs_site_bare_fwdbwd": round(last["lik_vs_site_bare"], 3),
         "lik_prep_fwdbwd_vs_site_bare_fwdbwd": round(last["lik_prep_vs_site_bare"], 3),
         "lik_target": f"<= {LIK_RATIO_TARGET}",
@@ -388,7 +370,7 @@ def _summary(rows: list[dict], map_rows: list[dict], args, device) -> dict:
         "map_target": f"<= {MAP_MS_TARGET} ms/sample",
         "map_ok": bool(top["map_ms_per_sample"] <= MAP_MS_TARGET),
     }
-    summary.update(_memory_check(rows, "batch", ("loss_fwdbwd_peak_MiB", "refine5_peak_MiB", "lik_fwdbwd_peak_MiB")))
+    summary.update(_memory_check(rows, "batch", ("loss_fwdbwd_peak_MiB", "lik_fwdbwd_peak_MiB")))
     summary.update(_memory_check(map_rows, "map_samples", ("map_peak_MiB",)))
     summary["map_search"] = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in map_rows]
     return summary

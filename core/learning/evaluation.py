@@ -8,11 +8,18 @@ after a warm-up), plus:
 
 * ``groups``: the same metrics for ``los`` / ``nlos`` (serving site at the last report)
   and ``sparse`` (< 5 valid reports) / ``dense``;
-* with ``--refine``: ``refinement`` = {num_refined, steps, lr, threshold,
-  ``before`` / ``after`` (all samples), ``refined_before`` / ``refined_after`` (only the
-  refined ones), ``groups_after``};
+* with ``--refine``: ``refinement`` = the network + MAP refinement
+  (:func:`core.learning.inference.refine_prediction`: every sample, or with
+  ``--threshold`` only those less confident): {method "map", num_refined,
+  fraction_refined, threshold, top_k, window_s, use_prior, search (the MapSearchConfig),
+  ms_per_sample, sources (how many samples each kind of start won: window, centre,
+  global), ``before`` / ``after`` (all samples), ``refined_before`` / ``refined_after``
+  (only the refined ones), ``groups_after``};
 * with ``--baselines``: ``baselines`` = {"knn": metrics, "ml": metrics, "multilateration":
   metrics} on the same split (each with its ``groups``).
+
+The table printed without ``--json`` has one row per method (network, network + MAP,
+the baselines) and a second table of the median per group.
 """
 
 from __future__ import annotations
@@ -41,10 +48,15 @@ def _timed_predict(run, indices) -> tuple[Any, float]:
 
 
 def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: bool = False, device="cpu",
-                 steps: int | None = None, lr: float | None = None, threshold: float | None = None,
+                 threshold: float | None = None, top_k: int | None = None, window_s: float | None = None,
                  run=None, write: bool = True, keep_errors: bool = False) -> dict[str, Any]:
-    """Evaluate ``run_dir`` on ``split`` (see the module doc); ``run`` may be an already loaded run."""
-    from core.learning.inference import load_run, refine_prediction
+    """Evaluate ``run_dir`` on ``split`` (see the module doc); ``run`` may be an already loaded run.
+
+    ``threshold``, ``top_k``, ``window_s``: the MAP refinement's options
+    (:func:`~core.learning.inference.refine_prediction`; None: its defaults).
+    ``keep_errors`` adds ``_errors`` = {method: errors [N] in metres}.
+    """
+    from core.learning.inference import load_run
 
     run = run or load_run(run_dir, device=device)
     indices = run.dataset.indices(split)
@@ -60,17 +72,8 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     result["groups"] = grouped_metrics(pred.error_m, pred.los, pred.num_reports)
     errors = {"model": pred.error_m}
     if refine:
-        progress.report(0.4, "refining")
-        ref = refine_prediction(run, pred, steps=steps, lr=lr, threshold=threshold)
-        m = ref.refined
-        result["refinement"] = {
-            "num_refined": int(m.sum()), "fraction_refined": float(m.mean()), "steps": ref.steps, "lr": ref.lr,
-            "threshold": ref.threshold,
-            "before": error_metrics(ref.error_before_m), "after": error_metrics(ref.error_after_m),
-            "refined_before": error_metrics(ref.error_before_m[m]), "refined_after": error_metrics(ref.error_after_m[m]),
-            "groups_after": grouped_metrics(ref.error_after_m, pred.los, pred.num_reports),
-        }
-        errors["model_refined"] = ref.error_after_m
+        progress.report(0.4, "MAP refinement")
+        result["refinement"], errors["model_refined"] = _refinement(run, pred, threshold, top_k, window_s)
     if baselines:
         from core.learning.baselines import run_baselines
 
@@ -90,39 +93,80 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     return result
 
 
-def format_table(result: dict[str, Any]) -> str:
-    """A short human-readable table of ``result``."""
-    import pandas as pd
+def _refinement(run, pred, threshold, top_k, window_s) -> tuple[dict[str, Any], Any]:
+    """``(result["refinement"], errors after [N])`` of the MAP refinement of ``pred``."""
+    from dataclasses import asdict
 
-    rows = {"model": {k: result[k] for k in METRIC_KEYS}}
-    for g, m in result["groups"].items():
-        if g != "all":
-            rows[f"model [{g}]"] = {k: m[k] for k in METRIC_KEYS}
+    import numpy as np
+
+    from core.learning.inference import SOURCES, refine_prediction
+
+    run.calibration  # noqa: B018  calibrated (and stored) before the timing
+    run.refiner()
+    ref = refine_prediction(run, pred, threshold=threshold, top_k=top_k, window_s=window_s)
+    m = ref.refined
+    won = np.bincount(ref.source[m].astype(np.int64), minlength=len(SOURCES))
+    return {
+        "method": "map", "num_refined": int(m.sum()), "fraction_refined": float(m.mean()) if m.size else 0.0,
+        "threshold": ref.threshold, "top_k": ref.top_k, "window_s": ref.window_s, "use_prior": ref.use_prior,
+        "search": asdict(ref.search), "ms_per_sample": 1000.0 * ref.seconds / max(int(m.sum()), 1),
+        "sources": {name: int(c) for name, c in zip(SOURCES, won)},
+        "before": error_metrics(ref.error_before_m), "after": error_metrics(ref.error_after_m),
+        "refined_before": error_metrics(ref.error_before_m[m]), "refined_after": error_metrics(ref.error_after_m[m]),
+        "groups_after": grouped_metrics(ref.error_after_m, pred.los, pred.num_reports),
+    }, ref.error_after_m
+
+
+#: row labels of the printed tables
+LABELS = {"knn": "kNN fingerprint", "ml": "ML map matching", "multilateration": "multilateration"}
+
+
+def _method_rows(result: dict[str, Any]) -> dict[str, tuple[dict, dict]]:
+    """{label: (metrics, groups)} of every method in ``result``, in report order."""
+    rows = {"network": ({k: result[k] for k in METRIC_KEYS}, result["groups"])}
     if "refinement" in result:
         r = result["refinement"]
-        rows["model + refinement"] = {k: r["after"][k] for k in METRIC_KEYS}
-        rows["refined samples, before"] = {k: r["refined_before"][k] for k in METRIC_KEYS}
-        rows["refined samples, after"] = {k: r["refined_after"][k] for k in METRIC_KEYS}
+        rows["network + MAP"] = (r["after"], r["groups_after"])
     for name, m in result.get("baselines", {}).items():
-        rows[f"baseline {name}"] = {k: m[k] for k in METRIC_KEYS}
-    table = pd.DataFrame(rows).T
-    lines = [table.to_string(float_format=lambda v: f"{v:.3f}")]
+        rows[LABELS.get(name, name)] = (m, m.get("groups", {}))
+    return rows
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Human-readable tables of ``result``: the metrics per method, then the median per group."""
+    import pandas as pd
+
+    rows = _method_rows(result)
+    table = pd.DataFrame({label: {k: m[k] for k in METRIC_KEYS} for label, (m, _) in rows.items()}).T
+    fmt = lambda v: f"{v:.3f}"  # noqa: E731
+    lines = [f"{result['split']} split, {result['count']} samples", table.to_string(float_format=fmt), "",
+             "median error [m] per group"]
+    groups = pd.DataFrame({label: {g: gm[g]["median_m"] for g in ("all", "los", "nlos", "sparse", "dense") if g in gm}
+                           for label, (_, gm) in rows.items()}).T
+    lines.append(groups.to_string(float_format=fmt))
     lines.append(f"train_s_per_epoch {result['train_s_per_epoch']:.2f}  "
                  f"inference_ms_per_sample {result['inference_ms_per_sample']:.4f}")
     if "refinement" in result:
-        lines.append(f"refined {result['refinement']['num_refined']} of {result['count']} samples")
+        r = result["refinement"]
+        won = ", ".join(f"{k} {v}" for k, v in r["sources"].items())
+        lines.append(f"MAP refined {r['num_refined']} of {result['count']} samples ({r['ms_per_sample']:.2f} ms each; "
+                     f"winning start: {won}); reports pooled over {r['window_s']:g} s, {r['top_k']} coarse centres")
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run directory (e.g. runs/NAME or assets/default_run)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--refine", action="store_true", help="also report test-time refinement before/after")
+    parser.add_argument("--refine", action="store_true",
+                        help="also report the network + MAP refinement (every sample unless --threshold)")
     parser.add_argument("--baselines", action="store_true",
                         help="also evaluate kNN, ML map matching and multilateration")
-    parser.add_argument("--steps", type=int, default=None, help="refinement steps (default: the run's config)")
-    parser.add_argument("--lr", type=float, default=None, help="refinement step size [m]")
-    parser.add_argument("--threshold", type=float, default=None, help="refine when confidence < this")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="refine only samples whose confidence is below this (default: all)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="coarse cells searched besides the chosen one (default: 3)")
+    parser.add_argument("--window", type=float, default=None,
+                        help="pool the reports of the last WINDOW seconds per site (default: 1.0; 0: one report)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
@@ -131,6 +175,6 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # one thread: much faster than 2 on a shared 2-core CPU
     device = "cpu" if args.device == "auto" and not torch.cuda.is_available() else args.device
     result = evaluate_run(args.run, args.split, args.refine, args.baselines, device=device,
-                          steps=args.steps, lr=args.lr, threshold=args.threshold)
+                          threshold=args.threshold, top_k=args.top_k, window_s=args.window)
     print(json.dumps(result, indent=2, default=float) if args.json else format_table(result))
     return 0

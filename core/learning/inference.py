@@ -2,10 +2,14 @@
 
 * :func:`load_run` -> :class:`LoadedRun` (config, model in eval mode, dataset, radio map,
   metrics history);
-* :func:`predict` -> :class:`Prediction` (positions, sigma, confidence, errors and,
-  on request, attention weights with the map-patch geometry);
-* :func:`refine_prediction` -> :class:`RefinedPrediction` (test-time refinement with
-  the run's refinement settings).
+* :func:`predict` -> :class:`Prediction` (positions, sigma, confidence, errors, the most
+  likely coarse cells and, on request, attention weights with the map-patch geometry);
+* :func:`refine_prediction` -> :class:`RefinedPrediction`: test-time MAP refinement of
+  every sample (:class:`~core.physics.refinement.MapRefiner` on the run's calibrated
+  likelihood, ``calibration.json``, with the network's Gaussian as prior and its next
+  coarse cells as extra starts), with the path and per-term breakdowns before and after;
+* :func:`refinement_surface`, :func:`residual_table`, :func:`serving_table`: what the
+  Refinement inspector draws for one sample.
 
 Run directories are read through :mod:`core.stores.run` (which also lists them). Outputs
 are numpy arrays on the CPU. Missing or corrupt files, and a dataset or radio map that is
@@ -14,6 +18,7 @@ not the one the run was trained on, raise :class:`~core.errors.StoreError` namin
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +39,9 @@ from core.stores import run as run_store
 from core.stores.dataset import MeasurementDataset
 from core.stores.radio_map import RadioMap
 
+#: coarse cells :func:`predict` returns by default (the chosen one and the next 3)
+COARSE_TOP_K = 4
+
 
 @dataclass
 class LoadedRun:
@@ -53,16 +61,36 @@ class LoadedRun:
     device: torch.device
     checkpoint: Path
     map_image: torch.Tensor
-    _physics: Any = field(default=None, repr=False)
+    _calibration: Any = field(default=None, repr=False)
+    _likelihood: Any = field(default=None, repr=False)
+    _refiners: dict = field(default_factory=dict, repr=False)
 
     @property
-    def physics(self):
-        """The run's :class:`~core.physics_loss.PhysicsLoss` (built on first use)."""
-        if self._physics is None:
-            from core.learning.training import make_physics_loss
+    def calibration(self):
+        """The run's :class:`~core.physics.calibration.Calibration` (``calibration.json``; made
+        and stored on first use when missing: :func:`core.stores.run.ensure_calibration`)."""
+        if self._calibration is None:
+            self._calibration = run_store.ensure_calibration(self.run_dir, self.dataset, self.radio_map)
+        return self._calibration
 
-            self._physics = make_physics_loss(self.config, self.radio_map, self.device, self.dataset)
-        return self._physics
+    @property
+    def likelihood(self):
+        """The calibrated :class:`~core.physics.likelihood.RobustLikelihood` of the run's map (built once)."""
+        if self._likelihood is None:
+            from core.physics.likelihood import RobustLikelihood
+
+            self._likelihood = RobustLikelihood(self.radio_map, self.calibration, device=self.device)
+        return self._likelihood
+
+    def refiner(self, search=None):
+        """A :class:`~core.physics.refinement.MapRefiner` over :attr:`likelihood` for ``search``
+        (a MapSearchConfig; None: :func:`map_search_config` of the run), one per config."""
+        from core.physics.refinement import MapRefiner
+
+        search = search or map_search_config(self.config)
+        if search not in self._refiners:
+            self._refiners[search] = MapRefiner(self.likelihood, search)
+        return self._refiners[search]
 
     @property
     def scene(self) -> str | None:
@@ -86,29 +114,13 @@ class Prediction:
     error_m: np.ndarray  # [N]
     los: np.ndarray  # [N] serving site LOS at the last report
     num_reports: np.ndarray  # [N] valid reports
+    #: the ``k`` most likely coarse cells, most likely first (the first is the one ``xy`` lies in):
+    coarse_xy: np.ndarray | None = None  # [N, k, 2] their centres [m]
+    coarse_prob: np.ndarray | None = None  # [N, k] their softmax probabilities
     #: {"temporal": [ [N, H, T, T] ] * layers, "cross": [ [N, H, T, P] ] * layers} or None
     attention: dict[str, list[np.ndarray]] | None = None
     patch_grid: tuple[int, int] | None = None  # (rows, cols); patch p = row * cols + col, row along +y
     patch_bounds: np.ndarray | None = None  # [P, 4] (x_min, y_min, x_max, y_max) of each patch [m]
-
-
-@dataclass
-class RefinedPrediction:
-    """Refinement of a :class:`Prediction` (numpy; ``S`` steps)."""
-
-    xy: np.ndarray  # [N, 2] final positions
-    path: np.ndarray  # [S+1, N, 2] positions per step, start included
-    loss: np.ndarray  # [S+1, N] objective per step (physics + prior)
-    physics: np.ndarray  # [S+1, N] physics part
-    refined: np.ndarray  # [N] bool, the samples that moved
-    residual_before: np.ndarray  # [N, F] observed - map(p) at the start (feature units, AoA wrapped)
-    residual_after: np.ndarray  # [N, F] at the end
-    features: tuple[str, ...]
-    error_before_m: np.ndarray  # [N]
-    error_after_m: np.ndarray  # [N]
-    steps: int
-    lr: float
-    threshold: float
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedRun:
@@ -142,6 +154,26 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
                      map_input(radio_map, model.spec.map_size).to(device))
 
 
+@contextlib.contextmanager
+def cpu_threads(run: LoadedRun):
+    """Run with the run's ``training.num_threads`` torch CPU threads (restored after).
+
+    On a CPU device only, and only when set (> 0). One thread is the default because on
+    a shared 2-core CPU every elementwise op of a multi-threaded pass waits for a busy
+    core: the MAP search of 2,000 samples took 31 s with 2 threads under load, 0.7 s with 1.
+    """
+    n = int(run.config.training.num_threads or 0)
+    old = torch.get_num_threads()
+    if run.device.type != "cpu" or n <= 0 or n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def patch_bounds(spec, bounds) -> tuple[tuple[int, int], np.ndarray]:
     """``((rows, cols), [P, 4])``: map patches in scene metres, row-major, row along +y."""
     rows, cols = spec.patch_grid
@@ -152,30 +184,46 @@ def patch_bounds(spec, bounds) -> tuple[tuple[int, int], np.ndarray]:
     return (rows, cols), np.stack([x_min + c * px, y_min + r * py, x_min + (c + 1) * px, y_min + (r + 1) * py], 1)
 
 
+def predict(run: LoadedRun, indices, return_attention: bool = False, batch_size: int = 1024,
+            top_k: int = COARSE_TOP_K) -> Prediction:
+    """Predict samples ``indices`` (dataset indices) of ``run`` (with :func:`cpu_threads`).
+
+    ``top_k``: how many of the most likely coarse cells to return (``coarse_xy``,
+    ``coarse_prob``; at most ``G * G``).
+    """
+    with cpu_threads(run):
+        return _predict(run, indices, return_attention, batch_size, top_k)
+
+
 @torch.no_grad()
-def predict(run: LoadedRun, indices, return_attention: bool = False, batch_size: int = 1024) -> Prediction:
-    """Predict samples ``indices`` (dataset indices) of ``run``."""
+def _predict(run: LoadedRun, indices, return_attention: bool, batch_size: int, top_k: int) -> Prediction:
     indices = np.atleast_1d(np.asarray(indices, dtype=np.int64))
     if indices.size and (indices.min() < 0 or indices.max() >= run.dataset.num_samples):
         raise CoreError(f"predict: indices must be in [0, {run.dataset.num_samples}), got {indices.min()}..{indices.max()}")
     data = run.tensors(indices)
-    parts: dict[str, list] = {"xy": [], "sigma": [], "confidence": []}
+    parts: dict[str, list] = {"xy": [], "sigma": [], "confidence": [], "coarse_xy": [], "coarse_prob": []}
+    g2 = run.model.spec.grid_size ** 2
+    top_k = int(min(max(top_k, 1), g2))
     temporal: list[list[np.ndarray]] = []
     cross: list[list[np.ndarray]] = []
     for start in range(0, len(data), batch_size):
         b = data.batch(torch.arange(start, min(start + batch_size, len(data))), run.device)
         out = run.model(b["feats"], b["site_index"], b["mask"], run.map_image, return_attention=return_attention)
+        prob, cells = out.logits.softmax(-1).topk(top_k, dim=-1)
+        out_np = {"xy": out.xy, "sigma": out.sigma, "confidence": out.confidence, "coarse_prob": prob,
+                  "coarse_xy": run.model.cell_centre(cells.reshape(-1)).reshape(*cells.shape, 2)}
         for k in parts:
-            parts[k].append(getattr(out, k).cpu().numpy())
+            parts[k].append(out_np[k].cpu().numpy())
         if return_attention:
             temporal.append([w.cpu().numpy() for w in out.attention["temporal"]])
             cross.append([w.cpu().numpy() for w in out.attention["cross"]])
-    cat = {k: (np.concatenate(v) if v else np.zeros((0, 2) if k != "confidence" else (0,), np.float32))
-           for k, v in parts.items()}
+    empty = {"xy": (0, 2), "sigma": (0, 2), "confidence": (0,), "coarse_xy": (0, top_k, 2), "coarse_prob": (0, top_k)}
+    cat = {k: (np.concatenate(v) if v else np.zeros(empty[k], np.float32)) for k, v in parts.items()}
     true_xy = data.target_xy.numpy()
     pred = Prediction(
         indices=indices, xy=cat["xy"], sigma=cat["sigma"], confidence=cat["confidence"], true_xy=true_xy,
         error_m=position_errors(cat["xy"], true_xy), los=data.los.numpy(), num_reports=data.num_reports.numpy(),
+        coarse_xy=cat["coarse_xy"], coarse_prob=cat["coarse_prob"],
     )
     if return_attention:
         layers = run.model.spec.num_layers
@@ -187,28 +235,255 @@ def predict(run: LoadedRun, indices, return_attention: bool = False, batch_size:
     return pred
 
 
-def refine_prediction(run: LoadedRun, prediction: Prediction, steps: int | None = None, lr: float | None = None,
-                      threshold: float | None = None) -> RefinedPrediction:
-    """Refine ``prediction`` on the run's physics loss; ``None`` takes the config's refinement settings."""
-    from core.physics.refinement import refine
+# -- MAP refinement ------------------------------------------------------------------------------
+#: extra search centres: the most likely coarse cells after the chosen one
+DEFAULT_TOP_K = 3
+#: reports pooled per site: those within this time of the latest one [s] (measured on the
+#: etoile val split: 0 s -> 0.6 s -> 1.0 s moved the MAP median 1.30 -> 0.88 -> 0.86 m)
+DEFAULT_WINDOW_S = 1.0
+#: the prior's sigma when the config turns the prior off (``use_prior: false``): flat over any map [m]
+FLAT_PRIOR_SIGMA_M = 1.0e4
+#: stages of :attr:`RefinedPrediction.path` before the polish steps
+PATH_STAGES = ("network", "best start", "pattern search")
+SOURCES = ("window", "centre", "global")
+#: the columns of :func:`residual_table`
+RESIDUAL_COLUMNS = ("site", "reports", "path at network", "path at MAP",
+                    *(f"{f} σ {w}" for f in ("path_gain", "toa", "aoa") for w in ("network", "MAP")),
+                    "NLL network", "NLL MAP")
 
-    r = run.config.physics_loss.refinement
-    steps = r.num_steps if steps is None else int(steps)
-    lr = r.learning_rate if lr is None else float(lr)
-    threshold = r.min_confidence_threshold if threshold is None else float(threshold)
-    data = run.tensors(prediction.indices)
-    dev = run.device
-    res = refine(
-        torch.as_tensor(prediction.xy, device=dev), data.observed.to(dev), run.physics, steps=steps, lr=lr,
-        confidence=torch.as_tensor(prediction.confidence, device=dev), threshold=threshold,
-        prior_sigma=torch.as_tensor(prediction.sigma, device=dev).clamp_min(1e-3) if r.use_prior else None,
-        mask=data.obs_mask.to(dev),
-    )
-    xy = res.xy.cpu().numpy()
+
+def map_search_config(config: Config):
+    """The :class:`~core.physics.refinement.MapSearchConfig` of a run's config.
+
+    From ``physics_loss.refinement``: ``num_steps`` -> ``polish_steps`` (Adam steps after
+    the pattern search). Everything else: the MapSearchConfig defaults (``learning_rate``
+    was the old gradient refinement's step from the raw estimate; the polish starts from a
+    0.5 m pattern search, so its own 0.25 m default stays).
+    """
+    from core.physics.refinement import MapSearchConfig
+
+    return MapSearchConfig(polish_steps=int(config.physics_loss.refinement.num_steps))
+
+
+@dataclass
+class RefinedPrediction:
+    """MAP refinement of a :class:`Prediction` (numpy; ``N`` samples, ``K`` slots, ``M`` starts,
+    ``P = polish_steps + 3`` path points). Positions in metres, NLLs in nats.
+
+    xy ``[N, 2]`` the MAP estimate; start_xy ``[N, 2]`` the network's mean ``mu``;
+    prior_sigma ``[N, 2]`` the prior's sigma (the network's, or :data:`FLAT_PRIOR_SIGMA_M`).
+    path ``[P, N, 2]``: ``mu``, the winning start's best grid point, the pattern search's
+    end, then each polish step (labels ``path_labels``); path_posterior ``[P, N]``
+    ``J = NLL + prior_nll`` there. ``xy`` is the best point of the polish (not always its
+    last). starts ``[N, M, 2]``, start_posterior ``[N, M]`` each start's best grid point
+    (``start_labels``: "window", "centre 1".., "global 1".., NaN posterior when not refined);
+    source ``[N]`` the winner's kind (index into :data:`SOURCES`), start_index ``[N]`` its column.
+    posterior_*, nll_*, prior_* ``[N]`` at ``mu`` (``_before``) and at ``xy`` (``_after``).
+    site_ids ``[N, K]`` the observation's slots (-1 empty), weight ``[N, K, 3]`` reports
+    averaged into each value; per slot and feature (path_gain, toa, aoa) at ``mu`` / at
+    ``xy``: site_nats ``[N, K, 3]`` the NLL terms, site_z signed residuals in sigma units
+    ``(measured - bias - map) / (scale / sqrt(n))`` (AoA: the chord, signed by the wrapped
+    angle; NaN where absent), residual the same in feature units (dB, ns, deg),
+    covered ``[N, K]`` whether the site has a path there. cell_nats / cell_z ``[N, F_c]``
+    for the serving features ``cell_features``. refined ``[N]`` bool: searched (all,
+    unless a confidence threshold gates it).
+    """
+
+    indices: np.ndarray
+    xy: np.ndarray
+    start_xy: np.ndarray
+    prior_sigma: np.ndarray
+    path: np.ndarray
+    path_labels: tuple[str, ...]
+    path_posterior: np.ndarray
+    starts: np.ndarray
+    start_posterior: np.ndarray
+    start_labels: tuple[str, ...]
+    source: np.ndarray
+    start_index: np.ndarray
+    posterior_before: np.ndarray
+    posterior_after: np.ndarray
+    nll_before: np.ndarray
+    nll_after: np.ndarray
+    prior_before: np.ndarray
+    prior_after: np.ndarray
+    refined: np.ndarray
+    site_ids: np.ndarray
+    weight: np.ndarray
+    site_nats_before: np.ndarray
+    site_nats_after: np.ndarray
+    site_z_before: np.ndarray
+    site_z_after: np.ndarray
+    residual_before: np.ndarray
+    residual_after: np.ndarray
+    covered_before: np.ndarray
+    covered_after: np.ndarray
+    cell_features: tuple[str, ...]
+    cell_nats_before: np.ndarray
+    cell_nats_after: np.ndarray
+    cell_z_before: np.ndarray
+    cell_z_after: np.ndarray
+    error_before_m: np.ndarray
+    error_after_m: np.ndarray
+    threshold: float | None
+    top_k: int
+    window_s: float
+    use_prior: bool
+    search: Any
+    seconds: float
+
+    def source_name(self, i: int) -> str:
+        """Which start won for sample row ``i`` ("window", "centre 2", "global 1"; "not refined")."""
+        return self.start_labels[int(self.start_index[i])] if self.refined[i] else "not refined"
+
+
+def _signed_z(terms) -> tuple[np.ndarray, np.ndarray]:
+    """``(site_z [B, K, 3], cell_z [B, F_c])`` signed by the residuals, NaN where absent."""
+    z = np.where(terms.present.cpu().numpy(), np.sign(terms.residual.cpu().numpy()) * terms.z.cpu().numpy(), np.nan)
+    cz = np.sign(terms.cell_residual.cpu().numpy()) * terms.cell_z.cpu().numpy()
+    return z, cz
+
+
+def _start_labels(n_centres: int, n_global: int) -> tuple[str, ...]:
+    return ("window", *(f"centre {i + 1}" for i in range(n_centres)), *(f"global {i + 1}" for i in range(n_global)))
+
+
+def refine_prediction(run: LoadedRun, prediction: Prediction, threshold: float | None = None,
+                      top_k: int | None = None, window_s: float | None = None, search=None,
+                      use_prior: bool | None = None) -> RefinedPrediction:
+    """MAP refinement (:class:`~core.physics.refinement.MapRefiner`) of every sample of ``prediction``.
+
+    Posterior ``J(p) = NLL(p | reports) + prior_nll(p)``: the run's calibrated robust
+    likelihood (:attr:`LoadedRun.likelihood`) of the sample's reports pooled over the last
+    ``window_s`` seconds (default :data:`DEFAULT_WINDOW_S`), and the network's Gaussian
+    ``N(mean, sigma^2)`` with its outlier floor as the prior (``use_prior``: default the
+    config's ``physics_loss.refinement.use_prior``; off: a flat prior). Starts: the window
+    around the mean, the ``top_k`` next most likely coarse cells (default
+    :data:`DEFAULT_TOP_K`) and the global scan's blocks. ``threshold``: refine only samples
+    with confidence below it (None: all). ``search``: a MapSearchConfig (default
+    :func:`map_search_config`). Batched (the refiner works in chunks).
+    """
+    from core.physics.observation import site_observation
+
+    search = search or map_search_config(run.config)
+    top_k = DEFAULT_TOP_K if top_k is None else max(0, int(top_k))
+    window_s = DEFAULT_WINDOW_S if window_s is None else float(window_s)
+    use_prior = run.config.physics_loss.refinement.use_prior if use_prior is None else bool(use_prior)
+    refiner = run.refiner(search)
+    n = len(prediction.indices)
+    obs = site_observation(run.dataset, prediction.indices, window_s=window_s)
+    sigma = prediction.sigma if use_prior else np.full((n, 2), FLAT_PRIOR_SIGMA_M, np.float32)
+    centres = None
+    if top_k and prediction.coarse_xy is not None and prediction.coarse_xy.shape[1] > 1:
+        centres = torch.as_tensor(prediction.coarse_xy[:, 1:1 + top_k])
+    with cpu_threads(run):
+        res = refiner(torch.as_tensor(prediction.xy), torch.as_tensor(sigma), obs, centres=centres,
+                      confidence=None if threshold is None else torch.as_tensor(prediction.confidence),
+                      threshold=threshold)
+    return _refined(res, prediction, obs, sigma, threshold, 0 if centres is None else centres.shape[1],
+                    window_s, use_prior, search)
+
+
+def _refined(res, prediction: Prediction, obs, sigma, threshold, n_centres: int, window_s: float, use_prior: bool,
+             search) -> RefinedPrediction:
+    """A :class:`RefinedPrediction` from a :class:`~core.physics.refinement.MapResult`."""
+    npy = lambda t: t.detach().cpu().numpy()  # noqa: E731
+    n = len(prediction.indices)
+    xy = npy(res.xy)
+    rows = np.arange(n)
+    m = res.starts.shape[1]
+    n_global = max(0, m - 1 - n_centres) if res.start_posterior.shape[1] == m else 0
+    labels = _start_labels(n_centres, n_global)[:m] if m > 1 else ("window",)
+    start_j = npy(res.start_posterior)
+    source, rank = npy(res.source).astype(np.int64), npy(res.source_rank)
+    col = np.where(source == 0, 0, np.where(source == 1, 1 + rank, 1 + n_centres + rank)).clip(0, m - 1)
+    win_j = np.where(npy(res.refined), start_j[rows, col], npy(res.posterior_start))
+    path = np.concatenate([prediction.xy[None].astype(np.float64), npy(res.coarse_xy)[None], npy(res.path)], 0)
+    path_j = np.concatenate([npy(res.posterior_start)[None], win_j[None], npy(res.path_posterior)], 0)
+    zb, czb = _signed_z(res.terms_before)
+    za, cza = _signed_z(res.terms_after)
+    weight = np.ones(obs.site.shape, np.float32) if obs.weight is None else obs.weight.numpy()
+    tb, ta = res.terms_before, res.terms_after
     return RefinedPrediction(
-        xy=xy, path=res.path.cpu().numpy(), loss=res.loss.cpu().numpy(), physics=res.physics.cpu().numpy(),
-        refined=res.refined.cpu().numpy(), residual_before=res.residual_start.cpu().numpy(),
-        residual_after=res.residual_end.cpu().numpy(), features=tuple(res.features),
-        error_before_m=prediction.error_m, error_after_m=position_errors(xy, prediction.true_xy),
-        steps=steps, lr=lr, threshold=threshold,
+        indices=prediction.indices, xy=xy, start_xy=prediction.xy, prior_sigma=np.asarray(sigma, np.float32),
+        path=path, path_labels=PATH_STAGES + tuple(f"polish {i + 1}" for i in range(path.shape[0] - 3)),
+        path_posterior=path_j, starts=npy(res.starts), start_posterior=start_j, start_labels=labels,
+        source=source.astype(np.int8), start_index=col, posterior_before=npy(res.posterior_start),
+        posterior_after=npy(res.posterior), nll_before=npy(res.nll_start), nll_after=npy(res.nll),
+        prior_before=npy(res.prior_nll_start), prior_after=npy(res.prior_nll), refined=npy(res.refined),
+        site_ids=obs.site_ids.numpy(), weight=np.where(obs.site_ids.numpy()[..., None] >= 0, weight, 0.0),
+        site_nats_before=npy(tb.site), site_nats_after=npy(ta.site), site_z_before=zb, site_z_after=za,
+        residual_before=np.where(npy(tb.present), npy(tb.residual), np.nan),
+        residual_after=np.where(npy(ta.present), npy(ta.residual), np.nan),
+        covered_before=npy(tb.coverage) > 0.5, covered_after=npy(ta.coverage) > 0.5,
+        cell_features=tuple(tb.cell_features), cell_nats_before=npy(tb.cell), cell_nats_after=npy(ta.cell),
+        cell_z_before=czb, cell_z_after=cza, error_before_m=prediction.error_m,
+        error_after_m=position_errors(xy, prediction.true_xy), threshold=threshold, top_k=n_centres,
+        window_s=window_s, use_prior=use_prior, search=search, seconds=float(res.seconds),
     )
+
+
+def refinement_surface(run: LoadedRun, refined: RefinedPrediction, row: int, half_m: float | None = None,
+                       centre=None, step_m: float | None = None):
+    """The likelihood surfaces (:func:`~core.physics.surface.likelihood_surface`) of sample
+    row ``row`` of ``refined``: the same observation and prior as its MAP search.
+
+    ``centre``: ``(x, y)`` [m] (default the network's mean); ``half_m``: half-width [m]
+    (default the search window, ``search.window_m``).
+    """
+    from core.physics.observation import site_observation
+    from core.physics.prior import position_prior
+    from core.physics.surface import likelihood_surface
+
+    if not 0 <= row < len(refined.indices):
+        raise CoreError(f"refinement surface: row {row} is not in [0, {len(refined.indices)})")
+    refiner, c = run.refiner(refined.search), refined.search
+    obs = site_observation(run.dataset, refined.indices[row:row + 1], window_s=refined.window_s)
+    dt, dev = run.likelihood.maps.dtype, run.likelihood.maps.device
+    prior = position_prior(torch.as_tensor(refined.start_xy[row:row + 1], dtype=dt, device=dev),
+                           torch.as_tensor(refined.prior_sigma[row:row + 1], dtype=dt, device=dev), refiner.area,
+                           c.outlier_prob, c.min_sigma_m)
+    centre = refined.start_xy[row] if centre is None else centre
+    with cpu_threads(run):
+        return likelihood_surface(run.likelihood, obs, centre, float(half_m or c.window_m), step_m, prior)
+
+
+def residual_table(run: LoadedRun, refined: RefinedPrediction, row: int) -> pd.DataFrame:
+    """Per reported site of sample row ``row``: the residuals at the network's estimate and at
+    the MAP estimate in sigma units (``(measured - bias - map) / (scale / sqrt(n))``, signed),
+    so dB, ns and degrees compare at a glance, and the slot's NLL [nats] at both.
+
+    Columns: ``site``, ``reports`` (n averaged), ``path at network`` / ``path at MAP``
+    (whether the map has a path from the site there), ``<feature> σ network`` /
+    ``<feature> σ MAP`` for path_gain, toa, aoa, ``NLL network`` / ``NLL MAP``. One row per
+    occupied slot (the serving features: :func:`serving_table`).
+    """
+    from core.physics.calibration import SITE_FEATURES
+
+    names = run.calibration.site_names
+    rows = []
+    for k, s in enumerate(refined.site_ids[row]):
+        if s < 0:
+            continue
+        r = {"site": names[s] if s < len(names) else f"site {s}",
+             "reports": int(refined.weight[row, k].max()),
+             "path at network": bool(refined.covered_before[row, k]), "path at MAP": bool(refined.covered_after[row, k])}
+        for f, feat in enumerate(SITE_FEATURES):
+            r[f"{feat} σ network"] = float(refined.site_z_before[row, k, f])
+            r[f"{feat} σ MAP"] = float(refined.site_z_after[row, k, f])
+        r["NLL network"] = float(refined.site_nats_before[row, k].sum())
+        r["NLL MAP"] = float(refined.site_nats_after[row, k].sum())
+        rows.append(r)
+    return pd.DataFrame(rows, columns=list(RESIDUAL_COLUMNS))
+
+
+def serving_table(refined: RefinedPrediction, row: int) -> pd.DataFrame:
+    """The serving-cell features the likelihood uses, for sample row ``row``: columns
+    ``feature``, ``σ network``, ``σ MAP`` (signed residual over scale) and ``NLL network``,
+    ``NLL MAP`` [nats]."""
+    return pd.DataFrame([{"feature": f, "σ network": float(refined.cell_z_before[row, c]),
+                          "σ MAP": float(refined.cell_z_after[row, c]),
+                          "NLL network": float(refined.cell_nats_before[row, c]),
+                          "NLL MAP": float(refined.cell_nats_after[row, c])}
+                         for c, f in enumerate(refined.cell_features)],
+                        columns=["feature", "σ network", "σ MAP", "NLL network", "NLL MAP"])

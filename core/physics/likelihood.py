@@ -32,6 +32,9 @@ everywhere, no seam at +-180 deg, no atan2 (the von Mises kernel). The NLL in na
   cell features.
 * ``m`` masks what is absent: empty slots (site id -1), NaN features, features not in
   :attr:`LikelihoodConfig.site_features`. Absent entries contribute exactly 0.
+* A value averaged over ``n`` reports (``SiteObservation.weight``, see
+  :func:`~core.physics.observation.site_observation` with ``window_s``) has the scale
+  ``sigma / sqrt(n)``: ``z^2`` is multiplied by ``n`` (the miss cost is not).
 * ``w_f`` are optional multipliers (default 1: a calibrated likelihood needs none).
 * Serving features ``c`` enter only where the calibration marks them informative
   (``cell_features="auto"``, see :mod:`core.physics.calibration`) or when listed.
@@ -128,7 +131,7 @@ class PreparedObservation(NamedTuple):
 
     Site-major like the table's samples, ``[S, B]`` each, 0 for sites not reported:
     ``o_pg``, ``o_toa`` (measured - bias), ``u_c``, ``u_s`` (unit vector of measured AoA -
-    bias), ``inv2_pg``, ``inv2_toa``, ``inv2_aoa`` (``m / sigma^2``, sigma of AoA in rad),
+    bias), ``inv2_pg``, ``inv2_toa``, ``inv2_aoa`` (``m n / sigma^2``, ``n`` the reports averaged, sigma of AoA in rad),
     ``r_miss`` (``rho(z_miss) sum_f m w``). Serving part: ``o_cell``, ``inv2_cell``
     ``[F_c, B]``, ``r_miss_cell [B]``. ``site_ids [B, K]``.
     """
@@ -332,11 +335,21 @@ class RobustLikelihood(torch.nn.Module):
             flat[f].index_copy_(0, index, src[f])
         measured = flat.view(3, s + 1, b)[:, :s]  # [3, S, B]
         m = (measured == measured).to(dt)
+        if obs.weight is not None:  # reports averaged per value: the variance is divided by it
+            weight = torch.as_tensor(obs.weight, device=dev).to(dt)
+            if weight.shape != (b, k, 3):
+                raise CoreError(f"likelihood: observation weight must be [{b}, {k}, 3], got {tuple(weight.shape)}")
+            flat_w = torch.zeros((3, (s + 1) * b), dtype=dt, device=dev)
+            src_w = torch.nan_to_num(weight.reshape(b * k, 3).t(), nan=0.0, posinf=0.0, neginf=0.0).clamp_(min=0.0)
+            for f in range(3):
+                flat_w[f].index_copy_(0, index, src_w[f])
+            m = m * flat_w.view(3, s + 1, b)[:, :s]
         o = (measured - self.bias_t.unsqueeze(-1)).nan_to_num_(0.0)  # measured - bias, 0 where absent
+        present = (m > 0).to(dt)
         rad = torch.deg2rad(o[2])
-        u_c, u_s = torch.cos(rad).mul_(m[2]), torch.sin(rad).mul_(m[2])
-        inv2 = m * self.inv2_t.unsqueeze(-1)
-        r_miss = torch.tensordot(self.w_miss, m, dims=1)  # [S, B]
+        u_c, u_s = torch.cos(rad).mul_(present[2]), torch.sin(rad).mul_(present[2])
+        inv2 = m * self.inv2_t.unsqueeze(-1)  # n / sigma^2 (n = reports averaged, 1 without weights)
+        r_miss = torch.tensordot(self.w_miss, present, dims=1)  # [S, B]
         per_site = (o[0], o[1], u_c, u_s, inv2[0], inv2[1], inv2[2], r_miss)
         o_cell, inv2_cell, r_cell = self._prepare_cell(obs, b)
         return PreparedObservation(*per_site, o_cell, inv2_cell, r_cell, ids)

@@ -26,10 +26,7 @@ Every sample is refined unless ``confidence`` and a ``threshold`` are given (the
 ``confidence < threshold``; the others come back unchanged). The result records the
 path (which start won, its coarse and pattern-search points, the polish path) and the
 likelihood's per-term breakdown at ``mu`` and at the result, for an inspector.
-
-The original gradient refinement on the serving-map physics loss lives on in
-:mod:`core.physics.gradient_refinement`; :func:`refine` and :class:`RefinementResult`
-are re-exported here for its callers.
+A trained run uses it through :func:`core.learning.inference.refine_prediction`.
 """
 
 from __future__ import annotations
@@ -41,14 +38,13 @@ from dataclasses import dataclass
 import torch
 
 from core.errors import CoreError
-from core.physics.gradient_refinement import RefinementResult, refine
 from core.physics.likelihood import LikelihoodTerms, PreparedObservation, RobustLikelihood
 from core.physics.map_scan import GlobalScan
 from core.physics.observation import SiteObservation
 from core.physics.prior import PositionPrior, position_prior
 
-__all__ = ["MapSearchConfig", "MapRefiner", "MapResult", "map_refine", "refine", "RefinementResult",
-           "SOURCE_WINDOW", "SOURCE_CENTRE", "SOURCE_GLOBAL"]
+__all__ = ["MapSearchConfig", "MapRefiner", "MapResult", "map_refine", "SOURCE_WINDOW", "SOURCE_CENTRE",
+           "SOURCE_GLOBAL"]
 
 SOURCE_WINDOW, SOURCE_CENTRE, SOURCE_GLOBAL = 0, 1, 2
 _BETA1, _BETA2, _EPS = 0.9, 0.999, 1e-8

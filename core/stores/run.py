@@ -12,6 +12,9 @@ Layout::
         log.txt         human-readable log, appended
         status.json     {"state": running|done|stopped, "epoch", "epochs", "best_val_median_m" [m]}
         lineage.json    {"dataset": StoreRef, "radio_map": StoreRef}: the stores it was trained on
+        calibration.json  the likelihood's per-site bias and scale (:class:`~core.physics.calibration.Calibration`),
+                        calibrated on the train split at the true positions; ``meta`` records the
+                        dataset and radio map (StoreRef dicts) it was made from
 
 Checkpoints hold only tensors and plain data (dict, list, tuple, str, int, float, bool,
 None; ``spec`` and ``config`` as dicts): :func:`save_checkpoint` refuses anything else and
@@ -20,6 +23,10 @@ checkpoint never runs pickled code.
 
 metrics.jsonl has one rule for a broken line: every line holding a JSON object is a row;
 any other non-blank line (a torn write, a stray edit) is skipped (:func:`read_metrics`).
+
+``calibration.json`` is derived data: :func:`ensure_calibration` computes and stores it
+(atomically) when it is missing, unreadable, or made from other stores than the ones given,
+so an older run gains it at its first evaluation.
 
 A directory that holds anything is taken (:func:`is_taken`): training refuses it unless it
 resumes it (``last.pt`` needed) or replaces it (:func:`check_out_dir`).
@@ -44,8 +51,8 @@ from core.stores.atomic import atomic_path, atomic_write_text
 from core.stores.lineage import StoreRef, map_path_for, store_ref
 
 CONFIG, METRICS, BEST, LAST = "config.yaml", "metrics.jsonl", "best.pt", "last.pt"
-LOG, STATUS, LINEAGE = "log.txt", "status.json", "lineage.json"
-FILES = (CONFIG, METRICS, BEST, LAST, LOG, STATUS, LINEAGE)
+LOG, STATUS, LINEAGE, CALIBRATION = "log.txt", "status.json", "lineage.json", "calibration.json"
+FILES = (CONFIG, METRICS, BEST, LAST, LOG, STATUS, LINEAGE, CALIBRATION)
 
 
 # -- the directory ---------------------------------------------------------------------------
@@ -187,6 +194,73 @@ def check_lineage(run_dir: str | os.PathLike, dataset: StoreRef, radio_map: Stor
         if was is not None and was.id and was.id != now.id:
             raise StoreError(f"run {run_dir} was trained on {label} {was.describe()}, but its config now leads to "
                              f"{label} {now.describe()}: train it again on these stores, or restore that one")
+
+
+# -- calibration ----------------------------------------------------------------------------------
+def calibration_path(run_dir: str | os.PathLike) -> Path:
+    """``<run>/calibration.json``."""
+    return Path(run_dir) / CALIBRATION
+
+
+def read_calibration(run_dir: str | os.PathLike):
+    """The run's :class:`~core.physics.calibration.Calibration`, or None when it has none.
+
+    A file that is not a calibration raises a :class:`StoreError` naming it.
+    """
+    from core.physics.calibration import Calibration
+
+    path = calibration_path(run_dir)
+    if not path.exists():
+        return None
+    try:
+        return Calibration.from_json(path.read_text())
+    except (OSError, CoreError) as exc:
+        raise StoreError(f"{path}: unreadable calibration ({exc})") from None
+
+
+def write_calibration(run_dir: str | os.PathLike, calibration) -> Path:
+    """Write ``calibration`` to ``<run>/calibration.json`` atomically; returns the path."""
+    return calibration.save(calibration_path(run_dir))
+
+
+def _made_from(calibration, dataset: StoreRef, radio_map: StoreRef) -> bool:
+    """Whether ``calibration`` records these stores (the same saves: equal lineage ids, or
+    equal digests when ids are absent)."""
+    meta = calibration.meta or {}
+    for key, ref in (("dataset", dataset), ("radio_map", radio_map)):
+        was = StoreRef.from_dict(meta.get(key))
+        if was is None or not (was.id or was.digest):
+            return False
+        if (was.id or None) != (ref.id or None) or (was.digest or None) != (ref.digest or None):
+            return False
+    return True
+
+
+def ensure_calibration(run_dir: str | os.PathLike, dataset, radio_map):
+    """The run's calibration for ``dataset`` and ``radio_map``: the stored one when it was
+    made from these very stores, else calibrated now and stored.
+
+    Calibration: :func:`~core.physics.calibration.calibrate` on the train split, every
+    present report at its true position; ``meta["dataset"]`` / ``meta["radio_map"]`` record
+    the stores' refs. A stored file that is unreadable or made from other stores is
+    replaced. A read-only run directory gets none written (the calibration is returned).
+    """
+    from core.physics.calibration import calibrate
+
+    refs = (dataset.ref, radio_map.ref)
+    try:
+        stored = read_calibration(run_dir)
+    except StoreError:
+        stored = None
+    if stored is not None and _made_from(stored, *refs):
+        return stored
+    cal = calibrate(dataset, radio_map, split="train")
+    cal.meta.update({"dataset": refs[0].to_dict(), "radio_map": refs[1].to_dict()})
+    try:
+        write_calibration(run_dir, cal)
+    except OSError:
+        pass
+    return cal
 
 
 # -- checkpoints ----------------------------------------------------------------------------------

@@ -385,10 +385,12 @@ def ellipse_points(center: Sequence[float], sigma: Any, n_sigma: float = 1.0, n:
 
 def sample_map(rm: RadioMap, feature: str, true_xy: Sequence[float], pred_xy: Sequence[float], sigma: Any = None,
                path: np.ndarray | None = None, step: int | None = None, geometry: Any = None,
-               window_m: float | None = 120.0, title: str | None = None, max_cells: int = 256) -> go.Figure:
+               window_m: float | None = 120.0, title: str | None = None, max_cells: int = 256,
+               end_name: str | None = None) -> go.Figure:
     """The ``feature`` map around one sample: ground truth, prediction with its 1σ/2σ
-    ellipses, and the refinement path up to ``step`` (``path [S+1, 2]`` m, step 0 = the
-    network's prediction)."""
+    ellipses, and the MAP path up to point ``step`` (``path [P, 2]`` m, point 0 = the
+    network's prediction; None: all of it); ``end_name`` names its last point's marker
+    (default "path point <step>")."""
     fig = feature_heatmap(rm, feature, geometry=geometry, max_cells=max_cells)
     if sigma is not None:
         for k, dash in ((1.0, "solid"), (2.0, "dot")):
@@ -399,11 +401,11 @@ def sample_map(rm: RadioMap, feature: str, true_xy: Sequence[float], pred_xy: Se
         path = np.asarray(path, dtype=np.float64)
         upto = len(path) - 1 if step is None else int(np.clip(step, 0, len(path) - 1))
         shown = path[: upto + 1]
-        fig.add_trace(go.Scatter(x=shown[:, 0], y=shown[:, 1], mode="lines+markers", name="refinement path",
+        fig.add_trace(go.Scatter(x=shown[:, 0], y=shown[:, 1], mode="lines+markers", name="MAP path",
                                  text=[f"step {i}" for i in range(len(shown))],
                                  line=dict(color="#ff7f0e", width=2), marker=dict(size=7),
                                  hovertemplate="%{text}<br>x=%{x:.1f} m, y=%{y:.1f} m<extra></extra>"))
-        fig.add_trace(go.Scatter(x=[shown[-1, 0]], y=[shown[-1, 1]], mode="markers", name=f"refined (step {upto})",
+        fig.add_trace(go.Scatter(x=[shown[-1, 0]], y=[shown[-1, 1]], mode="markers", name=end_name or f"path point {upto}",
                                  marker=dict(symbol="diamond", size=12, color="#ff7f0e", line=dict(color="black", width=1)),
                                  hovertemplate="step " + str(upto) + "<br>x=%{x:.1f} m, y=%{y:.1f} m<extra></extra>"))
     _add_points(fig, true_xy, pred_xy)
@@ -417,50 +419,117 @@ def sample_map(rm: RadioMap, feature: str, true_xy: Sequence[float], pred_xy: Se
     return fig
 
 
-def residual_bars(features: Sequence[str], before: np.ndarray, after: np.ndarray | None = None,
-                  title: str = "Per-feature residuals (map at the position − measurement)") -> go.Figure:
-    """Bar chart of per-feature residuals, before and after refinement, in each feature's unit."""
-    labels = [_short_label(f) for f in features]
-    fig = go.Figure(go.Bar(x=labels, y=np.asarray(before, dtype=np.float64), name="network prediction",
-                           marker_color="#1f77b4", hovertemplate="%{x}: %{y:.3g}<extra>prediction</extra>"))
-    if after is not None:
-        fig.add_trace(go.Bar(x=labels, y=np.asarray(after, dtype=np.float64), name="after refinement",
-                             marker_color="#ff7f0e", hovertemplate="%{x}: %{y:.3g}<extra>refined</extra>"))
-    fig.add_hline(y=0, line_color="black", line_width=1)
-    fig.update_layout(title=title, barmode="group", xaxis_title="feature [its unit]",
-                      yaxis_title="residual (in the feature's unit)", height=380, margin=dict(l=60, r=20, t=60, b=50))
+#: colours of the refinement figures
+NETWORK_COLOR, MAP_COLOR, TRUTH_COLOR, START_COLOR = "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"
+
+
+def surface_layers(surface, site_names: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """The layers of a :class:`~core.physics.surface.LikelihoodSurface` to draw, by label:
+    posterior, likelihood (all terms), prior, then one per reported site (slot order), and
+    the serving cell's features when they weigh anything. Values ``[H, W]`` in nats."""
+    layers = {"posterior (likelihood + prior)": surface.posterior, "likelihood (all sites)": surface.nll,
+              "prior (network)": surface.prior}
+    for k, s in enumerate(np.asarray(surface.site_ids)):
+        if s >= 0:
+            layers[f"site {site_names[s] if s < len(site_names) else s}"] = surface.site[k]
+    cell = np.asarray(surface.cell)[np.isfinite(surface.cell)]
+    if cell.size and np.ptp(cell) > 0:
+        layers["serving cell features"] = surface.cell
+    return layers
+
+
+def _marker(fig: go.Figure, xy, name: str, symbol: str, color: str, size: int = 14) -> None:
+    fig.add_trace(go.Scatter(x=[xy[0]], y=[xy[1]], mode="markers", name=name,
+                             marker=dict(symbol=symbol, size=size, color=color, line=dict(color="black", width=1)),
+                             hovertemplate=name + " x=%{x:.2f} m, y=%{y:.2f} m<extra></extra>"))
+
+
+def likelihood_surface(surface, layer: str, true_xy=None, network_xy=None, sigma=None, map_xy=None,
+                       path: np.ndarray | None = None, path_labels: Sequence[str] = (), starts: np.ndarray | None = None,
+                       start_labels: Sequence[str] = (), site_names: Sequence[str] = (), title: str | None = None,
+                       max_delta: float = 30.0) -> go.Figure:
+    """One layer of a likelihood surface as a heatmap of ``value - min`` [nats] (capped at
+    ``max_delta``), with the truth, the network's estimate and its 1σ / 2σ ellipses
+    (``sigma`` = (σx, σy) m), the MAP estimate, its path ``[P, 2]`` (labels per point) and
+    the search's starts ``[M, 2]``. ``layer`` is a key of :func:`surface_layers`."""
+    layers = surface_layers(surface, site_names)
+    if layer not in layers:
+        raise CoreError(f"likelihood surface: no layer {layer!r} (have {', '.join(layers)})")
+    z = np.asarray(layers[layer], dtype=np.float64)
+    finite = z[np.isfinite(z)]
+    dz = z - (finite.min() if finite.size else 0.0)  # NaN (outside the map) stays NaN
+    fig = go.Figure(go.Heatmap(
+        x=surface.xs, y=surface.ys, z=np.minimum(dz, max_delta), zmin=0.0,
+        zmax=max(min(float(finite.max() - finite.min()) if finite.size else 0.0, max_delta), 1e-6),
+        colorscale="Viridis_r", name=layer, customdata=dz,
+        colorbar=dict(title=dict(text="Δ NLL [nats]<br>(0 = best in view)")),
+        hovertemplate="x=%{x:.2f} m, y=%{y:.2f} m<br>Δ=%{customdata:.2f} nats<extra>" + layer + "</extra>"))
+    if sigma is not None and network_xy is not None:
+        for k, dash in ((1.0, "solid"), (2.0, "dot")):
+            pts = ellipse_points(network_xy, sigma, k)
+            fig.add_trace(go.Scatter(x=pts[:, 0], y=pts[:, 1], mode="lines", name=f"{k:g}σ network",
+                                     line=dict(color=NETWORK_COLOR, width=2, dash=dash), hoverinfo="skip"))
+    if starts is not None and len(starts):
+        st = np.asarray(starts, dtype=np.float64)
+        fig.add_trace(go.Scatter(x=st[:, 0], y=st[:, 1], mode="markers", name="search starts",
+                                 text=list(start_labels) or None,
+                                 marker=dict(symbol="circle-open", size=10, color=START_COLOR, line=dict(width=2)),
+                                 hovertemplate="%{text}<br>x=%{x:.2f} m, y=%{y:.2f} m<extra>start</extra>"))
+    if path is not None and len(path):
+        pa = np.asarray(path, dtype=np.float64)
+        fig.add_trace(go.Scatter(x=pa[:, 0], y=pa[:, 1], mode="lines+markers", name="MAP path",
+                                 text=list(path_labels) or None, line=dict(color=MAP_COLOR, width=2), marker=dict(size=6),
+                                 hovertemplate="%{text}<br>x=%{x:.2f} m, y=%{y:.2f} m<extra>path</extra>"))
+    if true_xy is not None:
+        _marker(fig, true_xy, "ground truth", "star", TRUTH_COLOR, 16)
+    if network_xy is not None:
+        _marker(fig, network_xy, "network estimate", "x", NETWORK_COLOR)
+    if map_xy is not None:
+        _marker(fig, map_xy, "MAP estimate", "diamond", MAP_COLOR)
+    x0, x1 = float(surface.xs[0]), float(surface.xs[-1])
+    y0, y1 = float(surface.ys[0]), float(surface.ys[-1])
+    pad = 0.5 * float(surface.step)
+    fig.update_xaxes(range=[x0 - pad, x1 + pad], title_text="x [m]", constrain="domain")
+    fig.update_yaxes(range=[y0 - pad, y1 + pad], title_text="y [m]", scaleanchor="x", scaleratio=1)
+    fig.update_layout(title=title or f"Likelihood surface: {layer}", height=620, legend=dict(orientation="h", y=-0.12),
+                      margin=dict(l=60, r=20, t=60, b=40))
     return fig
 
 
-def loss_per_step(loss: np.ndarray, title: str = "Physics loss per refinement step") -> go.Figure:
-    loss = np.asarray(loss, dtype=np.float64)
-    fig = go.Figure(go.Scatter(x=np.arange(loss.size), y=loss, mode="lines+markers", name="physics loss",
-                               hovertemplate="step %{x}<br>loss %{y:.4g}<extra></extra>"))
-    fig.update_layout(title=title, xaxis_title="refinement step (0 = network prediction)",
-                      yaxis_title="physics loss (weighted, dimensionless)", height=340, margin=dict(l=60, r=20, t=60, b=50))
+def posterior_along_path(posterior: np.ndarray, labels: Sequence[str],
+                         title: str = "Posterior along the MAP path") -> go.Figure:
+    """``J = NLL + prior`` [nats] at each point of the MAP path (network estimate, best start,
+    pattern search, polish steps)."""
+    j = np.asarray(posterior, dtype=np.float64)
+    fig = go.Figure(go.Scatter(x=list(labels), y=j, mode="lines+markers", name="posterior",
+                               line=dict(color=MAP_COLOR), hovertemplate="%{x}<br>J=%{y:.3f} nats<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="stage of the search", yaxis_title="posterior −log p [nats]",
+                      height=340, margin=dict(l=60, r=20, t=60, b=50))
     return fig
 
 
-def refinement_summary(err_before: np.ndarray, err_after: np.ndarray, refined: np.ndarray | None = None) -> go.Figure:
+def refinement_summary(err_before: np.ndarray, err_after: np.ndarray, refined: np.ndarray | None = None,
+                       before: str = "network", after: str = "network + MAP") -> go.Figure:
     """Error before vs after refinement per sample [m] (left) and both CDFs (right)."""
     b = np.asarray(err_before, dtype=np.float64)
     a = np.asarray(err_after, dtype=np.float64)
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Per sample", "Error CDF"), horizontal_spacing=0.12)
-    colors = None if refined is None else np.where(np.asarray(refined), "#ff7f0e", "#7f7f7f")
+    colors = None if refined is None else np.where(np.asarray(refined), MAP_COLOR, "#7f7f7f")
     fig.add_trace(go.Scatter(x=b, y=a, mode="markers", marker=dict(size=5, color=colors, opacity=0.7),
                              name="samples (orange: refined)",
-                             hovertemplate="before %{x:.2f} m<br>after %{y:.2f} m<extra></extra>"), row=1, col=1)
+                             hovertemplate=before + " %{x:.2f} m<br>" + after + " %{y:.2f} m<extra></extra>"),
+                  row=1, col=1)
     top = float(np.nanmax(np.concatenate([b, a]))) if b.size else 1.0
     fig.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", line=dict(color="black", dash="dash"),
                              name="no change", hoverinfo="skip"), row=1, col=1)
-    for name, err, color in (("before", b, "#1f77b4"), ("after", a, "#ff7f0e")):
+    for name, err, color in ((before, b, NETWORK_COLOR), (after, a, MAP_COLOR)):
         e = np.sort(err[np.isfinite(err)])
         if e.size:
             fig.add_trace(go.Scatter(x=e, y=np.arange(1, e.size + 1) / e.size, mode="lines", line=dict(color=color),
-                                     name=f"{name} refinement (median {np.median(e):.2f} m)"), row=1, col=2)
-    fig.update_xaxes(title_text="error before refinement [m]", row=1, col=1)
-    fig.update_yaxes(title_text="error after refinement [m]", row=1, col=1)
-    fig.update_xaxes(title_text="localization error [m]", row=1, col=2)
+                                     name=f"{name} (median {np.median(e):.2f} m)"), row=1, col=2)
+    fig.update_xaxes(title_text=f"error, {before} [m]", type="log", row=1, col=1)
+    fig.update_yaxes(title_text=f"error, {after} [m]", type="log", row=1, col=1)
+    fig.update_xaxes(title_text="localization error [m]", type="log", row=1, col=2)
     fig.update_yaxes(title_text="fraction of samples ≤ error", range=[0, 1.01], row=1, col=2)
-    fig.update_layout(title="Batch summary: before vs after refinement", height=430, margin=dict(l=60, r=20, t=80, b=50))
+    fig.update_layout(title=f"Batch summary: {before} vs {after}", height=430, margin=dict(l=60, r=20, t=80, b=50))
     return fig
