@@ -47,12 +47,32 @@ def _overhead(names: list[str], totals: dict[str, list[float]], cpu_steps: dict[
             "within_target": bool(overhead <= 0.05)}
 
 
+def _variants(configs, run_data, device) -> dict:
+    """``{name: (config, model, physics term or None, optimiser)}``: same seed, same initial weights."""
+    from core.learning.model import build_model
+    from core.learning.training import make_physics_term
+
+    variants = {}
+    for name, cfg in configs.items():
+        model = build_model(run_data.spec, cfg.seed).to(device)
+        physics = make_physics_term(cfg, run_data.radio_map, device, run_data.dataset) if cfg.physics_active else None
+        variants[name] = (cfg, model, physics, torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate))
+    return variants
+
+
+def _machine(device) -> str:
+    """The machine in words, for the summary line: CPU (and GPU) and cores."""
+    from core.benchmarks.report import machine_info
+
+    m = machine_info()
+    return m["cpu"] + (f", {m['cuda']}" if device.type == "cuda" else "") + f", {m['cores']} cores"
+
+
 def run(args: argparse.Namespace) -> int:
     from core import resolve_path
     from core.device import resolve_device
     from core.learning.config import load_config
-    from core.learning.model import build_model
-    from core.learning.training import compute_losses, make_physics_term, prepare, tensors
+    from core.learning.training import compute_losses, prepare, tensors
     from core.physics.synthetic import synthetic_scene
 
     device = resolve_device(args.device)
@@ -69,12 +89,7 @@ def run(args: argparse.Namespace) -> int:
     run_data = prepare(base_cfg)
     data = tensors(run_data, "train", base_cfg)
     image = run_data.map_image.to(device)
-    variants = {}
-    for name, cfg in (("lambda_0", base_cfg), (f"lambda_{args.lambda_phys:g}", phys_cfg)):
-        model = build_model(run_data.spec, cfg.seed).to(device)
-        physics = make_physics_term(cfg, run_data.radio_map, device, run_data.dataset) if cfg.physics_active else None
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate)
-        variants[name] = (cfg, model, physics, opt)
+    variants = _variants({"lambda_0": base_cfg, f"lambda_{args.lambda_phys:g}": phys_cfg}, run_data, device)
 
     def step(name, batch):
         cfg, model, physics, opt = variants[name]
@@ -115,11 +130,8 @@ def run(args: argparse.Namespace) -> int:
             rows.append({"epoch": epoch + 1, "variant": name, "steps": len(starts), "batch_size": bs,
                          "samples": min(len(perm), len(starts) * bs), "epoch_s": t, "epoch_cpu_s": cpu[name],
                          "ms_per_step": 1000 * t / max(len(starts), 1)})
-    from core.benchmarks.report import machine_info
-
     summary = {
-        "machine": machine_info()["cpu"] + (f", {machine_info()['cuda']}" if device.type == "cuda" else "")
-                   + f", {machine_info()['cores']} cores",
+        "machine": _machine(device),
         "dataset": base_cfg.data.dataset if not args.synthetic else f"synthetic ({args.synthetic} UEs)",
         "model_preset": base_cfg.model.preset, "train_samples": len(data), "device": str(device),
         **_overhead(list(variants), totals, cpu_steps, args.epochs),

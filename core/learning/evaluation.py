@@ -108,6 +108,9 @@ def format_table(result: dict[str, Any]) -> str:
         rows[f"baseline {name}"] = {k: m[k] for k in METRIC_KEYS}
     table = pd.DataFrame(rows).T
     lines = [table.to_string(float_format=lambda v: f"{v:.3f}")]
+    if "lambda_phys" in result:
+        lines.append(f"lambda_phys {result['lambda_phys']:g} (applied)  label_fraction {result['label_fraction']:g}  "
+                     f"split {result['data_split']}")
     lines.append(f"train_s_per_epoch {result['train_s_per_epoch']:.2f}  "
                  f"inference_ms_per_sample {result['inference_ms_per_sample']:.4f}")
     if "refinement" in result:
