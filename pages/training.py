@@ -24,7 +24,8 @@ scene = wb.active_scene()
 dataset_path = ws.dataset_path(scene)
 map_path = ws.map_path(scene)
 st.caption(f"Scene **{scene}** · dataset `{ws.rel(dataset_path)}` · runs in `{ws.rel(ws.runs_dir)}/`. "
-           "Loss: L_total = L_coarse + λ_fine·L_fine + λ_phys·L_phys (λ_phys = 0 is the baseline).")
+           "Loss: L_total = L_coarse + λ_fine·L_fine + λ_phys·L_phys; λ_phys is the one switch of the physics "
+           "term (0 = off), ramped in after a warm-up, its gradient reaching only the position head.")
 
 ds_status = store_status(dataset_path, "measurement_dataset")
 map_status = store_status(map_path, "radio_map")
@@ -44,12 +45,12 @@ if ds_status.ok and map_status.ok:
 
 
 def preset_values(preset: str) -> dict:
-    """The form's defaults from the preset's validated config (λ_phys as applied: 0 when off)."""
+    """The form's defaults from the preset's validated config."""
     config = Config()
     with wb.guard(f"preset {preset}"):
         config = load_config(ws.preset_path(preset))
-    return {"lambda_phys": config.physics_loss.lambda_phys if config.physics_active else 0.0,
-            "epochs": config.training.epochs, "batch_size": config.training.batch_size,
+    return {"lambda_phys": config.physics_loss.lambda_phys, "label_fraction": config.data.label_fraction,
+            "split": config.data.split, "epochs": config.training.epochs, "batch_size": config.training.batch_size,
             "learning_rate": config.training.learning_rate, "model_preset": config.model.preset}
 
 
@@ -71,7 +72,7 @@ if st.session_state.get("_name_preset") != preset:  # a fresh default name per p
 with st.form("train_form"):
     cols = st.columns(4)
     lam = cols[0].number_input("λ_phys", min_value=0.0, max_value=10.0, value=values["lambda_phys"], step=0.05,
-                               format="%.3f", key=f"lam_{preset}")
+                               format="%.3f", key=f"lam_{preset}", help="0 = the physics term is off")
     epochs = cols[1].number_input("Epochs", min_value=1, max_value=1000, value=values["epochs"], key=f"ep_{preset}")
     batch = cols[2].number_input("Batch size", min_value=8, max_value=8192, value=values["batch_size"], step=32,
                                  key=f"bs_{preset}")
@@ -84,6 +85,12 @@ with st.form("train_form"):
                                      help="tiny/small train on a 2-core CPU; base/large are for GPUs")
     max_samples = cols[1].number_input("Use the first N samples (0 = all)", min_value=0, value=0, step=1000)
     name = cols[2].text_input("Run name", key="train_name", help="the run is written to runs/<name>")
+    cols = st.columns(3)
+    fraction = cols[0].number_input("Labelled train walks (fraction)", min_value=0.001, max_value=1.0,
+                                    value=float(values["label_fraction"]), step=0.05, format="%.3f",
+                                    key=f"frac_{preset}", help="the other walks train through the physics term only")
+    split = cols[1].selectbox("Split", ["random", "spatial"], index=["random", "spatial"].index(values["split"]),
+                              key=f"split_{preset}", help="spatial: whole map blocks are held out for val and test")
     go = st.form_submit_button("Start training", type="primary")
 clean = "".join(c for c in name.strip() if c.isalnum() or c in "-_.") or "run"
 if go and is_taken(ws.runs_dir / clean):
@@ -96,9 +103,10 @@ elif go:
         overrides = {"physics_loss.lambda_phys": float(lam), "training.epochs": int(epochs),
                      "training.batch_size": int(batch), "training.learning_rate": float(lr),
                      "model.preset": model_preset, "data.dataset": portable(dataset_path)}
-        if lam > 0:
-            overrides["training.loss.use_physics_loss"] = True
-            overrides["physics_loss.enabled"] = True
+        if fraction < 1.0:
+            overrides["data.label_fraction"] = float(fraction)
+        if split != "random":
+            overrides["data.split"] = split
         if ws.radio_maps_dir != REPO_ROOT / "radio_maps":
             overrides["physics_loss.radio_maps_dir"] = portable(ws.radio_maps_dir)
         if max_samples:
@@ -132,6 +140,8 @@ else:
         rows = read_metrics(ws.root / picked)
         st.plotly_chart(figures.loss_curves(rows, title=f"{picked}: loss terms and validation error per epoch"
                                             + (" (live)" if live else "")), key="curves_chart")
+        st.plotly_chart(figures.gradient_balance(rows, title=f"{picked}: gradient balance of the loss terms"),
+                        key="grad_chart")
         if rows:
             last = rows[-1]
             st.caption(f"Epoch {last.get('epoch', len(rows))}: val median {last.get('val_median_m', float('nan')):.2f} m, "
@@ -143,24 +153,46 @@ else:
 # -- compare -----------------------------------------------------------------------------
 st.subheader("Compare runs")
 if runs:
-    table = pd.DataFrame([{"run": r.name, "scene": r.scene, "state": r.state, "λ_phys": r.lambda_phys,
-                           "epochs": r.epochs_done, "best val median [m]": r.best_val_median_m,
-                           "checkpoint": r.has_checkpoint} for r in runs])
+    table = pd.DataFrame([{"run": r.name, "scene": r.scene, "state": r.state, "λ_phys applied": r.lambda_phys,
+                           "labels": r.label_fraction, "split": r.split, "epochs": r.epochs_done,
+                           "best val median [m]": r.best_val_median_m, "checkpoint": r.has_checkpoint} for r in runs])
     st.dataframe(table, hide_index=True, width="stretch")
+
+def show_ablation(folder) -> None:
+    """An ablation folder: its header, tables, median vs label fraction with CI bands, error CDFs."""
+    summary = folder / "summary.json"
+    if summary.exists():
+        with wb.guard("summary.json"):
+            st.markdown(json.loads(summary.read_text()).get("header", ""))
+    if (folder / "table.csv").exists():
+        with wb.guard("table.csv"):
+            table = pd.read_csv(folder / "table.csv")
+            st.caption("Test metrics per split, label fraction, refinement, group and arm: mean ± sd over seeds "
+                       "and Δ against λ = 0 with its 95 % CI (errors in m) — `table.csv`, readable in `table.md`")
+            groups = list(table["group"].unique()) if "group" in table else []
+            group = st.radio("Group", groups, horizontal=True, key=f"abl_group_{folder.name}") if groups else None
+            st.dataframe(table[table["group"] == group] if group else table, hide_index=True, width="stretch")
+    if (folder / "curve.csv").exists():
+        with wb.guard("curve.csv"):
+            curve = pd.read_csv(folder / "curve.csv")
+            for split in curve["split"].unique():
+                rows = curve[curve["split"] == split].to_dict("records")
+                st.plotly_chart(figures.fraction_curves(rows, title=f"{split} split: test median vs label fraction "
+                                                        "(95 % CI bands)"), key=f"abl_curve_{folder.name}_{split}")
+    if (folder / "cdf.json").exists():
+        with wb.guard("cdf.json"):
+            blocks = json.loads((folder / "cdf.json").read_text())
+            if blocks and all("error_m" in v for v in blocks.values()):
+                blocks = {"all": blocks}  # an older ablation: one block of curves
+            block = st.selectbox("CDF of", list(blocks), key=f"abl_cdf_pick_{folder.name}")
+            st.plotly_chart(figures.cdf_curves(blocks[block], title=f"Test-split error CDF per method — "
+                                                                    f"{ws.rel(folder)} ({block})"),
+                            key=f"abl_cdf_{folder.name}")
+
 
 for ablation in ws.ablations():
     with st.expander(f"Ablation: {ws.rel(ablation)}", expanded=True):
-        for csv, what in (("table.csv", "Metrics per split and method (errors in m, success as fractions)"),
-                          ("groups.csv", "Test metrics per group (LOS/NLOS, sparse/dense reports)")):
-            if (ablation / csv).exists():
-                with wb.guard(csv):
-                    st.caption(f"{what} — `{csv}`")
-                    st.dataframe(pd.read_csv(ablation / csv), hide_index=True, width="stretch")
-        if (ablation / "cdf.json").exists():
-            with wb.guard("cdf.json"):
-                curves = json.loads((ablation / "cdf.json").read_text())
-                st.plotly_chart(figures.cdf_curves(curves, title=f"Test-split error CDF per method — "
-                                                                 f"{ws.rel(ablation)}"), key=f"abl_cdf_{ablation.name}")
+        show_ablation(ablation)
 
 
 @st.cache_data(show_spinner="Predicting the test split…", max_entries=16)
@@ -186,11 +218,14 @@ if with_ckpt:
 
 # -- ablation ----------------------------------------------------------------------------
 st.subheader("Ablation")
-st.caption("Trains the baseline, λ_phys = 0.1 and 0.5 on the same data and seed, evaluates each with and without "
-           "refinement next to the kNN and maximum-likelihood baselines, and writes a table and the CDF data.")
+st.caption("λ_phys ∈ {0, λ* tuned on val} × refinement off/on × label fractions 5/20/100 % × random and spatial "
+           "split × 3 paired seeds, next to the kNN and ML map-matching baselines; mean ± sd over seeds and "
+           "bootstrap 95 % CIs of the change against λ = 0. Finished runs are cached; a killed ablation resumes. "
+           "The full plan takes up to ~90 min on a 2-core CPU, the quick one a few minutes.")
 with st.form("ablate_form"):
     out = st.text_input("Output folder", value=ws.rel(ws.runs_dir / "ablation"))
+    quick = st.checkbox("Quick (tiny model, 2 epochs, first 2,000 samples)", value=False)
     start = st.form_submit_button("Start the ablation")
 if start:
     with wb.guard("ablation"):
-        wb.launch(ablate_spec(scene, out.strip()))
+        wb.launch(ablate_spec(scene, out.strip(), ["--quick"] if quick else []))

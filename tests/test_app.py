@@ -249,7 +249,10 @@ def test_training_launches_a_tiny_job_and_shows_its_curves(workspace):
     names = {t["name"] for t in curves["data"]}
     assert {"train_total", "train_coarse", "train_fine", "val_total"} <= names
     assert curves["layout"]["yaxis2"]["title"]["text"] == "localization error [m]"
+    grads = next(f for f in _plotly(at) if "gradient balance" in f["layout"]["title"]["text"])
+    assert {"coarse", "λ_fine·fine", "supervised (sum)", "λ_phys applied"} <= {t["name"] for t in grads["data"]}
     runs = at.dataframe[0].value
+    assert (runs.set_index("run").loc["runs/apptest", "λ_phys applied"] == 0.0)
     assert {"runs/tiny", "runs/apptest"} <= set(runs["run"])
     at.multiselect(key="cdf_runs").set_value(["runs/tiny", "runs/apptest"]).run()
     _no_exception(at)
@@ -452,7 +455,8 @@ def test_job_survives_an_app_restart(workspace):
 
 
 def test_ablation_results_are_tabled_and_plotted(workspace):
-    """An ablation folder (table.csv + cdf.json, as `python -m core ablate` writes them) is shown."""
+    """An ablation folder (table.csv, curve.csv, cdf.json, summary.json as `python -m core ablate` writes
+    them) is shown: header, table per group, median vs label fraction with CI bands, CDFs per block."""
     import pandas as pd
 
     from core.learning.inference import load_run, predict
@@ -462,16 +466,30 @@ def test_ablation_results_are_tabled_and_plotted(workspace):
     errors = predict(run, run.dataset.indices("test")).error_m
     out = workspace / "runs" / "ablation"
     out.mkdir()
-    rows = [{"split": "test", "method": name, **error_metrics(e)} for name, e in
-            (("physics_0.1", errors), ("physics_0.1+refine", errors * 0.9))]
+    arms = (("transformer λ=0", 0.0, errors), ("transformer λ=0.1", 0.1, errors * 0.9))
+    rows = [{"split": "random", "label_fraction": 1.0, "refinement": "off", "group": g, "arm": name, "lambda_phys": lam,
+             "seeds": 3, **error_metrics(e)} for g in ("all", "nlos") for name, lam, e in arms]
     pd.DataFrame(rows).to_csv(out / "table.csv", index=False)
-    (out / "cdf.json").write_text(json.dumps({r["method"]: error_cdf(e) for r, e in zip(rows, (errors, errors * 0.9))}))
+    curve = [{"split": "random", "refinement": "off", "arm": name, "lambda_phys": lam, "label_fraction": f,
+              "seeds": 3, "median_m": float(np.median(e)) / f, "median_m_lo": 0.9 * float(np.median(e)) / f,
+              "median_m_hi": 1.1 * float(np.median(e)) / f} for name, lam, e in arms for f in (0.05, 0.2, 1.0)]
+    pd.DataFrame(curve).to_csv(out / "curve.csv", index=False)
+    (out / "cdf.json").write_text(json.dumps({"random split, 100 % labels": {n: error_cdf(e) for n, _, e in arms}}))
+    (out / "summary.json").write_text(json.dumps({"header": "# Ablation of the physics term — test header"}))
     try:
         at = _app("pages/training.py")
+        _no_exception(at)
+        assert any("Ablation of the physics term — test header" in m.value for m in at.markdown)
         tables = [d.value for d in at.dataframe]
-        assert any(list(t.get("method", [])) == ["physics_0.1", "physics_0.1+refine"] for t in tables)
-        cdf = next(f for f in _plotly(at) if f["layout"]["title"]["text"].startswith("Test-split error CDF"))
-        assert [t["name"].split(" (")[0] for t in cdf["data"]] == ["physics_0.1", "physics_0.1+refine"]
+        shown = next(t for t in tables if "arm" in t)
+        assert list(shown["arm"]) == ["transformer λ=0", "transformer λ=0.1"] and set(shown["group"]) == {"all"}
+        figs = _plotly(at)
+        frac = next(f for f in figs if "test median vs label fraction" in f["layout"]["title"]["text"])
+        lines = [t for t in frac["data"] if t.get("mode") == "lines+markers"]
+        assert [t["name"] for t in lines] == ["transformer λ=0", "transformer λ=0.1"]
+        assert len(frac["data"]) == 4  # a CI band per line
+        cdf = next(f for f in figs if f["layout"]["title"]["text"].startswith("Test-split error CDF"))
+        assert [t["name"].split(" (")[0] for t in cdf["data"]] == ["transformer λ=0", "transformer λ=0.1"]
         med = float(cdf["data"][0]["name"].split("median ")[1].split(" m")[0])
         assert abs(med - np.median(errors)) < 0.05 * np.percentile(errors, 99) + 0.01  # on the 200-point grid
     finally:

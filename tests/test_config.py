@@ -23,9 +23,9 @@ def test_shipped_configs(name, lam, active):
     base = load_config(ROOT / "configs" / "model.yaml").to_dict()
     mine = cfg.to_dict()
     for section in ("data", "model", "training"):
-        if section == "training":
-            mine[section]["loss"].pop("use_physics_loss"), base[section]["loss"].pop("use_physics_loss")
         assert mine[section] == base[section]
+    for key in ("warmup_epochs", "ramp_epochs", "per_sample_grad_clip", "feature_weights", "loss"):
+        assert mine["physics_loss"][key] == base["physics_loss"][key]
 
 
 def test_overrides_are_yaml_typed():
@@ -77,3 +77,31 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert "physics_loss.lambda_phys" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("override, key", [
+    ("training.loss.use_physics_loss=true", "training.loss.use_physics_loss"),
+    ("physics_loss.enabled=false", "physics_loss.enabled"),
+])
+def test_removed_physics_switches_say_what_replaced_them(override, key, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(ROOT / "configs" / "model.yaml", [override])
+    message = str(info.value)
+    assert key in message and "removed" in message and "physics_loss.lambda_phys" in message
+    assert "\n" not in message
+    old = tmp_path / "old.yaml"
+    old.write_text("physics_loss:\n  enabled: true\n  lambda_phys: 0.1\n")
+    with pytest.raises(ConfigError, match=r"old.yaml: physics_loss.enabled: removed; physics_loss.lambda_phys"):
+        load_config(old)
+
+
+def test_new_data_and_physics_keys_are_validated():
+    cfg = load_config(ROOT / "configs" / "model.yaml", ["data.label_fraction=0.05", "data.split=spatial",
+                                                       "physics_loss.ramp_epochs=0"])
+    assert cfg.data.label_fraction == 0.05 and cfg.data.split == "spatial"
+    assert cfg.lambda_at(cfg.physics_loss.warmup_epochs) == cfg.physics_loss.lambda_phys
+    for bad, key in (("data.label_fraction=0", "data.label_fraction"), ("data.label_fraction=1.5", "data.label_fraction"),
+                     ("data.split=blocks", "data.split"), ("physics_loss.warmup_epochs=-1", "physics_loss.warmup_epochs"),
+                     ("physics_loss.per_sample_grad_clip=-0.1", "physics_loss.per_sample_grad_clip")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(ROOT / "configs" / "model.yaml", [bad])

@@ -1,7 +1,9 @@
-"""Training: loss terms, the physics switch, learning, resume, run directory."""
+"""Training: loss terms, the physics switch and schedule, gradient routing and clipping, labels, splits,
+learning, resume, run directory."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +14,8 @@ from core.physics.synthetic import synthetic_scene
 from core.stores.run import load_checkpoint, read_lineage
 
 TINY = ["model.preset=tiny", "training.batch_size=32", "training.epochs=2", "training.warmup_epochs=0",
-        "training.learning_rate=0.005", "training.num_threads=1"]
+        "training.learning_rate=0.005", "training.num_threads=1", "physics_loss.warmup_epochs=0",
+        "physics_loss.ramp_epochs=0"]
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +99,9 @@ def test_run_directory_contents(scene, tmp_path):
     assert isinstance(last["spec"], dict) and isinstance(last["config"], dict) and last["epoch"] == 2
     assert not list(run_dir.glob(".*tmp*"))  # atomic writes leave nothing behind
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    keys = {"epoch", "lr", "train_total", "train_coarse", "train_fine", "train_phys", "val_total", "val_coarse",
-            "val_fine", "val_phys", "val_median_m", "val_p90_m", "epoch_s"}
+    keys = {"epoch", "lr", "lambda_phys", "train_total", "train_coarse", "train_fine", "train_phys", "val_total",
+            "val_coarse", "val_fine", "val_phys", "val_median_m", "val_p90_m", "epoch_s", "grad_norm_coarse",
+            "grad_norm_fine", "grad_norm_phys", "grad_norm_sup", "grad_cos_sup_phys"}
     assert [r["epoch"] for r in rows] == [1, 2] and all(keys <= set(r) for r in rows)
     written = load_config(run_dir / "config.yaml").to_dict()
     expected = config.to_dict()
@@ -128,3 +132,122 @@ def test_auto_feature_weights_are_calibrated_and_written(scene, tmp_path):
     train(config, tmp_path / "run", run_data=run, show_progress=False)
     written = load_config(tmp_path / "run" / "config.yaml").physics_loss.feature_weights
     assert written == pytest.approx(w)
+
+
+# -- the physics term: schedule, routing, clipping -----------------------------------------------
+def test_lambda_warms_up_then_ramps(scene, tmp_path):
+    config = cfg(scene, "training.epochs=3", "physics_loss.lambda_phys=0.4", "physics_loss.warmup_epochs=1",
+                 "physics_loss.ramp_epochs=2")
+    assert [config.lambda_at(e) for e in (0.0, 0.99, 1.0, 2.0, 3.0, 9.0)] == pytest.approx([0, 0, 0, 0.2, 0.4, 0.4])
+    rows = train(config, tmp_path / "run", show_progress=False)["history"]
+    assert [r["lambda_phys"] for r in rows] == pytest.approx([0.0, 0.2, 0.4])
+    # warm-up epoch: the physics term is measured but not in the total
+    assert rows[0]["train_phys"] > 0
+    assert rows[0]["train_total"] == pytest.approx(rows[0]["train_coarse"] + rows[0]["train_fine"], rel=1e-5)
+    assert rows[1]["train_total"] > rows[1]["train_coarse"] + rows[1]["train_fine"]
+    # every epoch: gradient norms of each term and the supervised/physics cosine
+    for r in rows:
+        assert r["grad_norm_coarse"] > 0 and r["grad_norm_fine"] > 0 and r["grad_norm_phys"] > 0
+        assert -1.0 <= r["grad_cos_sup_phys"] <= 1.0
+
+
+def test_physics_gradient_reaches_only_the_position_head(scene):
+    from core.learning.training import compute_losses, make_physics_term
+
+    config = cfg(scene, "physics_loss.lambda_phys=1.0", "physics_loss.per_sample_grad_clip=0")
+    run = prepare(config)
+    data = tensors(run, "train", config)
+    model = build_model(run.spec, 0)
+    physics = make_physics_term(config, run.radio_map, "cpu", run.dataset)
+    terms, out = compute_losses(model, data.batch(torch.arange(64)), run.map_image, config, physics)
+    assert torch.allclose(out.head_xy, out.xy)
+    terms["phys"].backward()
+    touched = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert touched and all(n.startswith("fine.") for n in touched), touched
+    assert any(n.startswith("fine.") for n in touched)
+
+
+def test_per_sample_gradient_clipping():
+    from core.learning.training import physics_term
+
+    xy = torch.tensor([[0.01, 0.0], [3.0, 4.0], [0.0, 0.0]], requires_grad=True)
+    observed, mask = torch.zeros(3, 1), torch.tensor([[True], [True], [False]])
+
+    def physics(p, o, m):  # L_n = |p_n|^2 on samples with an observation: dL/dp = 2 p
+        return (p * p).sum(1) * m[:, 0]
+
+    value = physics_term(physics, xy, observed, mask, clip=1.0)
+    assert float(value.detach()) == pytest.approx((0.01**2 + 25.0) / 2)  # mean over the 2 samples with an observation
+    value.backward()
+    g = xy.grad * 2  # undo the mean
+    assert torch.allclose(g[0], torch.tensor([0.02, 0.0]))  # under the clip: exact
+    assert float(g[1].norm()) == pytest.approx(1.0) and torch.allclose(g[1] / g[1].norm(), torch.tensor([0.6, 0.8]))
+    assert torch.equal(g[2], torch.zeros(2))
+    with torch.no_grad():
+        assert float(physics_term(physics, xy, observed, mask, clip=1.0)) == pytest.approx(float(value))
+
+
+# -- labels and splits ------------------------------------------------------------------------------
+def test_label_fraction_masks_supervision_of_the_other_walks(scene):
+    from core.learning.data_loading import labeled_mask
+    from core.learning.training import compute_losses
+
+    a, b = labeled_mask(1000, 0.05, seed=3), labeled_mask(1000, 0.2, seed=3)
+    assert a.sum() == 50 and b.sum() == 200 and not (a & ~b).any()  # nested for one seed
+    assert np.array_equal(a, labeled_mask(1000, 0.05, seed=3)) and not np.array_equal(a, labeled_mask(1000, 0.05, 4))
+    config = cfg(scene, "data.label_fraction=0.25", "physics_loss.lambda_phys=0")
+    run = prepare(config)
+    data = tensors(run, "train", config)
+    assert int(data.labeled.sum()) == round(0.25 * len(data)) and tensors(run, "val", config).labeled.all()
+    model = build_model(run.spec, 0)
+    batch = data.batch(torch.arange(len(data)))
+    moved = {**batch, "target_xy": torch.where(batch["labeled"][:, None], batch["target_xy"], -batch["target_xy"])}
+    grads = []
+    for b in (batch, moved):
+        model.zero_grad()
+        compute_losses(model, b, run.map_image, config)[0]["total"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.equal(grads[0], grads[1])  # the labels of unlabelled walks are never used
+    lab = batch["labeled"]
+    only = {k: v[lab] for k, v in batch.items()}
+    with torch.no_grad():
+        full_coarse = float(compute_losses(model, batch, run.map_image, config)[0]["coarse"])
+        only_coarse = float(compute_losses(model, only, run.map_image, config)[0]["coarse"])
+    assert full_coarse == pytest.approx(only_coarse, rel=1e-5)
+
+
+def test_unlabelled_walks_train_through_the_physics_term(scene, tmp_path):
+    from core.learning.training import labeled_train_indices, resolve_config
+
+    config = cfg(scene, "data.label_fraction=0.1", "physics_loss.lambda_phys=0.5", "training.epochs=1")
+    run = prepare(config)
+    # "auto" weights are calibrated on the labelled walks only
+    from core.learning.training import calibrated_weights
+
+    assert resolve_config(config, run.dataset, run.radio_map).physics_loss.feature_weights == pytest.approx(
+        calibrated_weights(run.dataset, run.radio_map, "latest", labeled_train_indices(run.dataset, config)))
+    row = train(config, tmp_path / "phys", run_data=run, show_progress=False)["history"][0]
+    assert row["train_phys"] > 0 and np.isfinite(row["val_median_m"])
+    off = train(cfg(scene, "data.label_fraction=0.1", "physics_loss.lambda_phys=0", "training.epochs=1"),
+                tmp_path / "off", run_data=run, show_progress=False)["history"][0]
+    assert off["train_phys"] is None and off["grad_norm_phys"] is None and np.isfinite(off["val_median_m"])
+
+
+def test_spatial_split_holds_out_whole_blocks(scene):
+    from core.learning.data_loading import spatial_split
+    from core.learning.training import load_scene
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 100, size=(4000, 2))
+    split = spatial_split(xy, (0, 0, 100, 100), blocks=4)
+    assert np.array_equal(split, spatial_split(xy, (0, 0, 100, 100), blocks=4))
+    block = (xy[:, 1] // 25).astype(int) * 4 + (xy[:, 0] // 25).astype(int)
+    for b in np.unique(block):  # every block lies in exactly one split
+        assert len(np.unique(split[block == b])) == 1
+    for s in (1, 2):
+        assert 0.1 <= np.mean(split == s) <= 0.2
+    config = cfg(scene, "data.split=spatial")
+    dataset, radio_map = load_scene(config)
+    assert np.array_equal(dataset.split, spatial_split(dataset.labels, radio_map.bounds, 4))
+    random_split = load_scene(cfg(scene))[0].split
+    assert not np.array_equal(dataset.split, random_split)

@@ -1,7 +1,8 @@
 """``python -m core bench train``: the cost of the physics loss in a training epoch.
 
 Two identical models (same seed, same batches) train side by side, one with
-``lambda_phys = 0`` (no lookup at all) and one with ``lambda_phys > 0``. Their steps
+``lambda_phys = 0`` (no lookup at all) and one with ``lambda_phys > 0`` at full weight (after
+its warm-up and ramp: routed to the position head, per-sample gradient clipping on). Their steps
 are INTERLEAVED batch by batch, so a machine shared with other work slows both
 equally; each variant's epoch time is the sum of its own step times (forward,
 backward, optimizer step). Both wall time and process CPU time are recorded: on a
@@ -46,12 +47,32 @@ def _overhead(names: list[str], totals: dict[str, list[float]], cpu_steps: dict[
             "within_target": bool(overhead <= 0.05)}
 
 
+def _variants(configs, run_data, device) -> dict:
+    """``{name: (config, model, physics term or None, optimiser)}``: same seed, same initial weights."""
+    from core.learning.model import build_model
+    from core.learning.training import make_physics_term
+
+    variants = {}
+    for name, cfg in configs.items():
+        model = build_model(run_data.spec, cfg.seed).to(device)
+        physics = make_physics_term(cfg, run_data.radio_map, device, run_data.dataset) if cfg.physics_active else None
+        variants[name] = (cfg, model, physics, torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate))
+    return variants
+
+
+def _machine(device) -> str:
+    """The machine in words, for the summary line: CPU (and GPU) and cores."""
+    from core.benchmarks.report import machine_info
+
+    m = machine_info()
+    return m["cpu"] + (f", {m['cuda']}" if device.type == "cuda" else "") + f", {m['cores']} cores"
+
+
 def run(args: argparse.Namespace) -> int:
     from core import resolve_path
     from core.device import resolve_device
     from core.learning.config import load_config
-    from core.learning.model import build_model
-    from core.learning.training import compute_losses, make_physics_loss, prepare, tensors
+    from core.learning.training import compute_losses, prepare, tensors
     from core.physics.synthetic import synthetic_scene
 
     device = resolve_device(args.device)
@@ -62,20 +83,13 @@ def run(args: argparse.Namespace) -> int:
         scene = synthetic_scene(tmp.name, num_ues=args.synthetic, height=128, width=128, cell=2.0, k=4)
         overrides += [f"{k}={v}" for k, v in scene.items()]
     base_cfg = load_config(resolve_path(args.config), overrides + ["physics_loss.lambda_phys=0"])
-    phys_cfg = load_config(resolve_path(args.config), overrides + [f"physics_loss.lambda_phys={args.lambda_phys}",
-                                                                   "training.loss.use_physics_loss=true",
-                                                                   "physics_loss.enabled=true"])
+    phys_cfg = load_config(resolve_path(args.config), overrides + [f"physics_loss.lambda_phys={args.lambda_phys}"])
     if base_cfg.training.num_threads and device.type == "cpu":
         torch.set_num_threads(base_cfg.training.num_threads)
     run_data = prepare(base_cfg)
     data = tensors(run_data, "train", base_cfg)
     image = run_data.map_image.to(device)
-    variants = {}
-    for name, cfg in (("lambda_0", base_cfg), (f"lambda_{args.lambda_phys:g}", phys_cfg)):
-        model = build_model(run_data.spec, cfg.seed).to(device)
-        physics = make_physics_loss(cfg, run_data.radio_map, device, run_data.dataset) if cfg.physics_active else None
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate)
-        variants[name] = (cfg, model, physics, opt)
+    variants = _variants({"lambda_0": base_cfg, f"lambda_{args.lambda_phys:g}": phys_cfg}, run_data, device)
 
     def step(name, batch):
         cfg, model, physics, opt = variants[name]
@@ -117,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
                          "samples": min(len(perm), len(starts) * bs), "epoch_s": t, "epoch_cpu_s": cpu[name],
                          "ms_per_step": 1000 * t / max(len(starts), 1)})
     summary = {
+        "machine": _machine(device),
         "dataset": base_cfg.data.dataset if not args.synthetic else f"synthetic ({args.synthetic} UEs)",
         "model_preset": base_cfg.model.preset, "train_samples": len(data), "device": str(device),
         **_overhead(list(variants), totals, cpu_steps, args.epochs),

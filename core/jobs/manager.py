@@ -242,7 +242,8 @@ def train_spec(config: str, out: str, overrides: dict[str, object] | None = None
 
 
 def ablate_spec(scene: str, out: str, extra: Sequence[str] = ()) -> JobSpec:
-    """Train and evaluate the ablation (baseline, λ=0.1, λ=0.5) of ``scene`` into ``out``."""
+    """Train and evaluate the ablation of ``scene`` into ``out`` (λ_phys ∈ {0, λ*} × refinement × label
+    fractions × splits × seeds; ``extra``: e.g. ``["--quick"]``)."""
     return JobSpec("ablate", ("ablate", "--scene", scene, "--out", out, *extra), out)
 
 

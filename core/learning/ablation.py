@@ -1,33 +1,45 @@
-"""``python -m core ablate --scene etoile --out runs/ablation [--set k=v ...]``.
+"""``python -m core ablate [--quick] --scene etoile --out runs/ablation [--set k=v ...]``.
 
-Trains the three configs on the same data (``datasets/<scene>``, unless ``--set
-data.dataset=...`` names another; the map is that dataset's) with the same seed:
+Does the physics term help? Arms, all on ``configs/model.yaml`` plus the plan's overrides
+(:data:`PLANS`; ``--set`` on top, for every arm):
 
-===============  ===========================  ===========
-variant          config                       lambda_phys
-===============  ===========================  ===========
-baseline         configs/baseline.yaml        0
-physics_0.1      configs/model.yaml           0.1
-physics_0.5      configs/strong_physics.yaml  0.5
-===============  ===========================  ===========
+* λ_phys ∈ {0, λ*}: λ* is tuned ONCE, on the val split, at 100 % labels, on the random split
+  with the first seed, over the plan's small grid (the λ > 0 with the lowest val median);
+* test-time refinement off / on (the run's refinement settings, through
+  :func:`core.learning.evaluation.evaluate_run`);
+* label fractions (``data.label_fraction``: the other train walks give only the physics term);
+* the random and the spatial split (``data.split``);
+* the same seeds for every arm (paired: seed ``s`` of every arm has the same labelled walks,
+  initial weights and batch order, and every arm is tested on the same UEs);
+* next to the classical baselines (kNN fingerprinting, ML map matching; no training, so one
+  "seed").
 
-then evaluates each on the val and test splits without and with test-time refinement,
-next to the two classical baselines (kNN fingerprinting, ML map matching), and writes
-into ``--out``:
+For each (split, label fraction, refinement) the λ* arm and the baselines are compared with the
+λ = 0 arm of the same split, fraction and refinement: mean ± sd over seeds of the test median,
+P90 and RMSE, and the change in each with its 95 % CI from the paired two-level bootstrap of
+:mod:`core.learning.statistics` (seeds, then UEs), overall and for the NLOS and sparse (< 5
+reports) groups.
 
-* ``table.csv`` / ``table.md``: one row per (split, method), the metrics of
-  :mod:`core.learning.metrics`, train s/epoch, inference ms/sample, and for refined rows the
-  number refined and the median of the refined samples before -> after;
-* ``groups.csv``: the same metrics per LOS/NLOS and sparse/dense group (test split);
-* ``cdf.json``: error-CDF curves (test split) per method;
-* ``<variant>/``: each training run (a variant already marked done is not retrained).
+Written to ``--out``:
+
+* ``table.csv`` (every number; one row per split, fraction, refinement, group, arm) and
+  ``table.md`` (the same, readable, with the plan in its header);
+* ``curve.csv``: median vs label fraction per split, refinement and arm, with its 95 % CI band
+  (two-level bootstrap of the median itself) and the change against λ = 0 with its CI;
+* ``cdf.json``: test error CDFs (all seeds pooled) per ``"<split> split, <p> % labels"`` block;
+* ``tuning.csv``, ``summary.json`` (plan, λ*, wall time, machine);
+* ``runs/<split>-f<fraction>-s<seed>-lam<λ>/``: each training run. A run whose status is done
+  is not retrained (its test errors are cached in ``ablation_test.npz``); a killed run resumes
+  from its ``last.pt``. A cached run trained with another config is refused (use another --out).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,124 +47,381 @@ import numpy as np
 import pandas as pd
 
 from core import resolve_path
+from core.errors import CoreError
 from core.jobs import progress
-from core.learning.config import load_config
-from core.learning.metrics import METRIC_KEYS, error_cdf, grouped_metrics
+from core.learning.config import Config, load_config
+from core.learning.metrics import error_cdf
+from core.learning.statistics import compare_arms, paired_delta
 from core.stores.atomic import atomic_write_text
-from core.stores.run import read_status
+from core.stores.run import read_config, read_status
 
-VARIANTS = (("baseline", "configs/baseline.yaml"), ("physics_0.1", "configs/model.yaml"),
-            ("physics_0.5", "configs/strong_physics.yaml"))
-
-
-def _markdown(table: pd.DataFrame) -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return "" if np.isnan(v) else f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-        return str(v)
-
-    cols = list(table.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for _, row in table.iterrows():
-        lines.append("| " + " | ".join(fmt(row[c]) for c in cols) + " |")
-    return "\n".join(lines) + "\n"
+BASE_CONFIG = "configs/model.yaml"
+GROUPS = ("all", "nlos", "sparse")
+DELTA_METRICS = ("median_m", "p90_m", "rmse_m")
 
 
-def ablate(scene: str, out: str | Path, overrides: list[str] = (), splits=("val", "test"), device="cpu",
-           show_progress: bool = True) -> dict[str, Any]:
-    from core.learning.baselines import run_baselines
+@dataclass(frozen=True)
+class Plan:
+    """An ablation's grid: overrides on ``configs/model.yaml`` for every arm, then the arms."""
+
+    name: str
+    overrides: tuple[str, ...]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    fractions: tuple[float, ...] = (0.05, 0.2, 1.0)
+    splits: tuple[str, ...] = ("random", "spatial")
+    lambda_grid: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0)
+    n_boot: int = 1000
+
+
+#: ``full`` fits the 90-minute budget on the shared 2-core CPU; ``quick`` a 5-minute smoke run
+PLANS: dict[str, Plan] = {
+    "full": Plan("full", ("model.preset=small", "training.epochs=16", "training.early_stopping_patience=0",
+                          "physics_loss.warmup_epochs=2", "physics_loss.ramp_epochs=2")),
+    "quick": Plan("quick", ("model.preset=tiny", "training.epochs=2", "training.warmup_epochs=0",
+                            "training.early_stopping_patience=0", "data.max_samples=2000",
+                            "physics_loss.warmup_epochs=0", "physics_loss.ramp_epochs=1"),
+                  lambda_grid=(0.1, 0.5), n_boot=200),
+}
+
+
+def _pct(fraction: float) -> str:
+    return f"{100 * fraction:g} %"
+
+
+def run_name(split: str, fraction: float, seed: int, lam: float) -> str:
+    return f"{split}-f{fraction:g}-s{seed}-lam{lam:g}"
+
+
+def arm_config(base: list[str], split: str, fraction: float, seed: int, lam: float) -> Config:
+    return load_config(resolve_path(BASE_CONFIG), [*base, f"data.split={split}", f"data.label_fraction={fraction}",
+                                                   f"seed={seed}", f"physics_loss.lambda_phys={lam}"])
+
+
+# -- training and evaluating one arm ------------------------------------------------------------
+def _check_cached(run_dir: Path, config: Config) -> None:
+    """Refuse a finished run that was trained with another config than ``config``."""
+    have, want = read_config(run_dir).to_dict(), config.to_dict()
+    have["physics_loss"].pop("feature_weights"), want["physics_loss"].pop("feature_weights")  # "auto" is resolved
+    for section in want:
+        if have.get(section) != want[section]:
+            raise CoreError(f"{run_dir}: trained with another {section!r} config than this ablation asks for; "
+                            "use another --out (or remove that run)")
+
+
+def ensure_trained(config: Config, run_dir: Path, stores, device, show_progress: bool) -> bool:
+    """Train ``config`` into ``run_dir`` unless it is done there (resume a killed run); True when it trained."""
+    from core.learning.training import apply_data_config, prepare, train
+
+    if read_status(run_dir).get("state") == "done":
+        _check_cached(run_dir, config)
+        return False
+    if run_dir.exists() and not (run_dir / "last.pt").exists():
+        shutil.rmtree(run_dir)  # killed before its first epoch ended: nothing to resume
+    dataset, radio_map = stores
+    run_data = prepare(config, apply_data_config(config, dataset, radio_map), radio_map)
+    train(config, run_dir, resume=True, device=device, run_data=run_data, show_progress=show_progress)
+    (run_dir / "ablation_test.npz").unlink(missing_ok=True)
+    return True
+
+
+def test_errors(run_dir: Path, stores, device) -> dict[str, np.ndarray]:
+    """Test errors without and with refinement, and the UE groups (cached in ``ablation_test.npz``)."""
     from core.learning.evaluation import evaluate_run
     from core.learning.inference import load_run
-    from core.learning.metrics import position_errors
-    from core.learning.training import train
 
+    cache = run_dir / "ablation_test.npz"
+    if cache.exists():
+        with np.load(cache) as z:
+            return {k: z[k] for k in z.files}
+    run = load_run(run_dir, device=device, stores=stores)
+    res = evaluate_run(run_dir, "test", refine=True, run=run, keep_errors=True)
+    idx = run.dataset.indices("test")
+    data = run.tensors(idx)
+    out = {"off": res["_errors"]["model"], "on": res["_errors"]["model_refined"], "indices": idx,
+           "los": data.los.numpy(), "num_reports": data.num_reports.numpy()}
+    with open(cache.with_suffix(".tmp"), "wb") as fh:
+        np.savez(fh, **out)
+    cache.with_suffix(".tmp").replace(cache)
+    return out
+
+
+def baseline_errors(out: Path, split: str, config: Config, stores) -> dict[str, np.ndarray]:
+    """kNN and ML map-matching test errors on ``split`` (cached in ``baselines-<split>.npz``)."""
+    from core.learning.baselines import run_baselines
+    from core.learning.metrics import position_errors
+    from core.learning.training import apply_data_config
+
+    cache = out / f"baselines-{split}.npz"
+    if cache.exists():
+        with np.load(cache) as z:
+            return {k: z[k] for k in z.files}
+    dataset = apply_data_config(config, *stores)
+    idx = dataset.indices("test")
+    est = run_baselines(dataset, stores[1], idx, config)
+    result = {name: position_errors(xy, dataset.labels[idx]) for name, xy in est.items()}
+    with open(cache.with_suffix(".tmp"), "wb") as fh:
+        np.savez(fh, **result)
+    cache.with_suffix(".tmp").replace(cache)
+    return result
+
+
+# -- the grid ---------------------------------------------------------------------------------------
+def tune_lambda(plan: Plan, base: list[str], out: Path, stores, device, show_progress: bool):
+    """``(λ*, rows)``: the λ > 0 of the grid with the lowest val median at 100 % labels, first seed."""
+    split = "random" if "random" in plan.splits else plan.splits[0]
+    rows = []
+    for lam in (0.0, *plan.lambda_grid):
+        config = arm_config(base, split, 1.0, plan.seeds[0], lam)
+        run_dir = out / "runs" / run_name(split, 1.0, plan.seeds[0], lam)
+        progress.report(0.0, f"tuning lambda_phys: {lam:g}")
+        ensure_trained(config, run_dir, stores, device, show_progress)
+        rows.append({"lambda_phys": lam, "split": split, "label_fraction": 1.0, "seed": plan.seeds[0],
+                     "val_median_m": read_status(run_dir).get("best_val_median_m")})
+    best = min((r for r in rows if r["lambda_phys"] > 0), key=lambda r: r["val_median_m"])
+    return best["lambda_phys"], rows
+
+
+def collect_errors(plan: Plan, base: list[str], lam_star: float, out: Path, stores, device,
+                   show_progress: bool) -> dict[tuple, Any]:
+    """Train (or reuse) every arm and seed; ``{(split, fraction, lam): [per-seed test errors dict]}``."""
+    keys = [(sp, f, lam) for sp in plan.splits for f in plan.fractions for lam in (0.0, lam_star)]
+    total, done = len(keys) * len(plan.seeds), 0
+    errors: dict[tuple, Any] = {}
+    for split, fraction, lam in keys:
+        per_seed = []
+        for seed in plan.seeds:
+            config = arm_config(base, split, fraction, seed, lam)
+            run_dir = out / "runs" / run_name(split, fraction, seed, lam)
+            progress.report(0.05 + 0.85 * done / total, f"{run_dir.name}")
+            if ensure_trained(config, run_dir, stores, device, show_progress) or show_progress:
+                print(f"== {run_dir.name}: done", flush=True)
+            per_seed.append(test_errors(run_dir, stores, device))
+            done += 1
+        errors[(split, fraction, lam)] = per_seed
+    return errors
+
+
+# -- statistics -------------------------------------------------------------------------------------
+BASELINE_NAMES = {"knn": "kNN fingerprinting", "ml": "ML map matching"}
+
+
+def arm_label(lam: float) -> str:
+    return f"transformer λ={lam:g}"
+
+
+def _group_mask(e: dict[str, np.ndarray], group: str) -> np.ndarray:
+    if group == "nlos":
+        return ~e["los"].astype(bool)
+    if group == "sparse":
+        return e["num_reports"] < 5
+    return np.ones(len(e["off"]), dtype=bool)
+
+
+def _check_paired(runs: list[dict[str, np.ndarray]], baselines: dict[str, np.ndarray], where: str) -> None:
+    for r in runs[1:]:
+        if not np.array_equal(r["indices"], runs[0]["indices"]):
+            raise CoreError(f"ablation {where}: the arms were not tested on the same UEs")
+    for name, b in baselines.items():
+        if len(b) != len(runs[0]["off"]):
+            raise CoreError(f"ablation {where}: baseline {name} has {len(b)} test UEs, the model {len(runs[0]['off'])}")
+
+
+def block_rows(errors, baselines, split: str, fraction: float, lam_star: float, n_boot: int) -> list[dict[str, Any]]:
+    """Rows of one (split, label fraction) block: every refinement, group and arm against λ = 0."""
+    ref_runs, star_runs = errors[(split, fraction, 0.0)], errors[(split, fraction, lam_star)]
+    _check_paired(ref_runs + star_runs, baselines, f"{split}/{fraction:g}")
+    rows = []
+    for refine in ("off", "on"):
+        for group in GROUPS:
+            m = _group_mask(ref_runs[0], group)
+            if not m.any():
+                continue
+            arms = {arm_label(0.0): [r[refine][m] for r in ref_runs],
+                    arm_label(lam_star): [r[refine][m] for r in star_runs]}
+            if refine == "off":  # deterministic: the same errors for every seed
+                arms.update({BASELINE_NAMES[k]: [b[m]] * len(ref_runs) for k, b in baselines.items()})
+            for row in compare_arms(arms, arm_label(0.0), n_boot=n_boot):
+                baseline = row["arm"] in BASELINE_NAMES.values()
+                lam = float("nan") if baseline else (0.0 if row["arm"] == arm_label(0.0) else lam_star)
+                meta = {"split": split, "label_fraction": fraction, "refinement": "-" if baseline else refine,
+                        "group": group, "count": int(m.sum()), "lambda_phys": lam}
+                if baseline:  # one deterministic estimate, no seed spread
+                    row.update({"seeds": 1, **{f"{k}_sd": float("nan") for k in DELTA_METRICS}})
+                rows.append({**meta, **row})
+    return rows
+
+
+def curve_rows(errors, baselines, plan: Plan, lam_star: float) -> list[dict[str, Any]]:
+    """Median vs label fraction per split, refinement and arm, with the CI band of the median itself
+    (the two-level bootstrap of its difference to an all-zero error arm)."""
+    rows = []
+    for split in plan.splits:
+        for fraction in plan.fractions:
+            arms = [(arm_label(lam), lam, refine, [r[refine] for r in errors[(split, fraction, lam)]])
+                    for lam in (0.0, lam_star) for refine in ("off", "on")]
+            arms += [(BASELINE_NAMES[k], float("nan"), "-", [b]) for k, b in baselines[split].items()]
+            for arm, lam, refine, per_seed in arms:
+                level = paired_delta(per_seed, [np.zeros_like(e) for e in per_seed], "median_m", n_boot=plan.n_boot)
+                rows.append({"split": split, "refinement": refine, "arm": arm, "lambda_phys": lam,
+                             "label_fraction": fraction, "seeds": len(per_seed), "median_m": level["delta"],
+                             "median_m_lo": level["ci_low"], "median_m_hi": level["ci_high"]})
+    return rows
+
+
+def cdf_blocks(errors, baselines, plan: Plan, lam_star: float) -> dict[str, dict[str, Any]]:
+    """``{"<split> split, <p> % labels": {arm: CDF}}`` of the test errors, all seeds pooled."""
+    blocks = {}
+    for split in plan.splits:
+        for fraction in plan.fractions:
+            curves = {}
+            for lam in (0.0, lam_star):
+                for refine, suffix in (("off", ""), ("on", " + refine")):
+                    curves[arm_label(lam) + suffix] = np.concatenate([r[refine] for r in errors[(split, fraction, lam)]])
+            curves.update({BASELINE_NAMES[k]: b for k, b in baselines[split].items()})
+            top = max(float(np.percentile(e, 99)) for e in curves.values())
+            blocks[f"{split} split, {_pct(fraction)} labels"] = {k: error_cdf(e, 200, top) for k, e in curves.items()}
+    return blocks
+
+
+# -- outputs ------------------------------------------------------------------------------------------
+def _fmt(v: float, sign: bool = False) -> str:
+    if v is None or not np.isfinite(v):
+        return "–"
+    return f"{v:+.2f}" if sign else f"{v:.2f}"
+
+
+def _cell(row: pd.Series, metric: str) -> str:
+    sd = row.get(f"{metric}_sd")
+    return _fmt(row[metric]) + (f" ± {_fmt(sd)}" if sd is not None and np.isfinite(sd) else "")
+
+
+def _delta(row: pd.Series, metric: str) -> str:
+    d = row.get(f"d_{metric}")
+    if d is None or not np.isfinite(d):
+        return ""
+    return f"{_fmt(d, True)} [{_fmt(row[f'd_{metric}_lo'], True)}, {_fmt(row[f'd_{metric}_hi'], True)}]"
+
+
+def markdown(table: pd.DataFrame, header: str) -> str:
+    """``table`` as Markdown: per split, the overall table, then the NLOS and sparse groups."""
+    lines = [header, ""]
+    cols = ["labels", "refine", "arm", "λ_phys applied", "seeds", "median m", "P90 m", "RMSE m",
+            "Δ median m [95 % CI]", "Δ P90 m [95 % CI]", "Δ RMSE m [95 % CI]"]
+    for split in table["split"].unique():
+        for group in GROUPS:
+            part = table[(table["split"] == split) & (table["group"] == group)]
+            if part.empty:
+                continue
+            what = {"all": "all test UEs", "nlos": "NLOS test UEs", "sparse": "sparse test UEs (< 5 reports)"}[group]
+            lines += [f"### {split} split — {what} ({int(part['count'].iloc[0])})", "",
+                      "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            for _, r in part.iterrows():
+                lam = "" if not np.isfinite(r["lambda_phys"]) else f"{r['lambda_phys']:g}"
+                cells = [_pct(r["label_fraction"]), r["refinement"], r["arm"], lam, str(int(r["seeds"])),
+                         _cell(r, "median_m"), _cell(r, "p90_m"), _cell(r, "rmse_m"),
+                         _delta(r, "median_m"), _delta(r, "p90_m"), _delta(r, "rmse_m")]
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def header_text(plan: Plan, scene: str, overrides: list[str], lam_star: float, tuning: list[dict], wall_s: float,
+                machine: str, n_test: dict[str, int]) -> str:
+    tune = ", ".join(f"λ={r['lambda_phys']:g}: {r['val_median_m']:.2f} m" for r in tuning)
+    return "\n".join([
+        f"# Ablation of the physics term — scene {scene}, plan `{plan.name}`", "",
+        f"* Every arm: `{BASE_CONFIG}` with {', '.join(f'`{o}`' for o in (*plan.overrides, *overrides))}.",
+        f"* Seeds {', '.join(map(str, plan.seeds))}, paired (same seeds, labelled walks and test UEs in every arm); "
+        f"label fractions {', '.join(_pct(f) for f in plan.fractions)}; splits {', '.join(plan.splits)} "
+        f"(test UEs: {', '.join(f'{k} {v}' for k, v in n_test.items())}).",
+        f"* λ_phys tuned once on the val split, 100 % labels, {tuning[0]['split']} split, seed {plan.seeds[0]} — "
+        f"val median {tune} → **λ* = {lam_star:g}**.",
+        "* Cells: mean ± sd over seeds; Δ = change against the λ = 0 arm of the same split, label fraction and "
+        f"refinement (negative = better), 95 % CI from a paired two-level bootstrap ({plan.n_boot} replicates: "
+        "seeds, then UEs). Baselines need no training: one estimate, no sd; their Δ is against λ = 0 without refinement.",
+        f"* Wall time {wall_s / 60:.1f} min on {machine}.",
+    ])
+
+
+def write_outputs(out: Path, table: pd.DataFrame, curve: pd.DataFrame, cdf: dict, tuning: list[dict],
+                  summary: dict[str, Any]) -> None:
+    atomic_write_text(out / "table.csv", table.to_csv(index=False))
+    atomic_write_text(out / "table.md", markdown(table, summary["header"]))
+    atomic_write_text(out / "curve.csv", curve.to_csv(index=False))
+    atomic_write_text(out / "cdf.json", json.dumps(cdf))
+    atomic_write_text(out / "tuning.csv", pd.DataFrame(tuning).to_csv(index=False))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=float))
+
+
+# -- the command --------------------------------------------------------------------------------------
+def ablate(scene: str, out: str | Path, overrides: list[str] = (), quick: bool = False, device="cpu",
+           show_progress: bool = True, **grid) -> dict[str, Any]:
+    """Run the ablation (see the module doc); ``grid`` overrides fields of the plan (seeds, fractions,
+    splits, lambda_grid, n_boot)."""
+    from core.benchmarks.report import machine_info
+    from core.learning.training import load_scene
+
+    started = time.time()
+    plan = Plan(**{**asdict(PLANS["quick" if quick else "full"]), **{k: tuple(v) if isinstance(v, list) else v
+                                                                      for k, v in grid.items() if v is not None}})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    group_rows: list[dict[str, Any]] = []
-    cdf_errors: dict[str, np.ndarray] = {}
-    n_steps = len(VARIANTS) + 1
-    started = time.time()
-    for v, (name, path) in enumerate(VARIANTS):
-        config = load_config(resolve_path(path), [f"data.dataset=datasets/{scene}", *overrides])
-        run_dir = out / name
-        done = read_status(run_dir).get("state") == "done"
-        if not done:
-            progress.report(v / n_steps, f"training {name}")
-            print(f"== training {name} (lambda_phys={config.physics_loss.lambda_phys})", flush=True)
-            train(config, run_dir, resume=True, device=device, show_progress=show_progress)
-        run = load_run(run_dir, device=device)
-        for split in splits:
-            res = evaluate_run(run_dir, split, refine=True, run=run, keep_errors=True)
-            ref = res["refinement"]
-            base = {"split": split, "lambda_phys": config.physics_loss.lambda_phys,
-                    "train_s_per_epoch": res["train_s_per_epoch"], "inference_ms_per_sample": res["inference_ms_per_sample"],
-                    "epochs": len(run.metrics)}
-            rows.append({"method": name, "refinement": "no", **base, **{k: res[k] for k in METRIC_KEYS}})
-            rows.append({"method": name, "refinement": "yes", **base, **{k: ref["after"][k] for k in METRIC_KEYS},
-                         "num_refined": ref["num_refined"], "refined_median_before_m": ref["refined_before"]["median_m"],
-                         "refined_median_after_m": ref["refined_after"]["median_m"]})
-            if split == "test":
-                cdf_errors[name] = res["_errors"]["model"]
-                cdf_errors[f"{name}+refine"] = res["_errors"]["model_refined"]
-                for g, m in res["groups"].items():
-                    group_rows.append({"method": name, "refinement": "no", "group": g, **m})
-                for g, m in ref["groups_after"].items():
-                    group_rows.append({"method": name, "refinement": "yes", "group": g, **m})
-
-    progress.report(len(VARIANTS) / n_steps, "classical baselines")
-    print("== classical baselines", flush=True)
-    run = load_run(out / VARIANTS[0][0], device=device)
-    for split in splits:
-        idx = run.dataset.indices(split)
-        true_xy = run.dataset.labels[idx]
-        los = run.dataset.los[idx, -1] & run.dataset.report_mask[idx, -1]
-        nrep = run.dataset.report_mask[idx].sum(1)
-        t0 = time.perf_counter()
-        est = run_baselines(run.dataset, run.radio_map, idx, run.config)
-        ms = (time.perf_counter() - t0) * 1000 / max(len(idx), 1) / max(len(est), 1)  # per method, on average
-        for name, xy in est.items():
-            label = {"knn": "knn_fingerprint", "ml": "ml_map_matching"}.get(name, name)
-            e = position_errors(xy, true_xy)
-            g = grouped_metrics(e, los, nrep)
-            rows.append({"method": label, "refinement": "no", "split": split, "inference_ms_per_sample": ms,
-                         **{k: g["all"][k] for k in METRIC_KEYS}})
-            if split == "test":
-                cdf_errors[label] = e
-                for gname, m in g.items():
-                    group_rows.append({"method": label, "refinement": "no", "group": gname, **m})
-
+    base = [*plan.overrides, f"data.dataset=datasets/{scene}", *overrides]
+    probe = arm_config(base, "random", 1.0, plan.seeds[0], 0.0)
+    stores = load_scene(probe)  # once: every arm gets them with its own split applied
+    lam_star, tuning = tune_lambda(plan, base, out, stores, device, show_progress)
+    errors = collect_errors(plan, base, lam_star, out, stores, device, show_progress)
+    progress.report(0.9, "classical baselines and statistics")
+    baselines = {sp: baseline_errors(out, sp, arm_config(base, sp, 1.0, plan.seeds[0], 0.0), stores)
+                 for sp in plan.splits}
+    rows = [r for sp in plan.splits for f in plan.fractions
+            for r in block_rows(errors, baselines[sp], sp, f, lam_star, plan.n_boot)]
     table = pd.DataFrame(rows)
-    groups = pd.DataFrame(group_rows)
-    top = max(float(np.percentile(e, 99)) for e in cdf_errors.values())
-    cdf = {name: error_cdf(e, points=200, max_m=top) for name, e in cdf_errors.items()}
-    atomic_write_text(out / "table.csv", table.to_csv(index=False))
-    atomic_write_text(out / "table.md", _markdown(table.drop(columns=[c for c in ("lambda_phys",) if c in table])))
-    atomic_write_text(out / "groups.csv", groups.to_csv(index=False))
-    atomic_write_text(out / "cdf.json", json.dumps(cdf))
-    summary = {"wall_s": time.time() - started, "scene": scene, "overrides": list(overrides)}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    curve = pd.DataFrame(curve_rows(errors, baselines, plan, lam_star))
+    cdf = cdf_blocks(errors, baselines, plan, lam_star)
+    m = machine_info()
+    machine = f"{m['cpu']} ({m['cores']} cores, torch {m['torch']}, {device})"
+    n_test = {sp: len(errors[(sp, plan.fractions[0], 0.0)][0]["off"]) for sp in plan.splits}
+    wall_s = time.time() - started
+    header = header_text(plan, scene, list(overrides), lam_star, tuning, wall_s, machine, n_test)
+    summary = {"scene": scene, "plan": asdict(plan), "overrides": list(overrides), "lambda_star": lam_star,
+               "tuning": tuning, "wall_s": wall_s, "machine": machine, "n_test": n_test, "header": header}
+    write_outputs(out, table, curve, cdf, tuning, summary)
     progress.report(1.0, "ablation done")
-    return {"table": table, "groups": groups, "cdf": cdf, **summary}
+    return {"table": table, "curve": curve, "cdf": cdf, **summary}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scene", default="etoile",
                         help="scene name: trains on datasets/<scene> and the radio map it was made with")
-    parser.add_argument("--out", default="runs/ablation", help="output directory")
+    parser.add_argument("--out", default="runs/ablation", help="output directory (runs are cached there)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the 5-minute plan: tiny model, 2 epochs, first 2,000 samples")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a key in all three configs (e.g. training.epochs=10); repeatable")
-    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+                        help="override a config key in every arm (e.g. data.dataset=...); repeatable")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="paired seeds (default 0 1 2)")
+    parser.add_argument("--fractions", type=float, nargs="+", default=None, help="label fractions (default 0.05 0.2 1)")
+    parser.add_argument("--splits", nargs="+", choices=["random", "spatial"], default=None)
+    parser.add_argument("--lambdas", type=float, nargs="+", default=None, help="λ_phys grid tuned on val")
+    parser.add_argument("--n-boot", type=int, default=None, help="bootstrap replicates")
+    parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    torch.set_num_threads(1)  # one thread: much faster than 2 on a shared 2-core CPU
     device = "cpu" if args.device == "auto" and not torch.cuda.is_available() else args.device
-    result = ablate(args.scene, args.out, args.overrides, device=device, show_progress=not args.no_progress)
-    cols = ["split", "method", "refinement", "median_m", "p90_m", "success_5m", "num_refined",
-            "refined_median_before_m", "refined_median_after_m"]
+    if args.lambdas is not None and not all(v > 0 for v in args.lambdas):
+        raise CoreError("--lambdas: every λ_phys to tune must be > 0 (λ = 0 is always an arm)")
+    result = ablate(args.scene, args.out, args.overrides, quick=args.quick, device=device,
+                    show_progress=not args.no_progress, seeds=args.seeds, fractions=args.fractions,
+                    splits=args.splits, lambda_grid=args.lambdas, n_boot=args.n_boot)
     table = result["table"]
-    print(table[[c for c in cols if c in table]].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-    print(f"\nwrote {args.out}/table.csv, table.md, groups.csv, cdf.json ({result['wall_s']:.0f} s)")
+    part = table[table["group"] == "all"]
+    cols = ["split", "label_fraction", "refinement", "arm", "median_m", "median_m_sd", "d_median_m", "d_median_m_lo",
+            "d_median_m_hi", "d_rmse_m"]
+    print(part[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"\nλ* = {result['lambda_star']:g}; wrote {args.out}/table.csv, table.md, curve.csv, cdf.json "
+          f"({result['wall_s']:.0f} s)")
     return 0

@@ -3,21 +3,21 @@
 The keys follow the reference design::
 
     seed: 0
-    data:          {dataset, scene, max_samples}
+    data:          {dataset, scene, max_samples, label_fraction, split, spatial_blocks}
     model:         {preset, d_model, num_layers, num_heads, ...}   (preset + overrides)
-    training:      {epochs, batch_size, learning_rate, ..., loss: {use_physics_loss, lambda_fine}}
-    physics_loss:  {enabled, lambda_phys, radio_maps_dir, feature_weights, loss, huber_delta,
-                    observation, refinement: {enabled, num_steps, learning_rate,
-                    min_confidence_threshold, use_prior}}
+    training:      {epochs, batch_size, learning_rate, ..., loss: {lambda_fine}}
+    physics_loss:  {lambda_phys, warmup_epochs, ramp_epochs, per_sample_grad_clip,
+                    radio_maps_dir, feature_weights, loss, huber_delta, observation,
+                    refinement: {enabled, num_steps, learning_rate, min_confidence_threshold, use_prior}}
 
 Every section forbids unknown keys. :func:`load_config` turns any problem (unknown key,
 bad value, bad YAML, bad ``--set``) into a :class:`~core.errors.ConfigError` whose
 message names the key path, e.g. ``physics_loss.lambda_phys: Input should be
 greater than or equal to 0``.
 
-The physics term is active only when ``training.loss.use_physics_loss`` and
-``physics_loss.enabled`` are both true and ``physics_loss.lambda_phys > 0``
-(:attr:`Config.physics_active`).
+ONE switch turns the physics term on: ``physics_loss.lambda_phys`` (0 = off, no lookup at all;
+:attr:`Config.physics_active`). The keys it replaced (``training.loss.use_physics_loss``,
+``physics_loss.enabled``) are refused with a one-line error that says so (:data:`REMOVED_KEYS`).
 """
 
 from __future__ import annotations
@@ -53,6 +53,15 @@ class DataConfig(_Section):
     scene: str | None = None
     #: use only the first N samples (quick experiments); None = all
     max_samples: int | None = Field(default=None, gt=0)
+    #: fraction of the TRAIN walks that keep their label, drawn with ``seed`` (nested: with one
+    #: seed the 5 % labelled walks are among the 20 %); the others contribute only the physics
+    #: term. Validation and test stay fully labelled.
+    label_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    #: ``random``: the dataset's own split; ``spatial``: whole blocks of the map are held out for
+    #: val and test (see :func:`core.learning.data_loading.spatial_split`), applied at load time
+    split: Literal["random", "spatial"] = "random"
+    #: the spatial split cuts the map into spatial_blocks x spatial_blocks blocks
+    spatial_blocks: int = Field(default=4, ge=2, le=64)
 
 
 class ModelConfig(_Section):
@@ -89,7 +98,6 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
-    use_physics_loss: bool = True
     #: weight of the Gaussian NLL of the in-cell offset
     lambda_fine: float = Field(default=1.0, ge=0.0)
 
@@ -120,8 +128,15 @@ class RefinementConfig(_Section):
 
 
 class PhysicsLossConfig(_Section):
-    enabled: bool = True
+    #: THE switch of the physics term: its weight once ramped in; 0 = off (no lookup at all)
     lambda_phys: float = Field(default=0.1, ge=0.0)
+    #: epochs trained on the supervised terms alone before the physics term starts
+    warmup_epochs: float = Field(default=2.0, ge=0.0)
+    #: epochs over which its weight then rises linearly (per step) from 0 to lambda_phys; 0 = at once
+    ramp_epochs: float = Field(default=2.0, ge=0.0)
+    #: each sample's physics gradient w.r.t. its predicted position is clipped to this norm
+    #: [physics-loss units per metre] before it reaches the network; 0 = no clipping
+    per_sample_grad_clip: float = Field(default=0.05, ge=0.0)
     radio_maps_dir: str = "radio_maps"
     #: per-feature weights; None = the defaults of core.features; "auto" = calibrated on the
     #: train split: w_f = (sigma_map,f / s_f)^2 with s_f the robust spread of the residual
@@ -156,15 +171,39 @@ class Config(_Section):
 
     @property
     def physics_active(self) -> bool:
-        """Whether the physics term is computed at all during training."""
+        """Whether the physics term is computed at all during training (``lambda_phys > 0``)."""
+        return self.physics_loss.lambda_phys > 0
+
+    def lambda_at(self, epoch_progress: float) -> float:
+        """λ_phys applied after ``epoch_progress`` epochs (fractional): 0 during the warm-up, then a
+        linear ramp over ``ramp_epochs`` to ``lambda_phys``."""
         p = self.physics_loss
-        return bool(self.training.loss.use_physics_loss and p.enabled and p.lambda_phys > 0)
+        since = epoch_progress - p.warmup_epochs
+        if since < 0:
+            return 0.0
+        return p.lambda_phys * (min(since / p.ramp_epochs, 1.0) if p.ramp_epochs > 0 else 1.0)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+#: keys that were removed, and what replaced them (refused with one line saying so)
+REMOVED_KEYS: dict[tuple[str, ...], str] = {
+    ("training", "loss", "use_physics_loss"): "physics_loss.lambda_phys (0 = off) is the one switch of the physics term",
+    ("physics_loss", "enabled"): "physics_loss.lambda_phys (0 = off) is the one switch of the physics term",
+}
+
+
+def _check_removed(data: dict[str, Any], source: str) -> None:
+    for path, replacement in REMOVED_KEYS.items():
+        node: Any = data
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node:
+            raise ConfigError(f"{source}: {'.'.join(path)}: removed; {replacement}")
 
 
 def _format_error(exc: ValidationError, source: str) -> str:
@@ -201,6 +240,8 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    if isinstance(data, dict):
+        _check_removed(data, source)
     try:
         config = Config.model_validate(data or {})
         config.model.resolved()

@@ -78,6 +78,7 @@ class TensorData:
     los         bool    [N]         serving site in LOS at the last report
     num_reports long    [N]         number of present reports
     indices     long    [N]         indices into the source dataset
+    labeled     bool    [N]         the label may be used (False: the walk gives only the physics term)
     """
 
     feats: torch.Tensor
@@ -89,6 +90,7 @@ class TensorData:
     los: torch.Tensor
     num_reports: torch.Tensor
     indices: torch.Tensor
+    labeled: torch.Tensor
 
     def __len__(self) -> int:
         return self.feats.shape[0]
@@ -138,6 +140,56 @@ def physics_observation(dataset: MeasurementDataset, features: tuple[str, ...], 
         if feature_spec(name).angular:
             out[:, f] = circular_mean_deg(obs[..., f], valid[..., f], axis=1)
     return out.astype(np.float32)
+
+
+def labeled_mask(n: int, fraction: float, seed: int) -> np.ndarray:
+    """bool ``[n]``: which of ``n`` training walks keep their label.
+
+    ``round(fraction * n)`` walks (at least one), the first ones of a permutation drawn with
+    ``seed``: deterministic, and nested across fractions for one seed (the 5 % are among the 20 %).
+    """
+    if fraction >= 1.0:
+        return np.ones(n, dtype=bool)
+    keep = np.random.default_rng([int(seed), 0x1AB]).permutation(n)[: max(1, round(fraction * n))]
+    out = np.zeros(n, dtype=bool)
+    out[keep] = True
+    return out
+
+
+#: share of the samples the spatial split holds out for val and for test (like the shipped 80/10/10)
+SPATIAL_HOLDOUT = 0.1
+#: the blocks are visited in one fixed order (this seed), so every run sees the same spatial split
+SPATIAL_SPLIT_SEED = 0
+
+
+def spatial_split(xy: np.ndarray, bounds, blocks: int = 4) -> np.ndarray:
+    """int8 ``[N]`` split (0 train, 1 val, 2 test) that holds out whole regions of the map.
+
+    The map (``bounds`` = outer edges) is cut into ``blocks x blocks`` equal blocks; a sample
+    belongs to the block of its label ``xy`` (its position at the last report). The blocks are
+    visited in a fixed pseudo-random order (:data:`SPATIAL_SPLIT_SEED`): whole blocks go to test
+    until it holds >= 10 % of the samples, then to val until it does, the rest to train. The
+    result depends only on the positions, the bounds and ``blocks``: never on the run's seed, so
+    every seed and every arm of a comparison is tested on the same UEs.
+    """
+    x_min, y_min, x_max, y_max = bounds
+    xy = np.asarray(xy, dtype=np.float64)
+    bx = np.clip(((xy[:, 0] - x_min) / (x_max - x_min) * blocks).astype(int), 0, blocks - 1)
+    by = np.clip(((xy[:, 1] - y_min) / (y_max - y_min) * blocks).astype(int), 0, blocks - 1)
+    block = by * blocks + bx
+    split = np.zeros(len(xy), dtype=np.int8)
+    target = SPATIAL_HOLDOUT * len(xy)
+    counts = {1: 0, 2: 0}
+    for b in np.random.default_rng(SPATIAL_SPLIT_SEED).permutation(blocks * blocks):
+        members = block == b
+        if not members.any():
+            continue
+        which = 2 if counts[2] < target else 1 if counts[1] < target else 0
+        if which == 0:
+            break
+        split[members] = which
+        counts[which] += int(members.sum())
+    return split
 
 
 def token_dim(k: int, geometry_hint: bool) -> int:
@@ -202,6 +254,7 @@ def build_tensors(
         los=torch.from_numpy(los.copy()),
         num_reports=torch.from_numpy(mask.sum(1).astype(np.int64)),
         indices=torch.from_numpy(indices),
+        labeled=torch.ones(n, dtype=torch.bool),
     )
 
 

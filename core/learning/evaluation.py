@@ -1,7 +1,7 @@
 """``python -m core evaluate --run runs/NAME [--refine] [--split test] [--baselines] [--json]``.
 
 Evaluates a run on one split. The result (also written to ``<run>/eval_<split>[_refine].json``)
-holds at top level ``median_m, rmse_m, p67_m, p90_m, success_5m, success_10m,
+holds at top level the run's ``lambda_phys`` (as applied), ``label_fraction`` and ``data_split``, ``median_m, rmse_m, p67_m, p90_m, success_5m, success_10m,
 success_20m`` (see :mod:`core.learning.metrics`), ``count``, ``train_s_per_epoch`` (mean epoch
 time in metrics.jsonl) and ``inference_ms_per_sample`` (batched forward over the split,
 after a warm-up), plus:
@@ -64,7 +64,9 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
         raise CoreError(f"--split {split}: no samples in {run.config.data.dataset}")
     progress.report(0.05, f"predicting {len(indices)} {split} samples")
     pred, ms = _timed_predict(run, indices)
-    result: dict[str, Any] = {"run": str(run.run_dir), "split": split, "checkpoint": run.checkpoint.name}
+    result: dict[str, Any] = {"run": str(run.run_dir), "split": split, "checkpoint": run.checkpoint.name,
+                              "lambda_phys": run.config.physics_loss.lambda_phys,
+                              "label_fraction": run.config.data.label_fraction, "data_split": run.config.data.split}
     result.update(error_metrics(pred.error_m))
     epoch_s = run.metrics["epoch_s"].mean() if "epoch_s" in run.metrics else float("nan")
     result["train_s_per_epoch"] = float(epoch_s)
@@ -144,6 +146,9 @@ def format_table(result: dict[str, Any]) -> str:
     groups = pd.DataFrame({label: {g: gm[g]["median_m"] for g in ("all", "los", "nlos", "sparse", "dense") if g in gm}
                            for label, (_, gm) in rows.items()}).T
     lines.append(groups.to_string(float_format=fmt))
+    if "lambda_phys" in result:
+        lines.append(f"lambda_phys {result['lambda_phys']:g} (applied)  label_fraction {result['label_fraction']:g}  "
+                     f"split {result['data_split']}")
     lines.append(f"train_s_per_epoch {result['train_s_per_epoch']:.2f}  "
                  f"inference_ms_per_sample {result['inference_ms_per_sample']:.4f}")
     if "refinement" in result:

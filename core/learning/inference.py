@@ -123,13 +123,17 @@ class Prediction:
     patch_bounds: np.ndarray | None = None  # [P, 4] (x_min, y_min, x_max, y_max) of each patch [m]
 
 
-def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedRun:
+def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
+             stores: tuple[MeasurementDataset, RadioMap] | None = None) -> LoadedRun:
     """Load ``run_dir`` (best.pt, else last.pt) with its dataset and radio map.
 
     The dataset and map its config leads to must be the ones it was trained on (the ids in
-    its ``lineage.json``), and the map the one the dataset was made with.
+    its ``lineage.json``), and the map the one the dataset was made with. ``stores``: the
+    ``(dataset, radio map)`` as loaded from disk, to skip loading them again (many runs on one
+    scene); the run's ``data`` settings (split, sample cap) are applied to them as at training.
     """
-    from core.learning.training import load_scene
+    from core.learning.training import apply_data_config, load_scene
+    from core.stores.lineage import check_map_of_dataset
 
     run_dir = resolve_path(run_dir)
     if not run_dir.is_dir():
@@ -138,7 +142,11 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
     ckpt_path = run_store.checkpoint_path(run_dir)
     device = resolve_device(device)
     ckpt = run_store.load_checkpoint(ckpt_path, device)
-    dataset, radio_map = load_scene(config)
+    if stores is None:
+        dataset, radio_map = load_scene(config)
+    else:
+        check_map_of_dataset(stores[0].ref, stores[0].radio_map_ref, stores[1].ref)
+        dataset, radio_map = apply_data_config(config, *stores), stores[1]
     run_store.check_lineage(run_dir, dataset.ref, radio_map.ref)
     model = build_model(ckpt["spec"], config.seed)
     try:

@@ -24,7 +24,10 @@ width, ``H`` heads, ``P`` map patches, ``G`` coarse grid size (``G x G`` cells).
    ``sigma^2 = exp(logvar) * cell^2 + sum_c' p_c' (centre_c' - centre_c)^2`` [m^2] per axis
    (the fine head's variance plus the coarse distribution's spread around the chosen
    cell, so a split coarse vote shows up as a large sigma);
-   ``confidence = P(3x3 cells around c) * exp(-sigma_fine_rms / cell)`` in [0, 1].
+   ``confidence = P(3x3 cells around c) * exp(-sigma_fine_rms / cell)`` in [0, 1];
+   with ``head_xy=True`` also ``head_xy``: the same position, but its gradient reaches only the
+   position (fine) head: the pooled features and cell keys enter it detached. The physics term
+   is evaluated there (docs/model.md, "Gradient routing").
 
 Attention weights are computed explicitly (``softmax(QK^T / sqrt(d_h))``) when
 ``return_attention=True`` and on the CPU (measured faster there than the fused kernel at
@@ -82,6 +85,7 @@ class ModelOutput:
     confidence: torch.Tensor  # [B]
     target_offset_pred: torch.Tensor | None = None  # [B, 2] fine head at the TRUE cell (training)
     target_logvar: torch.Tensor | None = None  # [B, 2]
+    head_xy: torch.Tensor | None = None  # [B, 2] = xy, gradient into the fine head only
     attention: dict[str, list[torch.Tensor]] | None = field(default=None)
 
 
@@ -220,9 +224,11 @@ class MapConditionedTransformer(nn.Module):
         return torch.tanh(raw[:, :2]), raw[:, 2:].clamp(-8.0, 4.0)
 
     # -- forward --------------------------------------------------------------------------
-    def forward(self, feats, site_index, mask, map_image, target_cell=None, return_attention=False) -> ModelOutput:
+    def forward(self, feats, site_index, mask, map_image, target_cell=None, return_attention=False,
+                head_xy=False) -> ModelOutput:
         """``feats[B,T,D]``, ``site_index[B,T,K]`` long, ``mask[B,T]`` bool, ``map_image[C,S,S]``;
-        ``target_cell[B]`` (training) also evaluates the fine head at the true cell."""
+        ``target_cell[B]`` (training) also evaluates the fine head at the true cell; ``head_xy``
+        also returns the position routed to the fine head only."""
         x = self.token_in(feats) + self.site_embed(site_index).sum(2) + self.report_pos[:, : feats.shape[1]]
         x = torch.where(mask[..., None], x, x + self.missing)
         map_tokens = self.map_encoder(map_image)
@@ -259,6 +265,8 @@ class MapConditionedTransformer(nn.Module):
         out = ModelOutput(logits, cell, offset, logvar, xy, sigma, confidence)
         if target_cell is not None:
             out.target_offset_pred, out.target_logvar = self._fine(pooled, keys, target_cell)
+        if head_xy:
+            out.head_xy = centre + self._fine(pooled.detach(), keys.detach(), cell)[0] * self.cell_wh
         if return_attention:
             out.attention = {"temporal": temporal, "cross": cross}
         return out

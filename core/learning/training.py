@@ -2,17 +2,30 @@
 
 Loss per batch::
 
-    L_total = L_coarse + lambda_fine * L_fine + lambda_phys * L_phys
+    L_total = L_coarse + lambda_fine * L_fine + lambda_phys(t) * L_phys
 
 * ``L_coarse``: cross-entropy of the coarse logits against the cell of the true
-  position (:func:`core.model.coarse_loss`);
+  position (:func:`core.model.coarse_loss`), over the LABELLED walks of the batch;
 * ``L_fine``: Gaussian NLL of the true in-cell offset under the fine head evaluated at
-  the TRUE cell (:func:`core.model.fine_loss`);
-* ``L_phys``: :class:`core.physics_loss.PhysicsLoss` at the model's predicted position
-  ``xy`` (argmax cell + offset, differentiable through the offset) against the serving-site
-  features of the sample's LAST report, where the label is
-  (``physics_loss.observation: last``; ``mean`` uses the temporal aggregate instead).
-  Computed only when :attr:`Config.physics_active` (no lookup at all otherwise).
+  the TRUE cell (:func:`core.model.fine_loss`), over the labelled walks;
+* ``L_phys``: the physics term, an injected callable ``physics(xy [B, 2], observed [B, F],
+  mask [B, F]) -> [B]`` per-sample loss (:func:`make_physics_term`; today
+  :class:`core.physics.physics_loss.PhysicsLoss`), evaluated at the predicted position
+  routed to the position head only (``ModelOutput.head_xy``), averaged over the samples with
+  an observation, labelled or not. Each sample's gradient w.r.t. its position is clipped to
+  ``physics_loss.per_sample_grad_clip`` (:func:`physics_term`). Computed only when
+  ``physics_loss.lambda_phys > 0`` (no lookup at all otherwise).
+* ``lambda_phys(t)`` (:meth:`Config.lambda_at`): 0 for ``physics_loss.warmup_epochs``, then a
+  linear ramp (per step) over ``physics_loss.ramp_epochs`` to ``lambda_phys``.
+
+``data.label_fraction < 1`` keeps the labels of only that fraction of the train walks (drawn
+with ``seed``); the others contribute the physics term alone. ``data.split: spatial`` holds out
+whole map blocks for val and test (applied at load time). With the physics term off, unlabelled
+walks are left out of the forward pass (they would contribute nothing).
+
+Each epoch also measures, on one fixed train batch, the gradient norm of each term as it enters
+``L_total`` at full weight (w.r.t. all model parameters) and the cosine between the supervised
+(coarse + fine) and physics gradients (:func:`gradient_balance`), written to metrics.jsonl.
 
 Run directory: :mod:`core.stores.run` (config.yaml, metrics.jsonl, best.pt, last.pt,
 log.txt, status.json, lineage.json). A taken directory is refused unless ``--resume``
@@ -34,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -43,6 +57,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from core import resolve_path
 from core.device import resolve_device
@@ -52,9 +67,11 @@ from core.learning.config import Config, config_from_dict, load_config
 from core.learning.data_loading import (
     TensorData,
     build_tensors,
+    labeled_mask,
     map_channels,
     map_input,
     num_site_embeddings,
+    spatial_split,
     token_dim,
 )
 from core.learning.metrics import error_metrics, position_errors
@@ -88,9 +105,18 @@ def load_scene(config: Config) -> tuple[MeasurementDataset, RadioMap]:
     maps_dir = resolve_path(config.physics_loss.radio_maps_dir)
     radio_map = RadioMap.load(map_path_for(dataset.ref, maps_dir, config.data.scene))
     check_map_of_dataset(dataset.ref, dataset.radio_map_ref, radio_map.ref)
+    return apply_data_config(config, dataset, radio_map), radio_map
+
+
+def apply_data_config(config: Config, dataset: MeasurementDataset, radio_map: RadioMap) -> MeasurementDataset:
+    """The dataset as ``config.data`` asks: the spatial split (when ``split: spatial``), then the
+    first ``max_samples`` samples."""
+    if config.data.split == "spatial":
+        split = spatial_split(dataset.labels, radio_map.bounds, config.data.spatial_blocks)
+        dataset = dataclasses.replace(dataset, split=split)
     if config.data.max_samples is not None and config.data.max_samples < dataset.num_samples:
         dataset = dataset.subset(np.arange(config.data.max_samples))
-    return dataset, radio_map
+    return dataset
 
 
 def model_spec(config: Config, dataset: MeasurementDataset, radio_map: RadioMap) -> ModelSpec:
@@ -114,14 +140,26 @@ def prepare(config: Config, dataset: MeasurementDataset | None = None, radio_map
 
 
 def tensors(run: RunData, split: str, config: Config) -> TensorData:
+    """Model tensors of ``split``; on the train split only ``data.label_fraction`` of the walks are labelled."""
     idx = run.dataset.indices(split)
     if len(idx) == 0:
         raise StoreError(f"dataset {run.dataset.source or ''}: split {split!r} is empty")
-    return build_tensors(run.dataset, run.radio_map, idx, run.spec.geometry_hint, config.physics_loss.observation)
+    data = build_tensors(run.dataset, run.radio_map, idx, run.spec.geometry_hint, config.physics_loss.observation)
+    if split == "train":
+        data.labeled = torch.from_numpy(labeled_mask(len(idx), config.data.label_fraction, config.seed))
+    return data
 
 
-def calibrated_weights(dataset: MeasurementDataset, radio_map: RadioMap, observation: str = "latest") -> dict[str, float]:
-    """``feature_weights: auto``: ``w_f ∝ (sigma_map,f / s_f)^2`` from the TRAIN split.
+def labeled_train_indices(dataset: MeasurementDataset, config: Config) -> np.ndarray:
+    """Dataset indices of the train walks whose labels ``config`` lets training use."""
+    idx = dataset.indices("train")
+    return idx[labeled_mask(len(idx), config.data.label_fraction, config.seed)]
+
+
+def calibrated_weights(dataset: MeasurementDataset, radio_map: RadioMap, observation: str = "latest",
+                       indices: np.ndarray | None = None) -> dict[str, float]:
+    """``feature_weights: auto``: ``w_f ∝ (sigma_map,f / s_f)^2`` from the TRAIN split (or from the
+    labelled walks ``indices``: the calibration needs the true positions).
 
     ``s_f = 1.4826 * median |r_f - median r_f|`` (a robust std) of the residual
     ``r = observed - map(true position)`` (AoA wrapped), so the physics loss's
@@ -133,7 +171,7 @@ def calibrated_weights(dataset: MeasurementDataset, radio_map: RadioMap, observa
     from core.learning.data_loading import physics_observation
     from core.physics.physics_loss import PhysicsLoss, guarded_sigma, resolve_weights
 
-    idx = dataset.indices("train")
+    idx = dataset.indices("train") if indices is None else indices
     sub = dataset.subset(idx)
     obs = physics_observation(sub, radio_map.features, observation)
     mask = np.isfinite(obs)
@@ -156,15 +194,17 @@ def calibrated_weights(dataset: MeasurementDataset, radio_map: RadioMap, observa
 
 
 def resolve_config(config: Config, dataset: MeasurementDataset, radio_map: RadioMap) -> Config:
-    """``config`` with ``feature_weights: auto`` replaced by the calibrated numbers."""
+    """``config`` with ``feature_weights: auto`` replaced by numbers calibrated on the labelled train walks."""
     if config.physics_loss.feature_weights != "auto":
         return config
     data = config.to_dict()
-    data["physics_loss"]["feature_weights"] = calibrated_weights(dataset, radio_map, config.physics_loss.observation)
+    data["physics_loss"]["feature_weights"] = calibrated_weights(dataset, radio_map, config.physics_loss.observation,
+                                                                 labeled_train_indices(dataset, config))
     return config_from_dict(data, "resolved config")
 
 
 def make_physics_loss(config: Config, radio_map: RadioMap, device: torch.device, dataset=None):
+    """The run's physics loss object (also what test-time refinement minimises)."""
     from core.physics.physics_loss import PhysicsLoss
 
     if config.physics_loss.feature_weights == "auto":
@@ -175,30 +215,110 @@ def make_physics_loss(config: Config, radio_map: RadioMap, device: torch.device,
     return PhysicsLoss(radio_map, weights=p.feature_weights, loss=p.loss, huber_delta=p.huber_delta).to(device)
 
 
+def make_physics_term(config: Config, radio_map: RadioMap, device: torch.device, dataset=None):
+    """The physics term as training sees it: ``physics(xy [B, 2], observed [B, F], mask [B, F]) -> [B]``
+    per-sample losses. Everything in training is built on this interface only."""
+    loss = make_physics_loss(config, radio_map, device, dataset)
+
+    def physics(xy: torch.Tensor, observed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        result = loss(xy, observed, mask=mask)
+        return result if isinstance(result, torch.Tensor) else result.per_sample
+
+    return physics
+
+
 # -- losses -------------------------------------------------------------------------------
-def compute_losses(model, batch: dict[str, torch.Tensor], map_image: torch.Tensor, config: Config, physics=None):
-    """Loss terms of one batch: ``(dict name -> scalar tensor, ModelOutput)``; ``phys`` is None when off."""
+def physics_term(physics, xy: torch.Tensor, observed: torch.Tensor, mask: torch.Tensor, clip: float) -> torch.Tensor:
+    """Mean of the per-sample physics losses at ``xy`` over the samples with an observation.
+
+    With gradients on, each sample's gradient ``g_n = dL_n/dxy_n`` is computed first (one
+    backward through the callable alone, on a detached copy of ``xy``) and clipped to norm
+    ``clip`` (0 = off); the returned value is the mean of ``L_n`` and its gradient w.r.t.
+    ``xy_n`` is exactly the clipped ``g_n`` / (number of samples with an observation).
+    """
+    n_active = mask.any(1).sum().clamp(min=1)
+    if not (torch.is_grad_enabled() and xy.requires_grad):
+        return physics(xy, observed, mask).sum() / n_active
+    leaf = xy.detach().requires_grad_(True)
+    per = physics(leaf, observed, mask)
+    grad = torch.autograd.grad(per.sum(), leaf, allow_unused=True)[0] if per.requires_grad else None
+    grad = torch.zeros_like(leaf) if grad is None else grad
+    if clip > 0:
+        grad = grad * (clip / grad.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+    # value: sum_n L_n; gradient w.r.t. xy_n: the clipped g_n
+    surrogate = per.detach().sum() + (grad * (xy - xy.detach())).sum()
+    return surrogate / n_active
+
+
+def _supervised(out, target_cell: torch.Tensor, target_offset: torch.Tensor, labeled: torch.Tensor):
+    """``(L_coarse, L_fine)`` over the labelled samples (0, still in the graph, when there are none)."""
+    if bool(labeled.all()):
+        return (coarse_loss(out.logits, target_cell),
+                fine_loss(out.target_offset_pred, out.target_logvar, target_offset))
+    if not bool(labeled.any()):
+        zero = 0.0 * (out.logits.sum() + out.target_offset_pred.sum() + out.target_logvar.sum())
+        return zero, zero
+    return (coarse_loss(out.logits[labeled], target_cell[labeled]),
+            fine_loss(out.target_offset_pred[labeled], out.target_logvar[labeled], target_offset[labeled]))
+
+
+def compute_losses(model, batch: dict[str, torch.Tensor], map_image: torch.Tensor, config: Config, physics=None,
+                   lambda_phys: float | None = None):
+    """Loss terms of one batch: ``(dict name -> scalar tensor, ModelOutput)``; ``phys`` is None when off.
+
+    ``lambda_phys``: the weight applied to ``phys`` in ``total`` (default: the config's, fully ramped).
+    """
     net = model.module if hasattr(model, "module") else model
     target_cell, target_offset = net.cell_of(batch["target_xy"])
-    out = model(batch["feats"], batch["site_index"], batch["mask"], map_image, target_cell=target_cell)
-    terms: dict[str, Any] = {
-        "coarse": coarse_loss(out.logits, target_cell),
-        "fine": fine_loss(out.target_offset_pred, out.target_logvar, target_offset),
-        "phys": None,
-    }
-    total = terms["coarse"] + config.training.loss.lambda_fine * terms["fine"]
-    if physics is not None and config.physics_active:
-        terms["phys"] = physics(out.xy, batch["observed"], mask=batch["obs_mask"]).total
-        total = total + config.physics_loss.lambda_phys * terms["phys"]
+    use_physics = physics is not None and config.physics_active
+    out = model(batch["feats"], batch["site_index"], batch["mask"], map_image, target_cell=target_cell,
+                head_xy=use_physics)
+    labeled = batch.get("labeled", torch.ones_like(target_cell, dtype=torch.bool))
+    coarse, fine = _supervised(out, target_cell, target_offset, labeled)
+    terms: dict[str, Any] = {"coarse": coarse, "fine": fine, "phys": None}
+    total = coarse + config.training.loss.lambda_fine * fine
+    if use_physics:
+        terms["phys"] = physics_term(physics, out.head_xy, batch["observed"], batch["obs_mask"],
+                                     config.physics_loss.per_sample_grad_clip)
+        lam = config.physics_loss.lambda_phys if lambda_phys is None else lambda_phys
+        if lam > 0:
+            total = total + lam * terms["phys"]
     terms["total"] = total
     return terms, out
 
 
+def gradient_balance(model, batch: dict[str, torch.Tensor], map_image: torch.Tensor, config: Config,
+                     physics=None) -> dict[str, float | None]:
+    """Gradient norms of the terms as they enter ``L_total`` at full weight (``coarse``,
+    ``lambda_fine * fine``, ``lambda_phys * phys``) w.r.t. all model parameters, of the supervised
+    sum, and the cosine between the supervised and the physics gradient (None when off).
+    The RNG state is left as it was (a resumed run stays identical)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    devices = [map_image.device] if map_image.device.type == "cuda" else []
+    weights = {"coarse": 1.0, "fine": config.training.loss.lambda_fine, "phys": config.physics_loss.lambda_phys}
+    flat: dict[str, torch.Tensor] = {}
+    with torch.random.fork_rng(devices=devices):
+        terms, _ = compute_losses(model, batch, map_image, config, physics)
+        for name, weight in weights.items():
+            if terms[name] is None:
+                continue
+            grads = torch.autograd.grad(weight * terms[name], params, retain_graph=True, allow_unused=True)
+            flat[name] = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+    sup = flat["coarse"] + flat["fine"]
+    row: dict[str, float | None] = {f"grad_norm_{k}": float(flat[k].norm()) if k in flat else None
+                                    for k in ("coarse", "fine", "phys")}
+    row["grad_norm_sup"] = float(sup.norm())
+    phys = flat.get("phys")
+    ok = phys is not None and float(phys.norm()) > 0 and float(sup.norm()) > 0
+    row["grad_cos_sup_phys"] = float(F.cosine_similarity(sup, phys, dim=0)) if ok else None
+    return row
+
+
 @torch.no_grad()
 def predict_tensors(model, data: TensorData, map_image: torch.Tensor, device, batch_size: int = 1024,
-                    config: Config | None = None, physics=None) -> dict[str, Any]:
-    """Model outputs over ``data`` (eval mode): numpy ``xy, sigma, confidence, offset, logvar, cell``
-    plus mean loss terms when ``config`` is given."""
+                    config: Config | None = None, physics=None, lambda_phys: float | None = None) -> dict[str, Any]:
+    """Model outputs over ``data`` (eval mode): numpy ``xy, sigma, confidence``
+    plus mean loss terms when ``config`` is given (``total`` with ``lambda_phys`` applied)."""
     net = model.module if hasattr(model, "module") else model
     was_training = net.training
     net.eval()
@@ -209,7 +329,7 @@ def predict_tensors(model, data: TensorData, map_image: torch.Tensor, device, ba
         idx = torch.arange(start, min(start + batch_size, len(data)))
         batch = data.batch(idx, device)
         if config is not None:
-            terms, out = compute_losses(net, batch, map_image, config, physics)
+            terms, out = compute_losses(net, batch, map_image, config, physics, lambda_phys)
             for k in LOSS_TERMS:
                 if terms[k] is not None:
                     sums[k] += float(terms[k]) * len(idx)
@@ -269,6 +389,7 @@ class _Loop:
     val_data: TensorData
     map_image: torch.Tensor
     steps_per_epoch: int
+    diag_batch: dict[str, torch.Tensor]  # the fixed train batch the gradient balance is measured on
     net: Any = None
     start_epoch: int = 0
     best: float = math.inf
@@ -284,14 +405,15 @@ def _build_loop(config: Config, run: RunData, device: torch.device, rank: int, w
     t = config.training
     train_data, val_data = tensors(run, "train", config), tensors(run, "val", config)
     model = build_model(run.spec, config.seed).to(device)
-    physics = make_physics_loss(config, run.radio_map, device) if config.physics_active else None
+    physics = make_physics_term(config, run.radio_map, device) if config.physics_active else None
     per_rank = len(train_data) // world
     steps_per_epoch = max(1, per_rank // t.batch_size + int(per_rank % t.batch_size > 0))
     total_steps, warmup = steps_per_epoch * t.epochs, steps_per_epoch * t.warmup_epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
+    diag_batch = train_data.batch(torch.arange(min(t.batch_size, len(train_data))), device)
     return _Loop(config, run, device, rank, world, model, optimizer, scheduler, physics, train_data, val_data,
-                 run.map_image.to(device), steps_per_epoch)
+                 run.map_image.to(device), steps_per_epoch, diag_batch)
 
 
 def _restore(loop: _Loop, out: Path) -> None:
@@ -319,24 +441,34 @@ def _start_run_dir(loop: _Loop, out: Path) -> None:
     run_store.write_lineage(out, loop.run.dataset.ref, loop.run.radio_map.ref)
     atomic_write_text(out / run_store.CONFIG, config.to_yaml())
     params = sum(p.numel() for p in loop.model.parameters())
-    run_store.append_log(out, f"train {len(loop.train_data)} val {len(loop.val_data)} samples, {params} parameters, "
-                              f"physics {f'on (lambda={config.physics_loss.lambda_phys:g})' if physics else 'off'}, "
+    p, labeled = config.physics_loss, int(loop.train_data.labeled.sum())
+    phys = (f"on (lambda={p.lambda_phys:g} after {p.warmup_epochs:g} warm-up + {p.ramp_epochs:g} ramp epochs, "
+            f"per-sample gradient clip {p.per_sample_grad_clip:g})" if physics else "off")
+    run_store.append_log(out, f"train {len(loop.train_data)} ({labeled} labelled) val {len(loop.val_data)} samples, "
+                              f"split {config.data.split}, {params} parameters, physics {phys}, "
                               f"dataset {loop.run.dataset.ref.describe()}, map {loop.run.radio_map.ref.describe()}, "
                               f"device {loop.device}, world {loop.world}, epochs {loop.start_epoch}->{config.training.epochs}")
 
 
 def _train_epoch(loop: _Loop, epoch: int) -> tuple[dict[str, float], int]:
-    """One pass over this rank's share of the train split: ``(summed loss terms, samples seen)``."""
+    """One pass over this rank's share of the train split: ``(summed loss terms, samples seen)``; λ_phys
+    follows :meth:`Config.lambda_at` step by step."""
     t = loop.config.training
     loop.net.train()
     gen = torch.Generator().manual_seed(loop.config.seed * 100_003 + epoch)
     perm = torch.randperm(len(loop.train_data), generator=gen)
     per_rank = len(perm) // loop.world
     perm = perm[loop.rank * per_rank : (loop.rank + 1) * per_rank] if loop.world > 1 else perm
-    sums = {k: 0.0 for k in LOSS_TERMS}
+    sums, seen = {k: 0.0 for k in LOSS_TERMS}, 0
+    labeled = loop.train_data.labeled
+    skip_unlabeled = loop.physics is None and not bool(labeled.all())  # they would contribute nothing
     for step, s in enumerate(range(0, len(perm), t.batch_size)):
-        batch = loop.train_data.batch(perm[s : s + t.batch_size], loop.device)
-        terms, _ = compute_losses(loop.net, batch, loop.map_image, loop.config, loop.physics)
+        idx = perm[s : s + t.batch_size]
+        if skip_unlabeled and bool(labeled[idx].any()):
+            idx = idx[labeled[idx]]
+        batch = loop.train_data.batch(idx, loop.device)
+        lam = loop.config.lambda_at(epoch + step / loop.steps_per_epoch)
+        terms, _ = compute_losses(loop.net, batch, loop.map_image, loop.config, loop.physics, lam)
         loop.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         if t.grad_clip > 0:
@@ -345,28 +477,30 @@ def _train_epoch(loop: _Loop, epoch: int) -> tuple[dict[str, float], int]:
         loop.scheduler.step()
         for k in LOSS_TERMS:
             if terms[k] is not None:
-                sums[k] += float(terms[k].detach()) * len(batch["feats"])
+                sums[k] += float(terms[k].detach()) * len(idx)
+        seen += len(idx)
         if loop.is_main:
             progress.report((epoch + (step + 1) / loop.steps_per_epoch) / t.epochs, f"epoch {epoch + 1}/{t.epochs}")
-    return sums, max(len(perm), 1)
+    return sums, max(seen, 1)
 
 
-def _validate(loop: _Loop) -> tuple[dict[str, float | None], dict[str, float]]:
-    """``(mean val loss terms, val error metrics)`` of the current model."""
+def _validate(loop: _Loop, lambda_phys: float) -> tuple[dict[str, float | None], dict[str, float]]:
+    """``(mean val loss terms, val error metrics)`` of the current model (``total`` with ``lambda_phys``)."""
     val = predict_tensors(loop.net, loop.val_data, loop.map_image, loop.device, config=loop.config,
-                          physics=loop.physics)
+                          physics=loop.physics, lambda_phys=lambda_phys)
     return val["losses"], error_metrics(position_errors(val["xy"], loop.val_data.target_xy.numpy()))
 
 
 def _epoch_row(loop: _Loop, epoch: int, sums: dict[str, float], n_seen: int, val_losses: dict[str, float | None],
-               val: dict[str, float], epoch_s: float) -> dict[str, Any]:
+               val: dict[str, float], epoch_s: float, grads: dict[str, float | None]) -> dict[str, Any]:
     """The epoch's metrics row (see :mod:`core.stores.run`)."""
-    row: dict[str, Any] = {"epoch": epoch + 1, "lr": loop.optimizer.param_groups[0]["lr"]}
+    row: dict[str, Any] = {"epoch": epoch + 1, "lr": loop.optimizer.param_groups[0]["lr"],
+                           "lambda_phys": loop.config.lambda_at(epoch + 1) if loop.physics is not None else 0.0}
     for k in LOSS_TERMS:
         row[f"train_{k}"] = sums[k] / n_seen if (k != "phys" or loop.physics is not None) else None
     for k in LOSS_TERMS:
         row[f"val_{k}"] = val_losses[k]
-    row.update(val_median_m=val["median_m"], val_p90_m=val["p90_m"], epoch_s=epoch_s)
+    row.update(val_median_m=val["median_m"], val_p90_m=val["p90_m"], epoch_s=epoch_s, **grads)
     return row
 
 
@@ -392,9 +526,10 @@ def _run_epochs(loop: _Loop, out: Path, max_epochs: int | None, bar) -> bool:
         if max_epochs is not None and epochs_this_call >= max_epochs:
             break
         t0 = time.perf_counter()
+        grads = gradient_balance(loop.model, loop.diag_batch, loop.map_image, loop.config, loop.physics)
         sums, n_seen = _train_epoch(loop, epoch)
-        val_losses, val = _validate(loop)
-        row = _epoch_row(loop, epoch, sums, n_seen, val_losses, val, time.perf_counter() - t0)
+        val_losses, val = _validate(loop, loop.config.lambda_at(epoch + 1))
+        row = _epoch_row(loop, epoch, sums, n_seen, val_losses, val, time.perf_counter() - t0, grads)
         loop.history.append(row)
         improved = val["median_m"] < loop.best
         loop.best, loop.bad_epochs = (val["median_m"], 0) if improved else (loop.best, loop.bad_epochs + 1)

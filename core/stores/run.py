@@ -4,9 +4,11 @@ Layout::
 
     <run>/
         config.yaml     the resolved, validated config (``feature_weights: auto`` as numbers)
-        metrics.jsonl   one JSON object per finished epoch: epoch, lr, train_/val_ + total, coarse,
-                        fine, phys (loss units; phys null when off), val_median_m, val_p90_m [m],
-                        epoch_s [s]; rewritten atomically
+        metrics.jsonl   one JSON object per finished epoch: epoch, lr, lambda_phys (applied at the
+                        epoch's end), train_/val_ + total, coarse, fine, phys (loss units; phys null
+                        when off), val_median_m, val_p90_m [m], epoch_s [s], grad_norm_coarse,
+                        grad_norm_fine, grad_norm_phys, grad_norm_sup, grad_cos_sup_phys (gradient
+                        balance on one fixed train batch; phys entries null when off); rewritten atomically
         best.pt         checkpoint of the best val median: model, spec, config, epoch, val
         last.pt         everything to resume: + optimizer, scheduler, rng, best_val_median_m, bad_epochs
         log.txt         human-readable log, appended
@@ -328,8 +330,9 @@ class RunInfo:
     """What the app lists about a run; numbers come from the validated config.
 
     ``state``: running | done | stopped (status.json), else done / no-checkpoint.
-    ``lambda_phys``: the λ_phys applied (0 when the physics term is off; None when the
-    config is invalid, and ``problem`` says why). ``epochs``: planned epochs.
+    ``lambda_phys``: the λ_phys applied once ramped in (0 = the physics term was off; None when the
+    config is invalid, and ``problem`` says why). ``label_fraction`` and ``split``: the data it
+    was trained on. ``epochs``: planned epochs.
     """
 
     name: str
@@ -342,6 +345,8 @@ class RunInfo:
     best_val_median_m: float | None
     lambda_phys: float | None
     has_checkpoint: bool
+    label_fraction: float | None = None
+    split: str | None = None
     last_epoch_s: float | None = None
     config: Config | None = field(default=None, repr=False)
     problem: str = ""
@@ -378,16 +383,15 @@ def run_info(run_dir: str | os.PathLike, name: str | None = None) -> RunInfo:
     medians = [m for m in (_number(r.get("val_median_m")) for r in metrics) if m is not None]
     best = _number(status.get("best_val_median_m"))
     has_ckpt = (path / BEST).exists() or (path / LAST).exists()
-    lam = None
-    if config is not None:
-        lam = config.physics_loss.lambda_phys if config.physics_active else 0.0
+    lam = config.physics_loss.lambda_phys if config is not None else None
     return RunInfo(
         name=name or path.name, path=path, scene=_run_scene(path, config),
         dataset=config.data.dataset if config else None,
         state=str(status.get("state") or ("done" if has_ckpt else "no-checkpoint")),
         epochs_done=len(metrics), epochs=config.training.epochs if config else None,
         best_val_median_m=best if best is not None else (min(medians) if medians else None),
-        lambda_phys=lam, has_checkpoint=has_ckpt,
+        lambda_phys=lam, has_checkpoint=has_ckpt, label_fraction=config.data.label_fraction if config else None,
+        split=config.data.split if config else None,
         last_epoch_s=_number(metrics[-1].get("epoch_s")) if metrics else None, config=config, problem=problem,
     )
 

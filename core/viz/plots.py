@@ -255,6 +255,62 @@ def loss_curves(metrics: Sequence[Mapping], title: str = "Training curves") -> g
     return fig
 
 
+GRADIENT_TERMS = (("grad_norm_coarse", "coarse", "#1f77b4"), ("grad_norm_fine", "λ_fine·fine", "#ff7f0e"),
+                  ("grad_norm_sup", "supervised (sum)", "#7f7f7f"), ("grad_norm_phys", "λ_phys·phys", "#2ca02c"))
+
+
+def gradient_balance(metrics: Sequence[Mapping], title: str = "Gradient balance") -> go.Figure:
+    """Per epoch (rows of metrics.jsonl): the gradient norm of each loss term at full weight, and the
+    cosine between the supervised and the physics gradients with the λ_phys applied."""
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, specs=[[{}, {"secondary_y": True}]],
+                        subplot_titles=("Gradient norm per term (one fixed batch)",
+                                        "cos(supervised, physics) and λ_phys applied"))
+    rows = [r for r in metrics if isinstance(r.get("grad_norm_coarse"), (int, float))]
+    if not rows:
+        fig.update_layout(title=f"{title} — not recorded for this run", height=380)
+        return fig
+    epochs = [r.get("epoch", i + 1) for i, r in enumerate(rows)]
+    for key, name, color in GRADIENT_TERMS:
+        ys = [r.get(key) for r in rows]
+        if any(isinstance(y, (int, float)) for y in ys):
+            fig.add_trace(go.Scatter(x=epochs, y=ys, mode="lines+markers", name=name, line=dict(color=color)),
+                          row=1, col=1)
+    cos = [r.get("grad_cos_sup_phys") for r in rows]
+    if any(isinstance(c, (int, float)) for c in cos):
+        fig.add_trace(go.Scatter(x=epochs, y=cos, mode="lines+markers", name="cosine", line=dict(color="#9467bd")),
+                      row=1, col=2)
+    fig.add_trace(go.Scatter(x=epochs, y=[r.get("lambda_phys") for r in rows], mode="lines", name="λ_phys applied",
+                             line=dict(color="#2ca02c", dash="dot")), row=1, col=2, secondary_y=True)
+    fig.update_xaxes(title_text="epoch")
+    fig.update_yaxes(title_text="gradient norm", type="log", row=1, col=1)
+    fig.update_yaxes(title_text="cosine", range=[-1, 1], row=1, col=2, secondary_y=False)
+    fig.update_yaxes(title_text="λ_phys", row=1, col=2, secondary_y=True)
+    fig.update_layout(title=title, height=420, margin=dict(l=60, r=60, t=70, b=50))
+    return fig
+
+
+def fraction_curves(rows: Sequence[Mapping], title: str = "Median error vs label fraction") -> go.Figure:
+    """Test median vs label fraction with its 95 % CI band, one line per (arm, refinement): the rows of
+    an ablation's ``curve.csv`` for one split."""
+    fig = go.Figure()
+    palette = ["#1f77b4", "#2ca02c", "#ff7f0e", "#d62728", "#9467bd", "#8c564b"]
+    keys = list(dict.fromkeys((r["arm"], r["refinement"]) for r in rows))
+    for i, (arm, refine) in enumerate(keys):
+        part = sorted((r for r in rows if (r["arm"], r["refinement"]) == (arm, refine)), key=lambda r: r["label_fraction"])
+        x = [100 * r["label_fraction"] for r in part]
+        color = palette[i % len(palette)]
+        name = arm + (" + refine" if refine == "on" else "")
+        fig.add_trace(go.Scatter(x=x + x[::-1], y=[r["median_m_hi"] for r in part] + [r["median_m_lo"] for r in part][::-1],
+                                 fill="toself", fillcolor=color, opacity=0.15, line=dict(width=0), hoverinfo="skip",
+                                 showlegend=False, name=f"{name} CI"))
+        fig.add_trace(go.Scatter(x=x, y=[r["median_m"] for r in part], mode="lines+markers", name=name,
+                                 line=dict(color=color, dash="dot" if refine == "on" else "solid"),
+                                 hovertemplate="%{x:g} % labels<br>median %{y:.2f} m<extra>" + name + "</extra>"))
+    fig.update_layout(title=title, xaxis_title="labelled train walks [%]", yaxis_title="test median error [m]",
+                      xaxis_type="log", height=440, margin=dict(l=60, r=20, t=60, b=50))
+    return fig
+
+
 def error_cdf(errors: Mapping[str, np.ndarray], title: str = "Error CDF", max_m: float | None = None) -> go.Figure:
     """Empirical CDF of localization errors [m], one curve per name."""
     fig = go.Figure()
