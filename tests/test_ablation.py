@@ -40,7 +40,7 @@ def test_quick_ablation_writes_paired_comparisons(ablation):
     for (split, fraction, refine), part in table.groupby(["split", "label_fraction", "refinement"]):
         assert split in ("random", "spatial") and fraction in (0.05, 0.2, 1.0)
         arms = set(part["arm"])
-        expected = {"kNN fingerprinting", "ML map matching"} if refine == "-" else {"transformer λ=0", f"transformer λ={lam:g}"}
+        expected = {"kNN fingerprinting", "ML map matching", "multilateration"} if refine == "-" else {"transformer λ=0", f"transformer λ={lam:g}"}
         assert arms == expected, (split, fraction, refine, arms)
     assert len(table.groupby(["split", "label_fraction"])) == 6
     model = table[table["arm"].str.startswith("transformer")]

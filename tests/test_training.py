@@ -171,12 +171,17 @@ def test_per_sample_gradient_clipping():
     from core.learning.training import physics_term
 
     xy = torch.tensor([[0.01, 0.0], [3.0, 4.0], [0.0, 0.0]], requires_grad=True)
-    observed, mask = torch.zeros(3, 1), torch.tensor([[True], [True], [False]])
+    batch = {"obs_mask": torch.tensor([[True], [True], [False]])}
 
-    def physics(p, o, m):  # L_n = |p_n|^2 on samples with an observation: dL/dp = 2 p
-        return (p * p).sum(1) * m[:, 0]
+    class Physics:  # L_n = |p_n|^2 on samples with an observation: dL/dp = 2 p
+        def __call__(self, p, b):
+            return (p * p).sum(1)
 
-    value = physics_term(physics, xy, observed, mask, clip=1.0)
+        def active(self, b):
+            return b["obs_mask"][:, 0]
+
+    physics = Physics()
+    value = physics_term(physics, xy, batch, clip=1.0)
     assert float(value.detach()) == pytest.approx((0.01**2 + 25.0) / 2)  # mean over the 2 samples with an observation
     value.backward()
     g = xy.grad * 2  # undo the mean
@@ -184,7 +189,7 @@ def test_per_sample_gradient_clipping():
     assert float(g[1].norm()) == pytest.approx(1.0) and torch.allclose(g[1] / g[1].norm(), torch.tensor([0.6, 0.8]))
     assert torch.equal(g[2], torch.zeros(2))
     with torch.no_grad():
-        assert float(physics_term(physics, xy, observed, mask, clip=1.0)) == pytest.approx(float(value))
+        assert float(physics_term(physics, xy, batch, clip=1.0)) == pytest.approx(float(value))
 
 
 # -- labels and splits ------------------------------------------------------------------------------
@@ -251,3 +256,41 @@ def test_spatial_split_holds_out_whole_blocks(scene):
     assert np.array_equal(dataset.split, spatial_split(dataset.labels, radio_map.bounds, 4))
     random_split = load_scene(cfg(scene))[0].split
     assert not np.array_equal(dataset.split, random_split)
+
+
+def test_the_physics_term_is_the_calibrated_site_likelihood_and_its_calibration_is_stored(scene, tmp_path):
+    from core.learning.training import SiteLikelihoodTerm, labeled_train_indices, make_physics_term
+    from core.physics.calibration import Calibration, calibrate
+    from core.stores import run as run_store
+
+    config = cfg(scene, "data.label_fraction=0.5", "physics_loss.lambda_phys=0.5", "training.epochs=1")
+    run = prepare(config)
+    physics = make_physics_term(config, run.radio_map, "cpu", run.dataset)
+    assert isinstance(physics, SiteLikelihoodTerm)
+    # calibrated on the labelled walks only: the unlabelled ones' true positions are never used
+    labelled = calibrate(run.dataset.subset(labeled_train_indices(run.dataset, config)), run.radio_map, split=None)
+    assert np.allclose(physics.calibration.scale, labelled.scale) and np.allclose(physics.calibration.bias, labelled.bias)
+    data = tensors(run, "val", config)
+    batch = data.batch(torch.arange(len(data)))
+    at_truth = physics(batch["target_xy"], batch)
+    shifted = physics(batch["target_xy"] + torch.tensor([12.0, -9.0]), batch)
+    assert float(at_truth.median()) < float(shifted.median())  # the map agrees with the truth
+    train(config, tmp_path / "run", run_data=run, show_progress=False)
+    stored = run_store.read_calibration(tmp_path / "run")
+    assert isinstance(stored, Calibration) and np.allclose(stored.scale, physics.calibration.scale)
+    assert stored.meta["label_fraction"] == 0.5
+
+
+def test_the_site_likelihood_needs_per_site_layers(scene):
+    from core.errors import ConfigError
+    from core.learning.training import make_physics_term
+    from core.stores.radio_map import RadioMap
+
+    config = cfg(scene, "physics_loss.lambda_phys=0.5")
+    run = prepare(config)
+    bare = RadioMap(run.radio_map.values, run.radio_map.features, run.radio_map.bounds, attrs=run.radio_map.attrs)
+    with pytest.raises(ConfigError, match="per-site layers"):
+        make_physics_term(config, bare, "cpu", run.dataset)
+    legacy = make_physics_term(cfg(scene, "physics_loss.lambda_phys=0.5", "physics_loss.likelihood=serving"),
+                               bare, "cpu", run.dataset)
+    assert legacy.calibration is None

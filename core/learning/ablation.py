@@ -202,7 +202,7 @@ def collect_errors(plan: Plan, base: list[str], lam_star: float, out: Path, stor
 
 
 # -- statistics -------------------------------------------------------------------------------------
-BASELINE_NAMES = {"knn": "kNN fingerprinting", "ml": "ML map matching"}
+BASELINE_NAMES = {"knn": "kNN fingerprinting", "ml": "ML map matching", "multilateration": "multilateration"}
 
 
 def arm_label(lam: float) -> str:

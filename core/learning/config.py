@@ -138,6 +138,13 @@ class PhysicsLossConfig(_Section):
     #: [physics-loss units per metre] before it reaches the network; 0 = no clipping
     per_sample_grad_clip: float = Field(default=0.05, ge=0.0)
     radio_maps_dir: str = "radio_maps"
+    #: what the physics term measures: "site" = the calibrated robust per-site NLL
+    #: (core.physics.likelihood; scales and biases calibrated on the labelled train walks at
+    #: their true positions and stored as calibration.json), "serving" = the legacy Huber loss
+    #: against the serving-site map (feature_weights, loss, huber_delta and observation apply to it only)
+    likelihood: Literal["site", "serving"] = "site"
+    #: "site": the reports within this time [s] of the latest one are pooled per site
+    report_window_s: float = Field(default=1.0, ge=0.0)
     #: per-feature weights; None = the defaults of core.features; "auto" = calibrated on the
     #: train split: w_f = (sigma_map,f / s_f)^2 with s_f the robust spread of the residual
     #: observed - map(true position), so that w_f z_f^2 = (residual / s_f)^2 (a noise-aware likelihood)

@@ -79,6 +79,10 @@ class TensorData:
     num_reports long    [N]         number of present reports
     indices     long    [N]         indices into the source dataset
     labeled     bool    [N]         the label may be used (False: the walk gives only the physics term)
+    obs_site_ids long   [N, K]      per-site observation (core.physics.observation): site of each slot, -1 none
+    obs_site    float32 [N, K, 3]   (path_gain dB, toa ns, aoa deg), pooled over the report window; NaN none
+    obs_weight  float32 [N, K, 3]   reports pooled into each value
+    obs_cell    float32 [N, 4]      serving (snr, sinr, throughput, bler) of the latest report; NaN none
     """
 
     feats: torch.Tensor
@@ -91,6 +95,10 @@ class TensorData:
     num_reports: torch.Tensor
     indices: torch.Tensor
     labeled: torch.Tensor
+    obs_site_ids: torch.Tensor
+    obs_site: torch.Tensor
+    obs_weight: torch.Tensor
+    obs_cell: torch.Tensor
 
     def __len__(self) -> int:
         return self.feats.shape[0]
@@ -202,8 +210,11 @@ def build_tensors(
     indices: np.ndarray | None = None,
     geometry_hint: bool = True,
     observation: str = "latest",
+    report_window_s: float = 1.0,
 ) -> TensorData:
     """Model tensors of ``dataset[indices]`` normalised with ``radio_map``'s statistics."""
+    from core.physics.observation import site_observation
+
     if indices is None:
         indices = np.arange(dataset.num_samples)
     indices = np.asarray(indices, dtype=np.int64)
@@ -244,6 +255,7 @@ def build_tensors(
     obs_mask = np.isfinite(obs)
     # LOS of the serving site at the last report (False where that report is missing).
     los = ds.los[:, -1] & mask[:, -1]
+    site_obs = site_observation(ds, None, "latest", window_s=report_window_s)
     return TensorData(
         feats=torch.from_numpy(feats.astype(np.float32)),
         site_index=torch.from_numpy(site_index),
@@ -255,6 +267,10 @@ def build_tensors(
         num_reports=torch.from_numpy(mask.sum(1).astype(np.int64)),
         indices=torch.from_numpy(indices),
         labeled=torch.ones(n, dtype=torch.bool),
+        obs_site_ids=site_obs.site_ids.long(),
+        obs_site=site_obs.site.float(),
+        obs_weight=(torch.ones_like(site_obs.site) if site_obs.weight is None else site_obs.weight).float(),
+        obs_cell=site_obs.cell.float(),
     )
 
 

@@ -80,7 +80,7 @@ from core.stores import run as run_store
 from core.stores.atomic import atomic_path, atomic_write_text
 from core.stores.dataset import MeasurementDataset
 from core.stores.lineage import check_map_of_dataset, map_path_for
-from core.stores.radio_map import RadioMap
+from core.stores.radio_map import SITE_LAYERS, RadioMap
 
 LOSS_TERMS = ("total", "coarse", "fine", "phys")
 
@@ -144,7 +144,8 @@ def tensors(run: RunData, split: str, config: Config) -> TensorData:
     idx = run.dataset.indices(split)
     if len(idx) == 0:
         raise StoreError(f"dataset {run.dataset.source or ''}: split {split!r} is empty")
-    data = build_tensors(run.dataset, run.radio_map, idx, run.spec.geometry_hint, config.physics_loss.observation)
+    data = build_tensors(run.dataset, run.radio_map, idx, run.spec.geometry_hint, config.physics_loss.observation,
+                         config.physics_loss.report_window_s)
     if split == "train":
         data.labeled = torch.from_numpy(labeled_mask(len(idx), config.data.label_fraction, config.seed))
     return data
@@ -215,20 +216,65 @@ def make_physics_loss(config: Config, radio_map: RadioMap, device: torch.device,
     return PhysicsLoss(radio_map, weights=p.feature_weights, loss=p.loss, huber_delta=p.huber_delta).to(device)
 
 
+class SiteLikelihoodTerm:
+    """The calibrated per-site robust NLL [nats] of a batch's pooled reports at positions ``xy [B, 2] -> [B]``."""
+
+    def __init__(self, likelihood):
+        self.likelihood = likelihood
+        self.calibration = likelihood.calibration
+
+    def __call__(self, xy: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        from core.physics.observation import SiteObservation
+
+        obs = SiteObservation(batch["obs_site_ids"], batch["obs_site"], batch["obs_cell"], batch["obs_weight"])
+        return self.likelihood(xy, obs).to(xy.dtype)
+
+    @staticmethod
+    def active(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (batch["obs_site_ids"] >= 0).any(1)
+
+
+class ServingMapTerm:
+    """The legacy serving-map loss (:class:`~core.physics.physics_loss.PhysicsLoss`) per sample ``[B]``."""
+
+    calibration = None
+
+    def __init__(self, loss):
+        self.loss = loss
+
+    def __call__(self, xy: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss(xy, batch["observed"], mask=batch["obs_mask"]).per_sample
+
+    @staticmethod
+    def active(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch["obs_mask"].any(1)
+
+
 def make_physics_term(config: Config, radio_map: RadioMap, device: torch.device, dataset=None):
-    """The physics term as training sees it: ``physics(xy [B, 2], observed [B, F], mask [B, F]) -> [B]``
-    per-sample losses. Everything in training is built on this interface only."""
-    loss = make_physics_loss(config, radio_map, device, dataset)
+    """The physics term as training sees it: ``physics(xy [B, 2], batch) -> [B]`` per-sample losses and
+    ``physics.active(batch) -> bool [B]`` (samples with an observation). Everything in training is built
+    on this interface only.
 
-    def physics(xy: torch.Tensor, observed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        result = loss(xy, observed, mask=mask)
-        return result if isinstance(result, torch.Tensor) else result.per_sample
+    ``physics_loss.likelihood: site`` (default) calibrates the per-site likelihood on the LABELLED train
+    walks of ``dataset`` (their true positions are needed); the calibration is ``physics.calibration``.
+    """
+    if config.physics_loss.likelihood == "serving":
+        return ServingMapTerm(make_physics_loss(config, radio_map, device, dataset))
+    from core.physics.calibration import calibrate
+    from core.physics.likelihood import RobustLikelihood
 
-    return physics
+    if dataset is None:
+        raise ConfigError("physics_loss.likelihood: 'site' needs the dataset to calibrate on")
+    if not all(name in radio_map.layers for name in SITE_LAYERS):
+        raise ConfigError(f"physics_loss.likelihood: 'site' needs per-site layers, which {radio_map.source} lacks")
+    calibration = calibrate(dataset.subset(labeled_train_indices(dataset, config)), radio_map, split=None)
+    calibration.meta.update({"dataset": dataset.ref.to_dict(), "radio_map": radio_map.ref.to_dict(),
+                             "label_fraction": config.data.label_fraction})
+    return SiteLikelihoodTerm(RobustLikelihood(radio_map, calibration, device=device))
 
 
 # -- losses -------------------------------------------------------------------------------
-def physics_term(physics, xy: torch.Tensor, observed: torch.Tensor, mask: torch.Tensor, clip: float) -> torch.Tensor:
+def physics_term(physics, xy: torch.Tensor, batch: dict[str, torch.Tensor], clip: float) -> torch.Tensor:
     """Mean of the per-sample physics losses at ``xy`` over the samples with an observation.
 
     With gradients on, each sample's gradient ``g_n = dL_n/dxy_n`` is computed first (one
@@ -236,11 +282,12 @@ def physics_term(physics, xy: torch.Tensor, observed: torch.Tensor, mask: torch.
     ``clip`` (0 = off); the returned value is the mean of ``L_n`` and its gradient w.r.t.
     ``xy_n`` is exactly the clipped ``g_n`` / (number of samples with an observation).
     """
-    n_active = mask.any(1).sum().clamp(min=1)
+    active = physics.active(batch)
+    n_active = active.sum().clamp(min=1)
     if not (torch.is_grad_enabled() and xy.requires_grad):
-        return physics(xy, observed, mask).sum() / n_active
+        return (physics(xy, batch) * active).sum() / n_active
     leaf = xy.detach().requires_grad_(True)
-    per = physics(leaf, observed, mask)
+    per = physics(leaf, batch) * active
     grad = torch.autograd.grad(per.sum(), leaf, allow_unused=True)[0] if per.requires_grad else None
     grad = torch.zeros_like(leaf) if grad is None else grad
     if clip > 0:
@@ -278,8 +325,7 @@ def compute_losses(model, batch: dict[str, torch.Tensor], map_image: torch.Tenso
     terms: dict[str, Any] = {"coarse": coarse, "fine": fine, "phys": None}
     total = coarse + config.training.loss.lambda_fine * fine
     if use_physics:
-        terms["phys"] = physics_term(physics, out.head_xy, batch["observed"], batch["obs_mask"],
-                                     config.physics_loss.per_sample_grad_clip)
+        terms["phys"] = physics_term(physics, out.head_xy, batch, config.physics_loss.per_sample_grad_clip)
         lam = config.physics_loss.lambda_phys if lambda_phys is None else lambda_phys
         if lam > 0:
             total = total + lam * terms["phys"]
@@ -405,7 +451,7 @@ def _build_loop(config: Config, run: RunData, device: torch.device, rank: int, w
     t = config.training
     train_data, val_data = tensors(run, "train", config), tensors(run, "val", config)
     model = build_model(run.spec, config.seed).to(device)
-    physics = make_physics_term(config, run.radio_map, device) if config.physics_active else None
+    physics = make_physics_term(config, run.radio_map, device, run.dataset) if config.physics_active else None
     per_rank = len(train_data) // world
     steps_per_epoch = max(1, per_rank // t.batch_size + int(per_rank % t.batch_size > 0))
     total_steps, warmup = steps_per_epoch * t.epochs, steps_per_epoch * t.warmup_epochs
@@ -439,6 +485,8 @@ def _start_run_dir(loop: _Loop, out: Path) -> None:
     """Write the run's config, lineage and first log line (rank 0)."""
     config, physics = loop.config, loop.physics
     run_store.write_lineage(out, loop.run.dataset.ref, loop.run.radio_map.ref)
+    if physics is not None and physics.calibration is not None:
+        run_store.write_calibration(out, physics.calibration)
     atomic_write_text(out / run_store.CONFIG, config.to_yaml())
     params = sum(p.numel() for p in loop.model.parameters())
     p, labeled = config.physics_loss, int(loop.train_data.labeled.sum())
