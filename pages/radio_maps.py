@@ -4,6 +4,7 @@ import streamlit as st
 
 import app_widgets as wb
 from core.jobs.manager import generate_maps_spec
+from core.raytracing.tracing import MAX_SAMPLES_PER_SRC, PropagationSettings
 from core.stores.workspace import store_status
 from core.viz import plots as figures
 
@@ -85,6 +86,9 @@ gen = gen if isinstance(gen, dict) else {}
 shape = radio_map.shape if radio_map is not None else (512, 512)
 
 
+PROPAGATION = PropagationSettings()
+
+
 def _default(key, fallback, cast):
     try:
         return cast(gen.get(key, fallback))
@@ -100,11 +104,12 @@ with st.form("generate_maps"):
                                       value=min(max(_default("resolution", 1.0, float), 0.1), 50.0), step=0.5)
     height = cols[1].number_input("Map height [cells]", min_value=8, max_value=4096, value=int(shape[0]), step=64)
     width = cols[2].number_input("Map width [cells]", min_value=8, max_value=4096, value=int(shape[1]), step=64)
-    samples = cols[3].number_input("Samples per site", min_value=1000, max_value=100_000_000,
-                                   value=min(max(_default("samples_per_tx", 1_000_000, int), 1000), 100_000_000),
-                                   step=100_000, help="Ray-tracing samples per transmitter; time grows with it.")
+    samples = cols[3].number_input("Rays per site", min_value=100, max_value=MAX_SAMPLES_PER_SRC,
+                                   value=min(max(_default("samples_per_tx", PROPAGATION.samples_per_src, int), 100),
+                                             MAX_SAMPLES_PER_SRC),
+                                   step=1000, help="PathSolver rays per transmitter; time grows with it.")
     depth = cols[4].number_input("Max depth", min_value=0, max_value=10,
-                                 value=min(max(_default("max_depth", 3, int), 0), 10),
+                                 value=min(max(_default("max_depth", PROPAGATION.max_depth, int), 0), 10),
                                  help="Maximum number of reflections per path.")
     gen_scene = st.text_input("Scene", value=scene)
     force = st.checkbox("Overwrite an existing map (--force)", value=False)

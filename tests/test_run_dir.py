@@ -73,7 +73,7 @@ def test_train_refuses_a_finished_run_and_force_replaces_it(scene_sets, tmp_path
     assert train_cli(scene_sets, run_dir) == 0
     (run_dir / "notes.txt").write_text("from the first run")
     assert train_cli(scene_sets, run_dir) == 2
-    assert "already holds a run (best.pt, config.yaml, last.pt, lineage.json, log.txt, metrics.jsonl)" in \
+    assert "already holds a run (best.pt, calibration.json, config.yaml, last.pt, lineage.json, log.txt)" in \
         capsys.readouterr().err
     with pytest.raises(SystemExit) as usage:  # argparse: one or the other
         train_cli(scene_sets, run_dir, "--resume", "--force")
