@@ -71,3 +71,17 @@ def test_functions_are_short():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, long
+
+
+def test_repo_root_is_defined_once():
+    places = [str(p.relative_to(REPO_ROOT)) for p in [*CORE.rglob("*.py"), *(REPO_ROOT / "pages").glob("*.py"),
+                                                       REPO_ROOT / "app_widgets.py"]
+              if any(isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "REPO_ROOT" for t in n.targets)
+                     for n in ast.walk(ast.parse(p.read_text())))]
+    assert places == ["core/__init__.py"]
+
+
+def test_pages_read_configs_through_core_not_raw_yaml():
+    for path in [*(REPO_ROOT / "pages").glob("*.py"), REPO_ROOT / "app_widgets.py", REPO_ROOT / "app.py"]:
+        imported = {a.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Import) for a in n.names}
+        assert "yaml" not in imported, path
