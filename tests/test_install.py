@@ -71,9 +71,11 @@ def test_an_unknown_build_is_refused():
 
 
 def _make_install(tmp_path, **env_vars) -> list[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_BUILD", "MAKEFLAGS")}
+    # run from `make test` too: a sub-make would otherwise print "Entering/Leaving directory" lines
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_BUILD", "MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     env.update(env_vars)
-    out = subprocess.run(["make", "-n", "install", f"VENV={tmp_path / 'venv'}"], cwd=REPO_ROOT, env=env,
+    out = subprocess.run(["make", "--no-print-directory", "-n", "install", f"VENV={tmp_path / 'venv'}"],
+                         cwd=REPO_ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.splitlines()
