@@ -1,6 +1,6 @@
 """Network vs network + MAP vs the classical baselines over several seeds, with paired CIs.
 
-    .venv/bin/python scripts/seed_comparison.py --runs assets/default_run runs/seed1 runs/seed2 --split test
+    PYTHONPATH=. .venv/bin/python scripts/seed_comparison.py --runs assets/default_run runs/seed1 runs/seed2 --split test
 
 Each run is evaluated on the same UEs (the dataset's split); the baselines need no training, so
 each is one estimate repeated for every seed. Prints mean ± sd over seeds of median / P90 / RMSE
