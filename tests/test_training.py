@@ -294,3 +294,17 @@ def test_the_site_likelihood_needs_per_site_layers(scene):
     legacy = make_physics_term(cfg(scene, "physics_loss.lambda_phys=0.5", "physics_loss.likelihood=serving"),
                                bare, "cpu", run.dataset)
     assert legacy.calibration is None
+
+
+def test_the_likelihood_features_are_chosen_in_the_config(scene):
+    from core.errors import ConfigError
+    from core.learning.training import make_physics_term
+
+    config = cfg(scene, "physics_loss.lambda_phys=0.5", "physics_loss.site_features=[toa, aoa]",
+                 "physics_loss.cell_features=[]", "physics_loss.penalty=huber")
+    run = prepare(config)
+    lik = make_physics_term(config, run.radio_map, "cpu", run.dataset).likelihood
+    assert lik.config.site_features == ("toa", "aoa") and lik.config.penalty == "huber"
+    assert list(lik.cell_features) == []
+    with pytest.raises(ConfigError, match="physics_loss.site_features"):
+        cfg(scene, "physics_loss.site_features=[rsrp]")

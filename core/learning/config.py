@@ -145,6 +145,13 @@ class PhysicsLossConfig(_Section):
     likelihood: Literal["site", "serving"] = "site"
     #: "site": the reports within this time [s] of the latest one are pooled per site
     report_window_s: float = Field(default=1.0, ge=0.0)
+    #: "site": per-site features in the likelihood (a subset of path_gain, toa, aoa)
+    site_features: list[Literal["path_gain", "toa", "aoa"]] = Field(default=["path_gain", "toa", "aoa"], min_length=1)
+    #: "site": serving-cell features in the likelihood; "auto" = those the calibration shows to carry
+    #: information (calibrated scale at most half their spread over the map), or a list
+    cell_features: list[Literal["snr", "sinr", "throughput", "bler"]] | Literal["auto"] = "auto"
+    #: "site": the robust penalty of a normalised residual z: cauchy log(1 + z^2), or huber (delta 2)
+    penalty: Literal["cauchy", "huber"] = "cauchy"
     #: per-feature weights; None = the defaults of core.features; "auto" = calibrated on the
     #: train split: w_f = (sigma_map,f / s_f)^2 with s_f the robust spread of the residual
     #: observed - map(true position), so that w_f z_f^2 = (residual / s_f)^2 (a noise-aware likelihood)
@@ -167,6 +174,14 @@ class PhysicsLossConfig(_Section):
                 if w < 0:
                     raise ValueError(f"weight of {name!r} must be >= 0, got {w}")
         return weights
+
+
+def likelihood_config(p: PhysicsLossConfig):
+    """The :class:`~core.physics.likelihood.LikelihoodConfig` of a run's ``physics_loss`` section."""
+    from core.physics.likelihood import LikelihoodConfig
+
+    cells = p.cell_features if p.cell_features == "auto" else tuple(p.cell_features)
+    return LikelihoodConfig(site_features=tuple(p.site_features), cell_features=cells, penalty=p.penalty)
 
 
 class Config(_Section):

@@ -31,7 +31,7 @@ import torch
 from core import resolve_path
 from core.device import resolve_device
 from core.errors import CoreError, StoreError
-from core.learning.config import Config
+from core.learning.config import Config, likelihood_config
 from core.learning.data_loading import TensorData, build_tensors, map_input
 from core.learning.metrics import position_errors
 from core.learning.model import MapConditionedTransformer, build_model
@@ -79,7 +79,8 @@ class LoadedRun:
         if self._likelihood is None:
             from core.physics.likelihood import RobustLikelihood
 
-            self._likelihood = RobustLikelihood(self.radio_map, self.calibration, device=self.device)
+            self._likelihood = RobustLikelihood(self.radio_map, self.calibration,
+                                                likelihood_config(self.config.physics_loss), device=self.device)
         return self._likelihood
 
     def refiner(self, search=None):

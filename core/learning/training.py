@@ -63,7 +63,7 @@ from core import resolve_path
 from core.device import resolve_device
 from core.errors import ConfigError, StoreError
 from core.jobs import progress
-from core.learning.config import Config, config_from_dict, load_config
+from core.learning.config import Config, config_from_dict, likelihood_config, load_config
 from core.learning.data_loading import (
     TensorData,
     build_tensors,
@@ -270,7 +270,8 @@ def make_physics_term(config: Config, radio_map: RadioMap, device: torch.device,
     calibration = calibrate(dataset.subset(labeled_train_indices(dataset, config)), radio_map, split=None)
     calibration.meta.update({"dataset": dataset.ref.to_dict(), "radio_map": radio_map.ref.to_dict(),
                              "label_fraction": config.data.label_fraction})
-    return SiteLikelihoodTerm(RobustLikelihood(radio_map, calibration, device=device))
+    return SiteLikelihoodTerm(RobustLikelihood(radio_map, calibration, likelihood_config(config.physics_loss),
+                                               device=device))
 
 
 # -- losses -------------------------------------------------------------------------------
