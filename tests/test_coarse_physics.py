@@ -125,25 +125,3 @@ def test_one_epoch_trains_with_the_coarse_term_and_logs_its_cost(scene, tmp_path
 def test_coarse_keys_are_validated(key, value):
     with pytest.raises(ConfigError, match=f"physics_loss.{key}"):
         load_config(None, [f"physics_loss.{key}={value}"])
-
-
-def test_step_matched_control_keeps_unlabelled_walks_in_the_batches(scene, tmp_path, monkeypatch):
-    import core.learning.training as training
-
-    seen = {}
-    real = training.compute_losses
-
-    def counting(model, batch, *a, **k):
-        seen[key] += int((~batch["labeled"]).sum()) if "labeled" in batch else 0
-        return real(model, batch, *a, **k)
-
-    monkeypatch.setattr(training, "compute_losses", counting)
-    for key in (True, False):
-        seen[key] = 0
-        config = cfg(scene, "data.label_fraction=0.25", "physics_loss.lambda_phys=0",
-                     f"training.skip_unlabelled={str(key).lower()}")
-        training.train(config, tmp_path / f"run-{key}", show_progress=False)
-    n_unlabelled = int((~tensors(prepare(config), "train", config).labeled).sum())
-    # one epoch: the skipping run passes unlabelled walks only in the gradient-balance batch,
-    # the step-matched control passes every one of them once more
-    assert seen[False] == seen[True] + n_unlabelled
