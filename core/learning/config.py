@@ -115,10 +115,6 @@ class TrainingConfig(_Section):
     #: torch CPU threads per process (0 = torch default). 1: on a shared 2-core machine, OpenMP threads
     #: waiting on a busy core made steps ~10x slower than one thread (measured)
     num_threads: int = Field(default=1, ge=0)
-    #: with the physics term off, leave unlabelled walks out of the batches (they contribute nothing).
-    #: false keeps them (still contributing nothing), so a lambda_phys = 0 run takes exactly the
-    #: optimizer steps of a lambda_phys > 0 run with the same label fraction: the step-matched control
-    skip_unlabelled: bool = True
     loss: LossConfig = LossConfig()
 
 

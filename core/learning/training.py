@@ -526,8 +526,7 @@ def _train_epoch(loop: _Loop, epoch: int) -> tuple[dict[str, float], int]:
     perm = perm[loop.rank * per_rank : (loop.rank + 1) * per_rank] if loop.world > 1 else perm
     sums, seen = {k: 0.0 for k in LOSS_TERMS}, 0
     labeled = loop.train_data.labeled
-    # they would contribute nothing (training.skip_unlabelled: false keeps them, for a step-matched control)
-    skip_unlabeled = loop.physics is None and t.skip_unlabelled and not bool(labeled.all())
+    skip_unlabeled = loop.physics is None and not bool(labeled.all())  # they would contribute nothing
     for step, s in enumerate(range(0, len(perm), t.batch_size)):
         idx = perm[s : s + t.batch_size]
         if skip_unlabeled and bool(labeled[idx].any()):
