@@ -11,6 +11,10 @@ so the overhead is computed from it, as ``median_i(cpu_phys,i / cpu_base,i) - 1`
 the paired steps (robust to the odd step that another process disturbs); the
 wall-clock ratio of the sums is reported next to it. Target: <= 5 %.
 
+With ``--set data.label_fraction=F`` (< 1) the physics variant also has the coarse term
+(:mod:`core.learning.coarse_physics`) on the unlabelled walks; its posterior is computed once
+before the timed steps and reported separately (``coarse_prior_s``, not in any epoch time).
+
 Data: the config's dataset (default: datasets/etoile); ``--synthetic N`` uses an
 analytic scene with N UEs instead (no ray-traced data needed).
 """
@@ -60,6 +64,19 @@ def _variants(configs, run_data, device) -> dict:
     return variants
 
 
+def _coarse_prior(variants, data, run_data) -> dict:
+    """Attach the coarse term's posterior for the physics variant (when it has one) to ``data``;
+    returns its one-off cost (not part of any epoch time): ``coarse_prior_walks``, ``coarse_prior_s``."""
+    from core.learning.coarse_physics import attach_cell_posterior
+    from core.learning.training import SiteLikelihoodTerm
+
+    for cfg, _, physics, _ in variants.values():
+        if isinstance(physics, SiteLikelihoodTerm) and cfg.physics_loss.coarse_weight > 0:
+            info = attach_cell_posterior(data, physics.likelihood, run_data.spec.bounds, run_data.spec.grid_size, cfg)
+            return {"coarse_prior_walks": info["walks"], "coarse_prior_s": info["seconds"]}
+    return {"coarse_prior_walks": 0, "coarse_prior_s": 0.0}
+
+
 def _machine(device) -> str:
     """The machine in words, for the summary line: CPU (and GPU) and cores."""
     from core.benchmarks.report import machine_info
@@ -90,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     data = tensors(run_data, "train", base_cfg)
     image = run_data.map_image.to(device)
     variants = _variants({"lambda_0": base_cfg, f"lambda_{args.lambda_phys:g}": phys_cfg}, run_data, device)
+    prior = _coarse_prior(variants, data, run_data)
 
     def step(name, batch):
         cfg, model, physics, opt = variants[name]
@@ -135,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         "dataset": base_cfg.data.dataset if not args.synthetic else f"synthetic ({args.synthetic} UEs)",
         "model_preset": base_cfg.model.preset, "train_samples": len(data), "device": str(device),
         **_overhead(list(variants), totals, cpu_steps, args.epochs),
+        "label_fraction": base_cfg.data.label_fraction, **prior,
     }
     write_report("train", rows, args.out, summary)
     if tmp is not None:

@@ -8,6 +8,7 @@ The keys follow the reference design::
     training:      {epochs, batch_size, learning_rate, ..., loss: {lambda_fine}}
     physics_loss:  {lambda_phys, warmup_epochs, ramp_epochs, per_sample_grad_clip,
                     radio_maps_dir, feature_weights, loss, huber_delta, observation,
+                    coarse_weight, coarse_subgrid, coarse_temperature, coarse_topk, coarse_on_labelled,
                     refinement: {enabled, num_steps, learning_rate, min_confidence_threshold, use_prior}}
 
 Every section forbids unknown keys. :func:`load_config` turns any problem (unknown key,
@@ -162,6 +163,19 @@ class PhysicsLossConfig(_Section):
     #: report (where the label is), of the latest report present (the last one, or the one
     #: before when it is missing), or the temporal aggregate of all reports
     observation: Literal["last", "latest", "mean"] = "latest"
+    #: weight of the COARSE physics term inside L_phys (``likelihood: site`` only): cross-entropy of the
+    #: coarse logits to the map likelihood's posterior over the coarse cells, q(c) ∝ exp(-min_{p in c} NLL(p) / T),
+    #: computed once before training (core.learning.coarse_physics); 0 = off (L_phys is the offset term alone)
+    coarse_weight: float = Field(default=1.0, ge=0.0)
+    #: q scores each cell by the best of an s x s sub-grid of points in it
+    coarse_subgrid: int = Field(default=4, ge=1, le=8)
+    #: temperature T of q [nats]; 1 = the likelihood's own posterior (uniform prior over cells)
+    coarse_temperature: float = Field(default=1.0, gt=0.0)
+    #: only q's k most likely cells are stored per walk (renormalised)
+    coarse_topk: int = Field(default=32, ge=1)
+    #: also give the coarse term to LABELLED walks (default: unlabelled walks only -- a labelled walk's
+    #: true cell is a better target than q, which errs where the likelihood is multimodal)
+    coarse_on_labelled: bool = False
     refinement: RefinementConfig = RefinementConfig()
 
     @field_validator("feature_weights")

@@ -83,6 +83,9 @@ class TensorData:
     obs_site    float32 [N, K, 3]   (path_gain dB, toa ns, aoa deg), pooled over the report window; NaN none
     obs_weight  float32 [N, K, 3]   reports pooled into each value
     obs_cell    float32 [N, 4]      serving (snr, sinr, throughput, bler) of the latest report; NaN none
+    phys_cells  long    [N, k]      optional (train, coarse physics term): the k most likely coarse cells
+    phys_q      float32 [N, k]      ... and their map-likelihood posterior q (rows of 0: no coarse term);
+                                    see core.learning.coarse_physics. None = absent (left out of batches)
     """
 
     feats: torch.Tensor
@@ -99,12 +102,15 @@ class TensorData:
     obs_site: torch.Tensor
     obs_weight: torch.Tensor
     obs_cell: torch.Tensor
+    phys_cells: torch.Tensor | None = None
+    phys_q: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.feats.shape[0]
 
     def batch(self, idx: torch.Tensor, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name)[idx].to(device) for name in self.__dataclass_fields__}
+        return {name: getattr(self, name)[idx].to(device) for name in self.__dataclass_fields__
+                if getattr(self, name) is not None}
 
 
 def num_site_embeddings(dataset: MeasurementDataset) -> int:

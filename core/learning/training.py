@@ -15,6 +15,11 @@ Loss per batch::
   an observation, labelled or not. Each sample's gradient w.r.t. its position is clipped to
   ``physics_loss.per_sample_grad_clip`` (:func:`physics_term`). Computed only when
   ``physics_loss.lambda_phys > 0`` (no lookup at all otherwise).
+  With ``physics_loss.coarse_weight > 0`` (site likelihood), ``L_phys`` also holds
+  ``coarse_weight * L_coarse_phys``: the cross-entropy of the coarse logits to the map likelihood's
+  posterior over the cells, computed once before training for the unlabelled train walks (all with
+  ``coarse_on_labelled``) and averaged over them (:mod:`core.learning.coarse_physics`). It reaches
+  the coarse head and the trunk, like ``L_coarse`` with a soft label; the one-off cost is logged.
 * ``lambda_phys(t)`` (:meth:`Config.lambda_at`): 0 for ``physics_loss.warmup_epochs``, then a
   linear ramp (per step) over ``physics_loss.ramp_epochs`` to ``lambda_phys``.
 
@@ -63,6 +68,7 @@ from core import resolve_path
 from core.device import resolve_device
 from core.errors import ConfigError, StoreError
 from core.jobs import progress
+from core.learning.coarse_physics import attach_cell_posterior, coarse_physics_term
 from core.learning.config import Config, config_from_dict, likelihood_config, load_config
 from core.learning.data_loading import (
     TensorData,
@@ -327,6 +333,10 @@ def compute_losses(model, batch: dict[str, torch.Tensor], map_image: torch.Tenso
     total = coarse + config.training.loss.lambda_fine * fine
     if use_physics:
         terms["phys"] = physics_term(physics, out.head_xy, batch, config.physics_loss.per_sample_grad_clip)
+        cw = config.physics_loss.coarse_weight
+        if cw > 0 and "phys_q" in batch:  # the coarse term (train walks with a precomputed posterior)
+            terms["phys_coarse"] = coarse_physics_term(out.logits, batch["phys_cells"], batch["phys_q"])
+            terms["phys"] = terms["phys"] + cw * terms["phys_coarse"]
         lam = config.physics_loss.lambda_phys if lambda_phys is None else lambda_phys
         if lam > 0:
             total = total + lam * terms["phys"]
@@ -437,6 +447,7 @@ class _Loop:
     map_image: torch.Tensor
     steps_per_epoch: int
     diag_batch: dict[str, torch.Tensor]  # the fixed train batch the gradient balance is measured on
+    coarse_prior: dict[str, float] | None = None  # the coarse term's one-off posterior: walks, seconds
     net: Any = None
     start_epoch: int = 0
     best: float = math.inf
@@ -453,6 +464,9 @@ def _build_loop(config: Config, run: RunData, device: torch.device, rank: int, w
     train_data, val_data = tensors(run, "train", config), tensors(run, "val", config)
     model = build_model(run.spec, config.seed).to(device)
     physics = make_physics_term(config, run.radio_map, device, run.dataset) if config.physics_active else None
+    prior = None
+    if isinstance(physics, SiteLikelihoodTerm) and config.physics_loss.coarse_weight > 0:
+        prior = attach_cell_posterior(train_data, physics.likelihood, run.spec.bounds, run.spec.grid_size, config)
     per_rank = len(train_data) // world
     steps_per_epoch = max(1, per_rank // t.batch_size + int(per_rank % t.batch_size > 0))
     total_steps, warmup = steps_per_epoch * t.epochs, steps_per_epoch * t.warmup_epochs
@@ -460,7 +474,7 @@ def _build_loop(config: Config, run: RunData, device: torch.device, rank: int, w
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
     diag_batch = train_data.batch(torch.arange(min(t.batch_size, len(train_data))), device)
     return _Loop(config, run, device, rank, world, model, optimizer, scheduler, physics, train_data, val_data,
-                 run.map_image.to(device), steps_per_epoch, diag_batch)
+                 run.map_image.to(device), steps_per_epoch, diag_batch, coarse_prior=prior)
 
 
 def _restore(loop: _Loop, out: Path) -> None:
@@ -493,6 +507,9 @@ def _start_run_dir(loop: _Loop, out: Path) -> None:
     p, labeled = config.physics_loss, int(loop.train_data.labeled.sum())
     phys = (f"on (lambda={p.lambda_phys:g} after {p.warmup_epochs:g} warm-up + {p.ramp_epochs:g} ramp epochs, "
             f"per-sample gradient clip {p.per_sample_grad_clip:g})" if physics else "off")
+    if loop.coarse_prior is not None:
+        phys += (f"; coarse term weight {p.coarse_weight:g}: posterior over the cells of "
+                 f"{loop.coarse_prior['walks']} walks in {loop.coarse_prior['seconds']:.1f} s (once)")
     run_store.append_log(out, f"train {len(loop.train_data)} ({labeled} labelled) val {len(loop.val_data)} samples, "
                               f"split {config.data.split}, {params} parameters, physics {phys}, "
                               f"dataset {loop.run.dataset.ref.describe()}, map {loop.run.radio_map.ref.describe()}, "
@@ -631,7 +648,7 @@ def train(config: Config, out_dir: str | os.PathLike, resume: bool = False, devi
         bar.close()
     _finish(loop, out, stopped_early)
     return {"best_val_median_m": loop.best, "epochs_run": len(loop.history), "stopped_early": stopped_early,
-            "history": loop.history, "rank": rank, "world": world}
+            "history": loop.history, "rank": rank, "world": world, "coarse_prior": loop.coarse_prior}
 
 
 def _finish(loop: _Loop, out: Path, stopped_early: bool) -> None:

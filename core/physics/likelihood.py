@@ -396,6 +396,19 @@ class RobustLikelihood(torch.nn.Module):
             total = kernel(raw, False)[0]
         return total.squeeze(1) if single else total
 
+    @torch.no_grad()
+    def evaluate_shared(self, points: torch.Tensor, prep: PreparedObservation) -> torch.Tensor:
+        """NLL ``[B, P]`` at the SAME candidate points ``[P, 2]`` for every sample of ``prep`` (no gradient).
+
+        The map is sampled once at the points (not once per sample), then the kernel runs over
+        ``[S, B, P]``: for scoring a fixed set of positions (e.g. every coarse cell) for many samples.
+        """
+        b, p = prep.site_ids.shape[0], points.shape[0]
+        pts = points.to(device=self.maps.device, dtype=self.maps.dtype)
+        raw = self.maps.sample(pts).unsqueeze(1).expand(-1, b, p).reshape(-1, b * p)
+        cov = self.maps.coverage(pts).unsqueeze(1).expand(-1, b, p).reshape(-1, b * p)
+        return self._kernel(raw, cov, prep, b, p, False)[0]
+
     def _kernel(self, raw: torch.Tensor, coverage: torch.Tensor, prep: PreparedObservation, b: int, p: int,
                 need_grad: bool):
         """``(NLL [B, P], d NLL / d raw [C, N] or None)`` from the sampled channels ``raw [C, N]``
