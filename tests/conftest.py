@@ -38,3 +38,13 @@ def tiny_scene(tiny_map):
 
     radio = PropagationSettings.from_dict(tiny_map.attrs["propagation"]).radio
     return build_scene(resolve_scene(TINY_SCENE), tiny_map.attrs["sites"], radio)
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    """Config overrides (``["key=value", ...]``) pointing at an analytic map and dataset (no Sionna)."""
+    from core.physics.synthetic import synthetic_scene
+
+    root = tmp_path_factory.mktemp("scene")
+    overrides = synthetic_scene(root, num_ues=160, height=24, width=24, cell=4.0, reports=6, k=3, seed=0)
+    return [f"{k}={v}" for k, v in overrides.items()]

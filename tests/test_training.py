@@ -10,19 +10,11 @@ import torch
 from core.learning.config import load_config
 from core.learning.model import build_model
 from core.learning.training import predict_tensors, prepare, tensors, train
-from core.physics.synthetic import synthetic_scene
 from core.stores.run import load_checkpoint, read_lineage
 
 TINY = ["model.preset=tiny", "training.batch_size=32", "training.epochs=2", "training.warmup_epochs=0",
         "training.learning_rate=0.005", "training.num_threads=1", "physics_loss.warmup_epochs=0",
         "physics_loss.ramp_epochs=0"]
-
-
-@pytest.fixture(scope="module")
-def scene(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scene")
-    overrides = synthetic_scene(root, num_ues=160, height=24, width=24, cell=4.0, reports=6, k=3, seed=0)
-    return [f"{k}={v}" for k, v in overrides.items()]
 
 
 def cfg(scene, *extra):

@@ -8,9 +8,9 @@ Loss per batch::
   position (:func:`core.model.coarse_loss`), over the LABELLED walks of the batch;
 * ``L_fine``: Gaussian NLL of the true in-cell offset under the fine head evaluated at
   the TRUE cell (:func:`core.model.fine_loss`), over the labelled walks;
-* ``L_phys``: the physics term, an injected callable ``physics(xy [B, 2], observed [B, F],
-  mask [B, F]) -> [B]`` per-sample loss (:func:`make_physics_term`; today
-  :class:`core.physics.physics_loss.PhysicsLoss`), evaluated at the predicted position
+* ``L_phys``: the physics term, an injected callable ``physics(xy [B, 2], batch) -> [B]``
+  per-sample loss (:func:`make_physics_term`: by default :class:`SiteLikelihoodTerm`, the
+  calibrated per-site robust NLL of the pooled reports), evaluated at the predicted position
   routed to the position head only (``ModelOutput.head_xy``), averaged over the samples with
   an observation, labelled or not. Each sample's gradient w.r.t. its position is clipped to
   ``physics_loss.per_sample_grad_clip`` (:func:`physics_term`). Computed only when

@@ -229,7 +229,24 @@ def _pooled_stats(maps: Sequence, f: int, angular: bool) -> tuple[float, float]:
     return st.mean, st.std
 
 
-class PreparedMaps(torch.nn.Module):
+class GridTable(torch.nn.Module):
+    """A module whose maps live in one buffer ``table [..., H, W]``: its device, dtype and grid shape."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.table.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.table.dtype
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(H, W)``."""
+        return tuple(self.table.shape[-2:])
+
+
+class PreparedMaps(GridTable):
     """One or several radio maps made ready for fast, safe lookup -- built once, reused.
 
     Build it with :func:`prepare_maps` (or ``PreparedMaps(maps)``) from a
@@ -329,19 +346,6 @@ class PreparedMaps(torch.nn.Module):
     @property
     def num_features(self) -> int:
         return len(self.features)
-
-    @property
-    def device(self) -> torch.device:
-        return self.table.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.table.dtype
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(H, W)``."""
-        return tuple(self.table.shape[-2:])
 
     def index(self, name: str) -> int:
         """Feature index of ``name`` (in map order)."""

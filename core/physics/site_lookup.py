@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from core.errors import CoreError
 from core.features import feature_spec
-from core.physics.lookup import angle_from_cos_sin, fill_holes
+from core.physics.lookup import GridTable, angle_from_cos_sin, fill_holes
 
 __all__ = ["SiteMaps", "SiteValues", "site_lookup", "prepare_site_maps", "SITE_LAYERS", "GROUPS"]
 
@@ -101,7 +101,7 @@ def _site_slabs(path_gain, toa, aoa, valid) -> tuple[np.ndarray, np.ndarray, np.
     return slabs, cover, spread
 
 
-class SiteMaps(torch.nn.Module):
+class SiteMaps(GridTable):
     """Per-site layers of one scene made ready for lookup (see the module doc for the table).
 
     Args:
@@ -196,19 +196,6 @@ class SiteMaps(torch.nn.Module):
                    device=device, dtype=dtype)
 
     # -- facts ------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return self.table.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.table.dtype
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(H, W)``."""
-        return tuple(self.table.shape[-2:])
-
     @property
     def cell_size(self) -> float:
         return (self.bounds[2] - self.bounds[0]) / self.shape[1]
