@@ -1,11 +1,12 @@
 """The coarse physics term: the map likelihood's posterior over the coarse cells, its cross-entropy,
-its gradient to the coarse head, and what unlabelled walks now teach."""
+its gradient to the coarse head, the mode term for the fine head, and what unlabelled walks now teach."""
 
 import pytest
 import torch
 
 from core.errors import ConfigError
-from core.learning.coarse_physics import attach_cell_posterior, cell_posterior, cell_subpoints, coarse_physics_term
+from core.learning.coarse_physics import (attach_cell_posterior, cell_mode, cell_posterior, cell_subpoints,
+                                         coarse_physics_term, mode_term)
 from core.learning.config import load_config
 from core.learning.model import build_model
 from core.learning.training import compute_losses, make_physics_term, prepare, tensors
@@ -94,13 +95,46 @@ def test_coarse_term_reaches_the_coarse_head_and_unlabelled_walks_change_it(setu
     total = _coarse_grads(model, batch, run, config, physics, "total")
     assert "coarse_bias" in total
     # ... and did not without the coarse term (only the offset head, as before)
-    off = cfg(scene, "data.label_fraction=0.25", "physics_loss.lambda_phys=1.0", "physics_loss.coarse_weight=0")
+    off = cfg(scene, "data.label_fraction=0.25", "physics_loss.lambda_phys=1.0", "physics_loss.coarse_weight=0",
+              "physics_loss.mode_weight=0")
     before = _coarse_grads(model, batch, run, off, physics, "total")
     assert before and all(n.startswith("fine.") for n in before), sorted(before)
     with torch.no_grad():
         terms, _ = compute_losses(model, batch, run.map_image, config, physics)
         bare, _ = compute_losses(model, batch, run.map_image, off, physics)
-    assert float(terms["phys"]) == pytest.approx(float(bare["phys"]) + float(terms["phys_coarse"]), rel=1e-5)
+    assert float(terms["phys"]) == pytest.approx(float(bare["phys"]) + float(terms["phys_coarse"])
+                                                 + float(terms["phys_mode"]), rel=1e-5)
+
+
+def test_mode_is_the_best_subgrid_point_of_the_cell_and_nearer_the_truth_than_its_centre(setup):
+    config, run, data, physics = setup
+    obs = SiteObservation(data.obs_site_ids, data.obs_site, data.obs_cell, data.obs_weight)
+    model = build_model(run.spec, 0)
+    true_cell, _ = model.cell_of(data.target_xy)
+    m = 4
+    mode = cell_mode(physics.likelihood, obs, true_cell, run.spec.bounds, run.spec.grid_size, subgrid=m, chunk=7)
+    assert torch.equal(model.cell_of(mode)[0], true_cell)  # the mode stays in its cell
+    # brute force: every sub-point of the true cell, one at a time
+    pts = cell_subpoints(run.spec.bounds, run.spec.grid_size, m).view(-1, m * m, 2)[true_cell]  # [N, m*m, 2]
+    nll = torch.stack([physics.likelihood(pts[:, k].float(), obs) for k in range(m * m)], 1)
+    assert torch.allclose(mode, pts[torch.arange(len(pts)), nll.argmin(1)].float(), atol=1e-4)
+    centre = model.cell_centre(true_cell)
+    err_mode = (mode - data.target_xy).norm(dim=1).median()
+    err_centre = (centre - data.target_xy).norm(dim=1).median()
+    assert float(err_mode) < 0.6 * float(err_centre), (float(err_mode), float(err_centre))
+
+
+def test_mode_term_is_the_weighted_gaussian_nll_and_reaches_the_fine_head_and_trunk(setup):
+    offset, logvar = torch.tensor([[0.1, -0.2], [0.3, 0.0]]), torch.tensor([[0.0, 0.5], [-0.5, 0.0]])
+    target, weight = torch.tensor([[0.2, 0.2], [0.0, 0.0]]), torch.tensor([0.5, 0.0])
+    per0 = 0.5 * (logvar[0] + (target[0] - offset[0]) ** 2 * torch.exp(-logvar[0])).mean()
+    assert float(mode_term(offset, logvar, target, weight)) == pytest.approx(float(0.5 * per0))
+    config, run, data, physics = setup
+    attach_cell_posterior(data, physics.likelihood, run.spec.bounds, run.spec.grid_size, config)
+    assert data.phys_xy is not None and bool((data.phys_xy[~data.labeled] != 0).any(1).all())
+    batch = data.batch(torch.nonzero(~data.labeled).flatten()[:32])
+    grads = _coarse_grads(build_model(run.spec, 0), batch, run, config, physics, "phys_mode")
+    assert any(n.startswith("fine.") for n in grads) and any(n.startswith("blocks.") for n in grads)
 
 
 def test_one_epoch_trains_with_the_coarse_term_and_logs_its_cost(scene, tmp_path):
@@ -113,7 +147,8 @@ def test_one_epoch_trains_with_the_coarse_term_and_logs_its_cost(scene, tmp_path
 
 
 @pytest.mark.parametrize("key,value", [("coarse_weight", -1), ("coarse_subgrid", 0), ("coarse_temperature", 0),
-                                       ("coarse_topk", 0), ("coarse_subgrid", 9)])
+                                       ("coarse_topk", 0), ("coarse_subgrid", 9),
+                                       ("mode_weight", -1), ("mode_subgrid", 0)])
 def test_coarse_keys_are_validated(key, value):
     with pytest.raises(ConfigError, match=f"physics_loss.{key}"):
         load_config(None, [f"physics_loss.{key}={value}"])

@@ -3,8 +3,10 @@
 Does the physics term help? Arms, all on ``configs/model.yaml`` plus the plan's overrides
 (:data:`PLANS`; ``--set`` on top, for every arm):
 
-* λ_phys ∈ {0, λ*}: λ* is tuned ONCE, on the val split, at 100 % labels, on the random split
-  with the first seed, over the plan's small grid (the λ > 0 with the lowest val median);
+* λ_phys ∈ {0, λ*}: λ* is tuned on the val split FOR EACH label fraction (the physics term does
+  different work at each: on unlabelled walks it is the only signal, at 100 % labels only the
+  offset term acts), on the random split with the first seed, over the plan's small grid (the
+  λ > 0 with the lowest val median); the arm is "transformer λ*" and every row shows the λ applied;
 * test-time refinement off / on (the run's refinement settings, through
   :func:`core.learning.evaluation.evaluate_run`);
 * label fractions (``data.label_fraction``: the other train walks give only the physics term);
@@ -167,24 +169,28 @@ def baseline_errors(out: Path, split: str, config: Config, stores) -> dict[str, 
 
 # -- the grid ---------------------------------------------------------------------------------------
 def tune_lambda(plan: Plan, base: list[str], out: Path, stores, device, show_progress: bool):
-    """``(λ*, rows)``: the λ > 0 of the grid with the lowest val median at 100 % labels, first seed."""
+    """``({label fraction: λ*}, rows)``: per label fraction, the λ > 0 of the grid with the lowest val
+    median (random split, first seed; the λ = 0 run is trained too, for the record and for reuse)."""
     split = "random" if "random" in plan.splits else plan.splits[0]
-    rows = []
-    for lam in (0.0, *plan.lambda_grid):
-        config = arm_config(base, split, 1.0, plan.seeds[0], lam)
-        run_dir = out / "runs" / run_name(split, 1.0, plan.seeds[0], lam)
-        progress.report(0.0, f"tuning lambda_phys: {lam:g}")
-        ensure_trained(config, run_dir, stores, device, show_progress)
-        rows.append({"lambda_phys": lam, "split": split, "label_fraction": 1.0, "seed": plan.seeds[0],
-                     "val_median_m": read_status(run_dir).get("best_val_median_m")})
-    best = min((r for r in rows if r["lambda_phys"] > 0), key=lambda r: r["val_median_m"])
-    return best["lambda_phys"], rows
+    rows, lam_star = [], {}
+    for fraction in plan.fractions:
+        for lam in (0.0, *plan.lambda_grid):
+            config = arm_config(base, split, fraction, plan.seeds[0], lam)
+            run_dir = out / "runs" / run_name(split, fraction, plan.seeds[0], lam)
+            progress.report(0.0, f"tuning lambda_phys at {_pct(fraction)} labels: {lam:g}")
+            ensure_trained(config, run_dir, stores, device, show_progress)
+            rows.append({"lambda_phys": lam, "split": split, "label_fraction": fraction, "seed": plan.seeds[0],
+                         "val_median_m": read_status(run_dir).get("best_val_median_m")})
+        best = min((r for r in rows if r["label_fraction"] == fraction and r["lambda_phys"] > 0),
+                   key=lambda r: r["val_median_m"])
+        lam_star[fraction] = best["lambda_phys"]
+    return lam_star, rows
 
 
-def collect_errors(plan: Plan, base: list[str], lam_star: float, out: Path, stores, device,
+def collect_errors(plan: Plan, base: list[str], lam_star: dict[float, float], out: Path, stores, device,
                    show_progress: bool) -> dict[tuple, Any]:
     """Train (or reuse) every arm and seed; ``{(split, fraction, lam): [per-seed test errors dict]}``."""
-    keys = [(sp, f, lam) for sp in plan.splits for f in plan.fractions for lam in (0.0, lam_star)]
+    keys = [(sp, f, lam) for sp in plan.splits for f in plan.fractions for lam in (0.0, lam_star[f])]
     total, done = len(keys) * len(plan.seeds), 0
     errors: dict[tuple, Any] = {}
     for split, fraction, lam in keys:
@@ -205,8 +211,12 @@ def collect_errors(plan: Plan, base: list[str], lam_star: float, out: Path, stor
 BASELINE_NAMES = {"knn": "kNN fingerprinting", "ml": "ML map matching", "multilateration": "multilateration"}
 
 
+STAR_ARM = "transformer λ*"
+
+
 def arm_label(lam: float) -> str:
-    return f"transformer λ={lam:g}"
+    """``transformer λ=0`` (the reference arm) or ``transformer λ*`` (the tuned λ, shown in its own column)."""
+    return "transformer λ=0" if lam == 0 else STAR_ARM
 
 
 def _group_mask(e: dict[str, np.ndarray], group: str) -> np.ndarray:
@@ -227,6 +237,7 @@ def _check_paired(runs: list[dict[str, np.ndarray]], baselines: dict[str, np.nda
 
 
 def block_rows(errors, baselines, split: str, fraction: float, lam_star: float, n_boot: int) -> list[dict[str, Any]]:
+    """(``lam_star``: the λ* of this label fraction)"""
     """Rows of one (split, label fraction) block: every refinement, group and arm against λ = 0."""
     ref_runs, star_runs = errors[(split, fraction, 0.0)], errors[(split, fraction, lam_star)]
     _check_paired(ref_runs + star_runs, baselines, f"{split}/{fraction:g}")
@@ -251,14 +262,14 @@ def block_rows(errors, baselines, split: str, fraction: float, lam_star: float, 
     return rows
 
 
-def curve_rows(errors, baselines, plan: Plan, lam_star: float) -> list[dict[str, Any]]:
+def curve_rows(errors, baselines, plan: Plan, lam_star: dict[float, float]) -> list[dict[str, Any]]:
     """Median vs label fraction per split, refinement and arm, with the CI band of the median itself
     (the two-level bootstrap of its difference to an all-zero error arm)."""
     rows = []
     for split in plan.splits:
         for fraction in plan.fractions:
             arms = [(arm_label(lam), lam, refine, [r[refine] for r in errors[(split, fraction, lam)]])
-                    for lam in (0.0, lam_star) for refine in ("off", "on")]
+                    for lam in (0.0, lam_star[fraction]) for refine in ("off", "on")]
             arms += [(BASELINE_NAMES[k], float("nan"), "-", [b]) for k, b in baselines[split].items()]
             for arm, lam, refine, per_seed in arms:
                 level = paired_delta(per_seed, [np.zeros_like(e) for e in per_seed], "median_m", n_boot=plan.n_boot)
@@ -268,13 +279,13 @@ def curve_rows(errors, baselines, plan: Plan, lam_star: float) -> list[dict[str,
     return rows
 
 
-def cdf_blocks(errors, baselines, plan: Plan, lam_star: float) -> dict[str, dict[str, Any]]:
+def cdf_blocks(errors, baselines, plan: Plan, lam_star: dict[float, float]) -> dict[str, dict[str, Any]]:
     """``{"<split> split, <p> % labels": {arm: CDF}}`` of the test errors, all seeds pooled."""
     blocks = {}
     for split in plan.splits:
         for fraction in plan.fractions:
             curves = {}
-            for lam in (0.0, lam_star):
+            for lam in (0.0, lam_star[fraction]):
                 for refine, suffix in (("off", ""), ("on", " + refine")):
                     curves[arm_label(lam) + suffix] = np.concatenate([r[refine] for r in errors[(split, fraction, lam)]])
             curves.update({BASELINE_NAMES[k]: b for k, b in baselines[split].items()})
@@ -325,17 +336,19 @@ def markdown(table: pd.DataFrame, header: str) -> str:
     return "\n".join(lines)
 
 
-def header_text(plan: Plan, scene: str, overrides: list[str], lam_star: float, tuning: list[dict], wall_s: float,
-                machine: str, n_test: dict[str, int]) -> str:
-    tune = ", ".join(f"λ={r['lambda_phys']:g}: {r['val_median_m']:.2f} m" for r in tuning)
+def header_text(plan: Plan, scene: str, overrides: list[str], lam_star: dict[float, float], tuning: list[dict],
+                wall_s: float, machine: str, n_test: dict[str, int]) -> str:
+    tune = "; ".join(f"{_pct(f)} labels: " + ", ".join(f"λ={r['lambda_phys']:g} {r['val_median_m']:.2f} m"
+                                                       for r in tuning if r["label_fraction"] == f)
+                     + f" → **λ* = {lam_star[f]:g}**" for f in plan.fractions)
     return "\n".join([
         f"# Ablation of the physics term — scene {scene}, plan `{plan.name}`", "",
         f"* Every arm: `{BASE_CONFIG}` with {', '.join(f'`{o}`' for o in (*plan.overrides, *overrides))}.",
         f"* Seeds {', '.join(map(str, plan.seeds))}, paired (same seeds, labelled walks and test UEs in every arm); "
         f"label fractions {', '.join(_pct(f) for f in plan.fractions)}; splits {', '.join(plan.splits)} "
         f"(test UEs: {', '.join(f'{k} {v}' for k, v in n_test.items())}).",
-        f"* λ_phys tuned once on the val split, 100 % labels, {tuning[0]['split']} split, seed {plan.seeds[0]} — "
-        f"val median {tune} → **λ* = {lam_star:g}**.",
+        f"* λ_phys tuned per label fraction on the val split ({tuning[0]['split']} split, seed {plan.seeds[0]}), "
+        f"val median — {tune}.",
         "* Cells: mean ± sd over seeds; Δ = change against the λ = 0 arm of the same split, label fraction and "
         f"refinement (negative = better), 95 % CI from a paired two-level bootstrap ({plan.n_boot} replicates: "
         "seeds, then UEs). Baselines need no training: one estimate, no sd; their Δ is against λ = 0 without refinement.",
@@ -375,7 +388,7 @@ def ablate(scene: str, out: str | Path, overrides: list[str] = (), quick: bool =
     baselines = {sp: baseline_errors(out, sp, arm_config(base, sp, 1.0, plan.seeds[0], 0.0), stores)
                  for sp in plan.splits}
     rows = [r for sp in plan.splits for f in plan.fractions
-            for r in block_rows(errors, baselines[sp], sp, f, lam_star, plan.n_boot)]
+            for r in block_rows(errors, baselines[sp], sp, f, lam_star[f], plan.n_boot)]
     table = pd.DataFrame(rows)
     curve = pd.DataFrame(curve_rows(errors, baselines, plan, lam_star))
     cdf = cdf_blocks(errors, baselines, plan, lam_star)
@@ -384,7 +397,8 @@ def ablate(scene: str, out: str | Path, overrides: list[str] = (), quick: bool =
     n_test = {sp: len(errors[(sp, plan.fractions[0], 0.0)][0]["off"]) for sp in plan.splits}
     wall_s = time.time() - started
     header = header_text(plan, scene, list(overrides), lam_star, tuning, wall_s, machine, n_test)
-    summary = {"scene": scene, "plan": asdict(plan), "overrides": list(overrides), "lambda_star": lam_star,
+    summary = {"scene": scene, "plan": asdict(plan), "overrides": list(overrides),
+               "lambda_star": {f"{f:g}": v for f, v in lam_star.items()},
                "tuning": tuning, "wall_s": wall_s, "machine": machine, "n_test": n_test, "header": header}
     write_outputs(out, table, curve, cdf, tuning, summary)
     progress.report(1.0, "ablation done")
@@ -422,6 +436,7 @@ def run(args: argparse.Namespace) -> int:
     cols = ["split", "label_fraction", "refinement", "arm", "median_m", "median_m_sd", "d_median_m", "d_median_m_lo",
             "d_median_m_hi", "d_rmse_m"]
     print(part[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-    print(f"\nλ* = {result['lambda_star']:g}; wrote {args.out}/table.csv, table.md, curve.csv, cdf.json "
+    stars = ", ".join(f"{100 * float(f):g} %: {v:g}" for f, v in result["lambda_star"].items())
+    print(f"\nλ* per label fraction: {stars}; wrote {args.out}/table.csv, table.md, curve.csv, cdf.json "
           f"({result['wall_s']:.0f} s)")
     return 0

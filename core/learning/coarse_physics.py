@@ -17,6 +17,17 @@ physics term, per walk that carries ``q``::
 
 whose gradient reaches the coarse head (logits) and, through it, the trunk -- like the
 supervised ``L_coarse`` with a soft label.
+
+The cell alone leaves the fine head to the few labelled walks. The MODE part gives it the
+unlabelled walks too: in each walk's most likely cell ``c*`` the likelihood's best point of a
+finer ``m x m`` sub-grid, ``p* = argmin_{p in P_m(c*)} NLL(p | o)``, is the target of the fine
+head evaluated at ``c*``, with the supervised fine loss's Gaussian NLL, weighted by ``q(c*)``::
+
+    L_mode = sum_n q_n(c*) * 0.5 * mean_xy(logvar + (off(p*) - offset(c*))^2 / exp(logvar)) / N_post
+
+On etoile (5 % labels, 15,200 unlabelled train walks) ``c*`` is the true cell for 86 % of the
+walks and ``p*`` lies 1.25 m (median; P90 3.3 m) from the true position, at 8 x 8 points per
+16 m cell, computed in 1.5 s.
 """
 
 from __future__ import annotations
@@ -65,10 +76,34 @@ def cell_posterior(likelihood, obs, bounds, grid: int, subgrid: int = 3, tempera
     return cells, probs
 
 
+@torch.no_grad()
+def cell_mode(likelihood, obs, cells: torch.Tensor, bounds, grid: int, subgrid: int = 8,
+              chunk: int = 512) -> torch.Tensor:
+    """``float32 [N, 2]`` [m]: for each walk of ``obs``, the point of lowest NLL among an ``m x m``
+    sub-grid centred in its cell ``cells[N]`` (cell ``i * G + j``, the model's order)."""
+    x_min, y_min, x_max, y_max = (float(v) for v in bounds)
+    wh = torch.tensor([(x_max - x_min) / grid, (y_max - y_min) / grid], dtype=torch.float64)
+    u = (torch.arange(subgrid, dtype=torch.float64) + 0.5) / subgrid
+    sy, sx = torch.meshgrid(u, u, indexing="ij")
+    sub = torch.stack([sx.ravel(), sy.ravel()], -1) * wh  # [m*m, 2] [m] from the cell's corner
+    out = torch.empty(len(cells), 2, dtype=torch.float32)
+    for s in range(0, len(cells), chunk):
+        idx = torch.arange(s, min(s + chunk, len(cells)))
+        c = cells[idx].double()
+        corner = torch.stack([c % grid, torch.div(c, grid, rounding_mode="floor")], -1) * wh
+        pts = (corner[:, None] + sub[None] + torch.tensor([x_min, y_min], dtype=torch.float64))
+        pts = pts.to(likelihood.maps.device, likelihood.maps.dtype)  # [b, m*m, 2]
+        part = obs.take(idx)
+        nll = torch.stack([likelihood(pts[:, k], part) for k in range(pts.shape[1])], 1)  # [b, m*m]
+        out[idx] = pts[torch.arange(len(idx)), nll.argmin(1)].float().cpu()
+    return out
+
+
 def attach_cell_posterior(data, likelihood, bounds, grid: int, config) -> dict[str, float]:
     """Compute ``q`` for the walks of ``data`` (a TensorData) that get the coarse term -- the unlabelled
     ones, or all with ``physics_loss.coarse_on_labelled`` -- and store it as ``data.phys_cells`` /
-    ``data.phys_q`` (``q = 0`` rows for the others). Returns ``{"walks", "seconds"}`` (the one-off cost)."""
+    ``data.phys_q`` (``q = 0`` rows for the others), and with ``physics_loss.mode_weight > 0`` the mode
+    of the most likely cell as ``data.phys_xy``. Returns ``{"walks", "seconds"}`` (the one-off cost)."""
     from core.physics.observation import SiteObservation
 
     p = config.physics_loss
@@ -82,6 +117,10 @@ def attach_cell_posterior(data, likelihood, bounds, grid: int, config) -> dict[s
         obs = SiteObservation(data.obs_site_ids[idx], data.obs_site[idx], data.obs_cell[idx], data.obs_weight[idx])
         cells, q = cell_posterior(likelihood, obs, bounds, grid, p.coarse_subgrid, p.coarse_temperature, k)
         data.phys_cells[idx], data.phys_q[idx] = cells, q
+    if p.mode_weight > 0:
+        data.phys_xy = torch.zeros(len(data), 2, dtype=torch.float32)
+        if len(idx):
+            data.phys_xy[idx] = cell_mode(likelihood, obs, cells[:, 0], bounds, grid, p.mode_subgrid)
     return {"walks": int(len(idx)), "seconds": time.perf_counter() - t0}
 
 
@@ -92,3 +131,11 @@ def coarse_physics_term(logits: torch.Tensor, cells: torch.Tensor, q: torch.Tens
     per = -(q.to(logp.dtype) * logp).sum(1)
     have = q.sum(1) > 0
     return per.sum() / have.sum().clamp(min=1)
+
+
+def mode_term(offset: torch.Tensor, logvar: torch.Tensor, target_offset: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``L_mode``: ``sum_n w_n * 0.5 * mean_xy(logvar + (target - offset)^2 / exp(logvar)) / #(w > 0)``;
+    ``offset``, ``logvar``, ``target_offset`` ``[B, 2]`` in cell units (the fine head at the mode's
+    cell, and the mode there), ``weight [B]`` (``q(c*)``; 0 = walk left out). 0, in the graph, when none."""
+    per = (0.5 * (logvar + (target_offset - offset).pow(2) * torch.exp(-logvar))).mean(-1)
+    return (weight.to(per.dtype) * per).sum() / (weight > 0).sum().clamp(min=1)

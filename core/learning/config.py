@@ -9,6 +9,7 @@ The keys follow the reference design::
     physics_loss:  {lambda_phys, warmup_epochs, ramp_epochs, per_sample_grad_clip,
                     radio_maps_dir, feature_weights, loss, huber_delta, observation,
                     coarse_weight, coarse_subgrid, coarse_temperature, coarse_topk, coarse_on_labelled,
+                    mode_weight, mode_subgrid,
                     refinement: {enabled, num_steps, learning_rate, min_confidence_threshold, use_prior}}
 
 Every section forbids unknown keys. :func:`load_config` turns any problem (unknown key,
@@ -176,6 +177,11 @@ class PhysicsLossConfig(_Section):
     #: also give the coarse term to LABELLED walks (default: unlabelled walks only -- a labelled walk's
     #: true cell is a better target than q, which errs where the likelihood is multimodal)
     coarse_on_labelled: bool = False
+    #: weight of the MODE part inside L_phys: the fine head, at the posterior's most likely cell, regresses
+    #: to the likelihood's best point there (core.learning.coarse_physics.mode_term); 0 = off
+    mode_weight: float = Field(default=1.0, ge=0.0)
+    #: the mode is the best of an m x m sub-grid of points in that cell
+    mode_subgrid: int = Field(default=8, ge=1, le=32)
     refinement: RefinementConfig = RefinementConfig()
 
     @field_validator("feature_weights")

@@ -86,6 +86,7 @@ class TensorData:
     phys_cells  long    [N, k]      optional (train, coarse physics term): the k most likely coarse cells
     phys_q      float32 [N, k]      ... and their map-likelihood posterior q (rows of 0: no coarse term);
                                     see core.learning.coarse_physics. None = absent (left out of batches)
+    phys_xy     float32 [N, 2]      optional: the likelihood's mode in the most likely cell [m] (mode term)
     """
 
     feats: torch.Tensor
@@ -104,6 +105,7 @@ class TensorData:
     obs_cell: torch.Tensor
     phys_cells: torch.Tensor | None = None
     phys_q: torch.Tensor | None = None
+    phys_xy: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.feats.shape[0]

@@ -20,6 +20,9 @@ Loss per batch::
   posterior over the cells, computed once before training for the unlabelled train walks (all with
   ``coarse_on_labelled``) and averaged over them (:mod:`core.learning.coarse_physics`). It reaches
   the coarse head and the trunk, like ``L_coarse`` with a soft label; the one-off cost is logged.
+  With ``physics_loss.mode_weight > 0`` it also holds ``mode_weight * L_mode``: on those unlabelled
+  walks the fine head, evaluated at the posterior's most likely cell, regresses to the likelihood's
+  best point in that cell (weighted by its q) -- the fine counterpart of the coarse term.
 * ``lambda_phys(t)`` (:meth:`Config.lambda_at`): 0 for ``physics_loss.warmup_epochs``, then a
   linear ramp (per step) over ``physics_loss.ramp_epochs`` to ``lambda_phys``.
 
@@ -68,7 +71,7 @@ from core import resolve_path
 from core.device import resolve_device
 from core.errors import ConfigError, StoreError
 from core.jobs import progress
-from core.learning.coarse_physics import attach_cell_posterior, coarse_physics_term
+from core.learning.coarse_physics import attach_cell_posterior, coarse_physics_term, mode_term
 from core.learning.config import Config, config_from_dict, likelihood_config, load_config
 from core.learning.data_loading import (
     TensorData,
@@ -316,6 +319,16 @@ def _supervised(out, target_cell: torch.Tensor, target_offset: torch.Tensor, lab
             fine_loss(out.target_offset_pred[labeled], out.target_logvar[labeled], target_offset[labeled]))
 
 
+def _mode_targets(net, batch: dict[str, torch.Tensor], labeled: torch.Tensor, config: Config):
+    """``(cell [B], offset [B, 2], weight [B])`` of the mode term for the UNLABELLED walks of the batch
+    with a posterior (weight ``q(c*)``, 0 elsewhere), or None when the term is off or absent."""
+    if config.physics_loss.mode_weight <= 0 or "phys_xy" not in batch:
+        return None
+    cell, offset = net.cell_of(batch["phys_xy"])
+    weight = torch.where(labeled, 0.0, batch["phys_q"][:, 0])
+    return cell, offset, weight
+
+
 def compute_losses(model, batch: dict[str, torch.Tensor], map_image: torch.Tensor, config: Config, physics=None,
                    lambda_phys: float | None = None):
     """Loss terms of one batch: ``(dict name -> scalar tensor, ModelOutput)``; ``phys`` is None when off.
@@ -325,9 +338,11 @@ def compute_losses(model, batch: dict[str, torch.Tensor], map_image: torch.Tenso
     net = model.module if hasattr(model, "module") else model
     target_cell, target_offset = net.cell_of(batch["target_xy"])
     use_physics = physics is not None and config.physics_active
-    out = model(batch["feats"], batch["site_index"], batch["mask"], map_image, target_cell=target_cell,
-                head_xy=use_physics)
     labeled = batch.get("labeled", torch.ones_like(target_cell, dtype=torch.bool))
+    mode = _mode_targets(net, batch, labeled, config) if use_physics else None
+    fine_cell = target_cell if mode is None else torch.where(mode[2] > 0, mode[0], target_cell)
+    out = model(batch["feats"], batch["site_index"], batch["mask"], map_image, target_cell=fine_cell,
+                head_xy=use_physics)
     coarse, fine = _supervised(out, target_cell, target_offset, labeled)
     terms: dict[str, Any] = {"coarse": coarse, "fine": fine, "phys": None}
     total = coarse + config.training.loss.lambda_fine * fine
@@ -337,6 +352,9 @@ def compute_losses(model, batch: dict[str, torch.Tensor], map_image: torch.Tenso
         if cw > 0 and "phys_q" in batch:  # the coarse term (train walks with a precomputed posterior)
             terms["phys_coarse"] = coarse_physics_term(out.logits, batch["phys_cells"], batch["phys_q"])
             terms["phys"] = terms["phys"] + cw * terms["phys_coarse"]
+        if mode is not None:  # the mode term: the fine head at the posterior's best cell, to its best point
+            terms["phys_mode"] = mode_term(out.target_offset_pred, out.target_logvar, mode[1], mode[2])
+            terms["phys"] = terms["phys"] + config.physics_loss.mode_weight * terms["phys_mode"]
         lam = config.physics_loss.lambda_phys if lambda_phys is None else lambda_phys
         if lam > 0:
             total = total + lam * terms["phys"]
@@ -508,7 +526,7 @@ def _start_run_dir(loop: _Loop, out: Path) -> None:
     phys = (f"on (lambda={p.lambda_phys:g} after {p.warmup_epochs:g} warm-up + {p.ramp_epochs:g} ramp epochs, "
             f"per-sample gradient clip {p.per_sample_grad_clip:g})" if physics else "off")
     if loop.coarse_prior is not None:
-        phys += (f"; coarse term weight {p.coarse_weight:g}: posterior over the cells of "
+        phys += (f"; coarse term weight {p.coarse_weight:g}, mode term weight {p.mode_weight:g}: posterior over the cells of "
                  f"{loop.coarse_prior['walks']} walks in {loop.coarse_prior['seconds']:.1f} s (once)")
     run_store.append_log(out, f"train {len(loop.train_data)} ({labeled} labelled) val {len(loop.val_data)} samples, "
                               f"split {config.data.split}, {params} parameters, physics {phys}, "
