@@ -5,8 +5,14 @@ import pytest
 import torch
 
 from core.errors import ConfigError
-from core.learning.coarse_physics import (attach_cell_posterior, cell_mode, cell_posterior, cell_subpoints,
-                                         coarse_physics_term, mode_term)
+from core.learning.coarse_physics import (
+    attach_cell_posterior,
+    cell_mode,
+    cell_posterior,
+    cell_subpoints,
+    coarse_physics_term,
+    mode_term,
+)
 from core.learning.config import load_config
 from core.learning.model import build_model
 from core.learning.training import compute_losses, make_physics_term, prepare, tensors
