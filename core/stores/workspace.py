@@ -143,11 +143,14 @@ class Workspace:
         return [r for r in infos if scene is None or r.scene == scene]
 
     def ablations(self) -> list[Path]:
-        """Ablation output folders (those holding a results table)."""
-        if not self.runs_dir.is_dir():
-            return []
-        found = {p.parent for pattern in ("*/table.csv", "*/cdf.json") for p in self.runs_dir.glob(pattern)}
-        return sorted(p for p in found if not p.name.startswith("."))
+        """Ablation output folders (those holding a results table): ``runs/*`` and the shipped
+        ``assets/ablation*`` (the measured étoile ablation), the user's own first."""
+        found = []
+        for folder, pattern in ((self.runs_dir, "*"), (self.assets_dir, "ablation*")):
+            if folder.is_dir():
+                hits = {p.parent for name in ("table.csv", "cdf.json") for p in folder.glob(f"{pattern}/{name}")}
+                found += sorted(p for p in hits if not p.name.startswith("."))
+        return found
 
     def scene_status(self, scene: str) -> SceneStatus:
         return SceneStatus(scene, store_status(self.map_path(scene), "radio_map"),
