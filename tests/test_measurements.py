@@ -227,10 +227,11 @@ def test_a_noisy_sparse_dataset_trains_and_evaluates(maps_dir, tmp_path, capsys)
     run = tmp_path / "run"
     assert main(["train", "--config", "configs/model.yaml", *[a for s in sets for a in ("--set", s)],
                  "--out", str(run), "--no-progress"]) == 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2  # two epochs
     capsys.readouterr()
     assert main(["evaluate", "--run", str(run), "--refine", "--json", "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["count"] > 0
+    assert result["count"] == len(ds.indices("test")) > 0
     for key in ("median_m", "rmse_m", "p90_m"):
         assert np.isfinite(result[key]), key
         assert np.isfinite(result["refinement"]["after"][key]), key

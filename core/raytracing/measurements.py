@@ -442,7 +442,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("measurement model (recorded in the store's attrs measurement_model)")
     for name in _MODEL_HELP:
         # parsed by MeasurementModel.from_flags: a bad value is one error line naming the flag
-        model.add_argument(KNOBS[name].flag, dest=name, default=None, metavar=KNOBS[name].unit.upper() or "X",
+        model.add_argument(KNOBS[name].flag, dest=name, default=None, metavar=KNOBS[name].metavar,
                            help=_model_help(name))
     parser.add_argument("--force", action="store_true", help="overwrite an existing dataset")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")

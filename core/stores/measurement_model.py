@@ -40,21 +40,22 @@ SENSITIVITY_OFF = "off"
 
 @dataclass(frozen=True)
 class Knob:
-    """One field's command-line flag, unit and meaning (for help texts, errors and the app)."""
+    """One field's command-line flag (and its metavar), unit and meaning (for help texts, errors and the app)."""
 
     flag: str
     unit: str
     label: str
+    metavar: str
 
 
 KNOBS: dict[str, Knob] = {
-    "path_gain_db": Knob("--noise-path-gain-db", "dB", "path-gain noise σ"),
-    "toa_ns": Knob("--noise-toa-ns", "ns", "ToA noise σ"),
-    "aoa_deg": Knob("--noise-aoa-deg", "deg", "AoA noise σ"),
-    "clock_offset_ns": Knob("--clock-offset-ns", "ns", "per-walk clock offset σ (0 = off)"),
-    "missing_rate": Knob("--missing-rate", "", "missing-report rate"),
-    "sites_per_report": Knob("--sites-per-report", "", "site slots per report K"),
-    "sensitivity_dbm": Knob("--sensitivity-dbm", "dBm", "sensitivity: reported when P_tx + G_s ≥"),
+    "path_gain_db": Knob("--noise-path-gain-db", "dB", "path-gain noise σ", "SIGMA"),
+    "toa_ns": Knob("--noise-toa-ns", "ns", "ToA noise σ", "SIGMA"),
+    "aoa_deg": Knob("--noise-aoa-deg", "deg", "AoA noise σ", "SIGMA"),
+    "clock_offset_ns": Knob("--clock-offset-ns", "ns", "per-walk clock offset σ (0 = off)", "SIGMA"),
+    "missing_rate": Knob("--missing-rate", "", "missing-report rate", "P"),
+    "sites_per_report": Knob("--sites-per-report", "", "site slots per report K", "K"),
+    "sensitivity_dbm": Knob("--sensitivity-dbm", "dBm", "sensitivity: reported when P_tx + G_s ≥", "DBM"),
 }
 
 
