@@ -18,7 +18,8 @@ from pathlib import Path
 import streamlit as st
 
 from core.errors import CoreError
-from core.jobs.manager import JobConflictError, JobManager, JobSpec
+from core.jobs.manager import JobConflictError, JobManager, JobSpec, make_dataset_spec
+from core.stores.measurement_model import MeasurementModel
 from core.stores.workspace import DEFAULT_SCENE, Workspace
 
 STATUS_ICON = {"queued": ":material/schedule:", "running": ":material/autorenew:", "succeeded": ":material/check_circle:",
@@ -301,6 +302,66 @@ def missing_box(what: str, message: str, spec: JobSpec | None, button: str, key:
         st.caption("The button runs: `python -m core " + " ".join(spec.args) + "`")
         if st.button(button, key=key, type="primary") and launch(spec) is not None:
             st.rerun()  # show the new job (on failure, launch's message stays on screen)
+
+
+def dataset_form(scene: str, out: str, radio_maps: str, key: str, button: str, force: bool = False) -> None:
+    """The make-dataset form: size and every knob of the measurement model
+    (:class:`~core.stores.measurement_model.MeasurementModel`); submitting launches
+    ``python -m core make-dataset ...`` with the same flags a user would type."""
+    d = MeasurementModel()
+    with st.form(key):
+        cols = st.columns(3)
+        num_ues = cols[0].number_input("UE walks", min_value=1, max_value=10_000_000, value=20_000, step=1000,
+                                       key=f"{key}_ues")
+        reports = cols[1].number_input("Reports per walk", min_value=1, max_value=1000, value=8, key=f"{key}_reports")
+        k = cols[2].number_input("Sites per report K", min_value=1, max_value=64, value=d.sites_per_report,
+                                 key=f"{key}_k", help="the K strongest received sites of each report")
+        cols = st.columns(4)
+        pg = cols[0].number_input("Path-gain noise σ [dB]", min_value=0.0, max_value=100.0, value=d.path_gain_db,
+                                  step=0.5, key=f"{key}_pg")
+        toa = cols[1].number_input("ToA noise σ [ns]", min_value=0.0, max_value=10_000.0, value=d.toa_ns, step=1.0,
+                                   key=f"{key}_toa")
+        aoa = cols[2].number_input("AoA noise σ [deg]", min_value=0.0, max_value=360.0, value=d.aoa_deg, step=1.0,
+                                   key=f"{key}_aoa")
+        clock = cols[3].number_input("Clock offset σ per walk [ns]", min_value=0.0, max_value=10_000.0,
+                                     value=d.clock_offset_ns, step=5.0, key=f"{key}_clock",
+                                     help="one offset per UE walk, added to all its ToAs; 0 = off")
+        cols = st.columns(3)
+        missing = cols[0].number_input("Missing-report rate", min_value=0.0, max_value=0.99, value=d.missing_rate,
+                                       step=0.05, format="%.2f", key=f"{key}_missing")
+        sensitivity = cols[1].number_input("Sensitivity [dBm]", min_value=-250.0, max_value=100.0,
+                                           value=float(d.sensitivity_dbm or -100.0), step=5.0, key=f"{key}_sens",
+                                           help="a site is reported only when P_tx + G_s is at or above this")
+        no_threshold = cols[2].checkbox("No sensitivity threshold", value=False, key=f"{key}_nosens",
+                                        help="report every site PathSolver finds a path to")
+        go = st.form_submit_button(button, type="primary")
+    with guard("dataset settings"):
+        model = MeasurementModel(float(pg), float(toa), float(aoa), float(clock), float(missing), int(k),
+                                 None if no_threshold else float(sensitivity))
+        spec = make_dataset_spec(scene, out, int(num_ues), int(reports), radio_maps=radio_maps, model=model,
+                                 force=force)
+        st.caption("The button runs: `python -m core " + " ".join(spec.args) + "`")
+        if go and launch(spec) is not None:
+            st.rerun()
+
+
+def dataset_model_box(path: str | os.PathLike, table: bool = True) -> None:
+    """How the dataset at ``path`` was measured: its measurement model in one line and, with
+    ``table``, per knob with its flag (in an expander)."""
+    from core.stores.dataset import recorded_measurement_model
+
+    with guard("dataset"):
+        model = recorded_measurement_model(path)
+        if not table:
+            st.caption(f"Measurement model of the dataset: {model.summary() if model else 'not recorded'}.")
+            return
+        with st.expander("Measurement model of the dataset" + (f": {model.summary()}" if model else "")):
+            if model is None:
+                st.caption("This dataset records no measurement model (an analytic test dataset).")
+            else:
+                st.dataframe(model.describe(), hide_index=True, width="stretch")
+                st.caption("Formulas: `core/raytracing/measurements.py`; the flags are those of "
+                           "`python -m core make-dataset`.")
 
 
 def elapsed(start: float) -> str:

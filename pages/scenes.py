@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 import app_widgets as wb
-from core.jobs.manager import generate_maps_spec, make_dataset_spec
+from core.jobs.manager import generate_maps_spec
 
 wb.ensure_frame()
 st.title("Scenes")
@@ -36,6 +36,8 @@ cols = st.columns(3)
 cols[0].metric("Radio map", status.radio_map.state, help=str(status.radio_map.path))
 cols[1].metric("Dataset", status.dataset.state, help=str(status.dataset.path))
 cols[2].metric("Trained models", len([r for r in status.runs if r.has_checkpoint]))
+if status.dataset.ok:
+    wb.dataset_model_box(status.dataset.path)
 
 # -- the 3D view ---------------------------------------------------------------------
 radio_map = None
@@ -72,9 +74,15 @@ if not status.radio_map.ok:
                    generate_maps_spec(scene, ws.rel(ws.radio_maps_dir), force=status.radio_map.state == "corrupt"),
                    f"Generate the radio map of {scene}", key="make_map")
 if not status.dataset.ok:
-    wb.missing_box("Measurement dataset", status.dataset.message,
-                   make_dataset_spec(scene, ws.rel(ws.dataset_path(scene))),
-                   f"Make the dataset of {scene}", key="make_dataset")
+    wb.missing_box("Measurement dataset", status.dataset.message, None, "", key="make_dataset")
+    wb.dataset_form(scene, ws.rel(ws.dataset_path(scene)), ws.rel(ws.radio_maps_dir), key="make_dataset",
+                    button=f"Make the dataset of {scene}", force=status.dataset.state == "corrupt")
+else:
+    with st.expander("Make the dataset again with other measurement settings"):
+        st.caption(f"Replaces {ws.rel(ws.dataset_path(scene))}; runs trained on the current dataset are then "
+                   "refused (their lineage names it).")
+        wb.dataset_form(scene, ws.rel(ws.dataset_path(scene)), ws.rel(ws.radio_maps_dir), key="remake_dataset",
+                        button=f"Make the dataset of {scene} again", force=True)
 if not any(r.has_checkpoint for r in status.runs):
     st.info(f"No trained model for {scene} yet: train one on the Training page.", icon=":material/monitoring:")
     st.page_link("pages/training.py", label="Go to Training", icon=":material/monitoring:")

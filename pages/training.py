@@ -10,7 +10,7 @@ import streamlit as st
 import app_widgets as wb
 from core import REPO_ROOT
 from core.errors import CoreError
-from core.jobs.manager import ablate_spec, make_dataset_spec, train_spec
+from core.jobs.manager import ablate_spec, train_spec
 from core.learning.config import Config, load_config
 from core.stores.lineage import check_scene_stores
 from core.stores.run import is_taken, read_metrics, run_info
@@ -31,7 +31,11 @@ ds_status = store_status(dataset_path, "measurement_dataset")
 map_status = store_status(map_path, "radio_map")
 if not ds_status.ok:
     wb.missing_box("No dataset to train on" if ds_status.state == "missing" else "Dataset broken", ds_status.message,
-                   make_dataset_spec(scene, ws.rel(dataset_path)), f"Make the dataset of {scene}", key="train_make_ds")
+                   None, "", key="train_make_ds")
+    wb.dataset_form(scene, ws.rel(dataset_path), ws.rel(ws.radio_maps_dir), key="train_make_ds",
+                    button=f"Make the dataset of {scene}", force=ds_status.state == "corrupt")
+else:
+    wb.dataset_model_box(dataset_path, table=False)
 if not map_status.ok:
     st.warning(f"**Radio map**: {map_status.message}. Training needs it; generate it on the Radio maps page.")
     st.page_link("pages/radio_maps.py", label="Go to Radio maps")

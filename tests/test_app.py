@@ -171,6 +171,62 @@ def test_missing_map_button_launches_the_generation_job(workspace):
         manager.cancel(blocker.id, grace_s=1.0)
 
 
+def test_dataset_form_builds_the_make_dataset_command(workspace):
+    """Every measurement-model knob of the form becomes its make-dataset flag."""
+    at = _app(scene="simple_street_canyon")
+    assert "Measurement dataset" in _texts(at.warning)
+    at.number_input(key="make_dataset_ues").set_value(5)
+    at.number_input(key="make_dataset_reports").set_value(3)
+    at.number_input(key="make_dataset_k").set_value(2)
+    at.number_input(key="make_dataset_toa").set_value(10.0)
+    at.number_input(key="make_dataset_clock").set_value(25.0)
+    at.number_input(key="make_dataset_missing").set_value(0.4)
+    at.number_input(key="make_dataset_sens").set_value(-90.0)
+    next(b for b in at.button if b.label == "Make the dataset of simple_street_canyon").click().run()
+    _no_exception(at)
+    expected = ("python -m core make-dataset --scene simple_street_canyon --num-ues 5 --reports 3 "
+                "--out datasets/simple_street_canyon --radio-maps radio_maps --noise-path-gain-db 2 --noise-toa-ns 10 "
+                "--noise-aoa-deg 3 --clock-offset-ns 25 --missing-rate 0.4 --sites-per-report 2 --sensitivity-dbm -90")
+    manager = _manager(workspace)
+    job = next(j for j in manager.list() if j.kind == "make-dataset" and "simple_street_canyon" in j.args)
+    try:
+        assert job.command == expected
+        assert job.output == str(workspace / "datasets" / "simple_street_canyon")
+    finally:
+        manager.cancel(job.id, grace_s=1.0)
+    assert any(expected.removeprefix("python -m core ") in str(c.value) for c in at.caption)
+
+
+def test_the_datasets_measurement_model_is_shown(workspace):
+    """A dataset's recorded knobs on the Scenes page (table) and the Training page (one line)."""
+    import shutil
+
+    from core.physics.synthetic import analytic_radio_map, synthetic_dataset
+    from core.stores.measurement_model import MeasurementModel
+
+    model = MeasurementModel(toa_ns=0.0, clock_offset_ns=20.0, missing_rate=0.4, sites_per_report=3,
+                             sensitivity_dbm=-110.0)
+    ds = synthetic_dataset(analytic_radio_map(height=16, width=16, bounds=(0.0, 0.0, 64.0, 64.0)), 20, reports=3, k=3)
+    ds.attrs.update(scene="florence", measurement_model=model.to_attrs())
+    path = ds.save(workspace / "datasets" / "florence")
+    try:
+        at = _app(scene="florence")
+        (box,) = [e for e in at.expander if e.label.startswith("Measurement model of the dataset")]
+        assert model.summary() in box.label and "clock offset σ 20 ns" in box.label
+        table = at.dataframe[-1].value
+        assert dict(zip(table["flag"], table["value"], strict=True)) == {
+            "--noise-path-gain-db": "2 dB", "--noise-toa-ns": "0 ns", "--noise-aoa-deg": "3 deg",
+            "--clock-offset-ns": "20 ns", "--missing-rate": "40 %", "--sites-per-report": "3",
+            "--sensitivity-dbm": "-110 dBm"}
+        # the form that makes it again replaces it (--force)
+        assert any("--out datasets/florence" in str(c.value) and str(c.value).endswith("--force`") for c in at.caption)
+        at.switch_page("pages/training.py").run()
+        _no_exception(at)
+        assert f"Measurement model of the dataset: {model.summary()}." in _texts(at.caption)
+    finally:
+        shutil.rmtree(path)
+
+
 # -- Radio maps ---------------------------------------------------------------------------
 def test_radio_maps_every_feature_with_units_and_comparison(workspace):
     at = _app("pages/radio_maps.py")
@@ -531,6 +587,8 @@ def test_every_page_on_the_shipped_default_scene(tmp_path, monkeypatch):
     assert {m.label: m.value for m in at.metric}["Radio map"] == "ok"
     assert {m.label: m.value for m in at.metric}["Dataset"] == "ok"
     assert int({m.label: m.value for m in at.metric}["Trained models"]) >= 1
+    # the shipped dataset predates the measurement-model record: it reads as what made it
+    assert any(e.label.endswith("K = 4, no sensitivity threshold") for e in at.expander)
     assert at.get("deck_gl_json_chart") and not at.warning
     expected = {"pages/radio_maps.py": 2, "pages/training.py": 2, "pages/attention.py": 3, "pages/refinement.py": 4}
     for page, charts in expected.items():

@@ -7,16 +7,24 @@ import pytest
 
 from core.features import wrap_degrees
 from core.stores.dataset import MeasurementDataset
+from core.stores.measurement_model import MeasurementModel
 
 pytestmark = pytest.mark.sionna
 
 
 @pytest.fixture(scope="module")
-def tiny_dataset(tiny_map, tmp_path_factory):
-    from core.raytracing.measurements import make_dataset
-
+def maps_dir(tiny_map, tmp_path_factory):
+    """A radio-maps folder holding the tiny scene's map."""
     maps = tmp_path_factory.mktemp("maps")
     tiny_map.save(maps / "simple_street_canyon.zarr")
+    return maps
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(maps_dir, tmp_path_factory):
+    from core.raytracing.measurements import make_dataset
+
+    maps = maps_dir
     ds = make_dataset("simple_street_canyon", num_ues=40, reports=4, radio_maps=str(maps), seed=3)
     path = tmp_path_factory.mktemp("ds") / "tiny"
     ds.save(path)
@@ -34,7 +42,10 @@ def test_schema_and_walks(tiny_dataset, tiny_map, tiny_scene):
     assert (speed >= 0.5 - 1e-3).all() and (speed <= 1.5 + 1e-3).all()
     assert not indoor_mask(tiny_scene, ds.ue_xyz.reshape(-1, 3)).any()
     assert tiny_map.contains(ds.ue_xyz.reshape(-1, 3)[:, :2]).all()
-    assert ds.attrs["noise"] == {"path_gain_db": 2.0, "toa_ns": 3.0, "aoa_deg": 3.0, "p_missing": 0.2}
+    assert ds.measurement_model == MeasurementModel()  # the defaults, recorded
+    assert ds.attrs["measurement_model"] == {"version": 1, "path_gain_db": 2.0, "toa_ns": 3.0, "aoa_deg": 3.0,
+                                             "clock_offset_ns": 0.0, "missing_rate": 0.2, "sites_per_report": 4,
+                                             "sensitivity_dbm": -100.0}
     assert ds.attrs["sites"] == tiny_map.attrs["sites"]
     assert set(np.unique(ds.split)) <= {0, 1, 2}
     # missing reports carry no features
@@ -131,3 +142,97 @@ def test_consistency_at_the_truth(tiny_dataset, tmp_path, capsys):
     assert 1.5 < rows[("noisy", "aoa", "site layer, all slots")]["robust_std"] < 5.0
     assert rows[("clean", "toa", "site layer, all slots")]["gross"] < 0.1
     assert ("clean", "sinr", "serving map") in rows and ("noisy", "bler", "serving map") in rows
+
+
+# -- the measurement model's knobs, from the command line to the data ----------------------
+KNOBS = {"--noise-toa-ns": "0", "--clock-offset-ns": "20", "--missing-rate": "0.4", "--sensitivity-dbm": "-45",
+         "--sites-per-report": "3", "--noise-path-gain-db": "1.5", "--noise-aoa-deg": "2"}
+
+
+def make_with_flags(maps_dir, out, flags: dict[str, str], num_ues: int, reports: int, seed: int) -> MeasurementDataset:
+    """``python -m core make-dataset`` (in-process) on the tiny scene; the saved store, loaded."""
+    from core.cli import main
+
+    argv = ["make-dataset", "--scene", "simple_street_canyon", "--num-ues", str(num_ues), "--reports", str(reports),
+            "--radio-maps", str(maps_dir), "--seed", str(seed), "--out", str(out), "--no-progress"]
+    assert main(argv + [a for flag, value in flags.items() for a in (flag, value)]) == 0
+    return MeasurementDataset.load(out)
+
+
+@pytest.fixture(scope="module")
+def knob_dataset(maps_dir, tmp_path_factory):
+    return make_with_flags(maps_dir, tmp_path_factory.mktemp("knobs") / "ds", KNOBS, num_ues=60, reports=5, seed=5)
+
+
+def test_the_flags_are_recorded_and_survive_load(knob_dataset):
+    expected = MeasurementModel(path_gain_db=1.5, toa_ns=0.0, aoa_deg=2.0, clock_offset_ns=20.0, missing_rate=0.4,
+                                sites_per_report=3, sensitivity_dbm=-45.0)
+    assert knob_dataset.measurement_model == expected
+    assert knob_dataset.attrs["measurement_model"] == {"version": 1, **expected.__dict__}
+    assert knob_dataset.num_sites_per_report == 3
+
+
+def test_clock_offset_is_one_per_walk(knob_dataset):
+    """ToA sigma 0 and a clock offset: every ToA residual of a walk is that walk's one offset."""
+    ds = knob_dataset
+    residual = (ds.site_features[..., 1] - ds.clean_site_features[..., 1]).astype(np.float64)  # [N, T, K]
+    received = (ds.site_ids >= 0) & ds.report_mask[..., None]
+    offsets = []
+    for n in range(ds.num_samples):
+        r = residual[n][received[n]]
+        assert r.size and np.isfinite(r).all()
+        np.testing.assert_allclose(r, r[0], atol=2e-3)  # float32 ToAs of a few hundred ns
+        offsets.append(r[0])
+    assert 10.0 < np.std(offsets) < 35.0  # sigma 20 ns over 60 walks
+    assert len(np.unique(np.round(offsets, 3))) == ds.num_samples
+
+
+def test_missing_rate_is_the_requested_one(knob_dataset):
+    missing = 1.0 - knob_dataset.report_mask.mean()  # 300 reports, p = 0.4: sd 0.028
+    assert abs(missing - 0.4) < 0.1
+    gone = ~knob_dataset.report_mask
+    assert np.isnan(knob_dataset.site_features[gone]).all() and (knob_dataset.site_ids[gone] == -1).all()
+
+
+def test_the_sensitivity_drops_exactly_the_sites_below_it(knob_dataset):
+    ds = knob_dataset
+    p_tx = ds.attrs["radio"]["tx_power_dbm"]
+    received_power = p_tx + ds.clean_site_features[..., 0]  # [N, T, K] dBm, NaN = no path
+    present = ds.report_mask[..., None] & np.ones(ds.site_ids.shape, bool)
+    with np.errstate(invalid="ignore"):
+        audible = np.isfinite(received_power) & (received_power >= -45.0)
+    reported = ds.site_ids >= 0
+    np.testing.assert_array_equal(reported[present], audible[present])
+    dropped = present & np.isfinite(received_power) & ~audible
+    assert dropped.sum() > 5  # the threshold did drop sites here
+    assert np.isnan(ds.site_features[dropped]).all()
+    # the serving site is always received: walks out of coverage were redrawn
+    assert (received_power[..., 0] >= -45.0).all()
+    assert np.isfinite(ds.cell_features[ds.report_mask]).all()
+    # received sites stay a prefix of the slots (strongest first)
+    assert (reported[..., :-1] | ~reported[..., 1:]).all()
+
+
+def test_a_noisy_sparse_dataset_trains_and_evaluates(maps_dir, tmp_path, capsys):
+    """ToA sigma 10 ns and 40 % missing reports: the tiny model trains and evaluates, metrics finite."""
+    import json
+
+    from core.cli import main
+
+    ds = make_with_flags(maps_dir, tmp_path / "ds", {"--noise-toa-ns": "10", "--missing-rate": "0.4"},
+                         num_ues=80, reports=4, seed=11)
+    assert ds.measurement_model == MeasurementModel(toa_ns=10.0, missing_rate=0.4)
+    sets = [f"data.dataset={ds.source}", f"physics_loss.radio_maps_dir={maps_dir}", "model.preset=tiny",
+            "training.epochs=2", "training.batch_size=32", "training.num_threads=1"]
+    run = tmp_path / "run"
+    assert main(["train", "--config", "configs/model.yaml", *[a for s in sets for a in ("--set", s)],
+                 "--out", str(run), "--no-progress"]) == 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2  # two epochs
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--refine", "--json", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["count"] == len(ds.indices("test")) > 0
+    for key in ("median_m", "rmse_m", "p90_m"):
+        assert np.isfinite(result[key]), key
+        assert np.isfinite(result["refinement"]["after"][key]), key
+

@@ -68,6 +68,7 @@ import psutil
 from core import REPO_ROOT
 from core.errors import CoreError
 from core.jobs import progress
+from core.stores.measurement_model import MeasurementModel
 
 DB_ENV = "CORE_JOBS_DB"
 DEFAULT_DB = REPO_ROOT / ".jobs" / "jobs.sqlite"
@@ -221,12 +222,23 @@ def generate_maps_spec(
 
 
 def make_dataset_spec(scene: str, out: str, num_ues: int = 20000, reports: int = 8,
-                      radio_maps: str | None = None) -> JobSpec:
-    """Ray-trace a measurement dataset of ``scene`` into ``out``."""
+                      radio_maps: str | None = None, model: MeasurementModel | None = None,
+                      force: bool = False) -> JobSpec:
+    """Ray-trace a measurement dataset of ``scene`` into ``out``.
+
+    ``model``: the measurement model, written out as every one of its flags
+    (``--noise-path-gain-db ... --sensitivity-dbm``); checked here, so a bad value is refused
+    before a job starts. ``None``: the command's defaults.
+    """
     args = ["make-dataset", "--scene", scene, "--num-ues", str(int(num_ues)), "--reports", str(int(reports)),
             "--out", out]
     if radio_maps is not None:
         args += ["--radio-maps", radio_maps]
+    if model is not None:
+        model.check()
+        args += model.cli_args()
+    if force:
+        args.append("--force")
     return JobSpec("make-dataset", tuple(args), out)
 
 

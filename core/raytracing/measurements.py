@@ -1,16 +1,18 @@
 """The ray-traced UE measurement dataset (schema: :mod:`core.stores.dataset`).
 
 ``python -m core make-dataset --scene etoile --num-ues 20000 --reports 8
---out datasets/etoile [--radio-maps radio_maps --seed 0 --sites-per-report 4
---split random|spatial]``
+--out datasets/etoile [--radio-maps radio_maps --seed 0 --split random|spatial]
+[--noise-path-gain-db 2 --noise-toa-ns 3 --noise-aoa-deg 3 --clock-offset-ns 0
+--missing-rate 0.2 --sites-per-report 4 --sensitivity-dbm -100|off]``
 
 Walks. Each UE starts at a uniform random point of a covered outdoor cell of the
 scene's radio map (``<radio-maps>/<scene>.zarr``; without one, of the scene-centred
 512 m square), never under a roof, and walks in a straight line at a uniform random
 speed in [0.5, 1.5] m/s and heading, one report every 0.2 s (``t = 0, 0.2, ...``).
 A walk that would cross a wall (a horizontal ray from start to end hits geometry),
-leave the map or reach an uncovered point is redrawn. The label is the position at
-the last report; all positions are stored.
+leave the map or reach an uncovered point is redrawn; so is a walk that leaves
+coverage: at some report no site is received (below, the serving site below the
+sensitivity). The label is the position at the last report; all positions are stored.
 
 Measurements are ray-traced by ``PathSolver`` at the exact UE positions from every
 site (never read from the radio map, which would make a map-based physics loss
@@ -18,21 +20,42 @@ circular), with the radio map's own propagation settings
 (:class:`~core.raytracing.tracing.PropagationSettings` from its ``attrs["propagation"]``;
 the defaults without a map), recorded in ``attrs["propagation"]``: the map at a UE's
 position and the UE's report are two evaluations of the same function. For every
-report, with ``G_s`` the path gain [dB] of site ``s`` (sum of the paths' ``|a|^2``):
+report, with ``G_s`` the clean path gain [dB] of site ``s`` (sum of the paths'
+``|a|^2``; -inf without a path), ``P`` the transmit power [dBm] and ``N`` the thermal
+noise [dBm] of the radio settings:
 
-* site slots ``k = 0..K-1`` hold the K strongest sites (slot 0 = serving) with their
-  ``(path_gain [dB], toa [ns], aoa [deg])``, ToA/AoA of the site's strongest path --
-  what the map's per-site layers ``site_path_gain / site_toa / site_aoa [S, H, W]`` hold;
-* ``snr = P + G_serv - N``, ``sinr = P + G_serv - 10 log10(sum_{s != serv} 10^((P + G_s)/10) + 10^(N/10))``
-  (all sites interfere), ``throughput`` and ``bler`` from :mod:`core.raytracing.link_abstraction`;
+* detection: site ``s`` is received when ``P + G_s >= S``, the sensitivity
+  ``--sensitivity-dbm`` (default -100 dBm = ``N`` - 6 dB for the default radio; ``off``:
+  every site with a path). Detection is decided on the true received power; the noise
+  below is the error of the UE's measurement of a received site;
+* site slots ``k = 0..K-1`` (``--sites-per-report``) hold the K strongest received sites
+  (slot 0 = serving) with their ``(path_gain [dB], toa [ns], aoa [deg])``, ToA/AoA of the
+  site's strongest path -- what the map's per-site layers
+  ``site_path_gain / site_toa / site_aoa [S, H, W]`` hold. Fewer than K received sites:
+  the other slots hold site id -1 and NaN features. The serving site is always received
+  (walks out of coverage are redrawn, above), so slot 0 and the cell features are never
+  empty in a present report;
+* ``snr = P + G_serv - N``, ``sinr = P + G_serv - 10 log10(sum_{s != serv} 10^((P + G_s)/10) + 10^(N/10))``:
+  all sites interfere, received or not (a site below the sensitivity still transmits);
+  ``throughput`` and ``bler`` from :mod:`core.raytracing.link_abstraction`;
 * ``los``: the serving site has a line-of-sight path.
 
-Measurement noise (``attrs["noise"]``, seeded): every site's path gain + N(0, 2 dB)
-(independently), ToA + N(0, 3 ns), AoA + N(0, 3 deg) wrapped to (-180, 180]; SNR and
-SINR are recomputed from the noisy gains and throughput/BLER from the noisy SINR;
-the slot order stays the clean one. Reports go missing at random with p = 0.2
-(then NaN features, site id -1, los False), keeping at least one per UE.
-``clean/*`` holds every report's features before noise and before dropping.
+Measurement model (``attrs["measurement_model"]``, :class:`~core.stores.measurement_model.MeasurementModel`,
+seeded by ``--seed``), for UE walk ``n``, report ``t``, site ``s``, slot ``k``::
+
+    G~_nts = G_nts + e_G,    e_G ~ N(0, sigma_G^2)   every site, independently  (--noise-path-gain-db)
+    toa~_ntk = toa_ntk + e_T + c_n,  e_T ~ N(0, sigma_T^2) per slot             (--noise-toa-ns)
+                                     c_n ~ N(0, sigma_c^2) once per walk        (--clock-offset-ns)
+    aoa~_ntk = wrap(aoa_ntk + e_A),  e_A ~ N(0, sigma_A^2), wrap to (-180, 180] (--noise-aoa-deg)
+
+The clock offset ``c_n`` (the UE's clock against the network's, default sigma 0 = off)
+is the same for every ToA of the walk and is not stored: a model never sees it. SNR and
+SINR are recomputed from the noisy gains and throughput/BLER from the noisy SINR; the
+slot order and the detection stay the clean ones. Reports go missing independently with
+probability ``--missing-rate`` (default 0.2; then NaN features, site id -1, los False),
+keeping at least one per UE. ``clean/*`` holds every report's K strongest sites with a
+path before detection, noise and dropping (a slot whose site was not received keeps its
+clean features there; its ``site_ids`` entry is -1).
 
 Split by UE, seeded: 80 % train, 10 % val, 10 % test (``--split random``), or with
 ``--split spatial`` the test set is the UEs whose label lies in the 10 % of the area
@@ -52,16 +75,7 @@ import numpy as np
 from core.errors import CoreError
 from core.features import wrap_degrees
 from core.jobs.progress import report
-
-
-@dataclass(frozen=True)
-class NoiseConfig:
-    """Measurement-noise model (standard deviations; see the module docstring)."""
-
-    path_gain_db: float = 2.0
-    toa_ns: float = 3.0
-    aoa_deg: float = 3.0
-    p_missing: float = 0.2
+from core.stores.measurement_model import KNOBS, SENSITIVITY_OFF, MeasurementModel
 
 
 @dataclass(frozen=True)
@@ -184,10 +198,13 @@ def cell_measurements(pg_db: np.ndarray, radio, link) -> np.ndarray:
 
 
 def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | None = None, seed: int = 0,
-                 k_sites: int = 4, split: str = "random", scenes_dir: str | None = None,
-                 noise: NoiseConfig = NoiseConfig(), walk: WalkConfig = WalkConfig(),
+                 split: str = "random", scenes_dir: str | None = None,
+                 model: MeasurementModel = MeasurementModel(), walk: WalkConfig = WalkConfig(),
                  propagation=None):
     """Build a :class:`~core.stores.dataset.MeasurementDataset` (see the module docstring).
+
+    ``model`` is the measurement model (noise, clock offset, missing rate, site slots K,
+    sensitivity), recorded in ``attrs["measurement_model"]``.
 
     When ``<radio_maps>/<scene>.zarr`` exists, the dataset records it (path, scene, lineage
     id and digest) as the map it was made with, and its save writes that record.
@@ -200,7 +217,7 @@ def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | 
     from core.raytracing.tracing import build_scene
     from core.stores.dataset import MeasurementDataset
 
-    _check_arguments(num_ues, reports, k_sites, split)
+    _check_arguments(num_ues, reports, split, model)
     t_start = time.perf_counter()
     rng = np.random.default_rng(seed)
     report(0.0, f"{scene_name}: loading")
@@ -209,23 +226,25 @@ def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | 
     radio = propagation.radio
     scene = build_scene(info, sites, radio)
     link = link_abstraction(LinkConfig())
-    xyz, times, c, t_trace = _trace_walks(rng, scene, info.name, num_ues, reports, bounds, valid, walk, k_sites,
+    xyz, times, c, t_trace = _trace_walks(rng, scene, info.name, num_ues, reports, bounds, valid, walk, model,
                                           propagation, link)
-    noisy = _add_noise(rng, c, noise, radio, link)
-    present, site_ids, los = _drop_reports(rng, noisy, c, noise.p_missing)
+    detected = detected_sites(c["site_ids"], c["site_features"][..., 0], model.sensitivity_dbm, radio.tx_power_dbm)
+    noisy = _add_noise(rng, c, detected, model, radio, link)
+    present, site_ids, los = _drop_reports(rng, noisy, c, detected, model.missing_rate)
     split_arr = _split_samples(rng, xyz[:, -1, :2], split)
     attrs: dict[str, Any] = {
         "scene": info.name,
         "sites": [{"name": s["name"], "position": [float(v) for v in s["position"]]} for s in sites],
         "bounds": [float(b) for b in bounds],
         "radio_map": map_ref.path if map_ref else None,
-        "noise": asdict(noise),
+        "measurement_model": model.to_attrs(),
         "seed": int(seed),
         "split": {"kind": split, "fractions": {"train": 0.8, "val": 0.1, "test": 0.1},
                   "spatial_rule": "test: label x >= 90th percentile, val: 80th-90th" if split == "spatial" else None},
         "walk": asdict(walk),
         "propagation": propagation.to_dict(),
-        "generator": {"sites_per_report": k_sites, "source": "PathSolver at the exact UE positions (attrs.propagation)",
+        "generator": {"sites_per_report": model.sites_per_report,
+                      "source": "PathSolver at the exact UE positions (attrs.propagation)",
                       "timings": {"total_s": time.perf_counter() - t_start, "ray_tracing_s": t_trace}},
         "radio": radio.to_dict(),
         "link_abstraction": link.config.to_dict(),
@@ -241,15 +260,14 @@ def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | 
     )
 
 
-def _check_arguments(num_ues: int, reports: int, k_sites: int, split: str) -> None:
+def _check_arguments(num_ues: int, reports: int, split: str, model: MeasurementModel) -> None:
     if num_ues < 1:
         raise CoreError(f"--num-ues must be >= 1, got {num_ues}")
     if reports < 1:
         raise CoreError(f"--reports must be >= 1, got {reports}")
-    if k_sites < 1:
-        raise CoreError(f"--sites-per-report must be >= 1, got {k_sites}")
     if split not in ("random", "spatial"):
         raise CoreError(f"--split must be random or spatial, got {split!r}")
+    model.check()
 
 
 def _propagation_for(given, from_map, map_path):
@@ -264,8 +282,9 @@ def _propagation_for(given, from_map, map_path):
     return from_map
 
 
-def _trace_walks(rng, scene, name, num_ues, reports, bounds, valid, walk, k_sites, propagation, link):
-    """Draw walks and ray-trace them; walks that leave coverage somewhere are replaced by spares.
+def _trace_walks(rng, scene, name, num_ues, reports, bounds, valid, walk, model, propagation, link):
+    """Draw walks and ray-trace them; walks that leave coverage somewhere (no site received
+    at or above the sensitivity, :func:`in_coverage`) are replaced by spares.
 
     Returns ``(xyz [N, T, 3], times [T], clean, ray_tracing_s)`` with ``clean`` the
     :func:`measure` arrays ``[N, T, ...]`` plus ``pg_all [N, T, S]`` (every site's gain).
@@ -291,8 +310,9 @@ def _trace_walks(rng, scene, name, num_ues, reports, bounds, valid, walk, k_site
                               progress=lambda d, n: (bar.update(min(done0 + d, total) - bar.n),
                                                      report(0.9 * bar.n / total, "ray tracing")))
         t_trace += time.perf_counter() - t0
-        covered = np.isfinite(traced["path_gain"]).any(1).reshape(len(walks), reports).all(1)
-        meas = measure(traced, k_sites, propagation.radio, link)
+        covered = in_coverage(traced["path_gain"], model.sensitivity_dbm, propagation.radio.tx_power_dbm)
+        covered = covered.reshape(len(walks), reports).all(1)
+        meas = measure(traced, model.sites_per_report, propagation.radio, link)
         keep = np.flatnonzero(covered)[:need]
         xyz = np.concatenate([xyz, walks[keep]])
         for key, arr in meas.items():
@@ -301,20 +321,50 @@ def _trace_walks(rng, scene, name, num_ues, reports, bounds, valid, walk, k_site
         clean.setdefault("pg_all", []).append(traced["path_gain"].reshape(len(walks), reports, -1)[keep])
     bar.close()
     if len(xyz) < num_ues:
-        raise CoreError(f"could only place {len(xyz)} of {num_ues} UEs on fully covered walks")
+        sensitivity = model.sensitivity_dbm
+        why = "" if sensitivity is None else \
+            f" (a site received at or above {KNOBS['sensitivity_dbm'].flag} {sensitivity:g} dBm at every report)"
+        raise CoreError(f"could only place {len(xyz)} of {num_ues} UEs on fully covered walks{why}")
     return xyz, times, {k: np.concatenate(v) for k, v in clean.items()}, t_trace
 
 
-def _add_noise(rng, c: dict[str, np.ndarray], noise: NoiseConfig, radio, link) -> dict[str, np.ndarray]:
-    """Noisy ``site_features [N, T, K, 3]`` and ``cell_features [N, T, 4]`` (module docstring)."""
-    pg_all = c["pg_all"] + rng.normal(0.0, noise.path_gain_db, c["pg_all"].shape)  # -inf stays -inf
+def in_coverage(pg_db: np.ndarray, sensitivity_dbm: float | None, tx_power_dbm: float) -> np.ndarray:
+    """bool ``[M]``: the strongest of the sites' path gains ``pg_db [M, S]`` [dB] is received,
+    ``P_tx + max_s G_s >= sensitivity`` (any path at all when the sensitivity is ``None``)."""
+    with np.errstate(invalid="ignore"):
+        serving = np.max(pg_db, axis=1)
+    if sensitivity_dbm is None:
+        return np.isfinite(serving)
+    return np.isfinite(serving) & (tx_power_dbm + serving >= sensitivity_dbm)
+
+
+def detected_sites(site_ids: np.ndarray, path_gain_db: np.ndarray, sensitivity_dbm: float | None,
+                   tx_power_dbm: float) -> np.ndarray:
+    """int16 ``[..., K]``: ``site_ids`` where the slot's site is received, ``P_tx + G >= sensitivity``
+    (``path_gain_db [..., K]`` [dB], the clean gains), else -1. Slots are strongest first, so the
+    received sites stay a prefix of the slots."""
+    has = site_ids >= 0
+    if sensitivity_dbm is not None:
+        with np.errstate(invalid="ignore"):
+            has &= np.nan_to_num(tx_power_dbm + path_gain_db, nan=-np.inf) >= sensitivity_dbm
+    return np.where(has, site_ids, -1).astype(np.int16)
+
+
+def _add_noise(rng, c: dict[str, np.ndarray], detected: np.ndarray, model: MeasurementModel, radio,
+               link) -> dict[str, np.ndarray]:
+    """Noisy ``site_features [N, T, K, 3]`` (NaN in slots without a received site) and
+    ``cell_features [N, T, 4]`` (module docstring). ``detected [N, T, K]``: the received
+    sites' ids (:func:`detected_sites`), -1 elsewhere."""
+    pg_all = c["pg_all"] + rng.normal(0.0, model.path_gain_db, c["pg_all"].shape)  # -inf stays -inf
     site_f = c["site_features"].copy()
-    ids = c["site_ids"]
-    has = ids >= 0
-    slot_pg = np.take_along_axis(pg_all, np.where(has, ids, 0).astype(np.int64), axis=2)
+    has = detected >= 0
+    slot_pg = np.take_along_axis(pg_all, np.where(c["site_ids"] >= 0, c["site_ids"], 0).astype(np.int64), axis=2)
     site_f[..., 0] = np.where(has, slot_pg, np.nan)
-    site_f[..., 1] = np.where(has, site_f[..., 1] + rng.normal(0.0, noise.toa_ns, has.shape), np.nan)
-    site_f[..., 2] = np.where(has, wrap_degrees(site_f[..., 2] + rng.normal(0.0, noise.aoa_deg, has.shape)), np.nan)
+    site_f[..., 1] = np.where(has, site_f[..., 1] + rng.normal(0.0, model.toa_ns, has.shape), np.nan)
+    site_f[..., 2] = np.where(has, wrap_degrees(site_f[..., 2] + rng.normal(0.0, model.aoa_deg, has.shape)), np.nan)
+    if model.clock_offset_ns > 0:  # drawn only when on: the default dataset's draws stay the same
+        offset = rng.normal(0.0, model.clock_offset_ns, len(site_f))  # one per UE walk [N]
+        site_f[..., 1] += offset[:, None, None]
     serv = slot_pg[..., 0]
     with np.errstate(divide="ignore", invalid="ignore"):
         p_mw = 10 ** ((radio.tx_power_dbm + pg_all) / 10)
@@ -326,18 +376,20 @@ def _add_noise(rng, c: dict[str, np.ndarray], noise: NoiseConfig, radio, link) -
             "cell_features": np.stack([snr, sinr, thr, bler], -1).astype(np.float32)}
 
 
-def _drop_reports(rng, noisy: dict[str, np.ndarray], c: dict[str, np.ndarray], p_missing: float):
-    """Drop reports at random (at least one kept per UE), in place in ``noisy``.
+def _drop_reports(rng, noisy: dict[str, np.ndarray], c: dict[str, np.ndarray], detected: np.ndarray,
+                  missing_rate: float):
+    """Drop reports at random with probability ``missing_rate`` (at least one kept per UE),
+    in place in ``noisy``.
 
     Returns ``(present [N, T], site_ids [N, T, K] int16, los [N, T])``.
     """
-    n, t = c["site_ids"].shape[:2]
-    present = rng.random((n, t)) >= p_missing
+    n, t = detected.shape[:2]
+    present = rng.random((n, t)) >= missing_rate
     none = ~present.any(1)
     present[np.flatnonzero(none), rng.integers(0, t, none.sum())] = True
     noisy["site_features"][~present] = np.nan
     noisy["cell_features"][~present] = np.nan
-    site_ids = np.where(present[..., None], c["site_ids"], -1).astype(np.int16)
+    site_ids = np.where(present[..., None], detected, -1).astype(np.int16)
     return present, site_ids, c["los"] & present
 
 
@@ -358,6 +410,25 @@ def _split_samples(rng, labels: np.ndarray, split: str) -> np.ndarray:
 
 
 # -- command line ------------------------------------------------------------------------
+_MODEL_HELP = {
+    "path_gain_db": "sigma of the Gaussian noise on every site's path gain [dB]",
+    "toa_ns": "sigma of the Gaussian noise on every ToA [ns]",
+    "aoa_deg": "sigma of the Gaussian noise on every AoA [deg], wrapped",
+    "clock_offset_ns": "sigma of a clock offset [ns] drawn once per UE walk and added to all its ToAs, "
+                       "unknown to the model; 0 = off",
+    "missing_rate": "probability that a report is missing, in [0, 1)",
+    "sites_per_report": "K strongest received sites per report",
+    "sensitivity_dbm": "a site is reported only when its received power P_tx + G_s >= this [dBm]; "
+                       f"{SENSITIVITY_OFF!r}: every site with a path; the default is the default radio's "
+                       "thermal noise - 6 dB",
+}
+
+
+def _model_help(name: str) -> str:
+    default = getattr(MeasurementModel(), name)
+    return f"{_MODEL_HELP[name]} (default: {SENSITIVITY_OFF if default is None else f'{default:g}'})"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scene", required=True, help="scene name (see core.scenes.list_scenes)")
     parser.add_argument("--num-ues", type=int, default=20_000, help="number of UE walks (samples)")
@@ -367,20 +438,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder with <scene>.zarr: its sites, bounds and coverage are used (default: radio_maps)")
     parser.add_argument("--scenes-dir", default=None, help="folder of user scenes")
     parser.add_argument("--seed", type=int, default=0, help="seed of walks, noise and split (default: 0)")
-    parser.add_argument("--sites-per-report", type=int, default=4, help="K strongest sites per report (default: 4)")
     parser.add_argument("--split", choices=["random", "spatial"], default="random", help="train/val/test split by UE")
+    model = parser.add_argument_group("measurement model (recorded in the store's attrs measurement_model)")
+    for name in _MODEL_HELP:
+        # parsed by MeasurementModel.from_flags: a bad value is one error line naming the flag
+        model.add_argument(KNOBS[name].flag, dest=name, default=None, metavar=KNOBS[name].metavar,
+                           help=_model_help(name))
     parser.add_argument("--force", action="store_true", help="overwrite an existing dataset")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    model = MeasurementModel.from_flags({name: getattr(args, name) for name in _MODEL_HELP})
     out = Path(args.out)
     if out.exists() and not args.force:
         raise CoreError(f"--out {out} exists (use --force to overwrite)")
     ds = make_dataset(args.scene, args.num_ues, args.reports, radio_maps=args.radio_maps, seed=args.seed,
-                      k_sites=args.sites_per_report, split=args.split, scenes_dir=args.scenes_dir)
+                      split=args.split, scenes_dir=args.scenes_dir, model=model)
     ds.save(out)
     timings = ds.attrs["generator"]["timings"]
     print(f"wrote {out}: {ds.num_samples} UEs x {ds.num_reports} reports, "
-          f"{ds.report_mask.mean():.1%} reports present, {timings['total_s']:.1f} s")
+          f"{ds.report_mask.mean():.1%} reports present, {timings['total_s']:.1f} s; {model.summary()}")
     return 0

@@ -16,8 +16,13 @@ Storage: a Zarr v3 group (``MeasurementDataset.save`` / ``.load``)::
     los             bool    [N, T]        serving site in line of sight
     split           int8    [N]           0 train, 1 val, 2 test
     clean/site_features, clean/cell_features   the same before measurement noise
-    attrs: format_version, kind, attrs (scene, sites, noise, seed, generator settings...),
+    attrs: format_version, kind, attrs (scene, sites, measurement_model, seed, generator settings...),
            lineage {id, digest, radio_map: {path, scene, id, digest} | null}
+
+``attrs["measurement_model"]`` records every knob of the measurement model (noise sigmas,
+clock offset, missing-report rate, site slots, sensitivity threshold;
+:mod:`core.stores.measurement_model`), read back as :attr:`MeasurementDataset.measurement_model`;
+a store written before that record reads as the defaults it was made with.
 
 Saving is atomic, stamps a new lineage id and the content digest (every array, attrs and
 the radio-map ref) and records the radio map the dataset was made with
@@ -39,10 +44,11 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import StoreError
+from core.errors import CoreError, StoreError
 from core.stores.atomic import atomic_path, read_consistently
 from core.stores.lineage import Lineage, StoreRef, check_digest, content_digest
-from core.stores.zarr_group import open_group, read_arrays
+from core.stores.measurement_model import MeasurementModel
+from core.stores.zarr_group import open_group, read_arrays, read_attrs
 
 FORMAT_VERSION = 1
 SITE_FEATURES: tuple[str, ...] = ("path_gain", "toa", "aoa")
@@ -104,6 +110,12 @@ class MeasurementDataset:
     def labels(self) -> np.ndarray:
         """float32 ``[N, 2]``: UE (x, y) at the last report [m]."""
         return self.ue_xyz[:, -1, :2]
+
+    @property
+    def measurement_model(self) -> MeasurementModel | None:
+        """How the reports were made (noise, clock offset, missing rate, slots, sensitivity);
+        ``None`` when the attrs record none (e.g. an analytic dataset)."""
+        return MeasurementModel.from_attrs(self.attrs)
 
     def indices(self, split: str) -> np.ndarray:
         """Sample indices of ``split`` (train, val or test)."""
@@ -188,6 +200,16 @@ class MeasurementDataset:
             raise StoreError(f"{where}: NaN or inf in 'cell_features' of a present report")
         if not np.isin(self.split, list(SPLITS.values())).all():
             raise StoreError(f"{where}: 'split' holds values other than 0, 1, 2")
+        self._validate_measurement_model(where, k)
+
+    def _validate_measurement_model(self, where: str, k: int) -> None:
+        try:
+            model = self.measurement_model
+        except CoreError as exc:
+            raise StoreError(f"{where}: {exc}") from None
+        if model is not None and model.sites_per_report != k:
+            raise StoreError(f"{where}: attrs measurement_model has sites_per_report {model.sites_per_report}, "
+                             f"but the arrays hold {k} site slots")
 
     # -- storage ----------------------------------------------------------------------
     def save(self, path: str | os.PathLike, radio_map: StoreRef | None = None) -> Path:
@@ -249,3 +271,17 @@ class MeasurementDataset:
                       radio_map_ref=StoreRef.from_dict(raw.get("radio_map")))
         check_digest("dataset", path, dataset.lineage, dataset.digest())
         return dataset
+
+
+def recorded_measurement_model(path: str | os.PathLike) -> MeasurementModel | None:
+    """The measurement model recorded in the dataset store at ``path``, read from its metadata
+    only (cheap: no array is opened); ``None`` when it records none. Errors name the store."""
+    try:
+        meta = read_attrs(path)
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"dataset {path}: unreadable store metadata ({type(exc).__name__})") from None
+    attrs = meta.get("attrs")
+    try:
+        return MeasurementModel.from_attrs(attrs if isinstance(attrs, dict) else {})
+    except CoreError as exc:
+        raise StoreError(f"dataset {path}: {exc}") from None
