@@ -303,6 +303,22 @@ def missing_box(what: str, message: str, spec: JobSpec | None, button: str, key:
             st.rerun()  # show the new job (on failure, launch's message stays on screen)
 
 
+RAY_CHOICES = ("this machine", "local Ray", "Ray cluster")
+
+
+def ray_choice(key: str) -> str | None:
+    """Where a map or dataset job runs: None (this machine, no Ray), ``"local"`` (``--ray``: a local Ray)
+    or a Ray cluster's address (``--ray ADDRESS``; blank = ``auto``, a cluster started on this machine)."""
+    choice = st.radio("Run the job on", RAY_CHOICES, horizontal=True, key=key,
+                      help="Ray runs one task per scene (a GPU each where the cluster has GPUs); "
+                           "a cluster's nodes need this checkout and the workspace's file system.")
+    if choice == RAY_CHOICES[1]:
+        return "local"
+    if choice == RAY_CHOICES[2]:
+        return st.text_input("Ray address", placeholder="HOST:6379 (blank: auto)", key=f"{key}_address").strip() or "auto"
+    return None
+
+
 def elapsed(start: float) -> str:
     return f"{time.time() - start:.1f} s"
 

@@ -67,14 +67,18 @@ else:
         st.caption(" ".join(notes) + " Drag to pan, right-drag to rotate, scroll to zoom.")
 
 # -- what is missing, with the button that makes it ----------------------------------
-if not status.radio_map.ok:
-    wb.missing_box("Radio map", status.radio_map.message,
-                   generate_maps_spec(scene, ws.rel(ws.radio_maps_dir), force=status.radio_map.state == "corrupt"),
-                   f"Generate the radio map of {scene}", key="make_map")
-if not status.dataset.ok:
-    wb.missing_box("Measurement dataset", status.dataset.message,
-                   make_dataset_spec(scene, ws.rel(ws.dataset_path(scene))),
-                   f"Make the dataset of {scene}", key="make_dataset")
+if not (status.radio_map.ok and status.dataset.ok):
+    with wb.guard("map and dataset jobs"):
+        ray = wb.ray_choice(key="scene_ray")
+        if not status.radio_map.ok:
+            wb.missing_box("Radio map", status.radio_map.message,
+                           generate_maps_spec(scene, ws.rel(ws.radio_maps_dir),
+                                              force=status.radio_map.state == "corrupt", ray=ray),
+                           f"Generate the radio map of {scene}", key="make_map")
+        if not status.dataset.ok:
+            wb.missing_box("Measurement dataset", status.dataset.message,
+                           make_dataset_spec(scene, ws.rel(ws.dataset_path(scene)), ray=ray),
+                           f"Make the dataset of {scene}", key="make_dataset")
 if not any(r.has_checkpoint for r in status.runs):
     st.info(f"No trained model for {scene} yet: train one on the Training page.", icon=":material/monitoring:")
     st.page_link("pages/training.py", label="Go to Training", icon=":material/monitoring:")

@@ -199,6 +199,21 @@ def _num(value: float) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _ray_args(ray: str | None) -> list[str]:
+    """``--ray [ADDRESS]`` for a generation job: None = no Ray, :data:`~core.raytracing.distributed.LOCAL`
+    (or blank) = a local Ray, else the address of the Ray cluster to join."""
+    from core.raytracing.distributed import LOCAL
+
+    if ray is None:
+        return []
+    address = ray.strip()
+    if address in ("", LOCAL):
+        return ["--ray"]
+    if address.startswith("-") or any(c.isspace() for c in address):
+        raise JobError(f"Ray address {ray!r}: give HOST:PORT or auto")
+    return ["--ray", address]
+
+
 def generate_maps_spec(
     scene: str,
     output_dir: str = "radio_maps",
@@ -207,8 +222,9 @@ def generate_maps_spec(
     samples_per_tx: int | None = None,
     max_depth: int | None = None,
     force: bool = False,
+    ray: str | None = None,
 ) -> JobSpec:
-    """Ray-trace the radio map of ``scene`` into ``<output_dir>/<scene>.zarr``."""
+    """Ray-trace the radio map of ``scene`` into ``<output_dir>/<scene>.zarr`` (``ray``: see :func:`_ray_args`)."""
     args = ["generate-maps", "--scenes", scene, "--output-dir", output_dir, "--resolution", _num(float(resolution)),
             "--map-size", str(int(map_size[0])), str(int(map_size[1]))]
     if samples_per_tx is not None:
@@ -217,16 +233,18 @@ def generate_maps_spec(
         args += ["--max-depth", str(int(max_depth))]
     if force:
         args.append("--force")
+    args += _ray_args(ray)
     return JobSpec("generate-maps", tuple(args), str(Path(output_dir) / f"{scene}.zarr"))
 
 
 def make_dataset_spec(scene: str, out: str, num_ues: int = 20000, reports: int = 8,
-                      radio_maps: str | None = None) -> JobSpec:
-    """Ray-trace a measurement dataset of ``scene`` into ``out``."""
+                      radio_maps: str | None = None, ray: str | None = None) -> JobSpec:
+    """Ray-trace a measurement dataset of ``scene`` into ``out`` (``ray``: see :func:`_ray_args`)."""
     args = ["make-dataset", "--scene", scene, "--num-ues", str(int(num_ues)), "--reports", str(int(reports)),
             "--out", out]
     if radio_maps is not None:
         args += ["--radio-maps", radio_maps]
+    args += _ray_args(ray)
     return JobSpec("make-dataset", tuple(args), out)
 
 
