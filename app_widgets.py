@@ -304,10 +304,12 @@ def missing_box(what: str, message: str, spec: JobSpec | None, button: str, key:
             st.rerun()  # show the new job (on failure, launch's message stays on screen)
 
 
-def dataset_form(scene: str, out: str, radio_maps: str, key: str, button: str, force: bool = False) -> None:
+def dataset_form(scene: str, out: str, radio_maps: str, key: str, button: str, force: bool = False,
+                 ray: str | None = None) -> None:
     """The make-dataset form: size and every knob of the measurement model
     (:class:`~core.stores.measurement_model.MeasurementModel`); submitting launches
-    ``python -m core make-dataset ...`` with the same flags a user would type."""
+    ``python -m core make-dataset ...`` with the same flags a user would type (``ray``: where it runs,
+    :func:`ray_choice`)."""
     d = MeasurementModel()
     with st.form(key):
         cols = st.columns(3)
@@ -339,7 +341,7 @@ def dataset_form(scene: str, out: str, radio_maps: str, key: str, button: str, f
         model = MeasurementModel(float(pg), float(toa), float(aoa), float(clock), float(missing), int(k),
                                  None if no_threshold else float(sensitivity))
         spec = make_dataset_spec(scene, out, int(num_ues), int(reports), radio_maps=radio_maps, model=model,
-                                 force=force)
+                                 force=force, ray=ray)
         st.caption("The button runs: `python -m core " + " ".join(spec.args) + "`")
         if go and launch(spec) is not None:
             st.rerun()
@@ -362,6 +364,22 @@ def dataset_model_box(path: str | os.PathLike, table: bool = True) -> None:
                 st.dataframe(model.describe(), hide_index=True, width="stretch")
                 st.caption("Formulas: `core/raytracing/measurements.py`; the flags are those of "
                            "`python -m core make-dataset`.")
+
+
+RAY_CHOICES = ("this machine", "local Ray", "Ray cluster")
+
+
+def ray_choice(key: str) -> str | None:
+    """Where a map or dataset job runs: None (this machine, no Ray), ``"local"`` (``--ray``: a local Ray)
+    or a Ray cluster's address (``--ray ADDRESS``; blank = ``auto``, a cluster started on this machine)."""
+    choice = st.radio("Run the job on", RAY_CHOICES, horizontal=True, key=key,
+                      help="Ray runs one task per scene (a GPU each where the cluster has GPUs); "
+                           "a cluster's nodes need this checkout and the workspace's file system.")
+    if choice == RAY_CHOICES[1]:
+        return "local"
+    if choice == RAY_CHOICES[2]:
+        return st.text_input("Ray address", placeholder="HOST:6379 (blank: auto)", key=f"{key}_address").strip() or "auto"
+    return None
 
 
 def elapsed(start: float) -> str:

@@ -69,20 +69,24 @@ else:
         st.caption(" ".join(notes) + " Drag to pan, right-drag to rotate, scroll to zoom.")
 
 # -- what is missing, with the button that makes it ----------------------------------
+ray = None
+with wb.guard("map and dataset jobs"):
+    ray = wb.ray_choice(key="scene_ray")
 if not status.radio_map.ok:
     wb.missing_box("Radio map", status.radio_map.message,
-                   generate_maps_spec(scene, ws.rel(ws.radio_maps_dir), force=status.radio_map.state == "corrupt"),
+                   generate_maps_spec(scene, ws.rel(ws.radio_maps_dir), force=status.radio_map.state == "corrupt",
+                                      ray=ray),
                    f"Generate the radio map of {scene}", key="make_map")
 if not status.dataset.ok:
     wb.missing_box("Measurement dataset", status.dataset.message, None, "", key="make_dataset")
     wb.dataset_form(scene, ws.rel(ws.dataset_path(scene)), ws.rel(ws.radio_maps_dir), key="make_dataset",
-                    button=f"Make the dataset of {scene}", force=status.dataset.state == "corrupt")
+                    button=f"Make the dataset of {scene}", force=status.dataset.state == "corrupt", ray=ray)
 else:
     with st.expander("Make the dataset again with other measurement settings"):
         st.caption(f"Replaces {ws.rel(ws.dataset_path(scene))}; runs trained on the current dataset are then "
                    "refused (their lineage names it).")
         wb.dataset_form(scene, ws.rel(ws.dataset_path(scene)), ws.rel(ws.radio_maps_dir), key="remake_dataset",
-                        button=f"Make the dataset of {scene} again", force=True)
+                        button=f"Make the dataset of {scene} again", force=True, ray=ray)
 if not any(r.has_checkpoint for r in status.runs):
     st.info(f"No trained model for {scene} yet: train one on the Training page.", icon=":material/monitoring:")
     st.page_link("pages/training.py", label="Go to Training", icon=":material/monitoring:")

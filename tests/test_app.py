@@ -148,6 +148,21 @@ def test_switching_scene_reaches_every_page_and_offers_the_missing_maps(workspac
     assert at.session_state["active_scene"] == "simple_street_canyon"  # the choice follows the user
 
 
+def test_scenes_page_offers_ray_for_the_missing_jobs(workspace):
+    at = _app(scene="simple_street_canyon")
+    commands = lambda: [str(c.value) for c in at.caption if "The button runs" in str(c.value)]  # noqa: E731
+    assert len(commands()) == 2 and not any("--ray" in c for c in commands())  # default: this machine
+    at.radio(key="scene_ray").set_value("local Ray").run()
+    _no_exception(at)
+    assert all(c.endswith(" --ray`") for c in commands())
+    at.radio(key="scene_ray").set_value("Ray cluster").run()
+    at.text_input(key="scene_ray_address").input("head:6379").run()
+    _no_exception(at)
+    assert all(c.endswith(" --ray head:6379`") for c in commands())
+    at.text_input(key="scene_ray_address").input("-x").run()
+    assert "Ray address '-x'" in _texts(at.error)
+
+
 def test_missing_map_button_launches_the_generation_job(workspace):
     at = _app("pages/radio_maps.py", scene="munich")
     at.button(key="make_map_rm").click().run()

@@ -28,6 +28,7 @@ from core.jobs.manager import (
     JobManager,
     JobSpec,
     generate_maps_spec,
+    make_dataset_spec,
     selftest_spec,
     train_spec,
 )
@@ -160,6 +161,12 @@ def test_spec_builders_make_plain_argument_lists():
     assert spec.args == ("generate-maps", "--scenes", "etoile", "--output-dir", "radio_maps", "--resolution", "2",
                          "--map-size", "128", "96", "--samples-per-tx", "100000", "--max-depth", "3")
     assert spec.output == "radio_maps/etoile.zarr"
+    assert generate_maps_spec("etoile", ray="local").args[-1] == "--ray"  # a local Ray
+    assert generate_maps_spec("etoile", ray=" head:6379 ").args[-2:] == ("--ray", "head:6379")  # join that cluster
+    assert make_dataset_spec("etoile", "datasets/etoile", ray="").args[-1] == "--ray"
+    assert "--ray" not in make_dataset_spec("etoile", "datasets/etoile").args
+    with pytest.raises(JobError, match="Ray address '--force'"):
+        generate_maps_spec("etoile", ray="--force")
     spec = train_spec("configs/model.yaml", "runs/x", {"physics_loss.lambda_phys": 0.25, "training.epochs": 3})
     assert spec.args == ("train", "--config", "configs/model.yaml", "--set", "physics_loss.lambda_phys=0.25",
                          "--set", "training.epochs=3", "--out", "runs/x")

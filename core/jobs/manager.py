@@ -200,6 +200,21 @@ def _num(value: float) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _ray_args(ray: str | None) -> list[str]:
+    """``--ray [ADDRESS]`` for a generation job: None = no Ray, :data:`~core.raytracing.distributed.LOCAL`
+    (or blank) = a local Ray, else the address of the Ray cluster to join."""
+    from core.raytracing.distributed import LOCAL
+
+    if ray is None:
+        return []
+    address = ray.strip()
+    if address in ("", LOCAL):
+        return ["--ray"]
+    if address.startswith("-") or any(c.isspace() for c in address):
+        raise JobError(f"Ray address {ray!r}: give HOST:PORT or auto")
+    return ["--ray", address]
+
+
 def generate_maps_spec(
     scene: str,
     output_dir: str = "radio_maps",
@@ -208,8 +223,9 @@ def generate_maps_spec(
     samples_per_tx: int | None = None,
     max_depth: int | None = None,
     force: bool = False,
+    ray: str | None = None,
 ) -> JobSpec:
-    """Ray-trace the radio map of ``scene`` into ``<output_dir>/<scene>.zarr``."""
+    """Ray-trace the radio map of ``scene`` into ``<output_dir>/<scene>.zarr`` (``ray``: see :func:`_ray_args`)."""
     args = ["generate-maps", "--scenes", scene, "--output-dir", output_dir, "--resolution", _num(float(resolution)),
             "--map-size", str(int(map_size[0])), str(int(map_size[1]))]
     if samples_per_tx is not None:
@@ -218,17 +234,18 @@ def generate_maps_spec(
         args += ["--max-depth", str(int(max_depth))]
     if force:
         args.append("--force")
+    args += _ray_args(ray)
     return JobSpec("generate-maps", tuple(args), str(Path(output_dir) / f"{scene}.zarr"))
 
 
 def make_dataset_spec(scene: str, out: str, num_ues: int = 20000, reports: int = 8,
                       radio_maps: str | None = None, model: MeasurementModel | None = None,
-                      force: bool = False) -> JobSpec:
+                      force: bool = False, ray: str | None = None) -> JobSpec:
     """Ray-trace a measurement dataset of ``scene`` into ``out``.
 
     ``model``: the measurement model, written out as every one of its flags
     (``--noise-path-gain-db ... --sensitivity-dbm``); checked here, so a bad value is refused
-    before a job starts. ``None``: the command's defaults.
+    before a job starts. ``None``: the command's defaults. ``ray``: see :func:`_ray_args`.
     """
     args = ["make-dataset", "--scene", scene, "--num-ues", str(int(num_ues)), "--reports", str(int(reports)),
             "--out", out]
@@ -239,6 +256,7 @@ def make_dataset_spec(scene: str, out: str, num_ues: int = 20000, reports: int =
         args += model.cli_args()
     if force:
         args.append("--force")
+    args += _ray_args(ray)
     return JobSpec("make-dataset", tuple(args), out)
 
 

@@ -1,8 +1,8 @@
 """Radio-map generation: ray-trace scenes with Sionna RT into :class:`~core.stores.radio_map.RadioMap` stores.
 
 ``python -m core generate-maps --scenes etoile munich --output-dir radio_maps
---resolution 1.0 --map-size 512 512 [--parallel 2 --samples-per-tx N --max-depth N
---toa-decimation N --seed N --force --center X Y --scenes-dir DIR]``
+--resolution 1.0 --map-size 512 512 [--parallel 2 | --ray [ADDRESS]] [--samples-per-tx N
+--max-depth N --toa-decimation N --seed N --force --center X Y --scenes-dir DIR]``
 
 Per scene, on an ``H x W`` grid of square cells (``--map-size H W``, rows along +y,
 ``--resolution`` metres), centred on the scene (or ``--center``), at the UE height,
@@ -39,6 +39,11 @@ then reuses (recorded in ``attrs["propagation"]``):
 the cell. Output goes to ``<output-dir>/<scene>.zarr``, atomically; existing stores are
 skipped unless ``--force``. ``--samples-per-tx``, ``--max-depth`` and ``--seed`` set the
 propagation's rays per site, depth and seed.
+
+Scenes run in turn, in ``--parallel N`` local processes, or as one Ray task each
+(``--ray [ADDRESS]``, :mod:`core.raytracing.distributed`); every engine runs
+:func:`map_of_scene`. A scene that fails does not stop the others: the summary names it
+and its cause, and the exit status is 2 (:mod:`core.raytracing.scene_batch`).
 """
 
 from __future__ import annotations
@@ -47,7 +52,6 @@ import argparse
 import math
 import os
 import time
-import traceback
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -57,6 +61,7 @@ import numpy as np
 from core.errors import CoreError
 from core.features import DEFAULT_FEATURE_ORDER, wrap_degrees
 from core.jobs.progress import report
+from core.raytracing.distributed import add_ray_argument
 from core.raytracing.tracing import MAX_SAMPLES_PER_SRC, SPEED_OF_LIGHT, PropagationSettings
 
 DEFAULT_TOA_DECIMATION = 2
@@ -382,6 +387,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"PathSolver traces every N-th row and column (default: {DEFAULT_TOA_DECIMATION})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"PathSolver seed (default: {defaults.seed})")
     parser.add_argument("--parallel", type=int, default=1, help="scenes generated at once, in separate processes")
+    add_ray_argument(parser)
     parser.add_argument("--force", action="store_true", help="regenerate maps that already exist")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
@@ -398,32 +404,29 @@ def _settings_from(args) -> MapSettings:
     return s
 
 
-def _one_scene(name: str, scenes_dir: str | None, output_dir: str, settings: MapSettings, force: bool,
-               position: int = 0) -> tuple[str, str, str]:
-    """Generate one scene; returns ``(name, status, detail)``, never raises (worker-safe)."""
+def map_of_scene(name: str, scenes_dir: str | None, output_dir: str, settings: MapSettings, force: bool,
+                 position: int = 0) -> tuple[str, str]:
+    """Generate scene ``name``'s map into ``<output_dir>/<scene>.zarr`` (atomically): ``(status, detail)``.
+
+    Skipped when the store exists and not ``force``. Raises on a bad scene or a failed trace:
+    :func:`~core.raytracing.scene_batch.run_guarded` turns that into the scene's failure.
+    """
     from core.raytracing.scenes import resolve_scene
 
-    try:
-        info = resolve_scene(name, scenes_dir)
-        out = Path(output_dir) / f"{info.name}.zarr"
-        if out.exists() and not force:
-            return name, "skipped", f"{out} exists (use --force to regenerate)"
-        t = time.perf_counter()
-        radio_map = generate_map(info, settings, position=position)
-        radio_map.save(out)
-        return name, "ok", f"{out} ({time.perf_counter() - t:.1f} s, coverage {radio_map.valid.mean():.1%})"
-    except CoreError as exc:
-        return name, "failed", str(exc)
-    except Exception as exc:  # a scene that breaks the ray tracer must not stop the others
-        if os.environ.get("CORE_DEBUG"):
-            traceback.print_exc()
-        return name, "failed", f"{type(exc).__name__}: {exc}"
+    info = resolve_scene(name, scenes_dir)
+    out = Path(output_dir) / f"{info.name}.zarr"
+    if out.exists() and not force:
+        return "skipped", f"{out} exists (use --force to regenerate)"
+    t = time.perf_counter()
+    radio_map = generate_map(info, settings, position=position)
+    radio_map.save(out)
+    return "ok", f"{out} ({time.perf_counter() - t:.1f} s, coverage {radio_map.valid.mean():.1%})"
 
 
-def run(args: argparse.Namespace) -> int:
+def _scene_names(args) -> list[str]:
+    """The scenes to generate: ``--scenes``, else every scene of ``--scenes-dir``."""
     from core.raytracing.scenes import user_scenes
 
-    settings = _settings_from(args)
     names = list(args.scenes or [])
     if not names:
         if not args.scenes_dir:
@@ -431,29 +434,29 @@ def run(args: argparse.Namespace) -> int:
         names = list(user_scenes(args.scenes_dir))
         if not names:
             raise CoreError(f"--scenes-dir {args.scenes_dir}: no scene XML files found")
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    from core.raytracing.scene_batch import SceneCall, print_summary, run_in_pool, run_in_turn
+
+    settings = _settings_from(args)
+    names = _scene_names(args)
     if args.parallel < 1:
         raise CoreError(f"--parallel must be >= 1, got {args.parallel}")
-    results = []
-    if args.parallel == 1 or len(names) == 1:
-        for name in names:
-            results.append(_one_scene(name, args.scenes_dir, args.output_dir, settings, args.force))
-            print(f"{results[-1][0]}: {results[-1][1]}: {results[-1][2]}", flush=True)
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+    if args.ray is not None:
+        from core.raytracing.distributed import run_on_ray
 
-        ctx = mp.get_context("spawn")  # Dr.Jit state must not be forked
-        with ProcessPoolExecutor(max_workers=args.parallel, mp_context=ctx) as pool:
-            futures = [pool.submit(_one_scene, name, args.scenes_dir, args.output_dir, settings, args.force, 2 * (k % args.parallel))
-                       for k, name in enumerate(names)]
-            for fut in futures:
-                results.append(fut.result())
-                print(f"{results[-1][0]}: {results[-1][1]}: {results[-1][2]}", flush=True)
-    failed = [r for r in results if r[1] == "failed"]
-    print("\nsummary:")
-    for name, status, detail in results:
-        print(f"  {name:<24} {status:<8} {detail}")
-    if failed:
-        print(f"{len(failed)} of {len(results)} scene(s) failed")
-        return 1
-    return 0
+        if args.parallel != 1:
+            raise CoreError("--parallel and --ray: give one (Ray runs one task per scene on every CPU or GPU it has)")
+        scenes_dir = os.path.abspath(args.scenes_dir) if args.scenes_dir else None
+        common = (scenes_dir, os.path.abspath(args.output_dir), settings, args.force)
+        results = run_on_ray([SceneCall(name, map_of_scene, common) for name in names], args.ray, "generate-maps")
+    elif args.parallel == 1 or len(names) == 1:
+        common = (args.scenes_dir, args.output_dir, settings, args.force)
+        results = run_in_turn([SceneCall(name, map_of_scene, common) for name in names])
+    else:
+        common = (args.scenes_dir, args.output_dir, settings, args.force)
+        results = run_in_pool([SceneCall(name, map_of_scene, common + (2 * (k % args.parallel),))
+                               for k, name in enumerate(names)], args.parallel)
+    return print_summary(results)

@@ -3,7 +3,14 @@
 ``python -m core make-dataset --scene etoile --num-ues 20000 --reports 8
 --out datasets/etoile [--radio-maps radio_maps --seed 0 --split random|spatial]
 [--noise-path-gain-db 2 --noise-toa-ns 3 --noise-aoa-deg 3 --clock-offset-ns 0
---missing-rate 0.2 --sites-per-report 4 --sensitivity-dbm -100|off]``
+--missing-rate 0.2 --sites-per-report 4 --sensitivity-dbm -100|off] [--ray [ADDRESS]]``
+
+One scene: ``--out`` is its store, and a failure is the command's one-line error. Several
+scenes (``--scene etoile munich --out datasets``): ``--out`` is a folder that gets one
+``<scene>`` store each; the scenes run in turn, or with ``--ray [ADDRESS]`` as one Ray task
+each (:mod:`core.raytracing.distributed`; also for one scene), every engine running
+:func:`dataset_of_scene`. A scene that fails does not stop the others: the summary names
+it and its cause, and the exit status is 2 (:mod:`core.raytracing.scene_batch`).
 
 Walks. Each UE starts at a uniform random point of a covered outdoor cell of the
 scene's radio map (``<radio-maps>/<scene>.zarr``; without one, of the scene-centred
@@ -65,8 +72,9 @@ with the largest x (and val the next 10 %), a region the model never saw.
 from __future__ import annotations
 
 import argparse
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +83,7 @@ import numpy as np
 from core.errors import CoreError
 from core.features import wrap_degrees
 from core.jobs.progress import report
+from core.raytracing.distributed import add_ray_argument
 from core.stores.measurement_model import KNOBS, SENSITIVITY_OFF, MeasurementModel
 
 
@@ -429,11 +438,49 @@ def _model_help(name: str) -> str:
     return f"{_MODEL_HELP[name]} (default: {SENSITIVITY_OFF if default is None else f'{default:g}'})"
 
 
+@dataclass(frozen=True)
+class DatasetOptions:
+    """The ``make-dataset`` options every scene of one command shares (see :func:`make_dataset`)."""
+
+    num_ues: int
+    reports: int
+    radio_maps: str | None
+    seed: int
+    split: str
+    scenes_dir: str | None
+    model: MeasurementModel
+
+
+def dataset_of_scene(scene: str, out: str, options: DatasetOptions, force: bool,
+                     into_folder: bool = False) -> tuple[str, str]:
+    """Make ``scene``'s dataset and save it atomically at ``out`` (``into_folder``: at ``<out>/<scene>``).
+
+    Returns ``("ok", "wrote ...")``; raises when the output exists (unless ``force``) or the
+    scene fails (:func:`~core.raytracing.scene_batch.run_guarded` turns that into the scene's failure).
+    """
+    if into_folder:
+        from core.raytracing.scenes import resolve_scene
+
+        out = str(Path(out) / resolve_scene(scene, options.scenes_dir).name)
+    path = Path(out)
+    if path.exists() and not force:
+        raise CoreError(f"--out {path} exists (use --force to overwrite)")
+    ds = make_dataset(scene, options.num_ues, options.reports, radio_maps=options.radio_maps, seed=options.seed,
+                      split=options.split, scenes_dir=options.scenes_dir, model=options.model)
+    ds.save(path)
+    timings = ds.attrs["generator"]["timings"]
+    return "ok", (f"wrote {path}: {ds.num_samples} UEs x {ds.num_reports} reports, "
+                  f"{ds.report_mask.mean():.1%} reports present, {timings['total_s']:.1f} s; {options.model.summary()}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scene", required=True, help="scene name (see core.scenes.list_scenes)")
+    parser.add_argument("--scene", "--scenes", dest="scene", nargs="+", required=True, metavar="SCENE",
+                        help="scene name(s) (see core.scenes.list_scenes); with several, --out is a folder")
     parser.add_argument("--num-ues", type=int, default=20_000, help="number of UE walks (samples)")
     parser.add_argument("--reports", type=int, default=8, help="reports per walk, T (default: 8)")
-    parser.add_argument("--out", required=True, help="output Zarr store, e.g. datasets/etoile")
+    parser.add_argument("--out", required=True,
+                        help="output Zarr store, e.g. datasets/etoile; with several scenes, the folder that gets "
+                             "one <scene> store each")
     parser.add_argument("--radio-maps", default="radio_maps",
                         help="folder with <scene>.zarr: its sites, bounds and coverage are used (default: radio_maps)")
     parser.add_argument("--scenes-dir", default=None, help="folder of user scenes")
@@ -445,18 +492,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         model.add_argument(KNOBS[name].flag, dest=name, default=None, metavar=KNOBS[name].metavar,
                            help=_model_help(name))
     parser.add_argument("--force", action="store_true", help="overwrite an existing dataset")
+    add_ray_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    from core.raytracing.scene_batch import SceneCall, print_summary, run_in_turn
+
+    scenes = list(args.scene)
+    repeated = sorted({s for s in scenes if scenes.count(s) > 1})
+    if repeated:
+        raise CoreError(f"--scene {repeated[0]} is given more than once")
     model = MeasurementModel.from_flags({name: getattr(args, name) for name in _MODEL_HELP})
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise CoreError(f"--out {out} exists (use --force to overwrite)")
-    ds = make_dataset(args.scene, args.num_ues, args.reports, radio_maps=args.radio_maps, seed=args.seed,
-                      split=args.split, scenes_dir=args.scenes_dir, model=model)
-    ds.save(out)
-    timings = ds.attrs["generator"]["timings"]
-    print(f"wrote {out}: {ds.num_samples} UEs x {ds.num_reports} reports, "
-          f"{ds.report_mask.mean():.1%} reports present, {timings['total_s']:.1f} s; {model.summary()}")
-    return 0
+    _check_arguments(args.num_ues, args.reports, args.split, model)
+    options = DatasetOptions(args.num_ues, args.reports, args.radio_maps, args.seed, args.split, args.scenes_dir, model)
+    if len(scenes) == 1 and args.ray is None:  # one scene: --out is the store, a failure is the command's error
+        print(dataset_of_scene(scenes[0], args.out, options, args.force)[1])
+        return 0
+    into_folder = len(scenes) > 1
+    if args.ray is None:
+        common = (args.out, options, args.force, into_folder)
+        return print_summary(run_in_turn([SceneCall(s, dataset_of_scene, common) for s in scenes]))
+    from core.raytracing.distributed import run_on_ray
+
+    absolute = replace(options, radio_maps=_absolute(options.radio_maps), scenes_dir=_absolute(options.scenes_dir))
+    common = (os.path.abspath(args.out), absolute, args.force, into_folder)
+    return print_summary(run_on_ray([SceneCall(s, dataset_of_scene, common) for s in scenes], args.ray, "make-dataset"))
+
+
+def _absolute(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None

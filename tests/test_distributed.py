@@ -1,0 +1,102 @@
+"""Ray as the distributed engine of generate-maps and make-dataset: real Ray, real Sionna, no mocks.
+
+A local Ray with 2 CPUs (the fixture, shut down after the module) runs two scenes at once,
+one of which fails; the good store must be complete and load, the failure line must name
+the bad scene, and the command must exit 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from core import REPO_ROOT
+from core.cli import main
+from core.jobs import progress
+from core.stores.dataset import MeasurementDataset
+from core.stores.radio_map import RadioMap
+
+pytestmark = pytest.mark.sionna
+
+TINY = ["--resolution", "8", "--map-size", "16", "16", "--samples-per-tx", "20000", "--toa-decimation", "8"]
+
+
+def _core(*args: str, timeout: float = 240, **env_vars: str) -> subprocess.CompletedProcess:
+    """``python -m core ARGS`` from the repository root, with bars off (Ray's RAY_AUTH_* settings are kept)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CORE_PROGRESS", "CORE_JOB"))} | env_vars
+    return subprocess.run([sys.executable, "-m", "core", *args, "--no-progress"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _failed_lines(out: str) -> list[str]:
+    assert "summary:" in out, out
+    summary = out.split("summary:")[1]
+    return [line for line in summary.splitlines() if " failed " in line]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray with 2 CPUs for the module; yields its address (``HOST:PORT``), shuts it down after."""
+    import ray
+
+    environ = dict(os.environ)  # ray.init sets RAY_AUTH_MODE, PYTHONBREAKPOINT...: restored after
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR,
+             log_to_driver=False, runtime_env={"env_vars": {"TQDM_DISABLE": "1"}})
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+def test_local_ray_reports_an_unknown_scene_and_exits_2(tmp_path):
+    """``--ray`` alone starts (and stops) a Ray of its own."""
+    out = _core("make-dataset", "--scene", "no_such_scene", "--out", str(tmp_path / "ds"), "--num-ues", "4",
+                "--reports", "2", "--ray")
+    assert out.returncode == 2, out.stderr
+    (line,) = _failed_lines(out.stdout)
+    assert line.split()[0] == "no_such_scene" and "unknown scene 'no_such_scene'" in line
+    assert not tmp_path.joinpath("ds").exists()
+
+
+def test_two_scenes_in_parallel_one_broken(ray_cluster, tmp_path):
+    """A command joins the cluster by its address; the broken scene fails alone."""
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    (scenes / "broken.xml").write_text("<scene version='2.1.0'><shape type='ply'>")
+    maps = tmp_path / "maps"
+    progress_file = tmp_path / "progress.json"
+    out = _core("generate-maps", "--scenes", "simple_street_canyon", "broken", "--scenes-dir", str(scenes),
+                "--output-dir", str(maps), *TINY, "--ray", ray_cluster, CORE_PROGRESS_FILE=str(progress_file))
+    assert out.returncode == 2, out.stdout + out.stderr
+    (line,) = _failed_lines(out.stdout)
+    assert line.split()[0] == "broken" and "cannot load" in line
+    assert "simple_street_canyon: ok:" in out.stdout
+    assert sorted(p.name for p in maps.iterdir()) == ["simple_street_canyon.zarr"]  # no temporary left
+    m = RadioMap.load(maps / "simple_street_canyon.zarr")
+    assert m.shape == (16, 16) and m.valid.any()
+    assert m.attrs["scene"] == "simple_street_canyon"
+    record = progress.read(progress_file)  # the app's job sees the scenes finish
+    assert record["fraction"] == 1.0 and "(2 of 2 scenes)" in record["message"]
+
+
+def test_make_dataset_of_several_scenes_on_ray(ray_cluster, tmp_path, capsys):
+    """Several scenes: ``--out`` is a folder of ``<scene>`` stores; a Ray already running here is reused."""
+    import ray
+
+    folder = tmp_path / "datasets"
+    rc = main(["make-dataset", "--scene", "simple_street_canyon", "no_such_scene", "--out", str(folder),
+               "--num-ues", "6", "--reports", "2", "--radio-maps", str(tmp_path / "none"), "--ray", "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 2, text
+    (line,) = _failed_lines(text)
+    assert line.split()[0] == "no_such_scene"
+    assert ray.is_initialized()  # the fixture's Ray, left running
+    assert sorted(p.name for p in folder.iterdir()) == ["simple_street_canyon"]
+    ds = MeasurementDataset.load(folder / "simple_street_canyon")
+    assert (ds.num_samples, ds.num_reports) == (6, 2) and ds.attrs["scene"] == "simple_street_canyon"
