@@ -49,9 +49,10 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 
 class DataConfig(_Section):
-    #: the dataset trained on (one scene); with ``datasets`` set, the first of them
+    #: the dataset trained on (one scene); with ``datasets`` set, replaced by the first of them
     dataset: str = "datasets/etoile"
-    #: several datasets (one per scene) trained into ONE model (docs/model.md, "Many scenes"); None = ``[dataset]``
+    #: several datasets (one per scene) trained into ONE model (docs/model.md, "Many scenes"); None = ``[dataset]``;
+    #: when set it overrides ``dataset``
     datasets: list[str] | None = Field(default=None, min_length=1)
     #: a scene kept out of training, only evaluated on (``python -m core evaluate --run RUN --scene SCENE``);
     #: its dataset is ``<folder of the first dataset>/<holdout_scene>``; it must not be a training scene
@@ -85,10 +86,8 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _first_is_dataset(self):
-        """With ``datasets``, ``dataset`` is its first entry (given alone, it must be that one)."""
+        """With ``datasets`` (which overrides ``dataset``, e.g. a preset's), ``dataset`` is its first entry."""
         if self.datasets is not None and self.dataset != self.datasets[0]:
-            if "dataset" in self.model_fields_set:
-                raise ValueError(f"data.dataset {self.dataset!r} is not the first of data.datasets; give one of the two")
             object.__setattr__(self, "dataset", self.datasets[0])
         return self
 

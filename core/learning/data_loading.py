@@ -118,9 +118,14 @@ class TensorData:
                 if getattr(self, name) is not None}
 
 
+#: what pads the per-site observation of a scene with fewer pooled sites than another (an empty slot)
+_SLOT_FILL = {"obs_site_ids": -1, "obs_site": float("nan"), "obs_weight": 0.0}
+
+
 def concat_tensors(parts: list[TensorData]) -> TensorData:
     """One :class:`TensorData` of the samples of ``parts`` (one per scene), in order, each part's
-    ``scene_index`` set to its position in ``parts``. One part is returned as it is."""
+    ``scene_index`` set to its position in ``parts``. The pooled per-site observation (``obs_site*``,
+    one slot per site heard) is padded with empty slots to the widest part. One part is returned as it is."""
     for m, part in enumerate(parts):
         part.scene_index = torch.full((len(part),), m, dtype=torch.long)
     if len(parts) == 1:
@@ -128,7 +133,14 @@ def concat_tensors(parts: list[TensorData]) -> TensorData:
     fields = {}
     for name in TensorData.__dataclass_fields__:
         values = [getattr(p, name) for p in parts]
-        fields[name] = None if any(v is None for v in values) else torch.cat(values)
+        if any(v is None for v in values):
+            fields[name] = None
+            continue
+        if name in _SLOT_FILL:
+            width = max(v.shape[1] for v in values)
+            values = [torch.cat([v, v.new_full((v.shape[0], width - v.shape[1], *v.shape[2:]), _SLOT_FILL[name])], 1)
+                      for v in values]
+        fields[name] = torch.cat(values)
     return TensorData(**fields)
 
 
