@@ -322,3 +322,17 @@ def pick_run(ws: Workspace, scene: str, container, key: str) -> str:
     preferred = ([i for i, r in enumerate(runs) if r.scene == scene and r.state == "done"]
                  or [i for i, r in enumerate(runs) if r.scene == scene])
     return container.selectbox("Run", [r.name for r in runs], index=preferred[0] if preferred else 0, key=key)
+
+
+def scenes_problem(ws, scenes: list[str], holdout: str | None, portable) -> str:
+    """Why training on ``scenes`` with ``holdout`` kept out cannot start ("" when it can): no scene, a
+    held-out scene also trained on, or a scene whose map is not the one its dataset was made with."""
+    from core.stores.lineage import check_scene_stores
+
+    try:
+        ws.training_overrides(scenes, holdout, portable)
+        for name in scenes:
+            check_scene_stores(ws.dataset_path(name), ws.map_path(name))
+    except CoreError as exc:
+        return str(exc)
+    return ""

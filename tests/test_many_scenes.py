@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.errors import ConfigError
+from core.errors import ConfigError, StoreError
 from core.learning.config import load_config
 from core.learning.model import SceneMaps, build_model
 from core.learning.training import compute_losses, make_scene_physics, prepare, tensors, train
@@ -145,7 +145,7 @@ def test_heldout_cli(world, tmp_path, capsys):
 
 
 def test_bad_configs_are_one_line_errors(world):
-    with pytest.raises(ConfigError, match=r"^data\.datasets\[1\]: .*nowhere: no such dataset$"):
+    with pytest.raises(StoreError, match=r"^data\.datasets\[1\]: dataset .*nowhere: no such store \(make it with `python -m core make-dataset`\)$"):
         prepare(cfg(world, datasets=("alpha", "nowhere")))
     with pytest.raises(ConfigError, match=r"^data\.holdout_scene: 'beta' is also a training scene"):
         prepare(cfg(world, "data.holdout_scene=beta"))

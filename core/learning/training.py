@@ -141,11 +141,14 @@ class RunData:
 
 def load_stores(dataset_path, maps_dir, scene: str | None = None, key: str = "data.dataset"):
     """``(dataset, radio map)`` at ``dataset_path`` and ``<maps_dir>/<its scene>.zarr``, the map being the one
-    the dataset was made with; a dataset that is not there is a ConfigError naming ``key``."""
-    path = resolve_path(dataset_path)
-    if not path.exists():
-        raise ConfigError(f"{key}: {dataset_path}: no such dataset")
-    dataset = MeasurementDataset.load(path)
+    the dataset was made with. A dataset that is missing or corrupt is a StoreError, prefixed with ``key``
+    unless that is ``data.dataset`` (whose store is named alone, as for every single-scene run)."""
+    try:
+        dataset = MeasurementDataset.load(resolve_path(dataset_path))
+    except StoreError as exc:
+        if key == "data.dataset":
+            raise
+        raise StoreError(f"{key}: {exc}") from None
     radio_map = RadioMap.load(map_path_for(dataset.ref, maps_dir, scene))
     check_map_of_dataset(dataset.ref, dataset.radio_map_ref, radio_map.ref)
     return dataset, radio_map

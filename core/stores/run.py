@@ -356,7 +356,8 @@ class RunInfo:
     ``state``: running | done | stopped (status.json), else done / no-checkpoint.
     ``lambda_phys``: the λ_phys applied once ramped in (0 = the physics term was off; None when the
     config is invalid, and ``problem`` says why). ``label_fraction`` and ``split``: the data it
-    was trained on. ``epochs``: planned epochs.
+    was trained on. ``epochs``: planned epochs. ``scene``: the (first) training scene; ``scenes``: every
+    training scene; ``holdout_scene``: the scene its config keeps out of training (None: none).
     """
 
     name: str
@@ -374,6 +375,8 @@ class RunInfo:
     last_epoch_s: float | None = None
     config: Config | None = field(default=None, repr=False)
     problem: str = ""
+    scenes: tuple[str, ...] = ()
+    holdout_scene: str | None = None
 
 
 def _run_scene(run_dir: Path, config: Config | None) -> str | None:
@@ -392,6 +395,17 @@ def _run_scene(run_dir: Path, config: Config | None) -> str | None:
         return config.data.scene
 
 
+def _run_scenes(run_dir: Path, config: Config | None, first: str | None) -> tuple[str, ...]:
+    """Every training scene of the run: recorded in lineage.json, else the first one alone."""
+    try:
+        lineage = read_lineage(run_dir)
+    except StoreError:
+        lineage = None
+    if lineage is not None and lineage.scene_names:
+        return tuple(lineage.scene_names)
+    return (first,) if first else ()
+
+
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
@@ -408,8 +422,9 @@ def run_info(run_dir: str | os.PathLike, name: str | None = None) -> RunInfo:
     best = _number(status.get("best_val_median_m"))
     has_ckpt = (path / BEST).exists() or (path / LAST).exists()
     lam = config.physics_loss.lambda_phys if config is not None else None
+    scene = _run_scene(path, config)
     return RunInfo(
-        name=name or path.name, path=path, scene=_run_scene(path, config),
+        name=name or path.name, path=path, scene=scene,
         dataset=config.data.dataset if config else None,
         state=str(status.get("state") or ("done" if has_ckpt else "no-checkpoint")),
         epochs_done=len(metrics), epochs=config.training.epochs if config else None,
@@ -417,6 +432,7 @@ def run_info(run_dir: str | os.PathLike, name: str | None = None) -> RunInfo:
         lambda_phys=lam, has_checkpoint=has_ckpt, label_fraction=config.data.label_fraction if config else None,
         split=config.data.split if config else None,
         last_epoch_s=_number(metrics[-1].get("epoch_s")) if metrics else None, config=config, problem=problem,
+        scenes=_run_scenes(path, config, scene), holdout_scene=config.data.holdout_scene if config else None,
     )
 
 
