@@ -41,7 +41,10 @@ continues it or ``--force`` replaces it; with ``--force`` the new run is written
 the old one and takes its place only when training ends (a failed run leaves the old one).
 
 Data: the scene is the dataset's; its radio map is ``<physics_loss.radio_maps_dir>/<scene>.zarr``
-and must be the map the dataset was made with (:mod:`core.stores.lineage`).
+and must be the map the dataset was made with (:mod:`core.stores.lineage`). With ``data.datasets``
+one model trains on several scenes (docs/model.md, "Many scenes"): each sample carries its
+``scene_index``, the model reads that scene's map (:class:`~core.learning.model.SceneMaps`, cells in
+the scene's own bounds) and the physics term that scene's calibrated likelihood (:class:`SceneTerms`).
 
 Seeded: parameters from ``seed``, batch order from ``(seed, epoch)``, and the torch
 RNG state is checkpointed, so a resumed run equals an uninterrupted one.
