@@ -35,12 +35,10 @@ if not ds_status.ok:
 if not map_status.ok:
     st.warning(f"**Radio map**: {map_status.message}. Training needs it; generate it on the Radio maps page.")
     st.page_link("pages/radio_maps.py", label="Go to Radio maps")
-lineage_problem = ""
 if ds_status.ok and map_status.ok:
     try:
         check_scene_stores(dataset_path, map_path)
     except CoreError as exc:
-        lineage_problem = str(exc)
         st.error(f"Cannot train on scene {scene}: {exc}", icon=":material/link_off:")
 
 

@@ -106,7 +106,7 @@ def test_single_scene_is_unchanged(world, tmp_path):
     model = build_model(run.spec, 0)
     old, out_old = compute_losses(model, batch, run.map_image, legacy, physics)  # the bare map: the old path
     new, out_new = compute_losses(model, batch, run.maps, legacy, physics)
-    assert all(float(old[k]) == float(new[k]) for k in ("total", "coarse", "fine", "phys"))
+    assert all(float(old[k].detach()) == float(new[k].detach()) for k in ("total", "coarse", "fine", "phys"))
     assert torch.equal(out_old.xy, out_new.xy) and torch.equal(out_old.sigma, out_new.sigma)
 
 
@@ -118,9 +118,11 @@ def test_heldout_evaluation_end_to_end(world, tmp_path):
     train(cfg(world, "data.holdout_scene=gamma", "training.epochs=2"), out, show_progress=False)
     held = load_run(out, scene="gamma")
     assert held.held_out and held.trained_scenes == ("alpha", "beta")
-    assert held.likelihood.maps.num_sites == 3 and held.calibration.meta["transferred_from"] == ["alpha", "beta"]
+    assert held.calibration.meta["transferred_from"] == ["alpha", "beta"]
+    assert held.likelihood.maps.bounds == tuple(held.radio_map.bounds) == (-44.0, -44.0, 44.0, 44.0)  # gamma's map
     beta = load_run(out, scene="beta")
     assert beta.scene_index == 1 and beta.likelihood.maps.num_sites == 4  # refinement reads beta's own map
+    assert beta.likelihood.maps.bounds == (-60.0, -40.0, 60.0, 40.0)
     idx = held.dataset.indices("test")[:8]
     refined = refine_prediction(held, predict(held, idx))
     x0, y0, x1, y1 = held.radio_map.bounds
@@ -151,9 +153,29 @@ def test_bad_configs_are_one_line_errors(world):
         prepare(cfg(world, "data.holdout_scene=beta"))
     with pytest.raises(ConfigError, match=r"data\.datasets: .*listed twice"):
         cfg(world, datasets=("alpha", "alpha"))
+    with pytest.raises(ConfigError, match=r"^data\.scene: pins the one scene of data\.dataset"):
+        prepare(cfg(world, "data.scene=alpha"))
     _scene_without(world, "delta", "bler")
     with pytest.raises(ConfigError, match=r"^data\.datasets\[1\]: radio map .* every scene needs the same feature set$"):
         prepare(cfg(world, datasets=("alpha", "delta")))
+
+
+def test_transferred_calibration_uses_no_labels_of_the_new_scene(world):
+    from core.physics.calibration import calibrate, transfer_calibration
+    from core.stores.dataset import MeasurementDataset
+    from core.stores.radio_map import RadioMap
+
+    def scene(name):
+        return MeasurementDataset.load(world / "datasets" / name), RadioMap.load(world / "radio_maps" / f"{name}.zarr")
+
+    sources = [calibrate(*scene(name)) for name in ("alpha", "beta")]
+    gamma = scene("gamma")[1]
+    cal = transfer_calibration(sources, gamma)
+    assert cal.num_sites == 3 and (cal.count == 0).all()
+    for f in range(3):
+        fitted = np.concatenate([c.scale[:, f][c.count[:, f] > 0] for c in sources])
+        assert np.allclose(cal.scale[:, f], np.median(fitted))
+    assert [c["count"] for c in cal.cell.values()] == [0] * len(cal.cell)
 
 
 def _scene_without(root, scene: str, feature: str) -> None:

@@ -105,14 +105,14 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
 
 
 def evaluate_scene(run_dir, scene: str, split: str = "test", refine: bool = False, device="cpu",
-                   dataset_path=None, write: bool = True, **options) -> dict[str, Any]:
-    """Evaluate ``run_dir`` on ``scene`` (a training scene or a held-out one) and add the in-scene vs
-    held-out table ``scenes`` (every training scene and ``scene``, the same ``split``; see the module doc).
-    ``options``: ``threshold``, ``top_k``, ``window_s`` of :func:`evaluate_run`."""
+                   dataset_path=None, write: bool = True, baselines: bool = False, **options) -> dict[str, Any]:
+    """Evaluate ``run_dir`` on ``scene`` (a training scene or a held-out one; ``baselines`` there too) and add
+    the in-scene vs held-out table ``scenes`` (every training scene and ``scene``, the same ``split``; see the
+    module doc). ``options``: ``threshold``, ``top_k``, ``window_s`` of :func:`evaluate_run`."""
     from core.learning.inference import load_run
 
     run = load_run(run_dir, device=device, scene=scene, dataset_path=dataset_path)
-    result = evaluate_run(run_dir, split, refine, run=run, write=False, **options)
+    result = evaluate_run(run_dir, split, refine, baselines, run=run, write=False, **options)
     rows = []
     for name in run.trained_scenes:
         if name == scene:
@@ -234,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
     options = dict(threshold=args.threshold, top_k=args.top_k, window_s=args.window)
     if args.scene is not None:
         result = evaluate_scene(args.run, args.scene, args.split, args.refine, device=device,
-                                dataset_path=args.dataset, **options)
+                                dataset_path=args.dataset, baselines=args.baselines, **options)
     else:
         result = evaluate_run(args.run, args.split, args.refine, args.baselines, device=device, **options)
     print(json.dumps(result, indent=2, default=float) if args.json else format_table(result))

@@ -176,6 +176,9 @@ def load_scenes(config: Config) -> list[tuple[MeasurementDataset, RadioMap]]:
     (:func:`check_compatible`)."""
     if config.data.datasets is None:
         return [load_scene(config)]
+    if config.data.scene is not None:
+        raise ConfigError("data.scene: pins the one scene of data.dataset; with data.datasets each dataset names "
+                          "its own scene, so drop data.scene")
     maps_dir = resolve_path(config.physics_loss.radio_maps_dir)
     scenes, names = [], {}
     for m, path in enumerate(config.data.datasets):
