@@ -575,3 +575,10 @@ def test_training_on_many_scenes_and_a_held_out_one(tmp_path, monkeypatch):
         "data.datasets=" in job.command and "munich" in job.command
     assert "--set data.holdout_scene=florence" in job.command
     manager.cancel(job.id, grace_s=1.0)
+    for page in ("pages/attention.py", "pages/refinement.py"):  # the run on its held-out scene's data and map
+        at = _app(page, scene="florence")
+        at.selectbox(key="att_run" if "attention" in page else "ref_run").select("runs/two").run()
+        _no_exception(at)
+        assert not at.error, _texts(at.error)
+        if "attention" in page:
+            assert "Scene 'florence' is held out" in _texts(at.info)
