@@ -191,3 +191,12 @@ def _scene_without(root, scene: str, feature: str) -> None:
     radio_map.save(root / "radio_maps" / f"{scene}.zarr")
     saved = RadioMap.load(root / "radio_maps" / f"{scene}.zarr")
     synthetic_dataset(saved, 60, reports=6, k=3).save(root / "datasets" / scene, radio_map=saved.ref)
+
+
+def test_a_resumed_many_scene_run_equals_an_uninterrupted_one(world, tmp_path):
+    config = cfg(world, "training.epochs=2")
+    whole = train(config, tmp_path / "whole", show_progress=False)["history"]
+    train(config, tmp_path / "split", show_progress=False, max_epochs=1)
+    resumed = train(config, tmp_path / "split", resume=True, show_progress=False)["history"]
+    keys = ("train_total", "val_total", "val_median_m")
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in whole]
