@@ -172,19 +172,35 @@ def geometry(scene: str):
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
-def _load_run(path: str, stamp: float):
+def _load_run(path: str, stamp: float, scene: str | None = None):
     from core.learning.inference import load_run
 
-    return load_run(path, device="cpu")
+    return load_run(path, device="cpu", scene=scene)
 
 
-def load_run(path: str | os.PathLike):
-    """The run at ``path`` with its dataset and map (reloaded, and so checked again against
-    the run's lineage, when the run or either store changes)."""
-    from core.stores.run import input_stores
+def shown_scene(path: str | os.PathLike, scene: str | None) -> str | None:
+    """The scene to show the run at ``path`` on: ``scene`` (the active one) when the run trained on several
+    scenes among them ``scene``, or keeps ``scene`` held out; else None (the run's first scene)."""
+    from core.stores.run import run_info
 
-    stores = input_stores(path) or ()
-    return _load_run(str(path), max([mtime(path), *(mtime(p) for p in stores)]))
+    if scene is None:
+        return None
+    info = run_info(path)
+    return scene if (len(info.scenes) > 1 and scene in info.scenes) or info.holdout_scene == scene else None
+
+
+def load_run(path: str | os.PathLike, scene: str | None = None):
+    """The run at ``path`` with the dataset and map of :func:`shown_scene` (reloaded, and so checked again
+    against the run's lineage, when the run or a store changes)."""
+    from core import resolve_path
+    from core.stores.run import input_stores, run_info
+
+    stores = list(input_stores(path) or ())
+    shown = shown_scene(path, scene)
+    config = run_info(path).config if shown is not None else None
+    if config is not None:
+        stores += [resolve_path(p) for p in config.data.training_datasets]
+    return _load_run(str(path), max([mtime(path), *(mtime(p) for p in stores)]), shown)
 
 
 # -- messages that survive the job panel's automatic rerun --------------------------------
@@ -398,6 +414,20 @@ def pick_run(ws: Workspace, scene: str, container, key: str) -> str:
         st.page_link("pages/training.py", label="Go to Training")
         st.stop()
     # a run still training is listed, not preselected
-    preferred = ([i for i, r in enumerate(runs) if r.scene == scene and r.state == "done"]
-                 or [i for i, r in enumerate(runs) if r.scene == scene])
+    ours = [i for i, r in enumerate(runs) if r.scene == scene or scene in r.scenes or r.holdout_scene == scene]
+    preferred = [i for i in ours if runs[i].state == "done"] or ours
     return container.selectbox("Run", [r.name for r in runs], index=preferred[0] if preferred else 0, key=key)
+
+
+def scenes_problem(ws, scenes: list[str], holdout: str | None, portable) -> str:
+    """Why training on ``scenes`` with ``holdout`` kept out cannot start ("" when it can): no scene, a
+    held-out scene also trained on, or a scene whose map is not the one its dataset was made with."""
+    from core.stores.lineage import check_scene_stores
+
+    try:
+        ws.training_overrides(scenes, holdout, portable)
+        for name in scenes:
+            check_scene_stores(ws.dataset_path(name), ws.map_path(name))
+    except CoreError as exc:
+        return str(exc)
+    return ""

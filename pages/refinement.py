@@ -24,7 +24,7 @@ limit = c[2].number_input("Samples (max)", min_value=50, max_value=20000, value=
 
 run = None
 with wb.guard(f"run {name}"):
-    loaded = wb.load_run(ws.root / name)
+    loaded = wb.load_run(ws.root / name, scene)
     _ = loaded.calibration  # made and stored with the run on first use, before its stamp is read (no magic echo)
     run = loaded
 if run is None:
@@ -44,27 +44,28 @@ options = (float(threshold) if gate else None, int(top_k), float(window_s))
 
 
 @st.cache_data(show_spinner="Predicting and refining…", max_entries=8)
-def analysis(path: str, stamp: float, split: str, limit: int, options: tuple):
+def analysis(path: str, stamp: float, split: str, limit: int, options: tuple, scene: str | None):
     from core.learning.inference import predict, refine_prediction
 
-    r = wb.load_run(path)
+    r = wb.load_run(path, scene)
     pred = predict(r, r.dataset.indices(split)[:limit])
     threshold, top_k, window_s = options
     return pred, refine_prediction(r, pred, threshold=threshold, top_k=top_k, window_s=window_s)
 
 
 @st.cache_data(show_spinner="Evaluating the likelihood surface…", max_entries=64)
-def surface(path: str, stamp: float, split: str, limit: int, options: tuple, row: int, half_m: float, centre: tuple):
+def surface(path: str, stamp: float, split: str, limit: int, options: tuple, scene: str | None, row: int,
+            half_m: float, centre: tuple):
     from core.learning.inference import refinement_surface
 
-    _, ref = analysis(path, stamp, split, limit, options)
-    return refinement_surface(wb.load_run(path), ref, row, half_m=half_m, centre=centre)
+    _, ref = analysis(path, stamp, split, limit, options, scene)
+    return refinement_surface(wb.load_run(path, scene), ref, row, half_m=half_m, centre=centre)
 
 
 path, stamp = str(ws.root / name), wb.mtime(ws.root / name)
 result = None
 with wb.guard("refinement"):
-    result = analysis(path, stamp, split, int(limit), options)
+    result = analysis(path, stamp, split, int(limit), options, scene)
 if result is None:
     st.stop()
 pred, ref = result
@@ -114,7 +115,7 @@ st.markdown(f"Error: network **{ref.error_before_m[i]:.2f} m** → MAP **{ref.er
             f"{ref.posterior_after[i]:.2f} nats). σ = ({pred.sigma[i, 0]:.1f}, {pred.sigma[i, 1]:.1f}) m, "
             f"confidence {pred.confidence[i]:.2f}, {int(pred.num_reports[i])} reports.")
 with wb.guard("likelihood surface"):
-    surf = surface(path, stamp, split, int(limit), options, i, float(half), (float(centre[0]), float(centre[1])))
+    surf = surface(path, stamp, split, int(limit), options, scene, i, float(half), (float(centre[0]), float(centre[1])))
     layers = list(figures.surface_layers(surf, site_names))
     layer = s[2].selectbox("Surface", layers, key="ref_layer",
                            help="The posterior, the likelihood of all sites, the prior, or one reported site's term.")

@@ -39,12 +39,10 @@ else:
 if not map_status.ok:
     st.warning(f"**Radio map**: {map_status.message}. Training needs it; generate it on the Radio maps page.")
     st.page_link("pages/radio_maps.py", label="Go to Radio maps")
-lineage_problem = ""
 if ds_status.ok and map_status.ok:
     try:
         check_scene_stores(dataset_path, map_path)
     except CoreError as exc:
-        lineage_problem = str(exc)
         st.error(f"Cannot train on scene {scene}: {exc}", icon=":material/link_off:")
 
 
@@ -95,18 +93,25 @@ with st.form("train_form"):
                                     key=f"frac_{preset}", help="the other walks train through the physics term only")
     split = cols[1].selectbox("Split", ["random", "spatial"], index=["random", "spatial"].index(values["split"]),
                               key=f"split_{preset}", help="spatial: whole map blocks are held out for val and test")
+    with_dataset = ws.scenes_with_dataset()
+    cols = st.columns(2)
+    train_scenes = cols[0].multiselect("Training scenes", with_dataset, default=[scene] if scene in with_dataset else [],
+                                       key="train_scenes", help="one model on all of them (scenes that have a dataset)")
+    holdout = cols[1].selectbox("Held-out scene", ["(none)"] + with_dataset, key="train_holdout",
+                                help="never trained on; evaluate the run there with python -m core evaluate --scene")
     go = st.form_submit_button("Start training", type="primary")
 clean = "".join(c for c in name.strip() if c.isalnum() or c in "-_.") or "run"
 if go and is_taken(ws.runs_dir / clean):
     wb.refuse(f"Run name {clean!r} is taken: {ws.rel(ws.runs_dir / clean)} already holds a run. "
               "Pick another name; nothing was started.")
-elif go and lineage_problem:
-    wb.refuse(f"Not started: {lineage_problem}")
+elif go and (problem := wb.scenes_problem(ws, train_scenes, None if holdout == "(none)" else holdout, portable)):
+    wb.refuse(f"Not started: {problem}")
 elif go:
     with wb.guard("training"):
         overrides = {"physics_loss.lambda_phys": float(lam), "training.epochs": int(epochs),
                      "training.batch_size": int(batch), "training.learning_rate": float(lr),
-                     "model.preset": model_preset, "data.dataset": portable(dataset_path)}
+                     "model.preset": model_preset,
+                     **ws.training_overrides(train_scenes, None if holdout == "(none)" else holdout, portable)}
         if fraction < 1.0:
             overrides["data.label_fraction"] = float(fraction)
         if split != "random":
@@ -157,7 +162,8 @@ else:
 # -- compare -----------------------------------------------------------------------------
 st.subheader("Compare runs")
 if runs:
-    table = pd.DataFrame([{"run": r.name, "scene": r.scene, "state": r.state, "λ_phys applied": r.lambda_phys,
+    table = pd.DataFrame([{"run": r.name, "scene": r.scene, "scenes": ", ".join(r.scenes),
+                           "held out": r.holdout_scene or "", "state": r.state, "λ_phys applied": r.lambda_phys,
                            "labels": r.label_fraction, "split": r.split, "epochs": r.epochs_done,
                            "best val median [m]": r.best_val_median_m, "checkpoint": r.has_checkpoint} for r in runs])
     st.dataframe(table, hide_index=True, width="stretch")

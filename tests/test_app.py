@@ -611,3 +611,47 @@ def test_every_page_on_the_shipped_default_scene(tmp_path, monkeypatch):
         _no_exception(at)
         assert not at.warning and not at.error, (page, _texts(at.warning), _texts(at.error))
         assert len(at.get("plotly_chart")) >= charts, page
+
+
+def test_training_on_many_scenes_and_a_held_out_one(tmp_path, monkeypatch):
+    """The launch form picks the training scenes and the held-out scene; the run table shows them."""
+    from core.learning.config import load_config
+    from core.learning.training import train
+    from core.physics.synthetic import synthetic_scene
+
+    root = build_workspace(tmp_path)
+    synthetic_scene(root, num_ues=120, height=20, width=28, cell=4.0, reports=6, k=4, seed=1, scene="munich")
+    synthetic_scene(root, num_ues=120, height=20, width=20, cell=4.0, reports=6, k=4, seed=2, scene="florence")
+    config = load_config(REPO_ROOT / "configs" / "model.yaml", [
+        f"data.datasets=[{root / 'datasets' / 'etoile'}, {root / 'datasets' / 'munich'}]", "model.preset=tiny",
+        "training.epochs=1", "training.num_threads=1", "data.holdout_scene=florence",
+        f"physics_loss.radio_maps_dir={root / 'radio_maps'}"])
+    train(config, root / "runs" / "two", device="cpu", show_progress=False)
+    monkeypatch.setenv("CORE_WORKSPACE", str(root))
+    monkeypatch.setenv("CORE_JOBS_DB", str(root / ".jobs" / "jobs.sqlite"))
+    at = _app("pages/training.py")
+    runs = at.dataframe[0].value.set_index("run")
+    assert runs.loc["runs/two", "scenes"] == "etoile, munich" and runs.loc["runs/two", "held out"] == "florence"
+    assert runs.loc["runs/tiny", "scenes"] == "etoile"
+    assert set(at.multiselect(key="train_scenes").options) >= {"etoile", "munich", "florence"}
+    at.multiselect(key="train_scenes").set_value(["etoile", "munich"])
+    at.selectbox(key="train_holdout").select("munich")
+    _start_training(at, "refused")
+    assert any("held-out scene 'munich' is also a training scene" in e.value for e in at.error)
+    assert _manager(root).list() == []
+    at.selectbox(key="train_holdout").select("florence")
+    at.selectbox(key="mp_model").select("tiny")
+    _start_training(at, "multi")
+    manager = _manager(root)
+    job = next(j for j in manager.list() if j.kind == "train")
+    assert '--set data.datasets=["datasets/etoile", "datasets/munich"]' in job.command or \
+        "data.datasets=" in job.command and "munich" in job.command
+    assert "--set data.holdout_scene=florence" in job.command
+    manager.cancel(job.id, grace_s=1.0)
+    for page in ("pages/attention.py", "pages/refinement.py"):  # the run on its held-out scene's data and map
+        at = _app(page, scene="florence")
+        at.selectbox(key="att_run" if "attention" in page else "ref_run").select("runs/two").run()
+        _no_exception(at)
+        assert not at.error, _texts(at.error)
+        if "attention" in page:
+            assert "Scene 'florence' is held out" in _texts(at.info)

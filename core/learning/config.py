@@ -3,7 +3,7 @@
 The keys follow the reference design::
 
     seed: 0
-    data:          {dataset, scene, max_samples, label_fraction, split, spatial_blocks}
+    data:          {dataset | datasets, scene, holdout_scene, max_samples, label_fraction, split, spatial_blocks}
     model:         {preset, d_model, num_layers, num_heads, ...}   (preset + overrides)
     training:      {epochs, batch_size, learning_rate, ..., loss: {lambda_fine}}
     physics_loss:  {lambda_phys, warmup_epochs, ramp_epochs, per_sample_grad_clip,
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import ConfigError
 from core.features import FEATURES
@@ -49,7 +49,14 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 
 class DataConfig(_Section):
+    #: the dataset trained on (one scene); with ``datasets`` set, replaced by the first of them
     dataset: str = "datasets/etoile"
+    #: several datasets (one per scene) trained into ONE model (docs/model.md, "Many scenes"); None = ``[dataset]``;
+    #: when set it overrides ``dataset``
+    datasets: list[str] | None = Field(default=None, min_length=1)
+    #: a scene kept out of training, only evaluated on (``python -m core evaluate --run RUN --scene SCENE``);
+    #: its dataset is ``<folder of the first dataset>/<holdout_scene>``; it must not be a training scene
+    holdout_scene: str | None = Field(default=None, min_length=1)
     #: optional, kept for old configs: the scene is the dataset's (attrs["scene"]) and its map
     #: ``<physics_loss.radio_maps_dir>/<scene>.zarr``; a scene given here must be that one, or training refuses
     scene: str | None = None
@@ -64,6 +71,30 @@ class DataConfig(_Section):
     split: Literal["random", "spatial"] = "random"
     #: the spatial split cuts the map into spatial_blocks x spatial_blocks blocks
     spatial_blocks: int = Field(default=4, ge=2, le=64)
+
+    @field_validator("datasets")
+    @classmethod
+    def _distinct(cls, datasets):
+        if datasets is not None:
+            seen = set()
+            for path in datasets:
+                key = os.path.normpath(path)
+                if key in seen:
+                    raise ValueError(f"{path!r} is listed twice")
+                seen.add(key)
+        return datasets
+
+    @model_validator(mode="after")
+    def _first_is_dataset(self):
+        """With ``datasets`` (which overrides ``dataset``, e.g. a preset's), ``dataset`` is its first entry."""
+        if self.datasets is not None and self.dataset != self.datasets[0]:
+            object.__setattr__(self, "dataset", self.datasets[0])
+        return self
+
+    @property
+    def training_datasets(self) -> list[str]:
+        """The datasets trained on, one per scene, in scene-index order."""
+        return list(self.datasets) if self.datasets is not None else [self.dataset]
 
 
 class ModelConfig(_Section):

@@ -87,6 +87,8 @@ class TensorData:
     phys_q      float32 [N, k]      ... and their map-likelihood posterior q (rows of 0: no coarse term);
                                     see core.learning.coarse_physics. None = absent (left out of batches)
     phys_xy     float32 [N, 2]      optional: the likelihood's mode in the most likely cell [m] (mode term)
+    scene_index long    [N]         the sample's scene: which map and physics term it is read against
+                                    (0 with one scene; ``indices`` point into that scene's dataset)
     """
 
     feats: torch.Tensor
@@ -106,6 +108,7 @@ class TensorData:
     phys_cells: torch.Tensor | None = None
     phys_q: torch.Tensor | None = None
     phys_xy: torch.Tensor | None = None
+    scene_index: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.feats.shape[0]
@@ -113,6 +116,32 @@ class TensorData:
     def batch(self, idx: torch.Tensor, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         return {name: getattr(self, name)[idx].to(device) for name in self.__dataclass_fields__
                 if getattr(self, name) is not None}
+
+
+#: what pads the per-site observation of a scene with fewer pooled sites than another (an empty slot)
+_SLOT_FILL = {"obs_site_ids": -1, "obs_site": float("nan"), "obs_weight": 0.0}
+
+
+def concat_tensors(parts: list[TensorData]) -> TensorData:
+    """One :class:`TensorData` of the samples of ``parts`` (one per scene), in order, each part's
+    ``scene_index`` set to its position in ``parts``. The pooled per-site observation (``obs_site*``,
+    one slot per site heard) is padded with empty slots to the widest part. One part is returned as it is."""
+    for m, part in enumerate(parts):
+        part.scene_index = torch.full((len(part),), m, dtype=torch.long)
+    if len(parts) == 1:
+        return parts[0]
+    fields = {}
+    for name in TensorData.__dataclass_fields__:
+        values = [getattr(p, name) for p in parts]
+        if any(v is None for v in values):
+            fields[name] = None
+            continue
+        if name in _SLOT_FILL:
+            width = max(v.shape[1] for v in values)
+            values = [torch.cat([v, v.new_full((v.shape[0], width - v.shape[1], *v.shape[2:]), _SLOT_FILL[name])], 1)
+                      for v in values]
+        fields[name] = torch.cat(values)
+    return TensorData(**fields)
 
 
 def num_site_embeddings(dataset: MeasurementDataset) -> int:
@@ -219,8 +248,13 @@ def build_tensors(
     geometry_hint: bool = True,
     observation: str = "latest",
     report_window_s: float = 1.0,
+    num_sites: int | None = None,
 ) -> TensorData:
-    """Model tensors of ``dataset[indices]`` normalised with ``radio_map``'s statistics."""
+    """Model tensors of ``dataset[indices]`` normalised with ``radio_map``'s statistics.
+
+    ``num_sites``: the site-id range of the model's embeddings (default the dataset's own,
+    :func:`num_site_embeddings`); a model trained on several scenes uses their largest. Site ids
+    at or above it (a held-out scene with more sites) share embeddings modulo ``num_sites``."""
     from core.physics.observation import site_observation
 
     if indices is None:
@@ -254,8 +288,8 @@ def build_tensors(
     feats = np.where(np.isfinite(feats), feats, 0.0)
     feats[~mask] = 0.0
 
-    n_sites = num_site_embeddings(dataset)
-    ids = ds.site_ids.astype(np.int64)
+    n_sites = num_site_embeddings(dataset) if num_sites is None else int(num_sites)
+    ids = np.where(ds.site_ids >= 0, ds.site_ids.astype(np.int64) % n_sites, -1)
     slot = np.arange(k)[None, None, :]
     site_index = np.where(ids >= 0, slot * (n_sites + 1) + ids + 1, 0)
 
@@ -279,6 +313,7 @@ def build_tensors(
         obs_site=site_obs.site.float(),
         obs_weight=(torch.ones_like(site_obs.site) if site_obs.weight is None else site_obs.weight).float(),
         obs_cell=site_obs.cell.float(),
+        scene_index=torch.zeros(n, dtype=torch.long),
     )
 
 

@@ -1,4 +1,4 @@
-"""``python -m core evaluate --run runs/NAME [--refine] [--split test] [--baselines] [--json]``.
+"""``python -m core evaluate --run runs/NAME [--scene SCENE] [--refine] [--split test] [--baselines] [--json]``.
 
 Evaluates a run on one split. The result (also written to ``<run>/eval_<split>[_refine].json``)
 holds at top level the run's ``lambda_phys`` (as applied), ``label_fraction`` and ``data_split``, ``median_m, rmse_m, p67_m, p90_m, success_5m, success_10m,
@@ -17,6 +17,14 @@ after a warm-up), plus:
   (only the refined ones), ``groups_after``};
 * with ``--baselines``: ``baselines`` = {"knn": metrics, "ml": metrics, "multilateration":
   metrics} on the same split (each with its ``groups``).
+
+With ``--scene SCENE`` the run is evaluated on that scene (its dataset and map; a held-out scene
+never seen in training: its dataset is ``<folder of the run's first dataset>/<SCENE>`` unless
+``--dataset`` says, MAP refinement on its own map with a calibration transferred from the training
+scenes). The result, written to ``<run>/eval_<split>_<SCENE>[_refine].json``, is that scene's, with
+``scene``, ``held_out`` and ``scenes``: the in-scene vs held-out table, one row per training scene
+and one for SCENE, each ``{scene, role ("trained" | "held-out"), count, median_m, p90_m,
+rmse_m}`` and, with ``--refine``, ``refined_median_m`` and ``refined_p90_m`` (same split everywhere).
 
 The table printed without ``--json`` has one row per method (network, network + MAP,
 the baselines) and a second table of the median per group.
@@ -66,7 +74,8 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     pred, ms = _timed_predict(run, indices)
     result: dict[str, Any] = {"run": str(run.run_dir), "split": split, "checkpoint": run.checkpoint.name,
                               "lambda_phys": run.config.physics_loss.lambda_phys,
-                              "label_fraction": run.config.data.label_fraction, "data_split": run.config.data.split}
+                              "label_fraction": run.config.data.label_fraction, "data_split": run.config.data.split,
+                              "scene": run.scene, "held_out": run.held_out}
     result.update(error_metrics(pred.error_m))
     epoch_s = run.metrics["epoch_s"].mean() if "epoch_s" in run.metrics else float("nan")
     result["train_s_per_epoch"] = float(epoch_s)
@@ -93,6 +102,42 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     if keep_errors:
         result["_errors"] = errors
     return result
+
+
+def evaluate_scene(run_dir, scene: str, split: str = "test", refine: bool = False, device="cpu",
+                   dataset_path=None, write: bool = True, baselines: bool = False, **options) -> dict[str, Any]:
+    """Evaluate ``run_dir`` on ``scene`` (a training scene or a held-out one; ``baselines`` there too) and add
+    the in-scene vs held-out table ``scenes`` (every training scene and ``scene``, the same ``split``; see the
+    module doc). ``options``: ``threshold``, ``top_k``, ``window_s`` of :func:`evaluate_run`."""
+    from core.learning.inference import load_run
+
+    run = load_run(run_dir, device=device, scene=scene, dataset_path=dataset_path)
+    result = evaluate_run(run_dir, split, refine, baselines, run=run, write=False, **options)
+    rows = []
+    for name in run.trained_scenes:
+        if name == scene:
+            other = result
+        else:
+            other = evaluate_run(run_dir, split, refine, run=load_run(run_dir, device=device, scene=name),
+                                 write=False, **options)
+        rows.append(_scene_row(name, "trained", other))
+    if run.held_out:
+        rows.append(_scene_row(scene, "held-out", result))
+    result["scenes"] = rows
+    if write:
+        name = f"eval_{split}_{scene}{'_refine' if refine else ''}.json"
+        atomic_write_text(Path(run.run_dir) / name, json.dumps(result, indent=2, default=float))
+    return result
+
+
+def _scene_row(scene: str, role: str, result: dict[str, Any]) -> dict[str, Any]:
+    """One row of the in-scene vs held-out table."""
+    row = {"scene": scene, "role": role, "count": result["count"], "median_m": result["median_m"],
+           "p90_m": result["p90_m"], "rmse_m": result["rmse_m"]}
+    if "refinement" in result:
+        row.update(refined_median_m=result["refinement"]["after"]["median_m"],
+                   refined_p90_m=result["refinement"]["after"]["p90_m"])
+    return row
 
 
 def _refinement(run, pred, threshold, top_k, window_s) -> tuple[dict[str, Any], Any]:
@@ -149,6 +194,8 @@ def format_table(result: dict[str, Any]) -> str:
     if "lambda_phys" in result:
         lines.append(f"lambda_phys {result['lambda_phys']:g} (applied)  label_fraction {result['label_fraction']:g}  "
                      f"split {result['data_split']}")
+    if "scenes" in result:
+        lines += ["", "in-scene vs held-out", pd.DataFrame(result["scenes"]).to_string(index=False, float_format=fmt)]
     lines.append(f"train_s_per_epoch {result['train_s_per_epoch']:.2f}  "
                  f"inference_ms_per_sample {result['inference_ms_per_sample']:.4f}")
     if "refinement" in result:
@@ -162,6 +209,11 @@ def format_table(result: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run directory (e.g. runs/NAME or assets/default_run)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--scene", default=None,
+                        help="evaluate on this scene: a training scene, or a held-out one never trained on "
+                             "(adds the in-scene vs held-out table)")
+    parser.add_argument("--dataset", default=None,
+                        help="with --scene: its dataset (default: datasets/SCENE beside the run's first dataset)")
     parser.add_argument("--refine", action="store_true",
                         help="also report the network + MAP refinement (every sample unless --threshold)")
     parser.add_argument("--baselines", action="store_true",
@@ -179,7 +231,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # one thread: much faster than 2 on a shared 2-core CPU
     device = "cpu" if args.device == "auto" and not torch.cuda.is_available() else args.device
-    result = evaluate_run(args.run, args.split, args.refine, args.baselines, device=device,
-                          threshold=args.threshold, top_k=args.top_k, window_s=args.window)
+    options = dict(threshold=args.threshold, top_k=args.top_k, window_s=args.window)
+    if args.scene is not None:
+        result = evaluate_scene(args.run, args.scene, args.split, args.refine, device=device,
+                                dataset_path=args.dataset, baselines=args.baselines, **options)
+    else:
+        result = evaluate_run(args.run, args.split, args.refine, args.baselines, device=device, **options)
     print(json.dumps(result, indent=2, default=float) if args.json else format_table(result))
     return 0

@@ -11,6 +11,10 @@
 * :func:`refinement_surface`, :func:`residual_table`, :func:`serving_table`: what the
   Refinement inspector draws for one sample.
 
+A run trained on several scenes is loaded for ONE scene at a time (``load_run(..., scene=NAME)``):
+one of its training scenes, or a held-out scene it never saw (its dataset, its map, and a likelihood
+calibration transferred from the training scenes: :func:`~core.physics.calibration.transfer_calibration`).
+
 Run directories are read through :mod:`core.stores.run` (which also lists them). Outputs
 are numpy arrays on the CPU. Missing or corrupt files, and a dataset or radio map that is
 not the one the run was trained on, raise :class:`~core.errors.StoreError` naming them.
@@ -34,7 +38,7 @@ from core.errors import CoreError, StoreError
 from core.learning.config import Config, likelihood_config
 from core.learning.data_loading import TensorData, build_tensors, map_input
 from core.learning.metrics import position_errors
-from core.learning.model import MapConditionedTransformer, build_model
+from core.learning.model import MapConditionedTransformer, SceneMaps, build_model
 from core.stores import run as run_store
 from core.stores.dataset import MeasurementDataset
 from core.stores.radio_map import RadioMap
@@ -48,8 +52,10 @@ class LoadedRun:
     """A run directory loaded for inference.
 
     run_dir: the directory; config: its resolved :class:`Config`; model: in eval mode on
-    ``device``; dataset / radio_map: what it was trained on; metrics: metrics.jsonl as a
-    DataFrame (empty if none); checkpoint: which file the weights came from.
+    ``device``; dataset / radio_map: the scene loaded (a training scene, by default the first, or a
+    held-out one); metrics: metrics.jsonl as a DataFrame (empty if none); checkpoint: which file
+    the weights came from. scene_index: the loaded scene's index among the training scenes (None:
+    held out); trained_scenes: the training scenes' names, in scene-index order.
     """
 
     run_dir: Path
@@ -61,6 +67,8 @@ class LoadedRun:
     device: torch.device
     checkpoint: Path
     map_image: torch.Tensor
+    scene_index: int | None = 0
+    trained_scenes: tuple[str, ...] = ()
     _calibration: Any = field(default=None, repr=False)
     _likelihood: Any = field(default=None, repr=False)
     _refiners: dict = field(default_factory=dict, repr=False)
@@ -70,8 +78,22 @@ class LoadedRun:
         """The run's :class:`~core.physics.calibration.Calibration` (``calibration.json``; made
         and stored on first use when missing: :func:`core.stores.run.ensure_calibration`)."""
         if self._calibration is None:
-            self._calibration = run_store.ensure_calibration(self.run_dir, self.dataset, self.radio_map)
+            if self.held_out:
+                self._calibration = _transferred_calibration(self)
+            else:
+                name = None if self.scene_index == 0 else self.trained_scenes[self.scene_index]
+                self._calibration = run_store.ensure_calibration(self.run_dir, self.dataset, self.radio_map, name)
         return self._calibration
+
+    @property
+    def held_out(self) -> bool:
+        """Whether the loaded scene is not one the run was trained on."""
+        return self.scene_index is None
+
+    @property
+    def maps(self) -> SceneMaps:
+        """The loaded scene's map and bounds, as the model reads them (``M = 1``)."""
+        return SceneMaps.stack([self.map_image], [self.radio_map.bounds]).to(self.map_image.device)
 
     @property
     def likelihood(self):
@@ -99,8 +121,11 @@ class LoadedRun:
         return self.dataset.ref.scene
 
     def tensors(self, indices) -> TensorData:
+        from core.learning.training import spec_num_sites
+
         return build_tensors(self.dataset, self.radio_map, np.asarray(indices, dtype=np.int64),
-                             self.model.spec.geometry_hint, self.config.physics_loss.observation)
+                             self.model.spec.geometry_hint, self.config.physics_loss.observation,
+                             num_sites=spec_num_sites(self.model.spec))
 
 
 @dataclass
@@ -125,15 +150,18 @@ class Prediction:
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
-             stores: tuple[MeasurementDataset, RadioMap] | None = None) -> LoadedRun:
-    """Load ``run_dir`` (best.pt, else last.pt) with its dataset and radio map.
+             stores: tuple[MeasurementDataset, RadioMap] | None = None, scene: str | None = None,
+             dataset_path: str | os.PathLike | None = None) -> LoadedRun:
+    """Load ``run_dir`` (best.pt, else last.pt) with the dataset and radio map of one scene.
 
-    The dataset and map its config leads to must be the ones it was trained on (the ids in
-    its ``lineage.json``), and the map the one the dataset was made with. ``stores``: the
+    ``scene``: one of the run's training scenes (default: the first) or a held-out scene, whose
+    dataset is ``dataset_path`` (default :func:`holdout_dataset_path`) and map the one it was made
+    with. A training scene's dataset and map must be the ones it was trained on (the ids in its
+    ``lineage.json``), and the map the one the dataset was made with. ``stores``: the
     ``(dataset, radio map)`` as loaded from disk, to skip loading them again (many runs on one
     scene); the run's ``data`` settings (split, sample cap) are applied to them as at training.
     """
-    from core.learning.training import apply_data_config, load_scene
+    from core.learning.training import apply_data_config, check_fits
     from core.stores.lineage import check_map_of_dataset
 
     run_dir = resolve_path(run_dir)
@@ -143,24 +171,83 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
     ckpt_path = run_store.checkpoint_path(run_dir)
     device = resolve_device(device)
     ckpt = run_store.load_checkpoint(ckpt_path, device)
+    trained = trained_scenes(run_dir, config)
+    index = 0 if scene is None else (trained.index(scene) if scene in trained else None)
     if stores is None:
-        dataset, radio_map = load_scene(config)
+        dataset, radio_map = _scene_stores(config, index, scene, dataset_path)
     else:
         check_map_of_dataset(stores[0].ref, stores[0].radio_map_ref, stores[1].ref)
         dataset, radio_map = apply_data_config(config, *stores), stores[1]
-    run_store.check_lineage(run_dir, dataset.ref, radio_map.ref)
+    if index is not None:
+        run_store.check_lineage(run_dir, dataset.ref, radio_map.ref, index)
     model = build_model(ckpt["spec"], config.seed)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         raise StoreError(f"{ckpt_path}: weights do not fit the model ({str(exc).splitlines()[0]})") from None
     model.to(device).eval()
-    if tuple(model.spec.bounds) != tuple(radio_map.bounds):
+    if index is None:
+        check_fits(model.spec, dataset, radio_map, f"--scene {scene}")
+    elif index == 0 and tuple(model.spec.bounds) != tuple(radio_map.bounds):
         raise StoreError(f"{ckpt_path}: trained on a map with bounds {model.spec.bounds}, but "
                          f"{radio_map.source} has {radio_map.bounds}")
     metrics = pd.DataFrame(run_store.read_metrics(run_dir))
     return LoadedRun(run_dir, config, model, dataset, radio_map, metrics, device, ckpt_path,
-                     map_input(radio_map, model.spec.map_size).to(device))
+                     map_input(radio_map, model.spec.map_size).to(device), index, tuple(trained))
+
+
+def trained_scenes(run_dir: str | os.PathLike, config: Config) -> list[str]:
+    """The run's training scenes in scene-index order: from its lineage.json, else its datasets' metadata."""
+    from core.stores.lineage import store_ref
+
+    lineage = run_store.read_lineage(run_dir)
+    if lineage is not None and lineage.scene_names:
+        return lineage.scene_names
+    return [store_ref(resolve_path(p), "dataset").scene or "" for p in config.data.training_datasets]
+
+
+def holdout_dataset_path(config: Config, scene: str) -> Path:
+    """Where a held-out scene's dataset is: ``<folder of the first training dataset>/<scene>`` (the
+    workspace layout, ``datasets/<scene>``)."""
+    return resolve_path(config.data.training_datasets[0]).parent / scene
+
+
+def _scene_stores(config: Config, index: int | None, scene: str | None, dataset_path) -> tuple[MeasurementDataset, RadioMap]:
+    """``(dataset with config.data applied, radio map)`` of training scene ``index``, or of held-out ``scene``."""
+    from core.learning.training import apply_data_config, load_scene, load_stores
+
+    if index == 0 and config.data.datasets is None:
+        return load_scene(config)
+    maps_dir = resolve_path(config.physics_loss.radio_maps_dir)
+    if index is not None:
+        path, key = config.data.training_datasets[index], f"data.datasets[{index}]"
+    else:
+        path, key = dataset_path or holdout_dataset_path(config, scene), f"--scene {scene}"
+    dataset, radio_map = load_stores(path, maps_dir, None, key)
+    if index is None and dataset.ref.scene != scene:
+        raise CoreError(f"--scene {scene}: dataset {dataset.ref.describe()} is of scene {dataset.ref.scene!r}")
+    return apply_data_config(config, dataset, radio_map), radio_map
+
+
+def _transferred_calibration(run: LoadedRun):
+    """The held-out scene's likelihood calibration: transferred from the training scenes' stored
+    calibrations (the first scene's is made and stored when missing), never from this scene's labels."""
+    from core.physics.calibration import transfer_calibration
+
+    sources = []
+    for m, name in enumerate(run.trained_scenes):
+        try:
+            cal = run_store.read_calibration(run.run_dir, None if m == 0 else name)
+        except StoreError:
+            cal = None
+        if cal is not None:
+            sources.append(cal)
+    if not sources:
+        first = load_run(run.run_dir, run.device, scene=run.trained_scenes[0] if run.trained_scenes else None)
+        sources.append(first.calibration)
+    cal = transfer_calibration(sources, run.radio_map)
+    cal.meta.update({"scene": run.scene, "dataset": run.dataset.ref.to_dict(), "radio_map": run.radio_map.ref.to_dict()})
+    return cal
 
 
 @contextlib.contextmanager
@@ -215,12 +302,14 @@ def _predict(run: LoadedRun, indices, return_attention: bool, batch_size: int, t
     top_k = int(min(max(top_k, 1), g2))
     temporal: list[list[np.ndarray]] = []
     cross: list[list[np.ndarray]] = []
+    maps = run.maps  # the loaded scene's map and bounds: positions in its frame
+    frame = run.model.frame(maps)
     for start in range(0, len(data), batch_size):
         b = data.batch(torch.arange(start, min(start + batch_size, len(data))), run.device)
-        out = run.model(b["feats"], b["site_index"], b["mask"], run.map_image, return_attention=return_attention)
+        out = run.model(b["feats"], b["site_index"], b["mask"], maps, return_attention=return_attention)
         prob, cells = out.logits.softmax(-1).topk(top_k, dim=-1)
         out_np = {"xy": out.xy, "sigma": out.sigma, "confidence": out.confidence, "coarse_prob": prob,
-                  "coarse_xy": run.model.cell_centre(cells.reshape(-1)).reshape(*cells.shape, 2)}
+                  "coarse_xy": run.model.cell_centre(cells.reshape(-1), frame).reshape(*cells.shape, 2)}
         for k in parts:
             parts[k].append(out_np[k].cpu().numpy())
         if return_attention:

@@ -4,10 +4,10 @@ Shapes: ``B`` samples, ``T`` reports, ``K`` site slots, ``D`` token inputs, ``d`
 width, ``H`` heads, ``P`` map patches, ``G`` coarse grid size (``G x G`` cells).
 
 1. Measurement tokens  ``x[B, T, d] = W feats + sum_k E[site_index_k] + pos[t] (+ e_missing)``
-2. Map tokens          ``m[P, d]``: a strided conv over the resampled map (all features,
-   AoA as cos/sin, coverage channel; see :func:`core.data_loading.map_input`) + a
-   learned patch position, then one self-attention block. Computed once per forward
-   (every sample of a scene shares it).
+2. Map tokens          ``m[M, P, d]``: a strided conv over each scene's resampled map (all
+   features, AoA as cos/sin, coverage channel; see :func:`core.data_loading.map_input`) + a
+   learned patch position, then one self-attention block. Computed once per forward for
+   each of the ``M`` scenes of the batch; every sample reads its own scene's tokens.
 3. ``num_layers`` blocks, each: temporal self-attention over the valid reports,
    cross-attention from the reports to the map tokens, MLP (pre-LN, residual).
 4. Pooling: the mean of valid report tokens concatenated with the last valid one.
@@ -29,6 +29,13 @@ width, ``H`` heads, ``P`` map patches, ``G`` coarse grid size (``G x G`` cells).
    position (fine) head: the pooled features and cell keys enter it detached. The physics term
    is evaluated there (docs/model.md, "Gradient routing").
 
+Many scenes (docs/model.md, "Many scenes"): the map argument is a :class:`SceneMaps` (``M``
+maps and their bounds) and ``scene_index[B]`` says which one each sample belongs to. Every
+position is relative to its own scene's map: the ``G x G`` cells divide each scene's bounds,
+so a cell is the same fraction of every map and ``cell_wh`` [m] differs per scene
+(:meth:`MapConditionedTransformer.frame`). A bare ``map_image[C, S, S]`` is one scene with the
+bounds of :attr:`ModelSpec.bounds` (the single-scene path; ``M = 1`` gives the same numbers).
+
 Attention weights are computed explicitly (``softmax(QK^T / sqrt(d_h))``) when
 ``return_attention=True`` and on the CPU (measured faster there than the fused kernel at
 T = 8); otherwise (CUDA) :func:`torch.nn.functional.scaled_dot_product_attention`.
@@ -38,6 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -73,6 +81,38 @@ class ModelSpec:
 
 
 @dataclass
+class SceneMaps:
+    """The maps of ``M`` scenes as the model reads them.
+
+    images  float32 [M, C, S, S]   each scene's :func:`~core.learning.data_loading.map_input`
+    bounds  float64 [M, 4]         each map's outer edges (x_min, y_min, x_max, y_max) [m]
+    """
+
+    images: torch.Tensor
+    bounds: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device) -> SceneMaps:
+        return SceneMaps(self.images.to(device), self.bounds.to(device))
+
+    @classmethod
+    def stack(cls, images: list[torch.Tensor], bounds: list) -> SceneMaps:
+        """From per-scene ``[C, S, S]`` images and ``(x_min, y_min, x_max, y_max)`` bounds."""
+        return cls(torch.stack(images), torch.tensor([[float(v) for v in b] for b in bounds], dtype=torch.float64))
+
+
+class Frame(NamedTuple):
+    """Where the cells of a batch lie: ``origin`` and ``cell_wh`` ``[B or 1, 2]`` [m] (the map's
+    lower-left corner and the cell size of each sample's scene), ``scene [B]`` (None: one map)."""
+
+    origin: torch.Tensor
+    cell_wh: torch.Tensor
+    scene: torch.Tensor | None = None
+
+
+@dataclass
 class ModelOutput:
     """See the module doc. ``attention`` = {"temporal": [[B,H,T,T]] * L, "cross": [[B,H,T,P]] * L}."""
 
@@ -99,14 +139,19 @@ class Attention(nn.Module):
         self.kv = nn.Linear(d, 2 * d)
         self.out = nn.Linear(d, d)
 
-    def forward(self, q, kv, key_mask=None, return_attention=False):
-        """``key_mask[B, Tk]`` True = attend. Returns ``(out[B, Tq, d], weights[B, H, Tq, Tk] | None)``."""
+    def forward(self, q, kv, key_mask=None, return_attention=False, kv_index=None):
+        """``key_mask[B, Tk]`` True = attend. ``kv[B or M, Tk, d]``: with ``M`` key sets (one per scene)
+        ``kv_index[B]`` picks each query's set (None: one set shared by all). Returns
+        ``(out[B, Tq, d], weights[B, H, Tq, Tk] | None)``."""
         b, tq, d = q.shape
         tk = kv.shape[1]
         h, dh = self.heads, d // self.heads
         q = self.q(q).view(b, tq, h, dh).transpose(1, 2)
         k, v = self.kv(kv).view(kv.shape[0], tk, 2, h, dh).permute(2, 0, 3, 1, 4)
-        k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
+        if kv_index is None:
+            k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
+        else:  # projected once per scene, then gathered per sample
+            k, v = k[kv_index], v[kv_index]
         mask = None if key_mask is None else key_mask[:, None, None, :]
         p = self.dropout if self.training else 0.0
         if return_attention or not q.is_cuda:  # explicit is faster than the CPU SDPA kernels at these sizes
@@ -137,18 +182,19 @@ class Block(nn.Module):
         self.cross_attn = Attention(d, heads, dropout)
         self.mlp = MLP(d, ratio, dropout)
 
-    def forward(self, x, mask, map_tokens, return_attention=False):
+    def forward(self, x, mask, map_tokens, return_attention=False, scene=None):
+        """``map_tokens[M, P, d]``; ``scene[B]``: each sample's scene (None: ``M = 1``)."""
         h = self.ln1(x)
         a, w_self = self.self_attn(h, h, mask, return_attention)
         x = x + a
-        a, w_cross = self.cross_attn(self.ln2(x), map_tokens, None, return_attention)
+        a, w_cross = self.cross_attn(self.ln2(x), map_tokens, None, return_attention, scene)
         x = x + a
         x = x + self.mlp(self.ln3(x))
         return x, w_self, w_cross
 
 
 class MapEncoder(nn.Module):
-    """``map[C, S, S]`` -> map tokens ``[1, P, d]`` (strided-conv patches + position + one attention block)."""
+    """``maps[M, C, S, S]`` -> map tokens ``[M, P, d]`` (strided-conv patches + position + one attention block)."""
 
     def __init__(self, channels: int, d: int, patch: int, num_patches: int, heads: int, ratio: int, dropout: float):
         super().__init__()
@@ -159,8 +205,8 @@ class MapEncoder(nn.Module):
         self.mlp = MLP(d, ratio, dropout)
         nn.init.normal_(self.pos, std=0.02)
 
-    def forward(self, map_image: torch.Tensor) -> torch.Tensor:
-        x = self.patch(map_image[None]).flatten(2).transpose(1, 2) + self.pos  # [1, P, d], row-major, row = y
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch(images).flatten(2).transpose(1, 2) + self.pos  # [M, P, d], row-major, row = y
         h = self.ln1(x)
         x = x + self.attn(h, h)[0]
         x = x + self.mlp(self.ln2(x))
@@ -199,42 +245,75 @@ class MapConditionedTransformer(nn.Module):
         self.register_buffer("cell_fourier", torch.cat([ang.sin(), ang.cos()], -1).flatten(1), persistent=False)
 
     # -- geometry -------------------------------------------------------------------------
-    def cell_centre(self, cell: torch.Tensor) -> torch.Tensor:
-        """``[B]`` cell indices -> ``[B, 2]`` centres [m]."""
-        g = self.spec.grid_size
-        ij = torch.stack([cell % g, cell // g], -1).to(self.cell_wh.dtype)  # (j, i) = (x, y)
-        return self.origin + (ij + 0.5) * self.cell_wh
+    def frame(self, maps=None, scene_index: torch.Tensor | None = None) -> Frame:
+        """The cell geometry of a batch: from :attr:`ModelSpec.bounds` for a bare map tensor (or
+        None), else from each sample's scene's bounds in ``maps`` (a :class:`SceneMaps`)."""
+        if not isinstance(maps, SceneMaps):
+            return Frame(self.origin[None], self.cell_wh[None])
+        b = maps.bounds.to(self.origin.device, torch.float64)
+        origin = b[:, :2].to(self.origin.dtype)
+        cell_wh = ((b[:, 2:] - b[:, :2]) / self.spec.grid_size).to(self.cell_wh.dtype)  # as in __init__, in float64
+        if len(maps) == 1:
+            return Frame(origin, cell_wh)
+        if scene_index is None:
+            raise ValueError("several scene maps need scene_index [B]")
+        scene = scene_index.to(self.origin.device)
+        return Frame(origin[scene], cell_wh[scene], scene)
 
-    def cell_of(self, xy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``xy[B, 2]`` -> (cell ``[B]`` long, offset from its centre in cell units ``[B, 2]``)."""
+    def cell_centre(self, cell: torch.Tensor, frame: Frame | None = None) -> torch.Tensor:
+        """``[B]`` cell indices -> ``[B, 2]`` centres [m] (``frame``: each sample's scene; default the spec's map)."""
+        origin, cell_wh, _ = frame or self.frame()
         g = self.spec.grid_size
-        u = (xy - self.origin) / self.cell_wh
+        ij = torch.stack([cell % g, cell // g], -1).to(cell_wh.dtype)  # (j, i) = (x, y)
+        return origin + (ij + 0.5) * cell_wh
+
+    def cell_of(self, xy: torch.Tensor, frame: Frame | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``xy[B, 2]`` -> (cell ``[B]`` long, offset from its centre in cell units ``[B, 2]``)."""
+        origin, cell_wh, _ = frame or self.frame()
+        g = self.spec.grid_size
+        u = (xy - origin) / cell_wh
         ij = u.floor().clamp(0, g - 1)
         offset = u - (ij + 0.5)
         return (ij[:, 1] * g + ij[:, 0]).long(), offset
 
-    def cell_keys(self, map_image: torch.Tensor) -> torch.Tensor:
-        """``[G*G, d]``: one key per grid cell from its position (Fourier) and the map's features there."""
+    def cell_keys(self, images: torch.Tensor) -> torch.Tensor:
+        """``images[M, C, S, S]`` -> ``[M, G*G, d]``: one key per grid cell of each scene from its
+        position (Fourier, map-relative) and the scene's map features there."""
         g = self.spec.grid_size
-        local = F.adaptive_avg_pool2d(map_image[None], g)[0].flatten(1).t()  # [G*G, C], row-major, row = y
-        return self.cell_key(torch.cat([self.cell_fourier, local], -1))
+        local = F.adaptive_avg_pool2d(images, g).flatten(2).transpose(1, 2)  # [M, G*G, C], row-major, row = y
+        return self.cell_key(torch.cat([self.cell_fourier.expand(len(images), -1, -1), local], -1))
 
-    def _fine(self, pooled, keys, cell):
-        raw = self.fine(torch.cat([pooled, keys[cell]], -1))
+    def _fine(self, pooled, keys, cell, scene=None):
+        """Fine head at ``cell[B]`` with ``keys[M, G*G, d]`` of each sample's ``scene[B]`` (None: ``M = 1``)."""
+        key = keys[0][cell] if scene is None else keys[scene, cell]
+        raw = self.fine(torch.cat([pooled, key], -1))
         return torch.tanh(raw[:, :2]), raw[:, 2:].clamp(-8.0, 4.0)
+
+    def _logits(self, pooled, keys, scene=None):
+        """``[B, G*G]`` coarse logits: the query against the cell keys of each sample's scene."""
+        query = self.coarse_query(pooled)
+        if scene is None:
+            scores = query @ keys[0].t()
+        else:  # every scene's keys (M small), then each sample's row: no [B, G*G, d] gather
+            scores = torch.matmul(query, keys.transpose(1, 2))[scene, torch.arange(len(scene), device=scene.device)]
+        return scores / math.sqrt(keys.shape[-1]) + self.coarse_bias
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, feats, site_index, mask, map_image, target_cell=None, return_attention=False,
-                head_xy=False) -> ModelOutput:
-        """``feats[B,T,D]``, ``site_index[B,T,K]`` long, ``mask[B,T]`` bool, ``map_image[C,S,S]``;
-        ``target_cell[B]`` (training) also evaluates the fine head at the true cell; ``head_xy``
-        also returns the position routed to the fine head only."""
+                head_xy=False, scene_index=None) -> ModelOutput:
+        """``feats[B,T,D]``, ``site_index[B,T,K]`` long, ``mask[B,T]`` bool; ``map_image``: one map
+        ``[C,S,S]`` (the spec's bounds) or a :class:`SceneMaps` of ``M`` scenes with ``scene_index[B]``
+        (needed when ``M > 1``). ``target_cell[B]`` (training) also evaluates the fine head at the true
+        cell; ``head_xy`` also returns the position routed to the fine head only."""
+        frame = self.frame(map_image, scene_index)
+        images = map_image.images if isinstance(map_image, SceneMaps) else map_image[None]  # [M, C, S, S]
+        scene = frame.scene
         x = self.token_in(feats) + self.site_embed(site_index).sum(2) + self.report_pos[:, : feats.shape[1]]
         x = torch.where(mask[..., None], x, x + self.missing)
-        map_tokens = self.map_encoder(map_image)
+        map_tokens = self.map_encoder(images)  # [M, P, d]: once per scene
         temporal, cross = [], []
         for block in self.blocks:
-            x, w_self, w_cross = block(x, mask, map_tokens, return_attention)
+            x, w_self, w_cross = block(x, mask, map_tokens, return_attention, scene)
             if return_attention:
                 temporal.append(w_self)
                 cross.append(w_cross)
@@ -245,17 +324,18 @@ class MapConditionedTransformer(nn.Module):
         last = h[torch.arange(h.shape[0], device=h.device), last_idx]
         pooled = self.pool(torch.cat([mean, last], -1))
 
-        keys = self.cell_keys(map_image)
-        logits = self.coarse_query(pooled) @ keys.t() / math.sqrt(keys.shape[-1]) + self.coarse_bias
+        keys = self.cell_keys(images)  # [M, G*G, d]
+        logits = self._logits(pooled, keys, scene)
         cell = logits.argmax(-1)
-        offset, logvar = self._fine(pooled, keys, cell)
-        centre = self.cell_centre(cell)
-        xy = centre + offset * self.cell_wh
+        offset, logvar = self._fine(pooled, keys, cell, scene)
+        centre = self.cell_centre(cell, frame)
+        xy = centre + offset * frame.cell_wh
         # sigma^2 = fine variance + spread of the coarse distribution around the chosen centre
         prob_flat = logits.softmax(-1)
-        all_centres = self.cell_centre(torch.arange(logits.shape[1], device=logits.device))  # [G*G, 2]
-        coarse_var = torch.einsum("bc,bcd->bd", prob_flat, (all_centres[None] - centre[:, None]).pow(2))
-        sigma = (torch.exp(logvar) * self.cell_wh.pow(2) + coarse_var).sqrt()
+        cells = torch.arange(logits.shape[1], device=logits.device)
+        all_centres = self.cell_centre(cells, Frame(frame.origin[:, None], frame.cell_wh[:, None]))  # [B or 1, G*G, 2]
+        coarse_var = torch.einsum("bc,bcd->bd", prob_flat, (all_centres - centre[:, None]).pow(2))
+        sigma = (torch.exp(logvar) * frame.cell_wh.pow(2) + coarse_var).sqrt()
         prob = prob_flat.view(-1, 1, self.spec.grid_size, self.spec.grid_size)
         block = F.avg_pool2d(prob, 3, stride=1, padding=1, count_include_pad=True) * 9  # 3x3 neighbourhood mass
         p_near = block.flatten(1).gather(1, cell[:, None])[:, 0].clamp(0.0, 1.0)
@@ -264,9 +344,9 @@ class MapConditionedTransformer(nn.Module):
 
         out = ModelOutput(logits, cell, offset, logvar, xy, sigma, confidence)
         if target_cell is not None:
-            out.target_offset_pred, out.target_logvar = self._fine(pooled, keys, target_cell)
+            out.target_offset_pred, out.target_logvar = self._fine(pooled, keys, target_cell, scene)
         if head_xy:
-            out.head_xy = centre + self._fine(pooled.detach(), keys.detach(), cell)[0] * self.cell_wh
+            out.head_xy = centre + self._fine(pooled.detach(), keys.detach(), cell, scene)[0] * frame.cell_wh
         if return_attention:
             out.attention = {"temporal": temporal, "cross": cross}
         return out

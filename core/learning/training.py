@@ -41,7 +41,10 @@ continues it or ``--force`` replaces it; with ``--force`` the new run is written
 the old one and takes its place only when training ends (a failed run leaves the old one).
 
 Data: the scene is the dataset's; its radio map is ``<physics_loss.radio_maps_dir>/<scene>.zarr``
-and must be the map the dataset was made with (:mod:`core.stores.lineage`).
+and must be the map the dataset was made with (:mod:`core.stores.lineage`). With ``data.datasets``
+one model trains on several scenes (docs/model.md, "Many scenes"): each sample carries its
+``scene_index``, the model reads that scene's map (:class:`~core.learning.model.SceneMaps`, cells in
+the scene's own bounds) and the physics term that scene's calibrated likelihood (:class:`SceneTerms`).
 
 Seeded: parameters from ``seed``, batch order from ``(seed, epoch)``, and the torch
 RNG state is checkpointed, so a resumed run equals an uninterrupted one.
@@ -76,6 +79,7 @@ from core.learning.config import Config, config_from_dict, likelihood_config, lo
 from core.learning.data_loading import (
     TensorData,
     build_tensors,
+    concat_tensors,
     labeled_mask,
     map_channels,
     map_input,
@@ -84,10 +88,10 @@ from core.learning.data_loading import (
     token_dim,
 )
 from core.learning.metrics import error_metrics, position_errors
-from core.learning.model import MapConditionedTransformer, ModelSpec, build_model, coarse_loss, fine_loss
+from core.learning.model import MapConditionedTransformer, ModelSpec, SceneMaps, build_model, coarse_loss, fine_loss
 from core.stores import run as run_store
 from core.stores.atomic import atomic_path, atomic_write_text
-from core.stores.dataset import MeasurementDataset
+from core.stores.dataset import CELL_FEATURES, MeasurementDataset
 from core.stores.lineage import check_map_of_dataset, map_path_for
 from core.stores.radio_map import SITE_LAYERS, RadioMap
 
@@ -96,25 +100,132 @@ LOSS_TERMS = ("total", "coarse", "fine", "phys")
 
 # -- data ---------------------------------------------------------------------------------
 @dataclass
-class RunData:
+class SceneData:
+    """One training scene: its dataset (``config.data`` applied), radio map and model input ``[C, S, S]``."""
+
     dataset: MeasurementDataset
     radio_map: RadioMap
-    map_image: torch.Tensor  # [C, S, S]
+    map_image: torch.Tensor
+
+    @property
+    def name(self) -> str | None:
+        return self.dataset.ref.scene
+
+
+@dataclass
+class RunData:
+    """Everything a run trains on: its scenes (index ``m`` = ``scene_index`` m) and the model's spec.
+    ``dataset`` / ``radio_map`` / ``map_image`` are the first scene's (the single-scene API)."""
+
+    scenes: list[SceneData]
     spec: ModelSpec
+
+    @property
+    def dataset(self) -> MeasurementDataset:
+        return self.scenes[0].dataset
+
+    @property
+    def radio_map(self) -> RadioMap:
+        return self.scenes[0].radio_map
+
+    @property
+    def map_image(self) -> torch.Tensor:
+        return self.scenes[0].map_image
+
+    @property
+    def maps(self) -> SceneMaps:
+        """Every scene's map and bounds, as the model reads them (``[M, C, S, S]``, ``[M, 4]``)."""
+        return SceneMaps.stack([s.map_image for s in self.scenes], [s.radio_map.bounds for s in self.scenes])
+
+    @property
+    def scene_names(self) -> list[str | None]:
+        return [s.name for s in self.scenes]
+
+
+def load_stores(dataset_path, maps_dir, scene: str | None = None, key: str = "data.dataset"):
+    """``(dataset, radio map)`` at ``dataset_path`` and ``<maps_dir>/<its scene>.zarr``, the map being the one
+    the dataset was made with. A dataset that is missing or corrupt is a StoreError, prefixed with ``key``
+    unless that is ``data.dataset`` (whose store is named alone, as for every single-scene run)."""
+    try:
+        dataset = MeasurementDataset.load(resolve_path(dataset_path))
+    except StoreError as exc:
+        if key == "data.dataset":
+            raise
+        raise StoreError(f"{key}: {exc}") from None
+    radio_map = RadioMap.load(map_path_for(dataset.ref, maps_dir, scene))
+    check_map_of_dataset(dataset.ref, dataset.radio_map_ref, radio_map.ref)
+    return dataset, radio_map
 
 
 def load_scene(config: Config) -> tuple[MeasurementDataset, RadioMap]:
-    """The dataset named by ``config`` and the radio map of its scene.
+    """The (first) dataset named by ``config`` and the radio map of its scene.
 
     The scene is the dataset's (``data.scene``, when set, must agree); the map is
     ``<physics_loss.radio_maps_dir>/<scene>.zarr`` and must be the one the dataset was made
     with: otherwise a one-line :class:`~core.errors.CoreError` names both stores.
     """
-    dataset = MeasurementDataset.load(resolve_path(config.data.dataset))
     maps_dir = resolve_path(config.physics_loss.radio_maps_dir)
-    radio_map = RadioMap.load(map_path_for(dataset.ref, maps_dir, config.data.scene))
-    check_map_of_dataset(dataset.ref, dataset.radio_map_ref, radio_map.ref)
+    dataset, radio_map = load_stores(config.data.dataset, maps_dir, config.data.scene)
     return apply_data_config(config, dataset, radio_map), radio_map
+
+
+def load_scenes(config: Config) -> list[tuple[MeasurementDataset, RadioMap]]:
+    """``(dataset, radio map)`` of every training scene (``data.datasets``, or ``data.dataset`` alone), with
+    ``config.data`` applied. Refused with one line naming the key: a dataset that is not there, two of one
+    scene, a held-out scene that is also trained on, or scenes that do not fit one model
+    (:func:`check_compatible`)."""
+    if config.data.datasets is None:
+        return [load_scene(config)]
+    if config.data.scene is not None:
+        raise ConfigError("data.scene: pins the one scene of data.dataset; with data.datasets each dataset names "
+                          "its own scene, so drop data.scene")
+    maps_dir = resolve_path(config.physics_loss.radio_maps_dir)
+    scenes, names = [], {}
+    for m, path in enumerate(config.data.datasets):
+        key = f"data.datasets[{m}]"
+        dataset, radio_map = load_stores(path, maps_dir, None, key)
+        name = dataset.ref.scene
+        if name in names:
+            raise ConfigError(f"{key}: {path} is of scene {name!r}, like data.datasets[{names[name]}]: one dataset per scene")
+        names[name] = m
+        scenes.append((apply_data_config(config, dataset, radio_map), radio_map))
+    check_compatible(scenes, [f"data.datasets[{m}]" for m in range(len(scenes))])
+    return scenes
+
+
+def check_holdout(config: Config, trained: list[str | None]) -> None:
+    """Refuse a ``data.holdout_scene`` that is also a training scene (one line naming the key)."""
+    held = config.data.holdout_scene
+    if held is not None and held in trained:
+        raise ConfigError(f"data.holdout_scene: {held!r} is also a training scene "
+                          f"(data.datasets[{trained.index(held)}]); a held-out scene is never trained on")
+
+
+def check_compatible(scenes, keys: list[str]) -> None:
+    """Refuse training scenes one model cannot read: their map features (so map channels), site slots
+    per report ``K`` and reports per walk ``T`` must be the first scene's (one line naming the key)."""
+    ds0, map0 = scenes[0]
+    for (dataset, radio_map), key in zip(scenes[1:], keys[1:]):
+        if radio_map.features != map0.features:
+            raise ConfigError(f"{key}: radio map {radio_map.source} has features {list(radio_map.features)}, "
+                              f"{keys[0]}'s has {list(map0.features)}: every scene needs the same feature set")
+        if dataset.num_sites_per_report != ds0.num_sites_per_report:
+            raise ConfigError(f"{key}: {dataset.num_sites_per_report} site slots per report, "
+                              f"{keys[0]} has {ds0.num_sites_per_report}")
+        if dataset.num_reports != ds0.num_reports:
+            raise ConfigError(f"{key}: {dataset.num_reports} reports per walk, {keys[0]} has {ds0.num_reports}")
+
+
+def check_fits(spec: ModelSpec, dataset: MeasurementDataset, radio_map: RadioMap, key: str) -> None:
+    """Refuse a scene a trained model cannot read (a held-out scene): other map channels, other site
+    slots per report, or more reports per walk than the model's."""
+    if map_channels(radio_map) != spec.map_channels:
+        raise ConfigError(f"{key}: radio map {radio_map.source} has features {list(radio_map.features)} "
+                          f"({map_channels(radio_map)} map channels), the model reads {spec.map_channels}")
+    if token_dim(dataset.num_sites_per_report, spec.geometry_hint) != spec.token_dim:
+        raise ConfigError(f"{key}: {dataset.num_sites_per_report} site slots per report do not fit the model")
+    if dataset.num_reports > spec.num_reports:
+        raise ConfigError(f"{key}: {dataset.num_reports} reports per walk, the model reads at most {spec.num_reports}")
 
 
 def apply_data_config(config: Config, dataset: MeasurementDataset, radio_map: RadioMap) -> MeasurementDataset:
@@ -128,12 +239,16 @@ def apply_data_config(config: Config, dataset: MeasurementDataset, radio_map: Ra
     return dataset
 
 
-def model_spec(config: Config, dataset: MeasurementDataset, radio_map: RadioMap) -> ModelSpec:
+def model_spec(config: Config, dataset: MeasurementDataset, radio_map: RadioMap,
+               num_sites: int | None = None) -> ModelSpec:
+    """The model of ``config`` for data like ``dataset`` (the first scene: its bounds are the default frame);
+    ``num_sites``: the site ids to embed (default the dataset's; many scenes: their largest)."""
     sizes = config.model.resolved()
     k = dataset.num_sites_per_report
+    n_sites = num_site_embeddings(dataset) if num_sites is None else num_sites
     return ModelSpec(
         token_dim=token_dim(k, sizes["geometry_hint"]),
-        num_site_embeddings=k * (num_site_embeddings(dataset) + 1) + 1,
+        num_site_embeddings=k * (n_sites + 1) + 1,
         num_reports=dataset.num_reports,
         map_channels=map_channels(radio_map),
         bounds=tuple(radio_map.bounds),
@@ -141,23 +256,39 @@ def model_spec(config: Config, dataset: MeasurementDataset, radio_map: RadioMap)
     )
 
 
+def spec_num_sites(spec: ModelSpec) -> int:
+    """The site-id range ``S`` a model embeds (``num_site_embeddings = K * (S + 1) + 1``)."""
+    k = (spec.token_dim - len(CELL_FEATURES) - 1) // (9 if spec.geometry_hint else 5)
+    return (spec.num_site_embeddings - 1) // k - 1
+
+
 def prepare(config: Config, dataset: MeasurementDataset | None = None, radio_map: RadioMap | None = None) -> RunData:
-    if dataset is None or radio_map is None:
-        dataset, radio_map = load_scene(config)
-    spec = model_spec(config, dataset, radio_map)
-    return RunData(dataset, radio_map, map_input(radio_map, spec.map_size), spec)
+    """The run's data: every training scene (or the one ``dataset`` and ``radio_map`` given), each map
+    resampled for the model, and the model's spec."""
+    stores = [(dataset, radio_map)] if dataset is not None and radio_map is not None else load_scenes(config)
+    check_holdout(config, [d.ref.scene for d, _ in stores])
+    n_sites = max(num_site_embeddings(d) for d, _ in stores)
+    spec = model_spec(config, *stores[0], num_sites=n_sites)
+    return RunData([SceneData(d, r, map_input(r, spec.map_size)) for d, r in stores], spec)
 
 
-def tensors(run: RunData, split: str, config: Config) -> TensorData:
-    """Model tensors of ``split``; on the train split only ``data.label_fraction`` of the walks are labelled."""
-    idx = run.dataset.indices(split)
+def scene_tensors(run: RunData, m: int, split: str, config: Config) -> TensorData:
+    """Model tensors of scene ``m``'s ``split``; on the train split only ``data.label_fraction`` of its walks
+    are labelled (drawn per scene)."""
+    scene = run.scenes[m]
+    idx = scene.dataset.indices(split)
     if len(idx) == 0:
-        raise StoreError(f"dataset {run.dataset.source or ''}: split {split!r} is empty")
-    data = build_tensors(run.dataset, run.radio_map, idx, run.spec.geometry_hint, config.physics_loss.observation,
-                         config.physics_loss.report_window_s)
+        raise StoreError(f"dataset {scene.dataset.source or ''}: split {split!r} is empty")
+    data = build_tensors(scene.dataset, scene.radio_map, idx, run.spec.geometry_hint, config.physics_loss.observation,
+                         config.physics_loss.report_window_s, num_sites=spec_num_sites(run.spec))
     if split == "train":
         data.labeled = torch.from_numpy(labeled_mask(len(idx), config.data.label_fraction, config.seed))
     return data
+
+
+def tensors(run: RunData, split: str, config: Config) -> TensorData:
+    """Model tensors of ``split`` of every scene, concatenated (``scene_index`` says whose)."""
+    return concat_tensors([scene_tensors(run, m, split, config) for m in range(len(run.scenes))])
 
 
 def labeled_train_indices(dataset: MeasurementDataset, config: Config) -> np.ndarray:
@@ -283,6 +414,39 @@ def make_physics_term(config: Config, radio_map: RadioMap, device: torch.device,
                                                device=device))
 
 
+class SceneTerms:
+    """The physics terms of ``M`` scenes behind the one interface: ``physics(xy [B, 2], batch) -> [B]``
+    evaluates each sample with its own scene's term (``batch["scene_index"]``), so every lookup reads
+    the map of the sample's scene. ``calibrations``: each scene's (None for the serving-map loss)."""
+
+    def __init__(self, terms: list):
+        self.terms = terms
+        self.calibrations = [t.calibration for t in terms]
+        self.calibration = self.calibrations[0]
+        self.active = terms[0].active  # a static test of the batch's observation, the same for every scene
+
+    def __call__(self, xy: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        scene = batch["scene_index"]
+        out = torch.zeros(len(xy), dtype=xy.dtype, device=xy.device)
+        for m, term in enumerate(self.terms):
+            sel = scene == m
+            if bool(sel.any()):
+                out[sel] = term(xy[sel], {k: v[sel] for k, v in batch.items()}).to(xy.dtype)
+        return out
+
+
+def make_scene_physics(config: Config, run: RunData, device: torch.device):
+    """The physics term of every scene of ``run`` (:func:`make_physics_term` each, calibrated on its own
+    labelled train walks): that term itself for one scene, a :class:`SceneTerms` for several."""
+    terms = [make_physics_term(config, s.radio_map, device, s.dataset) for s in run.scenes]
+    return terms[0] if len(terms) == 1 else SceneTerms(terms)
+
+
+def scene_terms(physics) -> list:
+    """The per-scene terms of ``physics`` (a single term is scene 0's)."""
+    return physics.terms if isinstance(physics, SceneTerms) else [physics]
+
+
 # -- losses -------------------------------------------------------------------------------
 def physics_term(physics, xy: torch.Tensor, batch: dict[str, torch.Tensor], clip: float) -> torch.Tensor:
     """Mean of the per-sample physics losses at ``xy`` over the samples with an observation.
@@ -319,12 +483,12 @@ def _supervised(out, target_cell: torch.Tensor, target_offset: torch.Tensor, lab
             fine_loss(out.target_offset_pred[labeled], out.target_logvar[labeled], target_offset[labeled]))
 
 
-def _mode_targets(net, batch: dict[str, torch.Tensor], labeled: torch.Tensor, config: Config):
+def _mode_targets(net, batch: dict[str, torch.Tensor], labeled: torch.Tensor, config: Config, frame):
     """``(cell [B], offset [B, 2], weight [B])`` of the mode term for the UNLABELLED walks of the batch
     with a posterior (weight ``q(c*)``, 0 elsewhere), or None when the term is off or absent."""
     if config.physics_loss.mode_weight <= 0 or "phys_xy" not in batch:
         return None
-    cell, offset = net.cell_of(batch["phys_xy"])
+    cell, offset = net.cell_of(batch["phys_xy"], frame)
     weight = torch.where(labeled, 0.0, batch["phys_q"][:, 0])
     return cell, offset, weight
 
@@ -333,16 +497,20 @@ def compute_losses(model, batch: dict[str, torch.Tensor], map_image: torch.Tenso
                    lambda_phys: float | None = None):
     """Loss terms of one batch: ``(dict name -> scalar tensor, ModelOutput)``; ``phys`` is None when off.
 
+    ``map_image``: one map ``[C, S, S]`` or the run's :class:`SceneMaps` (each sample reads the map of
+    its ``batch["scene_index"]``; cells and offsets are in its scene's frame).
     ``lambda_phys``: the weight applied to ``phys`` in ``total`` (default: the config's, fully ramped).
     """
     net = model.module if hasattr(model, "module") else model
-    target_cell, target_offset = net.cell_of(batch["target_xy"])
+    scene = batch.get("scene_index")
+    frame = net.frame(map_image, scene)
+    target_cell, target_offset = net.cell_of(batch["target_xy"], frame)
     use_physics = physics is not None and config.physics_active
     labeled = batch.get("labeled", torch.ones_like(target_cell, dtype=torch.bool))
-    mode = _mode_targets(net, batch, labeled, config) if use_physics else None
+    mode = _mode_targets(net, batch, labeled, config, frame) if use_physics else None
     fine_cell = target_cell if mode is None else torch.where(mode[2] > 0, mode[0], target_cell)
     out = model(batch["feats"], batch["site_index"], batch["mask"], map_image, target_cell=fine_cell,
-                head_xy=use_physics)
+                head_xy=use_physics, scene_index=scene)
     coarse, fine = _supervised(out, target_cell, target_offset, labeled)
     terms: dict[str, Any] = {"coarse": coarse, "fine": fine, "phys": None}
     total = coarse + config.training.loss.lambda_fine * fine
@@ -369,7 +537,8 @@ def gradient_balance(model, batch: dict[str, torch.Tensor], map_image: torch.Ten
     sum, and the cosine between the supervised and the physics gradient (None when off).
     The RNG state is left as it was (a resumed run stays identical)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    devices = [map_image.device] if map_image.device.type == "cuda" else []
+    image = map_image.images if isinstance(map_image, SceneMaps) else map_image
+    devices = [image.device] if image.device.type == "cuda" else []
     weights = {"coarse": 1.0, "fine": config.training.loss.lambda_fine, "phys": config.physics_loss.lambda_phys}
     flat: dict[str, torch.Tensor] = {}
     with torch.random.fork_rng(devices=devices):
@@ -409,7 +578,8 @@ def predict_tensors(model, data: TensorData, map_image: torch.Tensor, device, ba
                 if terms[k] is not None:
                     sums[k] += float(terms[k]) * len(idx)
         else:
-            out = net(batch["feats"], batch["site_index"], batch["mask"], map_image)
+            out = net(batch["feats"], batch["site_index"], batch["mask"], map_image,
+                      scene_index=batch.get("scene_index"))
         for k in keys:
             outs[k].append(getattr(out, k).float().cpu())
     net.train(was_training)
@@ -462,7 +632,7 @@ class _Loop:
     physics: Any
     train_data: TensorData
     val_data: TensorData
-    map_image: torch.Tensor
+    maps: SceneMaps  # every scene's map [M, C, S, S] and bounds [M, 4], on the device
     steps_per_epoch: int
     diag_batch: dict[str, torch.Tensor]  # the fixed train batch the gradient balance is measured on
     coarse_prior: dict[str, float] | None = None  # the coarse term's one-off posterior: walks, seconds
@@ -479,12 +649,12 @@ class _Loop:
 
 def _build_loop(config: Config, run: RunData, device: torch.device, rank: int, world: int) -> _Loop:
     t = config.training
-    train_data, val_data = tensors(run, "train", config), tensors(run, "val", config)
+    parts = [scene_tensors(run, m, "train", config) for m in range(len(run.scenes))]
+    val_data = tensors(run, "val", config)
     model = build_model(run.spec, config.seed).to(device)
-    physics = make_physics_term(config, run.radio_map, device, run.dataset) if config.physics_active else None
-    prior = None
-    if isinstance(physics, SiteLikelihoodTerm) and config.physics_loss.coarse_weight > 0:
-        prior = attach_cell_posterior(train_data, physics.likelihood, run.spec.bounds, run.spec.grid_size, config)
+    physics = make_scene_physics(config, run, device) if config.physics_active else None
+    prior = _attach_posteriors(run, parts, physics, config)
+    train_data = concat_tensors(parts)
     per_rank = len(train_data) // world
     steps_per_epoch = max(1, per_rank // t.batch_size + int(per_rank % t.batch_size > 0))
     total_steps, warmup = steps_per_epoch * t.epochs, steps_per_epoch * t.warmup_epochs
@@ -492,7 +662,20 @@ def _build_loop(config: Config, run: RunData, device: torch.device, rank: int, w
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
     diag_batch = train_data.batch(torch.arange(min(t.batch_size, len(train_data))), device)
     return _Loop(config, run, device, rank, world, model, optimizer, scheduler, physics, train_data, val_data,
-                 run.map_image.to(device), steps_per_epoch, diag_batch, coarse_prior=prior)
+                 run.maps.to(device), steps_per_epoch, diag_batch, coarse_prior=prior)
+
+
+def _attach_posteriors(run: RunData, parts: list[TensorData], physics, config: Config) -> dict[str, float] | None:
+    """The coarse term's one-off posterior (:func:`attach_cell_posterior`) into each scene's train tensors
+    ``parts``, with that scene's likelihood and bounds; None when the term is off, else ``{"walks", "seconds"}``."""
+    terms = scene_terms(physics) if physics is not None else []
+    if not (terms and isinstance(terms[0], SiteLikelihoodTerm) and config.physics_loss.coarse_weight > 0):
+        return None
+    total = {"walks": 0, "seconds": 0.0}
+    for scene, term, part in zip(run.scenes, terms, parts):
+        info = attach_cell_posterior(part, term.likelihood, tuple(scene.radio_map.bounds), run.spec.grid_size, config)
+        total = {k: total[k] + info[k] for k in total}
+    return total
 
 
 def _restore(loop: _Loop, out: Path) -> None:
@@ -516,10 +699,12 @@ def _wrap_distributed(loop: _Loop) -> None:
 
 def _start_run_dir(loop: _Loop, out: Path) -> None:
     """Write the run's config, lineage and first log line (rank 0)."""
-    config, physics = loop.config, loop.physics
-    run_store.write_lineage(out, loop.run.dataset.ref, loop.run.radio_map.ref)
-    if physics is not None and physics.calibration is not None:
-        run_store.write_calibration(out, physics.calibration)
+    config, physics, scenes = loop.config, loop.physics, loop.run.scenes
+    run_store.write_lineage(out, loop.run.dataset.ref, loop.run.radio_map.ref,
+                            [(s.dataset.ref, s.radio_map.ref) for s in scenes], config.data.holdout_scene)
+    for m, term in enumerate(scene_terms(physics) if physics is not None else []):
+        if term.calibration is not None:  # the first scene's is calibration.json, as for one scene
+            run_store.write_calibration(out, term.calibration, None if m == 0 else scenes[m].name)
     atomic_write_text(out / run_store.CONFIG, config.to_yaml())
     params = sum(p.numel() for p in loop.model.parameters())
     p, labeled = config.physics_loss, int(loop.train_data.labeled.sum())
@@ -530,8 +715,16 @@ def _start_run_dir(loop: _Loop, out: Path) -> None:
                  f"{loop.coarse_prior['walks']} walks in {loop.coarse_prior['seconds']:.1f} s (once)")
     run_store.append_log(out, f"train {len(loop.train_data)} ({labeled} labelled) val {len(loop.val_data)} samples, "
                               f"split {config.data.split}, {params} parameters, physics {phys}, "
-                              f"dataset {loop.run.dataset.ref.describe()}, map {loop.run.radio_map.ref.describe()}, "
+                              f"{_describe_scenes(loop.run)}, "
                               f"device {loop.device}, world {loop.world}, epochs {loop.start_epoch}->{config.training.epochs}")
+
+
+def _describe_scenes(run: RunData) -> str:
+    """``dataset …, map …`` of the one scene, or ``N scenes: name (dataset …, map …), …``."""
+    parts = [f"dataset {s.dataset.ref.describe()}, map {s.radio_map.ref.describe()}" for s in run.scenes]
+    if len(parts) == 1:
+        return parts[0]
+    return f"{len(parts)} scenes: " + "; ".join(f"{s.name} ({p})" for s, p in zip(run.scenes, parts))
 
 
 def _train_epoch(loop: _Loop, epoch: int) -> tuple[dict[str, float], int]:
@@ -552,7 +745,7 @@ def _train_epoch(loop: _Loop, epoch: int) -> tuple[dict[str, float], int]:
             idx = idx[labeled[idx]]
         batch = loop.train_data.batch(idx, loop.device)
         lam = loop.config.lambda_at(epoch + step / loop.steps_per_epoch)
-        terms, _ = compute_losses(loop.net, batch, loop.map_image, loop.config, loop.physics, lam)
+        terms, _ = compute_losses(loop.net, batch, loop.maps, loop.config, loop.physics, lam)
         loop.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         if t.grad_clip > 0:
@@ -570,7 +763,7 @@ def _train_epoch(loop: _Loop, epoch: int) -> tuple[dict[str, float], int]:
 
 def _validate(loop: _Loop, lambda_phys: float) -> tuple[dict[str, float | None], dict[str, float]]:
     """``(mean val loss terms, val error metrics)`` of the current model (``total`` with ``lambda_phys``)."""
-    val = predict_tensors(loop.net, loop.val_data, loop.map_image, loop.device, config=loop.config,
+    val = predict_tensors(loop.net, loop.val_data, loop.maps, loop.device, config=loop.config,
                           physics=loop.physics, lambda_phys=lambda_phys)
     return val["losses"], error_metrics(position_errors(val["xy"], loop.val_data.target_xy.numpy()))
 
@@ -610,7 +803,7 @@ def _run_epochs(loop: _Loop, out: Path, max_epochs: int | None, bar) -> bool:
         if max_epochs is not None and epochs_this_call >= max_epochs:
             break
         t0 = time.perf_counter()
-        grads = gradient_balance(loop.model, loop.diag_batch, loop.map_image, loop.config, loop.physics)
+        grads = gradient_balance(loop.model, loop.diag_batch, loop.maps, loop.config, loop.physics)
         sums, n_seen = _train_epoch(loop, epoch)
         val_losses, val = _validate(loop, loop.config.lambda_at(epoch + 1))
         row = _epoch_row(loop, epoch, sums, n_seen, val_losses, val, time.perf_counter() - t0, grads)
@@ -648,7 +841,8 @@ def train(config: Config, out_dir: str | os.PathLike, resume: bool = False, devi
         config = resolve_config(config, run.dataset, run.radio_map)
     loop = _build_loop(config, run, device, rank, world)
     if resume and (out / run_store.LAST).exists():
-        run_store.check_lineage(out, run.dataset.ref, run.radio_map.ref)
+        for m, scene in enumerate(run.scenes):
+            run_store.check_lineage(out, scene.dataset.ref, scene.radio_map.ref, m)
         _restore(loop, out)
     _wrap_distributed(loop)
     if loop.is_main:

@@ -45,7 +45,7 @@ from core.errors import CoreError
 from core.features import wrap_degrees
 from core.physics.site_lookup import SiteMaps, prepare_site_maps
 
-__all__ = ["Calibration", "calibrate", "robust_location_scale", "SITE_FEATURES", "CELL_FEATURES",
+__all__ = ["Calibration", "calibrate", "transfer_calibration", "robust_location_scale", "SITE_FEATURES", "CELL_FEATURES",
            "MIN_SCALE", "DEFAULT_SCALE"]
 
 SITE_FEATURES: tuple[str, ...] = ("path_gain", "toa", "aoa")
@@ -279,3 +279,33 @@ def calibrate(dataset, maps, split: str | None = "train", reports: str = "all", 
     meta = {"split": split, "reports": reports, "min_count": min_count, "max_ratio": max_ratio,
             "num_reports": int(len(xy)), "scene": dataset.attrs.get("scene")}
     return Calibration(list(maps.site_names), bias, scale, count, maps.spread, miss, cells, meta)
+
+
+def transfer_calibration(sources: list[Calibration], maps, max_ratio: float = 0.5) -> Calibration:
+    """A calibration for a scene whose labels are not to be used (a held-out scene): per feature the
+    median, over every site of ``sources`` (other scenes' calibrations) estimated from data
+    (``count > 0``), of its bias and of its scale, given to every site of ``maps`` (a RadioMap with
+    per-site layers, or a SiteMaps); serving features likewise, ``informative`` judged against this
+    map's spread. ``count`` is 0 everywhere (nothing was estimated here); ``meta["transferred_from"]``
+    names the source scenes."""
+    if not isinstance(maps, SiteMaps):
+        maps = prepare_site_maps(maps, cell_features=[f for f in CELL_FEATURES if f in maps.features])
+    s_n = maps.num_sites
+    bias, scale = np.zeros((s_n, 3)), np.zeros((s_n, 3))
+    for f, name in enumerate(SITE_FEATURES):
+        fit = [(c.bias[:, f][c.count[:, f] > 0], c.scale[:, f][c.count[:, f] > 0]) for c in sources]
+        b, sc = (np.concatenate([x[i] for x in fit]) if fit else np.zeros(0) for i in (0, 1))
+        bias[:, f] = float(np.median(b)) if b.size else 0.0
+        scale[:, f] = float(np.median(sc)) if sc.size else DEFAULT_SCALE[name]
+    cells = {}
+    for name in maps.cell_features:
+        fit = [c.cell[name] for c in sources if c.cell.get(name, {}).get("count", 0) > 0]
+        b = float(np.median([e["bias"] for e in fit])) if fit else 0.0
+        sc = float(np.median([e["scale"] for e in fit])) if fit else DEFAULT_SCALE[name]
+        spread = maps.cell_spread.get(name, float("nan"))
+        ratio = sc / spread if spread > 0 else float("inf")
+        cells[name] = {"bias": b, "scale": sc, "count": 0, "spread": spread, "ratio": ratio,
+                       "informative": bool(fit and ratio <= max_ratio)}
+    meta = {"transferred_from": [c.meta.get("scene") for c in sources], "max_ratio": max_ratio}
+    return Calibration(list(maps.site_names), bias, scale, np.zeros((s_n, 3), np.int64), maps.spread,
+                       np.full(s_n, np.nan), cells, meta)

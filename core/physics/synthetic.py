@@ -309,18 +309,20 @@ def synthetic_dataset(
 
 
 def synthetic_scene(root, num_ues: int = 200, height: int = 32, width: int = 32, cell: float = 4.0,
-                    reports: int = 8, k: int = 3, seed: int = 0, noise: bool = True, scene: str = "analytic") -> dict:
+                    reports: int = 8, k: int = 3, seed: int = 0, noise: bool = True, scene: str = "analytic",
+                    sites: np.ndarray | None = None) -> dict:
     """Write an analytic map and a :func:`synthetic_dataset` under ``root`` (tests, demos).
 
     Layout: ``root/radio_maps/<scene>.zarr`` and ``root/datasets/<scene>`` (which records
-    that map). Returns the config overrides that point a training config at them:
+    that map). ``sites`` ``[S, 3]`` [m]: the transmitters (default: three spread over the area).
+    Returns the config overrides that point a training config at them:
     ``{"data.dataset": ..., "physics_loss.radio_maps_dir": ...}``.
     """
     from pathlib import Path
 
     root = Path(root)
     half_w, half_h = width * cell / 2, height * cell / 2
-    radio_map = analytic_radio_map(height, width, (-half_w, -half_h, half_w, half_h))
+    radio_map = analytic_radio_map(height, width, (-half_w, -half_h, half_w, half_h), sites=sites)
     radio_map = RadioMap(radio_map.values, radio_map.features, radio_map.bounds, valid=radio_map.valid,
                          attrs={**radio_map.attrs, "scene": scene}, layers=radio_map.layers)
     radio_map.save(root / "radio_maps" / f"{scene}.zarr")

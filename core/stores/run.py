@@ -13,10 +13,13 @@ Layout::
         last.pt         everything to resume: + optimizer, scheduler, rng, best_val_median_m, bad_epochs
         log.txt         human-readable log, appended
         status.json     {"state": running|done|stopped, "epoch", "epochs", "best_val_median_m" [m]}
-        lineage.json    {"dataset": StoreRef, "radio_map": StoreRef}: the stores it was trained on
+        lineage.json    {"dataset": StoreRef, "radio_map": StoreRef}: the stores it was trained on (the first
+                        scene's), "scenes": [{"scene", "dataset", "radio_map"}] every training scene in
+                        scene-index order, "holdout_scene": the scene kept out of training (or null)
         calibration.json  the likelihood's per-site bias and scale (:class:`~core.physics.calibration.Calibration`),
                         calibrated on the train split at the true positions; ``meta`` records the
-                        dataset and radio map (StoreRef dicts) it was made from
+                        dataset and radio map (StoreRef dicts) it was made from. A run on several
+                        scenes: the first scene's; ``calibration_<scene>.json`` each other scene's
 
 Checkpoints hold only tensors and plain data (dict, list, tuple, str, int, float, bool,
 None; ``spec`` and ``config`` as dicts): :func:`save_checkpoint` refuses anything else and
@@ -162,15 +165,30 @@ def append_log(run_dir: str | os.PathLike, line: str) -> None:
 # -- lineage --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RunLineage:
-    """The dataset and radio map a run was trained on (either None when not recorded)."""
+    """The dataset and radio map a run was trained on (either None when not recorded); ``scenes``: the
+    ``(dataset, radio map)`` of every training scene in scene-index order (the first is ``dataset``,
+    ``radio_map``); ``holdout_scene``: the scene its config keeps out of training."""
 
     dataset: StoreRef | None
     radio_map: StoreRef | None
+    scenes: tuple[tuple[StoreRef | None, StoreRef | None], ...] = ()
+    holdout_scene: str | None = None
+
+    @property
+    def scene_names(self) -> list[str]:
+        """The training scenes' names, in scene-index order."""
+        return [d.scene for d, _ in self.scenes if d is not None and d.scene]
 
 
-def write_lineage(run_dir: str | os.PathLike, dataset: StoreRef, radio_map: StoreRef) -> None:
+def write_lineage(run_dir: str | os.PathLike, dataset: StoreRef, radio_map: StoreRef,
+                  scenes: Iterable[tuple[StoreRef, StoreRef]] = (), holdout_scene: str | None = None) -> None:
+    """Record the stores a run trains on: the first scene's ``dataset`` and ``radio_map``, and every
+    training scene's (``scenes``; default the first alone)."""
+    scenes = list(scenes) or [(dataset, radio_map)]
     atomic_write_text(Path(run_dir) / LINEAGE, json.dumps(
-        {"dataset": dataset.to_dict(), "radio_map": radio_map.to_dict()}, indent=2) + "\n")
+        {"dataset": dataset.to_dict(), "radio_map": radio_map.to_dict(),
+         "scenes": [{"scene": d.scene, "dataset": d.to_dict(), "radio_map": r.to_dict()} for d, r in scenes],
+         "holdout_scene": holdout_scene}, indent=2) + "\n")
 
 
 def read_lineage(run_dir: str | os.PathLike) -> RunLineage | None:
@@ -184,34 +202,40 @@ def read_lineage(run_dir: str | os.PathLike) -> RunLineage | None:
         raise StoreError(f"{path}: unreadable ({type(exc).__name__})") from None
     if not isinstance(raw, dict):
         raise StoreError(f"{path}: not a JSON object")
-    return RunLineage(StoreRef.from_dict(raw.get("dataset")), StoreRef.from_dict(raw.get("radio_map")))
+    first = (StoreRef.from_dict(raw.get("dataset")), StoreRef.from_dict(raw.get("radio_map")))
+    scenes = raw.get("scenes")
+    scenes = tuple((StoreRef.from_dict(s.get("dataset")), StoreRef.from_dict(s.get("radio_map")))
+                   for s in scenes if isinstance(s, dict)) if isinstance(scenes, list) else ()
+    held = raw.get("holdout_scene")
+    return RunLineage(*first, scenes or (first,), held if isinstance(held, str) else None)
 
 
-def check_lineage(run_dir: str | os.PathLike, dataset: StoreRef, radio_map: StoreRef) -> None:
-    """Refuse ``dataset`` or ``radio_map`` when the run recorded another save of it."""
+def check_lineage(run_dir: str | os.PathLike, dataset: StoreRef, radio_map: StoreRef, index: int = 0) -> None:
+    """Refuse ``dataset`` or ``radio_map`` when the run recorded another save of it (of training scene ``index``)."""
     recorded = read_lineage(run_dir)
-    if recorded is None:
+    if recorded is None or index >= len(recorded.scenes):
         return
-    for label, was, now in (("dataset", recorded.dataset, dataset), ("radio map", recorded.radio_map, radio_map)):
+    was_dataset, was_map = recorded.scenes[index]
+    for label, was, now in (("dataset", was_dataset, dataset), ("radio map", was_map, radio_map)):
         if was is not None and was.id and was.id != now.id:
             raise StoreError(f"run {run_dir} was trained on {label} {was.describe()}, but its config now leads to "
                              f"{label} {now.describe()}: train it again on these stores, or restore that one")
 
 
 # -- calibration ----------------------------------------------------------------------------------
-def calibration_path(run_dir: str | os.PathLike) -> Path:
-    """``<run>/calibration.json``."""
-    return Path(run_dir) / CALIBRATION
+def calibration_path(run_dir: str | os.PathLike, scene: str | None = None) -> Path:
+    """``<run>/calibration.json`` (the first scene's), or ``<run>/calibration_<scene>.json`` for another scene."""
+    return Path(run_dir) / (CALIBRATION if scene is None else f"calibration_{scene}.json")
 
 
-def read_calibration(run_dir: str | os.PathLike):
+def read_calibration(run_dir: str | os.PathLike, scene: str | None = None):
     """The run's :class:`~core.physics.calibration.Calibration`, or None when it has none.
 
     A file that is not a calibration raises a :class:`StoreError` naming it.
     """
     from core.physics.calibration import Calibration
 
-    path = calibration_path(run_dir)
+    path = calibration_path(run_dir, scene)
     if not path.exists():
         return None
     try:
@@ -220,9 +244,9 @@ def read_calibration(run_dir: str | os.PathLike):
         raise StoreError(f"{path}: unreadable calibration ({exc})") from None
 
 
-def write_calibration(run_dir: str | os.PathLike, calibration) -> Path:
-    """Write ``calibration`` to ``<run>/calibration.json`` atomically; returns the path."""
-    return calibration.save(calibration_path(run_dir))
+def write_calibration(run_dir: str | os.PathLike, calibration, scene: str | None = None) -> Path:
+    """Write ``calibration`` to :func:`calibration_path` atomically; returns the path."""
+    return calibration.save(calibration_path(run_dir, scene))
 
 
 def _made_from(calibration, dataset: StoreRef, radio_map: StoreRef) -> bool:
@@ -238,7 +262,7 @@ def _made_from(calibration, dataset: StoreRef, radio_map: StoreRef) -> bool:
     return True
 
 
-def ensure_calibration(run_dir: str | os.PathLike, dataset, radio_map):
+def ensure_calibration(run_dir: str | os.PathLike, dataset, radio_map, scene: str | None = None):
     """The run's calibration for ``dataset`` and ``radio_map``: the stored one when it was
     made from these very stores, else calibrated now and stored.
 
@@ -251,7 +275,7 @@ def ensure_calibration(run_dir: str | os.PathLike, dataset, radio_map):
 
     refs = (dataset.ref, radio_map.ref)
     try:
-        stored = read_calibration(run_dir)
+        stored = read_calibration(run_dir, scene)
     except StoreError:
         stored = None
     if stored is not None and _made_from(stored, *refs):
@@ -259,7 +283,7 @@ def ensure_calibration(run_dir: str | os.PathLike, dataset, radio_map):
     cal = calibrate(dataset, radio_map, split="train")
     cal.meta.update({"dataset": refs[0].to_dict(), "radio_map": refs[1].to_dict()})
     try:
-        write_calibration(run_dir, cal)
+        write_calibration(run_dir, cal, scene)
     except OSError:
         pass
     return cal
@@ -332,7 +356,8 @@ class RunInfo:
     ``state``: running | done | stopped (status.json), else done / no-checkpoint.
     ``lambda_phys``: the λ_phys applied once ramped in (0 = the physics term was off; None when the
     config is invalid, and ``problem`` says why). ``label_fraction`` and ``split``: the data it
-    was trained on. ``epochs``: planned epochs.
+    was trained on. ``epochs``: planned epochs. ``scene``: the (first) training scene; ``scenes``: every
+    training scene; ``holdout_scene``: the scene its config keeps out of training (None: none).
     """
 
     name: str
@@ -350,6 +375,8 @@ class RunInfo:
     last_epoch_s: float | None = None
     config: Config | None = field(default=None, repr=False)
     problem: str = ""
+    scenes: tuple[str, ...] = ()
+    holdout_scene: str | None = None
 
 
 def _run_scene(run_dir: Path, config: Config | None) -> str | None:
@@ -368,6 +395,17 @@ def _run_scene(run_dir: Path, config: Config | None) -> str | None:
         return config.data.scene
 
 
+def _run_scenes(run_dir: Path, config: Config | None, first: str | None) -> tuple[str, ...]:
+    """Every training scene of the run: recorded in lineage.json, else the first one alone."""
+    try:
+        lineage = read_lineage(run_dir)
+    except StoreError:
+        lineage = None
+    if lineage is not None and lineage.scene_names:
+        return tuple(lineage.scene_names)
+    return (first,) if first else ()
+
+
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
@@ -384,8 +422,9 @@ def run_info(run_dir: str | os.PathLike, name: str | None = None) -> RunInfo:
     best = _number(status.get("best_val_median_m"))
     has_ckpt = (path / BEST).exists() or (path / LAST).exists()
     lam = config.physics_loss.lambda_phys if config is not None else None
+    scene = _run_scene(path, config)
     return RunInfo(
-        name=name or path.name, path=path, scene=_run_scene(path, config),
+        name=name or path.name, path=path, scene=scene,
         dataset=config.data.dataset if config else None,
         state=str(status.get("state") or ("done" if has_ckpt else "no-checkpoint")),
         epochs_done=len(metrics), epochs=config.training.epochs if config else None,
@@ -393,6 +432,7 @@ def run_info(run_dir: str | os.PathLike, name: str | None = None) -> RunInfo:
         lambda_phys=lam, has_checkpoint=has_ckpt, label_fraction=config.data.label_fraction if config else None,
         split=config.data.split if config else None,
         last_epoch_s=_number(metrics[-1].get("epoch_s")) if metrics else None, config=config, problem=problem,
+        scenes=_run_scenes(path, config, scene), holdout_scene=config.data.holdout_scene if config else None,
     )
 
 

@@ -138,9 +138,29 @@ class Workspace:
 
     def runs(self, scene: str | None = None) -> list[RunInfo]:
         """Training runs (``runs/*``, an ablation's variants, and the shipped default run),
-        newest first, named by their path from the root; only those of ``scene`` if given."""
+        newest first, named by their path from the root; only those trained on ``scene`` (one of
+        their scenes) if given."""
         infos = list_runs(self.runs_dir, [self.default_run_path()], relative_to=self.root)
-        return [r for r in infos if scene is None or r.scene == scene]
+        return [r for r in infos if scene is None or r.scene == scene or scene in r.scenes]
+
+    def scenes_with_dataset(self) -> list[str]:
+        """The scenes whose dataset store is there and readable (what a run can train on)."""
+        return [name for name in self.scene_names() if store_status(self.dataset_path(name), "measurement_dataset").ok]
+
+    def training_overrides(self, scenes: list[str], holdout: str | None, portable) -> dict[str, str]:
+        """The config overrides that train on ``scenes`` (their datasets, ``portable(path)`` each) and keep
+        ``holdout`` out: ``data.dataset`` for one scene, ``data.datasets`` (a YAML list) for several.
+        A held-out scene that is also trained on, or no scene, is a CoreError (one line)."""
+        if not scenes:
+            raise CoreError("pick at least one training scene")
+        if holdout is not None and holdout in scenes:
+            raise CoreError(f"the held-out scene {holdout!r} is also a training scene: a held-out scene is never "
+                            "trained on; pick another, or leave it out of the training scenes")
+        paths = [portable(self.dataset_path(name)) for name in scenes]
+        out = {"data.dataset": paths[0]} if len(paths) == 1 else {"data.datasets": json.dumps(paths)}
+        if holdout is not None:
+            out["data.holdout_scene"] = holdout
+        return out
 
     def ablations(self) -> list[Path]:
         """Ablation output folders (those holding a results table): ``runs/*`` and the shipped
