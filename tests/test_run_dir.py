@@ -204,3 +204,18 @@ def test_calibration_is_stored_with_the_run_and_remade_for_other_stores(tmp_path
         read_calibration(run_dir)
     assert ensure_calibration(run_dir, dataset, radio_map).to_dict() == cal.to_dict()
     assert read_calibration(run_dir).to_dict() == cal.to_dict() and calls == [1, 1]
+
+
+def test_workspace_lists_the_users_ablations_then_the_shipped_ones(tmp_path):
+    from core.stores.workspace import Workspace
+
+    ws = Workspace.from_env(tmp_path)
+    for folder, name in ((ws.runs_dir, "mine"), (ws.assets_dir, "ablation_etoile"), (ws.assets_dir, "default_run")):
+        (folder / name).mkdir(parents=True)
+    (ws.runs_dir / "mine" / "table.csv").write_text("split\n")
+    (ws.assets_dir / "ablation_etoile" / "cdf.json").write_text("{}")
+    (ws.assets_dir / "default_run" / "table.csv").write_text("split\n")  # not an ablation folder name
+    assert ws.ablations() == [ws.runs_dir / "mine", ws.assets_dir / "ablation_etoile"]
+    # the shipped étoile ablation is found in the repository itself
+    shipped = Workspace.from_env().ablations()
+    assert any(p.name == "ablation_etoile" and (p / "table.md").is_file() for p in shipped)
