@@ -73,10 +73,11 @@ ray = None
 with wb.guard("map and dataset jobs"):
     ray = wb.ray_choice(key="scene_ray")
 if not status.radio_map.ok:
-    wb.missing_box("Radio map", status.radio_map.message,
-                   generate_maps_spec(scene, ws.rel(ws.radio_maps_dir), force=status.radio_map.state == "corrupt",
-                                      ray=ray),
-                   f"Generate the radio map of {scene}", key="make_map")
+    with wb.guard("map job"):
+        wb.missing_box("Radio map", status.radio_map.message,
+                       generate_maps_spec(scene, ws.rel(ws.radio_maps_dir), force=status.radio_map.state == "corrupt",
+                                          ray=ray),
+                       f"Generate the radio map of {scene}", key="make_map")
 if not status.dataset.ok:
     wb.missing_box("Measurement dataset", status.dataset.message, None, "", key="make_dataset")
     wb.dataset_form(scene, ws.rel(ws.dataset_path(scene)), ws.rel(ws.radio_maps_dir), key="make_dataset",
