@@ -119,12 +119,15 @@ def cell_centres(bounds, shape) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(x, y)  # row i = y
 
 
-def geometric_toa_aoa(xyz: np.ndarray, source: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Straight-line ``toa = |q - p| / c`` [ns] and ``aoa = atan2(q_y - p_y, q_x - p_x)`` [deg].
+def geometric_toa_aoa(xyz: np.ndarray, source: np.ndarray, offset: np.ndarray | float = 0.0
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """``toa = (L0 + |q - p|) / c`` [ns] and ``aoa = atan2(q_y - p_y, q_x - p_x)`` [deg].
 
-    ``xyz [..., 3]`` receivers ``p``, ``source [..., 3]`` (broadcast) the (virtual) source ``q``.
+    ``xyz [..., 3]`` receivers ``p``, ``source [..., 3]`` (broadcast) the path's anchor ``q``
+    (virtual source or diffraction point), ``offset [...]`` the path length before it ``L0``
+    [m] (0 for specular paths; see :func:`~core.raytracing.tracing.trace_points`).
     """
-    d = np.linalg.norm(source - xyz, axis=-1)
+    d = np.linalg.norm(source - xyz, axis=-1) + offset
     az = np.degrees(np.arctan2(source[..., 1] - xyz[..., 1], source[..., 0] - xyz[..., 0]))
     return d / SPEED_OF_LIGHT * 1e9, wrap_degrees(az)
 
@@ -157,9 +160,10 @@ def trace_nodes(scene, xyz: np.ndarray, indoor: np.ndarray, settings: MapSetting
     """``PathSolver`` at the outdoor nodes of the grid (cell centres ``xyz [H, W, 3]``).
 
     Returns ``rows [hn]`` and ``cols [wn]`` (node cell indices, :func:`node_indices`),
-    ``xyz [hn, wn, 3]``, ``path_gain [hn, wn, S]`` [dB] and ``image [hn, wn, S, 3]`` [m]
-    (the strongest path's virtual source), NaN where the site has no path or the node
-    is indoor.
+    ``xyz [hn, wn, 3]``, ``path_gain [hn, wn, S]`` [dB], ``image [hn, wn, S, 3]`` [m] and
+    ``offset [hn, wn, S]`` [m] (the strongest path's anchor and its length before it,
+    :func:`~core.raytracing.tracing.trace_points`), NaN where the site has no path or
+    the node is indoor.
     """
     from core.raytracing.tracing import trace_points
 
@@ -173,7 +177,9 @@ def trace_nodes(scene, xyz: np.ndarray, indoor: np.ndarray, settings: MapSetting
     pg[outdoor] = np.where(np.isfinite(traced["path_gain"]), traced["path_gain"], np.nan)
     image = np.full(outdoor.shape + (n_sites, 3), np.nan)
     image[outdoor] = traced["image"]
-    return {"rows": rows, "cols": cols, "xyz": nxyz, "path_gain": pg, "image": image}
+    offset = np.full(outdoor.shape + (n_sites,), np.nan)
+    offset[outdoor] = traced["offset"]
+    return {"rows": rows, "cols": cols, "xyz": nxyz, "path_gain": pg, "image": image, "offset": offset}
 
 
 def _stencil_nodes(nodes: dict[str, np.ndarray], shape: tuple[int, int]):
@@ -201,29 +207,44 @@ def site_layer(xyz: np.ndarray, indoor: np.ndarray, nodes: dict[str, np.ndarray]
     site or not) when there are any, so a lit cell never blends in a shadowed node.
     """
     node_sees = sees_site[np.ix_(nodes["rows"], nodes["cols"])]
-    weights, same, gains, images, direct = [], [], [], [], []
+    weights, same, gains, images, offsets, direct = [], [], [], [], [], []
     for a, b, wt in _stencil_nodes(nodes, indoor.shape):
-        g, q = nodes["path_gain"][a, b, s], nodes["image"][a, b, s]  # [H, W], [H, W, 3]
-        d_node = np.linalg.norm(q - nodes["xyz"][a, b], axis=-1)
-        d_cell = np.linalg.norm(q - xyz, axis=-1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            gains.append(g + 20 * np.log10(np.maximum(d_node, 1e-3) / np.maximum(d_cell, 1e-3)))
+        g, q, l0 = nodes["path_gain"][a, b, s], nodes["image"][a, b, s], nodes["offset"][a, b, s]
+        gains.append(g + spreading_db(np.linalg.norm(q - nodes["xyz"][a, b], axis=-1),
+                                      np.linalg.norm(q - xyz, axis=-1), l0))
         weights.append(np.where(np.isfinite(g), wt, 0.0))
         same.append(node_sees[a, b] == sees_site)
         images.append(q)
-        direct.append(np.linalg.norm(q - site, axis=-1) < DIRECT_TOL_M)
+        offsets.append(l0)
+        direct.append((np.linalg.norm(q - site, axis=-1) < DIRECT_TOL_M) & (l0 < DIRECT_TOL_M))
     w = np.stack(weights)  # [4, H, W]
     covered = (w.sum(0) >= 0.5 - 1e-9) & ~indoor
     w_class = w * np.stack(same)
     w_pg = np.where(w_class.sum(0) > 0, w_class, w)
     total = w_pg.sum(0)
     pg = (np.where(w_pg > 0, np.stack(gains), 0.0) * w_pg).sum(0) / np.where(total > 0, total, 1.0)
-    w_reflected = w * ~np.stack(direct)
-    pick = np.where(w_reflected.sum(0) > 0, w_reflected.argmax(0), w.argmax(0))
-    q = np.take_along_axis(np.stack(images), pick[None, ..., None], 0)[0]
+    w_indirect = w * ~np.stack(direct)
+    pick = np.where(w_indirect.sum(0) > 0, w_indirect.argmax(0), w.argmax(0))[None]
+    q = np.take_along_axis(np.stack(images), pick[..., None], 0)[0]
+    l0 = np.take_along_axis(np.stack(offsets), pick, 0)[0]
     q = np.where(sees_site[..., None], site, q)
-    toa, aoa = geometric_toa_aoa(xyz, q)
+    toa, aoa = geometric_toa_aoa(xyz, q, np.where(sees_site, 0.0, l0))
     return tuple(np.where(covered, v, np.nan) for v in (pg, toa, aoa))
+
+
+def spreading_db(d_node: np.ndarray, d_cell: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Path-gain change [dB] of one path from a node to a cell: ``10 log10(d_n (d_n + L0) / (d_p (d_p + L0)))``.
+
+    ``d_node``, ``d_cell``: distances [m] from the path's anchor to the node and the cell;
+    ``offset`` ``L0`` [m]: the path length before the anchor. Specular paths (``L0 = 0``)
+    spread spherically from their virtual source (``20 log10(d_n / d_p)``); a diffracted
+    path's power falls as ``L0 / (d (d + L0))`` behind its edge (the edge-diffracted
+    ray tube's spreading factor); the diffraction coefficient's angular change is left
+    to the interpolation between nodes.
+    """
+    d_n, d_p = np.maximum(d_node, 1e-3), np.maximum(d_cell, 1e-3)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 10 * np.log10(d_n * (d_n + offset) / (d_p * (d_p + offset)))
 
 
 def site_layers(scene, xyz: np.ndarray, indoor: np.ndarray, nodes: dict[str, np.ndarray],
