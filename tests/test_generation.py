@@ -16,7 +16,7 @@ pytestmark = pytest.mark.sionna
 def _grid(m):
     x, y = m.cell_centers()
     gx, gy = np.meshgrid(x, y)  # row i = y
-    return np.stack([gx, gy, np.full_like(gx, RadioConfig().rx_height_m)], axis=-1)
+    return np.stack([gx, gy, m.ground + RadioConfig().rx_height_m], axis=-1)  # the map follows the terrain
 
 
 def _sites(m):

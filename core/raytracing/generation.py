@@ -57,6 +57,7 @@ import numpy as np
 from core.errors import CoreError
 from core.features import DEFAULT_FEATURE_ORDER, wrap_degrees
 from core.jobs.progress import report
+from core.raytracing.coverage import DEFAULT_MIN_COVERAGE
 from core.raytracing.tracing import MAX_SAMPLES_PER_SRC, SPEED_OF_LIGHT, PropagationSettings
 
 DEFAULT_TOA_DECIMATION = 2
@@ -72,6 +73,8 @@ class MapSettings:
         map_size: ``(H, W)`` cells.
         center: ``(x, y)`` map centre [m]; None = scene centre.
         toa_decimation: ``f``, PathSolver traces every ``f``-th row and column (the nodes).
+        min_coverage: the smallest acceptable fraction of covered OUTDOOR cells; a map
+            below it is an error (:mod:`core.raytracing.coverage`).
         propagation: the propagation physics, shared with ``make-dataset``.
     """
 
@@ -79,6 +82,7 @@ class MapSettings:
     map_size: tuple[int, int] = (512, 512)
     center: tuple[float, float] | None = None
     toa_decimation: int = DEFAULT_TOA_DECIMATION
+    min_coverage: float = DEFAULT_MIN_COVERAGE
     propagation: PropagationSettings = field(default_factory=PropagationSettings)
 
     def validate(self) -> None:
@@ -91,6 +95,8 @@ class MapSettings:
             raise CoreError(f"--map-size {h} {w} is too large (at most 4096 x 4096 cells)")
         if self.toa_decimation < 1:
             raise CoreError(f"--toa-decimation must be >= 1, got {self.toa_decimation}")
+        if not 0.0 <= self.min_coverage <= 1.0:
+            raise CoreError(f"--min-coverage must be a fraction in [0, 1], got {self.min_coverage}")
         p = self.propagation
         if not 1 <= p.samples_per_src <= MAX_SAMPLES_PER_SRC:
             raise CoreError(f"--samples-per-tx must be 1..{MAX_SAMPLES_PER_SRC} PathSolver rays per site "
@@ -292,8 +298,13 @@ def serving_values(layers: dict[str, np.ndarray], indoor: np.ndarray, radio, lin
 
 
 def _scene_grid(info, settings: MapSettings, sites):
-    """``(scene, sites, center, bounds, xyz [H, W, 3], indoor [H, W])`` of the map to make."""
+    """``(scene, sites, center, bounds, xyz [H, W, 3], indoor [H, W], ground [H, W])`` of the map to make.
+
+    Cell centres sit at the terrain height plus the UE height
+    (:func:`~core.raytracing.terrain.measurement_points`); ``indoor``: under a roof there.
+    """
     from core.raytracing.scenes import buildings_of, layout_for, load_scene, scene_bbox
+    from core.raytracing.terrain import measurement_points
     from core.raytracing.tracing import build_scene, indoor_mask
 
     base_scene = load_scene(info)
@@ -306,14 +317,16 @@ def _scene_grid(info, settings: MapSettings, sites):
     radio = settings.propagation.radio
     scene = build_scene(info, sites, radio)
     gx, gy = cell_centres(bounds, settings.map_size)
-    xyz = np.stack([gx, gy, np.full_like(gx, radio.rx_height_m)], axis=-1)  # [H, W, 3]
+    xyz = measurement_points(scene, np.stack([gx, gy], -1).reshape(-1, 2), radio.rx_height_m)
+    xyz = xyz.reshape(settings.map_size + (3,))
     indoor = indoor_mask(scene, xyz.reshape(-1, 3)).reshape(settings.map_size)
-    return scene, sites, center, bounds, xyz, indoor
+    return scene, sites, center, bounds, xyz, indoor, xyz[..., 2] - radio.rx_height_m
 
 
 def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None = None, link=None,
                  label: str = "", position: int = 0):
     """Ray-trace one scene into a :class:`~core.stores.radio_map.RadioMap` (see the module docstring)."""
+    from core.raytracing.coverage import check_coverage
     from core.raytracing.link_abstraction import LinkConfig, link_abstraction
     from core.stores.radio_map import RadioMap
 
@@ -333,7 +346,7 @@ def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None
         return now
 
     t0 = t = stage(0, 0.0)
-    scene, sites, center, bounds, xyz, indoor = _scene_grid(info, settings, sites)
+    scene, sites, center, bounds, xyz, indoor, ground = _scene_grid(info, settings, sites)
     t = stage(1, t)
     pbar = _progress_bar(0, f"{info.name}: paths", position + 1)
 
@@ -352,13 +365,20 @@ def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None
     stage(4, t)
     timings["total_s"] = time.perf_counter() - t0
     bar.close()
+    coverage = check_coverage(info.name, valid, ~indoor, np.isfinite(layers["site_path_gain"]), settings.min_coverage)
     report(1.0, f"{label}{info.name}: done")
-    attrs = _map_attrs(info, settings, sites, center, nodes, link, timings, float(valid.mean()))
-    return RadioMap(values, DEFAULT_FEATURE_ORDER, bounds, valid=valid, attrs=attrs, layers=layers)
+    attrs = _map_attrs(info, settings, sites, center, nodes, link, timings, valid, indoor, coverage)
+    return RadioMap(values, DEFAULT_FEATURE_ORDER, bounds, valid=valid, attrs=attrs, layers=layers,
+                    outdoor=~indoor, ground=ground.astype(np.float32))
 
 
-def _map_attrs(info, settings: MapSettings, sites, center, nodes, link, timings, coverage: float) -> dict[str, Any]:
-    """The store's ``attrs``: scene, sites, radio, propagation, link abstraction, generator."""
+def _map_attrs(info, settings: MapSettings, sites, center, nodes, link, timings, valid, indoor,
+               coverage: float) -> dict[str, Any]:
+    """The store's ``attrs``: scene, sites, radio, propagation, link abstraction, generator, coverage.
+
+    ``coverage`` is the fraction of OUTDOOR cells covered; ``coverage_of_all_cells`` and
+    ``outdoor_fraction`` give the same map's figures over the whole grid.
+    """
     from core.raytracing.tracing import import_sionna_rt
 
     p = settings.propagation
@@ -381,6 +401,9 @@ def _map_attrs(info, settings: MapSettings, sites, center, nodes, link, timings,
         "link_abstraction": link.config.to_dict(),
         "generator": gen,
         "coverage": coverage,
+        "coverage_of": "outdoor cells",
+        "coverage_of_all_cells": float(valid.mean()),
+        "outdoor_fraction": float((~indoor).mean()),
     }
 
 
@@ -402,6 +425,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--toa-decimation", type=int, default=DEFAULT_TOA_DECIMATION,
                         help=f"PathSolver traces every N-th row and column (default: {DEFAULT_TOA_DECIMATION})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"PathSolver seed (default: {defaults.seed})")
+    parser.add_argument("--min-coverage", type=float, default=DEFAULT_MIN_COVERAGE,
+                        help=f"smallest acceptable fraction of covered outdoor cells; below it the scene fails "
+                             f"and nothing is written (default: {DEFAULT_MIN_COVERAGE})")
     parser.add_argument("--parallel", type=int, default=1, help="scenes generated at once, in separate processes")
     parser.add_argument("--force", action="store_true", help="regenerate maps that already exist")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -414,7 +440,7 @@ def _settings_from(args) -> MapSettings:
                           seed=args.seed)
     s = MapSettings(resolution=float(args.resolution), map_size=(int(args.map_size[0]), int(args.map_size[1])),
                     center=tuple(args.center) if args.center else None, toa_decimation=args.toa_decimation,
-                    propagation=propagation)
+                    min_coverage=float(args.min_coverage), propagation=propagation)
     s.validate()
     return s
 
@@ -432,7 +458,7 @@ def _one_scene(name: str, scenes_dir: str | None, output_dir: str, settings: Map
         t = time.perf_counter()
         radio_map = generate_map(info, settings, position=position)
         radio_map.save(out)
-        return name, "ok", f"{out} ({time.perf_counter() - t:.1f} s, coverage {radio_map.valid.mean():.1%})"
+        return name, "ok", f"{out} ({time.perf_counter() - t:.1f} s, coverage {radio_map.coverage_text()})"
     except CoreError as exc:
         return name, "failed", str(exc)
     except Exception as exc:  # a scene that breaks the ray tracer must not stop the others
