@@ -118,3 +118,16 @@ def test_ue_walks_follow_the_terrain(hilly_scene):
     xyz = walks.reshape(-1, 3)
     np.testing.assert_allclose(xyz[:, 2], ground_height(hilly_scene, xyz[:, :2]) + 1.5, atol=1e-4)
     assert np.ptp(xyz[:, 2]) > 5.0  # they are spread over the slope, not on one plane
+
+
+def test_map_fidelity_off_the_grid_los_nlos_and_diffracted(tiny_map, tiny_scene):
+    """``bench maps``' fidelity on the tiny map: PathSolver at off-grid points against the map there."""
+    from core.benchmarks.maps import fidelity
+
+    f = fidelity(tiny_map, tiny_scene, 300, seed=0)
+    for group in ("LOS", "NLOS", "NLOS diffracted"):
+        e = f[f"toa site {group}"]
+        assert e["n"] > 30, group
+        assert e["median"] < 0.5 and e["gross"] < 0.2, (group, e)
+        assert f[f"aoa site {group}"]["median"] < 1.0, group
+    assert f["path_gain serving"]["median"] < 1.0
