@@ -2,32 +2,35 @@
 
 ``python -m core generate-maps --scenes etoile munich --output-dir radio_maps
 --resolution 1.0 --map-size 512 512 [--parallel 2 --samples-per-tx N --max-depth N
---toa-decimation N --seed N --force --center X Y --scenes-dir DIR]``
+--toa-decimation N --seed N --min-coverage F --force --center X Y --scenes-dir DIR]``
 
 Per scene, on an ``H x W`` grid of square cells (``--map-size H W``, rows along +y,
-``--resolution`` metres), centred on the scene (or ``--center``), at the UE height,
-with the :class:`~core.raytracing.tracing.PropagationSettings` that ``make-dataset``
+``--resolution`` metres), centred on the scene (or ``--center``), at the UE height above
+the terrain (:mod:`core.raytracing.terrain`), with the :class:`~core.raytracing.tracing.PropagationSettings` that ``make-dataset``
 then reuses (recorded in ``attrs["propagation"]``):
 
 1. ``PathSolver`` traces every site to the NODES: the outdoor cell centres of every
    ``f``-th row and column (``f = --toa-decimation``, plus the last row and column), the
    very function the dataset evaluates at the UEs (:func:`~core.raytracing.tracing.trace_points`).
    Each node keeps, per site ``s``, the path gain ``G`` [dB] and the strongest path's
-   virtual source ``q`` (the site mirrored in the path's reflecting planes).
+   anchor ``q`` with its length before it ``L0`` [m]: the virtual source (the site
+   mirrored in the path's reflecting planes, ``L0 = 0``) or, for a diffracted path, the
+   diffraction point (``L0`` = site to edge).
 
 2. Per-site layers on every cell ``p`` (:func:`site_layers`), from the four nodes
    ``n`` of the bilinear stencil around ``p`` with weights ``w_n`` (nodes without a path
    to ``s`` get 0): the cell is covered by ``s`` if ``sum w_n >= 0.5`` (and outdoor), then::
 
-       site_path_gain = sum_n w_n (G_n + 20 log10(|q_n - n| / |q_n - p|)) / sum_n w_n      [dB]
-       site_toa       = |q - p| / c                                                       [ns]
-       site_aoa       = atan2(q_y - p_y, q_x - p_x), in (-180, 180]                        [deg]
+       site_path_gain = sum_n w_n (G_n + spreading_db(|q_n - n|, |q_n - p|, L0_n)) / sum_n w_n  [dB]
+       site_toa       = (L0 + |q - p|) / c                                                 [ns]
+       site_aoa       = atan2(q_y - p_y, q_x - p_x), in (-180, 180]                         [deg]
 
-   with ``q`` the site itself when ``p`` sees the site (an exact ray test), else the
-   virtual source of the stencil node with the largest weight whose strongest path is
+   with ``q`` the site itself (``L0 = 0``) when ``p`` sees the site (an exact ray test),
+   else the anchor of the stencil node with the largest weight whose strongest path is
    not the direct one (else of the largest weight). A specular path's delay and
-   azimuth are thus exact at every cell where it is still the strongest path; errors
-   remain only within ``f`` cells of where the strongest path changes.
+   azimuth are thus exact at every cell where it is still the strongest path, a
+   diffracted one's to second order (Keller's law: the path length is stationary along
+   the edge); errors remain only within ``f`` cells of where the strongest path changes.
 
 3. Serving features (``values``): the serving site is ``s* = argmax_s site_path_gain``,
    ``path_gain``, ``toa``, ``aoa`` are its layers, and SNR, SINR (every other site
@@ -35,9 +38,11 @@ then reuses (recorded in ``attrs["propagation"]``):
    :func:`~core.raytracing.measurements.cell_measurements` -- the code that makes the
    dataset's cell features -- and :mod:`core.raytracing.link_abstraction`.
 
-``valid`` is false under roofs (an upward ray hits geometry) and where no site covers
-the cell. Output goes to ``<output-dir>/<scene>.zarr``, atomically; existing stores are
-skipped unless ``--force``. ``--samples-per-tx``, ``--max-depth`` and ``--seed`` set the
+``valid`` is false under roofs (an upward ray hits geometry; ``outdoor`` is false there)
+and where no site covers the cell. A map covering less than ``--min-coverage`` of its
+outdoor cells is an error naming the scene and the likely cause, and is not written
+(:mod:`core.raytracing.coverage`). Output goes to ``<output-dir>/<scene>.zarr``,
+atomically; existing stores are skipped unless ``--force``. ``--samples-per-tx``, ``--max-depth`` and ``--seed`` set the
 propagation's rays per site, depth and seed.
 """
 
