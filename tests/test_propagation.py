@@ -131,3 +131,33 @@ def test_map_fidelity_off_the_grid_los_nlos_and_diffracted(tiny_map, tiny_scene)
         assert e["median"] < 0.5 and e["gross"] < 0.2, (group, e)
         assert f[f"aoa site {group}"]["median"] < 1.0, group
     assert f["path_gain serving"]["median"] < 1.0
+
+
+def test_a_diffracted_paths_anchor_gives_its_delay_and_azimuth_nearby(tiny_map, tiny_scene):
+    """``(L0 + |q - p'|) / c`` and ``azimuth(q - p')`` at points 0.5 m away (Keller: second order)."""
+    from core.features import wrap_degrees
+    from core.raytracing.generation import geometric_toa_aoa
+    from core.raytracing.tracing import SPEED_OF_LIGHT, trace_points
+
+    settings = PropagationSettings.from_dict(tiny_map.attrs["propagation"])
+    x, y = tiny_map.cell_centers()
+    ii, jj = np.nonzero(tiny_map.valid)
+    rng = np.random.default_rng(2)
+    k = rng.choice(len(ii), 300, replace=False)
+    p = np.stack([x[jj[k]], y[ii[k]], tiny_map.ground[ii[k], jj[k]] + 1.5], 1)
+    heading = rng.uniform(-np.pi, np.pi, len(p))
+    q = p + 0.5 * np.stack([np.cos(heading), np.sin(heading), np.zeros(len(p))], 1)
+    at_p, at_q = trace_points(tiny_scene, p, settings), trace_points(tiny_scene, q, settings)
+    has = np.isfinite(at_p["toa"])
+    # at the traced point itself the unfolded length is exact: L0 + |anchor - p| = c tau
+    length = at_p["offset"] + np.linalg.norm(at_p["image"] - p[:, None, :], axis=-1)
+    np.testing.assert_allclose(length[has], SPEED_OF_LIGHT * at_p["toa"][has] * 1e-9, rtol=1e-4, atol=0.01)
+    diffracted = has & np.isfinite(at_q["toa"]) & (at_p["offset"] > 0.5)
+    assert diffracted.sum() > 50  # the canyon's shadowed corners are lit by diffraction
+    toa, aoa = geometric_toa_aoa(q[:, None, :], at_p["image"], at_p["offset"])
+    d_toa = np.abs(toa - at_q["toa"])[diffracted]
+    d_aoa = np.abs(wrap_degrees(aoa - at_q["aoa"]))[diffracted]
+    same = d_toa < 1.0  # the same path is still the strongest 0.5 m away (most of the time)
+    assert same.mean() > 0.8
+    assert np.median(d_toa[same]) < 0.01 and np.quantile(d_toa[same], 0.9) < 0.1
+    assert np.median(d_aoa[same]) < 0.05
