@@ -34,7 +34,7 @@ if radio_map is not None:
     geometry = wb.geometry(scene)
     gen = radio_map.attrs.get("generator") or {}
     st.caption(f"{radio_map.shape[0]}×{radio_map.shape[1]} cells of {radio_map.cell_size:g} m, coverage "
-               f"{radio_map.valid.mean():.0%}, {len(radio_map.attrs.get('sites') or [])} sites."
+               f"{radio_map.coverage_text()}, {len(radio_map.attrs.get('sites') or [])} sites."
                + (f" Generator: {', '.join(f'{k}={v}' for k, v in gen.items() if not isinstance(v, (dict, list)))}."
                   if isinstance(gen, dict) and gen else ""))
     tab_map, tab_cmp = st.tabs(["Feature map", "Compare two maps"])

@@ -63,6 +63,7 @@ else:
         st.pydeck_chart(deck, height=560)
         notes = []
         if radio_map is not None:
+            notes.append(f"Map coverage: {radio_map.coverage_text()}.")
             notes.append(coverage_caption(radio_map, feature))
         if geometry is not None:
             notes.append(f"{len(geometry.buildings)} buildings, {len(geometry.sites)} sites.")

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.sionna
 def _grid(m):
     x, y = m.cell_centers()
     gx, gy = np.meshgrid(x, y)  # row i = y
-    return np.stack([gx, gy, np.full_like(gx, RadioConfig().rx_height_m)], axis=-1)
+    return np.stack([gx, gy, m.ground + RadioConfig().rx_height_m], axis=-1)  # the map follows the terrain
 
 
 def _sites(m):
@@ -84,8 +84,10 @@ def test_site_layers_match_pathsolver_off_the_nodes(tiny_map, tiny_scene):
     d_toa = got["site_toa"][ok] - traced["toa"][p, s]
     d_aoa = wrap_degrees(got["site_aoa"][ok] - traced["aoa"][p, s])
     d_pg = got["site_path_gain"][ok] - traced["path_gain"][p, s]
-    assert np.median(np.abs(d_toa)) < 0.05 and np.mean(np.abs(d_toa) < 1.0) > 0.9
-    assert np.median(np.abs(d_aoa)) < 0.05 and np.mean(np.abs(d_aoa) < 2.0) > 0.9
+    # nodes 8 m apart here (2 m on the shipped map); with diffraction the strongest path
+    # changes more often between nodes (about half the canyon's strongest paths are diffracted)
+    assert np.median(np.abs(d_toa)) < 0.05 and np.mean(np.abs(d_toa) < 1.0) > 0.85
+    assert np.median(np.abs(d_aoa)) < 0.05 and np.mean(np.abs(d_aoa) < 2.0) > 0.85
     # the total gain is interpolated between nodes 8 m apart here (2 m on the shipped map): looser
     assert np.median(np.abs(d_pg)) < 1.0 and np.mean(np.abs(d_pg) < 3.0) > 0.8
     # where PathSolver's strongest path is the direct one, the map's ToA is the distance / c

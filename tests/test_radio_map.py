@@ -233,3 +233,30 @@ def test_per_site_layers_must_have_one_plane_per_site(saved):
     with pytest.raises(StoreError, match="one plane per site"):
         RadioMap(rm.values, rm.features, rm.bounds, valid=rm.valid, attrs={"sites": sites},
                  layers={"site_path_gain": layers["site_path_gain"]})
+
+
+def test_outdoor_mask_and_ground_round_trip_and_outdoor_coverage(tmp_path):
+    rm = holey_map()
+    outdoor = np.ones(rm.shape, bool)
+    outdoor[2:4, 5:8] = False  # under a roof: never covered
+    ground = np.linspace(0.0, 5.0, rm.shape[0] * rm.shape[1], dtype=np.float32).reshape(rm.shape)
+    terrain = RadioMap(rm.values, rm.features, rm.bounds, valid=rm.valid, attrs=rm.attrs, layers=rm.layers,
+                       outdoor=outdoor, ground=ground)
+    back = RadioMap.load(terrain.save(tmp_path / "t.zarr"))
+    np.testing.assert_array_equal(back.outdoor, outdoor)
+    np.testing.assert_array_equal(back.ground, ground)
+    assert back.outdoor_coverage == pytest.approx(rm.valid.sum() / outdoor.sum())
+    assert back.coverage_text().endswith("of outdoor cells")
+    assert rm.outdoor_coverage is None and rm.coverage_text().endswith("of all cells")
+    roofed = outdoor.copy()
+    roofed[0, 0] = False  # a covered cell under a roof
+    with pytest.raises(StoreError, match="outside the outdoor mask"):
+        RadioMap(rm.values, rm.features, rm.bounds, valid=rm.valid, outdoor=roofed)
+
+
+def test_format_2_store_still_loads_without_outdoor_mask(saved):
+    rm, path = saved
+    _edit_attrs(path, format_version=2)
+    old = RadioMap.load(path)
+    assert old.outdoor is None and old.ground is None
+    np.testing.assert_array_equal(old.valid, rm.valid)

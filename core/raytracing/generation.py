@@ -2,32 +2,35 @@
 
 ``python -m core generate-maps --scenes etoile munich --output-dir radio_maps
 --resolution 1.0 --map-size 512 512 [--parallel 2 | --ray [ADDRESS]] [--samples-per-tx N
---max-depth N --toa-decimation N --seed N --force --center X Y --scenes-dir DIR]``
+--max-depth N --toa-decimation N --seed N --min-coverage F --force --center X Y --scenes-dir DIR]``
 
 Per scene, on an ``H x W`` grid of square cells (``--map-size H W``, rows along +y,
-``--resolution`` metres), centred on the scene (or ``--center``), at the UE height,
-with the :class:`~core.raytracing.tracing.PropagationSettings` that ``make-dataset``
+``--resolution`` metres), centred on the scene (or ``--center``), at the UE height above
+the terrain (:mod:`core.raytracing.terrain`), with the :class:`~core.raytracing.tracing.PropagationSettings` that ``make-dataset``
 then reuses (recorded in ``attrs["propagation"]``):
 
 1. ``PathSolver`` traces every site to the NODES: the outdoor cell centres of every
    ``f``-th row and column (``f = --toa-decimation``, plus the last row and column), the
    very function the dataset evaluates at the UEs (:func:`~core.raytracing.tracing.trace_points`).
    Each node keeps, per site ``s``, the path gain ``G`` [dB] and the strongest path's
-   virtual source ``q`` (the site mirrored in the path's reflecting planes).
+   anchor ``q`` with its length before it ``L0`` [m]: the virtual source (the site
+   mirrored in the path's reflecting planes, ``L0 = 0``) or, for a diffracted path, the
+   diffraction point (``L0`` = site to edge).
 
 2. Per-site layers on every cell ``p`` (:func:`site_layers`), from the four nodes
    ``n`` of the bilinear stencil around ``p`` with weights ``w_n`` (nodes without a path
    to ``s`` get 0): the cell is covered by ``s`` if ``sum w_n >= 0.5`` (and outdoor), then::
 
-       site_path_gain = sum_n w_n (G_n + 20 log10(|q_n - n| / |q_n - p|)) / sum_n w_n      [dB]
-       site_toa       = |q - p| / c                                                       [ns]
-       site_aoa       = atan2(q_y - p_y, q_x - p_x), in (-180, 180]                        [deg]
+       site_path_gain = sum_n w_n (G_n + spreading_db(|q_n - n|, |q_n - p|, L0_n)) / sum_n w_n  [dB]
+       site_toa       = (L0 + |q - p|) / c                                                 [ns]
+       site_aoa       = atan2(q_y - p_y, q_x - p_x), in (-180, 180]                         [deg]
 
-   with ``q`` the site itself when ``p`` sees the site (an exact ray test), else the
-   virtual source of the stencil node with the largest weight whose strongest path is
+   with ``q`` the site itself (``L0 = 0``) when ``p`` sees the site (an exact ray test),
+   else the anchor of the stencil node with the largest weight whose strongest path is
    not the direct one (else of the largest weight). A specular path's delay and
-   azimuth are thus exact at every cell where it is still the strongest path; errors
-   remain only within ``f`` cells of where the strongest path changes.
+   azimuth are thus exact at every cell where it is still the strongest path, a
+   diffracted one's to second order (Keller's law: the path length is stationary along
+   the edge); errors remain only within ``f`` cells of where the strongest path changes.
 
 3. Serving features (``values``): the serving site is ``s* = argmax_s site_path_gain``,
    ``path_gain``, ``toa``, ``aoa`` are its layers, and SNR, SINR (every other site
@@ -35,9 +38,11 @@ then reuses (recorded in ``attrs["propagation"]``):
    :func:`~core.raytracing.measurements.cell_measurements` -- the code that makes the
    dataset's cell features -- and :mod:`core.raytracing.link_abstraction`.
 
-``valid`` is false under roofs (an upward ray hits geometry) and where no site covers
-the cell. Output goes to ``<output-dir>/<scene>.zarr``, atomically; existing stores are
-skipped unless ``--force``. ``--samples-per-tx``, ``--max-depth`` and ``--seed`` set the
+``valid`` is false under roofs (an upward ray hits geometry; ``outdoor`` is false there)
+and where no site covers the cell. A map covering less than ``--min-coverage`` of its
+outdoor cells is an error naming the scene and the likely cause, and is not written
+(:mod:`core.raytracing.coverage`). Output goes to ``<output-dir>/<scene>.zarr``,
+atomically; existing stores are skipped unless ``--force``. ``--samples-per-tx``, ``--max-depth`` and ``--seed`` set the
 propagation's rays per site, depth and seed.
 
 Scenes run in turn, in ``--parallel N`` local processes, or as one Ray task each
@@ -61,6 +66,7 @@ import numpy as np
 from core.errors import CoreError
 from core.features import DEFAULT_FEATURE_ORDER, wrap_degrees
 from core.jobs.progress import report
+from core.raytracing.coverage import DEFAULT_MIN_COVERAGE
 from core.raytracing.distributed import add_ray_argument
 from core.raytracing.tracing import MAX_SAMPLES_PER_SRC, SPEED_OF_LIGHT, PropagationSettings
 
@@ -77,6 +83,8 @@ class MapSettings:
         map_size: ``(H, W)`` cells.
         center: ``(x, y)`` map centre [m]; None = scene centre.
         toa_decimation: ``f``, PathSolver traces every ``f``-th row and column (the nodes).
+        min_coverage: the smallest acceptable fraction of covered OUTDOOR cells; a map
+            below it is an error (:mod:`core.raytracing.coverage`).
         propagation: the propagation physics, shared with ``make-dataset``.
     """
 
@@ -84,6 +92,7 @@ class MapSettings:
     map_size: tuple[int, int] = (512, 512)
     center: tuple[float, float] | None = None
     toa_decimation: int = DEFAULT_TOA_DECIMATION
+    min_coverage: float = DEFAULT_MIN_COVERAGE
     propagation: PropagationSettings = field(default_factory=PropagationSettings)
 
     def validate(self) -> None:
@@ -96,6 +105,8 @@ class MapSettings:
             raise CoreError(f"--map-size {h} {w} is too large (at most 4096 x 4096 cells)")
         if self.toa_decimation < 1:
             raise CoreError(f"--toa-decimation must be >= 1, got {self.toa_decimation}")
+        if not 0.0 <= self.min_coverage <= 1.0:
+            raise CoreError(f"--min-coverage must be a fraction in [0, 1], got {self.min_coverage}")
         p = self.propagation
         if not 1 <= p.samples_per_src <= MAX_SAMPLES_PER_SRC:
             raise CoreError(f"--samples-per-tx must be 1..{MAX_SAMPLES_PER_SRC} PathSolver rays per site "
@@ -124,12 +135,15 @@ def cell_centres(bounds, shape) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(x, y)  # row i = y
 
 
-def geometric_toa_aoa(xyz: np.ndarray, source: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Straight-line ``toa = |q - p| / c`` [ns] and ``aoa = atan2(q_y - p_y, q_x - p_x)`` [deg].
+def geometric_toa_aoa(xyz: np.ndarray, source: np.ndarray, offset: np.ndarray | float = 0.0
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """``toa = (L0 + |q - p|) / c`` [ns] and ``aoa = atan2(q_y - p_y, q_x - p_x)`` [deg].
 
-    ``xyz [..., 3]`` receivers ``p``, ``source [..., 3]`` (broadcast) the (virtual) source ``q``.
+    ``xyz [..., 3]`` receivers ``p``, ``source [..., 3]`` (broadcast) the path's anchor ``q``
+    (virtual source or diffraction point), ``offset [...]`` the path length before it ``L0``
+    [m] (0 for specular paths; see :func:`~core.raytracing.tracing.trace_points`).
     """
-    d = np.linalg.norm(source - xyz, axis=-1)
+    d = np.linalg.norm(source - xyz, axis=-1) + offset
     az = np.degrees(np.arctan2(source[..., 1] - xyz[..., 1], source[..., 0] - xyz[..., 0]))
     return d / SPEED_OF_LIGHT * 1e9, wrap_degrees(az)
 
@@ -162,9 +176,10 @@ def trace_nodes(scene, xyz: np.ndarray, indoor: np.ndarray, settings: MapSetting
     """``PathSolver`` at the outdoor nodes of the grid (cell centres ``xyz [H, W, 3]``).
 
     Returns ``rows [hn]`` and ``cols [wn]`` (node cell indices, :func:`node_indices`),
-    ``xyz [hn, wn, 3]``, ``path_gain [hn, wn, S]`` [dB] and ``image [hn, wn, S, 3]`` [m]
-    (the strongest path's virtual source), NaN where the site has no path or the node
-    is indoor.
+    ``xyz [hn, wn, 3]``, ``path_gain [hn, wn, S]`` [dB], ``image [hn, wn, S, 3]`` [m] and
+    ``offset [hn, wn, S]`` [m] (the strongest path's anchor and its length before it,
+    :func:`~core.raytracing.tracing.trace_points`), NaN where the site has no path or
+    the node is indoor.
     """
     from core.raytracing.tracing import trace_points
 
@@ -178,7 +193,9 @@ def trace_nodes(scene, xyz: np.ndarray, indoor: np.ndarray, settings: MapSetting
     pg[outdoor] = np.where(np.isfinite(traced["path_gain"]), traced["path_gain"], np.nan)
     image = np.full(outdoor.shape + (n_sites, 3), np.nan)
     image[outdoor] = traced["image"]
-    return {"rows": rows, "cols": cols, "xyz": nxyz, "path_gain": pg, "image": image}
+    offset = np.full(outdoor.shape + (n_sites,), np.nan)
+    offset[outdoor] = traced["offset"]
+    return {"rows": rows, "cols": cols, "xyz": nxyz, "path_gain": pg, "image": image, "offset": offset}
 
 
 def _stencil_nodes(nodes: dict[str, np.ndarray], shape: tuple[int, int]):
@@ -206,29 +223,44 @@ def site_layer(xyz: np.ndarray, indoor: np.ndarray, nodes: dict[str, np.ndarray]
     site or not) when there are any, so a lit cell never blends in a shadowed node.
     """
     node_sees = sees_site[np.ix_(nodes["rows"], nodes["cols"])]
-    weights, same, gains, images, direct = [], [], [], [], []
+    weights, same, gains, images, offsets, direct = [], [], [], [], [], []
     for a, b, wt in _stencil_nodes(nodes, indoor.shape):
-        g, q = nodes["path_gain"][a, b, s], nodes["image"][a, b, s]  # [H, W], [H, W, 3]
-        d_node = np.linalg.norm(q - nodes["xyz"][a, b], axis=-1)
-        d_cell = np.linalg.norm(q - xyz, axis=-1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            gains.append(g + 20 * np.log10(np.maximum(d_node, 1e-3) / np.maximum(d_cell, 1e-3)))
+        g, q, l0 = nodes["path_gain"][a, b, s], nodes["image"][a, b, s], nodes["offset"][a, b, s]
+        gains.append(g + spreading_db(np.linalg.norm(q - nodes["xyz"][a, b], axis=-1),
+                                      np.linalg.norm(q - xyz, axis=-1), l0))
         weights.append(np.where(np.isfinite(g), wt, 0.0))
         same.append(node_sees[a, b] == sees_site)
         images.append(q)
-        direct.append(np.linalg.norm(q - site, axis=-1) < DIRECT_TOL_M)
+        offsets.append(l0)
+        direct.append((np.linalg.norm(q - site, axis=-1) < DIRECT_TOL_M) & (l0 < DIRECT_TOL_M))
     w = np.stack(weights)  # [4, H, W]
     covered = (w.sum(0) >= 0.5 - 1e-9) & ~indoor
     w_class = w * np.stack(same)
     w_pg = np.where(w_class.sum(0) > 0, w_class, w)
     total = w_pg.sum(0)
     pg = (np.where(w_pg > 0, np.stack(gains), 0.0) * w_pg).sum(0) / np.where(total > 0, total, 1.0)
-    w_reflected = w * ~np.stack(direct)
-    pick = np.where(w_reflected.sum(0) > 0, w_reflected.argmax(0), w.argmax(0))
-    q = np.take_along_axis(np.stack(images), pick[None, ..., None], 0)[0]
+    w_indirect = w * ~np.stack(direct)
+    pick = np.where(w_indirect.sum(0) > 0, w_indirect.argmax(0), w.argmax(0))[None]
+    q = np.take_along_axis(np.stack(images), pick[..., None], 0)[0]
+    l0 = np.take_along_axis(np.stack(offsets), pick, 0)[0]
     q = np.where(sees_site[..., None], site, q)
-    toa, aoa = geometric_toa_aoa(xyz, q)
+    toa, aoa = geometric_toa_aoa(xyz, q, np.where(sees_site, 0.0, l0))
     return tuple(np.where(covered, v, np.nan) for v in (pg, toa, aoa))
+
+
+def spreading_db(d_node: np.ndarray, d_cell: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Path-gain change [dB] of one path from a node to a cell: ``10 log10(d_n (d_n + L0) / (d_p (d_p + L0)))``.
+
+    ``d_node``, ``d_cell``: distances [m] from the path's anchor to the node and the cell;
+    ``offset`` ``L0`` [m]: the path length before the anchor. Specular paths (``L0 = 0``)
+    spread spherically from their virtual source (``20 log10(d_n / d_p)``); a diffracted
+    path's power falls as ``L0 / (d (d + L0))`` behind its edge (the edge-diffracted
+    ray tube's spreading factor); the diffraction coefficient's angular change is left
+    to the interpolation between nodes.
+    """
+    d_n, d_p = np.maximum(d_node, 1e-3), np.maximum(d_cell, 1e-3)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 10 * np.log10(d_n * (d_n + offset) / (d_p * (d_p + offset)))
 
 
 def site_layers(scene, xyz: np.ndarray, indoor: np.ndarray, nodes: dict[str, np.ndarray],
@@ -276,8 +308,13 @@ def serving_values(layers: dict[str, np.ndarray], indoor: np.ndarray, radio, lin
 
 
 def _scene_grid(info, settings: MapSettings, sites):
-    """``(scene, sites, center, bounds, xyz [H, W, 3], indoor [H, W])`` of the map to make."""
+    """``(scene, sites, center, bounds, xyz [H, W, 3], indoor [H, W], ground [H, W])`` of the map to make.
+
+    Cell centres sit at the terrain height plus the UE height
+    (:func:`~core.raytracing.terrain.measurement_points`); ``indoor``: under a roof there.
+    """
     from core.raytracing.scenes import buildings_of, layout_for, load_scene, scene_bbox
+    from core.raytracing.terrain import measurement_points
     from core.raytracing.tracing import build_scene, indoor_mask
 
     base_scene = load_scene(info)
@@ -290,14 +327,16 @@ def _scene_grid(info, settings: MapSettings, sites):
     radio = settings.propagation.radio
     scene = build_scene(info, sites, radio)
     gx, gy = cell_centres(bounds, settings.map_size)
-    xyz = np.stack([gx, gy, np.full_like(gx, radio.rx_height_m)], axis=-1)  # [H, W, 3]
+    xyz = measurement_points(scene, np.stack([gx, gy], -1).reshape(-1, 2), radio.rx_height_m)
+    xyz = xyz.reshape(settings.map_size + (3,))
     indoor = indoor_mask(scene, xyz.reshape(-1, 3)).reshape(settings.map_size)
-    return scene, sites, center, bounds, xyz, indoor
+    return scene, sites, center, bounds, xyz, indoor, xyz[..., 2] - radio.rx_height_m
 
 
 def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None = None, link=None,
                  label: str = "", position: int = 0):
     """Ray-trace one scene into a :class:`~core.stores.radio_map.RadioMap` (see the module docstring)."""
+    from core.raytracing.coverage import check_coverage
     from core.raytracing.link_abstraction import LinkConfig, link_abstraction
     from core.stores.radio_map import RadioMap
 
@@ -317,7 +356,7 @@ def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None
         return now
 
     t0 = t = stage(0, 0.0)
-    scene, sites, center, bounds, xyz, indoor = _scene_grid(info, settings, sites)
+    scene, sites, center, bounds, xyz, indoor, ground = _scene_grid(info, settings, sites)
     t = stage(1, t)
     pbar = _progress_bar(0, f"{info.name}: paths", position + 1)
 
@@ -336,13 +375,20 @@ def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None
     stage(4, t)
     timings["total_s"] = time.perf_counter() - t0
     bar.close()
+    coverage = check_coverage(info.name, valid, ~indoor, np.isfinite(layers["site_path_gain"]), settings.min_coverage)
     report(1.0, f"{label}{info.name}: done")
-    attrs = _map_attrs(info, settings, sites, center, nodes, link, timings, float(valid.mean()))
-    return RadioMap(values, DEFAULT_FEATURE_ORDER, bounds, valid=valid, attrs=attrs, layers=layers)
+    attrs = _map_attrs(info, settings, sites, center, nodes, link, timings, valid, indoor, coverage)
+    return RadioMap(values, DEFAULT_FEATURE_ORDER, bounds, valid=valid, attrs=attrs, layers=layers,
+                    outdoor=~indoor, ground=ground.astype(np.float32))
 
 
-def _map_attrs(info, settings: MapSettings, sites, center, nodes, link, timings, coverage: float) -> dict[str, Any]:
-    """The store's ``attrs``: scene, sites, radio, propagation, link abstraction, generator."""
+def _map_attrs(info, settings: MapSettings, sites, center, nodes, link, timings, valid, indoor,
+               coverage: float) -> dict[str, Any]:
+    """The store's ``attrs``: scene, sites, radio, propagation, link abstraction, generator, coverage.
+
+    ``coverage`` is the fraction of OUTDOOR cells covered; ``coverage_of_all_cells`` and
+    ``outdoor_fraction`` give the same map's figures over the whole grid.
+    """
     from core.raytracing.tracing import import_sionna_rt
 
     p = settings.propagation
@@ -365,6 +411,9 @@ def _map_attrs(info, settings: MapSettings, sites, center, nodes, link, timings,
         "link_abstraction": link.config.to_dict(),
         "generator": gen,
         "coverage": coverage,
+        "coverage_of": "outdoor cells",
+        "coverage_of_all_cells": float(valid.mean()),
+        "outdoor_fraction": float((~indoor).mean()),
     }
 
 
@@ -386,6 +435,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--toa-decimation", type=int, default=DEFAULT_TOA_DECIMATION,
                         help=f"PathSolver traces every N-th row and column (default: {DEFAULT_TOA_DECIMATION})")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"PathSolver seed (default: {defaults.seed})")
+    parser.add_argument("--min-coverage", type=float, default=DEFAULT_MIN_COVERAGE,
+                        help=f"smallest acceptable fraction of covered outdoor cells; below it the scene fails "
+                             f"and nothing is written (default: {DEFAULT_MIN_COVERAGE})")
     parser.add_argument("--parallel", type=int, default=1, help="scenes generated at once, in separate processes")
     add_ray_argument(parser)
     parser.add_argument("--force", action="store_true", help="regenerate maps that already exist")
@@ -399,7 +451,7 @@ def _settings_from(args) -> MapSettings:
                           seed=args.seed)
     s = MapSettings(resolution=float(args.resolution), map_size=(int(args.map_size[0]), int(args.map_size[1])),
                     center=tuple(args.center) if args.center else None, toa_decimation=args.toa_decimation,
-                    propagation=propagation)
+                    min_coverage=float(args.min_coverage), propagation=propagation)
     s.validate()
     return s
 
@@ -420,7 +472,7 @@ def map_of_scene(name: str, scenes_dir: str | None, output_dir: str, settings: M
     t = time.perf_counter()
     radio_map = generate_map(info, settings, position=position)
     radio_map.save(out)
-    return "ok", f"{out} ({time.perf_counter() - t:.1f} s, coverage {radio_map.valid.mean():.1%})"
+    return "ok", f"{out} ({time.perf_counter() - t:.1f} s, coverage {radio_map.coverage_text()})"
 
 
 def _scene_names(args) -> list[str]:

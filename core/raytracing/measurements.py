@@ -16,7 +16,9 @@ Walks. Each UE starts at a uniform random point of a covered outdoor cell of the
 scene's radio map (``<radio-maps>/<scene>.zarr``; without one, of the scene-centred
 512 m square), never under a roof, and walks in a straight line at a uniform random
 speed in [0.5, 1.5] m/s and heading, one report every 0.2 s (``t = 0, 0.2, ...``).
-A walk that would cross a wall (a horizontal ray from start to end hits geometry),
+Positions sit ``rx_height_m`` above the terrain under them
+(:func:`~core.raytracing.terrain.measurement_points`, as the map's cell centres).
+A walk that would cross a wall (a straight segment between consecutive positions hits geometry),
 leave the map or reach an uncovered point is redrawn; so is a walk that leaves
 coverage: at some report no site is received (below, the serving site below the
 sensitivity). The label is the position at the last report; all positions are stored.
@@ -117,9 +119,8 @@ def _sites_and_area(scene_name, radio_maps, scenes_dir):
 
 
 def _draw_walks(rng, scene, n, t_steps, bounds, valid, walk: WalkConfig, rx_height):
-    """Draw ``n`` outdoor straight walks: positions ``[n, T, 3]`` and times ``[T]``."""
-    import mitsuba as mi
-
+    """Draw ``n`` outdoor straight walks: positions ``[n, T, 3]`` (``rx_height`` above the terrain) and times ``[T]``."""
+    from core.raytracing.terrain import measurement_points
     from core.raytracing.tracing import indoor_mask
 
     x_min, y_min, x_max, y_max = bounds
@@ -151,20 +152,32 @@ def _draw_walks(rng, scene, n, t_steps, bounds, valid, walk: WalkConfig, rx_heig
             jj = np.clip(((xy[..., 0] - x_min) / cell).astype(int), 0, w - 1)
             ii = np.clip(((xy[..., 1] - y_min) / cell).astype(int), 0, h - 1)
             ok &= valid[ii, jj].all(1)
-        xyz = np.concatenate([xy, np.full(xy.shape[:2] + (1,), rx_height)], -1)
+        xyz = measurement_points(scene, xy.reshape(-1, 2), rx_height).reshape(m, t_steps, 3)  # on the terrain
         ok &= ~indoor_mask(scene, xyz.reshape(-1, 3)).reshape(m, t_steps).any(1)
-        # no wall between the first and the last position
-        length = np.linalg.norm(xy[:, -1] - xy[:, 0], axis=1)
-        d = np.concatenate([np.cos(heading)[:, None], np.sin(heading)[:, None], np.zeros((m, 1))], 1).astype(np.float32)
-        o = xyz[:, 0].astype(np.float32)
-        ray = mi.Ray3f(mi.Point3f(mi.Float(o[:, 0]), mi.Float(o[:, 1]), mi.Float(o[:, 2])),
-                       mi.Vector3f(mi.Float(d[:, 0]), mi.Float(d[:, 1]), mi.Float(d[:, 2])))
-        ray.maxt = mi.Float(np.maximum(length, 1e-3).astype(np.float32))
-        ok &= ~np.asarray(scene.mi_scene.ray_test(ray), dtype=bool)
+        # no wall between consecutive positions (straight segments; they follow the terrain)
+        ok &= _clear_steps(scene, xyz)
         out = np.concatenate([out, xyz[ok]])[:n]
     if len(out) < n:
         raise CoreError(f"could only place {len(out)} of {n} UEs on outdoor covered walks")
     return out, times
+
+
+def _clear_steps(scene, xyz: np.ndarray) -> np.ndarray:
+    """bool ``[m]``: no geometry between consecutive positions of each walk ``xyz [m, T, 3]``."""
+    import mitsuba as mi
+
+    m, t_steps = xyz.shape[:2]
+    if t_steps < 2:
+        return np.ones(m, bool)
+    a, b = xyz[:, :-1].reshape(-1, 3), xyz[:, 1:].reshape(-1, 3)
+    delta = b - a
+    length = np.linalg.norm(delta, axis=1)
+    d = (delta / np.maximum(length, 1e-9)[:, None]).astype(np.float32)
+    o = a.astype(np.float32)
+    ray = mi.Ray3f(mi.Point3f(mi.Float(o[:, 0]), mi.Float(o[:, 1]), mi.Float(o[:, 2])),
+                   mi.Vector3f(mi.Float(d[:, 0]), mi.Float(d[:, 1]), mi.Float(d[:, 2])))
+    ray.maxt = mi.Float(np.maximum(length, 1e-3).astype(np.float32))
+    return ~np.asarray(scene.mi_scene.ray_test(ray), dtype=bool).reshape(m, t_steps - 1).any(1)
 
 
 def measure(traced: dict[str, np.ndarray], k_sites: int, radio, link) -> dict[str, np.ndarray]:

@@ -182,7 +182,10 @@ class PropagationSettings:
         max_depth: PathSolver's maximum number of interactions per path.
         samples_per_src: rays shot per site (Fibonacci lattice) to find candidate paths.
         los, specular_reflection, diffuse_reflection, refraction, diffraction,
-        edge_diffraction: interaction types (PathSolver flags).
+        edge_diffraction, diffraction_lit_region: interaction types (PathSolver flags).
+            Diffraction (first order, on wedges and on free edges) is on: without it a
+            street corner's shadow gets no path at all (etoile: 74 % of the outdoor
+            cells covered at depth 2 without, 92 % with it).
         seed: PathSolver seed.
         receivers_per_call: receivers traced per PathSolver call.
         max_num_paths_per_src: PathSolver's candidate budget per site and call.
@@ -197,13 +200,14 @@ class PropagationSettings:
     """
 
     max_depth: int = 2
-    samples_per_src: int = 3_000
+    samples_per_src: int = 10_000
     los: bool = True
     specular_reflection: bool = True
     diffuse_reflection: bool = False
     refraction: bool = False
-    diffraction: bool = False
-    edge_diffraction: bool = False
+    diffraction: bool = True
+    edge_diffraction: bool = True
+    diffraction_lit_region: bool = True
     seed: int = 42
     receivers_per_call: int = 1_024
     max_num_paths_per_src: int = 2_000_000
@@ -224,7 +228,8 @@ class PropagationSettings:
     def solver_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``sionna.rt.PathSolver.__call__``."""
         keys = ("max_depth", "samples_per_src", "max_num_paths_per_src", "los", "specular_reflection",
-                "diffuse_reflection", "refraction", "diffraction", "edge_diffraction", "seed")
+                "diffuse_reflection", "refraction", "diffraction", "edge_diffraction", "diffraction_lit_region",
+                "seed")
         return {k: getattr(self, k) for k in keys} | {"synthetic_array": True}
 
     def to_dict(self) -> dict[str, Any]:
@@ -254,12 +259,20 @@ def trace_points(scene, xyz: np.ndarray, settings: PropagationSettings | None = 
         toa        [N, S]     delay tau of the strongest path (max |a|^2)          [ns], NaN if no path
         aoa        [N, S]     azimuth of arrival phi_r of that path, wrapped       [deg], NaN if no path
         los        [N, S]     a line-of-sight path exists
-        image      [N, S, 3]  virtual source of the strongest path                 [m], NaN if no path
+        image      [N, S, 3]  the strongest path's anchor q                        [m], NaN if no path
+        offset     [N, S]     its length before the anchor L0                      [m], NaN if no path
 
-    ``image = p + c tau (sin theta_r cos phi_r, sin theta_r sin phi_r, cos theta_r)``:
-    the site mirrored in the path's reflecting planes (the site itself for the direct
-    path), from which a specular path's delay and azimuth at any nearby point follow
-    exactly, ``|image - p'| / c`` and ``azimuth(image - p')``, while the path exists.
+    The strongest path, unfolded, is a straight line of length ``L0 + |q - p|`` from its
+    anchor ``q`` to the point ``p``, arriving from ``u = (sin theta_r cos phi_r,
+    sin theta_r sin phi_r, cos theta_r)``:
+    ``q = p + (c tau - L0) u`` (see :func:`path_anchor`). For a path of specular
+    reflections ``L0 = 0`` and ``q`` is the virtual source (the site mirrored in the
+    reflecting planes; the site itself for the direct path). For a diffracted path ``q``
+    is the diffraction point (mirrored in the planes that reflect the path after it) and
+    ``L0`` the length from the site to it. At a nearby point ``p'`` the same path has
+    delay ``(L0 + |q - p'|) / c`` and azimuth ``azimuth(q - p')``: exactly for specular
+    paths, and to second order in the displacement for diffracted ones (the diffraction
+    point moves along its edge, but the path length is stationary there: Keller's law).
     Points go ``settings.receivers_per_call`` at a time (the last call padded to the
     same count so Dr.Jit reuses its kernels); ``progress(done, total)`` after each call.
     """
@@ -269,7 +282,7 @@ def trace_points(scene, xyz: np.ndarray, settings: PropagationSettings | None = 
     n, n_tx = len(xyz), len(scene.transmitters)
     out = {"path_gain": np.full((n, n_tx), -np.inf, np.float32), "toa": np.full((n, n_tx), np.nan, np.float32),
            "aoa": np.full((n, n_tx), np.nan, np.float32), "los": np.zeros((n, n_tx), bool),
-           "image": np.full((n, n_tx, 3), np.nan, np.float32)}
+           "image": np.full((n, n_tx, 3), np.nan, np.float32), "offset": np.full((n, n_tx), np.nan, np.float32)}
     solver = rt.PathSolver()
     bs = max(1, min(settings.receivers_per_call, n))
     for start in range(0, n, bs):
@@ -295,7 +308,7 @@ def _strongest_paths(paths, xyz: np.ndarray, rt) -> dict[str, np.ndarray]:
     if power.shape[-1] == 0:
         return {"path_gain": np.full((rx, tx), -np.inf), "toa": np.full((rx, tx), np.nan),
                 "aoa": np.full((rx, tx), np.nan), "los": np.zeros((rx, tx), bool),
-                "image": np.full((rx, tx, 3), np.nan)}
+                "image": np.full((rx, tx, 3), np.nan), "offset": np.full((rx, tx), np.nan)}
     best = power.argmax(axis=-1)[..., None]
 
     def strongest(arr):
@@ -303,17 +316,59 @@ def _strongest_paths(paths, xyz: np.ndarray, rt) -> dict[str, np.ndarray]:
 
     tau, phi, theta = strongest(paths.tau), strongest(paths.phi_r), strongest(paths.theta_r)
     inter = np.asarray(paths.interactions)  # [depth, rx, (rx_ant,) tx, (tx_ant,) P]
-    first = _rx_tx_paths(inter[0]) if inter.ndim > 1 else np.zeros_like(valid, dtype=np.uint32)
+    if inter.ndim > 1:
+        types = np.stack([strongest(t) for t in inter]).astype(np.uint32)  # [depth, rx, tx]
+        verts = np.asarray(paths.vertices)  # [depth, rx, (rx_ant,) tx, (tx_ant,) P, 3]
+        vertices = np.stack([np.stack([strongest(v[..., c]) for c in range(3)], -1) for v in verts])
+        first = _rx_tx_paths(inter[0])
+    else:
+        types, vertices = np.zeros((0, rx, tx), np.uint32), np.zeros((0, rx, tx, 3))
+        first = np.zeros_like(valid, dtype=np.uint32)
     total = power.sum(axis=-1)
     has = total > 0
     unit = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], -1)
-    image = xyz.astype(np.float64)[:, None, :] + (SPEED_OF_LIGHT * tau)[..., None] * unit
+    image, offset = path_anchor(xyz.astype(np.float64), SPEED_OF_LIGHT * tau, unit, types, vertices,
+                                int(rt.InteractionType.DIFFRACTION))
     with np.errstate(divide="ignore"):
         pg = np.where(has, 10 * np.log10(np.where(has, total, 1.0)), -np.inf)
     return {"path_gain": pg, "toa": np.where(has, tau * 1e9, np.nan),
             "aoa": np.where(has, _wrap(np.degrees(phi)), np.nan),
             "los": (valid & (first == rt.InteractionType.NONE)).any(axis=-1),
-            "image": np.where(has[..., None], image, np.nan)}
+            "image": np.where(has[..., None], image, np.nan), "offset": np.where(has, offset, np.nan)}
+
+
+def path_anchor(xyz: np.ndarray, length: np.ndarray, unit: np.ndarray, types: np.ndarray, vertices: np.ndarray,
+                diffraction_type: int) -> tuple[np.ndarray, np.ndarray]:
+    """Anchor ``q [R, S, 3]`` and length before it ``L0 [R, S]`` [m] of one path per (receiver, site).
+
+    Args:
+        xyz: receivers ``p [R, 3]``.
+        length: unfolded path length ``c tau`` ``[R, S]`` [m].
+        unit: arrival direction ``u [R, S, 3]`` (from ``p`` towards the last interaction).
+        types: interaction types ``[D, R, S]`` (0 = none; the path's ``n`` interactions first).
+        vertices: interaction points ``v_0 .. v_{n-1}`` ``[D, R, S, 3]``.
+        diffraction_type: the type value of a diffraction.
+
+    With ``k`` the last diffraction (if any), the length after it is
+    ``L_k = sum_{j=k}^{n-2} |v_{j+1} - v_j| + |p - v_{n-1}|``; then ``L0 = c tau - L_k``
+    and ``q = p + L_k u``. Without a diffraction ``L0 = 0`` and ``q = p + c tau u``.
+    """
+    n_depth = types.shape[0]
+    if n_depth == 0:
+        return xyz[:, None, :] + length[..., None] * unit, np.zeros_like(length)
+    present = types != 0
+    n_int = present.sum(0)  # [R, S]
+    p = np.broadcast_to(xyz[:, None, :], vertices.shape[1:])
+    # to_rx[j]: distance along the path from vertex j to the receiver
+    nxt = np.concatenate([vertices[1:], p[None]], 0)  # vertex j+1 (or p past the last slot)
+    is_last = np.arange(n_depth)[:, None, None] == (n_int - 1)[None]
+    nxt = np.where(is_last[..., None], p[None], nxt)
+    seg = np.where(present, np.linalg.norm(nxt - vertices, axis=-1), 0.0)
+    to_rx = np.cumsum(seg[::-1], axis=0)[::-1]
+    diff = present & ((types & diffraction_type) != 0)
+    k = np.where(diff.any(0), n_depth - 1 - np.argmax(diff[::-1], axis=0), -1)
+    after = np.where(k >= 0, np.take_along_axis(to_rx, np.maximum(k, 0)[None], 0)[0], length)
+    return xyz[:, None, :] + after[..., None] * unit, length - after
 
 
 def _rx_tx_paths(arr: np.ndarray) -> np.ndarray:

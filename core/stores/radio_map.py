@@ -18,13 +18,26 @@ A Zarr v3 group (``RadioMap.save`` / ``RadioMap.load``)::
     <name>.zarr/
         values   float32 [F, H, W]   chunked (1, 128, 128), zstd-compressed
         valid    bool    [H, W]      coverage mask
+        outdoor  bool    [H, W]      cell centre not under a roof (valid implies outdoor; optional,
+                                     every generated map of format 3 has it)
+        ground   float32 [H, W]      terrain height under the cell centre [m] (optional, likewise;
+                                     the map is traced at ground + rx_height)
         layers/<name>  float32 [K, H, W]  extra layers on the same grid (the per-site layers below)
         attrs: format_version, features, units, bounds, attrs (free JSON: scene, sites, ...),
                lineage {id, digest} (see :mod:`core.stores.lineage`)
 
 Cells outside ``valid`` may hold NaN or -inf (no coverage); covered cells must be finite.
 Saving is atomic (see :mod:`core.stores.atomic`) and stamps a new lineage id and the
-content digest (values, valid, layers, features, bounds, attrs); loading checks the digest.
+content digest (values, valid, outdoor, ground, layers, features, bounds, attrs); loading
+checks the digest. Stores of format version 2 (no ``outdoor``/``ground``) still load, with
+:attr:`RadioMap.outdoor` and :attr:`RadioMap.ground` None; older ones are refused with the
+command that regenerates them.
+
+Coverage
+--------
+:attr:`RadioMap.outdoor_coverage` is the fraction of OUTDOOR cells that are covered,
+``sum(valid) / sum(outdoor)``: the figure maps are judged by (a map cannot cover the
+inside of buildings). :attr:`RadioMap.coverage` is the fraction of all cells.
 
 Per-site layers
 ---------------
@@ -65,7 +78,8 @@ from core.stores.atomic import atomic_path, read_consistently
 from core.stores.lineage import Lineage, StoreRef, check_digest, content_digest
 from core.stores.zarr_group import open_group, read_arrays
 
-FORMAT_VERSION = 2  # 2: per-site layers site_path_gain / site_toa / site_aoa, attrs["propagation"]
+FORMAT_VERSION = 3  # 3: outdoor mask and ground heights; 2: per-site layers, attrs["propagation"]
+OLDEST_READABLE_VERSION = 2  # format 2 lacks only outdoor and ground
 SITE_LAYERS: tuple[str, ...] = ("site_path_gain", "site_toa", "site_aoa")
 _CHUNK = 128
 
@@ -125,6 +139,22 @@ def regenerate_command(path: str | os.PathLike, meta: dict[str, Any]) -> str:
     return cmd + " --force"
 
 
+def _check_terrain(outdoor, ground, valid: np.ndarray, where: str):
+    """``(outdoor, ground)`` as bool / float32 ``[H, W]`` arrays (or None), checked against ``valid``."""
+    shape = valid.shape
+    if outdoor is not None:
+        outdoor = np.asarray(outdoor)
+        if outdoor.shape != shape or outdoor.dtype != np.bool_:
+            raise StoreError(f"{where}: outdoor must be bool {list(shape)}, got {outdoor.dtype} {outdoor.shape}")
+        if (valid & ~outdoor).any():
+            raise StoreError(f"{where}: {int((valid & ~outdoor).sum())} covered cell(s) lie outside the outdoor mask")
+    if ground is not None:
+        ground = np.asarray(ground)
+        if ground.shape != shape or ground.dtype != np.float32 or not np.isfinite(ground).all():
+            raise StoreError(f"{where}: ground must be finite float32 {list(shape)}, got {ground.dtype} {ground.shape}")
+    return outdoor, ground
+
+
 class RadioMap:
     """Per-cell radio features of one scene.
 
@@ -136,6 +166,8 @@ class RadioMap:
         attrs: JSON-serialisable metadata: scene name, sites, generator settings...
         layers: extra named float32 ``[K, H, W]`` arrays on the same grid; the per-site
             layers :data:`SITE_LAYERS` (module docstring) share ``K = S`` sites.
+        outdoor: bool ``[H, W]``, cells not under a roof (``valid`` must lie inside), or None.
+        ground: float32 ``[H, W]`` terrain height under each cell centre [m], or None.
         source: where the map was loaded from, used in error messages.
         lineage: id and digest of the store it was loaded from (set by :meth:`save` too).
     """
@@ -150,6 +182,8 @@ class RadioMap:
         layers: dict[str, np.ndarray] | None = None,
         source: str | os.PathLike | None = None,
         lineage: Lineage | None = None,
+        outdoor: np.ndarray | None = None,
+        ground: np.ndarray | None = None,
     ) -> None:
         where = f"radio map {source}" if source else "radio map"
         values = np.asarray(values)
@@ -200,6 +234,7 @@ class RadioMap:
                 )
 
         _check_site_layers(layers, attrs or {}, where)
+        outdoor, ground = _check_terrain(outdoor, ground, valid, where)
         try:
             json.dumps(attrs or {})
         except TypeError as exc:
@@ -209,6 +244,8 @@ class RadioMap:
         self._features = tuple(features)
         self._bounds = bounds
         self._valid = valid
+        self._outdoor = outdoor
+        self._ground = ground
         self._attrs = dict(attrs or {})
         self._layers = layers
         self._source = source
@@ -238,6 +275,34 @@ class RadioMap:
         return self._valid
 
     @property
+    def outdoor(self) -> np.ndarray | None:
+        """bool ``[H, W]``: cell centres not under a roof; None in a format-2 store."""
+        return self._outdoor
+
+    @property
+    def ground(self) -> np.ndarray | None:
+        """float32 ``[H, W]``: terrain height under each cell centre [m]; None in a format-2 store."""
+        return self._ground
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of ALL cells that are covered."""
+        return float(self._valid.mean())
+
+    @property
+    def outdoor_coverage(self) -> float | None:
+        """Fraction of the OUTDOOR cells that are covered (None without an outdoor mask; 0 without outdoor cells)."""
+        if self._outdoor is None:
+            return None
+        n_out = int(self._outdoor.sum())
+        return float(self._valid.sum() / n_out) if n_out else 0.0
+
+    def coverage_text(self) -> str:
+        """``"95.1 % of outdoor cells"``, or ``"51.0 % of all cells"`` for a store without an outdoor mask."""
+        cov = self.outdoor_coverage
+        return f"{cov:.1%} of outdoor cells" if cov is not None else f"{self.coverage:.1%} of all cells"
+
+    @property
     def attrs(self) -> dict[str, Any]:
         return self._attrs
 
@@ -265,6 +330,9 @@ class RadioMap:
         """The content digest: arrays plus features, bounds and attrs."""
         arrays = {"values": self._values, "valid": self._valid,
                   **{f"layers/{name}": layer for name, layer in self._layers.items()}}
+        for name, arr in (("outdoor", self._outdoor), ("ground", self._ground)):
+            if arr is not None:  # a format-2 store's digest has neither
+                arrays[name] = arr
         return content_digest(arrays, {"features": list(self._features), "bounds": list(self._bounds),
                                        "attrs": self._attrs})
 
@@ -324,7 +392,7 @@ class RadioMap:
         height, width = self.shape
         return (
             f"RadioMap({list(self._features)}, {height}x{width} cells of {self.cell_size:g} m, "
-            f"bounds={self._bounds}, coverage={self._valid.mean():.1%})"
+            f"bounds={self._bounds}, coverage={self.coverage_text()})"
         )
 
     # -- storage ----------------------------------------------------------------------
@@ -344,6 +412,9 @@ class RadioMap:
             group = zarr.open_group(store=str(tmp), mode="w", zarr_format=3)
             group.create_array("values", data=self._values, chunks=chunks)
             group.create_array("valid", data=self._valid, chunks=chunks[1:])
+            for name, arr in (("outdoor", self._outdoor), ("ground", self._ground)):
+                if arr is not None:
+                    group.create_array(name, data=arr, chunks=chunks[1:])
             if self._layers:
                 sub = group.create_group("layers")
                 for name, layer in self._layers.items():
@@ -378,7 +449,7 @@ class RadioMap:
     def _read(cls, path: Path) -> RadioMap:
         group, meta = open_group(
             path, "radio map", "radio_map", FORMAT_VERSION, "generate it with `python -m core generate-maps`",
-            regenerate=lambda m: regenerate_command(path, m),
+            regenerate=lambda m: regenerate_command(path, m), oldest_readable=OLDEST_READABLE_VERSION,
         )
         for key in ("features", "bounds"):
             if key not in meta:
@@ -389,9 +460,10 @@ class RadioMap:
             if "layers" in group:
                 for name, arr in group["layers"].arrays():
                     layers[name] = arr[...]
-            return group["values"][...], group["valid"][...], layers
+            terrain = {name: group[name][...] for name in ("outdoor", "ground") if name in group}
+            return group["values"][...], group["valid"][...], layers, terrain
 
-        values, valid, layers = read_arrays(path, "radio map", arrays)
+        values, valid, layers, terrain = read_arrays(path, "radio map", arrays)
         radio_map = cls(
             np.asarray(values),
             meta["features"],
@@ -401,6 +473,8 @@ class RadioMap:
             layers=layers,
             source=path,
             lineage=Lineage.from_attrs(meta.get("lineage")),
+            outdoor=terrain.get("outdoor"),
+            ground=terrain.get("ground"),
         )
         check_digest("radio map", path, radio_map.lineage, radio_map.digest())
         return radio_map

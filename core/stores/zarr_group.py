@@ -71,13 +71,15 @@ def read_attrs(path: str | Path) -> dict[str, Any]:
 
 
 def open_group(path: Path, label: str, kind: str, format_version: int, missing_hint: str,
-               regenerate: Callable[[dict], str] | None = None) -> tuple[Any, dict]:
+               regenerate: Callable[[dict], str] | None = None,
+               oldest_readable: int | None = None) -> tuple[Any, dict]:
     """Open the Zarr group at ``path`` read-only and check its ``kind`` and format version.
 
     Returns ``(group, attrs)``. Every failure is a :class:`StoreError` that starts with
     ``"{label} {path}:"`` and says what is wrong (``missing_hint`` tells how to make it).
     A store of an older format version names the command that remakes it,
-    ``regenerate(attrs)``, when given.
+    ``regenerate(attrs)``, when given; versions from ``oldest_readable`` (default: only
+    ``format_version``) up to ``format_version`` are accepted.
     """
     import zarr
 
@@ -93,7 +95,10 @@ def open_group(path: Path, label: str, kind: str, format_version: int, missing_h
         what = label.replace(" ", "-")
         raise StoreError(f"{label} {path}: not a {what} store (attrs kind={meta.get('kind')!r}, expected {kind!r})")
     version = meta.get("format_version")
-    if isinstance(version, int) and version < format_version and regenerate is not None:
+    oldest = format_version if oldest_readable is None else oldest_readable
+    if isinstance(version, int) and not isinstance(version, bool) and oldest <= version <= format_version:
+        return group, meta
+    if isinstance(version, int) and version < oldest and regenerate is not None:
         raise StoreError(f"{label} {path}: format version {version} is older than this code's {format_version}; "
                          f"regenerate it with `{regenerate(meta)}`")
     if version != format_version:

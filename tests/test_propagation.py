@@ -1,0 +1,163 @@
+"""Diffraction, outdoor coverage and terrain, with real Sionna RT on small scenes (no mocks)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from core.cli import main
+from core.errors import CoreError
+from core.raytracing.coverage import check_coverage, outdoor_coverage
+from core.raytracing.scenes import resolve_scene, scene_geometry
+from core.raytracing.tracing import PropagationSettings, RadioConfig
+
+pytestmark = pytest.mark.sionna
+
+
+def test_diffraction_is_the_default_and_recorded(tiny_map):
+    p = PropagationSettings.from_dict(tiny_map.attrs["propagation"])
+    assert p.diffraction and p.edge_diffraction and p.diffraction_lit_region
+    assert p.solver_kwargs()["diffraction"] is True
+
+
+def test_diffraction_covers_the_shadowed_street_corners(tiny_map, tiny_map_settings):
+    """Without diffraction the canyon's corners behind buildings get no path at all."""
+    from core.raytracing.generation import generate_map
+
+    off = replace(tiny_map_settings, min_coverage=0.0,
+                  propagation=replace(tiny_map_settings.propagation, diffraction=False, edge_diffraction=False))
+    dark = generate_map(resolve_scene("simple_street_canyon"), off)
+    np.testing.assert_array_equal(dark.outdoor, tiny_map.outdoor)  # the same cells, only the physics differs
+    assert dark.outdoor_coverage < 0.9
+    assert tiny_map.outdoor_coverage > 0.97
+    assert tiny_map.outdoor_coverage > dark.outdoor_coverage + 0.1
+    assert not (dark.valid & ~tiny_map.valid).any()  # diffraction only adds paths
+    assert tiny_map.attrs["coverage"] == pytest.approx(tiny_map.outdoor_coverage)
+    assert tiny_map.attrs["coverage_of"] == "outdoor cells"
+
+
+def test_outdoor_mask_excludes_building_interiors(tiny_map):
+    outdoor = tiny_map.outdoor
+    assert outdoor is not None and not (tiny_map.valid & ~outdoor).any()
+    buildings = [b for b in scene_geometry("simple_street_canyon").buildings if b.height > 3.0]
+    assert len(buildings) >= 4
+    inside = np.array([b.footprint.mean(axis=0) for b in buildings])  # box buildings: the centroid is inside
+    inside = inside[tiny_map.contains(inside)]
+    i, j = tiny_map.cell_of(inside)
+    assert len(i) >= 4 and not outdoor[i, j].any()
+    assert 0.4 < outdoor.mean() < 0.9  # streets and squares are outdoor, the blocks are not
+    assert np.isnan(tiny_map.layers["site_path_gain"][:, ~outdoor]).all()
+
+
+def test_coverage_below_the_threshold_is_an_error_naming_the_scene(tmp_path, capsys):
+    out = tmp_path / "maps"
+    rc = main(["generate-maps", "--scenes", "simple_street_canyon", "--output-dir", str(out), "--resolution", "8",
+               "--map-size", "16", "16", "--samples-per-tx", "2000", "--toa-decimation", "8",
+               "--min-coverage", "1.0", "--max-depth", "0"])
+    text = capsys.readouterr().out
+    assert rc == 1
+    line = next(t for t in text.splitlines() if t.startswith("simple_street_canyon: failed"))
+    assert "simple_street_canyon: radio map covers" in line and "below --min-coverage 100%" in line
+    assert "likely cause" in line and "not written" in line
+    assert not out.exists() or not any(out.iterdir())  # nothing a loader could pick up
+
+
+def test_coverage_check_names_the_likely_cause():
+    h = w = 20
+    buried = np.zeros((h, w), bool)
+    buried[0, 0] = True  # 1 outdoor cell of 400: the plane is under the ground
+    with pytest.raises(CoreError, match="hill: .*under the terrain"):
+        check_coverage("hill", np.zeros((h, w), bool), buried, np.zeros((2, h, w), bool), 0.5)
+    outdoor = np.ones((h, w), bool)
+    with pytest.raises(CoreError, match="far: .*no site reaches the area"):
+        check_coverage("far", np.zeros((h, w), bool), outdoor, np.zeros((2, h, w), bool), 0.5)
+    valid = np.zeros((h, w), bool)
+    valid[:4] = True
+    with pytest.raises(CoreError, match=r"dim: radio map covers 20.0% .*per site 20%, 0%"):
+        check_coverage("dim", valid, outdoor, np.stack([valid, np.zeros_like(valid)]), 0.5)
+    assert check_coverage("ok", valid, outdoor, np.stack([valid, valid]), 0.2) == pytest.approx(0.2)
+    assert outdoor_coverage(valid, np.zeros_like(valid)) == 0.0
+
+
+@pytest.fixture(scope="module")
+def hilly_scene():
+    """san_francisco: its ground rises from a few metres to over 80 m."""
+    from core.raytracing.scenes import load_scene
+
+    return load_scene(resolve_scene("san_francisco"))
+
+
+def test_ground_height_follows_the_hill_under_roofs_too(hilly_scene):
+    from core.raytracing.terrain import ground_height, measurement_points
+    from core.raytracing.tracing import indoor_mask
+
+    rng = np.random.default_rng(0)
+    xy = np.stack([rng.uniform(-150, -70, 400), rng.uniform(-410, -330, 400)], 1)  # a slope (about 25 m of rise)
+    ground = ground_height(hilly_scene, xy)
+    assert ground.max() - ground.min() > 15.0
+    xyz = measurement_points(hilly_scene, xy, RadioConfig().rx_height_m)
+    np.testing.assert_allclose(xyz[:, 2], ground + 1.5)
+    # on the terrain most points are outdoor; on the flat plane at 1.5 m every point is under the hill
+    flat = np.concatenate([xy, np.full((len(xy), 1), 1.5)], 1)
+    assert indoor_mask(hilly_scene, flat).mean() > 0.99
+    assert indoor_mask(hilly_scene, xyz).mean() < 0.5
+    # the height found is a real surface: an upward ray from 5 cm under it hits it
+    below = np.concatenate([xy, (ground - 0.05)[:, None]], 1)
+    assert indoor_mask(hilly_scene, below).all()
+
+
+def test_ue_walks_follow_the_terrain(hilly_scene):
+    from core.raytracing.measurements import WalkConfig, _draw_walks
+    from core.raytracing.terrain import ground_height
+
+    rng = np.random.default_rng(1)
+    bounds = (-150.0, -410.0, -70.0, -330.0)
+    walks, _ = _draw_walks(rng, hilly_scene, 40, 6, bounds, None, WalkConfig(), 1.5)
+    xyz = walks.reshape(-1, 3)
+    np.testing.assert_allclose(xyz[:, 2], ground_height(hilly_scene, xyz[:, :2]) + 1.5, atol=1e-4)
+    assert np.ptp(xyz[:, 2]) > 5.0  # they are spread over the slope, not on one plane
+
+
+def test_map_fidelity_off_the_grid_los_nlos_and_diffracted(tiny_map, tiny_scene):
+    """``bench maps``' fidelity on the tiny map: PathSolver at off-grid points against the map there."""
+    from core.benchmarks.maps import fidelity
+
+    f = fidelity(tiny_map, tiny_scene, 300, seed=0)
+    for group in ("LOS", "NLOS", "NLOS diffracted"):
+        e = f[f"toa site {group}"]
+        assert e["n"] > 30, group
+        assert e["median"] < 0.5 and e["gross"] < 0.2, (group, e)
+        assert f[f"aoa site {group}"]["median"] < 1.0, group
+    assert f["path_gain serving"]["median"] < 1.0
+
+
+def test_a_diffracted_paths_anchor_gives_its_delay_and_azimuth_nearby(tiny_map, tiny_scene):
+    """``(L0 + |q - p'|) / c`` and ``azimuth(q - p')`` at points 0.5 m away (Keller: second order)."""
+    from core.features import wrap_degrees
+    from core.raytracing.generation import geometric_toa_aoa
+    from core.raytracing.tracing import SPEED_OF_LIGHT, trace_points
+
+    settings = PropagationSettings.from_dict(tiny_map.attrs["propagation"])
+    x, y = tiny_map.cell_centers()
+    ii, jj = np.nonzero(tiny_map.valid)
+    rng = np.random.default_rng(2)
+    k = rng.choice(len(ii), 300, replace=False)
+    p = np.stack([x[jj[k]], y[ii[k]], tiny_map.ground[ii[k], jj[k]] + 1.5], 1)
+    heading = rng.uniform(-np.pi, np.pi, len(p))
+    q = p + 0.5 * np.stack([np.cos(heading), np.sin(heading), np.zeros(len(p))], 1)
+    at_p, at_q = trace_points(tiny_scene, p, settings), trace_points(tiny_scene, q, settings)
+    has = np.isfinite(at_p["toa"])
+    # at the traced point itself the unfolded length is exact: L0 + |anchor - p| = c tau
+    length = at_p["offset"] + np.linalg.norm(at_p["image"] - p[:, None, :], axis=-1)
+    np.testing.assert_allclose(length[has], SPEED_OF_LIGHT * at_p["toa"][has] * 1e-9, rtol=1e-4, atol=0.01)
+    diffracted = has & np.isfinite(at_q["toa"]) & (at_p["offset"] > 0.5)
+    assert diffracted.sum() > 50  # the canyon's shadowed corners are lit by diffraction
+    toa, aoa = geometric_toa_aoa(q[:, None, :], at_p["image"], at_p["offset"])
+    d_toa = np.abs(toa - at_q["toa"])[diffracted]
+    d_aoa = np.abs(wrap_degrees(aoa - at_q["aoa"]))[diffracted]
+    same = d_toa < 1.0  # the same path is still the strongest 0.5 m away (most of the time)
+    assert same.mean() > 0.8
+    assert np.median(d_toa[same]) < 0.01 and np.quantile(d_toa[same], 0.9) < 0.1
+    assert np.median(d_aoa[same]) < 0.05
