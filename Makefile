@@ -16,7 +16,7 @@ $(error TORCH_BUILD=$(TORCH_BUILD): use auto, cpu, cuda or cuXYZ, e.g. cu128)
 endif
 STAMP := $(VENV)/.installed$(if $(filter cpu,$(TORCH)),,-torch-$(TORCH))
 
-.PHONY: run test bench install default-data default-run
+.PHONY: run test bench install default-data default-run scenes many-scenes
 
 $(STAMP): requirements.txt scripts/install_system.sh
 	bash scripts/install_system.sh
@@ -52,3 +52,15 @@ default-run: $(STAMP)
 default-data: $(STAMP)
 	$(PY) -m core generate-maps --scenes etoile --output-dir radio_maps --resolution 1.0 --map-size 512 512 --force
 	$(PY) -m core make-dataset --scene etoile --num-ues 20000 --reports 8 --out datasets/etoile --radio-maps radio_maps --seed 0 --force
+
+# The other shipped scenes (issue 11): radio maps with diffraction (format 3) and 3,000-UE datasets,
+# one Ray task per scene on a local Ray (about 15 minutes on a 2-core CPU).
+scenes: $(STAMP)
+	$(PY) -m core generate-maps --scenes munich florence --output-dir radio_maps --resolution 1.0 --map-size 512 512 --force --ray
+	$(PY) -m core generate-maps --scenes simple_street_canyon simple_street_canyon_with_cars --output-dir radio_maps --resolution 1.0 --map-size 128 192 --force --ray
+	$(PY) -m core make-dataset --scene munich florence simple_street_canyon simple_street_canyon_with_cars --num-ues 3000 --reports 8 --out datasets --radio-maps radio_maps --force --ray
+
+# One model on four scenes, evaluated on munich, never trained on (with and without MAP on munich's map).
+many-scenes: $(STAMP)
+	$(PY) -m core train --config configs/model.yaml --set 'data.datasets=[datasets/etoile, datasets/florence, datasets/simple_street_canyon, datasets/simple_street_canyon_with_cars]' --set data.holdout_scene=munich --set training.epochs=20 --out runs/many_scenes --force --no-progress
+	$(PY) -m core evaluate --run runs/many_scenes --scene munich --refine
