@@ -100,3 +100,20 @@ def test_make_dataset_of_several_scenes_on_ray(ray_cluster, tmp_path, capsys):
     assert sorted(p.name for p in folder.iterdir()) == ["simple_street_canyon"]
     ds = MeasurementDataset.load(folder / "simple_street_canyon")
     assert (ds.num_samples, ds.num_reports) == (6, 2) and ds.attrs["scene"] == "simple_street_canyon"
+
+
+def test_a_dataset_made_on_ray_records_the_map_path_as_given(ray_cluster, tmp_path, monkeypatch, capsys):
+    """Ray workers get absolute paths; the dataset still records ``--radio-maps`` as the user typed it."""
+    from core.raytracing.measurements import recorded_path
+
+    assert recorded_path("/a/b/maps/x.zarr", "/a/b") == "maps/x.zarr"
+    assert recorded_path("/elsewhere/x.zarr", "/a/b") == "/elsewhere/x.zarr"
+    assert main(["generate-maps", "--scenes", "simple_street_canyon", "--output-dir", str(tmp_path / "maps"), *TINY,
+                 "--no-progress"]) == 0
+    monkeypatch.chdir(tmp_path)
+    rc = main(["make-dataset", "--scene", "simple_street_canyon", "--out", "ds", "--num-ues", "6", "--reports", "2",
+               "--radio-maps", "maps", "--ray", "--no-progress"])
+    assert rc == 0, capsys.readouterr().out
+    ds = MeasurementDataset.load(tmp_path / "ds")
+    assert ds.attrs["radio_map"] == "maps/simple_street_canyon.zarr"
+    assert ds.radio_map_ref.path == "maps/simple_street_canyon.zarr"

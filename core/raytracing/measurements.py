@@ -222,7 +222,7 @@ def cell_measurements(pg_db: np.ndarray, radio, link) -> np.ndarray:
 def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | None = None, seed: int = 0,
                  split: str = "random", scenes_dir: str | None = None,
                  model: MeasurementModel = MeasurementModel(), walk: WalkConfig = WalkConfig(),
-                 propagation=None):
+                 propagation=None, record_relative_to: str | None = None):
     """Build a :class:`~core.stores.dataset.MeasurementDataset` (see the module docstring).
 
     ``model`` is the measurement model (noise, clock offset, missing rate, site slots K,
@@ -234,6 +234,9 @@ def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | 
     ``propagation`` (:class:`~core.raytracing.tracing.PropagationSettings`): by default the
     radio map's own (``attrs["propagation"]``), else the defaults when there is no map;
     one that differs from the map's is refused.
+
+    ``record_relative_to``: record the map's path relative to this folder when it lies inside it
+    (a Ray worker loads absolute paths; the store keeps the one the user gave).
     """
     from core.raytracing.link_abstraction import LinkConfig, link_abstraction
     from core.raytracing.tracing import build_scene
@@ -244,6 +247,8 @@ def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | 
     rng = np.random.default_rng(seed)
     report(0.0, f"{scene_name}: loading")
     info, sites, bounds, valid, map_ref, map_propagation = _sites_and_area(scene_name, radio_maps, scenes_dir)
+    if map_ref is not None and record_relative_to:
+        map_ref = replace(map_ref, path=recorded_path(map_ref.path, record_relative_to))
     propagation = _propagation_for(propagation, map_propagation, map_ref.path if map_ref else None)
     radio = propagation.radio
     scene = build_scene(info, sites, radio)
@@ -462,6 +467,15 @@ class DatasetOptions:
     split: str
     scenes_dir: str | None
     model: MeasurementModel
+    #: the caller's working directory: a Ray worker gets absolute paths, the dataset still records the
+    #: map's path as the user gave it (relative to this folder when inside it)
+    record_relative_to: str | None = None
+
+
+def recorded_path(path: str, root: str) -> str:
+    """``path`` relative to ``root`` when it lies inside it, else unchanged."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
 
 
 def dataset_of_scene(scene: str, out: str, options: DatasetOptions, force: bool,
@@ -479,7 +493,8 @@ def dataset_of_scene(scene: str, out: str, options: DatasetOptions, force: bool,
     if path.exists() and not force:
         raise CoreError(f"--out {path} exists (use --force to overwrite)")
     ds = make_dataset(scene, options.num_ues, options.reports, radio_maps=options.radio_maps, seed=options.seed,
-                      split=options.split, scenes_dir=options.scenes_dir, model=options.model)
+                      split=options.split, scenes_dir=options.scenes_dir, model=options.model,
+                      record_relative_to=options.record_relative_to)
     ds.save(path)
     timings = ds.attrs["generator"]["timings"]
     return "ok", (f"wrote {path}: {ds.num_samples} UEs x {ds.num_reports} reports, "
@@ -528,7 +543,8 @@ def run(args: argparse.Namespace) -> int:
         return print_summary(run_in_turn([SceneCall(s, dataset_of_scene, common) for s in scenes]))
     from core.raytracing.distributed import run_on_ray
 
-    absolute = replace(options, radio_maps=_absolute(options.radio_maps), scenes_dir=_absolute(options.scenes_dir))
+    absolute = replace(options, radio_maps=_absolute(options.radio_maps), scenes_dir=_absolute(options.scenes_dir),
+                       record_relative_to=os.getcwd())
     common = (os.path.abspath(args.out), absolute, args.force, into_folder)
     return print_summary(run_on_ray([SceneCall(s, dataset_of_scene, common) for s in scenes], args.ray, "make-dataset"))
 
