@@ -81,18 +81,11 @@ def cell_mode(likelihood, obs, cells: torch.Tensor, bounds, grid: int, subgrid: 
               chunk: int = 512) -> torch.Tensor:
     """``float32 [N, 2]`` [m]: for each walk of ``obs``, the point of lowest NLL among an ``m x m``
     sub-grid centred in its cell ``cells[N]`` (cell ``i * G + j``, the model's order)."""
-    x_min, y_min, x_max, y_max = (float(v) for v in bounds)
-    wh = torch.tensor([(x_max - x_min) / grid, (y_max - y_min) / grid], dtype=torch.float64)
-    u = (torch.arange(subgrid, dtype=torch.float64) + 0.5) / subgrid
-    sy, sx = torch.meshgrid(u, u, indexing="ij")
-    sub = torch.stack([sx.ravel(), sy.ravel()], -1) * wh  # [m*m, 2] [m] from the cell's corner
+    per_cell = cell_subpoints(bounds, grid, subgrid).view(grid * grid, subgrid * subgrid, 2)  # [G*G, m*m, 2]
     out = torch.empty(len(cells), 2, dtype=torch.float32)
     for s in range(0, len(cells), chunk):
         idx = torch.arange(s, min(s + chunk, len(cells)))
-        c = cells[idx].double()
-        corner = torch.stack([c % grid, torch.div(c, grid, rounding_mode="floor")], -1) * wh
-        pts = (corner[:, None] + sub[None] + torch.tensor([x_min, y_min], dtype=torch.float64))
-        pts = pts.to(likelihood.maps.device, likelihood.maps.dtype)  # [b, m*m, 2]
+        pts = per_cell[cells[idx]].to(likelihood.maps.device, likelihood.maps.dtype)  # [b, m*m, 2]
         part = obs.take(idx)
         nll = torch.stack([likelihood(pts[:, k], part) for k in range(pts.shape[1])], 1)  # [b, m*m]
         out[idx] = pts[torch.arange(len(idx)), nll.argmin(1)].float().cpu()
