@@ -32,6 +32,8 @@ from core.stores.zarr_group import settle_zarr
 #: command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate-maps": ("core.raytracing.generation", "ray-trace radio maps of scenes with Sionna RT into Zarr stores"),
+    "place-sites": ("core.raytracing.site_placement",
+                    "place rooftop sites for line-of-sight coverage; writes configs/sites/<scene>.yaml"),
     "make-dataset": ("core.raytracing.measurements", "ray-trace a UE measurement dataset along random walks"),
     "consistency": ("core.raytracing.consistency",
                     "measured features minus the radio map at the true positions (residual statistics)"),

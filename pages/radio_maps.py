@@ -4,6 +4,8 @@ import streamlit as st
 
 import app_widgets as wb
 from core.jobs.manager import generate_maps_spec
+from core.raytracing.coverage import DEFAULT_MIN_COVERAGE
+from core.raytracing.generation import DEFAULT_TOA_DECIMATION
 from core.raytracing.tracing import MAX_SAMPLES_PER_SRC, PropagationSettings
 from core.stores.workspace import store_status
 from core.viz import plots as figures
@@ -111,13 +113,25 @@ with st.form("generate_maps"):
     depth = cols[4].number_input("Max depth", min_value=0, max_value=10,
                                  value=min(max(_default("max_depth", PROPAGATION.max_depth, int), 0), 10),
                                  help="Maximum number of reflections per path.")
-    gen_scene = st.text_input("Scene", value=scene)
-    force = st.checkbox("Overwrite an existing map (--force)", value=False)
+    cols = st.columns([2, 1, 1, 1])
+    gen_scene = cols[0].text_input("Scene", value=scene, key="gen_scene")
+    decimation = cols[1].number_input("Node spacing [cells]", min_value=1, max_value=16,
+                                      value=min(max(_default("toa_decimation", DEFAULT_TOA_DECIMATION, int), 1), 16),
+                                      key="gen_decimation",
+                                      help="PathSolver traces every n-th row and column; the cells between "
+                                           "are interpolated (--toa-decimation). 1 traces every cell.")
+    min_cov = cols[2].number_input("Min. outdoor coverage [%]", min_value=0, max_value=100,
+                                   value=int(round(100 * min(max(_default("min_coverage", DEFAULT_MIN_COVERAGE, float),
+                                                                 0.0), 1.0))), key="gen_min_coverage",
+                                   help="A map covering fewer outdoor cells is refused and not written "
+                                        "(--min-coverage); the job's log names the likely cause.")
+    force = cols[3].checkbox("Overwrite (--force)", value=False)
     submitted = st.form_submit_button("Start map generation", type="primary")
 if submitted:
     with wb.guard("map generation"):
         spec = generate_maps_spec(gen_scene.strip(), ws.rel(ws.radio_maps_dir), float(resolution),
-                                  (int(height), int(width)), int(samples), int(depth), force)
+                                  (int(height), int(width)), int(samples), int(depth), force,
+                                  min_coverage=int(min_cov) / 100, toa_decimation=int(decimation))
         wb.launch(spec)
 
 wb.job_panel(("generate-maps",), key="map_jobs", limit=4, title="Map-generation jobs")

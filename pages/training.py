@@ -10,7 +10,7 @@ import streamlit as st
 import app_widgets as wb
 from core import REPO_ROOT
 from core.errors import CoreError
-from core.jobs.manager import ablate_spec, train_spec
+from core.jobs.manager import ablate_spec, evaluate_spec, train_spec
 from core.learning.config import Config, load_config
 from core.stores.lineage import check_scene_stores
 from core.stores.run import is_taken, read_metrics, run_info
@@ -167,6 +167,39 @@ if runs:
                            "labels": r.label_fraction, "split": r.split, "epochs": r.epochs_done,
                            "best val median [m]": r.best_val_median_m, "checkpoint": r.has_checkpoint} for r in runs])
     st.dataframe(table, hide_index=True, width="stretch")
+
+
+# -- evaluate on a scene (in-scene or held out) ------------------------------------------
+st.subheader("Evaluate on a scene")
+st.caption("A run evaluated on one of its training scenes or on a scene it never trained on, with and without "
+           "test-time MAP refinement on that scene's map; the result lists every training scene next to it.")
+evaluable = [r for r in runs if r.has_checkpoint]
+if not evaluable:
+    st.info("No run with a checkpoint yet.")
+else:
+    cols = st.columns([2, 2, 1, 1])
+    eval_run = cols[0].selectbox("Run", [r.name for r in evaluable], key="eval_run")
+    info = next(r for r in evaluable if r.name == eval_run)
+    choices = list(dict.fromkeys(([info.holdout_scene] if info.holdout_scene else []) + list(info.scenes or [info.scene])
+                                 + ws.scenes_with_dataset()))
+    eval_scene = cols[1].selectbox("Scene", choices, key="eval_scene",
+                                   format_func=lambda s: f"{s} (held out)" if s == info.holdout_scene else
+                                   (f"{s} (trained on)" if s in (info.scenes or [info.scene]) else s))
+    eval_refine = cols[2].checkbox("MAP refinement", value=True, key="eval_refine")
+    eval_go = cols[3].button("Evaluate", key="eval_go")
+    spec = evaluate_spec(ws.rel(ws.root / eval_run), eval_scene, "test", eval_refine)
+    st.caption(f"`python -m core {' '.join(spec.args)}`")
+    if eval_go:
+        with wb.guard("evaluation"):
+            wb.launch(spec)
+    wb.job_panel(("evaluate",), key="eval_jobs", limit=3, title="Evaluation jobs")
+    for path in sorted((ws.root / eval_run).glob("eval_*_*.json")):
+        with wb.guard(path.name):
+            rows = json.loads(path.read_text()).get("scenes")
+            if rows:
+                st.markdown(f"**{ws.rel(path)}** — test errors [m] per scene")
+                st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+
 
 def show_ablation(folder) -> None:
     """An ablation folder: its header, tables, median vs label fraction with CI bands, error CDFs."""

@@ -22,13 +22,19 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", required=True)
     parser.add_argument("--split", default="test")
     parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--device", default="cpu", help="torch device of the network and the MAP refinement")
     args = parser.parse_args()
     per_method: dict[str, list[np.ndarray]] = {}
     nlos = None
+    baselines: dict[str, np.ndarray] = {}
     for run_dir in args.runs:
-        run = load_run(run_dir)
-        res = evaluate_run(run_dir, args.split, refine=True, baselines=True, run=run, write=False, keep_errors=True)
-        for name, e in res["_errors"].items():
+        run = load_run(run_dir, device=args.device)
+        res = evaluate_run(run_dir, args.split, refine=True, baselines=not baselines, device=args.device, run=run,
+                           write=False, keep_errors=True)
+        errors = res["_errors"]
+        if not baselines:  # the baselines need no training: computed once, the same for every seed
+            baselines = {k: v for k, v in errors.items() if k not in ("model", "model_refined")}
+        for name, e in (errors | baselines).items():
             per_method.setdefault(name, []).append(e)
         idx = run.dataset.indices(args.split)
         los = run.dataset.los[idx, -1] & run.dataset.report_mask[idx, -1]

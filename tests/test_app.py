@@ -274,6 +274,23 @@ def test_radio_maps_every_feature_with_units_and_comparison(workspace):
     (workspace / "radio_maps" / "shifted.zarr").rename(workspace / "radio_maps" / ".shifted.old")
 
 
+def test_the_generation_form_carries_coverage_and_node_spacing(workspace):
+    """The form's minimum coverage and node spacing become --min-coverage and --toa-decimation."""
+    at = _app("pages/radio_maps.py")
+    at.text_input(key="gen_scene").set_value("florence")
+    at.number_input(key="gen_decimation").set_value(3)
+    at.number_input(key="gen_min_coverage").set_value(90)
+    next(b for b in at.button if b.label == "Start map generation").click().run()
+    _no_exception(at)
+    manager = _manager(workspace)
+    job = next(j for j in manager.list() if j.kind == "generate-maps" and "florence" in j.args)
+    try:
+        assert "--toa-decimation 3 --min-coverage 0.9" in job.command
+        assert job.output == str(workspace / "radio_maps" / "florence.zarr")
+    finally:
+        manager.cancel(job.id, grace_s=1.0)
+
+
 def test_corrupt_stores_are_reported_not_raised(workspace):
     bad = workspace / "radio_maps" / "broken.zarr"
     bad.mkdir(parents=True)
@@ -603,7 +620,7 @@ def test_every_page_on_the_shipped_default_scene(tmp_path, monkeypatch):
     assert {m.label: m.value for m in at.metric}["Dataset"] == "ok"
     assert int({m.label: m.value for m in at.metric}["Trained models"]) >= 1
     # the shipped dataset predates the measurement-model record: it reads as what made it
-    assert any(e.label.endswith("K = 4, no sensitivity threshold") for e in at.expander)
+    assert any(e.label.endswith("K = 4, sites ≥ -100 dBm") for e in at.expander)
     assert at.get("deck_gl_json_chart") and not at.warning
     expected = {"pages/radio_maps.py": 2, "pages/training.py": 2, "pages/attention.py": 3, "pages/refinement.py": 4}
     for page, charts in expected.items():
@@ -648,6 +665,20 @@ def test_training_on_many_scenes_and_a_held_out_one(tmp_path, monkeypatch):
         "data.datasets=" in job.command and "munich" in job.command
     assert "--set data.holdout_scene=florence" in job.command
     manager.cancel(job.id, grace_s=1.0)
+    # evaluate the run on its held-out scene, with MAP on that scene's map: a real job, then its table
+    at.selectbox(key="eval_run").select("runs/two").run()
+    assert at.selectbox(key="eval_scene").options[0] == "florence (held out)"
+    at.selectbox(key="eval_scene").select("florence").run()
+    at.button(key="eval_go").click().run()
+    _no_exception(at)
+    job = next(j for j in manager.list() if j.kind == "evaluate")
+    assert job.command.endswith("evaluate --run runs/two --split test --scene florence --refine")
+    assert manager.wait(job.id, timeout_s=240).status == "succeeded", manager.log(job.id)
+    at = _app("pages/training.py")
+    table = next(d.value for d in at.dataframe if "role" in d.value.columns)
+    assert list(zip(table["scene"], table["role"])) == [("etoile", "trained"), ("munich", "trained"),
+                                                        ("florence", "held-out")]
+    assert np.isfinite(table["refined_median_m"]).all()
     for page in ("pages/attention.py", "pages/refinement.py"):  # the run on its held-out scene's data and map
         at = _app(page, scene="florence")
         at.selectbox(key="att_run" if "attention" in page else "ref_run").select("runs/two").run()

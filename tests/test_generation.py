@@ -176,7 +176,8 @@ def test_cli_reports_bad_scenes_and_still_generates_good_ones(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bad, message", [(["--map-size", "0", "16"], "--map-size"),
-                                          (["--resolution", "-1"], "--resolution")])
+                                          (["--resolution", "-1"], "--resolution"),
+                                          (["--retry-samples-per-tx", "-5"], "--retry-samples-per-tx")])
 def test_cli_refuses_bad_grid(tmp_path, capsys, bad, message):
     rc = main(["generate-maps", "--scenes", "simple_street_canyon", "--output-dir", str(tmp_path)] + bad)
     assert rc == 2

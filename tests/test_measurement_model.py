@@ -69,13 +69,25 @@ def test_the_job_command_carries_every_knob():
         make_dataset_spec("etoile", "d", model=MeasurementModel(missing_rate=1.0))
 
 
-def test_the_shipped_dataset_reads_as_the_old_defaults():
-    """datasets/etoile predates the record: its attrs noise, K = 4, no clock offset, no threshold."""
-    old = MeasurementModel(path_gain_db=2.0, toa_ns=3.0, aoa_deg=3.0, clock_offset_ns=0.0, missing_rate=0.2,
-                           sites_per_report=4, sensitivity_dbm=None)
+def test_the_shipped_dataset_records_the_default_model():
     path = REPO / "datasets" / "etoile"
+    assert recorded_measurement_model(path) == MeasurementModel()
+    assert MeasurementDataset.load(path).measurement_model == MeasurementModel()
+
+
+def test_a_store_from_before_the_record_reads_as_its_noise_and_the_old_defaults(tmp_path):
+    """A dataset written before attrs["measurement_model"]: its noise dict, K from its generator record, no
+    clock offset, no sensitivity threshold."""
+    ds = _analytic_dataset()
+    ds.attrs.pop("measurement_model", None)
+    path = ds.save(tmp_path / "old")
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["attrs"]["noise"] = {"path_gain_db": 2.0, "toa_ns": 3.0, "aoa_deg": 3.0, "p_missing": 0.2}
+    meta["attributes"]["attrs"]["generator"] = {"sites_per_report": 3}
+    (path / "zarr.json").write_text(json.dumps(meta))
+    old = MeasurementModel(path_gain_db=2.0, toa_ns=3.0, aoa_deg=3.0, clock_offset_ns=0.0, missing_rate=0.2,
+                           sites_per_report=3, sensitivity_dbm=None)
     assert recorded_measurement_model(path) == old
-    assert MeasurementDataset.load(path).measurement_model == old
 
 
 def _analytic_dataset():

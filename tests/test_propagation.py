@@ -161,3 +161,71 @@ def test_a_diffracted_paths_anchor_gives_its_delay_and_azimuth_nearby(tiny_map, 
     assert same.mean() > 0.8
     assert np.median(d_toa[same]) < 0.01 and np.quantile(d_toa[same], 0.9) < 0.1
     assert np.median(d_aoa[same]) < 0.05
+
+
+def test_the_second_pass_traces_only_the_missed_points_and_finds_paths(tiny_scene, tiny_map):
+    """Points with no path at all get a second PathSolver pass with more rays; the others are untouched."""
+    from core.raytracing.tracing import trace_points
+
+    rng = np.random.default_rng(5)
+    ys, xs = np.nonzero(np.asarray(tiny_map.outdoor))
+    pick = rng.choice(len(ys), 400, replace=False)
+    gx, gy = tiny_map.cell_centers()
+    points = np.c_[gx[xs[pick]], gy[ys[pick]], np.asarray(tiny_map.ground)[ys[pick], xs[pick]] + 1.5]
+    # no direct path, 10 rays per site: the reflections and diffractions of many points are missed
+    base = replace(PropagationSettings.from_dict(tiny_map.attrs["propagation"]), samples_per_src=10, los=False,
+                   retry_samples_per_src=0, receivers_per_call=128)
+    once = trace_points(tiny_scene, points, base)
+    missed = ~np.isfinite(once["path_gain"]).any(axis=1)
+    assert missed.sum() >= 5
+    calls = []
+    twice = trace_points(tiny_scene, points, replace(base, retry_samples_per_src=3000),
+                         progress=lambda done, total: calls.append((done, total)))
+    np.testing.assert_array_equal(twice["path_gain"][~missed], once["path_gain"][~missed])
+    found = np.isfinite(twice["path_gain"][missed]).any(axis=1)
+    assert found.mean() > 0.5
+    assert calls[-1] == (400 + missed.sum(),) * 2  # progress counts the second pass too
+    alone = trace_points(tiny_scene, points[missed], replace(base, samples_per_src=3000))
+    same = np.isclose(alone["path_gain"], twice["path_gain"][missed], atol=0.05) | (
+        ~np.isfinite(alone["path_gain"]) & ~np.isfinite(twice["path_gain"][missed]))
+    assert same.mean() > 0.9  # the rule depends on the point: the dataset gets what the map got
+
+
+def test_a_record_without_the_second_pass_reads_as_none():
+    p = PropagationSettings()
+    assert p.retry_samples_per_src > 0 and PropagationSettings.from_dict(p.to_dict()) == p
+    old = {k: v for k, v in p.to_dict().items() if k != "retry_samples_per_src"}
+    assert PropagationSettings.from_dict(old).retry_samples_per_src == 0  # maps made before it had none
+    with pytest.raises(CoreError, match="retry_samples_per_src"):
+        replace(p, retry_samples_per_src=-1).validate()
+
+
+def test_the_default_map_fits_the_scene():
+    from core.raytracing.generation import MAX_DEFAULT_CELLS, fitted_map_size
+
+    assert fitted_map_size((-64.0, -96.0, 0.0, 64.0, 96.0, 30.0), 1.0) == (192, 128)
+    assert fitted_map_size((-64.0, -96.0, 0.0, 64.0, 96.0, 30.0), 2.5) == (77, 52)
+    assert fitted_map_size((-900.0, -700.0, 0.0, 900.0, 700.0, 80.0), 1.0) == (MAX_DEFAULT_CELLS,) * 2
+    assert fitted_map_size((0.0, 0.0, 0.0, 100.0, 50.0, 10.0), 1.0, center=(25.0, 25.0)) == (50, 150)
+
+
+def test_narrow_streets_between_indoor_nodes_are_traced_at_their_cells(tiny_map_settings):
+    """With nodes every 8 cells most street cells have their stencil inside buildings; they are traced directly."""
+    from core.raytracing.generation import _scene_grid, generate_map, node_indices, starved_cells
+    from core.raytracing.tracing import trace_points
+
+    coarse = replace(tiny_map_settings, toa_decimation=8, min_coverage=0.0)
+    info = resolve_scene("simple_street_canyon")
+    rm = generate_map(info, coarse)
+    _, scene, _, _, _, xyz, indoor, _ = _scene_grid(info, coarse, rm.attrs["sites"])
+    nodes = {"rows": node_indices(64, 8), "cols": node_indices(64, 8)}
+    starved = starved_cells(indoor, nodes)
+    assert starved.sum() >= 50 and not (starved & indoor).any()
+    assert rm.attrs["generator"]["starved_cells_traced"] == int(starved.sum())
+    assert rm.valid[starved].mean() > 0.9  # covered although no stencil could cover them
+    direct = trace_points(scene, xyz[starved], coarse.propagation)
+    pg = rm.layers["site_path_gain"][:, starved].T
+    both = np.isfinite(pg) & np.isfinite(direct["path_gain"])
+    assert both.mean() > 0.8
+    np.testing.assert_allclose(pg[both], direct["path_gain"][both], atol=0.05)
+    np.testing.assert_allclose(rm.layers["site_toa"][:, starved].T[both], direct["toa"][both], atol=0.01)

@@ -219,19 +219,35 @@ def generate_maps_spec(
     scene: str,
     output_dir: str = "radio_maps",
     resolution: float = 1.0,
-    map_size: tuple[int, int] = (512, 512),
+    map_size: tuple[int, int] | None = None,
     samples_per_tx: int | None = None,
     max_depth: int | None = None,
     force: bool = False,
     ray: str | None = None,
+    min_coverage: float | None = None,
+    toa_decimation: int | None = None,
 ) -> JobSpec:
-    """Ray-trace the radio map of ``scene`` into ``<output_dir>/<scene>.zarr`` (``ray``: see :func:`_ray_args`)."""
-    args = ["generate-maps", "--scenes", scene, "--output-dir", output_dir, "--resolution", _num(float(resolution)),
-            "--map-size", str(int(map_size[0])), str(int(map_size[1]))]
+    """Ray-trace the radio map of ``scene`` into ``<output_dir>/<scene>.zarr`` (``ray``: see :func:`_ray_args`).
+
+    ``min_coverage``: the smallest acceptable fraction of covered outdoor cells, in [0, 1]
+    (checked here, so a bad value is refused before a job starts); ``toa_decimation``:
+    PathSolver node spacing in cells. ``None``: the command's defaults.
+    """
+    if min_coverage is not None and not 0.0 <= float(min_coverage) <= 1.0:
+        raise CoreError(f"--min-coverage must be a fraction in [0, 1], got {min_coverage}")
+    if toa_decimation is not None and int(toa_decimation) < 1:
+        raise CoreError(f"--toa-decimation must be >= 1, got {toa_decimation}")
+    args = ["generate-maps", "--scenes", scene, "--output-dir", output_dir, "--resolution", _num(float(resolution))]
+    if map_size is not None:  # None: the command's default (fit the scene)
+        args += ["--map-size", str(int(map_size[0])), str(int(map_size[1]))]
     if samples_per_tx is not None:
         args += ["--samples-per-tx", str(int(samples_per_tx))]
     if max_depth is not None:
         args += ["--max-depth", str(int(max_depth))]
+    if toa_decimation is not None:
+        args += ["--toa-decimation", str(int(toa_decimation))]
+    if min_coverage is not None:
+        args += ["--min-coverage", _num(float(min_coverage))]
     if force:
         args.append("--force")
     args += _ray_args(ray)
@@ -269,6 +285,24 @@ def train_spec(config: str, out: str, overrides: dict[str, object] | None = None
         args += ["--set", f"{key}={_num(value) if isinstance(value, float) else value}"]
     args += ["--out", out]
     return JobSpec("train", tuple(args), out)
+
+
+def evaluate_spec(run: str, scene: str | None = None, split: str = "test", refine: bool = True,
+                  baselines: bool = False) -> JobSpec:
+    """Evaluate run directory ``run`` on ``split`` (``scene``: a training scene or a held-out one, with the
+    in-scene vs held-out table; ``refine``: with test-time MAP on that scene's map). Writes
+    ``<run>/eval_<split>[_<scene>][_refine].json``."""
+    if split not in ("train", "val", "test"):
+        raise CoreError(f"--split must be train, val or test, got {split!r}")
+    args = ["evaluate", "--run", run, "--split", split]
+    if scene:
+        args += ["--scene", scene]
+    if refine:
+        args.append("--refine")
+    if baselines:
+        args.append("--baselines")
+    name = f"eval_{split}{f'_{scene}' if scene else ''}{'_refine' if refine else ''}.json"
+    return JobSpec("evaluate", tuple(args), str(Path(run) / name))
 
 
 def ablate_spec(scene: str, out: str, extra: Sequence[str] = ()) -> JobSpec:

@@ -21,7 +21,7 @@ import numpy as np
 
 from core.errors import CoreError
 
-DEFAULT_MIN_COVERAGE = 0.5  # fraction of the outdoor cells
+DEFAULT_MIN_COVERAGE = 0.9  # fraction of the outdoor cells (issue 11: every street scene reaches it)
 MIN_OUTDOOR_FRACTION = 0.02  # fewer outdoor cells than this fraction of the grid: the points are buried
 
 

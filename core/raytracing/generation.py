@@ -70,7 +70,7 @@ from core.raytracing.coverage import DEFAULT_MIN_COVERAGE
 from core.raytracing.distributed import add_ray_argument
 from core.raytracing.tracing import MAX_SAMPLES_PER_SRC, SPEED_OF_LIGHT, PropagationSettings
 
-DEFAULT_TOA_DECIMATION = 2
+DEFAULT_TOA_DECIMATION = 3
 DIRECT_TOL_M = 0.5  # a virtual source this close to the site is the site: the direct path
 
 
@@ -80,7 +80,8 @@ class MapSettings:
 
     Attributes:
         resolution: cell edge [m].
-        map_size: ``(H, W)`` cells.
+        map_size: ``(H, W)`` cells; None = fit the scene (:func:`fitted_map_size`: its
+            bounding box, at most :data:`MAX_DEFAULT_CELLS` cells a side).
         center: ``(x, y)`` map centre [m]; None = scene centre.
         toa_decimation: ``f``, PathSolver traces every ``f``-th row and column (the nodes).
         min_coverage: the smallest acceptable fraction of covered OUTDOOR cells; a map
@@ -89,7 +90,7 @@ class MapSettings:
     """
 
     resolution: float = 1.0
-    map_size: tuple[int, int] = (512, 512)
+    map_size: tuple[int, int] | None = None
     center: tuple[float, float] | None = None
     toa_decimation: int = DEFAULT_TOA_DECIMATION
     min_coverage: float = DEFAULT_MIN_COVERAGE
@@ -98,7 +99,7 @@ class MapSettings:
     def validate(self) -> None:
         if not (isinstance(self.resolution, (int, float)) and math.isfinite(self.resolution) and self.resolution > 0):
             raise CoreError(f"--resolution must be a positive number of metres, got {self.resolution}")
-        h, w = self.map_size
+        h, w = self.map_size or (1, 1)
         if h < 1 or w < 1:
             raise CoreError(f"--map-size must be two positive cell counts (H W), got {h} {w}")
         if h * w > 4096 * 4096:
@@ -111,6 +112,9 @@ class MapSettings:
         if not 1 <= p.samples_per_src <= MAX_SAMPLES_PER_SRC:
             raise CoreError(f"--samples-per-tx must be 1..{MAX_SAMPLES_PER_SRC} PathSolver rays per site "
                             f"(the cost grows as rays x cells), got {p.samples_per_src}")
+        if not 0 <= p.retry_samples_per_src <= MAX_SAMPLES_PER_SRC:
+            raise CoreError(f"--retry-samples-per-tx must be 0..{MAX_SAMPLES_PER_SRC} PathSolver rays per site, "
+                            f"got {p.retry_samples_per_src}")
         if p.max_depth < 0:
             raise CoreError(f"--max-depth must be >= 0, got {p.max_depth}")
         if p.seed < 0:
@@ -118,8 +122,35 @@ class MapSettings:
         p.validate()
 
 
+MAX_DEFAULT_CELLS = 512
+
+
+def fitted_map_size(bbox, resolution: float, center: tuple[float, float] | None = None) -> tuple[int, int]:
+    """``(H, W)``: the cells that cover the scene's ``bbox`` (x0, y0, z0, x1, y1, z1) around ``center``
+    (default its centre) at ``resolution`` [m], at most :data:`MAX_DEFAULT_CELLS` a side.
+
+    etoile, munich, florence and san_francisco get 512 x 512 cells of 1 m; simple_street_canyon
+    its own extent (122 x 187)."""
+    x0, y0, _, x1, y1, _ = bbox
+    cx, cy = center or (0.5 * (x0 + x1), 0.5 * (y0 + y1))
+    half_w, half_h = max(cx - x0, x1 - cx), max(cy - y0, y1 - cy)
+    return (min(MAX_DEFAULT_CELLS, max(1, math.ceil(2 * half_h / resolution - 1e-6))),
+            min(MAX_DEFAULT_CELLS, max(1, math.ceil(2 * half_w / resolution - 1e-6))))
+
+
+def map_area(settings: MapSettings, bbox) -> tuple[MapSettings, tuple[float, float], tuple[float, float, float, float]]:
+    """``(settings, center, bounds)`` of the map over a scene of bounding box ``bbox``: the centre
+    (``settings.center`` or the scene's), the map size (fitted when None) and the outer edges."""
+    center = settings.center or (0.5 * (bbox[0] + bbox[3]), 0.5 * (bbox[1] + bbox[4]))
+    if settings.map_size is None:
+        settings = replace(settings, map_size=fitted_map_size(bbox, settings.resolution, center))
+    return settings, center, map_bounds(center, settings)
+
+
 def map_bounds(center: tuple[float, float], settings: MapSettings) -> tuple[float, float, float, float]:
     """Outer edges ``(x_min, y_min, x_max, y_max)`` of the ``H x W`` grid centred at ``center``."""
+    if settings.map_size is None:
+        raise CoreError("map_bounds: the map size is not resolved yet (see fitted_map_size)")
     h, w = settings.map_size
     r = settings.resolution
     return (center[0] - 0.5 * w * r, center[1] - 0.5 * h * r, center[0] + 0.5 * w * r, center[1] + 0.5 * h * r)
@@ -280,6 +311,33 @@ def site_layers(scene, xyz: np.ndarray, indoor: np.ndarray, nodes: dict[str, np.
     return {name: np.stack(p).astype(np.float32) for name, p in planes.items()}
 
 
+def starved_cells(indoor: np.ndarray, nodes: dict[str, np.ndarray]) -> np.ndarray:
+    """bool ``[H, W]``: outdoor cells whose bilinear stencil puts less than half its weight on OUTDOOR nodes.
+
+    Interpolation cannot cover them (a cell needs ``sum w_n >= 0.5`` of nodes with a path):
+    in a street narrower than the node spacing both neighbouring nodes may fall inside the
+    buildings. :func:`trace_starved_cells` traces them directly.
+    """
+    node_outdoor = ~indoor[np.ix_(nodes["rows"], nodes["cols"])]
+    weight = sum(np.where(node_outdoor[a, b], wt, 0.0) for a, b, wt in _stencil_nodes(nodes, indoor.shape))
+    return ~indoor & (weight < 0.5 - 1e-9)
+
+
+def trace_starved_cells(scene, xyz: np.ndarray, starved: np.ndarray, layers: dict[str, np.ndarray],
+                        settings: MapSettings, progress=None) -> None:
+    """Trace the ``starved`` cells (``[H, W]``, :func:`starved_cells`) at their centres ``xyz [H, W, 3]``
+    and write each site's path gain, strongest-path ToA and AoA into ``layers`` ``[S, H, W]`` there (NaN: no path).
+    """
+    from core.raytracing.tracing import trace_points
+
+    if not starved.any():
+        return
+    traced = trace_points(scene, xyz[starved], settings.propagation, progress)
+    has = np.isfinite(traced["path_gain"]).T  # [S, n]
+    for layer, key in (("site_path_gain", "path_gain"), ("site_toa", "toa"), ("site_aoa", "aoa")):
+        layers[layer][:, starved] = np.where(has, traced[key].T, np.nan)
+
+
 def serving_values(layers: dict[str, np.ndarray], indoor: np.ndarray, radio, link) -> tuple[np.ndarray, np.ndarray]:
     """Serving-site features ``values [F, H, W]`` (float32, ``DEFAULT_FEATURE_ORDER``) and ``valid [H, W]``.
 
@@ -308,7 +366,8 @@ def serving_values(layers: dict[str, np.ndarray], indoor: np.ndarray, radio, lin
 
 
 def _scene_grid(info, settings: MapSettings, sites):
-    """``(scene, sites, center, bounds, xyz [H, W, 3], indoor [H, W], ground [H, W])`` of the map to make.
+    """``(settings, scene, sites, center, bounds, xyz [H, W, 3], indoor [H, W], ground [H, W])`` of the map
+    to make (``settings`` with its map size resolved when it was None).
 
     Cell centres sit at the terrain height plus the UE height
     (:func:`~core.raytracing.terrain.measurement_points`); ``indoor``: under a roof there.
@@ -319,8 +378,7 @@ def _scene_grid(info, settings: MapSettings, sites):
 
     base_scene = load_scene(info)
     bbox = scene_bbox(base_scene)
-    center = settings.center or (0.5 * (bbox[0] + bbox[3]), 0.5 * (bbox[1] + bbox[4]))
-    bounds = map_bounds(center, settings)
+    settings, center, bounds = map_area(settings, bbox)
     if sites is None:
         sites = layout_for(info.name, buildings_of(base_scene), bbox, area=bounds)
     del base_scene
@@ -330,7 +388,7 @@ def _scene_grid(info, settings: MapSettings, sites):
     xyz = measurement_points(scene, np.stack([gx, gy], -1).reshape(-1, 2), radio.rx_height_m)
     xyz = xyz.reshape(settings.map_size + (3,))
     indoor = indoor_mask(scene, xyz.reshape(-1, 3)).reshape(settings.map_size)
-    return scene, sites, center, bounds, xyz, indoor, xyz[..., 2] - radio.rx_height_m
+    return settings, scene, sites, center, bounds, xyz, indoor, xyz[..., 2] - radio.rx_height_m
 
 
 def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None = None, link=None,
@@ -356,7 +414,7 @@ def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None
         return now
 
     t0 = t = stage(0, 0.0)
-    scene, sites, center, bounds, xyz, indoor, ground = _scene_grid(info, settings, sites)
+    settings, scene, sites, center, bounds, xyz, indoor, ground = _scene_grid(info, settings, sites)
     t = stage(1, t)
     pbar = _progress_bar(0, f"{info.name}: paths", position + 1)
 
@@ -369,6 +427,12 @@ def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None
     pbar.close()
     t = stage(2, t)
     layers = site_layers(scene, xyz, indoor, nodes, sites)
+    starved = starved_cells(indoor, nodes)
+    pbar = _progress_bar(int(starved.sum()), f"{info.name}: narrow streets", position + 1)
+    trace_starved_cells(scene, xyz, starved, layers, settings,
+                        lambda done, total: (setattr(pbar, "total", total), pbar.update(done - pbar.n)))
+    pbar.close()
+    nodes["starved_cells"] = int(starved.sum())
     t = stage(3, t)
     link = link or link_abstraction(LinkConfig())
     values, valid = serving_values(layers, indoor, settings.propagation.radio, link)
@@ -394,12 +458,15 @@ def _map_attrs(info, settings: MapSettings, sites, center, nodes, link, timings,
     p = settings.propagation
     gen = {k: v for k, v in asdict(settings).items() if k != "propagation"}
     gen.update(center=[float(c) for c in center], node_grid=[len(nodes["rows"]), len(nodes["cols"])],
+               starved_cells_traced=int(nodes.get("starved_cells", 0)),
                node_spacing_m=settings.toa_decimation * settings.resolution,
                # the command-line values that made it (the app's form starts from these)
-               samples_per_tx=p.samples_per_src, max_depth=p.max_depth, seed=p.seed,
+               samples_per_tx=p.samples_per_src, retry_samples_per_tx=p.retry_samples_per_src,
+               max_depth=p.max_depth, seed=p.seed,
                method="PathSolver (attrs.propagation) at every toa_decimation-th cell centre; per site the "
                       "strongest path's virtual source gives exact ToA/AoA between nodes, path gain "
-                      "interpolated after spherical spreading; serving = strongest site",
+                      "interpolated after spherical spreading; outdoor cells whose stencil is mostly indoor "
+                      "nodes traced at their centre; serving = strongest site",
                sionna_rt=import_sionna_rt().__version__, timings=timings)
     return {
         "scene": info.name,
@@ -423,13 +490,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenes-dir", default=None, help="folder of user scenes; without --scenes, all of them")
     parser.add_argument("--output-dir", default="radio_maps", help="where <scene>.zarr stores go (default: radio_maps)")
     parser.add_argument("--resolution", type=float, default=1.0, help="cell edge in metres (default: 1.0)")
-    parser.add_argument("--map-size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"),
-                        help="cells along y (rows) and x (columns) (default: 512 512)")
+    parser.add_argument("--map-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help=f"cells along y (rows) and x (columns) (default: fit the scene, at most "
+                             f"{MAX_DEFAULT_CELLS} a side: 512 512 for the cities at 1 m)")
     parser.add_argument("--center", type=float, nargs=2, default=None, metavar=("X", "Y"),
                         help="map centre in scene metres (default: the scene's centre)")
     defaults = PropagationSettings()
     parser.add_argument("--samples-per-tx", type=int, default=defaults.samples_per_src,
                         help=f"PathSolver rays per site (default: {defaults.samples_per_src}; make-dataset reuses it)")
+    parser.add_argument("--retry-samples-per-tx", type=int, default=defaults.retry_samples_per_src,
+                        help=f"rays per site of a second pass over the points the first found no path to "
+                             f"(0 = none; default: {defaults.retry_samples_per_src}; make-dataset reuses it)")
     parser.add_argument("--max-depth", type=int, default=defaults.max_depth,
                         help=f"PathSolver interactions per path (default: {defaults.max_depth}; make-dataset reuses it)")
     parser.add_argument("--toa-decimation", type=int, default=DEFAULT_TOA_DECIMATION,
@@ -448,8 +519,9 @@ def _settings_from(args) -> MapSettings:
     if args.resolution is None or not math.isfinite(args.resolution) or args.resolution <= 0:
         raise CoreError(f"--resolution must be a positive number of metres, got {args.resolution}")
     propagation = replace(PropagationSettings(), samples_per_src=args.samples_per_tx, max_depth=args.max_depth,
-                          seed=args.seed)
-    s = MapSettings(resolution=float(args.resolution), map_size=(int(args.map_size[0]), int(args.map_size[1])),
+                          seed=args.seed, retry_samples_per_src=args.retry_samples_per_tx)
+    s = MapSettings(resolution=float(args.resolution),
+                    map_size=(int(args.map_size[0]), int(args.map_size[1])) if args.map_size else None,
                     center=tuple(args.center) if args.center else None, toa_decimation=args.toa_decimation,
                     min_coverage=float(args.min_coverage), propagation=propagation)
     s.validate()
