@@ -44,7 +44,7 @@ _FLAT_EXTENT_M = 0.5  # objects thinner than this (ground, markings) are not bui
 # Automatic layout defaults (see docs/maps.md)
 DEFAULT_NUM_SITES = 5
 DEFAULT_MAST_HEIGHT_M = 3.0  # antenna above the roof it stands on
-_FACADE_OFFSET_M = 1.0
+FACADE_OFFSET_M = 1.0
 DEFAULT_AREA_SIZE_M = 512.0  # layouts cover the scene-centred square of this size
 
 
@@ -310,7 +310,7 @@ def automatic_layout(
         corner = b.footprint[k]
         out = corner - c
         out = out / max(float(np.hypot(*out)), 1e-9)
-        p = corner + _FACADE_OFFSET_M * out
+        p = corner + FACADE_OFFSET_M * out
         cand.append((p[0], p[1], b.height + mast_height))
         heights.append(b.height)
     if len(cand) < num_sites:

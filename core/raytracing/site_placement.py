@@ -3,7 +3,7 @@
 The automatic layout (:func:`~core.raytracing.scenes.automatic_layout`) spreads sites by
 distance alone, so in a scene of narrow streets most of them look at roofs. Here the
 sites are chosen for what they see. Candidates are every roof corner of every building
-in the area, pushed :data:`~core.raytracing.scenes._FACADE_OFFSET_M` out from the facade,
+in the area, pushed :data:`~core.raytracing.scenes.FACADE_OFFSET_M` out from the facade,
 at ``roof + mast_height``. Targets are the outdoor measurement points of a grid of
 ``spacing`` metres over the area, at ``ground + rx_height`` (terrain-following, like the
 map). With ``V [M, N]`` the exact line-of-sight test between candidate ``m`` and target
@@ -59,7 +59,7 @@ class Placement:
 
 def rooftop_candidates(buildings, area: tuple[float, float, float, float], mast_height: float) -> np.ndarray:
     """float64 ``[M, 3]``: every footprint corner of the buildings over ``area``, 1 m out, at roof + mast [m]."""
-    from core.raytracing.scenes import _FACADE_OFFSET_M
+    from core.raytracing.scenes import FACADE_OFFSET_M
 
     x0, y0, x1, y1 = area
     out = []
@@ -71,7 +71,7 @@ def rooftop_candidates(buildings, area: tuple[float, float, float, float], mast_
             continue
         away = b.footprint - centre
         away /= np.maximum(np.linalg.norm(away, axis=1, keepdims=True), 1e-9)
-        xy = b.footprint + _FACADE_OFFSET_M * away
+        xy = b.footprint + FACADE_OFFSET_M * away
         out.append(np.c_[xy, np.full(len(xy), b.height + mast_height)])
     return np.concatenate(out) if out else np.zeros((0, 3))
 
