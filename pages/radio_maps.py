@@ -5,7 +5,7 @@ import streamlit as st
 import app_widgets as wb
 from core.jobs.manager import generate_maps_spec
 from core.raytracing.coverage import DEFAULT_MIN_COVERAGE
-from core.raytracing.generation import DEFAULT_TOA_DECIMATION
+from core.raytracing.generation import DEFAULT_TOA_DECIMATION, fitted_map_size
 from core.raytracing.tracing import MAX_SAMPLES_PER_SRC, PropagationSettings
 from core.stores.workspace import store_status
 from core.viz import plots as figures
@@ -85,7 +85,11 @@ st.subheader("Generate radio maps")
 # defaults: the settings of the current map when there is one
 gen = (radio_map.attrs.get("generator") if radio_map is not None else None) or {}
 gen = gen if isinstance(gen, dict) else {}
-shape = radio_map.shape if radio_map is not None else (512, 512)
+if radio_map is not None:
+    shape = radio_map.shape
+else:  # no map yet: the command's default, the scene's extent at 1 m (at most 512 x 512 cells)
+    scene_geometry = wb.geometry(scene)
+    shape = fitted_map_size(scene_geometry.bbox, 1.0) if scene_geometry is not None else (512, 512)
 
 
 PROPAGATION = PropagationSettings()
@@ -99,7 +103,7 @@ def _default(key, fallback, cast):
 
 
 st.caption("The defaults are the settings of the current map." if gen else
-           "Defaults: 512 × 512 cells of 1 m around the scene centre.")
+           "Defaults: the scene's extent in cells of 1 m (at most 512 × 512) around its centre.")
 with st.form("generate_maps"):
     cols = st.columns(5)
     resolution = cols[0].number_input("Cell size [m]", min_value=0.1, max_value=50.0,

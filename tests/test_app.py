@@ -289,6 +289,12 @@ def test_the_generation_form_carries_coverage_and_node_spacing(workspace):
         assert job.output == str(workspace / "radio_maps" / "florence.zarr")
     finally:
         manager.cancel(job.id, grace_s=1.0)
+    # a scene without a map: the form starts from the scene's extent (its cached bbox: 192 x 128 m)
+    at = _app("pages/radio_maps.py", scene="munich")
+    _no_exception(at)
+    heights = [n.value for n in at.number_input if n.label == "Map height [cells]"]
+    widths = [n.value for n in at.number_input if n.label == "Map width [cells]"]
+    assert (heights, widths) == ([128], [192])
 
 
 def test_corrupt_stores_are_reported_not_raised(workspace):
