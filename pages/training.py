@@ -180,11 +180,12 @@ else:
     cols = st.columns([2, 2, 1, 1])
     eval_run = cols[0].selectbox("Run", [r.name for r in evaluable], key="eval_run")
     info = next(r for r in evaluable if r.name == eval_run)
-    choices = list(dict.fromkeys(([info.holdout_scene] if info.holdout_scene else []) + list(info.scenes or [info.scene])
+    trained = list(info.scenes or [info.scene])
+    choices = list(dict.fromkeys(([info.holdout_scene] if info.holdout_scene else []) + trained
                                  + ws.scenes_with_dataset()))
     eval_scene = cols[1].selectbox("Scene", choices, key="eval_scene",
                                    format_func=lambda s: f"{s} (held out)" if s == info.holdout_scene else
-                                   (f"{s} (trained on)" if s in (info.scenes or [info.scene]) else s))
+                                   (f"{s} (trained on)" if s in trained else s))
     eval_refine = cols[2].checkbox("MAP refinement", value=True, key="eval_refine")
     eval_go = cols[3].button("Evaluate", key="eval_go")
     spec = evaluate_spec(ws.rel(ws.root / eval_run), eval_scene, "test", eval_refine)

@@ -291,7 +291,9 @@ def evaluate_spec(run: str, scene: str | None = None, split: str = "test", refin
                   baselines: bool = False) -> JobSpec:
     """Evaluate run directory ``run`` on ``split`` (``scene``: a training scene or a held-out one, with the
     in-scene vs held-out table; ``refine``: with test-time MAP on that scene's map). Writes
-    ``<run>/eval_<split>[_<scene>][_refine].json``."""
+    ``<run>/eval_<split>[_<scene>][_refine].json`` (:func:`~core.stores.run.evaluation_path`)."""
+    from core.stores.run import evaluation_path
+
     if split not in ("train", "val", "test"):
         raise CoreError(f"--split must be train, val or test, got {split!r}")
     args = ["evaluate", "--run", run, "--split", split]
@@ -301,8 +303,7 @@ def evaluate_spec(run: str, scene: str | None = None, split: str = "test", refin
         args.append("--refine")
     if baselines:
         args.append("--baselines")
-    name = f"eval_{split}{f'_{scene}' if scene else ''}{'_refine' if refine else ''}.json"
-    return JobSpec("evaluate", tuple(args), str(Path(run) / name))
+    return JobSpec("evaluate", tuple(args), str(evaluation_path(run, split, scene, refine)))
 
 
 def ablate_spec(scene: str, out: str, extra: Sequence[str] = ()) -> JobSpec:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +43,7 @@ from core.errors import CoreError
 from core.jobs import progress
 from core.learning.metrics import METRIC_KEYS, error_metrics, grouped_metrics, position_errors
 from core.stores.atomic import atomic_write_text
+from core.stores.run import evaluation_path
 
 
 def _timed_predict(run, indices) -> tuple[Any, float]:
@@ -96,8 +96,7 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
             result["baselines"][name] = {**error_metrics(e), "groups": grouped_metrics(e, pred.los, pred.num_reports)}
             errors[name] = e
     if write:
-        name = f"eval_{split}{'_refine' if refine else ''}.json"
-        atomic_write_text(Path(run.run_dir) / name, json.dumps(result, indent=2, default=float))
+        atomic_write_text(evaluation_path(run.run_dir, split, refine=refine), json.dumps(result, indent=2, default=float))
     progress.report(1.0, "evaluation done")
     if keep_errors:
         result["_errors"] = errors
@@ -125,8 +124,7 @@ def evaluate_scene(run_dir, scene: str, split: str = "test", refine: bool = Fals
         rows.append(_scene_row(scene, "held-out", result))
     result["scenes"] = rows
     if write:
-        name = f"eval_{split}_{scene}{'_refine' if refine else ''}.json"
-        atomic_write_text(Path(run.run_dir) / name, json.dumps(result, indent=2, default=float))
+        atomic_write_text(evaluation_path(run.run_dir, split, scene, refine), json.dumps(result, indent=2, default=float))
     return result
 
 

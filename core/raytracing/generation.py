@@ -416,23 +416,26 @@ def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None
     t0 = t = stage(0, 0.0)
     settings, scene, sites, center, bounds, xyz, indoor, ground = _scene_grid(info, settings, sites)
     t = stage(1, t)
-    pbar = _progress_bar(0, f"{info.name}: paths", position + 1)
 
-    def progress(done, total):
-        pbar.total = total
-        pbar.update(done - pbar.n)
-        report(0.25 + 0.25 * done / max(total, 1))
+    def traced(what: str, start: float):
+        """A PathSolver progress callback: a tqdm bar for ``what`` and the job's fraction from ``start``."""
+        pbar = _progress_bar(0, f"{info.name}: {what}", position + 1)
 
+        def progress(done, total):
+            pbar.total = total
+            pbar.update(done - pbar.n)
+            report(start + 0.25 * done / max(total, 1))
+        return pbar, progress
+
+    pbar, progress = traced("paths", 0.25)
     nodes = trace_nodes(scene, xyz, indoor, settings, progress)
     pbar.close()
     t = stage(2, t)
     layers = site_layers(scene, xyz, indoor, nodes, sites)
     starved = starved_cells(indoor, nodes)
-    pbar = _progress_bar(int(starved.sum()), f"{info.name}: narrow streets", position + 1)
-    trace_starved_cells(scene, xyz, starved, layers, settings,
-                        lambda done, total: (setattr(pbar, "total", total), pbar.update(done - pbar.n)))
+    pbar, progress = traced("narrow streets", 0.5)
+    trace_starved_cells(scene, xyz, starved, layers, settings, progress)
     pbar.close()
-    nodes["starved_cells"] = int(starved.sum())
     t = stage(3, t)
     link = link or link_abstraction(LinkConfig())
     values, valid = serving_values(layers, indoor, settings.propagation.radio, link)
@@ -441,13 +444,14 @@ def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None
     bar.close()
     coverage = check_coverage(info.name, valid, ~indoor, np.isfinite(layers["site_path_gain"]), settings.min_coverage)
     report(1.0, f"{label}{info.name}: done")
-    attrs = _map_attrs(info, settings, sites, center, nodes, link, timings, valid, indoor, coverage)
+    attrs = _map_attrs(info, settings, sites, center, nodes, link, timings, valid, indoor, coverage,
+                       int(starved.sum()))
     return RadioMap(values, DEFAULT_FEATURE_ORDER, bounds, valid=valid, attrs=attrs, layers=layers,
                     outdoor=~indoor, ground=ground.astype(np.float32))
 
 
 def _map_attrs(info, settings: MapSettings, sites, center, nodes, link, timings, valid, indoor,
-               coverage: float) -> dict[str, Any]:
+               coverage: float, starved_cells_traced: int) -> dict[str, Any]:
     """The store's ``attrs``: scene, sites, radio, propagation, link abstraction, generator, coverage.
 
     ``coverage`` is the fraction of OUTDOOR cells covered; ``coverage_of_all_cells`` and
@@ -458,7 +462,7 @@ def _map_attrs(info, settings: MapSettings, sites, center, nodes, link, timings,
     p = settings.propagation
     gen = {k: v for k, v in asdict(settings).items() if k != "propagation"}
     gen.update(center=[float(c) for c in center], node_grid=[len(nodes["rows"]), len(nodes["cols"])],
-               starved_cells_traced=int(nodes.get("starved_cells", 0)),
+               starved_cells_traced=starved_cells_traced,
                node_spacing_m=settings.toa_decimation * settings.resolution,
                # the command-line values that made it (the app's form starts from these)
                samples_per_tx=p.samples_per_src, retry_samples_per_tx=p.retry_samples_per_src,

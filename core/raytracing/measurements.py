@@ -164,20 +164,13 @@ def _draw_walks(rng, scene, n, t_steps, bounds, valid, walk: WalkConfig, rx_heig
 
 def _clear_steps(scene, xyz: np.ndarray) -> np.ndarray:
     """bool ``[m]``: no geometry between consecutive positions of each walk ``xyz [m, T, 3]``."""
-    import mitsuba as mi
+    from core.raytracing.tracing import segments_clear
 
     m, t_steps = xyz.shape[:2]
     if t_steps < 2:
         return np.ones(m, bool)
-    a, b = xyz[:, :-1].reshape(-1, 3), xyz[:, 1:].reshape(-1, 3)
-    delta = b - a
-    length = np.linalg.norm(delta, axis=1)
-    d = (delta / np.maximum(length, 1e-9)[:, None]).astype(np.float32)
-    o = a.astype(np.float32)
-    ray = mi.Ray3f(mi.Point3f(mi.Float(o[:, 0]), mi.Float(o[:, 1]), mi.Float(o[:, 2])),
-                   mi.Vector3f(mi.Float(d[:, 0]), mi.Float(d[:, 1]), mi.Float(d[:, 2])))
-    ray.maxt = mi.Float(np.maximum(length, 1e-3).astype(np.float32))
-    return ~np.asarray(scene.mi_scene.ray_test(ray), dtype=bool).reshape(m, t_steps - 1).any(1)
+    clear = segments_clear(scene, xyz[:, :-1].reshape(-1, 3), xyz[:, 1:].reshape(-1, 3), min_length_m=1e-3)
+    return clear.reshape(m, t_steps - 1).all(1)
 
 
 def measure(traced: dict[str, np.ndarray], k_sites: int, radio, link) -> dict[str, np.ndarray]:

@@ -415,16 +415,28 @@ def _wrap(deg: np.ndarray) -> np.ndarray:
     return wrap_degrees(deg)
 
 
-def line_of_sight(scene, xyz: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """bool ``[N]``: nothing blocks the segment from points ``xyz [N, 3]`` to ``target [3]``."""
+def segments_clear(scene, a: np.ndarray, b: np.ndarray, stop_short_m: float = 0.0,
+                   min_length_m: float = 0.0) -> np.ndarray:
+    """bool ``[N]``: no geometry on the segments from ``a [N, 3]`` towards ``b [N, 3]`` (one Mitsuba ray test each).
+
+    The ray runs ``max(|b - a| - stop_short_m, min_length_m)`` metres from ``a``.
+    """
     import mitsuba as mi
 
-    xyz = np.asarray(xyz, dtype=np.float64)
-    d = np.asarray(target, dtype=np.float64)[None, :] - xyz
+    a = np.asarray(a, dtype=np.float64)
+    d = np.asarray(b, dtype=np.float64) - a
     length = np.linalg.norm(d, axis=1)
     d = (d / np.maximum(length, 1e-9)[:, None]).astype(np.float32)
-    o = xyz.astype(np.float32)
+    o = a.astype(np.float32)
     ray = mi.Ray3f(mi.Point3f(mi.Float(o[:, 0]), mi.Float(o[:, 1]), mi.Float(o[:, 2])),
                    mi.Vector3f(mi.Float(d[:, 0]), mi.Float(d[:, 1]), mi.Float(d[:, 2])))
-    ray.maxt = mi.Float(np.maximum(length - 1e-2, 0.0).astype(np.float32))
+    ray.maxt = mi.Float(np.maximum(length - stop_short_m, min_length_m).astype(np.float32))
     return ~np.asarray(scene.mi_scene.ray_test(ray), dtype=bool)
+
+
+def line_of_sight(scene, xyz: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """bool ``[N]``: nothing blocks the segment from points ``xyz [N, 3]`` to ``target [3]``
+    (the ray stops 1 cm short of the target, which may sit on a surface)."""
+    xyz = np.asarray(xyz, dtype=np.float64)
+    return segments_clear(scene, xyz, np.broadcast_to(np.asarray(target, dtype=np.float64), xyz.shape),
+                          stop_short_m=1e-2)

@@ -222,6 +222,12 @@ def check_lineage(run_dir: str | os.PathLike, dataset: StoreRef, radio_map: Stor
                              f"{label} {now.describe()}: train it again on these stores, or restore that one")
 
 
+# -- evaluations ----------------------------------------------------------------------------------
+def evaluation_path(run_dir: str | os.PathLike, split: str, scene: str | None = None, refine: bool = False) -> Path:
+    """``<run>/eval_<split>[_<scene>][_refine].json``: what ``evaluate`` writes (``scene``: ``--scene``)."""
+    return Path(run_dir) / f"eval_{split}{f'_{scene}' if scene else ''}{'_refine' if refine else ''}.json"
+
+
 # -- calibration ----------------------------------------------------------------------------------
 def calibration_path(run_dir: str | os.PathLike, scene: str | None = None) -> Path:
     """``<run>/calibration.json`` (the first scene's), or ``<run>/calibration_<scene>.json`` for another scene."""
