@@ -7,6 +7,7 @@ from core.jobs.manager import generate_maps_spec
 from core.raytracing.coverage import DEFAULT_MIN_COVERAGE
 from core.raytracing.generation import DEFAULT_TOA_DECIMATION, fitted_map_size
 from core.raytracing.tracing import MAX_SAMPLES_PER_SRC, PropagationSettings
+from core.stores.lineage import map_paths
 from core.stores.workspace import store_status
 from core.viz import plots as figures
 
@@ -47,7 +48,7 @@ if radio_map is not None:
             st.plotly_chart(figures.feature_heatmap(radio_map, feature, geometry), key="rm_heatmap")
             st.plotly_chart(figures.feature_histogram(radio_map, feature), key="rm_hist")
     with tab_cmp:
-        stores = sorted(p for p in ws.radio_maps_dir.glob("*.zarr") if not p.name.startswith("."))
+        stores = map_paths(ws.radio_maps_dir)
         labels = [ws.rel(p) for p in stores]
         if not labels:
             st.info("No map stores to compare.")

@@ -37,8 +37,8 @@ threshold = o[1].number_input("Confidence below", min_value=0.0, max_value=1.01,
                               value=float(run.config.physics_loss.refinement.min_confidence_threshold))
 top_k = o[2].number_input("Coarse cells searched", min_value=0, max_value=8, value=3, key="ref_topk",
                           help="The network's next most likely coarse cells, each searched as an extra start.")
-window_s = o[3].number_input("Pool reports over [s]", min_value=0.0, max_value=5.0, value=1.0, step=0.2,
-                             key="ref_window", help="Reports within this time of the latest one are averaged per site "
+window_s = o[3].number_input("Pool reports over [s]", min_value=0.0, max_value=5.0, value=float(run.config.physics_loss.report_window_s),
+                             step=0.2, key="ref_window", help="Reports within this time of the latest one are averaged per site "
                                                     "(0: the latest report only).")
 options = (float(threshold) if gate else None, int(top_k), float(window_s))
 

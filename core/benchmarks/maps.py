@@ -170,10 +170,10 @@ def run(args: argparse.Namespace) -> int:
 def _dataset_with_map(scene_name, radio_map, args):
     """Time ``make_dataset`` against the freshly generated map (saved to a temp folder)."""
     import tempfile
-    from pathlib import Path
 
     from core.raytracing.measurements import make_dataset
+    from core.stores.lineage import map_path
 
     with tempfile.TemporaryDirectory() as tmp:
-        radio_map.save(Path(tmp) / f"{scene_name}.zarr")
+        radio_map.save(map_path(tmp, scene_name))
         return make_dataset(scene_name, args.dataset_ues, args.reports, radio_maps=tmp, seed=args.seed)

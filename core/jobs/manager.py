@@ -68,6 +68,7 @@ import psutil
 from core import REPO_ROOT
 from core.errors import CoreError
 from core.jobs import progress
+from core.stores.lineage import map_path
 from core.stores.measurement_model import MeasurementModel
 
 DB_ENV = "CORE_JOBS_DB"
@@ -251,7 +252,7 @@ def generate_maps_spec(
     if force:
         args.append("--force")
     args += _ray_args(ray)
-    return JobSpec("generate-maps", tuple(args), str(Path(output_dir) / f"{scene}.zarr"))
+    return JobSpec("generate-maps", tuple(args), str(map_path(output_dir, scene)))
 
 
 def make_dataset_spec(scene: str, out: str, num_ues: int = 20000, reports: int = 8,

@@ -32,7 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import ConfigError
-from core.features import FEATURES
+from core.features import FEATURES, REPORT_WINDOW_S
 
 
 class _Section(BaseModel):
@@ -177,7 +177,7 @@ class PhysicsLossConfig(_Section):
     #: against the serving-site map (feature_weights, loss, huber_delta and observation apply to it only)
     likelihood: Literal["site", "serving"] = "site"
     #: "site": the reports within this time [s] of the latest one are pooled per site
-    report_window_s: float = Field(default=1.0, ge=0.0)
+    report_window_s: float = Field(default=REPORT_WINDOW_S, ge=0.0)
     #: "site": per-site features in the likelihood (a subset of path_gain, toa, aoa)
     site_features: list[Literal["path_gain", "toa", "aoa"]] = Field(default=["path_gain", "toa", "aoa"], min_length=1)
     #: "site": serving-cell features in the likelihood; "auto" = those the calibration shows to carry

@@ -336,9 +336,6 @@ def _predict(run: LoadedRun, indices, return_attention: bool, batch_size: int, t
 # -- MAP refinement ------------------------------------------------------------------------------
 #: extra search centres: the most likely coarse cells after the chosen one
 DEFAULT_TOP_K = 3
-#: reports pooled per site: those within this time of the latest one [s] (measured on the
-#: etoile val split: 0 s -> 0.6 s -> 1.0 s moved the MAP median 1.30 -> 0.88 -> 0.86 m)
-DEFAULT_WINDOW_S = 1.0
 #: the prior's sigma when the config turns the prior off (``use_prior: false``): flat over any map [m]
 FLAT_PRIOR_SIGMA_M = 1.0e4
 #: stages of :attr:`RefinedPrediction.path` before the polish steps
@@ -453,7 +450,7 @@ def refine_prediction(run: LoadedRun, prediction: Prediction, threshold: float |
 
     Posterior ``J(p) = NLL(p | reports) + prior_nll(p)``: the run's calibrated robust
     likelihood (:attr:`LoadedRun.likelihood`) of the sample's reports pooled over the last
-    ``window_s`` seconds (default :data:`DEFAULT_WINDOW_S`), and the network's Gaussian
+    ``window_s`` seconds (default the run's ``physics_loss.report_window_s``), and the network's Gaussian
     ``N(mean, sigma^2)`` with its outlier floor as the prior (``use_prior``: default the
     config's ``physics_loss.refinement.use_prior``; off: a flat prior). Starts: the window
     around the mean, the ``top_k`` next most likely coarse cells (default
@@ -465,7 +462,7 @@ def refine_prediction(run: LoadedRun, prediction: Prediction, threshold: float |
 
     search = search or map_search_config(run.config)
     top_k = DEFAULT_TOP_K if top_k is None else max(0, int(top_k))
-    window_s = DEFAULT_WINDOW_S if window_s is None else float(window_s)
+    window_s = run.config.physics_loss.report_window_s if window_s is None else float(window_s)
     use_prior = run.config.physics_loss.refinement.use_prior if use_prior is None else bool(use_prior)
     refiner = run.refiner(search)
     n = len(prediction.indices)

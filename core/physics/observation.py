@@ -20,6 +20,7 @@ variance by it). :func:`site_observation` takes it from a
   With independent noise of std ``sigma`` per report the mean has std ``sigma / sqrt(n)``.
   The UE keeps moving meanwhile (0.5-1.5 m/s in the shipped data), so the pooled
   position lags the label's by about ``speed * window_s / 2``: keep the window short.
+  The one window every method uses is :data:`core.features.REPORT_WINDOW_S`.
   The serving-cell features are the latest report's.
 """
 

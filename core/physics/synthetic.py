@@ -320,12 +320,14 @@ def synthetic_scene(root, num_ues: int = 200, height: int = 32, width: int = 32,
     """
     from pathlib import Path
 
+    from core.stores.lineage import map_path
+
     root = Path(root)
     half_w, half_h = width * cell / 2, height * cell / 2
     radio_map = analytic_radio_map(height, width, (-half_w, -half_h, half_w, half_h), sites=sites)
     radio_map = RadioMap(radio_map.values, radio_map.features, radio_map.bounds, valid=radio_map.valid,
                          attrs={**radio_map.attrs, "scene": scene}, layers=radio_map.layers)
-    radio_map.save(root / "radio_maps" / f"{scene}.zarr")
+    radio_map.save(map_path(root / "radio_maps", scene))
     dataset = synthetic_dataset(radio_map, num_ues, reports=reports, k=k, seed=seed, noise=noise)
     dataset.save(root / "datasets" / scene)
     return {"data.dataset": str(root / "datasets" / scene), "physics_loss.radio_maps_dir": str(root / "radio_maps")}

@@ -217,14 +217,14 @@ def run(args: argparse.Namespace) -> int:
     from core.features import FEATURES
     from core.stores.atomic import atomic_write_text
     from core.stores.dataset import MeasurementDataset
-    from core.stores.lineage import check_map_of_dataset
+    from core.stores.lineage import check_map_of_dataset, map_path
     from core.stores.radio_map import RadioMap
 
     ds = MeasurementDataset.load(args.dataset)
     scene = ds.attrs.get("scene")
     if not scene:
         raise CoreError(f"dataset {args.dataset}: attrs name no scene")
-    rmap = RadioMap.load(Path(args.radio_maps) / f"{scene}.zarr")
+    rmap = RadioMap.load(map_path(args.radio_maps, scene))
     check_map_of_dataset(ds.ref, ds.radio_map_ref, rmap.ref)  # the map this dataset was made with, or refuse
     rows, summary = consistency_rows(ds, rmap, args.split)
     table = markdown_table(rows, {name: spec.unit for name, spec in FEATURES.items()})

@@ -58,7 +58,6 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,6 +68,7 @@ from core.jobs.progress import report
 from core.raytracing.coverage import DEFAULT_MIN_COVERAGE
 from core.raytracing.distributed import add_ray_argument
 from core.raytracing.tracing import MAX_SAMPLES_PER_SRC, SPEED_OF_LIGHT, PropagationSettings
+from core.stores.lineage import map_path
 
 DEFAULT_TOA_DECIMATION = 3
 DIRECT_TOL_M = 0.5  # a virtual source this close to the site is the site: the direct path
@@ -542,7 +542,7 @@ def map_of_scene(name: str, scenes_dir: str | None, output_dir: str, settings: M
     from core.raytracing.scenes import resolve_scene
 
     info = resolve_scene(name, scenes_dir)
-    out = Path(output_dir) / f"{info.name}.zarr"
+    out = map_path(output_dir, info.name)
     if out.exists() and not force:
         return "skipped", f"{out} exists (use --force to regenerate)"
     t = time.perf_counter()

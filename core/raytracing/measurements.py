@@ -86,6 +86,7 @@ from core.errors import CoreError
 from core.features import wrap_degrees
 from core.jobs.progress import report
 from core.raytracing.distributed import add_ray_argument
+from core.stores.lineage import map_path
 from core.stores.measurement_model import KNOBS, SENSITIVITY_OFF, MeasurementModel
 
 
@@ -106,7 +107,7 @@ def _sites_and_area(scene_name, radio_maps, scenes_dir):
 
     info = resolve_scene(scene_name, scenes_dir)
     if radio_maps:
-        path = Path(radio_maps) / f"{info.name}.zarr"
+        path = map_path(radio_maps, info.name)
         if path.exists():
             rmap = RadioMap.load(path)
             propagation = PropagationSettings.from_dict(rmap.attrs["propagation"])

@@ -153,6 +153,17 @@ def _describe_path(path: Path, label: str) -> str:
         return f"{path} (missing or unreadable)"
 
 
+def map_path(folder: str | os.PathLike, scene: str) -> Path:
+    """``<folder>/<scene>.zarr``: THE path of a scene's radio map in a maps folder (the one builder)."""
+    return Path(folder) / f"{scene}.zarr"
+
+
+def map_paths(folder: str | os.PathLike) -> list[Path]:
+    """The radio-map stores in a maps folder (sorted; hidden and temporary names skipped)."""
+    folder = Path(folder)
+    return sorted(p for p in folder.glob("*.zarr") if not p.name.startswith(".")) if folder.is_dir() else []
+
+
 def map_path_for(dataset: StoreRef, radio_maps_dir: str | os.PathLike, scene: str | None = None) -> Path:
     """``<radio_maps_dir>/<scene>.zarr`` with the scene of ``dataset``.
 
@@ -163,10 +174,10 @@ def map_path_for(dataset: StoreRef, radio_maps_dir: str | os.PathLike, scene: st
     if not dataset.scene:
         raise StoreError(f"dataset {dataset.path}: its attrs name no scene, so its radio map is unknown")
     if scene and scene != dataset.scene:
-        raise ConfigError(f"data.scene {scene!r} selects radio map {_describe_path(maps / f'{scene}.zarr', 'radio map')}"
+        raise ConfigError(f"data.scene {scene!r} selects radio map {_describe_path(map_path(maps, scene), 'radio map')}"
                           f" but dataset {dataset.describe()} is of scene {dataset.scene!r}: the scene comes from the "
                           f"dataset; drop data.scene or set it to {dataset.scene!r}")
-    return maps / f"{dataset.scene}.zarr"
+    return map_path(maps, dataset.scene)
 
 
 def check_map_of_dataset(dataset: StoreRef, recorded: StoreRef | None, radio_map: StoreRef) -> None:
