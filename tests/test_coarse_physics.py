@@ -14,8 +14,10 @@ from core.learning.coarse_physics import (
     mode_term,
 )
 from core.learning.config import load_config
+from core.learning.losses import compute_losses
 from core.learning.model import build_model
-from core.learning.training import compute_losses, make_physics_term, prepare, tensors
+from core.learning.physics_terms import make_physics_term
+from core.learning.scene_data import prepare, tensors
 from core.physics.observation import SiteObservation
 
 TINY = ["model.preset=tiny", "training.batch_size=32", "training.epochs=1", "training.warmup_epochs=0",

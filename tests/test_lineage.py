@@ -16,7 +16,8 @@ import zarr
 from core.cli import main
 from core.errors import ConfigError, StoreError
 from core.learning.config import load_config
-from core.learning.training import load_scene, train
+from core.learning.scene_data import load_scene
+from core.learning.training import train
 from core.physics.synthetic import synthetic_scene
 from core.stores.dataset import MeasurementDataset
 from core.stores.lineage import check_scene_stores, recorded_map, store_ref

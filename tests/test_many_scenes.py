@@ -9,8 +9,11 @@ import torch
 
 from core.errors import ConfigError, StoreError
 from core.learning.config import load_config
+from core.learning.losses import compute_losses
 from core.learning.model import SceneMaps, build_model
-from core.learning.training import compute_losses, make_scene_physics, prepare, tensors, train
+from core.learning.physics_terms import make_scene_physics
+from core.learning.scene_data import prepare, tensors
+from core.learning.training import train
 
 TINY = ["model.preset=tiny", "training.batch_size=32", "training.epochs=1", "training.warmup_epochs=0",
         "training.learning_rate=0.005", "training.num_threads=1", "physics_loss.warmup_epochs=0",

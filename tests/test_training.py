@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from core.learning.config import load_config
+from core.learning.losses import predict_tensors
 from core.learning.model import build_model
-from core.learning.training import predict_tensors, prepare, tensors, train
+from core.learning.scene_data import prepare, tensors
+from core.learning.training import train
 from core.stores.run import load_checkpoint, read_lineage
 
 TINY = ["model.preset=tiny", "training.batch_size=32", "training.epochs=2", "training.warmup_epochs=0",
@@ -22,7 +24,7 @@ def cfg(scene, *extra):
 
 
 def test_physics_off_when_lambda_is_zero(scene, tmp_path, monkeypatch):
-    import core.learning.training
+    import core.learning.physics_terms
     import core.physics.lookup
     import core.physics.physics_loss
 
@@ -31,7 +33,7 @@ def test_physics_off_when_lambda_is_zero(scene, tmp_path, monkeypatch):
 
     monkeypatch.setattr(core.physics.lookup.PreparedMaps, "sample", forbidden)
     monkeypatch.setattr(core.physics.physics_loss.PhysicsLoss, "forward", forbidden)
-    monkeypatch.setattr(core.learning.training, "make_physics_loss", forbidden)
+    monkeypatch.setattr(core.learning.physics_terms, "make_physics_loss", forbidden)
     config = cfg(scene, "physics_loss.lambda_phys=0", "training.epochs=1")
     assert not config.physics_active
     result = train(config, tmp_path / "run", show_progress=False)
@@ -111,7 +113,7 @@ def test_early_stopping(scene, tmp_path):
 
 
 def test_auto_feature_weights_are_calibrated_and_written(scene, tmp_path):
-    from core.learning.training import calibrated_weights
+    from core.learning.physics_terms import calibrated_weights
     from core.physics.physics_loss import resolve_weights
 
     config = cfg(scene, "training.epochs=1", "physics_loss.feature_weights=auto")
@@ -144,7 +146,8 @@ def test_lambda_warms_up_then_ramps(scene, tmp_path):
 
 
 def test_physics_gradient_reaches_only_the_position_head(scene):
-    from core.learning.training import compute_losses, make_physics_term
+    from core.learning.losses import compute_losses
+    from core.learning.physics_terms import make_physics_term
 
     config = cfg(scene, "physics_loss.lambda_phys=1.0", "physics_loss.per_sample_grad_clip=0")
     run = prepare(config)
@@ -160,7 +163,7 @@ def test_physics_gradient_reaches_only_the_position_head(scene):
 
 
 def test_per_sample_gradient_clipping():
-    from core.learning.training import physics_term
+    from core.learning.physics_terms import physics_term
 
     xy = torch.tensor([[0.01, 0.0], [3.0, 4.0], [0.0, 0.0]], requires_grad=True)
     batch = {"obs_mask": torch.tensor([[True], [True], [False]])}
@@ -187,7 +190,7 @@ def test_per_sample_gradient_clipping():
 # -- labels and splits ------------------------------------------------------------------------------
 def test_label_fraction_masks_supervision_of_the_other_walks(scene):
     from core.learning.data_loading import labeled_mask
-    from core.learning.training import compute_losses
+    from core.learning.losses import compute_losses
 
     a, b = labeled_mask(1000, 0.05, seed=3), labeled_mask(1000, 0.2, seed=3)
     assert a.sum() == 50 and b.sum() == 200 and not (a & ~b).any()  # nested for one seed
@@ -214,12 +217,13 @@ def test_label_fraction_masks_supervision_of_the_other_walks(scene):
 
 
 def test_unlabelled_walks_train_through_the_physics_term(scene, tmp_path):
-    from core.learning.training import labeled_train_indices, resolve_config
+    from core.learning.physics_terms import resolve_config
+    from core.learning.scene_data import labeled_train_indices
 
     config = cfg(scene, "data.label_fraction=0.1", "physics_loss.lambda_phys=0.5", "training.epochs=1")
     run = prepare(config)
     # "auto" weights are calibrated on the labelled walks only
-    from core.learning.training import calibrated_weights
+    from core.learning.physics_terms import calibrated_weights
 
     assert resolve_config(config, run.dataset, run.radio_map).physics_loss.feature_weights == pytest.approx(
         calibrated_weights(run.dataset, run.radio_map, "latest", labeled_train_indices(run.dataset, config)))
@@ -232,7 +236,7 @@ def test_unlabelled_walks_train_through_the_physics_term(scene, tmp_path):
 
 def test_spatial_split_holds_out_whole_blocks(scene):
     from core.learning.data_loading import spatial_split
-    from core.learning.training import load_scene
+    from core.learning.scene_data import load_scene
 
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, 100, size=(4000, 2))
@@ -251,7 +255,8 @@ def test_spatial_split_holds_out_whole_blocks(scene):
 
 
 def test_the_physics_term_is_the_calibrated_site_likelihood_and_its_calibration_is_stored(scene, tmp_path):
-    from core.learning.training import SiteLikelihoodTerm, labeled_train_indices, make_physics_term
+    from core.learning.physics_terms import SiteLikelihoodTerm, make_physics_term
+    from core.learning.scene_data import labeled_train_indices
     from core.physics.calibration import Calibration, calibrate
     from core.stores import run as run_store
 
@@ -275,7 +280,7 @@ def test_the_physics_term_is_the_calibrated_site_likelihood_and_its_calibration_
 
 def test_the_site_likelihood_needs_per_site_layers(scene):
     from core.errors import ConfigError
-    from core.learning.training import make_physics_term
+    from core.learning.physics_terms import make_physics_term
     from core.stores.radio_map import RadioMap
 
     config = cfg(scene, "physics_loss.lambda_phys=0.5")
@@ -290,7 +295,7 @@ def test_the_site_likelihood_needs_per_site_layers(scene):
 
 def test_the_likelihood_features_are_chosen_in_the_config(scene):
     from core.errors import ConfigError
-    from core.learning.training import make_physics_term
+    from core.learning.physics_terms import make_physics_term
 
     config = cfg(scene, "physics_loss.lambda_phys=0.5", "physics_loss.site_features=[toa, aoa]",
                  "physics_loss.cell_features=[]", "physics_loss.penalty=huber")

@@ -61,7 +61,7 @@ def _overhead(names: list[str], totals: dict[str, list[float]], steps: dict[str,
 def _variants(configs, run_data, device) -> dict:
     """``{name: (config, model, physics term or None, optimiser)}``: same seed, same initial weights."""
     from core.learning.model import build_model
-    from core.learning.training import make_physics_term
+    from core.learning.physics_terms import make_physics_term
 
     variants = {}
     for name, cfg in configs.items():
@@ -75,7 +75,7 @@ def _coarse_prior(variants, data, run_data) -> dict:
     """Attach the coarse term's posterior for the physics variant (when it has one) to ``data``;
     returns its one-off cost (not part of any epoch time): ``coarse_prior_walks``, ``coarse_prior_s``."""
     from core.learning.coarse_physics import attach_cell_posterior
-    from core.learning.training import SiteLikelihoodTerm
+    from core.learning.physics_terms import SiteLikelihoodTerm
 
     for cfg, _, physics, _ in variants.values():
         if isinstance(physics, SiteLikelihoodTerm) and cfg.physics_loss.coarse_weight > 0:
@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     from core import resolve_path
     from core.device import resolve_device
     from core.learning.config import load_config
-    from core.learning.training import compute_losses, prepare, tensors
+    from core.learning.losses import compute_losses
+    from core.learning.scene_data import prepare, tensors
     from core.physics.synthetic import synthetic_scene
 
     device = resolve_device(args.device)

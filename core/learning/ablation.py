@@ -112,7 +112,8 @@ def _check_cached(run_dir: Path, config: Config) -> None:
 
 def ensure_trained(config: Config, run_dir: Path, stores, device, show_progress: bool) -> bool:
     """Train ``config`` into ``run_dir`` unless it is done there (resume a killed run); True when it trained."""
-    from core.learning.training import apply_data_config, prepare, train
+    from core.learning.scene_data import apply_data_config, prepare
+    from core.learning.training import train
 
     if read_status(run_dir).get("state") == "done":
         _check_cached(run_dir, config)
@@ -151,7 +152,7 @@ def baseline_errors(out: Path, split: str, config: Config, stores) -> dict[str, 
     """kNN and ML map-matching test errors on ``split`` (cached in ``baselines-<split>.npz``)."""
     from core.learning.baselines import run_baselines
     from core.learning.metrics import position_errors
-    from core.learning.training import apply_data_config
+    from core.learning.scene_data import apply_data_config
 
     cache = out / f"baselines-{split}.npz"
     if cache.exists():
@@ -372,7 +373,7 @@ def ablate(scene: str, out: str | Path, overrides: list[str] = (), quick: bool =
     """Run the ablation (see the module doc); ``grid`` overrides fields of the plan (seeds, fractions,
     splits, lambda_grid, n_boot)."""
     from core.benchmarks.report import machine_info
-    from core.learning.training import load_scene
+    from core.learning.scene_data import load_scene
 
     started = time.time()
     plan = Plan(**{**asdict(PLANS["quick" if quick else "full"]), **{k: tuple(v) if isinstance(v, list) else v

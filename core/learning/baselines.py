@@ -122,7 +122,7 @@ def run_baselines(dataset, radio_map: RadioMap, indices, config=None, k: int = 5
     mask = np.isfinite(obs)
     p = config.physics_loss if config else None
     if p is not None and p.feature_weights == "auto":
-        from core.learning.training import resolve_config
+        from core.learning.physics_terms import resolve_config
 
         p = resolve_config(config, dataset, radio_map).physics_loss
     out = {

@@ -121,7 +121,7 @@ class LoadedRun:
         return self.dataset.ref.scene
 
     def tensors(self, indices) -> TensorData:
-        from core.learning.training import spec_num_sites
+        from core.learning.scene_data import spec_num_sites
 
         return build_tensors(self.dataset, self.radio_map, np.asarray(indices, dtype=np.int64),
                              self.model.spec.geometry_hint, self.config.physics_loss.observation,
@@ -161,7 +161,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
     ``(dataset, radio map)`` as loaded from disk, to skip loading them again (many runs on one
     scene); the run's ``data`` settings (split, sample cap) are applied to them as at training.
     """
-    from core.learning.training import apply_data_config, check_fits
+    from core.learning.scene_data import apply_data_config, check_fits
     from core.stores.lineage import check_map_of_dataset
 
     run_dir = resolve_path(run_dir)
@@ -214,7 +214,7 @@ def holdout_dataset_path(config: Config, scene: str) -> Path:
 
 def _scene_stores(config: Config, index: int | None, scene: str | None, dataset_path) -> tuple[MeasurementDataset, RadioMap]:
     """``(dataset with config.data applied, radio map)`` of training scene ``index``, or of held-out ``scene``."""
-    from core.learning.training import apply_data_config, load_scene, load_stores
+    from core.learning.scene_data import apply_data_config, load_scene, load_stores
 
     if index == 0 and config.data.datasets is None:
         return load_scene(config)

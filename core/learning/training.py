@@ -1,5 +1,9 @@
 """Training: ``python -m core train --config configs/model.yaml [--set k=v ...] --out runs/NAME [--resume]``.
 
+This module holds the loop, its checkpoints and the CLI. A run's data comes from
+:mod:`core.learning.scene_data`, the physics term from :mod:`core.learning.physics_terms`, the loss of a
+batch from :mod:`core.learning.losses`.
+
 Loss per batch::
 
     L_total = L_coarse + lambda_fine * L_fine + lambda_phys(t) * L_phys
@@ -9,11 +13,12 @@ Loss per batch::
 * ``L_fine``: Gaussian NLL of the true in-cell offset under the fine head evaluated at
   the TRUE cell (:func:`core.model.fine_loss`), over the labelled walks;
 * ``L_phys``: the physics term, an injected callable ``physics(xy [B, 2], batch) -> [B]``
-  per-sample loss (:func:`make_physics_term`: by default :class:`SiteLikelihoodTerm`, the
+  per-sample loss (:func:`~core.learning.physics_terms.make_physics_term`: by default
+  :class:`~core.learning.physics_terms.SiteLikelihoodTerm`, the
   calibrated per-site robust NLL of the pooled reports), evaluated at the predicted position
   routed to the position head only (``ModelOutput.head_xy``), averaged over the samples with
   an observation, labelled or not. Each sample's gradient w.r.t. its position is clipped to
-  ``physics_loss.per_sample_grad_clip`` (:func:`physics_term`). Computed only when
+  ``physics_loss.per_sample_grad_clip`` (:func:`~core.learning.physics_terms.physics_term`). Computed only when
   ``physics_loss.lambda_phys > 0`` (no lookup at all otherwise).
   With ``physics_loss.coarse_weight > 0`` (site likelihood), ``L_phys`` also holds
   ``coarse_weight * L_coarse_phys``: the cross-entropy of the coarse logits to the map likelihood's
@@ -33,7 +38,7 @@ walks are left out of the forward pass (they would contribute nothing).
 
 Each epoch also measures, on one fixed train batch, the gradient norm of each term as it enters
 ``L_total`` at full weight (w.r.t. all model parameters) and the cosine between the supervised
-(coarse + fine) and physics gradients (:func:`gradient_balance`), written to metrics.jsonl.
+(coarse + fine) and physics gradients (:func:`~core.learning.losses.gradient_balance`), written to metrics.jsonl.
 
 Run directory: :mod:`core.stores.run` (config.yaml, metrics.jsonl, best.pt, last.pt,
 log.txt, status.json, lineage.json). A taken directory is refused unless ``--resume``
@@ -44,7 +49,8 @@ Data: the scene is the dataset's; its radio map is ``<physics_loss.radio_maps_di
 and must be the map the dataset was made with (:mod:`core.stores.lineage`). With ``data.datasets``
 one model trains on several scenes (docs/model.md, "Many scenes"): each sample carries its
 ``scene_index``, the model reads that scene's map (:class:`~core.learning.model.SceneMaps`, cells in
-the scene's own bounds) and the physics term that scene's calibrated likelihood (:class:`SceneTerms`).
+the scene's own bounds) and the physics term that scene's calibrated likelihood
+(:class:`~core.learning.physics_terms.SceneTerms`).
 
 Seeded: parameters from ``seed``, batch order from ``(seed, epoch)``, and the torch
 RNG state is checkpointed, so a resumed run equals an uninterrupted one.
@@ -58,7 +64,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import math
 import os
 import time
@@ -66,527 +71,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from core import resolve_path
 from core.device import resolve_device
-from core.errors import ConfigError, StoreError
 from core.jobs import progress
-from core.learning.coarse_physics import attach_cell_posterior, coarse_physics_term, mode_term
-from core.learning.config import Config, config_from_dict, likelihood_config, load_config
-from core.learning.data_loading import (
-    TensorData,
-    build_tensors,
-    concat_tensors,
-    labeled_mask,
-    map_channels,
-    map_input,
-    num_site_embeddings,
-    spatial_split,
-    token_dim,
-)
+from core.learning.coarse_physics import attach_cell_posterior
+from core.learning.config import Config, load_config
+from core.learning.data_loading import TensorData, concat_tensors
+from core.learning.losses import LOSS_TERMS, compute_losses, gradient_balance, predict_tensors
 from core.learning.metrics import error_metrics, position_errors
-from core.learning.model import MapConditionedTransformer, ModelSpec, SceneMaps, build_model, coarse_loss, fine_loss
+from core.learning.model import MapConditionedTransformer, SceneMaps, build_model
+from core.learning.physics_terms import SiteLikelihoodTerm, make_scene_physics, resolve_config, scene_terms
+from core.learning.scene_data import RunData, prepare, scene_tensors, tensors
 from core.stores import run as run_store
 from core.stores.atomic import atomic_path, atomic_write_text
-from core.stores.dataset import CELL_FEATURES, MeasurementDataset
-from core.stores.lineage import check_map_of_dataset, map_path_for
-from core.stores.radio_map import SITE_LAYERS, RadioMap
-
-LOSS_TERMS = ("total", "coarse", "fine", "phys")
-
-
-# -- data ---------------------------------------------------------------------------------
-@dataclass
-class SceneData:
-    """One training scene: its dataset (``config.data`` applied), radio map and model input ``[C, S, S]``."""
-
-    dataset: MeasurementDataset
-    radio_map: RadioMap
-    map_image: torch.Tensor
-
-    @property
-    def name(self) -> str | None:
-        return self.dataset.ref.scene
-
-
-@dataclass
-class RunData:
-    """Everything a run trains on: its scenes (index ``m`` = ``scene_index`` m) and the model's spec.
-    ``dataset`` / ``radio_map`` / ``map_image`` are the first scene's (the single-scene API)."""
-
-    scenes: list[SceneData]
-    spec: ModelSpec
-
-    @property
-    def dataset(self) -> MeasurementDataset:
-        return self.scenes[0].dataset
-
-    @property
-    def radio_map(self) -> RadioMap:
-        return self.scenes[0].radio_map
-
-    @property
-    def map_image(self) -> torch.Tensor:
-        return self.scenes[0].map_image
-
-    @property
-    def maps(self) -> SceneMaps:
-        """Every scene's map and bounds, as the model reads them (``[M, C, S, S]``, ``[M, 4]``)."""
-        return SceneMaps.stack([s.map_image for s in self.scenes], [s.radio_map.bounds for s in self.scenes])
-
-    @property
-    def scene_names(self) -> list[str | None]:
-        return [s.name for s in self.scenes]
-
-
-def load_stores(dataset_path, maps_dir, scene: str | None = None, key: str = "data.dataset"):
-    """``(dataset, radio map)`` at ``dataset_path`` and ``<maps_dir>/<its scene>.zarr``, the map being the one
-    the dataset was made with. A dataset that is missing or corrupt is a StoreError, prefixed with ``key``
-    unless that is ``data.dataset`` (whose store is named alone, as for every single-scene run)."""
-    try:
-        dataset = MeasurementDataset.load(resolve_path(dataset_path))
-    except StoreError as exc:
-        if key == "data.dataset":
-            raise
-        raise StoreError(f"{key}: {exc}") from None
-    radio_map = RadioMap.load(map_path_for(dataset.ref, maps_dir, scene))
-    check_map_of_dataset(dataset.ref, dataset.radio_map_ref, radio_map.ref)
-    return dataset, radio_map
-
-
-def load_scene(config: Config) -> tuple[MeasurementDataset, RadioMap]:
-    """The (first) dataset named by ``config`` and the radio map of its scene.
-
-    The scene is the dataset's (``data.scene``, when set, must agree); the map is
-    ``<physics_loss.radio_maps_dir>/<scene>.zarr`` and must be the one the dataset was made
-    with: otherwise a one-line :class:`~core.errors.CoreError` names both stores.
-    """
-    maps_dir = resolve_path(config.physics_loss.radio_maps_dir)
-    dataset, radio_map = load_stores(config.data.dataset, maps_dir, config.data.scene)
-    return apply_data_config(config, dataset, radio_map), radio_map
-
-
-def load_scenes(config: Config) -> list[tuple[MeasurementDataset, RadioMap]]:
-    """``(dataset, radio map)`` of every training scene (``data.datasets``, or ``data.dataset`` alone), with
-    ``config.data`` applied. Refused with one line naming the key: a dataset that is not there, two of one
-    scene, a held-out scene that is also trained on, or scenes that do not fit one model
-    (:func:`check_compatible`)."""
-    if config.data.datasets is None:
-        return [load_scene(config)]
-    if config.data.scene is not None:
-        raise ConfigError("data.scene: pins the one scene of data.dataset; with data.datasets each dataset names "
-                          "its own scene, so drop data.scene")
-    maps_dir = resolve_path(config.physics_loss.radio_maps_dir)
-    scenes, names = [], {}
-    for m, path in enumerate(config.data.datasets):
-        key = f"data.datasets[{m}]"
-        dataset, radio_map = load_stores(path, maps_dir, None, key)
-        name = dataset.ref.scene
-        if name in names:
-            raise ConfigError(f"{key}: {path} is of scene {name!r}, like data.datasets[{names[name]}]: one dataset per scene")
-        names[name] = m
-        scenes.append((apply_data_config(config, dataset, radio_map), radio_map))
-    check_compatible(scenes, [f"data.datasets[{m}]" for m in range(len(scenes))])
-    return scenes
-
-
-def check_holdout(config: Config, trained: list[str | None]) -> None:
-    """Refuse a ``data.holdout_scene`` that is also a training scene (one line naming the key)."""
-    held = config.data.holdout_scene
-    if held is not None and held in trained:
-        raise ConfigError(f"data.holdout_scene: {held!r} is also a training scene "
-                          f"(data.datasets[{trained.index(held)}]); a held-out scene is never trained on")
-
-
-def check_compatible(scenes, keys: list[str]) -> None:
-    """Refuse training scenes one model cannot read: their map features (so map channels), site slots
-    per report ``K`` and reports per walk ``T`` must be the first scene's (one line naming the key)."""
-    ds0, map0 = scenes[0]
-    for (dataset, radio_map), key in zip(scenes[1:], keys[1:]):
-        if radio_map.features != map0.features:
-            raise ConfigError(f"{key}: radio map {radio_map.source} has features {list(radio_map.features)}, "
-                              f"{keys[0]}'s has {list(map0.features)}: every scene needs the same feature set")
-        if dataset.num_sites_per_report != ds0.num_sites_per_report:
-            raise ConfigError(f"{key}: {dataset.num_sites_per_report} site slots per report, "
-                              f"{keys[0]} has {ds0.num_sites_per_report}")
-        if dataset.num_reports != ds0.num_reports:
-            raise ConfigError(f"{key}: {dataset.num_reports} reports per walk, {keys[0]} has {ds0.num_reports}")
-
-
-def check_fits(spec: ModelSpec, dataset: MeasurementDataset, radio_map: RadioMap, key: str) -> None:
-    """Refuse a scene a trained model cannot read (a held-out scene): other map channels, other site
-    slots per report, or more reports per walk than the model's."""
-    if map_channels(radio_map) != spec.map_channels:
-        raise ConfigError(f"{key}: radio map {radio_map.source} has features {list(radio_map.features)} "
-                          f"({map_channels(radio_map)} map channels), the model reads {spec.map_channels}")
-    if token_dim(dataset.num_sites_per_report, spec.geometry_hint) != spec.token_dim:
-        raise ConfigError(f"{key}: {dataset.num_sites_per_report} site slots per report do not fit the model")
-    if dataset.num_reports > spec.num_reports:
-        raise ConfigError(f"{key}: {dataset.num_reports} reports per walk, the model reads at most {spec.num_reports}")
-
-
-def apply_data_config(config: Config, dataset: MeasurementDataset, radio_map: RadioMap) -> MeasurementDataset:
-    """The dataset as ``config.data`` asks: the spatial split (when ``split: spatial``), then the
-    first ``max_samples`` samples."""
-    if config.data.split == "spatial":
-        split = spatial_split(dataset.labels, radio_map.bounds, config.data.spatial_blocks)
-        dataset = dataclasses.replace(dataset, split=split)
-    if config.data.max_samples is not None and config.data.max_samples < dataset.num_samples:
-        dataset = dataset.subset(np.arange(config.data.max_samples))
-    return dataset
-
-
-def model_spec(config: Config, dataset: MeasurementDataset, radio_map: RadioMap,
-               num_sites: int | None = None) -> ModelSpec:
-    """The model of ``config`` for data like ``dataset`` (the first scene: its bounds are the default frame);
-    ``num_sites``: the site ids to embed (default the dataset's; many scenes: their largest)."""
-    sizes = config.model.resolved()
-    k = dataset.num_sites_per_report
-    n_sites = num_site_embeddings(dataset) if num_sites is None else num_sites
-    return ModelSpec(
-        token_dim=token_dim(k, sizes["geometry_hint"]),
-        num_site_embeddings=k * (n_sites + 1) + 1,
-        num_reports=dataset.num_reports,
-        map_channels=map_channels(radio_map),
-        bounds=tuple(radio_map.bounds),
-        **sizes,
-    )
-
-
-def spec_num_sites(spec: ModelSpec) -> int:
-    """The site-id range ``S`` a model embeds (``num_site_embeddings = K * (S + 1) + 1``)."""
-    k = (spec.token_dim - len(CELL_FEATURES) - 1) // (9 if spec.geometry_hint else 5)
-    return (spec.num_site_embeddings - 1) // k - 1
-
-
-def prepare(config: Config, dataset: MeasurementDataset | None = None, radio_map: RadioMap | None = None) -> RunData:
-    """The run's data: every training scene (or the one ``dataset`` and ``radio_map`` given), each map
-    resampled for the model, and the model's spec."""
-    stores = [(dataset, radio_map)] if dataset is not None and radio_map is not None else load_scenes(config)
-    check_holdout(config, [d.ref.scene for d, _ in stores])
-    n_sites = max(num_site_embeddings(d) for d, _ in stores)
-    spec = model_spec(config, *stores[0], num_sites=n_sites)
-    return RunData([SceneData(d, r, map_input(r, spec.map_size)) for d, r in stores], spec)
-
-
-def scene_tensors(run: RunData, m: int, split: str, config: Config) -> TensorData:
-    """Model tensors of scene ``m``'s ``split``; on the train split only ``data.label_fraction`` of its walks
-    are labelled (drawn per scene)."""
-    scene = run.scenes[m]
-    idx = scene.dataset.indices(split)
-    if len(idx) == 0:
-        raise StoreError(f"dataset {scene.dataset.source or ''}: split {split!r} is empty")
-    data = build_tensors(scene.dataset, scene.radio_map, idx, run.spec.geometry_hint, config.physics_loss.observation,
-                         config.physics_loss.report_window_s, num_sites=spec_num_sites(run.spec))
-    if split == "train":
-        data.labeled = torch.from_numpy(labeled_mask(len(idx), config.data.label_fraction, config.seed))
-    return data
-
-
-def tensors(run: RunData, split: str, config: Config) -> TensorData:
-    """Model tensors of ``split`` of every scene, concatenated (``scene_index`` says whose)."""
-    return concat_tensors([scene_tensors(run, m, split, config) for m in range(len(run.scenes))])
-
-
-def labeled_train_indices(dataset: MeasurementDataset, config: Config) -> np.ndarray:
-    """Dataset indices of the train walks whose labels ``config`` lets training use."""
-    idx = dataset.indices("train")
-    return idx[labeled_mask(len(idx), config.data.label_fraction, config.seed)]
-
-
-def calibrated_weights(dataset: MeasurementDataset, radio_map: RadioMap, observation: str = "latest",
-                       indices: np.ndarray | None = None) -> dict[str, float]:
-    """``feature_weights: auto``: ``w_f ∝ (sigma_map,f / s_f)^2`` from the TRAIN split (or from the
-    labelled walks ``indices``: the calibration needs the true positions).
-
-    ``s_f = 1.4826 * median |r_f - median r_f|`` (a robust std) of the residual
-    ``r = observed - map(true position)`` (AoA wrapped), so the physics loss's
-    ``w_f (r_f / sigma_map,f)^2 = (r_f / s_f)^2``: each feature counts by how well the
-    map predicts it, like a Gaussian likelihood with the measured spread. The weights are
-    then scaled to the same sum as the default weights.
-    """
-    from core.features import feature_spec
-    from core.learning.data_loading import physics_observation
-    from core.physics.physics_loss import PhysicsLoss, guarded_sigma, resolve_weights
-
-    idx = dataset.indices("train") if indices is None else indices
-    sub = dataset.subset(idx)
-    obs = physics_observation(sub, radio_map.features, observation)
-    mask = np.isfinite(obs)
-    loss = PhysicsLoss(radio_map, loss="mse")
-    with torch.no_grad():
-        res = loss(torch.from_numpy(sub.labels.astype(np.float32)), torch.from_numpy(np.where(mask, obs, 0.0)),
-                   mask=torch.from_numpy(mask)).residual.double().numpy()
-    weights = {}
-    for f, name in enumerate(radio_map.features):
-        r = res[mask[:, f], f]
-        st = radio_map.stats[name]
-        sigma_map = guarded_sigma(st.mean, st.std, feature_spec(name).angular)
-        spread = 1.4826 * float(np.median(np.abs(r - np.median(r)))) if r.size else float("inf")
-        spread = max(spread, 1e-3 * sigma_map)
-        weights[name] = float(min((sigma_map / spread) ** 2, 1e6)) if np.isfinite(spread) else 0.0
-    # Same total as the default weights: the relative weights carry the noise model, while
-    # the loss keeps the magnitude that lambda_phys was chosen for.
-    scale = sum(resolve_weights(radio_map.features, None)) / max(sum(weights.values()), 1e-12)
-    return {name: w * scale for name, w in weights.items()}
-
-
-def resolve_config(config: Config, dataset: MeasurementDataset, radio_map: RadioMap) -> Config:
-    """``config`` with ``feature_weights: auto`` replaced by numbers calibrated on the labelled train walks."""
-    if config.physics_loss.feature_weights != "auto":
-        return config
-    data = config.to_dict()
-    data["physics_loss"]["feature_weights"] = calibrated_weights(dataset, radio_map, config.physics_loss.observation,
-                                                                 labeled_train_indices(dataset, config))
-    return config_from_dict(data, "resolved config")
-
-
-def make_physics_loss(config: Config, radio_map: RadioMap, device: torch.device, dataset=None):
-    """The run's physics loss object (also what test-time refinement minimises)."""
-    from core.physics.physics_loss import PhysicsLoss
-
-    if config.physics_loss.feature_weights == "auto":
-        if dataset is None:
-            raise ConfigError("physics_loss.feature_weights: 'auto' needs the dataset to calibrate on")
-        config = resolve_config(config, dataset, radio_map)
-    p = config.physics_loss
-    return PhysicsLoss(radio_map, weights=p.feature_weights, loss=p.loss, huber_delta=p.huber_delta).to(device)
-
-
-class SiteLikelihoodTerm:
-    """The calibrated per-site robust NLL [nats] of a batch's pooled reports at positions ``xy [B, 2] -> [B]``."""
-
-    def __init__(self, likelihood):
-        self.likelihood = likelihood
-        self.calibration = likelihood.calibration
-
-    def __call__(self, xy: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        from core.physics.observation import SiteObservation
-
-        obs = SiteObservation(batch["obs_site_ids"], batch["obs_site"], batch["obs_cell"], batch["obs_weight"])
-        return self.likelihood(xy, obs).to(xy.dtype)
-
-    @staticmethod
-    def active(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return (batch["obs_site_ids"] >= 0).any(1)
-
-
-class ServingMapTerm:
-    """The legacy serving-map loss (:class:`~core.physics.physics_loss.PhysicsLoss`) per sample ``[B]``."""
-
-    calibration = None
-
-    def __init__(self, loss):
-        self.loss = loss
-
-    def __call__(self, xy: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.loss(xy, batch["observed"], mask=batch["obs_mask"]).per_sample
-
-    @staticmethod
-    def active(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return batch["obs_mask"].any(1)
-
-
-def make_physics_term(config: Config, radio_map: RadioMap, device: torch.device, dataset=None):
-    """The physics term as training sees it: ``physics(xy [B, 2], batch) -> [B]`` per-sample losses and
-    ``physics.active(batch) -> bool [B]`` (samples with an observation). Everything in training is built
-    on this interface only.
-
-    ``physics_loss.likelihood: site`` (default) calibrates the per-site likelihood on the LABELLED train
-    walks of ``dataset`` (their true positions are needed); the calibration is ``physics.calibration``.
-    """
-    if config.physics_loss.likelihood == "serving":
-        return ServingMapTerm(make_physics_loss(config, radio_map, device, dataset))
-    from core.physics.calibration import calibrate
-    from core.physics.likelihood import RobustLikelihood
-
-    if dataset is None:
-        raise ConfigError("physics_loss.likelihood: 'site' needs the dataset to calibrate on")
-    if not all(name in radio_map.layers for name in SITE_LAYERS):
-        raise ConfigError(f"physics_loss.likelihood: 'site' needs per-site layers, which {radio_map.source} lacks")
-    calibration = calibrate(dataset.subset(labeled_train_indices(dataset, config)), radio_map, split=None)
-    calibration.meta.update({"dataset": dataset.ref.to_dict(), "radio_map": radio_map.ref.to_dict(),
-                             "label_fraction": config.data.label_fraction})
-    return SiteLikelihoodTerm(RobustLikelihood(radio_map, calibration, likelihood_config(config.physics_loss),
-                                               device=device))
-
-
-class SceneTerms:
-    """The physics terms of ``M`` scenes behind the one interface: ``physics(xy [B, 2], batch) -> [B]``
-    evaluates each sample with its own scene's term (``batch["scene_index"]``), so every lookup reads
-    the map of the sample's scene. ``calibrations``: each scene's (None for the serving-map loss)."""
-
-    def __init__(self, terms: list):
-        self.terms = terms
-        self.calibrations = [t.calibration for t in terms]
-        self.calibration = self.calibrations[0]
-        self.active = terms[0].active  # a static test of the batch's observation, the same for every scene
-
-    def __call__(self, xy: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        scene = batch["scene_index"]
-        out = torch.zeros(len(xy), dtype=xy.dtype, device=xy.device)
-        for m, term in enumerate(self.terms):
-            sel = scene == m
-            if bool(sel.any()):
-                out[sel] = term(xy[sel], {k: v[sel] for k, v in batch.items()}).to(xy.dtype)
-        return out
-
-
-def make_scene_physics(config: Config, run: RunData, device: torch.device):
-    """The physics term of every scene of ``run`` (:func:`make_physics_term` each, calibrated on its own
-    labelled train walks): that term itself for one scene, a :class:`SceneTerms` for several."""
-    terms = [make_physics_term(config, s.radio_map, device, s.dataset) for s in run.scenes]
-    return terms[0] if len(terms) == 1 else SceneTerms(terms)
-
-
-def scene_terms(physics) -> list:
-    """The per-scene terms of ``physics`` (a single term is scene 0's)."""
-    return physics.terms if isinstance(physics, SceneTerms) else [physics]
-
-
-# -- losses -------------------------------------------------------------------------------
-def physics_term(physics, xy: torch.Tensor, batch: dict[str, torch.Tensor], clip: float) -> torch.Tensor:
-    """Mean of the per-sample physics losses at ``xy`` over the samples with an observation.
-
-    With gradients on, each sample's gradient ``g_n = dL_n/dxy_n`` is computed first (one
-    backward through the callable alone, on a detached copy of ``xy``) and clipped to norm
-    ``clip`` (0 = off); the returned value is the mean of ``L_n`` and its gradient w.r.t.
-    ``xy_n`` is exactly the clipped ``g_n`` / (number of samples with an observation).
-    """
-    active = physics.active(batch)
-    n_active = active.sum().clamp(min=1)
-    if not (torch.is_grad_enabled() and xy.requires_grad):
-        return (physics(xy, batch) * active).sum() / n_active
-    leaf = xy.detach().requires_grad_(True)
-    per = physics(leaf, batch) * active
-    grad = torch.autograd.grad(per.sum(), leaf, allow_unused=True)[0] if per.requires_grad else None
-    grad = torch.zeros_like(leaf) if grad is None else grad
-    if clip > 0:
-        grad = grad * (clip / grad.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
-    # value: sum_n L_n; gradient w.r.t. xy_n: the clipped g_n
-    surrogate = per.detach().sum() + (grad * (xy - xy.detach())).sum()
-    return surrogate / n_active
-
-
-def _supervised(out, target_cell: torch.Tensor, target_offset: torch.Tensor, labeled: torch.Tensor):
-    """``(L_coarse, L_fine)`` over the labelled samples (0, still in the graph, when there are none)."""
-    if bool(labeled.all()):
-        return (coarse_loss(out.logits, target_cell),
-                fine_loss(out.target_offset_pred, out.target_logvar, target_offset))
-    if not bool(labeled.any()):
-        zero = 0.0 * (out.logits.sum() + out.target_offset_pred.sum() + out.target_logvar.sum())
-        return zero, zero
-    return (coarse_loss(out.logits[labeled], target_cell[labeled]),
-            fine_loss(out.target_offset_pred[labeled], out.target_logvar[labeled], target_offset[labeled]))
-
-
-def _mode_targets(net, batch: dict[str, torch.Tensor], labeled: torch.Tensor, config: Config, frame):
-    """``(cell [B], offset [B, 2], weight [B])`` of the mode term for the UNLABELLED walks of the batch
-    with a posterior (weight ``q(c*)``, 0 elsewhere), or None when the term is off or absent."""
-    if config.physics_loss.mode_weight <= 0 or "phys_xy" not in batch:
-        return None
-    cell, offset = net.cell_of(batch["phys_xy"], frame)
-    weight = torch.where(labeled, 0.0, batch["phys_q"][:, 0])
-    return cell, offset, weight
-
-
-def compute_losses(model, batch: dict[str, torch.Tensor], map_image: torch.Tensor, config: Config, physics=None,
-                   lambda_phys: float | None = None):
-    """Loss terms of one batch: ``(dict name -> scalar tensor, ModelOutput)``; ``phys`` is None when off.
-
-    ``map_image``: one map ``[C, S, S]`` or the run's :class:`SceneMaps` (each sample reads the map of
-    its ``batch["scene_index"]``; cells and offsets are in its scene's frame).
-    ``lambda_phys``: the weight applied to ``phys`` in ``total`` (default: the config's, fully ramped).
-    """
-    net = model.module if hasattr(model, "module") else model
-    scene = batch.get("scene_index")
-    frame = net.frame(map_image, scene)
-    target_cell, target_offset = net.cell_of(batch["target_xy"], frame)
-    use_physics = physics is not None and config.physics_active
-    labeled = batch.get("labeled", torch.ones_like(target_cell, dtype=torch.bool))
-    mode = _mode_targets(net, batch, labeled, config, frame) if use_physics else None
-    fine_cell = target_cell if mode is None else torch.where(mode[2] > 0, mode[0], target_cell)
-    out = model(batch["feats"], batch["site_index"], batch["mask"], map_image, target_cell=fine_cell,
-                head_xy=use_physics, scene_index=scene)
-    coarse, fine = _supervised(out, target_cell, target_offset, labeled)
-    terms: dict[str, Any] = {"coarse": coarse, "fine": fine, "phys": None}
-    total = coarse + config.training.loss.lambda_fine * fine
-    if use_physics:
-        terms["phys"] = physics_term(physics, out.head_xy, batch, config.physics_loss.per_sample_grad_clip)
-        cw = config.physics_loss.coarse_weight
-        if cw > 0 and "phys_q" in batch:  # the coarse term (train walks with a precomputed posterior)
-            terms["phys_coarse"] = coarse_physics_term(out.logits, batch["phys_cells"], batch["phys_q"])
-            terms["phys"] = terms["phys"] + cw * terms["phys_coarse"]
-        if mode is not None:  # the mode term: the fine head at the posterior's best cell, to its best point
-            terms["phys_mode"] = mode_term(out.target_offset_pred, out.target_logvar, mode[1], mode[2])
-            terms["phys"] = terms["phys"] + config.physics_loss.mode_weight * terms["phys_mode"]
-        lam = config.physics_loss.lambda_phys if lambda_phys is None else lambda_phys
-        if lam > 0:
-            total = total + lam * terms["phys"]
-    terms["total"] = total
-    return terms, out
-
-
-def gradient_balance(model, batch: dict[str, torch.Tensor], map_image: torch.Tensor, config: Config,
-                     physics=None) -> dict[str, float | None]:
-    """Gradient norms of the terms as they enter ``L_total`` at full weight (``coarse``,
-    ``lambda_fine * fine``, ``lambda_phys * phys``) w.r.t. all model parameters, of the supervised
-    sum, and the cosine between the supervised and the physics gradient (None when off).
-    The RNG state is left as it was (a resumed run stays identical)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    image = map_image.images if isinstance(map_image, SceneMaps) else map_image
-    devices = [image.device] if image.device.type == "cuda" else []
-    weights = {"coarse": 1.0, "fine": config.training.loss.lambda_fine, "phys": config.physics_loss.lambda_phys}
-    flat: dict[str, torch.Tensor] = {}
-    with torch.random.fork_rng(devices=devices):
-        terms, _ = compute_losses(model, batch, map_image, config, physics)
-        for name, weight in weights.items():
-            if terms[name] is None:
-                continue
-            grads = torch.autograd.grad(weight * terms[name], params, retain_graph=True, allow_unused=True)
-            flat[name] = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
-    sup = flat["coarse"] + flat["fine"]
-    row: dict[str, float | None] = {f"grad_norm_{k}": float(flat[k].norm()) if k in flat else None
-                                    for k in ("coarse", "fine", "phys")}
-    row["grad_norm_sup"] = float(sup.norm())
-    phys = flat.get("phys")
-    ok = phys is not None and float(phys.norm()) > 0 and float(sup.norm()) > 0
-    row["grad_cos_sup_phys"] = float(F.cosine_similarity(sup, phys, dim=0)) if ok else None
-    return row
-
-
-@torch.no_grad()
-def predict_tensors(model, data: TensorData, map_image: torch.Tensor, device, batch_size: int = 1024,
-                    config: Config | None = None, physics=None, lambda_phys: float | None = None) -> dict[str, Any]:
-    """Model outputs over ``data`` (eval mode): numpy ``xy, sigma, confidence``
-    plus mean loss terms when ``config`` is given (``total`` with ``lambda_phys`` applied)."""
-    net = model.module if hasattr(model, "module") else model
-    was_training = net.training
-    net.eval()
-    keys = ("xy", "sigma", "confidence")
-    outs: dict[str, list] = {k: [] for k in keys}
-    sums = {k: 0.0 for k in LOSS_TERMS}
-    for start in range(0, len(data), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(data)))
-        batch = data.batch(idx, device)
-        if config is not None:
-            terms, out = compute_losses(net, batch, map_image, config, physics, lambda_phys)
-            for k in LOSS_TERMS:
-                if terms[k] is not None:
-                    sums[k] += float(terms[k]) * len(idx)
-        else:
-            out = net(batch["feats"], batch["site_index"], batch["mask"], map_image,
-                      scene_index=batch.get("scene_index"))
-        for k in keys:
-            outs[k].append(getattr(out, k).float().cpu())
-    net.train(was_training)
-    result = {k: torch.cat(v).numpy() for k, v in outs.items()}
-    if config is not None:
-        result["losses"] = {k: (sums[k] / len(data) if (k != "phys" or physics is not None) else None) for k in LOSS_TERMS}
-    return result
 
 
 # -- schedule -------------------------------------------------------------------
@@ -902,4 +401,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["train", "compute_losses", "predict_tensors", "prepare", "load_scene", "config_from_dict"]
+__all__ = ["train", "add_arguments", "run"]
