@@ -5,6 +5,7 @@ import pandas as pd
 import streamlit as st
 
 import app_widgets as wb
+from core.learning.inference import calibrate_run
 from core.viz import plots as figures
 
 wb.ensure_frame()
@@ -25,7 +26,7 @@ limit = c[2].number_input("Samples (max)", min_value=50, max_value=20000, value=
 run = None
 with wb.guard(f"run {name}"):
     loaded = wb.load_run(ws.root / name, scene)
-    _ = loaded.calibration  # made and stored with the run on first use, before its stamp is read (no magic echo)
+    calibrate_run(loaded)  # made and stored with the run on first use, before its stamp is read
     run = loaded
 if run is None:
     st.stop()

@@ -15,6 +15,7 @@ from core.errors import CoreError, StoreError
 from core.learning.config import load_config
 from core.learning.inference import (
     RESIDUAL_COLUMNS,
+    calibrate_run,
     load_run,
     predict,
     refine_prediction,
@@ -61,6 +62,19 @@ def test_load_and_predict_with_attention(run_dir):
         assert w.shape == (n, heads, t, t) and np.allclose(w.sum(-1), 1, atol=1e-5)
     for w in pred.attention["cross"]:
         assert w.shape == (n, heads, t, p) and np.allclose(w.sum(-1), 1, atol=1e-5)
+
+
+def test_only_calibrate_run_makes_and_stores_the_calibration(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "calibration.json").unlink()
+    run = load_run(copy)
+    predict(run, run.dataset.indices("test")[:4])
+    assert run.calibration is None and not (copy / "calibration.json").exists()  # loading and predicting never write
+    cal = calibrate_run(run)
+    assert run.calibration is cal and (copy / "calibration.json").exists()
+    assert cal.meta["dataset"]["id"] == run.dataset.ref.id
+    assert calibrate_run(run) is cal  # set once: a second call makes nothing
 
 
 def test_predict_returns_the_most_likely_coarse_cells(run_dir):

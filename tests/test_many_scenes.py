@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.errors import ConfigError, StoreError
+from core.errors import ConfigError, CoreError, StoreError
 from core.learning.config import load_config
 from core.learning.losses import compute_losses
 from core.learning.model import SceneMaps, build_model
@@ -115,15 +115,18 @@ def test_single_scene_is_unchanged(world, tmp_path):
 
 def test_heldout_evaluation_end_to_end(world, tmp_path):
     from core.learning.evaluation import evaluate_scene
-    from core.learning.inference import load_run, predict, refine_prediction
+    from core.learning.inference import calibrate_run, load_run, predict, refine_prediction
 
     out = tmp_path / "run"
     train(cfg(world, "data.holdout_scene=gamma", "training.epochs=2"), out, show_progress=False)
     held = load_run(out, scene="gamma")
-    assert held.held_out and held.trained_scenes == ("alpha", "beta")
-    assert held.calibration.meta["transferred_from"] == ["alpha", "beta"]
+    assert held.held_out and held.trained_scenes == ("alpha", "beta") and held.calibration is None  # not yet made
+    assert calibrate_run(held) is held.calibration and held.calibration.meta["transferred_from"] == ["alpha", "beta"]
     assert held.likelihood.maps.bounds == tuple(held.radio_map.bounds) == (-44.0, -44.0, 44.0, 44.0)  # gamma's map
     beta = load_run(out, scene="beta")
+    with pytest.raises(CoreError, match="calibrate_run"):  # a getter never calibrates behind the caller's back
+        _ = beta.likelihood
+    calibrate_run(beta)
     assert beta.scene_index == 1 and beta.likelihood.maps.num_sites == 4  # refinement reads beta's own map
     assert beta.likelihood.maps.bounds == (-60.0, -40.0, 60.0, 40.0)
     idx = held.dataset.indices("test")[:8]

@@ -15,15 +15,14 @@ from core.cli import main
 from core.errors import StoreError
 from core.learning.inference import load_run
 from core.learning.model import ModelSpec
+from core.learning.run_calibration import ensure_calibration, read_calibration
 from core.physics.synthetic import synthetic_scene
 from core.stores.run import (
     CALIBRATION,
     calibration_path,
     check_out_dir,
-    ensure_calibration,
     is_taken,
     load_checkpoint,
-    read_calibration,
     read_metrics,
     read_status,
     run_info,
@@ -174,7 +173,7 @@ def test_metrics_reader_skips_every_line_that_is_not_a_json_object(tmp_path):
 
 
 def test_calibration_is_stored_with_the_run_and_remade_for_other_stores(tmp_path, monkeypatch):
-    import core.physics.calibration as calibration_module
+    import core.learning.run_calibration as calibration_module
     from core.stores.dataset import MeasurementDataset
     from core.stores.radio_map import RadioMap
 

@@ -256,9 +256,9 @@ def test_spatial_split_holds_out_whole_blocks(scene):
 
 def test_the_physics_term_is_the_calibrated_site_likelihood_and_its_calibration_is_stored(scene, tmp_path):
     from core.learning.physics_terms import SiteLikelihoodTerm, make_physics_term
+    from core.learning.run_calibration import read_calibration
     from core.learning.scene_data import labeled_train_indices
     from core.physics.calibration import Calibration, calibrate
-    from core.stores import run as run_store
 
     config = cfg(scene, "data.label_fraction=0.5", "physics_loss.lambda_phys=0.5", "training.epochs=1")
     run = prepare(config)
@@ -273,7 +273,7 @@ def test_the_physics_term_is_the_calibrated_site_likelihood_and_its_calibration_
     shifted = physics(batch["target_xy"] + torch.tensor([12.0, -9.0]), batch)
     assert float(at_truth.median()) < float(shifted.median())  # the map agrees with the truth
     train(config, tmp_path / "run", run_data=run, show_progress=False)
-    stored = run_store.read_calibration(tmp_path / "run")
+    stored = read_calibration(tmp_path / "run")
     assert isinstance(stored, Calibration) and np.allclose(stored.scale, physics.calibration.scale)
     assert stored.meta["label_fraction"] == 0.5
 

@@ -144,9 +144,9 @@ def _refinement(run, pred, threshold, top_k, window_s) -> tuple[dict[str, Any], 
 
     import numpy as np
 
-    from core.learning.inference import SOURCES, refine_prediction
+    from core.learning.inference import SOURCES, calibrate_run, refine_prediction
 
-    run.calibration  # noqa: B018  calibrated (and stored) before the timing
+    calibrate_run(run)  # calibrated (and stored) before the timing
     run.refiner()
     ref = refine_prediction(run, pred, threshold=threshold, top_k=top_k, window_s=window_s)
     m = ref.refined

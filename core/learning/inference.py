@@ -4,9 +4,11 @@
   metrics history);
 * :func:`predict` -> :class:`Prediction` (positions, sigma, confidence, errors, the most
   likely coarse cells and, on request, attention weights with the map-patch geometry);
+* :func:`calibrate_run`: the loaded scene's likelihood calibration (``calibration.json``, made and
+  stored when missing or stale: the one call here that may write), set on ``LoadedRun.calibration``;
 * :func:`refine_prediction` -> :class:`RefinedPrediction`: test-time MAP refinement of
   every sample (:class:`~core.physics.refinement.MapRefiner` on the run's calibrated
-  likelihood, ``calibration.json``, with the network's Gaussian as prior and its next
+  likelihood, :func:`calibrate_run` first, with the network's Gaussian as prior and its next
   coarse cells as extra starts), with the path and per-term breakdowns before and after;
 * :func:`refinement_surface`, :func:`residual_table`, :func:`serving_table`: what the
   Refinement inspector draws for one sample.
@@ -69,21 +71,10 @@ class LoadedRun:
     map_image: torch.Tensor
     scene_index: int | None = 0
     trained_scenes: tuple[str, ...] = ()
-    _calibration: Any = field(default=None, repr=False)
+    #: the loaded scene's :class:`~core.physics.calibration.Calibration`: None until :func:`calibrate_run`
+    calibration: Any = field(default=None, repr=False)
     _likelihood: Any = field(default=None, repr=False)
     _refiners: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def calibration(self):
-        """The run's :class:`~core.physics.calibration.Calibration` (``calibration.json``; made
-        and stored on first use when missing: :func:`core.stores.run.ensure_calibration`)."""
-        if self._calibration is None:
-            if self.held_out:
-                self._calibration = _transferred_calibration(self)
-            else:
-                name = None if self.scene_index == 0 else self.trained_scenes[self.scene_index]
-                self._calibration = run_store.ensure_calibration(self.run_dir, self.dataset, self.radio_map, name)
-        return self._calibration
 
     @property
     def held_out(self) -> bool:
@@ -97,7 +88,10 @@ class LoadedRun:
 
     @property
     def likelihood(self):
-        """The calibrated :class:`~core.physics.likelihood.RobustLikelihood` of the run's map (built once)."""
+        """The calibrated :class:`~core.physics.likelihood.RobustLikelihood` of the run's map (built once, in
+        memory, from :attr:`calibration`: :func:`calibrate_run` must have set it)."""
+        if self.calibration is None:
+            raise CoreError(f"run {self.run_dir}: no calibration loaded (calibrate_run(run) first)")
         if self._likelihood is None:
             from core.physics.likelihood import RobustLikelihood
 
@@ -229,22 +223,42 @@ def _scene_stores(config: Config, index: int | None, scene: str | None, dataset_
     return apply_data_config(config, dataset, radio_map), radio_map
 
 
+def calibrate_run(run: LoadedRun):
+    """The loaded scene's likelihood calibration, set on ``run.calibration`` and returned (the one call that
+    may calibrate and write a file; a no-op once set).
+
+    A training scene's is the stored ``calibration[_<scene>].json`` when it was made from these stores,
+    else calibrated on the train split and stored (:func:`core.learning.run_calibration.ensure_calibration`);
+    a held-out scene's is transferred from the training scenes' (:func:`_transferred_calibration`).
+    """
+    from core.learning.run_calibration import ensure_calibration
+
+    if run.calibration is None:
+        if run.held_out:
+            run.calibration = _transferred_calibration(run)
+        else:
+            name = None if run.scene_index == 0 else run.trained_scenes[run.scene_index]
+            run.calibration = ensure_calibration(run.run_dir, run.dataset, run.radio_map, name)
+    return run.calibration
+
+
 def _transferred_calibration(run: LoadedRun):
     """The held-out scene's likelihood calibration: transferred from the training scenes' stored
     calibrations (the first scene's is made and stored when missing), never from this scene's labels."""
+    from core.learning.run_calibration import read_calibration
     from core.physics.calibration import transfer_calibration
 
     sources = []
     for m, name in enumerate(run.trained_scenes):
         try:
-            cal = run_store.read_calibration(run.run_dir, None if m == 0 else name)
+            cal = read_calibration(run.run_dir, None if m == 0 else name)
         except StoreError:
             cal = None
         if cal is not None:
             sources.append(cal)
     if not sources:
         first = load_run(run.run_dir, run.device, scene=run.trained_scenes[0] if run.trained_scenes else None)
-        sources.append(first.calibration)
+        sources.append(calibrate_run(first))
     cal = transfer_calibration(sources, run.radio_map)
     cal.meta.update({"scene": run.scene, "dataset": run.dataset.ref.to_dict(), "radio_map": run.radio_map.ref.to_dict()})
     return cal
@@ -464,6 +478,7 @@ def refine_prediction(run: LoadedRun, prediction: Prediction, threshold: float |
     top_k = DEFAULT_TOP_K if top_k is None else max(0, int(top_k))
     window_s = run.config.physics_loss.report_window_s if window_s is None else float(window_s)
     use_prior = run.config.physics_loss.refinement.use_prior if use_prior is None else bool(use_prior)
+    calibrate_run(run)
     refiner = run.refiner(search)
     n = len(prediction.indices)
     obs = site_observation(run.dataset, prediction.indices, window_s=window_s)
@@ -532,6 +547,7 @@ def refinement_surface(run: LoadedRun, refined: RefinedPrediction, row: int, hal
 
     if not 0 <= row < len(refined.indices):
         raise CoreError(f"refinement surface: row {row} is not in [0, {len(refined.indices)})")
+    calibrate_run(run)
     refiner, c = run.refiner(refined.search), refined.search
     obs = site_observation(run.dataset, refined.indices[row:row + 1], window_s=refined.window_s)
     dt, dev = run.likelihood.maps.dtype, run.likelihood.maps.device
@@ -555,7 +571,7 @@ def residual_table(run: LoadedRun, refined: RefinedPrediction, row: int) -> pd.D
     """
     from core.physics.calibration import SITE_FEATURES
 
-    names = run.calibration.site_names
+    names = calibrate_run(run).site_names
     rows = []
     for k, s in enumerate(refined.site_ids[row]):
         if s < 0:

@@ -29,9 +29,8 @@ checkpoint never runs pickled code.
 metrics.jsonl has one rule for a broken line: every line holding a JSON object is a row;
 any other non-blank line (a torn write, a stray edit) is skipped (:func:`read_metrics`).
 
-``calibration.json`` is derived data: :func:`ensure_calibration` computes and stores it
-(atomically) when it is missing, unreadable, or made from other stores than the ones given,
-so an older run gains it at its first evaluation.
+``calibration.json`` is derived data, read and made by :mod:`core.learning.run_calibration`
+(this module names the file: :func:`calibration_path`; :func:`write_calibration` stores it).
 
 A directory that holds anything is taken (:func:`is_taken`): training refuses it unless it
 resumes it (``last.pt`` needed) or replaces it (:func:`check_out_dir`).
@@ -234,65 +233,9 @@ def calibration_path(run_dir: str | os.PathLike, scene: str | None = None) -> Pa
     return Path(run_dir) / (CALIBRATION if scene is None else f"calibration_{scene}.json")
 
 
-def read_calibration(run_dir: str | os.PathLike, scene: str | None = None):
-    """The run's :class:`~core.physics.calibration.Calibration`, or None when it has none.
-
-    A file that is not a calibration raises a :class:`StoreError` naming it.
-    """
-    from core.physics.calibration import Calibration
-
-    path = calibration_path(run_dir, scene)
-    if not path.exists():
-        return None
-    try:
-        return Calibration.from_json(path.read_text())
-    except (OSError, CoreError) as exc:
-        raise StoreError(f"{path}: unreadable calibration ({exc})") from None
-
-
 def write_calibration(run_dir: str | os.PathLike, calibration, scene: str | None = None) -> Path:
     """Write ``calibration`` to :func:`calibration_path` atomically; returns the path."""
     return calibration.save(calibration_path(run_dir, scene))
-
-
-def _made_from(calibration, dataset: StoreRef, radio_map: StoreRef) -> bool:
-    """Whether ``calibration`` records these stores (the same saves: equal lineage ids, or
-    equal digests when ids are absent)."""
-    meta = calibration.meta or {}
-    for key, ref in (("dataset", dataset), ("radio_map", radio_map)):
-        was = StoreRef.from_dict(meta.get(key))
-        if was is None or not (was.id or was.digest):
-            return False
-        if (was.id or None) != (ref.id or None) or (was.digest or None) != (ref.digest or None):
-            return False
-    return True
-
-
-def ensure_calibration(run_dir: str | os.PathLike, dataset, radio_map, scene: str | None = None):
-    """The run's calibration for ``dataset`` and ``radio_map``: the stored one when it was
-    made from these very stores, else calibrated now and stored.
-
-    Calibration: :func:`~core.physics.calibration.calibrate` on the train split, every
-    present report at its true position; ``meta["dataset"]`` / ``meta["radio_map"]`` record
-    the stores' refs. A stored file that is unreadable or made from other stores is
-    replaced. A read-only run directory gets none written (the calibration is returned).
-    """
-    from core.physics.calibration import calibrate
-
-    refs = (dataset.ref, radio_map.ref)
-    try:
-        stored = read_calibration(run_dir, scene)
-    except StoreError:
-        stored = None
-    if stored is not None and _made_from(stored, *refs):
-        return stored
-    cal = calibrate(dataset, radio_map, split="train")
-    cal.meta.update({"dataset": refs[0].to_dict(), "radio_map": refs[1].to_dict()})
-    try:
-        write_calibration(run_dir, cal, scene)
-    except OSError:
-        pass
-    return cal
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
