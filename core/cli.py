@@ -24,9 +24,9 @@ import argparse
 import importlib
 import sys
 
+from core import progress
 from core.device import DEVICE_CHOICES
 from core.errors import CoreError
-from core.jobs import progress
 from core.stores.zarr_group import settle_zarr
 
 #: command -> (module, one-line help)
@@ -108,7 +108,7 @@ def run_process(argv: list[str] | None = None) -> int:
     """``python -m core``: :func:`main`, and inside a job also the exit record.
 
     A job's command writes its exit status to ``$CORE_JOB_EXIT_FILE`` as it ends, also on
-    SIGTERM or SIGHUP (see :func:`core.jobs.progress.claim_exit_file`).
+    SIGTERM or SIGHUP (see :func:`core.progress.claim_exit_file`).
     """
     exit_file = progress.claim_exit_file()
     code = 1  # an exception that escapes (with --debug) ends the interpreter with 1

@@ -170,7 +170,7 @@ def test_missing_map_button_launches_the_generation_job(workspace):
     manager = _manager(workspace)
     job = next(j for j in manager.list() if j.kind == "generate-maps" and "munich" in j.args)
     try:
-        assert job.command.startswith("python -m core generate-maps --scenes munich --output-dir radio_maps")
+        assert job.command.startswith("python -m core generate-maps --scenes munich --radio-maps radio_maps")
         assert job.output == str(workspace / "radio_maps" / "munich.zarr")
     finally:
         manager.cancel(job.id, grace_s=1.0)

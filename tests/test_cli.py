@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from core.cli import COMMANDS, main
+from core.cli import COMMANDS, build_parser, main
 from core.errors import CoreError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +54,26 @@ def test_bench_physics_help(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "--batches" in out and "--repeats" in out
+
+
+@pytest.mark.parametrize("command", ["generate-maps", "make-dataset", "consistency"])
+def test_the_maps_folder_is_radio_maps_on_every_command(command, capsys):
+    parser = build_parser(command)
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, "--help"])
+    assert "--radio-maps" in capsys.readouterr().out
+    required = {"make-dataset": ["--scene", "s", "--num-ues", "1", "--reports", "1", "--out", "o"],
+                "consistency": ["--dataset", "d"]}.get(command, [])
+    assert parser.parse_args([command, *required, "--radio-maps", "M"]).radio_maps == "M"
+
+
+def test_generate_maps_keeps_output_dir_as_a_hidden_old_name(capsys):
+    parser = build_parser("generate-maps")
+    assert parser.parse_args(["generate-maps", "--output-dir", "old"]).radio_maps == "old"
+    assert parser.parse_args(["generate-maps"]).radio_maps == "radio_maps"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate-maps", "--help"])
+    assert "--output-dir" not in capsys.readouterr().out
 
 
 def test_bad_argument_is_one_line_without_traceback():

@@ -14,9 +14,8 @@ import sys
 
 import pytest
 
-from core import REPO_ROOT
+from core import REPO_ROOT, progress
 from core.cli import main
-from core.jobs import progress
 from core.stores.dataset import MeasurementDataset
 from core.stores.radio_map import RadioMap
 
@@ -72,7 +71,7 @@ def test_two_scenes_in_parallel_one_broken(ray_cluster, tmp_path):
     maps = tmp_path / "maps"
     progress_file = tmp_path / "progress.json"
     out = _core("generate-maps", "--scenes", "simple_street_canyon", "broken", "--scenes-dir", str(scenes),
-                "--output-dir", str(maps), *TINY, "--ray", ray_cluster, CORE_PROGRESS_FILE=str(progress_file))
+                "--radio-maps", str(maps), *TINY, "--ray", ray_cluster, CORE_PROGRESS_FILE=str(progress_file))
     assert out.returncode == 2, out.stdout + out.stderr
     (line,) = _failed_lines(out.stdout)
     assert line.split()[0] == "broken" and "cannot load" in line
@@ -108,7 +107,7 @@ def test_a_dataset_made_on_ray_records_the_map_path_as_given(ray_cluster, tmp_pa
 
     assert recorded_path("/a/b/maps/x.zarr", "/a/b") == "maps/x.zarr"
     assert recorded_path("/elsewhere/x.zarr", "/a/b") == "/elsewhere/x.zarr"
-    assert main(["generate-maps", "--scenes", "simple_street_canyon", "--output-dir", str(tmp_path / "maps"), *TINY,
+    assert main(["generate-maps", "--scenes", "simple_street_canyon", "--radio-maps", str(tmp_path / "maps"), *TINY,
                  "--no-progress"]) == 0
     monkeypatch.chdir(tmp_path)
     rc = main(["make-dataset", "--scene", "simple_street_canyon", "--out", "ds", "--num-ues", "6", "--reports", "2",

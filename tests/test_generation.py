@@ -153,7 +153,7 @@ def test_cli_reports_bad_scenes_and_still_generates_good_ones(tmp_path, capsys):
     outside.write_text("<scene version='2.1.0'/>")
     out = tmp_path / "maps"
     argv = ["generate-maps", "--scenes", "simple_street_canyon", "no_such_scene", "broken", str(outside),
-            "--scenes-dir", str(scenes), "--output-dir", str(out), "--resolution", "8", "--map-size", "16", "16",
+            "--scenes-dir", str(scenes), "--radio-maps", str(out), "--resolution", "8", "--map-size", "16", "16",
             "--samples-per-tx", "20000", "--toa-decimation", "8"]
     rc = main(argv)
     text = capsys.readouterr().out
@@ -179,7 +179,7 @@ def test_cli_reports_bad_scenes_and_still_generates_good_ones(tmp_path, capsys):
                                           (["--resolution", "-1"], "--resolution"),
                                           (["--retry-samples-per-tx", "-5"], "--retry-samples-per-tx")])
 def test_cli_refuses_bad_grid(tmp_path, capsys, bad, message):
-    rc = main(["generate-maps", "--scenes", "simple_street_canyon", "--output-dir", str(tmp_path)] + bad)
+    rc = main(["generate-maps", "--scenes", "simple_street_canyon", "--radio-maps", str(tmp_path)] + bad)
     assert rc == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

@@ -158,7 +158,7 @@ def test_unknown_job_and_kind_are_clear_errors(manager):
 
 def test_spec_builders_make_plain_argument_lists():
     spec = generate_maps_spec("etoile", "radio_maps", 2.0, (128, 96), samples_per_tx=100000, max_depth=3)
-    assert spec.args == ("generate-maps", "--scenes", "etoile", "--output-dir", "radio_maps", "--resolution", "2",
+    assert spec.args == ("generate-maps", "--scenes", "etoile", "--radio-maps", "radio_maps", "--resolution", "2",
                          "--map-size", "128", "96", "--samples-per-tx", "100000", "--max-depth", "3")
     assert spec.output == "radio_maps/etoile.zarr"
     assert generate_maps_spec("etoile", ray="local").args[-1] == "--ray"  # a local Ray

@@ -219,7 +219,7 @@ def test_old_format_is_refused_with_the_command_that_remakes_it(saved):
     h, w = rm.shape
     x_min, y_min, x_max, y_max = rm.bounds
     assert message.endswith(
-        f"regenerate it with `python -m core generate-maps --scenes {rm.attrs['scene']} --output-dir {path.parent} "
+        f"regenerate it with `python -m core generate-maps --scenes {rm.attrs['scene']} --radio-maps {path.parent} "
         f"--resolution {rm.cell_size:g} --map-size {h} {w} --center {(x_min + x_max) / 2:g} {(y_min + y_max) / 2:g} "
         "--force`")
 

@@ -55,8 +55,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from core import progress
 from core.device import resolve_device
-from core.jobs import progress
 
 LOSS_RATIO_TARGET = 2.0
 LIK_RATIO_TARGET = 2.0

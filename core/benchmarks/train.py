@@ -86,7 +86,7 @@ def _coarse_prior(variants, data, run_data) -> dict:
 
 def _machine(device) -> str:
     """The machine in words, for the summary line: CPU (and GPU) and cores."""
-    from core.benchmarks.report import machine_info
+    from core.device import machine_info
 
     m = machine_info()
     return m["cpu"] + (f", {m['cuda']}" if device.type == "cuda" else "") + f", {m['cores']} cores"

@@ -13,7 +13,7 @@ How a job runs
            └─ python -m core <args...>        (the command; same process group)
 
 * The waiter starts the command with ``CORE_PROGRESS_FILE`` and ``CORE_JOB_EXIT_FILE``
-  set (see :mod:`core.jobs.progress`), stdout and stderr appended to the job's log file,
+  set (see :mod:`core.progress`), stdout and stderr appended to the job's log file,
   copies the progress record into the database every 0.5 s, and records the exit status,
   so a job's result is known even when the app that launched it has gone.
 * The command also records its own exit status, in ``exit.json``, as it ends (also on
@@ -65,9 +65,9 @@ from pathlib import Path
 
 import psutil
 
-from core import REPO_ROOT
+from core import REPO_ROOT, progress
+from core.device import RAY_LOCAL
 from core.errors import CoreError
-from core.jobs import progress
 from core.stores.lineage import map_path
 from core.stores.measurement_model import MeasurementModel
 
@@ -202,14 +202,12 @@ def _num(value: float) -> str:
 
 
 def _ray_args(ray: str | None) -> list[str]:
-    """``--ray [ADDRESS]`` for a generation job: None = no Ray, :data:`~core.raytracing.distributed.LOCAL`
+    """``--ray [ADDRESS]`` for a generation job: None = no Ray, :data:`~core.device.RAY_LOCAL`
     (or blank) = a local Ray, else the address of the Ray cluster to join."""
-    from core.raytracing.distributed import LOCAL
-
     if ray is None:
         return []
     address = ray.strip()
-    if address in ("", LOCAL):
+    if address in ("", RAY_LOCAL):
         return ["--ray"]
     if address.startswith("-") or any(c.isspace() for c in address):
         raise JobError(f"Ray address {ray!r}: give HOST:PORT or auto")
@@ -218,7 +216,7 @@ def _ray_args(ray: str | None) -> list[str]:
 
 def generate_maps_spec(
     scene: str,
-    output_dir: str = "radio_maps",
+    radio_maps: str = "radio_maps",
     resolution: float = 1.0,
     map_size: tuple[int, int] | None = None,
     samples_per_tx: int | None = None,
@@ -228,7 +226,7 @@ def generate_maps_spec(
     min_coverage: float | None = None,
     toa_decimation: int | None = None,
 ) -> JobSpec:
-    """Ray-trace the radio map of ``scene`` into ``<output_dir>/<scene>.zarr`` (``ray``: see :func:`_ray_args`).
+    """Ray-trace the radio map of ``scene`` into ``<radio_maps>/<scene>.zarr`` (``ray``: see :func:`_ray_args`).
 
     ``min_coverage``: the smallest acceptable fraction of covered outdoor cells, in [0, 1]
     (checked here, so a bad value is refused before a job starts); ``toa_decimation``:
@@ -238,7 +236,7 @@ def generate_maps_spec(
         raise CoreError(f"--min-coverage must be a fraction in [0, 1], got {min_coverage}")
     if toa_decimation is not None and int(toa_decimation) < 1:
         raise CoreError(f"--toa-decimation must be >= 1, got {toa_decimation}")
-    args = ["generate-maps", "--scenes", scene, "--output-dir", output_dir, "--resolution", _num(float(resolution))]
+    args = ["generate-maps", "--scenes", scene, "--radio-maps", radio_maps, "--resolution", _num(float(resolution))]
     if map_size is not None:  # None: the command's default (fit the scene)
         args += ["--map-size", str(int(map_size[0])), str(int(map_size[1]))]
     if samples_per_tx is not None:
@@ -252,7 +250,7 @@ def generate_maps_spec(
     if force:
         args.append("--force")
     args += _ray_args(ray)
-    return JobSpec("generate-maps", tuple(args), str(map_path(output_dir, scene)))
+    return JobSpec("generate-maps", tuple(args), str(map_path(radio_maps, scene)))
 
 
 def make_dataset_spec(scene: str, out: str, num_ues: int = 20000, reports: int = 8,

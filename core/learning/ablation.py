@@ -48,9 +48,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import resolve_path
+from core import progress, resolve_path
 from core.errors import CoreError
-from core.jobs import progress
 from core.learning.config import Config, load_config
 from core.learning.metrics import error_cdf
 from core.learning.statistics import compare_arms, paired_delta
@@ -372,7 +371,7 @@ def ablate(scene: str, out: str | Path, overrides: list[str] = (), quick: bool =
            show_progress: bool = True, **grid) -> dict[str, Any]:
     """Run the ablation (see the module doc); ``grid`` overrides fields of the plan (seeds, fractions,
     splits, lambda_grid, n_boot)."""
-    from core.benchmarks.report import machine_info
+    from core.device import machine_info
     from core.learning.scene_data import load_scene
 
     started = time.time()

@@ -227,14 +227,6 @@ class PhysicsLossConfig(_Section):
         return weights
 
 
-def likelihood_config(p: PhysicsLossConfig):
-    """The :class:`~core.physics.likelihood.LikelihoodConfig` of a run's ``physics_loss`` section."""
-    from core.physics.likelihood import LikelihoodConfig
-
-    cells = p.cell_features if p.cell_features == "auto" else tuple(p.cell_features)
-    return LikelihoodConfig(site_features=tuple(p.site_features), cell_features=cells, penalty=p.penalty)
-
-
 class Config(_Section):
     seed: int = 0
     data: DataConfig = DataConfig()

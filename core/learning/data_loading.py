@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.features import feature_spec
+from core.features import REPORT_WINDOW_S, feature_spec
 from core.stores.dataset import CELL_FEATURES, SITE_FEATURES, MeasurementDataset
 from core.stores.radio_map import RadioMap
 
@@ -247,7 +247,7 @@ def build_tensors(
     indices: np.ndarray | None = None,
     geometry_hint: bool = True,
     observation: str = "latest",
-    report_window_s: float = 1.0,
+    report_window_s: float = REPORT_WINDOW_S,
     num_sites: int | None = None,
 ) -> TensorData:
     """Model tensors of ``dataset[indices]`` normalised with ``radio_map``'s statistics.

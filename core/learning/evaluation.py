@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
+from core import progress
 from core.errors import CoreError
-from core.jobs import progress
 from core.learning.metrics import METRIC_KEYS, error_metrics, grouped_metrics, position_errors
 from core.stores.atomic import atomic_write_text
 from core.stores.run import evaluation_path

@@ -37,10 +37,11 @@ import torch
 from core import resolve_path
 from core.device import resolve_device
 from core.errors import CoreError, StoreError
-from core.learning.config import Config, likelihood_config
+from core.learning.config import Config
 from core.learning.data_loading import TensorData, build_tensors, map_input
 from core.learning.metrics import position_errors
 from core.learning.model import MapConditionedTransformer, SceneMaps, build_model
+from core.learning.physics_terms import likelihood_config
 from core.stores import run as run_store
 from core.stores.dataset import MeasurementDataset
 from core.stores.radio_map import RadioMap
@@ -119,7 +120,7 @@ class LoadedRun:
 
         return build_tensors(self.dataset, self.radio_map, np.asarray(indices, dtype=np.int64),
                              self.model.spec.geometry_hint, self.config.physics_loss.observation,
-                             num_sites=spec_num_sites(self.model.spec))
+                             self.config.physics_loss.report_window_s, num_sites=spec_num_sites(self.model.spec))
 
 
 @dataclass

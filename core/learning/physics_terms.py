@@ -19,10 +19,18 @@ import numpy as np
 import torch
 
 from core.errors import ConfigError
-from core.learning.config import Config, config_from_dict, likelihood_config
+from core.learning.config import Config, PhysicsLossConfig, config_from_dict
 from core.learning.scene_data import RunData, labeled_train_indices
 from core.stores.dataset import MeasurementDataset
 from core.stores.radio_map import SITE_LAYERS, RadioMap
+
+
+def likelihood_config(p: PhysicsLossConfig):
+    """The :class:`~core.physics.likelihood.LikelihoodConfig` of a run's ``physics_loss`` section."""
+    from core.physics.likelihood import LikelihoodConfig
+
+    cells = p.cell_features if p.cell_features == "auto" else tuple(p.cell_features)
+    return LikelihoodConfig(site_features=tuple(p.site_features), cell_features=cells, penalty=p.penalty)
 
 
 def calibrated_weights(dataset: MeasurementDataset, radio_map: RadioMap, observation: str = "latest",

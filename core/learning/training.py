@@ -73,9 +73,8 @@ from typing import Any
 
 import torch
 
-from core import resolve_path
+from core import progress, resolve_path
 from core.device import resolve_device
-from core.jobs import progress
 from core.learning.coarse_physics import attach_cell_posterior
 from core.learning.config import Config, load_config
 from core.learning.data_loading import TensorData, concat_tensors

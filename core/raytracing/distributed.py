@@ -15,7 +15,7 @@ to that path removes. A task is never retried: one whose worker dies (killed, ou
 memory, its node lost) is a failed scene; the other scenes go on.
 
 Progress: the driver shows a tqdm bar over finished scenes, prints a line per scene as it
-finishes and reports ``finished / total`` to the app's job (:func:`core.jobs.progress.report`).
+finishes and reports ``finished / total`` to the app's job (:func:`core.progress.report`).
 Workers show no bars and write no job progress (they may run on other machines).
 
 On a cluster every node runs the same checkout at the same path with the same packages
@@ -34,20 +34,19 @@ import socket
 import sys
 from collections.abc import Iterator, Sequence
 
+from core.device import RAY_LOCAL
 from core.errors import CoreError
-from core.jobs.progress import PROGRESS_ENV, TQDM_DISABLE_ENV, report
+from core.progress import PROGRESS_ENV, TQDM_DISABLE_ENV, report
 from core.raytracing.scene_batch import SceneCall, SceneResult, one_line, result_line, run_guarded
 
-#: ``--ray`` without an address (and ``ray.init``'s own name for a new local instance)
-LOCAL = "local"
 #: set in every worker: no tqdm bars, no writes to the job's progress file
 WORKER_ENV = {TQDM_DISABLE_ENV: "1", PROGRESS_ENV: ""}
 _CONNECT_TIMEOUT_S = 5.0
 
 
 def add_ray_argument(parser: argparse.ArgumentParser) -> None:
-    """``--ray [ADDRESS]``: ``args.ray`` is None (no Ray), :data:`LOCAL` or the address."""
-    parser.add_argument("--ray", nargs="?", const=LOCAL, default=None, metavar="ADDRESS",
+    """``--ray [ADDRESS]``: ``args.ray`` is None (no Ray), :data:`RAY_LOCAL` or the address."""
+    parser.add_argument("--ray", nargs="?", const=RAY_LOCAL, default=None, metavar="ADDRESS",
                         help="one Ray task per scene: alone, on a local Ray using every core; with ADDRESS "
                              "(HOST:PORT or auto), on that Ray cluster, whose nodes share this checkout and "
                              "the output file system")
@@ -73,7 +72,7 @@ def _check_reachable(address: str) -> None:
 
 @contextlib.contextmanager
 def ray_session(address: str) -> Iterator[None]:
-    """Ray initialised for the block: a new local one (:data:`LOCAL`) or the cluster at ``address``.
+    """Ray initialised for the block: a new local one (:data:`RAY_LOCAL`) or the cluster at ``address``.
 
     Shut down after the block unless it was already running in this process.
     """
@@ -84,8 +83,8 @@ def ray_session(address: str) -> Iterator[None]:
         return
     options = {"include_dashboard": False, "logging_level": logging.ERROR,
                "log_to_driver": bool(os.environ.get("CORE_DEBUG")), "runtime_env": {"env_vars": WORKER_ENV}}
-    if address == LOCAL:
-        ray.init(address=LOCAL, num_cpus=local_cores(), **options)
+    if address == RAY_LOCAL:
+        ray.init(address=RAY_LOCAL, num_cpus=local_cores(), **options)
     else:
         _check_reachable(address)
         try:
@@ -137,7 +136,7 @@ def run_on_ray(calls: Sequence[SceneCall], address: str, label: str) -> list[Sce
     results: list[SceneResult | None] = [None] * total
     with ray_session(address):
         remote, options = ray.remote(run_guarded), task_options()
-        where = "a local Ray" if address == LOCAL else f"the Ray cluster at {address}"
+        where = "a local Ray" if address == RAY_LOCAL else f"the Ray cluster at {address}"
         report(0.0, f"{label}: {total} scene(s) on {where}", force=True)
         pending = {remote.options(name=f"{label} {call.name}", **options).remote(call.function, call.name, *call.args): k
                    for k, call in enumerate(calls)}

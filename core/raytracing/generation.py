@@ -1,6 +1,6 @@
 """Radio-map generation: ray-trace scenes with Sionna RT into :class:`~core.stores.radio_map.RadioMap` stores.
 
-``python -m core generate-maps --scenes etoile munich --output-dir radio_maps
+``python -m core generate-maps --scenes etoile munich --radio-maps radio_maps
 --resolution 1.0 --map-size 512 512 [--parallel 2 | --ray [ADDRESS]] [--samples-per-tx N
 --max-depth N --toa-decimation N --seed N --min-coverage F --force --center X Y --scenes-dir DIR]``
 
@@ -41,7 +41,7 @@ then reuses (recorded in ``attrs["propagation"]``):
 ``valid`` is false under roofs (an upward ray hits geometry; ``outdoor`` is false there)
 and where no site covers the cell. A map covering less than ``--min-coverage`` of its
 outdoor cells is an error naming the scene and the likely cause, and is not written
-(:mod:`core.raytracing.coverage`). Output goes to ``<output-dir>/<scene>.zarr``,
+(:mod:`core.raytracing.coverage`). Output goes to ``<radio-maps>/<scene>.zarr``,
 atomically; existing stores are skipped unless ``--force``. ``--samples-per-tx``, ``--max-depth`` and ``--seed`` set the
 propagation's rays per site, depth and seed.
 
@@ -64,7 +64,7 @@ import numpy as np
 
 from core.errors import CoreError
 from core.features import DEFAULT_FEATURE_ORDER, wrap_degrees
-from core.jobs.progress import report
+from core.progress import report
 from core.raytracing.coverage import DEFAULT_MIN_COVERAGE
 from core.raytracing.distributed import add_ray_argument
 from core.raytracing.tracing import MAX_SAMPLES_PER_SRC, SPEED_OF_LIGHT, PropagationSettings
@@ -492,7 +492,8 @@ def _map_attrs(info, settings: MapSettings, sites, center, nodes, link, timings,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenes", nargs="+", default=None, help="scene names (or XML paths inside --scenes-dir)")
     parser.add_argument("--scenes-dir", default=None, help="folder of user scenes; without --scenes, all of them")
-    parser.add_argument("--output-dir", default="radio_maps", help="where <scene>.zarr stores go (default: radio_maps)")
+    parser.add_argument("--radio-maps", default="radio_maps", help="where <scene>.zarr stores go (default: radio_maps)")
+    parser.add_argument("--output-dir", dest="radio_maps", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name
     parser.add_argument("--resolution", type=float, default=1.0, help="cell edge in metres (default: 1.0)")
     parser.add_argument("--map-size", type=int, nargs=2, default=None, metavar=("H", "W"),
                         help=f"cells along y (rows) and x (columns) (default: fit the scene, at most "
@@ -532,9 +533,9 @@ def _settings_from(args) -> MapSettings:
     return s
 
 
-def map_of_scene(name: str, scenes_dir: str | None, output_dir: str, settings: MapSettings, force: bool,
+def map_of_scene(name: str, scenes_dir: str | None, radio_maps: str, settings: MapSettings, force: bool,
                  position: int = 0) -> tuple[str, str]:
-    """Generate scene ``name``'s map into ``<output_dir>/<scene>.zarr`` (atomically): ``(status, detail)``.
+    """Generate scene ``name``'s map into ``<radio_maps>/<scene>.zarr`` (atomically): ``(status, detail)``.
 
     Skipped when the store exists and not ``force``. Raises on a bad scene or a failed trace:
     :func:`~core.raytracing.scene_batch.run_guarded` turns that into the scene's failure.
@@ -542,7 +543,7 @@ def map_of_scene(name: str, scenes_dir: str | None, output_dir: str, settings: M
     from core.raytracing.scenes import resolve_scene
 
     info = resolve_scene(name, scenes_dir)
-    out = map_path(output_dir, info.name)
+    out = map_path(radio_maps, info.name)
     if out.exists() and not force:
         return "skipped", f"{out} exists (use --force to regenerate)"
     t = time.perf_counter()
@@ -578,13 +579,13 @@ def run(args: argparse.Namespace) -> int:
         if args.parallel != 1:
             raise CoreError("--parallel and --ray: give one (Ray runs one task per scene on every CPU or GPU it has)")
         scenes_dir = os.path.abspath(args.scenes_dir) if args.scenes_dir else None
-        common = (scenes_dir, os.path.abspath(args.output_dir), settings, args.force)
+        common = (scenes_dir, os.path.abspath(args.radio_maps), settings, args.force)
         results = run_on_ray([SceneCall(name, map_of_scene, common) for name in names], args.ray, "generate-maps")
     elif args.parallel == 1 or len(names) == 1:
-        common = (args.scenes_dir, args.output_dir, settings, args.force)
+        common = (args.scenes_dir, args.radio_maps, settings, args.force)
         results = run_in_turn([SceneCall(name, map_of_scene, common) for name in names])
     else:
-        common = (args.scenes_dir, args.output_dir, settings, args.force)
+        common = (args.scenes_dir, args.radio_maps, settings, args.force)
         results = run_in_pool([SceneCall(name, map_of_scene, common + (2 * (k % args.parallel),))
                                for k, name in enumerate(names)], args.parallel)
     return print_summary(results)

@@ -84,7 +84,7 @@ import numpy as np
 
 from core.errors import CoreError
 from core.features import wrap_degrees
-from core.jobs.progress import report
+from core.progress import report
 from core.raytracing.distributed import add_ray_argument
 from core.stores.lineage import map_path
 from core.stores.measurement_model import KNOBS, SENSITIVITY_OFF, MeasurementModel

@@ -158,6 +158,11 @@ def map_path(folder: str | os.PathLike, scene: str) -> Path:
     return Path(folder) / f"{scene}.zarr"
 
 
+def map_scene(path: str | os.PathLike) -> str:
+    """The scene whose map :func:`map_path` names ``path`` (``<folder>/<scene>.zarr`` -> ``scene``)."""
+    return Path(path).name.removesuffix(".zarr")
+
+
 def map_paths(folder: str | os.PathLike) -> list[Path]:
     """The radio-map stores in a maps folder (sorted; hidden and temporary names skipped)."""
     folder = Path(folder)

@@ -75,7 +75,7 @@ import numpy as np
 from core.errors import StoreError
 from core.features import feature_spec
 from core.stores.atomic import atomic_path, read_consistently
-from core.stores.lineage import Lineage, StoreRef, check_digest, content_digest
+from core.stores.lineage import Lineage, StoreRef, check_digest, content_digest, map_scene
 from core.stores.zarr_group import open_group, read_arrays
 
 FORMAT_VERSION = 3  # 3: outdoor mask and ground heights; 2: per-site layers, attrs["propagation"]
@@ -127,8 +127,8 @@ def _check_site_layers(layers: dict[str, np.ndarray], attrs: dict[str, Any], whe
 def regenerate_command(path: str | os.PathLike, meta: dict[str, Any]) -> str:
     """The ``generate-maps`` command that remakes the store at ``path`` (stored attrs ``meta``) in this format."""
     path = Path(path)
-    scene = (meta.get("attrs") or {}).get("scene") or path.name.removesuffix(".zarr")
-    cmd = f"python -m core generate-maps --scenes {scene} --output-dir {path.parent}"
+    scene = (meta.get("attrs") or {}).get("scene") or map_scene(path)
+    cmd = f"python -m core generate-maps --scenes {scene} --radio-maps {path.parent}"
     try:
         x_min, y_min, x_max, y_max = (float(b) for b in meta["bounds"])
         cell = float(meta["cell_size"])

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from core import REPO_ROOT
 from core.errors import CoreError
-from core.stores.lineage import map_path, map_paths
+from core.stores.lineage import map_path, map_paths, map_scene
 from core.stores.run import RunInfo, list_runs
 from core.stores.zarr_group import read_attrs
 
@@ -131,7 +131,7 @@ class Workspace:
         except CoreError:
             pass
         if self.radio_maps_dir.is_dir():
-            names.update(p.name[: -len(".zarr")] for p in map_paths(self.radio_maps_dir))
+            names.update(map_scene(p) for p in map_paths(self.radio_maps_dir))
         if self.datasets_dir.is_dir():
             names.update(p.name for p in self.datasets_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
         names.add(DEFAULT_SCENE)
