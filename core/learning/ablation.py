@@ -423,7 +423,8 @@ def check_ablation_folder(out: Path) -> None:
     write (it is continued in place: its runs are the cache)."""
     check_writable(out)
     if out.is_dir():
-        check_replaceable(out, holds_only(out, is_ablation_file), "an ablation folder (its tables and runs/)")
+        check_replaceable(out, is_ablation_file, "an ablation folder (its tables and runs/)",
+                          action="ablate continues (and overwrites)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

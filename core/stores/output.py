@@ -69,7 +69,7 @@ def check_writable(path: str | os.PathLike, label: str = "--out") -> None:
     if os.environ.get(SHIPPED_ENV) == "1" or not is_shipped(path):
         return
     raise CoreError(f"{label} {path}: shipped with the project and read-only (assets/ and the stores git tracks); "
-                    "write to another path, e.g. under runs/")
+                    "write to another path")
 
 
 def listing(path: str | os.PathLike, limit: int = 8) -> str:
@@ -92,15 +92,27 @@ def holds_only(path: str | os.PathLike, own: Callable[[str], bool]) -> bool:
     return all(own(e.name) for e in os.scandir(path))
 
 
-def check_replaceable(path: str | os.PathLike, own: bool, what: str, label: str = "--out") -> None:
-    """Refuse ``--force`` on an existing ``path`` that is not ``own`` (``what``: what the command replaces,
-    e.g. "a run directory (run files only)"): one line listing what would have been deleted."""
+def check_replaceable(path: str | os.PathLike, own: bool | Callable[[str], bool], what: str,
+                      label: str = "--out", action: str = "--force replaces") -> None:
+    """Refuse ``--force`` on an existing ``path`` that is not the command's own output: ``own`` says so for the
+    whole path (a store of the right kind), or names the entries of a folder the command writes (a run's
+    files). ``what``: what the command replaces (``action``: how it says so). One line: what is foreign, and what would have been deleted."""
     path = Path(path)
-    if own or not (path.exists() or path.is_symlink()):
+    if not (path.exists() or path.is_symlink()):
         return
+    if callable(own):
+        foreign = [e.name for e in os.scandir(path) if not own(e.name)] if path.is_dir() else [path.name]
+        if not foreign:
+            return
+        shown = ", ".join(sorted(foreign)[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        why = f"it also holds {shown}, which this command did not make"
+    elif own:
+        return
+    else:
+        why = "this is not one"
     held = listing(path) if path.is_dir() else f"the file {path.name}"
-    raise CoreError(f"{label} {path}: --force replaces only {what}, and this holds {held}; nothing was deleted: "
-                    "move them away or pick another path")
+    raise CoreError(f"{label} {path}: {action} only {what}, but {why}; nothing was deleted "
+                    f"(it would have deleted {held}): move them away or pick another path")
 
 
 @contextlib.contextmanager

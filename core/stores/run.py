@@ -70,7 +70,7 @@ from core.errors import CoreError, StoreError
 from core.learning.config import Config, load_config
 from core.stores.atomic import atomic_path, atomic_write_text
 from core.stores.lineage import StoreRef, map_path_for, store_ref
-from core.stores.output import check_replaceable, check_writable, holds_only, is_shipped
+from core.stores.output import check_replaceable, check_writable, is_shipped
 
 CONFIG, METRICS, BEST, LAST = "config.yaml", "metrics.jsonl", "best.pt", "last.pt"
 LOG, STATUS, LINEAGE, CALIBRATION = "log.txt", "status.json", "lineage.json", "calibration.json"
@@ -114,7 +114,7 @@ def check_out_dir(run_dir: str | os.PathLike, resume: bool = False, force: bool 
     if not path.is_dir():
         raise StoreError(f"run directory {path}: exists and is not a directory")
     if force:
-        check_replaceable(path, holds_only(path, is_run_file), "a run directory (run files only)", "run directory")
+        check_replaceable(path, is_run_file, "a run directory (run files only)", "run directory")
         return
     if resume and not (path / LAST).exists():
         raise StoreError(f"run directory {path}: nothing to resume (no {LAST}); replace it with --force "
