@@ -13,6 +13,7 @@ from core.errors import CoreError
 from core.jobs.manager import ablate_spec, evaluate_spec, train_spec
 from core.learning.config import Config, load_config
 from core.stores.lineage import check_scene_stores
+from core.stores.output import check_writable
 from core.stores.run import evaluations, is_taken, read_metrics, run_info
 from core.stores.workspace import PRESETS, store_status
 from core.viz import plots as figures
@@ -273,4 +274,5 @@ with st.form("ablate_form"):
     start = st.form_submit_button("Start the ablation")
 if start:
     with wb.guard("ablation"):
+        check_writable(ws.root / out.strip(), "Output folder")  # the shipped ablation is read-only
         wb.launch(ablate_spec(scene, out.strip(), ["--quick"] if quick else []))
