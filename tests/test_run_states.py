@@ -118,6 +118,12 @@ def test_a_full_disk_is_named_and_the_run_reads_failed(scene, tmp_path, capsys):
     assert failure_cause(OSError(28, "No space left on device", "x.json")).startswith("disk full")
 
 
+def test_any_command_names_a_full_disk(capsys):
+    """A real ENOSPC outside a checkpoint (here a JSON result written to /dev/full): one line, exit 2."""
+    assert main(["jobs", "selftest", "--seconds", "0", "--out", "/dev/full"]) == 2
+    assert capsys.readouterr().err.endswith("error: disk full (no space left on the device)\n")
+
+
 # -- resume means the same run ----------------------------------------------------------------
 def test_resume_refuses_a_changed_config_and_names_the_keys(scene, tmp_path, capsys):
     out = tmp_path / "run"
