@@ -87,7 +87,7 @@ def test_train_refuses_a_finished_run_and_force_replaces_it(scene_sets, tmp_path
     assert not (run_dir / "eval_test.json").exists()  # a new directory, not the old one written over
     assert read_status(run_dir)["state"] == "done" and [r["epoch"] for r in read_metrics(run_dir)] == [1, 2]
     assert (run_dir / "log.txt").read_text().count(" train ") == 1
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_a_failed_forced_run_leaves_the_old_one(scene_sets, tmp_path, capsys):
@@ -96,7 +96,7 @@ def test_a_failed_forced_run_leaves_the_old_one(scene_sets, tmp_path, capsys):
     assert train_cli(sets, run_dir, "--force") == 2
     assert "no_such_dataset: no such store" in capsys.readouterr().err
     assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt"]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_check_out_dir_rules(tmp_path):

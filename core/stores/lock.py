@@ -9,7 +9,9 @@ Contract
 * The lock is ``.<name>.lock`` beside the output (never inside it, so an output that is
   swapped in whole keeps its lock), taken with :class:`filelock.FileLock` (``flock`` on
   POSIX). Beside it, ``.<name>.lock.json`` records the holder: ``{"pid", "host", "command",
-  "started"}`` (``command``: the holder's ``argv``).
+  "started"}`` (``command``: the holder's ``argv``). A writer that ends removes both (the lock
+  file while still holding it: filelock notices a lock taken on a removed file and retries),
+  so a finished output has nothing beside it; a killed writer leaves them, hidden.
 * A second writer is refused at once (no waiting) with :class:`OutputBusy`, one line naming
   the holder's pid and command.
 * A stale lock is taken over: the operating system releases an ``flock`` when its process
@@ -91,4 +93,6 @@ def output_lock(path: str | os.PathLike, label: str = "output") -> Iterator[Path
         with contextlib.suppress(OSError):
             if holder(path).get("pid") == os.getpid():
                 record_file.unlink()
+        with contextlib.suppress(OSError):
+            lock_file.unlink()  # while held: filelock retries a peer that locked the unlinked file
         lock.release()
