@@ -48,17 +48,18 @@ default-run: $(STAMP)
 	rm -f runs/default_run/last.pt
 	rm -rf assets/default_run && cp -r runs/default_run assets/default_run
 
-# Rebuild the shipped default data: etoile's radio map and its measurement dataset.
+# Rebuild the shipped default data: etoile's radio map and its measurement dataset. The shipped stores are
+# read-only to every command (core/stores/output.py); CORE_WRITE_SHIPPED=1 lifts that for these two targets.
 default-data: $(STAMP)
-	$(PY) -m core generate-maps --scenes etoile --radio-maps radio_maps --resolution 1.0 --map-size 512 512 --force
-	$(PY) -m core make-dataset --scene etoile --num-ues 20000 --reports 8 --out datasets/etoile --radio-maps radio_maps --seed 0 --force
+	CORE_WRITE_SHIPPED=1 $(PY) -m core generate-maps --scenes etoile --radio-maps radio_maps --resolution 1.0 --map-size 512 512 --force
+	CORE_WRITE_SHIPPED=1 $(PY) -m core make-dataset --scene etoile --num-ues 20000 --reports 8 --out datasets/etoile --radio-maps radio_maps --seed 0 --force
 
 # The other shipped scenes (issue 11): radio maps with diffraction (format 3, default settings: each map fits
 # its scene, at most 512 x 512 cells of 1 m) and 3,000-UE datasets, one Ray task per scene on a local Ray
 # (about 20 minutes on a 2-core CPU). florence's sites: configs/sites/florence.yaml (python -m core place-sites).
 scenes: $(STAMP)
-	$(PY) -m core generate-maps --scenes munich florence simple_street_canyon simple_street_canyon_with_cars --radio-maps radio_maps --force --ray
-	$(PY) -m core make-dataset --scene munich florence simple_street_canyon simple_street_canyon_with_cars --num-ues 3000 --reports 8 --out datasets --radio-maps radio_maps --force --ray
+	CORE_WRITE_SHIPPED=1 $(PY) -m core generate-maps --scenes munich florence simple_street_canyon simple_street_canyon_with_cars --radio-maps radio_maps --force --ray
+	CORE_WRITE_SHIPPED=1 $(PY) -m core make-dataset --scene munich florence simple_street_canyon simple_street_canyon_with_cars --num-ues 3000 --reports 8 --out datasets --radio-maps radio_maps --force --ray
 
 # One model on four scenes, evaluated on munich, never trained on (with and without MAP on munich's map).
 many-scenes: $(STAMP)

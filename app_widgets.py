@@ -19,6 +19,7 @@ import streamlit as st
 
 from core.errors import CoreError
 from core.jobs.manager import JobConflictError, JobManager, JobSpec, make_dataset_spec
+from core.stores import run as run_store
 from core.stores.measurement_model import MeasurementModel
 from core.stores.workspace import DEFAULT_SCENE, Workspace
 
@@ -115,7 +116,7 @@ def mtime(path: str | os.PathLike) -> float:
     """Latest modification time of ``path`` (and of its zarr.json for a store)."""
     path = Path(path)
     times = [0.0]
-    for p in (path, path / "zarr.json", path / "best.pt", path / "config.yaml", path / "lineage.json"):
+    for p in (path, path / "zarr.json", *(path / name for name in (run_store.BEST, run_store.CONFIG, run_store.LINEAGE))):
         with contextlib.suppress(OSError):
             times.append(p.stat().st_mtime)
     return max(times)

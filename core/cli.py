@@ -9,7 +9,8 @@ Modules are imported only when their command runs, so ``--help`` stays fast and 
 command does not pay for Sionna or the model unless it needs them.
 
 Errors: a :class:`~core.errors.CoreError` prints one line naming the bad file or
-argument and exits 2; any other exception prints one line and exits 1. ``--debug``
+argument and exits 2; a full disk (``ENOSPC``) prints "disk full" and exits 2; any other exception
+prints one line and exits 1. ``--debug``
 shows the traceback instead. Before returning, :func:`main` lets Zarr's background I/O
 settle (see :mod:`core.stores.zarr_group`), so nothing but that line reaches stderr.
 
@@ -21,6 +22,7 @@ exit status (:func:`run_process`).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -100,6 +102,10 @@ def _run_command(argv: list[str]) -> int:
     except Exception as exc:  # a bug, not bad input: one line unless --debug
         if debug:
             raise
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # the machine, not a bug: say so
+            where = f" writing {exc.filename}" if exc.filename else ""
+            print(f"error: disk full (no space left on the device{where})", file=sys.stderr)
+            return 2
         print(f"error: {type(exc).__name__}: {exc} (run again with --debug for the traceback)", file=sys.stderr)
         return 1
 

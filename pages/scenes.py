@@ -94,7 +94,7 @@ if not any(r.has_checkpoint for r in status.runs):
     st.page_link("pages/training.py", label="Go to Training", icon=":material/monitoring:")
 else:
     with st.expander("Models of this scene"):
-        st.dataframe(pd.DataFrame([{"run": r.name, "state": r.state, "epochs": r.epochs_done,
+        st.dataframe(pd.DataFrame([{"run": r.name, "state": r.state, "why": r.cause, "epochs": r.epochs_done,
                                     "λ_phys": r.lambda_phys, "best val median [m]": r.best_val_median_m}
                                    for r in status.runs]), hide_index=True, width="stretch")
 

@@ -13,7 +13,8 @@ from core.errors import CoreError
 from core.jobs.manager import ablate_spec, evaluate_spec, train_spec
 from core.learning.config import Config, load_config
 from core.stores.lineage import check_scene_stores
-from core.stores.run import is_taken, read_metrics, run_info
+from core.stores.output import check_writable
+from core.stores.run import evaluations, is_taken, read_metrics, run_info
 from core.stores.workspace import PRESETS, store_status
 from core.viz import plots as figures
 
@@ -163,7 +164,8 @@ else:
 st.subheader("Compare runs")
 if runs:
     table = pd.DataFrame([{"run": r.name, "scene": r.scene, "scenes": ", ".join(r.scenes),
-                           "held out": r.holdout_scene or "", "state": r.state, "λ_phys applied": r.lambda_phys,
+                           "held out": r.holdout_scene or "", "state": r.state, "why": r.cause,
+                           "λ_phys applied": r.lambda_phys,
                            "labels": r.label_fraction, "split": r.split, "epochs": r.epochs_done,
                            "best val median [m]": r.best_val_median_m, "checkpoint": r.has_checkpoint} for r in runs])
     st.dataframe(table, hide_index=True, width="stretch")
@@ -194,7 +196,7 @@ else:
         with wb.guard("evaluation"):
             wb.launch(spec)
     wb.job_panel(("evaluate",), key="eval_jobs", limit=3, title="Evaluation jobs")
-    for path in sorted((ws.root / eval_run).glob("eval_*_*.json")):
+    for path in evaluations(ws.root / eval_run):  # a shipped run's new results live in runs/evaluations/
         with wb.guard(path.name):
             rows = json.loads(path.read_text()).get("scenes")
             if rows:
@@ -272,4 +274,5 @@ with st.form("ablate_form"):
     start = st.form_submit_button("Start the ablation")
 if start:
     with wb.guard("ablation"):
+        check_writable(ws.root / out.strip(), "Output folder")  # the shipped ablation is read-only
         wb.launch(ablate_spec(scene, out.strip(), ["--quick"] if quick else []))

@@ -692,3 +692,43 @@ def test_training_on_many_scenes_and_a_held_out_one(tmp_path, monkeypatch):
         assert not at.error, _texts(at.error)
         if "attention" in page:
             assert "Scene 'florence' is held out" in _texts(at.info)
+
+
+def test_evaluating_the_shipped_run_in_the_app_leaves_it_untouched(tmp_path, monkeypatch):
+    """An Evaluate click on the shipped run (assets/default_run) writes to runs/evaluations/, which the page
+    reads back; nothing under assets/ changes (here the workspace's, and the repository's tracked files)."""
+    import hashlib
+    import shutil
+    import subprocess
+
+    def digest(folder: Path) -> dict[str, str]:
+        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    root = build_workspace(tmp_path)
+    shutil.copytree(root / "runs" / "tiny", root / "assets" / "default_run")
+    before = digest(root / "assets")
+    monkeypatch.setenv("CORE_WORKSPACE", str(root))
+    monkeypatch.setenv("CORE_JOBS_DB", str(root / ".jobs" / "jobs.sqlite"))
+    at = _app("pages/training.py")
+    at.selectbox(key="eval_run").select("assets/default_run").run()
+    at.selectbox(key="eval_scene").select("etoile").run()
+    at.button(key="eval_go").click().run()
+    _no_exception(at)
+    manager = _manager(root)
+    job = next(j for j in manager.list() if j.kind == "evaluate")
+    assert job.command.endswith("evaluate --run assets/default_run --split test --scene etoile --refine")
+    result = root / "runs" / "evaluations" / "default_run" / "eval_test_etoile_refine.json"
+    assert job.output == str(result)
+    assert manager.wait(job.id, timeout_s=240).status == "succeeded", manager.log(job.id)
+    assert digest(root / "assets") == before and result.exists()
+    at = _app("pages/training.py")
+    at.selectbox(key="eval_run").select("assets/default_run").run()
+    assert f"**{ws_rel(root, result)}** — test errors [m] per scene" in _texts(at.markdown)
+    tracked = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "assets", "radio_maps",
+                              "datasets"], capture_output=True, text=True, check=True).stdout
+    assert tracked == ""
+
+
+def ws_rel(root: Path, path: Path) -> str:
+    return str(path.resolve().relative_to(root.resolve()))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from core.cli import main
-from core.errors import StoreError
+from core.errors import CoreError, StoreError
 from core.learning.inference import load_run
 from core.learning.model import ModelSpec
 from core.learning.run_calibration import ensure_calibration, read_calibration
@@ -77,11 +77,16 @@ def test_train_refuses_a_finished_run_and_force_replaces_it(scene_sets, tmp_path
     with pytest.raises(SystemExit) as usage:  # argparse: one or the other
         train_cli(scene_sets, run_dir, "--resume", "--force")
     assert usage.value.code == 2 and "--force: not allowed with argument --resume" in capsys.readouterr().err
+    assert train_cli([*scene_sets, "--set", "training.epochs=2"], run_dir, "--force") == 2  # notes.txt is the user's
+    assert "it also holds notes.txt, which this command did not make; nothing was deleted" in capsys.readouterr().err
+    assert (run_dir / "notes.txt").exists() and read_status(run_dir)["state"] == "done"
+    (run_dir / "notes.txt").unlink()
+    (run_dir / "eval_test.json").write_text("{}")  # an evaluation is a run file
     assert train_cli([*scene_sets, "--set", "training.epochs=2"], run_dir, "--force") == 0
-    assert not (run_dir / "notes.txt").exists()  # a new directory, not the old one written over
+    assert not (run_dir / "eval_test.json").exists()  # a new directory, not the old one written over
     assert read_status(run_dir)["state"] == "done" and [r["epoch"] for r in read_metrics(run_dir)] == [1, 2]
     assert (run_dir / "log.txt").read_text().count(" train ") == 1
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing left beside it
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_a_failed_forced_run_leaves_the_old_one(scene_sets, tmp_path, capsys):
@@ -104,6 +109,11 @@ def test_check_out_dir_rules(tmp_path):
     assert is_taken(empty)
     with pytest.raises(StoreError, match=r"already holds a run \(\.hidden\)"):
         check_out_dir(empty)
+    with pytest.raises(CoreError, match=r"it also holds \.hidden, which this command did not make"):
+        check_out_dir(empty, force=True)  # not a run file: --force never deletes it
+    (empty / ".hidden").unlink()
+    (empty / "best.pt").write_text("")
+    (empty / ".best.pt.tmp-1-0123abcd").write_text("")  # a dead writer's temporary of a run file
     check_out_dir(empty, force=True)
 
 

@@ -615,9 +615,12 @@ class JobManager:
             status, error = "failed", ("the job's processes ended without recording an exit status "
                                        "(killed by SIGKILL, out of memory, or the machine stopped)")
         finished = record["time"] if record else time.time()
+        # the fraction the command reached (its progress file), never the waiter's last copy of it
+        fraction = 1.0 if status == "succeeded" else float((progress.read(job.progress_path) or {}).get(
+            "fraction", job.fraction))
         with self._connect() as db:  # only if nobody finished it meanwhile
-            db.execute("UPDATE jobs SET status = ?, error = ?, finished = ?, exit_code = ? "
-                       "WHERE id = ? AND status IN (?, ?)", (status, error, finished, code, job.id, *ACTIVE))
+            db.execute("UPDATE jobs SET status = ?, error = ?, finished = ?, exit_code = ?, fraction = ? "
+                       "WHERE id = ? AND status IN (?, ?)", (status, error, finished, code, fraction, job.id, *ACTIVE))
         return self._get(job.id)
 
     def _with_progress(self, job: Job) -> Job:
@@ -804,7 +807,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--days", type=float, default=None, help="delete logs of jobs finished longer ago than this")
     p = sub.add_parser("submit", help="run `python -m core ARGS...` as a background job")
     p.add_argument("--kind", choices=list(KINDS), default=None, help="default: the first of ARGS")
-    p.add_argument("--output", default=None, help="the path the command writes (refuses a second writer)")
+    p.add_argument("--output", default=None,
+                   help="the path the command writes (refuses a second writer; default: the command's --out)")
     p.add_argument("--wait", action="store_true", help="block until it finishes; exit with its status")
     p.add_argument("command_args", nargs=argparse.REMAINDER, help="the command, e.g. -- train --config ...")
     for action in sub.choices.values():  # `jobs list --db X` works as well as `jobs --db X list`
@@ -839,6 +843,16 @@ def _selftest(args: argparse.Namespace) -> int:
         atomic_write_text(args.out, json.dumps({"ok": True, "seconds": args.seconds}))
     print("selftest done", flush=True)
     return 0
+
+
+def _out_argument(command: Sequence[str]) -> str | None:
+    """The value of ``--out`` (``--out X`` or ``--out=X``) in ``command``, or None."""
+    for k, arg in enumerate(command):
+        if arg == "--out" and k + 1 < len(command):
+            return command[k + 1]
+        if arg.startswith("--out="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def _fmt_time(t: float | None) -> str:
@@ -881,7 +895,8 @@ def run(args: argparse.Namespace) -> int:
         if not command:
             raise JobError("jobs submit: give the command after --, e.g. `jobs submit -- train --config ...`")
         kind = args.kind or ("selftest" if command[:2] == ["jobs", "selftest"] else command[0])
-        job = manager.submit(JobSpec(kind, tuple(command), args.output))
+        output = args.output or _out_argument(command)  # without --output: the command's own --out
+        job = manager.submit(JobSpec(kind, tuple(command), output))
         print(f"job #{job.id} started: {job.command}\nlog: {job.log_path}")
         if args.wait:
             job = manager.wait(job.id, timeout_s=7 * 24 * 3600)

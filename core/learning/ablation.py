@@ -53,8 +53,10 @@ from core.errors import CoreError
 from core.learning.config import Config, load_config
 from core.learning.metrics import error_cdf
 from core.learning.statistics import compare_arms, paired_delta
-from core.stores.atomic import atomic_write_text
-from core.stores.run import read_config, read_status
+from core.stores.atomic import atomic_path, atomic_write_text
+from core.stores.lock import output_lock
+from core.stores.output import check_replaceable, check_writable, holds_only
+from core.stores.run import ABLATION_TEST, LAST, is_run_file, read_config, read_status
 
 BASE_CONFIG = "configs/model.yaml"
 GROUPS = ("all", "nlos", "sparse")
@@ -117,12 +119,12 @@ def ensure_trained(config: Config, run_dir: Path, stores, device, show_progress:
     if read_status(run_dir).get("state") == "done":
         _check_cached(run_dir, config)
         return False
-    if run_dir.exists() and not (run_dir / "last.pt").exists():
+    if run_dir.exists() and not (run_dir / LAST).exists() and holds_only(run_dir, is_run_file):
         shutil.rmtree(run_dir)  # killed before its first epoch ended: nothing to resume
     dataset, radio_map = stores
     run_data = prepare(config, apply_data_config(config, dataset, radio_map), radio_map)
     train(config, run_dir, resume=True, device=device, run_data=run_data, show_progress=show_progress)
-    (run_dir / "ablation_test.npz").unlink(missing_ok=True)
+    (run_dir / ABLATION_TEST).unlink(missing_ok=True)
     return True
 
 
@@ -131,7 +133,7 @@ def test_errors(run_dir: Path, stores, device) -> dict[str, np.ndarray]:
     from core.learning.evaluation import evaluate_run
     from core.learning.inference import load_run
 
-    cache = run_dir / "ablation_test.npz"
+    cache = run_dir / ABLATION_TEST
     if cache.exists():
         with np.load(cache) as z:
             return {k: z[k] for k in z.files}
@@ -141,9 +143,8 @@ def test_errors(run_dir: Path, stores, device) -> dict[str, np.ndarray]:
     data = run.tensors(idx)
     out = {"off": res["_errors"]["model"], "on": res["_errors"]["model_refined"], "indices": idx,
            "los": data.los.numpy(), "num_reports": data.num_reports.numpy()}
-    with open(cache.with_suffix(".tmp"), "wb") as fh:
+    with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **out)
-    cache.with_suffix(".tmp").replace(cache)
     return out
 
 
@@ -161,9 +162,8 @@ def baseline_errors(out: Path, split: str, config: Config, stores) -> dict[str, 
     idx = dataset.indices("test")
     est = run_baselines(dataset, stores[1], idx, config)
     result = {name: position_errors(xy, dataset.labels[idx]) for name, xy in est.items()}
-    with open(cache.with_suffix(".tmp"), "wb") as fh:
+    with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **result)
-    cache.with_suffix(".tmp").replace(cache)
     return result
 
 
@@ -378,6 +378,7 @@ def ablate(scene: str, out: str | Path, overrides: list[str] = (), quick: bool =
     plan = Plan(**{**asdict(PLANS["quick" if quick else "full"]), **{k: tuple(v) if isinstance(v, list) else v
                                                                       for k, v in grid.items() if v is not None}})
     out = Path(out)
+    check_ablation_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     base = [*plan.overrides, f"data.dataset=datasets/{scene}", *overrides]
     probe = arm_config(base, "random", 1.0, plan.seeds[0], 0.0)
@@ -405,6 +406,27 @@ def ablate(scene: str, out: str | Path, overrides: list[str] = (), quick: bool =
     return {"table": table, "curve": curve, "cdf": cdf, **summary}
 
 
+#: what an ablation folder holds (write_outputs, baseline_errors, the runs/ of its arms)
+OUTPUTS = ("table.csv", "table.md", "curve.csv", "cdf.json", "tuning.csv", "summary.json", "runs")
+
+
+def is_ablation_file(name: str) -> bool:
+    """Whether ``name`` is an entry of an ablation folder (:data:`OUTPUTS`, ``baselines-<split>.npz``, or
+    a temporary or lock of one)."""
+    base = name[1:].split(".tmp-")[0].split(".old-")[0].removesuffix(".json").removesuffix(".lock") \
+        if name.startswith(".") else name
+    return base in OUTPUTS or (base.startswith("baselines-") and base.endswith(".npz"))
+
+
+def check_ablation_folder(out: Path) -> None:
+    """Refuse a shipped ``--out`` (assets/ablation_etoile) and a folder holding anything an ablation did not
+    write (it is continued in place: its runs are the cache)."""
+    check_writable(out)
+    if out.is_dir():
+        check_replaceable(out, is_ablation_file, "an ablation folder (its tables and runs/)",
+                          action="ablate continues (and overwrites)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scene", default="etoile",
                         help="scene name: trains on datasets/<scene> and the radio map it was made with")
@@ -428,9 +450,11 @@ def run(args: argparse.Namespace) -> int:
     device = "cpu" if args.device == "auto" and not torch.cuda.is_available() else args.device
     if args.lambdas is not None and not all(v > 0 for v in args.lambdas):
         raise CoreError("--lambdas: every λ_phys to tune must be > 0 (λ = 0 is always an arm)")
-    result = ablate(args.scene, args.out, args.overrides, quick=args.quick, device=device,
-                    show_progress=not args.no_progress, seeds=args.seeds, fractions=args.fractions,
-                    splits=args.splits, lambda_grid=args.lambdas, n_boot=args.n_boot)
+    check_ablation_folder(Path(args.out))  # before the lock: a shipped folder gets no lock file beside it
+    with output_lock(args.out, "ablation folder"):  # one writer per ablation folder, for its whole life
+        result = ablate(args.scene, args.out, args.overrides, quick=args.quick, device=device,
+                        show_progress=not args.no_progress, seeds=args.seeds, fractions=args.fractions,
+                        splits=args.splits, lambda_grid=args.lambdas, n_boot=args.n_boot)
     table = result["table"]
     part = table[table["group"] == "all"]
     cols = ["split", "label_fraction", "refinement", "arm", "median_m", "median_m_sd", "d_median_m", "d_median_m_lo",

@@ -1,6 +1,7 @@
 """``python -m core evaluate --run runs/NAME [--scene SCENE] [--refine] [--split test] [--baselines] [--json]``.
 
-Evaluates a run on one split. The result (also written to ``<run>/eval_<split>[_refine].json``)
+Evaluates a run on one split. The result (also written to ``<run>/eval_<split>[_refine].json``; for a
+shipped run, which is read-only, to ``runs/evaluations/<run name>/``: :func:`~core.stores.run.evaluation_path`)
 holds at top level the run's ``lambda_phys`` (as applied), ``label_fraction`` and ``data_split``, ``median_m, rmse_m, p67_m, p90_m, success_5m, success_10m,
 success_20m`` (see :mod:`core.learning.metrics`), ``count``, ``train_s_per_epoch`` (mean epoch
 time in metrics.jsonl) and ``inference_ms_per_sample`` (batched forward over the split,
@@ -43,6 +44,7 @@ from core import progress
 from core.errors import CoreError
 from core.learning.metrics import METRIC_KEYS, error_metrics, grouped_metrics, position_errors
 from core.stores.atomic import atomic_write_text
+from core.stores.lock import output_lock
 from core.stores.run import evaluation_path
 
 
@@ -230,10 +232,11 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # one thread: much faster than 2 on a shared 2-core CPU
     device = "cpu" if args.device == "auto" and not torch.cuda.is_available() else args.device
     options = dict(threshold=args.threshold, top_k=args.top_k, window_s=args.window)
-    if args.scene is not None:
-        result = evaluate_scene(args.run, args.scene, args.split, args.refine, device=device,
-                                dataset_path=args.dataset, baselines=args.baselines, **options)
-    else:
-        result = evaluate_run(args.run, args.split, args.refine, args.baselines, device=device, **options)
+    with output_lock(evaluation_path(args.run, args.split, args.scene, args.refine), "evaluation"):  # one writer
+        if args.scene is not None:
+            result = evaluate_scene(args.run, args.scene, args.split, args.refine, device=device,
+                                    dataset_path=args.dataset, baselines=args.baselines, **options)
+        else:
+            result = evaluate_run(args.run, args.split, args.refine, args.baselines, device=device, **options)
     print(json.dumps(result, indent=2, default=float) if args.json else format_table(result))
     return 0

@@ -11,12 +11,14 @@ run gains it at its first evaluation. Inference reaches it through one explicit 
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from core.errors import CoreError, StoreError
 from core.physics.calibration import Calibration, calibrate
 from core.stores import run as run_store
 from core.stores.lineage import StoreRef
+from core.stores.output import is_shipped
 
 
 def read_calibration(run_dir: str | os.PathLike, scene: str | None = None):
@@ -53,7 +55,7 @@ def ensure_calibration(run_dir: str | os.PathLike, dataset, radio_map, scene: st
     Calibration: :func:`~core.physics.calibration.calibrate` on the train split, every
     present report at its true position; ``meta["dataset"]`` / ``meta["radio_map"]`` record
     the stores' refs. A stored file that is unreadable or made from other stores is
-    replaced. A read-only run directory gets none written (the calibration is returned).
+    replaced. A shipped or read-only run directory gets none written (the calibration is returned).
     """
     refs = (dataset.ref, radio_map.ref)
     try:
@@ -64,8 +66,7 @@ def ensure_calibration(run_dir: str | os.PathLike, dataset, radio_map, scene: st
         return stored
     cal = calibrate(dataset, radio_map, split="train")
     cal.meta.update({"dataset": refs[0].to_dict(), "radio_map": refs[1].to_dict()})
-    try:
-        run_store.write_calibration(run_dir, cal, scene)
-    except OSError:
-        pass
+    if not is_shipped(run_dir):
+        with contextlib.suppress(OSError):
+            run_store.write_calibration(run_dir, cal, scene)
     return cal

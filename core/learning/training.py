@@ -85,6 +85,8 @@ from core.learning.physics_terms import SiteLikelihoodTerm, make_scene_physics, 
 from core.learning.scene_data import RunData, prepare, scene_tensors, tensors
 from core.stores import run as run_store
 from core.stores.atomic import atomic_path, atomic_write_text
+from core.stores.lock import output_lock
+from core.stores.output import check_writable
 
 
 # -- schedule -------------------------------------------------------------------
@@ -139,6 +141,7 @@ class _Loop:
     best: float = math.inf
     bad_epochs: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    status: run_store.StatusWriter | None = None  # status.json of the run being written (rank 0)
 
     @property
     def is_main(self) -> bool:
@@ -179,6 +182,11 @@ def _attach_posteriors(run: RunData, parts: list[TensorData], physics, config: C
 def _restore(loop: _Loop, out: Path) -> None:
     """Continue from ``out/last.pt``: weights, optimiser, schedule, RNG and the metrics so far."""
     ckpt = run_store.load_checkpoint(out / run_store.LAST, loop.device)
+    spec = asdict(loop.run.spec)
+    changed = [f"{k}: {ckpt['spec'].get(k)} → {v}" for k, v in spec.items() if ckpt["spec"].get(k) != v]
+    if changed:
+        raise StoreError(f"{out / run_store.LAST}: holds a model of another shape than this config builds "
+                         f"({'; '.join(changed)}); resume with the run's own config or train a new run")
     loop.model.load_state_dict(ckpt["model"])
     loop.optimizer.load_state_dict(ckpt["optimizer"])
     loop.scheduler.load_state_dict(ckpt["scheduler"])
@@ -291,7 +299,7 @@ def _save_epoch(loop: _Loop, out: Path, row: dict[str, Any], improved: bool, val
     run_store.write_metrics(out, loop.history)
     run_store.append_log(out, f"epoch {row['epoch']}: " + ", ".join(
         f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "epoch"))
-    run_store.write_status(out, "running", row["epoch"], loop.config.training.epochs, loop.best)
+    loop.status.update("running", row["epoch"], loop.best)
 
 
 def _run_epochs(loop: _Loop, out: Path, max_epochs: int | None, bar) -> bool:
@@ -332,6 +340,8 @@ def train(config: Config, out_dir: str | os.PathLike, resume: bool = False, devi
     out = Path(out_dir)
     if rank == 0:
         run_store.check_out_dir(out, resume=resume)
+    if resume and (out / run_store.LAST).exists():  # before any work: the same run, or a one-line refusal
+        run_store.check_resume_config(out, config)
     if config.training.num_threads and device.type == "cpu":
         torch.set_num_threads(max(1, config.training.num_threads // world))
     run = run_data or prepare(config)
@@ -348,15 +358,23 @@ def train(config: Config, out_dir: str | os.PathLike, resume: bool = False, devi
         if resume and loop.start_epoch == 0:
             run_store.append_log(out, f"--resume: no {out / run_store.LAST}, starting from scratch")
         _start_run_dir(loop, out)
+        loop.status = run_store.StatusWriter(out, config.training.epochs)
+        loop.status.update("running", loop.start_epoch, loop.best)
     bar = None
     if show_progress and loop.is_main:
         from tqdm import tqdm
 
         bar = tqdm(total=config.training.epochs, initial=loop.start_epoch, desc="train", unit="epoch")
-    stopped_early = _run_epochs(loop, out, max_epochs, bar)
-    if bar is not None:
-        bar.close()
-    _finish(loop, out, stopped_early)
+    try:
+        stopped_early = _run_epochs(loop, out, max_epochs, bar)
+        _finish(loop, out, stopped_early)
+    except BaseException as exc:
+        if loop.status is not None:
+            loop.status.fail(exc)  # failed (or stopped) with its cause, never "running" after its writer
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
     return {"best_val_median_m": loop.best, "epochs_run": len(loop.history), "stopped_early": stopped_early,
             "history": loop.history, "rank": rank, "world": world, "coarse_prior": loop.coarse_prior}
 
@@ -366,7 +384,7 @@ def _finish(loop: _Loop, out: Path, stopped_early: bool) -> None:
     done_epochs = history[-1]["epoch"] if history else 0
     finished = stopped_early or done_epochs >= epochs
     if loop.is_main:
-        run_store.write_status(out, "done" if finished else "stopped", done_epochs, epochs, loop.best)
+        loop.status.update("done" if finished else "stopped", done_epochs, loop.best)
         progress.report(1.0 if finished else done_epochs / epochs, "training done")
     if loop.world > 1:
         import torch.distributed as dist
@@ -389,12 +407,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = load_config(resolve_path(args.config), args.overrides)
     out = Path(args.out)
-    run_store.check_out_dir(out, resume=args.resume, force=args.force)
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    # --force: rank 0 writes the new run beside the old one; it replaces the old one when training ends
-    target = atomic_path(out) if args.force and rank0 else contextlib.nullcontext(out)
-    with target as out_dir:
-        result = train(config, out_dir, resume=args.resume, device=args.device, show_progress=not args.no_progress)
+    check_writable(out, "run directory")  # a shipped path gets no lock file beside it either
+    # one writer per run directory (rank 0 writes it): held until the run is in place
+    with output_lock(out, "run directory") if rank0 else contextlib.nullcontext():
+        run_store.check_out_dir(out, resume=args.resume, force=args.force)
+        # --force: rank 0 writes the new run beside the old one; it replaces the old one when training ends
+        target = atomic_path(out) if args.force and rank0 else contextlib.nullcontext(out)
+        with target as out_dir:
+            result = train(config, out_dir, resume=args.resume, device=args.device,
+                           show_progress=not args.no_progress)
     if result["rank"] == 0:
         print(f"best val median {result['best_val_median_m']:.2f} m after {result['epochs_run']} epochs -> {out}")
     return 0

@@ -69,6 +69,7 @@ from core.raytracing.coverage import DEFAULT_MIN_COVERAGE
 from core.raytracing.distributed import add_ray_argument
 from core.raytracing.tracing import MAX_SAMPLES_PER_SRC, SPEED_OF_LIGHT, PropagationSettings
 from core.stores.lineage import map_path
+from core.stores.output import writing_store
 
 DEFAULT_TOA_DECIMATION = 3
 DIRECT_TOL_M = 0.5  # a virtual source this close to the site is the site: the direct path
@@ -547,8 +548,9 @@ def map_of_scene(name: str, scenes_dir: str | None, radio_maps: str, settings: M
     if out.exists() and not force:
         return "skipped", f"{out} exists (use --force to regenerate)"
     t = time.perf_counter()
-    radio_map = generate_map(info, settings, position=position)
-    radio_map.save(out)
+    with writing_store(out, "radio_map", force, "radio map"):  # not shipped, one writer, --force only on a map
+        radio_map = generate_map(info, settings, position=position)
+        radio_map.save(out)
     return "ok", f"{out} ({time.perf_counter() - t:.1f} s, coverage {radio_map.coverage_text()})"
 
 

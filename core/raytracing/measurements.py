@@ -88,6 +88,7 @@ from core.progress import report
 from core.raytracing.distributed import add_ray_argument
 from core.stores.lineage import map_path
 from core.stores.measurement_model import KNOBS, SENSITIVITY_OFF, MeasurementModel
+from core.stores.output import writing_store
 
 
 @dataclass(frozen=True)
@@ -486,10 +487,11 @@ def dataset_of_scene(scene: str, out: str, options: DatasetOptions, force: bool,
     path = Path(out)
     if path.exists() and not force:
         raise CoreError(f"--out {path} exists (use --force to overwrite)")
-    ds = make_dataset(scene, options.num_ues, options.reports, radio_maps=options.radio_maps, seed=options.seed,
-                      split=options.split, scenes_dir=options.scenes_dir, model=options.model,
-                      record_relative_to=options.record_relative_to)
-    ds.save(path)
+    with writing_store(path, "measurement_dataset", force):  # not shipped, one writer, --force only on a dataset
+        ds = make_dataset(scene, options.num_ues, options.reports, radio_maps=options.radio_maps, seed=options.seed,
+                          split=options.split, scenes_dir=options.scenes_dir, model=options.model,
+                          record_relative_to=options.record_relative_to)
+        ds.save(path)
     timings = ds.attrs["generator"]["timings"]
     return "ok", (f"wrote {path}: {ds.num_samples} UEs x {ds.num_reports} reports, "
                   f"{ds.report_mask.mean():.1%} reports present, {timings['total_s']:.1f} s; {options.model.summary()}")

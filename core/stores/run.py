@@ -12,7 +12,8 @@ Layout::
         best.pt         checkpoint of the best val median: model, spec, config, epoch, val
         last.pt         everything to resume: + optimizer, scheduler, rng, best_val_median_m, bad_epochs
         log.txt         human-readable log, appended
-        status.json     {"state": running|done|stopped, "epoch", "epochs", "best_val_median_m" [m]}
+        status.json     {"state": running|done|stopped|failed, "epoch", "epochs", "best_val_median_m" [m],
+                        "pid", "host", "pid_started", "heartbeat" [Unix s], "cause" (why failed/stopped)}
         lineage.json    {"dataset": StoreRef, "radio_map": StoreRef}: the stores it was trained on (the first
                         scene's), "scenes": [{"scene", "dataset", "radio_map"}] every training scene in
                         scene-index order, "holdout_scene": the scene kept out of training (or null)
@@ -33,33 +34,64 @@ any other non-blank line (a torn write, a stray edit) is skipped (:func:`read_me
 (this module names the file: :func:`calibration_path`; :func:`write_calibration` stores it).
 
 A directory that holds anything is taken (:func:`is_taken`): training refuses it unless it
-resumes it (``last.pt`` needed) or replaces it (:func:`check_out_dir`).
+resumes it (``last.pt`` needed, and the same config: :func:`check_resume_config`) or replaces it
+(:func:`check_out_dir`); ``--force`` replaces only a directory of run files (:func:`is_run_file`),
+never a folder holding anything else, and a shipped run (``assets/``) is never written.
+
+Run states (:func:`run_state`): ``status.json`` records the writer's ``pid``, ``host``, process start
+time and a ``heartbeat`` (refreshed every :data:`HEARTBEAT_S` by :class:`StatusWriter`). A run reads
+as ``running`` only while that process lives (same host) or its heartbeat is fresh (another host);
+else ``failed`` with the cause "process died". A crash records ``failed`` and its cause (a full
+disk as "disk full"); ``done`` is written only after the last epoch (or an early stop).
+
+Evaluations of a shipped run go to ``<runs>/evaluations/<run name>/`` (:func:`evaluations_dir`), and
+:func:`evaluations` lists a run's results from both places.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
 import re
+import socket
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core import resolve_path
+from core import REPO_ROOT, resolve_path
 from core.errors import CoreError, StoreError
 from core.learning.config import Config, load_config
 from core.stores.atomic import atomic_path, atomic_write_text
 from core.stores.lineage import StoreRef, map_path_for, store_ref
+from core.stores.output import check_replaceable, check_writable, is_shipped
 
 CONFIG, METRICS, BEST, LAST = "config.yaml", "metrics.jsonl", "best.pt", "last.pt"
 LOG, STATUS, LINEAGE, CALIBRATION = "log.txt", "status.json", "lineage.json", "calibration.json"
 FILES = (CONFIG, METRICS, BEST, LAST, LOG, STATUS, LINEAGE, CALIBRATION)
+#: the ablation's cache of a run's test errors (core.learning.ablation)
+ABLATION_TEST = "ablation_test.npz"
+#: eval_<split>[_<scene>][_refine].json, calibration_<scene>.json
+_OTHER_RUN_FILE = re.compile(r"(eval_[\w.-]+|calibration_[\w.-]+)\.json")
+#: .<run file>.tmp-<pid>-<token> (atomic writes), .<run file>.lock and .lock.json (core.stores.lock)
+_HIDDEN_SIBLING = re.compile(r"\.(.+?)\.(?:(?:tmp|old)-\d+-[0-9a-f]+|lock|lock\.json)")
 
 
 # -- the directory ---------------------------------------------------------------------------
+def is_run_file(name: str) -> bool:
+    """Whether ``name`` is a file a run directory holds (what ``--force`` may replace): :data:`FILES`,
+    evaluations, other scenes' calibrations, the ablation's cache, and their temporaries and locks."""
+    hidden = _HIDDEN_SIBLING.fullmatch(name)
+    if hidden:
+        return is_run_file(hidden.group(1))
+    return name in FILES or name == ABLATION_TEST or bool(_OTHER_RUN_FILE.fullmatch(name))
+
+
 def is_taken(run_dir: str | os.PathLike) -> bool:
     """Whether ``run_dir`` exists and holds anything (a file that is not a directory counts)."""
     path = Path(run_dir)
@@ -69,15 +101,20 @@ def is_taken(run_dir: str | os.PathLike) -> bool:
 
 
 def check_out_dir(run_dir: str | os.PathLike, resume: bool = False, force: bool = False) -> None:
-    """Refuse to train into a taken ``run_dir`` unless resuming it (needs ``last.pt``) or
-    replacing it (``force``). A missing or empty directory is always fine."""
+    """Refuse to train into a shipped ``run_dir`` (:func:`~core.stores.output.check_writable`), or a taken
+    one unless resuming it (needs ``last.pt``) or replacing it (``force``: only a directory of run files,
+    :func:`is_run_file`). A missing or empty directory is always fine."""
     path = Path(run_dir)
     if resume and force:
         raise CoreError("--resume and --force exclude each other: continue the run or replace it")
-    if not is_taken(path) or force:
+    check_writable(path, "run directory")
+    if not is_taken(path):
         return
     if not path.is_dir():
         raise StoreError(f"run directory {path}: exists and is not a directory")
+    if force:
+        check_replaceable(path, is_run_file, "a run directory (run files only)", "run directory")
+        return
     if resume and not (path / LAST).exists():
         raise StoreError(f"run directory {path}: nothing to resume (no {LAST}); replace it with --force "
                          "or pick another directory")
@@ -85,6 +122,38 @@ def check_out_dir(run_dir: str | os.PathLike, resume: bool = False, force: bool 
         held = ", ".join(sorted(p.name for p in path.iterdir())[:6])
         raise StoreError(f"run directory {path}: already holds a run ({held}); continue it with --resume, "
                          "replace it with --force, or pick another directory")
+
+
+#: keys a resumed run may change: they do not change what it learns
+RESUME_FREE = ("training.num_threads",)
+_PATH_KEYS = ("data.dataset", "data.datasets", "physics_loss.radio_maps_dir")
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: value}
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    paths = lambda v: [resolve_path(x).resolve() for x in (v if isinstance(v, list) else [v])]  # noqa: E731
+    return a is not None and b is not None and paths(a) == paths(b)
+
+
+def check_resume_config(run_dir: str | os.PathLike, config: Config) -> None:
+    """Refuse to resume ``run_dir`` with another ``config`` than it was trained with: one line naming
+    every key that differs (``physics_loss.lambda_phys: 0.1 → 0.5``). Paths compare as the stores they
+    lead to; ``feature_weights: auto`` matches the numbers it was resolved to; :data:`RESUME_FREE` may differ."""
+    was, now = _flat(read_config(run_dir).to_dict()), _flat(config.to_dict())
+    if now.get("physics_loss.feature_weights") == "auto":
+        was = {k: v for k, v in was.items() if not k.startswith("physics_loss.feature_weights")}
+        now.pop("physics_loss.feature_weights")
+    changed = [f"{k}: {was.get(k, '(unset)')} → {now.get(k, '(unset)')}" for k in sorted(set(was) | set(now))
+               if was.get(k) != now.get(k) and k not in RESUME_FREE
+               and not (k in _PATH_KEYS and _same_path(was.get(k), now.get(k)))]
+    if changed:
+        raise StoreError(f"run directory {run_dir}: --resume continues the same run, but the config differs from "
+                         f"its {CONFIG} ({'; '.join(changed)}); train a new run (another --out) for a new config")
 
 
 def read_config(run_dir: str | os.PathLike) -> Config:
@@ -150,10 +219,124 @@ def read_status(run_dir: str | os.PathLike) -> dict[str, Any]:
     return status if isinstance(status, dict) else {}
 
 
-def write_status(run_dir: str | os.PathLike, state: str, epoch: int, epochs: int, best_val_median_m: float) -> None:
+def write_status(run_dir: str | os.PathLike, state: str, epoch: int, epochs: int, best_val_median_m: float,
+                 **extra: Any) -> None:
+    """Write ``status.json`` atomically; ``extra``: the writer's ``pid``, ``host``, ``pid_started``,
+    ``heartbeat``, and the ``cause`` of a failed or stopped run."""
     best = best_val_median_m if math.isfinite(best_val_median_m) else None
     atomic_write_text(Path(run_dir) / STATUS, json.dumps(
-        {"state": state, "epoch": epoch, "epochs": epochs, "best_val_median_m": best}))
+        {"state": state, "epoch": epoch, "epochs": epochs, "best_val_median_m": best, **extra}))
+
+
+#: seconds between heartbeats of a running run; one whose heartbeat is older than STALE_S
+#: (written on another host, where its pid cannot be checked) reads as failed
+HEARTBEAT_S, STALE_S = 30.0, 300.0
+
+
+class StatusWriter:
+    """``status.json`` of the run being written by this process (rank 0).
+
+    :meth:`update` records the state with this process's pid, host and start time; a daemon
+    thread refreshes ``heartbeat`` every :data:`HEARTBEAT_S`; :meth:`fail` records ``failed``
+    (or ``stopped`` for an interruption) with the cause (:func:`failure_cause`). Writes never raise
+    from the heartbeat, and :meth:`fail` never hides the original error.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, epochs: int) -> None:
+        import psutil
+
+        self.run_dir, self.epochs = Path(run_dir), epochs
+        self.fields: dict[str, Any] = {"state": "running", "epoch": 0, "best": math.inf}
+        self.owner = {"pid": os.getpid(), "host": socket.gethostname(),
+                      "pid_started": psutil.Process().create_time()}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="run-heartbeat", daemon=True)
+
+    def _write(self) -> None:
+        f = self.fields
+        extra = {**self.owner, "heartbeat": time.time(), **({"cause": f["cause"]} if f.get("cause") else {})}
+        write_status(self.run_dir, f["state"], f["epoch"], self.epochs, f["best"], **extra)
+
+    def update(self, state: str, epoch: int, best_val_median_m: float, cause: str = "") -> None:
+        with self._lock:
+            self.fields = {"state": state, "epoch": epoch, "best": best_val_median_m, "cause": cause}
+            self._write()
+        if state == "running" and not self._thread.is_alive() and not self._stop.is_set():
+            self._thread.start()
+        elif state != "running":
+            self._stop.set()
+
+    def fail(self, exc: BaseException) -> None:
+        """Record how the run ended on ``exc`` (best effort: a full disk may refuse this write too)."""
+        interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
+        with contextlib.suppress(Exception):
+            self.update("stopped" if interrupted else "failed", self.fields["epoch"], self.fields["best"],
+                        failure_cause(exc))
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            with self._lock, contextlib.suppress(Exception):
+                if self.fields["state"] == "running":
+                    self._write()
+
+
+def failure_cause(exc: BaseException) -> str:
+    """One line saying why a run ended on ``exc``: a full disk as "disk full", an interruption as such."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return "interrupted"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if isinstance(exc, CoreError):
+        return text
+    chain = [exc, exc.__cause__, exc.__context__]
+    if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain):
+        where = next((e.filename for e in chain if isinstance(e, OSError) and e.filename), None)
+        return f"disk full (no space left on the device{f' writing {where}' if where else ''})"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _process_alive(pid: Any, started: Any) -> bool:
+    """Whether process ``pid`` (of this host) lives and started at ``started`` (psutil create time)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(int(pid))
+        same = started is None or abs(proc.create_time() - float(started)) < 1.0
+        return same and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, ValueError, TypeError):
+        return False
+    except psutil.Error:
+        return True  # exists, but we may not look at it
+
+
+def run_state(run_dir: str | os.PathLike, status: Mapping[str, Any] | None = None,
+              epochs_done: int | None = None, epochs: int | None = None) -> tuple[str, str]:
+    """``(state, cause)`` of the run in ``run_dir`` as it truly is (see the module doc).
+
+    ``running`` in ``status.json`` is believed only while its writer lives: the pid (same host) or a
+    heartbeat younger than :data:`STALE_S` (another host); else ``failed``, "process died". A run
+    without ``status.json`` (written before runs recorded it) is ``done`` when its checkpoint has
+    all ``epochs`` of metrics, ``failed`` when it has fewer, ``no-checkpoint`` without one.
+    """
+    path = Path(run_dir)
+    status = read_status(path) if status is None else status
+    state, cause = str(status.get("state") or ""), str(status.get("cause") or "")
+    if state == "running":
+        pid, host = status.get("pid"), status.get("host")
+        if pid is not None and host in (None, socket.gethostname()):
+            if _process_alive(pid, status.get("pid_started")):
+                return "running", ""
+            return "failed", f"process died (pid {pid} ended without finishing the run)"
+        if time.time() - (_number(status.get("heartbeat")) or 0.0) <= STALE_S:
+            return "running", ""
+        return "failed", f"process died (no heartbeat{f' from {host}' if host else ''} for over {STALE_S:g} s)"
+    if state:
+        return state, cause
+    if not ((path / BEST).exists() or (path / LAST).exists()):
+        return "no-checkpoint", ""
+    if epochs is not None and epochs_done is not None and epochs_done < epochs:
+        return "failed", f"ended after {epochs_done} of {epochs} epochs (no {STATUS})"
+    return "done", ""
 
 
 def append_log(run_dir: str | os.PathLike, line: str) -> None:
@@ -222,9 +405,29 @@ def check_lineage(run_dir: str | os.PathLike, dataset: StoreRef, radio_map: Stor
 
 
 # -- evaluations ----------------------------------------------------------------------------------
+def evaluations_dir(run_dir: str | os.PathLike) -> Path:
+    """Where ``evaluate`` writes ``run_dir``'s results: the run directory itself, or for a shipped run
+    (read-only, :func:`~core.stores.output.is_shipped`) ``<runs>/evaluations/<run name>/``, with
+    ``<runs>`` = ``$CORE_RUNS_DIR``, else ``$CORE_WORKSPACE/runs``, else ``<repo>/runs``."""
+    run_dir = Path(run_dir)
+    if not is_shipped(run_dir):
+        return run_dir
+    runs = os.environ.get("CORE_RUNS_DIR") or Path(os.environ.get("CORE_WORKSPACE") or REPO_ROOT) / "runs"
+    return Path(runs) / "evaluations" / run_dir.resolve().name
+
+
 def evaluation_path(run_dir: str | os.PathLike, split: str, scene: str | None = None, refine: bool = False) -> Path:
-    """``<run>/eval_<split>[_<scene>][_refine].json``: what ``evaluate`` writes (``scene``: ``--scene``)."""
-    return Path(run_dir) / f"eval_{split}{f'_{scene}' if scene else ''}{'_refine' if refine else ''}.json"
+    """``<evaluations_dir>/eval_<split>[_<scene>][_refine].json``: what ``evaluate`` writes (``scene``: ``--scene``)."""
+    name = f"eval_{split}{f'_{scene}' if scene else ''}{'_refine' if refine else ''}.json"
+    return evaluations_dir(run_dir) / name
+
+
+def evaluations(run_dir: str | os.PathLike) -> list[Path]:
+    """Every evaluation result of ``run_dir``, sorted by name: those in the run directory (a shipped run's
+    shipped results) and those in :func:`evaluations_dir`; a name in both is the latter's (the newer)."""
+    found = {p.name: p for p in Path(run_dir).glob("eval_*.json")}
+    found.update({p.name: p for p in evaluations_dir(run_dir).glob("eval_*.json")})
+    return [found[name] for name in sorted(found)]
 
 
 # -- calibration ----------------------------------------------------------------------------------
@@ -265,8 +468,13 @@ def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> None
     import torch
 
     _check_plain(payload, f"checkpoint {path}")
-    with atomic_path(path) as tmp:
-        torch.save(dict(payload), tmp)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: a full disk raises ENOSPC,
+            torch.save(dict(payload), fh)                        # not torch's "enforce fail at inline_container"
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise StoreError(f"{path}: disk full (no space left on the device) while writing the checkpoint") from exc
+        raise
 
 
 def load_checkpoint(path: str | os.PathLike, device: Any = "cpu") -> dict[str, Any]:
@@ -302,7 +510,8 @@ def load_checkpoint(path: str | os.PathLike, device: Any = "cpu") -> dict[str, A
 class RunInfo:
     """What the app lists about a run; numbers come from the validated config.
 
-    ``state``: running | done | stopped (status.json), else done / no-checkpoint.
+    ``state``: running | done | stopped | failed | no-checkpoint (:func:`run_state`, which checks that a
+    running run's writer lives); ``cause``: why a run failed or stopped ("process died", "disk full", …).
     ``lambda_phys``: the λ_phys applied once ramped in (0 = the physics term was off; None when the
     config is invalid, and ``problem`` says why). ``label_fraction`` and ``split``: the data it
     was trained on. ``epochs``: planned epochs. ``scene``: the (first) training scene; ``scenes``: every
@@ -326,6 +535,7 @@ class RunInfo:
     problem: str = ""
     scenes: tuple[str, ...] = ()
     holdout_scene: str | None = None
+    cause: str = ""
 
 
 def _run_scene(run_dir: Path, config: Config | None) -> str | None:
@@ -372,10 +582,10 @@ def run_info(run_dir: str | os.PathLike, name: str | None = None) -> RunInfo:
     has_ckpt = (path / BEST).exists() or (path / LAST).exists()
     lam = config.physics_loss.lambda_phys if config is not None else None
     scene = _run_scene(path, config)
+    state, cause = run_state(path, status, len(metrics), config.training.epochs if config else None)
     return RunInfo(
         name=name or path.name, path=path, scene=scene,
-        dataset=config.data.dataset if config else None,
-        state=str(status.get("state") or ("done" if has_ckpt else "no-checkpoint")),
+        dataset=config.data.dataset if config else None, state=state, cause=cause,
         epochs_done=len(metrics), epochs=config.training.epochs if config else None,
         best_val_median_m=best if best is not None else (min(medians) if medians else None),
         lambda_phys=lam, has_checkpoint=has_ckpt, label_fraction=config.data.label_fraction if config else None,
