@@ -90,7 +90,7 @@ from core.learning.data_loading import (
 from core.learning.metrics import error_metrics, position_errors
 from core.learning.model import MapConditionedTransformer, ModelSpec, SceneMaps, build_model, coarse_loss, fine_loss
 from core.stores import run as run_store
-from core.stores.atomic import atomic_path, atomic_write_text
+from core.stores.atomic import atomic_path, atomic_write_text, check_writable
 from core.stores.dataset import CELL_FEATURES, MeasurementDataset
 from core.stores.lineage import check_map_of_dataset, map_path_for
 from core.stores.radio_map import SITE_LAYERS, RadioMap
@@ -892,6 +892,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(resolve_path(args.config), args.overrides)
     out = Path(args.out)
     run_store.check_out_dir(out, resume=args.resume, force=args.force)
+    check_writable(out / run_store.STATUS if args.resume else out, "--out")
     rank0 = int(os.environ.get("RANK", "0")) == 0
     # --force: rank 0 writes the new run beside the old one; it replaces the old one when training ends
     target = atomic_path(out) if args.force and rank0 else contextlib.nullcontext(out)

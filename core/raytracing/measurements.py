@@ -82,10 +82,12 @@ from typing import Any
 
 import numpy as np
 
+from core import cli_types
 from core.errors import CoreError
 from core.features import wrap_degrees
 from core.jobs.progress import report
 from core.raytracing.distributed import add_ray_argument
+from core.stores.atomic import check_writable
 from core.stores.lineage import map_path
 from core.stores.measurement_model import KNOBS, SENSITIVITY_OFF, MeasurementModel
 
@@ -498,15 +500,15 @@ def dataset_of_scene(scene: str, out: str, options: DatasetOptions, force: bool,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scene", "--scenes", dest="scene", nargs="+", required=True, metavar="SCENE",
                         help="scene name(s) (see core.scenes.list_scenes); with several, --out is a folder")
-    parser.add_argument("--num-ues", type=int, default=20_000, help="number of UE walks (samples)")
-    parser.add_argument("--reports", type=int, default=8, help="reports per walk, T (default: 8)")
+    parser.add_argument("--num-ues", type=cli_types.count, default=20_000, help="number of UE walks (samples)")
+    parser.add_argument("--reports", type=cli_types.count, default=8, help="reports per walk, T (default: 8)")
     parser.add_argument("--out", required=True,
                         help="output Zarr store, e.g. datasets/etoile; with several scenes, the folder that gets "
                              "one <scene> store each")
     parser.add_argument("--radio-maps", default="radio_maps",
                         help="folder with <scene>.zarr: its sites, bounds and coverage are used (default: radio_maps)")
     parser.add_argument("--scenes-dir", default=None, help="folder of user scenes")
-    parser.add_argument("--seed", type=int, default=0, help="seed of walks, noise and split (default: 0)")
+    parser.add_argument("--seed", type=cli_types.seed, default=0, help="seed of walks, noise and split (default: 0)")
     parser.add_argument("--split", choices=["random", "spatial"], default="random", help="train/val/test split by UE")
     model = parser.add_argument_group("measurement model (recorded in the store's attrs measurement_model)")
     for name in _MODEL_HELP:
@@ -528,6 +530,7 @@ def run(args: argparse.Namespace) -> int:
     model = MeasurementModel.from_flags({name: getattr(args, name) for name in _MODEL_HELP})
     _check_arguments(args.num_ues, args.reports, args.split, model)
     options = DatasetOptions(args.num_ues, args.reports, args.radio_maps, args.seed, args.split, args.scenes_dir, model)
+    check_writable(Path(args.out) / scenes[0] if len(scenes) > 1 else args.out, "--out")  # before any trace
     if len(scenes) == 1 and args.ray is None:  # one scene: --out is the store, a failure is the command's error
         print(dataset_of_scene(scenes[0], args.out, options, args.force)[1])
         return 0
