@@ -89,7 +89,7 @@ from core.features import wrap_degrees
 from core.jobs.progress import report
 from core.raytracing.distributed import add_ray_argument
 from core.stores.atomic import check_writable
-from core.stores.lineage import WITHOUT_MAP, check_map_of_scene, map_path, store_ref
+from core.stores.lineage import WITHOUT_MAP, check_map_of_scene, map_path
 from core.stores.measurement_model import KNOBS, SENSITIVITY_OFF, MeasurementModel
 
 
@@ -117,8 +117,8 @@ def _sites_and_area(scene_name, radio_maps, scenes_dir):
         if not path.exists():
             raise CoreError(f"radio map {path}: no such store; make it first (python -m core generate-maps --scenes "
                             f"{info.name} --output-dir {radio_maps}), or ask for a dataset without a map (--no-map)")
-        check_map_of_scene(store_ref(path, "radio map"), info.name)  # cheap: before the arrays are read
         rmap = RadioMap.load(path)
+        check_map_of_scene(rmap.ref, info.name)
         propagation = PropagationSettings.from_dict(rmap.attrs["propagation"])
         return info, rmap.attrs["sites"], rmap.bounds, rmap.valid, rmap.ref, propagation
     scene = load_scene(info)
