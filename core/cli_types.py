@@ -45,39 +45,33 @@ def _in_range(value: float, low, high, low_open: bool, high_open: bool) -> bool:
     return not (high is not None and (value > high or (high_open and value == high)))
 
 
-def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
-           high_open: bool = False) -> Callable[[str], float]:
-    """An argparse ``type``: a FINITE float in the range (``low``/``high`` inclusive unless ``*_open``)."""
-    need = f"a finite number{_range_text(low, high, low_open, high_open)}"
+def _checked(convert: Callable[[str], float], what: str, low, high, low_open: bool = False,
+             high_open: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: ``convert(text)``, refused unless finite and in the range."""
+    need = f"{what}{_range_text(low, high, low_open, high_open)}"
 
-    def parse(text: str) -> float:
+    def parse(text: str):
         try:
-            value = float(text)
+            value = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}") from None
         if not math.isfinite(value) or not _in_range(value, low, high, low_open, high_open):
             raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}")
         return value
 
-    parse.__name__ = "number"
+    parse.__name__ = convert.__name__
     return parse
+
+
+def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a FINITE float in the range (``low``/``high`` inclusive unless ``*_open``)."""
+    return _checked(float, "a finite number", low, high, low_open, high_open)
 
 
 def integer(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
     """An argparse ``type``: an integer in ``[low, high]`` (either bound optional)."""
-    need = f"an integer{_range_text(low, high, False, False)}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}") from None
-        if not _in_range(value, low, high, False, False):
-            raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}")
-        return value
-
-    parse.__name__ = "integer"
-    return parse
+    return _checked(int, "an integer", low, high)
 
 
 #: the common cases

@@ -20,8 +20,8 @@ after a warm-up), plus:
 
 With ``--scene SCENE`` the run is evaluated on that scene (its dataset and map; a held-out scene
 never seen in training: its dataset is ``<folder of the run's first dataset>/<SCENE>`` unless
-``--dataset`` says, MAP refinement on its own map with a calibration transferred from the training
-scenes). The result, written to ``<run>/eval_<split>_<SCENE>[_refine].json``, is that scene's, with
+``--dataset`` says; its map is the one that dataset records, wherever it lies; MAP refinement on that
+map with a calibration transferred from the training scenes). The result, written to ``<run>/eval_<split>_<SCENE>[_refine].json``, is that scene's, with
 ``scene``, ``held_out`` and ``scenes``: the in-scene vs held-out table, one row per training scene
 and one for SCENE, each ``{scene, role ("trained" | "held-out"), count, median_m, p90_m,
 rmse_m}`` and, with ``--refine``, ``refined_median_m`` and ``refined_p90_m`` (same split everywhere).
@@ -216,7 +216,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluate on this scene: a training scene, or a held-out one never trained on "
                              "(adds the in-scene vs held-out table)")
     parser.add_argument("--dataset", default=None,
-                        help="with --scene: its dataset (default: datasets/SCENE beside the run's first dataset)")
+                        help="with --scene: its dataset (default: datasets/SCENE beside the run's first dataset); "
+                             "its map is the one it records")
     parser.add_argument("--refine", action="store_true",
                         help="also report the network + MAP refinement (every sample unless --threshold)")
     parser.add_argument("--baselines", action="store_true",
