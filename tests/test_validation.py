@@ -189,6 +189,8 @@ def test_read_only_outputs_are_refused_before_any_work(scene, tmp_path, capsys):
         line = _refused(["train", "--config", "configs/model.yaml", *_scene_sets(scene), "--out", str(ro / "run"),
                          "--no-progress"], capsys)
         assert line.startswith(f"error: --out {ro / 'run'}: cannot write in {ro} (")
+        line = _refused(["ablate", "--quick", "--out", str(ro / "ablation"), "--no-progress"], capsys)
+        assert line.startswith(f"error: --out {ro / 'ablation' / 'table.csv'}: cannot write in {ro} (")
         assert list(ro.iterdir()) == []
 
 

@@ -54,7 +54,7 @@ from core.jobs import progress
 from core.learning.config import Config, load_config
 from core.learning.metrics import error_cdf
 from core.learning.statistics import compare_arms, paired_delta
-from core.stores.atomic import atomic_write_text
+from core.stores.atomic import atomic_write_text, check_writable
 from core.stores.run import read_config, read_status
 
 BASE_CONFIG = "configs/model.yaml"
@@ -428,6 +428,7 @@ def run(args: argparse.Namespace) -> int:
     device = "cpu" if args.device == "auto" and not torch.cuda.is_available() else args.device
     if args.lambdas is not None and not all(v > 0 for v in args.lambdas):
         raise CoreError("--lambdas: every λ_phys to tune must be > 0 (λ = 0 is always an arm)")
+    check_writable(Path(args.out) / "table.csv", "--out")  # before the first run trains
     result = ablate(args.scene, args.out, args.overrides, quick=args.quick, device=device,
                     show_progress=not args.no_progress, seeds=args.seeds, fractions=args.fractions,
                     splits=args.splits, lambda_grid=args.lambdas, n_boot=args.n_boot)
