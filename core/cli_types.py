@@ -5,7 +5,7 @@ when argparse reads it, so bad input is refused before any tracing, training or 
 ``[0, 1]``; ``type=integer(0)`` an integer ``>= 0``. A value outside its range (or NaN, ``inf``,
 text) is one line and exit status 2, naming the flag::
 
-    error: argument --threshold: must be a finite number in [0, 1], got 'nan'
+    error: argument --threshold: must be a finite number in [0, 1], got 'nan' (see python -m core evaluate --help)
 
 :class:`Parser` is the :class:`argparse.ArgumentParser` of ``python -m core``: its errors (bad
 values, unknown options, missing arguments) are that one line, without the usage block.
@@ -22,7 +22,7 @@ from collections.abc import Callable
 class Parser(argparse.ArgumentParser):
     """An :class:`argparse.ArgumentParser` whose errors are one line on stderr and exit status 2."""
 
-    def error(self, message: str):  # noqa: D102 - argparse's hook
+    def error(self, message: str):  # argparse's hook for every parse error
         print(f"error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
