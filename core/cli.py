@@ -9,8 +9,9 @@ Modules are imported only when their command runs, so ``--help`` stays fast and 
 command does not pay for Sionna or the model unless it needs them.
 
 Errors: a :class:`~core.errors.CoreError` prints one line naming the bad file or
-argument and exits 2; a full disk (``ENOSPC``) prints "disk full" and exits 2; any other exception
-prints one line and exits 1. ``--debug``
+argument and exits 2, and so does a bad flag (:class:`core.cli_types.Parser`: every numeric
+flag is a checked type, finite and in range, read before any work starts); a full disk (``ENOSPC``)
+prints "disk full" and exits 2; any other exception prints one line and exits 1. ``--debug``
 shows the traceback instead. Before returning, :func:`main` lets Zarr's background I/O
 settle (see :mod:`core.stores.zarr_group`), so nothing but that line reaches stderr.
 
@@ -27,6 +28,7 @@ import importlib
 import sys
 
 from core import progress
+from core.cli_types import Parser
 from core.device import DEVICE_CHOICES
 from core.errors import CoreError
 from core.stores.zarr_group import settle_zarr
@@ -56,7 +58,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only ``command``'s module is imported to add its arguments."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m core",
         description="Physics-regularized UE localization: radio maps, datasets, training, evaluation.",
     )

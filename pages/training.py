@@ -101,9 +101,15 @@ with st.form("train_form"):
     holdout = cols[1].selectbox("Held-out scene", ["(none)"] + with_dataset, key="train_holdout",
                                 help="never trained on; evaluate the run there with python -m core evaluate --scene")
     go = st.form_submit_button("Start training", type="primary")
-clean = "".join(c for c in name.strip() if c.isalnum() or c in "-_.") or "run"
-if go and is_taken(ws.runs_dir / clean):
-    wb.refuse(f"Run name {clean!r} is taken: {ws.rel(ws.runs_dir / clean)} already holds a run. "
+clean = name.strip()
+try:
+    run_dir, name_problem = ws.run_path(clean), ""
+except CoreError as exc:
+    run_dir, name_problem = None, str(exc)
+if go and name_problem:
+    wb.refuse(f"{name_problem}. Nothing was started.")
+elif go and is_taken(run_dir):
+    wb.refuse(f"Run name {clean!r} is taken: {ws.rel(run_dir)} already holds a run. "
               "Pick another name; nothing was started.")
 elif go and (problem := wb.scenes_problem(ws, train_scenes, None if holdout == "(none)" else holdout, portable)):
     wb.refuse(f"Not started: {problem}")
@@ -121,9 +127,9 @@ elif go:
             overrides["physics_loss.radio_maps_dir"] = portable(ws.radio_maps_dir)
         if max_samples:
             overrides["data.max_samples"] = int(max_samples)
-        job_id = wb.launch(train_spec(ws.rel(ws.preset_path(preset)), ws.rel(ws.runs_dir / clean), overrides))
+        job_id = wb.launch(train_spec(ws.rel(ws.preset_path(preset)), ws.rel(run_dir), overrides))
         if job_id is not None:
-            st.session_state["curve_run"] = ws.rel(ws.runs_dir / clean)
+            st.session_state["curve_run"] = ws.rel(run_dir)
             st.session_state["_name_preset"] = None  # the next run gets a new default name
 
 wb.job_panel(("train", "ablate"), key="train_jobs", limit=4, title="Training and ablation jobs")

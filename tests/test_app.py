@@ -374,6 +374,19 @@ def test_training_refuses_a_taken_run_name(workspace):
     assert {p.name: p.stat().st_mtime_ns for p in tiny.iterdir()} == files_before
 
 
+@pytest.mark.parametrize("name", [".", "..", "a/b", ".hidden", "two words"])
+def test_training_refuses_a_run_name_that_is_not_a_plain_folder_name(workspace, name):
+    """The issue: "." and ".." started `train --out runs` and `train --out .` (the repository root)."""
+    manager = _manager(workspace)
+    jobs_before = [j.id for j in manager.list()]
+    runs_before = sorted(p.name for p in (workspace / "runs").iterdir())
+    at = _start_training(_app("pages/training.py"), name)
+    assert (f"Run name {name!r} is not a plain folder name: use letters, digits, '-', '_' and '.', starting with a "
+            "letter or digit (the run is written to runs/<name>). Nothing was started." in [e.value for e in at.error])
+    assert [j.id for j in manager.list()] == jobs_before
+    assert sorted(p.name for p in (workspace / "runs").iterdir()) == runs_before
+
+
 def test_pages_refuse_a_map_that_is_not_the_datasets(tmp_path, monkeypatch):
     """Another save of the scene's map (e.g. regenerated) after the dataset and the run were made."""
     from core.stores.lineage import store_ref

@@ -90,7 +90,7 @@ def test_make_dataset_of_several_scenes_on_ray(ray_cluster, tmp_path, capsys):
 
     folder = tmp_path / "datasets"
     rc = main(["make-dataset", "--scene", "simple_street_canyon", "no_such_scene", "--out", str(folder),
-               "--num-ues", "6", "--reports", "2", "--radio-maps", str(tmp_path / "none"), "--ray", "--no-progress"])
+               "--num-ues", "6", "--reports", "2", "--no-map", "--ray", "--no-progress"])
     text = capsys.readouterr().out
     assert rc == 2, text
     (line,) = _failed_lines(text)

@@ -190,3 +190,89 @@ def test_a_pin_that_agrees_with_the_dataset_is_accepted(tmp_path):
     assert load_scene(config)[1].attrs["scene"] == "alpha"
     with pytest.raises(ConfigError, match="drop data.scene or set it to 'alpha'"):
         load_scene(load_config(None, alpha_overrides(root, "data.scene=gamma")))
+
+
+# -- make-dataset: the map must be there and be of the scene (issue 16, item 6) ------------------------------
+def make_dataset_args(maps: Path | None, out: Path, *extra: str) -> list[str]:
+    """make-dataset of the tiny scene; it is refused before any trace, so no Sionna runs."""
+    where = ["--radio-maps", str(maps)] if maps is not None else []
+    return ["make-dataset", "--scene", "simple_street_canyon", *where, "--out", str(out), "--num-ues", "4",
+            "--reports", "2", "--no-progress", *extra]
+
+
+def test_make_dataset_refuses_another_scenes_map_at_the_scenes_path(tmp_path, capsys):
+    """The issue: DIR/simple_street_canyon.zarr really munich's map was used, with munich's bounds."""
+    synthetic_scene(tmp_path, num_ues=20, height=8, width=8, reports=2, k=2, scene="munich")
+    maps = tmp_path / "radio_maps"
+    (maps / "munich.zarr").rename(maps / "simple_street_canyon.zarr")
+    munich_id = store_ref(maps / "simple_street_canyon.zarr").id
+    assert main(make_dataset_args(maps, tmp_path / "ds")) == 2
+    assert one_line_error(capsys) == (
+        f"error: radio map {maps / 'simple_street_canyon.zarr'} (scene munich, id {munich_id[:8]}) is not a map of "
+        f"scene 'simple_street_canyon' (--scene simple_street_canyon): its attrs name scene 'munich'; generate the "
+        f"map of simple_street_canyon there")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_make_dataset_refuses_a_missing_maps_folder_or_map_unless_asked_for_no_map(tmp_path, capsys):
+    """The issue: a missing --radio-maps folder exited 0 and recorded no map."""
+    assert main(make_dataset_args(tmp_path / "nowhere", tmp_path / "ds")) == 2
+    assert one_line_error(capsys) == (
+        f"error: --radio-maps {tmp_path / 'nowhere'}: no such folder; generate the maps there first (python -m core "
+        f"generate-maps --output-dir {tmp_path / 'nowhere'}), or ask for a dataset without a map (--no-map)")
+    (tmp_path / "empty").mkdir()
+    assert main(make_dataset_args(tmp_path / "empty", tmp_path / "ds")) == 2
+    line = one_line_error(capsys)
+    assert line.startswith(f"error: radio map {tmp_path / 'empty' / 'simple_street_canyon.zarr'}: no such store; ")
+    assert line.endswith("or ask for a dataset without a map (--no-map)")
+    assert not (tmp_path / "ds").exists()
+
+
+def mapless_dataset(root: Path, sites=None) -> tuple[Path, Path]:
+    """A dataset marked as made without a map (no map recorded) and a map at its scene's path, whose sites
+    are the dataset's (default) or ``sites``."""
+    from core.physics.synthetic import analytic_radio_map, synthetic_dataset
+    from core.stores.lineage import WITHOUT_MAP
+
+    rm = analytic_radio_map(16, 16, (-32.0, -32.0, 32.0, 32.0))
+    rm._attrs["scene"] = "alpha"
+    ds = synthetic_dataset(rm, 80, reports=4, k=2, seed=0)
+    ds.attrs.update(scene="alpha", **{WITHOUT_MAP: True})
+    ds.save(root / "datasets" / "alpha")
+    if sites is not None:
+        rm = analytic_radio_map(16, 16, (-32.0, -32.0, 32.0, 32.0), sites=sites)
+        rm._attrs["scene"] = "alpha"
+    rm.save(root / "radio_maps" / "alpha.zarr")
+    return root / "datasets" / "alpha", root / "radio_maps" / "alpha.zarr"
+
+
+def test_a_dataset_made_without_a_map_trains_only_with_a_map_of_its_sites(tmp_path, capsys):
+    """The issue: a dataset that records no map trained against any map of the same scene."""
+    ds_path, map_path = mapless_dataset(tmp_path / "same")
+    assert recorded_map(ds_path) is None
+    dataset, radio_map = load_scene(load_config(None, alpha_overrides(tmp_path / "same")))  # same sites: accepted
+    assert radio_map.source == str(map_path)
+    other = np.array([[-20.0, -20.0, 25.0], [20.0, -10.0, 25.0], [0.0, 25.0, 25.0]])
+    ds_path, map_path = mapless_dataset(tmp_path / "other", sites=other)
+    out = tmp_path / "run"
+    assert main(train_args(tmp_path / "other", out)) == 2
+    line = one_line_error(capsys)
+    assert line.startswith(f"error: dataset {ds_path} (scene alpha, id ")
+    assert (f"was made without a radio map (make-dataset --no-map), and radio map {map_path} (scene alpha, id "
+            in line and "has other sites (names or positions) than it was traced with" in line)
+    assert not out.exists()
+
+
+def test_evaluate_a_held_out_scene_reads_the_map_its_dataset_records(tmp_path, capsys):
+    """The issue: evaluate --scene S --dataset D looked only in the run's maps folder for S's map."""
+    run_dir = trained_run(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    synthetic_scene(elsewhere, num_ues=80, height=16, width=16, cell=4.0, reports=4, k=2, seed=2, scene="gamma")
+    dataset = elsewhere / "datasets" / "gamma"
+    assert not (tmp_path / "radio_maps" / "gamma.zarr").exists()  # not in the run's maps folder
+    assert recorded_map(dataset).path == str(elsewhere / "radio_maps" / "gamma.zarr")
+    assert main(["evaluate", "--run", str(run_dir), "--scene", "gamma", "--dataset", str(dataset), "--split", "val",
+                 "--json", "--no-progress"]) == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)
+    assert result["scene"] == "gamma" and result["held_out"] and result["count"] > 0
+    assert [row["role"] for row in result["scenes"]] == ["trained", "held-out"]

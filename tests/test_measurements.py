@@ -236,3 +236,22 @@ def test_a_noisy_sparse_dataset_trains_and_evaluates(maps_dir, tmp_path, capsys)
         assert np.isfinite(result[key]), key
         assert np.isfinite(result["refinement"]["after"][key]), key
 
+
+
+def test_a_dataset_without_a_map_says_so_and_refuses_another_traces_map(tiny_map, maps_dir, tmp_path):
+    """``--no-map`` (radio_maps None): the dataset records that it has no map; a map traced with other
+    settings is refused for it, naming both stores."""
+    from dataclasses import replace
+
+    from core.errors import StoreError
+    from core.raytracing.measurements import make_dataset
+    from core.raytracing.tracing import PropagationSettings
+    from core.stores.lineage import WITHOUT_MAP, check_scene_stores, recorded_map
+
+    other = replace(PropagationSettings.from_dict(tiny_map.attrs["propagation"]), seed=8)  # not the map's
+    ds = make_dataset("simple_street_canyon", num_ues=4, reports=2, radio_maps=None, seed=1, propagation=other)
+    ds.save(tmp_path / "ds")
+    assert ds.attrs[WITHOUT_MAP] is True and ds.attrs["radio_map"] is None and recorded_map(tmp_path / "ds") is None
+    with pytest.raises(StoreError, match=r"was made without a radio map \(make-dataset --no-map\), and radio map "
+                                         r".*simple_street_canyon\.zarr \(scene simple_street_canyon, id .*\) has other"):
+        check_scene_stores(tmp_path / "ds", maps_dir / "simple_street_canyon.zarr")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from core.cli_types import Parser
+
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "physics": ("core.benchmarks.physics", "lookup, physics loss, likelihood and MAP search vs bare grid_sample"),
     "maps": ("core.benchmarks.maps", "radio-map generation time, map fidelity and dataset time"),
@@ -25,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     module = importlib.import_module(BENCHMARKS[args.benchmark][0])
-    parser = argparse.ArgumentParser(prog=f"python -m core bench {args.benchmark}", description=BENCHMARKS[args.benchmark][1])
+    parser = Parser(prog=f"python -m core bench {args.benchmark}", description=BENCHMARKS[args.benchmark][1])
     module.add_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     sub_args = parser.parse_args(args.bench_args)

@@ -26,6 +26,8 @@ import time
 
 import numpy as np
 
+from core import cli_types
+
 TARGETS = {"path_gain": 3.0, "toa": 15.0, "aoa": 10.0}
 COVERAGE_TARGETS = {"etoile": 0.95, "florence": 0.95}  # fraction of outdoor cells; other street scenes 0.90
 DEFAULT_COVERAGE_TARGET = 0.90
@@ -34,12 +36,12 @@ DIFFRACTED_OFFSET_M = 0.5  # a strongest path with this much length before its a
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scene", default="etoile")
-    parser.add_argument("--map-size", type=int, nargs=2, default=[512, 512], metavar=("H", "W"))
-    parser.add_argument("--resolution", type=float, default=1.0)
-    parser.add_argument("--points", type=int, default=2000, help="fidelity check points (default: 2000)")
-    parser.add_argument("--dataset-ues", type=int, default=20_000, help="UEs of the timed dataset run (0: skip)")
-    parser.add_argument("--reports", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--map-size", type=cli_types.count, nargs=2, default=[512, 512], metavar=("H", "W"))
+    parser.add_argument("--resolution", type=cli_types.positive, default=1.0)
+    parser.add_argument("--points", type=cli_types.count, default=2000, help="fidelity check points (default: 2000)")
+    parser.add_argument("--dataset-ues", type=cli_types.non_negative_int, default=20_000, help="UEs of the timed dataset run (0: skip)")
+    parser.add_argument("--reports", type=cli_types.count, default=8)
+    parser.add_argument("--seed", type=cli_types.seed, default=0)
 
 
 def _sample_points(radio_map, scene, points: int, rng, rx_height: float) -> np.ndarray:

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from core import progress
+from core import cli_types, progress
 from core.device import resolve_device
 
 LOSS_RATIO_TARGET = 2.0
@@ -66,7 +66,7 @@ NUM_SITES = 5
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", default="1,256,4096,65536", help="comma-separated batch sizes (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=512, help="map height = width in cells (default: %(default)s)")
+    parser.add_argument("--size", type=cli_types.integer(2), default=512, help="map height = width in cells (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=9, help="timed repeats per measurement; the median is kept (default: %(default)s)")
     parser.add_argument(
         "--threads",
@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--map-samples", default="500,1000,2000",
                         help="sample counts for the MAP search row; the largest is timed (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=cli_types.seed, default=0)
 
 
 # -- measuring -------------------------------------------------------------------------------

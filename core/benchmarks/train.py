@@ -30,16 +30,17 @@ import time
 import numpy as np
 import torch
 
+from core import cli_types
 from core.benchmarks.report import write_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="configs/model.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--epochs", type=int, default=1, help="epochs to time (default 1)")
-    parser.add_argument("--max-steps", type=int, default=None, help="time only this many batches per epoch")
-    parser.add_argument("--lambda-phys", type=float, default=0.1, help="lambda_phys of the physics variant")
-    parser.add_argument("--synthetic", type=int, default=None, metavar="N", help="use an analytic scene with N UEs")
+    parser.add_argument("--epochs", type=cli_types.count, default=1, help="epochs to time (default 1)")
+    parser.add_argument("--max-steps", type=cli_types.count, default=None, help="time only this many batches per epoch")
+    parser.add_argument("--lambda-phys", type=cli_types.non_negative, default=0.1, help="lambda_phys of the physics variant")
+    parser.add_argument("--synthetic", type=cli_types.count, default=None, metavar="N", help="use an analytic scene with N UEs")
 
 
 def _overhead(names: list[str], totals: dict[str, list[float]], steps: dict[str, list[float]],

@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shlex
 import shutil
@@ -65,7 +66,7 @@ from pathlib import Path
 
 import psutil
 
-from core import REPO_ROOT, progress
+from core import REPO_ROOT, cli_types, progress
 from core.device import RAY_LOCAL
 from core.errors import CoreError
 from core.stores.lineage import map_path
@@ -405,10 +406,12 @@ def _outcome(code: int, cancelled: bool, log_path: str) -> tuple[str, str | None
 
 
 def _env_number(name: str, default: float, minimum: float) -> float:
+    """``$name`` as a number of at least ``minimum``; ``default`` when unset, not a number or not finite."""
     try:
-        return max(minimum, float(os.environ.get(name, default)))
+        value = float(os.environ.get(name, default))
     except ValueError:
         return default
+    return max(minimum, value) if math.isfinite(value) else default
 
 
 def tail(path: str | os.PathLike, lines: int = 30, max_bytes: int = 65536) -> str:
@@ -677,6 +680,8 @@ class JobManager:
         """
         keep = int(_env_number(KEEP_LOGS_ENV, DEFAULT_KEEP_LOGS, 0) if keep is None else keep)
         days = _env_number(LOG_DAYS_ENV, DEFAULT_LOG_DAYS, 0.0) if max_age_days is None else max_age_days
+        if keep < 0 or not math.isfinite(days) or days < 0:  # a negative keep would delete every log
+            raise JobError(f"prune: keep must be >= 0 jobs and days a finite number >= 0, got {keep} and {days}")
         cutoff = time.time() - days * 86400.0
         with self._connect() as db:
             rows = db.execute("SELECT id, log_path, COALESCE(finished, created) AS ended FROM jobs "
@@ -788,23 +793,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = sub.add_parser("list", help="list jobs, newest first")
     p.add_argument("--kind", choices=list(KINDS), default=None)
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=cli_types.count, default=20)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p = sub.add_parser("show", help="one job's record and the tail of its log")
-    p.add_argument("id", type=int)
-    p.add_argument("--lines", type=int, default=30)
+    p.add_argument("id", type=cli_types.count)
+    p.add_argument("--lines", type=cli_types.non_negative_int, default=30)
     p = sub.add_parser("log", help="the tail of a job's log")
-    p.add_argument("id", type=int)
-    p.add_argument("--lines", type=int, default=40)
+    p.add_argument("id", type=cli_types.count)
+    p.add_argument("--lines", type=cli_types.non_negative_int, default=40)
     p = sub.add_parser("cancel", help="end a job's whole process group")
-    p.add_argument("id", type=int)
+    p.add_argument("id", type=cli_types.count)
     p = sub.add_parser("prune", help="delete old jobs' log folders (the log retention policy)",
                        description=f"Delete the folder (log, progress, exit record) of every finished job that is "
                                    f"not among the newest KEEP finished jobs or finished more than DAYS days ago. "
                                    f"Defaults: ${KEEP_LOGS_ENV} or {DEFAULT_KEEP_LOGS}, ${LOG_DAYS_ENV} or "
                                    f"{DEFAULT_LOG_DAYS:g}. Also done at every submit. The jobs stay listed.")
-    p.add_argument("--keep", type=int, default=None, help="finished jobs whose logs are kept")
-    p.add_argument("--days", type=float, default=None, help="delete logs of jobs finished longer ago than this")
+    p.add_argument("--keep", type=cli_types.non_negative_int, default=None, help="finished jobs whose logs are kept")
+    p.add_argument("--days", type=cli_types.non_negative, default=None, help="delete logs of jobs finished longer ago than this")
     p = sub.add_parser("submit", help="run `python -m core ARGS...` as a background job")
     p.add_argument("--kind", choices=list(KINDS), default=None, help="default: the first of ARGS")
     p.add_argument("--output", default=None,
@@ -814,8 +819,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for action in sub.choices.values():  # `jobs list --db X` works as well as `jobs --db X list`
         action.add_argument("--db", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p = sub.add_parser("selftest", help="a tiny job: reports progress for a few seconds (used by tests)")
-    p.add_argument("--seconds", type=float, default=2.0)
-    p.add_argument("--exit-code", type=int, default=0)
+    p.add_argument("--seconds", type=cli_types.non_negative, default=2.0)
+    p.add_argument("--exit-code", type=cli_types.integer(0, 255), default=0)
     p.add_argument("--out", default=None, help="write a small JSON file here when done")
     p.add_argument("--child", action="store_true", help="also start a sleeping child process")
 

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core import progress, resolve_path
+from core import cli_types, progress, resolve_path
 from core.errors import CoreError
 from core.learning.config import Config, load_config
 from core.learning.metrics import error_cdf
@@ -435,11 +435,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the 5-minute plan: tiny model, 2 epochs, first 2,000 samples")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config key in every arm (e.g. data.dataset=...); repeatable")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="paired seeds (default 0 1 2)")
-    parser.add_argument("--fractions", type=float, nargs="+", default=None, help="label fractions (default 0.05 0.2 1)")
+    parser.add_argument("--seeds", type=cli_types.seed, nargs="+", default=None, help="paired seeds (default 0 1 2)")
+    parser.add_argument("--fractions", type=cli_types.number(0.0, 1.0, low_open=True), nargs="+", default=None, help="label fractions (default 0.05 0.2 1)")
     parser.add_argument("--splits", nargs="+", choices=["random", "spatial"], default=None)
-    parser.add_argument("--lambdas", type=float, nargs="+", default=None, help="λ_phys grid tuned on val")
-    parser.add_argument("--n-boot", type=int, default=None, help="bootstrap replicates")
+    parser.add_argument("--lambdas", type=cli_types.non_negative, nargs="+", default=None, help="λ_phys grid tuned on val")
+    parser.add_argument("--n-boot", type=cli_types.count, default=None, help="bootstrap replicates")
     parser.add_argument("--no-progress", action="store_true")
 
 

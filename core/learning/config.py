@@ -34,9 +34,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from core.errors import ConfigError
 from core.features import FEATURES, REPORT_WINDOW_S
 
+#: the largest weight a loss term may have (a typo such as 1e30 would overflow the loss, not train)
+MAX_WEIGHT = 1000.0
+
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """A config section: unknown keys refused, every number FINITE (NaN and ±inf refused, e.g.
+    ``training.learning_rate: Input should be a finite number``), checked again on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 #: Model presets: the default (``small``) trains on the default dataset in minutes on a 2-core CPU.
@@ -132,28 +138,28 @@ class ModelConfig(_Section):
 
 class LossConfig(_Section):
     #: weight of the Gaussian NLL of the in-cell offset
-    lambda_fine: float = Field(default=1.0, ge=0.0)
+    lambda_fine: float = Field(default=1.0, ge=0.0, le=MAX_WEIGHT)
 
 
 class TrainingConfig(_Section):
-    epochs: int = Field(default=30, gt=0)
-    batch_size: int = Field(default=256, gt=0)
-    learning_rate: float = Field(default=2e-3, gt=0.0)
-    weight_decay: float = Field(default=0.01, ge=0.0)
-    warmup_epochs: int = Field(default=1, ge=0)
+    epochs: int = Field(default=30, gt=0, le=100_000)
+    batch_size: int = Field(default=256, gt=0, le=1_000_000)
+    learning_rate: float = Field(default=2e-3, gt=0.0, le=1.0)
+    weight_decay: float = Field(default=0.01, ge=0.0, le=1.0)
+    warmup_epochs: int = Field(default=1, ge=0, le=100_000)
     grad_clip: float = Field(default=1.0, ge=0.0)
     #: stop when the val median has not improved for this many epochs (0 = never)
     early_stopping_patience: int = Field(default=8, ge=0)
     #: torch CPU threads per process (0 = torch default). 1: on a shared 2-core machine, OpenMP threads
     #: waiting on a busy core made steps ~10x slower than one thread (measured)
-    num_threads: int = Field(default=1, ge=0)
+    num_threads: int = Field(default=1, ge=0, le=1024)
     loss: LossConfig = LossConfig()
 
 
 class RefinementConfig(_Section):
     enabled: bool = False
-    num_steps: int = Field(default=5, ge=0)
-    learning_rate: float = Field(default=0.5, gt=0.0)
+    num_steps: int = Field(default=5, ge=0, le=10_000)
+    learning_rate: float = Field(default=0.5, gt=0.0, le=100.0)
     #: only predictions with confidence below this move
     min_confidence_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     #: Gaussian prior at the network's prediction with its predicted sigma
@@ -162,7 +168,7 @@ class RefinementConfig(_Section):
 
 class PhysicsLossConfig(_Section):
     #: THE switch of the physics term: its weight once ramped in; 0 = off (no lookup at all)
-    lambda_phys: float = Field(default=0.1, ge=0.0)
+    lambda_phys: float = Field(default=0.1, ge=0.0, le=MAX_WEIGHT)
     #: epochs trained on the supervised terms alone before the physics term starts
     warmup_epochs: float = Field(default=2.0, ge=0.0)
     #: epochs over which its weight then rises linearly (per step) from 0 to lambda_phys; 0 = at once
@@ -198,7 +204,7 @@ class PhysicsLossConfig(_Section):
     #: weight of the COARSE physics term inside L_phys (``likelihood: site`` only): cross-entropy of the
     #: coarse logits to the map likelihood's posterior over the coarse cells, q(c) ∝ exp(-min_{p in c} NLL(p) / T),
     #: computed once before training (core.learning.coarse_physics); 0 = off (L_phys is the offset term alone)
-    coarse_weight: float = Field(default=1.0, ge=0.0)
+    coarse_weight: float = Field(default=1.0, ge=0.0, le=MAX_WEIGHT)
     #: q scores each cell by the best of an s x s sub-grid of points in it
     coarse_subgrid: int = Field(default=4, ge=1, le=8)
     #: temperature T of q [nats]; 1 = the likelihood's own posterior (uniform prior over cells)
@@ -210,7 +216,7 @@ class PhysicsLossConfig(_Section):
     coarse_on_labelled: bool = False
     #: weight of the MODE part inside L_phys: the fine head, at the posterior's most likely cell, regresses
     #: to the likelihood's best point there (core.learning.coarse_physics.mode_term); 0 = off
-    mode_weight: float = Field(default=1.0, ge=0.0)
+    mode_weight: float = Field(default=1.0, ge=0.0, le=MAX_WEIGHT)
     #: the mode is the best of an m x m sub-grid of points in that cell
     mode_subgrid: int = Field(default=8, ge=1, le=32)
     refinement: RefinementConfig = RefinementConfig()
@@ -228,7 +234,7 @@ class PhysicsLossConfig(_Section):
 
 
 class Config(_Section):
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
@@ -273,7 +279,8 @@ def _check_removed(data: dict[str, Any], source: str) -> None:
 
 def _format_error(exc: ValidationError, source: str) -> str:
     first = exc.errors()[0]
-    path = ".".join(str(p) for p in first["loc"]) or "<root>"
+    # a union's tag (e.g. "dict[str,float]") is no key of the config: leave it out of the path
+    path = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and "[" in p)) or "<root>"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"

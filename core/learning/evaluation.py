@@ -21,8 +21,8 @@ after a warm-up), plus:
 
 With ``--scene SCENE`` the run is evaluated on that scene (its dataset and map; a held-out scene
 never seen in training: its dataset is ``<folder of the run's first dataset>/<SCENE>`` unless
-``--dataset`` says, MAP refinement on its own map with a calibration transferred from the training
-scenes). The result, written to ``<run>/eval_<split>_<SCENE>[_refine].json``, is that scene's, with
+``--dataset`` says; its map is the one that dataset records, wherever it lies; MAP refinement on that
+map with a calibration transferred from the training scenes). The result, written to ``<run>/eval_<split>_<SCENE>[_refine].json``, is that scene's, with
 ``scene``, ``held_out`` and ``scenes``: the in-scene vs held-out table, one row per training scene
 and one for SCENE, each ``{scene, role ("trained" | "held-out"), count, median_m, p90_m,
 rmse_m}`` and, with ``--refine``, ``refined_median_m`` and ``refined_p90_m`` (same split everywhere).
@@ -40,11 +40,12 @@ from typing import Any
 
 import torch
 
-from core import progress
+from core import cli_types, progress
 from core.errors import CoreError
 from core.learning.metrics import METRIC_KEYS, error_metrics, grouped_metrics, position_errors
 from core.stores.atomic import atomic_write_text
 from core.stores.lock import output_lock
+from core.stores.output import check_writable
 from core.stores.run import evaluation_path
 
 
@@ -72,6 +73,8 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     indices = run.dataset.indices(split)
     if len(indices) == 0:
         raise CoreError(f"--split {split}: no samples in {run.config.data.dataset}")
+    if write:  # before the work: a result that cannot be written is refused now
+        check_writable(evaluation_path(run.run_dir, split, refine=refine), "--run")
     progress.report(0.05, f"predicting {len(indices)} {split} samples")
     pred, ms = _timed_predict(run, indices)
     result: dict[str, Any] = {"run": str(run.run_dir), "split": split, "checkpoint": run.checkpoint.name,
@@ -113,6 +116,8 @@ def evaluate_scene(run_dir, scene: str, split: str = "test", refine: bool = Fals
     from core.learning.inference import load_run
 
     run = load_run(run_dir, device=device, scene=scene, dataset_path=dataset_path)
+    if write:
+        check_writable(evaluation_path(run.run_dir, split, scene, refine), "--run")
     result = evaluate_run(run_dir, split, refine, baselines, run=run, write=False, **options)
     rows = []
     for name in run.trained_scenes:
@@ -213,16 +218,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluate on this scene: a training scene, or a held-out one never trained on "
                              "(adds the in-scene vs held-out table)")
     parser.add_argument("--dataset", default=None,
-                        help="with --scene: its dataset (default: datasets/SCENE beside the run's first dataset)")
+                        help="with --scene: its dataset (default: datasets/SCENE beside the run's first dataset); "
+                             "its map is the one it records")
     parser.add_argument("--refine", action="store_true",
                         help="also report the network + MAP refinement (every sample unless --threshold)")
     parser.add_argument("--baselines", action="store_true",
                         help="also evaluate kNN, ML map matching and multilateration")
-    parser.add_argument("--threshold", type=float, default=None,
+    parser.add_argument("--threshold", type=cli_types.fraction, default=None,
                         help="refine only samples whose confidence is below this (default: all)")
-    parser.add_argument("--top-k", type=int, default=None,
+    parser.add_argument("--top-k", type=cli_types.non_negative_int, default=None,
                         help="coarse cells searched besides the chosen one (default: 3)")
-    parser.add_argument("--window", type=float, default=None,
+    parser.add_argument("--window", type=cli_types.non_negative, default=None,
                         help="pool the reports of the last WINDOW seconds per site (default: 1.0; 0: one report)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")

@@ -210,14 +210,16 @@ def holdout_dataset_path(config: Config, scene: str) -> Path:
 def _scene_stores(config: Config, index: int | None, scene: str | None, dataset_path) -> tuple[MeasurementDataset, RadioMap]:
     """``(dataset with config.data applied, radio map)`` of training scene ``index``, or of held-out ``scene``."""
     from core.learning.scene_data import apply_data_config, load_scene, load_stores
+    from core.stores.lineage import maps_folder_of
 
     if index == 0 and config.data.datasets is None:
         return load_scene(config)
     maps_dir = resolve_path(config.physics_loss.radio_maps_dir)
     if index is not None:
         path, key = config.data.training_datasets[index], f"data.datasets[{index}]"
-    else:
+    else:  # a held-out scene's map: the one its dataset records, where it is
         path, key = dataset_path or holdout_dataset_path(config, scene), f"--scene {scene}"
+        maps_dir = maps_folder_of(resolve_path(path), maps_dir)
     dataset, radio_map = load_stores(path, maps_dir, None, key)
     if index is None and dataset.ref.scene != scene:
         raise CoreError(f"--scene {scene}: dataset {dataset.ref.describe()} is of scene {dataset.ref.scene!r}")

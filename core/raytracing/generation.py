@@ -62,6 +62,7 @@ from typing import Any
 
 import numpy as np
 
+from core import cli_types
 from core.errors import CoreError
 from core.features import DEFAULT_FEATURE_ORDER, wrap_degrees
 from core.progress import report
@@ -69,7 +70,7 @@ from core.raytracing.coverage import DEFAULT_MIN_COVERAGE
 from core.raytracing.distributed import add_ray_argument
 from core.raytracing.tracing import MAX_SAMPLES_PER_SRC, SPEED_OF_LIGHT, PropagationSettings
 from core.stores.lineage import map_path
-from core.stores.output import writing_store
+from core.stores.output import check_writable, writing_store
 
 DEFAULT_TOA_DECIMATION = 3
 DIRECT_TOL_M = 0.5  # a virtual source this close to the site is the site: the direct path
@@ -100,6 +101,8 @@ class MapSettings:
     def validate(self) -> None:
         if not (isinstance(self.resolution, (int, float)) and math.isfinite(self.resolution) and self.resolution > 0):
             raise CoreError(f"--resolution must be a positive number of metres, got {self.resolution}")
+        if self.center is not None and not all(isinstance(c, (int, float)) and math.isfinite(c) for c in self.center):
+            raise CoreError(f"--center must be two finite coordinates in metres (X Y), got {self.center}")
         h, w = self.map_size or (1, 1)
         if h < 1 or w < 1:
             raise CoreError(f"--map-size must be two positive cell counts (H W), got {h} {w}")
@@ -495,27 +498,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenes-dir", default=None, help="folder of user scenes; without --scenes, all of them")
     parser.add_argument("--radio-maps", default="radio_maps", help="where <scene>.zarr stores go (default: radio_maps)")
     parser.add_argument("--output-dir", dest="radio_maps", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name
-    parser.add_argument("--resolution", type=float, default=1.0, help="cell edge in metres (default: 1.0)")
-    parser.add_argument("--map-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+    parser.add_argument("--resolution", type=cli_types.positive, default=1.0, help="cell edge in metres (default: 1.0)")
+    parser.add_argument("--map-size", type=cli_types.count, nargs=2, default=None, metavar=("H", "W"),
                         help=f"cells along y (rows) and x (columns) (default: fit the scene, at most "
                              f"{MAX_DEFAULT_CELLS} a side: 512 512 for the cities at 1 m)")
-    parser.add_argument("--center", type=float, nargs=2, default=None, metavar=("X", "Y"),
+    parser.add_argument("--center", type=cli_types.coordinate, nargs=2, default=None, metavar=("X", "Y"),
                         help="map centre in scene metres (default: the scene's centre)")
     defaults = PropagationSettings()
-    parser.add_argument("--samples-per-tx", type=int, default=defaults.samples_per_src,
+    parser.add_argument("--samples-per-tx", type=cli_types.integer(1, MAX_SAMPLES_PER_SRC), default=defaults.samples_per_src,
                         help=f"PathSolver rays per site (default: {defaults.samples_per_src}; make-dataset reuses it)")
-    parser.add_argument("--retry-samples-per-tx", type=int, default=defaults.retry_samples_per_src,
+    parser.add_argument("--retry-samples-per-tx", type=cli_types.integer(0, MAX_SAMPLES_PER_SRC), default=defaults.retry_samples_per_src,
                         help=f"rays per site of a second pass over the points the first found no path to "
                              f"(0 = none; default: {defaults.retry_samples_per_src}; make-dataset reuses it)")
-    parser.add_argument("--max-depth", type=int, default=defaults.max_depth,
+    parser.add_argument("--max-depth", type=cli_types.non_negative_int, default=defaults.max_depth,
                         help=f"PathSolver interactions per path (default: {defaults.max_depth}; make-dataset reuses it)")
-    parser.add_argument("--toa-decimation", type=int, default=DEFAULT_TOA_DECIMATION,
+    parser.add_argument("--toa-decimation", type=cli_types.count, default=DEFAULT_TOA_DECIMATION,
                         help=f"PathSolver traces every N-th row and column (default: {DEFAULT_TOA_DECIMATION})")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help=f"PathSolver seed (default: {defaults.seed})")
-    parser.add_argument("--min-coverage", type=float, default=DEFAULT_MIN_COVERAGE,
+    parser.add_argument("--seed", type=cli_types.seed, default=defaults.seed, help=f"PathSolver seed (default: {defaults.seed})")
+    parser.add_argument("--min-coverage", type=cli_types.fraction, default=DEFAULT_MIN_COVERAGE,
                         help=f"smallest acceptable fraction of covered outdoor cells; below it the scene fails "
                              f"and nothing is written (default: {DEFAULT_MIN_COVERAGE})")
-    parser.add_argument("--parallel", type=int, default=1, help="scenes generated at once, in separate processes")
+    parser.add_argument("--parallel", type=cli_types.count, default=1, help="scenes generated at once, in separate processes")
     add_ray_argument(parser)
     parser.add_argument("--force", action="store_true", help="regenerate maps that already exist")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -575,6 +578,7 @@ def run(args: argparse.Namespace) -> int:
     names = _scene_names(args)
     if args.parallel < 1:
         raise CoreError(f"--parallel must be >= 1, got {args.parallel}")
+    check_writable(map_path(args.radio_maps, names[0]), "--radio-maps")  # before any trace, not after it
     if args.ray is not None:
         from core.raytracing.distributed import run_on_ray
 

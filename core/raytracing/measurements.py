@@ -13,8 +13,9 @@ each (:mod:`core.raytracing.distributed`; also for one scene), every engine runn
 it and its cause, and the exit status is 2 (:mod:`core.raytracing.scene_batch`).
 
 Walks. Each UE starts at a uniform random point of a covered outdoor cell of the
-scene's radio map (``<radio-maps>/<scene>.zarr``; without one, of the scene-centred
-512 m square), never under a roof, and walks in a straight line at a uniform random
+scene's radio map (``<radio-maps>/<scene>.zarr``, which must be there and be of that scene;
+with ``--no-map``, of the scene-centred 512 m square, and the dataset records that it has no
+map: see :mod:`core.stores.lineage`), never under a roof, and walks in a straight line at a uniform random
 speed in [0.5, 1.5] m/s and heading, one report every 0.2 s (``t = 0, 0.2, ...``).
 Positions sit ``rx_height_m`` above the terrain under them
 (:func:`~core.raytracing.terrain.measurement_points`, as the map's cell centres).
@@ -82,13 +83,14 @@ from typing import Any
 
 import numpy as np
 
+from core import cli_types
 from core.errors import CoreError
 from core.features import wrap_degrees
 from core.progress import report
 from core.raytracing.distributed import add_ray_argument
-from core.stores.lineage import map_path
+from core.stores.lineage import WITHOUT_MAP, check_map_of_scene, map_path
 from core.stores.measurement_model import KNOBS, SENSITIVITY_OFF, MeasurementModel
-from core.stores.output import writing_store
+from core.stores.output import check_writable, writing_store
 
 
 @dataclass(frozen=True)
@@ -101,18 +103,24 @@ class WalkConfig:
 
 
 def _sites_and_area(scene_name, radio_maps, scenes_dir):
-    """``(info, sites, bounds, valid [H, W] or None, map StoreRef or None, map propagation or None)`` for the scene."""
+    """``(info, sites, bounds, valid [H, W] or None, map StoreRef or None, map propagation or None)`` for the scene.
+
+    ``radio_maps``: the maps folder, whose ``<scene>.zarr`` must be there and be of the scene; None: no map.
+    """
     from core.raytracing.scenes import DEFAULT_AREA_SIZE_M, load_scene, resolve_scene, scene_bbox, site_layout
     from core.raytracing.tracing import PropagationSettings
     from core.stores.radio_map import RadioMap
 
     info = resolve_scene(scene_name, scenes_dir)
-    if radio_maps:
+    if radio_maps is not None:
         path = map_path(radio_maps, info.name)
-        if path.exists():
-            rmap = RadioMap.load(path)
-            propagation = PropagationSettings.from_dict(rmap.attrs["propagation"])
-            return info, rmap.attrs["sites"], rmap.bounds, rmap.valid, rmap.ref, propagation
+        if not path.exists():
+            raise CoreError(f"radio map {path}: no such store; make it first (python -m core generate-maps --scenes "
+                            f"{info.name} --output-dir {radio_maps}), or ask for a dataset without a map (--no-map)")
+        rmap = RadioMap.load(path)
+        check_map_of_scene(rmap.ref, info.name)
+        propagation = PropagationSettings.from_dict(rmap.attrs["propagation"])
+        return info, rmap.attrs["sites"], rmap.bounds, rmap.valid, rmap.ref, propagation
     scene = load_scene(info)
     bb = scene_bbox(scene)
     cx, cy, half = 0.5 * (bb[0] + bb[3]), 0.5 * (bb[1] + bb[4]), 0.5 * DEFAULT_AREA_SIZE_M
@@ -223,8 +231,9 @@ def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | 
     ``model`` is the measurement model (noise, clock offset, missing rate, site slots K,
     sensitivity), recorded in ``attrs["measurement_model"]``.
 
-    When ``<radio_maps>/<scene>.zarr`` exists, the dataset records it (path, scene, lineage
-    id and digest) as the map it was made with, and its save writes that record.
+    ``radio_maps``: the maps folder; ``<radio_maps>/<scene>.zarr`` must be there and be of the scene
+    (else a :class:`CoreError`), and the dataset records it (path, scene, lineage id and digest) as the
+    map it was made with. None: a dataset without a map (attrs ``without_radio_map: true``).
 
     ``propagation`` (:class:`~core.raytracing.tracing.PropagationSettings`): by default the
     radio map's own (``attrs["propagation"]``), else the defaults when there is no map;
@@ -259,6 +268,7 @@ def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | 
         "sites": [{"name": s["name"], "position": [float(v) for v in s["position"]]} for s in sites],
         "bounds": [float(b) for b in bounds],
         "radio_map": map_ref.path if map_ref else None,
+        WITHOUT_MAP: map_ref is None,
         "measurement_model": model.to_attrs(),
         "seed": int(seed),
         "split": {"kind": split, "fractions": {"train": 0.8, "val": 0.1, "test": 0.1},
@@ -500,15 +510,19 @@ def dataset_of_scene(scene: str, out: str, options: DatasetOptions, force: bool,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scene", "--scenes", dest="scene", nargs="+", required=True, metavar="SCENE",
                         help="scene name(s) (see core.scenes.list_scenes); with several, --out is a folder")
-    parser.add_argument("--num-ues", type=int, default=20_000, help="number of UE walks (samples)")
-    parser.add_argument("--reports", type=int, default=8, help="reports per walk, T (default: 8)")
+    parser.add_argument("--num-ues", type=cli_types.count, default=20_000, help="number of UE walks (samples)")
+    parser.add_argument("--reports", type=cli_types.count, default=8, help="reports per walk, T (default: 8)")
     parser.add_argument("--out", required=True,
                         help="output Zarr store, e.g. datasets/etoile; with several scenes, the folder that gets "
                              "one <scene> store each")
     parser.add_argument("--radio-maps", default="radio_maps",
                         help="folder with <scene>.zarr: its sites, bounds and coverage are used (default: radio_maps)")
+    parser.add_argument("--no-map", action="store_true",
+                        help="a dataset WITHOUT a radio map: walks over the scene's 512 m square, the automatic "
+                             "sites; recorded as such, and only a map with its very sites and propagation is "
+                             "accepted for it later (--radio-maps is then not read)")
     parser.add_argument("--scenes-dir", default=None, help="folder of user scenes")
-    parser.add_argument("--seed", type=int, default=0, help="seed of walks, noise and split (default: 0)")
+    parser.add_argument("--seed", type=cli_types.seed, default=0, help="seed of walks, noise and split (default: 0)")
     parser.add_argument("--split", choices=["random", "spatial"], default="random", help="train/val/test split by UE")
     model = parser.add_argument_group("measurement model (recorded in the store's attrs measurement_model)")
     for name in _MODEL_HELP:
@@ -529,7 +543,13 @@ def run(args: argparse.Namespace) -> int:
         raise CoreError(f"--scene {repeated[0]} is given more than once")
     model = MeasurementModel.from_flags({name: getattr(args, name) for name in _MODEL_HELP})
     _check_arguments(args.num_ues, args.reports, args.split, model)
-    options = DatasetOptions(args.num_ues, args.reports, args.radio_maps, args.seed, args.split, args.scenes_dir, model)
+    radio_maps = None if args.no_map else args.radio_maps
+    if radio_maps is not None and not Path(radio_maps).is_dir():
+        raise CoreError(f"--radio-maps {radio_maps}: no such folder; generate the maps there first "
+                        f"(python -m core generate-maps --output-dir {radio_maps}), or ask for a dataset without "
+                        f"a map (--no-map)")
+    options = DatasetOptions(args.num_ues, args.reports, radio_maps, args.seed, args.split, args.scenes_dir, model)
+    check_writable(Path(args.out) / scenes[0] if len(scenes) > 1 else args.out, "--out")  # before any trace
     if len(scenes) == 1 and args.ray is None:  # one scene: --out is the store, a failure is the command's error
         print(dataset_of_scene(scenes[0], args.out, options, args.force)[1])
         return 0

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from core import cli_types
 from core.errors import CoreError
 
 DEFAULT_SPACING_M = 4.0
@@ -166,12 +167,12 @@ def write_sites_yaml(path: Path, scene: str, placement: Placement, description: 
 # -- command line ------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scene", required=True, help="scene name")
-    parser.add_argument("--num-sites", type=int, default=None, help="sites to place (default: the automatic layout's)")
-    parser.add_argument("--resolution", type=float, default=1.0, help="map cell edge [m] (the area is the map's)")
-    parser.add_argument("--map-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+    parser.add_argument("--num-sites", type=cli_types.count, default=None, help="sites to place (default: the automatic layout's)")
+    parser.add_argument("--resolution", type=cli_types.positive, default=1.0, help="map cell edge [m] (the area is the map's)")
+    parser.add_argument("--map-size", type=cli_types.count, nargs=2, default=None, metavar=("H", "W"),
                         help="map cells (default: fit the scene, as generate-maps)")
-    parser.add_argument("--center", type=float, nargs=2, default=None, metavar=("X", "Y"))
-    parser.add_argument("--spacing", type=float, default=DEFAULT_SPACING_M, help="target grid spacing [m]")
+    parser.add_argument("--center", type=cli_types.coordinate, nargs=2, default=None, metavar=("X", "Y"))
+    parser.add_argument("--spacing", type=cli_types.positive, default=DEFAULT_SPACING_M, help="target grid spacing [m]")
     parser.add_argument("--scenes-dir", default=None)
     parser.add_argument("--out", default=None, help="YAML to write (default configs/sites/<scene>.yaml)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing YAML")

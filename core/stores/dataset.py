@@ -270,6 +270,9 @@ class MeasurementDataset:
                       clean_cell_features=clean_cell, source=str(path), lineage=Lineage.from_attrs(raw),
                       radio_map_ref=StoreRef.from_dict(raw.get("radio_map")))
         check_digest("dataset", path, dataset.lineage, dataset.digest())
+        if dataset.num_samples == 0:  # nothing to train, evaluate or compare: refused here, once, for every reader
+            raise StoreError(f"dataset {path}: holds no samples (0 UE walks); make it again with "
+                             "`python -m core make-dataset --num-ues N`")
         return dataset
 
 

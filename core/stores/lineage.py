@@ -17,6 +17,16 @@ A training run records the refs of its dataset and map (``lineage.json``, see
 records (:func:`check_map_of_dataset`). Refusals are one :class:`StoreError` line that
 names both stores. Stores saved before lineage existed have none: only their scenes
 are compared.
+
+Where a dataset's map is looked up without a training config (``evaluate --scene S
+--dataset D``, a held-out scene in the app): at the path it records
+(:func:`recorded_map_path`), else in the run's maps folder.
+
+A dataset made WITHOUT a map (``make-dataset --no-map``, attrs ``without_radio_map: true``;
+its walks cover the scene's square, its sites are the automatic layout) records no map,
+and it is not read against an arbitrary one: a map is accepted for it only when it has the
+very sites (names and positions) and propagation settings the dataset was traced with, so
+the map describes the same transmitters and physics (:func:`check_map_of_dataset`).
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from core import resolve_path
 from core.errors import ConfigError, StoreError
 from core.stores.zarr_group import read_attrs
 
@@ -145,6 +156,61 @@ def recorded_map(dataset_path: str | os.PathLike) -> StoreRef | None:
     return StoreRef.from_dict(raw.get("radio_map")) if isinstance(raw, Mapping) else None
 
 
+def recorded_map_path(dataset_path: str | os.PathLike) -> Path | None:
+    """Where the map the dataset at ``dataset_path`` records is: its path as given to ``make-dataset``
+    (absolute, or relative to the folder it ran in: looked up with :func:`core.resolve_path`); None when
+    the dataset records no map."""
+    ref = recorded_map(dataset_path)
+    return resolve_path(ref.path) if ref is not None else None
+
+
+def maps_folder_of(dataset_path: str | os.PathLike, maps_dir: str | os.PathLike) -> Path:
+    """The maps folder to read the dataset's map from when no training config names it (``evaluate --scene
+    S --dataset D``): the folder of the map the dataset records when that store is there (it was made
+    with ``make-dataset --radio-maps M``), else ``maps_dir``. Either way the map must then be that very
+    save (:func:`check_map_of_dataset`)."""
+    try:
+        recorded = recorded_map_path(dataset_path)
+    except StoreError:
+        return Path(maps_dir)  # no readable dataset: loading it names the problem
+    return recorded.parent if recorded is not None and recorded.exists() else Path(maps_dir)
+
+
+#: the dataset attribute that says it was made without a radio map (``make-dataset --no-map``)
+WITHOUT_MAP = "without_radio_map"
+
+
+def _free_attrs(path: Path) -> dict[str, Any]:
+    """The store's free attributes (``attrs``; {} when it is not a readable store: e.g. in memory)."""
+    try:
+        attrs = read_attrs(path).get("attrs") if path.exists() else None
+    except (OSError, ValueError):
+        return {}
+    return dict(attrs) if isinstance(attrs, Mapping) else {}
+
+
+def _transmitters(attrs: Mapping[str, Any]) -> tuple[list[tuple[str, tuple[float, ...]]], Any]:
+    """``([(site name, position rounded to mm)], propagation)`` of a store's attrs."""
+    sites = [(str(q.get("name")), tuple(round(float(v), 3) for v in q.get("position", ())))
+             for q in attrs.get("sites") or [] if isinstance(q, Mapping)]
+    return sites, attrs.get("propagation")
+
+
+def _check_map_of_mapless(dataset: StoreRef, radio_map: StoreRef) -> None:
+    """Refuse a map for a dataset made without one unless it has the dataset's sites and propagation."""
+    ds_attrs = _free_attrs(Path(dataset.path))
+    if ds_attrs.get(WITHOUT_MAP) is not True:
+        return  # not marked: made before the mark existed, or in memory (only the scene is compared)
+    ds_sites, ds_prop = _transmitters(ds_attrs)
+    map_sites, map_prop = _transmitters(_free_attrs(Path(radio_map.path)))
+    why = ("other sites (names or positions)" if ds_sites != map_sites else
+           "other propagation settings" if ds_prop != map_prop else "")
+    if why:
+        raise StoreError(f"dataset {dataset.describe()} was made without a radio map (make-dataset --no-map), and "
+                         f"radio map {radio_map.describe()} has {why} than it was traced with: make the dataset "
+                         f"again with --radio-maps FOLDER holding that map")
+
+
 # -- the rules ----------------------------------------------------------------------------------
 def _describe_path(path: Path, label: str) -> str:
     try:
@@ -187,12 +253,22 @@ def map_path_for(dataset: StoreRef, radio_maps_dir: str | os.PathLike, scene: st
 
 def check_map_of_dataset(dataset: StoreRef, recorded: StoreRef | None, radio_map: StoreRef) -> None:
     """Refuse ``radio_map`` unless it is of the dataset's scene and, when the dataset
-    records its map (``recorded``), that very save (same id)."""
+    records its map (``recorded``), that very save (same id); for a dataset made without a map,
+    unless it has the dataset's sites and propagation (module docstring)."""
     if dataset.scene and radio_map.scene != dataset.scene:
         raise StoreError(f"radio map {radio_map.describe()} is not of the scene of dataset {dataset.describe()}")
     if recorded is not None and recorded.id and radio_map.id != recorded.id:
         raise StoreError(f"radio map {radio_map.describe()} is not the map dataset {dataset.describe()} was made "
                          f"with ({recorded.describe()}): make the dataset again, or restore that map")
+    if recorded is None:
+        _check_map_of_mapless(dataset, radio_map)
+
+
+def check_map_of_scene(radio_map: StoreRef, scene: str, flag: str = "--scene") -> None:
+    """Refuse a map store that is not of ``scene`` (e.g. another scene's map copied to ``<scene>.zarr``)."""
+    if radio_map.scene != scene:
+        raise StoreError(f"radio map {radio_map.describe()} is not a map of scene {scene!r} ({flag} {scene}): "
+                         f"its attrs name scene {radio_map.scene!r}; generate the map of {scene} there")
 
 
 def check_scene_stores(dataset_path: str | os.PathLike, map_path: str | os.PathLike) -> None:

@@ -19,11 +19,13 @@ import contextlib
 import functools
 import os
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from core import REPO_ROOT
 from core.errors import CoreError
+from core.stores.atomic import is_special
 from core.stores.lock import output_lock
 from core.stores.zarr_group import read_attrs
 
@@ -65,11 +67,33 @@ def is_shipped(path: str | os.PathLike) -> bool:
 
 
 def check_writable(path: str | os.PathLike, label: str = "--out") -> None:
-    """Refuse to write ``path`` when it is shipped (one line naming ``label`` and the path)."""
-    if os.environ.get(SHIPPED_ENV) == "1" or not is_shipped(path):
+    """Refuse, BEFORE any work, an output ``path`` a command may not or cannot write: one
+    :class:`CoreError` line naming ``label``, the path and the cause; nothing is created.
+
+    * shipped (:func:`is_shipped`; ``CORE_WRITE_SHIPPED=1`` lifts this);
+    * not writable: :func:`~core.stores.atomic.atomic_path` writes a temporary beside ``path``
+      (creating missing parent folders), so a probe file is created and removed in the nearest
+      existing folder above ``path`` (permission bits alone do not tell: root ignores them, a
+      read-only mount does not). A device such as ``/dev/null`` is always writable here.
+    """
+    path = Path(path)
+    if os.environ.get(SHIPPED_ENV) != "1" and is_shipped(path):
+        raise CoreError(f"{label} {path}: shipped with the project and read-only (assets/ and the stores git "
+                        "tracks); write to another path")
+    if is_special(path):
         return
-    raise CoreError(f"{label} {path}: shipped with the project and read-only (assets/ and the stores git tracks); "
-                    "write to another path")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CoreError(f"{label} {path}: {folder} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe-", dir=folder)
+    except OSError as exc:
+        raise CoreError(f"{label} {path}: cannot write in {folder} ({exc.strerror or type(exc).__name__}); "
+                        "pick a writable place") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def listing(path: str | os.PathLike, limit: int = 8) -> str:

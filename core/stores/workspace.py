@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from core.stores.run import RunInfo, list_runs
 from core.stores.zarr_group import read_attrs
 
 DEFAULT_SCENE = "etoile"
+#: a run name: one plain folder name under the runs folder (never ``.``, ``..``, a path or a hidden name)
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 PRESETS = ("baseline", "model", "strong_physics")
 
 
@@ -108,6 +111,14 @@ class Workspace:
 
     def dataset_path(self, scene: str) -> Path:
         return self.datasets_dir / scene
+
+    def run_path(self, name: str) -> Path:
+        """``<runs>/<name>``, where a run named ``name`` is written; a name that is not a plain folder name
+        (``.``, ``..``, a path, a hidden or empty name, spaces) is a one-line :class:`CoreError`."""
+        if not RUN_NAME.fullmatch(name):
+            raise CoreError(f"Run name {name!r} is not a plain folder name: use letters, digits, '-', '_' and '.', "
+                            f"starting with a letter or digit (the run is written to {self.rel(self.runs_dir)}/<name>)")
+        return self.runs_dir / name
 
     def preset_path(self, preset: str) -> Path:
         if preset not in PRESETS:
