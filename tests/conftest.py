@@ -29,7 +29,7 @@ def pytest_runtest_protocol(item, nextitem):
     last_of_module = nextitem is None or nextitem.module is not item.module
     if rt is not None and last_of_module and item.get_closest_marker("sionna") is not None:
         gc.collect()
-        alive = [len(o.objects) for o in gc.get_objects() if isinstance(o, rt.Scene) and len(o.objects) > CITY_OBJECTS]
+        alive = [len(o.objects) for o in gc.get_objects() if issubclass(type(o), rt.Scene) and len(o.objects) > CITY_OBJECTS]
         if alive:
             item.session.shouldfail = (f"{item.module.__name__} left {len(alive)} city scene(s) alive ({alive} "
                                        "objects): every later PathSolver call would be slowed about 100-fold")
