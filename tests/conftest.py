@@ -2,13 +2,38 @@
 
 Dr.Jit compiles its kernels on first use (cached in ~/.drjit), so the map of
 ``simple_street_canyon`` is generated once per test session and shared.
+
+A city scene left alive slows every later PathSolver call in the process about 100-fold
+(Mitsuba dispatches its shape calls over every live shape: san_francisco's 4,735 objects
+turned a 0.8 s trace of 64 canyon points into 79 s), so each Sionna module must release
+the city scenes it loads; :func:`pytest_runtest_protocol` checks that.
 """
 
 from __future__ import annotations
 
+import gc
+import sys
+
 import pytest
 
 TINY_SCENE = "simple_street_canyon"
+CITY_OBJECTS = 100  # simple_street_canyon has 7 objects (15 with cars), etoile 565, the other cities thousands
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """After the last test of a ``sionna``-marked module (its fixtures released): no loaded scene of
+    more than ``CITY_OBJECTS`` objects is alive. A leak fails the test session."""
+    result = yield
+    rt = sys.modules.get("sionna.rt")
+    last_of_module = nextitem is None or nextitem.module is not item.module
+    if rt is not None and last_of_module and item.get_closest_marker("sionna") is not None:
+        gc.collect()
+        alive = [len(o.objects) for o in gc.get_objects() if issubclass(type(o), rt.Scene) and len(o.objects) > CITY_OBJECTS]
+        if alive:
+            item.session.shouldfail = (f"{item.module.__name__} left {len(alive)} city scene(s) alive ({alive} "
+                                       "objects): every later PathSolver call would be slowed about 100-fold")
+    return result
 
 
 @pytest.fixture(scope="session")

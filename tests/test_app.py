@@ -312,9 +312,10 @@ def test_corrupt_stores_are_reported_not_raised(workspace):
                                                                "features": ["path_gain"], "bounds": [0, 0, 1, 1]}}))
     at = _app("pages/radio_maps.py", scene="hollow")
     assert "Radio map unreadable" in _texts(at.warning) and "hollow.zarr" in _texts(at.warning)
-    at = _app(scene="hollow")  # the Scenes page too
-    assert not at.get("deck_gl_json_chart") or True
+    at = _app(scene="hollow")  # the Scenes page too: the store is named, and nothing is drawn from it
     assert "hollow.zarr" in _texts(at.error) + _texts(at.warning)
+    assert not at.get("deck_gl_json_chart")  # no geometry for "hollow" and no readable map: no deck
+    assert "Nothing to draw yet" in _texts(at.info)
 
 
 # -- Training -----------------------------------------------------------------------------
@@ -515,8 +516,14 @@ def test_refinement_inspector(workspace):
     assert len(los_only) == n_los and (los_only["los"] == "LOS").all()
     at.slider(key="ref_conf").set_value((0.999, 1.0)).run()
     _no_exception(at)
-    if (table["confidence"] < 0.999).all():
-        assert "No sample matches" in _texts(at.caption)
+    n_confident = int(((table["los"] == "LOS") & table["confidence"].between(0.999, 1.0)).sum())
+    if n_confident:  # both outcomes are checked: the matching rows, or the note that there are none
+        assert len(at.dataframe[0].value) == n_confident
+    else:
+        assert "No sample matches the filters." in _texts(at.caption)
+    at.slider(key="ref_err").set_value((0.0, 0.0)).run()  # no network error is exactly 0 m
+    _no_exception(at)
+    assert "No sample matches the filters." in _texts(at.caption)
 
 
 def test_refinement_inspector_shows_errors_not_tracebacks(workspace, monkeypatch):

@@ -117,7 +117,8 @@ def test_unknown_choice_fails_without_traceback(capsys):
 
 def test_bench_physics_runs_small(tmp_path, capsys):
     out = tmp_path / "physics.json"
-    assert main(["bench", "--out", str(out), "physics", "--batches", "1,64", "--size", "32", "--repeats", "1"]) == 0
+    assert main(["bench", "--out", str(out), "physics", "--batches", "1,64", "--size", "32", "--repeats", "1",
+                 "--map-samples", "40"]) == 0
     assert "loss_fwdbwd_vs_bare_fwdbwd" in capsys.readouterr().out
     report = json.loads(out.read_text())
     assert [r["batch"] for r in report["rows"]] == [1, 64]

@@ -21,7 +21,8 @@ from core.stores.radio_map import RadioMap
 
 pytestmark = pytest.mark.sionna
 
-TINY = ["--resolution", "8", "--map-size", "16", "16", "--samples-per-tx", "20000", "--toa-decimation", "8"]
+TINY = ["--resolution", "8", "--map-size", "16", "16", "--samples-per-tx", "20000", "--retry-samples-per-tx", "0",
+        "--toa-decimation", "8"]
 
 
 def _core(*args: str, timeout: float = 240, **env_vars: str) -> subprocess.CompletedProcess:

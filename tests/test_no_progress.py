@@ -38,7 +38,7 @@ def test_no_progress_parses(argv):
 def _bench_physics(out, *extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
     return subprocess.run([sys.executable, "-m", "core", "bench", "--out", str(out), "physics", "--batches", "1",
-                           "--size", "32", "--repeats", "1", *extra], cwd=REPO_ROOT, env=env, capture_output=True,
+                           "--size", "32", "--repeats", "1", "--map-samples", "8", *extra], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -56,6 +56,6 @@ def test_no_progress_hides_the_bar_after_torch_imported_tqdm(tmp_path):
 def test_in_process_main_leaves_the_environment_as_it_was(monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     assert main(["bench", "--out", str(tmp_path / "bench.json"), "physics", "--batches", "1", "--size", "16", "--repeats", "1",
-                 "--no-progress"]) == 0
+                 "--map-samples", "8", "--no-progress"]) == 0
     assert "TQDM_DISABLE" not in os.environ
     capsys.readouterr()

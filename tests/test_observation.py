@@ -66,10 +66,13 @@ def test_pooling_takes_the_circular_mean_across_the_seam():
     n = 0
     present = np.nonzero(ds.report_mask[n])[0]
     s0 = ds.site_ids[n, present[-1], 0]
+    signs = set()
     for t in present:
         k = list(ds.site_ids[n, t]).index(s0) if s0 in ds.site_ids[n, t] else None
         if k is not None:
             feats[n, t, k, 2] = 179.0 if t % 2 else -179.0
+            signs.add(t % 2)
+    assert signs == {0, 1}  # the site is heard on both sides of the seam: an arithmetic mean would give ~0
     saved = ds.site_features
     try:
         ds.site_features = feats

@@ -1,4 +1,4 @@
-"""Diffraction, outdoor coverage and terrain, with real Sionna RT on small scenes (no mocks)."""
+"""Diffraction and outdoor coverage, with real Sionna RT on small scenes (no mocks; terrain: test_terrain.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from core.cli import main
 from core.errors import CoreError
 from core.raytracing.coverage import check_coverage, outdoor_coverage
 from core.raytracing.scenes import resolve_scene, scene_geometry
-from core.raytracing.tracing import PropagationSettings, RadioConfig
+from core.raytracing.tracing import PropagationSettings
 
 pytestmark = pytest.mark.sionna
 
@@ -79,45 +79,6 @@ def test_coverage_check_names_the_likely_cause():
         check_coverage("dim", valid, outdoor, np.stack([valid, np.zeros_like(valid)]), 0.5)
     assert check_coverage("ok", valid, outdoor, np.stack([valid, valid]), 0.2) == pytest.approx(0.2)
     assert outdoor_coverage(valid, np.zeros_like(valid)) == 0.0
-
-
-@pytest.fixture(scope="module")
-def hilly_scene():
-    """san_francisco: its ground rises from a few metres to over 80 m."""
-    from core.raytracing.scenes import load_scene
-
-    return load_scene(resolve_scene("san_francisco"))
-
-
-def test_ground_height_follows_the_hill_under_roofs_too(hilly_scene):
-    from core.raytracing.terrain import ground_height, measurement_points
-    from core.raytracing.tracing import indoor_mask
-
-    rng = np.random.default_rng(0)
-    xy = np.stack([rng.uniform(-150, -70, 400), rng.uniform(-410, -330, 400)], 1)  # a slope (about 25 m of rise)
-    ground = ground_height(hilly_scene, xy)
-    assert ground.max() - ground.min() > 15.0
-    xyz = measurement_points(hilly_scene, xy, RadioConfig().rx_height_m)
-    np.testing.assert_allclose(xyz[:, 2], ground + 1.5)
-    # on the terrain most points are outdoor; on the flat plane at 1.5 m every point is under the hill
-    flat = np.concatenate([xy, np.full((len(xy), 1), 1.5)], 1)
-    assert indoor_mask(hilly_scene, flat).mean() > 0.99
-    assert indoor_mask(hilly_scene, xyz).mean() < 0.5
-    # the height found is a real surface: an upward ray from 5 cm under it hits it
-    below = np.concatenate([xy, (ground - 0.05)[:, None]], 1)
-    assert indoor_mask(hilly_scene, below).all()
-
-
-def test_ue_walks_follow_the_terrain(hilly_scene):
-    from core.raytracing.measurements import WalkConfig, _draw_walks
-    from core.raytracing.terrain import ground_height
-
-    rng = np.random.default_rng(1)
-    bounds = (-150.0, -410.0, -70.0, -330.0)
-    walks, _ = _draw_walks(rng, hilly_scene, 40, 6, bounds, None, WalkConfig(), 1.5)
-    xyz = walks.reshape(-1, 3)
-    np.testing.assert_allclose(xyz[:, 2], ground_height(hilly_scene, xyz[:, :2]) + 1.5, atol=1e-4)
-    assert np.ptp(xyz[:, 2]) > 5.0  # they are spread over the slope, not on one plane
 
 
 def test_map_fidelity_off_the_grid_los_nlos_and_diffracted(tiny_map, tiny_scene):
