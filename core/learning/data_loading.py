@@ -35,7 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.features import feature_spec
+from core.features import REPORT_WINDOW_S, feature_spec
+from core.learning.groups import los_at_latest
 from core.stores.dataset import CELL_FEATURES, SITE_FEATURES, MeasurementDataset
 from core.stores.radio_map import RadioMap
 
@@ -75,7 +76,7 @@ class TensorData:
     target_xy   float32 [N, 2]      UE position at the last report [m]
     observed    float32 [N, F]      physics observation in map units (NaN -> 0, see obs_mask)
     obs_mask    bool    [N, F]      observation present
-    los         bool    [N]         serving site in LOS at the last report
+    los         bool    [N]         serving site in LOS at the latest PRESENT report (core.learning.groups)
     num_reports long    [N]         number of present reports
     indices     long    [N]         indices into the source dataset
     labeled     bool    [N]         the label may be used (False: the walk gives only the physics term)
@@ -247,7 +248,7 @@ def build_tensors(
     indices: np.ndarray | None = None,
     geometry_hint: bool = True,
     observation: str = "latest",
-    report_window_s: float = 1.0,
+    report_window_s: float = REPORT_WINDOW_S,
     num_sites: int | None = None,
 ) -> TensorData:
     """Model tensors of ``dataset[indices]`` normalised with ``radio_map``'s statistics.
@@ -295,8 +296,8 @@ def build_tensors(
 
     obs = physics_observation(ds, radio_map.features, observation)
     obs_mask = np.isfinite(obs)
-    # LOS of the serving site at the last report (False where that report is missing).
-    los = ds.los[:, -1] & mask[:, -1]
+    # LOS of the serving site at the latest PRESENT report (a missing last report says nothing about LOS)
+    los = los_at_latest(ds.los, mask)
     site_obs = site_observation(ds, None, "latest", window_s=report_window_s)
     return TensorData(
         feats=torch.from_numpy(feats.astype(np.float32)),
