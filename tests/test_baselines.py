@@ -46,9 +46,11 @@ def test_run_baselines_adds_multilateration():
     m = analytic_radio_map(height=32, width=32, bounds=(-64.0, -64.0, 64.0, 64.0))
     ds = synthetic_dataset(m, 80, seed=2)
     est = run_baselines(ds, m, np.arange(80))
-    assert set(est) == {"knn", "ml", "multilateration"}
+    assert set(est) == {"knn", "ml", "multilateration", "exhaustive"}
     err = np.linalg.norm(est["multilateration"] - ds.labels, axis=1)
     assert est["multilateration"].shape == (80, 2) and np.median(err) < 3.0  # free space: every slot is LOS
+    err = np.linalg.norm(est["exhaustive"] - ds.labels, axis=1)  # the calibrated likelihood over the whole map
+    assert np.median(err) < 3.0
     # without known site positions there is nothing to multilaterate
     ds.attrs["sites"] = []
     from core.stores.radio_map import RadioMap

@@ -170,15 +170,24 @@ def circular_mean_deg(angles: np.ndarray, mask: np.ndarray, axis: int) -> np.nda
     return np.where(mask.any(axis), out, np.nan)
 
 
-def physics_observation(dataset: MeasurementDataset, features: tuple[str, ...], mode: str = "latest") -> np.ndarray:
-    """float32 ``[N, F]``: serving-site observation per sample in map feature order; NaN = missing."""
+def physics_observation(dataset: MeasurementDataset, features: tuple[str, ...], mode: str = "latest",
+                        window_s: float = 0.0) -> np.ndarray:
+    """float32 ``[N, F]``: serving-site observation per sample in map feature order; NaN = missing.
+
+    ``window_s > 0`` (mode ``"latest"``): the masked mean (circular for AoA) over the present reports
+    within ``window_s`` of the latest present one -- the one report window every method pools over."""
     obs = dataset.map_features(features)  # [N, T, F]
     if mode == "last":
         return obs[:, -1, :]
     if mode == "latest":
         present = dataset.report_mask & np.isfinite(obs).any(-1)  # [N, T]
         latest = obs.shape[1] - 1 - np.argmax(present[:, ::-1], axis=1)
-        return obs[np.arange(len(obs)), latest, :]
+        if window_s <= 0:
+            return obs[np.arange(len(obs)), latest, :]
+        t = np.asarray(dataset.t, dtype=np.float64)
+        t_last = t[np.arange(len(obs)), latest][:, None]
+        present = present & (t <= t_last + 1e-9) & (t >= t_last - window_s - 1e-9)
+        obs = np.where(present[..., None], obs, np.nan)
     valid = np.isfinite(obs)
     out = np.where(valid, obs, 0.0).sum(1) / np.maximum(valid.sum(1), 1)
     out = np.where(valid.any(1), out, np.nan)

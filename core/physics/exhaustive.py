@@ -40,8 +40,8 @@ __all__ = ["ExhaustiveMatcher", "ExhaustiveResult", "FLAT_SIGMA_M", "DEFAULT_STE
 FLAT_SIGMA_M = 1.0e4
 #: the scan's grid step [m] and how many of its best points are searched finely (tuned on the etoile val split:
 #: docs/physics.md)
-DEFAULT_STEP_M = 4.0
-DEFAULT_TOP = 8
+DEFAULT_STEP_M = 2.0
+DEFAULT_TOP = 4
 
 
 class ExhaustiveResult(NamedTuple):

@@ -71,7 +71,7 @@ class MultilaterationConfig:
     many seconds of a sample's latest one are pooled per site (the one report window; 0: the
     latest report only). Defaults: tuned on the etoile val split (module doc)."""
 
-    sigma_range_m: float = 2.0
+    sigma_range_m: float = 1.0
     sigma_aoa_deg: float = 3.0
     robust_scale: float = 1.0
     use_toa: bool = True
@@ -233,7 +233,8 @@ def multilaterate(site_xyz, site_ids, site_features, config: MultilaterationConf
     usable = torch.cat(usable, 1)
     cost, step = _cost_and_step(p, sl, cfg, need_step=True)
     done = 0
-    for done in range(1, cfg.iterations + 1):
+    while done < cfg.iterations:
+        done += 1
         best_cost, best_p = cost, p
         for scale in (1.0, 0.25):  # backtracking: keep the first scale that lowers the cost
             trial = clamp(p + scale * step.nan_to_num())
