@@ -97,7 +97,7 @@ def test_multi_start_recovers_what_single_site_fixes_miss():
     meas[..., 2] = np.nan  # no AoA
     bounds = (-128.0, -128.0, 128.0, 128.0)
     fixes = multilaterate(SITES, ids, meas, MultilaterationConfig(pair_starts=False, grid_top=0), bounds)
-    multi = multilaterate(SITES, ids, meas, MultilaterationConfig(), bounds)
+    multi = multilaterate(SITES, ids, meas, MultilaterationConfig(pair_starts=True, grid_top=4), bounds)
     e_fix = np.linalg.norm(fixes.xy.numpy() - xy, axis=1)
     e_multi = np.linalg.norm(multi.xy.numpy() - xy, axis=1)
     assert np.median(e_fix) > 10.0 and np.mean(e_fix < 1.0) < 0.2  # the single-site starts miss
