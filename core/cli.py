@@ -44,6 +44,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("core.learning.training", "train the map-conditioned transformer from a YAML config"),
     "evaluate": ("core.learning.evaluation", "evaluate a training run (optionally with gradient refinement)"),
     "ablate": ("core.learning.ablation", "train and evaluate baseline vs physics-regularized models"),
+    "tune-baselines": ("core.learning.baseline_tuning",
+                       "tune multilateration and exhaustive map matching on the val split (prints the sweep)"),
     "bench": ("core.benchmarks.cli", "run a benchmark (physics, maps, train); prints a table, writes JSON"),
     "jobs": ("core.jobs.manager", "list, follow, submit and cancel the background jobs the app also uses"),
 }

@@ -4,7 +4,7 @@ import streamlit as st
 
 import app_widgets as wb
 from core.jobs.manager import generate_maps_spec
-from core.raytracing.coverage import DEFAULT_MIN_COVERAGE
+from core.raytracing.coverage import DEFAULT_MIN_COVERAGE, coverage_figures, heard_sensitivity
 from core.raytracing.generation import DEFAULT_TOA_DECIMATION, fitted_map_size
 from core.raytracing.tracing import MAX_SAMPLES_PER_SRC, PropagationSettings
 from core.stores.lineage import map_paths
@@ -36,6 +36,17 @@ else:
 if radio_map is not None:
     geometry = wb.geometry(scene)
     gen = radio_map.attrs.get("generator") or {}
+    with wb.guard("coverage"):
+        sensitivity, source = heard_sensitivity(ws.dataset_path(scene))
+        cov = coverage_figures(radio_map, sensitivity)
+        cols = st.columns(3)
+        cols[0].metric(f"Reached ({cov['of']})", f"{cov['reached']:.1%}",
+                       help="some site has a path to the cell, however weak")
+        cols[1].metric("Heard", "–" if sensitivity is None else f"{cov['heard']:.1%}",
+                       help="the strongest site's path gain is at least the sensitivity minus the transmit power: "
+                            "what a UE can actually hear")
+        cols[2].metric("Heard threshold", "–" if sensitivity is None else f"{cov['threshold_db']:g} dB",
+                       help=f"{sensitivity} dBm sensitivity ({source}) at {cov['tx_power_dbm']:g} dBm transmit power")
     st.caption(f"{radio_map.shape[0]}×{radio_map.shape[1]} cells of {radio_map.cell_size:g} m, coverage "
                f"{radio_map.coverage_text()}, {len(radio_map.attrs.get('sites') or [])} sites."
                + (f" Generator: {', '.join(f'{k}={v}' for k, v in gen.items() if not isinstance(v, (dict, list)))}."

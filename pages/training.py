@@ -12,6 +12,7 @@ from core import REPO_ROOT
 from core.errors import CoreError
 from core.jobs.manager import ablate_spec, evaluate_spec, train_spec
 from core.learning.config import Config, load_config
+from core.learning.evaluation import group_table, method_table
 from core.stores.lineage import check_scene_stores
 from core.stores.output import check_writable
 from core.stores.run import evaluations, is_taken, read_metrics, run_info
@@ -185,7 +186,7 @@ evaluable = [r for r in runs if r.has_checkpoint]
 if not evaluable:
     st.info("No run with a checkpoint yet.")
 else:
-    cols = st.columns([2, 2, 1, 1])
+    cols = st.columns([2, 2, 1, 1, 1])
     eval_run = cols[0].selectbox("Run", [r.name for r in evaluable], key="eval_run")
     info = next(r for r in evaluable if r.name == eval_run)
     trained = list(info.scenes or [info.scene])
@@ -195,8 +196,11 @@ else:
                                    format_func=lambda s: f"{s} (held out)" if s == info.holdout_scene else
                                    (f"{s} (trained on)" if s in trained else s))
     eval_refine = cols[2].checkbox("MAP refinement", value=True, key="eval_refine")
-    eval_go = cols[3].button("Evaluate", key="eval_go")
-    spec = evaluate_spec(ws.rel(ws.root / eval_run), eval_scene, "test", eval_refine)
+    eval_baselines = cols[3].checkbox("Baselines", value=False, key="eval_baselines",
+                                      help="kNN, ML map matching, multilateration and exhaustive map matching "
+                                           "(the calibrated likelihood over the whole map, no network)")
+    eval_go = cols[4].button("Evaluate", key="eval_go")
+    spec = evaluate_spec(ws.rel(ws.root / eval_run), eval_scene, "test", eval_refine, eval_baselines)
     st.caption(f"`python -m core {' '.join(spec.args)}`")
     if eval_go:
         with wb.guard("evaluation"):
@@ -204,7 +208,15 @@ else:
     wb.job_panel(("evaluate",), key="eval_jobs", limit=3, title="Evaluation jobs")
     for path in evaluations(ws.root / eval_run):  # a shipped run's new results live in runs/evaluations/
         with wb.guard(path.name):
-            rows = json.loads(path.read_text()).get("scenes")
+            result = json.loads(path.read_text())
+            if "groups" in result:
+                st.markdown(f"**{ws.rel(path)}** — {result.get('split', '')} split, {result.get('count', '?')} UEs: "
+                            "every method in the file (errors in m, shares as fractions, cost per sample)")
+                st.dataframe(method_table(result), width="stretch")
+                metric = st.radio("Per UE group", ["median_m", "p90_m", "beyond_20m"], horizontal=True,
+                                  key=f"eval_group_metric_{path.name}")
+                st.dataframe(group_table(result, metric), width="stretch")
+            rows = result.get("scenes")
             if rows:
                 st.markdown(f"**{ws.rel(path)}** — test errors [m] per scene")
                 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
@@ -271,7 +283,8 @@ if with_ckpt:
 # -- ablation ----------------------------------------------------------------------------
 st.subheader("Ablation")
 st.caption("λ_phys ∈ {0, λ* tuned on val} × refinement off/on × label fractions 5/20/100 % × random and spatial "
-           "split × 3 paired seeds, next to the kNN and ML map-matching baselines; mean ± sd over seeds and "
+           "split × 3 paired seeds, next to kNN, ML map matching, multilateration and exhaustive map matching; "
+           "per UE group (LOS / NLOS at the latest present report, last report missing, sites heard); mean ± sd over seeds and "
            "bootstrap 95 % CIs of the change against λ = 0. Finished runs are cached; a killed ablation resumes. "
            "The full plan takes up to ~90 min on a 2-core CPU, the quick one a few minutes.")
 with st.form("ablate_form"):

@@ -1,20 +1,29 @@
-"""Network vs network + MAP vs the classical baselines over several seeds, with paired CIs.
+"""Network vs network + MAP vs the baselines over several seeds, with paired CIs, overall and per UE group.
 
     PYTHONPATH=. .venv/bin/python scripts/seed_comparison.py --runs assets/default_run runs/seed1 runs/seed2 --split test
 
-Each run is evaluated on the same UEs (the dataset's split); the baselines need no training, so
-each is one estimate repeated for every seed. Prints mean ± sd over seeds of median / P90 / RMSE
-and the paired two-level bootstrap 95 % CI (core.learning.statistics) of the MAP median's change
-and ratio against each other method, overall and for NLOS UEs.
+Each run is evaluated on the same UEs (the dataset's split); the baselines (kNN, ML map matching,
+multilateration, exhaustive map matching) need no training, so each is one estimate repeated for
+every seed. Groups: :func:`core.learning.groups.ue_groups` (LOS / NLOS at the latest present report,
+last report missing, sites heard 1 / 2 / 3 / >= 4), the one definition every table uses. Prints,
+per method, mean ± sd over seeds of the median / P90 / RMSE, the share beyond 20 m and the worst
+2 %'s share of the squared error; the median, P90 and share beyond 20 m per group; and the paired
+two-level bootstrap 95 % CI (core.learning.statistics) of the MAP median's change and ratio against
+each other method, overall, for NLOS and for one site heard. ``--json FILE`` writes it all.
 """
 
 import argparse
+import json
 
 import numpy as np
 
-from core.learning.evaluation import evaluate_run
+from core.learning.evaluation import LABELS, evaluate_run
+from core.learning.groups import GROUPS, worst_share
 from core.learning.inference import load_run
 from core.learning.statistics import paired_delta, seed_summary
+
+NAMES = {"model": "network", "model_refined": "network + MAP", **LABELS}
+DELTA_GROUPS = ("all", "nlos", "sites_1")
 
 
 def main() -> None:
@@ -23,10 +32,12 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--device", default="cpu", help="torch device of the network and the MAP refinement")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     per_method: dict[str, list[np.ndarray]] = {}
-    nlos = None
+    groups = None
     baselines: dict[str, np.ndarray] = {}
+    cost: dict[str, float] = {}
     for run_dir in args.runs:
         run = load_run(run_dir, device=args.device)
         res = evaluate_run(run_dir, args.split, refine=True, baselines=not baselines, device=args.device, run=run,
@@ -34,24 +45,49 @@ def main() -> None:
         errors = res["_errors"]
         if not baselines:  # the baselines need no training: computed once, the same for every seed
             baselines = {k: v for k, v in errors.items() if k not in ("model", "model_refined")}
+            cost = {k: v["ms_per_sample"] for k, v in res["baselines"].items()}
+        cost["model_refined"] = res["refinement"]["ms_per_sample"]
         for name, e in (errors | baselines).items():
             per_method.setdefault(name, []).append(e)
-        idx = run.dataset.indices(args.split)
-        los = run.dataset.los[idx, -1] & run.dataset.report_mask[idx, -1]
-        nlos = ~los if nlos is None else nlos
-    print(f"{args.split} split, {len(per_method['model'][0])} UEs, {len(args.runs)} seeds ({', '.join(args.runs)})")
+        if groups is None:
+            from core.learning.groups import ue_groups
+
+            groups = ue_groups(run.dataset, run.dataset.indices(args.split), run.config.physics_loss.report_window_s)
+    out = {"split": args.split, "runs": args.runs, "groups": {g: int(m.sum()) for g, m in groups.items()},
+           "methods": {}, "deltas": []}
+    n = len(per_method["model"][0])
+    print(f"{args.split} split, {n} UEs, {len(args.runs)} seeds ({', '.join(args.runs)})")
+    print("groups: " + ", ".join(f"{g} {int(groups[g].sum())}" for g in GROUPS if g in groups))
     for name, errs in per_method.items():
         s = seed_summary(errs)
-        print(f"  {name:16s} median {s['median_m']:.3f} ± {s['median_m_sd']:.3f}  P90 {s['p90_m']:.2f} ± "
-              f"{s['p90_m_sd']:.2f}  RMSE {s['rmse_m']:.2f} ± {s['rmse_m_sd']:.2f}  NLOS median "
-              f"{np.mean([np.median(e[nlos]) for e in errs]):.3f}")
+        beyond = float(np.mean([np.mean(e > 20.0) for e in errs]))
+        worst = float(np.mean([worst_share(e) for e in errs]))
+        per_group = {g: {"median_m": float(np.mean([np.median(e[m]) for e in errs])) if m.any() else float("nan"),
+                         "p90_m": float(np.mean([np.percentile(e[m], 90) for e in errs])) if m.any() else float("nan"),
+                         "beyond_20m": float(np.mean([np.mean(e[m] > 20.0) for e in errs])) if m.any() else float("nan")}
+                     for g, m in groups.items()}
+        out["methods"][name] = {**s, "beyond_20m": beyond, "worst2_share": worst, "ms_per_sample": cost.get(name),
+                                "groups": per_group}
+        print(f"  {NAMES.get(name, name):26s} median {s['median_m']:.3f} ± {s['median_m_sd']:.3f}  P90 {s['p90_m']:.2f} ± "
+              f"{s['p90_m_sd']:.2f}  RMSE {s['rmse_m']:.2f} ± {s['rmse_m_sd']:.2f}  >20 m {100 * beyond:.2f} %  "
+              f"worst 2 % carry {100 * worst:.1f} % of e²")
+        print("      median / P90 / >20 m by group: " + "; ".join(
+            f"{g} {v['median_m']:.2f} / {v['p90_m']:.1f} / {100 * v['beyond_20m']:.1f} %"
+            for g, v in per_group.items() if g in GROUPS[1:8]))
     mapped = per_method["model_refined"]
     for other in [m for m in per_method if m != "model_refined"]:
-        for group, mask in (("all", slice(None)), ("nlos", nlos)):
+        for group in DELTA_GROUPS:
+            mask = groups[group]
+            if not mask.any():
+                continue
             d = paired_delta([e[mask] for e in mapped], [e[mask] for e in per_method[other]], "median_m",
                              n_boot=args.n_boot)
-            print(f"  MAP vs {other:16s} [{group:4s}] Δ median {d['delta']:+.3f} m "
+            out["deltas"].append({"other": other, "group": group, **d})
+            print(f"  MAP vs {NAMES.get(other, other):26s} [{group:7s}] Δ median {d['delta']:+.3f} m "
                   f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], ratio {d['ratio']:.3f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=2, default=float)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from core.cli import main
+from core.learning.ablation import GROUPS
 from core.learning.config import load_config
 from core.physics.synthetic import synthetic_scene
 
@@ -41,7 +42,8 @@ def test_quick_ablation_writes_paired_comparisons(ablation):
     for (split, fraction, refine), part in table.groupby(["split", "label_fraction", "refinement"]):
         assert split in ("random", "spatial") and fraction in (0.05, 0.2, 1.0)
         arms = set(part["arm"])
-        expected = {"kNN fingerprinting", "ML map matching", "multilateration"} if refine == "-" else {"transformer λ=0", "transformer λ*"}
+        expected = {"kNN fingerprinting", "ML map matching", "multilateration", "map matching, exhaustive"} \
+            if refine == "-" else {"transformer λ=0", "transformer λ*"}
         assert arms == expected, (split, fraction, refine, arms)
     assert len(table.groupby(["split", "label_fraction"])) == 6
     model = table[table["arm"].str.startswith("transformer")]
@@ -58,7 +60,7 @@ def test_quick_ablation_writes_paired_comparisons(ablation):
                 & (table["group"] == "all")].set_index("arm")
     assert blk.loc["transformer λ*", "d_median_m"] == pytest.approx(
         blk.loc["transformer λ*", "median_m"] - blk.loc["transformer λ=0", "median_m"], abs=1e-9)
-    assert set(table["group"]) <= {"all", "nlos", "sparse"} and "all" in set(table["group"])
+    assert set(table["group"]) <= set(GROUPS) and {"all", "los"} <= set(table["group"])
     curve = pd.read_csv(out / "curve.csv")
     assert sorted(curve["label_fraction"].unique()) == [0.05, 0.2, 1.0]
     assert (curve["median_m_lo"] <= curve["median_m"] + 1e-9).all() and (curve["median_m"] <= curve["median_m_hi"] + 1e-9).all()

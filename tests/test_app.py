@@ -248,6 +248,12 @@ def test_radio_maps_every_feature_with_units_and_comparison(workspace):
     from core.stores.radio_map import RadioMap
 
     rm = RadioMap.load(workspace / "radio_maps" / "etoile.zarr")
+    from core.raytracing.coverage import coverage_figures
+
+    cov = coverage_figures(rm, -100.0)  # reached vs heard at the dataset's sensitivity, computed on load
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["Heard"] == f"{cov['heard']:.1%}" and shown["Heard threshold"] == f"{cov['threshold_db']:g} dB"
+    assert any(k.startswith("Reached") and v == f"{cov['reached']:.1%}" for k, v in shown.items())
     for feature in rm.features:
         at.selectbox(key="rm_feature").select(feature).run()
         _no_exception(at)
@@ -705,6 +711,8 @@ def test_training_on_many_scenes_and_a_held_out_one(tmp_path, monkeypatch):
     assert list(zip(table["scene"], table["role"])) == [("etoile", "trained"), ("munich", "trained"),
                                                         ("florence", "held-out")]
     assert np.isfinite(table["refined_median_m"]).all()
+    methods = next(d.value for d in at.dataframe if "worst 2 % share of e²" in d.value.columns)
+    assert {"network", "network + MAP"} <= set(methods.index)  # every method the eval JSON holds
     for page in ("pages/attention.py", "pages/refinement.py"):  # the run on its held-out scene's data and map
         at = _app(page, scene="florence")
         at.selectbox(key="att_run" if "attention" in page else "ref_run").select("runs/two").run()

@@ -46,12 +46,35 @@ def test_run_baselines_adds_multilateration():
     m = analytic_radio_map(height=32, width=32, bounds=(-64.0, -64.0, 64.0, 64.0))
     ds = synthetic_dataset(m, 80, seed=2)
     est = run_baselines(ds, m, np.arange(80))
-    assert set(est) == {"knn", "ml", "multilateration"}
+    assert set(est) == {"knn", "ml", "multilateration", "exhaustive"}
     err = np.linalg.norm(est["multilateration"] - ds.labels, axis=1)
     assert est["multilateration"].shape == (80, 2) and np.median(err) < 3.0  # free space: every slot is LOS
+    err = np.linalg.norm(est["exhaustive"] - ds.labels, axis=1)  # the calibrated likelihood over the whole map
+    assert np.median(err) < 3.0
     # without known site positions there is nothing to multilaterate
     ds.attrs["sites"] = []
     from core.stores.radio_map import RadioMap
 
     anonymous = RadioMap(m.values, m.features, m.bounds, attrs={**m.attrs, "sites": []})
     assert "multilateration" not in run_baselines(ds, anonymous, np.arange(10))
+
+
+def test_tune_baselines_sweeps_on_val_and_picks_the_lowest_median(tmp_path):
+    from core import resolve_path
+    from core.cli import main
+    from core.learning.baseline_tuning import EXHAUSTIVE_GRID, MULTILATERATION_GRID, tune
+    from core.learning.config import load_config
+    from core.physics.synthetic import synthetic_scene
+
+    overrides = synthetic_scene(tmp_path, num_ues=120, height=16, width=16, cell=8.0, reports=4, k=3, seed=5)
+    config = load_config(resolve_path("configs/model.yaml"), [f"{k}={v}" for k, v in overrides.items()])
+    result = tune(config, "val")
+    assert result["split"] == "val" and result["count"] == 12 and result["window_s"] == config.physics_loss.report_window_s
+    for method, grid in (("multilateration", MULTILATERATION_GRID), ("exhaustive", EXHAUSTIVE_GRID)):
+        rows = [r for r in result["rows"] if r["method"] == method]
+        assert {r["axis"] for r in rows} <= set(grid) and len(rows) >= len(grid)
+        best = result["best"][method]
+        winner = min((r for r in rows if all(r[k] == v for k, v in best.items())), key=lambda r: r["median_m"])
+        assert winner["median_m"] == min(r["median_m"] for r in rows if all(  # best along every axis
+            r[k] == best[k] for k in best if k != winner["axis"]))
+    assert main(["tune-baselines", "--out", str(tmp_path / "no" / "such.json")]) == 2  # refused before any work

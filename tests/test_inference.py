@@ -13,6 +13,7 @@ import pytest
 
 from core.errors import CoreError, StoreError
 from core.learning.config import load_config
+from core.learning.groups import GROUPS
 from core.learning.inference import (
     RESIDUAL_COLUMNS,
     calibrate_run,
@@ -191,28 +192,33 @@ def test_missing_or_corrupt_files_are_store_errors(run_dir, tmp_path):
         load_run(broken)
 
 
-def test_evaluate_command(run_dir):
+def test_evaluate_command(run_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "core", "evaluate", "--run", str(run_dir), "--refine", "--baselines",
                            "--json"], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    for key in ("median_m", "rmse_m", "p67_m", "p90_m", "success_5m", "success_10m", "success_20m",
-                "train_s_per_epoch", "inference_ms_per_sample"):
+    for key in ("median_m", "rmse_m", "p67_m", "p90_m", "success_5m", "success_10m", "success_20m", "beyond_20m",
+                "worst2_share", "train_s_per_epoch", "inference_ms_per_sample"):
         assert np.isfinite(result[key]), key
-    assert set(result["groups"]) == {"all", "los", "nlos", "sparse", "dense"}
+    assert tuple(result["groups"]) == GROUPS  # the one definition (core.learning.groups), every method alike
     r = result["refinement"]
     assert r["method"] == "map" and r["num_refined"] == result["count"] and r["threshold"] is None
     assert {"before", "after", "refined_before", "refined_after", "groups_after", "sources", "search"} <= set(r)
     assert sum(r["sources"].values()) == result["count"] and r["search"]["window_m"] > 0
     assert r["before"]["median_m"] == pytest.approx(result["median_m"])
-    assert set(result["baselines"]) == {"knn", "ml", "multilateration"}
+    assert set(result["baselines"]) == {"knn", "ml", "multilateration", "exhaustive"}
+    for name, b in result["baselines"].items():
+        assert tuple(b["groups"]) == GROUPS and b["ms_per_sample"] > 0, name
     assert json.loads((run_dir / "eval_test_refine.json").read_text())["count"] == result["count"]
+    out = tmp_path / "val.json"
     table = subprocess.run([sys.executable, "-m", "core", "evaluate", "--run", str(run_dir), "--split", "val",
-                            "--refine", "--baselines", "--threshold", "0.5", "--top-k", "1", "--window", "0"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=240)
+                            "--refine", "--baselines", "--threshold", "0.5", "--top-k", "1", "--window", "0",
+                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert table.returncode == 0, table.stderr
+    assert json.loads(out.read_text())["split"] == "val" and not (run_dir / "eval_val_refine.json").exists()
     lines = table.stdout.splitlines()
-    for label in ("network", "network + MAP", "kNN fingerprint", "ML map matching", "multilateration"):
+    for label in ("network", "network + MAP", "kNN fingerprint", "ML map matching", "multilateration",
+                  "map matching, exhaustive"):
         rows = [line for line in lines if re.match(re.escape(label) + r"\s+(-?[\d.]|nan)", line)]
-        assert len(rows) == 2, label  # the metrics and the group table
-    assert "median error [m] per group" in table.stdout and "nlos" in table.stdout and "sparse" in table.stdout
+        assert len(rows) == 5, label  # the metrics, the method table and three group tables
+    assert "median error [m] per group" in table.stdout and "nlos" in table.stdout and "sites_1" in table.stdout

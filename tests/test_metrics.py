@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 
+from core.learning.groups import worst_share
 from core.learning.metrics import error_cdf, error_metrics, grouped_metrics, position_errors
 
 
@@ -24,12 +25,19 @@ def test_metrics_hand_values():
 
 def test_groups_and_empty():
     e = np.array([1.0, 2.0, 3.0, 4.0])
-    g = grouped_metrics(e, los=[True, False, True, False], num_reports=[8, 2, 4, 5])
-    assert g["los"]["median_m"] == 2.0 and g["nlos"]["median_m"] == 3.0
-    assert g["sparse"]["count"] == 2 and g["sparse"]["median_m"] == 2.5  # 2 and 4 reports < 5
-    assert g["dense"]["median_m"] == 2.5 and g["all"]["count"] == 4
+    los = np.array([True, False, True, False])
+    g = grouped_metrics(e, {"all": np.ones(4, bool), "los": los, "nlos": ~los})
+    assert g["los"]["median_m"] == 2.0 and g["nlos"]["median_m"] == 3.0 and g["all"]["count"] == 4
     empty = error_metrics([])
-    assert empty["count"] == 0 and math.isnan(empty["median_m"])
+    assert empty["count"] == 0 and math.isnan(empty["median_m"]) and math.isnan(empty["worst2_share"])
+
+
+def test_tail_metrics():
+    e = np.r_[np.ones(98), 10.0, 20.0]  # the worst 2 % carry (100 + 400) / (98 + 500) of sum e^2
+    m = error_metrics(e)
+    assert math.isclose(m["worst2_share"], 500 / 598) and m["beyond_20m"] == 0.0
+    assert error_metrics(np.r_[e, 21.0])["beyond_20m"] == 1 / 101
+    assert math.isclose(worst_share(np.arange(1.0, 11.0), 0.2), (100 + 81) / 385)  # ceil(0.2 * 10) = 2 worst
 
 
 def test_cdf_is_monotone_and_ends_at_one():

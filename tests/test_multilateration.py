@@ -83,3 +83,25 @@ def test_on_an_analytic_dataset_with_report_pooling():
     assert np.median(e1) < 2.5 and np.median(e3) < np.median(e1)
     idx = np.array([5, 1, 9])
     np.testing.assert_allclose(multilaterate_dataset(data, idx), multilaterate_dataset(data)[idx])
+
+
+def test_multi_start_recovers_what_single_site_fixes_miss():
+    """ToA from two sites, no AoA: a slot without a bearing has no single-site fix (its start is the site
+    itself) and IRLS from the sites stops far off; the range circles' crossings (pairwise starts) hold the
+    true position (or its mirror across the line through the sites: the two crossings fit equally)."""
+    rng = np.random.default_rng(3)
+    n = 200
+    xy = rng.uniform(-80, 80, (n, 2))
+    ids = np.tile([0, 1], (n, 1))
+    meas = measure(xy, ids)
+    meas[..., 2] = np.nan  # no AoA
+    bounds = (-128.0, -128.0, 128.0, 128.0)
+    fixes = multilaterate(SITES, ids, meas, MultilaterationConfig(pair_starts=False, grid_top=0), bounds)
+    multi = multilaterate(SITES, ids, meas, MultilaterationConfig(pair_starts=True, grid_top=4), bounds)
+    e_fix = np.linalg.norm(fixes.xy.numpy() - xy, axis=1)
+    e_multi = np.linalg.norm(multi.xy.numpy() - xy, axis=1)
+    assert np.median(e_fix) > 10.0 and np.mean(e_fix < 1.0) < 0.2  # the single-site starts miss
+    assert np.mean(e_multi < 1.0) > 0.8  # the multi-start finds the truth ...
+    assert (multi.cost.numpy() < 1e-6).all()  # ... or the mirror crossing, which fits as well
+    assert (multi.cost <= fixes.cost + 1e-9).all()  # never a worse optimum: the fixes are among its starts
+    assert multi.starts > fixes.starts and multi.iterations <= MultilaterationConfig().iterations

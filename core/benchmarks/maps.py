@@ -118,6 +118,7 @@ def fidelity(radio_map, scene, points: int, seed: int) -> dict[str, dict[str, fl
 
 def run(args: argparse.Namespace) -> int:
     from core.benchmarks.report import write_report
+    from core.raytracing.coverage import coverage_figures
     from core.raytracing.generation import MapSettings, generate_map
     from core.raytracing.scenes import resolve_scene
     from core.raytracing.tracing import PropagationSettings, build_scene
@@ -136,6 +137,10 @@ def run(args: argparse.Namespace) -> int:
     rows.append({"metric": f"coverage of outdoor cells ({int(radio_map.outdoor.sum())} of {h * w} cells outdoor)",
                  "value": radio_map.outdoor_coverage, "unit": "1", "target": cov_target,
                  "ok": radio_map.outdoor_coverage >= cov_target})
+    heard = coverage_figures(radio_map)
+    rows.append({"metric": f"heard coverage of outdoor cells (serving path gain >= {heard['threshold_db']:g} dB: "
+                           f"{heard['sensitivity_dbm']:g} dBm sensitivity at {heard['tx_power_dbm']:g} dBm)",
+                 "value": heard["heard"], "unit": "1", "target": None, "ok": None})
 
     radio = PropagationSettings.from_dict(radio_map.attrs["propagation"]).radio
     scene = build_scene(info, radio_map.attrs["sites"], radio)
@@ -151,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
                      "ok": None})
 
     summary = {"coverage_of_outdoor_cells": radio_map.outdoor_coverage, "coverage_of_all_cells": radio_map.coverage,
+               "heard_coverage_of_outdoor_cells": heard["heard"], "heard_threshold_db": heard["threshold_db"],
                "sites": len(radio_map.attrs["sites"]), "propagation": radio_map.attrs["propagation"]}
     if args.dataset_ues > 0:
         t = time.perf_counter()

@@ -13,14 +13,16 @@ Does the physics term help? Arms, all on ``configs/model.yaml`` plus the plan's 
 * the random and the spatial split (``data.split``);
 * the same seeds for every arm (paired: seed ``s`` of every arm has the same labelled walks,
   initial weights and batch order, and every arm is tested on the same UEs);
-* next to the classical baselines (kNN fingerprinting, ML map matching; no training, so one
-  "seed").
+* next to the baselines (kNN fingerprinting, ML map matching, multilateration and exhaustive map
+  matching -- the calibrated likelihood searched over the whole map with no network; no training,
+  so one "seed"; all on the reports of the one report window).
 
 For each (split, label fraction, refinement) the λ* arm and the baselines are compared with the
 λ = 0 arm of the same split, fraction and refinement: mean ± sd over seeds of the test median,
 P90 and RMSE, and the change in each with its 95 % CI from the paired two-level bootstrap of
-:mod:`core.learning.statistics` (seeds, then UEs), overall and for the NLOS and sparse (< 5
-reports) groups.
+:mod:`core.learning.statistics` (seeds, then UEs), overall and per UE group
+(:func:`core.learning.groups.ue_groups`: LOS / NLOS at the latest present report, last report
+missing, sites heard 1 / 2 / 3 / >= 4, sparse).
 
 Written to ``--out``:
 
@@ -51,6 +53,7 @@ import pandas as pd
 from core import cli_types, progress, resolve_path
 from core.errors import CoreError
 from core.learning.config import Config, load_config
+from core.learning.groups import GROUP_LABELS
 from core.learning.metrics import error_cdf
 from core.learning.statistics import compare_arms, paired_delta
 from core.stores.atomic import atomic_path, atomic_write_text
@@ -59,7 +62,8 @@ from core.stores.output import check_replaceable, check_writable, holds_only
 from core.stores.run import ABLATION_TEST, LAST, is_run_file, read_config, read_status
 
 BASE_CONFIG = "configs/model.yaml"
-GROUPS = ("all", "nlos", "sparse")
+#: the UE groups of the tables (:func:`core.learning.groups.ue_groups`)
+GROUPS = ("all", "los", "nlos", "last_missing", "sites_1", "sites_2", "sites_3", "sites_4+", "sparse")
 DELTA_METRICS = ("median_m", "p90_m", "rmse_m")
 
 
@@ -149,7 +153,8 @@ def test_errors(run_dir: Path, stores, device) -> dict[str, np.ndarray]:
 
 
 def baseline_errors(out: Path, split: str, config: Config, stores) -> dict[str, np.ndarray]:
-    """kNN and ML map-matching test errors on ``split`` (cached in ``baselines-<split>.npz``)."""
+    """The baselines' test errors on ``split`` (:func:`~core.learning.baselines.run_baselines`; cached in
+    ``baselines-<split>.npz``, recomputed when the cache lacks exhaustive map matching)."""
     from core.learning.baselines import run_baselines
     from core.learning.metrics import position_errors
     from core.learning.scene_data import apply_data_config
@@ -157,7 +162,8 @@ def baseline_errors(out: Path, split: str, config: Config, stores) -> dict[str, 
     cache = out / f"baselines-{split}.npz"
     if cache.exists():
         with np.load(cache) as z:
-            return {k: z[k] for k in z.files}
+            if "exhaustive" in z.files:
+                return {k: z[k] for k in z.files}
     dataset = apply_data_config(config, *stores)
     idx = dataset.indices("test")
     est = run_baselines(dataset, stores[1], idx, config)
@@ -208,7 +214,8 @@ def collect_errors(plan: Plan, base: list[str], lam_star: dict[float, float], ou
 
 
 # -- statistics -------------------------------------------------------------------------------------
-BASELINE_NAMES = {"knn": "kNN fingerprinting", "ml": "ML map matching", "multilateration": "multilateration"}
+BASELINE_NAMES = {"knn": "kNN fingerprinting", "ml": "ML map matching", "multilateration": "multilateration",
+                  "exhaustive": "map matching, exhaustive"}
 
 
 STAR_ARM = "transformer λ*"
@@ -219,12 +226,13 @@ def arm_label(lam: float) -> str:
     return "transformer λ=0" if lam == 0 else STAR_ARM
 
 
-def _group_mask(e: dict[str, np.ndarray], group: str) -> np.ndarray:
-    if group == "nlos":
-        return ~e["los"].astype(bool)
-    if group == "sparse":
-        return e["num_reports"] < 5
-    return np.ones(len(e["off"]), dtype=bool)
+def split_groups(config: Config, stores, indices) -> dict[str, np.ndarray]:
+    """The UE groups (:func:`core.learning.groups.ue_groups`, the config's report window) of test UEs
+    ``indices`` of ``config``'s split."""
+    from core.learning.groups import ue_groups
+    from core.learning.training import apply_data_config
+
+    return ue_groups(apply_data_config(config, *stores), indices, config.physics_loss.report_window_s)
 
 
 def _check_paired(runs: list[dict[str, np.ndarray]], baselines: dict[str, np.ndarray], where: str) -> None:
@@ -236,15 +244,16 @@ def _check_paired(runs: list[dict[str, np.ndarray]], baselines: dict[str, np.nda
             raise CoreError(f"ablation {where}: baseline {name} has {len(b)} test UEs, the model {len(runs[0]['off'])}")
 
 
-def block_rows(errors, baselines, split: str, fraction: float, lam_star: float, n_boot: int) -> list[dict[str, Any]]:
-    """(``lam_star``: the λ* of this label fraction)"""
-    """Rows of one (split, label fraction) block: every refinement, group and arm against λ = 0."""
+def block_rows(errors, baselines, split: str, fraction: float, lam_star: float, n_boot: int,
+               groups: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Rows of one (split, label fraction) block: every refinement, group and arm against λ = 0
+    (``lam_star``: the λ* of this label fraction; ``groups``: the test UEs' group masks, :func:`split_groups`)."""
     ref_runs, star_runs = errors[(split, fraction, 0.0)], errors[(split, fraction, lam_star)]
     _check_paired(ref_runs + star_runs, baselines, f"{split}/{fraction:g}")
     rows = []
     for refine in ("off", "on"):
         for group in GROUPS:
-            m = _group_mask(ref_runs[0], group)
+            m = groups[group]
             if not m.any():
                 continue
             arms = {arm_label(0.0): [r[refine][m] for r in ref_runs],
@@ -314,7 +323,7 @@ def _delta(row: pd.Series, metric: str) -> str:
 
 
 def markdown(table: pd.DataFrame, header: str) -> str:
-    """``table`` as Markdown: per split, the overall table, then the NLOS and sparse groups."""
+    """``table`` as Markdown: per split, the overall table, then each UE group."""
     lines = [header, ""]
     cols = ["labels", "refine", "arm", "λ_phys applied", "seeds", "median m", "P90 m", "RMSE m",
             "Δ median m [95 % CI]", "Δ P90 m [95 % CI]", "Δ RMSE m [95 % CI]"]
@@ -323,7 +332,7 @@ def markdown(table: pd.DataFrame, header: str) -> str:
             part = table[(table["split"] == split) & (table["group"] == group)]
             if part.empty:
                 continue
-            what = {"all": "all test UEs", "nlos": "NLOS test UEs", "sparse": "sparse test UEs (< 5 reports)"}[group]
+            what = "all test UEs" if group == "all" else f"test UEs: {GROUP_LABELS[group]}"
             lines += [f"### {split} split — {what} ({int(part['count'].iloc[0])})", "",
                       "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
             for _, r in part.iterrows():
@@ -388,8 +397,10 @@ def ablate(scene: str, out: str | Path, overrides: list[str] = (), quick: bool =
     progress.report(0.9, "classical baselines and statistics")
     baselines = {sp: baseline_errors(out, sp, arm_config(base, sp, 1.0, plan.seeds[0], 0.0), stores)
                  for sp in plan.splits}
+    groups = {sp: split_groups(arm_config(base, sp, 1.0, plan.seeds[0], 0.0), stores,
+                               errors[(sp, plan.fractions[0], 0.0)][0]["indices"]) for sp in plan.splits}
     rows = [r for sp in plan.splits for f in plan.fractions
-            for r in block_rows(errors, baselines[sp], sp, f, lam_star[f], plan.n_boot)]
+            for r in block_rows(errors, baselines[sp], sp, f, lam_star[f], plan.n_boot, groups[sp])]
     table = pd.DataFrame(rows)
     curve = pd.DataFrame(curve_rows(errors, baselines, plan, lam_star))
     cdf = cdf_blocks(errors, baselines, plan, lam_star)

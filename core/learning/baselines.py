@@ -1,7 +1,12 @@
-"""Classical map-based localization baselines, on the same observations as the model.
+"""Classical and map-only localization baselines, on the same reports as the model and MAP.
 
-Both compare a sample's observation ``o[F]`` (serving-site features of its last report,
-in map order; see :func:`core.data_loading.physics_observation`) with every COVERED
+Every baseline reads the reports of the ONE report window (the run's
+``physics_loss.report_window_s``, default :data:`core.features.REPORT_WINDOW_S`): the present
+reports within that time of the sample's latest present one.
+
+kNN and ML map matching compare a sample's observation ``o[F]`` (serving-site features averaged
+over the window, circular for AoA, in map order; see
+:func:`core.learning.data_loading.physics_observation`) with every COVERED
 cell ``c`` of the radio map, whose value ``v_c[F]`` is the cell average at its centre.
 Residuals are normalised by the map's statistics (``sigma_f``; AoA residuals wrapped to
 (-180, 180]); masked (missing) features are skipped.
@@ -15,17 +20,24 @@ Residuals are normalised by the map's statistics (``sigma_f``; AoA residuals wra
 Both run batched: ``[B, M]`` distance blocks accumulated feature by feature, so memory
 is ``O(B * M)`` for ``M`` covered cells.
 
-* Multilateration (:mod:`core.physics.multilateration`): no map at all -- robust ToA +
-  AoA positioning from the reported sites' known positions (``attrs["sites"]``), kept
-  inside the map's bounds.
+* Multilateration (:mod:`core.physics.multilateration`): no map at all -- multi-start robust
+  ToA + AoA positioning from the reported sites' known positions (``attrs["sites"]``), the
+  reports pooled per site over the window, kept inside the map's bounds.
+* Exhaustive map matching (:mod:`core.physics.exhaustive`): the strongest map-only baseline --
+  the calibrated per-site likelihood MAP refinement uses (calibrated on the train split, or the
+  run's), searched over the whole map coarse to fine with no network and no prior.
+
+:func:`run_baselines` also records each method's cost (seconds per sample) when asked.
 """
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
-from core.features import feature_spec
+from core.features import REPORT_WINDOW_S, feature_spec
 from core.physics.physics_loss import guarded_sigma, resolve_weights
 from core.stores.radio_map import RadioMap
 
@@ -101,36 +113,91 @@ def ml_map_matching(radio_map: RadioMap, observed, mask=None, weights: dict[str,
     return _scores(radio_map, observed, mask, loss, w, batch_size, reduce, huber_delta)
 
 
-def multilateration(dataset, radio_map: RadioMap, indices) -> np.ndarray | None:
-    """``[N, 2]`` multilateration estimates, or None when the site positions are unknown."""
-    from core.physics.multilateration import multilaterate_dataset
+def multilateration(dataset, radio_map: RadioMap, indices, window_s: float = REPORT_WINDOW_S) -> np.ndarray | None:
+    """``[N, 2]`` multilateration estimates (reports pooled over ``window_s``), or None when the site
+    positions are unknown."""
+    from core.physics.multilateration import MultilaterationConfig, multilaterate_dataset
 
     sites = dataset.attrs.get("sites") or radio_map.attrs.get("sites") or []
     if not sites:
         return None
     xyz = np.array([s["position"] for s in sites], dtype=np.float64)
-    return multilaterate_dataset(dataset, indices, site_xyz=xyz, bounds=radio_map.bounds)
+    return multilaterate_dataset(dataset, indices, site_xyz=xyz, bounds=radio_map.bounds,
+                                 config=MultilaterationConfig(window_s=window_s))
 
 
-def run_baselines(dataset, radio_map: RadioMap, indices, config=None, k: int = 5) -> dict[str, np.ndarray]:
-    """``{"knn": xy [N, 2], "ml": xy [N, 2], "multilateration": xy [N, 2]}`` for samples
-    ``indices`` of ``dataset`` (multilateration only when the sites' positions are known)."""
+def has_site_layers(radio_map: RadioMap) -> bool:
+    """Whether the map has the per-site layers the likelihood reads."""
+    from core.stores.radio_map import SITE_LAYERS
+
+    return all(layer in radio_map.layers for layer in SITE_LAYERS)
+
+
+def calibrated_likelihood(dataset, radio_map: RadioMap, config=None, device="cpu"):
+    """The :class:`~core.physics.likelihood.RobustLikelihood` a run would use: calibrated on the dataset's
+    train split (every present report at its true position), the config's likelihood settings."""
+    from core.learning.config import likelihood_config
+    from core.physics.calibration import calibrate
+    from core.physics.likelihood import LikelihoodConfig, RobustLikelihood
+
+    cal = calibrate(dataset, radio_map, split="train")
+    cfg = likelihood_config(config.physics_loss) if config is not None else LikelihoodConfig()
+    return RobustLikelihood(radio_map, cal, cfg, device=device)
+
+
+def exhaustive_map_matching(dataset, likelihood, indices, window_s: float = REPORT_WINDOW_S) -> np.ndarray:
+    """``[N, 2]``: the calibrated likelihood of the reports pooled over ``window_s`` searched over the whole
+    map (:class:`~core.physics.exhaustive.ExhaustiveMatcher`)."""
+    from core.physics.exhaustive import ExhaustiveMatcher
+    from core.physics.observation import site_observation
+
+    obs = site_observation(dataset, np.asarray(indices), window_s=window_s)
+    return ExhaustiveMatcher(likelihood)(obs).xy.detach().cpu().numpy().astype(np.float64)
+
+
+def run_baselines(dataset, radio_map: RadioMap, indices, config=None, k: int = 5, likelihood=None,
+                  timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """``{"knn", "ml", "multilateration", "exhaustive": xy [N, 2]}`` for samples ``indices`` of ``dataset``
+    (multilateration only when the sites' positions are known, exhaustive map matching only with a
+    ``likelihood`` or a map with per-site layers), every one on the reports of the config's
+    ``physics_loss.report_window_s`` (default :data:`~core.features.REPORT_WINDOW_S`).
+
+    ``likelihood``: the calibrated likelihood of exhaustive map matching (a run's: ``LoadedRun.likelihood``);
+    None calibrates one on the dataset's train split (:func:`calibrated_likelihood`). ``timings``: filled
+    with ``{method: seconds per sample}``."""
     from core.learning.data_loading import physics_observation
 
-    obs = physics_observation(dataset.subset(np.asarray(indices)), radio_map.features,
-                              config.physics_loss.observation if config else "latest")
-    mask = np.isfinite(obs)
+    idx = np.asarray(indices)
+    window = config.physics_loss.report_window_s if config is not None else REPORT_WINDOW_S
     p = config.physics_loss if config else None
     if p is not None and p.feature_weights == "auto":
         from core.learning.physics_terms import resolve_config
 
         p = resolve_config(config, dataset, radio_map).physics_loss
+    clock = {} if timings is None else timings
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        clock[name] = (time.perf_counter() - t0) / max(len(idx), 1)
+        return out
+
+    obs = physics_observation(dataset.subset(idx), radio_map.features, p.observation if p else "latest",
+                              window_s=window)
+    mask = np.isfinite(obs)
     out = {
-        "knn": knn_fingerprint(radio_map, obs, mask, k=k),
-        "ml": ml_map_matching(radio_map, obs, mask, weights=p.feature_weights if p else None,
-                              loss=p.loss if p else "huber", huber_delta=p.huber_delta if p else 1.0),
+        "knn": timed("knn", lambda: knn_fingerprint(radio_map, obs, mask, k=k)),
+        "ml": timed("ml", lambda: ml_map_matching(radio_map, obs, mask, weights=p.feature_weights if p else None,
+                                                  loss=p.loss if p else "huber",
+                                                  huber_delta=p.huber_delta if p else 1.0)),
     }
-    mlat = multilateration(dataset, radio_map, np.asarray(indices))
+    mlat = timed("multilateration", lambda: multilateration(dataset, radio_map, idx, window))
     if mlat is not None:
         out["multilateration"] = mlat
+    else:
+        clock.pop("multilateration")
+    if likelihood is None and not has_site_layers(radio_map):
+        return out  # a map without per-site layers has no per-site likelihood
+    lik = likelihood if likelihood is not None else calibrated_likelihood(dataset, radio_map, config)
+    out["exhaustive"] = timed("exhaustive", lambda: exhaustive_map_matching(dataset, lik, idx, window))
     return out

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from core.features import REPORT_WINDOW_S, feature_spec
+from core.learning.groups import los_at_latest
 from core.stores.dataset import CELL_FEATURES, SITE_FEATURES, MeasurementDataset
 from core.stores.radio_map import RadioMap
 
@@ -75,7 +76,7 @@ class TensorData:
     target_xy   float32 [N, 2]      UE position at the last report [m]
     observed    float32 [N, F]      physics observation in map units (NaN -> 0, see obs_mask)
     obs_mask    bool    [N, F]      observation present
-    los         bool    [N]         serving site in LOS at the last report
+    los         bool    [N]         serving site in LOS at the latest PRESENT report (core.learning.groups)
     num_reports long    [N]         number of present reports
     indices     long    [N]         indices into the source dataset
     labeled     bool    [N]         the label may be used (False: the walk gives only the physics term)
@@ -169,15 +170,24 @@ def circular_mean_deg(angles: np.ndarray, mask: np.ndarray, axis: int) -> np.nda
     return np.where(mask.any(axis), out, np.nan)
 
 
-def physics_observation(dataset: MeasurementDataset, features: tuple[str, ...], mode: str = "latest") -> np.ndarray:
-    """float32 ``[N, F]``: serving-site observation per sample in map feature order; NaN = missing."""
+def physics_observation(dataset: MeasurementDataset, features: tuple[str, ...], mode: str = "latest",
+                        window_s: float = 0.0) -> np.ndarray:
+    """float32 ``[N, F]``: serving-site observation per sample in map feature order; NaN = missing.
+
+    ``window_s > 0`` (mode ``"latest"``): the masked mean (circular for AoA) over the present reports
+    within ``window_s`` of the latest present one -- the one report window every method pools over."""
     obs = dataset.map_features(features)  # [N, T, F]
     if mode == "last":
         return obs[:, -1, :]
     if mode == "latest":
         present = dataset.report_mask & np.isfinite(obs).any(-1)  # [N, T]
         latest = obs.shape[1] - 1 - np.argmax(present[:, ::-1], axis=1)
-        return obs[np.arange(len(obs)), latest, :]
+        if window_s <= 0:
+            return obs[np.arange(len(obs)), latest, :]
+        t = np.asarray(dataset.t, dtype=np.float64)
+        t_last = t[np.arange(len(obs)), latest][:, None]
+        present = present & (t <= t_last + 1e-9) & (t >= t_last - window_s - 1e-9)
+        obs = np.where(present[..., None], obs, np.nan)
     valid = np.isfinite(obs)
     out = np.where(valid, obs, 0.0).sum(1) / np.maximum(valid.sum(1), 1)
     out = np.where(valid.any(1), out, np.nan)
@@ -295,8 +305,8 @@ def build_tensors(
 
     obs = physics_observation(ds, radio_map.features, observation)
     obs_mask = np.isfinite(obs)
-    # LOS of the serving site at the last report (False where that report is missing).
-    los = ds.los[:, -1] & mask[:, -1]
+    # LOS of the serving site at the latest PRESENT report (a missing last report says nothing about LOS)
+    los = los_at_latest(ds.los, mask)
     site_obs = site_observation(ds, None, "latest", window_s=report_window_s)
     return TensorData(
         feats=torch.from_numpy(feats.astype(np.float32)),

@@ -3,12 +3,13 @@
 Evaluates a run on one split. The result (also written to ``<run>/eval_<split>[_refine].json``; for a
 shipped run, which is read-only, to ``runs/evaluations/<run name>/``: :func:`~core.stores.run.evaluation_path`)
 holds at top level the run's ``lambda_phys`` (as applied), ``label_fraction`` and ``data_split``, ``median_m, rmse_m, p67_m, p90_m, success_5m, success_10m,
-success_20m`` (see :mod:`core.learning.metrics`), ``count``, ``train_s_per_epoch`` (mean epoch
+success_20m, beyond_20m, worst2_share`` (see :mod:`core.learning.metrics`), ``count``, ``train_s_per_epoch`` (mean epoch
 time in metrics.jsonl) and ``inference_ms_per_sample`` (batched forward over the split,
 after a warm-up), plus:
 
-* ``groups``: the same metrics for ``los`` / ``nlos`` (serving site at the last report)
-  and ``sparse`` (< 5 valid reports) / ``dense``;
+* ``groups``: the same metrics per group of :func:`core.learning.groups.ue_groups` (``los`` /
+  ``nlos`` at the latest PRESENT report, ``last_missing``, ``sites_1`` .. ``sites_4+`` heard over
+  the run's report window, ``sparse`` (< 5 valid reports) / ``dense``), every method alike;
 * with ``--refine``: ``refinement`` = the network + MAP refinement
   (:func:`core.learning.inference.refine_prediction`: every sample, or with
   ``--threshold`` only those less confident): {method "map", num_refined,
@@ -16,8 +17,10 @@ after a warm-up), plus:
   ms_per_sample, sources (how many samples each kind of start won: window, centre,
   global), ``before`` / ``after`` (all samples), ``refined_before`` / ``refined_after``
   (only the refined ones), ``groups_after``};
-* with ``--baselines``: ``baselines`` = {"knn": metrics, "ml": metrics, "multilateration":
-  metrics} on the same split (each with its ``groups``).
+* with ``--baselines``: ``baselines`` = {"knn", "ml", "multilateration", "exhaustive": metrics}
+  on the same split and the same reports (the run's window; each with its ``groups`` and
+  ``ms_per_sample``); ``exhaustive`` is the run's calibrated likelihood searched over the whole
+  map with no network (:mod:`core.physics.exhaustive`), the strongest map-only baseline.
 
 With ``--scene SCENE`` the run is evaluated on that scene (its dataset and map; a held-out scene
 never seen in training: its dataset is ``<folder of the run's first dataset>/<SCENE>`` unless
@@ -28,7 +31,9 @@ and one for SCENE, each ``{scene, role ("trained" | "held-out"), count, median_m
 rmse_m}`` and, with ``--refine``, ``refined_median_m`` and ``refined_p90_m`` (same split everywhere).
 
 The table printed without ``--json`` has one row per method (network, network + MAP,
-the baselines) and a second table of the median per group.
+the baselines; :func:`method_table`: median, P90, RMSE, share beyond 20 m, the worst 2 %'s share
+of the squared error, cost per sample) and the median, P90 and share beyond 20 m per group
+(:func:`group_table`). ``--out FILE`` writes the JSON there instead of into the run directory.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,7 +73,7 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     (:func:`~core.learning.inference.refine_prediction`; None: its defaults).
     ``keep_errors`` adds ``_errors`` = {method: errors [N] in metres}.
     """
-    from core.learning.inference import load_run
+    from core.learning.inference import cpu_threads, load_run
 
     run = run or load_run(run_dir, device=device)
     indices = run.dataset.indices(split)
@@ -85,7 +91,7 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     epoch_s = run.metrics["epoch_s"].mean() if "epoch_s" in run.metrics else float("nan")
     result["train_s_per_epoch"] = float(epoch_s)
     result["inference_ms_per_sample"] = ms
-    result["groups"] = grouped_metrics(pred.error_m, pred.los, pred.num_reports)
+    result["groups"] = grouped_metrics(pred.error_m, pred.groups)
     errors = {"model": pred.error_m}
     if refine:
         progress.report(0.4, "MAP refinement")
@@ -94,11 +100,15 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
         from core.learning.baselines import run_baselines
 
         progress.report(0.6, "classical baselines")
-        est = run_baselines(run.dataset, run.radio_map, indices, run.config)
+        cost: dict[str, float] = {}
+        with cpu_threads(run):
+            est = run_baselines(run.dataset, run.radio_map, indices, run.config, likelihood=run.likelihood,
+                                timings=cost)
         result["baselines"] = {}
         for name, xy in est.items():
             e = position_errors(xy, pred.true_xy)
-            result["baselines"][name] = {**error_metrics(e), "groups": grouped_metrics(e, pred.los, pred.num_reports)}
+            result["baselines"][name] = {**error_metrics(e), "groups": grouped_metrics(e, pred.groups),
+                                         "ms_per_sample": 1000.0 * cost.get(name, float("nan"))}
             errors[name] = e
     if write:
         atomic_write_text(evaluation_path(run.run_dir, split, refine=refine), json.dumps(result, indent=2, default=float))
@@ -165,37 +175,67 @@ def _refinement(run, pred, threshold, top_k, window_s) -> tuple[dict[str, Any], 
         "sources": {name: int(c) for name, c in zip(SOURCES, won)},
         "before": error_metrics(ref.error_before_m), "after": error_metrics(ref.error_after_m),
         "refined_before": error_metrics(ref.error_before_m[m]), "refined_after": error_metrics(ref.error_after_m[m]),
-        "groups_after": grouped_metrics(ref.error_after_m, pred.los, pred.num_reports),
+        "groups_after": grouped_metrics(ref.error_after_m, pred.groups),
     }, ref.error_after_m
 
 
 #: row labels of the printed tables
-LABELS = {"knn": "kNN fingerprint", "ml": "ML map matching", "multilateration": "multilateration"}
+LABELS = {"knn": "kNN fingerprint", "ml": "ML map matching", "multilateration": "multilateration",
+          "exhaustive": "map matching, exhaustive"}
+#: the columns of :func:`method_table`: (result key, header)
+TABLE_COLUMNS = (("median_m", "median m"), ("p90_m", "P90 m"), ("rmse_m", "RMSE m"), ("beyond_20m", "> 20 m"),
+                 ("worst2_share", "worst 2 % share of e²"), ("ms_per_sample", "ms / sample"))
 
 
 def _method_rows(result: dict[str, Any]) -> dict[str, tuple[dict, dict]]:
     """{label: (metrics, groups)} of every method in ``result``, in report order."""
-    rows = {"network": ({k: result[k] for k in METRIC_KEYS}, result["groups"])}
+    rows = {"network": ({k: result.get(k, float("nan")) for k in METRIC_KEYS}
+                        | {"ms_per_sample": result.get("inference_ms_per_sample", float("nan"))}, result["groups"])}
     if "refinement" in result:
         r = result["refinement"]
-        rows["network + MAP"] = (r["after"], r["groups_after"])
+        rows["network + MAP"] = (r["after"] | {"ms_per_sample": r.get("ms_per_sample", float("nan"))},
+                                 r["groups_after"])
     for name, m in result.get("baselines", {}).items():
         rows[LABELS.get(name, name)] = (m, m.get("groups", {}))
     return rows
 
 
+def method_table(result: dict[str, Any]):
+    """DataFrame, one row per method of ``result`` (an evaluation's JSON): :data:`TABLE_COLUMNS`
+    (shares as fractions; a column an older result lacks is NaN)."""
+    import pandas as pd
+
+    return pd.DataFrame({label: {head: m.get(key, float("nan")) for key, head in TABLE_COLUMNS}
+                         for label, (m, _) in _method_rows(result).items()}).T
+
+
+def group_table(result: dict[str, Any], metric: str = "median_m"):
+    """DataFrame of ``metric`` per method (rows) and UE group (columns, :data:`core.learning.groups.GROUPS`
+    order, with the group's count in the header)."""
+    import pandas as pd
+
+    from core.learning.groups import GROUPS
+
+    rows = _method_rows(result)
+    groups = next(iter(rows.values()))[1]
+    names = [g for g in GROUPS if g in groups] + [g for g in groups if g not in GROUPS]
+    head = {g: f"{g} ({int(groups[g].get('count', 0))})" for g in names}
+    return pd.DataFrame({label: {head[g]: gm.get(g, {}).get(metric, float("nan")) for g in names}
+                         for label, (_, gm) in rows.items()}).T[list(head.values())]
+
+
 def format_table(result: dict[str, Any]) -> str:
-    """Human-readable tables of ``result``: the metrics per method, then the median per group."""
+    """Human-readable tables of ``result``: the metrics per method, then the median, P90 and share beyond
+    20 m per group."""
     import pandas as pd
 
     rows = _method_rows(result)
-    table = pd.DataFrame({label: {k: m[k] for k in METRIC_KEYS} for label, (m, _) in rows.items()}).T
+    table = pd.DataFrame({label: {k: m.get(k, float("nan")) for k in METRIC_KEYS} for label, (m, _) in rows.items()}).T
     fmt = lambda v: f"{v:.3f}"  # noqa: E731
     lines = [f"{result['split']} split, {result['count']} samples", table.to_string(float_format=fmt), "",
-             "median error [m] per group"]
-    groups = pd.DataFrame({label: {g: gm[g]["median_m"] for g in ("all", "los", "nlos", "sparse", "dense") if g in gm}
-                           for label, (_, gm) in rows.items()}).T
-    lines.append(groups.to_string(float_format=fmt))
+             method_table(result).to_string(float_format=fmt)]
+    for metric, what in (("median_m", "median error [m]"), ("p90_m", "P90 [m]"), ("beyond_20m", "share > 20 m")):
+        lines += ["", f"{what} per group (UEs)", group_table(result, metric).to_string(float_format=fmt)]
     if "lambda_phys" in result:
         lines.append(f"lambda_phys {result['lambda_phys']:g} (applied)  label_fraction {result['label_fraction']:g}  "
                      f"split {result['data_split']}")
@@ -223,13 +263,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refine", action="store_true",
                         help="also report the network + MAP refinement (every sample unless --threshold)")
     parser.add_argument("--baselines", action="store_true",
-                        help="also evaluate kNN, ML map matching and multilateration")
+                        help="also evaluate kNN, ML map matching, multilateration and exhaustive map matching")
     parser.add_argument("--threshold", type=cli_types.fraction, default=None,
                         help="refine only samples whose confidence is below this (default: all)")
     parser.add_argument("--top-k", type=cli_types.non_negative_int, default=None,
                         help="coarse cells searched besides the chosen one (default: 3)")
     parser.add_argument("--window", type=cli_types.non_negative, default=None,
                         help="pool the reports of the last WINDOW seconds per site (default: 1.0; 0: one report)")
+    parser.add_argument("--out", default=None,
+                        help="write the result JSON to this file instead of into the run directory")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
@@ -238,11 +280,21 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # one thread: much faster than 2 on a shared 2-core CPU
     device = "cpu" if args.device == "auto" and not torch.cuda.is_available() else args.device
     options = dict(threshold=args.threshold, top_k=args.top_k, window_s=args.window)
-    with output_lock(evaluation_path(args.run, args.split, args.scene, args.refine), "evaluation"):  # one writer
+    out = None
+    if args.out is not None:
+        out = Path(args.out)
+        if out.is_dir() or not out.parent.is_dir():
+            raise CoreError(f"--out {args.out}: must be a file in an existing folder")
+        check_writable(out, "--out")
+    target = out or evaluation_path(args.run, args.split, args.scene, args.refine)
+    with output_lock(target, "evaluation"):  # one writer per result file
         if args.scene is not None:
             result = evaluate_scene(args.run, args.scene, args.split, args.refine, device=device,
-                                    dataset_path=args.dataset, baselines=args.baselines, **options)
+                                    dataset_path=args.dataset, baselines=args.baselines, write=out is None, **options)
         else:
-            result = evaluate_run(args.run, args.split, args.refine, args.baselines, device=device, **options)
+            result = evaluate_run(args.run, args.split, args.refine, args.baselines, device=device,
+                                  write=out is None, **options)
+        if out is not None:
+            atomic_write_text(out, json.dumps(result, indent=2, default=float))
     print(json.dumps(result, indent=2, default=float) if args.json else format_table(result))
     return 0

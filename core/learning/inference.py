@@ -39,6 +39,7 @@ from core.device import resolve_device
 from core.errors import CoreError, StoreError
 from core.learning.config import Config
 from core.learning.data_loading import TensorData, build_tensors, map_input
+from core.learning.groups import ue_groups
 from core.learning.metrics import position_errors
 from core.learning.model import MapConditionedTransformer, SceneMaps, build_model
 from core.learning.physics_terms import likelihood_config
@@ -133,8 +134,10 @@ class Prediction:
     confidence: np.ndarray  # [N] in [0, 1]
     true_xy: np.ndarray  # [N, 2] position at the last report
     error_m: np.ndarray  # [N]
-    los: np.ndarray  # [N] serving site LOS at the last report
+    los: np.ndarray  # [N] serving site LOS at the latest present report
     num_reports: np.ndarray  # [N] valid reports
+    #: the UE groups of every table, ``{group: bool [N]}`` (:func:`core.learning.groups.ue_groups`, the run's window)
+    groups: dict[str, np.ndarray] = field(default_factory=dict)
     #: the ``k`` most likely coarse cells, most likely first (the first is the one ``xy`` lies in):
     coarse_xy: np.ndarray | None = None  # [N, k, 2] their centres [m]
     coarse_prob: np.ndarray | None = None  # [N, k] their softmax probabilities
@@ -339,6 +342,7 @@ def _predict(run: LoadedRun, indices, return_attention: bool, batch_size: int, t
         indices=indices, xy=cat["xy"], sigma=cat["sigma"], confidence=cat["confidence"], true_xy=true_xy,
         error_m=position_errors(cat["xy"], true_xy), los=data.los.numpy(), num_reports=data.num_reports.numpy(),
         coarse_xy=cat["coarse_xy"], coarse_prob=cat["coarse_prob"],
+        groups=ue_groups(run.dataset, indices, run.config.physics_loss.report_window_s),
     )
     if return_attention:
         layers = run.model.spec.num_layers

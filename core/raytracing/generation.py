@@ -450,6 +450,8 @@ def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None
     report(1.0, f"{label}{info.name}: done")
     attrs = _map_attrs(info, settings, sites, center, nodes, link, timings, valid, indoor, coverage,
                        int(starved.sum()))
+    attrs.update(_heard_attrs(values[DEFAULT_FEATURE_ORDER.index("path_gain")], valid, indoor,
+                              settings.propagation.radio.tx_power_dbm))
     return RadioMap(values, DEFAULT_FEATURE_ORDER, bounds, valid=valid, attrs=attrs, layers=layers,
                     outdoor=~indoor, ground=ground.astype(np.float32))
 
@@ -490,6 +492,18 @@ def _map_attrs(info, settings: MapSettings, sites, center, nodes, link, timings,
         "coverage_of_all_cells": float(valid.mean()),
         "outdoor_fraction": float((~indoor).mean()),
     }
+
+
+def _heard_attrs(serving_pg, valid, indoor, tx_power_dbm: float) -> dict[str, Any]:
+    """``coverage_heard`` (the share of outdoor cells where the strongest site is heard at the default
+    measurement model's sensitivity, :func:`core.raytracing.coverage.heard_coverage`) and what it assumed."""
+    from core.raytracing.coverage import heard_coverage, heard_threshold_db
+    from core.stores.measurement_model import MeasurementModel
+
+    sens = MeasurementModel().sensitivity_dbm
+    threshold = heard_threshold_db(tx_power_dbm, sens)
+    return {"coverage_heard": heard_coverage(serving_pg, valid, ~indoor, threshold),
+            "coverage_heard_sensitivity_dbm": sens, "coverage_heard_threshold_db": threshold}
 
 
 # -- command line ------------------------------------------------------------------------
