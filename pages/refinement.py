@@ -54,6 +54,15 @@ def analysis(path: str, stamp: float, split: str, limit: int, options: tuple, sc
     return pred, refine_prediction(r, pred, threshold=threshold, top_k=top_k, window_s=window_s)
 
 
+@st.cache_data(show_spinner="Computing the Cramér–Rao bound…", max_entries=8)
+def bound(path: str, stamp: float, split: str, limit: int, window_s: float, scene: str | None):
+    from core.learning.inference import bounds
+
+    r = wb.load_run(path, scene)
+    out = bounds(r, r.dataset.indices(split)[:limit], window_s)
+    return None if out is None else out[0]["window"]
+
+
 @st.cache_data(show_spinner="Evaluating the likelihood surface…", max_entries=64)
 def surface(path: str, stamp: float, split: str, limit: int, options: tuple, scene: str | None, row: int,
             half_m: float, centre: tuple):
@@ -115,6 +124,16 @@ st.markdown(f"Error: network **{ref.error_before_m[i]:.2f} m** → MAP **{ref.er
             f"(won by the start **{ref.source_name(i)}**; posterior {ref.posterior_before[i]:.2f} → "
             f"{ref.posterior_after[i]:.2f} nats). σ = ({pred.sigma[i, 0]:.1f}, {pred.sigma[i, 1]:.1f}) m, "
             f"confidence {pred.confidence[i]:.2f}, {int(pred.num_reports[i])} reports.")
+bound_cov = None
+with wb.guard("Cramér–Rao bound"):
+    covs = bound(path, stamp, split, int(limit), float(window_s), scene)
+    bound_cov = None if covs is None else covs[i]
+if bound_cov is not None:
+    rms = float(np.sqrt(np.trace(bound_cov)))
+    st.caption(f"Cramér–Rao bound of the reports pooled over {window_s:g} s (at their true positions, the "
+               f"dataset's noise): RMS {rms:.2f} m — the green ellipses around the truth; an efficient estimator's "
+               f"errors would lie there. The error of network + MAP is {ref.error_after_m[i] / rms:.1f}× it."
+               if np.isfinite(rms) else "Cramér–Rao bound: the pooled reports do not determine the position.")
 with wb.guard("likelihood surface"):
     surf = surface(path, stamp, split, int(limit), options, scene, i, float(half), (float(centre[0]), float(centre[1])))
     layers = list(figures.surface_layers(surf, site_names))
@@ -123,7 +142,8 @@ with wb.guard("likelihood surface"):
     st.plotly_chart(figures.likelihood_surface(
         surf, layer, true_xy=pred.true_xy[i], network_xy=pred.xy[i], sigma=pred.sigma[i], map_xy=ref.xy[i],
         path=ref.path[:, i], path_labels=ref.path_labels, starts=ref.starts[i], start_labels=ref.start_labels,
-        site_names=site_names, title=f"Sample {sample}: {layer} around the {centre_on} (Δ from the best in view)"),
+        site_names=site_names, title=f"Sample {sample}: {layer} around the {centre_on} (Δ from the best in view)",
+        bound_cov=bound_cov),
         key="ref_surface")
 with wb.guard("residuals"):
     from core.learning.inference import residual_table, serving_table

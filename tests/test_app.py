@@ -486,7 +486,8 @@ def test_refinement_inspector(workspace):
     assert np.nanmin(_array(heat["z"])) == 0.0  # drawn as the difference from the best point in view
     names = [t.get("name") for t in surface["data"]]
     assert {"ground truth", "network estimate", "1σ network", "2σ network", "MAP estimate", "MAP path",
-            "search starts"} <= set(names)
+            "search starts", "1σ Cramér–Rao bound", "2σ Cramér–Rao bound"} <= set(names)
+    assert "Cramér–Rao bound of the reports pooled" in _texts(at.caption)
     path = next(t for t in surface["data"] if t.get("name") == "MAP path")
     assert list(path["text"][:3]) == ["network", "best start", "pattern search"]
     assert len(_array(path["x"])) == len(path["text"])

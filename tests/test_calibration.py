@@ -71,3 +71,22 @@ def test_fallbacks_with_little_data():
     assert (cal.scale >= np.array([MIN_SCALE[f] for f in ("path_gain", "toa", "aoa")])).all()
     with pytest.raises(CoreError, match="reports"):
         calibrate(data, rm, reports="first")
+
+
+def test_a_serving_feature_that_recounts_the_path_gain_is_not_informative():
+    """SNR derived from the measured serving path gain re-counts its noise: off; independent noise: on."""
+    rm = analytic_radio_map(height=24, width=32, bounds=BOUNDS)
+    data = synthetic_dataset(rm, 300, seed=3)
+    cal = calibrate(data, rm)
+    assert cal.cell["snr"]["independent"] and abs(cal.cell["snr"]["corr"]) < 0.2
+    assert "snr" in cal.informative_cell_features
+    pg_noise = data.site_features[..., 0, 0] - data.clean_site_features[..., 0, 0]
+    data.cell_features[..., 0] = data.clean_cell_features[..., 0] + pg_noise  # the UE's SNR from its own path gain
+    derived = calibrate(data, rm)
+    assert derived.cell["snr"]["corr"] > 0.9 and not derived.cell["snr"]["independent"]
+    assert "snr" not in derived.informative_cell_features and "sinr" in derived.informative_cell_features
+    # a calibration stored before the independence test was recorded has not shown it: no serving feature
+    old = derived.to_dict()
+    for entry in old["cell"].values():
+        entry.pop("independent")
+    assert Calibration.from_dict(old).informative_cell_features == ()

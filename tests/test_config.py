@@ -105,3 +105,19 @@ def test_new_data_and_physics_keys_are_validated():
                      ("physics_loss.per_sample_grad_clip=-0.1", "physics_loss.per_sample_grad_clip")):
         with pytest.raises(ConfigError, match=key):
             load_config(ROOT / "configs" / "model.yaml", [bad])
+
+
+def test_serving_features_are_off_by_default_and_the_shipped_auto_still_loads():
+    from core import REPO_ROOT
+    from core.learning.config import likelihood_config
+    from core.physics.calibration import Calibration
+    from core.stores.run import read_config
+
+    assert Config().physics_loss.cell_features == []
+    assert likelihood_config(Config().physics_loss).cell_features == ()
+    shipped = read_config(REPO_ROOT / "assets/default_run")
+    assert shipped.physics_loss.cell_features == "auto"
+    # its calibration predates the independence record: auto picks no serving feature from it
+    cal = Calibration.load(REPO_ROOT / "assets/default_run/calibration.json")
+    assert all("independent" not in entry for entry in cal.cell.values())
+    assert cal.informative_cell_features == ()

@@ -206,9 +206,20 @@ def test_evaluate_command(run_dir, tmp_path):
     assert {"before", "after", "refined_before", "refined_after", "groups_after", "sources", "search"} <= set(r)
     assert sum(r["sources"].values()) == result["count"] and r["search"]["window_m"] > 0
     assert r["before"]["median_m"] == pytest.approx(result["median_m"])
-    assert set(result["baselines"]) == {"knn", "ml", "multilateration", "exhaustive"}
+    assert set(result["baselines"]) == {"knn", "ml", "multilateration", "exhaustive", "whole-walk"}
     for name, b in result["baselines"].items():
         assert tuple(b["groups"]) == GROUPS and b["ms_per_sample"] > 0, name
+    # the Cramér–Rao bounds, ordered as information grows, and every method's ratio to the pooled-window one
+    b = result["bound"]
+    assert b["noise"]["source"] == "calibration"  # the analytic dataset records no measurement model
+    assert 0 < b["walk"]["median_m"] <= b["window"]["median_m"] <= b["latest"]["median_m"]
+    assert b["walk"]["median_m"] <= b["walk_velocity"]["median_m"]
+    assert set(b["ratio"]) == {"model", "model_refined", "model_walk", "knn", "ml", "multilateration", "exhaustive",
+                               "whole-walk"}
+    assert b["ratio"]["model_refined"] == pytest.approx(r["after"]["median_m"] / b["window"]["median_m"])
+    w = result["walk_refinement"]
+    assert w["method"] == "whole-walk" and w["ms_per_walk"] > 0 and np.isfinite(w["after"]["median_m"])
+    assert result["baselines"]["whole-walk"]["median_m"] < result["baselines"]["knn"]["median_m"]
     assert json.loads((run_dir / "eval_test_refine.json").read_text())["count"] == result["count"]
     out = tmp_path / "val.json"
     table = subprocess.run([sys.executable, "-m", "core", "evaluate", "--run", str(run_dir), "--split", "val",
@@ -217,8 +228,9 @@ def test_evaluate_command(run_dir, tmp_path):
     assert table.returncode == 0, table.stderr
     assert json.loads(out.read_text())["split"] == "val" and not (run_dir / "eval_val_refine.json").exists()
     lines = table.stdout.splitlines()
-    for label in ("network", "network + MAP", "kNN fingerprint", "ML map matching", "multilateration",
-                  "map matching, exhaustive"):
+    for label in ("network", "network + MAP", "network + whole-walk", "kNN fingerprint", "ML map matching",
+                  "multilateration", "map matching, exhaustive", "whole-walk (no network)"):
         rows = [line for line in lines if re.match(re.escape(label) + r"\s+(-?[\d.]|nan)", line)]
-        assert len(rows) == 5, label  # the metrics, the method table and three group tables
+        assert len(rows) == 6, label  # the metrics, the method table, three group tables and the bound table
+    assert "bound: last 1 s of reports" not in table.stdout and "bound: last 0 s of reports" in table.stdout
     assert "median error [m] per group" in table.stdout and "nlos" in table.stdout and "sites_1" in table.stdout

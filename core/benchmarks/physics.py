@@ -27,6 +27,11 @@ memory per sample count, whose part not linear in N must stay flat (memory does 
 scale with N beyond the outputs); these rows are the summary's ``map_search``. The
 median and 90th percentile of the error before and after are recorded as a sanity check.
 
+The whole-walk estimator (:mod:`core.physics.trajectory`: exhaustive scan + snapshot MAP start,
+then the joint MAP of the walk's 8 reports) is timed on ``--walks`` walks of 8 reports at 0.2 s
+on the same map, no network: ``walk_ms_per_walk`` (everything) and ``walk_smoother_ms_per_walk``
+(the joint optimisation alone), against the target of 30 ms per walk (``walk_ok``).
+
 Peak memory is the peak of bytes allocated through torch's allocator during the
 operation, above the level before it (see :class:`_PeakMemory`): on the CPU from the
 allocator's alloc/free records (the profiler's ``profile_memory``), summed in time order
@@ -77,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--map-samples", default="500,1000,2000",
                         help="sample counts for the MAP search row; the largest is timed (default: %(default)s)")
+    parser.add_argument("--walks", type=cli_types.count, default=500,
+                        help="walks timed for the whole-walk estimator (default: %(default)s)")
     parser.add_argument("--seed", type=cli_types.seed, default=0)
 
 
@@ -345,9 +352,44 @@ def run(args: argparse.Namespace) -> int:
         rows.append({"batch": n, **_serving_row(n, ctx, args, device, gen), **_site_row(n, ctx, args, device, gen)})
     progress.report(len(batches) / total_work, "MAP search")
     map_rows = _map_rows(ctx, args, sorted(map_counts), device)
+    progress.report(0.95, "whole-walk")
+    summary = _summary(rows, map_rows, args, device)
+    summary.update(_walk_row(ctx, args))
     progress.report(1.0, "done", force=True)
-    write_report("physics", rows, args.out, _summary(rows, map_rows, args, device))
+    write_report("physics", rows, args.out, summary)
     return 0
+
+
+#: the whole-walk estimator's budget per walk [ms] (issue 21)
+WALK_MS_TARGET = 30.0
+
+
+def _walk_row(ctx, args) -> dict:
+    """The whole-walk estimator's cost per walk (see the module doc), after a warm-up on a few walks."""
+    import numpy as np
+
+    from core.physics.refinement import MapRefiner
+    from core.physics.synthetic import synthetic_dataset
+    from core.physics.trajectory import WalkSmoother, walk_observation, whole_walk
+
+    if args.walks < 1:
+        return {}
+    data = synthetic_dataset(ctx["radio_map"], args.walks, reports=8, k=4, seed=args.seed + 1, nlos_prob=0.1,
+                             report_interval_s=0.2, speed_mps=(0.5, 1.5))
+    refiner = MapRefiner(ctx["lik"])
+    idx = np.arange(args.walks)
+    whole_walk(data, idx[: min(8, args.walks)], refiner)  # warm-up
+    res = whole_walk(data, idx, refiner)
+    obs, t = walk_observation(data, idx)
+    t0 = time.perf_counter()
+    WalkSmoother(ctx["lik"])(obs, t, res.xy)
+    smoother_s = time.perf_counter() - t0
+    err = np.linalg.norm(res.xy.cpu().numpy() - data.labels, axis=1)
+    ms = 1000.0 * res.seconds / args.walks
+    return {"walks": args.walks, "walk_ms_per_walk": round(ms, 3),
+            "walk_smoother_ms_per_walk": round(1000.0 * smoother_s / args.walks, 3),
+            "walk_target": f"<= {WALK_MS_TARGET} ms/walk", "walk_ok": bool(ms <= WALK_MS_TARGET),
+            "walk_median_err_m": round(float(np.median(err)), 3)}
 
 
 def _summary(rows: list[dict], map_rows: list[dict], args, device) -> dict:

@@ -186,9 +186,11 @@ class PhysicsLossConfig(_Section):
     report_window_s: float = Field(default=REPORT_WINDOW_S, ge=0.0)
     #: "site": per-site features in the likelihood (a subset of path_gain, toa, aoa)
     site_features: list[Literal["path_gain", "toa", "aoa"]] = Field(default=["path_gain", "toa", "aoa"], min_length=1)
-    #: "site": serving-cell features in the likelihood; "auto" = those the calibration shows to carry
-    #: information (calibrated scale at most half their spread over the map), or a list
-    cell_features: list[Literal["snr", "sinr", "throughput", "bler"]] | Literal["auto"] = "auto"
+    #: "site": serving-cell features in the likelihood: none by default (a UE derives them from the path
+    #: gains the per-site features already count); "auto" = those the calibration shows to carry information
+    #: of their own (scale at most half their spread over the map AND residuals independent of the serving
+    #: path gain's, core.physics.calibration), or a list
+    cell_features: list[Literal["snr", "sinr", "throughput", "bler"]] | Literal["auto"] = []
     #: "site": the robust penalty of a normalised residual z: cauchy log(1 + z^2), or huber (delta 2)
     penalty: Literal["cauchy", "huber"] = "cauchy"
     #: per-feature weights; None = the defaults of core.features; "auto" = calibrated on the

@@ -21,6 +21,18 @@ after a warm-up), plus:
   on the same split and the same reports (the run's window; each with its ``groups`` and
   ``ms_per_sample``); ``exhaustive`` is the run's calibrated likelihood searched over the whole
   map with no network (:mod:`core.physics.exhaustive`), the strongest map-only baseline.
+* with ``--refine`` also ``walk_refinement``: the whole-walk MAP after the network
+  (:func:`core.learning.inference.walk_prediction`: the network's prior, started at network +
+  MAP) = {method "whole-walk", ms_per_walk, after, groups_after}; with ``--baselines`` also
+  ``baselines["whole-walk"]`` (:mod:`core.physics.trajectory` without a network) and
+  ``walk_ms_per_walk``;
+* ``bound`` (where the map has per-site layers): the Cramér–Rao bounds of the position
+  (:mod:`core.physics.bound`, at the true positions, the noise of the dataset's measurement
+  model) for the latest report, the reports of the pooled window (``window_s``), the whole
+  walk with displacements known and with the velocity unknown, each ``{median_m, p90_m}`` of
+  the per-UE RMS bound; ``noise`` {source, sigma, clock_ns}; ``ratio`` = {method: its median
+  error / the pooled-window bound's median} (methods as in the errors: model, model_refined,
+  model_walk, the baselines).
 
 With ``--scene SCENE`` the run is evaluated on that scene (its dataset and map; a held-out scene
 never seen in training: its dataset is ``<folder of the run's first dataset>/<SCENE>`` unless
@@ -31,9 +43,10 @@ and one for SCENE, each ``{scene, role ("trained" | "held-out"), count, median_m
 rmse_m}`` and, with ``--refine``, ``refined_median_m`` and ``refined_p90_m`` (same split everywhere).
 
 The table printed without ``--json`` has one row per method (network, network + MAP,
-the baselines; :func:`method_table`: median, P90, RMSE, share beyond 20 m, the worst 2 %'s share
-of the squared error, cost per sample) and the median, P90 and share beyond 20 m per group
-(:func:`group_table`). ``--out FILE`` writes the JSON there instead of into the run directory.
+network + whole-walk, the baselines; :func:`method_table`: median, P90, RMSE, share beyond 20 m, the worst 2 %'s share
+of the squared error, cost per sample), the median, P90 and share beyond 20 m per group
+(:func:`group_table`), and the bounds beside every method (median, P90, × the pooled-window
+bound). ``--out FILE`` writes the JSON there instead of into the run directory.
 """
 
 from __future__ import annotations
@@ -93,9 +106,13 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     result["inference_ms_per_sample"] = ms
     result["groups"] = grouped_metrics(pred.error_m, pred.groups)
     errors = {"model": pred.error_m}
+    bound_rms = _bound(run, indices, window_s, result)
     if refine:
         progress.report(0.4, "MAP refinement")
-        result["refinement"], errors["model_refined"] = _refinement(run, pred, threshold, top_k, window_s)
+        result["refinement"], errors["model_refined"], map_xy = _refinement(run, pred, threshold, top_k, window_s)
+        if bound_rms is not None:
+            progress.report(0.5, "whole-walk refinement")
+            result["walk_refinement"], errors["model_walk"] = _walk(run, pred, map_xy)
     if baselines:
         from core.learning.baselines import run_baselines
 
@@ -105,11 +122,17 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
             est = run_baselines(run.dataset, run.radio_map, indices, run.config, likelihood=run.likelihood,
                                 timings=cost)
         result["baselines"] = {}
+        if bound_rms is not None:  # the map has per-site layers
+            walk = _timed_walk(run, indices)
+            est["whole-walk"] = walk.xy.cpu().numpy()
+            cost["whole-walk"] = walk.seconds / max(len(indices), 1)
+            result["walk_ms_per_walk"] = 1000.0 * cost["whole-walk"]
         for name, xy in est.items():
             e = position_errors(xy, pred.true_xy)
             result["baselines"][name] = {**error_metrics(e), "groups": grouped_metrics(e, pred.groups),
                                          "ms_per_sample": 1000.0 * cost.get(name, float("nan"))}
             errors[name] = e
+    _ratios(result, errors, bound_rms)
     if write:
         atomic_write_text(evaluation_path(run.run_dir, split, refine=refine), json.dumps(result, indent=2, default=float))
     progress.report(1.0, "evaluation done")
@@ -155,8 +178,8 @@ def _scene_row(scene: str, role: str, result: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _refinement(run, pred, threshold, top_k, window_s) -> tuple[dict[str, Any], Any]:
-    """``(result["refinement"], errors after [N])`` of the MAP refinement of ``pred``."""
+def _refinement(run, pred, threshold, top_k, window_s) -> tuple[dict[str, Any], Any, Any]:
+    """``(result["refinement"], errors after [N], MAP positions [N, 2])`` of the MAP refinement of ``pred``."""
     from dataclasses import asdict
 
     import numpy as np
@@ -176,12 +199,58 @@ def _refinement(run, pred, threshold, top_k, window_s) -> tuple[dict[str, Any], 
         "before": error_metrics(ref.error_before_m), "after": error_metrics(ref.error_after_m),
         "refined_before": error_metrics(ref.error_before_m[m]), "refined_after": error_metrics(ref.error_after_m[m]),
         "groups_after": grouped_metrics(ref.error_after_m, pred.groups),
-    }, ref.error_after_m
+    }, ref.error_after_m, ref.xy
+
+
+def _bound(run, indices, window_s, result):
+    """Adds ``result["bound"]`` (the Cramér–Rao bounds, :func:`core.learning.inference.bounds`): per
+    kind ``{median_m, p90_m}`` of the RMS bound sqrt(trace cov), and ``noise`` / ``window_s``; returns
+    the pooled-window bound per UE [m] (None where the map has no per-site layers)."""
+    import numpy as np
+
+    from core.learning.inference import bounds
+
+    w = run.config.physics_loss.report_window_s if window_s is None else float(window_s)
+    out = bounds(run, indices, w)
+    if out is None:
+        return None
+    covs, noise = out
+    rms = {k: np.sqrt(np.trace(c, axis1=1, axis2=2)) for k, c in covs.items()}
+    result["bound"] = {"noise": {"source": noise.source, "sigma": list(noise.sigma), "clock_ns": noise.clock_ns},
+                       "window_s": w, **{k: {"median_m": float(np.median(v)), "p90_m": float(np.percentile(v, 90))}
+                                         for k, v in rms.items()}}
+    return rms["window"]
+
+
+def _ratios(result, errors, bound_rms) -> None:
+    """``result["bound"]["ratio"]``: every method's median error over the pooled-window bound's median."""
+    import numpy as np
+
+    if bound_rms is None:
+        return
+    med = float(np.median(bound_rms))
+    result["bound"]["ratio"] = {name: float(np.median(e)) / med for name, e in errors.items()}
+
+
+def _timed_walk(run, indices):
+    from core.learning.inference import walk_prediction
+
+    return walk_prediction(run, indices=indices)
+
+
+def _walk(run, pred, map_xy):
+    """``(result["walk_refinement"], errors [N])``: the whole walk after the network (prior) + MAP (start)."""
+    from core.learning.inference import walk_prediction
+
+    walk = walk_prediction(run, pred, start=map_xy)
+    e = position_errors(walk.xy.cpu().numpy(), pred.true_xy)
+    return {"method": "whole-walk", "ms_per_walk": 1000.0 * walk.seconds / max(len(e), 1), "after": error_metrics(e),
+            "groups_after": grouped_metrics(e, pred.groups)}, e
 
 
 #: row labels of the printed tables
 LABELS = {"knn": "kNN fingerprint", "ml": "ML map matching", "multilateration": "multilateration",
-          "exhaustive": "map matching, exhaustive"}
+          "exhaustive": "map matching, exhaustive", "whole-walk": "whole-walk (no network)"}
 #: the columns of :func:`method_table`: (result key, header)
 TABLE_COLUMNS = (("median_m", "median m"), ("p90_m", "P90 m"), ("rmse_m", "RMSE m"), ("beyond_20m", "> 20 m"),
                  ("worst2_share", "worst 2 % share of e²"), ("ms_per_sample", "ms / sample"))
@@ -195,6 +264,10 @@ def _method_rows(result: dict[str, Any]) -> dict[str, tuple[dict, dict]]:
         r = result["refinement"]
         rows["network + MAP"] = (r["after"] | {"ms_per_sample": r.get("ms_per_sample", float("nan"))},
                                  r["groups_after"])
+    if "walk_refinement" in result:
+        r = result["walk_refinement"]
+        rows["network + whole-walk"] = (r["after"] | {"ms_per_sample": r.get("ms_per_walk", float("nan"))},
+                                        r["groups_after"])
     for name, m in result.get("baselines", {}).items():
         rows[LABELS.get(name, name)] = (m, m.get("groups", {}))
     return rows
@@ -236,6 +309,8 @@ def format_table(result: dict[str, Any]) -> str:
              method_table(result).to_string(float_format=fmt)]
     for metric, what in (("median_m", "median error [m]"), ("p90_m", "P90 [m]"), ("beyond_20m", "share > 20 m")):
         lines += ["", f"{what} per group (UEs)", group_table(result, metric).to_string(float_format=fmt)]
+    if "bound" in result:
+        lines += ["", _bound_table(result, rows)]
     if "lambda_phys" in result:
         lines.append(f"lambda_phys {result['lambda_phys']:g} (applied)  label_fraction {result['label_fraction']:g}  "
                      f"split {result['data_split']}")
@@ -243,12 +318,34 @@ def format_table(result: dict[str, Any]) -> str:
         lines += ["", "in-scene vs held-out", pd.DataFrame(result["scenes"]).to_string(index=False, float_format=fmt)]
     lines.append(f"train_s_per_epoch {result['train_s_per_epoch']:.2f}  "
                  f"inference_ms_per_sample {result['inference_ms_per_sample']:.4f}")
+    if "walk_ms_per_walk" in result:
+        lines.append(f"whole-walk (no network): {result['walk_ms_per_walk']:.2f} ms per walk")
+    if "walk_refinement" in result:
+        lines.append(f"network + whole-walk: {result['walk_refinement']['ms_per_walk']:.2f} ms per walk")
     if "refinement" in result:
         r = result["refinement"]
         won = ", ".join(f"{k} {v}" for k, v in r["sources"].items())
         lines.append(f"MAP refined {r['num_refined']} of {result['count']} samples ({r['ms_per_sample']:.2f} ms each; "
                      f"winning start: {won}); reports pooled over {r['window_s']:g} s, {r['top_k']} coarse centres")
     return "\n".join(lines)
+
+
+def _bound_table(result: dict[str, Any], rows) -> str:
+    """The Cramér–Rao bounds and every method's median over the pooled-window bound's."""
+    import pandas as pd
+
+    b = result["bound"]
+    noise = b["noise"]
+    names = {"latest": "bound: latest report", "window": f"bound: last {b['window_s']:g} s of reports",
+             "walk": "bound: whole walk, displacements known", "walk_velocity": "bound: whole walk, velocity unknown"}
+    table = {names[k]: {"median_m": b[k]["median_m"], "p90_m": b[k]["p90_m"]} for k in names if k in b}
+    med = b["window"]["median_m"]
+    for label, (m, _) in rows.items():
+        table[label] = {"median_m": m["median_m"], "p90_m": m["p90_m"], "× bound": m["median_m"] / med}
+    sigma = ", ".join(f"{v:g}" for v in noise["sigma"])
+    return (f"Cramér–Rao bound (noise σ {sigma} dB/ns/deg from the {noise['source']}); × bound: median over the "
+            f"pooled-window bound's median\n" + pd.DataFrame(table).T.to_string(float_format=lambda v: f"{v:.3f}",
+                                                                                na_rep=""))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

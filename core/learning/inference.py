@@ -605,3 +605,47 @@ def serving_table(refined: RefinedPrediction, row: int) -> pd.DataFrame:
                           "NLL MAP": float(refined.cell_nats_after[row, c])}
                          for c, f in enumerate(refined.cell_features)],
                         columns=["feature", "σ network", "σ MAP", "NLL network", "NLL MAP"])
+
+
+def walk_prediction(run: LoadedRun, prediction: Prediction | None = None, start=None, indices=None, config=None):
+    """The whole-walk estimate (:mod:`core.physics.trajectory`) of the walks of ``prediction``
+    (or of ``indices`` without a network), with the run's calibrated likelihood.
+
+    With a ``prediction``: the network's Gaussian (and outlier floor, as in the MAP search) is the
+    prior on the last position and ``start [N, 2]`` (default the network's mean; pass the network +
+    MAP estimate) the start. Without: the exhaustive-scan snapshot start, no prior. Returns the
+    :class:`~core.physics.trajectory.WalkResult` (tensors on the run's device).
+    """
+    from core.physics.prior import position_prior
+    from core.physics.trajectory import whole_walk
+
+    refiner = run.refiner()
+    window_s = run.config.physics_loss.report_window_s
+    with cpu_threads(run):
+        if prediction is None:
+            return whole_walk(run.dataset, indices, refiner, config, window_s=window_s)
+        dt, dev = run.likelihood.maps.dtype, run.likelihood.maps.device
+        c = refiner.config
+        prior = position_prior(torch.as_tensor(prediction.xy, dtype=dt, device=dev),
+                               torch.as_tensor(prediction.sigma, dtype=dt, device=dev), refiner.area, c.outlier_prob,
+                               c.min_sigma_m)
+        start = prediction.xy if start is None else start
+        return whole_walk(run.dataset, prediction.indices, refiner, config, window_s=window_s,
+                          start=torch.as_tensor(np.asarray(start), dtype=dt, device=dev), prior=prior)
+
+
+def bounds(run: LoadedRun, indices, window_s: float | None = None):
+    """The Cramér–Rao bounds (:mod:`core.physics.bound`) of samples ``indices`` at their true positions:
+    ``({kind: cov [N, 2, 2] m^2}, NoiseModel)`` for every kind of
+    :data:`~core.physics.bound.BOUND_KINDS`, the window ``window_s`` (default the run's
+    ``report_window_s``); the noise of the dataset's measurement model (else the run's calibration).
+    None when the map has no per-site layers."""
+    from core.physics.bound import noise_model, position_bounds
+
+    if "site_toa" not in run.radio_map.layers:
+        return None
+    w = run.config.physics_loss.report_window_s if window_s is None else float(window_s)
+    noise = noise_model(run.dataset, None if run.dataset.measurement_model else run.calibration)
+    with cpu_threads(run):
+        out = position_bounds(run.likelihood.maps, run.dataset, np.asarray(indices), noise, w)
+    return {k: v.cov.cpu().numpy() for k, v in out.items()}, noise

@@ -75,6 +75,7 @@ import torch
 
 from core import progress, resolve_path
 from core.device import resolve_device
+from core.errors import StoreError
 from core.learning.coarse_physics import attach_cell_posterior
 from core.learning.config import Config, load_config
 from core.learning.data_loading import TensorData, concat_tensors

@@ -25,6 +25,21 @@ apart better than a random cell draw; ``informative = ratio_f <= max_ratio`` (de
 0.5: the map's spread is at least twice the measurement's error). The same ratio is
 recorded for the per-site features (against each site's own spread).
 
+A serving feature may also merely RE-COUNT what a per-site feature already carries: a UE
+derives SNR (and, with the other sites' gains, SINR, throughput and BLER) from the same
+measured path gains, so its error is the serving site's path-gain error again, and
+counting both would count that noise twice. Calibration records ``corr_f``, the Spearman
+rank correlation between the feature's residual and the serving slot's (slot 0)
+path-gain residual over the reports where both are present and covered and the feature's
+residual is not exactly 0 (a saturated BLER or throughput is 0 at both ends of its curve;
+ranks: robust and blind to the monotone link curves), and::
+
+    independent_f = |corr_f| <= max_corr          (default 0.5)
+    informative_f = ratio_f <= max_ratio and independent_f
+
+A calibration stored before ``independent`` was recorded has not shown it: its serving
+features count as not informative (``cell_features: auto`` then uses none).
+
 :class:`Calibration` serialises to and from JSON (``to_json`` / ``from_json``, ``save`` /
 ``load``), to be stored with a run.
 """
@@ -115,8 +130,10 @@ class Calibration:
 
     @property
     def informative_cell_features(self) -> tuple[str, ...]:
-        """Serving features whose calibration passes the information criterion, in canonical order."""
-        return tuple(f for f in CELL_FEATURES if self.cell.get(f, {}).get("informative", False))
+        """Serving features whose calibration passes the information criterion and shows them
+        independent of the serving path gain, in canonical order (see the module doc)."""
+        return tuple(f for f in CELL_FEATURES if self.cell.get(f, {}).get("informative", False)
+                     and self.cell.get(f, {}).get("independent", False))
 
     def ratio(self) -> np.ndarray:
         """``[S, 3]`` scale / spread per site and feature (NaN where the spread is unknown or 0)."""
@@ -235,8 +252,18 @@ def _estimate(r: np.ndarray, name: str, min_count: int, pooled: tuple[float, flo
     return bias, max(scale, MIN_SCALE[name]), count
 
 
+def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation of ``a [M]`` and ``b [M]`` (NaN when either is constant)."""
+    import pandas as pd
+
+    if a.size < 2:
+        return float("nan")
+    value = pd.Series(a).corr(pd.Series(b), method="spearman")
+    return float(value) if np.isfinite(value) else float("nan")
+
+
 def calibrate(dataset, maps, split: str | None = "train", reports: str = "all", min_count: int = 30,
-              max_ratio: float = 0.5) -> Calibration:
+              max_ratio: float = 0.5, max_corr: float = 0.5) -> Calibration:
     """Calibrate ``maps`` (a RadioMap with per-site layers, or a SiteMaps) on ``dataset``.
 
     Args:
@@ -246,6 +273,8 @@ def calibrate(dataset, maps, split: str | None = "train", reports: str = "all", 
             "last" present one per sample.
         min_count: fewest residuals for a per-site estimate (else pooled, else default).
         max_ratio: the information criterion of serving features (see the module doc).
+        max_corr: the largest |rank correlation| of a serving feature's residual with the
+            serving path gain's that still counts as independent information.
 
     A RadioMap is prepared with all its linear serving features (to calibrate them too);
     a SiteMaps calibrates the serving features it holds.
@@ -274,9 +303,13 @@ def calibrate(dataset, maps, split: str | None = "train", reports: str = "all", 
         b, sc, n = _estimate(r_cell[:, c][ok_cell[:, c]], name, min_count, None)
         spread = maps.cell_spread.get(name, float("nan"))
         ratio = sc / spread if spread > 0 else float("inf")
-        cells[name] = {"bias": b, "scale": sc, "count": n, "spread": spread, "ratio": ratio,
-                       "informative": bool(n > 0 and ratio <= max_ratio)}
-    meta = {"split": split, "reports": reports, "min_count": min_count, "max_ratio": max_ratio,
+        # where the feature moves at all (a saturated BLER or throughput has residual 0 at both ends)
+        both = ok_cell[:, c] & (r_cell[:, c] != 0) & (ok[:, 0, 0] if ok.shape[1] else False)
+        corr = _rank_correlation(r_cell[:, c][both], r[:, 0, 0][both]) if both.sum() >= min_count else float("nan")
+        independent = bool(np.isfinite(corr) and abs(corr) <= max_corr)
+        cells[name] = {"bias": b, "scale": sc, "count": n, "spread": spread, "ratio": ratio, "corr": corr,
+                       "independent": independent, "informative": bool(n > 0 and ratio <= max_ratio and independent)}
+    meta = {"split": split, "reports": reports, "min_count": min_count, "max_ratio": max_ratio, "max_corr": max_corr,
             "num_reports": int(len(xy)), "scene": dataset.attrs.get("scene")}
     return Calibration(list(maps.site_names), bias, scale, count, maps.spread, miss, cells, meta)
 
@@ -286,7 +319,7 @@ def transfer_calibration(sources: list[Calibration], maps, max_ratio: float = 0.
     median, over every site of ``sources`` (other scenes' calibrations) estimated from data
     (``count > 0``), of its bias and of its scale, given to every site of ``maps`` (a RadioMap with
     per-site layers, or a SiteMaps); serving features likewise, ``informative`` judged against this
-    map's spread. ``count`` is 0 everywhere (nothing was estimated here); ``meta["transferred_from"]``
+    map's spread (and ``independent`` only where every source found it so). ``count`` is 0 everywhere (nothing was estimated here); ``meta["transferred_from"]``
     names the source scenes."""
     if not isinstance(maps, SiteMaps):
         maps = prepare_site_maps(maps, cell_features=[f for f in CELL_FEATURES if f in maps.features])
@@ -304,8 +337,9 @@ def transfer_calibration(sources: list[Calibration], maps, max_ratio: float = 0.
         sc = float(np.median([e["scale"] for e in fit])) if fit else DEFAULT_SCALE[name]
         spread = maps.cell_spread.get(name, float("nan"))
         ratio = sc / spread if spread > 0 else float("inf")
-        cells[name] = {"bias": b, "scale": sc, "count": 0, "spread": spread, "ratio": ratio,
-                       "informative": bool(fit and ratio <= max_ratio)}
+        independent = bool(fit) and all(e.get("independent", False) for e in fit)
+        cells[name] = {"bias": b, "scale": sc, "count": 0, "spread": spread, "ratio": ratio, "independent": independent,
+                       "informative": bool(fit and ratio <= max_ratio and independent)}
     meta = {"transferred_from": [c.meta.get("scene") for c in sources], "max_ratio": max_ratio}
     return Calibration(list(maps.site_names), bias, scale, np.zeros((s_n, 3), np.int64), maps.spread,
                        np.full(s_n, np.nan), cells, meta)

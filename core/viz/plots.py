@@ -503,11 +503,14 @@ def _marker(fig: go.Figure, xy, name: str, symbol: str, color: str, size: int = 
 def likelihood_surface(surface, layer: str, true_xy=None, network_xy=None, sigma=None, map_xy=None,
                        path: np.ndarray | None = None, path_labels: Sequence[str] = (), starts: np.ndarray | None = None,
                        start_labels: Sequence[str] = (), site_names: Sequence[str] = (), title: str | None = None,
-                       max_delta: float = 30.0) -> go.Figure:
+                       max_delta: float = 30.0, bound_cov=None) -> go.Figure:
     """One layer of a likelihood surface as a heatmap of ``value - min`` [nats] (capped at
     ``max_delta``), with the truth, the network's estimate and its 1σ / 2σ ellipses
     (``sigma`` = (σx, σy) m), the MAP estimate, its path ``[P, 2]`` (labels per point) and
-    the search's starts ``[M, 2]``. ``layer`` is a key of :func:`surface_layers`."""
+    the search's starts ``[M, 2]``. ``layer`` is a key of :func:`surface_layers`.
+    ``bound_cov`` ``[2, 2]`` [m^2]: the Cramér–Rao bound's covariance at the truth
+    (:mod:`core.physics.bound`), drawn as its 1σ / 2σ ellipses around ``true_xy``: where an
+    efficient estimator's errors would lie."""
     layers = surface_layers(surface, site_names)
     if layer not in layers:
         raise CoreError(f"likelihood surface: no layer {layer!r} (have {', '.join(layers)})")
@@ -525,6 +528,11 @@ def likelihood_surface(surface, layer: str, true_xy=None, network_xy=None, sigma
             pts = ellipse_points(network_xy, sigma, k)
             fig.add_trace(go.Scatter(x=pts[:, 0], y=pts[:, 1], mode="lines", name=f"{k:g}σ network",
                                      line=dict(color=NETWORK_COLOR, width=2, dash=dash), hoverinfo="skip"))
+    if bound_cov is not None and true_xy is not None and np.isfinite(np.asarray(bound_cov, dtype=np.float64)).all():
+        for k, dash in ((1.0, "solid"), (2.0, "dot")):
+            pts = ellipse_points(true_xy, bound_cov, k)
+            fig.add_trace(go.Scatter(x=pts[:, 0], y=pts[:, 1], mode="lines", name=f"{k:g}σ Cramér–Rao bound",
+                                     line=dict(color=TRUTH_COLOR, width=2, dash=dash), hoverinfo="skip"))
     if starts is not None and len(starts):
         st = np.asarray(starts, dtype=np.float64)
         fig.add_trace(go.Scatter(x=st[:, 0], y=st[:, 1], mode="markers", name="search starts",
