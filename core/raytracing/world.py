@@ -32,7 +32,7 @@ Scene (:func:`world_scene`), in this order:
 * diffuse scattering: every material gets scattering coefficient ``S`` and the world's
   PathSolver traces diffuse reflections (:func:`world_propagation`); the map has none.
 
-Buildings that carry a site (a site's xy inside the footprint's convex hull) are neither
+Buildings that carry a site (a site's xy inside the footprint's convex hull or within 2 m of it) are neither
 resized nor removed: a site's building is surveyed with the site.
 
 Shadow fading (:class:`ShadowField`), per site ``s`` a stationary Gaussian field over the
@@ -62,6 +62,7 @@ from core.stores.world_model import WorldModel
 STREAMS = {"sites": 1, "heights": 2, "remove": 3, "vehicles": 4, "materials": 5, "shadowing": 6}
 SHADOW_FEATURES = 512
 MIN_HEIGHT_FACTOR = 0.3
+SITE_MARGIN_M = 2.0  # a building within this of a site's xy carries it
 VEHICLE_MATERIAL = "metal"
 
 
@@ -109,10 +110,10 @@ def world_scene(info, sites: list[dict[str, Any]], radio, world: WorldModel, bou
     for s, site in enumerate(placed):
         scene.transmitters[site["name"]].orientation = mi.Point3f(*(float(v) for v in orientation[s]))
     realisation: dict[str, Any] = {
-        "site_offsets_m": [[p["position"][0] - float(q["position"][0]), p["position"][1] - float(q["position"][1])]
+        "site_offsets_m": [[round(float(p["position"][i]) - float(q["position"][i]), 4) for i in (0, 1)]
                            for p, q in zip(placed, sites, strict=True)],
         "site_orientation_deg": np.degrees(orientation).round(4).tolist(),
-        "downtilt_deg": radio.downtilt_deg + world.downtilt_error_deg}
+        "downtilt_deg": float(radio.downtilt_deg + world.downtilt_error_deg)}
     groups = _building_groups(scene, [s["position"] for s in sites])
     if world.height_sigma_m > 0:
         realisation["height_change_m"] = _perturb_heights(scene, groups, world)
@@ -152,14 +153,18 @@ def _building_groups(scene, site_positions) -> dict[str, dict[str, Any]]:
     return groups
 
 
-def _inside_hull(hull: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """bool ``[N]``: points ``xy [N, 2]`` inside the counter-clockwise convex ring ``hull [P, 2]``."""
+def _inside_hull(hull: np.ndarray, xy: np.ndarray, margin_m: float = SITE_MARGIN_M) -> np.ndarray:
+    """bool ``[N]``: points ``xy [N, 2]`` inside the counter-clockwise convex ring ``hull [P, 2]`` or
+    within ``margin_m`` of it (a site on a facade mount stands just outside its footprint)."""
     if len(hull) < 3 or len(xy) == 0:
         return np.zeros(len(xy), bool)
     a, b = hull, np.roll(hull, -1, axis=0)
-    cross = (b[None, :, 0] - a[None, :, 0]) * (xy[:, None, 1] - a[None, :, 1]) \
-        - (b[None, :, 1] - a[None, :, 1]) * (xy[:, None, 0] - a[None, :, 0])
-    return (cross >= 0).all(1)
+    e = b - a  # [P, 2]
+    rel = xy[:, None, :] - a[None]  # [N, P, 2]
+    cross = e[None, :, 0] * rel[..., 1] - e[None, :, 1] * rel[..., 0]
+    t = np.clip((rel * e[None]).sum(-1) / np.maximum((e * e).sum(-1), 1e-12)[None], 0.0, 1.0)
+    dist = np.linalg.norm(rel - t[..., None] * e[None], axis=-1).min(1)
+    return (cross >= 0).all(1) | (dist <= margin_m)
 
 
 def _perturb_heights(scene, groups, world: WorldModel) -> dict[str, float]:
@@ -257,7 +262,7 @@ def _perturb_materials(scene, world: WorldModel) -> dict[str, list[float]]:
         mat.frequency_update_callback = None  # keep the scaled values: no ITU recomputation at the carrier
         mat.relative_permittivity = max(1.0, eps * f_eps)
         mat.conductivity = sigma * f_sigma
-        out[name] = [max(1.0, eps * f_eps), sigma * f_sigma]
+        out[name] = [float(max(1.0, eps * f_eps)), float(sigma * f_sigma)]
     return out
 
 

@@ -134,8 +134,10 @@ class MeasurementModel:
     # -- the store -------------------------------------------------------------------------
     def to_attrs(self) -> dict[str, Any]:
         """The record written to ``attrs["measurement_model"]`` (JSON: None = no threshold; ``world``:
-        :meth:`WorldModel.to_attrs`)."""
-        return {"version": RECORD_VERSION, **self.knobs(), "world": self.world.to_attrs()}
+        :meth:`WorldModel.to_attrs`, left out for the oracle world, so an oracle dataset's record is
+        exactly the one written before worlds existed)."""
+        record = {"version": RECORD_VERSION, **self.knobs()}
+        return record if self.world.is_oracle else {**record, "world": self.world.to_attrs()}
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> MeasurementModel | None:
