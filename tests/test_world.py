@@ -349,3 +349,32 @@ def test_calibration_on_fewer_walks(maps_dir, oracle_dataset, tiny_map):
     assert few.meta["num_reports"] == 5 * 3 < full.meta["num_reports"]
     with pytest.raises(CoreError, match="walks must be an integer >= 1"):
         calibrate(oracle_dataset, tiny_map, split=None, walks=0)
+
+
+def test_noisy_detection_keeps_every_walk_hearing_something():
+    """Pure numpy: a walk whose every report the noise pushes below the sensitivity still hears its
+    strongest noisy site once; every other heard slot is at or above the sensitivity, strongest first."""
+    from core.raytracing.link_abstraction import link_abstraction
+    from core.raytracing.measurements import _drop_reports, _noisy_detection
+    from core.raytracing.tracing import RadioConfig
+
+    radio = RadioConfig()
+    n, t, s = 200, 4, 5
+    rng = np.random.default_rng(0)
+    pg = rng.uniform(-150, -125, (n, t, s))  # received power around the -100 dBm sensitivity (P = 43 dBm)
+    pg[0] = -150.0  # walk 0: far below at every report
+    c = {"pg_all": pg, "toa_all": rng.uniform(100, 900, (n, t, s)), "aoa_all": rng.uniform(-180, 180, (n, t, s)),
+         "los_all": rng.random((n, t, s)) < 0.5}
+    model = MeasurementModel(path_gain_db=3.0, missing_rate=0.5)
+    detected, noisy, los = _noisy_detection(np.random.default_rng(1), c, model, radio, link_abstraction())
+    present, ids, _ = _drop_reports(np.random.default_rng(2), noisy, {"los": los}, detected, 0.5,
+                                    heard=detected[..., 0] >= 0)
+    assert present.any(1).all() and (ids[present][:, 0] >= 0).all()
+    assert np.isfinite(noisy["site_features"][present][:, 0]).all() and np.isfinite(noisy["cell_features"][present]).all()
+    assert (detected[0] >= 0).sum() == 1  # the deaf walk: one forced site
+    heard = ids >= 0  # in the reports sent
+    g = np.where(heard, noisy["site_features"][..., 0], -1e9)
+    assert (np.diff(g, axis=-1) <= 0).all()
+    forced = np.zeros_like(heard)
+    forced[0] = heard[0]
+    assert (43.0 + noisy["site_features"][..., 0][heard & ~forced] >= -100.0).all()

@@ -238,7 +238,7 @@ def beside_table(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]], uni
 def world_line(ds) -> str:
     """The world a dataset was traced in, one line (:meth:`~core.stores.world_model.WorldModel.summary`)."""
     model = ds.measurement_model
-    return f"world: {model.world.summary()}" if model is not None else "world: not recorded (oracle)"
+    return model.world.summary() if model is not None else "not recorded (oracle)"
 
 
 # -- command line ------------------------------------------------------------------------
@@ -287,8 +287,8 @@ def run(args: argparse.Namespace) -> int:
         rows_b, summary_b = consistency_rows(other, rmap, args.split)
         summary_b["world"] = world_line(other)
         table = beside_table(rows, rows_b, units, "A", "B")
-        print(f"A = {args.dataset}, {summary['world']}")
-        print(f"B = {args.beside}, {summary_b['world']}")
+        print(f"A = {args.dataset}, world: {summary['world']}")
+        print(f"B = {args.beside}, world: {summary_b['world']}")
         print()
         result = {"rows": rows, "summary": summary, "beside": {"rows": rows_b, "summary": summary_b}}
     print(table)

@@ -3,7 +3,8 @@
 ``python -m core make-dataset --scene etoile --num-ues 20000 --reports 8
 --out datasets/etoile [--radio-maps radio_maps --seed 0 --split random|spatial]
 [--noise-path-gain-db 2 --noise-toa-ns 3 --noise-aoa-deg 3 --clock-offset-ns 0
---missing-rate 0.2 --sites-per-report 4 --sensitivity-dbm -100|off] [--ray [ADDRESS]]``
+--missing-rate 0.2 --sites-per-report 4 --sensitivity-dbm -100|off]
+[--world oracle|realistic --world-seed 0 --world-materials 0.3 ...] [--ray [ADDRESS]]``
 
 One scene: ``--out`` is its store, and a failure is the command's one-line error. Several
 scenes (``--scene etoile munich --out datasets``): ``--out`` is a folder that gets one
@@ -66,6 +67,21 @@ probability ``--missing-rate`` (default 0.2; then NaN features, site id -1, los 
 keeping at least one per UE. ``clean/*`` holds every report's K strongest sites with a
 path before detection, noise and dropping (a slot whose site was not received keeps its
 clean features there; its ``site_ids`` entry is -1).
+
+World (``--world oracle|realistic`` and its ``--world-*`` flags, ``--world-seed``;
+:mod:`core.stores.world_model`, recorded in ``attrs["measurement_model"]["world"]``, and what
+its seed drew in ``attrs["world_realisation"]``): the walks are drawn and traced in the
+world's scene, a perturbed COPY of the map's (:func:`core.raytracing.world.world_scene`:
+sites, antenna tilt, building heights, removed buildings, vehicles, materials, diffuse
+scattering), with the world's PathSolver settings, and ``G_s`` above includes the world's
+shadow fading (:class:`core.raytracing.world.ShadowField`): the world's "clean" truth.
+``attrs["propagation"]`` stays the map's. The oracle world (the default) is the map itself
+and draws nothing: the dataset is the one made before worlds existed. With
+``detect_on_noisy`` the detection and the slot order are decided on the NOISY gains
+``G~`` instead (:func:`_noisy_detection`): site ``s`` is heard when ``P + G~_s >= S``, the
+slots hold the heard sites by decreasing ``G~``, and a report that hears no site is not
+sent (it counts as missing; a UE that heard nothing in any report, which needs the noise to
+push every report below the sensitivity, keeps the strongest noisy site of its best report).
 
 Split by UE, seeded: 80 % train, 10 % val, 10 % test (``--split random``), or with
 ``--split spatial`` the test set is the UEs whose label lies in the 10 % of the area
@@ -442,6 +458,10 @@ def _noisy_detection(rng, c: dict[str, np.ndarray], model: MeasurementModel, rad
     heard_all = np.isfinite(pg)
     if model.sensitivity_dbm is not None:
         heard_all &= radio.tx_power_dbm + np.where(heard_all, pg, -np.inf) >= model.sensitivity_dbm
+        deaf = np.flatnonzero(~heard_all.any(axis=(1, 2)))  # UEs that heard nothing in any report (rare)
+        if len(deaf):  # keep them: the strongest noisy site of their best report counts as heard
+            best = np.where(np.isfinite(pg[deaf]), pg[deaf], -np.inf).reshape(len(deaf), -1).argmax(1)
+            heard_all[deaf, best // s_n, best % s_n] = True
     score = np.where(heard_all, pg, -np.inf)
     order = np.argsort(-score, axis=-1, kind="stable")[..., :k_n]  # [N, T, k] (k = min(K, S))
     k = order.shape[-1]
@@ -476,8 +496,8 @@ def _drop_reports(rng, noisy: dict[str, np.ndarray], c: dict[str, np.ndarray], d
     in place in ``noisy``.
 
     ``heard [N, T]`` (detection on the noisy power): a report that hears no site is not sent,
-    and the report kept for a UE whose reports all dropped is one it heard something in (the
-    first one when it heard nothing at all: that report then has no site).
+    and the report kept for a UE whose reports all dropped is one it heard something in
+    (:func:`_noisy_detection` makes every UE hear something somewhere).
 
     Returns ``(present [N, T], site_ids [N, T, K] int16, los [N, T])``.
     """
