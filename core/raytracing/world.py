@@ -132,24 +132,18 @@ def world_scene(info, sites: list[dict[str, Any]], radio, world: WorldModel, bou
 
 
 def _building_groups(scene, site_positions) -> dict[str, dict[str, Any]]:
-    """``{building: {"objects": [names], "base", "top", "carries_site"}}``, flat objects left out, sorted."""
-    from core.raytracing.scenes import _FLAT_EXTENT_M, _MATERIAL_SUFFIX_RE, _convex_hull
+    """``{building: {"objects": [names], "base", "top", "carries_site"}}`` of the buildings of
+    :func:`~core.raytracing.scenes.buildings_of` (flat objects left out), sorted by name."""
+    from core.raytracing.scenes import building_name, buildings_of
 
-    parts: dict[str, list[tuple[str, np.ndarray]]] = {}
-    for name, obj in sorted(scene.objects.items()):
-        v = np.asarray(obj.mi_mesh.vertex_positions_buffer(), dtype=np.float64).reshape(-1, 3)
-        if len(v):
-            parts.setdefault(_MATERIAL_SUFFIX_RE.sub("", name), []).append((name, v))
+    objects: dict[str, list[str]] = {}
+    for name in sorted(scene.objects):
+        objects.setdefault(building_name(name), []).append(name)
     sites_xy = np.asarray([[float(p[0]), float(p[1])] for p in site_positions]).reshape(-1, 2)
     groups = {}
-    for building, items in sorted(parts.items()):
-        v = np.concatenate([x for _, x in items])
-        base, top = float(v[:, 2].min()), float(v[:, 2].max())
-        if top - base < _FLAT_EXTENT_M:
-            continue
-        hull = _convex_hull(v[:, :2])
-        groups[building] = {"objects": [n for n, _ in items], "base": base, "top": top,
-                            "carries_site": bool(_inside_hull(hull, sites_xy).any())}
+    for b in sorted(buildings_of(scene), key=lambda b: b.name):
+        groups[b.name] = {"objects": objects[b.name], "base": float(b.base), "top": float(b.height),
+                          "carries_site": bool(_inside_hull(np.asarray(b.footprint), sites_xy).any())}
     return groups
 
 
