@@ -262,6 +262,9 @@ def test_detection_and_slots_follow_the_noisy_power(maps_dir, oracle_dataset):
     assert (p_tx + pg[heard] >= sens).all()  # heard: the noisy power is above the sensitivity
     filled = np.where(heard, pg, -1e9)
     assert (np.diff(filled, axis=1) <= 0).all()  # slots by decreasing noisy power
+    # clean/* stays aligned with the slots: each heard slot's clean ToA is its noisy ToA minus the 3 ns noise
+    toa, clean_toa = ds.site_features[..., 1][ds.report_mask], ds.clean_site_features[..., 1][ds.report_mask]
+    assert np.abs(toa - clean_toa)[heard].max() < 6 * 3.0
     pg_old, ids_old = slots(old)
     heard_old = ids_old >= 0
     below = heard_old & (p_tx + np.nan_to_num(pg_old, nan=np.inf) < sens)

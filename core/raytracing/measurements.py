@@ -80,7 +80,8 @@ and draws nothing: the dataset is the one made before worlds existed. With
 ``detect_on_noisy`` the detection and the slot order are decided on the NOISY gains
 ``G~`` instead (:func:`_noisy_detection`): site ``s`` is heard when ``P + G~_s >= S``, the
 slots hold the heard sites by decreasing ``G~``, and a report that hears no site is not
-sent (it counts as missing; a UE that heard nothing in any report, which needs the noise to
+sent (it counts as missing; ``clean/site_features`` then holds the clean features of the sites
+in the noisy slots, aligned with ``site_ids``; a UE that heard nothing in any report, which needs the noise to
 push every report below the sensitivity, keeps the strongest noisy site of its best report).
 
 Split by UE, seeded: 80 % train, 10 % val, 10 % test (``--split random``), or with
@@ -280,6 +281,7 @@ def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | 
                                           world_propagation(propagation, world), link, field)
     if world.detect_on_noisy:
         detected, noisy, heard_los = _noisy_detection(rng, c, model, radio, link)
+        c["site_features"] = noisy.pop("clean_site_features")  # clean/* follows the noisy slot order
         present, site_ids, los = _drop_reports(rng, noisy, {"los": heard_los}, detected, model.missing_rate,
                                                heard=detected[..., 0] >= 0)
     else:
@@ -450,7 +452,10 @@ def _noisy_detection(rng, c: dict[str, np.ndarray], model: MeasurementModel, rad
     sites by decreasing ``G~``, with ``(G~, toa + e_T (+ c_n), wrap(aoa + e_A))`` of that site's
     strongest path; the cell features and ``los`` are those of slot 0 (the serving site).
 
-    Returns ``(detected [N, T, K] int16, {"site_features", "cell_features"}, los [N, T])``.
+    Returns ``(detected [N, T, K] int16, {"site_features", "cell_features", "clean_site_features"},
+    los [N, T])``; ``clean_site_features [N, T, K, 3]``: the clean ``(G, toa, aoa)`` of the site in
+    each slot (of the site next by noisy power where no site was heard; NaN without a path), so
+    ``clean/*`` stays aligned with ``site_ids`` as in the clean-detection case.
     """
     pg = c["pg_all"] + rng.normal(0.0, model.path_gain_db, c["pg_all"].shape)  # [N, T, S], -inf stays -inf
     n, t, s_n = pg.shape
@@ -487,7 +492,12 @@ def _noisy_detection(rng, c: dict[str, np.ndarray], model: MeasurementModel, rad
     cell = np.stack([snr, sinr, thr, bler], -1)
     cell[~ok[..., 0]] = np.nan
     los = np.take_along_axis(c["los_all"], order[..., :1], -1)[..., 0] & ok[..., 0]
-    return detected, {"site_features": feats.astype(np.float32), "cell_features": cell.astype(np.float32)}, los
+    finite = np.isfinite(np.take_along_axis(c["pg_all"], order, -1))
+    clean = np.full((n, t, k_n, 3), np.nan, np.float64)
+    for f, key in enumerate(("pg_all", "toa_all", "aoa_all")):
+        clean[..., :k, f] = np.where(finite, np.take_along_axis(c[key].astype(np.float64), order, -1), np.nan)
+    return detected, {"site_features": feats.astype(np.float32), "cell_features": cell.astype(np.float32),
+                      "clean_site_features": clean.astype(np.float32)}, los
 
 
 def _drop_reports(rng, noisy: dict[str, np.ndarray], c: dict[str, np.ndarray], detected: np.ndarray,
