@@ -108,6 +108,7 @@ from core.raytracing.distributed import add_ray_argument
 from core.stores.lineage import WITHOUT_MAP, check_map_of_scene, map_path
 from core.stores.measurement_model import KNOBS, SENSITIVITY_OFF, MeasurementModel
 from core.stores.output import check_writable, writing_store
+from core.stores.world_model import PRESETS as WORLD_PRESETS
 from core.stores.world_model import WORLD_KNOBS, WorldModel
 
 
@@ -561,6 +562,11 @@ _MODEL_HELP = {
 }
 
 
+_WORLD_METAVAR = {"material_spread": "A", "height_sigma_m": "SIGMA", "remove_fraction": "F",
+                  "vehicle_density_per_km2": "PER_KM2", "site_position_sigma_m": "SIGMA",
+                  "site_orientation_sigma_deg": "SIGMA", "downtilt_error_deg": "DEG", "scattering_coefficient": "S",
+                  "shadowing_los_db": "SIGMA", "shadowing_nlos_db": "SIGMA", "shadowing_decorrelation_m": "M",
+                  "detect_on_noisy": "BOOL"}
 _WORLD_HELP = {
     "material_spread": "each material's permittivity and conductivity times U[1-a, 1+a] (a in [0, 0.9])",
     "height_sigma_m": "sigma of each building's height error [m]",
@@ -657,11 +663,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     world.add_argument("--world", default=None, metavar="PRESET",
                        help="oracle (default: the world is the map, as before) or realistic (every perturbation "
                             "below at its documented value); a flag below overrides that one value")
-    world.add_argument("--world-seed", type=cli_types.seed, default=None,
+    world.add_argument("--world-seed", type=cli_types.seed, default=None, metavar="SEED",
                        help="seed of the world's perturbations (default: 0), independent of --seed")
+    realistic = WORLD_PRESETS["realistic"]
     for name, knob in WORLD_KNOBS.items():
-        metavar = "BOOL" if name == "detect_on_noisy" else ("X" if not knob.unit else knob.unit.upper().strip("/²"))
-        world.add_argument(knob.flag, dest=f"world_{name}", default=None, metavar=metavar, help=_WORLD_HELP[name])
+        value = getattr(realistic, name)
+        shown = str(value).lower() if isinstance(value, bool) else f"{value:g}"
+        world.add_argument(knob.flag, dest=f"world_{name}", default=None, metavar=_WORLD_METAVAR.get(name, "X"),
+                           help=f"{_WORLD_HELP[name]} (realistic: {shown})")
     parser.add_argument("--force", action="store_true", help="overwrite an existing dataset")
     add_ray_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
