@@ -109,7 +109,7 @@ def test_new_data_and_physics_keys_are_validated():
 
 def test_serving_features_are_off_by_default_and_the_shipped_auto_still_loads():
     from core import REPO_ROOT
-    from core.learning.config import likelihood_config
+    from core.learning.physics_terms import likelihood_config
     from core.physics.calibration import Calibration
     from core.stores.run import read_config
 

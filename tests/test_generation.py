@@ -179,7 +179,8 @@ def test_cli_reports_bad_scenes_and_still_generates_good_ones(tmp_path, capsys):
                                           (["--resolution", "-1"], "--resolution"),
                                           (["--retry-samples-per-tx", "-5"], "--retry-samples-per-tx")])
 def test_cli_refuses_bad_grid(tmp_path, capsys, bad, message):
-    rc = main(["generate-maps", "--scenes", "simple_street_canyon", "--radio-maps", str(tmp_path)] + bad)
-    assert rc == 2
+    with pytest.raises(SystemExit) as exit_:  # argparse's exit, from the checked flag types (core.cli_types)
+        main(["generate-maps", "--scenes", "simple_street_canyon", "--radio-maps", str(tmp_path)] + bad)
+    assert exit_.value.code == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

@@ -181,8 +181,8 @@ def test_jobs_prune_refuses_a_negative_keep(tmp_path, capsys):
 # -- outputs that cannot be written, and empty datasets ------------------------------------------------
 def test_read_only_outputs_are_refused_before_any_work(scene, tmp_path, capsys):
     with read_only(tmp_path / "ro") as ro:
-        line = _refused(["generate-maps", "--scenes", "simple_street_canyon", "--output-dir", str(ro / "maps")], capsys)
-        assert line.startswith(f"error: --output-dir {ro / 'maps' / 'simple_street_canyon.zarr'}: cannot write in {ro} (")
+        line = _refused(["generate-maps", "--scenes", "simple_street_canyon", "--radio-maps", str(ro / "maps")], capsys)
+        assert line.startswith(f"error: --radio-maps {ro / 'maps' / 'simple_street_canyon.zarr'}: cannot write in {ro} (")
         line = _refused(["make-dataset", "--scene", "simple_street_canyon", "--out", str(ro / "ds"),
                          "--radio-maps", scene["physics_loss.radio_maps_dir"]], capsys)
         assert line.startswith(f"error: --out {ro / 'ds'}: cannot write in {ro} (")
@@ -190,7 +190,7 @@ def test_read_only_outputs_are_refused_before_any_work(scene, tmp_path, capsys):
                          "--no-progress"], capsys)
         assert line.startswith(f"error: --out {ro / 'run'}: cannot write in {ro} (")
         line = _refused(["ablate", "--quick", "--out", str(ro / "ablation"), "--no-progress"], capsys)
-        assert line.startswith(f"error: --out {ro / 'ablation' / 'table.csv'}: cannot write in {ro} (")
+        assert line.startswith(f"error: --out {ro / 'ablation'}: cannot write in {ro} (")
         assert list(ro.iterdir()) == []
 
 

@@ -230,7 +230,7 @@ def split_groups(config: Config, stores, indices) -> dict[str, np.ndarray]:
     """The UE groups (:func:`core.learning.groups.ue_groups`, the config's report window) of test UEs
     ``indices`` of ``config``'s split."""
     from core.learning.groups import ue_groups
-    from core.learning.training import apply_data_config
+    from core.learning.scene_data import apply_data_config
 
     return ue_groups(apply_data_config(config, *stores), indices, config.physics_loss.report_window_s)
 

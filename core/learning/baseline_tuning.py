@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from core import progress
 from core.errors import CoreError
-from core.jobs import progress
 from core.learning.metrics import error_metrics, position_errors
 from core.stores.atomic import atomic_write_text
 
@@ -79,7 +79,7 @@ def _coordinate_descent(method: str, grid: dict[str, tuple], start: dict[str, An
 def tune(config, split: str = "val") -> dict[str, Any]:
     """The sweep of the module doc on ``split`` of ``config``'s dataset: ``{"rows", "best", "window_s", "count"}``."""
     from core.learning.baselines import calibrated_likelihood, has_site_layers
-    from core.learning.training import load_scene
+    from core.learning.scene_data import load_scene
     from core.physics.exhaustive import DEFAULT_STEP_M, DEFAULT_TOP, ExhaustiveMatcher
     from core.physics.multilateration import MultilaterationConfig, multilaterate_dataset
     from core.physics.observation import site_observation

@@ -136,7 +136,7 @@ def has_site_layers(radio_map: RadioMap) -> bool:
 def calibrated_likelihood(dataset, radio_map: RadioMap, config=None, device="cpu"):
     """The :class:`~core.physics.likelihood.RobustLikelihood` a run would use: calibrated on the dataset's
     train split (every present report at its true position), the config's likelihood settings."""
-    from core.learning.config import likelihood_config
+    from core.learning.physics_terms import likelihood_config
     from core.physics.calibration import calibrate
     from core.physics.likelihood import LikelihoodConfig, RobustLikelihood
 

@@ -115,8 +115,10 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
             result["walk_refinement"], errors["model_walk"] = _walk(run, pred, map_xy)
     if baselines:
         from core.learning.baselines import run_baselines
+        from core.learning.inference import calibrate_run
 
         progress.report(0.6, "classical baselines")
+        calibrate_run(run)  # the likelihood exhaustive map matching searches
         cost: dict[str, float] = {}
         with cpu_threads(run):
             est = run_baselines(run.dataset, run.radio_map, indices, run.config, likelihood=run.likelihood,
@@ -384,6 +386,8 @@ def run(args: argparse.Namespace) -> int:
             raise CoreError(f"--out {args.out}: must be a file in an existing folder")
         check_writable(out, "--out")
     target = out or evaluation_path(args.run, args.split, args.scene, args.refine)
+    if out is None:  # before the lock file beside it: an unwritable run folder is one line
+        check_writable(target, "--run")
     with output_lock(target, "evaluation"):  # one writer per result file
         if args.scene is not None:
             result = evaluate_scene(args.run, args.scene, args.split, args.refine, device=device,

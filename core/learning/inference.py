@@ -645,7 +645,8 @@ def bounds(run: LoadedRun, indices, window_s: float | None = None):
     if "site_toa" not in run.radio_map.layers:
         return None
     w = run.config.physics_loss.report_window_s if window_s is None else float(window_s)
-    noise = noise_model(run.dataset, None if run.dataset.measurement_model else run.calibration)
+    calibration = calibrate_run(run)  # the likelihood's maps; the noise where the dataset records none
+    noise = noise_model(run.dataset, None if run.dataset.measurement_model else calibration)
     with cpu_threads(run):
         out = position_bounds(run.likelihood.maps, run.dataset, np.asarray(indices), noise, w)
     return {k: v.cov.cpu().numpy() for k, v in out.items()}, noise

@@ -409,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(resolve_path(args.config), args.overrides)
     out = Path(args.out)
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    check_writable(out / run_store.STATUS if args.resume else out, "run directory")  # a shipped path gets no lock file beside it either
+    check_writable(out / run_store.STATUS if args.resume else out, "--out")  # a shipped path gets no lock file beside it either
     # one writer per run directory (rank 0 writes it): held until the run is in place
     with output_lock(out, "run directory") if rank0 else contextlib.nullcontext():
         run_store.check_out_dir(out, resume=args.resume, force=args.force)

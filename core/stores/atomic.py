@@ -31,7 +31,6 @@ import re
 import shutil
 import stat
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -39,8 +38,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import psutil
-
-from core.errors import CoreError
 
 T = TypeVar("T")
 
@@ -209,32 +206,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _remove(tmp)
         raise
     fsync_dir(path.parent)
-
-
-def check_writable(path: str | os.PathLike, flag: str) -> None:
-    """Refuse, BEFORE any work, an output ``path`` that cannot be written: one :class:`CoreError`
-    line naming ``flag``, the path and the cause (nothing is created).
-
-    :func:`atomic_path` writes a temporary beside ``path`` (creating missing parent folders),
-    so the test is a real one: a probe file is created and removed in the nearest existing
-    folder above ``path`` (the permission bits alone do not tell: root ignores them, a
-    read-only mount does not). A device such as ``/dev/null`` is always writable here.
-    """
-    path = Path(path)
-    if is_special(path):
-        return
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise CoreError(f"{flag} {path}: {folder} is not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe-", dir=folder)
-    except OSError as exc:
-        raise CoreError(f"{flag} {path}: cannot write in {folder} ({exc.strerror or type(exc).__name__}); "
-                        "pick a writable place") from None
-    os.close(fd)
-    os.unlink(probe)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
