@@ -761,3 +761,32 @@ def test_evaluating_the_shipped_run_in_the_app_leaves_it_untouched(tmp_path, mon
 
 def ws_rel(root: Path, path: Path) -> str:
     return str(path.resolve().relative_to(root.resolve()))
+
+
+# -- Localize -----------------------------------------------------------------------------
+def test_localize_page_tracks_download_and_inspector(workspace):
+    """A report file of the workspace localized on the page: tracks coloured by error, the error table, the
+    download, and one point opened in the Refinement inspector."""
+    from core.reports.export import export_reports
+
+    export_reports(workspace / "datasets" / "etoile", "test", workspace / "reports" / "test.csv",
+                   show_progress=False, limit=12)
+    at = _app("pages/localize.py")
+    at.selectbox(key="loc_file").select("reports/test.csv").run()
+    at.button(key="loc_go").click().run()
+    _no_exception(at)
+    out = workspace / "reports" / "localized" / "test.tiny.map.csv"
+    assert out.is_file()
+    (fig,) = [f for f in _plotly(at) if "positions of 12 walks" in f["layout"]["title"]["text"]]
+    names = [t.get("name") for t in fig["data"]]
+    assert {"tracks", "positions"} <= set(names) and any(str(n).startswith("1σ ellipses") for n in names)
+    positions = next(t for t in fig["data"] if t.get("name") == "positions")
+    assert positions["marker"]["colorbar"]["title"]["text"] == "error m"  # coloured by error: truth given
+    assert "Median error (walk ends)" in {m.label for m in at.metric}
+    assert "network + MAP" in _texts(at.code)  # the error table, as evaluate prints it
+    assert at.get("download_button")
+    at.button(key="loc_inspect").click().run()
+    _no_exception(at)
+    assert at.session_state["ref_report_point"]["reports"].endswith("test.csv")
+    assert any("posterior" in f["layout"]["title"]["text"] and "Walk" in f["layout"]["title"]["text"]
+               for f in _plotly(at))

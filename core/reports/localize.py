@@ -213,6 +213,31 @@ def localize_reports(run, reports, out, method: str = "map", chunk_rows: int = C
             "seconds": time.perf_counter() - t0, "method": METHODS[method], "out": str(out), "result": result}
 
 
+def report_window(run, reports, walk_id: str, time_s: float, chunk_rows: int = CHUNK_ROWS):
+    """The one sample of walk ``walk_id`` at report time ``time_s`` of the file ``reports``, as
+    :class:`~core.reports.windows.Windows` (``dataset`` of one window), read chunk by chunk; ``run`` is
+    a loaded run. For the Refinement inspector: ``dataclasses.replace(run, dataset=w.dataset)`` reads it
+    like a dataset sample. A walk or time the file lacks is a one-line CoreError."""
+    from core.reports.reading import walk_chunks
+    from core.reports.windows import report_windows
+
+    names = site_names(run)
+    attrs = {"scene": run.scene, "sites": run.dataset.attrs.get("sites")}
+    for df in walk_chunks(reports, chunk_rows):
+        rows = df[df["walk_id"] == str(walk_id)]
+        if not len(rows):
+            continue
+        win = report_windows(rows.reset_index(drop=True), {s: i for i, s in enumerate(names)},
+                             run.dataset.num_reports, run.dataset.num_sites_per_report, attrs, str(reports))
+        hit = np.flatnonzero(np.isclose(win.time_s, float(time_s), rtol=0, atol=1e-9))
+        if hit.size:
+            return dataclasses.replace(win, dataset=win.dataset.subset(hit[:1]), walk_id=win.walk_id[hit[:1]],
+                                       time_s=win.time_s[hit[:1]], truth=win.truth[hit[:1]],
+                                       walk_end=win.walk_end[hit[:1]])
+        break
+    raise CoreError(f"{reports}: no localizable report of walk {walk_id!r} at time {time_s:g} s")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run directory (e.g. runs/NAME or assets/default_run)")
     parser.add_argument("--reports", required=True, help="report file: .csv or .parquet (docs/reports.md)")
