@@ -188,7 +188,8 @@ def localize_reports(run, reports, out, method: str = "map", chunk_rows: int = C
     check_writable(out, "--out")
     names = site_names(run)
     t0 = time.perf_counter()
-    summary = validate(reports, names, run.scene, run.radio_map.bounds, chunk_rows)
+    progress.report(0.0, "checking the report file")
+    summary = validate(reports, names, run.scene, run.radio_map.bounds, chunk_rows, show_progress=show_progress)
     calibrate_run(run)
     index = {s: i for i, s in enumerate(names)}
     attrs = {"scene": run.scene, "sites": run.dataset.attrs.get("sites")}

@@ -180,12 +180,16 @@ class _Problems:
 
 
 def validate(path: str | os.PathLike, sites: list[str], scene: str | None, bounds=None,
-             chunk_rows: int = CHUNK_ROWS, where: str = "--reports") -> ReportSummary:
+             chunk_rows: int = CHUNK_ROWS, where: str = "--reports", show_progress: bool = False) -> ReportSummary:
     """Check the whole file at ``path`` (see the module doc) against the scene's ``sites`` (names in site-id
     order), its name ``scene`` and ``bounds`` (x_min, y_min, x_max, y_max) [m] of the truth positions.
-    Returns a :class:`ReportSummary`; raises :class:`ReportError` (one line) at the first problem."""
+    Returns a :class:`ReportSummary`; raises :class:`ReportError` (one line) at the first problem.
+    ``show_progress``: a tqdm bar of the rows checked."""
+    from tqdm import tqdm
+
     label = f"{where} {path}"
     cols, batches = record_batches(path, chunk_rows, where)
+    bar = tqdm(desc="check", unit="row", disable=not show_progress)
     known = set(sites)
     summary = ReportSummary(columns=cols, has_truth="x_m" in cols and "y_m" in cols)
     p = _Problems()
@@ -194,6 +198,7 @@ def validate(path: str | os.PathLike, sites: list[str], scene: str | None, bound
     for batch in batches:
         off, n = summary.rows, batch.num_rows
         summary.rows += n
+        bar.update(n)
         if "scene" in cols:
             p.scenes.update(s for s in pc.unique(batch.column("scene")).to_pylist() if s is not None)
         for c in cols:
@@ -226,6 +231,7 @@ def validate(path: str | os.PathLike, sites: list[str], scene: str | None, bound
             if bad.any():
                 rows, total = p.outside or ([], 0)
                 p.outside = ((rows + _rows(bad, off))[:_SHOWN], total + int(bad.sum()))
+    bar.close()
     summary.walks = len(done) + (last_walk is not None)
     _raise_first(p, summary, label, scene, bounds, known)
     return summary
