@@ -299,24 +299,27 @@ def _raise_first(p: _Problems, summary: ReportSummary, label: str, scene: str | 
 
 
 def walk_chunks(path: str | os.PathLike, chunk_rows: int = CHUNK_ROWS, where: str = "--reports") -> Iterator[pd.DataFrame]:
-    """pandas frames of whole walks, in file order, each at least ``chunk_rows`` rows but the last (a walk
-    is never split); the file must have passed :func:`validate`. Columns: the file's format columns."""
+    """pandas frames of whole walks, in file order, each of at most ``chunk_rows`` rows (cut at the last walk
+    that starts within them; a single longer walk is one frame of its own): memory set by ``chunk_rows``.
+    The file must have passed :func:`validate`. Columns: the file's format columns."""
     _, batches = record_batches(path, chunk_rows, where)
     carry: pd.DataFrame | None = None
     for batch in batches:
         df = batch.to_pandas()
         if carry is not None and len(carry):
             df = pd.concat([carry, df], ignore_index=True)
-        if len(df) < chunk_rows:
-            carry = df
-            continue
-        walks = df["walk_id"].to_numpy()
-        last = walks[-1]
-        cut = len(df) - int(np.argmax(walks[::-1] != last)) if (walks != last).any() else 0
-        if cut == 0:
-            carry = df
-            continue
-        yield df.iloc[:cut].reset_index(drop=True)
-        carry = df.iloc[cut:].reset_index(drop=True)
+        while len(df) > chunk_rows:
+            walks = df["walk_id"].to_numpy()
+            starts = np.flatnonzero(walks[1:chunk_rows + 1] != walks[:chunk_rows]) + 1  # walks starting by chunk_rows
+            if starts.size:
+                cut = int(starts[-1])
+            else:  # one walk longer than a chunk: all of it
+                after = np.flatnonzero(walks[chunk_rows:] != walks[0])
+                if not after.size:
+                    break  # it may go on in the next batch
+                cut = chunk_rows + int(after[0])
+            yield df.iloc[:cut].reset_index(drop=True)
+            df = df.iloc[cut:].reset_index(drop=True)
+        carry = df
     if carry is not None and len(carry):
         yield carry
