@@ -206,6 +206,7 @@ def localize_reports(run, reports, out, method: str = "map", chunk_rows: int = C
                 writer.write(cols)
             done += len(df)
             bar.update(len(df))
+            cols = df = win = None  # the chunk's arrays go before the next chunk's come
             progress.report(done / summary.rows, f"localized {done} of {summary.rows} report rows")
         bar.close()
         positions = writer.rows
