@@ -135,3 +135,14 @@ def test_bad_outputs_are_refused(run_dir, exported, tmp_path, capsys):
     assert capsys.readouterr().err == f"error: --out {tmp_path / 'p.txt'}: unknown file type '.txt' (use .csv, " \
                                       ".parquet, .pq, .geojson)\n"
     assert main(["export-reports", "--dataset", "datasets/etoile", "--out", str(tmp_path / "x.json")]) == 2
+
+
+def test_the_page_launches_the_same_command():
+    from core.cli import build_parser
+    from core.jobs.manager import KINDS, localize_spec
+
+    spec = localize_spec("assets/default_run", "reports/big.parquet", "reports/localized/big.csv", "exhaustive")
+    assert spec.kind == "localize" in KINDS and spec.output == "reports/localized/big.csv"
+    args = build_parser("localize").parse_args(list(spec.args))
+    assert (args.run, args.reports, args.method, args.out) == ("assets/default_run", "reports/big.parquet",
+                                                               "exhaustive", "reports/localized/big.csv")
