@@ -146,3 +146,44 @@ def test_the_page_launches_the_same_command():
     args = build_parser("localize").parse_args(list(spec.args))
     assert (args.run, args.reports, args.method, args.out) == ("assets/default_run", "reports/big.parquet",
                                                                "exhaustive", "reports/localized/big.csv")
+
+
+def test_windows_are_dataset_samples():
+    """One sample per walk and report time: the walk's reports up to it (at most T), slots in row order (at most
+    K), the serving cell and truth from the report's first row, an empty site a missing report."""
+    from core.reports.windows import report_windows
+
+    df = pd.DataFrame({
+        "walk_id": ["a"] * 6 + ["b"],
+        "time_s": [100.0, 100.5, 100.5, 100.5, 101.0, 101.5, 7.0],
+        "site": [None, "s1", "s0", "s2", "s0", "s1", "s2"],
+        "path_gain_db": [np.nan, -80, -90, -95, -85, np.nan, -70],
+        "toa_ns": [np.nan, 300, 400, 500, 410, 320, 100],
+        "snr_db": [np.nan, 20, 99, 99, 18, 17, 30],
+        "x_m": [1.0, 2, 2, 2, 3, 4, 5], "y_m": [0.0, 0, 0, 0, 0, 0, np.nan]})
+    w = report_windows(df, {"s0": 0, "s1": 1, "s2": 2}, num_reports=3, num_slots=2, attrs={"sites": []})
+    ds = w.dataset
+    # walk a's first report heard nothing: no sample there; then 100.5, 101, 101.5; walk b: 7
+    assert list(w.walk_id) == ["a", "a", "a", "b"] and list(w.time_s) == [100.5, 101.0, 101.5, 7.0]
+    assert list(w.walk_end) == [False, False, True, True] and list(w.truth) == [True, True, True, False]
+    assert ds.report_mask.tolist() == [[False, False, True], [False, True, True], [True, True, True],
+                                       [False, False, True]]
+    assert np.allclose(ds.t[2], [0.0, 0.5, 1.0]) and np.allclose(ds.t[1, 1:], [0.5, 1.0])  # from the walk's start
+    assert ds.site_ids[2].tolist() == [[1, 0], [0, -1], [1, -1]]  # the third site of 100.5 is past K = 2
+    assert ds.site_features[2, 0, 0, 0] == -80 and np.isnan(ds.site_features[2, 0, 0, 2])  # no aoa column
+    assert np.isnan(ds.site_features[2, 2, 0, 0]) and ds.site_features[2, 2, 0, 1] == 320  # a missing value
+    assert ds.cell_features[2, 0, 0] == 20 and ds.cell_features[2, 1, 0] == 18  # the report's first row
+    assert np.allclose(ds.labels[:3], [[2, 0], [3, 0], [4, 0]])
+
+
+def test_ellipse_axes_and_the_drawn_covariance_agree():
+    from core.reports.ellipse import diagonal_covariance, ellipse_axes
+    from core.viz.plots import ellipse_covariance
+
+    cov = np.stack([ellipse_covariance(3.0, 1.0, 30.0), ellipse_covariance(2.0, 2.0, 0.0),
+                    ellipse_covariance(5.0, 0.5, -60.0)])
+    major, minor, angle = ellipse_axes(cov)
+    assert np.allclose(major, [3, 2, 5]) and np.allclose(minor, [1, 2, 0.5]) and np.allclose(angle[[0, 2]], [30, -60])
+    major, minor, angle = ellipse_axes(diagonal_covariance(np.array([[1.0, 4.0]])))
+    assert (major[0], minor[0], angle[0]) == (4.0, 1.0, 90.0)
+    assert np.isinf(ellipse_axes(np.full((1, 2, 2), np.inf))[0]).all()
