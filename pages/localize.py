@@ -1,5 +1,6 @@
 """Localize: bring your own measurement reports, see the tracks over the scene, download the positions."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,8 @@ st.caption("A measurement-report file (CSV or Parquet, one row per walk, report 
            "ellipse. With ground truth columns (x_m, y_m) the positions are coloured by their error. The same as "
            "`python -m core localize`.")
 REPORTS = ws.root / "reports"
-#: files up to this size are localized on the page; larger ones run as a background job
-PAGE_LIMIT_BYTES = 3_000_000
+#: files up to this size [bytes] are localized on the page; larger ones run as a background job
+PAGE_LIMIT_BYTES = int(os.environ.get("CORE_LOCALIZE_PAGE_BYTES", 3_000_000))
 METHODS = {"network + MAP": "map", "network": "network", "map matching, exhaustive (no network)": "exhaustive"}
 
 

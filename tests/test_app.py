@@ -790,3 +790,34 @@ def test_localize_page_tracks_download_and_inspector(workspace):
     assert at.session_state["ref_report_point"]["reports"].endswith("test.csv")
     assert any("posterior" in f["layout"]["title"]["text"] and "Walk" in f["layout"]["title"]["text"]
                for f in _plotly(at))
+
+
+def test_localize_page_runs_a_large_file_as_a_job(workspace, monkeypatch):
+    """Above the page's size limit the file is localized by a `python -m core localize` job (progress, cancel)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from waiting import wait_for
+
+    from core.reports.export import export_reports
+
+    export_reports(workspace / "datasets" / "etoile", "test", workspace / "reports" / "big.parquet",
+                   show_progress=False)
+    monkeypatch.setenv("CORE_LOCALIZE_PAGE_BYTES", "0")
+    at = _app("pages/localize.py")
+    at.selectbox(key="loc_file").select("reports/big.parquet").run()
+    at.selectbox(key="loc_method").select("network").run()
+    assert "runs as a background job" in _texts(at.caption)
+    at.button(key="loc_go").click().run()
+    _no_exception(at)
+    manager = _manager(workspace)
+    job = next(j for j in manager.list() if j.kind == "localize")
+    out = workspace / "reports" / "localized" / "big.tiny.network.csv"
+    assert job.command == (f"python -m core localize --run runs/tiny --reports {workspace / 'reports' / 'big.parquet'} "
+                           f"--method network --out {out}")
+    job = wait_for(lambda: (j := manager.get(job.id)).status in ("succeeded", "failed", "cancelled") and j,
+                   timeout=120, what="the localize job")
+    assert job.status == "succeeded", manager.log(job.id)
+    at.run()
+    _no_exception(at)
+    assert out.is_file() and any("positions of" in f["layout"]["title"]["text"] for f in _plotly(at))
