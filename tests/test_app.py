@@ -772,6 +772,7 @@ def test_localize_page_tracks_download_and_inspector(workspace):
     export_reports(workspace / "datasets" / "etoile", "test", workspace / "reports" / "test.csv",
                    show_progress=False, limit=12)
     at = _app("pages/localize.py")
+    at.selectbox(key="loc_run").select("runs/tiny").run()  # other tests of this module add runs
     at.selectbox(key="loc_file").select("reports/test.csv").run()
     at.button(key="loc_go").click().run()
     _no_exception(at)
@@ -805,6 +806,7 @@ def test_localize_page_runs_a_large_file_as_a_job(workspace, monkeypatch):
                    show_progress=False)
     monkeypatch.setenv("CORE_LOCALIZE_PAGE_BYTES", "0")
     at = _app("pages/localize.py")
+    at.selectbox(key="loc_run").select("runs/tiny").run()
     at.selectbox(key="loc_file").select("reports/big.parquet").run()
     at.selectbox(key="loc_method").select("network").run()
     assert "runs as a background job" in _texts(at.caption)
