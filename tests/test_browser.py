@@ -280,6 +280,8 @@ def test_localize_an_uploaded_file_see_the_tracks_and_download(browser_page, ser
     _settle(page, runs)
     page.get_by_text("positions of 8 walks").first.wait_for(timeout=120_000)  # the tracks' title, drawn by plotly
     assert page.locator(".js-plotly-plot .scatterlayer .trace").count() >= 2
+    if os.environ.get("BROWSER_SCREENSHOTS"):
+        page.screenshot(path=str(Path(os.environ["BROWSER_SCREENSHOTS"]) / "localize_result.png"), full_page=True)
     with page.expect_download() as dl:
         page.get_by_role("button", name="Download the positions").click()
     text = Path(dl.value.path()).read_text()
