@@ -61,7 +61,7 @@ def _open(path: Path, kind: str, chunk_rows: int):
 
     import pyarrow.csv as pacsv
 
-    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:  # a BOM is not a name
         first = next(csv.reader(fh), [])
     names = [n.strip() for n in first]
 
