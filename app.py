@@ -17,6 +17,7 @@ PAGES = [
     st.Page("pages/training.py", title="Training"),
     st.Page("pages/attention.py", title="Attention"),
     st.Page("pages/refinement.py", title="Refinement inspector"),
+    st.Page("pages/localize.py", title="Localize"),
 ]
 
 page = st.navigation(PAGES)

@@ -1,5 +1,7 @@
 """Refinement inspector: why a prediction is wrong, and what MAP refinement does to it."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import streamlit as st
@@ -30,6 +32,43 @@ with wb.guard(f"run {name}"):
     run = loaded
 if run is None:
     st.stop()
+
+
+
+def report_point(run, point: dict) -> None:
+    """One point of a localized report file (set by the Localize page): network + MAP on its window of reports,
+    the posterior around it and the residuals per site, as below for a dataset sample."""
+    import dataclasses
+
+    from core.learning.inference import predict, refine_prediction, refinement_surface, residual_table
+    from core.reports.localize import report_window
+
+    win = report_window(run, point["reports"], point["walk_id"], point["time_s"])
+    r = dataclasses.replace(run, dataset=win.dataset)
+    pred = predict(r, [0])
+    ref = refine_prediction(r, pred)
+    truth = pred.true_xy[0] if win.truth[0] else None
+    err = f"; error network {ref.error_before_m[0]:.2f} m → MAP {ref.error_after_m[0]:.2f} m" if truth is not None else ""
+    st.markdown(f"Walk **{point['walk_id']}** at **{point['time_s']:g} s**: {int(pred.num_reports[0])} reports in its "
+                f"window; σ = ({pred.sigma[0, 0]:.1f}, {pred.sigma[0, 1]:.1f}) m{err}.")
+    surf = refinement_surface(r, ref, 0)
+    names = [str(site.get("name", k)) for k, site in enumerate(run.radio_map.attrs.get("sites") or [])]
+    st.plotly_chart(figures.likelihood_surface(
+        surf, next(iter(figures.surface_layers(surf, names))), true_xy=truth, network_xy=pred.xy[0], sigma=pred.sigma[0], map_xy=ref.xy[0],
+        path=ref.path[:, 0], path_labels=ref.path_labels, starts=ref.starts[0], start_labels=ref.start_labels,
+        site_names=names, title=f"Walk {point['walk_id']} at {point['time_s']:g} s: posterior"), key="ref_point_surface")
+    st.dataframe(residual_table(r, ref, 0).round(2), hide_index=True, width="stretch", key="ref_point_residuals")
+
+
+point = st.session_state.get("ref_report_point")
+if point and point.get("run") == name:
+    with st.expander(f"A point of the report file {Path(point['reports']).name} (from the Localize page)",
+                     expanded=True):
+        with wb.guard("report point"):
+            report_point(run, point)
+        if st.button("Close this point", key="ref_point_close"):
+            st.session_state.pop("ref_report_point", None)
+            st.rerun()
 
 o = st.columns([1, 1, 1, 1])
 gate = o[0].checkbox("Refine only unconfident samples", value=False, key="ref_gate",

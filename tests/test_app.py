@@ -793,3 +793,65 @@ def test_evaluating_the_shipped_run_in_the_app_leaves_it_untouched(tmp_path, mon
 
 def ws_rel(root: Path, path: Path) -> str:
     return str(path.resolve().relative_to(root.resolve()))
+
+
+# -- Localize -----------------------------------------------------------------------------
+def test_localize_page_tracks_download_and_inspector(workspace):
+    """A report file of the workspace localized on the page: tracks coloured by error, the error table, the
+    download, and one point opened in the Refinement inspector."""
+    from core.reports.export import export_reports
+
+    export_reports(workspace / "datasets" / "etoile", "test", workspace / "reports" / "test.csv",
+                   show_progress=False, limit=12)
+    at = _app("pages/localize.py")
+    at.selectbox(key="loc_run").select("runs/tiny").run()  # other tests of this module add runs
+    at.selectbox(key="loc_file").select("reports/test.csv").run()
+    at.button(key="loc_go").click().run()
+    _no_exception(at)
+    out = workspace / "reports" / "localized" / "test.tiny.map.csv"
+    assert out.is_file()
+    (fig,) = [f for f in _plotly(at) if "positions of 12 walks" in f["layout"]["title"]["text"]]
+    names = [t.get("name") for t in fig["data"]]
+    assert {"tracks", "positions"} <= set(names) and any(str(n).startswith("1σ ellipses") for n in names)
+    positions = next(t for t in fig["data"] if t.get("name") == "positions")
+    assert positions["marker"]["colorbar"]["title"]["text"] == "error m"  # coloured by error: truth given
+    assert "Median error (walk ends)" in {m.label for m in at.metric}
+    assert "network + MAP" in _texts(at.code)  # the error table, as evaluate prints it
+    assert at.get("download_button")
+    at.button(key="loc_inspect").click().run()
+    _no_exception(at)
+    assert at.session_state["ref_report_point"]["reports"].endswith("test.csv")
+    assert any("posterior" in f["layout"]["title"]["text"] and "Walk" in f["layout"]["title"]["text"]
+               for f in _plotly(at))
+
+
+def test_localize_page_runs_a_large_file_as_a_job(workspace, monkeypatch):
+    """Above the page's size limit the file is localized by a `python -m core localize` job (progress, cancel)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from waiting import wait_for
+
+    from core.reports.export import export_reports
+
+    export_reports(workspace / "datasets" / "etoile", "test", workspace / "reports" / "big.parquet",
+                   show_progress=False)
+    monkeypatch.setenv("CORE_LOCALIZE_PAGE_BYTES", "0")
+    at = _app("pages/localize.py")
+    at.selectbox(key="loc_run").select("runs/tiny").run()
+    at.selectbox(key="loc_file").select("reports/big.parquet").run()
+    at.selectbox(key="loc_method").select("network").run()
+    assert "runs as a background job" in _texts(at.caption)
+    at.button(key="loc_go").click().run()
+    _no_exception(at)
+    manager = _manager(workspace)
+    job = next(j for j in manager.list() if j.kind == "localize")
+    out = workspace / "reports" / "localized" / "big.tiny.network.csv"
+    assert job.command == (f"python -m core localize --run runs/tiny --reports {workspace / 'reports' / 'big.parquet'} "
+                           f"--method network --out {out}")
+    job = wait_for(lambda: (j := manager.get(job.id)).status in ("succeeded", "failed", "cancelled") and j,
+                   timeout=120, what="the localize job")
+    assert job.status == "succeeded", manager.log(job.id)
+    at.run()
+    _no_exception(at)
+    assert out.is_file() and any("positions of" in f["layout"]["title"]["text"] for f in _plotly(at))

@@ -35,6 +35,7 @@ LAYERS: tuple[tuple[tuple[str, ...], ...], ...] = (
     (("core.stores", "core.progress"),),  # files on disk: the stores, run directories, a job's progress record
     (("core.physics",),),  # torch on the maps, no Sionna
     (("core.raytracing",), ("core.learning",)),  # Sionna's side and the network's side
+    (("core.reports",),),  # bring your own measurements: the report format, its checks, localizing a file
     (("core.jobs",),),  # launches the commands as processes
     (("core.benchmarks",), ("core.viz",)),
     (("core.cli", "core.__main__", "app", "app_widgets", "pages"),),  # the entry points: the CLI and the app

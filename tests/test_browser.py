@@ -38,6 +38,7 @@ PAGES = [  # sidebar label, title, plotly charts at least, deck.gl canvas
     ("Training", "Training", 2, False),
     ("Attention", "Attention", 3, False),
     ("Refinement inspector", "Refinement inspector", 4, False),
+    ("Localize", "Localize", 0, False),
 ]
 
 
@@ -254,4 +255,37 @@ def test_launch_a_tiny_training_job_and_see_it_finish(browser_page, server):
     assert page.get_by_text("succeeded").count() >= 1
     assert (root / "runs" / "browser-run" / "best.pt").exists()
     _no_exception_box(page, "Training after the job")
+    assert not problems, problems
+
+
+def test_localize_an_uploaded_file_see_the_tracks_and_download(browser_page, server, tmp_path):
+    """Upload a report file (the workspace's analytic 'etoile' test split, written by export-reports: the shipped
+    docs/examples file is of the real etoile, whose sites and frame this tmp workspace lacks), localize it, see
+    the tracks, download the positions."""
+    from core.reports.export import export_reports
+
+    page, problems = browser_page
+    _, root = server
+    upload = tmp_path / "upload.csv"
+    export_reports(root / "datasets" / "etoile", "test", upload, show_progress=False, limit=8)
+    _goto(page, "Localize", "Localize")
+    runs = _runs(page)
+    page.get_by_test_id("stRadio").get_by_text("Upload", exact=True).click()
+    _settle(page, runs)
+    runs = _runs(page)
+    page.locator('[data-testid="stFileUploader"] input[type=file]').set_input_files(str(upload))
+    _settle(page, runs)
+    runs = _runs(page)
+    page.get_by_role("button", name="Localize", exact=True).click()
+    _settle(page, runs)
+    page.get_by_text("positions of 8 walks").first.wait_for(timeout=120_000)  # the tracks' title, drawn by plotly
+    assert page.locator(".js-plotly-plot .scatterlayer .trace").count() >= 2
+    if os.environ.get("BROWSER_SCREENSHOTS"):
+        page.screenshot(path=str(Path(os.environ["BROWSER_SCREENSHOTS"]) / "localize_result.png"), full_page=True)
+    with page.expect_download() as dl:
+        page.get_by_role("button", name="Download the positions").click()
+    text = Path(dl.value.path()).read_text()
+    assert text.splitlines()[0].startswith("walk_id,time_s,method,x_m,y_m,sigma_major_m")
+    assert len(text.splitlines()) > 8
+    _no_exception_box(page, "Localize")
     assert not problems, problems

@@ -86,6 +86,7 @@ KINDS = {
     "train": "training",
     "ablate": "ablation",
     "evaluate": "evaluation",
+    "localize": "localizing a report file",
     "selftest": "job-system self test",
 }
 
@@ -304,6 +305,14 @@ def evaluate_spec(run: str, scene: str | None = None, split: str = "test", refin
     if baselines:
         args.append("--baselines")
     return JobSpec("evaluate", tuple(args), str(evaluation_path(run, split, scene, refine)))
+
+
+def localize_spec(run: str, reports: str, out: str, method: str = "map") -> JobSpec:
+    """Localize the report file ``reports`` with run ``run`` by ``method`` (network | map | exhaustive) into
+    ``out`` (csv | parquet | geojson): ``python -m core localize`` (:mod:`core.reports.localize`)."""
+    if method not in ("network", "map", "exhaustive"):
+        raise CoreError(f"--method must be network, map or exhaustive, got {method!r}")
+    return JobSpec("localize", ("localize", "--run", run, "--reports", reports, "--method", method, "--out", out), out)
 
 
 def ablate_spec(scene: str, out: str, extra: Sequence[str] = ()) -> JobSpec:

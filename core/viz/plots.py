@@ -597,3 +597,68 @@ def refinement_summary(err_before: np.ndarray, err_after: np.ndarray, refined: n
     fig.update_yaxes(title_text="fraction of samples ≤ error", range=[0, 1.01], row=1, col=2)
     fig.update_layout(title=f"Batch summary: {before} vs {after}", height=430, margin=dict(l=60, r=20, t=80, b=50))
     return fig
+
+
+# -- localized report files --------------------------------------------------------------
+def ellipse_covariance(major: float, minor: float, angle_deg: float) -> np.ndarray:
+    """The 2×2 covariance [m²] of a 1σ ellipse: semi-axes ``major``, ``minor`` [m], major axis at ``angle_deg``
+    counter-clockwise from +x (:mod:`core.reports.ellipse`)."""
+    a = math.radians(angle_deg)
+    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    return rot @ np.diag([major**2, minor**2]) @ rot.T
+
+
+def report_tracks(rm: RadioMap, positions: Mapping[str, Any], geometry: Any = None, highlight: str | None = None,
+                  max_points: int = 20_000, title: str | None = None) -> go.Figure:
+    """Localized tracks over the scene: the path-gain map (grey) with buildings and sites, one line per walk,
+    the positions coloured by their error [m] when ``positions`` has ``error_m`` (else by walk), and for the
+    ``highlight`` walk its 1σ ellipses and its true track.
+
+    ``positions``: columns of the localize result (:mod:`core.reports.positions`: ``walk_id``, ``time_s``,
+    ``x_m``, ``y_m``, ``sigma_major_m``, ``sigma_minor_m``, ``sigma_angle_deg``, optionally ``true_x_m``,
+    ``true_y_m``, ``error_m``); at most ``max_points`` are drawn (whole walks, in file order)."""
+    fig = feature_heatmap(rm, "path_gain", geometry=geometry, title=title or "Localized tracks")
+    fig.data[0].update(colorscale="Greys", showscale=False, opacity=0.45)
+    walk = np.asarray(positions["walk_id"]).astype(str)
+    x, y = np.asarray(positions["x_m"], float), np.asarray(positions["y_m"], float)
+    t = np.asarray(positions["time_s"], float)
+    keep = np.arange(len(walk)) < max_points
+    if highlight is not None:
+        keep |= walk == highlight
+    walk, x, y, t = walk[keep], x[keep], y[keep], t[keep]
+    brk = np.flatnonzero(walk[1:] != walk[:-1]) + 1
+    lx, ly = np.insert(x, brk, np.nan), np.insert(y, brk, np.nan)
+    fig.add_trace(go.Scattergl(x=lx, y=ly, mode="lines", name="tracks", line=dict(color="#555", width=1),
+                               hoverinfo="skip"))
+    err = np.asarray(positions["error_m"], float)[keep] if "error_m" in positions else None
+    if err is not None and np.isfinite(err).any():
+        top = float(np.nanpercentile(err, 95)) or 1.0
+        marker = dict(size=5, color=err, colorscale="Turbo", cmin=0.0, cmax=top,
+                      colorbar=dict(title="error m", x=1.02))
+        hover = "walk %{customdata[0]} t=%{customdata[1]:.2f} s<br>x=%{x:.1f} y=%{y:.1f} m, error %{marker.color:.1f} m"
+    else:
+        _, codes = np.unique(walk, return_inverse=True)
+        marker = dict(size=5, color=codes % 10, colorscale="Plotly3", showscale=False)
+        hover = "walk %{customdata[0]} t=%{customdata[1]:.2f} s<br>x=%{x:.1f} y=%{y:.1f} m"
+    fig.add_trace(go.Scattergl(x=x, y=y, mode="markers", name="positions", marker=marker,
+                               customdata=np.stack([walk, t], 1), hovertemplate=hover + "<extra></extra>"))
+    if highlight is not None and (walk == highlight).any():
+        sel = np.flatnonzero(np.asarray(positions["walk_id"]).astype(str) == highlight)
+        cols = {k: np.asarray(positions[k], float)[sel] for k in ("x_m", "y_m", "sigma_major_m", "sigma_minor_m",
+                                                                   "sigma_angle_deg")}
+        ex, ey = [], []
+        for i in range(len(sel)):
+            if not (np.isfinite(cols["sigma_major_m"][i]) and np.isfinite(cols["sigma_minor_m"][i])):
+                continue
+            cov = ellipse_covariance(cols["sigma_major_m"][i], cols["sigma_minor_m"][i], cols["sigma_angle_deg"][i])
+            pts = ellipse_points((cols["x_m"][i], cols["y_m"][i]), cov, 1.0, 32)
+            ex += [*pts[:, 0], None]
+            ey += [*pts[:, 1], None]
+        fig.add_trace(go.Scatter(x=ex, y=ey, mode="lines", name=f"1σ ellipses (walk {highlight})",
+                                 line=dict(color="#1f77b4", width=1.5), hoverinfo="skip"))
+        if "true_x_m" in positions:
+            fig.add_trace(go.Scatter(x=np.asarray(positions["true_x_m"], float)[sel],
+                                     y=np.asarray(positions["true_y_m"], float)[sel], mode="lines+markers",
+                                     name=f"truth (walk {highlight})", line=dict(color="#2ca02c", width=2),
+                                     marker=dict(size=5, symbol="star")))
+    return fig

@@ -1,0 +1,1 @@
+"""Bring your own measurements: the report file format, reading and checking it, localizing it."""
