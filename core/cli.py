@@ -38,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate-maps": ("core.raytracing.generation", "ray-trace radio maps of scenes with Sionna RT into Zarr stores"),
     "place-sites": ("core.raytracing.site_placement",
                     "place rooftop sites for line-of-sight coverage; writes configs/sites/<scene>.yaml"),
+    "make-city": ("core.raytracing.city",
+                  "generate a seeded procedural city as a Sionna RT scene (+ rooftop sites) in a scenes folder"),
     "make-dataset": ("core.raytracing.measurements", "ray-trace a UE measurement dataset along random walks"),
     "consistency": ("core.raytracing.consistency",
                     "measured features minus the radio map at the true positions (residual statistics)"),
