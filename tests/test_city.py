@@ -45,7 +45,7 @@ def test_parameters_change_the_city_as_they_say(layout):
     low, high = city(height_mean_m=10.0).statistics(), city(height_mean_m=40.0).statistics()
     assert abs(low["height_m"]["mean"] - 10.0) < 2.0 and abs(high["height_m"]["mean"] - 40.0) < 6.0
     flat = city(height_sd_m=0.0).statistics()["height_m"]
-    assert flat["sd"] == 0.0 and flat["mean"] == 20.0
+    assert flat["sd"] == 0.0 and flat["mean"] == 15.0
     wide, narrow = city(street_width_m=30.0).statistics(), city(street_width_m=6.0).statistics()
     assert wide["footprint_share"] < narrow["footprint_share"]
     c = city(vehicles=6)
@@ -88,6 +88,7 @@ def test_an_existing_city_is_kept_without_force_and_replaced_with_it(tmp_path, c
 
 @pytest.mark.sionna
 def test_a_city_loads_in_sionna_gets_its_sites_and_a_map_that_covers_it(tmp_path, capsys):
+    from core.raytracing.city_stats import scene_statistics
     from core.raytracing.generation import MapSettings, generate_map
     from core.raytracing.scenes import buildings_of, load_scene, resolve_scene, site_layout
     from core.raytracing.tracing import PropagationSettings
@@ -105,10 +106,25 @@ def test_a_city_loads_in_sionna_gets_its_sites_and_a_map_that_covers_it(tmp_path
     assert len(sites) == 5 and sites == record_sites(tmp_path / "city_2" / "city_2.sites.yaml")
     settings = MapSettings(resolution=4.0, map_size=(32, 32), toa_decimation=4,
                            propagation=PropagationSettings(max_depth=2, samples_per_src=3_000, seed=7))
+    stats = scene_statistics("city_2", str(tmp_path), resolution=2.0)  # the raster agrees with the polygons
+    assert abs(stats["footprint_share"] - record["footprint_share"]) < 0.03
+    assert abs(stats["height_mean_m"] - record["height_m"]["mean"]) < 0.05 and stats["buildings"] == record["buildings"]
+    assert stats["los_share"] > 0.6 and stats["street_width_median_m"] > 5
     radio_map = generate_map(info, settings)
     assert radio_map.attrs["sites"] == sites
     assert radio_map.outdoor_coverage > 0.9
     assert 0.4 < float(radio_map.outdoor.mean()) < 0.9  # streets and buildings both there
+
+
+def test_street_width_is_the_width_of_the_open_space():
+    from core.raytracing.city_stats import street_widths
+
+    outdoor = np.zeros((60, 60), bool)
+    outdoor[20:31] = True  # an 11-cell street across the area
+    outdoor[40:45, 10:50] = True  # a 5-cell lane
+    widths = street_widths(outdoor, resolution=2.0)
+    assert np.median(widths) == pytest.approx(22.0) and widths.min() == pytest.approx(10.0)
+    assert len(street_widths(np.ones((8, 8), bool), 1.0)) == 0
 
 
 def record_sites(path: Path):

@@ -81,7 +81,7 @@ class CityParams(BaseModel):
     street_width_m: float = Field(16.0, ge=2.0, le=60.0)
     lot_m: float = Field(24.0, ge=5.0, le=200.0)
     density: float = Field(0.85, ge=0.0, le=1.0)
-    height_mean_m: float = Field(20.0, ge=MIN_HEIGHT_M, le=100.0)
+    height_mean_m: float = Field(15.0, ge=MIN_HEIGHT_M, le=100.0)
     height_sd_m: float = Field(6.0, ge=0.0, le=60.0)
     setback_m: float = Field(1.0, ge=0.25, le=20.0)
     plazas: float = Field(0.08, ge=0.0, le=0.9)
