@@ -117,3 +117,28 @@ def test_a_dataset_made_on_ray_records_the_map_path_as_given(ray_cluster, tmp_pa
     ds = MeasurementDataset.load(tmp_path / "ds")
     assert ds.attrs["radio_map"] == "maps/simple_street_canyon.zarr"
     assert ds.radio_map_ref.path == "maps/simple_street_canyon.zarr"
+
+
+def test_a_city_corpus_on_ray_isolates_a_failing_city_and_resumes(ray_cluster, tmp_path, capsys):
+    """make-corpus: one Ray task per city; a city that cannot be written fails with its cause, the
+    other completes, the manifest names both, and a rerun skips the finished one. Cities only (their
+    maps: tests/test_city.py), so the Ray workers need not compile Dr.Jit's kernels."""
+    import json
+
+    out = tmp_path / "corpus"
+    (out / "scenes" / "city_1").mkdir(parents=True)
+    (out / "scenes" / "city_1" / "notes.txt").write_text("not a city's file")  # city_1 must not replace it
+    args = ["make-corpus", "--count", "2", "--out", str(out), "--size-m", "64", "--sites", "0", "--no-map",
+            "--no-progress"]
+    assert main(args + ["--ray", ray_cluster]) == 2
+    text = capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [c["name"] for c in manifest["cities"]] == ["city_0"] and manifest["complete"] == 1
+    assert manifest["failed"][0]["name"] == "city_1" and "notes.txt" in manifest["failed"][0]["cause"]
+    assert "city_1: failed" in text and (out / "scenes" / "city_0" / "city_0.xml").is_file()
+    (out / "scenes" / "city_1" / "notes.txt").unlink()
+    (out / "scenes" / "city_1").rmdir()
+    assert main(args) == 0  # in turn this time
+    text = capsys.readouterr().out
+    assert "city_0: skipped" in text and "city_1: ok" in text
+    assert json.loads((out / "manifest.json").read_text())["complete"] == 2

@@ -43,7 +43,8 @@ DEFAULT_CORPUS_RESOLUTION_M = 2.0
 
 def corpus_params(seed: int, base: dict[str, Any], vary: bool) -> dict[str, Any]:
     """City ``seed``'s generator parameters: ``base`` with, when ``vary``, the :data:`VARY_RANGES`
-    and the layout drawn from a generator of its own (``PCG64([seed, 1])``, apart from the city's)."""
+    and the layout drawn from a generator of its own (``PCG64([seed, 1])``, apart from the city's); blocks at
+    most half the square, streets at most half a block."""
     values = {**base, "seed": int(seed)}
     if vary:
         rng = np.random.Generator(np.random.PCG64([int(seed), 1]))
@@ -51,6 +52,7 @@ def corpus_params(seed: int, base: dict[str, Any], vary: bool) -> dict[str, Any]
             values[key] = round(float(rng.uniform(low, high)), 2)
         values["height_sd_m"] = round(0.4 * values["height_mean_m"], 2)
         values["layout"] = LAYOUTS[int(rng.integers(len(LAYOUTS)))]
+        values["block_m"] = min(values["block_m"], round(0.5 * float(values.get("size_m", 256.0)), 2))
         values["street_width_m"] = min(values["street_width_m"], round(0.5 * values["block_m"], 2))
     return values
 
