@@ -7,6 +7,8 @@ sizes); ``--fixed`` gives every city the command's own generator flags. Layout::
 
     <out>/scenes/city_<seed>/       the city (make-city's files, its sites beside it)
     <out>/radio_maps/city_<seed>.zarr  its radio map (generate-maps' store)
+    <out>/datasets/city_<seed>      its dataset (make-dataset's store: --walks x --reports, the default
+                                    measurement model, seed = the city's), unless --walks 0 or --no-map
     <out>/records/city_<seed>.json  what the task measured: parameters, statistics, coverage, digests,
                                     time per stage [s]
     <out>/manifest.json             every record, the failures with their cause, the settings
@@ -16,7 +18,8 @@ as one Ray task (``--ray [ADDRESS]``, :func:`~core.raytracing.distributed.run_on
 that fails is reported with its cause and the others go on (exit 2 at the end). A task holds one
 city in memory. **Resuming**: a city whose folder is valid (every digest of its manifest matches)
 with the same parameters, whose map loads and whose record names that city's digest, is skipped;
-anything else is rebuilt (its own files only). Every file is written atomically.
+anything else is rebuilt (its own files only), and so is whatever depends on it (a new city: its map
+and dataset; a dataset whose recorded map digest is not the map's). Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ from core.errors import CoreError
 
 #: ranges of the varied parameters (uniform), chosen so the corpus spans etoile, munich, florence and
 #: san_francisco (docs/cities.md)
-VARY_RANGES = {"block_m": (40.0, 100.0), "street_width_m": (8.0, 26.0), "lot_m": (14.0, 32.0),
+VARY_RANGES = {"block_m": (40.0, 100.0), "street_width_m": (5.0, 28.0), "lot_m": (14.0, 32.0),
                "density": (0.6, 1.0), "height_mean_m": (10.0, 20.0), "plazas": (0.0, 0.15)}
 LAYOUTS = ("grid", "perturbed", "irregular")
 DEFAULT_CORPUS_RESOLUTION_M = 2.0
+DEFAULT_WALKS = 1000
 
 
 def corpus_params(seed: int, base: dict[str, Any], vary: bool) -> dict[str, Any]:
@@ -70,8 +74,35 @@ def _map_ok(path: Path) -> tuple[bool, dict[str, Any]]:
                   "map_digest": radio_map.lineage.digest if radio_map.lineage else None}
 
 
-def corpus_city(name: str, values: dict[str, Any], out: str, settings, num_sites: int) -> tuple[str, str]:
-    """Build city ``name`` (parameters ``values``) and its map (``settings``; None: no map) under ``out``.
+def _dataset_ok(path: Path, map_digest: str | None) -> bool:
+    from core.stores.dataset import MeasurementDataset
+
+    if not path.exists():
+        return False
+    try:
+        ref = MeasurementDataset.load(path).radio_map_ref
+    except Exception:
+        return False
+    return ref is not None and ref.digest == map_digest
+
+
+def corpus_dataset(name: str, root: Path, num_ues: int, reports: int, seed: int, force: bool) -> str:
+    """Make city ``name``'s dataset (``num_ues`` walks x ``reports``, the default measurement model) with
+    make-dataset's own per-scene function, at ``<root>/datasets/<name>``; returns its path."""
+    from core.raytracing.measurements import DatasetOptions, dataset_of_scene
+    from core.stores.measurement_model import MeasurementModel
+
+    options = DatasetOptions(num_ues, reports, str(root / "radio_maps"), seed, "random", str(root / "scenes"),
+                             MeasurementModel())
+    path = root / "datasets" / name
+    dataset_of_scene(name, str(path), options, force)
+    return str(path)
+
+
+def corpus_city(name: str, values: dict[str, Any], out: str, settings, num_sites: int,
+                dataset: tuple[int, int] | None = None) -> tuple[str, str]:
+    """Build city ``name`` (parameters ``values``), its map (``settings``; None: no map) and, with a map
+    and ``dataset = (walks, reports)``, its dataset, under ``out``.
 
     Returns ``(status, detail)``: ``ok`` (something was built) or ``skipped`` (module docstring).
     Raises on a bad parameter or a failed trace; the batch runner reports that as the city's failure.
@@ -106,8 +137,16 @@ def corpus_city(name: str, values: dict[str, Any], out: str, settings, num_sites
             ok, map_info = _map_ok(map_file)
             built = True
         times["map_s"] = round(time.perf_counter() - t, 2)
+    if dataset is not None and settings is not None:
+        t = time.perf_counter()
+        ds_path = root / "datasets" / name
+        if built or not _dataset_ok(ds_path, map_info.get("map_digest")):
+            corpus_dataset(name, root, dataset[0], dataset[1], params.seed, force=ds_path.exists())
+            built = True
+        map_info["dataset"] = {"path": f"datasets/{name}", "walks": dataset[0], "reports": dataset[1]}
+        times["dataset_s"] = round(time.perf_counter() - t, 2)
     if not built and old.get("city_digest") == manifest["digest"]:
-        return "skipped", f"{folder} and its map exist and are valid"
+        return "skipped", f"{folder} and what was made from it exist and are valid"
     record = {"name": name, "seed": params.seed, "params": params.model_dump(),
               **{k: manifest[k] for k in ("buildings", "vehicles", "footprint_share", "height_m", "sites")},
               "city_digest": manifest["digest"], **map_info,
@@ -150,6 +189,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="draw each city's parameters from its seed over ranges spanning the real scenes (default)")
     group.add_argument("--fixed", dest="vary", action="store_false", help="every city with the generator flags below")
     parser.add_argument("--no-map", action="store_true", help="cities only, no radio maps")
+    parser.add_argument("--walks", type=cli_types.non_negative_int, default=DEFAULT_WALKS,
+                        help=f"UE walks of each city's dataset (0: no dataset; default {DEFAULT_WALKS})")
+    parser.add_argument("--reports", type=cli_types.count, default=8, help="reports per walk (default 8)")
     parser.add_argument("--resolution", type=cli_types.positive, default=DEFAULT_CORPUS_RESOLUTION_M,
                         help="map cell edge [m] (default 2)")
     parser.add_argument("--map-size", type=cli_types.count, nargs=2, default=None, metavar=("H", "W"),
@@ -201,7 +243,9 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise CoreError(f"--out {out}: not a folder")
     with output_lock(out, "--out"):
-        calls = [SceneCall(name, corpus_city, (v, str(out), settings, int(args.sites))) for name, v in values.items()]
+        dataset = (int(args.walks), int(args.reports)) if args.walks > 0 and settings is not None else None
+        calls = [SceneCall(name, corpus_city, (v, str(out), settings, int(args.sites), dataset))
+                 for name, v in values.items()]
         t0 = time.perf_counter()
         if args.ray is not None:
             from core.raytracing.distributed import run_on_ray
@@ -212,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
         wall = time.perf_counter() - t0
         settings_record = {"first_seed": int(args.first_seed), "vary": bool(args.vary), "base": base,
                            "vary_ranges": VARY_RANGES if args.vary else None, "sites": int(args.sites),
+                           "dataset": None if dataset is None else {"walks": dataset[0], "reports": dataset[1]},
                            "map": None if settings is None else {"resolution_m": settings.resolution,
                                                                   "map_size": settings.map_size,
                                                                   "propagation": settings.propagation.to_dict()},
