@@ -1,7 +1,8 @@
 """Realism statistics of a scene (``python -m core city-stats SCENE ...``): generated cities beside real ones.
 
-Over the scene's map area (the area ``generate-maps`` would use by default: the scene-centred
-square, at most 512 m a side), on a grid of ``resolution`` metres, UE points at
+Over the scene's map area (the area ``generate-maps`` gives a map of 1 m cells by default, as the
+shipped maps: the scene's box, at most 512 m a side, centred), on a grid of about ``resolution``
+metres, UE points at
 ``ground + 1.5 m`` (:func:`~core.raytracing.terrain.measurement_points`):
 
 * ``footprint_share``: share of the points under a roof (:func:`~core.raytracing.tracing.indoor_mask`);
@@ -78,18 +79,19 @@ def scene_statistics(name: str, scenes_dir: str | None = None, resolution: float
     t0 = time.perf_counter()
     info = resolve_scene(name, scenes_dir)
     scene = load_scene(info)
-    settings, _, area = map_area(MapSettings(resolution=resolution), scene_bbox(scene))
+    settings, _, area = map_area(MapSettings(resolution=1.0), scene_bbox(scene))  # the shipped maps' area
     x0, y0, x1, y1 = area
+    shape = (max(1, round((y1 - y0) / resolution)), max(1, round((x1 - x0) / resolution)))
     inside = []
     for b in buildings_of(scene):
         c = b.footprint.mean(axis=0) if len(b.footprint) else np.array([np.inf, np.inf])
         if not b.name.startswith(VEHICLE_PREFIXES) and x0 <= c[0] <= x1 and y0 <= c[1] <= y1:
             inside.append(b.height - b.base)
     heights = np.asarray(inside) if inside else np.zeros(1)
-    gx, gy = cell_centres(area, settings.map_size)
+    gx, gy = cell_centres(area, shape)
     xyz = measurement_points(scene, np.stack([gx, gy], -1).reshape(-1, 2), settings.propagation.radio.rx_height_m)
-    indoor = indoor_mask(scene, xyz).reshape(settings.map_size)
-    widths = street_widths(~indoor, resolution)
+    indoor = indoor_mask(scene, xyz).reshape(shape)
+    widths = street_widths(~indoor, (x1 - x0) / shape[1])
     sites = site_layout(info.name, scenes_dir, area=area)
     outdoor_xyz = xyz[~indoor.reshape(-1)]
     step = max(1, len(outdoor_xyz) // 20_000)  # at most ~20,000 points for the ray tests

@@ -39,7 +39,7 @@ from core.errors import CoreError
 #: ranges of the varied parameters (uniform), chosen so the corpus spans etoile, munich, florence and
 #: san_francisco (docs/cities.md)
 VARY_RANGES = {"block_m": (40.0, 100.0), "street_width_m": (5.0, 28.0), "lot_m": (14.0, 32.0),
-               "density": (0.6, 1.0), "height_mean_m": (10.0, 20.0), "plazas": (0.0, 0.15)}
+               "density": (0.7, 1.0), "setback_m": (0.4, 2.0), "height_mean_m": (10.0, 20.0), "plazas": (0.0, 0.12)}
 LAYOUTS = ("grid", "perturbed", "irregular")
 DEFAULT_CORPUS_RESOLUTION_M = 2.0
 DEFAULT_WALKS = 1000
