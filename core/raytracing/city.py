@@ -23,11 +23,14 @@ parameters give the same files byte for byte:
    ``materials`` mix (Sionna's ITU materials, 10 cm thick).
 5. **Vehicles** (``vehicles > 0``): 4.5 × 1.8 × 1.5 m metal boxes at random street points at
    least 1 m from every block, along the nearest block edge, at least 6 m apart.
+6. **Terrain** (``terrain_m > 0``): gentle hills, three plane waves of random direction, wavelength
+   ``U(0.6, 1.6) * size_m`` and phase (:meth:`City.ground`), the ground a height field of 4 m
+   cells; buildings stand on it (walls from below the lowest ground under them).
 
 Written (``<out>/<name>/``, the layout of Sionna's own scenes, which ``--scenes-dir`` reads)::
 
     <name>.xml              Mitsuba scene: one itu-radio-material per material, one PLY shape per object
-    meshes/ground.ply       the ground: a flat square at z = 0 (medium dry ground)
+    meshes/ground.ply       the ground: a flat square at z = 0, or the terrain (medium dry ground)
     meshes/building_NNN.ply a building: its footprint prism (walls and roof), float32 [m]
     meshes/vehicle_NNN.ply  a vehicle box
     city.json               the manifest: parameters, building count, footprint share, height
@@ -64,6 +67,7 @@ VEHICLE_MATERIAL = "metal"
 VEHICLE_SIZE_M = (4.5, 1.8, 1.5)
 MIN_HEIGHT_M, MAX_HEIGHT_M = 3.0, 150.0
 THICKNESS_M = 0.1
+TERRAIN_STEP_M = 4.0
 #: the ITU materials a building may be made of (Sionna RT's ITU-R P.2040 table)
 BUILDING_MATERIALS = ("concrete", "brick", "glass", "metal", "marble", "wood", "plasterboard")
 DEFAULT_MATERIALS = {"concrete": 0.45, "brick": 0.25, "glass": 0.2, "metal": 0.1}
@@ -86,6 +90,7 @@ class CityParams(BaseModel):
     setback_m: float = Field(1.0, ge=0.25, le=20.0)
     plazas: float = Field(0.08, ge=0.0, le=0.9)
     vehicles: int = Field(0, ge=0, le=500)
+    terrain_m: float = Field(0.0, ge=0.0, le=50.0)
     materials: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_MATERIALS))
 
     @field_validator("materials")
@@ -233,6 +238,19 @@ class City:
     heights: np.ndarray
     materials: list[str]
     vehicles: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
+    terrain: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+
+    def ground(self, xy: np.ndarray) -> np.ndarray:
+        """float64 ``[N]``: the terrain height [m] at points ``xy [N, 2]`` (0 for a flat city).
+
+        ``z = A / 3 * sum_k cos(2 pi <d_k, p> / lambda_k + phi_k)`` over the rows ``(dx, dy, lambda,
+        phi)`` of :attr:`terrain` (``[3, 4]``), ``A`` = ``terrain_m``: gentle hills within ``± A``.
+        """
+        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        z = np.zeros(len(xy))
+        for dx, dy, wavelength, phase in self.terrain:
+            z += np.cos(2 * np.pi * (xy[:, 0] * dx + xy[:, 1] * dy) / wavelength + phase)
+        return self.params.terrain_m / 3 * z if len(self.terrain) else z
 
     def statistics(self) -> dict[str, Any]:
         """Building count, footprint share of the square, height mean / sd / p90 / min / max [m]."""
@@ -325,7 +343,12 @@ def generate_city(params: CityParams) -> City:
                 heights.append(round(height, 1))
                 materials.append(material)
     vehicles = _place_vehicles(p, blocks, rng)
-    return City(p, blocks, plazas, footprints, np.asarray(heights, dtype=np.float64), materials, vehicles)
+    terrain = np.zeros((0, 4))
+    if p.terrain_m > 0:  # drawn last: a flat city's files do not depend on it
+        angle = rng.uniform(0, 2 * np.pi, 3)
+        terrain = np.c_[np.cos(angle), np.sin(angle), p.size_m * rng.uniform(0.6, 1.6, 3), rng.uniform(0, 2 * np.pi, 3)]
+    return City(p, blocks, plazas, footprints, np.asarray(heights, dtype=np.float64), materials, vehicles,
+                np.round(terrain, 6))
 
 
 def _place_vehicles(p: CityParams, blocks: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
@@ -380,27 +403,49 @@ def ply_bytes(vertices: np.ndarray, faces: np.ndarray) -> bytes:
     return header + np.ascontiguousarray(vertices, dtype="<f4").tobytes() + tri.tobytes()
 
 
-def _box(x: float, y: float, heading: float) -> tuple[np.ndarray, np.ndarray]:
+def _box(x: float, y: float, heading: float, z: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     length, width, height = VEHICLE_SIZE_M
     c, s = math.cos(heading), math.sin(heading)
     local = np.array([[-length, -width], [length, -width], [length, width], [-length, width]]) / 2
     ring = local @ np.array([[c, s], [-s, c]]) + [x, y]
-    v, f = prism(ring, height, 0.3)  # on its wheels: 30 cm above the road
+    v, f = prism(ring, z + height, z + 0.3)  # on its wheels: 30 cm above the road
     bottom = [(0, 2, 1), (0, 3, 2)]
     return v, np.concatenate([f, np.asarray(bottom, dtype=np.int32)])
 
 
-def city_files(city: City, name: str) -> dict[str, bytes]:
-    """Every file of the scene folder but the manifest and the sites: ``{relative path: bytes}``."""
+def ground_mesh(city: City) -> tuple[np.ndarray, np.ndarray]:
+    """The ground: the square at z = 0 (two triangles), or with terrain a height field of about
+    :data:`TERRAIN_STEP_M` cells, ``z = city.ground(x, y)``."""
     half = city.params.size_m / 2
-    ground = np.array([[-half, -half, 0], [half, -half, 0], [half, half, 0], [-half, half, 0]], np.float32)
-    files = {"meshes/ground.ply": ply_bytes(ground, np.array([[0, 1, 2], [0, 2, 3]], np.int32))}
+    n = 1 if not len(city.terrain) else max(2, round(city.params.size_m / TERRAIN_STEP_M))
+    ticks = np.linspace(-half, half, n + 1)
+    gx, gy = np.meshgrid(ticks, ticks, indexing="xy")  # vertex (i, j) at (ticks[j], ticks[i]) is i * (n + 1) + j
+    xy = np.c_[gx.ravel(), gy.ravel()]
+    vertices = np.c_[xy, city.ground(xy)].astype(np.float32)
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    a = (i * (n + 1) + j).ravel()
+    faces = np.concatenate([np.c_[a, a + 1, a + n + 2], np.c_[a, a + n + 2, a + n + 1]]).astype(np.int32)
+    return vertices, faces
+
+
+def city_files(city: City, name: str) -> dict[str, bytes]:
+    """Every file of the scene folder but the manifest and the sites: ``{relative path: bytes}``.
+
+    On terrain a building stands from 0.5 m below the lowest ground under its footprint to its
+    height above the highest (its walls reach into the hill); a vehicle sits on the ground at its centre.
+    """
+    files = {"meshes/ground.ply": ply_bytes(*ground_mesh(city))}
     shapes = [("ground", GROUND_MATERIAL)]
     for k, (foot, h, mat) in enumerate(zip(city.footprints, city.heights, city.materials, strict=True)):
-        files[f"meshes/building_{k:03d}.ply"] = ply_bytes(*prism(foot, float(h)))
+        if len(city.terrain):
+            under = city.ground(np.concatenate([foot, foot.mean(axis=0, keepdims=True)]))
+            base, top = float(under.min()) - 0.5, float(under.max()) + float(h)
+        else:
+            base, top = 0.0, float(h)
+        files[f"meshes/building_{k:03d}.ply"] = ply_bytes(*prism(foot, top, base))
         shapes.append((f"building_{k:03d}", mat))
     for k, (x, y, heading) in enumerate(city.vehicles):
-        files[f"meshes/vehicle_{k:03d}.ply"] = ply_bytes(*_box(x, y, heading))
+        files[f"meshes/vehicle_{k:03d}.ply"] = ply_bytes(*_box(x, y, heading, float(city.ground([[x, y]])[0])))
         shapes.append((f"vehicle_{k:03d}", VEHICLE_MATERIAL))
     used = sorted({m for _, m in shapes})
     lines = ['<scene version="2.1.0">', f"<!-- procedural city {name}: python -m core make-city -->", ""]
@@ -530,6 +575,8 @@ def add_city_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--setback-m", type=cli_types.positive, default=d.setback_m, help="footprint inset from its lot [m]")
     parser.add_argument("--plazas", type=cli_types.fraction, default=d.plazas, help="share of blocks left open")
     parser.add_argument("--vehicles", type=cli_types.non_negative_int, default=d.vehicles, help="box vehicles in the streets")
+    parser.add_argument("--terrain-m", type=cli_types.number(0.0, 50.0), default=d.terrain_m,
+                        help="hills: ground height within ± this [m] (0: flat)")
     parser.add_argument("--materials", default=",".join(f"{k}={v:g}" for k, v in d.materials.items()),
                         help=f"material mix, e.g. concrete=0.5,brick=0.3,glass (known: {', '.join(BUILDING_MATERIALS)})")
     parser.add_argument("--sites", type=cli_types.non_negative_int, default=5,
@@ -539,7 +586,7 @@ def add_city_arguments(parser: argparse.ArgumentParser) -> None:
 
 def params_from_args(args: argparse.Namespace, seed: int) -> CityParams:
     keys = ("size_m", "layout", "block_m", "street_width_m", "lot_m", "density", "height_mean_m", "height_sd_m",
-            "setback_m", "plazas", "vehicles")
+            "setback_m", "plazas", "vehicles", "terrain_m")
     values = {k: getattr(args, k) for k in keys}
     return params_from({"seed": seed, **values, "materials": parse_materials(args.materials)})
 

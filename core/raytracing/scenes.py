@@ -13,7 +13,8 @@ is the union of the scene objects sharing a name up to its ``-itu_<material>``
 suffix; its footprint is the convex hull of its vertices projected onto the xy
 plane (``[P, 2]``, metres, scene frame, counter-clockwise ring, not closed), its
 ``height`` the top z and ``base`` the bottom z. Flat objects (z extent < 0.5 m,
-i.e. the ground plane and road markings) are skipped.
+i.e. the ground plane and road markings) are skipped, and so is an object named ``ground*`` or
+``terrain*`` (a hilly ground).
 
 Site layout (:func:`site_layout`): ``configs/sites/<scene>.yaml`` if it exists, else, for a
 user scene, its own ``<name>.sites.yaml`` beside its XML (``make-city`` writes one), else
@@ -41,6 +42,7 @@ SCENES_DIR_ENV = "CORE_SCENES_DIR"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _MATERIAL_SUFFIX_RE = re.compile(r"-itu_[A-Za-z0-9_]+$")
 _FLAT_EXTENT_M = 0.5  # objects thinner than this (ground, markings) are not buildings
+_GROUND_RE = re.compile(r"^(ground|terrain)", re.IGNORECASE)  # nor is a hilly ground (make-city --terrain-m)
 
 # Automatic layout defaults (see docs/maps.md)
 DEFAULT_NUM_SITES = 5
@@ -247,7 +249,7 @@ def buildings_of(scene) -> list[Building]:
     for name, parts in groups.items():
         v = np.concatenate(parts)
         z_min, z_max = float(v[:, 2].min()), float(v[:, 2].max())
-        if z_max - z_min < _FLAT_EXTENT_M:
+        if z_max - z_min < _FLAT_EXTENT_M or _GROUND_RE.match(name):
             continue
         buildings.append(Building(name, _convex_hull(v[:, :2]), z_max, z_min))
     return buildings
