@@ -140,3 +140,35 @@ def test_the_default_parameters_are_the_documented_ones():
     p = CityParams()
     assert (p.size_m, p.layout, p.density) == (256.0, "perturbed", 0.85)
     assert abs(sum(p.materials.values()) - 1.0) < 1e-9
+
+
+def test_the_scenes_page_makes_a_city_and_lists_the_corpus(tmp_path, monkeypatch, capsys):
+    """The Scenes page: the corpus manifest as a table, and a form whose button runs make-city as a job."""
+    from streamlit.testing.v1 import AppTest
+
+    from core.jobs.manager import JobManager
+
+    db = tmp_path / ".jobs" / "jobs.sqlite"
+    monkeypatch.setenv("CORE_WORKSPACE", str(tmp_path))
+    monkeypatch.setenv("CORE_JOBS_DB", str(db))
+    monkeypatch.delenv("CORE_SCENES_DIR", raising=False)
+    geometry = tmp_path / ".jobs" / "geometry"
+    geometry.mkdir(parents=True)  # etoile drawn from a cached box, no Sionna in the page
+    (geometry / "etoile.json").write_text(json.dumps({"name": "etoile", "bbox": [-50, -50, 0, 50, 50, 20], "sites": [],
+                                                     "buildings": [{"name": "b", "height": 20.0, "base": 0.0,
+                                                                    "footprint": [[0, 0], [9, 0], [9, 9], [0, 9]]}]}))
+    assert main(["make-corpus", "--count", "1", "--no-map", "--size-m", "64", "--sites", "0",
+                 "--out", str(tmp_path / "corpus"), "--no-progress"]) == 0
+    at = AppTest.from_file(str(REPO_ROOT / "app.py"), default_timeout=120).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("1 of 1 cities complete" in str(c.value) for c in at.caption)
+    at.number_input(key="make_city_seed").set_value(5)
+    at.number_input(key="make_city_size").set_value(64)
+    next(b for b in at.button if b.label == "Make the city").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    manager = JobManager(db, cwd=tmp_path)
+    job = next(j for j in manager.list() if j.kind == "make-city")
+    assert job.command.startswith("python -m core make-city --seed 5 --out scenes --layout perturbed --size-m 64")
+    job = manager.wait(job.id, timeout_s=120)
+    assert job.status == "succeeded", manager.log_tail(job.id) if hasattr(manager, "log_tail") else job
+    assert (tmp_path / "scenes" / "city_5" / "city_5.xml").is_file()

@@ -177,6 +177,29 @@ def write_manifest(out: Path, names: list[str], results, settings_record: dict[s
     return manifest
 
 
+def run_in_turn_with_progress(calls) -> list:
+    """The calls one after the other (:func:`~core.raytracing.scene_batch.run_guarded`), a line and the
+    job's ``k of n cities`` after each; the cities' own map and dataset progress stays out of the job's
+    record (it would make the corpus bar jump back), their bars show on the terminal."""
+    from core.progress import PROGRESS_ENV, report
+    from core.raytracing.scene_batch import result_line, run_guarded
+
+    path, results = os.environ.pop(PROGRESS_ENV, None), []
+    try:
+        for k, call in enumerate(calls):
+            results.append(run_guarded(call.function, call.name, *call.args))
+            print(result_line(results[-1]), flush=True)
+            if path is not None:
+                os.environ[PROGRESS_ENV] = path
+                report((k + 1) / len(calls), f"{call.name}: {results[-1].status} ({k + 1} of {len(calls)} cities)",
+                       force=True)
+                del os.environ[PROGRESS_ENV]
+    finally:
+        if path is not None:
+            os.environ[PROGRESS_ENV] = path
+    return results
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from core.raytracing.city import add_city_arguments
     from core.raytracing.distributed import add_ray_argument
@@ -226,7 +249,7 @@ def _map_settings(args):
 
 def run(args: argparse.Namespace) -> int:
     from core.raytracing.city import params_from, params_from_args
-    from core.raytracing.scene_batch import SceneCall, print_summary, run_in_turn
+    from core.raytracing.scene_batch import SceneCall, print_summary
     from core.stores.lock import output_lock
     from core.stores.output import check_writable
 
@@ -252,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
 
             results = run_on_ray(calls, args.ray, "make-corpus")
         else:
-            results = run_in_turn(calls)
+            results = run_in_turn_with_progress(calls)
         wall = time.perf_counter() - t0
         settings_record = {"first_seed": int(args.first_seed), "vary": bool(args.vary), "base": base,
                            "vary_ranges": VARY_RANGES if args.vary else None, "sites": int(args.sites),
