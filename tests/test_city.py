@@ -88,7 +88,7 @@ def test_an_existing_city_is_kept_without_force_and_replaced_with_it(tmp_path, c
 
 @pytest.mark.sionna
 def test_a_city_loads_in_sionna_gets_its_sites_and_a_map_that_covers_it(tmp_path, capsys):
-    from core.raytracing.city_stats import scene_statistics
+    from core.raytracing.city_stats import scene_statistics, sites_heard
     from core.raytracing.generation import MapSettings, generate_map
     from core.raytracing.scenes import buildings_of, load_scene, resolve_scene, site_layout
     from core.raytracing.terrain import ground_height
@@ -116,6 +116,8 @@ def test_a_city_loads_in_sionna_gets_its_sites_and_a_map_that_covers_it(tmp_path
     radio_map = generate_map(info, settings)
     assert radio_map.attrs["sites"] == sites
     assert radio_map.outdoor_coverage > 0.9
+    heard = sites_heard(radio_map)
+    assert heard["heard_share"] > 0.9 and 1.0 <= heard["sites_heard_mean"] <= 5.0
     assert 0.4 < float(radio_map.outdoor.mean()) < 0.9  # streets and buildings both there
 
 

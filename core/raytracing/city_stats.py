@@ -20,6 +20,9 @@ metres, UE points at
 * ``los_share``: share of the outdoor points that see at least one site of the scene's layout
   (:func:`~core.raytracing.scenes.site_layout`; exact ray tests), and ``los_sites_mean``: the
   mean number of sites an outdoor point sees.
+* ``sites_heard_mean`` and ``heard_share`` (only with ``--radio-maps`` holding the scene's map): the
+  mean number of sites an outdoor cell of the map hears (per-site path gain at or above the default
+  measurement model's sensitivity: -143 dB at 43 dBm), and the share of outdoor cells that hear one.
 """
 
 from __future__ import annotations
@@ -111,12 +114,26 @@ def scene_statistics(name: str, scenes_dir: str | None = None, resolution: float
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def sites_heard(radio_map) -> dict[str, float]:
+    """``{sites_heard_mean, heard_share}`` of a radio map's outdoor cells (module docstring)."""
+    from core.raytracing.coverage import heard_threshold_db, map_tx_power_dbm
+    from core.stores.measurement_model import MeasurementModel
+
+    threshold = heard_threshold_db(map_tx_power_dbm(radio_map), MeasurementModel().sensitivity_dbm)
+    pg = np.asarray(radio_map.layers["site_path_gain"], dtype=np.float64)  # [S, H, W] dB
+    heard = (np.where(np.isfinite(pg), pg, -np.inf) >= threshold).sum(axis=0)  # [H, W]
+    outdoor = radio_map.outdoor if radio_map.outdoor is not None else np.ones(heard.shape, bool)
+    return {"sites_heard_mean": round(float(heard[outdoor].mean()), 2),
+            "heard_share": round(float((heard[outdoor] > 0).mean()), 4)}
+
+
 COLUMNS = [("scene", "scene", "{}"), ("buildings/km²", "buildings_per_km2", "{:.0f}"),
            ("footprint share", "footprint_share", "{:.0%}"), ("outdoor share", "outdoor_share", "{:.0%}"),
            ("height mean m", "height_mean_m", "{:.1f}"), ("height sd m", "height_sd_m", "{:.1f}"),
            ("height p90 m", "height_p90_m", "{:.1f}"), ("street width median m", "street_width_median_m", "{:.1f}"),
            ("street width p90 m", "street_width_p90_m", "{:.1f}"), ("LOS share (≥ 1 site)", "los_share", "{:.0%}"),
-           ("sites in LOS per point", "los_sites_mean", "{:.2f}")]
+           ("sites in LOS per point", "los_sites_mean", "{:.2f}"),
+           ("sites heard per outdoor cell", "sites_heard_mean", "{:.2f}")]
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -132,6 +149,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenes-dir", default=None)
     parser.add_argument("--resolution", type=cli_types.positive, default=DEFAULT_RESOLUTION_M, help="grid step [m]")
     parser.add_argument("--out", default=None, help="also write the records as JSON here")
+    parser.add_argument("--radio-maps", default=None,
+                        help="a maps folder: where <scene>.zarr is there, add the sites heard per outdoor cell")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,6 +163,14 @@ def run(args: argparse.Namespace) -> int:
 
         check_writable(args.out, "--out")
     rows = [scene_statistics(name, args.scenes_dir, float(args.resolution)) for name in args.scenes]
+    if args.radio_maps:
+        from core.stores.lineage import map_path
+        from core.stores.radio_map import RadioMap
+
+        for row in rows:
+            path = map_path(args.radio_maps, row["scene"])
+            if path.exists():
+                row.update(sites_heard(RadioMap.load(path)))
     print(markdown_table(rows))
     if args.out:
         from core.stores.atomic import atomic_write_text
