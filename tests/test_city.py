@@ -94,24 +94,28 @@ def test_a_city_loads_in_sionna_gets_its_sites_and_a_map_that_covers_it(tmp_path
     from core.raytracing.terrain import ground_height
     from core.raytracing.tracing import PropagationSettings
 
-    assert main(["make-city", "--seed", "2", "--size-m", "128", "--vehicles", "3", "--terrain-m", "3",
-                 "--out", str(tmp_path)]) == 0
+    assert main(["make-city", "--seed", "2", "--size-m", "128", "--vehicles", "3", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "city_2" / "city.json").read_text())
     info = resolve_scene("city_2", tmp_path)
     scene = load_scene(info)
     assert len(scene.objects) == 1 + record["buildings"] + 3
     tall = [b for b in buildings_of(scene) if b.name.startswith("building_")]
-    assert len(tall) == record["buildings"]
-    ground = ground_height(scene, np.random.default_rng(0).uniform(-60, 60, (200, 2)))
-    assert 1.0 < np.ptp(ground) <= 6.0  # the hills are there, within ± 3 m
+    assert len(tall) == record["buildings"] and abs(np.mean([b.height for b in tall]) - record["height_m"]["mean"]) < 0.05
     del scene
+    assert main(["make-city", "--seed", "9", "--size-m", "64", "--block-m", "32", "--terrain-m", "3", "--sites", "0",
+                 "--out", str(tmp_path)]) == 0
+    hilly = load_scene(resolve_scene("city_9", tmp_path))
+    xy = np.random.default_rng(0).uniform(-30, 30, (200, 2))
+    ground = ground_height(hilly, xy)
+    assert 1.0 < np.ptp(ground) <= 6.0  # the hills are there, within ± 3 m, also under the buildings
+    del hilly
     sites = site_layout("city_2", tmp_path)  # the city's own <name>.sites.yaml, from place-sites
     assert len(sites) == 5 and sites == record_sites(tmp_path / "city_2" / "city_2.sites.yaml")
     settings = MapSettings(resolution=4.0, map_size=(32, 32), toa_decimation=4,
                            propagation=PropagationSettings(max_depth=2, samples_per_src=3_000, seed=7))
     stats = scene_statistics("city_2", str(tmp_path), resolution=2.0)  # the raster agrees with the polygons
     assert abs(stats["footprint_share"] - record["footprint_share"]) < 0.03
-    assert stats["buildings"] == record["buildings"]  # (their heights: top - bottom, with the hill in them)
+    assert stats["buildings"] == record["buildings"] and abs(stats["height_mean_m"] - record["height_m"]["mean"]) < 0.05
     assert stats["los_share"] > 0.6 and stats["street_width_median_m"] > 5
     radio_map = generate_map(info, settings)
     assert radio_map.attrs["sites"] == sites
