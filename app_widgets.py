@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import streamlit as st
@@ -22,6 +23,8 @@ from core.jobs.manager import JobConflictError, JobManager, JobSpec, make_datase
 from core.stores import run as run_store
 from core.stores.measurement_model import MeasurementModel
 from core.stores.workspace import DEFAULT_SCENE, Workspace
+from core.stores.world_model import PRESET_NAMES as WORLD_PRESETS
+from core.stores.world_model import PRESETS as WORLDS
 
 STATUS_ICON = {"queued": ":material/schedule:", "running": ":material/autorenew:", "succeeded": ":material/check_circle:",
                "failed": ":material/error:", "cancelled": ":material/cancel:"}
@@ -353,10 +356,18 @@ def dataset_form(scene: str, out: str, radio_maps: str, key: str, button: str, f
                                            help="a site is reported only when P_tx + G_s is at or above this")
         no_threshold = cols[2].checkbox("No sensitivity threshold", value=False, key=f"{key}_nosens",
                                         help="report every site PathSolver finds a path to")
+        cols = st.columns([1, 1, 2])
+        world_name = cols[0].selectbox(
+            "World", WORLD_PRESETS, index=0, key=f"{key}_world",
+            help="oracle: the UEs measure in the map itself. realistic: in a perturbed copy of the scene "
+                 f"(the map stays as it is): {WORLDS['realistic'].summary()}. Sources: docs/world.md")
+        world_seed = cols[1].number_input("World seed", min_value=0, max_value=2**31 - 1, value=0, step=1,
+                                          key=f"{key}_world_seed", help="seed of the world's perturbations")
         go = st.form_submit_button(button, type="primary")
     with guard("dataset settings"):
+        world = replace(WORLDS[world_name], seed=int(world_seed)) if world_name != "oracle" else WORLDS["oracle"]
         model = MeasurementModel(float(pg), float(toa), float(aoa), float(clock), float(missing), int(k),
-                                 None if no_threshold else float(sensitivity))
+                                 None if no_threshold else float(sensitivity), world=world)
         spec = make_dataset_spec(scene, out, int(num_ues), int(reports), radio_maps=radio_maps, model=model,
                                  force=force, ray=ray)
         st.caption("The button runs: `python -m core " + " ".join(spec.args) + "`")
@@ -371,16 +382,20 @@ def dataset_model_box(path: str | os.PathLike, table: bool = True) -> None:
 
     with guard("dataset"):
         model = recorded_measurement_model(path)
+        world = model.world.summary() if model else "oracle (no record)"
         if not table:
             st.caption(f"Measurement model of the dataset: {model.summary() if model else 'not recorded'}.")
             return
+        st.caption(f"Dataset world: {world}")
         with st.expander("Measurement model of the dataset" + (f": {model.summary()}" if model else "")):
             if model is None:
                 st.caption("This dataset records no measurement model (an analytic test dataset).")
             else:
                 st.dataframe(model.describe(), hide_index=True, width="stretch")
-                st.caption("Formulas: `core/raytracing/measurements.py`; the flags are those of "
-                           "`python -m core make-dataset`.")
+                if not model.world.is_oracle:
+                    st.dataframe(model.world.describe(), hide_index=True, width="stretch")
+                st.caption("Formulas: `core/raytracing/measurements.py` and `core/raytracing/world.py`; the flags "
+                           "are those of `python -m core make-dataset`.")
 
 
 RAY_CHOICES = ("this machine", "local Ray", "Ray cluster")

@@ -8,8 +8,8 @@ every seed. Groups: :func:`core.learning.groups.ue_groups` (LOS / NLOS at the la
 last report missing, sites heard 1 / 2 / 3 / >= 4), the one definition every table uses. Prints,
 per method, mean ± sd over seeds of the median / P90 / RMSE, the share beyond 20 m and the worst
 2 %'s share of the squared error; the median, P90 and share beyond 20 m per group; and the paired
-two-level bootstrap 95 % CI (core.learning.statistics) of the MAP median's change and ratio against
-each other method, overall, for NLOS and for one site heard. ``--json FILE`` writes it all.
+two-level bootstrap 95 % CI (core.learning.statistics) of the median's change and ratio of network +
+MAP and network + whole-walk (``--references``) against each other method, overall, for NLOS and for one site heard. ``--json FILE`` writes it all.
 """
 
 import argparse
@@ -22,7 +22,9 @@ from core.learning.groups import GROUPS, worst_share
 from core.learning.inference import load_run
 from core.learning.statistics import paired_delta, seed_summary
 
-NAMES = {"model": "network", "model_refined": "network + MAP", **LABELS}
+NAMES = {"model": "network", "model_refined": "network + MAP", "model_walk": "network + whole-walk", **LABELS}
+#: the methods that hold a network (one estimate per seed); every other method is seed-free
+NETWORK_METHODS = ("model", "model_refined", "model_walk")
 DELTA_GROUPS = ("all", "nlos", "sites_1")
 
 
@@ -32,6 +34,8 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--device", default="cpu", help="torch device of the network and the MAP refinement")
+    parser.add_argument("--references", nargs="+", default=["model_refined", "model_walk"],
+                        help="the methods whose paired Δ median against every other method is printed")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     per_method: dict[str, list[np.ndarray]] = {}
@@ -44,7 +48,7 @@ def main() -> None:
                            write=False, keep_errors=True)
         errors = res["_errors"]
         if not baselines:  # the baselines need no training: computed once, the same for every seed
-            baselines = {k: v for k, v in errors.items() if k not in ("model", "model_refined")}
+            baselines = {k: v for k, v in errors.items() if k not in NETWORK_METHODS}
             cost = {k: v["ms_per_sample"] for k, v in res["baselines"].items()}
         cost["model_refined"] = res["refinement"]["ms_per_sample"]
         for name, e in (errors | baselines).items():
@@ -74,17 +78,17 @@ def main() -> None:
         print("      median / P90 / >20 m by group: " + "; ".join(
             f"{g} {v['median_m']:.2f} / {v['p90_m']:.1f} / {100 * v['beyond_20m']:.1f} %"
             for g, v in per_group.items() if g in GROUPS[1:8]))
-    mapped = per_method["model_refined"]
-    for other in [m for m in per_method if m != "model_refined"]:
-        for group in DELTA_GROUPS:
-            mask = groups[group]
-            if not mask.any():
-                continue
-            d = paired_delta([e[mask] for e in mapped], [e[mask] for e in per_method[other]], "median_m",
-                             n_boot=args.n_boot)
-            out["deltas"].append({"other": other, "group": group, **d})
-            print(f"  MAP vs {NAMES.get(other, other):26s} [{group:7s}] Δ median {d['delta']:+.3f} m "
-                  f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], ratio {d['ratio']:.3f}")
+    for ref in [m for m in args.references if m in per_method]:
+        for other in [m for m in per_method if m != ref]:
+            for group in DELTA_GROUPS:
+                mask = groups[group]
+                if not mask.any():
+                    continue
+                d = paired_delta([e[mask] for e in per_method[ref]], [e[mask] for e in per_method[other]], "median_m",
+                                 n_boot=args.n_boot)
+                out["deltas"].append({"method": ref, "other": other, "group": group, **d})
+                print(f"  {NAMES.get(ref, ref)} vs {NAMES.get(other, other):26s} [{group:7s}] Δ median "
+                      f"{d['delta']:+.3f} m [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], ratio {d['ratio']:.3f}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2, default=float)

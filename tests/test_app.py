@@ -242,6 +242,38 @@ def test_the_datasets_measurement_model_is_shown(workspace):
         shutil.rmtree(path)
 
 
+def test_the_datasets_world_is_shown_and_the_form_picks_one(workspace):
+    """A realistic-world dataset says so where it is picked; the form's world select becomes --world."""
+    import shutil
+
+    from core.physics.synthetic import analytic_radio_map, synthetic_dataset
+    from core.stores.measurement_model import MeasurementModel
+    from core.stores.world_model import PRESETS
+
+    model = MeasurementModel(world=PRESETS["realistic"])
+    ds = synthetic_dataset(analytic_radio_map(height=16, width=16, bounds=(0.0, 0.0, 64.0, 64.0)), 20, reports=3, k=4)
+    ds.attrs.update(scene="florence", measurement_model=model.to_attrs())
+    path = ds.save(workspace / "datasets" / "florence")
+    try:
+        at = _app(scene="florence")
+        _no_exception(at)
+        assert "Dataset world: realistic (materials ± 30 %" in _texts(at.caption)
+        world_rows = [d.value for d in at.dataframe if "perturbation" in d.value.columns]
+        assert world_rows and "--world-shadowing-nlos" in list(world_rows[0]["flag"])
+        at.selectbox(key="remake_dataset_world").set_value("realistic")
+        at.number_input(key="remake_dataset_world_seed").set_value(3)
+        next(b for b in at.button if b.label == "Make the dataset of florence again").click().run()
+        _no_exception(at)
+        manager = _manager(workspace)
+        job = next(j for j in manager.list() if j.kind == "make-dataset" and "florence" in j.args)
+        try:
+            assert job.command.endswith("--sensitivity-dbm -100 --world realistic --world-seed 3 --force")
+        finally:
+            manager.cancel(job.id, grace_s=1.0)
+    finally:
+        shutil.rmtree(path)
+
+
 # -- Radio maps ---------------------------------------------------------------------------
 def test_radio_maps_every_feature_with_units_and_comparison(workspace):
     at = _app("pages/radio_maps.py")

@@ -263,7 +263,8 @@ def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def calibrate(dataset, maps, split: str | None = "train", reports: str = "all", min_count: int = 30,
-              max_ratio: float = 0.5, max_corr: float = 0.5) -> Calibration:
+              max_ratio: float = 0.5, max_corr: float = 0.5, walks: int | None = None,
+              walks_seed: int = 0) -> Calibration:
     """Calibrate ``maps`` (a RadioMap with per-site layers, or a SiteMaps) on ``dataset``.
 
     Args:
@@ -275,6 +276,9 @@ def calibrate(dataset, maps, split: str | None = "train", reports: str = "all", 
         max_ratio: the information criterion of serving features (see the module doc).
         max_corr: the largest |rank correlation| of a serving feature's residual with the
             serving path gain's that still counts as independent information.
+        walks: calibrate on only this many labelled walks (samples) of the split, drawn without
+            replacement with ``walks_seed`` (how many labelled walks in the world does
+            calibration need: ``scripts/calibration_walks.py``, docs/world.md); None: all.
 
     A RadioMap is prepared with all its linear serving features (to calibrate them too);
     a SiteMaps calibrates the serving features it holds.
@@ -283,6 +287,10 @@ def calibrate(dataset, maps, split: str | None = "train", reports: str = "all", 
         names = [f for f in CELL_FEATURES if f in maps.features]
         maps = prepare_site_maps(maps, cell_features=names)
     indices = np.arange(dataset.num_samples) if split is None else dataset.indices(split)
+    if walks is not None:
+        if isinstance(walks, bool) or int(walks) != walks or walks < 1:
+            raise CoreError(f"calibrate: walks must be an integer >= 1, got {walks!r}")
+        indices = np.sort(np.random.default_rng(walks_seed).permutation(indices)[:int(walks)])
     xy, ids, site, cell = _reports(dataset, indices, reports)
     if ids.size and int(ids.max()) >= maps.num_sites:
         raise CoreError(f"calibrate: the dataset reports site {int(ids.max())}, the map has {maps.num_sites} sites")
@@ -311,6 +319,8 @@ def calibrate(dataset, maps, split: str | None = "train", reports: str = "all", 
                        "independent": independent, "informative": bool(n > 0 and ratio <= max_ratio and independent)}
     meta = {"split": split, "reports": reports, "min_count": min_count, "max_ratio": max_ratio, "max_corr": max_corr,
             "num_reports": int(len(xy)), "scene": dataset.attrs.get("scene")}
+    if walks is not None:
+        meta["walks"] = int(len(indices))
     return Calibration(list(maps.site_names), bias, scale, count, maps.spread, miss, cells, meta)
 
 

@@ -42,6 +42,13 @@ bler                    0.3        three times the 0.1 BLER target
 
 ``serving_agreement``: fraction of reports whose slot-0 site is the site with the
 largest ``site_path_gain`` at the true position.
+
+``--beside B``: the same statistics of a second dataset of the same scene and map (e.g.
+the oracle world's beside a realistic one's, :mod:`core.stores.world_model`), printed as
+one table with the two side by side (per variant, feature and group, all sites pooled:
+median, robust std and gross share of each) after each dataset's world. In the oracle
+world the clean residuals are the map's interpolation error alone; in another world
+they are the twin's error: the mismatch is the point.
 """
 
 from __future__ import annotations
@@ -203,12 +210,45 @@ def markdown_table(rows: list[dict[str, Any]], units: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+_BESIDE_COLUMNS = ("median", "robust_std", "gross")
+
+
+def beside_table(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]], units: dict[str, str],
+                 label_a: str = "A", label_b: str = "B") -> str:
+    """One Markdown table of two datasets' pooled rows (groups without a per-site suffix) side by side:
+    ``median``, ``robust_std`` and ``gross`` of ``label_a`` then of ``label_b``; a row missing on one side is NaN."""
+    def pooled(rows):
+        return {(r["variant"], r["feature"], r["group"]): r for r in rows if ": " not in r["group"]}
+
+    a, b = pooled(rows_a), pooled(rows_b)
+    keys = list(a) + [k for k in b if k not in a]
+    cols = [f"{label} {c}" for label in (label_a, label_b) for c in _BESIDE_COLUMNS]
+    lines = ["| variant | feature | group | " + " | ".join(cols) + " |", "|" + "---|" * (3 + len(cols))]
+    nan_row = dict.fromkeys(_BESIDE_COLUMNS, float("nan"))
+    for key in keys:
+        variant, feat, group = key
+        cells = [variant, f"{feat} [{units.get(feat, '')}]", group]
+        for side in (a, b):
+            row = side.get(key, nan_row)
+            cells += [_fmt(c, row[c]) for c in _BESIDE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def world_line(ds) -> str:
+    """The world a dataset was traced in, one line (:meth:`~core.stores.world_model.WorldModel.summary`)."""
+    model = ds.measurement_model
+    return model.world.summary() if model is not None else "not recorded (oracle)"
+
+
 # -- command line ------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="measurement dataset store, e.g. datasets/etoile")
     parser.add_argument("--radio-maps", default="radio_maps",
                         help="folder with <scene>.zarr, the dataset's scene (default: radio_maps)")
     parser.add_argument("--split", choices=SPLIT_CHOICES, default="test", help="which samples (default: test)")
+    parser.add_argument("--beside", default=None, metavar="DATASET",
+                        help="a second dataset of the same scene and map (e.g. the oracle world's): both side by side")
     parser.add_argument("--json", default=None, help="also write the rows and summary as JSON here")
     parser.add_argument("--markdown", default=None, help="also write the table as Markdown here")
 
@@ -218,22 +258,50 @@ def run(args: argparse.Namespace) -> int:
     from core.stores.atomic import atomic_write_text
     from core.stores.dataset import MeasurementDataset
     from core.stores.lineage import check_map_of_dataset, map_path
+    from core.stores.lock import output_lock
+    from core.stores.output import check_writable
     from core.stores.radio_map import RadioMap
 
+    for out, flag in ((args.markdown, "--markdown"), (args.json, "--json")):
+        if out:
+            check_writable(out, flag)
     ds = MeasurementDataset.load(args.dataset)
     scene = ds.attrs.get("scene")
     if not scene:
         raise CoreError(f"dataset {args.dataset}: attrs name no scene")
+    other = MeasurementDataset.load(args.beside) if args.beside else None
+    if other is not None and other.attrs.get("scene") != scene:
+        raise CoreError(f"--beside {args.beside} is of scene {other.attrs.get('scene')!r}, "
+                        f"--dataset {args.dataset} of {scene!r}")
     rmap = RadioMap.load(map_path(args.radio_maps, scene))
     check_map_of_dataset(ds.ref, ds.radio_map_ref, rmap.ref)  # the map this dataset was made with, or refuse
+    if other is not None:
+        check_map_of_dataset(other.ref, other.radio_map_ref, rmap.ref)
+    units = {name: spec.unit for name, spec in FEATURES.items()}
     rows, summary = consistency_rows(ds, rmap, args.split)
-    table = markdown_table(rows, {name: spec.unit for name, spec in FEATURES.items()})
+    summary["world"] = world_line(ds)
+    if other is None:
+        table = markdown_table(rows, units)
+        result: dict[str, Any] = {"rows": rows, "summary": summary}
+    else:
+        rows_b, summary_b = consistency_rows(other, rmap, args.split)
+        summary_b["world"] = world_line(other)
+        table = beside_table(rows, rows_b, units, "A", "B")
+        print(f"A = {args.dataset}, world: {summary['world']}")
+        print(f"B = {args.beside}, world: {summary_b['world']}")
+        print()
+        result = {"rows": rows, "summary": summary, "beside": {"rows": rows_b, "summary": summary_b}}
     print(table)
     print()
     for key, value in summary.items():
         print(f"{key}: {value}")
+    if other is not None:
+        for key, value in result["beside"]["summary"].items():
+            print(f"beside {key}: {value}")
     if args.markdown:
-        atomic_write_text(Path(args.markdown), table + "\n")
+        with output_lock(args.markdown):
+            atomic_write_text(Path(args.markdown), table + "\n")
     if args.json:
-        atomic_write_text(Path(args.json), json.dumps({"rows": rows, "summary": summary}, indent=2))
+        with output_lock(args.json):
+            atomic_write_text(Path(args.json), json.dumps(result, indent=2))
     return 0

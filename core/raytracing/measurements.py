@@ -3,7 +3,8 @@
 ``python -m core make-dataset --scene etoile --num-ues 20000 --reports 8
 --out datasets/etoile [--radio-maps radio_maps --seed 0 --split random|spatial]
 [--noise-path-gain-db 2 --noise-toa-ns 3 --noise-aoa-deg 3 --clock-offset-ns 0
---missing-rate 0.2 --sites-per-report 4 --sensitivity-dbm -100|off] [--ray [ADDRESS]]``
+--missing-rate 0.2 --sites-per-report 4 --sensitivity-dbm -100|off]
+[--world oracle|realistic --world-seed 0 --world-materials 0.3 ...] [--ray [ADDRESS]]``
 
 One scene: ``--out`` is its store, and a failure is the command's one-line error. Several
 scenes (``--scene etoile munich --out datasets``): ``--out`` is a folder that gets one
@@ -67,6 +68,22 @@ keeping at least one per UE. ``clean/*`` holds every report's K strongest sites 
 path before detection, noise and dropping (a slot whose site was not received keeps its
 clean features there; its ``site_ids`` entry is -1).
 
+World (``--world oracle|realistic`` and its ``--world-*`` flags, ``--world-seed``;
+:mod:`core.stores.world_model`, recorded in ``attrs["measurement_model"]["world"]``, and what
+its seed drew in ``attrs["world_realisation"]``): the walks are drawn and traced in the
+world's scene, a perturbed COPY of the map's (:func:`core.raytracing.world.world_scene`:
+sites, antenna tilt, building heights, removed buildings, vehicles, materials, diffuse
+scattering), with the world's PathSolver settings, and ``G_s`` above includes the world's
+shadow fading (:class:`core.raytracing.world.ShadowField`): the world's "clean" truth.
+``attrs["propagation"]`` stays the map's. The oracle world (the default) is the map itself
+and draws nothing: the dataset is the one made before worlds existed. With
+``detect_on_noisy`` the detection and the slot order are decided on the NOISY gains
+``G~`` instead (:func:`_noisy_detection`): site ``s`` is heard when ``P + G~_s >= S``, the
+slots hold the heard sites by decreasing ``G~``, and a report that hears no site is not
+sent (it counts as missing; ``clean/site_features`` then holds the clean features of the sites
+in the noisy slots, aligned with ``site_ids``; a UE that heard nothing in any report, which needs the noise to
+push every report below the sensitivity, keeps the strongest noisy site of its best report).
+
 Split by UE, seeded: 80 % train, 10 % val, 10 % test (``--split random``), or with
 ``--split spatial`` the test set is the UEs whose label lies in the 10 % of the area
 with the largest x (and val the next 10 %), a region the model never saw.
@@ -91,6 +108,8 @@ from core.raytracing.distributed import add_ray_argument
 from core.stores.lineage import WITHOUT_MAP, check_map_of_scene, map_path
 from core.stores.measurement_model import KNOBS, SENSITIVITY_OFF, MeasurementModel
 from core.stores.output import check_writable, writing_store
+from core.stores.world_model import PRESETS as WORLD_PRESETS
+from core.stores.world_model import WORLD_KNOBS, WorldModel
 
 
 @dataclass(frozen=True)
@@ -243,7 +262,7 @@ def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | 
     (a Ray worker loads absolute paths; the store keeps the one the user gave).
     """
     from core.raytracing.link_abstraction import LinkConfig, link_abstraction
-    from core.raytracing.tracing import build_scene
+    from core.raytracing.world import ShadowField, world_propagation, world_scene
     from core.stores.dataset import MeasurementDataset
 
     _check_arguments(num_ues, reports, split, model)
@@ -255,13 +274,21 @@ def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | 
         map_ref = replace(map_ref, path=recorded_path(map_ref.path, record_relative_to))
     propagation = _propagation_for(propagation, map_propagation, map_ref.path if map_ref else None)
     radio = propagation.radio
-    scene = build_scene(info, sites, radio)
+    world = model.world
+    scene, realisation = world_scene(info, sites, radio, world, bounds)  # the map's scene in the oracle world
+    field = ShadowField(world, len(sites)) if world.shadowing else None
     link = link_abstraction(LinkConfig())
     xyz, times, c, t_trace = _trace_walks(rng, scene, info.name, num_ues, reports, bounds, valid, walk, model,
-                                          propagation, link)
-    detected = detected_sites(c["site_ids"], c["site_features"][..., 0], model.sensitivity_dbm, radio.tx_power_dbm)
-    noisy = _add_noise(rng, c, detected, model, radio, link)
-    present, site_ids, los = _drop_reports(rng, noisy, c, detected, model.missing_rate)
+                                          world_propagation(propagation, world), link, field)
+    if world.detect_on_noisy:
+        detected, noisy, heard_los = _noisy_detection(rng, c, model, radio, link)
+        c["site_features"] = noisy.pop("clean_site_features")  # clean/* follows the noisy slot order
+        present, site_ids, los = _drop_reports(rng, noisy, {"los": heard_los}, detected, model.missing_rate,
+                                               heard=detected[..., 0] >= 0)
+    else:
+        detected = detected_sites(c["site_ids"], c["site_features"][..., 0], model.sensitivity_dbm, radio.tx_power_dbm)
+        noisy = _add_noise(rng, c, detected, model, radio, link)
+        present, site_ids, los = _drop_reports(rng, noisy, c, detected, model.missing_rate)
     split_arr = _split_samples(rng, xyz[:, -1, :2], split)
     attrs: dict[str, Any] = {
         "scene": info.name,
@@ -274,13 +301,15 @@ def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | 
         "split": {"kind": split, "fractions": {"train": 0.8, "val": 0.1, "test": 0.1},
                   "spatial_rule": "test: label x >= 90th percentile, val: 80th-90th" if split == "spatial" else None},
         "walk": asdict(walk),
-        "propagation": propagation.to_dict(),
+        "propagation": propagation.to_dict(),  # the map's; the world's differences: measurement_model.world
         "generator": {"sites_per_report": model.sites_per_report,
                       "source": "PathSolver at the exact UE positions (attrs.propagation)",
                       "timings": {"total_s": time.perf_counter() - t_start, "ray_tracing_s": t_trace}},
         "radio": radio.to_dict(),
         "link_abstraction": link.config.to_dict(),
     }
+    if not world.is_oracle:
+        attrs["world_realisation"] = realisation  # what --world-seed drew: site offsets, removed buildings, ...
     report(1.0, f"{info.name}: done")
     n, t = xyz.shape[:2]
     return MeasurementDataset(
@@ -314,16 +343,21 @@ def _propagation_for(given, from_map, map_path):
     return from_map
 
 
-def _trace_walks(rng, scene, name, num_ues, reports, bounds, valid, walk, model, propagation, link):
-    """Draw walks and ray-trace them; walks that leave coverage somewhere (no site received
-    at or above the sensitivity, :func:`in_coverage`) are replaced by spares.
+def _trace_walks(rng, scene, name, num_ues, reports, bounds, valid, walk, model, propagation, link, field=None):
+    """Draw walks and ray-trace them (in the world's ``scene`` with the world's ``propagation``, the
+    shadow fading ``field`` added: :mod:`core.raytracing.world`); walks that leave coverage somewhere
+    (no site received at or above the sensitivity, :func:`in_coverage`) are replaced by spares.
 
     Returns ``(xyz [N, T, 3], times [T], clean, ray_tracing_s)`` with ``clean`` the
-    :func:`measure` arrays ``[N, T, ...]`` plus ``pg_all [N, T, S]`` (every site's gain).
+    :func:`measure` arrays ``[N, T, ...]`` plus ``pg_all [N, T, S]`` (every site's gain) and, when
+    the world detects on the noisy power, ``toa_all``, ``aoa_all`` and ``los_all`` ``[N, T, S]``.
     """
     from tqdm import tqdm
 
     from core.raytracing.tracing import trace_points
+    from core.raytracing.world import shadowed
+
+    every_site = ("toa", "aoa", "los") if model.world.detect_on_noisy else ()
 
     xyz = np.empty((0, reports, 3))
     clean: dict[str, list[np.ndarray]] = {}
@@ -342,6 +376,7 @@ def _trace_walks(rng, scene, name, num_ues, reports, bounds, valid, walk, model,
                               progress=lambda d, n: (bar.update(min(done0 + d, total) - bar.n),
                                                      report(0.9 * bar.n / total, "ray tracing")))
         t_trace += time.perf_counter() - t0
+        traced = shadowed(traced, walks.reshape(-1, 3), field)
         covered = in_coverage(traced["path_gain"], model.sensitivity_dbm, propagation.radio.tx_power_dbm)
         covered = covered.reshape(len(walks), reports).all(1)
         meas = measure(traced, model.sites_per_report, propagation.radio, link)
@@ -351,6 +386,8 @@ def _trace_walks(rng, scene, name, num_ues, reports, bounds, valid, walk, model,
             if key != "order":
                 clean.setdefault(key, []).append(arr.reshape((len(walks), reports) + arr.shape[1:])[keep])
         clean.setdefault("pg_all", []).append(traced["path_gain"].reshape(len(walks), reports, -1)[keep])
+        for key in every_site:
+            clean.setdefault(f"{key}_all", []).append(traced[key].reshape(len(walks), reports, -1)[keep])
     bar.close()
     if len(xyz) < num_ues:
         sensitivity = model.sensitivity_dbm
@@ -408,15 +445,84 @@ def _add_noise(rng, c: dict[str, np.ndarray], detected: np.ndarray, model: Measu
             "cell_features": np.stack([snr, sinr, thr, bler], -1).astype(np.float32)}
 
 
+def _noisy_detection(rng, c: dict[str, np.ndarray], model: MeasurementModel, radio, link):
+    """Measurement noise, then detection and slots on the NOISY power (the world's ``detect_on_noisy``).
+
+    With ``G~_nts = G_nts + e_G`` (every site, as :func:`_add_noise`), site ``s`` is heard when
+    ``P + G~_nts >= sensitivity`` (any finite gain without one), and the K slots hold the heard
+    sites by decreasing ``G~``, with ``(G~, toa + e_T (+ c_n), wrap(aoa + e_A))`` of that site's
+    strongest path; the cell features and ``los`` are those of slot 0 (the serving site).
+
+    Returns ``(detected [N, T, K] int16, {"site_features", "cell_features", "clean_site_features"},
+    los [N, T])``; ``clean_site_features [N, T, K, 3]``: the clean ``(G, toa, aoa)`` of the site in
+    each slot (of the site next by noisy power where no site was heard; NaN without a path), so
+    ``clean/*`` stays aligned with ``site_ids`` as in the clean-detection case.
+    """
+    pg = c["pg_all"] + rng.normal(0.0, model.path_gain_db, c["pg_all"].shape)  # [N, T, S], -inf stays -inf
+    n, t, s_n = pg.shape
+    k_n = model.sites_per_report
+    heard_all = np.isfinite(pg)
+    if model.sensitivity_dbm is not None:
+        heard_all &= radio.tx_power_dbm + np.where(heard_all, pg, -np.inf) >= model.sensitivity_dbm
+        deaf = np.flatnonzero(~heard_all.any(axis=(1, 2)))  # UEs that heard nothing in any report (rare)
+        if len(deaf):  # keep them: the strongest noisy site of their best report counts as heard
+            best = np.where(np.isfinite(pg[deaf]), pg[deaf], -np.inf).reshape(len(deaf), -1).argmax(1)
+            heard_all[deaf, best // s_n, best % s_n] = True
+    score = np.where(heard_all, pg, -np.inf)
+    order = np.argsort(-score, axis=-1, kind="stable")[..., :k_n]  # [N, T, k] (k = min(K, S))
+    k = order.shape[-1]
+    ok = np.take_along_axis(heard_all, order, -1)
+    detected = np.full((n, t, k_n), -1, np.int16)
+    detected[..., :k] = np.where(ok, order, -1)
+    feats = np.full((n, t, k_n, 3), np.nan, np.float64)
+    feats[..., :k, 0] = np.where(ok, np.take_along_axis(pg, order, -1), np.nan)
+    toa = np.take_along_axis(c["toa_all"].astype(np.float64), order, -1) + rng.normal(0.0, model.toa_ns, (n, t, k))
+    aoa = wrap_degrees(np.take_along_axis(c["aoa_all"].astype(np.float64), order, -1)
+                       + rng.normal(0.0, model.aoa_deg, (n, t, k)))
+    if model.clock_offset_ns > 0:
+        toa = toa + rng.normal(0.0, model.clock_offset_ns, n)[:, None, None]
+    feats[..., :k, 1] = np.where(ok, toa, np.nan)
+    feats[..., :k, 2] = np.where(ok, aoa, np.nan)
+    serv = feats[..., 0, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p_mw = 10 ** ((radio.tx_power_dbm + pg) / 10)
+        interf = np.maximum(p_mw.sum(-1) - 10 ** ((radio.tx_power_dbm + serv) / 10), 0.0)
+        snr = radio.tx_power_dbm + serv - radio.noise_dbm
+        sinr = radio.tx_power_dbm + serv - 10 * np.log10(interf + 10 ** (radio.noise_dbm / 10))
+    thr, bler, _ = link(np.nan_to_num(sinr, nan=-np.inf))
+    cell = np.stack([snr, sinr, thr, bler], -1)
+    cell[~ok[..., 0]] = np.nan
+    los = np.take_along_axis(c["los_all"], order[..., :1], -1)[..., 0] & ok[..., 0]
+    finite = np.isfinite(np.take_along_axis(c["pg_all"], order, -1))
+    clean = np.full((n, t, k_n, 3), np.nan, np.float64)
+    for f, key in enumerate(("pg_all", "toa_all", "aoa_all")):
+        clean[..., :k, f] = np.where(finite, np.take_along_axis(c[key].astype(np.float64), order, -1), np.nan)
+    return detected, {"site_features": feats.astype(np.float32), "cell_features": cell.astype(np.float32),
+                      "clean_site_features": clean.astype(np.float32)}, los
+
+
 def _drop_reports(rng, noisy: dict[str, np.ndarray], c: dict[str, np.ndarray], detected: np.ndarray,
-                  missing_rate: float):
+                  missing_rate: float, heard: np.ndarray | None = None):
     """Drop reports at random with probability ``missing_rate`` (at least one kept per UE),
     in place in ``noisy``.
+
+    ``heard [N, T]`` (detection on the noisy power): a report that hears no site is not sent,
+    and the report kept for a UE whose reports all dropped is one it heard something in
+    (:func:`_noisy_detection` makes every UE hear something somewhere).
 
     Returns ``(present [N, T], site_ids [N, T, K] int16, los [N, T])``.
     """
     n, t = detected.shape[:2]
     present = rng.random((n, t)) >= missing_rate
+    if heard is not None:
+        present &= heard
+        none = np.flatnonzero(~present.any(1))
+        pick = rng.random((len(none), t)) + heard[none]  # a heard report scores above every unheard one
+        present[none, np.argmax(pick, axis=1)] = True
+        noisy["site_features"][~present] = np.nan
+        noisy["cell_features"][~present] = np.nan
+        site_ids = np.where(present[..., None], detected, -1).astype(np.int16)
+        return present, site_ids, c["los"] & present
     none = ~present.any(1)
     present[np.flatnonzero(none), rng.integers(0, t, none.sum())] = True
     noisy["site_features"][~present] = np.nan
@@ -453,6 +559,28 @@ _MODEL_HELP = {
     "sensitivity_dbm": "a site is reported only when its received power P_tx + G_s >= this [dBm]; "
                        f"{SENSITIVITY_OFF!r}: every site with a path; the default is the default radio's "
                        "thermal noise - 6 dB",
+}
+
+
+_WORLD_METAVAR = {"material_spread": "A", "height_sigma_m": "SIGMA", "remove_fraction": "F",
+                  "vehicle_density_per_km2": "PER_KM2", "site_position_sigma_m": "SIGMA",
+                  "site_orientation_sigma_deg": "SIGMA", "downtilt_error_deg": "DEG", "scattering_coefficient": "S",
+                  "shadowing_los_db": "SIGMA", "shadowing_nlos_db": "SIGMA", "shadowing_decorrelation_m": "M",
+                  "detect_on_noisy": "BOOL"}
+_WORLD_HELP = {
+    "material_spread": "each material's permittivity and conductivity times U[1-a, 1+a] (a in [0, 0.9])",
+    "height_sigma_m": "sigma of each building's height error [m]",
+    "remove_fraction": "fraction of buildings missing from the world, in [0, 1)",
+    "vehicle_density_per_km2": "metal cars per km^2 of the map's area, on outdoor ground",
+    "site_position_sigma_m": "sigma of each site's x and y error between map and world [m]",
+    "site_orientation_sigma_deg": "sigma of each site antenna's mechanical tilt and azimuth error [deg]",
+    "downtilt_error_deg": "the world's electrical down-tilt minus the map's (6 deg) [deg]",
+    "scattering_coefficient": "diffuse scattering coefficient S of every material in the world (the map: 0), "
+                              "traced with PathSolver diffuse_reflection",
+    "shadowing_los_db": "shadow-fading sigma on line-of-sight links [dB] (Gudmundson, spatially correlated)",
+    "shadowing_nlos_db": "shadow-fading sigma on non-line-of-sight links [dB]",
+    "shadowing_decorrelation_m": "shadow fading's decorrelation distance [m] (default 10)",
+    "detect_on_noisy": "true: which sites are heard, and their slot order, by the noisy power (else the clean one)",
 }
 
 
@@ -529,6 +657,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         # parsed by MeasurementModel.from_flags: a bad value is one error line naming the flag
         model.add_argument(KNOBS[name].flag, dest=name, default=None, metavar=KNOBS[name].metavar,
                            help=_model_help(name))
+    world = parser.add_argument_group(
+        "world (how the world the UEs measure in differs from the radio map; recorded in measurement_model.world; "
+        "docs/world.md)")
+    world.add_argument("--world", default=None, metavar="PRESET",
+                       help="oracle (default: the world is the map, as before) or realistic (every perturbation "
+                            "below at its documented value); a flag below overrides that one value")
+    world.add_argument("--world-seed", type=cli_types.seed, default=None, metavar="SEED",
+                       help="seed of the world's perturbations (default: 0), independent of --seed")
+    realistic = WORLD_PRESETS["realistic"]
+    for name, knob in WORLD_KNOBS.items():
+        value = getattr(realistic, name)
+        shown = str(value).lower() if isinstance(value, bool) else f"{value:g}"
+        world.add_argument(knob.flag, dest=f"world_{name}", default=None, metavar=_WORLD_METAVAR.get(name, "X"),
+                           help=f"{_WORLD_HELP[name]} (realistic: {shown})")
     parser.add_argument("--force", action="store_true", help="overwrite an existing dataset")
     add_ray_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -541,7 +683,8 @@ def run(args: argparse.Namespace) -> int:
     repeated = sorted({s for s in scenes if scenes.count(s) > 1})
     if repeated:
         raise CoreError(f"--scene {repeated[0]} is given more than once")
-    model = MeasurementModel.from_flags({name: getattr(args, name) for name in _MODEL_HELP})
+    world = WorldModel.from_flags(args.world, args.world_seed, {n: getattr(args, f"world_{n}") for n in WORLD_KNOBS})
+    model = MeasurementModel.from_flags({name: getattr(args, name) for name in _MODEL_HELP}, world=world)
     _check_arguments(args.num_ues, args.reports, args.split, model)
     radio_maps = None if args.no_map else args.radio_maps
     if radio_maps is not None and not Path(radio_maps).is_dir():

@@ -237,6 +237,11 @@ def _convex_hull(xy: np.ndarray) -> np.ndarray:
     return np.array(lower[:-1] + upper[:-1], dtype=np.float64)
 
 
+def building_name(object_name: str) -> str:
+    """The building a scene object belongs to: its name without the ``-itu_<material>`` suffix."""
+    return _MATERIAL_SUFFIX_RE.sub("", object_name)
+
+
 def buildings_of(scene) -> list[Building]:
     """The buildings of a loaded Sionna scene (see the module docstring)."""
     groups: dict[str, list[np.ndarray]] = {}

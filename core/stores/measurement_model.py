@@ -22,16 +22,21 @@ with ``version``). A dataset written before the record existed has ``attrs["nois
 {path_gain_db, toa_ns, aoa_deg, p_missing}`` only: it reads as those values, no clock
 offset, ``generator.sites_per_report`` slots and no sensitivity threshold (every site
 PathSolver found a path to was reported), which is what made it.
+
+The record also holds the WORLD the reports were traced in, ``world``
+(:class:`~core.stores.world_model.WorldModel`: how the world differs from the radio map,
+``--world oracle|realistic`` and its flags); a record without it is of the oracle world.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from core.errors import CoreError
+from core.stores.world_model import ORACLE, WorldModel
 
 RECORD_KEY = "measurement_model"
 RECORD_VERSION = 1
@@ -70,9 +75,18 @@ class MeasurementModel:
     missing_rate: float = 0.2
     sites_per_report: int = 4
     sensitivity_dbm: float | None = -100.0
+    #: how the world the UEs measure in differs from the map (:mod:`core.stores.world_model`; oracle: not at all)
+    world: WorldModel = ORACLE
+
+    def knobs(self) -> dict[str, Any]:
+        """``{field: value}`` of the measurement knobs (every field but ``world``)."""
+        return {name: getattr(self, name) for name in KNOBS}
 
     def check(self) -> None:
         """Raise :class:`CoreError` naming the flag of the first bad value."""
+        if not isinstance(self.world, WorldModel):
+            raise CoreError(f"the world must be a WorldModel, got {type(self.world).__name__}")
+        self.world.check()
         for name in ("path_gain_db", "toa_ns", "aoa_deg", "clock_offset_ns"):
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0:
@@ -89,9 +103,9 @@ class MeasurementModel:
 
     # -- the command line ------------------------------------------------------------------
     @classmethod
-    def from_flags(cls, values: Mapping[str, str | int | float | None]) -> MeasurementModel:
+    def from_flags(cls, values: Mapping[str, str | int | float | None], world: WorldModel = ORACLE) -> MeasurementModel:
         """Parse and check the flags' raw values (``{field: text}``; a missing field keeps
-        its default). A value that is no number raises :class:`CoreError` naming its flag."""
+        its default) in ``world``. A value that is no number raises :class:`CoreError` naming its flag."""
         parsed: dict[str, Any] = {}
         for name, raw in values.items():
             if raw is None:
@@ -104,39 +118,45 @@ class MeasurementModel:
             except (TypeError, ValueError):
                 kind = "an integer" if name == "sites_per_report" else "a number"
                 raise CoreError(f"{KNOBS[name].flag} must be {kind}, got {raw!r}") from None
-        model = cls(**parsed)
+        model = cls(**parsed, world=world)
         model.check()
         return model
 
     def cli_args(self) -> list[str]:
-        """The flags that make this model: ``["--noise-path-gain-db", "2", ...]``."""
+        """The flags that make this model: ``["--noise-path-gain-db", "2", ...]`` (then the world's
+        flags, :meth:`WorldModel.cli_args`, unless it is the oracle world)."""
         args: list[str] = []
-        for name, value in asdict(self).items():
+        for name, value in self.knobs().items():
             text = SENSITIVITY_OFF if value is None else (f"{value:.12g}" if isinstance(value, float) else str(value))
             args += [KNOBS[name].flag, text]
-        return args
+        return args + ([] if self.world.is_oracle else self.world.cli_args())
 
     # -- the store -------------------------------------------------------------------------
     def to_attrs(self) -> dict[str, Any]:
-        """The record written to ``attrs["measurement_model"]`` (JSON: None = no threshold)."""
-        return {"version": RECORD_VERSION, **asdict(self)}
+        """The record written to ``attrs["measurement_model"]`` (JSON: None = no threshold; ``world``:
+        :meth:`WorldModel.to_attrs`, left out for the oracle world, so an oracle dataset's record is
+        exactly the one written before worlds existed)."""
+        record = {"version": RECORD_VERSION, **self.knobs()}
+        return record if self.world.is_oracle else {**record, "world": self.world.to_attrs()}
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> MeasurementModel | None:
         """The model a dataset's ``attrs`` record; the old defaults for a store written before
         the record existed; ``None`` when it records none (e.g. an analytic test dataset).
+        A record without ``world`` (made before worlds existed) is of the oracle world.
         A malformed record raises :class:`CoreError`."""
         record = attrs.get(RECORD_KEY)
         if record is None:
             return _legacy(attrs)
         if not isinstance(record, Mapping):
             raise CoreError(f"attrs {RECORD_KEY} must be a mapping, got {type(record).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(record) - known - {"version"})
+        known = {f.name for f in fields(cls)} - {"world"}
+        unknown = sorted(set(record) - known - {"version", "world"})
         if unknown:
             raise CoreError(f"attrs {RECORD_KEY}: unknown keys {unknown}")
-        model = cls(**{k: v for k, v in record.items() if k in known})
         try:
+            model = cls(**{k: v for k, v in record.items() if k in known},
+                        world=WorldModel.from_attrs(record.get("world")))
             model.check()
         except CoreError as exc:
             raise CoreError(f"attrs {RECORD_KEY} holds a bad value ({exc})") from None
@@ -145,7 +165,7 @@ class MeasurementModel:
     def describe(self) -> list[dict[str, str]]:
         """One row per knob for a table: ``{"knob", "value", "flag"}``."""
         rows = []
-        for name, value in asdict(self).items():
+        for name, value in self.knobs().items():
             knob = KNOBS[name]
             if value is None:
                 text = "off (every site with a path)"
@@ -161,7 +181,12 @@ class MeasurementModel:
         clock = f"clock offset σ {self.clock_offset_ns:g} ns" if self.clock_offset_ns else "no clock offset"
         sens = "no sensitivity threshold" if self.sensitivity_dbm is None else f"sites ≥ {self.sensitivity_dbm:g} dBm"
         return (f"noise σ {self.path_gain_db:g} dB / {self.toa_ns:g} ns / {self.aoa_deg:g} deg, {clock}, "
-                f"{100 * self.missing_rate:g} % reports missing, K = {self.sites_per_report}, {sens}")
+                f"{100 * self.missing_rate:g} % reports missing, K = {self.sites_per_report}, {sens}; "
+                f"world: {self.world.summary()}")
+
+    def in_world(self, world: WorldModel) -> MeasurementModel:
+        """The same knobs in another world."""
+        return replace(self, world=world)
 
 
 def _is_number(value: Any) -> bool:
