@@ -92,8 +92,8 @@ def corpus_dataset(name: str, root: Path, num_ues: int, reports: int, seed: int,
     from core.raytracing.measurements import DatasetOptions, dataset_of_scene
     from core.stores.measurement_model import MeasurementModel
 
-    options = DatasetOptions(num_ues, reports, str(root / "radio_maps"), seed, "random", str(root / "scenes"),
-                             MeasurementModel())
+    options = DatasetOptions(num_ues=num_ues, reports=reports, radio_maps=str(root / "radio_maps"), seed=seed,
+                             split="random", scenes_dir=str(root / "scenes"), model=MeasurementModel())
     path = root / "datasets" / name
     dataset_of_scene(name, str(path), options, force)
     return str(path)
