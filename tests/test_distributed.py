@@ -142,3 +142,32 @@ def test_a_city_corpus_on_ray_isolates_a_failing_city_and_resumes(ray_cluster, t
     text = capsys.readouterr().out
     assert "city_0: skipped" in text and "city_1: ok" in text
     assert json.loads((out / "manifest.json").read_text())["complete"] == 2
+
+
+def _killed_worker(name, *args):
+    """A city whose worker dies mid-task (killed, out of memory): SIGKILL to its own process."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_city_whose_worker_is_killed_is_reported_and_the_other_completes(ray_cluster, tmp_path):
+    """The corpus' Ray path (make-corpus --ray runs exactly this): a killed worker fails its city only."""
+    from ray import cloudpickle
+
+    from core.raytracing.city import CityParams
+    from core.raytracing.corpus import corpus_city, corpus_params, write_manifest
+    from core.raytracing.distributed import run_on_ray
+    from core.raytracing.scene_batch import SceneCall
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    base = CityParams(size_m=64.0, block_m=32.0).model_dump()
+    calls = [SceneCall("city_0", corpus_city, (corpus_params(0, base, False), str(tmp_path), None, 0)),
+             SceneCall("city_1", _killed_worker, ())]
+    try:
+        results = run_on_ray(calls, ray_cluster, "make-corpus")
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert [r.status for r in results] == ["ok", "failed"] and "worker died" in results[1].detail
+    manifest = write_manifest(tmp_path, ["city_0", "city_1"], results, {})
+    assert manifest["complete"] == 1 and manifest["failed"] == [{"name": "city_1", "cause": results[1].detail}]
