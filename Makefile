@@ -16,7 +16,7 @@ $(error TORCH_BUILD=$(TORCH_BUILD): use auto, cpu, cuda or cuXYZ, e.g. cu128)
 endif
 STAMP := $(VENV)/.installed$(if $(filter cpu,$(TORCH)),,-torch-$(TORCH))
 
-.PHONY: run test bench install default-data default-run scenes many-scenes
+.PHONY: run test bench install default-data default-run scenes many-scenes corpus
 
 $(STAMP): requirements.txt scripts/install_system.sh
 	bash scripts/install_system.sh
@@ -65,3 +65,9 @@ scenes: $(STAMP)
 many-scenes: $(STAMP)
 	$(PY) -m core train --config configs/model.yaml --set 'data.datasets=[datasets/etoile, datasets/florence, datasets/simple_street_canyon, datasets/simple_street_canyon_with_cars]' --set data.holdout_scene=munich --set training.epochs=20 --out runs/many_scenes --force --no-progress
 	$(PY) -m core evaluate --run runs/many_scenes --scene munich --refine
+
+# The procedural-city corpus (issue 18, docs/cities.md): 100 varied cities with their maps and datasets, one Ray
+# task per city on a local Ray; rerunning resumes (finished cities are skipped). CORPUS=... RAY=HOST:PORT for a cluster.
+CORPUS ?= corpus
+corpus: $(STAMP)
+	$(PY) -m core make-corpus --count 100 --out $(CORPUS) --ray $(RAY) --no-progress

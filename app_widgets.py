@@ -447,3 +447,69 @@ def scenes_problem(ws, scenes: list[str], holdout: str | None, portable) -> str:
     except CoreError as exc:
         return str(exc)
     return ""
+
+
+# -- procedural cities (issue 18) ---------------------------------------------------------
+CORPUS_DIR = "corpus"  # the corpus folder of the workspace (`make corpus`)
+
+
+def city_form(ws: Workspace, key: str = "make_city") -> None:
+    """Make a procedural city (seed and the main generator parameters) into the workspace's scenes
+    folder: launches ``python -m core make-city ...``; the city is then a scene like any other."""
+    from core.jobs.manager import make_city_spec
+
+    with st.form(key):
+        cols = st.columns(4)
+        seed = cols[0].number_input("Seed", min_value=0, max_value=2**32 - 1, value=0, step=1, key=f"{key}_seed")
+        layout = cols[1].selectbox("Streets", ["perturbed", "grid", "irregular"], key=f"{key}_layout")
+        size = cols[2].number_input("Size [m]", min_value=64, max_value=512, value=256, step=64, key=f"{key}_size")
+        vehicles = cols[3].number_input("Vehicles", min_value=0, max_value=500, value=0, key=f"{key}_vehicles")
+        cols = st.columns(4)
+        street = cols[0].number_input("Street width [m]", min_value=2.0, max_value=60.0, value=16.0, key=f"{key}_street")
+        density = cols[1].number_input("Density (lots built)", min_value=0.0, max_value=1.0, value=0.85, step=0.05,
+                                       key=f"{key}_density")
+        height = cols[2].number_input("Height mean [m]", min_value=3.0, max_value=100.0, value=15.0, key=f"{key}_height")
+        terrain = cols[3].number_input("Hills ± [m]", min_value=0.0, max_value=50.0, value=0.0, key=f"{key}_terrain")
+        go = st.form_submit_button("Make the city", type="primary")
+    with guard("city settings"):
+        params = {"layout": layout, "size_m": float(size), "street_width_m": float(street), "density": float(density),
+                  "height_mean_m": float(height), "vehicles": int(vehicles), "terrain_m": float(terrain)}
+        spec = make_city_spec(int(seed), ws.rel(ws.scenes_dir), params)
+        st.caption("Making the city runs `python -m core " + " ".join(spec.args) + "`; then pick "
+                   f"`city_{int(seed)}` as the active scene and generate its map.")
+        if go and launch(spec) is not None:
+            scene_names.clear()
+            st.rerun()
+
+
+def corpus_box(ws: Workspace, ray: str | None, key: str = "corpus") -> None:
+    """The corpus of the workspace (``corpus/manifest.json``) as a table, and the job that builds or resumes it."""
+    import json
+
+    import pandas as pd
+
+    from core.jobs.manager import make_corpus_spec
+
+    manifest_path = ws.root / CORPUS_DIR / "manifest.json"
+    if manifest_path.is_file():
+        with guard("corpus manifest"):
+            manifest = json.loads(manifest_path.read_text())
+            rows = [{"city": c["name"], "seed": c["seed"], "streets": c["params"]["layout"], "buildings": c["buildings"],
+                     "footprint share": c["footprint_share"], "height mean m": c["height_m"]["mean"],
+                     "outdoor coverage": c.get("outdoor_coverage"),
+                     "seconds": sum((c.get("seconds") or {}).values())} for c in manifest.get("cities", [])]
+            st.caption(f"{manifest.get('complete', 0)} of {manifest.get('count', 0)} cities complete, "
+                       f"{len(manifest.get('failed', []))} failed ({ws.rel(manifest_path)})")
+            st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+            for failure in manifest.get("failed", []):
+                st.error(f"{failure['name']}: {failure['cause']}")
+    else:
+        st.caption(f"No corpus yet in {ws.rel(ws.root / CORPUS_DIR)}.")
+    with st.form(key):
+        count = st.number_input("Cities", min_value=1, max_value=10_000, value=100, step=10, key=f"{key}_count")
+        go = st.form_submit_button("Build or resume the corpus")
+    with guard("corpus settings"):
+        spec = make_corpus_spec(int(count), CORPUS_DIR, ray=ray)
+        st.caption("Building the corpus runs `python -m core " + " ".join(spec.args) + "` (finished cities are skipped)")
+        if go and launch(spec) is not None:
+            st.rerun()

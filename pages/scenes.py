@@ -98,4 +98,10 @@ else:
                                     "λ_phys": r.lambda_phys, "best val median [m]": r.best_val_median_m}
                                    for r in status.runs]), hide_index=True, width="stretch")
 
-wb.job_panel(("generate-maps", "make-dataset"), key="scene_jobs", limit=3, title="Map and dataset jobs")
+with st.expander("Make a procedural city (docs/cities.md)"):
+    wb.city_form(ws)
+with st.expander("The city corpus: many cities with their maps and datasets"):
+    wb.corpus_box(ws, ray)
+
+wb.job_panel(("generate-maps", "make-dataset", "make-city", "make-corpus"), key="scene_jobs", limit=3,
+             title="Map, dataset and city jobs")

@@ -117,3 +117,57 @@ def test_a_dataset_made_on_ray_records_the_map_path_as_given(ray_cluster, tmp_pa
     ds = MeasurementDataset.load(tmp_path / "ds")
     assert ds.attrs["radio_map"] == "maps/simple_street_canyon.zarr"
     assert ds.radio_map_ref.path == "maps/simple_street_canyon.zarr"
+
+
+def test_a_city_corpus_on_ray_isolates_a_failing_city_and_resumes(ray_cluster, tmp_path, capsys):
+    """make-corpus: one Ray task per city; a city that cannot be written fails with its cause, the
+    other completes, the manifest names both, and a rerun skips the finished one. Cities only (their
+    maps: tests/test_city.py), so the Ray workers need not compile Dr.Jit's kernels."""
+    import json
+
+    out = tmp_path / "corpus"
+    (out / "scenes" / "city_1").mkdir(parents=True)
+    (out / "scenes" / "city_1" / "notes.txt").write_text("not a city's file")  # city_1 must not replace it
+    args = ["make-corpus", "--count", "2", "--out", str(out), "--size-m", "64", "--sites", "0", "--no-map",
+            "--no-progress"]
+    assert main(args + ["--ray", ray_cluster]) == 2
+    text = capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [c["name"] for c in manifest["cities"]] == ["city_0"] and manifest["complete"] == 1
+    assert manifest["failed"][0]["name"] == "city_1" and "notes.txt" in manifest["failed"][0]["cause"]
+    assert "city_1: failed" in text and (out / "scenes" / "city_0" / "city_0.xml").is_file()
+    (out / "scenes" / "city_1" / "notes.txt").unlink()
+    (out / "scenes" / "city_1").rmdir()
+    assert main(args) == 0  # in turn this time
+    text = capsys.readouterr().out
+    assert "city_0: skipped" in text and "city_1: ok" in text
+    assert json.loads((out / "manifest.json").read_text())["complete"] == 2
+
+
+def _killed_worker(name, *args):
+    """A city whose worker dies mid-task (killed, out of memory): SIGKILL to its own process."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_city_whose_worker_is_killed_is_reported_and_the_other_completes(ray_cluster, tmp_path):
+    """The corpus' Ray path (make-corpus --ray runs exactly this): a killed worker fails its city only."""
+    from ray import cloudpickle
+
+    from core.raytracing.city import CityParams
+    from core.raytracing.corpus import corpus_city, corpus_params, write_manifest
+    from core.raytracing.distributed import run_on_ray
+    from core.raytracing.scene_batch import SceneCall
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    base = CityParams(size_m=64.0, block_m=32.0).model_dump()
+    calls = [SceneCall("city_0", corpus_city, (corpus_params(0, base, False), str(tmp_path), None, 0)),
+             SceneCall("city_1", _killed_worker, ())]
+    try:
+        results = run_on_ray(calls, ray_cluster, "make-corpus")
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert [r.status for r in results] == ["ok", "failed"] and "worker died" in results[1].detail
+    manifest = write_manifest(tmp_path, ["city_0", "city_1"], results, {})
+    assert manifest["complete"] == 1 and manifest["failed"] == [{"name": "city_1", "cause": results[1].detail}]

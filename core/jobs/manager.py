@@ -87,6 +87,8 @@ KINDS = {
     "ablate": "ablation",
     "evaluate": "evaluation",
     "localize": "localizing a report file",
+    "make-city": "procedural city",
+    "make-corpus": "city corpus",
     "selftest": "job-system self test",
 }
 
@@ -275,6 +277,25 @@ def make_dataset_spec(scene: str, out: str, num_ues: int = 20000, reports: int =
         args.append("--force")
     args += _ray_args(ray)
     return JobSpec("make-dataset", tuple(args), out)
+
+
+def make_city_spec(seed: int, scenes_dir: str, params: dict[str, object] | None = None, name: str | None = None,
+                   force: bool = False) -> JobSpec:
+    """Generate procedural city ``seed`` into the scenes folder ``scenes_dir`` (``<scenes_dir>/<name>``,
+    name ``city_<seed>`` by default); ``params``: generator flags by their field name (``density``: ``--density``)."""
+    args = ["make-city", "--seed", str(int(seed)), "--out", scenes_dir]
+    if name:
+        args += ["--name", name]
+    for key, value in (params or {}).items():
+        args += [f"--{key.replace('_', '-')}", _num(value) if isinstance(value, (int, float)) else str(value)]
+    if force:
+        args.append("--force")
+    return JobSpec("make-city", tuple(args), str(Path(scenes_dir) / (name or f"city_{int(seed)}")))
+
+
+def make_corpus_spec(count: int, out: str, ray: str | None = None, extra: Sequence[str] = ()) -> JobSpec:
+    """Build (or resume) a corpus of ``count`` cities with their maps and datasets in ``out``."""
+    return JobSpec("make-corpus", ("make-corpus", "--count", str(int(count)), "--out", out, *extra, *_ray_args(ray)), out)
 
 
 def train_spec(config: str, out: str, overrides: dict[str, object] | None = None) -> JobSpec:

@@ -384,7 +384,7 @@ def _scene_grid(info, settings: MapSettings, sites):
     bbox = scene_bbox(base_scene)
     settings, center, bounds = map_area(settings, bbox)
     if sites is None:
-        sites = layout_for(info.name, buildings_of(base_scene), bbox, area=bounds)
+        sites = layout_for(info, buildings_of(base_scene), bbox, area=bounds)
     del base_scene
     radio = settings.propagation.radio
     scene = build_scene(info, sites, radio)

@@ -13,9 +13,11 @@ is the union of the scene objects sharing a name up to its ``-itu_<material>``
 suffix; its footprint is the convex hull of its vertices projected onto the xy
 plane (``[P, 2]``, metres, scene frame, counter-clockwise ring, not closed), its
 ``height`` the top z and ``base`` the bottom z. Flat objects (z extent < 0.5 m,
-i.e. the ground plane and road markings) are skipped.
+i.e. the ground plane and road markings) are skipped, and so is an object named ``ground*`` or
+``terrain*`` (a hilly ground).
 
-Site layout (:func:`site_layout`): ``configs/sites/<scene>.yaml`` if it exists, else
+Site layout (:func:`site_layout`): ``configs/sites/<scene>.yaml`` if it exists, else, for a
+user scene, its own ``<name>.sites.yaml`` beside its XML (``make-city`` writes one), else
 the automatic layout of :func:`automatic_layout` (documented in ``docs/maps.md``).
 """
 
@@ -40,6 +42,7 @@ SCENES_DIR_ENV = "CORE_SCENES_DIR"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _MATERIAL_SUFFIX_RE = re.compile(r"-itu_[A-Za-z0-9_]+$")
 _FLAT_EXTENT_M = 0.5  # objects thinner than this (ground, markings) are not buildings
+_GROUND_RE = re.compile(r"^(ground|terrain)", re.IGNORECASE)  # nor is a hilly ground (make-city --terrain-m)
 
 # Automatic layout defaults (see docs/maps.md)
 DEFAULT_NUM_SITES = 5
@@ -115,6 +118,11 @@ class SceneGeometry:
 
 
 # -- catalogue -------------------------------------------------------------------------
+def valid_name(name: str) -> bool:
+    """Whether ``name`` is a valid scene name (letters, digits, ``_ . -``; not starting with ``.`` or ``-``)."""
+    return bool(_NAME_RE.match(str(name)))
+
+
 def builtin_scenes_dir() -> Path:
     """Folder of Sionna RT's built-in scenes (found without importing Sionna)."""
     spec = importlib.util.find_spec("sionna")
@@ -246,7 +254,7 @@ def buildings_of(scene) -> list[Building]:
     for name, parts in groups.items():
         v = np.concatenate(parts)
         z_min, z_max = float(v[:, 2].min()), float(v[:, 2].max())
-        if z_max - z_min < _FLAT_EXTENT_M:
+        if z_max - z_min < _FLAT_EXTENT_M or _GROUND_RE.match(name):
             continue
         buildings.append(Building(name, _convex_hull(v[:, :2]), z_max, z_min))
     return buildings
@@ -269,7 +277,7 @@ def scene_geometry(name: str, scenes_dir: str | os.PathLike | None = None) -> Sc
     scene = load_scene(info)
     buildings = buildings_of(scene)
     bbox = scene_bbox(scene)
-    sites = layout_for(info.name, buildings, bbox)
+    sites = layout_for(info, buildings, bbox)
     return SceneGeometry(info.name, buildings, bbox, sites)
 
 
@@ -362,11 +370,20 @@ def _validate_sites(sites: Any, where: str) -> list[dict[str, Any]]:
     return out
 
 
-def sites_override(scene_name: str, config_dir: str | os.PathLike | None = None) -> list[dict[str, Any]] | None:
-    """The sites of ``configs/sites/<scene>.yaml`` (``sites: [{name, position}]``), or None."""
+def scene_sites_file(info: SceneInfo) -> Path | None:
+    """A user scene's own site layout, ``<name>.sites.yaml`` beside its XML (None for a built-in scene)."""
+    return info.path.with_name(f"{info.name}.sites.yaml") if info.source == "user" else None
+
+
+def sites_override(scene: str | SceneInfo, config_dir: str | os.PathLike | None = None) -> list[dict[str, Any]] | None:
+    """The sites of ``configs/sites/<scene>.yaml`` (``sites: [{name, position}]``), else of the user
+    scene's own :func:`scene_sites_file` (when ``scene`` is a :class:`SceneInfo`), or None."""
     import yaml
 
-    path = Path(config_dir or SITES_CONFIG_DIR) / f"{scene_name}.yaml"
+    name = scene.name if isinstance(scene, SceneInfo) else str(scene)
+    path = Path(config_dir or SITES_CONFIG_DIR) / f"{name}.yaml"
+    if not path.is_file() and isinstance(scene, SceneInfo) and config_dir is None:
+        path = scene_sites_file(scene) or path
     if not path.is_file():
         return None
     try:
@@ -378,8 +395,9 @@ def sites_override(scene_name: str, config_dir: str | os.PathLike | None = None)
     return _validate_sites(data.get("sites"), str(path))
 
 
-def layout_for(scene_name, buildings, bbox, area=None, num_sites=DEFAULT_NUM_SITES):
-    override = sites_override(scene_name)
+def layout_for(scene: str | SceneInfo, buildings, bbox, area=None, num_sites=DEFAULT_NUM_SITES):
+    """The YAML layout of ``scene`` (:func:`sites_override`), else :func:`automatic_layout`."""
+    override = sites_override(scene)
     return override if override is not None else automatic_layout(buildings, bbox, num_sites, area)
 
 
@@ -391,7 +409,7 @@ def site_layout(
 ) -> list[dict[str, Any]]:
     """The sites of scene ``name``: the YAML override if any, else :func:`automatic_layout`."""
     info = resolve_scene(name, scenes_dir)
-    override = sites_override(info.name)
+    override = sites_override(info)
     if override is not None:
         return override
     scene = load_scene(info)
