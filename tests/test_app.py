@@ -685,7 +685,7 @@ def test_every_page_on_the_shipped_default_scene(tmp_path, monkeypatch):
     assert {m.label: m.value for m in at.metric}["Dataset"] == "ok"
     assert int({m.label: m.value for m in at.metric}["Trained models"]) >= 1
     # the shipped dataset predates the measurement-model record: it reads as what made it
-    assert any(e.label.endswith("K = 4, sites ≥ -100 dBm") for e in at.expander)
+    assert any("K = 4, sites ≥ -100 dBm; world: oracle" in e.label for e in at.expander)
     assert at.get("deck_gl_json_chart") and not at.warning
     expected = {"pages/radio_maps.py": 2, "pages/training.py": 2, "pages/attention.py": 3, "pages/refinement.py": 4}
     for page, charts in expected.items():

@@ -234,3 +234,29 @@ def test_evaluate_command(run_dir, tmp_path):
         assert len(rows) == 6, label  # the metrics, the method table, three group tables and the bound table
     assert "bound: last 1 s of reports" not in table.stdout and "bound: last 0 s of reports" in table.stdout
     assert "median error [m] per group" in table.stdout and "nlos" in table.stdout and "sites_1" in table.stdout
+
+
+def test_a_training_scene_evaluated_on_another_dataset_of_it(run_dir, tmp_path):
+    """``evaluate --scene S --dataset D`` on a TRAINING scene reads D (another world of the same walks'
+    scene, made with the trained map), not the trained dataset; the run's stored calibration stays its own."""
+    from core.learning.evaluation import evaluate_scene
+    from core.physics.synthetic import synthetic_dataset
+    from core.stores.radio_map import RadioMap
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    trained = load_run(copy)
+    radio_map = RadioMap.load(trained.radio_map.source)
+    other = synthetic_dataset(radio_map, 150, reports=6, k=3, seed=2, nlos_prob=0.6)  # the same walks, a harsher world
+    other.save(tmp_path / "analytic_nlos")
+    stamp = (copy / "calibration.json").read_bytes()
+    base = evaluate_scene(copy, "analytic", "test", write=False)
+    moved = evaluate_scene(copy, "analytic", "test", dataset_path=tmp_path / "analytic_nlos", write=True)
+    assert moved["count"] == base["count"] and moved["median_m"] != base["median_m"]
+    assert (copy / "calibration.json").read_bytes() == stamp  # calibrated in memory for the other dataset
+    assert (copy / "eval_test_analytic-analytic_nlos.json").exists() and not (copy / "eval_test_analytic.json").exists()
+    with pytest.raises(CoreError, match="elsewhere"):  # a dataset of another scene is refused
+        other_scene = synthetic_dataset(radio_map, 20, reports=6, k=3, seed=3)
+        other_scene.attrs["scene"] = "elsewhere"
+        other_scene.save(tmp_path / "elsewhere")
+        load_run(copy, scene="analytic", dataset_path=tmp_path / "elsewhere")

@@ -59,7 +59,9 @@ class LoadedRun:
     ``device``; dataset / radio_map: the scene loaded (a training scene, by default the first, or a
     held-out one); metrics: metrics.jsonl as a DataFrame (empty if none); checkpoint: which file
     the weights came from. scene_index: the loaded scene's index among the training scenes (None:
-    held out); trained_scenes: the training scenes' names, in scene-index order.
+    held out); trained_scenes: the training scenes' names, in scene-index order. foreign_dataset:
+    a training scene evaluated on ANOTHER dataset of it (``--dataset``: e.g. the same walks traced in
+    the realistic world), made with the trained map; its calibration is made in memory, never stored.
     """
 
     run_dir: Path
@@ -73,6 +75,7 @@ class LoadedRun:
     map_image: torch.Tensor
     scene_index: int | None = 0
     trained_scenes: tuple[str, ...] = ()
+    foreign_dataset: bool = False
     #: the loaded scene's :class:`~core.physics.calibration.Calibration`: None until :func:`calibrate_run`
     calibration: Any = field(default=None, repr=False)
     _likelihood: Any = field(default=None, repr=False)
@@ -155,7 +158,9 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
     ``scene``: one of the run's training scenes (default: the first) or a held-out scene, whose
     dataset is ``dataset_path`` (default :func:`holdout_dataset_path`) and map the one it was made
     with. A training scene's dataset and map must be the ones it was trained on (the ids in its
-    ``lineage.json``), and the map the one the dataset was made with. ``stores``: the
+    ``lineage.json``), and the map the one the dataset was made with; with ``dataset_path`` a training
+    scene is read from another dataset of that scene (another world, say), whose map must be the
+    trained one (``LoadedRun.foreign_dataset``). ``stores``: the
     ``(dataset, radio map)`` as loaded from disk, to skip loading them again (many runs on one
     scene); the run's ``data`` settings (split, sample cap) are applied to them as at training.
     """
@@ -171,13 +176,14 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
     ckpt = run_store.load_checkpoint(ckpt_path, device)
     trained = trained_scenes(run_dir, config)
     index = 0 if scene is None else (trained.index(scene) if scene in trained else None)
+    foreign = index is not None and dataset_path is not None
     if stores is None:
         dataset, radio_map = _scene_stores(config, index, scene, dataset_path)
     else:
         check_map_of_dataset(stores[0].ref, stores[0].radio_map_ref, stores[1].ref)
         dataset, radio_map = apply_data_config(config, *stores), stores[1]
     if index is not None:
-        run_store.check_lineage(run_dir, dataset.ref, radio_map.ref, index)
+        run_store.check_lineage(run_dir, None if foreign else dataset.ref, radio_map.ref, index)
     model = build_model(ckpt["spec"], config.seed)
     try:
         model.load_state_dict(ckpt["model"])
@@ -191,7 +197,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
                          f"{radio_map.source} has {radio_map.bounds}")
     metrics = pd.DataFrame(run_store.read_metrics(run_dir))
     return LoadedRun(run_dir, config, model, dataset, radio_map, metrics, device, ckpt_path,
-                     map_input(radio_map, model.spec.map_size).to(device), index, tuple(trained))
+                     map_input(radio_map, model.spec.map_size).to(device), index, tuple(trained), foreign)
 
 
 def trained_scenes(run_dir: str | os.PathLike, config: Config) -> list[str]:
@@ -215,16 +221,16 @@ def _scene_stores(config: Config, index: int | None, scene: str | None, dataset_
     from core.learning.scene_data import apply_data_config, load_scene, load_stores
     from core.stores.lineage import maps_folder_of
 
-    if index == 0 and config.data.datasets is None:
+    if index == 0 and config.data.datasets is None and dataset_path is None:
         return load_scene(config)
     maps_dir = resolve_path(config.physics_loss.radio_maps_dir)
-    if index is not None:
+    if index is not None and dataset_path is None:
         path, key = config.data.training_datasets[index], f"data.datasets[{index}]"
-    else:  # a held-out scene's map: the one its dataset records, where it is
+    else:  # a held-out scene's, or another dataset of a training scene: the map its dataset records, where it is
         path, key = dataset_path or holdout_dataset_path(config, scene), f"--scene {scene}"
         maps_dir = maps_folder_of(resolve_path(path), maps_dir)
     dataset, radio_map = load_stores(path, maps_dir, None, key)
-    if index is None and dataset.ref.scene != scene:
+    if (index is None or dataset_path is not None) and dataset.ref.scene != scene:
         raise CoreError(f"--scene {scene}: dataset {dataset.ref.describe()} is of scene {dataset.ref.scene!r}")
     return apply_data_config(config, dataset, radio_map), radio_map
 
@@ -244,7 +250,8 @@ def calibrate_run(run: LoadedRun):
             run.calibration = _transferred_calibration(run)
         else:
             name = None if run.scene_index == 0 else run.trained_scenes[run.scene_index]
-            run.calibration = ensure_calibration(run.run_dir, run.dataset, run.radio_map, name)
+            run.calibration = ensure_calibration(run.run_dir, run.dataset, run.radio_map, name,
+                                                 store=not run.foreign_dataset)
     return run.calibration
 
 

@@ -48,14 +48,15 @@ def made_from(calibration, dataset: StoreRef, radio_map: StoreRef) -> bool:
     return True
 
 
-def ensure_calibration(run_dir: str | os.PathLike, dataset, radio_map, scene: str | None = None):
+def ensure_calibration(run_dir: str | os.PathLike, dataset, radio_map, scene: str | None = None, store: bool = True):
     """The run's calibration for ``dataset`` and ``radio_map``: the stored one when it was
     made from these very stores, else calibrated now and stored.
 
     Calibration: :func:`~core.physics.calibration.calibrate` on the train split, every
     present report at its true position; ``meta["dataset"]`` / ``meta["radio_map"]`` record
     the stores' refs. A stored file that is unreadable or made from other stores is
-    replaced. A shipped or read-only run directory gets none written (the calibration is returned).
+    replaced. A shipped or read-only run directory gets none written (the calibration is returned),
+    nor does ``store=False`` (a dataset the run was not trained on: the stored file stays the run's).
     """
     refs = (dataset.ref, radio_map.ref)
     try:
@@ -66,7 +67,7 @@ def ensure_calibration(run_dir: str | os.PathLike, dataset, radio_map, scene: st
         return stored
     cal = calibrate(dataset, radio_map, split="train")
     cal.meta.update({"dataset": refs[0].to_dict(), "radio_map": refs[1].to_dict()})
-    if not is_shipped(run_dir):
+    if store and not is_shipped(run_dir):
         with contextlib.suppress(OSError):
             run_store.write_calibration(run_dir, cal, scene)
     return cal

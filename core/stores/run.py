@@ -392,14 +392,15 @@ def read_lineage(run_dir: str | os.PathLike) -> RunLineage | None:
     return RunLineage(*first, scenes or (first,), held if isinstance(held, str) else None)
 
 
-def check_lineage(run_dir: str | os.PathLike, dataset: StoreRef, radio_map: StoreRef, index: int = 0) -> None:
-    """Refuse ``dataset`` or ``radio_map`` when the run recorded another save of it (of training scene ``index``)."""
+def check_lineage(run_dir: str | os.PathLike, dataset: StoreRef | None, radio_map: StoreRef, index: int = 0) -> None:
+    """Refuse ``dataset`` or ``radio_map`` when the run recorded another save of it (of training scene ``index``;
+    ``dataset`` None: the map alone, for another dataset of that scene)."""
     recorded = read_lineage(run_dir)
     if recorded is None or index >= len(recorded.scenes):
         return
     was_dataset, was_map = recorded.scenes[index]
     for label, was, now in (("dataset", was_dataset, dataset), ("radio map", was_map, radio_map)):
-        if was is not None and was.id and was.id != now.id:
+        if now is not None and was is not None and was.id and was.id != now.id:
             raise StoreError(f"run {run_dir} was trained on {label} {was.describe()}, but its config now leads to "
                              f"{label} {now.describe()}: train it again on these stores, or restore that one")
 
