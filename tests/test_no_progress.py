@@ -38,7 +38,7 @@ def test_no_progress_parses(argv):
 def _bench_physics(out, *extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
     return subprocess.run([sys.executable, "-m", "core", "bench", "--out", str(out), "physics", "--batches", "1",
-                           "--size", "32", "--repeats", "1", "--map-samples", "8", *extra], cwd=REPO_ROOT, env=env, capture_output=True,
+                           "--size", "32", "--repeats", "1", "--map-samples", "8", "--walks", "4", *extra], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
 
 

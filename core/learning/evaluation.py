@@ -336,7 +336,8 @@ def format_table(result: dict[str, Any]) -> str:
     if "refinement" in result:
         r = result["refinement"]
         won = ", ".join(f"{k} {v}" for k, v in r["sources"].items())
-        lines.append(f"MAP refined {r['num_refined']} of {result['count']} samples ({r['ms_per_sample']:.2f} ms each; "
+        of = f"{r['positions']} positions" if "positions" in r else f"{result['count']} samples"  # localize: every time
+        lines.append(f"MAP refined {r['num_refined']} of {of} ({r['ms_per_sample']:.2f} ms each; "
                      f"winning start: {won}); reports pooled over {r['window_s']:g} s, {r['top_k']} coarse centres")
     return "\n".join(lines)
 

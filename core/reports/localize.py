@@ -140,7 +140,7 @@ def _result(scores: _Scores, method: str, run) -> dict[str, Any]:
         e = scores.cat(scores.end, "map")
         won = scores.sources if scores.sources is not None else np.zeros(3, int)
         result["refinement"] = {"method": "map", "after": error_metrics(e), "groups_after": grouped_metrics(e, groups),
-                                "ms_per_sample": ms("map"), "num_refined": int(scores.samples),
+                                "ms_per_sample": ms("map"), "num_refined": int(scores.samples), "positions": int(scores.samples),
                                 "sources": {s: int(c) for s, c in zip(SOURCES, won)},
                                 "window_s": run.config.physics_loss.report_window_s, "top_k": DEFAULT_TOP_K}
     if method == "exhaustive":
