@@ -32,9 +32,11 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT)
 
+# two pytest workers (pytest-xdist), one per core; --dist loadfile keeps a module's tests on one
+# worker, so its module fixtures (a traced scene, a Ray cluster, a Streamlit server) are built once
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 --dist loadfile tests
 
 bench: $(STAMP)
 	$(PY) -m core bench physics

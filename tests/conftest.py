@@ -56,6 +56,14 @@ def tiny_map(tiny_map_settings):
 
 
 @pytest.fixture(scope="session")
+def maps_dir(tiny_map, tmp_path_factory):
+    """A radio-maps folder holding the tiny scene's map (the ``--radio-maps`` of make-dataset tests)."""
+    maps = tmp_path_factory.mktemp("maps")
+    tiny_map.save(maps / f"{TINY_SCENE}.zarr")
+    return maps
+
+
+@pytest.fixture(scope="session")
 def tiny_scene(tiny_map):
     """The tiny scene loaded with the map's sites as transmitters."""
     from core.raytracing.scenes import resolve_scene

@@ -13,14 +13,6 @@ pytestmark = pytest.mark.sionna
 
 
 @pytest.fixture(scope="module")
-def maps_dir(tiny_map, tmp_path_factory):
-    """A radio-maps folder holding the tiny scene's map."""
-    maps = tmp_path_factory.mktemp("maps")
-    tiny_map.save(maps / "simple_street_canyon.zarr")
-    return maps
-
-
-@pytest.fixture(scope="module")
 def tiny_dataset(maps_dir, tmp_path_factory):
     from core.raytracing.measurements import make_dataset
 

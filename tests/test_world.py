@@ -16,13 +16,6 @@ pytestmark = pytest.mark.sionna
 
 
 @pytest.fixture(scope="module")
-def maps_dir(tiny_map, tmp_path_factory):
-    maps = tmp_path_factory.mktemp("maps")
-    tiny_map.save(maps / "simple_street_canyon.zarr")
-    return maps
-
-
-@pytest.fixture(scope="module")
 def setting(tiny_map):
     """``(scene info, map sites, propagation, bounds)`` of the tiny map."""
     from core.raytracing.scenes import resolve_scene
