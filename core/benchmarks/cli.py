@@ -1,4 +1,4 @@
-"""``python -m core bench {physics,maps,train}``.
+"""``python -m core bench {physics,maps,train,localize}``.
 
 Each benchmark module provides ``add_arguments(parser)`` and ``run(args) -> int`` and
 reports through :func:`core.benchmarks.report.write_report`.
@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "physics": ("core.benchmarks.physics", "lookup, physics loss, likelihood and MAP search vs bare grid_sample"),
     "maps": ("core.benchmarks.maps", "radio-map generation time, map fidelity and dataset time"),
     "train": ("core.benchmarks.train", "epoch time with and without the physics loss"),
+    "localize": ("core.benchmarks.localize", "localize: time and peak memory against the report file's size"),
 }
 
 
