@@ -54,13 +54,12 @@ def make_report_file(dataset_path, split: str, rows: int, out: Path) -> tuple[in
 
     from core import resolve_path
     from core.reports.export import EXPORT_COLUMNS, report_rows
-    from core.reports.format import COLUMNS, TableWriter
+    from core.reports.format import COLUMNS, TableWriter, site_names
     from core.stores.dataset import MeasurementDataset
 
     dataset = MeasurementDataset.load(resolve_path(dataset_path))
     idx = dataset.indices(split)
-    sites = [str(s.get("name", f"site{i}")) for i, s in enumerate(dataset.attrs.get("sites") or [])]
-    base = report_rows(dataset, idx, sites)
+    base = report_rows(dataset, idx, site_names(dataset))
     walk = base.column("walk_id")
     starts = np.flatnonzero(np.r_[True, pc.not_equal(walk.slice(1), walk.slice(0, len(walk) - 1)).to_numpy(False)])
     per_walk = np.diff(np.r_[starts, base.num_rows])

@@ -115,7 +115,7 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
             result["walk_refinement"], errors["model_walk"] = _walk(run, pred, map_xy)
     if baselines:
         from core.learning.baselines import run_baselines
-        from core.learning.inference import calibrate_run
+        from core.learning.inference import calibrate_run, walk_prediction
 
         progress.report(0.6, "classical baselines")
         calibrate_run(run)  # the likelihood exhaustive map matching searches
@@ -125,7 +125,7 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
                                 timings=cost)
         result["baselines"] = {}
         if bound_rms is not None:  # the map has per-site layers
-            walk = _timed_walk(run, indices)
+            walk = walk_prediction(run, indices=indices)  # without a network
             est["whole-walk"] = walk.xy.cpu().numpy()
             cost["whole-walk"] = walk.seconds / max(len(indices), 1)
             result["walk_ms_per_walk"] = 1000.0 * cost["whole-walk"]
@@ -241,12 +241,6 @@ def _ratios(result, errors, bound_rms) -> None:
         return
     med = float(np.median(bound_rms))
     result["bound"]["ratio"] = {name: float(np.median(e)) / med for name, e in errors.items()}
-
-
-def _timed_walk(run, indices):
-    from core.learning.inference import walk_prediction
-
-    return walk_prediction(run, indices=indices)
 
 
 def _walk(run, pred, map_xy):

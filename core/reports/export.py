@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from core import cli_types, resolve_path
 from core.errors import CoreError
-from core.reports.format import CELL, COLUMNS, MEASUREMENTS, TableWriter, file_kind
+from core.reports.format import CELL, COLUMNS, MEASUREMENTS, TableWriter, file_kind, site_names
 
 #: the columns an export writes, in order
 EXPORT_COLUMNS: tuple[str, ...] = ("walk_id", "time_s", "site", *MEASUREMENTS, *CELL, "x_m", "y_m", "los", "scene")
@@ -85,7 +85,7 @@ def export_reports(dataset_path, split: str, out, show_progress: bool = True, li
     idx = dataset.indices(split)[:limit]
     if len(idx) == 0:
         raise CoreError(f"--split {split}: no samples in {dataset_path}")
-    sites = [str(s.get("name", f"site{i}")) for i, s in enumerate(dataset.attrs.get("sites") or [])]
+    sites = site_names(dataset)
     if not sites:
         sites = [f"site{i}" for i in range(int(dataset.site_ids.max()) + 1)]
     check_writable(out, "--out")

@@ -78,6 +78,12 @@ CELL: tuple[str, ...] = ("snr_db", "sinr_db", "throughput_mbps", "bler")
 #: ground truth (optional; scores the result)
 TRUTH: tuple[str, ...] = ("x_m", "y_m", "los")
 
+def site_names(dataset) -> list[str]:
+    """The names a report's ``site`` column uses: the dataset's ``attrs["sites"]`` names in site-id order
+    (``site<i>`` where a site has none); empty when the dataset records no sites."""
+    return [str(s.get("name", f"site{i}")) for i, s in enumerate(dataset.attrs.get("sites") or [])]
+
+
 _KINDS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".geojson": "geojson"}
 
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from core import cli_types, progress
 from core.errors import CoreError
-from core.reports.format import file_kind
+from core.reports.format import file_kind, site_names
 from core.reports.reading import CHUNK_ROWS
 
 #: --method -> the method's name in the result file and the tables
@@ -57,12 +57,6 @@ class _Scores:
 
     def cat(self, which: dict, name: str) -> np.ndarray:
         return np.concatenate(which[name]) if which.get(name) else np.zeros(0)
-
-
-def site_names(run) -> list[str]:
-    """The scene's site names in site-id order (the run dataset's ``attrs["sites"]``)."""
-    sites = run.dataset.attrs.get("sites") or []
-    return [str(s.get("name", f"site{i}")) for i, s in enumerate(sites)]
 
 
 def _localize_chunk(run, win, method: str, scores: _Scores) -> dict[str, np.ndarray]:
@@ -186,7 +180,7 @@ def localize_reports(run, reports, out, method: str = "map", chunk_rows: int = C
     if out.resolve() == reports.resolve():
         raise CoreError(f"--out {out}: is the --reports file; write the positions elsewhere")
     check_writable(out, "--out")
-    names = site_names(run)
+    names = site_names(run.dataset)
     t0 = time.perf_counter()
     progress.report(0.0, "checking the report file")
     summary = validate(reports, names, run.scene, run.radio_map.bounds, chunk_rows, show_progress=show_progress)
@@ -223,7 +217,7 @@ def report_window(run, reports, walk_id: str, time_s: float, chunk_rows: int = C
     from core.reports.reading import walk_chunks
     from core.reports.windows import report_windows
 
-    names = site_names(run)
+    names = site_names(run.dataset)
     attrs = {"scene": run.scene, "sites": run.dataset.attrs.get("sites")}
     for df in walk_chunks(reports, chunk_rows):
         rows = df[df["walk_id"] == str(walk_id)]
