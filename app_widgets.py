@@ -22,6 +22,7 @@ from core.errors import CoreError
 from core.jobs.manager import JobConflictError, JobManager, JobSpec, make_dataset_spec
 from core.stores import run as run_store
 from core.stores.measurement_model import MeasurementModel
+from core.stores.motion_model import MotionModel
 from core.stores.workspace import DEFAULT_SCENE, Workspace, store_status
 from core.stores.world_model import PRESET_NAMES as WORLD_PRESETS
 from core.stores.world_model import PRESETS as WORLDS
@@ -435,11 +436,19 @@ def dataset_form(scene: str, out: str, radio_maps: str, key: str, button: str, f
                  f"(the map stays as it is): {WORLDS['realistic'].summary()}. Sources: docs/world.md")
         world_seed = cols[1].number_input("World seed", min_value=0, max_value=2**31 - 1, value=0, step=1,
                                           key=f"{key}_world_seed", help="seed of the world's perturbations")
+        inner = cols[2].columns(2)
+        step_sigma = inner[0].number_input("Device motion: step σ", min_value=0.0, max_value=0.99, value=0.0,
+                                           step=0.05, format="%.2f", key=f"{key}_motion_step",
+                                           help="relative step-length error of the phone's dead reckoning; 0 and "
+                                                "heading 0 = no motion channel (core/stores/motion_model.py)")
+        heading = inner[1].number_input("heading σ [deg]", min_value=0.0, max_value=180.0, value=0.0, step=1.0,
+                                        key=f"{key}_motion_heading", help="heading error of the dead reckoning")
         go = st.form_submit_button(button, type="primary")
     with guard("dataset settings"):
         world = replace(WORLDS[world_name], seed=int(world_seed)) if world_name != "oracle" else WORLDS["oracle"]
         model = MeasurementModel(float(pg), float(toa), float(aoa), float(clock), float(missing), int(k),
-                                 None if no_threshold else float(sensitivity), world=world)
+                                 None if no_threshold else float(sensitivity), world=world,
+                                 motion=MotionModel(float(step_sigma), float(heading)))
         if not world.is_oracle:  # another world of the scene: its own folder beside the oracle dataset
             ws = workspace()
             target = ws.dataset_path(scene, world.name)

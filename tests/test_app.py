@@ -262,13 +262,16 @@ def test_the_datasets_world_is_shown_and_the_form_picks_one(workspace):
         assert world_rows and "--world-shadowing-nlos" in list(world_rows[0]["flag"])
         at.selectbox(key="remake_dataset_world").set_value("realistic")
         at.number_input(key="remake_dataset_world_seed").set_value(3)
+        at.number_input(key="remake_dataset_motion_step").set_value(0.1)
+        at.number_input(key="remake_dataset_motion_heading").set_value(10.0)
         next(b for b in at.button if b.label == "Make the dataset of florence again").click().run()
         _no_exception(at)
         manager = _manager(workspace)
         job = next(j for j in manager.list() if j.kind == "make-dataset" and "florence" in j.args)
         try:
             # another world is its own dataset beside the oracle one: datasets/florence stays as it is
-            assert job.command.endswith("--sensitivity-dbm -100 --world realistic --world-seed 3")
+            assert job.command.endswith("--sensitivity-dbm -100 --world realistic --world-seed 3 "
+                                        "--motion-step-sigma 0.1 --motion-heading-deg 10")
             assert "--out datasets/florence_realistic" in job.command
         finally:
             manager.cancel(job.id, grace_s=1.0)
