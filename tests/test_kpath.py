@@ -1,0 +1,141 @@
+"""k-path maps: the mixture likelihood over a site's paths, the store contract, the path lookup."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from core.errors import StoreError
+from core.features import wrap_degrees
+from core.physics.calibration import calibrate
+from core.physics.likelihood import LikelihoodConfig, RobustLikelihood
+from core.physics.observation import SiteObservation, site_observation
+from core.physics.site_lookup import SiteMaps
+from core.physics.synthetic import analytic_radio_map, synthetic_dataset
+from core.stores.radio_map import RadioMap
+
+RM = analytic_radio_map(height=24, width=32, bounds=(-64.0, -48.0, 64.0, 48.0), max_range_m=70.0)
+DATA = synthetic_dataset(RM, 300, seed=0, nlos_prob=0.2)
+CAL = calibrate(DATA, RM)
+SHIFT_NS, SHIFT_DEG = 120.0, 40.0  # path 1 of every site: 120 ns later, 40 deg to the left of path 0
+
+
+def with_paths(rm: RadioMap, alt_toa, alt_aoa, alt_power) -> RadioMap:
+    """``rm`` with k-path layers ``[S (k-1), H, W]``."""
+    s = rm.layers["site_toa"].shape[0]
+    k = 1 + alt_toa.shape[0] // s
+    return RadioMap(rm.values, rm.features, rm.bounds, valid=rm.valid, attrs={**rm.attrs, "paths_per_site": k},
+                    layers={**rm.layers, "site_alt_toa": alt_toa.astype(np.float32),
+                            "site_alt_aoa": alt_aoa.astype(np.float32), "site_alt_power": alt_power.astype(np.float32)})
+
+
+def shifted(rm: RadioMap) -> RadioMap:
+    toa, aoa = rm.layers["site_toa"], rm.layers["site_aoa"]
+    return with_paths(rm, toa + SHIFT_NS, wrap_degrees(aoa + SHIFT_DEG), np.where(np.isfinite(toa), -3.0, np.nan))
+
+
+def test_kpath_layers_are_checked_and_read():
+    k2 = shifted(RM)
+    assert k2.paths_per_site == 2 and RM.paths_per_site == 1
+    maps = SiteMaps.from_radio_map(k2, dtype=torch.float64)
+    assert maps.paths == 2 and SiteMaps.from_radio_map(k2, paths=False).paths == 1
+    ids = torch.as_tensor(DATA.site_ids[:20, -1])
+    i, j = RM.cell_of(DATA.labels[:20])  # at cell centres the lookup is the cell's value
+    xs, ys = RM.cell_centers()
+    xy = torch.as_tensor(np.stack([xs[j], ys[i]], -1))
+    got = maps.path_lookup(xy, ids)  # [B, K, 2, 2]
+    out = maps.lookup(xy, ids)
+    base, cov = out.values, out.covered
+    np.testing.assert_allclose(got[..., 0, 0], base[..., 1], atol=1e-9)
+    np.testing.assert_allclose(got[..., 1, 0][cov], (base[..., 1] + SHIFT_NS)[cov], atol=1e-6)
+    np.testing.assert_allclose(wrap_degrees((got[..., 1, 1] - base[..., 2]).numpy())[cov.numpy()], SHIFT_DEG, atol=1e-4)
+    bad = {**k2.layers, "site_alt_aoa": k2.layers["site_alt_aoa"][:1]}
+    with pytest.raises(StoreError, match="k-path layers"):
+        RadioMap(RM.values, RM.features, RM.bounds, valid=RM.valid, attrs=k2.attrs, layers=bad)
+
+
+def _centres(idx) -> torch.Tensor:
+    """The centres of the cells of ``DATA[idx]``'s labels ``[B, 2]`` (where the lookup is the cell's value)."""
+    i, j = RM.cell_of(DATA.labels[idx])
+    xs, ys = RM.cell_centers()
+    return torch.as_tensor(np.stack([xs[j], ys[i]], -1))
+
+
+def _obs_at_path(maps: SiteMaps, idx, path: int) -> SiteObservation:
+    """Reports of ``DATA[idx]`` whose ToA and AoA are the map's path ``path`` at :func:`_centres` (+ the bias)."""
+    obs = site_observation(DATA, idx)
+    ids = torch.as_tensor(obs.site_ids)
+    paths = maps.path_lookup(_centres(idx), ids).double()
+    site = torch.as_tensor(obs.site).double().clone()
+    bias = torch.as_tensor(CAL.bias)[ids.clamp(min=0)]  # [B, K, 3]
+    site[..., 1] = paths[..., path, 0] + bias[..., 1]
+    site[..., 2] = torch.as_tensor(wrap_degrees((paths[..., path, 1] + bias[..., 2]).numpy()))
+    site = torch.where((ids >= 0)[..., None], site, torch.nan)
+    return SiteObservation(ids, site, obs.cell)
+
+
+def _covered_samples(maps: SiteMaps, n: int) -> np.ndarray:
+    """The first ``n`` samples whose latest report's sites all cover the truth (no miss cost)."""
+    obs = site_observation(DATA, np.arange(DATA.num_samples))
+    ids = torch.as_tensor(obs.site_ids)
+    cov = maps.lookup(_centres(np.arange(DATA.num_samples)), ids).covered
+    ok = ((cov | (ids < 0)).all(1) & (ids >= 0).any(1)).numpy()
+    return np.flatnonzero(ok)[:n]
+
+
+def test_mixture_equals_single_path_when_k_is_one():
+    idx = np.arange(60)
+    obs = site_observation(DATA, idx)
+    xy = torch.as_tensor(DATA.labels[idx] + np.random.default_rng(1).normal(0, 6, (60, 2)))
+    single = RobustLikelihood(SiteMaps.from_radio_map(RM, dtype=torch.float64), CAL, LikelihoodConfig(cell_features=()))
+    assert single.paths == 1
+    off = RobustLikelihood(SiteMaps.from_radio_map(shifted(RM), dtype=torch.float64, paths=False), CAL,
+                           LikelihoodConfig(cell_features=(), path_mixture="off"))
+    torch.testing.assert_close(off(xy, obs), single(xy, obs), rtol=0, atol=0)
+    # a k-path map whose next paths are all absent: the mixture renormalises onto path 0
+    nan = np.full((RM.layers["site_toa"].shape[0],) + RM.shape, np.nan)
+    empty = RobustLikelihood(SiteMaps.from_radio_map(with_paths(RM, nan, nan, nan), dtype=torch.float64), CAL,
+                             LikelihoodConfig(cell_features=()))
+    assert empty.paths == 2
+    torch.testing.assert_close(empty(xy, obs), single(xy, obs), rtol=1e-9, atol=1e-9)
+
+
+def test_a_report_on_the_second_path_is_no_outlier_with_two_paths():
+    k2 = shifted(RM)
+    maps = SiteMaps.from_radio_map(k2, dtype=torch.float64)
+    idx = _covered_samples(maps, 80)
+    truth = _centres(idx)
+    on0, on1 = _obs_at_path(maps, idx, 0), _obs_at_path(maps, idx, 1)
+    cfg = LikelihoodConfig(cell_features=(), site_features=("toa", "aoa"))
+    mix = RobustLikelihood(maps, CAL, cfg)
+    single = RobustLikelihood(SiteMaps.from_radio_map(k2, dtype=torch.float64, paths=False), CAL,
+                              LikelihoodConfig(cell_features=(), site_features=("toa", "aoa"), path_mixture="off"))
+    pi = mix.log_pi.exp()
+    slots = (torch.as_tensor(on0.site_ids) >= 0).sum(1).double()
+    # single path: path 0 costs ~0, path 1 is a gross outlier in every slot (ToA 40 sigma, AoA 40 deg)
+    assert float(single(truth, on0).max()) < 1e-6
+    assert float((single(truth, on1) / slots).min()) > 8.0
+    # mixture: either path costs only its weight, -log pi_j per slot (the other component adds ~nothing)
+    torch.testing.assert_close(mix(truth, on0), -torch.log(pi[0]) * slots, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(mix(truth, on1), -torch.log(pi[1]) * slots, rtol=1e-3, atol=1e-3)
+    terms = mix.terms(truth, on1)  # the breakdown: the responsible path's residual, the same total
+    torch.testing.assert_close(terms.total, mix(truth, on1), rtol=1e-6, atol=1e-6)
+    assert float(terms.residual[..., 1].abs().max()) < 1e-6
+
+
+def test_the_mixture_gradient_is_the_finite_difference():
+    maps = SiteMaps.from_radio_map(shifted(RM), dtype=torch.float64)
+    idx = np.arange(40)
+    obs = _obs_at_path(maps, idx, 1)
+    lik = RobustLikelihood(maps, CAL, LikelihoodConfig(cell_features=()))
+    xy = torch.as_tensor(DATA.labels[idx] + np.random.default_rng(2).normal(0, 1.5, (40, 2))).requires_grad_(True)
+    lik(xy, obs).sum().backward()
+    assert torch.isfinite(xy.grad).all() and float(xy.grad.abs().sum()) > 0
+    h = 1e-5
+    for d in range(2):
+        e = torch.zeros_like(xy)
+        e[:, d] = h
+        with torch.no_grad():
+            fd = (lik(xy + e, obs) - lik(xy - e, obs)) / (2 * h)
+        torch.testing.assert_close(xy.grad[:, d], fd, rtol=1e-4, atol=1e-4)
