@@ -139,3 +139,50 @@ def test_the_mixture_gradient_is_the_finite_difference():
         with torch.no_grad():
             fd = (lik(xy + e, obs) - lik(xy - e, obs)) / (2 * h)
         torch.testing.assert_close(xy.grad[:, d], fd, rtol=1e-4, atol=1e-4)
+
+
+def test_calibration_fits_the_path_weights_by_em():
+    from core.physics.calibration import Calibration, path_weights
+
+    maps = SiteMaps.from_radio_map(shifted(RM), dtype=torch.float64)
+    idx = _covered_samples(maps, 200)
+    xy = _centres(idx).numpy()
+    on0, on1 = _obs_at_path(maps, idx, 0), _obs_at_path(maps, idx, 1)
+    second = np.random.default_rng(3).random(len(idx)) < 0.3  # 30 % of the reports carry path 1
+    site = np.where(second[:, None, None], on1.site.numpy(), on0.site.numpy())
+    pi = path_weights(maps, xy, np.asarray(on0.site_ids), site, CAL.bias, CAL.scale)
+    assert abs(pi[1] - second.mean()) < 0.02 and abs(sum(pi) - 1) < 1e-9
+    cal = calibrate(DATA, shifted(RM))  # the synthetic reports are path 0's: nearly all weight on it
+    assert cal.path_weights is not None and cal.path_weights[0] > 0.95
+    back = Calibration.from_json(cal.to_json())
+    assert back.path_weights == pytest.approx(cal.path_weights)
+    assert Calibration.from_json(CAL.to_json()).path_weights is None
+
+
+def test_the_bound_takes_the_gradient_of_the_path_nearest_the_report():
+    from core.physics.bound import slot_gradients
+
+    toa, aoa = RM.layers["site_toa"], RM.layers["site_aoa"]
+    k2 = with_paths(RM, 2.0 * toa, aoa, np.where(np.isfinite(toa), -3.0, np.nan))  # path 1: twice the delay
+    maps = SiteMaps.from_radio_map(k2, dtype=torch.float64)
+    idx = _covered_samples(maps, 30)
+    xy = _centres(idx) + 0.3  # off the centre: inside one cell, where the bilinear gradient is defined
+    ids = torch.as_tensor(site_observation(DATA, idx).site_ids)
+    on = lambda path: _obs_at_path(maps, idx, path).site - torch.as_tensor(CAL.bias)[ids.clamp(min=0)]  # noqa: E731
+    g0, cov = slot_gradients(maps, xy, ids)
+    g_on0, _ = slot_gradients(maps, xy, ids, on(0), (2.0, 3.0, 3.0))
+    g_on1, _ = slot_gradients(maps, xy, ids, on(1), (2.0, 3.0, 3.0))
+    torch.testing.assert_close(g_on0, g0)
+    # slots whose four surrounding cells the site covers (at an edge the hole-filled path 1 is path 0's)
+    i, j = RM.cell_of(DATA.labels[idx])
+    h, w = RM.shape
+    inner = np.ones(ids.shape, bool)
+    for di in (0, 1):
+        for dj in (0, 1):
+            ii, jj = np.minimum(i + di, h - 1), np.minimum(j + dj, w - 1)
+            inner &= np.isfinite(toa[ids.clamp(min=0).numpy(), ii[:, None], jj[:, None]]) & RM.valid[ii, jj][:, None]
+    sel = torch.as_tensor(inner) & cov
+    assert int(sel.sum()) > 20
+    torch.testing.assert_close(g_on1[..., 1, :][sel], 2.0 * g0[..., 1, :][sel])  # ToA: path 1's gradient
+    torch.testing.assert_close(g_on1[..., [0, 2], :], g0[..., [0, 2], :])  # path gain, AoA (the same here)
+    assert float(g0[..., 1, :][sel].abs().sum()) > 0
