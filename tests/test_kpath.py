@@ -186,3 +186,37 @@ def test_the_bound_takes_the_gradient_of_the_path_nearest_the_report():
     torch.testing.assert_close(g_on1[..., 1, :][sel], 2.0 * g0[..., 1, :][sel])  # ToA: path 1's gradient
     torch.testing.assert_close(g_on1[..., [0, 2], :], g0[..., [0, 2], :])  # path gain, AoA (the same here)
     assert float(g0[..., 1, :][sel].abs().sum()) > 0
+
+
+def test_another_map_of_the_same_physics_is_accepted_explicitly_and_recorded(tmp_path, capsys):
+    import json
+
+    from core.cli import main
+    from core.physics.synthetic import synthetic_scene
+    from core.stores.dataset import MeasurementDataset
+    from core.stores.lineage import check_map_override
+
+    synthetic_scene(tmp_path, num_ues=120)
+    rm = RadioMap.load(tmp_path / "radio_maps" / "analytic.zarr")
+    kmap = shifted(rm)
+    kmap.save(tmp_path / "kpath" / "analytic.zarr")
+    ds = MeasurementDataset.load(tmp_path / "datasets" / "analytic")
+    check_map_override(ds.ref, kmap.ref)  # same scene, sites, propagation
+    moved = [{**q, "position": [q["position"][0] + 5.0, *q["position"][1:]]} for q in rm.attrs["sites"]]
+    other = RadioMap(rm.values, rm.features, rm.bounds, valid=rm.valid, attrs={**rm.attrs, "sites": moved},
+                     layers=rm.layers)
+    other.save(tmp_path / "moved" / "analytic.zarr")
+    with pytest.raises(StoreError, match="other sites"):
+        check_map_override(ds.ref, other.ref)
+    out = tmp_path / "c.json"
+    assert main(["consistency", "--dataset", str(tmp_path / "datasets" / "analytic"), "--split", "all",
+                 "--radio-map", str(tmp_path / "kpath" / "analytic.zarr"), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["summary"]["paths_per_site"] == 2
+    assert result["summary"]["radio_map_override"]["used"]["id"] == kmap.lineage.id
+    groups = {(r["variant"], r["feature"], r["group"]) for r in result["rows"]}
+    assert ("noisy", "toa", "site layer, nearest of 2 paths") in groups
+    capsys.readouterr()  # without --radio-map the recorded map is required, as before
+    assert main(["consistency", "--dataset", str(tmp_path / "datasets" / "analytic"),
+                 "--radio-maps", str(tmp_path / "kpath")]) == 2
+    assert "is not the map dataset" in capsys.readouterr().err
