@@ -124,11 +124,12 @@ def test_a_report_on_the_second_path_is_no_outlier_with_two_paths():
     assert float(terms.residual[..., 1].abs().max()) < 1e-6
 
 
-def test_the_mixture_gradient_is_the_finite_difference():
+@pytest.mark.parametrize("config", [{}, {"penalty": "huber"}, {"weights": {"toa": 0.5}}])
+def test_the_mixture_gradient_is_the_finite_difference(config):
     maps = SiteMaps.from_radio_map(shifted(RM), dtype=torch.float64)
     idx = np.arange(40)
     obs = _obs_at_path(maps, idx, 1)
-    lik = RobustLikelihood(maps, CAL, LikelihoodConfig(cell_features=()))
+    lik = RobustLikelihood(maps, CAL, LikelihoodConfig(cell_features=(), **config))
     xy = torch.as_tensor(DATA.labels[idx] + np.random.default_rng(2).normal(0, 1.5, (40, 2))).requires_grad_(True)
     lik(xy, obs).sum().backward()
     assert torch.isfinite(xy.grad).all() and float(xy.grad.abs().sum()) > 0
@@ -220,3 +221,15 @@ def test_another_map_of_the_same_physics_is_accepted_explicitly_and_recorded(tmp
     assert main(["consistency", "--dataset", str(tmp_path / "datasets" / "analytic"),
                  "--radio-maps", str(tmp_path / "kpath")]) == 2
     assert "is not the map dataset" in capsys.readouterr().err
+
+
+def test_the_cauchy_product_form_is_the_log_sum_exp():
+    """Cauchy with 0/1 weights takes one log of sum_j pi_j / prod(1 + z^2); any other weight the log-sum-exp."""
+    maps = SiteMaps.from_radio_map(shifted(RM), dtype=torch.float64)
+    idx = np.arange(60)
+    obs = _obs_at_path(maps, idx, 1)
+    xy = torch.as_tensor(DATA.labels[idx] + np.random.default_rng(4).normal(0, 3, (60, 2)))
+    fast = RobustLikelihood(maps, CAL, LikelihoodConfig(cell_features=()))
+    slow = RobustLikelihood(maps, CAL, LikelihoodConfig(cell_features=(), weights={"toa": 1.0 + 1e-12}))
+    assert fast._product_mixture and not slow._product_mixture
+    torch.testing.assert_close(fast(xy, obs), slow(xy, obs), rtol=1e-9, atol=1e-9)

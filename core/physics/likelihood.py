@@ -340,6 +340,7 @@ class RobustLikelihood(torch.nn.Module):
         self._cell_cols = [CELL_FEATURES.index(c) for c in cells]
         #: paths in the mixture (1: none, the single-path NLL); k-path SiteMaps with path_mixture "off" -> 1
         self.paths = maps.paths if config.path_mixture == "auto" and (w[1] > 0 or w[2] > 0) else 1
+        self._product_mixture = config.penalty == "cauchy" and all(v in (0.0, 1.0) for v in w)
         buf("log_pi", path_log_weights(calibration, self.paths))
 
     @classmethod
@@ -533,6 +534,33 @@ class RobustLikelihood(torch.nn.Module):
                 g[1:3].mul_(self.w[2])
         return r, g
 
+    def _path_factors(self, raw: torch.Tensor, prep: PreparedObservation, b: int, p: int, grad):
+        """Cauchy with 0/1 weights: ``pi_j / (D_toa,j D_aoa,j)`` ``[k, S, B, P]`` with ``D = 1 + z^2`` (capped as in
+        :func:`_linear_rho`): :meth:`_path_rho`'s ``pi_j exp(-r_j)`` without a log. Writes ``d r_j / d`` (toa, cos,
+        sin) into ``grad``'s rows (path 0: the base rows, the next paths: their own), when given."""
+        s, k = self.maps.num_sites, self.paths
+        alt = self.maps.alt_part(raw)  # [3, J, S, N] views
+        gs = None if grad is None else grad[s: 4 * s].view(3, s, b, p)
+        ga = None if grad is None else self.maps.alt_part(grad).view(3, k - 1, s, b, p)
+        un = lambda v: v.view(s, b, 1)  # noqa: E731
+        inv = torch.empty((k, s, b, p), dtype=raw.dtype, device=raw.device)
+        groups = ((raw[s: 4 * s].view(3, s, b, p), gs, inv[0]), (alt.view(3, k - 1, s, b, p), ga, inv[1:]))
+        for chans, g, out in groups:
+            den = None
+            if self.w[1]:
+                den = _linear_rho(chans[0], un(prep.o_toa), un(prep.inv2_toa), "cauchy", 0.0,
+                                  None if g is None else g[0], True)
+            elif g is not None:
+                g[0].zero_()
+            if self.w[2]:
+                d2 = _chord_rho(chans[1], chans[2], un(prep.u_c), un(prep.u_s), un(prep.inv2_aoa), "cauchy", 0.0,
+                                None if g is None else g[1:3], True)
+                den = d2 if den is None else den.mul_(d2)
+            elif g is not None:
+                g[1:3].zero_()
+            out.copy_(den.reciprocal_())
+        return inv.mul_(self.log_pi.exp().view(k, 1, 1, 1))
+
     def _mixture_kernel(self, raw, cov, coverage, prep: PreparedObservation, b: int, p: int, grad):
         """:meth:`_kernel` for a k-path map: path gain as always, ToA and AoA a mixture over the paths (module doc)."""
         s, k = self.maps.num_sites, self.paths
@@ -546,15 +574,24 @@ class RobustLikelihood(torch.nn.Module):
                 gs[0].mul_(self.w[0])
         elif gs is not None:
             gs[0].zero_()
-        r, g = self._path_rho(raw, prep, b, p, gs is not None)
-        a = self.log_pi.view(k, 1, 1, 1) - r
-        lse = torch.logsumexp(a, 0)  # [S, B, P]
-        t.sub_(lse)
+        if self._product_mixture:  # Cauchy, weights 0/1: sum_j pi_j / (D_toa,j D_aoa,j), ONE log, no copies
+            inv = self._path_factors(raw, prep, b, p, grad)
+            mix = inv.sum(0)  # [S, B, P]
+            t.sub_(torch.log(mix))
+            if gs is not None:
+                gamma = inv.div_(mix)
+                gs[1:4].mul_(gamma[0])
+                self.maps.alt_part(grad).view(3, k - 1, s, b, p).mul_(gamma[1:])
+        else:
+            r, g = self._path_rho(raw, prep, b, p, gs is not None)
+            a = self.log_pi.view(k, 1, 1, 1) - r
+            lse = torch.logsumexp(a, 0)  # [S, B, P]
+            t.sub_(lse)
+            if gs is not None:
+                g.mul_((a - lse).exp_())  # times the responsibilities [k, S, B, P]
+                gs[1:4].copy_(g[:, 0])
+                self.maps.alt_part(grad).view(3, k - 1, s, b * p).copy_(g[:, 1:].reshape(3, k - 1, s, b * p))
         if gs is not None:
-            gamma = (a - lse).exp_()  # responsibilities [k, S, B, P]
-            g.mul_(gamma)
-            gs[1:4].copy_(g[:, 0])
-            self.maps.alt_part(grad).view(3, k - 1, s, b * p).copy_(g[:, 1:].reshape(3, k - 1, s, b * p))
             gs.mul_(cov)
             self.maps.alt_part(grad).view(3, k - 1, s, b, p).mul_(cov)
         total = t.sub_(prep.r_miss.unsqueeze(-1)).mul_(cov).sum(0).add_(prep.r_miss.sum(0).unsqueeze(-1))
