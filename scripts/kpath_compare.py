@@ -1,7 +1,8 @@
 """Every map method with a k-path map against the run's own map (issue 21, item 3).
 
     PYTHONPATH=. .venv/bin/python scripts/kpath_compare.py --run assets/default_run \
-        --kpath-map /work/kpath_maps/etoile.zarr [--split test] [--limit 500] [--out kpath.json]
+        --kpath-map /work/kpath_maps/etoile.zarr [--split test] [--limit 500] [--out kpath.json] \
+        [--scene etoile --dataset datasets/etoile_realistic]   # another world of the scene
 
 Three arms on the SAME UEs (the first ``--limit`` of the split, or all):
 
@@ -84,14 +85,18 @@ def main() -> None:
     ap.add_argument("--run", default="assets/default_run")
     ap.add_argument("--kpath-map", required=True)
     ap.add_argument("--split", default="test")
+    ap.add_argument("--scene", default=None, help="with --dataset: the run's scene it is of (e.g. etoile)")
+    ap.add_argument("--dataset", default=None, help="another dataset of the scene (e.g. datasets/etoile_realistic)")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--arms", nargs="+", default=["recorded", "path0", "mixture"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    result, errors = {"run": args.run, "kpath_map": args.kpath_map, "split": args.split, "arms": []}, {}
+    result = {"run": args.run, "kpath_map": args.kpath_map, "split": args.split, "dataset": args.dataset, "arms": []}
+    errors: dict = {}
     for arm in args.arms:
-        run = load_run(args.run) if arm == "recorded" else load_run(args.run, radio_map_override=args.kpath_map)
+        where = {"scene": args.scene, "dataset_path": args.dataset} if args.dataset else {}
+        run = load_run(args.run, **where, radio_map_override=None if arm == "recorded" else args.kpath_map)
         indices = run.dataset.indices(args.split)
         indices = indices[: args.limit] if args.limit else indices
         result["ues"] = int(len(indices))
