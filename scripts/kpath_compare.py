@@ -15,7 +15,9 @@ Per arm: exhaustive map matching and the whole walk (no network), network + MAP;
 beyond 20 m, and the median over the pooled-window Cramér–Rao bound's median (the arm's own bound:
 path 0's gradients, or the nearest path's with the mixture); the calibrated path weights; seconds.
 The k-path arms read the map through ``load_run(radio_map_override=...)`` (checked: same scene,
-sites, propagation and grid; the calibration is made in memory). Paired bootstrap CIs of the
+sites, propagation and grid; the calibration is made in memory). Every arm's likelihood has no
+serving features, as the shipped run's evaluation (its stored calibration marks none independent;
+a fresh one would let BLER in, which would be another likelihood, not the map). Paired bootstrap CIs of the
 median difference (mixture - recorded, mixture - path 0) over the UEs.
 """
 
@@ -101,9 +103,11 @@ def main() -> None:
         indices = indices[: args.limit] if args.limit else indices
         result["ues"] = int(len(indices))
         calibrate_run(run)
-        if arm == "path0":  # the same k-path map and calibration, read as k = 1
-            cfg = replace(likelihood_config(run.config.physics_loss), path_mixture="off")
-            run._likelihood = RobustLikelihood(run.radio_map, run.calibration, cfg, device=run.device)
+        # every arm: the likelihood of the run's EFFECTIVE settings, no serving features (its stored calibration
+        # predates "independent" and so uses none; a fresh calibration would take BLER in: another likelihood)
+        cfg = replace(likelihood_config(run.config.physics_loss), cell_features=(),
+                      path_mixture="off" if arm == "path0" else "auto")  # path0: the k-path map read as k = 1
+        run._likelihood = RobustLikelihood(run.radio_map, run.calibration, cfg, device=run.device)
         out, errors[arm] = _arm(run, indices, arm)
         result["arms"].append(out)
         print(json.dumps(out, indent=1), flush=True)
