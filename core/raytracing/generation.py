@@ -76,8 +76,6 @@ DEFAULT_TOA_DECIMATION = 3
 MAX_PATHS_PER_SITE = 8
 #: two candidate paths closer than this at a cell (delay [ns] AND azimuth [deg]) are one path
 SAME_PATH_NS, SAME_PATH_DEG = 1.5, 3.0
-#: the order of a cell's next paths in their planes: "power" (strongest first) or "delay" (earliest first)
-ALT_ORDER = os.environ.get("CORE_ALT_ORDER", "power")
 #: a candidate path's spreading correction from its node to a cell is clipped to +-this [dB] (an anchor
 #: next to the cell would otherwise blow it up; nodes are a few metres apart)
 MAX_SPREADING_DB = 10.0
@@ -369,9 +367,6 @@ def alt_paths(xyz: np.ndarray, nodes: dict[str, np.ndarray], s: int, site: np.nd
             out_a[j] = np.where(slot, az, out_a[j])
             out_p[j] = np.where(slot, np.minimum(pc - gain, 0.0), out_p[j])
         count += take
-    if ALT_ORDER == "delay":  # the kept paths by delay: neighbouring cells with the same paths hold them in the
-        rank = np.argsort(np.where(np.isfinite(out_t), out_t, np.inf), axis=0, kind="stable")  # same planes
-        out_t, out_a, out_p = (np.take_along_axis(v, rank, 0) for v in (out_t, out_a, out_p))
     return out_t, out_a, out_p
 
 
