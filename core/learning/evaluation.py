@@ -322,6 +322,10 @@ def format_table(result: dict[str, Any]) -> str:
     if "lambda_phys" in result:
         lines.append(f"lambda_phys {result['lambda_phys']:g} (applied)  label_fraction {result['label_fraction']:g}  "
                      f"split {result['data_split']}")
+    if "radio_map_override" in result:
+        o = result["radio_map_override"]
+        lines.append(f"radio map {o['used']['path']} (--radio-map; {result.get('paths_per_site', 1)} path(s) per site) "
+                     f"instead of {o['recorded']['path']}, the dataset's")
     if "scenes" in result:
         lines += ["", "in-scene vs held-out", pd.DataFrame(result["scenes"]).to_string(index=False, float_format=fmt)]
     lines.append(f"train_s_per_epoch {result['train_s_per_epoch']:.2f}  "
