@@ -233,3 +233,12 @@ def test_the_cauchy_product_form_is_the_log_sum_exp():
     slow = RobustLikelihood(maps, CAL, LikelihoodConfig(cell_features=(), weights={"toa": 1.0 + 1e-12}))
     assert fast._product_mixture and not slow._product_mixture
     torch.testing.assert_close(fast(xy, obs), slow(xy, obs), rtol=1e-9, atol=1e-9)
+
+
+def test_evaluate_radio_map_flag_is_checked_before_any_work(tmp_path, capsys):
+    from core.cli import main
+
+    assert main(["evaluate", "--run", "assets/default_run", "--radio-map", str(tmp_path / "none.zarr")]) == 2
+    assert "no such map store" in capsys.readouterr().err
+    assert main(["evaluate", "--run", "assets/default_run", "--radio-map", str(tmp_path), "--scene", "etoile"]) == 2
+    assert "--radio-map and --scene" in capsys.readouterr().err
