@@ -345,7 +345,8 @@ class SiteMaps(GridTable):
         """Mean and variance of every table channel, then of every coverage mask, over ``block x block`` cells.
 
         Returns ``(centres [G, 2] m, mean [G, C + S + 1], var [G, C + S + 1])`` (columns: the
-        table's ``C`` channels, the ``S`` site coverages, ``valid``) with ``G = ceil(H/block) *
+        table's first ``C = 4 S + F_c`` channels -- a k-path map's next paths are not pooled: the
+        global scan reads path 0 --, the ``S`` site coverages, ``valid``) with ``G = ceil(H/block) *
         ceil(W/block)`` blocks in row-major order (rows along +y); the last blocks may be
         partial (only real cells count) and a centre is the mean of its cells' centres.
         """
