@@ -242,3 +242,15 @@ def test_evaluate_radio_map_flag_is_checked_before_any_work(tmp_path, capsys):
     assert "no such map store" in capsys.readouterr().err
     assert main(["evaluate", "--run", "assets/default_run", "--radio-map", str(tmp_path), "--scene", "etoile"]) == 2
     assert "--radio-map and --scene" in capsys.readouterr().err
+
+
+def test_shared_points_score_as_the_per_sample_evaluation():
+    maps = SiteMaps.from_radio_map(shifted(RM), dtype=torch.float64)
+    idx = np.arange(30)
+    obs = _obs_at_path(maps, idx, 1)
+    points = torch.as_tensor(np.random.default_rng(5).uniform(-60, 60, (50, 2)))
+    for config in ({}, {"penalty": "huber"}):
+        lik = RobustLikelihood(maps, CAL, LikelihoodConfig(cell_features=(), **config))
+        prep = lik.prepare(obs)
+        torch.testing.assert_close(lik.evaluate_shared(points, prep), lik.evaluate(points.expand(30, 50, 2), prep),
+                                   rtol=1e-9, atol=1e-9)

@@ -450,8 +450,14 @@ class RobustLikelihood(torch.nn.Module):
         """
         b, p = prep.site_ids.shape[0], points.shape[0]
         pts = points.to(device=self.maps.device, dtype=self.maps.dtype)
-        raw = self.maps.sample(pts).unsqueeze(1).expand(-1, b, p).reshape(-1, b * p)
+        sampled = self.maps.sample(pts)
         cov = self.maps.coverage(pts).unsqueeze(1).expand(-1, b, p).reshape(-1, b * p)
+        if self.paths > 1 and self._product_mixture:  # the next paths' channels broadcast, never copied per sample
+            s, n_base = self.maps.num_sites, 4 * self.maps.num_sites + len(self.cell_features)
+            raw = sampled[:n_base].unsqueeze(1).expand(-1, b, p).reshape(-1, b * p)
+            shared = sampled[n_base:].view(3, self.paths - 1, s, 1, p)
+            return self._mixture_kernel(raw, cov[:s].view(s, b, p), cov, prep, b, p, None, shared)[0]
+        raw = sampled.unsqueeze(1).expand(-1, b, p).reshape(-1, b * p)
         return self._kernel(raw, cov, prep, b, p, False)[0]
 
     def _kernel(self, raw: torch.Tensor, coverage: torch.Tensor, prep: PreparedObservation, b: int, p: int,
@@ -534,17 +540,19 @@ class RobustLikelihood(torch.nn.Module):
                 g[1:3].mul_(self.w[2])
         return r, g
 
-    def _path_factors(self, raw: torch.Tensor, prep: PreparedObservation, b: int, p: int, grad):
+    def _path_factors(self, raw: torch.Tensor, prep: PreparedObservation, b: int, p: int, grad, shared=None):
         """Cauchy with 0/1 weights: ``pi_j / (D_toa,j D_aoa,j)`` ``[k, S, B, P]`` with ``D = 1 + z^2`` (capped as in
         :func:`_linear_rho`): :meth:`_path_rho`'s ``pi_j exp(-r_j)`` without a log. Writes ``d r_j / d`` (toa, cos,
-        sin) into ``grad``'s rows (path 0: the base rows, the next paths: their own), when given."""
+        sin) into ``grad``'s rows (path 0: the base rows, the next paths: their own), when given. ``shared``
+        ``[3, J, S, 1, P]``: the next paths' channels at points shared by every sample (``raw`` then holds
+        only the table's first ``4 S + F_c`` channels; no gradient)."""
         s, k = self.maps.num_sites, self.paths
-        alt = self.maps.alt_part(raw)  # [3, J, S, N] views
+        alt = self.maps.alt_part(raw).view(3, k - 1, s, b, p) if shared is None else shared
         gs = None if grad is None else grad[s: 4 * s].view(3, s, b, p)
         ga = None if grad is None else self.maps.alt_part(grad).view(3, k - 1, s, b, p)
         un = lambda v: v.view(s, b, 1)  # noqa: E731
         inv = torch.empty((k, s, b, p), dtype=raw.dtype, device=raw.device)
-        groups = ((raw[s: 4 * s].view(3, s, b, p), gs, inv[0]), (alt.view(3, k - 1, s, b, p), ga, inv[1:]))
+        groups = ((raw[s: 4 * s].view(3, s, b, p), gs, inv[0]), (alt, ga, inv[1:]))
         for chans, g, out in groups:
             den = None
             if self.w[1]:
@@ -561,7 +569,7 @@ class RobustLikelihood(torch.nn.Module):
             out.copy_(den.reciprocal_())
         return inv.mul_(self.log_pi.exp().view(k, 1, 1, 1))
 
-    def _mixture_kernel(self, raw, cov, coverage, prep: PreparedObservation, b: int, p: int, grad):
+    def _mixture_kernel(self, raw, cov, coverage, prep: PreparedObservation, b: int, p: int, grad, shared=None):
         """:meth:`_kernel` for a k-path map: path gain as always, ToA and AoA a mixture over the paths (module doc)."""
         s, k = self.maps.num_sites, self.paths
         gs = None if grad is None else grad[: 4 * s].view(4, s, b, p)
@@ -575,7 +583,7 @@ class RobustLikelihood(torch.nn.Module):
         elif gs is not None:
             gs[0].zero_()
         if self._product_mixture:  # Cauchy, weights 0/1: sum_j pi_j / (D_toa,j D_aoa,j), ONE log, no copies
-            inv = self._path_factors(raw, prep, b, p, grad)
+            inv = self._path_factors(raw, prep, b, p, grad, shared)
             mix = inv.sum(0)  # [S, B, P]
             t.sub_(torch.log(mix))
             if gs is not None:
