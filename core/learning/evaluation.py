@@ -99,7 +99,10 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     result: dict[str, Any] = {"run": str(run.run_dir), "split": split, "checkpoint": run.checkpoint.name,
                               "lambda_phys": run.config.physics_loss.lambda_phys,
                               "label_fraction": run.config.data.label_fraction, "data_split": run.config.data.split,
-                              "scene": run.scene, "held_out": run.held_out}
+                              "scene": run.scene, "held_out": run.held_out,
+                              "paths_per_site": run.radio_map.paths_per_site}
+    if run.map_override is not None:
+        result["radio_map_override"] = run.map_override
     result.update(error_metrics(pred.error_m))
     epoch_s = run.metrics["epoch_s"].mean() if "epoch_s" in run.metrics else float("nan")
     result["train_s_per_epoch"] = float(epoch_s)
@@ -311,6 +314,10 @@ def format_table(result: dict[str, Any]) -> str:
     if "lambda_phys" in result:
         lines.append(f"lambda_phys {result['lambda_phys']:g} (applied)  label_fraction {result['label_fraction']:g}  "
                      f"split {result['data_split']}")
+    if "radio_map_override" in result:
+        o = result["radio_map_override"]
+        lines.append(f"radio map {o['used']['path']} (--radio-map; {result.get('paths_per_site', 1)} path(s) per site) "
+                     f"instead of {o['recorded']['path']}, the dataset's")
     if "scenes" in result:
         lines += ["", "in-scene vs held-out", pd.DataFrame(result["scenes"]).to_string(index=False, float_format=fmt)]
     lines.append(f"train_s_per_epoch {result['train_s_per_epoch']:.2f}  "
@@ -365,6 +372,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="coarse cells searched besides the chosen one (default: 3)")
     parser.add_argument("--window", type=cli_types.non_negative, default=None,
                         help="pool the reports of the last WINDOW seconds per site (default: 1.0; 0: one report)")
+    parser.add_argument("--radio-map", default=None, metavar="PATH",
+                        help="read the scene against this map store instead of the one its dataset records: a map of "
+                             "the same scene, sites, propagation and grid (e.g. a k-path map, generate-maps "
+                             "--paths-per-site); its calibration is made in memory; recorded as radio_map_override "
+                             "and in the result file's name (eval_<split>_map-<folder>...)")
     parser.add_argument("--out", default=None,
                         help="write the result JSON to this file instead of into the run directory")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -381,13 +393,27 @@ def run(args: argparse.Namespace) -> int:
         if out.is_dir() or not out.parent.is_dir():
             raise CoreError(f"--out {args.out}: must be a file in an existing folder")
         check_writable(out, "--out")
-    target = out or evaluation_path(args.run, args.split, args.scene, args.refine, dataset=args.dataset)
+    scene_label, dataset_label = args.scene, args.dataset
+    if args.radio_map is not None:
+        if args.scene is not None:
+            raise CoreError("--radio-map and --scene: give one (--radio-map reads the run's own scene against another map)")
+        if not Path(args.radio_map).exists():
+            raise CoreError(f"--radio-map {args.radio_map}: no such map store")
+        scene_label, dataset_label = f"map-{Path(args.radio_map).resolve().parent.name}", None
+    target = out or evaluation_path(args.run, args.split, scene_label, args.refine, dataset=dataset_label)
     if out is None:  # before the lock file beside it: an unwritable run folder is one line
         check_writable(target, "--run")
     with output_lock(target, "evaluation"):  # one writer per result file
         if args.scene is not None:
             result = evaluate_scene(args.run, args.scene, args.split, args.refine, device=device,
                                     dataset_path=args.dataset, baselines=args.baselines, write=out is None, **options)
+        elif args.radio_map is not None:
+            from core.learning.inference import load_run
+
+            run = load_run(args.run, device=device, radio_map_override=args.radio_map)
+            result = evaluate_run(args.run, args.split, args.refine, args.baselines, run=run, write=False, **options)
+            if out is None:
+                atomic_write_text(target, json.dumps(result, indent=2, default=float))
         else:
             result = evaluate_run(args.run, args.split, args.refine, args.baselines, device=device,
                                   write=out is None, **options)

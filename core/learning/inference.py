@@ -62,6 +62,9 @@ class LoadedRun:
     held out); trained_scenes: the training scenes' names, in scene-index order. foreign_dataset:
     a training scene evaluated on ANOTHER dataset of it (``--dataset``: e.g. the same walks traced in
     the realistic world), made with the trained map; its calibration is made in memory, never stored.
+    map_override: ``{"recorded": ref, "used": ref}`` when the scene is read against ANOTHER map than the
+    one its dataset records (``load_run(radio_map_override=PATH)``, ``evaluate --radio-map``: e.g. a
+    k-path map); its calibration too is made in memory, never stored. None otherwise.
     """
 
     run_dir: Path
@@ -76,6 +79,7 @@ class LoadedRun:
     scene_index: int | None = 0
     trained_scenes: tuple[str, ...] = ()
     foreign_dataset: bool = False
+    map_override: dict | None = None
     #: the loaded scene's :class:`~core.physics.calibration.Calibration`: None until :func:`calibrate_run`
     calibration: Any = field(default=None, repr=False)
     _likelihood: Any = field(default=None, repr=False)
@@ -152,7 +156,8 @@ class Prediction:
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
              stores: tuple[MeasurementDataset, RadioMap] | None = None, scene: str | None = None,
-             dataset_path: str | os.PathLike | None = None) -> LoadedRun:
+             dataset_path: str | os.PathLike | None = None,
+             radio_map_override: str | os.PathLike | None = None) -> LoadedRun:
     """Load ``run_dir`` (best.pt, else last.pt) with the dataset and radio map of one scene.
 
     ``scene``: one of the run's training scenes (default: the first) or a held-out scene, whose
@@ -163,6 +168,10 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
     trained one (``LoadedRun.foreign_dataset``). ``stores``: the
     ``(dataset, radio map)`` as loaded from disk, to skip loading them again (many runs on one
     scene); the run's ``data`` settings (split, sample cap) are applied to them as at training.
+    ``radio_map_override``: a map store to read the scene against INSTEAD of its dataset's (explicit;
+    :func:`~core.stores.lineage.check_map_override`: same scene, sites, propagation, and here the same
+    bounds and grid), after every lineage check has passed on the recorded stores; recorded in
+    ``LoadedRun.map_override``.
     """
     from core.learning.scene_data import apply_data_config, check_fits
     from core.stores.lineage import check_map_of_dataset
@@ -184,6 +193,9 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
         dataset, radio_map = apply_data_config(config, *stores), stores[1]
     if index is not None:
         run_store.check_lineage(run_dir, None if foreign else dataset.ref, radio_map.ref, index)
+    override = None
+    if radio_map_override is not None:
+        radio_map, override = _override_map(dataset, radio_map, radio_map_override)
     model = build_model(ckpt["spec"], config.seed)
     try:
         model.load_state_dict(ckpt["model"])
@@ -197,7 +209,19 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
                          f"{radio_map.source} has {radio_map.bounds}")
     metrics = pd.DataFrame(run_store.read_metrics(run_dir))
     return LoadedRun(run_dir, config, model, dataset, radio_map, metrics, device, ckpt_path,
-                     map_input(radio_map, model.spec.map_size).to(device), index, tuple(trained), foreign)
+                     map_input(radio_map, model.spec.map_size).to(device), index, tuple(trained), foreign, override)
+
+
+def _override_map(dataset: MeasurementDataset, recorded: RadioMap, path) -> tuple[RadioMap, dict]:
+    """``(the map at path, {"recorded", "used"} refs)``: another map of the same physics and grid (see load_run)."""
+    from core.stores.lineage import check_map_override
+
+    used = RadioMap.load(resolve_path(path))
+    check_map_override(dataset.ref, used.ref)
+    if tuple(used.bounds) != tuple(recorded.bounds) or used.shape != recorded.shape:
+        raise StoreError(f"--radio-map {used.ref.describe()}: bounds {used.bounds} and grid {used.shape} differ from "
+                         f"{recorded.ref.describe()}'s ({recorded.bounds}, {recorded.shape})")
+    return used, {"recorded": recorded.ref.to_dict(), "used": used.ref.to_dict()}
 
 
 def trained_scenes(run_dir: str | os.PathLike, config: Config) -> list[str]:
@@ -251,7 +275,7 @@ def calibrate_run(run: LoadedRun):
         else:
             name = None if run.scene_index == 0 else run.trained_scenes[run.scene_index]
             run.calibration = ensure_calibration(run.run_dir, run.dataset, run.radio_map, name,
-                                                 store=not run.foreign_dataset)
+                                                 store=not (run.foreign_dataset or run.map_override))
     return run.calibration
 
 

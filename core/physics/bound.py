@@ -32,6 +32,15 @@ whose site does not cover the cell under the truth carry no gradient and are ski
 a singular FIM gives ``inf``. The serving-cell features (SNR, SINR, throughput, BLER)
 are functions of the same noisy path gains, so they add nothing and are not counted.
 
+**k-path maps.** The likelihood reads a k-path map's ToA and AoA as a mixture over the site's
+paths (:mod:`core.physics.likelihood`). The bound then takes, per slot, the gradient of the ONE
+path that explains the report at the truth: the path ``j*`` nearest the measured ``(toa, aoa)``
+in ``(r_toa / sigma_toa)^2 + (r_aoa / sigma_aoa)^2`` (:func:`slot_gradients` with ``observed``).
+That is the mixture's Fisher information when its paths are apart by many sigmas (the other
+paths' responsibilities vanish near the truth); where two paths coincide within the noise the
+mixture carries a little less information, so the bound is then slightly optimistic. With
+``k = 1`` it is path 0's gradient, as before.
+
 The noise ``sigma_f``: the dataset's measurement model (``attrs["measurement_model"]``,
 :class:`~core.stores.measurement_model.MeasurementModel`) -- the noise the data were made
 with, so the bound is the one of the measurement; the calibrated scales
@@ -85,12 +94,18 @@ def noise_model(dataset, calibration=None) -> NoiseModel:
     return NoiseModel((float(med[0]), float(med[1]), float(med[2])), 0.0, "calibration")
 
 
-def slot_gradients(maps: SiteMaps, xy: torch.Tensor, site_ids) -> tuple[torch.Tensor, torch.Tensor]:
+def slot_gradients(maps: SiteMaps, xy: torch.Tensor, site_ids, observed=None,
+                   sigma: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
     """``(g [M, K, 3, 2], covered [M, K])``: each slot's map gradient at ``xy [M, 2]`` [m].
 
     ``g[m, k, f]`` = d h_{s,f} / d (x, y) for ``s = site_ids[m, k]`` (dB/m, ns/m, deg/m), 0 in
     empty or uncovered slots. One lookup, then one backward pass per (slot, feature).
+    With a k-path ``maps`` and ``observed [M, K, 3]`` (measured values), ToA and AoA take the
+    gradient of the path nearest the observation (module doc; ``sigma`` the noise that scales
+    the distance).
     """
+    if observed is not None and maps.paths > 1:
+        return _nearest_path_gradients(maps, xy, site_ids, observed, sigma)
     ids = maps.check_site_ids(site_ids, xy.shape[0])
     with torch.enable_grad():
         q = xy.detach().to(device=maps.device, dtype=maps.dtype).requires_grad_(True)
@@ -104,6 +119,33 @@ def slot_gradients(maps: SiteMaps, xy: torch.Tensor, site_ids) -> tuple[torch.Te
     covered = out.covered.detach()
     grads = torch.where(covered[..., None, None] & torch.isfinite(grads), grads, 0.0)
     return grads, covered
+
+
+def _nearest_path_gradients(maps: SiteMaps, xy: torch.Tensor, site_ids, observed, sigma):
+    """:func:`slot_gradients` of a k-path map: path gain as always, ToA/AoA of the nearest path."""
+    g, covered = slot_gradients(maps, xy, site_ids)
+    ids = maps.check_site_ids(site_ids, xy.shape[0])
+    k_paths = maps.paths
+    with torch.enable_grad():
+        q = xy.detach().to(device=maps.device, dtype=maps.dtype).requires_grad_(True)
+        paths = maps.path_lookup(q, ids)  # [M, K, k, 2]
+        obs = torch.as_tensor(observed, device=maps.device).to(maps.dtype)
+        rt = (obs[..., 1:2] - paths[..., 0].detach()) / sigma[1]
+        ra = torch.remainder(obs[..., 2:3] - paths[..., 1].detach() + 180.0, 360.0).sub_(180.0) / sigma[2]
+        d = torch.nan_to_num(rt.square() + ra.square(), nan=float("inf"))
+        best = d.argmin(-1)  # [M, K]
+        k = ids.shape[1]
+        for slot in range(k):
+            for f in range(2):
+                grads = []
+                for j in range(k_paths):
+                    (gj,) = torch.autograd.grad(paths[:, slot, j, f].sum(), q, retain_graph=True)
+                    grads.append(gj)
+                pick = torch.stack(grads, 1).gather(1, best[:, slot].view(-1, 1, 1).expand(-1, 1, 2))[:, 0]
+                has = torch.isfinite(obs[:, slot, 1:3]).all(-1, keepdim=True)
+                g[:, slot, 1 + f] = torch.where(has & covered[:, slot, None] & torch.isfinite(pick), pick,
+                                                g[:, slot, 1 + f])
+    return g, covered
 
 
 def fisher_information(grads: torch.Tensor, weight: torch.Tensor, dt: torch.Tensor | None = None,
@@ -186,7 +228,8 @@ def position_bounds(maps: SiteMaps, dataset, indices, noise: NoiseModel, window_
     for s in range(0, n, chunk):
         sl = slice(s, min(s + chunk, n))
         m = sl.stop - sl.start
-        g, covered = slot_gradients(maps, torch.as_tensor(xy[sl].reshape(-1, 2)), torch.as_tensor(ids[sl].reshape(-1, k)))
+        g, covered = slot_gradients(maps, torch.as_tensor(xy[sl].reshape(-1, 2)), torch.as_tensor(ids[sl].reshape(-1, k)),
+                                    site[sl].reshape(-1, k, 3), noise.sigma)
         g = g.double().view(m, t_len, k, 3, 2)
         ok = torch.as_tensor(np.isfinite(site[sl])) & covered.view(m, t_len, k, 1).cpu()
         w = ok.double() * torch.as_tensor(inv2)

@@ -40,6 +40,14 @@ ranks: robust and blind to the monotone link curves), and::
 A calibration stored before ``independent`` was recorded has not shown it: its serving
 features count as not informative (``cell_features: auto`` then uses none).
 
+k-path maps (:attr:`SiteMaps.paths` ``k > 1``): ``path_weights`` ``pi [k]``, the per-rank
+weights of the likelihood's mixture over a site's paths (:mod:`core.physics.likelihood`), fitted
+by EM on the same residuals at the truth: every covered slot with ToA and AoA gives each path
+``j`` the likelihood ``L_j = pi_j / ((1 + z_toa,j^2)(1 + z_aoa,j^2))`` (the Cauchy terms with
+this calibration's bias and scale, AoA by its chord), and ``pi_j <- mean responsibility
+L_j / sum_i L_i`` until it settles (100 steps). So ``pi_j`` is how often the report's
+(strongest) path is the map's path ``j``. None for a map of one path per site.
+
 :class:`Calibration` serialises to and from JSON (``to_json`` / ``from_json``, ``save`` /
 ``load``), to be stored with a run.
 """
@@ -104,6 +112,7 @@ class Calibration:
         miss_rate: ``[S]`` fraction of reported slots at uncovered true positions.
         cell: ``{feature: {"bias", "scale", "count", "spread", "ratio", "informative"}}``.
         meta: free JSON (split, reports, max_ratio, ...).
+        path_weights: ``[k]`` per-rank weights of a k-path map's mixture, or None (module doc).
     """
 
     site_names: list[str]
@@ -114,8 +123,14 @@ class Calibration:
     miss_rate: np.ndarray
     cell: dict[str, dict[str, Any]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    path_weights: list[float] | None = None
 
     def __post_init__(self) -> None:
+        if self.path_weights is not None:
+            pw = np.asarray(self.path_weights, dtype=np.float64)
+            if pw.ndim != 1 or not (np.isfinite(pw).all() and (pw >= 0).all() and pw.sum() > 0):
+                raise CoreError(f"Calibration: path_weights must be finite, >= 0 and not all 0, got {self.path_weights}")
+            self.path_weights = [float(v) for v in pw / pw.sum()]
         s = len(self.site_names)
         self.bias, self.scale, self.spread = (np.asarray(a, dtype=np.float64).reshape(s, 3)
                                               for a in (self.bias, self.scale, self.spread))
@@ -151,7 +166,7 @@ class Calibration:
             "cell": {k: {kk: _num(vv) if isinstance(vv, float) else vv for kk, vv in v.items()}
                      for k, v in self.cell.items()},
             "meta": self.meta,
-        }
+        } | ({} if self.path_weights is None else {"path_weights": list(self.path_weights)})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Calibration:
@@ -163,7 +178,7 @@ class Calibration:
         arr = lambda k: np.array([[np.nan if v is None else v for v in row] for row in d[k]], dtype=np.float64)  # noqa: E731
         return cls(list(d["site_names"]), arr("bias"), arr("scale"), np.array(d["count"]), arr("spread"),
                    np.array([np.nan if v is None else v for v in d["miss_rate"]], dtype=np.float64),
-                   {k: dict(v) for k, v in d.get("cell", {}).items()}, dict(d.get("meta", {})))
+                   {k: dict(v) for k, v in d.get("cell", {}).items()}, dict(d.get("meta", {})), d.get("path_weights"))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -321,7 +336,39 @@ def calibrate(dataset, maps, split: str | None = "train", reports: str = "all", 
             "num_reports": int(len(xy)), "scene": dataset.attrs.get("scene")}
     if walks is not None:
         meta["walks"] = int(len(indices))
-    return Calibration(list(maps.site_names), bias, scale, count, maps.spread, miss, cells, meta)
+    weights = path_weights(maps, xy, ids, site, bias, scale) if maps.paths > 1 else None
+    return Calibration(list(maps.site_names), bias, scale, count, maps.spread, miss, cells, meta, weights)
+
+
+def path_weights(maps: SiteMaps, xy, ids, site, bias, scale, steps: int = 100, chunk: int = 65536) -> list[float]:
+    """``pi [k]``: the EM fit of the per-rank path weights on the reports at the truth (module doc).
+
+    ``xy [M, 2]``, ``ids [M, K]``, ``site [M, K, 3]`` the reports; ``bias``, ``scale [S, 3]`` this
+    calibration's. Uniform when no slot has both ToA and AoA.
+    """
+    k = maps.paths
+    rho = []
+    with torch.no_grad():
+        for s in range(0, len(xy), chunk):
+            i = torch.as_tensor(ids[s:s + chunk])
+            paths = maps.path_lookup(torch.as_tensor(xy[s:s + chunk], dtype=maps.dtype), i).double().cpu().numpy()
+            cov = maps.lookup(torch.as_tensor(xy[s:s + chunk], dtype=maps.dtype), i).covered.cpu().numpy()
+            sid = np.clip(ids[s:s + chunk], 0, None)
+            obs = site[s:s + chunk].astype(np.float64)
+            ok = (ids[s:s + chunk] >= 0) & cov & np.isfinite(obs[..., 1]) & np.isfinite(obs[..., 2])
+            z_t = (obs[..., 1, None] - bias[sid, 1, None] - paths[..., 0]) / scale[sid, 1, None]
+            delta = np.deg2rad(wrap_degrees(obs[..., 2, None] - bias[sid, 2, None] - paths[..., 1]))
+            z_a = 2 * np.sin(np.abs(delta) / 2) / np.deg2rad(scale[sid, 2, None])  # the chord
+            rho.append((np.log1p(z_t**2) + np.log1p(z_a**2))[ok])  # [n, k]
+    r = np.concatenate(rho) if rho else np.zeros((0, k))
+    pi = np.full(k, 1.0 / k)
+    if len(r) == 0:
+        return pi.tolist()
+    lik = np.exp(-(r - r.min(1, keepdims=True)))
+    for _ in range(steps):
+        g = pi * lik
+        pi = (g / g.sum(1, keepdims=True)).mean(0)
+    return pi.tolist()
 
 
 def transfer_calibration(sources: list[Calibration], maps, max_ratio: float = 0.5) -> Calibration:
@@ -351,5 +398,7 @@ def transfer_calibration(sources: list[Calibration], maps, max_ratio: float = 0.
         cells[name] = {"bias": b, "scale": sc, "count": 0, "spread": spread, "ratio": ratio, "independent": independent,
                        "informative": bool(fit and ratio <= max_ratio and independent)}
     meta = {"transferred_from": [c.meta.get("scene") for c in sources], "max_ratio": max_ratio}
+    fitted = [c.path_weights for c in sources if c.path_weights is not None and len(c.path_weights) == maps.paths]
+    weights = np.mean(fitted, axis=0).tolist() if fitted and maps.paths > 1 else None
     return Calibration(list(maps.site_names), bias, scale, np.zeros((s_n, 3), np.int64), maps.spread,
-                       np.full(s_n, np.nan), cells, meta)
+                       np.full(s_n, np.nan), cells, meta, weights)

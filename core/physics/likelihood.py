@@ -39,6 +39,28 @@ everywhere, no seam at +-180 deg, no atan2 (the von Mises kernel). The NLL in na
 * Serving features ``c`` enter only where the calibration marks them informative
   (``cell_features="auto"``, see :mod:`core.physics.calibration`) or when listed.
 
+**k-path maps: a mixture over the paths.** A report's ToA and AoA are those of the UE's
+strongest path, and near a change of strongest path between map nodes that is the map's
+second or third path, not its first. With a k-path map (:attr:`SiteMaps.paths` ``k > 1``,
+``generate-maps --paths-per-site k``) and ``path_mixture="auto"`` (the default) a slot's ToA
+and AoA match ANY of the site's ``k`` paths, jointly (one path explains both)::
+
+    rho_path(p) = -log sum_j pi_j exp(-[w_toa rho(z_toa,j) + w_aoa rho(z_aoa,j)])      j = 0 .. k-1
+
+replacing ``w_toa rho(z_toa) + w_aoa rho(z_aoa)`` in the sum above (path gain is the sum over
+paths: unchanged). ``z_{.,j}`` are the residuals against path ``j``'s map values with the same
+calibrated bias and scale; ``pi_j`` are weights per path RANK, ``sum pi_j = 1``, estimated on the
+calibration split at the truth (:attr:`Calibration.path_weights`: the EM fit of this very mixture,
+so each rank's weight is how often the report's strongest path is the map's path ``j``); a
+calibration without them (made with a k = 1 map) gives :data:`DEFAULT_PATH_WEIGHT0` to path 0 and
+the rest in equal parts. Rank weights rather than the paths' relative power: the power of the
+map's next paths is itself interpolated across the node that switches, and per-rank weights fitted
+on the data are the frequencies the mixture needs. With ``k = 1`` (or ``path_mixture="off"``)
+``rho_path`` is ``rho(z_toa) + rho(z_aoa)`` exactly: the same code path as without paths. The
+mixture is a log-sum-exp, smooth in ``p``; its gradient is each path's gradient weighted by its
+responsibility ``gamma_j = pi_j exp(-r_j) / sum_i pi_i exp(-r_i)``. A path absent at a cell holds
+path 0's values (:class:`SiteMaps`), so its weight goes to path 0.
+
 API (the physics term for training and the objective of the MAP search)::
 
     lik = RobustLikelihood(radio_map_or_site_maps, calibration, LikelihoodConfig())
@@ -71,9 +93,23 @@ from core.physics.observation import SiteObservation, site_observation
 from core.physics.site_lookup import SiteMaps, prepare_site_maps
 
 __all__ = ["RobustLikelihood", "LikelihoodConfig", "SiteObservation", "PreparedObservation", "LikelihoodTerms",
-           "site_observation", "penalty", "PENALTIES"]
+           "site_observation", "penalty", "PENALTIES", "PATH_MIXTURES", "path_log_weights"]
 
 PENALTIES = ("cauchy", "huber")
+PATH_MIXTURES = ("auto", "off")
+#: path 0's mixture weight when the calibration has none (the rest share 1 - this equally)
+DEFAULT_PATH_WEIGHT0 = 0.9
+_MIN_PATH_WEIGHT = 1e-6
+
+
+def path_log_weights(calibration, paths: int) -> np.ndarray:
+    """``log pi [paths]``: the calibration's per-rank path weights (``Calibration.path_weights``) when it has
+    ``paths`` of them, else :data:`DEFAULT_PATH_WEIGHT0` and equal shares; floored and renormalised."""
+    pi = getattr(calibration, "path_weights", None)
+    if pi is None or len(pi) != paths:
+        pi = [DEFAULT_PATH_WEIGHT0] + [(1 - DEFAULT_PATH_WEIGHT0) / (paths - 1)] * (paths - 1) if paths > 1 else [1.0]
+    pi = np.maximum(np.asarray(pi, dtype=np.float64), _MIN_PATH_WEIGHT)
+    return np.log(pi / pi.sum())
 
 
 def penalty(z2: torch.Tensor, kind: str = "cauchy", delta: float = 2.0) -> torch.Tensor:
@@ -100,6 +136,8 @@ class LikelihoodConfig:
     penalty: "cauchy" or "huber"; huber_delta: Huber's threshold in sigmas.
     miss_z: the normalised residual an uncovered slot is charged per feature.
     weights: ``{feature: multiplier}`` (default 1).
+    path_mixture: "auto": a k-path map's ToA/AoA as a mixture over its paths (module doc); "off":
+        path 0 only (the map read as k = 1).
     """
 
     site_features: tuple[str, ...] = SITE_FEATURES
@@ -108,8 +146,11 @@ class LikelihoodConfig:
     huber_delta: float = 2.0
     miss_z: float = 10.0
     weights: dict[str, float] = field(default_factory=dict)
+    path_mixture: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.path_mixture not in PATH_MIXTURES:
+            raise ConfigError(f"likelihood: path_mixture must be one of {PATH_MIXTURES}, got {self.path_mixture!r}")
         if self.penalty not in PENALTIES:
             raise ConfigError(f"likelihood: penalty must be one of {PENALTIES}, got {self.penalty!r}")
         bad = [f for f in self.site_features if f not in SITE_FEATURES]
@@ -275,7 +316,7 @@ class RobustLikelihood(torch.nn.Module):
             if device is not None:
                 maps = maps.to(device)
         else:
-            maps = prepare_site_maps(maps, cell_features=cells, device=device)
+            maps = prepare_site_maps(maps, cell_features=cells, device=device, paths=config.path_mixture == "auto")
         if calibration.num_sites != maps.num_sites:
             raise CoreError(f"likelihood: the calibration has {calibration.num_sites} sites, the map {maps.num_sites}")
         missing = [c for c in cells if c not in calibration.cell]
@@ -297,6 +338,10 @@ class RobustLikelihood(torch.nn.Module):
         buf("cell_inv2", [1.0 / calibration.cell[c]["scale"] ** 2 for c in cells])
         buf("cell_w_miss", np.asarray(wc) * rho_miss)
         self._cell_cols = [CELL_FEATURES.index(c) for c in cells]
+        #: paths in the mixture (1: none, the single-path NLL); k-path SiteMaps with path_mixture "off" -> 1
+        self.paths = maps.paths if config.path_mixture == "auto" and (w[1] > 0 or w[2] > 0) else 1
+        self._product_mixture = config.penalty == "cauchy" and all(v in (0.0, 1.0) for v in w)
+        buf("log_pi", path_log_weights(calibration, self.paths))
 
     @classmethod
     def calibrated(cls, radio_map, dataset, config: LikelihoodConfig | None = None, split: str | None = "train",
@@ -312,7 +357,7 @@ class RobustLikelihood(torch.nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (f"penalty={c.penalty}, site_features={list(c.site_features)}, cell_features={list(self.cell_features)}, "
-                f"miss_z={c.miss_z}, rho_miss={self.rho_miss:.3f}")
+                f"miss_z={c.miss_z}, rho_miss={self.rho_miss:.3f}, paths={self.paths}")
 
     # -- observation side --------------------------------------------------------------
     def prepare(self, obs: SiteObservation) -> PreparedObservation:
@@ -405,8 +450,14 @@ class RobustLikelihood(torch.nn.Module):
         """
         b, p = prep.site_ids.shape[0], points.shape[0]
         pts = points.to(device=self.maps.device, dtype=self.maps.dtype)
-        raw = self.maps.sample(pts).unsqueeze(1).expand(-1, b, p).reshape(-1, b * p)
+        sampled = self.maps.sample(pts)
         cov = self.maps.coverage(pts).unsqueeze(1).expand(-1, b, p).reshape(-1, b * p)
+        if self.paths > 1 and self._product_mixture:  # the next paths' channels broadcast, never copied per sample
+            s, n_base = self.maps.num_sites, 4 * self.maps.num_sites + len(self.cell_features)
+            raw = sampled[:n_base].unsqueeze(1).expand(-1, b, p).reshape(-1, b * p)
+            shared = sampled[n_base:].view(3, self.paths - 1, s, 1, p)
+            return self._mixture_kernel(raw, cov[:s].view(s, b, p), cov, prep, b, p, None, shared)[0]
+        raw = sampled.unsqueeze(1).expand(-1, b, p).reshape(-1, b * p)
         return self._kernel(raw, cov, prep, b, p, False)[0]
 
     def _kernel(self, raw: torch.Tensor, coverage: torch.Tensor, prep: PreparedObservation, b: int, p: int,
@@ -417,7 +468,11 @@ class RobustLikelihood(torch.nn.Module):
         pg, toa, cos, sin = raw[: 4 * s].view(4, s, b, p).unbind(0)
         cov = coverage[:s].view(s, b, p)
         grad = torch.empty_like(raw) if need_grad else None
+        if grad is not None and self.maps.paths > 1:
+            self.maps.alt_part(grad).zero_()  # the next paths' channels: written by the mixture, if used
         gs = None if grad is None else grad[: 4 * s].view(4, s, b, p)
+        if self.paths > 1:
+            return self._mixture_kernel(raw, cov, coverage, prep, b, p, grad)
         un = lambda v: v.unsqueeze(-1)  # noqa: E731  [S, B] -> [S, B, 1]
         kind, delta = self.config.penalty, self.config.huber_delta
         product = kind == "cauchy" and all(w in (0.0, 1.0) for w in self.w)  # sum of logs = log of the product
@@ -454,7 +509,7 @@ class RobustLikelihood(torch.nn.Module):
     def _cell_kernel(self, raw, cov: torch.Tensor, prep: PreparedObservation, b: int, p: int, grad) -> torch.Tensor:
         """Serving-feature NLL ``[B, P]`` (``cov [B, P]``: serving coverage); writes its gradient rows into ``grad``."""
         cell = self.maps.cell_part(raw).view(-1, b, p)
-        gc = None if grad is None else grad[4 * self.maps.num_sites:].view(-1, b, p)
+        gc = None if grad is None else self.maps.cell_part(grad).view(-1, b, p)
         rho = _linear_rho(cell, prep.o_cell.unsqueeze(-1), prep.inv2_cell.unsqueeze(-1), self.config.penalty,
                           self.config.huber_delta, gc)
         wc = torch.as_tensor(self.wc, dtype=rho.dtype, device=rho.device).view(-1, 1, 1)
@@ -462,6 +517,95 @@ class RobustLikelihood(torch.nn.Module):
         if gc is not None:
             gc.mul_(wc).mul_(cov)
         return tm.mul_(cov).add_(prep.r_miss_cell.unsqueeze(1))
+
+    def _path_rho(self, raw: torch.Tensor, prep: PreparedObservation, b: int, p: int, need_grad: bool):
+        """Per path ``j``: ``r [k, S, B, P]`` = ``w_toa rho(z_toa,j) + w_aoa rho(z_aoa,j)`` and, if asked, its
+        gradients ``d r / d (toa, cos, sin)`` ``[3, k, S, B, P]`` (path 0 from the base channels, then the next paths)."""
+        s, k = self.maps.num_sites, self.paths
+        base = raw[s: 4 * s].view(3, 1, s, b, p)  # toa, cos, sin
+        chans = torch.cat([base, self.maps.alt_part(raw).view(3, k - 1, s, b, p)], 1)  # [3, k, S, B, P]
+        kind, delta = self.config.penalty, self.config.huber_delta
+        r = torch.zeros((k, s, b, p), dtype=raw.dtype, device=raw.device)
+        g = torch.zeros((3, k, s, b, p), dtype=raw.dtype, device=raw.device) if need_grad else None
+        un = lambda v: v.view(1, s, b, 1)  # noqa: E731
+        if self.w[1]:
+            r.add_(_linear_rho(chans[0], un(prep.o_toa), un(prep.inv2_toa), kind, delta,
+                               None if g is None else g[0]).mul_(self.w[1]))
+            if g is not None:
+                g[0].mul_(self.w[1])
+        if self.w[2]:
+            r.add_(_chord_rho(chans[1], chans[2], un(prep.u_c), un(prep.u_s), un(prep.inv2_aoa), kind, delta,
+                              None if g is None else g[1:3]).mul_(self.w[2]))
+            if g is not None:
+                g[1:3].mul_(self.w[2])
+        return r, g
+
+    def _path_factors(self, raw: torch.Tensor, prep: PreparedObservation, b: int, p: int, grad, shared=None):
+        """Cauchy with 0/1 weights: ``pi_j / (D_toa,j D_aoa,j)`` ``[k, S, B, P]`` with ``D = 1 + z^2`` (capped as in
+        :func:`_linear_rho`): :meth:`_path_rho`'s ``pi_j exp(-r_j)`` without a log. Writes ``d r_j / d`` (toa, cos,
+        sin) into ``grad``'s rows (path 0: the base rows, the next paths: their own), when given. ``shared``
+        ``[3, J, S, 1, P]``: the next paths' channels at points shared by every sample (``raw`` then holds
+        only the table's first ``4 S + F_c`` channels; no gradient)."""
+        s, k = self.maps.num_sites, self.paths
+        alt = self.maps.alt_part(raw).view(3, k - 1, s, b, p) if shared is None else shared
+        gs = None if grad is None else grad[s: 4 * s].view(3, s, b, p)
+        ga = None if grad is None else self.maps.alt_part(grad).view(3, k - 1, s, b, p)
+        un = lambda v: v.view(s, b, 1)  # noqa: E731
+        inv = torch.empty((k, s, b, p), dtype=raw.dtype, device=raw.device)
+        groups = ((raw[s: 4 * s].view(3, s, b, p), gs, inv[0]), (alt, ga, inv[1:]))
+        for chans, g, out in groups:
+            den = None
+            if self.w[1]:
+                den = _linear_rho(chans[0], un(prep.o_toa), un(prep.inv2_toa), "cauchy", 0.0,
+                                  None if g is None else g[0], True)
+            elif g is not None:
+                g[0].zero_()
+            if self.w[2]:
+                d2 = _chord_rho(chans[1], chans[2], un(prep.u_c), un(prep.u_s), un(prep.inv2_aoa), "cauchy", 0.0,
+                                None if g is None else g[1:3], True)
+                den = d2 if den is None else den.mul_(d2)
+            elif g is not None:
+                g[1:3].zero_()
+            out.copy_(den.reciprocal_())
+        return inv.mul_(self.log_pi.exp().view(k, 1, 1, 1))
+
+    def _mixture_kernel(self, raw, cov, coverage, prep: PreparedObservation, b: int, p: int, grad, shared=None):
+        """:meth:`_kernel` for a k-path map: path gain as always, ToA and AoA a mixture over the paths (module doc)."""
+        s, k = self.maps.num_sites, self.paths
+        gs = None if grad is None else grad[: 4 * s].view(4, s, b, p)
+        kind, delta = self.config.penalty, self.config.huber_delta
+        t = torch.zeros((s, b, p), dtype=raw.dtype, device=raw.device)
+        if self.w[0]:
+            t.add_(_linear_rho(raw[:s].view(s, b, p), prep.o_pg.unsqueeze(-1), prep.inv2_pg.unsqueeze(-1), kind, delta,
+                               None if gs is None else gs[0]).mul_(self.w[0]))
+            if gs is not None:
+                gs[0].mul_(self.w[0])
+        elif gs is not None:
+            gs[0].zero_()
+        if self._product_mixture:  # Cauchy, weights 0/1: sum_j pi_j / (D_toa,j D_aoa,j), ONE log, no copies
+            inv = self._path_factors(raw, prep, b, p, grad, shared)
+            mix = inv.sum(0)  # [S, B, P]
+            t.sub_(torch.log(mix))
+            if gs is not None:
+                gamma = inv.div_(mix)
+                gs[1:4].mul_(gamma[0])
+                self.maps.alt_part(grad).view(3, k - 1, s, b, p).mul_(gamma[1:])
+        else:
+            r, g = self._path_rho(raw, prep, b, p, gs is not None)
+            a = self.log_pi.view(k, 1, 1, 1) - r
+            lse = torch.logsumexp(a, 0)  # [S, B, P]
+            t.sub_(lse)
+            if gs is not None:
+                g.mul_((a - lse).exp_())  # times the responsibilities [k, S, B, P]
+                gs[1:4].copy_(g[:, 0])
+                self.maps.alt_part(grad).view(3, k - 1, s, b * p).copy_(g[:, 1:].reshape(3, k - 1, s, b * p))
+        if gs is not None:
+            gs.mul_(cov)
+            self.maps.alt_part(grad).view(3, k - 1, s, b, p).mul_(cov)
+        total = t.sub_(prep.r_miss.unsqueeze(-1)).mul_(cov).sum(0).add_(prep.r_miss.sum(0).unsqueeze(-1))
+        if self.cell_features:
+            total.add_(self._cell_kernel(raw, coverage[s].view(b, p), prep, b, p, grad))
+        return total, grad
 
     def forward(self, xy: torch.Tensor, obs) -> torch.Tensor:
         """NLL [nats]: ``xy [B, 2] -> [B]`` or ``xy [B, P, 2] -> [B, P]``; ``obs`` a Site- or PreparedObservation."""
@@ -492,12 +636,45 @@ class RobustLikelihood(torch.nn.Module):
         m = (inv2 > 0).to(maps.dtype)  # present and used
         z2 = torch.stack([r_pg.square(), r_toa.square(), chord2], -1) * inv2
         w = torch.as_tensor(self.w, dtype=maps.dtype, device=maps.device)
+        correction = None
+        if self.paths > 1:  # the most responsible path's residuals; the mixture's -log(pi_j / gamma_j) booked to ToA
+            r_toa, r_aoa, z2, correction = self._path_terms(raw, prep, ids, inv2, r_pg)
         site = cov.unsqueeze(-1) * self.rho(z2) * w + (1 - cov).unsqueeze(-1) * self.w_miss * m
+        if correction is not None:
+            site[..., 1] += cov * correction
         residual = torch.where(m > 0, torch.stack([r_pg, r_toa, r_aoa], -1), 0.0)
         cell, c_res, c_z, c_cov = self._cell_terms(raw, coverage[-1], prep, b)
         total = site.sum((1, 2)) + cell.sum(-1)
         return LikelihoodTerms(total, site, cell, residual, z2.sqrt(), cov, m > 0, c_res, c_z, c_cov,
                                self.cell_features)
+
+    def _path_terms(self, raw: torch.Tensor, prep: PreparedObservation, ids: torch.Tensor, inv2: torch.Tensor,
+                    r_pg: torch.Tensor):
+        """For :meth:`terms` with a mixture: ``(r_toa, r_aoa, z2 [B, K, 3], correction [B, K])`` against each slot's
+        most responsible path ``j*``; ``correction = mixture - r_j* = log(gamma_j* / pi_j*)`` [nats]."""
+        b, k_slots = ids.shape
+        r, _ = self._path_rho(raw, prep, b, 1, False)  # [k, S, B, 1]
+        a = self.log_pi.view(-1, 1, 1, 1) - r
+        lse = torch.logsumexp(a, 0)
+        best = a.argmax(0)  # [S, B, 1]
+        corr = (-lse - torch.gather(r, 0, best.unsqueeze(0))[0])[..., 0].t()  # [B, S]
+        s = self.maps.num_sites
+        chans = torch.cat([raw[s: 4 * s].view(3, 1, s, b), self.maps.alt_part(raw).view(3, self.paths - 1, s, b)], 1)
+        pick = best[..., 0].unsqueeze(0)  # [1, S, B]
+
+        def sel(c):  # c [k, S, B] -> the best path's value per slot [B, K]
+            return torch.gather(torch.gather(c, 0, pick)[0].t(), 1, ids.clamp(min=0))
+
+        toa_j, cos_j, sin_j = (sel(chans[i]) for i in range(3))  # [B, K]
+        uc = torch.where(ids >= 0, torch.gather(prep.u_c.t(), 1, ids.clamp(min=0)), 0.0)
+        us = torch.where(ids >= 0, torch.gather(prep.u_s.t(), 1, ids.clamp(min=0)), 0.0)
+        o_toa = torch.where(ids >= 0, torch.gather(prep.o_toa.t(), 1, ids.clamp(min=0)), 0.0)
+        r_toa = o_toa - toa_j
+        r_aoa = torch.rad2deg(torch.atan2(us * cos_j - uc * sin_j, uc * cos_j + us * sin_j))
+        chord2 = (cos_j - uc).square() + (sin_j - us).square()
+        z2 = torch.stack([r_pg.square(), r_toa.square(), chord2], -1) * inv2
+        correction = torch.where(ids >= 0, torch.gather(corr, 1, ids.clamp(min=0)), 0.0)
+        return r_toa, r_aoa, z2, correction
 
     def _cell_terms(self, raw: torch.Tensor, cov: torch.Tensor, prep: PreparedObservation, b: int):
         dt, dev = self.maps.dtype, self.maps.device

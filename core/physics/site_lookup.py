@@ -16,6 +16,13 @@ with the layers of exactly those sites.
     [0, S)      path gain of site s [dB]          [S, 2S)    ToA [ns]
     [2S, 3S)    cos(AoA)                          [3S, 4S)   sin(AoA)
     [4S, 4S + F_c)  serving-map features ``cell_features`` (``RadioMap.values``), if asked
+    then, for a k-path map (``k > 1``, ``J = k - 1``; :attr:`SiteMaps.paths`), the next paths' channels
+    [A, A + JS)  ToA of path j of site s at A + (j - 1) S + s     (A = 4S + F_c)
+    [A + JS, A + 2JS)  cos(AoA)     [A + 2JS, A + 3JS)  sin(AoA)
+
+A next path absent at a cell (the site has fewer paths there, or none) takes path 0's
+values: a mixture over the paths (:mod:`core.physics.likelihood`) then gives its weight to
+path 0, i.e. it is renormalised over the paths present.
 
 and a coverage bitmask per cell: bit ``s`` set where site ``s`` has a path AND the cell is
 covered (``valid``), bit ``S`` = ``valid`` (the serving coverage). Holes are filled per
@@ -101,6 +108,27 @@ def _site_slabs(path_gain, toa, aoa, valid) -> tuple[np.ndarray, np.ndarray, np.
     return slabs, cover, spread
 
 
+def _alt_slabs(alt_toa, alt_aoa, slabs: np.ndarray, cover: np.ndarray) -> np.ndarray | None:
+    """The next paths' channels ``[3 J S, H, W]`` (module doc order) from ``[S J, H, W]`` layers, or None.
+
+    Where path ``j`` is absent (NaN) or the site does not cover the cell: path 0's filled values
+    (``slabs [4, S, H, W]``, :func:`_site_slabs`)."""
+    if alt_toa is None and alt_aoa is None:
+        return None
+    s, h, w = slabs.shape[1:]
+    tt, aa = (np.asarray(a, dtype=np.float64) for a in (alt_toa, alt_aoa))
+    if tt.shape != aa.shape or tt.ndim != 3 or tt.shape[1:] != (h, w) or tt.shape[0] % s or tt.shape[0] == 0:
+        raise CoreError(f"SiteMaps: alt_toa and alt_aoa must both be [S (k-1), {h}, {w}] with S = {s}, "
+                        f"got {tt.shape}, {aa.shape}")
+    j = tt.shape[0] // s
+    tt, aa = tt.reshape(s, j, h, w).transpose(1, 0, 2, 3), aa.reshape(s, j, h, w).transpose(1, 0, 2, 3)  # [J, S, H, W]
+    has = np.isfinite(tt) & np.isfinite(aa) & cover[None]
+    rad = np.deg2rad(np.where(has, aa, 0.0))
+    out = np.stack([np.where(has, tt, slabs[1][None]), np.where(has, np.cos(rad), slabs[2][None]),
+                    np.where(has, np.sin(rad), slabs[3][None])])  # [3, J, S, H, W]
+    return out.reshape(3 * j * s, h, w)
+
+
 class SiteMaps(GridTable):
     """Per-site layers of one scene made ready for lookup (see the module doc for the table).
 
@@ -112,18 +140,21 @@ class SiteMaps(GridTable):
         cell: ``{name: [H, W]}`` serving-map features to look up too (finite where valid).
         sites: ``[S, 3]`` site positions [m] (kept as ``site_xyz``), optional.
         site_names: ``S`` names (default ``site0``...).
+        alt_toa, alt_aoa: ``[S (k-1), H, W]`` the next ``k - 1`` paths' ToA [ns] and AoA [deg]
+            (``RadioMap`` layers ``site_alt_toa``/``site_alt_aoa``: plane ``s (k-1) + j - 1``), or None (k = 1).
 
     Buffers (non-persistent; ``.to(device)`` moves them): ``table``; ``cover_bits``
     int64 ``[H * W]``; ``cover`` bool ``[S + 1, H, W]`` (sites, then ``valid``);
     ``scale, offset [2]`` with ``grid = offset + xy * scale``; ``lo, hi [2]`` the outer
     bounds; ``site_xyz``.
-    Attributes: ``num_sites``, ``cell_features``, ``spread [S, 3]`` (numpy: std of each
+    Attributes: ``num_sites``, ``paths`` (k: 1, or the k-path map's), ``cell_features``, ``spread [S, 3]`` (numpy: std of each
     site's path gain, ToA and circular std of AoA over the cells it covers), ``cell_spread``
     ``{name: std over valid cells}``, ``bounds``, ``shape (H, W)``, ``cell_size``.
     """
 
     def __init__(self, path_gain, toa, aoa, bounds, valid=None, cell: dict | None = None, sites=None,
-                 site_names=None, device=None, dtype: torch.dtype = torch.float32) -> None:
+                 site_names=None, device=None, dtype: torch.dtype = torch.float32, alt_toa=None,
+                 alt_aoa=None) -> None:
         super().__init__()
         shape = np.shape(path_gain)
         if len(shape) != 3 or np.shape(toa) != shape or np.shape(aoa) != shape:
@@ -139,6 +170,8 @@ class SiteMaps(GridTable):
         if not (x_max > x_min and y_max > y_min):
             raise CoreError(f"SiteMaps: bounds {self.bounds} must have x_max > x_min and y_max > y_min")
         slabs, cover, self.spread = _site_slabs(path_gain, toa, aoa, valid)
+        alt = _alt_slabs(alt_toa, alt_aoa, slabs, cover)  # [3 J S, H, W] or None
+        self.paths = 1 if alt is None else 1 + alt.shape[0] // (3 * s)
         cell = dict(cell or {})
         self.cell_features = tuple(cell)
         planes = [slabs.reshape(4 * s, h, w)]
@@ -149,6 +182,8 @@ class SiteMaps(GridTable):
                 raise CoreError(f"SiteMaps: cell feature {name!r} must be [{h}, {w}], got {plane.shape}")
             self.cell_spread[name] = float(plane[valid].std()) if valid.any() else float("nan")
             planes.append(fill_holes(np.where(valid, plane, 0.0)[None], valid))
+        if alt is not None:
+            planes.append(alt)
         table = torch.from_numpy(np.concatenate(planes)).to(dtype).unsqueeze(0)
         bits = np.zeros((h, w), np.int64)
         for i, c in enumerate(list(cover) + [valid]):
@@ -174,10 +209,12 @@ class SiteMaps(GridTable):
             self.to(device)
 
     @classmethod
-    def from_radio_map(cls, radio_map, cell_features=(), device=None, dtype: torch.dtype = torch.float32) -> SiteMaps:
+    def from_radio_map(cls, radio_map, cell_features=(), device=None, dtype: torch.dtype = torch.float32,
+                       paths: bool = True) -> SiteMaps:
         """From a :class:`~core.stores.radio_map.RadioMap` with the three per-site layers.
 
         ``cell_features``: serving-map feature names to add (each must be in the map).
+        ``paths``: read a k-path map's ``site_alt_*`` layers too (False: path 0 only, as a k = 1 map).
         A missing layer is a :class:`CoreError` naming it.
         """
         missing = [layer for layer in SITE_LAYERS.values() if layer not in radio_map.layers]
@@ -192,8 +229,11 @@ class SiteMaps(GridTable):
         for name in cell:
             if feature_spec(name).angular:
                 raise CoreError(f"SiteMaps: cell feature {name!r} is angular; only linear serving features are supported")
+        alt = {}
+        if paths and radio_map.paths_per_site > 1:
+            alt = {"alt_toa": radio_map.layers["site_alt_toa"], "alt_aoa": radio_map.layers["site_alt_aoa"]}
         return cls(*layers, radio_map.bounds, valid=radio_map.valid, cell=cell, sites=pos, site_names=names,
-                   device=device, dtype=dtype)
+                   device=device, dtype=dtype, **alt)
 
     # -- facts ------------------------------------------------------------------------
     @property
@@ -223,7 +263,29 @@ class SiteMaps(GridTable):
 
     def cell_part(self, raw: torch.Tensor) -> torch.Tensor:
         """``raw [C, N]`` -> serving features ``[F_c, N]`` (a view)."""
-        return raw[4 * self.num_sites:]
+        return raw[4 * self.num_sites: 4 * self.num_sites + len(self.cell_features)]
+
+    def alt_part(self, raw: torch.Tensor) -> torch.Tensor:
+        """``raw [C, N]`` -> the next paths' ``[3, J, S, N]`` (ToA [ns], cos, sin of AoA; ``J = paths - 1``; a view)."""
+        a = 4 * self.num_sites + len(self.cell_features)
+        return raw[a:].view(3, self.paths - 1, self.num_sites, raw.shape[1])
+
+    def path_lookup(self, xy: torch.Tensor, site_ids) -> torch.Tensor:
+        """Every path's ``(toa [ns], aoa [deg])`` of each slot's site at ``xy [B, 2]``: ``[B, K, k, 2]``.
+
+        Path 0 is the strongest (:meth:`lookup`'s), then the next ``k - 1`` (hole-filled with
+        path 0 where absent, as in the table); 0 in empty slots. Differentiable in ``xy``.
+        """
+        ids = self.check_site_ids(site_ids, xy.shape[0])
+        b, k = ids.shape
+        raw = self.sample(xy.to(device=self.device, dtype=self.dtype))
+        base = self.site_part(raw)[1:]  # [3, S, B]
+        chans = base.unsqueeze(1) if self.paths == 1 else torch.cat([base.unsqueeze(1), self.alt_part(raw)], 1)
+        idx = ids.clamp(min=0).t().reshape(1, 1, k, b).expand(3, self.paths, k, b)
+        slots = torch.gather(chans, 2, idx)  # [3, k_paths, K, B]
+        aoa = angle_from_cos_sin(slots[1], slots[2])
+        out = torch.stack([slots[0], aoa], -1).permute(2, 1, 0, 3)  # [B, K, k_paths, 2]
+        return torch.where((ids >= 0)[..., None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
 
     @torch.no_grad()
     def coverage(self, xy: torch.Tensor) -> torch.Tensor:
@@ -283,14 +345,16 @@ class SiteMaps(GridTable):
         """Mean and variance of every table channel, then of every coverage mask, over ``block x block`` cells.
 
         Returns ``(centres [G, 2] m, mean [G, C + S + 1], var [G, C + S + 1])`` (columns: the
-        table's ``C`` channels, the ``S`` site coverages, ``valid``) with ``G = ceil(H/block) *
+        table's first ``C = 4 S + F_c`` channels -- a k-path map's next paths are not pooled: the
+        global scan reads path 0 --, the ``S`` site coverages, ``valid``) with ``G = ceil(H/block) *
         ceil(W/block)`` blocks in row-major order (rows along +y); the last blocks may be
         partial (only real cells count) and a centre is the mean of its cells' centres.
         """
         if int(block) < 1:
             raise CoreError(f"block_stats: block must be >= 1 cells, got {block}")
         block = int(block)
-        t = torch.cat([self.table, self.cover.unsqueeze(0).to(self.dtype)], dim=1).to(torch.float64)
+        base = self.table[:, : 4 * self.num_sites + len(self.cell_features)]  # a k-path map's next paths: not pooled
+        t = torch.cat([base, self.cover.unsqueeze(0).to(self.dtype)], dim=1).to(torch.float64)
         pool = lambda v: F.avg_pool2d(v, block, block, ceil_mode=True, count_include_pad=False)  # noqa: E731
         mean, sq = pool(t), pool(t * t)
         var = (sq - mean * mean).clamp(min=0.0)
@@ -305,11 +369,13 @@ class SiteMaps(GridTable):
         return centres.to(self.dtype), flat(mean), flat(var)
 
 
-def prepare_site_maps(maps, cell_features=(), device=None, dtype: torch.dtype = torch.float32) -> SiteMaps:
-    """A :class:`SiteMaps` from a RadioMap, or a SiteMaps (returned as is, moved to ``device`` if given)."""
+def prepare_site_maps(maps, cell_features=(), device=None, dtype: torch.dtype = torch.float32,
+                      paths: bool = True) -> SiteMaps:
+    """A :class:`SiteMaps` from a RadioMap, or a SiteMaps (returned as is, moved to ``device`` if given).
+    ``paths``: see :meth:`SiteMaps.from_radio_map`."""
     if isinstance(maps, SiteMaps):
         return maps if device is None else maps.to(device)
-    return SiteMaps.from_radio_map(maps, cell_features=cell_features, device=device, dtype=dtype)
+    return SiteMaps.from_radio_map(maps, cell_features=cell_features, device=device, dtype=dtype, paths=paths)
 
 
 def site_lookup(maps, xy: torch.Tensor, site_ids) -> SiteValues:

@@ -43,6 +43,16 @@ bler                    0.3        three times the 0.1 BLER target
 ``serving_agreement``: fraction of reports whose slot-0 site is the site with the
 largest ``site_path_gain`` at the true position.
 
+A k-path map (``attrs["paths_per_site"] = k > 1``, the ``site_alt_*`` layers) adds the group
+``site layer, nearest of k paths`` for ToA and AoA: each slot's residuals against the one of
+the site's ``k`` paths (path 0 = ``site_toa``/``site_aoa``, then the next paths) that is nearest
+in ``(r_toa / 3 ns)^2 + (r_aoa / 3 deg)^2`` (one path explains both, as in the likelihood's
+mixture; a path NaN at the point is skipped). ``summary["paths_per_site"]`` is ``k``.
+``--radio-map PATH`` reads another map of the dataset's scene than the one it records
+(:func:`~core.stores.lineage.check_map_override`: same scene, sites and propagation), e.g. a
+k-path map generated with the settings of the dataset's; ``summary["radio_map_override"]``
+records both.
+
 ``--beside B``: the same statistics of a second dataset of the same scene and map (e.g.
 the oracle world's beside a realistic one's, :mod:`core.stores.world_model`), printed as
 one table with the two side by side (per variant, feature and group, all sites pooled:
@@ -65,6 +75,8 @@ from core.features import wrap_degrees
 
 GROSS: dict[str, float] = {"path_gain": 10.0, "toa": 30.0, "aoa": 30.0, "snr": 10.0, "sinr": 10.0,
                            "throughput": 20.0, "bler": 0.3}
+#: the joint distance that picks a k-path map's nearest path: ToA [ns] and AoA [deg] scales
+NEAREST_SCALE = (3.0, 3.0)
 #: per-site layer of each site feature (see :mod:`core.stores.radio_map`)
 FEATURE_LAYERS: dict[str, str] = {"path_gain": "site_path_gain", "toa": "site_toa", "aoa": "site_aoa"}
 SPLIT_CHOICES = ("train", "val", "test", "all")
@@ -106,6 +118,26 @@ def bilinear(planes: np.ndarray, bounds, xy: np.ndarray, index: np.ndarray | Non
     with np.errstate(invalid="ignore", divide="ignore"):
         out = wrap_degrees(np.degrees(np.arctan2(acc[1], acc[0]))) if angular else acc[0] / weight
     return np.where(weight > 1e-12, out, np.nan)
+
+
+def nearest_path_residuals(rmap, xy: np.ndarray, sites: np.ndarray, toa: np.ndarray, aoa: np.ndarray
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """``(r_toa [M] ns, r_aoa [M] deg)`` of measured ``toa``, ``aoa [M]`` at ``xy [M, 2]`` (site ``sites [M]``)
+    against the nearest of a k-path map's paths (module docstring); NaN where no path is finite there."""
+    k = rmap.paths_per_site
+    t_paths = [bilinear(rmap.layers["site_toa"], rmap.bounds, xy, sites)]
+    a_paths = [bilinear(rmap.layers["site_aoa"], rmap.bounds, xy, sites, angular=True)]
+    for j in range(1, k):
+        plane = sites * (k - 1) + j - 1
+        t_paths.append(bilinear(rmap.layers["site_alt_toa"], rmap.bounds, xy, plane))
+        a_paths.append(bilinear(rmap.layers["site_alt_aoa"], rmap.bounds, xy, plane, angular=True))
+    rt = toa[None] - np.stack(t_paths)  # [k, M]
+    ra = wrap_degrees(aoa[None] - np.stack(a_paths))
+    d = np.where(np.isfinite(rt) & np.isfinite(ra), (rt / NEAREST_SCALE[0]) ** 2 + (ra / NEAREST_SCALE[1]) ** 2, np.inf)
+    best = d.argmin(0)[None]
+    ok = np.isfinite(np.take_along_axis(d, best, 0)[0])
+    return (np.where(ok, np.take_along_axis(rt, best, 0)[0], np.nan),
+            np.where(ok, np.take_along_axis(ra, best, 0)[0], np.nan))
 
 
 def residual_stats(r: np.ndarray, gross: float) -> dict[str, float]:
@@ -174,12 +206,18 @@ def consistency_rows(ds, rmap, split: str = "test") -> tuple[list[dict[str, Any]
                 r = _residual(sf[m, k, f], bilinear(layer, rmap.bounds, xy[m], ids[m, k], angular), angular)
                 rows += _rows(variant, feat, "site layer, all slots", r, ids[m, k], names)
                 rows += _rows(variant, feat, "site layer, slot 0", r[k == 0], None, names)
+                if feat in ("toa", "aoa") and rmap.paths_per_site > 1:
+                    m, k = np.nonzero((ids >= 0) & np.isfinite(sf[..., 1]) & np.isfinite(sf[..., 2]))
+                    near = nearest_path_residuals(rmap, xy[m], ids[m, k], sf[m, k, 1], sf[m, k, 2])[f - 1]
+                    rows += _rows(variant, feat, f"site layer, nearest of {rmap.paths_per_site} paths", near,
+                                  ids[m, k], names)
             r = _residual(sf[:, 0, f], bilinear(rmap.feature(feat), rmap.bounds, xy, angular=angular), angular)
             rows += _rows(variant, feat, "serving map vs slot 0", r[np.isfinite(sf[:, 0, f])], None, names)
         for f, feat in enumerate(CELL_FEATURES):
             r = _residual(cf[:, f], bilinear(rmap.feature(feat), rmap.bounds, xy), False)
             rows += _rows(variant, feat, "serving map", r[np.isfinite(cf[:, f])], None, names)
-    summary: dict[str, Any] = {"dataset": ds.source, "radio_map": rmap.source, "split": split, "reports": int(len(idx))}
+    summary: dict[str, Any] = {"dataset": ds.source, "radio_map": rmap.source, "split": split, "reports": int(len(idx)),
+                               "paths_per_site": rmap.paths_per_site}
     if "site_path_gain" in rmap.layers:
         pg = np.stack([bilinear(rmap.layers["site_path_gain"][s], rmap.bounds, xy) for s in range(len(names))], 1)
         best = np.nan_to_num(pg, nan=-np.inf).argmax(1)
@@ -249,6 +287,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=SPLIT_CHOICES, default="test", help="which samples (default: test)")
     parser.add_argument("--beside", default=None, metavar="DATASET",
                         help="a second dataset of the same scene and map (e.g. the oracle world's): both side by side")
+    parser.add_argument("--radio-map", default=None, metavar="PATH",
+                        help="read this map store instead of <radio-maps>/<scene>.zarr: another map of the dataset's "
+                             "scene with its sites and propagation (e.g. a k-path map); recorded in the summary")
     parser.add_argument("--json", default=None, help="also write the rows and summary as JSON here")
     parser.add_argument("--markdown", default=None, help="also write the table as Markdown here")
 
@@ -257,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
     from core.features import FEATURES
     from core.stores.atomic import atomic_write_text
     from core.stores.dataset import MeasurementDataset
-    from core.stores.lineage import check_map_of_dataset, map_path
+    from core.stores.lineage import check_map_of_dataset, check_map_override, map_path
     from core.stores.lock import output_lock
     from core.stores.output import check_writable
     from core.stores.radio_map import RadioMap
@@ -273,13 +314,23 @@ def run(args: argparse.Namespace) -> int:
     if other is not None and other.attrs.get("scene") != scene:
         raise CoreError(f"--beside {args.beside} is of scene {other.attrs.get('scene')!r}, "
                         f"--dataset {args.dataset} of {scene!r}")
-    rmap = RadioMap.load(map_path(args.radio_maps, scene))
-    check_map_of_dataset(ds.ref, ds.radio_map_ref, rmap.ref)  # the map this dataset was made with, or refuse
-    if other is not None:
-        check_map_of_dataset(other.ref, other.radio_map_ref, rmap.ref)
+    override = None
+    if args.radio_map:  # another map of the scene, explicitly: checked for sites and propagation, recorded
+        rmap = RadioMap.load(args.radio_map)
+        override = {"recorded": ds.radio_map_ref.to_dict() if ds.radio_map_ref else None, "used": rmap.ref.to_dict()}
+        for d in (ds, other):
+            if d is not None:
+                check_map_override(d.ref, rmap.ref)
+    else:
+        rmap = RadioMap.load(map_path(args.radio_maps, scene))
+        check_map_of_dataset(ds.ref, ds.radio_map_ref, rmap.ref)  # the map this dataset was made with, or refuse
+        if other is not None:
+            check_map_of_dataset(other.ref, other.radio_map_ref, rmap.ref)
     units = {name: spec.unit for name, spec in FEATURES.items()}
     rows, summary = consistency_rows(ds, rmap, args.split)
     summary["world"] = world_line(ds)
+    if override is not None:
+        summary["radio_map_override"] = override
     if other is None:
         table = markdown_table(rows, units)
         result: dict[str, Any] = {"rows": rows, "summary": summary}

@@ -73,6 +73,12 @@ from core.stores.lineage import map_path
 from core.stores.output import check_writable, writing_store
 
 DEFAULT_TOA_DECIMATION = 3
+MAX_PATHS_PER_SITE = 8
+#: two candidate paths closer than this at a cell (delay [ns] AND azimuth [deg]) are one path
+SAME_PATH_NS, SAME_PATH_DEG = 1.5, 3.0
+#: a candidate path's spreading correction from its node to a cell is clipped to +-this [dB] (an anchor
+#: next to the cell would otherwise blow it up; nodes are a few metres apart)
+MAX_SPREADING_DB = 10.0
 DIRECT_TOL_M = 0.5  # a virtual source this close to the site is the site: the direct path
 
 
@@ -89,6 +95,9 @@ class MapSettings:
         min_coverage: the smallest acceptable fraction of covered OUTDOOR cells; a map
             below it is an error (:mod:`core.raytracing.coverage`).
         propagation: the propagation physics, shared with ``make-dataset``.
+        paths_per_site: ``k``, the paths kept per site and cell (``--paths-per-site``): 1 = the
+            strongest only (the map as before, no ``site_alt_*`` layers); ``k > 1`` adds the
+            ``k - 1`` next paths (:func:`alt_paths`), recorded as ``attrs["paths_per_site"]``.
     """
 
     resolution: float = 1.0
@@ -97,6 +106,7 @@ class MapSettings:
     toa_decimation: int = DEFAULT_TOA_DECIMATION
     min_coverage: float = DEFAULT_MIN_COVERAGE
     propagation: PropagationSettings = field(default_factory=PropagationSettings)
+    paths_per_site: int = 1
 
     def validate(self) -> None:
         if not (isinstance(self.resolution, (int, float)) and math.isfinite(self.resolution) and self.resolution > 0):
@@ -110,6 +120,8 @@ class MapSettings:
             raise CoreError(f"--map-size {h} {w} is too large (at most 4096 x 4096 cells)")
         if self.toa_decimation < 1:
             raise CoreError(f"--toa-decimation must be >= 1, got {self.toa_decimation}")
+        if not 1 <= self.paths_per_site <= MAX_PATHS_PER_SITE:
+            raise CoreError(f"--paths-per-site must be 1..{MAX_PATHS_PER_SITE}, got {self.paths_per_site}")
         if not 0.0 <= self.min_coverage <= 1.0:
             raise CoreError(f"--min-coverage must be a fraction in [0, 1], got {self.min_coverage}")
         p = self.propagation
@@ -214,7 +226,9 @@ def trace_nodes(scene, xyz: np.ndarray, indoor: np.ndarray, settings: MapSetting
     ``xyz [hn, wn, 3]``, ``path_gain [hn, wn, S]`` [dB], ``image [hn, wn, S, 3]`` [m] and
     ``offset [hn, wn, S]`` [m] (the strongest path's anchor and its length before it,
     :func:`~core.raytracing.tracing.trace_points`), NaN where the site has no path or
-    the node is indoor.
+    the node is indoor. With ``settings.paths_per_site = k > 1`` also ``power [hn, wn, S]``
+    (the strongest path's own power [dB]) and the next ``k - 1`` paths' ``alt_power
+    [hn, wn, S, k-1]`` [dB], ``alt_image [hn, wn, S, k-1, 3]``, ``alt_offset [hn, wn, S, k-1]`` [m].
     """
     from core.raytracing.tracing import trace_points
 
@@ -222,7 +236,8 @@ def trace_nodes(scene, xyz: np.ndarray, indoor: np.ndarray, settings: MapSetting
     rows, cols = node_indices(h, settings.toa_decimation), node_indices(w, settings.toa_decimation)
     nxyz = xyz[np.ix_(rows, cols)]
     outdoor = ~indoor[np.ix_(rows, cols)]
-    traced = trace_points(scene, nxyz[outdoor].reshape(-1, 3), settings.propagation, progress)
+    traced = trace_points(scene, nxyz[outdoor].reshape(-1, 3), settings.propagation, progress,
+                          paths=settings.paths_per_site)
     n_sites = traced["path_gain"].shape[1]
     pg = np.full(outdoor.shape + (n_sites,), np.nan)
     pg[outdoor] = np.where(np.isfinite(traced["path_gain"]), traced["path_gain"], np.nan)
@@ -230,7 +245,13 @@ def trace_nodes(scene, xyz: np.ndarray, indoor: np.ndarray, settings: MapSetting
     image[outdoor] = traced["image"]
     offset = np.full(outdoor.shape + (n_sites,), np.nan)
     offset[outdoor] = traced["offset"]
-    return {"rows": rows, "cols": cols, "xyz": nxyz, "path_gain": pg, "image": image, "offset": offset}
+    out = {"rows": rows, "cols": cols, "xyz": nxyz, "path_gain": pg, "image": image, "offset": offset}
+    for key in ("power", "alt_power", "alt_image", "alt_offset"):  # paths_per_site > 1 only
+        if key in traced:
+            arr = np.full(outdoor.shape + traced[key].shape[1:], np.nan)
+            arr[outdoor] = traced[key]
+            out[key] = arr
+    return out
 
 
 def _stencil_nodes(nodes: dict[str, np.ndarray], shape: tuple[int, int]):
@@ -249,13 +270,15 @@ def _stencil_nodes(nodes: dict[str, np.ndarray], shape: tuple[int, int]):
 
 
 def site_layer(xyz: np.ndarray, indoor: np.ndarray, nodes: dict[str, np.ndarray], s: int, site: np.ndarray,
-               sees_site: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               sees_site: np.ndarray, anchors: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Site ``s``'s ``(path_gain [dB], toa [ns], aoa [deg])`` on every cell, each ``[H, W]``, NaN where uncovered.
 
     ``xyz [H, W, 3]`` cell centres, ``site [3]`` the site's position, ``sees_site [H, W]``
     an exact line-of-sight test from each cell to the site. Formulas: module docstring;
     the path gain averages only the stencil nodes of the cell's own class (seeing the
     site or not) when there are any, so a lit cell never blends in a shadowed node.
+    ``anchors``, if given, receives the chosen path's ``q [H, W, 3]``, ``l0 [H, W]`` and the
+    stencil's ``weights [4, H, W]`` (for :func:`alt_paths`).
     """
     node_sees = sees_site[np.ix_(nodes["rows"], nodes["cols"])]
     weights, same, gains, images, offsets, direct = [], [], [], [], [], []
@@ -280,7 +303,71 @@ def site_layer(xyz: np.ndarray, indoor: np.ndarray, nodes: dict[str, np.ndarray]
     l0 = np.take_along_axis(np.stack(offsets), pick, 0)[0]
     q = np.where(sees_site[..., None], site, q)
     toa, aoa = geometric_toa_aoa(xyz, q, np.where(sees_site, 0.0, l0))
+    if anchors is not None:
+        anchors.update(weights=w, covered=covered)
     return tuple(np.where(covered, v, np.nan) for v in (pg, toa, aoa))
+
+
+def alt_paths(xyz: np.ndarray, nodes: dict[str, np.ndarray], s: int, site: np.ndarray, sees_site: np.ndarray,
+              toa0: np.ndarray, aoa0: np.ndarray, gain: np.ndarray, weights: np.ndarray, k: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Site ``s``'s next ``k - 1`` paths on every cell: ``(toa [k-1, H, W] ns, aoa [k-1, H, W] deg,
+    power [k-1, H, W] dB relative to the cell's path gain)``, NaN where the cell has fewer.
+
+    The candidates are the ``k`` strongest paths of each stencil node with weight > 0
+    (``weights [4, H, W]`` of :func:`site_layer`): path ``r`` of node ``n``, anchor ``q``,
+    length before it ``L0``, power ``P`` [dB], carried to the cell ``p`` like path 0::
+
+        toa_c = (L0 + |q - p|) / c       aoa_c = azimuth(q - p)
+        P_c   = P + spreading_db(|q - n|, |q - p|, L0)
+
+    A direct-path candidate is dropped where the cell does not see the site. Candidates are
+    taken in order of ``P_c``; one within :data:`SAME_PATH_NS` AND :data:`SAME_PATH_DEG` of
+    the cell's path 0 (``toa0``, ``aoa0 [H, W]``, :func:`site_layer`) or of a path already
+    kept is the same path (the same reflection seen from two nodes, or a diffracted path
+    whose edge point slid) and skipped. ``power`` is ``min(P_c - gain, 0)`` (``gain [H, W]``,
+    the site's path gain there): the share of the site's power in that path (the spreading
+    term is clipped to +-:data:`MAX_SPREADING_DB`, and a path never carries more than the
+    site's whole power). Paths are ordered by ``P_c``, strongest first.
+    """
+    h, w = toa0.shape
+    extra = k - 1
+    toa_c, aoa_c, pow_c = [], [], []
+    for (a, b, _), wn in zip(_stencil_nodes(nodes, (h, w)), weights):
+        node_xyz = nodes["xyz"][a, b]
+        ranks = [(nodes["image"][a, b, s], nodes["offset"][a, b, s], nodes["power"][a, b, s])]
+        ranks += [(nodes["alt_image"][a, b, s, j], nodes["alt_offset"][a, b, s, j], nodes["alt_power"][a, b, s, j])
+                  for j in range(extra)]
+        for q, l0, pw in ranks:
+            direct = (np.linalg.norm(q - site, axis=-1) < DIRECT_TOL_M) & (l0 < DIRECT_TOL_M)
+            ok = (wn > 0) & np.isfinite(pw) & np.isfinite(l0) & (~direct | sees_site)
+            t, az = geometric_toa_aoa(xyz, q, np.where(np.isfinite(l0), l0, 0.0))
+            spread = spreading_db(np.linalg.norm(q - node_xyz, axis=-1), np.linalg.norm(q - xyz, axis=-1), l0)
+            pc = pw + np.clip(spread, -MAX_SPREADING_DB, MAX_SPREADING_DB)
+            toa_c.append(t)
+            aoa_c.append(az)
+            pow_c.append(np.where(ok & np.isfinite(pc), pc, -np.inf))
+    toa_c, aoa_c, pow_c = np.stack(toa_c), np.stack(aoa_c), np.stack(pow_c)  # [C, H, W]
+    order = np.argsort(-pow_c, axis=0, kind="stable")
+    out_t, out_a, out_p = (np.full((extra, h, w), np.nan) for _ in range(3))
+    count = np.zeros((h, w), np.int64)
+
+    def same(t, az, t_ref, a_ref):
+        return (np.abs(t - t_ref) < SAME_PATH_NS) & (np.abs(wrap_degrees(az - a_ref)) < SAME_PATH_DEG)
+
+    for c in range(order.shape[0]):
+        pick = order[c:c + 1]
+        t, az, pc = (np.take_along_axis(v, pick, 0)[0] for v in (toa_c, aoa_c, pow_c))
+        take = np.isfinite(pc) & (count < extra) & ~same(t, az, toa0, aoa0)
+        for j in range(extra):
+            take &= ~((j < count) & same(t, az, out_t[j], out_a[j]))
+        for j in range(extra):
+            slot = take & (count == j)
+            out_t[j] = np.where(slot, t, out_t[j])
+            out_a[j] = np.where(slot, az, out_a[j])
+            out_p[j] = np.where(slot, np.minimum(pc - gain, 0.0), out_p[j])
+        count += take
+    return out_t, out_a, out_p
 
 
 def spreading_db(d_node: np.ndarray, d_cell: np.ndarray, offset: np.ndarray) -> np.ndarray:
@@ -299,20 +386,29 @@ def spreading_db(d_node: np.ndarray, d_cell: np.ndarray, offset: np.ndarray) -> 
 
 
 def site_layers(scene, xyz: np.ndarray, indoor: np.ndarray, nodes: dict[str, np.ndarray],
-                sites: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """The per-site layers ``site_path_gain``, ``site_toa``, ``site_aoa``, each float32 ``[S, H, W]``."""
+                sites: list[dict[str, Any]], paths_per_site: int = 1) -> dict[str, np.ndarray]:
+    """The per-site layers ``site_path_gain``, ``site_toa``, ``site_aoa``, each float32 ``[S, H, W]``;
+    with ``paths_per_site = k > 1`` also ``site_alt_toa``, ``site_alt_aoa``, ``site_alt_power``,
+    float32 ``[S (k-1), H, W]`` (plane ``s (k-1) + j - 1`` = site ``s``'s path ``j``, :func:`alt_paths`)."""
     from core.raytracing.tracing import line_of_sight
-    from core.stores.radio_map import SITE_LAYERS
+    from core.stores.radio_map import ALT_LAYERS, SITE_LAYERS
 
     outdoor = ~indoor
-    planes = {name: [] for name in SITE_LAYERS}
+    planes = {name: [] for name in SITE_LAYERS + (ALT_LAYERS if paths_per_site > 1 else ())}
     for s, site in enumerate(sites):
         pos = np.asarray(site["position"], dtype=np.float64)
         sees = np.zeros(indoor.shape, bool)
         sees[outdoor] = line_of_sight(scene, xyz[outdoor], pos)
-        for name, plane in zip(SITE_LAYERS, site_layer(xyz, indoor, nodes, s, pos, sees)):
+        anchors: dict = {}
+        layer = site_layer(xyz, indoor, nodes, s, pos, sees, anchors)
+        for name, plane in zip(SITE_LAYERS, layer):
             planes[name].append(plane)
-    return {name: np.stack(p).astype(np.float32) for name, p in planes.items()}
+        if paths_per_site > 1:
+            alt = alt_paths(xyz, nodes, s, pos, sees, layer[1], layer[2], layer[0], anchors["weights"], paths_per_site)
+            for name, plane in zip(ALT_LAYERS, alt):
+                planes[name].append(np.where(anchors["covered"][None], plane, np.nan))
+    return {name: np.concatenate([np.asarray(q).reshape(-1, *indoor.shape) for q in p]).astype(np.float32)
+            for name, p in planes.items()}
 
 
 def starved_cells(indoor: np.ndarray, nodes: dict[str, np.ndarray]) -> np.ndarray:
@@ -336,10 +432,16 @@ def trace_starved_cells(scene, xyz: np.ndarray, starved: np.ndarray, layers: dic
 
     if not starved.any():
         return
-    traced = trace_points(scene, xyz[starved], settings.propagation, progress)
+    k = settings.paths_per_site
+    traced = trace_points(scene, xyz[starved], settings.propagation, progress, paths=k)
     has = np.isfinite(traced["path_gain"]).T  # [S, n]
     for layer, key in (("site_path_gain", "path_gain"), ("site_toa", "toa"), ("site_aoa", "aoa")):
         layers[layer][:, starved] = np.where(has, traced[key].T, np.nan)
+    if k > 1:  # plane s (k-1) + j: [n, S, k-1] -> [S (k-1), n]
+        rel = traced["alt_power"] - traced["path_gain"][..., None]
+        for layer, arr in (("site_alt_toa", traced["alt_toa"]), ("site_alt_aoa", traced["alt_aoa"]),
+                           ("site_alt_power", rel)):
+            layers[layer][:, starved] = np.where(np.isfinite(traced["alt_toa"]), arr, np.nan).reshape(len(arr), -1).T
 
 
 def serving_values(layers: dict[str, np.ndarray], indoor: np.ndarray, radio, link) -> tuple[np.ndarray, np.ndarray]:
@@ -435,7 +537,7 @@ def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None
     nodes = trace_nodes(scene, xyz, indoor, settings, progress)
     pbar.close()
     t = stage(2, t)
-    layers = site_layers(scene, xyz, indoor, nodes, sites)
+    layers = site_layers(scene, xyz, indoor, nodes, sites, settings.paths_per_site)
     starved = starved_cells(indoor, nodes)
     pbar, progress = traced("narrow streets", 0.5)
     trace_starved_cells(scene, xyz, starved, layers, settings, progress)
@@ -452,6 +554,8 @@ def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None
                        int(starved.sum()))
     attrs.update(_heard_attrs(values[DEFAULT_FEATURE_ORDER.index("path_gain")], valid, indoor,
                               settings.propagation.radio.tx_power_dbm))
+    if settings.paths_per_site > 1:
+        attrs["paths_per_site"] = settings.paths_per_site
     return RadioMap(values, DEFAULT_FEATURE_ORDER, bounds, valid=valid, attrs=attrs, layers=layers,
                     outdoor=~indoor, ground=ground.astype(np.float32))
 
@@ -466,7 +570,8 @@ def _map_attrs(info, settings: MapSettings, sites, center, nodes, link, timings,
     from core.raytracing.tracing import import_sionna_rt
 
     p = settings.propagation
-    gen = {k: v for k, v in asdict(settings).items() if k != "propagation"}
+    gen = {k: v for k, v in asdict(settings).items()
+           if k != "propagation" and not (k == "paths_per_site" and v == 1)}  # k = 1: the attrs as before
     gen.update(center=[float(c) for c in center], node_grid=[len(nodes["rows"]), len(nodes["cols"])],
                starved_cells_traced=starved_cells_traced,
                node_spacing_m=settings.toa_decimation * settings.resolution,
@@ -529,6 +634,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--toa-decimation", type=cli_types.count, default=DEFAULT_TOA_DECIMATION,
                         help=f"PathSolver traces every N-th row and column (default: {DEFAULT_TOA_DECIMATION})")
     parser.add_argument("--seed", type=cli_types.seed, default=defaults.seed, help=f"PathSolver seed (default: {defaults.seed})")
+    parser.add_argument("--paths-per-site", type=cli_types.integer(1, MAX_PATHS_PER_SITE), default=1,
+                        help="paths kept per site and cell: 1 = the strongest (default); k > 1 adds the site_alt_* "
+                             "layers of the next k-1 paths, which the likelihood reads as a mixture")
     parser.add_argument("--min-coverage", type=cli_types.fraction, default=DEFAULT_MIN_COVERAGE,
                         help=f"smallest acceptable fraction of covered outdoor cells; below it the scene fails "
                              f"and nothing is written (default: {DEFAULT_MIN_COVERAGE})")
@@ -546,7 +654,8 @@ def _settings_from(args) -> MapSettings:
     s = MapSettings(resolution=float(args.resolution),
                     map_size=(int(args.map_size[0]), int(args.map_size[1])) if args.map_size else None,
                     center=tuple(args.center) if args.center else None, toa_decimation=args.toa_decimation,
-                    min_coverage=float(args.min_coverage), propagation=propagation)
+                    min_coverage=float(args.min_coverage), propagation=propagation,
+                    paths_per_site=int(getattr(args, "paths_per_site", 1)))
     s.validate()
     return s
 

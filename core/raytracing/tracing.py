@@ -263,7 +263,7 @@ MAX_SAMPLES_PER_SRC = 200_000  # PathSolver tests every ray against every receiv
 
 
 def trace_points(scene, xyz: np.ndarray, settings: PropagationSettings | None = None,
-                 progress=None) -> dict[str, np.ndarray]:
+                 progress=None, paths: int = 1) -> dict[str, np.ndarray]:
     """Ray-trace paths from every site to points ``xyz [N, 3]`` with ``PathSolver``.
 
     Returns float32/bool arrays, ``S`` = number of sites (transmitters)::
@@ -286,6 +286,17 @@ def trace_points(scene, xyz: np.ndarray, settings: PropagationSettings | None = 
     delay ``(L0 + |q - p'|) / c`` and azimuth ``azimuth(q - p')``: exactly for specular
     paths, and to second order in the displacement for diffracted ones (the diffraction
     point moves along its edge, but the path length is stationary there: Keller's law).
+    With ``paths = k > 1`` it also returns the NEXT ``k - 1`` paths by power (ranks
+    ``j = 1 .. k-1``, strongest first; NaN where the site has fewer paths), for the k-path
+    layers of :mod:`core.raytracing.generation`::
+
+        alt_power  [N, S, k-1]     10 log10 |a_j|^2 of path j                      [dB]
+        alt_toa    [N, S, k-1]     its delay                                       [ns]
+        alt_aoa    [N, S, k-1]     its azimuth of arrival                          [deg]
+        alt_image  [N, S, k-1, 3]  its anchor q_j, alt_offset [N, S, k-1] its L0    [m]
+        power      [N, S]          10 log10 |a_0|^2 of the strongest path          [dB]
+
+    The arrays of ``paths = 1`` are computed exactly as before (the same argmax).
     Points go ``settings.receivers_per_call`` at a time, a shorter last call padded to the
     next power of two (at least 64: few distinct sizes, so Dr.Jit reuses its kernels, and
     a call costs about rays x receivers, so 100 points do not pay for 1024);
@@ -295,26 +306,37 @@ def trace_points(scene, xyz: np.ndarray, settings: PropagationSettings | None = 
     """
     settings = settings or PropagationSettings()
     xyz = np.asarray(xyz, dtype=np.float32)
-    out = _trace_once(scene, xyz, settings, settings.samples_per_src, progress)
+    if int(paths) < 1:
+        raise ValueError(f"trace_points: paths must be >= 1, got {paths}")
+    out = _trace_once(scene, xyz, settings, settings.samples_per_src, progress, int(paths))
     if settings.retry_samples_per_src > 0:
         missed = np.flatnonzero(~np.isfinite(out["path_gain"]).any(axis=1))
         if len(missed):
             again = _trace_once(scene, xyz[missed], settings, settings.retry_samples_per_src,
                                 None if progress is None else lambda done, total: progress(len(xyz) + done,
-                                                                                           len(xyz) + total))
+                                                                                           len(xyz) + total),
+                                int(paths))
             for key, arr in again.items():
                 out[key][missed] = arr
     return out
 
 
 def _trace_once(scene, xyz: np.ndarray, settings: PropagationSettings, samples_per_src: int,
-                progress=None) -> dict[str, np.ndarray]:
+                progress=None, paths: int = 1) -> dict[str, np.ndarray]:
     """One PathSolver pass of :func:`trace_points` with ``samples_per_src`` rays per site."""
     rt = import_sionna_rt()
     n, n_tx = len(xyz), len(scene.transmitters)
     out = {"path_gain": np.full((n, n_tx), -np.inf, np.float32), "toa": np.full((n, n_tx), np.nan, np.float32),
            "aoa": np.full((n, n_tx), np.nan, np.float32), "los": np.zeros((n, n_tx), bool),
            "image": np.full((n, n_tx, 3), np.nan, np.float32), "offset": np.full((n, n_tx), np.nan, np.float32)}
+    if paths > 1:
+        j = paths - 1
+        out |= {"power": np.full((n, n_tx), np.nan, np.float32),
+                "alt_power": np.full((n, n_tx, j), np.nan, np.float32),
+                "alt_toa": np.full((n, n_tx, j), np.nan, np.float32),
+                "alt_aoa": np.full((n, n_tx, j), np.nan, np.float32),
+                "alt_image": np.full((n, n_tx, j, 3), np.nan, np.float32),
+                "alt_offset": np.full((n, n_tx, j), np.nan, np.float32)}
     solver = rt.PathSolver()
     bs = max(1, min(settings.receivers_per_call, n))
     for start in range(0, n, bs):
@@ -324,16 +346,16 @@ def _trace_once(scene, xyz: np.ndarray, settings: PropagationSettings, samples_p
         if m < size:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - m, axis=0)])
         _set_targets(scene, chunk)
-        paths = solver(scene, **(settings.solver_kwargs() | {"samples_per_src": samples_per_src}))
-        for key, arr in _strongest_paths(paths, chunk, rt).items():
+        result = solver(scene, **(settings.solver_kwargs() | {"samples_per_src": samples_per_src}))
+        for key, arr in _strongest_paths(result, chunk, rt, paths).items():
             out[key][start:start + m] = arr[:m]
         if progress is not None:
             progress(min(start + bs, n), n)
     return out
 
 
-def _strongest_paths(paths, xyz: np.ndarray, rt) -> dict[str, np.ndarray]:
-    """Per (receiver, site) summary of one PathSolver result (see :func:`trace_points`)."""
+def _strongest_paths(paths, xyz: np.ndarray, rt, k: int = 1) -> dict[str, np.ndarray]:
+    """Per (receiver, site) summary of one PathSolver result (see :func:`trace_points`; ``k`` its ``paths``)."""
     a_re, a_im = paths.a
     valid = _rx_tx_paths(np.asarray(paths.valid))
     power = np.where(valid, _rx_tx_paths(np.asarray(a_re) ** 2 + np.asarray(a_im) ** 2), 0.0)  # [rx, tx, P]
@@ -341,7 +363,7 @@ def _strongest_paths(paths, xyz: np.ndarray, rt) -> dict[str, np.ndarray]:
     if power.shape[-1] == 0:
         return {"path_gain": np.full((rx, tx), -np.inf), "toa": np.full((rx, tx), np.nan),
                 "aoa": np.full((rx, tx), np.nan), "los": np.zeros((rx, tx), bool),
-                "image": np.full((rx, tx, 3), np.nan), "offset": np.full((rx, tx), np.nan)}
+                "image": np.full((rx, tx, 3), np.nan), "offset": np.full((rx, tx), np.nan)}  # alt_*: stay NaN
     best = power.argmax(axis=-1)[..., None]
 
     def strongest(arr):
@@ -364,10 +386,53 @@ def _strongest_paths(paths, xyz: np.ndarray, rt) -> dict[str, np.ndarray]:
                                 int(rt.InteractionType.DIFFRACTION))
     with np.errstate(divide="ignore"):
         pg = np.where(has, 10 * np.log10(np.where(has, total, 1.0)), -np.inf)
-    return {"path_gain": pg, "toa": np.where(has, tau * 1e9, np.nan),
-            "aoa": np.where(has, _wrap(np.degrees(phi)), np.nan),
-            "los": (valid & (first == rt.InteractionType.NONE)).any(axis=-1),
-            "image": np.where(has[..., None], image, np.nan), "offset": np.where(has, offset, np.nan)}
+    out = {"path_gain": pg, "toa": np.where(has, tau * 1e9, np.nan),
+           "aoa": np.where(has, _wrap(np.degrees(phi)), np.nan),
+           "los": (valid & (first == rt.InteractionType.NONE)).any(axis=-1),
+           "image": np.where(has[..., None], image, np.nan), "offset": np.where(has, offset, np.nan)}
+    if k > 1:
+        out |= _next_paths(paths, xyz, rt, power, k)
+    return out
+
+
+def _next_paths(paths, xyz: np.ndarray, rt, power: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """The strongest path's own power and paths ``1 .. k-1`` by power (the ``alt_*`` keys of
+    :func:`trace_points`), from one PathSolver result; ``power [rx, tx, P]`` is ``|a|^2`` (0: invalid)."""
+    order = np.argsort(-power, axis=-1, kind="stable")  # rank 0 = argmax (ties: the first, like argmax)
+    inter = np.asarray(paths.interactions)
+    verts = np.asarray(paths.vertices) if inter.ndim > 1 else None
+    rx, tx = power.shape[:2]
+
+    def ranked(arr, j):
+        return np.take_along_axis(_rx_tx_paths(np.asarray(arr)), order[..., j:j + 1], -1)[..., 0].astype(np.float64)
+
+    with np.errstate(divide="ignore"):
+        p0 = ranked(power, 0)
+        out = {"power": np.where(p0 > 0, 10 * np.log10(np.where(p0 > 0, p0, 1.0)), np.nan)}
+    cols: dict[str, list] = {key: [] for key in ("alt_power", "alt_toa", "alt_aoa", "alt_image", "alt_offset")}
+    for j in range(1, k):
+        if j >= power.shape[-1]:
+            pj = np.zeros((rx, tx))
+            tau = phi = theta = np.zeros((rx, tx))
+        else:
+            pj = ranked(power, j)
+            tau, phi, theta = ranked(paths.tau, j), ranked(paths.phi_r, j), ranked(paths.theta_r, j)
+        has = pj > 0
+        if verts is not None and j < power.shape[-1]:
+            types = np.stack([ranked(t, j) for t in inter]).astype(np.uint32)
+            vertices = np.stack([np.stack([ranked(v[..., c], j) for c in range(3)], -1) for v in verts])
+        else:
+            types, vertices = np.zeros((0, rx, tx), np.uint32), np.zeros((0, rx, tx, 3))
+        unit = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], -1)
+        image, offset = path_anchor(xyz.astype(np.float64), SPEED_OF_LIGHT * tau, unit, types, vertices,
+                                    int(rt.InteractionType.DIFFRACTION))
+        with np.errstate(divide="ignore"):
+            cols["alt_power"].append(np.where(has, 10 * np.log10(np.where(has, pj, 1.0)), np.nan))
+        cols["alt_toa"].append(np.where(has, tau * 1e9, np.nan))
+        cols["alt_aoa"].append(np.where(has, _wrap(np.degrees(phi)), np.nan))
+        cols["alt_image"].append(np.where(has[..., None], image, np.nan))
+        cols["alt_offset"].append(np.where(has, offset, np.nan))
+    return out | {key: np.stack(v, axis=2) for key, v in cols.items()}
 
 
 def path_anchor(xyz: np.ndarray, length: np.ndarray, unit: np.ndarray, types: np.ndarray, vertices: np.ndarray,

@@ -264,6 +264,23 @@ def check_map_of_dataset(dataset: StoreRef, recorded: StoreRef | None, radio_map
         _check_map_of_mapless(dataset, radio_map)
 
 
+def check_map_override(dataset: StoreRef, radio_map: StoreRef) -> None:
+    """Accept ``radio_map`` IN PLACE OF the map ``dataset`` records, explicitly (``--radio-map PATH``), only when
+    it is of the dataset's scene and was traced with the dataset's sites and propagation settings (its attrs
+    ``sites``, ``propagation``): another save of the same physics, e.g. a k-path map whose path-0 layers the
+    generator makes exactly as the recorded map's. The caller records both refs in its output; nothing else
+    about the lineage is relaxed (the run's dataset is still checked)."""
+    if dataset.scene and radio_map.scene != dataset.scene:
+        raise StoreError(f"--radio-map {radio_map.describe()} is not of the scene of dataset {dataset.describe()}")
+    ds_sites, ds_prop = _transmitters(_free_attrs(Path(dataset.path)))
+    map_sites, map_prop = _transmitters(_free_attrs(Path(radio_map.path)))
+    why = ("other sites (names or positions)" if ds_sites != map_sites else
+           "other propagation settings" if ds_prop != map_prop else "")
+    if why:
+        raise StoreError(f"--radio-map {radio_map.describe()} has {why} than dataset {dataset.describe()} was "
+                         f"traced with: generate it with the dataset's map settings (attrs propagation, sites)")
+
+
 def check_map_of_scene(radio_map: StoreRef, scene: str, flag: str = "--scene") -> None:
     """Refuse a map store that is not of ``scene`` (e.g. another scene's map copied to ``<scene>.zarr``)."""
     if radio_map.scene != scene:

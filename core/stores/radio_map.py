@@ -55,7 +55,22 @@ layer               shape                 unit   meaning
 ==================  ====================  =====  ==============================================
 
 NaN where site ``s`` has no path to the cell (and under roofs); the three layers are
-NaN at the same cells. Where the serving site ``s*`` covers a valid cell,
+NaN at the same cells.
+
+k-path layers (optional; ``attrs["paths_per_site"] = k > 1``, ``generate-maps
+--paths-per-site k``): the site's NEXT ``k - 1`` paths by power at the cell, plane
+``s (k - 1) + j - 1`` = site ``s``'s path ``j`` (``j = 1 .. k-1``; path 0 is the strongest,
+``site_toa`` / ``site_aoa``, unchanged):
+
+==================  ============================  =====  ========================================
+``site_alt_toa``    float32 ``[S (k-1), H, W]``  ns     delay of path ``j``
+``site_alt_aoa``    float32 ``[S (k-1), H, W]``  deg    its azimuth of arrival, in (-180, 180]
+``site_alt_power``  float32 ``[S (k-1), H, W]``  dB     its power relative to ``site_path_gain``
+                                                         (the share of the site's power, <= 0 dB)
+==================  ============================  =====  ========================================
+
+NaN where the site has fewer paths there (and wherever ``site_path_gain`` is NaN). A map
+without them reads as ``k = 1`` (:attr:`RadioMap.paths_per_site`). Where the serving site ``s*`` covers a valid cell,
 ``values[path_gain|toa|aoa]`` equal ``site_*[s*]``. Cell values are at the cell
 centre (not cell averages), so the cell-centred bilinear lookup is exact at centres.
 How they are made: :mod:`core.raytracing.generation`.
@@ -81,6 +96,8 @@ from core.stores.zarr_group import open_group, read_arrays
 FORMAT_VERSION = 3  # 3: outdoor mask and ground heights; 2: per-site layers, attrs["propagation"]
 OLDEST_READABLE_VERSION = 2  # format 2 lacks only outdoor and ground
 SITE_LAYERS: tuple[str, ...] = ("site_path_gain", "site_toa", "site_aoa")
+#: the k-path layers (``[S (k-1), H, W]``, module doc); absent in a map of one path per site
+ALT_LAYERS: tuple[str, ...] = ("site_alt_toa", "site_alt_aoa", "site_alt_power")
 _CHUNK = 128
 
 
@@ -122,6 +139,14 @@ def _check_site_layers(layers: dict[str, np.ndarray], attrs: dict[str, Any], whe
         raise StoreError(f"{where}: per-site layers {counts} must have one plane per site ({len(sites)} in attrs)")
     if len(set(counts.values())) > 1:
         raise StoreError(f"{where}: per-site layers {counts} disagree on the number of sites")
+    alt = {name: layers[name].shape[0] for name in ALT_LAYERS if name in layers}
+    k = attrs.get("paths_per_site", 1)
+    if alt or k != 1:
+        n_sites = next(iter(counts.values()), None)
+        if (not isinstance(k, int) or k < 2 or len(alt) != len(ALT_LAYERS) or n_sites is None
+                or set(alt.values()) != {n_sites * (k - 1)}):
+            raise StoreError(f"{where}: k-path layers {alt} must be all of {list(ALT_LAYERS)} with S (k - 1) planes "
+                             f"each (S = {n_sites} sites, attrs paths_per_site = {k!r})")
 
 
 def regenerate_command(path: str | os.PathLike, meta: dict[str, Any]) -> str:
@@ -309,6 +334,11 @@ class RadioMap:
     @property
     def layers(self) -> dict[str, np.ndarray]:
         return self._layers
+
+    @property
+    def paths_per_site(self) -> int:
+        """``k``: the paths per site and cell the map keeps (1 without the ``site_alt_*`` layers)."""
+        return int(self._attrs.get("paths_per_site", 1))
 
     @property
     def source(self) -> str | None:
