@@ -61,7 +61,7 @@ def _overhead(names: list[str], totals: dict[str, list[float]], steps: dict[str,
 
 def _variants(configs, run_data, device) -> dict:
     """``{name: (config, model, physics term or None, optimiser)}``: same seed, same initial weights."""
-    from core.learning.model import build_model
+    from core.learning.kinds import build_model
     from core.learning.physics_terms import make_physics_term
 
     variants = {}

@@ -40,8 +40,9 @@ from core.errors import CoreError, StoreError
 from core.learning.config import Config
 from core.learning.data_loading import TensorData, build_tensors
 from core.learning.groups import ue_groups
+from core.learning.kinds import build_model
 from core.learning.metrics import position_errors
-from core.learning.model import MapConditionedTransformer, SceneMaps, build_model
+from core.learning.model import MapConditionedTransformer, SceneMaps
 from core.learning.physics_terms import likelihood_config
 from core.stores import run as run_store
 from core.stores.dataset import MeasurementDataset

@@ -392,18 +392,12 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_model(spec: ModelSpec | dict, seed: int = 0) -> CellGrid:
-    """A freshly initialised model of ``spec`` (a :class:`ModelSpec` or its dict form, as
-    checkpoints store it; one without ``kind`` is a memorizing model), parameters drawn with ``seed``:
-    :class:`MapConditionedTransformer` (``kind: memorizing``) or
-    :class:`~core.learning.agnostic.AgnosticTransformer` (``kind: agnostic``)."""
+def build_model(spec: ModelSpec | dict, seed: int = 0) -> MapConditionedTransformer:
+    """A freshly initialised memorizing model of ``spec`` (a :class:`ModelSpec` or its dict form, as
+    checkpoints store it), parameters drawn with ``seed``. Any kind: :func:`core.learning.kinds.build_model`."""
     if isinstance(spec, dict):
         spec = ModelSpec(**{**spec, "bounds": tuple(spec["bounds"])})
-    torch.manual_seed(seed)
-    if spec.kind == "agnostic":
-        from core.learning.agnostic import AgnosticTransformer
-
-        return AgnosticTransformer(spec)
     if spec.kind != "memorizing":
-        raise ValueError(f"model kind {spec.kind!r}: expected memorizing or agnostic")
+        raise ValueError(f"model kind {spec.kind!r}: build it with core.learning.kinds.build_model")
+    torch.manual_seed(seed)
     return MapConditionedTransformer(spec)

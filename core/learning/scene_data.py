@@ -48,6 +48,10 @@ class SceneData:
     radio_map: RadioMap
     map_image: Any
 
+    @property
+    def name(self) -> str | None:
+        return self.dataset.ref.scene
+
 
 def scene_input(radio_map: RadioMap, spec: ModelSpec):
     """What a model of ``spec`` reads of a scene's map: the memorizing model's resampled image ``[C, S, S]``
@@ -58,10 +62,6 @@ def scene_input(radio_map: RadioMap, spec: ModelSpec):
 
         return scene_table(radio_map, spec)
     return map_input(radio_map, spec.map_size)
-
-    @property
-    def name(self) -> str | None:
-        return self.dataset.ref.scene
 
 
 @dataclass
