@@ -234,6 +234,14 @@ class CoarseMatch(nn.Module):
         return -total + (self.share * torch.log(shares + 0.05)).sum(-1)
 
 
+def _masked_mlp_sum(mlp: nn.Sequential, x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """``sum over dim of mask * mlp(x)`` for ``mlp = (Linear, GELU, Linear)``, with the last Linear applied
+    AFTER the sum (it is linear: ``W sum_k m_k h_k + (sum_k m_k) b``), so it runs on the summed rows only."""
+    m = mask.to(x.dtype)
+    h = (mlp[1](mlp[0](x)) * m[..., None]).sum(dim)
+    return F.linear(h, mlp[2].weight) + m.sum(dim)[..., None] * mlp[2].bias
+
+
 def _site_sum(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``sum_s weight[b, s] x[b or 0, s, c]`` -> ``[B, C]`` (a matmul when ``x`` is shared by the batch)."""
     if x.shape[0] == 1:
@@ -288,7 +296,7 @@ class FineHead(nn.Module):
             torch.sin(d_aoa), torch.cos(d_aoa), cover, torch.log(rng / RANGE_SCALE_M), torch.sin(d_bear),
             torch.cos(d_bear), rel[..., 2] / HEIGHT_SCALE_M, torch.asinh(excess / EXCESS_SCALE_M),
             torch.log(n.clamp(min=1.0))[..., None].expand_as(cover), torch.ones_like(cover)], -1)  # [B, S, P, 12]
-        h = (self.point(feats) * heard[..., None, None].to(feats.dtype)).sum(1)  # [B, P, df]
+        h = _masked_mlp_sum(self.point, feats, heard[..., None].expand_as(cover), 1)  # [B, P, df]
         h = h + self.pos(self.u) + self.context(context)[:, None]
         h = self.ln(h + self.mlp(self.ln1(h)))
         w = self.score(h)[..., 0].softmax(-1)  # [B, P]
@@ -391,8 +399,9 @@ class AgnosticTransformer(CellGrid):
         m_idx = (torch.zeros(b, dtype=torch.long, device=cand.device) if scene is None else scene)
         sid = (site_index - 1).clamp(min=0)
         stats = table.cell[m_idx[:, None, None, None], sid[:, None], cand[:, :, None, None]]  # [B, N, T, K, 10]
-        slot = self.slot(self._slot_features(vals[:, None], stats))  # [B, N, T, K, dr]
-        x = slot.sum(3) + self.time(torch.stack([tau, in_window.to(tau.dtype)], -1))[:, None]
+        slot_all = torch.ones(b, n_cand, t_len, k, dtype=torch.bool, device=vals.device)  # an empty slot's features are 0
+        x = _masked_mlp_sum(self.slot, self._slot_features(vals[:, None], stats), slot_all, 3)  # [B, N, T, dr]
+        x = x + self.time(torch.stack([tau, in_window.to(tau.dtype)], -1))[:, None]
         x = torch.where(mask[:, None, :, None], x, x + self.missing)
         dr = x.shape[-1]
         x = x.reshape(b * n_cand, t_len, dr)

@@ -263,9 +263,7 @@ class CellGrid(nn.Module):
         all_centres = self.cell_centre(cells, Frame(frame.origin[:, None], frame.cell_wh[:, None]))  # [B or 1, G*G, 2]
         coarse_var = torch.einsum("bc,bcd->bd", prob_flat, (all_centres - centre[:, None]).pow(2))
         sigma = (torch.exp(logvar) * frame.cell_wh.pow(2) + coarse_var).sqrt()
-        prob = prob_flat.view(-1, 1, self.spec.grid_size, self.spec.grid_size)
-        block = F.avg_pool2d(prob, 3, stride=1, padding=1, count_include_pad=True) * 9  # 3x3 neighbourhood mass
-        p_near = block.flatten(1).gather(1, cell[:, None])[:, 0].clamp(0.0, 1.0)
+        p_near = _near_mass(prob_flat, cell, self.spec.grid_size)
         sigma_rms = torch.exp(0.5 * logvar).pow(2).mean(-1).sqrt()
         confidence = p_near * torch.exp(-sigma_rms)
 
@@ -286,6 +284,17 @@ class CellGrid(nn.Module):
         ij = u.floor().clamp(0, g - 1)
         offset = u - (ij + 0.5)
         return (ij[:, 1] * g + ij[:, 0]).long(), offset
+
+
+def _near_mass(prob: torch.Tensor, cell: torch.Tensor, g: int) -> torch.Tensor:
+    """``[B]``: the probability mass ``prob[B, G*G]`` puts on the 3 x 3 cells around ``cell[B]`` (within the
+    grid), clamped to [0, 1]. (A gather of 9 cells: a 3 x 3 average pool over the whole grid costs ~40x more.)"""
+    d = torch.tensor([-1, 0, 1], device=cell.device)
+    i = (cell // g)[:, None, None] + d[None, :, None]
+    j = (cell % g)[:, None, None] + d[None, None, :]
+    inside = ((i >= 0) & (i < g) & (j >= 0) & (j < g)).reshape(len(cell), 9)
+    idx = (i.clamp(0, g - 1) * g + j.clamp(0, g - 1)).reshape(len(cell), 9)
+    return (prob.gather(1, idx) * inside).sum(1).clamp(0.0, 1.0)
 
 
 class MapConditionedTransformer(CellGrid):
