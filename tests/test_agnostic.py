@@ -160,3 +160,12 @@ def test_the_physics_gradient_reaches_the_fine_head_only(stores):
     fine = {id(p) for p in model.fine.parameters()}
     touched = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
     assert touched and all(id(dict(model.named_parameters())[n]) in fine for n in touched)
+
+
+def test_the_preset_differs_from_model_yaml_only_in_the_model_kind_and_its_sizes():
+    agnostic = load_config("configs/agnostic.yaml").to_dict()
+    base = load_config("configs/model.yaml").to_dict()
+    assert agnostic["model"].pop("kind") == "agnostic" and base["model"].pop("kind") == "memorizing"
+    for key in ("num_candidates", "fine_subgrid", "d_report"):
+        agnostic["model"].pop(key), base["model"].pop(key)
+    assert agnostic == base
