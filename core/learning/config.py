@@ -124,9 +124,9 @@ class ModelConfig(_Section):
     #: measured-minus-map residuals per site and relative geometry, the same in every city (core/learning/agnostic.py)
     kind: Literal["memorizing", "agnostic"] = "memorizing"
     #: agnostic: candidate cells (map tokens) the transformer attends over
-    num_candidates: int = Field(default=16, ge=1, le=4096)
+    num_candidates: int = Field(default=8, ge=1, le=4096)
     #: agnostic: the fine head scores fine_subgrid x fine_subgrid points per cell
-    fine_subgrid: int = Field(default=8, ge=1, le=32)
+    fine_subgrid: int = Field(default=6, ge=1, le=32)
     #: agnostic: width of the per-candidate report tokens and of the fine head
     d_report: int = Field(default=32, ge=4, le=1024)
 

@@ -77,8 +77,8 @@ class ModelSpec:
     kind: str = "memorizing"
     #: agnostic only: candidate cells (map tokens) the transformer attends over, sub-grid of the fine head,
     #: width of the per-candidate report tokens, and the report window [s] the per-site observation pools over
-    num_candidates: int = 16
-    fine_subgrid: int = 8
+    num_candidates: int = 8
+    fine_subgrid: int = 6
     d_report: int = 32
     report_window_s: float = 1.0
 
