@@ -374,3 +374,18 @@ def test_noisy_detection_keeps_every_walk_hearing_something():
     forced = np.zeros_like(heard)
     forced[0] = heard[0]
     assert (43.0 + noisy["site_features"][..., 0][heard & ~forced] >= -100.0).all()
+
+
+def test_bench_world_times_both_worlds_on_the_same_walks(maps_dir, tmp_path, capsys):
+    """``bench world``: one run times make-dataset in the oracle and the realistic world (same walks, warm-up
+    first, order oracle, realistic, realistic, oracle) and reports the ratio; the table and the JSON agree."""
+    from core.cli import main
+
+    out = tmp_path / "world.json"
+    assert main(["bench", "--out", str(out), "--no-progress", "world", "--scene", "simple_street_canyon",
+                 "--radio-maps", str(maps_dir), "--ues", "3", "--reports", "2"]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["world"]: r for r in result["rows"]}
+    assert set(rows) == {"oracle", "realistic"} and all(r["runs"] == 2 and r["wall_s"] > 0 for r in rows.values())
+    assert result["summary"]["realistic_over_oracle"] == pytest.approx(rows["realistic"]["wall_s"] / rows["oracle"]["wall_s"])
+    assert "realistic_over_oracle" in capsys.readouterr().out

@@ -151,7 +151,7 @@ def evaluate_scene(run_dir, scene: str, split: str = "test", refine: bool = Fals
     from core.learning.inference import load_run
 
     run = load_run(run_dir, device=device, scene=scene, dataset_path=dataset_path)
-    path = evaluation_path(run.run_dir, split, result_label(scene, dataset_path), refine)
+    path = evaluation_path(run.run_dir, split, scene, refine, dataset=dataset_path)
     if write:
         check_writable(path, "--run")
     result = evaluate_run(run_dir, split, refine, baselines, run=run, write=False, **options)
@@ -169,14 +169,6 @@ def evaluate_scene(run_dir, scene: str, split: str = "test", refine: bool = Fals
     if write:
         atomic_write_text(path, json.dumps(result, indent=2, default=float))
     return result
-
-
-def result_label(scene: str | None, dataset_path=None) -> str | None:
-    """The ``--scene`` part of an evaluation's file name: the scene, and the dataset's folder name when
-    ``--dataset`` names another one (``etoile-etoile_realistic``), so two worlds never share a file."""
-    if scene is None or dataset_path is None or Path(dataset_path).name == scene:
-        return scene
-    return f"{scene}-{Path(dataset_path).name}"
 
 
 def _scene_row(scene: str, role: str, result: dict[str, Any]) -> dict[str, Any]:
@@ -389,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
         if out.is_dir() or not out.parent.is_dir():
             raise CoreError(f"--out {args.out}: must be a file in an existing folder")
         check_writable(out, "--out")
-    target = out or evaluation_path(args.run, args.split, result_label(args.scene, args.dataset), args.refine)
+    target = out or evaluation_path(args.run, args.split, args.scene, args.refine, dataset=args.dataset)
     if out is None:  # before the lock file beside it: an unwritable run folder is one line
         check_writable(target, "--run")
     with output_lock(target, "evaluation"):  # one writer per result file
