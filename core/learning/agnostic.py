@@ -23,7 +23,7 @@ covered share.
 1. **Observation**: the reports of the last ``spec.report_window_s`` before the latest present
    one, pooled per site (mean; AoA on the circle), as the physics term's likelihood does:
    ``o[B, S, 4]`` (path gain, ToA, cos AoA, sin AoA), ``n[B, S]`` reports pooled.
-2. **Coarse match over every cell** (:class:`CoarseMatch`, 10 learned scalars): a robust
+2. **Coarse match over every cell** (:class:`CoarseMatch`, 11 learned scalars): a robust
    likelihood of ``o`` against each cell's per-site mean, with the within-cell variance added to
    a learned noise variance::
 
@@ -202,7 +202,7 @@ def _softplus_inv(y: float) -> float:
 
 class CoarseMatch(nn.Module):
     """Stage 2 of the module doc: a robust per-site likelihood of the pooled observation against every
-    cell's per-site statistics, with learned noise scales and term weights (10 scalars)."""
+    cell's per-site statistics, with learned noise scales and term weights (11 scalars)."""
 
     def __init__(self) -> None:
         super().__init__()
