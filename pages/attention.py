@@ -57,6 +57,12 @@ with wb.guard("attention"):
     st.plotly_chart(figures.temporal_attention(temporal, mask, title=f"Temporal self-attention of sample {sample} "
                                                "(row: query report, column: key report)"), key="att_temporal")
 
+    agnostic = "cross" not in pred.attention
+    if agnostic:
+        st.info("This run's model is scene-agnostic (model.kind: agnostic): its reports attend to each other per "
+                "candidate cell (above: the best candidate) and the candidate cells to each other; it has no map "
+                "patches, so there is no cross-attention map to draw.")
+        st.stop()
     st.subheader("Cross-attention over map patches")
     cross = pred.attention["cross"]  # L x [N, heads, T, P]
     n_layers, heads = len(cross), cross[0].shape[1]

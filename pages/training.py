@@ -68,7 +68,8 @@ def portable(path) -> str:
 st.subheader("Launch a training run")
 preset = st.selectbox("Preset", PRESETS, index=1, key="train_preset",
                       format_func=lambda p: {"baseline": "baseline (λ_phys = 0)", "model": "model (λ_phys = 0.1)",
-                                             "strong_physics": "strong physics (λ_phys = 0.5)"}[p])
+                                             "strong_physics": "strong physics (λ_phys = 0.5)",
+                                             "agnostic": "scene-agnostic model (λ_phys = 0.1)"}[p])
 values = preset_values(preset)
 if st.session_state.get("_name_preset") != preset:  # a fresh default name per preset, kept while typing
     st.session_state["train_name"] = f"{preset}-{time.strftime('%m%d-%H%M%S')}"

@@ -19,6 +19,12 @@ before the timed steps and reported separately (``coarse_prior_s``, not in any e
 
 Data: the config's dataset (default: datasets/etoile); ``--synthetic N`` uses an
 analytic scene with N UEs instead (no ray-traced data needed).
+
+``--kinds``: instead of the physics overhead, the two MODEL KINDS (``model.kind`` memorizing and
+agnostic, core/learning/kinds.py) at the config's λ, interleaved step by step on the same samples
+(each kind its own tensors); reported: each kind's epoch time, the agnostic / memorizing ratio (median
+paired CPU-time ratio, and of the wall sums) and each kind's batched inference time per sample
+(batches of 1024, no gradient), the issue-19 cost figures.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=cli_types.count, default=None, help="time only this many batches per epoch")
     parser.add_argument("--lambda-phys", type=cli_types.non_negative, default=0.1, help="lambda_phys of the physics variant")
     parser.add_argument("--synthetic", type=cli_types.count, default=None, metavar="N", help="use an analytic scene with N UEs")
+    parser.add_argument("--kinds", action="store_true",
+                        help="time the memorizing and the agnostic model side by side (not the physics overhead)")
 
 
 def _overhead(names: list[str], totals: dict[str, list[float]], steps: dict[str, list[float]],
@@ -61,7 +69,7 @@ def _overhead(names: list[str], totals: dict[str, list[float]], steps: dict[str,
 
 def _variants(configs, run_data, device) -> dict:
     """``{name: (config, model, physics term or None, optimiser)}``: same seed, same initial weights."""
-    from core.learning.model import build_model
+    from core.learning.kinds import build_model
     from core.learning.physics_terms import make_physics_term
 
     variants = {}
@@ -93,6 +101,83 @@ def _machine(device) -> str:
     return m["cpu"] + (f", {m['cuda']}" if device.type == "cuda" else "") + f", {m['cores']} cores"
 
 
+def _run_kinds(args: argparse.Namespace, device, overrides: list[str]) -> dict:
+    """``--kinds``: epoch time and batched inference of the two model kinds (see the module doc)."""
+    from core import resolve_path
+    from core.learning.config import load_config
+    from core.learning.kinds import build_model
+    from core.learning.losses import compute_losses
+    from core.learning.scene_data import prepare, tensors
+
+    variants, rows = {}, []
+    for kind in ("memorizing", "agnostic"):
+        cfg = load_config(resolve_path(args.config), overrides + [f"model.kind={kind}"])
+        if cfg.training.num_threads and device.type == "cpu":
+            torch.set_num_threads(cfg.training.num_threads)
+        run_data = prepare(cfg)
+        data = tensors(run_data, "train", cfg)
+        model = build_model(run_data.spec, cfg.seed).to(device)
+        physics = None
+        if cfg.physics_active:
+            from core.learning.physics_terms import make_physics_term
+
+            physics = make_physics_term(cfg, run_data.radio_map, device, run_data.dataset)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.training.learning_rate)
+        variants[kind] = (cfg, model, physics, opt, data, run_data.maps.to(device))
+
+    def step(kind, idx):
+        cfg, model, physics, opt, data, maps = variants[kind]
+        batch = data.batch(idx, device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        terms, _ = compute_losses(model, batch, maps, cfg, physics)
+        opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    n = min(len(v[4]) for v in variants.values())
+    bs = variants["memorizing"][0].training.batch_size
+    for kind in variants:
+        for _ in range(2):
+            step(kind, torch.arange(min(bs, n)))
+    wall = {k: [] for k in variants}
+    cpu = {k: [] for k in variants}
+    for epoch in range(args.epochs):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
+        for i, s in enumerate(list(range(0, n, bs))[: args.max_steps]):
+            for kind in (list(variants) if i % 2 == 0 else list(reversed(variants))):
+                w, c = step(kind, perm[s : s + bs])
+                wall[kind].append(w)
+                cpu[kind].append(c)
+    infer = {}
+    for kind, (_, model, _, _, data, maps) in variants.items():
+        model.eval()
+        batch = data.batch(torch.arange(min(1024, len(data))), device)
+        times = []
+        with torch.no_grad():
+            for _ in range(3):
+                t0 = time.perf_counter()
+                model(batch["feats"], batch["site_index"], batch["mask"], maps, scene_index=batch.get("scene_index"))
+                times.append(time.perf_counter() - t0)
+        infer[kind] = 1000 * min(times) / len(batch["feats"])
+    steps_per_epoch = -(-n // bs)
+    for kind in variants:
+        rows.append({"variant": kind, "steps": len(wall[kind]), "batch_size": bs,
+                     "parameters": sum(p.numel() for p in variants[kind][1].parameters()),
+                     "ms_per_step": 1000 * float(np.median(wall[kind])), "cpu_ms_per_step": 1000 * float(np.median(cpu[kind])),
+                     "epoch_s_extrapolated": steps_per_epoch * float(np.median(wall[kind])),
+                     "inference_ms_per_sample": infer[kind]})
+    ratio_cpu = float(np.median(np.array(cpu["agnostic"]) / np.maximum(np.array(cpu["memorizing"]), 1e-9)))
+    return rows, {"machine": _machine(device), "dataset": variants["memorizing"][0].data.dataset, "train_samples": n,
+                  "device": str(device), "lambda_phys": variants["memorizing"][0].physics_loss.lambda_phys,
+                  "agnostic_over_memorizing_cpu": ratio_cpu,
+                  "agnostic_over_memorizing_wall": float(np.sum(wall["agnostic"]) / np.sum(wall["memorizing"])),
+                  "inference_ms_agnostic": infer["agnostic"], "inference_ms_memorizing": infer["memorizing"],
+                  "inference_target_ms": 1.0}
+
+
 def run(args: argparse.Namespace) -> int:
     from core import resolve_path
     from core.device import resolve_device
@@ -108,6 +193,12 @@ def run(args: argparse.Namespace) -> int:
         tmp = tempfile.TemporaryDirectory()
         scene = synthetic_scene(tmp.name, num_ues=args.synthetic, height=128, width=128, cell=2.0, k=4)
         overrides += [f"{k}={v}" for k, v in scene.items()]
+    if args.kinds:
+        rows, summary = _run_kinds(args, device, overrides)
+        write_report("train", rows, args.out, summary)
+        if tmp is not None:
+            tmp.cleanup()
+        return 0
     base_cfg = load_config(resolve_path(args.config), overrides + ["physics_loss.lambda_phys=0"])
     phys_cfg = load_config(resolve_path(args.config), overrides + [f"physics_loss.lambda_phys={args.lambda_phys}"])
     if base_cfg.training.num_threads and device.type == "cpu":

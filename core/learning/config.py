@@ -120,6 +120,15 @@ class ModelConfig(_Section):
     mlp_ratio: int = Field(default=4, ge=1)
     #: add per-site geometric anchors (site position minus ToA distance along AoA) to the tokens
     geometry_hint: bool = True
+    #: "memorizing": site-id embeddings and absolute cell positions (core/learning/model.py); "agnostic": only
+    #: measured-minus-map residuals per site and relative geometry, the same in every city (core/learning/agnostic.py)
+    kind: Literal["memorizing", "agnostic"] = "memorizing"
+    #: agnostic: candidate cells (map tokens) the transformer attends over
+    num_candidates: int = Field(default=8, ge=1, le=4096)
+    #: agnostic: the fine head scores fine_subgrid x fine_subgrid points per cell
+    fine_subgrid: int = Field(default=6, ge=1, le=32)
+    #: agnostic: width of the per-candidate report tokens and of the fine head
+    d_report: int = Field(default=32, ge=4, le=1024)
 
     def resolved(self) -> dict[str, Any]:
         """The preset's sizes with this section's overrides applied."""
@@ -132,7 +141,9 @@ class ModelConfig(_Section):
             raise ConfigError(f"model.d_model: {sizes['d_model']} is not divisible by model.num_heads={sizes['num_heads']}")
         if sizes["map_size"] % sizes["patch_size"]:
             raise ConfigError(f"model.patch_size: {sizes['patch_size']} does not divide model.map_size={sizes['map_size']}")
-        sizes.update(dropout=self.dropout, mlp_ratio=self.mlp_ratio, geometry_hint=self.geometry_hint)
+        sizes.update(dropout=self.dropout, mlp_ratio=self.mlp_ratio, geometry_hint=self.geometry_hint, kind=self.kind)
+        if self.kind == "agnostic":
+            sizes.update(num_candidates=self.num_candidates, fine_subgrid=self.fine_subgrid, d_report=self.d_report)
         return sizes
 
 

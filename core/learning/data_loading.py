@@ -247,7 +247,9 @@ def spatial_split(xy: np.ndarray, bounds, blocks: int = 4) -> np.ndarray:
     return split
 
 
-def token_dim(k: int, geometry_hint: bool) -> int:
+def token_dim(k: int, geometry_hint: bool, kind: str = "memorizing") -> int:
+    if kind == "agnostic":
+        return 4 * k + 1  # core.learning.agnostic: raw (path gain, toa, aoa, present) per slot + time
     return 5 * k + len(CELL_FEATURES) + 1 + (4 * k if geometry_hint else 0)
 
 
@@ -259,50 +261,34 @@ def build_tensors(
     observation: str = "latest",
     report_window_s: float = REPORT_WINDOW_S,
     num_sites: int | None = None,
+    kind: str = "memorizing",
 ) -> TensorData:
     """Model tensors of ``dataset[indices]`` normalised with ``radio_map``'s statistics.
 
     ``num_sites``: the site-id range of the model's embeddings (default the dataset's own,
     :func:`num_site_embeddings`); a model trained on several scenes uses their largest. Site ids
-    at or above it (a held-out scene with more sites) share embeddings modulo ``num_sites``."""
+    at or above it (a held-out scene with more sites) share embeddings modulo ``num_sites``.
+
+    ``kind="agnostic"`` (:mod:`core.learning.agnostic`): ``feats [N, T, 4K + 1]`` holds each slot's RAW
+    measurement (path gain dB, ToA ns, AoA deg, present; 0 when absent) and the time before the last
+    report [s]; ``site_index`` is the site id + 1 (0 = empty slot): the model compares each slot with
+    that site's map layers, in physical units, and embeds no id."""
     from core.physics.observation import site_observation
 
     if indices is None:
         indices = np.arange(dataset.num_samples)
     indices = np.asarray(indices, dtype=np.int64)
     ds = dataset.subset(indices)
-    norm = Normalizer.from_map(radio_map)
-    n, t_len, k = ds.site_ids.shape
+    n = ds.num_samples
     mask = ds.report_mask
     sf = ds.site_features.astype(np.float64)  # [N, T, K, 3]
     present = np.isfinite(sf).all(-1) & (ds.site_ids >= 0) & mask[..., None]  # [N, T, K]
 
-    pg = norm.z("path_gain", sf[..., SITE_FEATURES.index("path_gain")])
-    toa = norm.z("toa", sf[..., SITE_FEATURES.index("toa")])
-    aoa = np.deg2rad(sf[..., SITE_FEATURES.index("aoa")])
-    per_site = np.stack([pg, toa, np.cos(aoa), np.sin(aoa)], -1)  # [N, T, K, 4]
-    per_site = np.where(present[..., None], per_site, 0.0)
-    per_site = np.concatenate([per_site, present[..., None].astype(np.float64)], -1).reshape(n, t_len, 5 * k)
-
-    cf = ds.cell_features.astype(np.float64)
-    cells = np.stack([norm.z(name, cf[..., i]) for i, name in enumerate(CELL_FEATURES)], -1)
-    cells = np.where(np.isfinite(cells) & mask[..., None], cells, 0.0)
-
-    t_last = ds.t[:, -1:].astype(np.float64)
-    tau = ((t_last - ds.t) / TIME_SCALE_S)[..., None]
-    parts = [per_site, cells, tau]
-
-    if geometry_hint:
-        parts.append(_geometric_anchors(ds, radio_map, present))
-    feats = np.concatenate(parts, -1)
-    feats = np.where(np.isfinite(feats), feats, 0.0)
-    feats[~mask] = 0.0
-
-    n_sites = num_site_embeddings(dataset) if num_sites is None else int(num_sites)
-    ids = np.where(ds.site_ids >= 0, ds.site_ids.astype(np.int64) % n_sites, -1)
-    slot = np.arange(k)[None, None, :]
-    site_index = np.where(ids >= 0, slot * (n_sites + 1) + ids + 1, 0)
-
+    if kind == "agnostic":
+        feats, site_index = _agnostic_inputs(ds, sf, present)
+    else:
+        feats, site_index = _memorizing_inputs(ds, radio_map, sf, present, mask, geometry_hint,
+                                               num_site_embeddings(dataset) if num_sites is None else int(num_sites))
     obs = physics_observation(ds, radio_map.features, observation)
     obs_mask = np.isfinite(obs)
     # LOS of the serving site at the latest PRESENT report (a missing last report says nothing about LOS)
@@ -325,6 +311,52 @@ def build_tensors(
         obs_cell=site_obs.cell.float(),
         scene_index=torch.zeros(n, dtype=torch.long),
     )
+
+
+def _agnostic_inputs(ds: MeasurementDataset, sf: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(feats [N, T, 4K + 1], site_index [N, T, K])`` of the agnostic model (see :func:`build_tensors`)."""
+    n, t_len, k = ds.site_ids.shape
+    per_site = np.concatenate([sf, present[..., None].astype(np.float64)], -1)  # pg dB, toa ns, aoa deg, present
+    per_site = np.where(present[..., None], per_site, 0.0).reshape(n, t_len, 4 * k)
+    tau = (ds.t[:, -1:].astype(np.float64) - ds.t)[..., None]  # [s] before the last report
+    feats = np.concatenate([per_site, tau], -1)
+    feats = np.where(np.isfinite(feats), feats, 0.0)
+    feats[~ds.report_mask] = 0.0
+    site_index = np.where(ds.site_ids >= 0, ds.site_ids.astype(np.int64) + 1, 0)
+    return feats, site_index
+
+
+def _memorizing_inputs(ds: MeasurementDataset, radio_map: RadioMap, sf: np.ndarray, present: np.ndarray,
+                       mask: np.ndarray, geometry_hint: bool, n_sites: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(feats [N, T, D], site_index [N, T, K])`` of the memorizing model (the module doc's token layout)."""
+    norm = Normalizer.from_map(radio_map)
+    n, t_len, k = ds.site_ids.shape
+    pg = norm.z("path_gain", sf[..., SITE_FEATURES.index("path_gain")])
+    toa = norm.z("toa", sf[..., SITE_FEATURES.index("toa")])
+    aoa = np.deg2rad(sf[..., SITE_FEATURES.index("aoa")])
+    per_site = np.stack([pg, toa, np.cos(aoa), np.sin(aoa)], -1)  # [N, T, K, 4]
+    per_site = np.where(present[..., None], per_site, 0.0)
+    per_site = np.concatenate([per_site, present[..., None].astype(np.float64)], -1).reshape(n, t_len, 5 * k)
+
+    cf = ds.cell_features.astype(np.float64)
+    cells = np.stack([norm.z(name, cf[..., i]) for i, name in enumerate(CELL_FEATURES)], -1)
+    cells = np.where(np.isfinite(cells) & mask[..., None], cells, 0.0)
+
+    t_last = ds.t[:, -1:].astype(np.float64)
+    tau = ((t_last - ds.t) / TIME_SCALE_S)[..., None]
+    parts = [per_site, cells, tau]
+
+    if geometry_hint:
+        parts.append(_geometric_anchors(ds, radio_map, present))
+    feats = np.concatenate(parts, -1)
+    feats = np.where(np.isfinite(feats), feats, 0.0)
+    feats[~mask] = 0.0
+
+    ids = np.where(ds.site_ids >= 0, ds.site_ids.astype(np.int64) % n_sites, -1)
+    slot = np.arange(k)[None, None, :]
+    site_index = np.where(ids >= 0, slot * (n_sites + 1) + ids + 1, 0)
+
+    return feats, site_index
 
 
 def _geometric_anchors(ds: MeasurementDataset, radio_map: RadioMap, present: np.ndarray) -> np.ndarray:

@@ -38,10 +38,11 @@ from core import resolve_path
 from core.device import resolve_device
 from core.errors import CoreError, StoreError
 from core.learning.config import Config
-from core.learning.data_loading import TensorData, build_tensors, map_input
+from core.learning.data_loading import TensorData, build_tensors
 from core.learning.groups import ue_groups
+from core.learning.kinds import build_model
 from core.learning.metrics import position_errors
-from core.learning.model import MapConditionedTransformer, SceneMaps, build_model
+from core.learning.model import MapConditionedTransformer, SceneMaps
 from core.learning.physics_terms import likelihood_config
 from core.stores import run as run_store
 from core.stores.dataset import MeasurementDataset
@@ -69,13 +70,13 @@ class LoadedRun:
 
     run_dir: Path
     config: Config
-    model: MapConditionedTransformer
+    model: MapConditionedTransformer  # or core.learning.agnostic.AgnosticTransformer (model.spec.kind)
     dataset: MeasurementDataset
     radio_map: RadioMap
     metrics: pd.DataFrame
     device: torch.device
     checkpoint: Path
-    map_image: torch.Tensor
+    map_image: Any  # the model's scene input: an image [C, S, S] or an agnostic SceneTable
     scene_index: int | None = 0
     trained_scenes: tuple[str, ...] = ()
     foreign_dataset: bool = False
@@ -128,7 +129,8 @@ class LoadedRun:
 
         return build_tensors(self.dataset, self.radio_map, np.asarray(indices, dtype=np.int64),
                              self.model.spec.geometry_hint, self.config.physics_loss.observation,
-                             self.config.physics_loss.report_window_s, num_sites=spec_num_sites(self.model.spec))
+                             self.config.physics_loss.report_window_s, num_sites=spec_num_sites(self.model.spec),
+                             kind=self.model.spec.kind)
 
 
 @dataclass
@@ -173,7 +175,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
     bounds and grid), after every lineage check has passed on the recorded stores; recorded in
     ``LoadedRun.map_override``.
     """
-    from core.learning.scene_data import apply_data_config, check_fits
+    from core.learning.scene_data import apply_data_config, check_fits, scene_input
     from core.stores.lineage import check_map_of_dataset
 
     run_dir = resolve_path(run_dir)
@@ -209,7 +211,7 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
                          f"{radio_map.source} has {radio_map.bounds}")
     metrics = pd.DataFrame(run_store.read_metrics(run_dir))
     return LoadedRun(run_dir, config, model, dataset, radio_map, metrics, device, ckpt_path,
-                     map_input(radio_map, model.spec.map_size).to(device), index, tuple(trained), foreign, override)
+                     scene_input(radio_map, model.spec).to(device), index, tuple(trained), foreign, override)
 
 
 def _override_map(dataset: MeasurementDataset, recorded: RadioMap, path) -> tuple[RadioMap, dict]:
@@ -351,8 +353,7 @@ def _predict(run: LoadedRun, indices, return_attention: bool, batch_size: int, t
     parts: dict[str, list] = {"xy": [], "sigma": [], "confidence": [], "coarse_xy": [], "coarse_prob": []}
     g2 = run.model.spec.grid_size ** 2
     top_k = int(min(max(top_k, 1), g2))
-    temporal: list[list[np.ndarray]] = []
-    cross: list[list[np.ndarray]] = []
+    attention: dict[str, list[list[np.ndarray]]] = {}
     maps = run.maps  # the loaded scene's map and bounds: positions in its frame
     frame = run.model.frame(maps)
     for start in range(0, len(data), batch_size):
@@ -364,8 +365,8 @@ def _predict(run: LoadedRun, indices, return_attention: bool, batch_size: int, t
         for k in parts:
             parts[k].append(out_np[k].cpu().numpy())
         if return_attention:
-            temporal.append([w.cpu().numpy() for w in out.attention["temporal"]])
-            cross.append([w.cpu().numpy() for w in out.attention["cross"]])
+            for key, layers in out.attention.items():
+                attention.setdefault(key, []).append([w.cpu().numpy() for w in layers])
     empty = {"xy": (0, 2), "sigma": (0, 2), "confidence": (0,), "coarse_xy": (0, top_k, 2), "coarse_prob": (0, top_k)}
     cat = {k: (np.concatenate(v) if v else np.zeros(empty[k], np.float32)) for k, v in parts.items()}
     true_xy = data.target_xy.numpy()
@@ -375,13 +376,11 @@ def _predict(run: LoadedRun, indices, return_attention: bool, batch_size: int, t
         coarse_xy=cat["coarse_xy"], coarse_prob=cat["coarse_prob"],
         groups=ue_groups(run.dataset, indices, run.config.physics_loss.report_window_s),
     )
-    if return_attention:
-        layers = run.model.spec.num_layers
-        pred.attention = {
-            "temporal": [np.concatenate([c[layer] for c in temporal]) for layer in range(layers)],
-            "cross": [np.concatenate([c[layer] for c in cross]) for layer in range(layers)],
-        }
-        pred.patch_grid, pred.patch_bounds = patch_bounds(run.model.spec, run.radio_map.bounds)
+    if return_attention:  # per key, per layer: the batches concatenated
+        pred.attention = {key: [np.concatenate([c[layer] for c in chunks]) for layer in range(len(chunks[0]))]
+                          for key, chunks in attention.items()}
+        if "cross" in pred.attention:  # the memorizing model's map patches
+            pred.patch_grid, pred.patch_bounds = patch_bounds(run.model.spec, run.radio_map.bounds)
     return pred
 
 

@@ -73,6 +73,14 @@ class ModelSpec:
     dropout: float = 0.0
     mlp_ratio: int = 4
     geometry_hint: bool = True
+    #: "memorizing" (this module's model) or "agnostic" (:mod:`core.learning.agnostic`, scene-agnostic inputs)
+    kind: str = "memorizing"
+    #: agnostic only: candidate cells (map tokens) the transformer attends over, sub-grid of the fine head,
+    #: width of the per-candidate report tokens, and the report window [s] the per-site observation pools over
+    num_candidates: int = 8
+    fine_subgrid: int = 6
+    d_report: int = 32
+    report_window_s: float = 1.0
 
     @property
     def patch_grid(self) -> tuple[int, int]:
@@ -92,15 +100,19 @@ class SceneMaps:
     bounds: torch.Tensor
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return self.bounds.shape[0]
 
     def to(self, device) -> SceneMaps:
         return SceneMaps(self.images.to(device), self.bounds.to(device))
 
     @classmethod
-    def stack(cls, images: list[torch.Tensor], bounds: list) -> SceneMaps:
-        """From per-scene ``[C, S, S]`` images and ``(x_min, y_min, x_max, y_max)`` bounds."""
-        return cls(torch.stack(images), torch.tensor([[float(v) for v in b] for b in bounds], dtype=torch.float64))
+    def stack(cls, images: list, bounds: list) -> SceneMaps:
+        """From per-scene ``[C, S, S]`` images (or the agnostic model's per-scene
+        :class:`~core.learning.agnostic.SceneTable`) and ``(x_min, y_min, x_max, y_max)`` bounds."""
+        b = torch.tensor([[float(v) for v in bb] for bb in bounds], dtype=torch.float64)
+        if isinstance(images[0], torch.Tensor):
+            return cls(torch.stack(images), b)
+        return cls(type(images[0]).stack(images), b)
 
 
 class Frame(NamedTuple):
@@ -213,10 +225,81 @@ class MapEncoder(nn.Module):
         return self.ln_out(x)
 
 
-class MapConditionedTransformer(nn.Module):
+class CellGrid(nn.Module):
+    """The ``G x G`` coarse cells of a model: the spec's bounds (buffers ``origin``, ``cell_wh``) and each
+    scene's frame. Shared by both model kinds."""
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
+        g = spec.grid_size
+        x_min, y_min, x_max, y_max = spec.bounds
+        self.register_buffer("cell_wh", torch.tensor([(x_max - x_min) / g, (y_max - y_min) / g]), persistent=False)
+        self.register_buffer("origin", torch.tensor([x_min, y_min]), persistent=False)
+
+    # -- geometry -------------------------------------------------------------------------
+    def frame(self, maps=None, scene_index: torch.Tensor | None = None) -> Frame:
+        """The cell geometry of a batch: from :attr:`ModelSpec.bounds` for a bare map tensor (or
+        None), else from each sample's scene's bounds in ``maps`` (a :class:`SceneMaps`)."""
+        if not isinstance(maps, SceneMaps):
+            return Frame(self.origin[None], self.cell_wh[None])
+        b = maps.bounds.to(self.origin.device, torch.float64)
+        origin = b[:, :2].to(self.origin.dtype)
+        cell_wh = ((b[:, 2:] - b[:, :2]) / self.spec.grid_size).to(self.cell_wh.dtype)  # as in __init__, in float64
+        if len(maps) == 1:
+            return Frame(origin, cell_wh)
+        if scene_index is None:
+            raise ValueError("several scene maps need scene_index [B]")
+        scene = scene_index.to(self.origin.device)
+        return Frame(origin[scene], cell_wh[scene], scene)
+
+    def position(self, logits, cell, offset, logvar, frame: Frame):
+        """``(centre, xy, sigma, confidence)`` of the chosen ``cell [B]`` (see the module doc, item 6)."""
+        centre = self.cell_centre(cell, frame)
+        xy = centre + offset * frame.cell_wh
+        # sigma^2 = fine variance + spread of the coarse distribution around the chosen centre
+        prob_flat = logits.softmax(-1)
+        cells = torch.arange(logits.shape[1], device=logits.device)
+        all_centres = self.cell_centre(cells, Frame(frame.origin[:, None], frame.cell_wh[:, None]))  # [B or 1, G*G, 2]
+        coarse_var = torch.einsum("bc,bcd->bd", prob_flat, (all_centres - centre[:, None]).pow(2))
+        sigma = (torch.exp(logvar) * frame.cell_wh.pow(2) + coarse_var).sqrt()
+        p_near = _near_mass(prob_flat, cell, self.spec.grid_size)
+        sigma_rms = torch.exp(0.5 * logvar).pow(2).mean(-1).sqrt()
+        confidence = p_near * torch.exp(-sigma_rms)
+
+        return centre, xy, sigma, confidence
+
+    def cell_centre(self, cell: torch.Tensor, frame: Frame | None = None) -> torch.Tensor:
+        """``[B]`` cell indices -> ``[B, 2]`` centres [m] (``frame``: each sample's scene; default the spec's map)."""
+        origin, cell_wh, _ = frame or self.frame()
+        g = self.spec.grid_size
+        ij = torch.stack([cell % g, cell // g], -1).to(cell_wh.dtype)  # (j, i) = (x, y)
+        return origin + (ij + 0.5) * cell_wh
+
+    def cell_of(self, xy: torch.Tensor, frame: Frame | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``xy[B, 2]`` -> (cell ``[B]`` long, offset from its centre in cell units ``[B, 2]``)."""
+        origin, cell_wh, _ = frame or self.frame()
+        g = self.spec.grid_size
+        u = (xy - origin) / cell_wh
+        ij = u.floor().clamp(0, g - 1)
+        offset = u - (ij + 0.5)
+        return (ij[:, 1] * g + ij[:, 0]).long(), offset
+
+
+def _near_mass(prob: torch.Tensor, cell: torch.Tensor, g: int) -> torch.Tensor:
+    """``[B]``: the probability mass ``prob[B, G*G]`` puts on the 3 x 3 cells around ``cell[B]`` (within the
+    grid), clamped to [0, 1]. (A gather of 9 cells: a 3 x 3 average pool over the whole grid costs ~40x more.)"""
+    d = torch.tensor([-1, 0, 1], device=cell.device)
+    i = (cell // g)[:, None, None] + d[None, :, None]
+    j = (cell % g)[:, None, None] + d[None, None, :]
+    inside = ((i >= 0) & (i < g) & (j >= 0) & (j < g)).reshape(len(cell), 9)
+    idx = (i.clamp(0, g - 1) * g + j.clamp(0, g - 1)).reshape(len(cell), 9)
+    return (prob.gather(1, idx) * inside).sum(1).clamp(0.0, 1.0)
+
+
+class MapConditionedTransformer(CellGrid):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__(spec)
         d, g = spec.d_model, spec.grid_size
         self.token_in = nn.Linear(spec.token_dim, d)
         self.site_embed = nn.Embedding(spec.num_site_embeddings, d, padding_idx=0)
@@ -235,46 +318,11 @@ class MapConditionedTransformer(nn.Module):
         self.cell_key = nn.Sequential(nn.Linear(4 * len(FOURIER_FREQS) + spec.map_channels, d), nn.GELU(), nn.Linear(d, d))
         self.fine = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, 4))
         nn.init.normal_(self.report_pos, std=0.02)
-        x_min, y_min, x_max, y_max = spec.bounds
-        self.register_buffer("cell_wh", torch.tensor([(x_max - x_min) / g, (y_max - y_min) / g]), persistent=False)
-        self.register_buffer("origin", torch.tensor([x_min, y_min]), persistent=False)
         # Fourier features of the cell centres in [-1, 1]: [G*G, 4 * len(FOURIER_FREQS)]
         u = (torch.arange(g) + 0.5) / g * 2 - 1
         vv, uu = torch.meshgrid(u, u, indexing="ij")  # row i = y
         ang = torch.stack([uu.ravel(), vv.ravel()], -1)[:, :, None] * torch.tensor(FOURIER_FREQS) * math.pi
         self.register_buffer("cell_fourier", torch.cat([ang.sin(), ang.cos()], -1).flatten(1), persistent=False)
-
-    # -- geometry -------------------------------------------------------------------------
-    def frame(self, maps=None, scene_index: torch.Tensor | None = None) -> Frame:
-        """The cell geometry of a batch: from :attr:`ModelSpec.bounds` for a bare map tensor (or
-        None), else from each sample's scene's bounds in ``maps`` (a :class:`SceneMaps`)."""
-        if not isinstance(maps, SceneMaps):
-            return Frame(self.origin[None], self.cell_wh[None])
-        b = maps.bounds.to(self.origin.device, torch.float64)
-        origin = b[:, :2].to(self.origin.dtype)
-        cell_wh = ((b[:, 2:] - b[:, :2]) / self.spec.grid_size).to(self.cell_wh.dtype)  # as in __init__, in float64
-        if len(maps) == 1:
-            return Frame(origin, cell_wh)
-        if scene_index is None:
-            raise ValueError("several scene maps need scene_index [B]")
-        scene = scene_index.to(self.origin.device)
-        return Frame(origin[scene], cell_wh[scene], scene)
-
-    def cell_centre(self, cell: torch.Tensor, frame: Frame | None = None) -> torch.Tensor:
-        """``[B]`` cell indices -> ``[B, 2]`` centres [m] (``frame``: each sample's scene; default the spec's map)."""
-        origin, cell_wh, _ = frame or self.frame()
-        g = self.spec.grid_size
-        ij = torch.stack([cell % g, cell // g], -1).to(cell_wh.dtype)  # (j, i) = (x, y)
-        return origin + (ij + 0.5) * cell_wh
-
-    def cell_of(self, xy: torch.Tensor, frame: Frame | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``xy[B, 2]`` -> (cell ``[B]`` long, offset from its centre in cell units ``[B, 2]``)."""
-        origin, cell_wh, _ = frame or self.frame()
-        g = self.spec.grid_size
-        u = (xy - origin) / cell_wh
-        ij = u.floor().clamp(0, g - 1)
-        offset = u - (ij + 0.5)
-        return (ij[:, 1] * g + ij[:, 0]).long(), offset
 
     def cell_keys(self, images: torch.Tensor) -> torch.Tensor:
         """``images[M, C, S, S]`` -> ``[M, G*G, d]``: one key per grid cell of each scene from its
@@ -328,20 +376,7 @@ class MapConditionedTransformer(nn.Module):
         logits = self._logits(pooled, keys, scene)
         cell = logits.argmax(-1)
         offset, logvar = self._fine(pooled, keys, cell, scene)
-        centre = self.cell_centre(cell, frame)
-        xy = centre + offset * frame.cell_wh
-        # sigma^2 = fine variance + spread of the coarse distribution around the chosen centre
-        prob_flat = logits.softmax(-1)
-        cells = torch.arange(logits.shape[1], device=logits.device)
-        all_centres = self.cell_centre(cells, Frame(frame.origin[:, None], frame.cell_wh[:, None]))  # [B or 1, G*G, 2]
-        coarse_var = torch.einsum("bc,bcd->bd", prob_flat, (all_centres - centre[:, None]).pow(2))
-        sigma = (torch.exp(logvar) * frame.cell_wh.pow(2) + coarse_var).sqrt()
-        prob = prob_flat.view(-1, 1, self.spec.grid_size, self.spec.grid_size)
-        block = F.avg_pool2d(prob, 3, stride=1, padding=1, count_include_pad=True) * 9  # 3x3 neighbourhood mass
-        p_near = block.flatten(1).gather(1, cell[:, None])[:, 0].clamp(0.0, 1.0)
-        sigma_rms = torch.exp(0.5 * logvar).pow(2).mean(-1).sqrt()
-        confidence = p_near * torch.exp(-sigma_rms)
-
+        centre, xy, sigma, confidence = self.position(logits, cell, offset, logvar, frame)
         out = ModelOutput(logits, cell, offset, logvar, xy, sigma, confidence)
         if target_cell is not None:
             out.target_offset_pred, out.target_logvar = self._fine(pooled, keys, target_cell, scene)
@@ -367,9 +402,11 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def build_model(spec: ModelSpec | dict, seed: int = 0) -> MapConditionedTransformer:
-    """A freshly initialised model of ``spec`` (a :class:`ModelSpec` or its dict form, as
-    checkpoints store it), parameters drawn with ``seed``."""
+    """A freshly initialised memorizing model of ``spec`` (a :class:`ModelSpec` or its dict form, as
+    checkpoints store it), parameters drawn with ``seed``. Any kind: :func:`core.learning.kinds.build_model`."""
     if isinstance(spec, dict):
         spec = ModelSpec(**{**spec, "bounds": tuple(spec["bounds"])})
+    if spec.kind != "memorizing":
+        raise ValueError(f"model kind {spec.kind!r}: build it with core.learning.kinds.build_model")
     torch.manual_seed(seed)
     return MapConditionedTransformer(spec)

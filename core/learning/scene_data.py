@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,15 +42,26 @@ from core.stores.radio_map import RadioMap
 
 @dataclass
 class SceneData:
-    """One training scene: its dataset (``config.data`` applied), radio map and model input ``[C, S, S]``."""
+    """One training scene: its dataset (``config.data`` applied), radio map and model input (:func:`scene_input`)."""
 
     dataset: MeasurementDataset
     radio_map: RadioMap
-    map_image: torch.Tensor
+    map_image: Any
 
     @property
     def name(self) -> str | None:
         return self.dataset.ref.scene
+
+
+def scene_input(radio_map: RadioMap, spec: ModelSpec):
+    """What a model of ``spec`` reads of a scene's map: the memorizing model's resampled image ``[C, S, S]``
+    (:func:`~core.learning.data_loading.map_input`) or the agnostic model's
+    :class:`~core.learning.agnostic.SceneTable` (per-site layers at the cells' sub-points, relative geometry)."""
+    if spec.kind == "agnostic":
+        from core.learning.agnostic import scene_table
+
+        return scene_table(radio_map, spec)
+    return map_input(radio_map, spec.map_size)
 
 
 @dataclass
@@ -159,10 +171,10 @@ def check_compatible(scenes, keys: list[str]) -> None:
 def check_fits(spec: ModelSpec, dataset: MeasurementDataset, radio_map: RadioMap, key: str) -> None:
     """Refuse a scene a trained model cannot read (a held-out scene): other map channels, other site
     slots per report, or more reports per walk than the model's."""
-    if map_channels(radio_map) != spec.map_channels:
+    if spec.kind != "agnostic" and map_channels(radio_map) != spec.map_channels:
         raise ConfigError(f"{key}: radio map {radio_map.source} has features {list(radio_map.features)} "
                           f"({map_channels(radio_map)} map channels), the model reads {spec.map_channels}")
-    if token_dim(dataset.num_sites_per_report, spec.geometry_hint) != spec.token_dim:
+    if token_dim(dataset.num_sites_per_report, spec.geometry_hint, spec.kind) != spec.token_dim:
         raise ConfigError(f"{key}: {dataset.num_sites_per_report} site slots per report do not fit the model")
     if dataset.num_reports > spec.num_reports:
         raise ConfigError(f"{key}: {dataset.num_reports} reports per walk, the model reads at most {spec.num_reports}")
@@ -187,17 +199,21 @@ def model_spec(config: Config, dataset: MeasurementDataset, radio_map: RadioMap,
     k = dataset.num_sites_per_report
     n_sites = num_site_embeddings(dataset) if num_sites is None else num_sites
     return ModelSpec(
-        token_dim=token_dim(k, sizes["geometry_hint"]),
+        token_dim=token_dim(k, sizes["geometry_hint"], sizes["kind"]),
         num_site_embeddings=k * (n_sites + 1) + 1,
         num_reports=dataset.num_reports,
         map_channels=map_channels(radio_map),
         bounds=tuple(radio_map.bounds),
+        report_window_s=float(config.physics_loss.report_window_s),
         **sizes,
     )
 
 
-def spec_num_sites(spec: ModelSpec) -> int:
-    """The site-id range ``S`` a model embeds (``num_site_embeddings = K * (S + 1) + 1``)."""
+def spec_num_sites(spec: ModelSpec) -> int | None:
+    """The site-id range ``S`` a model embeds (``num_site_embeddings = K * (S + 1) + 1``; None: the agnostic
+    model embeds no site id)."""
+    if spec.kind == "agnostic":
+        return None
     k = (spec.token_dim - len(CELL_FEATURES) - 1) // (9 if spec.geometry_hint else 5)
     return (spec.num_site_embeddings - 1) // k - 1
 
@@ -209,7 +225,7 @@ def prepare(config: Config, dataset: MeasurementDataset | None = None, radio_map
     check_holdout(config, [d.ref.scene for d, _ in stores])
     n_sites = max(num_site_embeddings(d) for d, _ in stores)
     spec = model_spec(config, *stores[0], num_sites=n_sites)
-    return RunData([SceneData(d, r, map_input(r, spec.map_size)) for d, r in stores], spec)
+    return RunData([SceneData(d, r, scene_input(r, spec)) for d, r in stores], spec)
 
 
 def scene_tensors(run: RunData, m: int, split: str, config: Config) -> TensorData:
@@ -220,7 +236,7 @@ def scene_tensors(run: RunData, m: int, split: str, config: Config) -> TensorDat
     if len(idx) == 0:
         raise StoreError(f"dataset {scene.dataset.source or ''}: split {split!r} is empty")
     data = build_tensors(scene.dataset, scene.radio_map, idx, run.spec.geometry_hint, config.physics_loss.observation,
-                         config.physics_loss.report_window_s, num_sites=spec_num_sites(run.spec))
+                         config.physics_loss.report_window_s, num_sites=spec_num_sites(run.spec), kind=run.spec.kind)
     if split == "train":
         data.labeled = torch.from_numpy(labeled_mask(len(idx), config.data.label_fraction, config.seed))
     return data

@@ -79,9 +79,10 @@ from core.errors import StoreError
 from core.learning.coarse_physics import attach_cell_posterior
 from core.learning.config import Config, load_config
 from core.learning.data_loading import TensorData, concat_tensors
+from core.learning.kinds import build_model
 from core.learning.losses import LOSS_TERMS, compute_losses, gradient_balance, predict_tensors
 from core.learning.metrics import error_metrics, position_errors
-from core.learning.model import MapConditionedTransformer, SceneMaps, build_model
+from core.learning.model import MapConditionedTransformer, SceneMaps
 from core.learning.physics_terms import SiteLikelihoodTerm, make_scene_physics, resolve_config, scene_terms
 from core.learning.scene_data import RunData, prepare, scene_tensors, tensors
 from core.stores import run as run_store

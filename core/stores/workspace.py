@@ -35,7 +35,7 @@ from core.stores.zarr_group import read_attrs
 DEFAULT_SCENE = "etoile"
 #: a run name: one plain folder name under the runs folder (never ``.``, ``..``, a path or a hidden name)
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-PRESETS = ("baseline", "model", "strong_physics")
+PRESETS = ("baseline", "model", "strong_physics", "agnostic")
 
 
 @dataclass(frozen=True)
