@@ -16,7 +16,7 @@ $(error TORCH_BUILD=$(TORCH_BUILD): use auto, cpu, cuda or cuXYZ, e.g. cu128)
 endif
 STAMP := $(VENV)/.installed$(if $(filter cpu,$(TORCH)),,-torch-$(TORCH))
 
-.PHONY: run test bench install default-data default-run scenes many-scenes corpus
+.PHONY: run test bench install default-data default-run scenes many-scenes corpus corpus-manifest small-cities
 
 $(STAMP): requirements.txt scripts/install_system.sh
 	bash scripts/install_system.sh
@@ -71,7 +71,19 @@ many-scenes: $(STAMP)
 	$(PY) -m core evaluate --run runs/many_scenes --scene munich --refine
 
 # The procedural-city corpus (issue 18, docs/cities.md): 100 varied cities with their maps and datasets, one Ray
-# task per city on a local Ray; rerunning resumes (finished cities are skipped). CORPUS=... RAY=HOST:PORT for a cluster.
+# task per city on a local Ray; rerunning resumes (finished cities are skipped). CORPUS=... RAY=HOST:PORT for a cluster,
+# CORPUS_CPUS=1 to give the local Ray one core. corpus-manifest copies the built corpus' manifest to the shipped one.
 CORPUS ?= corpus
 corpus: $(STAMP)
-	$(PY) -m core make-corpus --count 100 --out $(CORPUS) --ray $(RAY) --no-progress
+	$(PY) -m core make-corpus --count 100 --out $(CORPUS) --ray $(RAY) $(if $(CORPUS_CPUS),--num-cpus $(CORPUS_CPUS)) --no-progress
+corpus-manifest:
+	mkdir -p assets/corpus && cp $(CORPUS)/manifest.json assets/corpus/manifest.json
+
+# The three shipped small cities (issue 18): 128 m, 3 sites each, their 2 m maps and 1,000-walk datasets (a few minutes).
+SMALL_CITIES = small_grid small_irregular small_hills
+small-cities: $(STAMP)
+	CORE_WRITE_SHIPPED=1 $(PY) -m core make-city --seed 101 --size-m 128 --block-m 40 --street-width-m 12 --layout grid --sites 3 --name small_grid --out scenes --force
+	CORE_WRITE_SHIPPED=1 $(PY) -m core make-city --seed 102 --size-m 128 --block-m 40 --street-width-m 12 --layout irregular --sites 3 --name small_irregular --out scenes --force
+	CORE_WRITE_SHIPPED=1 $(PY) -m core make-city --seed 103 --size-m 128 --block-m 40 --street-width-m 12 --layout perturbed --sites 3 --terrain-m 3 --vehicles 6 --name small_hills --out scenes --force
+	CORE_WRITE_SHIPPED=1 $(PY) -m core generate-maps --scenes $(SMALL_CITIES) --resolution 2 --radio-maps radio_maps --force --no-progress
+	CORE_WRITE_SHIPPED=1 $(PY) -m core make-dataset --scene $(SMALL_CITIES) --num-ues 1000 --reports 8 --radio-maps radio_maps --out datasets --force --no-progress

@@ -568,7 +568,8 @@ def city_form(ws: Workspace, key: str = "make_city") -> None:
 
 
 def corpus_box(ws: Workspace, ray: str | None, key: str = "corpus") -> None:
-    """The corpus of the workspace (``corpus/manifest.json``) as a table, and the job that builds or resumes it."""
+    """The corpus of the workspace (``corpus/manifest.json``; without one, the shipped manifest of the default
+    corpus, ``assets/corpus/manifest.json``) as a table, and the job that builds or resumes it."""
     import json
 
     import pandas as pd
@@ -576,25 +577,36 @@ def corpus_box(ws: Workspace, ray: str | None, key: str = "corpus") -> None:
     from core.jobs.manager import make_corpus_spec
 
     manifest_path = ws.root / CORPUS_DIR / "manifest.json"
+    shipped = not manifest_path.is_file()
+    if shipped:
+        manifest_path = ws.assets_dir / "corpus" / "manifest.json"
     if manifest_path.is_file():
         with guard("corpus manifest"):
             manifest = json.loads(manifest_path.read_text())
             rows = [{"city": c["name"], "seed": c["seed"], "streets": c["params"]["layout"], "buildings": c["buildings"],
                      "footprint share": c["footprint_share"], "height mean m": c["height_m"]["mean"],
                      "outdoor coverage": c.get("outdoor_coverage"),
-                     "seconds": sum((c.get("seconds") or {}).values())} for c in manifest.get("cities", [])]
+                     **{f"{stage} s": (c.get("seconds") or {}).get(f"{stage}_s") for stage in ("city", "map", "dataset")},
+                     "peak RSS MB": c.get("peak_rss_mb")} for c in manifest.get("cities", [])]
+            where = (f"the shipped manifest of the default corpus ({ws.rel(manifest_path)}); the corpus itself is "
+                     f"built into {CORPUS_DIR}/ below" if shipped else ws.rel(manifest_path))
             st.caption(f"{manifest.get('complete', 0)} of {manifest.get('count', 0)} cities complete, "
-                       f"{len(manifest.get('failed', []))} failed ({ws.rel(manifest_path)})")
+                       f"{len(manifest.get('failed', []))} failed ({where})")
             st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
             for failure in manifest.get("failed", []):
                 st.error(f"{failure['name']}: {failure['cause']}")
     else:
         st.caption(f"No corpus yet in {ws.rel(ws.root / CORPUS_DIR)}.")
     with st.form(key):
-        count = st.number_input("Cities", min_value=1, max_value=10_000, value=100, step=10, key=f"{key}_count")
+        cols = st.columns(2)
+        count = cols[0].number_input("Cities", min_value=1, max_value=10_000, value=100, step=10, key=f"{key}_count")
+        cpus = cols[1].number_input("CPUs of the local Ray (0: every core)", min_value=0, max_value=256, value=0,
+                                    key=f"{key}_cpus", disabled=ray != "local")
         go = st.form_submit_button("Build or resume the corpus")
     with guard("corpus settings"):
-        spec = make_corpus_spec(int(count), CORPUS_DIR, ray=ray)
-        st.caption("Building the corpus runs `python -m core " + " ".join(spec.args) + "` (finished cities are skipped)")
+        extra = ("--num-cpus", str(int(cpus))) if ray == "local" and cpus else ()
+        spec = make_corpus_spec(int(count), CORPUS_DIR, ray=ray, extra=extra)
+        st.caption("Building the corpus runs `python -m core " + " ".join(spec.args) + "` (finished cities are "
+                   "skipped; progress and cancel in the job list below)")
         if go and launch(spec) is not None:
             st.rerun()

@@ -178,3 +178,77 @@ def test_the_scenes_page_makes_a_city_and_lists_the_corpus(tmp_path, monkeypatch
     job = manager.wait(job.id, timeout_s=120)
     assert job.status == "succeeded", manager.log_tail(job.id) if hasattr(manager, "log_tail") else job
     assert (tmp_path / "scenes" / "city_5" / "city_5.xml").is_file()
+
+
+SMALL_CITIES = ("small_grid", "small_irregular", "small_hills")
+
+
+def test_the_shipped_small_cities_are_complete_and_read_only(capsys):
+    """The three small cities ship with their sites, maps and datasets (a fresh clone uses them as they are), and
+    every command refuses to write them."""
+    from core.raytracing.scenes import list_scenes, site_layout
+    from core.stores.lineage import check_scene_stores
+    from core.stores.radio_map import RadioMap
+
+    listed = {info.name for info in list_scenes(REPO_ROOT / "scenes")}
+    for name in SMALL_CITIES:
+        folder = REPO_ROOT / "scenes" / name
+        assert name in listed and is_valid_city(folder)
+        assert json.loads((folder / "city.json").read_text())["params"]["size_m"] == 128.0
+        radio_map = RadioMap.load(REPO_ROOT / "radio_maps" / f"{name}.zarr")
+        assert radio_map.attrs["sites"] == site_layout(name, REPO_ROOT / "scenes") and len(radio_map.attrs["sites"]) == 3
+        assert radio_map.outdoor_coverage >= 0.95
+        check_scene_stores(REPO_ROOT / "datasets" / name, REPO_ROOT / "radio_maps" / f"{name}.zarr")
+    for argv in (["make-city", "--seed", "101", "--size-m", "128", "--name", "small_grid", "--out",
+                  str(REPO_ROOT / "scenes"), "--force"],
+                 ["generate-maps", "--scenes", "small_grid", "--scenes-dir", str(REPO_ROOT / "scenes"), "--radio-maps",
+                  str(REPO_ROOT / "radio_maps"), "--force"],
+                 ["make-dataset", "--scene", "small_hills", "--scenes-dir", str(REPO_ROOT / "scenes"), "--radio-maps",
+                  str(REPO_ROOT / "radio_maps"), "--out", str(REPO_ROOT / "datasets" / "small_hills"), "--force"]):
+        capsys.readouterr()
+        assert main(argv) == 2 and "read-only" in capsys.readouterr().err, argv
+
+
+def test_make_corpus_refuses_bad_input_before_any_work(tmp_path, capsys):
+    """Every city's parameters and the engine are checked first: one line, exit 2, nothing written."""
+    out = tmp_path / "corpus"
+    for bad in (["--fixed", "--street-width-m", "60"], ["--num-cpus", "1"], ["--num-cpus", "1", "--ray", "auto"],
+                ["--samples-per-tx", "0"]):
+        capsys.readouterr()
+        assert _exit_status(["make-corpus", "--count", "2", "--out", str(out), "--no-map", *bad]) == 2, bad
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, (bad, err)
+        assert not out.exists(), bad
+
+
+@pytest.mark.sionna
+def test_a_corpus_city_gets_its_map_and_dataset_and_a_rerun_skips_them(tmp_path, capsys):
+    """make-corpus with maps and datasets: the record (coverage, digests, wall and CPU seconds per stage, peak
+    memory); a rerun skips everything; another dataset size rebuilds only the dataset, other propagation
+    settings the map and the dataset."""
+    from core.stores.dataset import MeasurementDataset
+    from core.stores.radio_map import RadioMap
+
+    out = tmp_path / "corpus"
+    args = ["make-corpus", "--count", "1", "--fixed", "--size-m", "64", "--block-m", "32", "--sites", "2",
+            "--resolution", "4", "--samples-per-tx", "3000", "--retry-samples-per-tx", "0", "--walks", "12",
+            "--reports", "2", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    record = manifest["cities"][0]
+    assert manifest["complete"] == 1 and manifest["last_run"]["ok"] == 1 and record["outdoor_coverage"] >= 0.9
+    assert set(record["seconds"]) == set(record["cpu_seconds"]) == {"city_s", "map_s", "dataset_s"}
+    assert record["peak_rss_mb"] > 100 and manifest["settings"]["map"]["propagation"]["receivers_per_call"] == 2048
+    map_file, ds_file = out / "radio_maps" / "city_0.zarr", out / "datasets" / "city_0"
+    digest = RadioMap.load(map_file).lineage.digest
+    assert MeasurementDataset.load(ds_file).radio_map_ref.digest == digest == record["map_digest"]
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "city_0: skipped" in capsys.readouterr().out
+    assert json.loads((out / "manifest.json").read_text())["last_run"]["skipped"] == 1
+    assert main([a if a != "12" else "16" for a in args]) == 0  # 16 walks: the dataset only
+    assert RadioMap.load(map_file).lineage.digest == digest and MeasurementDataset.load(ds_file).num_samples == 16
+    assert main([a if a != "0" else "20000" for a in args]) == 0  # another second pass: map and dataset again
+    remade = RadioMap.load(map_file)
+    assert remade.attrs["propagation"]["retry_samples_per_src"] == 20000
+    assert MeasurementDataset.load(ds_file).radio_map_ref.digest == remade.lineage.digest != digest

@@ -152,7 +152,8 @@ def _killed_worker(name, *args):
 
 
 def test_a_city_whose_worker_is_killed_is_reported_and_the_other_completes(ray_cluster, tmp_path):
-    """The corpus' Ray path (make-corpus --ray runs exactly this): a killed worker fails its city only."""
+    """The corpus' Ray path (make-corpus --ray runs exactly this): a killed worker and a city of broken parameters
+    fail with their cause, the other city completes."""
     from ray import cloudpickle
 
     from core.raytracing.city import CityParams
@@ -162,12 +163,16 @@ def test_a_city_whose_worker_is_killed_is_reported_and_the_other_completes(ray_c
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
     base = CityParams(size_m=64.0, block_m=32.0).model_dump()
+    broken = {**corpus_params(2, base, False), "density": 7.0}  # parameters the command would have refused
     calls = [SceneCall("city_0", corpus_city, (corpus_params(0, base, False), str(tmp_path), None, 0)),
-             SceneCall("city_1", _killed_worker, ())]
+             SceneCall("city_1", _killed_worker, ()),
+             SceneCall("city_2", corpus_city, (broken, str(tmp_path), None, 0))]
     try:
         results = run_on_ray(calls, ray_cluster, "make-corpus")
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    assert [r.status for r in results] == ["ok", "failed"] and "worker died" in results[1].detail
-    manifest = write_manifest(tmp_path, ["city_0", "city_1"], results, {})
-    assert manifest["complete"] == 1 and manifest["failed"] == [{"name": "city_1", "cause": results[1].detail}]
+    assert [r.status for r in results] == ["ok", "failed", "failed"] and "worker died" in results[1].detail
+    assert "density" in results[2].detail and not (tmp_path / "scenes" / "city_2").exists()
+    manifest = write_manifest(tmp_path, ["city_0", "city_1", "city_2"], results, {})
+    assert manifest["complete"] == 1 and [f["name"] for f in manifest["failed"]] == ["city_1", "city_2"]
+    assert manifest["failed"][0]["cause"] == results[1].detail

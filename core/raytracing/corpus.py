@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from core import cli_types
+from core.device import RAY_LOCAL
 from core.errors import CoreError
 
 #: ranges of the varied parameters (uniform), chosen so the corpus spans etoile, munich, florence and
@@ -43,6 +44,31 @@ VARY_RANGES = {"block_m": (40.0, 100.0), "street_width_m": (5.0, 28.0), "lot_m":
 LAYOUTS = ("grid", "perturbed", "irregular")
 DEFAULT_CORPUS_RESOLUTION_M = 2.0
 DEFAULT_WALKS = 1000
+#: receivers per PathSolver call in a corpus (the default 1,024): half the calls, each with its fixed cost; measured on
+#: the default city's 8,000 dataset positions at 10,000 rays per site, 0.13 % of the (position, site) paths differ
+#: from 1,024 per call (the candidates per call stay under 5 % of the budget; docs/cities.md)
+CORPUS_RECEIVERS_PER_CALL = 2_048
+
+
+def corpus_propagation(samples_per_src: int | None = None, retry_samples_per_src: int | None = None):
+    """The :class:`~core.raytracing.tracing.PropagationSettings` of a corpus city: the default physics of the
+    real scenes' maps (10,000 rays per site, a 100,000-ray second pass, depth 2, diffraction), with
+    :data:`CORPUS_RECEIVERS_PER_CALL` receivers per PathSolver call; ``samples_per_src`` /
+    ``retry_samples_per_src`` replace the rays. Fewer rays are cheaper but not free: at 2,500 rays per
+    site the default city's UEs hear 2.29 sites per report instead of 2.83 (10.5 % of the paths are not
+    found; docs/cities.md), so the default keeps the real scenes' rays. Map and dataset share these
+    settings (the dataset reads them from the map).
+    """
+    from dataclasses import replace
+
+    from core.raytracing.tracing import PropagationSettings
+
+    base = replace(PropagationSettings(), receivers_per_call=CORPUS_RECEIVERS_PER_CALL)
+    if samples_per_src is not None:
+        base = replace(base, samples_per_src=int(samples_per_src))
+    if retry_samples_per_src is not None:
+        base = replace(base, retry_samples_per_src=int(retry_samples_per_src))
+    return base
 
 
 def corpus_params(seed: int, base: dict[str, Any], vary: bool) -> dict[str, Any]:
@@ -61,7 +87,10 @@ def corpus_params(seed: int, base: dict[str, Any], vary: bool) -> dict[str, Any]
     return values
 
 
-def _map_ok(path: Path) -> tuple[bool, dict[str, Any]]:
+def _map_ok(path: Path, settings=None) -> tuple[bool, dict[str, Any]]:
+    """``(usable, info)``: the map at ``path`` loads and, with ``settings``, was traced with their
+    propagation and cell size (a map made with other settings is rebuilt)."""
+    from core.raytracing.tracing import PropagationSettings
     from core.stores.radio_map import RadioMap
 
     if not path.exists():
@@ -70,20 +99,28 @@ def _map_ok(path: Path) -> tuple[bool, dict[str, Any]]:
         radio_map = RadioMap.load(path)
     except Exception:
         return False, {}
-    return True, {"outdoor_coverage": radio_map.outdoor_coverage, "coverage_heard": radio_map.attrs.get("coverage_heard"),
-                  "map_digest": radio_map.lineage.digest if radio_map.lineage else None}
+    info = {"outdoor_coverage": radio_map.outdoor_coverage, "coverage_heard": radio_map.attrs.get("coverage_heard"),
+            "map_digest": radio_map.lineage.digest if radio_map.lineage else None}
+    if settings is not None:
+        same = (PropagationSettings.from_dict(radio_map.attrs["propagation"]) == settings.propagation
+                and radio_map.attrs["generator"].get("resolution") == settings.resolution)
+        return same, info
+    return True, info
 
 
-def _dataset_ok(path: Path, map_digest: str | None) -> bool:
+def _dataset_ok(path: Path, map_digest: str | None, size: tuple[int, int] | None = None) -> bool:
+    """The dataset at ``path`` loads, records the map of digest ``map_digest`` and has ``size = (walks, reports)``."""
     from core.stores.dataset import MeasurementDataset
 
     if not path.exists():
         return False
     try:
-        ref = MeasurementDataset.load(path).radio_map_ref
+        ds = MeasurementDataset.load(path)
     except Exception:
         return False
-    return ref is not None and ref.digest == map_digest
+    ref = ds.radio_map_ref
+    return (ref is not None and ref.digest == map_digest
+            and (size is None or (ds.num_samples, ds.num_reports) == tuple(size)))
 
 
 def corpus_dataset(name: str, root: Path, num_ues: int, reports: int, seed: int, force: bool) -> str:
@@ -100,13 +137,23 @@ def corpus_dataset(name: str, root: Path, num_ues: int, reports: int, seed: int,
 
 
 def corpus_city(name: str, values: dict[str, Any], out: str, settings, num_sites: int,
-                dataset: tuple[int, int] | None = None) -> tuple[str, str]:
+                dataset: tuple[int, int] | None = None, threads: int | None = None) -> tuple[str, str]:
     """Build city ``name`` (parameters ``values``), its map (``settings``; None: no map) and, with a map
     and ``dataset = (walks, reports)``, its dataset, under ``out``.
+
+    ``threads``: Dr.Jit's CPU threads in this process (a Ray task holding one CPU traces on one
+    thread); None leaves them (every core). The record keeps the process' peak resident memory
+    so far (``peak_rss_mb``; a Ray worker builds its cities in turn, one at a time).
 
     Returns ``(status, detail)``: ``ok`` (something was built) or ``skipped`` (module docstring).
     Raises on a bad parameter or a failed trace; the batch runner reports that as the city's failure.
     """
+    import resource
+
+    if threads is not None:
+        import drjit as dr
+
+        dr.set_thread_count(int(threads))
     from core.raytracing.city import is_valid_city, params_from, read_manifest, write_city
     from core.raytracing.generation import map_of_scene
     from core.stores.atomic import atomic_write_text
@@ -117,12 +164,13 @@ def corpus_city(name: str, values: dict[str, Any], out: str, settings, num_sites
     scenes, maps, record_file = root / "scenes", root / "radio_maps", root / "records" / f"{name}.json"
     folder, map_file = scenes / name, map_path(maps, name)
     times: dict[str, float] = {}
-    t = time.perf_counter()
+    cpu: dict[str, float] = {}  # CPU seconds per stage, every thread of the process (robust to other load)
+    t, c = time.perf_counter(), time.process_time()
     manifest = read_manifest(folder)
     city_ok = is_valid_city(folder) and manifest is not None and manifest["params"] == params.model_dump()
     if not city_ok:
         _, manifest = write_city(params, scenes, name, force=folder.exists(), num_sites=num_sites)
-    times["city_s"] = round(time.perf_counter() - t, 2)
+    times["city_s"], cpu["city_s"] = round(time.perf_counter() - t, 2), round(time.process_time() - c, 2)
     try:
         old = json.loads(record_file.read_text())
     except (OSError, ValueError):
@@ -130,34 +178,38 @@ def corpus_city(name: str, values: dict[str, Any], out: str, settings, num_sites
     built = not city_ok
     map_info: dict[str, Any] = {}
     if settings is not None:
-        t = time.perf_counter()
-        ok, map_info = _map_ok(map_file)
+        t, c = time.perf_counter(), time.process_time()
+        ok, map_info = _map_ok(map_file, settings)
         if built or not ok or old.get("city_digest") != manifest["digest"]:
             map_of_scene(name, str(scenes), str(maps), settings, force=map_file.exists())
             ok, map_info = _map_ok(map_file)
             built = True
-        times["map_s"] = round(time.perf_counter() - t, 2)
+        times["map_s"], cpu["map_s"] = round(time.perf_counter() - t, 2), round(time.process_time() - c, 2)
     if dataset is not None and settings is not None:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         ds_path = root / "datasets" / name
-        if built or not _dataset_ok(ds_path, map_info.get("map_digest")):
+        if built or not _dataset_ok(ds_path, map_info.get("map_digest"), dataset):
             corpus_dataset(name, root, dataset[0], dataset[1], params.seed, force=ds_path.exists())
             built = True
         map_info["dataset"] = {"path": f"datasets/{name}", "walks": dataset[0], "reports": dataset[1]}
-        times["dataset_s"] = round(time.perf_counter() - t, 2)
+        times["dataset_s"], cpu["dataset_s"] = round(time.perf_counter() - t, 2), round(time.process_time() - c, 2)
     if not built and old.get("city_digest") == manifest["digest"]:
         return "skipped", f"{folder} and what was made from it exist and are valid"
     record = {"name": name, "seed": params.seed, "params": params.model_dump(),
               **{k: manifest[k] for k in ("buildings", "vehicles", "footprint_share", "height_m", "sites")},
               "city_digest": manifest["digest"], **map_info,
-              "seconds": {**{k: v for k, v in (old.get("seconds") or {}).items() if not built}, **times}}
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+              "seconds": {**{k: v for k, v in (old.get("seconds") or {}).items() if not built}, **times},
+              "cpu_seconds": {**{k: v for k, v in (old.get("cpu_seconds") or {}).items() if not built}, **cpu}}
     atomic_write_text(record_file, json.dumps(record, indent=1, sort_keys=True) + "\n")
     cover = f", outdoor coverage {map_info['outdoor_coverage']:.1%}" if map_info.get("outdoor_coverage") is not None else ""
     return "ok", f"{manifest['buildings']} buildings{cover}; " + ", ".join(f"{k} {v:.1f}" for k, v in times.items())
 
 
-def write_manifest(out: Path, names: list[str], results, settings_record: dict[str, Any]) -> dict[str, Any]:
-    """``<out>/manifest.json``: the records of ``names`` that exist, and the failed cities with their cause."""
+def write_manifest(out: Path, names: list[str], results, settings_record: dict[str, Any],
+                   last_run: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``<out>/manifest.json``: the records of ``names`` that exist, the failed cities with their cause,
+    and ``last_run`` (the command's wall time [s], engine and how many cities were built, skipped, failed)."""
     from core.stores.atomic import atomic_write_text
 
     records = []
@@ -169,7 +221,7 @@ def write_manifest(out: Path, names: list[str], results, settings_record: dict[s
     failed = [{"name": r.name, "cause": r.detail} for r in results if r.status == "failed"]
     coverage = [r["outdoor_coverage"] for r in records if r.get("outdoor_coverage") is not None]
     manifest = {"kind": "city_corpus", "count": len(names), "complete": len(records), "failed": failed,
-                "settings": settings_record,
+                "settings": settings_record, "last_run": last_run,
                 "outdoor_coverage_min": round(min(coverage), 4) if coverage else None,
                 "outdoor_coverage_mean": round(float(np.mean(coverage)), 4) if coverage else None,
                 "cities": records}
@@ -219,10 +271,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="map cell edge [m] (default 2)")
     parser.add_argument("--map-size", type=cli_types.count, nargs=2, default=None, metavar=("H", "W"),
                         help="map cells (default: fit the city: 128 128 for the default 256 m square at 2 m)")
-    parser.add_argument("--samples-per-tx", type=cli_types.count, default=None, help="PathSolver rays per site")
+    parser.add_argument("--samples-per-tx", type=cli_types.count, default=None,
+                        help="PathSolver rays per site (default: 10,000, as the real scenes' maps; fewer are "
+                             "faster and find fewer paths: docs/cities.md)")
+    parser.add_argument("--retry-samples-per-tx", type=cli_types.non_negative_int, default=None,
+                        help="rays per site of the second pass over points with no path (default: 100,000)")
     parser.add_argument("--max-depth", type=cli_types.non_negative_int, default=None)
     parser.add_argument("--min-coverage", type=cli_types.fraction, default=None)
     add_ray_argument(parser)
+    parser.add_argument("--num-cpus", type=cli_types.count, default=None,
+                        help="with a local --ray: give it this many CPUs (default: every core), so at most this many "
+                             "cities trace at once, each on one thread; leaves the other cores free")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     add_city_arguments(parser)
 
@@ -235,9 +294,7 @@ def _map_settings(args):
     if args.no_map:
         return None
     base = MapSettings()
-    propagation = base.propagation
-    if args.samples_per_tx is not None:
-        propagation = replace(propagation, samples_per_src=int(args.samples_per_tx))
+    propagation = corpus_propagation(args.samples_per_tx, args.retry_samples_per_tx)
     if args.max_depth is not None:
         propagation = replace(propagation, max_depth=int(args.max_depth))
     settings = replace(base, resolution=float(args.resolution), map_size=tuple(int(v) for v in args.map_size) if args.map_size else None,
@@ -261,19 +318,22 @@ def run(args: argparse.Namespace) -> int:
     for v in values.values():  # every city's parameters checked before any work
         params_from(v)
     settings = _map_settings(args)
+    if args.num_cpus is not None and args.ray != RAY_LOCAL:
+        raise CoreError("--num-cpus sizes a local Ray: give it with --ray (no address)")
     out = Path(os.path.abspath(args.out))
     check_writable(out, "--out")
     if out.exists() and not out.is_dir():
         raise CoreError(f"--out {out}: not a folder")
     with output_lock(out, "--out"):
         dataset = (int(args.walks), int(args.reports)) if args.walks > 0 and settings is not None else None
-        calls = [SceneCall(name, corpus_city, (v, str(out), settings, int(args.sites), dataset))
+        threads = 1 if args.ray is not None else None  # a Ray task holds one CPU: one Dr.Jit thread
+        calls = [SceneCall(name, corpus_city, (v, str(out), settings, int(args.sites), dataset, threads))
                  for name, v in values.items()]
         t0 = time.perf_counter()
         if args.ray is not None:
             from core.raytracing.distributed import run_on_ray
 
-            results = run_on_ray(calls, args.ray, "make-corpus")
+            results = run_on_ray(calls, args.ray, "make-corpus", args.num_cpus)
         else:
             results = run_in_turn_with_progress(calls)
         wall = time.perf_counter() - t0
@@ -284,7 +344,9 @@ def run(args: argparse.Namespace) -> int:
                                                                   "map_size": settings.map_size,
                                                                   "propagation": settings.propagation.to_dict()},
                            "engine": "serial" if args.ray is None else f"ray {args.ray}"}
-        manifest = write_manifest(out, list(values), results, settings_record)
+        last_run = {"wall_s": round(wall, 1), "engine": settings_record["engine"], "num_cpus": args.num_cpus,
+                    **{status: sum(r.status == status for r in results) for status in ("ok", "skipped", "failed")}}
+        manifest = write_manifest(out, list(values), results, settings_record, last_run)
     status = print_summary(results)
     print(f"{manifest['complete']} of {manifest['count']} cities complete in {wall:.1f} s "
           f"({len(manifest['failed'])} failed); wrote {out / 'manifest.json'}")

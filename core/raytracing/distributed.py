@@ -71,8 +71,9 @@ def _check_reachable(address: str) -> None:
 
 
 @contextlib.contextmanager
-def ray_session(address: str) -> Iterator[None]:
-    """Ray initialised for the block: a new local one (:data:`RAY_LOCAL`) or the cluster at ``address``.
+def ray_session(address: str, num_cpus: int | None = None) -> Iterator[None]:
+    """Ray initialised for the block: a new local one (:data:`RAY_LOCAL`, with ``num_cpus`` CPUs, by
+    default every core) or the cluster at ``address``.
 
     Shut down after the block unless it was already running in this process.
     """
@@ -84,7 +85,7 @@ def ray_session(address: str) -> Iterator[None]:
     options = {"include_dashboard": False, "logging_level": logging.ERROR,
                "log_to_driver": bool(os.environ.get("CORE_DEBUG")), "runtime_env": {"env_vars": WORKER_ENV}}
     if address == RAY_LOCAL:
-        ray.init(address=RAY_LOCAL, num_cpus=local_cores(), **options)
+        ray.init(address=RAY_LOCAL, num_cpus=num_cpus or local_cores(), **options)
     else:
         _check_reachable(address)
         try:
@@ -124,17 +125,18 @@ def _task_result(ref, name: str) -> SceneResult:
         return SceneResult(name, "failed", one_line(f"Ray: {type(exc).__name__}: {first}")[:500])
 
 
-def run_on_ray(calls: Sequence[SceneCall], address: str, label: str) -> list[SceneResult]:
+def run_on_ray(calls: Sequence[SceneCall], address: str, label: str, num_cpus: int | None = None) -> list[SceneResult]:
     """Run every call as one Ray task (module docstring); results in the order of ``calls``.
 
-    ``label`` names the work in the bar, the task names and the job's progress messages.
+    ``label`` names the work in the bar, the task names and the job's progress messages;
+    ``num_cpus``: the CPUs of a new local Ray (default: every core).
     """
     import ray
     from tqdm import tqdm
 
     total = len(calls)
     results: list[SceneResult | None] = [None] * total
-    with ray_session(address):
+    with ray_session(address, num_cpus):
         remote, options = ray.remote(run_guarded), task_options()
         where = "a local Ray" if address == RAY_LOCAL else f"the Ray cluster at {address}"
         report(0.0, f"{label}: {total} scene(s) on {where}", force=True)

@@ -219,7 +219,8 @@ def _progress_bar(total, desc, position=0):
     return tqdm(total=total, desc=desc, position=position, leave=False, dynamic_ncols=True)
 
 
-def trace_nodes(scene, xyz: np.ndarray, indoor: np.ndarray, settings: MapSettings, progress=None) -> dict[str, np.ndarray]:
+def trace_nodes(scene, xyz: np.ndarray, indoor: np.ndarray, settings: MapSettings, progress=None,
+                starved: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """``PathSolver`` at the outdoor nodes of the grid (cell centres ``xyz [H, W, 3]``).
 
     Returns ``rows [hn]`` and ``cols [wn]`` (node cell indices, :func:`node_indices`),
@@ -229,6 +230,11 @@ def trace_nodes(scene, xyz: np.ndarray, indoor: np.ndarray, settings: MapSetting
     the node is indoor. With ``settings.paths_per_site = k > 1`` also ``power [hn, wn, S]``
     (the strongest path's own power [dB]) and the next ``k - 1`` paths' ``alt_power
     [hn, wn, S, k-1]`` [dB], ``alt_image [hn, wn, S, k-1, 3]``, ``alt_offset [hn, wn, S, k-1]`` [m].
+
+    ``starved [H, W]`` (:func:`starved_cells`, which needs only the node rows and columns): these
+    cells are traced in the same :func:`~core.raytracing.tracing.trace_points` pass as the nodes
+    (one pass, one second pass: every PathSolver call has a fixed cost of its own), their
+    ``[n, S]`` traces returned as ``starved_traced`` (:func:`write_starved_cells`).
     """
     from core.raytracing.tracing import trace_points
 
@@ -236,8 +242,14 @@ def trace_nodes(scene, xyz: np.ndarray, indoor: np.ndarray, settings: MapSetting
     rows, cols = node_indices(h, settings.toa_decimation), node_indices(w, settings.toa_decimation)
     nxyz = xyz[np.ix_(rows, cols)]
     outdoor = ~indoor[np.ix_(rows, cols)]
-    traced = trace_points(scene, nxyz[outdoor].reshape(-1, 3), settings.propagation, progress,
+    points = nxyz[outdoor].reshape(-1, 3)
+    n_nodes = len(points)
+    if starved is not None and starved.any():
+        points = np.concatenate([points, xyz[starved].reshape(-1, 3)])
+    traced = trace_points(scene, points, settings.propagation, progress,
                           paths=settings.paths_per_site)
+    cells = {key: arr[n_nodes:] for key, arr in traced.items()}
+    traced = {key: arr[:n_nodes] for key, arr in traced.items()}
     n_sites = traced["path_gain"].shape[1]
     pg = np.full(outdoor.shape + (n_sites,), np.nan)
     pg[outdoor] = np.where(np.isfinite(traced["path_gain"]), traced["path_gain"], np.nan)
@@ -245,13 +257,15 @@ def trace_nodes(scene, xyz: np.ndarray, indoor: np.ndarray, settings: MapSetting
     image[outdoor] = traced["image"]
     offset = np.full(outdoor.shape + (n_sites,), np.nan)
     offset[outdoor] = traced["offset"]
-    out = {"rows": rows, "cols": cols, "xyz": nxyz, "path_gain": pg, "image": image, "offset": offset}
+    nodes = {"rows": rows, "cols": cols, "xyz": nxyz, "path_gain": pg, "image": image, "offset": offset}
     for key in ("power", "alt_power", "alt_image", "alt_offset"):  # paths_per_site > 1 only
         if key in traced:
             arr = np.full(outdoor.shape + traced[key].shape[1:], np.nan)
             arr[outdoor] = traced[key]
-            out[key] = arr
-    return out
+            nodes[key] = arr
+    if starved is not None:
+        nodes["starved_traced"] = cells
+    return nodes
 
 
 def _stencil_nodes(nodes: dict[str, np.ndarray], shape: tuple[int, int]):
@@ -416,24 +430,21 @@ def starved_cells(indoor: np.ndarray, nodes: dict[str, np.ndarray]) -> np.ndarra
 
     Interpolation cannot cover them (a cell needs ``sum w_n >= 0.5`` of nodes with a path):
     in a street narrower than the node spacing both neighbouring nodes may fall inside the
-    buildings. :func:`trace_starved_cells` traces them directly.
+    buildings. :func:`trace_nodes` traces them directly, with the nodes.
     """
     node_outdoor = ~indoor[np.ix_(nodes["rows"], nodes["cols"])]
     weight = sum(np.where(node_outdoor[a, b], wt, 0.0) for a, b, wt in _stencil_nodes(nodes, indoor.shape))
     return ~indoor & (weight < 0.5 - 1e-9)
 
 
-def trace_starved_cells(scene, xyz: np.ndarray, starved: np.ndarray, layers: dict[str, np.ndarray],
-                        settings: MapSettings, progress=None) -> None:
-    """Trace the ``starved`` cells (``[H, W]``, :func:`starved_cells`) at their centres ``xyz [H, W, 3]``
-    and write each site's path gain, strongest-path ToA and AoA into ``layers`` ``[S, H, W]`` there (NaN: no path).
+def write_starved_cells(starved: np.ndarray, traced: dict[str, np.ndarray], layers: dict[str, np.ndarray]) -> None:
+    """Write the ``starved`` cells' own traces (``[H, W]``, :func:`starved_cells`; ``traced``: their
+    :func:`~core.raytracing.tracing.trace_points` arrays ``[n, S]``, from :func:`trace_nodes`) into
+    ``layers`` ``[S, H, W]``: each site's path gain, strongest-path ToA and AoA (NaN: no path).
     """
-    from core.raytracing.tracing import trace_points
-
     if not starved.any():
         return
-    k = settings.paths_per_site
-    traced = trace_points(scene, xyz[starved], settings.propagation, progress, paths=k)
+    k = 1 + (traced["alt_toa"].shape[-1] if "alt_toa" in traced else 0)
     has = np.isfinite(traced["path_gain"]).T  # [S, n]
     for layer, key in (("site_path_gain", "path_gain"), ("site_toa", "toa"), ("site_aoa", "aoa")):
         layers[layer][:, starved] = np.where(has, traced[key].T, np.nan)
@@ -534,14 +545,14 @@ def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None
         return pbar, progress
 
     pbar, progress = traced("paths", 0.25)
-    nodes = trace_nodes(scene, xyz, indoor, settings, progress)
+    h, w = settings.map_size
+    grid = {"rows": node_indices(h, settings.toa_decimation), "cols": node_indices(w, settings.toa_decimation)}
+    starved = starved_cells(indoor, grid)  # narrow streets, traced at their cells in the nodes' pass
+    nodes = trace_nodes(scene, xyz, indoor, settings, progress, starved=starved)
     pbar.close()
     t = stage(2, t)
     layers = site_layers(scene, xyz, indoor, nodes, sites, settings.paths_per_site)
-    starved = starved_cells(indoor, nodes)
-    pbar, progress = traced("narrow streets", 0.5)
-    trace_starved_cells(scene, xyz, starved, layers, settings, progress)
-    pbar.close()
+    write_starved_cells(starved, nodes.pop("starved_traced"), layers)
     t = stage(3, t)
     link = link or link_abstraction(LinkConfig())
     values, valid = serving_values(layers, indoor, settings.propagation.radio, link)
