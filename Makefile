@@ -50,11 +50,13 @@ default-run: $(STAMP)
 	rm -f runs/default_run/last.pt
 	rm -rf assets/default_run && cp -r runs/default_run assets/default_run
 
-# Rebuild the shipped default data: etoile's radio map and its measurement dataset. The shipped stores are
+# Rebuild the shipped default data: etoile's radio map and its measurement datasets (the oracle world and the
+# realistic one: the same walks traced in a perturbed twin, docs/world.md). The shipped stores are
 # read-only to every command (core/stores/output.py); CORE_WRITE_SHIPPED=1 lifts that for these two targets.
 default-data: $(STAMP)
 	CORE_WRITE_SHIPPED=1 $(PY) -m core generate-maps --scenes etoile --radio-maps radio_maps --resolution 1.0 --map-size 512 512 --force
 	CORE_WRITE_SHIPPED=1 $(PY) -m core make-dataset --scene etoile --num-ues 20000 --reports 8 --out datasets/etoile --radio-maps radio_maps --seed 0 --force
+	CORE_WRITE_SHIPPED=1 $(PY) -m core make-dataset --scene etoile --num-ues 20000 --reports 8 --out datasets/etoile_realistic --radio-maps radio_maps --seed 0 --world realistic --force
 
 # The other shipped scenes (issue 11): radio maps with diffraction (format 3, default settings: each map fits
 # its scene, at most 512 x 512 cells of 1 m) and 3,000-UE datasets, one Ray task per scene on a local Ray

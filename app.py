@@ -25,6 +25,7 @@ st.session_state["_session_started"] = True  # see workbench.ensure_frame
 with st.sidebar:
     with wb.guard("scene list"):
         wb.scene_picker(st.sidebar)
+        wb.dataset_picker(st.sidebar)
     st.caption("Physics-regularized UE localization with Sionna RT radio maps and a map-conditioned transformer.")
 wb.show_flash()
 with wb.guard():  # never a traceback on the page

@@ -22,7 +22,8 @@ from core.errors import CoreError
 from core.jobs.manager import JobConflictError, JobManager, JobSpec, make_dataset_spec
 from core.stores import run as run_store
 from core.stores.measurement_model import MeasurementModel
-from core.stores.workspace import DEFAULT_SCENE, Workspace
+from core.stores.motion_model import MotionModel
+from core.stores.workspace import DEFAULT_SCENE, Workspace, store_status
 from core.stores.world_model import PRESET_NAMES as WORLD_PRESETS
 from core.stores.world_model import PRESETS as WORLDS
 
@@ -95,6 +96,55 @@ def scene_picker(container=None) -> str:
                         on_change=_on_scene_change, help="Every page works on this scene.")
     st.session_state["active_scene"] = current
     return current
+
+
+@st.cache_data(show_spinner=False, ttl=30)
+def _cached_datasets(root: str, scene: str, stamp: float) -> list:
+    return Workspace.from_env(root).datasets(scene)
+
+
+def _datasets(root: str, scene: str) -> list:
+    """The scene's datasets (:meth:`Workspace.datasets`), cached until the datasets folder changes."""
+    return _cached_datasets(root, scene, mtime(Workspace.from_env(root).datasets_dir))
+
+
+def active_dataset(scene: str | None = None) -> Path:
+    """The dataset every page reads for ``scene`` (default: the active one): the one picked in the sidebar
+    (:func:`dataset_picker`), else the scene's oracle dataset ``datasets/<scene>``."""
+    ws = workspace()
+    scene = scene or active_scene()
+    picked = st.session_state.get("active_datasets", {}).get(scene)
+    if picked and any(e.path.name == picked for e in _datasets(str(ws.root), scene)):
+        return ws.datasets_dir / picked
+    return ws.dataset_path(scene)
+
+
+def _on_dataset_change(scene: str) -> None:
+    st.session_state.setdefault("active_datasets", {})[scene] = st.session_state["_dataset_picker"]
+
+
+def dataset_picker(container=None) -> Path:
+    """A select box for the active scene's dataset: its oracle dataset and every other world measured of it
+    (e.g. ``datasets/etoile_realistic``), labelled with the world. Every page reads the one picked."""
+    container = container or st.sidebar
+    ws = workspace()
+    scene = active_scene()
+    entries = _datasets(str(ws.root), scene)
+    current = active_dataset(scene)
+    if not entries:
+        container.caption(f"No dataset of {scene} yet.")
+        return current
+    names = [e.path.name for e in entries]
+    labels = {e.path.name: e.label for e in entries}
+    index = names.index(current.name) if current.name in names else 0
+    container.selectbox("Dataset (world)", names, index=index, format_func=labels.get, key="_dataset_picker",
+                        on_change=_on_dataset_change, args=(scene,),
+                        help="The dataset every page reads: the scene's oracle world (measured in the map itself) or "
+                             "another world of it (e.g. realistic: a perturbed twin; docs/world.md).")
+    chosen = next(e for e in entries if e.path.name == names[index])
+    if chosen.world != "oracle":
+        container.caption(f"World: {chosen.world_summary}")
+    return ws.datasets_dir / names[index]
 
 
 # -- errors ------------------------------------------------------------------------------
@@ -176,10 +226,10 @@ def geometry(scene: str):
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
-def _load_run(path: str, stamp: float, scene: str | None = None):
+def _load_run(path: str, stamp: float, scene: str | None = None, dataset: str | None = None):
     from core.learning.inference import load_run
 
-    return load_run(path, device="cpu", scene=scene)
+    return load_run(path, device="cpu", scene=scene, dataset_path=dataset)
 
 
 def shown_scene(path: str | os.PathLike, scene: str | None) -> str | None:
@@ -193,18 +243,41 @@ def shown_scene(path: str | os.PathLike, scene: str | None) -> str | None:
     return scene if (len(info.scenes) > 1 and scene in info.scenes) or info.holdout_scene == scene else None
 
 
-def load_run(path: str | os.PathLike, scene: str | None = None):
+def dataset_note(run) -> None:
+    """Say which dataset (world) a page reads when it is not the one the run trained on."""
+    if run.foreign_dataset:
+        model = run.dataset.measurement_model
+        world = model.world if model is not None else None
+        st.info(f"Reading `{workspace().rel(run.dataset.ref.path)}`"
+                + (f" ({world.summary()})" if world is not None else "")
+                + ": another dataset of the scene this run trained on (picked in the sidebar); its likelihood "
+                  "calibration is made on this dataset's train split, in memory.", icon=":material/public:")
+
+
+def load_run(path: str | os.PathLike, scene: str | None = None, dataset: str | os.PathLike | None = None):
     """The run at ``path`` with the dataset and map of :func:`shown_scene` (reloaded, and so checked again
-    against the run's lineage, when the run or a store changes)."""
+    against the run's lineage, when the run or a store changes). ``dataset``: the dataset to read (the
+    sidebar's :func:`active_dataset`) when it is not the one the run trained on for that scene: another
+    world of a training scene, or a held-out scene's."""
     from core import resolve_path
     from core.stores.run import input_stores, run_info
 
     stores = list(input_stores(path) or ())
     shown = shown_scene(path, scene)
-    config = run_info(path).config if shown is not None else None
-    if config is not None:
-        stores += [resolve_path(p) for p in config.data.training_datasets]
-    return _load_run(str(path), max([mtime(path), *(mtime(p) for p in stores)]), shown)
+    info = run_info(path)
+    config = info.config
+    trained = [resolve_path(p) for p in config.data.training_datasets] if config is not None else []
+    stores += trained
+    other = None
+    if dataset is not None and Path(dataset).is_dir() and Path(dataset).resolve() not in [p.resolve() for p in trained]:
+        from core.stores.lineage import store_ref
+
+        # another dataset of the scene shown (another world of it): read it instead of the trained one
+        target = shown or info.scene
+        if store_ref(dataset, "dataset").scene == target:
+            other, shown = str(Path(dataset).resolve()), target
+            stores.append(Path(other))
+    return _load_run(str(path), max([mtime(path), *(mtime(p) for p in stores)]), shown, other)
 
 
 # -- messages that survive the job panel's automatic rerun --------------------------------
@@ -363,11 +436,23 @@ def dataset_form(scene: str, out: str, radio_maps: str, key: str, button: str, f
                  f"(the map stays as it is): {WORLDS['realistic'].summary()}. Sources: docs/world.md")
         world_seed = cols[1].number_input("World seed", min_value=0, max_value=2**31 - 1, value=0, step=1,
                                           key=f"{key}_world_seed", help="seed of the world's perturbations")
+        inner = cols[2].columns(2)
+        step_sigma = inner[0].number_input("Device motion: step σ", min_value=0.0, max_value=0.99, value=0.0,
+                                           step=0.05, format="%.2f", key=f"{key}_motion_step",
+                                           help="relative step-length error of the phone's dead reckoning; 0 and "
+                                                "heading 0 = no motion channel (core/stores/motion_model.py)")
+        heading = inner[1].number_input("heading σ [deg]", min_value=0.0, max_value=180.0, value=0.0, step=1.0,
+                                        key=f"{key}_motion_heading", help="heading error of the dead reckoning")
         go = st.form_submit_button(button, type="primary")
     with guard("dataset settings"):
         world = replace(WORLDS[world_name], seed=int(world_seed)) if world_name != "oracle" else WORLDS["oracle"]
         model = MeasurementModel(float(pg), float(toa), float(aoa), float(clock), float(missing), int(k),
-                                 None if no_threshold else float(sensitivity), world=world)
+                                 None if no_threshold else float(sensitivity), world=world,
+                                 motion=MotionModel(float(step_sigma), float(heading)))
+        if not world.is_oracle:  # another world of the scene: its own folder beside the oracle dataset
+            ws = workspace()
+            target = ws.dataset_path(scene, world.name)
+            out, force = ws.rel(target), store_status(target, "measurement_dataset").state != "missing"
         spec = make_dataset_spec(scene, out, int(num_ues), int(reports), radio_maps=radio_maps, model=model,
                                  force=force, ray=ray)
         st.caption("The button runs: `python -m core " + " ".join(spec.args) + "`")
@@ -435,15 +520,15 @@ def pick_run(ws: Workspace, scene: str, container, key: str) -> str:
     return container.selectbox("Run", [r.name for r in runs], index=preferred[0] if preferred else 0, key=key)
 
 
-def scenes_problem(ws, scenes: list[str], holdout: str | None, portable) -> str:
+def scenes_problem(ws, scenes: list[str], holdout: str | None, portable, picked: dict | None = None) -> str:
     """Why training on ``scenes`` with ``holdout`` kept out cannot start ("" when it can): no scene, a
     held-out scene also trained on, or a scene whose map is not the one its dataset was made with."""
     from core.stores.lineage import check_scene_stores
 
     try:
-        ws.training_overrides(scenes, holdout, portable)
+        ws.training_overrides(scenes, holdout, portable, picked)
         for name in scenes:
-            check_scene_stores(ws.dataset_path(name), ws.map_path(name))
+            check_scene_stores((picked or {}).get(name) or ws.dataset_path(name), ws.map_path(name))
     except CoreError as exc:
         return str(exc)
     return ""

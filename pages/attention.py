@@ -10,6 +10,7 @@ wb.ensure_frame()
 st.title("Attention")
 ws = wb.workspace()
 scene = wb.active_scene()
+dataset = str(wb.active_dataset(scene))  # the sidebar's dataset (world)
 st.caption("Each measurement report is a token. Reports attend to each other (temporal self-attention) and to "
            "tokens of radio-map patches (cross-attention).")
 
@@ -19,9 +20,10 @@ split = cols[1].selectbox("Split", ["test", "val", "train"], key="att_split")
 
 run = None
 with wb.guard(f"run {name}"):
-    run = wb.load_run(ws.root / name, scene)
+    run = wb.load_run(ws.root / name, scene, dataset)
 if run is None:
     st.stop()
+wb.dataset_note(run)
 if run.held_out:
     st.info(f"Scene {scene!r} is held out: this run never trained on it (trained on {', '.join(run.trained_scenes)}).")
 elif run.scene and run.scene != scene:
@@ -37,15 +39,15 @@ sample = int(idx[pos])
 
 
 @st.cache_data(show_spinner="Running the model…", max_entries=32)
-def attention_of(path: str, stamp: float, indices: tuple[int, ...], scene: str | None):
+def attention_of(path: str, stamp: float, indices: tuple[int, ...], scene: str | None, ds: str | None):
     from core.learning.inference import predict
 
-    p = predict(wb.load_run(path, scene), np.array(indices), return_attention=True)
+    p = predict(wb.load_run(path, scene, ds), np.array(indices), return_attention=True)
     return p
 
 
 with wb.guard("attention"):
-    pred = attention_of(str(ws.root / name), wb.mtime(ws.root / name), (sample,), scene)
+    pred = attention_of(str(ws.root / name), wb.mtime(ws.root / name), (sample,), scene, dataset)
     geometry = wb.geometry(run.scene or scene)
     sites = run.radio_map.attrs.get("sites")
     st.markdown(f"{split.capitalize()} sample {pos} (dataset sample **{sample}**): error **{pred.error_m[0]:.1f} m**, confidence {pred.confidence[0]:.2f}, "
@@ -78,7 +80,7 @@ top = int(min(1024, idx.size))
 n_avg = st.slider("Samples averaged", 1, top, min(top, 256), key="att_navg") if top > 1 else top
 with wb.guard("average attention"):
     batch = tuple(int(i) for i in idx[: min(n_avg, idx.size)])
-    avg = attention_of(str(ws.root / name), wb.mtime(ws.root / name), batch, scene)
+    avg = attention_of(str(ws.root / name), wb.mtime(ws.root / name), batch, scene, dataset)
     last = avg.attention["cross"][-1]  # [N, heads, T, P]
     present = run.dataset.report_mask[np.array(batch)]  # [N, T]
     weights = (last.mean(axis=1) * present[:, :, None]).sum(axis=(0, 1)) / max(present.sum(), 1)

@@ -37,7 +37,7 @@ if radio_map is not None:
     geometry = wb.geometry(scene)
     gen = radio_map.attrs.get("generator") or {}
     with wb.guard("coverage"):
-        sensitivity, source = heard_sensitivity(ws.dataset_path(scene))
+        sensitivity, source = heard_sensitivity(wb.active_dataset(scene))
         cov = coverage_figures(radio_map, sensitivity)
         cols = st.columns(3)
         cols[0].metric(f"Reached ({cov['of']})", f"{cov['reached']:.1%}",

@@ -14,6 +14,7 @@ wb.ensure_frame()
 st.title("Refinement inspector")
 ws = wb.workspace()
 scene = wb.active_scene()
+dataset = str(wb.active_dataset(scene))  # the sidebar's dataset (world)
 st.caption("MAP refinement looks for the most probable position given the measurement reports and the network: "
            "J(p) = NLL(reports | p) + prior(p), the calibrated robust likelihood of every reported site's path gain, "
            "ToA and AoA against the radio map, plus the network's Gaussian (mean, σ) with an outlier floor. "
@@ -27,11 +28,12 @@ limit = c[2].number_input("Samples (max)", min_value=50, max_value=20000, value=
 
 run = None
 with wb.guard(f"run {name}"):
-    loaded = wb.load_run(ws.root / name, scene)
+    loaded = wb.load_run(ws.root / name, scene, dataset)
     calibrate_run(loaded)  # made and stored with the run on first use, before its stamp is read
     run = loaded
 if run is None:
     st.stop()
+wb.dataset_note(run)
 
 
 
@@ -84,37 +86,37 @@ options = (float(threshold) if gate else None, int(top_k), float(window_s))
 
 
 @st.cache_data(show_spinner="Predicting and refining…", max_entries=8)
-def analysis(path: str, stamp: float, split: str, limit: int, options: tuple, scene: str | None):
+def analysis(path: str, stamp: float, split: str, limit: int, options: tuple, scene: str | None, ds: str | None):
     from core.learning.inference import predict, refine_prediction
 
-    r = wb.load_run(path, scene)
+    r = wb.load_run(path, scene, ds)
     pred = predict(r, r.dataset.indices(split)[:limit])
     threshold, top_k, window_s = options
     return pred, refine_prediction(r, pred, threshold=threshold, top_k=top_k, window_s=window_s)
 
 
 @st.cache_data(show_spinner="Computing the Cramér–Rao bound…", max_entries=8)
-def bound(path: str, stamp: float, split: str, limit: int, window_s: float, scene: str | None):
+def bound(path: str, stamp: float, split: str, limit: int, window_s: float, scene: str | None, ds: str | None):
     from core.learning.inference import bounds
 
-    r = wb.load_run(path, scene)
+    r = wb.load_run(path, scene, ds)
     out = bounds(r, r.dataset.indices(split)[:limit], window_s)
     return None if out is None else out[0]["window"]
 
 
 @st.cache_data(show_spinner="Evaluating the likelihood surface…", max_entries=64)
-def surface(path: str, stamp: float, split: str, limit: int, options: tuple, scene: str | None, row: int,
+def surface(path: str, stamp: float, split: str, limit: int, options: tuple, scene: str | None, ds: str | None, row: int,
             half_m: float, centre: tuple):
     from core.learning.inference import refinement_surface
 
-    _, ref = analysis(path, stamp, split, limit, options, scene)
-    return refinement_surface(wb.load_run(path, scene), ref, row, half_m=half_m, centre=centre)
+    _, ref = analysis(path, stamp, split, limit, options, scene, ds)
+    return refinement_surface(wb.load_run(path, scene, ds), ref, row, half_m=half_m, centre=centre)
 
 
 path, stamp = str(ws.root / name), wb.mtime(ws.root / name)
 result = None
 with wb.guard("refinement"):
-    result = analysis(path, stamp, split, int(limit), options, scene)
+    result = analysis(path, stamp, split, int(limit), options, scene, dataset)
 if result is None:
     st.stop()
 pred, ref = result
@@ -165,7 +167,7 @@ st.markdown(f"Error: network **{ref.error_before_m[i]:.2f} m** → MAP **{ref.er
             f"confidence {pred.confidence[i]:.2f}, {int(pred.num_reports[i])} reports.")
 bound_cov = None
 with wb.guard("Cramér–Rao bound"):
-    covs = bound(path, stamp, split, int(limit), float(window_s), scene)
+    covs = bound(path, stamp, split, int(limit), float(window_s), scene, dataset)
     bound_cov = None if covs is None else covs[i]
 if bound_cov is not None:
     rms = float(np.sqrt(np.trace(bound_cov)))
@@ -174,7 +176,7 @@ if bound_cov is not None:
                f"errors would lie there. The error of network + MAP is {ref.error_after_m[i] / rms:.1f}× it."
                if np.isfinite(rms) else "Cramér–Rao bound: the pooled reports do not determine the position.")
 with wb.guard("likelihood surface"):
-    surf = surface(path, stamp, split, int(limit), options, scene, i, float(half), (float(centre[0]), float(centre[1])))
+    surf = surface(path, stamp, split, int(limit), options, scene, dataset, i, float(half), (float(centre[0]), float(centre[1])))
     layers = list(figures.surface_layers(surf, site_names))
     layer = s[2].selectbox("Surface", layers, key="ref_layer",
                            help="The posterior, the likelihood of all sites, the prior, or one reported site's term.")

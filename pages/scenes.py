@@ -25,6 +25,7 @@ with wb.guard("scene table"):
             "active": "●" if name == scene else "",
             "radio map": status.radio_map.state,
             "dataset": status.dataset.state,
+            "worlds": ", ".join(e.world for e in ws.datasets(name) if e.status.ok),
             "models": len([r for r in status.runs if r.has_checkpoint]),
         })
     with st.expander(f"All {len(rows)} scenes and what exists for them", expanded=False):
@@ -38,6 +39,11 @@ cols[1].metric("Dataset", status.dataset.state, help=str(status.dataset.path))
 cols[2].metric("Trained models", len([r for r in status.runs if r.has_checkpoint]))
 if status.dataset.ok:
     wb.dataset_model_box(status.dataset.path)
+others = [e for e in ws.datasets(scene) if e.path != status.dataset.path]
+if others:
+    st.caption(f"Other datasets of {scene} (pick one in the sidebar; every page then reads it):")
+    st.dataframe(pd.DataFrame([{"dataset": ws.rel(e.path), "state": e.status.state, "world": e.world_summary}
+                               for e in others]), hide_index=True, width="stretch")
 
 # -- the 3D view ---------------------------------------------------------------------
 radio_map = None

@@ -23,7 +23,7 @@ wb.ensure_frame()
 st.title("Training")
 ws = wb.workspace()
 scene = wb.active_scene()
-dataset_path = ws.dataset_path(scene)
+dataset_path = wb.active_dataset(scene)  # the sidebar's dataset (world)
 map_path = ws.map_path(scene)
 st.caption(f"Scene **{scene}** · dataset `{ws.rel(dataset_path)}` · runs in `{ws.rel(ws.runs_dir)}/`. "
            "Loss: L_total = L_coarse + λ_fine·L_fine + λ_phys·L_phys; λ_phys is the one switch of the physics "
@@ -103,6 +103,7 @@ with st.form("train_form"):
                                 help="never trained on; evaluate the run there with python -m core evaluate --scene")
     go = st.form_submit_button("Start training", type="primary")
 clean = name.strip()
+picked = {scene: dataset_path}  # the active scene trains on the sidebar's dataset (world)
 try:
     run_dir, name_problem = ws.run_path(clean), ""
 except CoreError as exc:
@@ -112,14 +113,14 @@ if go and name_problem:
 elif go and is_taken(run_dir):
     wb.refuse(f"Run name {clean!r} is taken: {ws.rel(run_dir)} already holds a run. "
               "Pick another name; nothing was started.")
-elif go and (problem := wb.scenes_problem(ws, train_scenes, None if holdout == "(none)" else holdout, portable)):
+elif go and (problem := wb.scenes_problem(ws, train_scenes, None if holdout == "(none)" else holdout, portable, picked)):
     wb.refuse(f"Not started: {problem}")
 elif go:
     with wb.guard("training"):
         overrides = {"physics_loss.lambda_phys": float(lam), "training.epochs": int(epochs),
                      "training.batch_size": int(batch), "training.learning_rate": float(lr),
                      "model.preset": model_preset,
-                     **ws.training_overrides(train_scenes, None if holdout == "(none)" else holdout, portable)}
+                     **ws.training_overrides(train_scenes, None if holdout == "(none)" else holdout, portable, picked)}
         if fraction < 1.0:
             overrides["data.label_fraction"] = float(fraction)
         if split != "random":
@@ -200,7 +201,9 @@ else:
                                       help="kNN, ML map matching, multilateration and exhaustive map matching "
                                            "(the calibrated likelihood over the whole map, no network)")
     eval_go = cols[4].button("Evaluate", key="eval_go")
-    spec = evaluate_spec(ws.rel(ws.root / eval_run), eval_scene, "test", eval_refine, eval_baselines)
+    other = dataset_path if eval_scene == scene and dataset_path != ws.dataset_path(scene) else None
+    spec = evaluate_spec(ws.rel(ws.root / eval_run), eval_scene, "test", eval_refine, eval_baselines,
+                         dataset=ws.rel(other) if other is not None else None)
     st.caption(f"`python -m core {' '.join(spec.args)}`")
     if eval_go:
         with wb.guard("evaluation"):

@@ -37,13 +37,21 @@ def main() -> None:
     parser.add_argument("--references", nargs="+", default=["model_refined", "model_walk"],
                         help="the methods whose paired Δ median against every other method is printed")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--dataset", default=None,
+                        help="another dataset of the runs' scene to evaluate on (e.g. datasets/etoile_realistic: the "
+                             "same walks traced in a perturbed twin); calibrated on its train split, in memory")
     args = parser.parse_args()
+    scene = None
+    if args.dataset:
+        from core.stores.lineage import store_ref
+
+        scene = store_ref(args.dataset, "dataset").scene
     per_method: dict[str, list[np.ndarray]] = {}
     groups = None
     baselines: dict[str, np.ndarray] = {}
     cost: dict[str, float] = {}
     for run_dir in args.runs:
-        run = load_run(run_dir, device=args.device)
+        run = load_run(run_dir, device=args.device, scene=scene, dataset_path=args.dataset)
         res = evaluate_run(run_dir, args.split, refine=True, baselines=not baselines, device=args.device, run=run,
                            write=False, keep_errors=True)
         errors = res["_errors"]
@@ -57,10 +65,11 @@ def main() -> None:
             from core.learning.groups import ue_groups
 
             groups = ue_groups(run.dataset, run.dataset.indices(args.split), run.config.physics_loss.report_window_s)
-    out = {"split": args.split, "runs": args.runs, "groups": {g: int(m.sum()) for g, m in groups.items()},
+    out = {"split": args.split, "runs": args.runs, "dataset": args.dataset or "the runs' own", "groups": {g: int(m.sum()) for g, m in groups.items()},
            "methods": {}, "deltas": []}
     n = len(per_method["model"][0])
-    print(f"{args.split} split, {n} UEs, {len(args.runs)} seeds ({', '.join(args.runs)})")
+    print(f"{args.split} split, {n} UEs, {len(args.runs)} seeds ({', '.join(args.runs)})"
+          + (f", dataset {args.dataset}" if args.dataset else ""))
     print("groups: " + ", ".join(f"{g} {int(groups[g].sum())}" for g in GROUPS if g in groups))
     for name, errs in per_method.items():
         s = seed_summary(errs)

@@ -262,12 +262,17 @@ def test_the_datasets_world_is_shown_and_the_form_picks_one(workspace):
         assert world_rows and "--world-shadowing-nlos" in list(world_rows[0]["flag"])
         at.selectbox(key="remake_dataset_world").set_value("realistic")
         at.number_input(key="remake_dataset_world_seed").set_value(3)
+        at.number_input(key="remake_dataset_motion_step").set_value(0.1)
+        at.number_input(key="remake_dataset_motion_heading").set_value(10.0)
         next(b for b in at.button if b.label == "Make the dataset of florence again").click().run()
         _no_exception(at)
         manager = _manager(workspace)
         job = next(j for j in manager.list() if j.kind == "make-dataset" and "florence" in j.args)
         try:
-            assert job.command.endswith("--sensitivity-dbm -100 --world realistic --world-seed 3 --force")
+            # another world is its own dataset beside the oracle one: datasets/florence stays as it is
+            assert job.command.endswith("--sensitivity-dbm -100 --world realistic --world-seed 3 "
+                                        "--motion-step-sigma 0.1 --motion-heading-deg 10")
+            assert "--out datasets/florence_realistic" in job.command
         finally:
             manager.cancel(job.id, grace_s=1.0)
     finally:
@@ -855,3 +860,43 @@ def test_localize_page_runs_a_large_file_as_a_job(workspace, monkeypatch):
     at.run()
     _no_exception(at)
     assert out.is_file() and any("positions of" in f["layout"]["title"]["text"] for f in _plotly(at))
+
+
+def test_another_world_of_the_scene_is_picked_in_the_sidebar_and_read_by_every_page(workspace):
+    """A second dataset of etoile (a realistic world) is one more choice of the sidebar's dataset picker,
+    never a scene of its own; the Refinement and Attention pages then read it, and the Training page's
+    evaluation command names it."""
+    import shutil
+
+    from core.physics.synthetic import synthetic_dataset
+    from core.stores.measurement_model import MeasurementModel
+    from core.stores.radio_map import RadioMap
+    from core.stores.world_model import PRESETS
+
+    rm = RadioMap.load(workspace / "radio_maps" / "etoile.zarr")
+    ds = synthetic_dataset(rm, 300, reports=6, seed=1)
+    ds.attrs.update(scene="etoile", measurement_model=MeasurementModel(world=PRESETS["realistic"]).to_attrs())
+    path = ds.save(workspace / "datasets" / "etoile_realistic")
+    try:
+        wb_scenes = _app()
+        assert "etoile_realistic" not in wb_scenes.selectbox(key="_scene_picker").options
+        picker = wb_scenes.selectbox(key="_dataset_picker")
+        assert list(picker.options) == ["etoile — oracle", "etoile_realistic — realistic"]
+        picker.select("etoile_realistic").run()
+        _no_exception(wb_scenes)
+        assert "Other datasets of etoile" in _texts(wb_scenes.caption)
+        assert at_state(wb_scenes)["etoile"] == "etoile_realistic"  # (AppTest drops the sidebar after a rerun)
+        for page in ("pages/refinement.py", "pages/attention.py"):
+            wb_scenes.switch_page(page).run()
+            _no_exception(wb_scenes)
+            assert any("Reading `datasets/etoile_realistic`" in str(i.value) for i in wb_scenes.info), page
+        wb_scenes.switch_page("pages/training.py").run()
+        _no_exception(wb_scenes)
+        assert "--dataset datasets/etoile_realistic" in _texts(wb_scenes.caption)
+        assert "dataset `datasets/etoile_realistic`" in _texts(wb_scenes.caption)
+    finally:
+        shutil.rmtree(path)
+
+
+def at_state(at: AppTest) -> dict:
+    return at.session_state["active_datasets"]

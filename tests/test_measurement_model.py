@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
     ("--noise-path-gain-db", "-1"), ("--noise-toa-ns", "abc"), ("--noise-aoa-deg", "nan"),
     ("--clock-offset-ns", "inf"), ("--clock-offset-ns", "-5"), ("--missing-rate", "1"), ("--missing-rate", "-0.1"),
     ("--sites-per-report", "0"), ("--sites-per-report", "2.5"), ("--sensitivity-dbm", "nan"),
-    ("--sensitivity-dbm", "loud"),
+    ("--sensitivity-dbm", "loud"), ("--motion-step-sigma", "-0.1"), ("--motion-step-sigma", "1.5"),
+    ("--motion-heading-deg", "north"),
 ])
 def test_a_bad_flag_is_one_line_naming_it(flag, value, tmp_path, capsys):
     argv = ["make-dataset", "--scene", "simple_street_canyon", "--out", str(tmp_path / "ds"), flag, value]
@@ -129,3 +130,61 @@ def test_a_bad_record_is_a_store_error_naming_the_store(record, needle, tmp_path
     if "arrays" not in needle:  # the metadata-only reader checks the record, not the arrays
         with pytest.raises(StoreError, match=f"dataset {path}"):
             recorded_measurement_model(path)
+
+
+# -- the device-motion channel (core/stores/motion_model.py) -----------------------------------
+def _straight_walks(n=4000, t=8, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    v = rng.uniform(0.5, 1.5, n)[:, None] * np.stack([np.cos(h := rng.uniform(-np.pi, np.pi, n)), np.sin(h)], 1)
+    times = 0.2 * np.arange(t)
+    xyz = np.zeros((n, t, 3))
+    xyz[..., :2] = rng.uniform(-50, 50, (n, 1, 2)) + times[None, :, None] * v[:, None, :]
+    return xyz, np.broadcast_to(times, (n, t)), v
+
+
+def test_device_motion_has_its_step_and_heading_errors_and_gives_the_velocity():
+    """d̂ = (1 + ε) R(δ) d: the relative length error has σ S, the angle error σ H; noise-free motion
+    gives the true velocity; the velocity's σ follows sqrt(S² + H²) / sqrt(T - 1)."""
+    import numpy as np
+
+    from core.stores.motion_model import MotionModel, velocity_measurement
+
+    xyz, t, v = _straight_walks()
+    model = MotionModel(step_sigma=0.1, heading_deg=10.0)
+    motion = model.measure(xyz, seed=3)
+    assert motion.dtype == np.float32 and motion.shape == (4000, 8, 2) and np.isnan(motion[:, 0]).all()
+    true = np.diff(xyz[..., :2], axis=1)
+    ratio = np.linalg.norm(motion[:, 1:], axis=-1) / np.linalg.norm(true, axis=-1)
+    angle = np.angle((motion[:, 1:, 0] + 1j * motion[:, 1:, 1]) / (true[..., 0] + 1j * true[..., 1]), deg=True)
+    assert (ratio - 1).std() == pytest.approx(0.1, rel=0.05) and angle.std() == pytest.approx(10.0, rel=0.05)
+    np.testing.assert_array_equal(motion, model.measure(xyz, seed=3))  # its own seeded stream
+    v_hat, sigma = velocity_measurement(MotionModel(1e-9, 0.0).measure(xyz, 0), t, MotionModel(1e-9, 0.0))
+    np.testing.assert_allclose(v_hat, v, atol=1e-4)
+    v_hat, sigma = velocity_measurement(motion, t, model)
+    z = (v_hat - v) / sigma[:, None]
+    assert z.std() == pytest.approx(1.0, abs=0.15)  # the stated σ is the error's
+
+
+def test_the_motion_record_round_trips_and_is_absent_when_off(tmp_path):
+    import numpy as np
+
+    from core.stores.motion_model import MotionModel
+
+    model = MeasurementModel(motion=MotionModel(0.05, 8.0))
+    assert "motion" in model.to_attrs() and "motion" not in MeasurementModel().to_attrs()
+    assert model.cli_args()[-4:] == ["--motion-step-sigma", "0.05", "--motion-heading-deg", "8"]
+    assert "device motion: step σ 5 %, heading σ 8 deg" in model.summary()
+    ds = _analytic_dataset()
+    ds.attrs["measurement_model"] = model.in_world(model.world).to_attrs() | {"sites_per_report": ds.num_sites_per_report}
+    with pytest.raises(StoreError, match="records device motion but the store has no 'motion' array"):
+        ds.validate()
+    xyz = ds.ue_xyz.astype(np.float64)
+    ds.motion = MotionModel(0.05, 8.0).measure(xyz, 0)
+    ds.validate()
+    path = ds.save(tmp_path / "ds")
+    back = MeasurementDataset.load(path)
+    np.testing.assert_array_equal(back.motion, ds.motion)
+    assert back.measurement_model.motion == MotionModel(0.05, 8.0)
+    assert back.subset(np.arange(3)).motion.shape == (3,) + ds.motion.shape[1:]

@@ -374,3 +374,33 @@ def test_noisy_detection_keeps_every_walk_hearing_something():
     forced = np.zeros_like(heard)
     forced[0] = heard[0]
     assert (43.0 + noisy["site_features"][..., 0][heard & ~forced] >= -100.0).all()
+
+
+def test_bench_world_times_both_worlds_on_the_same_walks(maps_dir, tmp_path, capsys):
+    """``bench world``: one run times make-dataset in the oracle and the realistic world (same walks, warm-up
+    first, order oracle, realistic, realistic, oracle) and reports the ratio; the table and the JSON agree."""
+    from core.cli import main
+
+    out = tmp_path / "world.json"
+    assert main(["bench", "--out", str(out), "--no-progress", "world", "--scene", "simple_street_canyon",
+                 "--radio-maps", str(maps_dir), "--ues", "3", "--reports", "2"]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["world"]: r for r in result["rows"]}
+    assert set(rows) == {"oracle", "realistic"} and all(r["runs"] == 2 and r["wall_s"] > 0 for r in rows.values())
+    assert result["summary"]["realistic_over_oracle"] == pytest.approx(rows["realistic"]["wall_s"] / rows["oracle"]["wall_s"])
+    assert result["summary"]["realistic_over_oracle_cpu"] > 0 and "realistic_over_oracle" in capsys.readouterr().out
+
+
+def test_the_device_motion_channel_leaves_the_radio_measurements_bit_identical(maps_dir, oracle_dataset):
+    """--motion-step-sigma / --motion-heading-deg draw from their own stream: the same --seed gives the same
+    walks, detections and noise draws, plus a 'motion' array; the whole-walk estimator reads it."""
+    from core.stores.motion_model import MotionModel
+
+    other = _dataset(maps_dir, ORACLE, path_gain_db=6.0, sensitivity_dbm=None, sites_per_report=5, missing_rate=0.0,
+                     motion=MotionModel(0.1, 10.0))
+    assert oracle_dataset.motion is None and other.motion.shape == other.ue_xyz.shape[:2] + (2,)
+    for name in ("ue_xyz", "site_ids", "report_mask", "los", "split"):
+        np.testing.assert_array_equal(getattr(other, name), getattr(oracle_dataset, name), err_msg=name)
+    np.testing.assert_allclose(other.site_features, oracle_dataset.site_features, atol=1e-3)
+    steps = np.linalg.norm(other.motion[:, 1:], axis=-1) / np.linalg.norm(np.diff(other.ue_xyz[..., :2], axis=1), axis=-1)
+    assert 0.5 < steps.mean() < 1.5

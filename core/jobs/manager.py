@@ -310,10 +310,11 @@ def train_spec(config: str, out: str, overrides: dict[str, object] | None = None
 
 
 def evaluate_spec(run: str, scene: str | None = None, split: str = "test", refine: bool = True,
-                  baselines: bool = False) -> JobSpec:
+                  baselines: bool = False, dataset: str | None = None) -> JobSpec:
     """Evaluate run directory ``run`` on ``split`` (``scene``: a training scene or a held-out one, with the
-    in-scene vs held-out table; ``refine``: with test-time MAP on that scene's map). Writes
-    ``<run>/eval_<split>[_<scene>][_refine].json`` (:func:`~core.stores.run.evaluation_path`)."""
+    in-scene vs held-out table; ``refine``: with test-time MAP on that scene's map; ``dataset``: another dataset
+    of ``scene``, e.g. its realistic world). Writes ``<run>/eval_<split>[_<scene>][_refine].json``
+    (:func:`~core.stores.run.evaluation_path`; named per dataset with ``dataset``)."""
     from core.stores.run import evaluation_path
 
     if split not in ("train", "val", "test"):
@@ -325,7 +326,11 @@ def evaluate_spec(run: str, scene: str | None = None, split: str = "test", refin
         args.append("--refine")
     if baselines:
         args.append("--baselines")
-    return JobSpec("evaluate", tuple(args), str(evaluation_path(run, split, scene, refine)))
+    if dataset:
+        if not scene:
+            raise CoreError("evaluating another dataset needs its scene (--scene)")
+        args += ["--dataset", dataset]
+    return JobSpec("evaluate", tuple(args), str(evaluation_path(run, split, scene, refine, dataset=dataset)))
 
 
 def localize_spec(run: str, reports: str, out: str, method: str = "map") -> JobSpec:

@@ -154,7 +154,7 @@ def evaluate_scene(run_dir, scene: str, split: str = "test", refine: bool = Fals
     from core.learning.inference import load_run
 
     run = load_run(run_dir, device=device, scene=scene, dataset_path=dataset_path)
-    path = evaluation_path(run.run_dir, split, result_label(scene, dataset_path), refine)
+    path = evaluation_path(run.run_dir, split, scene, refine, dataset=dataset_path)
     if write:
         check_writable(path, "--run")
     result = evaluate_run(run_dir, split, refine, baselines, run=run, write=False, **options)
@@ -172,14 +172,6 @@ def evaluate_scene(run_dir, scene: str, split: str = "test", refine: bool = Fals
     if write:
         atomic_write_text(path, json.dumps(result, indent=2, default=float))
     return result
-
-
-def result_label(scene: str | None, dataset_path=None) -> str | None:
-    """The ``--scene`` part of an evaluation's file name: the scene, and the dataset's folder name when
-    ``--dataset`` names another one (``etoile-etoile_realistic``), so two worlds never share a file."""
-    if scene is None or dataset_path is None or Path(dataset_path).name == scene:
-        return scene
-    return f"{scene}-{Path(dataset_path).name}"
 
 
 def _scene_row(scene: str, role: str, result: dict[str, Any]) -> dict[str, Any]:
@@ -401,14 +393,14 @@ def run(args: argparse.Namespace) -> int:
         if out.is_dir() or not out.parent.is_dir():
             raise CoreError(f"--out {args.out}: must be a file in an existing folder")
         check_writable(out, "--out")
-    label = result_label(args.scene, args.dataset)
+    label, dataset = args.scene, args.dataset
     if args.radio_map is not None:
         if args.scene is not None:
             raise CoreError("--radio-map and --scene: give one (--radio-map reads the run's own scene against another map)")
         if not Path(args.radio_map).exists():
             raise CoreError(f"--radio-map {args.radio_map}: no such map store")
-        label = f"map-{Path(args.radio_map).resolve().parent.name}"
-    target = out or evaluation_path(args.run, args.split, label, args.refine)
+        label, dataset = f"map-{Path(args.radio_map).resolve().parent.name}", None
+    target = out or evaluation_path(args.run, args.split, label, args.refine, dataset=dataset)
     if out is None:  # before the lock file beside it: an unwritable run folder is one line
         check_writable(target, "--run")
     with output_lock(target, "evaluation"):  # one writer per result file

@@ -56,6 +56,7 @@ class WalkConfig:
     steps: int = 40  #: Adam steps
     lr_m: float = 0.3  #: first step size [m] (and m/s for the velocity)
     chunk_size: int = 512  #: walks per batch
+    device_motion: bool = True  #: use the dataset's device-motion channel when it records one
 
     def __post_init__(self) -> None:
         for name in ("process_noise_m", "speed_sigma_mps", "lr_m"):
@@ -268,7 +269,9 @@ def whole_walk(dataset, indices, refiner, config: WalkConfig | None = None, wind
     (its likelihood scores the reports). ``start [N, 2]``: where to start (e.g. network + MAP);
     None: :func:`snapshot_start` on the reports pooled over ``window_s`` (no network).
     ``prior``: the network's prior on the last position, or None. ``velocity``, ``velocity_sigma``:
-    the device's motion measurement (see :class:`WalkSmoother`). ``seconds``: the whole call
+    the device's motion measurement (see :class:`WalkSmoother`); by default the dataset's device-motion
+    channel when it records one and ``config.device_motion`` (:func:`~core.stores.motion_model.velocity_measurement`).
+    ``seconds``: the whole call
     (the snapshot start included).
     """
     from core.physics.observation import site_observation
@@ -277,5 +280,12 @@ def whole_walk(dataset, indices, refiner, config: WalkConfig | None = None, wind
     if start is None:
         start = snapshot_start(refiner, site_observation(dataset, indices, window_s=window_s))
     obs, t = walk_observation(dataset, indices)
+    config = config or WalkConfig()
+    if velocity is None and config.device_motion and getattr(dataset, "motion", None) is not None:
+        from core.stores.motion_model import velocity_measurement
+
+        idx = np.asarray(indices)
+        velocity, velocity_sigma = velocity_measurement(dataset.motion[idx], dataset.t[idx],
+                                                        dataset.measurement_model.motion)
     result = WalkSmoother(refiner.lik, config)(obs, t, start, prior, velocity, velocity_sigma)
     return result._replace(seconds=time.perf_counter() - t0)

@@ -107,6 +107,7 @@ from core.progress import report
 from core.raytracing.distributed import add_ray_argument
 from core.stores.lineage import WITHOUT_MAP, check_map_of_scene, map_path
 from core.stores.measurement_model import KNOBS, SENSITIVITY_OFF, MeasurementModel
+from core.stores.motion_model import MotionModel
 from core.stores.output import check_writable, writing_store
 from core.stores.world_model import PRESETS as WORLD_PRESETS
 from core.stores.world_model import WORLD_KNOBS, WorldModel
@@ -318,6 +319,7 @@ def make_dataset(scene_name: str, num_ues: int, reports: int, radio_maps: str | 
         cell_features=noisy["cell_features"], los=los, split=split_arr, attrs=attrs,
         clean_site_features=c["site_features"].astype(np.float32),
         clean_cell_features=c["cell_features"].astype(np.float32), radio_map_ref=map_ref,
+        motion=model.motion.measure(xyz, seed) if model.motion.enabled else None,  # its own random stream
     )
 
 
@@ -671,6 +673,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         shown = str(value).lower() if isinstance(value, bool) else f"{value:g}"
         world.add_argument(knob.flag, dest=f"world_{name}", default=None, metavar=_WORLD_METAVAR.get(name, "X"),
                            help=f"{_WORLD_HELP[name]} (realistic: {shown})")
+    motion = parser.add_argument_group(
+        "device motion (pedestrian dead reckoning: the phone's measured displacement per report; recorded in "
+        "measurement_model.motion and the 'motion' array; core/stores/motion_model.py)")
+    motion.add_argument("--motion-step-sigma", default=None, metavar="S",
+                        help="relative step-length error σ, e.g. 0.1 (default 0: no motion channel)")
+    motion.add_argument("--motion-heading-deg", default=None, metavar="DEG",
+                        help="heading error σ [deg], e.g. 10 (default 0)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing dataset")
     add_ray_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -684,7 +693,8 @@ def run(args: argparse.Namespace) -> int:
     if repeated:
         raise CoreError(f"--scene {repeated[0]} is given more than once")
     world = WorldModel.from_flags(args.world, args.world_seed, {n: getattr(args, f"world_{n}") for n in WORLD_KNOBS})
-    model = MeasurementModel.from_flags({name: getattr(args, name) for name in _MODEL_HELP}, world=world)
+    motion = MotionModel.from_flags(args.motion_step_sigma, args.motion_heading_deg)
+    model = MeasurementModel.from_flags({name: getattr(args, name) for name in _MODEL_HELP}, world=world, motion=motion)
     _check_arguments(args.num_ues, args.reports, args.split, model)
     radio_maps = None if args.no_map else args.radio_maps
     if radio_maps is not None and not Path(radio_maps).is_dir():

@@ -16,6 +16,9 @@ Storage: a Zarr v3 group (``MeasurementDataset.save`` / ``.load``)::
     los             bool    [N, T]        serving site in line of sight
     split           int8    [N]           0 train, 1 val, 2 test
     clean/site_features, clean/cell_features   the same before measurement noise
+    motion          float32 [N, T, 2]     optional: the device's measured displacement since its previous report
+                                          [m] (row 0 NaN; :mod:`core.stores.motion_model`), when the
+                                          measurement model records a motion channel
     attrs: format_version, kind, attrs (scene, sites, measurement_model, seed, generator settings...),
            lineage {id, digest, radio_map: {path, scene, id, digest} | null}
 
@@ -89,6 +92,7 @@ class MeasurementDataset:
     source: str | None = None
     lineage: Lineage | None = None
     radio_map_ref: StoreRef | None = None
+    motion: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -146,7 +150,7 @@ class MeasurementDataset:
             self.ue_xyz[idx], self.t[idx], self.report_mask[idx], self.site_ids[idx], self.site_features[idx],
             self.cell_features[idx], self.los[idx], self.split[idx], dict(self.attrs),
             take(self.clean_site_features), take(self.clean_cell_features), self.source, self.lineage,
-            self.radio_map_ref,
+            self.radio_map_ref, take(self.motion),
         )
 
     # -- lineage ----------------------------------------------------------------------
@@ -162,6 +166,8 @@ class MeasurementDataset:
         if self.clean_site_features is not None and self.clean_cell_features is not None:
             arrays.update({"clean/site_features": self.clean_site_features,
                            "clean/cell_features": self.clean_cell_features})
+        if self.motion is not None:
+            arrays["motion"] = self.motion
         return arrays
 
     def digest(self) -> str:
@@ -210,6 +216,16 @@ class MeasurementDataset:
         if model is not None and model.sites_per_report != k:
             raise StoreError(f"{where}: attrs measurement_model has sites_per_report {model.sites_per_report}, "
                              f"but the arrays hold {k} site slots")
+        recorded = model is not None and model.motion.enabled
+        if recorded != (self.motion is not None):
+            raise StoreError(f"{where}: the measurement model {'records' if recorded else 'records no'} device motion "
+                             f"but the store {'has no' if recorded else 'has a'} 'motion' array")
+        if self.motion is not None:
+            n, t = self.ue_xyz.shape[:2]
+            if not isinstance(self.motion, np.ndarray) or self.motion.dtype != np.float32 or self.motion.shape != (n, t, 2):
+                raise StoreError(f"{where}: array 'motion' must be float32 with shape {(n, t, 2)}")
+            if t > 1 and not np.isfinite(self.motion[:, 1:]).all():
+                raise StoreError(f"{where}: NaN or inf in 'motion' after the first report")
 
     # -- storage ----------------------------------------------------------------------
     def save(self, path: str | os.PathLike, radio_map: StoreRef | None = None) -> Path:
@@ -262,13 +278,14 @@ class MeasurementDataset:
             if "clean" in group:
                 clean_site = np.asarray(group["clean/site_features"][...])
                 clean_cell = np.asarray(group["clean/cell_features"][...])
-            return found, clean_site, clean_cell
+            motion = np.asarray(group["motion"][...]) if "motion" in group else None
+            return found, clean_site, clean_cell, motion
 
-        found, clean_site, clean_cell = read_arrays(path, "dataset", arrays)
+        found, clean_site, clean_cell, motion = read_arrays(path, "dataset", arrays)
         raw = meta.get("lineage") if isinstance(meta.get("lineage"), dict) else {}
         dataset = cls(**found, attrs=meta.get("attrs") or {}, clean_site_features=clean_site,
                       clean_cell_features=clean_cell, source=str(path), lineage=Lineage.from_attrs(raw),
-                      radio_map_ref=StoreRef.from_dict(raw.get("radio_map")))
+                      radio_map_ref=StoreRef.from_dict(raw.get("radio_map")), motion=motion)
         check_digest("dataset", path, dataset.lineage, dataset.digest())
         if dataset.num_samples == 0:  # nothing to train, evaluate or compare: refused here, once, for every reader
             raise StoreError(f"dataset {path}: holds no samples (0 UE walks); make it again with "

@@ -36,6 +36,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from core.errors import CoreError
+from core.stores.motion_model import MotionModel
 from core.stores.world_model import ORACLE, WorldModel
 
 RECORD_KEY = "measurement_model"
@@ -77,9 +78,11 @@ class MeasurementModel:
     sensitivity_dbm: float | None = -100.0
     #: how the world the UEs measure in differs from the map (:mod:`core.stores.world_model`; oracle: not at all)
     world: WorldModel = ORACLE
+    #: the device's own motion channel (:mod:`core.stores.motion_model`; default off: no channel)
+    motion: MotionModel = MotionModel()
 
     def knobs(self) -> dict[str, Any]:
-        """``{field: value}`` of the measurement knobs (every field but ``world``)."""
+        """``{field: value}`` of the measurement knobs (every field but ``world`` and ``motion``)."""
         return {name: getattr(self, name) for name in KNOBS}
 
     def check(self) -> None:
@@ -87,6 +90,9 @@ class MeasurementModel:
         if not isinstance(self.world, WorldModel):
             raise CoreError(f"the world must be a WorldModel, got {type(self.world).__name__}")
         self.world.check()
+        if not isinstance(self.motion, MotionModel):
+            raise CoreError(f"the device motion must be a MotionModel, got {type(self.motion).__name__}")
+        self.motion.check()
         for name in ("path_gain_db", "toa_ns", "aoa_deg", "clock_offset_ns"):
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0:
@@ -103,7 +109,8 @@ class MeasurementModel:
 
     # -- the command line ------------------------------------------------------------------
     @classmethod
-    def from_flags(cls, values: Mapping[str, str | int | float | None], world: WorldModel = ORACLE) -> MeasurementModel:
+    def from_flags(cls, values: Mapping[str, str | int | float | None], world: WorldModel = ORACLE,
+                   motion: MotionModel = MotionModel()) -> MeasurementModel:
         """Parse and check the flags' raw values (``{field: text}``; a missing field keeps
         its default) in ``world``. A value that is no number raises :class:`CoreError` naming its flag."""
         parsed: dict[str, Any] = {}
@@ -118,7 +125,7 @@ class MeasurementModel:
             except (TypeError, ValueError):
                 kind = "an integer" if name == "sites_per_report" else "a number"
                 raise CoreError(f"{KNOBS[name].flag} must be {kind}, got {raw!r}") from None
-        model = cls(**parsed, world=world)
+        model = cls(**parsed, world=world, motion=motion)
         model.check()
         return model
 
@@ -129,7 +136,7 @@ class MeasurementModel:
         for name, value in self.knobs().items():
             text = SENSITIVITY_OFF if value is None else (f"{value:.12g}" if isinstance(value, float) else str(value))
             args += [KNOBS[name].flag, text]
-        return args + ([] if self.world.is_oracle else self.world.cli_args())
+        return args + ([] if self.world.is_oracle else self.world.cli_args()) + self.motion.cli_args()
 
     # -- the store -------------------------------------------------------------------------
     def to_attrs(self) -> dict[str, Any]:
@@ -137,7 +144,11 @@ class MeasurementModel:
         :meth:`WorldModel.to_attrs`, left out for the oracle world, so an oracle dataset's record is
         exactly the one written before worlds existed)."""
         record = {"version": RECORD_VERSION, **self.knobs()}
-        return record if self.world.is_oracle else {**record, "world": self.world.to_attrs()}
+        if not self.world.is_oracle:
+            record["world"] = self.world.to_attrs()
+        if self.motion.enabled:  # left out when off, like the oracle world: older records read the same
+            record["motion"] = self.motion.to_attrs()
+        return record
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> MeasurementModel | None:
@@ -150,13 +161,14 @@ class MeasurementModel:
             return _legacy(attrs)
         if not isinstance(record, Mapping):
             raise CoreError(f"attrs {RECORD_KEY} must be a mapping, got {type(record).__name__}")
-        known = {f.name for f in fields(cls)} - {"world"}
-        unknown = sorted(set(record) - known - {"version", "world"})
+        known = {f.name for f in fields(cls)} - {"world", "motion"}
+        unknown = sorted(set(record) - known - {"version", "world", "motion"})
         if unknown:
             raise CoreError(f"attrs {RECORD_KEY}: unknown keys {unknown}")
         try:
             model = cls(**{k: v for k, v in record.items() if k in known},
-                        world=WorldModel.from_attrs(record.get("world")))
+                        world=WorldModel.from_attrs(record.get("world")),
+                        motion=MotionModel.from_attrs(record.get("motion")))
             model.check()
         except CoreError as exc:
             raise CoreError(f"attrs {RECORD_KEY} holds a bad value ({exc})") from None
@@ -182,7 +194,7 @@ class MeasurementModel:
         sens = "no sensitivity threshold" if self.sensitivity_dbm is None else f"sites ≥ {self.sensitivity_dbm:g} dBm"
         return (f"noise σ {self.path_gain_db:g} dB / {self.toa_ns:g} ns / {self.aoa_deg:g} deg, {clock}, "
                 f"{100 * self.missing_rate:g} % reports missing, K = {self.sites_per_report}, {sens}; "
-                f"world: {self.world.summary()}")
+                f"world: {self.world.summary()}" + (f"; {self.motion.summary()}" if self.motion.enabled else ""))
 
     def in_world(self, world: WorldModel) -> MeasurementModel:
         """The same knobs in another world."""

@@ -417,9 +417,15 @@ def evaluations_dir(run_dir: str | os.PathLike) -> Path:
     return Path(runs) / "evaluations" / run_dir.resolve().name
 
 
-def evaluation_path(run_dir: str | os.PathLike, split: str, scene: str | None = None, refine: bool = False) -> Path:
-    """``<evaluations_dir>/eval_<split>[_<scene>][_refine].json``: what ``evaluate`` writes (``scene``: ``--scene``)."""
-    name = f"eval_{split}{f'_{scene}' if scene else ''}{'_refine' if refine else ''}.json"
+def evaluation_path(run_dir: str | os.PathLike, split: str, scene: str | None = None, refine: bool = False,
+                    dataset: str | os.PathLike | None = None) -> Path:
+    """``<evaluations_dir>/eval_<split>[_<scene>[-<dataset>]][_refine].json``: what ``evaluate`` writes (``scene``:
+    ``--scene``; ``dataset``: ``--dataset``, named only when its folder is not the scene's own, e.g.
+    ``eval_test_etoile-etoile_realistic_refine.json``, so two worlds never share a file)."""
+    label = scene
+    if scene and dataset is not None and Path(dataset).name != scene:
+        label = f"{scene}-{Path(dataset).name}"
+    name = f"eval_{split}{f'_{label}' if label else ''}{'_refine' if refine else ''}.json"
     return evaluations_dir(run_dir) / name
 
 

@@ -75,6 +75,40 @@ def store_status(path: str | os.PathLike, kind: str) -> StoreStatus:
 
 
 @dataclass(frozen=True)
+class DatasetEntry:
+    """One dataset folder: its scene, its world (``oracle``, ``realistic``...) with a one-line summary,
+    and its :class:`StoreStatus`."""
+
+    path: Path
+    scene: str
+    world: str
+    world_summary: str
+    status: StoreStatus
+
+    @classmethod
+    def read(cls, path: Path) -> DatasetEntry:
+        from core.stores.world_model import WorldModel
+
+        status = store_status(path, "measurement_dataset")
+        scene, world, summary = path.name, "oracle", "oracle (the world is the map)"
+        if status.ok:
+            try:
+                free = read_attrs(path).get("attrs") or {}
+                scene = free.get("scene") if isinstance(free.get("scene"), str) else path.name
+                model = free.get("measurement_model")
+                model = WorldModel.from_attrs(model.get("world") if isinstance(model, dict) else None)
+                world, summary = model.name, model.summary()
+            except (OSError, ValueError, CoreError) as exc:
+                world, summary = "unknown", f"unreadable world record ({exc})"
+        return cls(path, scene, world, summary, status)
+
+    @property
+    def label(self) -> str:
+        """``<folder> — <world>`` for a picker."""
+        return f"{self.path.name} — {self.world}"
+
+
+@dataclass(frozen=True)
 class Workspace:
     root: Path
     radio_maps_dir: Path
@@ -109,8 +143,10 @@ class Workspace:
     def map_path(self, scene: str) -> Path:
         return map_path(self.radio_maps_dir, scene)
 
-    def dataset_path(self, scene: str) -> Path:
-        return self.datasets_dir / scene
+    def dataset_path(self, scene: str, world: str = "oracle") -> Path:
+        """``<datasets>/<scene>`` for the oracle world (the map's own), ``<datasets>/<scene>_<world>`` for another
+        world of the same scene (``make-dataset --world realistic``): THE path builder of a dataset."""
+        return self.datasets_dir / (scene if world == "oracle" else f"{scene}_{world}")
 
     def run_path(self, name: str) -> Path:
         """``<runs>/<name>``, where a run named ``name`` is written; a name that is not a plain folder name
@@ -143,10 +179,21 @@ class Workspace:
             pass
         if self.radio_maps_dir.is_dir():
             names.update(map_scene(p) for p in map_paths(self.radio_maps_dir))
-        if self.datasets_dir.is_dir():
-            names.update(p.name for p in self.datasets_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        names.update(entry.scene for entry in self.datasets())
         names.add(DEFAULT_SCENE)
         return sorted(names, key=lambda n: (n != DEFAULT_SCENE, n))
+
+    def datasets(self, scene: str | None = None) -> list[DatasetEntry]:
+        """The dataset folders here (only ``scene``'s if given): the scene each was measured in (its
+        attrs; the folder name when it records none or is unreadable) and its world, the oracle
+        dataset ``<datasets>/<scene>`` of each scene first. Reads metadata only."""
+        if not self.datasets_dir.is_dir():
+            return []
+        found = []
+        for path in sorted(p for p in self.datasets_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            found.append(DatasetEntry.read(path))
+        found = [e for e in found if scene is None or e.scene == scene]
+        return sorted(found, key=lambda e: (e.scene, e.path.name != e.scene, e.path.name))
 
     def runs(self, scene: str | None = None) -> list[RunInfo]:
         """Training runs (``runs/*``, an ablation's variants, and the shipped default run),
@@ -159,16 +206,18 @@ class Workspace:
         """The scenes whose dataset store is there and readable (what a run can train on)."""
         return [name for name in self.scene_names() if store_status(self.dataset_path(name), "measurement_dataset").ok]
 
-    def training_overrides(self, scenes: list[str], holdout: str | None, portable) -> dict[str, str]:
-        """The config overrides that train on ``scenes`` (their datasets, ``portable(path)`` each) and keep
-        ``holdout`` out: ``data.dataset`` for one scene, ``data.datasets`` (a YAML list) for several.
+    def training_overrides(self, scenes: list[str], holdout: str | None, portable,
+                           picked: dict[str, Path] | None = None) -> dict[str, str]:
+        """The config overrides that train on ``scenes`` (their datasets, ``portable(path)`` each: ``picked[scene]``
+        where given, e.g. another world of it, else :meth:`dataset_path`) and keep ``holdout`` out:
+        ``data.dataset`` for one scene, ``data.datasets`` (a YAML list) for several.
         A held-out scene that is also trained on, or no scene, is a CoreError (one line)."""
         if not scenes:
             raise CoreError("pick at least one training scene")
         if holdout is not None and holdout in scenes:
             raise CoreError(f"the held-out scene {holdout!r} is also a training scene: a held-out scene is never "
                             "trained on; pick another, or leave it out of the training scenes")
-        paths = [portable(self.dataset_path(name)) for name in scenes]
+        paths = [portable((picked or {}).get(name) or self.dataset_path(name)) for name in scenes]
         out = {"data.dataset": paths[0]} if len(paths) == 1 else {"data.datasets": json.dumps(paths)}
         if holdout is not None:
             out["data.holdout_scene"] = holdout
