@@ -5,8 +5,9 @@ heights, removed buildings, vehicles, sites, tilt, diffuse scattering: :mod:`cor
 while the oracle world traces in the map's own scene. Both are timed here in ONE process on the same
 walks (same ``--seed``, same map), after an untimed warm-up of each world, in the order oracle, realistic, realistic, oracle (``--repeats``
 times that pair of pairs), so a machine whose load drifts during the run weighs on both worlds
-alike. Reported: wall time per world (mean over its runs), reports per second, and the ratio
-realistic / oracle, the figure issue 17 bounds (≤ 1.5×).
+alike. Reported: wall time per world (mean over its runs, and each run), CPU time of the process
+(all its threads: less sensitive than wall time to other work on the machine), reports per second,
+and the ratios realistic / oracle, the figure issue 17 bounds (≤ 1.5×).
 
     python -m core bench world --scene etoile --ues 2000 --reports 8
 """
@@ -42,21 +43,25 @@ def run(args: argparse.Namespace) -> int:
 
     worlds = {"oracle": PRESETS["oracle"], "realistic": replace(PRESETS["realistic"], seed=args.world_seed)}
     times: dict[str, list[float]] = {name: [] for name in worlds}
+    cpu: dict[str, list[float]] = {name: [] for name in worlds}
     present: dict[str, float] = {}
     for world in worlds.values():  # untimed warm-up: scene loading and the tracer's first compilation
         make_dataset(args.scene, 2, 1, radio_maps=args.radio_maps, seed=args.seed, model=MeasurementModel(world=world))
     for name in ["oracle", "realistic", "realistic", "oracle"] * args.repeats:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         ds = make_dataset(args.scene, args.ues, args.reports, radio_maps=args.radio_maps, seed=args.seed,
                           model=MeasurementModel(world=worlds[name]))
         times[name].append(time.perf_counter() - t0)
+        cpu[name].append(time.process_time() - c0)
         present[name] = float(ds.report_mask.mean())
     n = args.ues * args.reports
     rows = [{"world": name, "runs": len(t), "wall_s": float(np.mean(t)), "wall_s_min": float(np.min(t)),
+             "wall_s_each": " / ".join(f"{x:.1f}" for x in t), "cpu_s": float(np.mean(cpu[name])),
              "reports_per_s": n / float(np.mean(t)), "reports_present": present[name]} for name, t in times.items()]
     ratio = rows[1]["wall_s"] / rows[0]["wall_s"]
     summary = {"scene": args.scene, "walks": args.ues, "reports_per_walk": args.reports,
                "realistic_over_oracle": ratio, "target": "<= 1.5",
+               "realistic_over_oracle_cpu": rows[1]["cpu_s"] / rows[0]["cpu_s"],
                "world": worlds["realistic"].summary()}
     write_report("world", rows, args.out, summary)
     return 0

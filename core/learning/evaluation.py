@@ -393,14 +393,14 @@ def run(args: argparse.Namespace) -> int:
         if out.is_dir() or not out.parent.is_dir():
             raise CoreError(f"--out {args.out}: must be a file in an existing folder")
         check_writable(out, "--out")
-    scene_label, dataset_label = args.scene, args.dataset
+    label, dataset = args.scene, args.dataset
     if args.radio_map is not None:
         if args.scene is not None:
             raise CoreError("--radio-map and --scene: give one (--radio-map reads the run's own scene against another map)")
         if not Path(args.radio_map).exists():
             raise CoreError(f"--radio-map {args.radio_map}: no such map store")
-        scene_label, dataset_label = f"map-{Path(args.radio_map).resolve().parent.name}", None
-    target = out or evaluation_path(args.run, args.split, scene_label, args.refine, dataset=dataset_label)
+        label, dataset = f"map-{Path(args.radio_map).resolve().parent.name}", None
+    target = out or evaluation_path(args.run, args.split, label, args.refine, dataset=dataset)
     if out is None:  # before the lock file beside it: an unwritable run folder is one line
         check_writable(target, "--run")
     with output_lock(target, "evaluation"):  # one writer per result file
