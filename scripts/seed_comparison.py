@@ -9,7 +9,8 @@ last report missing, sites heard 1 / 2 / 3 / >= 4), the one definition every tab
 per method, mean ± sd over seeds of the median / P90 / RMSE, the share beyond 20 m and the worst
 2 %'s share of the squared error; the median, P90 and share beyond 20 m per group; and the paired
 two-level bootstrap 95 % CI (core.learning.statistics) of the median's change and ratio of network +
-MAP and network + whole-walk (``--references``) against each other method, overall, for NLOS and for one site heard. ``--json FILE`` writes it all.
+MAP and network + whole-walk (``--references``) against each other method, overall, for NLOS and for one site heard
+(and of the P90 overall; those entries carry ``"metric": "p90_m"``). ``--json FILE`` writes it all.
 """
 
 import argparse
@@ -93,11 +94,13 @@ def main() -> None:
                 mask = groups[group]
                 if not mask.any():
                     continue
-                d = paired_delta([e[mask] for e in per_method[ref]], [e[mask] for e in per_method[other]], "median_m",
-                                 n_boot=args.n_boot)
-                out["deltas"].append({"method": ref, "other": other, "group": group, **d})
-                print(f"  {NAMES.get(ref, ref)} vs {NAMES.get(other, other):26s} [{group:7s}] Δ median "
-                      f"{d['delta']:+.3f} m [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], ratio {d['ratio']:.3f}")
+                for metric in ("median_m", "p90_m") if group == "all" else ("median_m",):
+                    d = paired_delta([e[mask] for e in per_method[ref]], [e[mask] for e in per_method[other]], metric,
+                                     n_boot=args.n_boot)
+                    out["deltas"].append({"method": ref, "other": other, "group": group,
+                                          **({} if metric == "median_m" else {"metric": metric}), **d})
+                    print(f"  {NAMES.get(ref, ref)} vs {NAMES.get(other, other):26s} [{group:7s}] Δ {metric[:-2]:6s} "
+                          f"{d['delta']:+.3f} m [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], ratio {d['ratio']:.3f}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2, default=float)

@@ -70,7 +70,8 @@ def main() -> None:
         for res in worlds.values():
             ka, kb = _key(res["methods"], a), _key(res["methods"], b)
             for group in ("all", "nlos", "sites_1"):
-                d = next((d for d in res["deltas"] if d["method"] == ka and d["other"] == kb and d["group"] == group), None)
+                d = next((d for d in res["deltas"] if d["method"] == ka and d["other"] == kb and d["group"] == group
+                          and d.get("metric", "median_m") == "median_m"), None)
                 cells.append("–" if d is None else f"{d['delta']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]")
         print(f"| {NAMES[a]} − {NAMES[b]} | " + " | ".join(cells) + " |")
 
