@@ -684,6 +684,7 @@ def test_every_page_on_the_shipped_default_scene(tmp_path, monkeypatch):
     draws without a warning. Reads the shipped data only; jobs and caches go to tmp."""
     monkeypatch.delenv("CORE_WORKSPACE", raising=False)
     monkeypatch.setenv("CORE_JOBS_DB", str(tmp_path / "jobs.sqlite"))
+    monkeypatch.setenv("CORE_RUNS_DIR", str(tmp_path / "runs"))  # the shipped model, not a checkout's own runs
     at = _app()
     assert at.sidebar.selectbox(key="_scene_picker").value == "etoile"
     assert {m.label: m.value for m in at.metric}["Radio map"] == "ok"
@@ -900,3 +901,28 @@ def test_another_world_of_the_scene_is_picked_in_the_sidebar_and_read_by_every_p
 
 def at_state(at: AppTest) -> dict:
     return at.session_state["active_datasets"]
+
+
+def test_an_agnostic_run_on_the_attention_and_refinement_pages(workspace):
+    """A scene-agnostic run (no map patches) draws its temporal attention, says in one line why there is no
+    cross-attention, and goes through the Refinement inspector like any run."""
+    import torch
+
+    from core.learning.config import load_config
+    from core.learning.training import train
+
+    threads = torch.get_num_threads()
+    config = load_config(REPO_ROOT / "configs" / "agnostic.yaml", [
+        f"data.dataset={workspace / 'datasets' / 'etoile'}", "model.preset=tiny", "training.epochs=1",
+        "training.batch_size=64", "training.num_threads=1", f"physics_loss.radio_maps_dir={workspace / 'radio_maps'}"])
+    train(config, workspace / "runs" / "tiny_agnostic", device="cpu", show_progress=False)
+    torch.set_num_threads(threads)
+    at = _app("pages/attention.py")
+    at.selectbox(key="att_run").select("runs/tiny_agnostic").run()
+    _no_exception(at)
+    assert not at.error and len(_plotly(at)) >= 1
+    assert "map patches" in _texts(at.info) + _texts(at.caption) + _texts(at.markdown)
+    at.switch_page("pages/refinement.py").run()
+    at.selectbox(key="ref_run").select("runs/tiny_agnostic").run()
+    _no_exception(at)
+    assert not at.error and any(f["layout"]["title"]["text"].startswith("Sample ") for f in _plotly(at))
