@@ -106,7 +106,6 @@ def _run_kinds(args: argparse.Namespace, device, overrides: list[str]) -> dict:
     from core import resolve_path
     from core.learning.config import load_config
     from core.learning.kinds import build_model
-    from core.learning.losses import compute_losses
     from core.learning.scene_data import prepare, tensors
 
     variants, rows = {}, []
@@ -127,15 +126,7 @@ def _run_kinds(args: argparse.Namespace, device, overrides: list[str]) -> dict:
 
     def step(kind, idx):
         cfg, model, physics, opt, data, maps = variants[kind]
-        batch = data.batch(idx, device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        terms, _ = compute_losses(model, batch, maps, cfg, physics)
-        opt.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0, time.process_time() - c0
+        return _timed_step(model, data.batch(idx, device), maps, cfg, physics, opt, device)
 
     n = min(len(v[4]) for v in variants.values())
     bs = variants["memorizing"][0].training.batch_size
@@ -182,7 +173,6 @@ def run(args: argparse.Namespace) -> int:
     from core import resolve_path
     from core.device import resolve_device
     from core.learning.config import load_config
-    from core.learning.losses import compute_losses
     from core.learning.scene_data import prepare, tensors
     from core.physics.synthetic import synthetic_scene
 
@@ -211,16 +201,7 @@ def run(args: argparse.Namespace) -> int:
 
     def step(name, batch):
         cfg, model, physics, opt = variants[name]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0, c0 = time.perf_counter(), time.process_time()
-        terms, _ = compute_losses(model, batch, image, cfg, physics)
-        opt.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0, time.process_time() - c0
+        return _timed_step(model, batch, image, cfg, physics, opt, device)
 
     bs = base_cfg.training.batch_size
     warm = data.batch(torch.arange(min(bs, len(data))), device)
@@ -262,3 +243,21 @@ def run(args: argparse.Namespace) -> int:
     if tmp is not None:
         tmp.cleanup()
     return 0
+
+
+def _timed_step(model, batch, maps, cfg, physics, opt, device) -> tuple[float, float]:
+    """One optimiser step on ``batch``: ``(wall s, process CPU s)``, CUDA synchronised on both sides."""
+    import torch
+
+    from core.learning.losses import compute_losses
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0, c0 = time.perf_counter(), time.process_time()
+    terms, _ = compute_losses(model, batch, maps, cfg, physics)
+    opt.zero_grad(set_to_none=True)
+    terms["total"].backward()
+    opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, time.process_time() - c0
