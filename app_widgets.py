@@ -141,10 +141,10 @@ def dataset_picker(container=None) -> Path:
                         on_change=_on_dataset_change, args=(scene,),
                         help="The dataset every page reads: the scene's oracle world (measured in the map itself) or "
                              "another world of it (e.g. realistic: a perturbed twin; docs/world.md).")
-    chosen = next(e for e in entries if e.path.name == names[index])
+    chosen = entries[index]
     if chosen.world != "oracle":
         container.caption(f"World: {chosen.world_summary}")
-    return ws.datasets_dir / names[index]
+    return chosen.path
 
 
 # -- errors ------------------------------------------------------------------------------

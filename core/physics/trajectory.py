@@ -281,7 +281,7 @@ def whole_walk(dataset, indices, refiner, config: WalkConfig | None = None, wind
         start = snapshot_start(refiner, site_observation(dataset, indices, window_s=window_s))
     obs, t = walk_observation(dataset, indices)
     config = config or WalkConfig()
-    if velocity is None and config.device_motion and getattr(dataset, "motion", None) is not None:
+    if velocity is None and config.device_motion and dataset.motion is not None:
         from core.stores.motion_model import velocity_measurement
 
         idx = np.asarray(indices)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from core import REPO_ROOT
 from core.errors import CoreError
-from core.stores.lineage import map_path, map_paths, map_scene
+from core.stores.lineage import map_path, map_paths, map_scene, store_ref
 from core.stores.run import RunInfo, list_runs
 from core.stores.zarr_group import read_attrs
 
@@ -87,20 +87,21 @@ class DatasetEntry:
 
     @classmethod
     def read(cls, path: Path) -> DatasetEntry:
-        from core.stores.world_model import WorldModel
+        """The entry of the dataset folder ``path``, from its metadata only (a store that records no world,
+        or no measurement model at all, is of the oracle world)."""
+        from core.stores.dataset import recorded_measurement_model
+        from core.stores.world_model import ORACLE
 
         status = store_status(path, "measurement_dataset")
-        scene, world, summary = path.name, "oracle", "oracle (the world is the map)"
+        scene, world = path.name, ORACLE
         if status.ok:
             try:
-                free = read_attrs(path).get("attrs") or {}
-                scene = free.get("scene") if isinstance(free.get("scene"), str) else path.name
-                model = free.get("measurement_model")
-                model = WorldModel.from_attrs(model.get("world") if isinstance(model, dict) else None)
-                world, summary = model.name, model.summary()
-            except (OSError, ValueError, CoreError) as exc:
-                world, summary = "unknown", f"unreadable world record ({exc})"
-        return cls(path, scene, world, summary, status)
+                scene = store_ref(path, "dataset").scene or path.name
+                model = recorded_measurement_model(path)
+                world = model.world if model is not None else ORACLE
+            except CoreError as exc:
+                return cls(path, scene, "unknown", f"unreadable world record ({exc})", status)
+        return cls(path, scene, world.name, world.summary(), status)
 
     @property
     def label(self) -> str:
@@ -189,11 +190,9 @@ class Workspace:
         dataset ``<datasets>/<scene>`` of each scene first. Reads metadata only."""
         if not self.datasets_dir.is_dir():
             return []
-        found = []
-        for path in sorted(p for p in self.datasets_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            found.append(DatasetEntry.read(path))
-        found = [e for e in found if scene is None or e.scene == scene]
-        return sorted(found, key=lambda e: (e.scene, e.path.name != e.scene, e.path.name))
+        found = [DatasetEntry.read(p) for p in self.datasets_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        return sorted((e for e in found if scene is None or e.scene == scene),
+                      key=lambda e: (e.scene, e.path.name != e.scene, e.path.name))
 
     def runs(self, scene: str | None = None) -> list[RunInfo]:
         """Training runs (``runs/*``, an ablation's variants, and the shipped default run),
