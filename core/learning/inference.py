@@ -103,11 +103,30 @@ class LoadedRun:
         if self.calibration is None:
             raise CoreError(f"run {self.run_dir}: no calibration loaded (calibrate_run(run) first)")
         if self._likelihood is None:
+            from dataclasses import replace
+
             from core.physics.likelihood import RobustLikelihood
 
-            self._likelihood = RobustLikelihood(self.radio_map, self.calibration,
-                                                likelihood_config(self.config.physics_loss), device=self.device)
+            config = likelihood_config(self.config.physics_loss)
+            lik = RobustLikelihood(self.radio_map, self.calibration, replace(config, silence=False), device=self.device)
+            if config.silence:
+                lik = RobustLikelihood(lik.maps, self.calibration, config, silence=self._silence(lik.maps))
+            self._likelihood = lik
         return self._likelihood
+
+    def _silence(self, maps):
+        """The silence term of the loaded scene (:mod:`core.physics.silence`): its outlier share fitted on the
+        train split's labelled walks, the default for a held-out scene (no labels); a measurement model
+        without a sensitivity gives none (CoreError: silence then says nothing)."""
+        from core.physics.silence import Silence, fit_silence, silence_threshold_db
+
+        threshold = silence_threshold_db(self.dataset, self.radio_map)
+        if threshold is None:
+            raise CoreError(f"silence: {self.dataset.ref.path or 'the dataset'} records no sensitivity "
+                            "(--sensitivity-dbm off): every site is reported, silence says nothing")
+        if self.held_out:
+            return Silence(threshold)
+        return fit_silence(self.dataset, maps, self.calibration, threshold, split="train")
 
     def refiner(self, search=None):
         """A :class:`~core.physics.refinement.MapRefiner` over :attr:`likelihood` for ``search``
