@@ -175,6 +175,9 @@ class RefinementConfig(_Section):
     min_confidence_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     #: Gaussian prior at the network's prediction with its predicted sigma
     use_prior: bool = True
+    #: the prior's shape when use_prior: "gaussian" N(xy, sigma^2) (sigma includes the coarse spread), or
+    #: "heatmap": the network's most likely coarse cells as a mixture (core.physics.prior.heatmap_prior)
+    prior: Literal["gaussian", "heatmap"] = "gaussian"
 
 
 class PhysicsLossConfig(_Section):
