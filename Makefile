@@ -74,8 +74,9 @@ many-scenes: $(STAMP)
 # task per city on a local Ray; rerunning resumes (finished cities are skipped). CORPUS=... RAY=HOST:PORT for a cluster,
 # CORPUS_CPUS=1 to give the local Ray one core. corpus-manifest copies the built corpus' manifest to the shipped one.
 CORPUS ?= corpus
+CORPUS_COUNT ?= 102# seeds 21 and 37 fail the coverage check: 102 seeds give 100 complete cities
 corpus: $(STAMP)
-	$(PY) -m core make-corpus --count 100 --out $(CORPUS) --ray $(RAY) $(if $(CORPUS_CPUS),--num-cpus $(CORPUS_CPUS)) --no-progress
+	$(PY) -m core make-corpus --count $(CORPUS_COUNT) --out $(CORPUS) --ray $(RAY) $(if $(CORPUS_CPUS),--num-cpus $(CORPUS_CPUS)) --no-progress
 corpus-manifest:
 	mkdir -p assets/corpus && cp $(CORPUS)/manifest.json assets/corpus/manifest.json
 
