@@ -460,6 +460,17 @@ class RobustLikelihood(torch.nn.Module):
         raw = sampled.unsqueeze(1).expand(-1, b, p).reshape(-1, b * p)
         return self._kernel(raw, cov, prep, b, p, False)[0]
 
+    @torch.no_grad()
+    def evaluate_sampled(self, raw: torch.Tensor, coverage: torch.Tensor, prep: PreparedObservation) -> torch.Tensor:
+        """NLL ``[N]`` of sample ``i`` of ``prep`` (``N`` samples) at the point whose table channels ``raw [C, N]``
+        (:meth:`SiteMaps.sample`) and coverage ``coverage [S + 1, N]`` (:meth:`SiteMaps.coverage`) are given
+        (no gradient): for points whose map values were sampled once and are scored for many reports."""
+        n = prep.site_ids.shape[0]
+        if raw.shape != (self.maps.num_channels, n) or coverage.shape != (self.maps.num_sites + 1, n):
+            raise CoreError(f"likelihood: evaluate_sampled needs raw [{self.maps.num_channels}, {n}] and coverage "
+                            f"[{self.maps.num_sites + 1}, {n}], got {tuple(raw.shape)}, {tuple(coverage.shape)}")
+        return self._kernel(raw.contiguous(), coverage, prep, n, 1, False)[0].squeeze(1)
+
     def _kernel(self, raw: torch.Tensor, coverage: torch.Tensor, prep: PreparedObservation, b: int, p: int,
                 need_grad: bool):
         """``(NLL [B, P], d NLL / d raw [C, N] or None)`` from the sampled channels ``raw [C, N]``
