@@ -199,43 +199,53 @@ class BoundedScan:
         """``[n, block^2]`` NLL of the points of block ``blocks[i]`` for sample ``walk[i]`` (inf: no point)."""
         pts = self.members[blocks]  # [n, M]
         ok = pts >= 0
-        rows = walk.unsqueeze(1).expand_as(pts)[ok]
-        cols = pts[ok]
-        cost = torch.full(pts.shape, math.inf, dtype=self.table.dtype, device=self.table.device)
-        if cols.numel():
-            cost[ok] = self.lik.evaluate_sampled(self.table[:, cols], self.cover[:, cols], prep.take(rows))
-            self.scored += int(cols.numel())
-        return cost
+        safe = pts.clamp(min=0).reshape(-1)
+        cost = self.lik.evaluate_sampled(self.table[:, safe], self.cover[:, safe], prep.take(walk))  # [n, M]
+        self.scored += int(ok.sum())
+        return cost.masked_fill_(~ok, math.inf)
 
     @torch.no_grad()
     def _nms(self, walk, blocks, cost, b: int, top: int, radius: float):
         """Greedy picks over the scored points: ``(xy [B, top, 2], cost [B, top])``; a pick removes the points
-        within ``radius`` [m] (Euclidean) of it; ties go to the lowest lattice index."""
-        n_per = torch.bincount(walk, minlength=b)
-        width = int(n_per.max()) * self.block**2 if walk.numel() else 1
-        order = torch.argsort(walk, stable=True)
-        w_s = walk[order]
-        slot = torch.arange(order.numel(), device=walk.device) - (torch.cumsum(n_per, 0) - n_per)[w_s]
+        within ``radius`` [m] (Euclidean) of it; ties go to the lowest lattice index.
+
+        The scored points are ordered per sample by (NLL, lattice index) -- the order in which the greedy
+        pick visits them -- and the greedy runs on the first ``L`` of each (doubling ``L`` while a sample
+        with more points gets fewer than ``top`` finite picks): its picks are those over all of them."""
         m2 = self.block**2
         p = self.points.shape[0]
-        idx = torch.full((b, max(width // m2, 1), m2), p, dtype=torch.long, device=walk.device)
-        val = torch.full(idx.shape, math.inf, dtype=cost.dtype, device=cost.device)
-        mem = self.members[blocks[order]]
-        idx[w_s, slot] = torch.where(mem >= 0, mem, p)
-        val[w_s, slot] = cost[order]
-        idx, val = idx.view(b, -1), val.view(b, -1)
-        idx, perm = idx.sort(dim=1)  # lattice order: argmin's ties go where the full scan's go
-        val = val.gather(1, perm)
-        pts = torch.cat([self.points, self.points[:1]])[idx]  # [B, E, 2] (padding: any point, cost inf)
-        picks, costs = [], []
-        rows = torch.arange(b, device=walk.device)
-        for _ in range(top):
-            arg = val.argmin(dim=1)
-            best = pts[rows, arg]
-            costs.append(val[rows, arg])
-            picks.append(torch.where((idx[rows, arg] < p).unsqueeze(1), best, self.points[0]))
-            val.masked_fill_((pts - best.unsqueeze(1)).norm(dim=-1) <= radius, math.inf)
-        return torch.stack(picks, 1), torch.stack(costs, 1)
+        pts = self.members[blocks].reshape(-1)  # [T] (-1: padding)
+        w = walk.repeat_interleave(m2)
+        c = cost.reshape(-1)
+        order = torch.argsort(pts, stable=True)  # lattice index, then NLL, then sample: stable sorts
+        order = order[torch.argsort(c[order], stable=True)]
+        order = order[torch.argsort(w[order], stable=True)]
+        pts, w, c = pts[order], w[order], c[order]
+        n_per = torch.bincount(w, minlength=b)
+        rank = torch.arange(w.numel(), device=w.device) - (torch.cumsum(n_per, 0) - n_per)[w]
+        finite = torch.bincount(w, weights=torch.isfinite(c).to(c.dtype), minlength=b)
+        width = min(8 * top, int(n_per.max()) if w.numel() else 1)
+        rows = torch.arange(b, device=w.device)
+        table = torch.cat([self.points, self.points[:1]])  # padding -> point 0, NLL inf
+        while True:
+            keep = rank < width
+            idx = torch.full((b, width), p, dtype=torch.long, device=w.device)
+            val = torch.full((b, width), math.inf, dtype=c.dtype, device=c.device)
+            idx[w[keep], rank[keep]] = torch.where(pts[keep] >= 0, pts[keep], p)
+            val[w[keep], rank[keep]] = c[keep]
+            xy = table[idx]  # [B, L, 2]
+            picks, costs = [], []
+            for _ in range(top):
+                arg = val.argmin(dim=1)
+                best = xy[rows, arg]
+                costs.append(val[rows, arg])
+                picks.append(torch.where((idx[rows, arg] < p).unsqueeze(1), best, self.points[0]))
+                val.masked_fill_((xy - best.unsqueeze(1)).norm(dim=-1) <= radius, math.inf)
+            costs = torch.stack(costs, 1)
+            short = ~torch.isfinite(costs[:, -1]) & (finite > width)
+            if not bool(short.any()):
+                return torch.stack(picks, 1), costs
+            width = min(2 * width, int(n_per.max()))
 
     @torch.no_grad()
     def top(self, prep, top: int, radius: float) -> torch.Tensor:
