@@ -78,3 +78,10 @@ def test_bad_settings_are_one_error():
         WalkConfig(scan_block=-1)
     with pytest.raises(CoreError, match="block"):
         BoundedScan(LIK, scan_lattice(LIK.maps, 4.0), block=0)
+
+
+def test_more_picks_than_the_map_holds_fall_back_like_the_full_scan():
+    """A small lattice with fewer distinct points than picks: the extra picks are the full scan's (point 0)."""
+    obs = site_observation(DATA, np.arange(12), window_s=1.0)
+    full = scan_starts(LIK, obs, step_m=40.0, top=30, bound_block=0)
+    assert torch.equal(scan_starts(LIK, obs, step_m=40.0, top=30, bound_block=2), full)

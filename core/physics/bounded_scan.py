@@ -238,8 +238,8 @@ class BoundedScan:
             for _ in range(top):
                 arg = val.argmin(dim=1)
                 best = xy[rows, arg]
-                costs.append(val[rows, arg])
-                picks.append(torch.where((idx[rows, arg] < p).unsqueeze(1), best, self.points[0]))
+                costs.append(val[rows, arg])  # none left (inf): point 0, as the full scan's argmin of all-inf
+                picks.append(torch.where(torch.isfinite(costs[-1]).unsqueeze(1), best, self.points[0]))
                 val.masked_fill_((xy - best.unsqueeze(1)).norm(dim=-1) <= radius, math.inf)
             costs = torch.stack(costs, 1)
             short = ~torch.isfinite(costs[:, -1]) & (finite > width)
