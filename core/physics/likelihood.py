@@ -499,6 +499,21 @@ class RobustLikelihood(torch.nn.Module):
             total = total + prep.unheard.t() @ per_site
         return total
 
+    @torch.no_grad()
+    def evaluate_sampled(self, raw: torch.Tensor, coverage: torch.Tensor, prep: PreparedObservation) -> torch.Tensor:
+        """NLL ``[B, P]`` of sample ``b`` of ``prep`` at its own ``P`` points, given their table channels
+        ``raw [C, B * P]`` (:meth:`SiteMaps.sample`; sample-major: columns ``b P .. b P + P - 1``) and coverage
+        ``[S + 1, B * P]`` (:meth:`SiteMaps.coverage`); no gradient. For points whose map values were sampled
+        once and are scored for many reports (a column may repeat)."""
+        b = prep.site_ids.shape[0]
+        n = raw.shape[1] if raw.ndim == 2 else -1
+        if (raw.ndim != 2 or raw.shape[0] != self.maps.num_channels or b == 0 or n % b
+                or coverage.shape != (self.maps.num_sites + 1, n)):
+            raise CoreError(f"likelihood: evaluate_sampled needs raw [{self.maps.num_channels}, B * P] and coverage "
+                            f"[{self.maps.num_sites + 1}, B * P] for B = {b}, got {tuple(raw.shape)}, "
+                            f"{tuple(coverage.shape)}")
+        return self._kernel(raw.contiguous(), coverage, prep, b, n // b, False)[0]
+
     def _kernel(self, raw: torch.Tensor, coverage: torch.Tensor, prep: PreparedObservation, b: int, p: int,
                 need_grad: bool):
         """``(NLL [B, P], d NLL / d raw [C, N] or None)`` from the sampled channels ``raw [C, N]``
