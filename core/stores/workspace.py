@@ -5,7 +5,7 @@ A :class:`Workspace` is a root folder laid out as the repository is::
     <root>/radio_maps/<scene>.zarr     radio map (python -m core generate-maps)
     <root>/datasets/<scene>/           measurement dataset (python -m core make-dataset)
     <root>/runs/<name>/                training runs (python -m core train / ablate)
-    <root>/assets/default_run/         the shipped model
+    <root>/assets/default_run/         the shipped model (other shipped runs: assets/<name>/ with a config.yaml)
     <root>/configs/*.yaml              training presets
     <root>/scenes/                     the user's Mitsuba XML scenes
 
@@ -165,6 +165,13 @@ class Workspace:
     def default_run_path(self) -> Path:
         return self.assets_dir / "default_run"
 
+    def shipped_run_paths(self) -> list[Path]:
+        """The runs shipped read-only under ``assets/`` (a folder with ``config.yaml``): the default run first,
+        then the others by name (``assets/agnostic_many``: the scene-agnostic model on four scenes, munich
+        held out, with its held-out evaluation)."""
+        others = sorted(p.parent for p in self.assets_dir.glob("*/config.yaml") if p.parent != self.default_run_path())
+        return [self.default_run_path(), *others]
+
     # -- what exists --------------------------------------------------------------------
     def scene_names(self) -> list[str]:
         """Known scenes: the catalogue of :mod:`core.raytracing.scenes` (if available) plus every
@@ -195,10 +202,10 @@ class Workspace:
                       key=lambda e: (e.scene, e.path.name != e.scene, e.path.name))
 
     def runs(self, scene: str | None = None) -> list[RunInfo]:
-        """Training runs (``runs/*``, an ablation's variants, and the shipped default run),
+        """Training runs (``runs/*``, an ablation's variants, and the shipped runs: :meth:`shipped_run_paths`),
         newest first, named by their path from the root; only those trained on ``scene`` (one of
         their scenes) if given."""
-        infos = list_runs(self.runs_dir, [self.default_run_path()], relative_to=self.root)
+        infos = list_runs(self.runs_dir, self.shipped_run_paths(), relative_to=self.root)
         return [r for r in infos if scene is None or r.scene == scene or scene in r.scenes]
 
     def scenes_with_dataset(self) -> list[str]:
