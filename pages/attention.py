@@ -15,7 +15,8 @@ ws = wb.workspace()
 scene = wb.active_scene()
 dataset = str(wb.active_dataset(scene))  # the sidebar's dataset (world)
 st.caption("Each measurement report is a token. Reports attend to each other (temporal self-attention) and to "
-           "tokens of radio-map patches (cross-attention).")
+           "tokens of radio-map patches (cross-attention); a scene-agnostic run has candidate cells instead of "
+           "patches, each with its own report tokens, and the candidates attend to each other.")
 
 cols = st.columns([3, 1, 1])
 name = wb.pick_run(ws, scene, cols[0], key="att_run")

@@ -295,8 +295,11 @@ def test_errors(path: str, stamp: float, limit: int = 2000) -> np.ndarray:
 
 with_ckpt = [r for r in runs if r.has_checkpoint]
 if with_ckpt:
+    ours = [r.name for r in with_ckpt if scene == r.scene or scene in r.scenes]  # trained on the active scene
     chosen = st.multiselect("Error CDF of runs (test split, up to 2,000 samples)", [r.name for r in with_ckpt],
-                            default=[r.name for r in with_ckpt][:2], key="cdf_runs")
+                            default=ours[:2], key="cdf_runs",
+                            help="each run on its (first) training scene; by default two runs trained on the "
+                                 "active scene")
     if chosen:
         errors = {}
         for name in chosen:
