@@ -800,7 +800,7 @@ def test_training_on_many_scenes_and_a_held_out_one(tmp_path, monkeypatch):
         if "attention" in page:
             assert "Scene 'florence' is held out" in _texts(at.info)
     # corpus cities train beside the real scenes (and can be held out): their corpus datasets, their corpus maps
-    at = _app("pages/training.py")
+    at.switch_page("pages/training.py").run()
     at.multiselect(key="train_scenes").set_value(["etoile", "city_7"])
     at.selectbox(key="train_holdout").select("munich")
     _start_training(at, "with_corpus")
