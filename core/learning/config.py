@@ -175,6 +175,9 @@ class RefinementConfig(_Section):
     min_confidence_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     #: Gaussian prior at the network's prediction with its predicted sigma
     use_prior: bool = True
+    #: the prior's shape when use_prior: "gaussian" N(xy, sigma^2) (sigma includes the coarse spread), or
+    #: "heatmap": the network's most likely coarse cells as a mixture (core.physics.prior.heatmap_prior)
+    prior: Literal["gaussian", "heatmap"] = "gaussian"
 
 
 class PhysicsLossConfig(_Section):
@@ -204,6 +207,10 @@ class PhysicsLossConfig(_Section):
     cell_features: list[Literal["snr", "sinr", "throughput", "bler"]] | Literal["auto"] = []
     #: "site": the robust penalty of a normalised residual z: cauchy log(1 + z^2), or huber (delta 2)
     penalty: Literal["cauchy", "huber"] = "cauchy"
+    #: "site": at test time (MAP, exhaustive and whole-walk search) also charge the sites a report with a free
+    #: slot did NOT hear where the map predicts them loud (core.physics.silence; its outlier share fitted on
+    #: the labelled train walks); the training term does not use it. `evaluate --silence` switches it on.
+    silence: bool = False
     #: per-feature weights; None = the defaults of core.features; "auto" = calibrated on the
     #: train split: w_f = (sigma_map,f / s_f)^2 with s_f the robust spread of the residual
     #: observed - map(true position), so that w_f z_f^2 = (residual / s_f)^2 (a noise-aware likelihood)

@@ -25,6 +25,7 @@ not the one the run was trained on, raise :class:`~core.errors.StoreError` namin
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,11 +104,30 @@ class LoadedRun:
         if self.calibration is None:
             raise CoreError(f"run {self.run_dir}: no calibration loaded (calibrate_run(run) first)")
         if self._likelihood is None:
+            from dataclasses import replace
+
             from core.physics.likelihood import RobustLikelihood
 
-            self._likelihood = RobustLikelihood(self.radio_map, self.calibration,
-                                                likelihood_config(self.config.physics_loss), device=self.device)
+            config = likelihood_config(self.config.physics_loss)
+            lik = RobustLikelihood(self.radio_map, self.calibration, replace(config, silence=False), device=self.device)
+            if config.silence:
+                lik = RobustLikelihood(lik.maps, self.calibration, config, silence=self._silence(lik.maps))
+            self._likelihood = lik
         return self._likelihood
+
+    def _silence(self, maps):
+        """The silence term of the loaded scene (:mod:`core.physics.silence`): its outlier share fitted on the
+        train split's labelled walks, the default for a held-out scene (no labels); a measurement model
+        without a sensitivity gives none (CoreError: silence then says nothing)."""
+        from core.physics.silence import Silence, fit_silence, silence_threshold_db
+
+        threshold = silence_threshold_db(self.dataset, self.radio_map)
+        if threshold is None:
+            raise CoreError(f"silence: {self.dataset.ref.path or 'the dataset'} records no sensitivity "
+                            "(--sensitivity-dbm off): every site is reported, silence says nothing")
+        if self.held_out:
+            return Silence(threshold)
+        return fit_silence(self.dataset, maps, self.calibration, threshold, split="train")
 
     def refiner(self, search=None):
         """A :class:`~core.physics.refinement.MapRefiner` over :attr:`likelihood` for ``search``
@@ -150,6 +170,8 @@ class Prediction:
     #: the ``k`` most likely coarse cells, most likely first (the first is the one ``xy`` lies in):
     coarse_xy: np.ndarray | None = None  # [N, k, 2] their centres [m]
     coarse_prob: np.ndarray | None = None  # [N, k] their softmax probabilities
+    #: [N, 2] the fine head's own std inside the chosen cell [m] (``sigma`` adds the coarse spread)
+    fine_sigma: np.ndarray | None = None
     #: {"temporal": [ [N, H, T, T] ] * layers, "cross": [ [N, H, T, P] ] * layers} or None
     attention: dict[str, list[np.ndarray]] | None = None
     patch_grid: tuple[int, int] | None = None  # (rows, cols); patch p = row * cols + col, row along +y
@@ -378,7 +400,8 @@ def _predict(run: LoadedRun, indices, return_attention: bool, batch_size: int, t
     if indices.size and (indices.min() < 0 or indices.max() >= run.dataset.num_samples):
         raise CoreError(f"predict: indices must be in [0, {run.dataset.num_samples}), got {indices.min()}..{indices.max()}")
     data = run.tensors(indices)
-    parts: dict[str, list] = {"xy": [], "sigma": [], "confidence": [], "coarse_xy": [], "coarse_prob": []}
+    parts: dict[str, list] = {"xy": [], "sigma": [], "confidence": [], "coarse_xy": [], "coarse_prob": [],
+                              "fine_sigma": []}
     g2 = run.model.spec.grid_size ** 2
     top_k = int(min(max(top_k, 1), g2))
     attention: dict[str, list[list[np.ndarray]]] = {}
@@ -397,7 +420,8 @@ def _predict(run: LoadedRun, indices, return_attention: bool, batch_size: int, t
         prob_all = out.logits.softmax(-1)
         prob, cells = prob_all.topk(top_k, dim=-1)
         out_np = {"xy": out.xy, "sigma": out.sigma, "confidence": out.confidence, "coarse_prob": prob,
-                  "coarse_xy": run.model.cell_centre(cells.reshape(-1), frame).reshape(*cells.shape, 2)}
+                  "coarse_xy": run.model.cell_centre(cells.reshape(-1), frame).reshape(*cells.shape, 2),
+                  "fine_sigma": (0.5 * out.logvar).exp() * frame.cell_wh}
         if return_distribution:
             out_np["cell_prob"] = prob_all.reshape(-1, g, g)
             if agnostic:
@@ -411,13 +435,13 @@ def _predict(run: LoadedRun, indices, return_attention: bool, batch_size: int, t
                 attention.setdefault(key, []).append([w.cpu().numpy() for w in layers])
     s = run.model.spec.fine_subgrid
     empty = {"xy": (0, 2), "sigma": (0, 2), "confidence": (0,), "coarse_xy": (0, top_k, 2), "coarse_prob": (0, top_k),
-             "cell_prob": (0, g, g), "subpoint_prob": (0, s, s)}
+             "fine_sigma": (0, 2), "cell_prob": (0, g, g), "subpoint_prob": (0, s, s)}
     cat = {k: (np.concatenate(v) if v else np.zeros(empty[k], np.float32)) for k, v in parts.items()}
     true_xy = data.target_xy.numpy()
     pred = Prediction(
         indices=indices, xy=cat["xy"], sigma=cat["sigma"], confidence=cat["confidence"], true_xy=true_xy,
         error_m=position_errors(cat["xy"], true_xy), los=data.los.numpy(), num_reports=data.num_reports.numpy(),
-        coarse_xy=cat["coarse_xy"], coarse_prob=cat["coarse_prob"],
+        coarse_xy=cat["coarse_xy"], coarse_prob=cat["coarse_prob"], fine_sigma=cat["fine_sigma"],
         groups=ue_groups(run.dataset, indices, run.config.physics_loss.report_window_s),
         cell_prob=cat.get("cell_prob"), subpoint_prob=cat.get("subpoint_prob"),
         cell_bounds=np.asarray(run.radio_map.bounds, dtype=np.float64) if return_distribution else None,
@@ -523,6 +547,10 @@ class RefinedPrediction:
     use_prior: bool
     search: Any
     seconds: float
+    #: the prior used when it is not the Gaussian of ``start_xy`` / ``prior_sigma`` (a PositionPrior: the heatmap)
+    prior: Any = None
+    #: "gaussian", "heatmap" or "flat"
+    prior_kind: str = "gaussian"
 
     def source_name(self, i: int) -> str:
         """Which start won for sample row ``i`` ("window", "centre 2", "global 1"; "not refined")."""
@@ -542,14 +570,15 @@ def _start_labels(n_centres: int, n_global: int) -> tuple[str, ...]:
 
 def refine_prediction(run: LoadedRun, prediction: Prediction, threshold: float | None = None,
                       top_k: int | None = None, window_s: float | None = None, search=None,
-                      use_prior: bool | None = None) -> RefinedPrediction:
+                      use_prior: bool | None = None, prior: str | None = None) -> RefinedPrediction:
     """MAP refinement (:class:`~core.physics.refinement.MapRefiner`) of every sample of ``prediction``.
 
     Posterior ``J(p) = NLL(p | reports) + prior_nll(p)``: the run's calibrated robust
     likelihood (:attr:`LoadedRun.likelihood`) of the sample's reports pooled over the last
     ``window_s`` seconds (default the run's ``physics_loss.report_window_s``), and the network's Gaussian
     ``N(mean, sigma^2)`` with its outlier floor as the prior (``use_prior``: default the
-    config's ``physics_loss.refinement.use_prior``; off: a flat prior). Starts: the window
+    config's ``physics_loss.refinement.use_prior``; off: a flat prior; ``prior``: "gaussian" or "heatmap",
+    the network's likely cells as a mixture, :func:`network_prior`; default the config's). Starts: the window
     around the mean, the ``top_k`` next most likely coarse cells (default
     :data:`DEFAULT_TOP_K`) and the global scan's blocks. ``threshold``: refine only samples
     with confidence below it (None: all). ``search``: a MapSearchConfig (default
@@ -561,6 +590,7 @@ def refine_prediction(run: LoadedRun, prediction: Prediction, threshold: float |
     top_k = DEFAULT_TOP_K if top_k is None else max(0, int(top_k))
     window_s = run.config.physics_loss.report_window_s if window_s is None else float(window_s)
     use_prior = run.config.physics_loss.refinement.use_prior if use_prior is None else bool(use_prior)
+    kind = run.config.physics_loss.refinement.prior if prior is None else prior
     calibrate_run(run)
     refiner = run.refiner(search)
     n = len(prediction.indices)
@@ -569,12 +599,31 @@ def refine_prediction(run: LoadedRun, prediction: Prediction, threshold: float |
     centres = None
     if top_k and prediction.coarse_xy is not None and prediction.coarse_xy.shape[1] > 1:
         centres = torch.as_tensor(prediction.coarse_xy[:, 1:1 + top_k])
+    mixture = network_prior(run, prediction, refiner) if use_prior and kind == "heatmap" else None
     with cpu_threads(run):
         res = refiner(torch.as_tensor(prediction.xy), torch.as_tensor(sigma), obs, centres=centres,
                       confidence=None if threshold is None else torch.as_tensor(prediction.confidence),
-                      threshold=threshold)
-    return _refined(res, prediction, obs, sigma, threshold, 0 if centres is None else centres.shape[1],
-                    window_s, use_prior, search)
+                      threshold=threshold, prior=mixture)
+    out = _refined(res, prediction, obs, sigma, threshold, 0 if centres is None else centres.shape[1],
+                   window_s, use_prior, search)
+    out.prior, out.prior_kind = mixture, kind if use_prior else "flat"
+    return out
+
+
+def network_prior(run: LoadedRun, prediction: Prediction, refiner):
+    """The network's heatmap as the MAP prior (:func:`~core.physics.prior.heatmap_prior`): its
+    ``COARSE_TOP_K`` most likely coarse cells with their probabilities, the chosen one at the fine head's
+    estimate and spread, the others at their centres with sigma = cell width / sqrt(12)."""
+    from core.physics.prior import heatmap_prior
+
+    if prediction.coarse_prob is None or prediction.fine_sigma is None:
+        raise CoreError("heatmap prior: the prediction has no coarse probabilities or fine sigma")
+    maps, c = refiner.lik.maps, refiner.config
+    t = lambda a: torch.as_tensor(a).to(device=maps.device, dtype=maps.dtype)  # noqa: E731
+    cell = run.model.frame(run.maps).cell_wh.to(device=maps.device, dtype=maps.dtype)  # [1, 2] metres
+    cell_sigma = (cell / math.sqrt(12.0)).expand(len(prediction.indices), 2)
+    return heatmap_prior(t(prediction.xy), t(prediction.fine_sigma), t(prediction.coarse_xy[:, 1:]),
+                         t(prediction.coarse_prob), cell_sigma, refiner.area, c.outlier_prob, c.min_sigma_m)
 
 
 def _refined(res, prediction: Prediction, obs, sigma, threshold, n_centres: int, window_s: float, use_prior: bool,
@@ -634,9 +683,12 @@ def refinement_surface(run: LoadedRun, refined: RefinedPrediction, row: int, hal
     refiner, c = run.refiner(refined.search), refined.search
     obs = site_observation(run.dataset, refined.indices[row:row + 1], window_s=refined.window_s)
     dt, dev = run.likelihood.maps.dtype, run.likelihood.maps.device
-    prior = position_prior(torch.as_tensor(refined.start_xy[row:row + 1], dtype=dt, device=dev),
-                           torch.as_tensor(refined.prior_sigma[row:row + 1], dtype=dt, device=dev), refiner.area,
-                           c.outlier_prob, c.min_sigma_m)
+    if refined.prior is not None:  # the heatmap the search used
+        prior = refined.prior.take(slice(row, row + 1))
+    else:
+        prior = position_prior(torch.as_tensor(refined.start_xy[row:row + 1], dtype=dt, device=dev),
+                               torch.as_tensor(refined.prior_sigma[row:row + 1], dtype=dt, device=dev), refiner.area,
+                               c.outlier_prob, c.min_sigma_m)
     centre = refined.start_xy[row] if centre is None else centre
     with cpu_threads(run):
         return likelihood_surface(run.likelihood, obs, centre, float(half_m or c.window_m), step_m, prior)

@@ -30,7 +30,8 @@ def likelihood_config(p: PhysicsLossConfig):
     from core.physics.likelihood import LikelihoodConfig
 
     cells = p.cell_features if p.cell_features == "auto" else tuple(p.cell_features)
-    return LikelihoodConfig(site_features=tuple(p.site_features), cell_features=cells, penalty=p.penalty)
+    return LikelihoodConfig(site_features=tuple(p.site_features), cell_features=cells, penalty=p.penalty,
+                            silence=p.silence)
 
 
 def calibrated_weights(dataset: MeasurementDataset, radio_map: RadioMap, observation: str = "latest",

@@ -4,7 +4,7 @@ A comparison has arms (methods) evaluated on the SAME test UEs for each of the s
 seeds, so errors are paired: ``errors[arm][s]`` is a ``[N]`` array of errors [m] for
 seed ``s``, UE ``n`` being the same UE in every arm.
 
-Change of a metric ``M`` (median, P90 or RMSE) of ``arm`` against ``reference``::
+Change of a metric ``M`` (median, P90, RMSE or the share beyond 20 m) of ``arm`` against ``reference``::
 
     delta = mean_s [ M(errors[arm][s]) - M(errors[reference][s]) ]
 
@@ -25,6 +25,7 @@ METRICS: dict[str, Callable[[np.ndarray], float]] = {
     "median_m": lambda e: float(np.median(e)),
     "p90_m": lambda e: float(np.percentile(e, 90)),
     "rmse_m": lambda e: float(np.sqrt(np.mean(np.square(e)))),
+    "beyond_20m": lambda e: float(np.mean(e > 20.0)),
 }
 
 
@@ -37,6 +38,8 @@ def _metric_rows(errors: np.ndarray, idx: np.ndarray, metric: str) -> np.ndarray
         return np.percentile(sample, 90, axis=1)
     if metric == "rmse_m":
         return np.sqrt(np.mean(np.square(sample), axis=1))
+    if metric == "beyond_20m":
+        return np.mean(sample > 20.0, axis=1)
     raise KeyError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
 
 

@@ -90,8 +90,9 @@ def walk_observation(dataset, indices) -> tuple[SiteObservation, np.ndarray]:
     site = np.where(present[..., None, None], dataset.site_features[idx], np.nan).astype(np.float32)
     cell = np.where(present[..., None], dataset.cell_features[idx], np.nan).astype(np.float32)
     k = ids.shape[-1]
+    room = present & ((ids >= 0).sum(-1) < k)  # a free slot: the sites the report lacks were not heard
     obs = SiteObservation(torch.from_numpy(ids.reshape(n * t_len, k)), torch.from_numpy(site.reshape(n * t_len, k, 3)),
-                          torch.from_numpy(cell.reshape(n * t_len, -1)))
+                          torch.from_numpy(cell.reshape(n * t_len, -1)), room=torch.from_numpy(room.reshape(-1)))
     return obs, np.asarray(dataset.t[idx], dtype=np.float64)
 
 
