@@ -16,7 +16,7 @@ $(error TORCH_BUILD=$(TORCH_BUILD): use auto, cpu, cuda or cuXYZ, e.g. cu128)
 endif
 STAMP := $(VENV)/.installed$(if $(filter cpu,$(TORCH)),,-torch-$(TORCH))
 
-.PHONY: run test bench install default-data default-run scenes many-scenes corpus corpus-manifest small-cities
+.PHONY: run test bench install default-data default-run agnostic-many-run scenes many-scenes corpus corpus-manifest small-cities
 
 $(STAMP): requirements.txt scripts/install_system.sh
 	bash scripts/install_system.sh
@@ -49,6 +49,16 @@ default-run: $(STAMP)
 	$(PY) -m core evaluate --run runs/default_run --refine --baselines
 	rm -f runs/default_run/last.pt
 	rm -rf assets/default_run && cp -r runs/default_run assets/default_run
+
+# The shipped many-city run: the scene-agnostic model (configs/agnostic.yaml) on etoile, florence and the two street
+# canyons, munich held out, with its evaluation on munich, never trained on (about 15 min of training and 1 min of
+# evaluation on a 2-core CPU; docs/model.md "The shipped many-city run"). last.pt is dropped to keep it small.
+agnostic-many-run: $(STAMP)
+	rm -rf runs/agnostic_many
+	$(PY) -m core train --config configs/agnostic.yaml --set 'data.datasets=[datasets/etoile, datasets/florence, datasets/simple_street_canyon, datasets/simple_street_canyon_with_cars]' --set data.holdout_scene=munich --set training.epochs=10 --out runs/agnostic_many --no-progress
+	$(PY) -m core evaluate --run runs/agnostic_many --scene munich --refine --no-progress
+	rm -f runs/agnostic_many/last.pt
+	rm -rf assets/agnostic_many && cp -r runs/agnostic_many assets/agnostic_many
 
 # Rebuild the shipped default data: etoile's radio map and its measurement datasets (the oracle world and the
 # realistic one: the same walks traced in a perturbed twin, docs/world.md). The shipped stores are

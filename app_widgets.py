@@ -23,7 +23,7 @@ from core.jobs.manager import JobConflictError, JobManager, JobSpec, make_datase
 from core.stores import run as run_store
 from core.stores.measurement_model import MeasurementModel
 from core.stores.motion_model import MotionModel
-from core.stores.workspace import DEFAULT_SCENE, Workspace, store_status
+from core.stores.workspace import CORPUS_FOLDER, DEFAULT_SCENE, Workspace, store_status
 from core.stores.world_model import PRESET_NAMES as WORLD_PRESETS
 from core.stores.world_model import PRESETS as WORLDS
 
@@ -528,14 +528,15 @@ def scenes_problem(ws, scenes: list[str], holdout: str | None, portable, picked:
     try:
         ws.training_overrides(scenes, holdout, portable, picked)
         for name in scenes:
-            check_scene_stores((picked or {}).get(name) or ws.dataset_path(name), ws.map_path(name))
+            dataset = (picked or {}).get(name) or ws.dataset_path(name)
+            check_scene_stores(dataset, ws.scene_map_path(name, dataset))
     except CoreError as exc:
         return str(exc)
     return ""
 
 
 # -- procedural cities (issue 18) ---------------------------------------------------------
-CORPUS_DIR = "corpus"  # the corpus folder of the workspace (`make corpus`)
+CORPUS_DIR = CORPUS_FOLDER  # the corpus folder of the workspace (`make corpus`)
 
 
 def city_form(ws: Workspace, key: str = "make_city") -> None:

@@ -295,6 +295,20 @@ def method_table(result: dict[str, Any]):
                          for label, (m, _) in _method_rows(result).items()}).T
 
 
+def held_out_summary(result: dict[str, Any]) -> dict[str, Any] | None:
+    """One row of a held-out evaluation (``evaluate --run R --scene S`` on a scene the run never trained on),
+    None for an in-scene result: scene, split, UEs, and per method of the result (network, network + MAP,
+    network + whole-walk when there) the median and P90 error [m]."""
+    if not result.get("held_out"):
+        return None
+    row: dict[str, Any] = {"scene": result.get("scene"), "split": result.get("split"), "UEs": result.get("count")}
+    for label, (m, _) in _method_rows(result).items():
+        if label in ("network", "network + MAP", "network + whole-walk"):
+            row[f"{label} median [m]"] = m.get("median_m", float("nan"))
+            row[f"{label} P90 [m]"] = m.get("p90_m", float("nan"))
+    return row
+
+
 def group_table(result: dict[str, Any], metric: str = "median_m"):
     """DataFrame of ``metric`` per method (rows) and UE group (columns, :data:`core.learning.groups.GROUPS`
     order, with the group's count in the header)."""

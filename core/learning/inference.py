@@ -176,6 +176,17 @@ class Prediction:
     attention: dict[str, list[np.ndarray]] | None = None
     patch_grid: tuple[int, int] | None = None  # (rows, cols); patch p = row * cols + col, row along +y
     patch_bounds: np.ndarray | None = None  # [P, 4] (x_min, y_min, x_max, y_max) of each patch [m]
+    #: with ``return_distribution=True`` (:func:`predict`), the network's distribution from coarse to fine:
+    #: ``cell_prob [N, G, G]`` the probability of each of its ``G x G`` coarse cells (softmax of the coarse logits,
+    #: unitless, sums to 1 per sample; the chosen cell is its argmax); cell ``(i, j)``: row ``i`` along +y,
+    #: column ``j`` along +x of ``cell_bounds [4]`` (x_min, y_min, x_max, y_max) [m], the loaded map's bounds,
+    #: each cell ``(x_max - x_min) / G`` by ``(y_max - y_min) / G`` m
+    cell_prob: np.ndarray | None = None
+    cell_bounds: np.ndarray | None = None
+    #: agnostic model only (else None): ``[N, s, s]`` the fine head's weights over the ``s x s`` sub-points of the
+    #: chosen cell (softmax, sums to 1); sub-point ``(a, b)`` lies at the cell centre + ``((b + 0.5) / s - 0.5,
+    #: (a + 0.5) / s - 0.5)`` times the cell size (:func:`subpoint_xy`)
+    subpoint_prob: np.ndarray | None = None
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
@@ -356,18 +367,35 @@ def patch_bounds(spec, bounds) -> tuple[tuple[int, int], np.ndarray]:
 
 
 def predict(run: LoadedRun, indices, return_attention: bool = False, batch_size: int = 1024,
-            top_k: int = COARSE_TOP_K) -> Prediction:
+            top_k: int = COARSE_TOP_K, return_distribution: bool = False) -> Prediction:
     """Predict samples ``indices`` (dataset indices) of ``run`` (with :func:`cpu_threads`).
 
     ``top_k``: how many of the most likely coarse cells to return (``coarse_xy``,
-    ``coarse_prob``; at most ``G * G``).
+    ``coarse_prob``; at most ``G * G``). ``return_distribution``: also the network's whole distribution
+    (``cell_prob [N, G, G]``, ``cell_bounds``, and the agnostic model's ``subpoint_prob [N, s, s]``;
+    ``4 G²`` bytes per sample, so for a few samples).
     """
     with cpu_threads(run):
-        return _predict(run, indices, return_attention, batch_size, top_k)
+        return _predict(run, indices, return_attention, batch_size, top_k, return_distribution)
+
+
+def subpoint_xy(prediction: Prediction, row: int, grid_size: int) -> np.ndarray:
+    """``[s, s, 2]`` positions [m] of the sub-points of sample row ``row``'s chosen cell (the cells of a
+    ``grid_size x grid_size`` grid over ``prediction.cell_bounds``), laid out as ``subpoint_prob``."""
+    if prediction.subpoint_prob is None or prediction.cell_prob is None:
+        raise CoreError("subpoint_xy: the prediction has no sub-point weights (an agnostic run, return_distribution)")
+    s = prediction.subpoint_prob.shape[-1]
+    x_min, y_min, x_max, y_max = (float(v) for v in prediction.cell_bounds)
+    w, h = (x_max - x_min) / grid_size, (y_max - y_min) / grid_size
+    i, j = np.unravel_index(int(np.argmax(prediction.cell_prob[row])), prediction.cell_prob[row].shape)
+    u = (np.arange(s) + 0.5) / s - 0.5
+    cx, cy = x_min + (j + 0.5) * w, y_min + (i + 0.5) * h
+    return np.stack(np.meshgrid(cx + u * w, cy + u * h, indexing="xy"), -1)  # [a (y), b (x), 2]
 
 
 @torch.no_grad()
-def _predict(run: LoadedRun, indices, return_attention: bool, batch_size: int, top_k: int) -> Prediction:
+def _predict(run: LoadedRun, indices, return_attention: bool, batch_size: int, top_k: int,
+             return_distribution: bool = False) -> Prediction:
     indices = np.atleast_1d(np.asarray(indices, dtype=np.int64))
     if indices.size and (indices.min() < 0 or indices.max() >= run.dataset.num_samples):
         raise CoreError(f"predict: indices must be in [0, {run.dataset.num_samples}), got {indices.min()}..{indices.max()}")
@@ -379,20 +407,35 @@ def _predict(run: LoadedRun, indices, return_attention: bool, batch_size: int, t
     attention: dict[str, list[list[np.ndarray]]] = {}
     maps = run.maps  # the loaded scene's map and bounds: positions in its frame
     frame = run.model.frame(maps)
+    agnostic = run.model.spec.kind == "agnostic"
+    if return_distribution:
+        parts["cell_prob"] = []
+        if agnostic:
+            parts["subpoint_prob"] = []
+    g = run.model.spec.grid_size
     for start in range(0, len(data), batch_size):
         b = data.batch(torch.arange(start, min(start + batch_size, len(data))), run.device)
-        out = run.model(b["feats"], b["site_index"], b["mask"], maps, return_attention=return_attention)
-        prob, cells = out.logits.softmax(-1).topk(top_k, dim=-1)
+        out = run.model(b["feats"], b["site_index"], b["mask"], maps,
+                        return_attention=return_attention or (return_distribution and agnostic))
+        prob_all = out.logits.softmax(-1)
+        prob, cells = prob_all.topk(top_k, dim=-1)
         out_np = {"xy": out.xy, "sigma": out.sigma, "confidence": out.confidence, "coarse_prob": prob,
                   "coarse_xy": run.model.cell_centre(cells.reshape(-1), frame).reshape(*cells.shape, 2),
                   "fine_sigma": (0.5 * out.logvar).exp() * frame.cell_wh}
+        if return_distribution:
+            out_np["cell_prob"] = prob_all.reshape(-1, g, g)
+            if agnostic:
+                w = out.attention["subpoint_weights"][0]
+                s = int(round(w.shape[-1] ** 0.5))
+                out_np["subpoint_prob"] = w.reshape(-1, s, s)
         for k in parts:
             parts[k].append(out_np[k].cpu().numpy())
         if return_attention:
             for key, layers in out.attention.items():
                 attention.setdefault(key, []).append([w.cpu().numpy() for w in layers])
+    s = run.model.spec.fine_subgrid
     empty = {"xy": (0, 2), "sigma": (0, 2), "confidence": (0,), "coarse_xy": (0, top_k, 2), "coarse_prob": (0, top_k),
-             "fine_sigma": (0, 2)}
+             "fine_sigma": (0, 2), "cell_prob": (0, g, g), "subpoint_prob": (0, s, s)}
     cat = {k: (np.concatenate(v) if v else np.zeros(empty[k], np.float32)) for k, v in parts.items()}
     true_xy = data.target_xy.numpy()
     pred = Prediction(
@@ -400,6 +443,8 @@ def _predict(run: LoadedRun, indices, return_attention: bool, batch_size: int, t
         error_m=position_errors(cat["xy"], true_xy), los=data.los.numpy(), num_reports=data.num_reports.numpy(),
         coarse_xy=cat["coarse_xy"], coarse_prob=cat["coarse_prob"], fine_sigma=cat["fine_sigma"],
         groups=ue_groups(run.dataset, indices, run.config.physics_loss.report_window_s),
+        cell_prob=cat.get("cell_prob"), subpoint_prob=cat.get("subpoint_prob"),
+        cell_bounds=np.asarray(run.radio_map.bounds, dtype=np.float64) if return_distribution else None,
     )
     if return_attention:  # per key, per layer: the batches concatenated
         pred.attention = {key: [np.concatenate([c[layer] for c in chunks]) for layer in range(len(chunks[0]))]
