@@ -85,3 +85,20 @@ def test_more_picks_than_the_map_holds_fall_back_like_the_full_scan():
     obs = site_observation(DATA, np.arange(12), window_s=1.0)
     full = scan_starts(LIK, obs, step_m=40.0, top=30, bound_block=0)
     assert torch.equal(scan_starts(LIK, obs, step_m=40.0, top=30, bound_block=2), full)
+
+
+def test_with_the_silence_term_the_bounded_scan_still_makes_the_full_scans_picks():
+    """The silence term (>= 0) is outside the block bound, inside every scored point: the picks stay the full scan's."""
+    from core.physics.silence import Silence
+
+    pg = LIK.maps.site_part(LIK.maps.sample(torch.zeros(1, 2, dtype=LIK.maps.dtype)))[0]
+    lik = RobustLikelihood(LIK.maps, CAL, LikelihoodConfig(cell_features=(), silence=True),
+                           silence=Silence(float(pg.median()), 0.05))
+    obs = site_observation(DATA, np.arange(80), window_s=1.0)
+    ids = obs.site_ids.clone()
+    ids[:, 1:] = -1  # one site heard: the others silent
+    obs = obs._replace(site_ids=ids, room=torch.ones(80, dtype=torch.bool))
+    assert not torch.equal(scan_starts(lik, obs, step_m=4.0, top=6, bound_block=0),
+                           scan_starts(LIK, obs, step_m=4.0, top=6, bound_block=0))  # silence moves picks
+    torch.testing.assert_close(scan_starts(lik, obs, step_m=4.0, top=6),
+                               scan_starts(lik, obs, step_m=4.0, top=6, bound_block=0), rtol=0, atol=0)

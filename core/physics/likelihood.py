@@ -464,10 +464,17 @@ class RobustLikelihood(torch.nn.Module):
             total = _FusedNLL.apply(raw, kernel)
         else:
             total = kernel(raw, False)[0]
-        if prep.unheard is not None:  # autograd through the path-gain channels
-            s = self.maps.num_sites
-            total = total + self._silence(raw[:s].view(s, b, p), cov[:s].view(s, b, p), prep.unheard.unsqueeze(-1))
+        total = self._add_silence(total, raw, cov, prep, b, p)
         return total.squeeze(1) if single else total
+
+    def _add_silence(self, total: torch.Tensor, raw: torch.Tensor, cov: torch.Tensor, prep: PreparedObservation,
+                     b: int, p: int) -> torch.Tensor:
+        """``total [B, P]`` plus the silence term of ``prep`` at the points of ``raw [C, B P]`` (autograd through the
+        path-gain channels); ``total`` itself without one."""
+        if prep.unheard is None:
+            return total
+        s = self.maps.num_sites
+        return total + self._silence(raw[:s].view(s, b, p), cov[:s].view(s, b, p), prep.unheard.unsqueeze(-1))
 
     def _silence(self, gain: torch.Tensor, cover: torch.Tensor, unheard: torch.Tensor) -> torch.Tensor:
         """The silence term [nats] (:func:`~core.physics.silence.silence_nll`) with the path-gain calibration."""
@@ -512,7 +519,8 @@ class RobustLikelihood(torch.nn.Module):
             raise CoreError(f"likelihood: evaluate_sampled needs raw [{self.maps.num_channels}, B * P] and coverage "
                             f"[{self.maps.num_sites + 1}, B * P] for B = {b}, got {tuple(raw.shape)}, "
                             f"{tuple(coverage.shape)}")
-        return self._kernel(raw.contiguous(), coverage, prep, b, n // b, False)[0]
+        raw = raw.contiguous()
+        return self._add_silence(self._kernel(raw, coverage, prep, b, n // b, False)[0], raw, coverage, prep, b, n // b)
 
     def _kernel(self, raw: torch.Tensor, coverage: torch.Tensor, prep: PreparedObservation, b: int, p: int,
                 need_grad: bool):
