@@ -32,7 +32,11 @@ Loss per batch::
   linear ramp (per step) over ``physics_loss.ramp_epochs`` to ``lambda_phys``.
 
 ``data.label_fraction < 1`` keeps the labels of only that fraction of the train walks (drawn
-with ``seed``); the others contribute the physics term alone. ``data.split: spatial`` holds out
+with ``seed``); the others contribute the physics term alone. ``training.init_from: RUN`` starts from
+that run's weights (:mod:`core.learning.fine_tune`; fresh optimiser and schedule, recorded in lineage.json);
+with ``data.label_fraction: 0`` the likelihood's calibration is transferred from it and no label is read.
+``training.model_selection: last`` (forced with no label) keeps the last epoch in best.pt, never reads the
+val split and never stops early (its metrics rows have ``val_*`` None). ``data.split: spatial`` holds out
 whole map blocks for val and test (applied at load time). With the physics term off, unlabelled
 walks are left out of the forward pass (they would contribute nothing).
 
