@@ -100,6 +100,8 @@ def test_label_fraction_zero_trains_on_physics_alone_and_reads_no_label(world, t
 
     run = load_run(tmp_path / "a0")
     assert calibrate_run(run).meta.get("transferred_from_run") == str(world / "source")
+    (tmp_path / "a0" / "calibration.json").unlink()  # gone: transferred again, not calibrated on the train labels
+    assert calibrate_run(load_run(tmp_path / "a0")).meta.get("transferred_from_run") == str(world / "source")
 
 
 def test_bad_init_from_is_one_line(world, tmp_path, capsys):

@@ -49,7 +49,6 @@ def check_init_from(config: Config) -> InitRun | None:
     """The run ``training.init_from`` names, checked (None when unset); a :class:`ConfigError` of one line
     naming the key otherwise: no run directory, an unreadable checkpoint or config, another model kind or
     size, or (``data.label_fraction: 0``) no stored calibration to transfer."""
-    from core.learning.inference import trained_scenes
     from core.stores import run as run_store
 
     given = config.training.init_from
@@ -72,7 +71,8 @@ def check_init_from(config: Config) -> InitRun | None:
     diffs = [f"{k} {have.get(k)} (this config: {want[k]})" for k in ARCH_FIELDS if k in want and have.get(k) != want[k]]
     if diffs:
         raise ConfigError(f"{KEY}: {given} holds another model: {'; '.join(diffs)}; set model.* to its kind and sizes")
-    init = InitRun(run_dir, path, ckpt, init_config, trained_scenes(run_dir, init_config))
+    lineage = run_store.read_lineage(run_dir) if (run_dir / run_store.LINEAGE).exists() else None
+    init = InitRun(run_dir, path, ckpt, init_config, lineage.scene_names if lineage is not None else [])
     if config.data.label_fraction == 0 and not _source_calibrations(init):
         raise ConfigError(f"{KEY}: {given} has no stored likelihood calibration to transfer (data.label_fraction 0 "
                           "calibrates on no label of its own)")
@@ -111,18 +111,18 @@ def _source_calibrations(init: InitRun) -> list:
     return out
 
 
-def transferred_calibrations(init: InitRun, run) -> list:
-    """One likelihood calibration per training scene of ``run`` (a :class:`~core.learning.scene_data.RunData`),
-    transferred from ``init``'s stored ones onto that scene's map; ``meta`` records the scene's dataset and map
-    (so evaluation reads it back instead of calibrating on labels), ``label_fraction`` 0 and the source run."""
+def transferred_calibrations(init: InitRun, stores: list[tuple]) -> list:
+    """One likelihood calibration per ``(dataset, radio map)`` of ``stores`` (the training scenes), transferred
+    from ``init``'s stored ones onto that scene's map; ``meta`` records the scene's dataset and map (so evaluation
+    reads it back instead of calibrating on labels), ``label_fraction`` 0 and the source run."""
     from core.physics.calibration import transfer_calibration
 
     sources = _source_calibrations(init)
     out = []
-    for scene in run.scenes:
-        cal = transfer_calibration(sources, scene.radio_map)
-        cal.meta.update({"scene": scene.name, "dataset": scene.dataset.ref.to_dict(),
-                         "radio_map": scene.radio_map.ref.to_dict(), "label_fraction": 0.0,
+    for dataset, radio_map in stores:
+        cal = transfer_calibration(sources, radio_map)
+        cal.meta.update({"scene": dataset.ref.scene, "dataset": dataset.ref.to_dict(),
+                         "radio_map": radio_map.ref.to_dict(), "label_fraction": 0.0,
                          "transferred_from_run": str(init.run_dir)})
         out.append(cal)
     return out

@@ -167,7 +167,9 @@ def _build_loop(config: Config, run: RunData, device: torch.device, rank: int, w
         load_weights(model, init)
     model = model.to(device)
     # no labelled walk: the likelihood's calibration is the init run's, transferred (never this scene's labels)
-    calibrations = fine_tune.transferred_calibrations(init, run) if config.data.label_fraction == 0 else None
+    calibrations = None
+    if config.data.label_fraction == 0:
+        calibrations = fine_tune.transferred_calibrations(init, [(s.dataset, s.radio_map) for s in run.scenes])
     physics = make_scene_physics(config, run, device, calibrations) if config.physics_active else None
     prior = _attach_posteriors(run, parts, physics, config)
     train_data = concat_tensors(parts)
