@@ -168,8 +168,9 @@ else:
                         key="grad_chart")
         if rows:
             last = rows[-1]
-            st.caption(f"Epoch {last.get('epoch', len(rows))}: val median {last.get('val_median_m', float('nan')):.2f} m, "
-                       f"P90 {last.get('val_p90_m', float('nan')):.2f} m, {last.get('epoch_s', float('nan')):.1f} s/epoch.")
+            val = (f"val median {last['val_median_m']:.2f} m, P90 {last.get('val_p90_m') or float('nan'):.2f} m"
+                   if last.get("val_median_m") is not None else "no validation (model selection: last)")
+            st.caption(f"Epoch {last.get('epoch', len(rows))}: {val}, {last.get('epoch_s', float('nan')):.1f} s/epoch.")
 
     with wb.guard("curves"):
         curves()

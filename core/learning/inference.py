@@ -307,11 +307,27 @@ def calibrate_run(run: LoadedRun):
     if run.calibration is None:
         if run.held_out:
             run.calibration = _transferred_calibration(run)
+        elif run.config.data.label_fraction == 0 and not run.foreign_dataset:  # trained with no label: none read now
+            run.calibration = _unlabelled_run_calibration(run)
         else:
             name = None if run.scene_index == 0 else run.trained_scenes[run.scene_index]
             run.calibration = ensure_calibration(run.run_dir, run.dataset, run.radio_map, name,
                                                  store=not (run.foreign_dataset or run.map_override))
     return run.calibration
+
+
+def _unlabelled_run_calibration(run: LoadedRun):
+    """A run trained with ``data.label_fraction: 0``: its stored calibration when made from these stores, else
+    the one transferred again from its ``training.init_from`` run -- never calibrated on this scene's labels."""
+    from core.learning.fine_tune import check_init_from, transferred_calibrations
+    from core.learning.run_calibration import made_from, read_calibration
+
+    name = None if run.scene_index == 0 else run.trained_scenes[run.scene_index]
+    with contextlib.suppress(StoreError):
+        stored = read_calibration(run.run_dir, name)
+        if stored is not None and made_from(stored, run.dataset.ref, run.radio_map.ref):
+            return stored
+    return transferred_calibrations(check_init_from(run.config), [(run.dataset, run.radio_map)])[0]
 
 
 def _transferred_calibration(run: LoadedRun):

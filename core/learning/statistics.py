@@ -57,8 +57,8 @@ def paired_delta(arm: Sequence[np.ndarray], reference: Sequence[np.ndarray], met
     """Change of ``metric`` of ``arm`` against ``reference`` with its bootstrap 95 % CI.
 
     ``arm`` and ``reference``: one ``[N]`` error array [m] per seed, same seeds, same UEs.
-    Returns ``{"delta", "ci_low", "ci_high", "ratio"}`` where ``ratio`` is the mean over
-    seeds of ``M(arm) / M(reference)``.
+    Returns ``{"delta", "ci_low", "ci_high", "ratio", "ratio_ci_low", "ratio_ci_high"}`` where ``ratio`` is
+    the mean over seeds of ``M(arm) / M(reference)`` and its CI comes from the same bootstrap replicates.
     """
     a, r = _stack(arm, "arm"), _stack(reference, "reference")
     if a.shape != r.shape:
@@ -67,14 +67,18 @@ def paired_delta(arm: Sequence[np.ndarray], reference: Sequence[np.ndarray], met
     identity = np.broadcast_to(np.arange(n), (n_seeds, n))
     m_a, m_r = _metric_rows(a, identity, metric), _metric_rows(r, identity, metric)
     rng = np.random.default_rng(seed)
-    deltas = np.empty(n_boot)
+    deltas, ratios = np.empty(n_boot), np.empty(n_boot)
     for b in range(n_boot):
         seeds = rng.integers(0, n_seeds, size=n_seeds)
         ues = rng.integers(0, n, size=(n_seeds, n))
-        deltas[b] = np.mean(_metric_rows(a[seeds], ues, metric) - _metric_rows(r[seeds], ues, metric))
+        ma, mr = _metric_rows(a[seeds], ues, metric), _metric_rows(r[seeds], ues, metric)
+        deltas[b] = np.mean(ma - mr)
+        ratios[b] = np.mean(ma / np.maximum(mr, 1e-12))
     low, high = np.percentile(deltas, [2.5, 97.5])
+    r_low, r_high = np.percentile(ratios, [2.5, 97.5])
     return {"delta": float(np.mean(m_a - m_r)), "ci_low": float(low), "ci_high": float(high),
-            "ratio": float(np.mean(m_a / np.maximum(m_r, 1e-12)))}
+            "ratio": float(np.mean(m_a / np.maximum(m_r, 1e-12))), "ratio_ci_low": float(r_low),
+            "ratio_ci_high": float(r_high)}
 
 
 def seed_summary(per_seed: Sequence[np.ndarray]) -> dict[str, float]:
