@@ -97,7 +97,8 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
 
         if silence_threshold_db(run.dataset, run.radio_map) is None:  # before any work
             raise CoreError(f"--silence: {run.dataset.ref.path} records no sensitivity (--sensitivity-dbm off, or "
-                            "no measurement model): every site is reported, so silence says nothing")
+                            "no measurement model: every site is reported, so silence says nothing), or its map no "
+                            "transmit power")
         run.config.physics_loss.silence = True
     indices = run.dataset.indices(split)
     if len(indices) == 0:

@@ -124,7 +124,8 @@ class LoadedRun:
         threshold = silence_threshold_db(self.dataset, self.radio_map)
         if threshold is None:
             raise CoreError(f"silence: {self.dataset.ref.path or 'the dataset'} records no sensitivity "
-                            "(--sensitivity-dbm off): every site is reported, silence says nothing")
+                            "(--sensitivity-dbm off: every site is reported, silence says nothing), or its map no "
+                            "transmit power")
         if self.held_out:
             return Silence(threshold)
         return fit_silence(self.dataset, maps, self.calibration, threshold, split="train")

@@ -108,14 +108,14 @@ def silence_nll(gain: torch.Tensor, cover: torch.Tensor, unheard, bias: torch.Te
 
 
 def silence_threshold_db(dataset, radio_map) -> float | None:
-    """``G_thr = S_rx - P_tx`` [dB]: the dataset's recorded sensitivity minus the map's transmit power;
-    None when the measurement model has no sensitivity (or records none)."""
-    from core.raytracing.coverage import heard_threshold_db, map_tx_power_dbm
-
+    """``G_thr = S_rx - P_tx`` [dB]: the dataset's recorded sensitivity minus the transmit power the map
+    records (``attrs["radio"]["tx_power_dbm"]``); None when either is not recorded (or there is no
+    sensitivity: every site is reported)."""
     model = dataset.measurement_model
-    if model is None or model.sensitivity_dbm is None:
+    tx = (radio_map.attrs.get("radio") or {}).get("tx_power_dbm")
+    if model is None or model.sensitivity_dbm is None or tx is None:
         return None
-    return heard_threshold_db(map_tx_power_dbm(radio_map), model.sensitivity_dbm)
+    return float(model.sensitivity_dbm) - float(tx)
 
 
 def fit_silence(dataset, maps, calibration, threshold_db: float, split: str | None = "train",
