@@ -323,9 +323,9 @@ class SiteMaps(GridTable):
         ids = self.check_site_ids(site_ids, xy.shape[0])
         b, k = ids.shape
         xy = xy.to(device=self.device, dtype=self.dtype)
-        chans, weight = self.path_part(torch.cat([torch.zeros((self.num_channels, b), dtype=self.dtype,
-                                                              device=self.device), self.path_components(xy)]))
         m = self.components
+        comp = self.path_components(xy)
+        chans, weight = comp[: 3 * m * self.num_sites].view(3, m, self.num_sites, b), comp[3 * m * self.num_sites:]
         idx = ids.clamp(min=0).t().reshape(1, 1, k, b).expand(3, m, k, b)
         slots = torch.gather(chans, 2, idx)  # [3, M, K, B]
         aoa = angle_from_cos_sin(slots[1], slots[2])
