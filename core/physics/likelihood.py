@@ -462,7 +462,7 @@ class RobustLikelihood(torch.nn.Module):
             s, n_base = self.maps.num_sites, self.maps.num_channels
             raw = sampled[:n_base].unsqueeze(1).expand(-1, b, p).reshape(-1, b * p)
             chans, weight = self.maps.path_part(sampled)
-            shared = (chans.view(3, -1, s, 1, p), weight.view(4, 1, p))
+            shared = (chans.view(3, self.paths, s, 4, 1, p), weight.view(4, 1, p))
             return self._mixture_kernel(raw, cov[:s].view(s, b, p), cov, prep, b, p, None, shared)[0]
         raw = sampled.unsqueeze(1).expand(-1, b, p).reshape(-1, b * p)
         return self._kernel(raw, cov, prep, b, p, False)[0]
@@ -524,26 +524,26 @@ class RobustLikelihood(torch.nn.Module):
         return tm.mul_(cov).add_(prep.r_miss_cell.unsqueeze(1))
 
     def _components(self, raw: torch.Tensor, b: int, p: int, shared=None):
-        """``(values [3, M, S, B|1, P], weight [4, B|1, P])``: the mixture components of a k-path map (their ToA,
-        cos, sin; :meth:`SiteMaps.path_components`) and the stencil cells' weights, from ``raw`` or ``shared``."""
+        """``(values [3, k, S, 4, B|1, P], weight [4, B|1, P])``: the mixture components of a k-path map (ToA, cos,
+        sin of path rank ``r`` of site ``s`` at stencil cell ``c``; :meth:`SiteMaps.path_components`) and the stencil
+        cells' weights, from ``raw`` or ``shared``."""
         if shared is not None:
             return shared
         chans, weight = self.maps.path_part(raw)
-        return chans.view(3, -1, self.maps.num_sites, b, p), weight.view(4, b, p)
+        return chans.view(3, self.paths, self.maps.num_sites, 4, b, p), weight.view(4, b, p)
 
     def _log_omega(self, weight: torch.Tensor) -> torch.Tensor:
-        """``log (pi_r w_c)`` ``[M, 1, B|1, P]`` of component ``m = 4 r + c`` (-inf where ``w_c = 0``)."""
-        k = self.paths
-        return (self.log_pi.view(k, 1, 1, 1) + torch.log(weight).unsqueeze(0)).view(4 * k, 1, *weight.shape[1:])
+        """``log (pi_r w_c)`` ``[k, 1, 4, B|1, P]`` (-inf where ``w_c = 0``)."""
+        return self.log_pi.view(-1, 1, 1, 1, 1) + torch.log(weight).unsqueeze(0).unsqueeze(0)
 
     def _path_rho(self, chans: torch.Tensor, prep: PreparedObservation, b: int, need_grad: bool):
-        """Per component ``m``: ``r [M, S, B, P]`` = ``w_toa rho(z_toa,m) + w_aoa rho(z_aoa,m)`` from ``chans
-        [3, M, S, B|1, P]`` and, if asked, its gradients ``d r / d (toa, cos, sin)`` ``[3, M, S, B, P]``."""
-        m_n, s, p = chans.shape[1], chans.shape[2], chans.shape[-1]
+        """Per component: ``r [k, S, 4, B, P]`` = ``w_toa rho(z_toa) + w_aoa rho(z_aoa)`` from ``chans
+        [3, k, S, 4, B|1, P]`` and, if asked, its gradients ``d r / d (toa, cos, sin)`` ``[3, k, S, 4, B, P]``."""
+        k, s, p = chans.shape[1], chans.shape[2], chans.shape[-1]
         kind, delta = self.config.penalty, self.config.huber_delta
-        r = torch.zeros((m_n, s, b, p), dtype=chans.dtype, device=chans.device)
-        g = torch.zeros((3, m_n, s, b, p), dtype=chans.dtype, device=chans.device) if need_grad else None
-        un = lambda v: v.view(1, s, b, 1)  # noqa: E731
+        r = torch.zeros((k, s, 4, b, p), dtype=chans.dtype, device=chans.device)
+        g = torch.zeros((3, k, s, 4, b, p), dtype=chans.dtype, device=chans.device) if need_grad else None
+        un = lambda v: v.view(1, s, 1, b, 1)  # noqa: E731
         if self.w[1]:
             r.add_(_linear_rho(chans[0], un(prep.o_toa), un(prep.inv2_toa), kind, delta,
                                None if g is None else g[0]).mul_(self.w[1]))
@@ -557,11 +557,11 @@ class RobustLikelihood(torch.nn.Module):
         return r, g
 
     def _path_factors(self, chans: torch.Tensor, prep: PreparedObservation, b: int, g=None) -> torch.Tensor:
-        """Cauchy with 0/1 weights: ``1 / (D_toa,m D_aoa,m)`` ``[M, S, B, P]`` with ``D = 1 + z^2`` (capped as in
-        :func:`_linear_rho`): :meth:`_path_rho`'s ``exp(-r_m)`` without a log. Writes ``d r_m / d`` (toa, cos,
-        sin) into ``g [3, M, S, B, P]`` when given."""
+        """Cauchy with 0/1 weights: ``1 / (D_toa D_aoa)`` ``[k, S, 4, B, P]`` with ``D = 1 + z^2`` (capped as in
+        :func:`_linear_rho`): :meth:`_path_rho`'s ``exp(-r)`` without a log. Writes ``d r / d`` (toa, cos,
+        sin) into ``g [3, k, S, 4, B, P]`` when given."""
         s = chans.shape[2]
-        un = lambda v: v.view(s, b, 1)  # noqa: E731
+        un = lambda v: v.view(1, s, 1, b, 1)  # noqa: E731
         den = None
         if self.w[1]:
             den = _linear_rho(chans[0], un(prep.o_toa), un(prep.inv2_toa), "cauchy", 0.0, None if g is None else g[0],
@@ -591,33 +591,32 @@ class RobustLikelihood(torch.nn.Module):
         elif gs is not None:
             gs[0].zero_()
         chans, weight = self._components(raw, b, p, shared)
-        log_omega = self._log_omega(weight)  # [M, 1, B|1, P]
+        log_omega = self._log_omega(weight)  # [k, 1, 4, B|1, P]
         g = gw = None
         if gs is not None:
             gs[1:4].zero_()  # path 0's interpolated channels: not in the mixture (its anchors are)
             g, gw = self._components(grad, b, p)
-            gw = gw.view(4, b, p)
-        if self._product_mixture:  # Cauchy, weights 0/1: sum_m pi_r w_c / (D_toa,m D_aoa,m), ONE log, no copies
-            inv = self._path_factors(chans, prep, b, g)  # [M, S, B, P]
+        if self._product_mixture:  # Cauchy, weights 0/1: sum pi_r w_c / (D_toa D_aoa), ONE log, no copies
+            inv = self._path_factors(chans, prep, b, g)  # [k, S, 4, B, P]
             omega = log_omega.exp()
-            mix = (inv.mul_(omega) if g is None else inv * omega).sum(0)  # [S, B, P]
+            mix = (inv.mul_(omega) if g is None else inv * omega).sum((0, 2))  # [S, B, P]
             t.sub_(torch.log(mix))
             if g is not None:
-                e = inv.div_(mix)  # exp(-r_m) / mix, per unit weight
+                e = inv.div_(mix.unsqueeze(1))  # exp(-r) / mix, per unit weight
                 g.mul_(e * omega)  # times the responsibilities
         else:
             r, gr = self._path_rho(chans, prep, b, g is not None)
             a = log_omega - r
-            lse = torch.logsumexp(a, 0)  # [S, B, P]
+            lse = torch.logsumexp(a, (0, 2))  # over (rank, cell): [S, B, P]
             t.sub_(lse)
             if g is not None:
-                g.copy_(gr.mul_((a - lse).exp_()))  # times the responsibilities
-                e = (-r - lse).exp_()  # exp(-r_m) / mix, per unit weight
+                g.copy_(gr.mul_((a - lse.unsqueeze(1)).exp_()))  # times the responsibilities
+                e = (-r - lse.unsqueeze(1)).exp_()  # exp(-r) / mix, per unit weight
         if g is not None:  # d (-log mix) / d w_c = -sum_r pi_r exp(-r_(r,c)) / mix, summed over covered sites
-            e = e.mul_(cov).sum(1).view(k, 4, b, p).mul_(self.log_pi.exp().view(k, 1, 1, 1)).sum(0)
+            e = e.mul_(cov.unsqueeze(1)).sum(1).mul_(self.log_pi.exp().view(k, 1, 1, 1)).sum(0)  # [4, B, P]
             gw.copy_(e.neg_())
             gs.mul_(cov)
-            g.mul_(cov)
+            g.mul_(cov.unsqueeze(1))
         total = t.sub_(prep.r_miss.unsqueeze(-1)).mul_(cov).sum(0).add_(prep.r_miss.sum(0).unsqueeze(-1))
         if self.cell_features:
             total.add_(self._cell_kernel(raw, coverage[s].view(b, p), prep, b, p, grad))
@@ -669,9 +668,11 @@ class RobustLikelihood(torch.nn.Module):
         """For :meth:`terms` with a mixture: ``(r_toa, r_aoa, z2 [B, K, 3], correction [B, K])`` against each slot's
         most responsible path component ``m*``; ``correction = mixture - r_m* = log(gamma_m* / omega_m*)`` [nats]."""
         b, k_slots = ids.shape
-        chans, weight = self._components(raw, b, 1)  # [3, M, S, B, 1], [4, B, 1]
-        r, _ = self._path_rho(chans, prep, b, False)  # [M, S, B, 1]
+        chans, weight = self._components(raw, b, 1)  # [3, k, S, 4, B, 1], [4, B, 1]
+        r, _ = self._path_rho(chans, prep, b, False)  # [k, S, 4, B, 1]
         a = self._log_omega(weight) - r
+        flat = lambda v: v.transpose(1, 2).flatten(0, 1)  # noqa: E731  [k, S, 4, ...] -> [M, S, ...], m = 4 r + c
+        r, a = flat(r), flat(a)
         lse = torch.logsumexp(a, 0)
         best = a.argmax(0)  # [S, B, 1]
         corr = (-lse - torch.gather(r, 0, best.unsqueeze(0))[0])[..., 0].t()  # [B, S]
@@ -680,7 +681,7 @@ class RobustLikelihood(torch.nn.Module):
         def sel(c):  # c [M, S, B] -> the best component's value per slot [B, K]
             return torch.gather(torch.gather(c, 0, pick)[0].t(), 1, ids.clamp(min=0))
 
-        chans = chans[..., 0]
+        chans = chans[..., 0].transpose(2, 3).flatten(1, 2)  # [3, M, S, B]
         toa_j, cos_j, sin_j = (sel(chans[i]) for i in range(3))  # [B, K]
         uc = torch.where(ids >= 0, torch.gather(prep.u_c.t(), 1, ids.clamp(min=0)), 0.0)
         us = torch.where(ids >= 0, torch.gather(prep.u_s.t(), 1, ids.clamp(min=0)), 0.0)

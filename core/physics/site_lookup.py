@@ -19,7 +19,7 @@ with the layers of exactly those sites.
 
 A k-path map (``k > 1``, :attr:`SiteMaps.paths`) adds every site's ``k`` paths per cell as ANCHORS
 (:mod:`core.stores.path_anchors`: ``q``, its height above the cell's receiver ``dz`` and the length
-before it ``L0``), in a separate table ``anchor_table [H W, S, k, 4]``. They are never interpolated:
+before it ``L0``), in a separate table ``anchor_table [4 k S, H W]``. They are never interpolated:
 :meth:`SiteMaps.path_components` evaluates each path of each of the four cells ``c`` of the bilinear
 stencil around ``p`` AT ``p``::
 
@@ -31,7 +31,7 @@ mixture components per site, each ONE path, exact inside a cell for a specular p
 path 0 (its weight goes to path 0); a cell the site does not cover holds the nearest covered cell's paths.
 :meth:`SiteMaps.sample` with ``paths=True`` appends them to the table's channels::
 
-    [A, A + 3 M S)   toa, cos, sin of component m = 4 r + c of site s      (A = 4 S + F_c)
+    [A, A + 3 M S)   toa, cos, sin of path rank r of site s at stencil cell c, [3, k, S, 4]  (A = 4 S + F_c)
     [A + 3 M S, A + 3 M S + 4)   the stencil weights w_c
 
 and a coverage bitmask per cell: bit ``s`` set where site ``s`` has a path AND the cell is
@@ -120,9 +120,10 @@ def _site_slabs(path_gain, toa, aoa, valid) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def _anchor_table(anchors, cover: np.ndarray) -> np.ndarray:
-    """``[H W, S, k, 4]`` float64 lookup table of anchors ``[S, k, 4, H, W]`` (``(q_x, q_y, dz, L0)`` [m], NaN
-    absent; :meth:`~core.stores.radio_map.RadioMap.path_anchors`): absent paths hold the cell's path 0,
-    cells site ``s`` does not cover (``cover [S, H, W]``) the nearest covered cell's paths."""
+    """``[4 k S, H W]`` float64 lookup table (rows: coordinate, rank, site) of anchors ``[S, k, 4, H, W]``
+    (``(q_x, q_y, dz, L0)`` [m], NaN absent; :meth:`~core.stores.radio_map.RadioMap.path_anchors`): absent
+    paths hold the cell's path 0, cells site ``s`` does not cover (``cover [S, H, W]``) the nearest covered
+    cell's paths."""
     a = np.asarray(anchors, dtype=np.float64)
     s, k, four, h, w = a.shape
     if four != 4 or cover.shape != (s, h, w):
@@ -134,7 +135,7 @@ def _anchor_table(anchors, cover: np.ndarray) -> np.ndarray:
         filled = np.where(present, a[i], a[i, :1])
         filled = np.where(has0[None, None], filled, 0.0)
         out[i] = fill_holes(filled.reshape(k * 4, h, w), has0).reshape(k, 4, h, w)
-    return out.transpose(3, 4, 0, 1, 2).reshape(h * w, s, k, 4)
+    return out.transpose(2, 1, 0, 3, 4).reshape(4 * k * s, h * w)
 
 
 class SiteMaps(GridTable):
@@ -156,7 +157,7 @@ class SiteMaps(GridTable):
     int64 ``[H * W]``; ``cover`` bool ``[S + 1, H, W]`` (sites, then ``valid``);
     ``scale, offset [2]`` with ``grid = offset + xy * scale``; ``lo, hi [2]`` the outer
     bounds; ``site_xyz``.
-    k-path maps: ``anchor_table [H W, S, k, 4]`` (:func:`_anchor_table`).
+    k-path maps: ``anchor_table [4 k S, H W]`` (:func:`_anchor_table`).
     Attributes: ``num_sites``, ``paths`` (k: 1, or the k-path map's), ``cell_features``, ``spread [S, 3]`` (numpy: std of each
     site's path gain, ToA and circular std of AoA over the cells it covers), ``cell_spread``
     ``{name: std over valid cells}``, ``bounds``, ``shape (H, W)``, ``cell_size``.
@@ -179,8 +180,8 @@ class SiteMaps(GridTable):
         if not (x_max > x_min and y_max > y_min):
             raise CoreError(f"SiteMaps: bounds {self.bounds} must have x_max > x_min and y_max > y_min")
         slabs, cover, self.spread = _site_slabs(path_gain, toa, aoa, valid)
-        anchor_table = None if anchors is None else _anchor_table(anchors, cover)  # [H W, S, k, 4]
-        self.paths = 1 if anchor_table is None else anchor_table.shape[2]
+        anchor_table = None if anchors is None else _anchor_table(anchors, cover)  # [4 k S, H W]
+        self.paths = 1 if anchor_table is None else anchor_table.shape[0] // (4 * s)
         cell = dict(cell or {})
         self.cell_features = tuple(cell)
         planes = [slabs.reshape(4 * s, h, w)]
@@ -286,11 +287,11 @@ class SiteMaps(GridTable):
         return 4 * self.paths
 
     def path_part(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``raw`` of :meth:`sample` with ``paths`` -> ``(values [3, M, S, N]`` (ToA [ns], cos, sin of component
-        ``m = 4 r + c``), ``weight [4, N]`` (the stencil cells' bilinear weights)), views."""
+        """``raw`` of :meth:`sample` with ``paths`` -> ``(values [3, k, S, 4, N]`` (ToA [ns], cos, sin of path rank
+        ``r`` of site ``s`` at stencil cell ``c``), ``weight [4, N]`` (the cells' bilinear weights)), views."""
         a = self.num_channels
         n, m, s = raw.shape[1], self.components, self.num_sites
-        return raw[a: a + 3 * m * s].view(3, m, s, n), raw[a + 3 * m * s: a + 3 * m * s + 4]
+        return raw[a: a + 3 * m * s].view(3, self.paths, s, 4, n), raw[a + 3 * m * s: a + 3 * m * s + 4]
 
     def path_components(self, xy: torch.Tensor) -> torch.Tensor:
         """Every path of the four stencil cells around ``xy [N, 2]`` evaluated at ``xy`` (module doc):
@@ -306,15 +307,12 @@ class SiteMaps(GridTable):
         j1, i1 = (j0 + 1).clamp_(max=w - 1), (i0 + 1).clamp_(max=h - 1)
         idx = torch.stack([i0 * w + j0, i0 * w + j1, i1 * w + j0, i1 * w + j1])  # [4, N]
         weight = torch.stack([(1 - fv) * (1 - fu), (1 - fv) * fu, fv * (1 - fu), fv * fu])  # [4, N]
-        a = self.anchor_table.index_select(0, idx.reshape(-1)).view(4, n, s, k, 4)
-        a = a.permute(4, 3, 0, 2, 1)  # [4 coords, k, 4 cells, S, N]
+        a = self.anchor_table.index_select(1, idx.view(-1)).view(4, k, s, 4, n)  # [coords, k, S, cells, N]
         dx, dy = a[0] - xy[:, 0], a[1] - xy[:, 1]
         h2 = dx * dx + dy * dy
-        tiny = h2 < 1e-12  # under the anchor: azimuth undefined, (1, 0) with zero gradient
-        hd = torch.where(tiny, 1.0, h2).sqrt()
+        inv_h = h2.clamp(min=1e-12).rsqrt()  # right under an anchor the azimuth is undefined: (0, 0), finite
         toa = (h2 + a[2] * a[2]).clamp(min=1e-12).sqrt().add(a[3]).mul(1e9 / SPEED_OF_LIGHT)
-        cos, sin = torch.where(tiny, 1.0, dx / hd), torch.where(tiny, 0.0, dy / hd)
-        return torch.cat([torch.stack([toa, cos, sin]).reshape(-1, n), weight])
+        return torch.cat([toa.view(-1, n), (dx * inv_h).view(-1, n), (dy * inv_h).view(-1, n), weight])
 
     def path_lookup(self, xy: torch.Tensor, site_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """Every mixture component's ``(toa [ns], aoa [deg])`` of each slot's site at ``xy [B, 2]``:
@@ -323,9 +321,10 @@ class SiteMaps(GridTable):
         ids = self.check_site_ids(site_ids, xy.shape[0])
         b, k = ids.shape
         xy = xy.to(device=self.device, dtype=self.dtype)
-        m = self.components
+        m, s = self.components, self.num_sites
         comp = self.path_components(xy)
-        chans, weight = comp[: 3 * m * self.num_sites].view(3, m, self.num_sites, b), comp[3 * m * self.num_sites:]
+        chans = comp[: 3 * m * s].view(3, self.paths, s, 4, b).transpose(2, 3).reshape(3, m, s, b)
+        weight = comp[3 * m * s:]
         idx = ids.clamp(min=0).t().reshape(1, 1, k, b).expand(3, m, k, b)
         slots = torch.gather(chans, 2, idx)  # [3, M, K, B]
         aoa = angle_from_cos_sin(slots[1], slots[2])
