@@ -36,12 +36,14 @@ def site_anchors(rm: RadioMap, paths=("direct", "mirror")) -> np.ndarray:
     """``[S, k, 4, H, W]``: path 0 the site itself (LOS), path 1 the site mirrored in ``x = WALL_X``; NaN where
     the site has no path."""
     h, w = rm.shape
+    sites = np.array([q["position"] for q in rm.attrs["sites"]])
+    excess_m = np.asarray(rm.attrs["generator"].get("excess_ns", 0.0)) * 0.299792458 * np.ones(len(sites))  # L0
     out = []
     for kind in paths:
-        q = SITES.copy()
+        q = sites.copy()
         if kind == "mirror":
             q[:, 0] = 2 * WALL_X - q[:, 0]
-        a = np.concatenate([q, np.zeros((len(q), 1))], 1)[:, :, None, None] * np.ones((1, 1, h, w))
+        a = np.concatenate([q, excess_m[:, None]], 1)[:, :, None, None] * np.ones((1, 1, h, w))
         out.append(a)
     a = np.stack(out, 1)  # [S, k, 4, H, W]
     return np.where(np.isfinite(rm.layers["site_toa"])[:, None, None], a, np.nan)
@@ -344,6 +346,12 @@ def test_another_map_of_the_same_physics_is_accepted_explicitly_and_recorded(tmp
     assert result["summary"]["radio_map_override"]["used"]["id"] == kmap.lineage.id
     groups = {(r["variant"], r["feature"], r["group"]) for r in result["rows"]}
     assert ("noisy", "toa", "site layer, nearest of 2 paths") in groups
+    rows = {(r["variant"], r["feature"], r["group"]): r for r in result["rows"]}
+    near = rows[("clean", "toa", "site layer, nearest of 2 paths")]
+    ctrl = rows[("clean", "toa", "site layer, nearest of 2 paths, control 10 cells off")]
+    path0 = rows[("clean", "toa", "site layer, all slots")]
+    assert near["gross"] <= path0["gross"] and abs(near["median"]) < 0.1  # the truth: the anchors fit as path 0
+    assert ctrl["gross"] > 5 * max(near["gross"], 0.01)  # 10 cells off: far fewer paths fit
     capsys.readouterr()  # without --radio-map the recorded map is required, as before
     assert main(["consistency", "--dataset", str(tmp_path / "datasets" / "analytic"),
                  "--radio-maps", str(tmp_path / "kpath")]) == 2
