@@ -17,3 +17,8 @@ class ConfigError(CoreError):
 
 class StoreError(CoreError):
     """A missing, corrupt or inconsistent on-disk store (radio map, dataset, run)."""
+
+
+class CoverageError(CoreError):
+    """A radio map that covers too little of its area: a property of the scene and the settings, so the same
+    inputs fail again (``make-corpus`` remembers it)."""

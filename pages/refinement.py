@@ -7,7 +7,9 @@ import pandas as pd
 import streamlit as st
 
 import app_widgets as wb
-from core.learning.inference import calibrate_run
+from core.learning import candidates as cands
+from core.learning.inference import calibrate_run, subpoint_xy
+from core.viz import network as netfig
 from core.viz import plots as figures
 
 wb.ensure_frame()
@@ -113,6 +115,13 @@ def surface(path: str, stamp: float, split: str, limit: int, options: tuple, sce
     return refinement_surface(wb.load_run(path, scene, ds), ref, row, half_m=half_m, centre=centre)
 
 
+@st.cache_data(show_spinner="The network's distribution…", max_entries=64)
+def distribution(path: str, stamp: float, scene: str | None, ds: str | None, sample: int):
+    from core.learning.inference import predict
+
+    return predict(wb.load_run(path, scene, ds), [sample], return_attention=True, return_distribution=True)
+
+
 path, stamp = str(ws.root / name), wb.mtime(ws.root / name)
 result = None
 with wb.guard("refinement"):
@@ -175,17 +184,39 @@ if bound_cov is not None:
                f"dataset's noise): RMS {rms:.2f} m — the green ellipses around the truth; an efficient estimator's "
                f"errors would lie there. The error of network + MAP is {ref.error_after_m[i] / rms:.1f}× it."
                if np.isfinite(rms) else "Cramér–Rao bound: the pooled reports do not determine the position.")
+views = st.columns(2)
 with wb.guard("likelihood surface"):
     surf = surface(path, stamp, split, int(limit), options, scene, dataset, i, float(half), (float(centre[0]), float(centre[1])))
     layers = list(figures.surface_layers(surf, site_names))
     layer = s[2].selectbox("Surface", layers, key="ref_layer",
                            help="The posterior, the likelihood of all sites, the prior, or one reported site's term.")
-    st.plotly_chart(figures.likelihood_surface(
+    views[0].plotly_chart(figures.likelihood_surface(
         surf, layer, true_xy=pred.true_xy[i], network_xy=pred.xy[i], sigma=pred.sigma[i], map_xy=ref.xy[i],
         path=ref.path[:, i], path_labels=ref.path_labels, starts=ref.starts[i], start_labels=ref.start_labels,
         site_names=site_names, title=f"Sample {sample}: {layer} around the {centre_on} (Δ from the best in view)",
         bound_cov=bound_cov),
         key="ref_surface")
+with wb.guard("network distribution"):
+    net = distribution(path, stamp, scene, dataset, int(sample))
+    agnostic = cands.is_agnostic(net)
+    cand_xy = cands.candidate_view(net, 0).xy if agnostic else None
+    sub = (subpoint_xy(net, 0, run.model.spec.grid_size), net.subpoint_prob[0]) if net.subpoint_prob is not None else (None, None)
+    sites = run.radio_map.attrs.get("sites")
+    kw = dict(true_xy=pred.true_xy[i], network_xy=pred.xy[i], map_xy=ref.xy[i], sigma=pred.sigma[i], cand_xy=cand_xy,
+              sub_xy=sub[0], sub_prob=sub[1], sites=sites)
+    views[1].plotly_chart(netfig.network_heatmap(
+        net.cell_prob[0], net.cell_bounds, window=(float(centre[0]), float(centre[1]), float(half)),
+        title=f"The network's distribution for sample {sample}: coarse cells"
+              + (" and the fine head's sub-points" if agnostic else "") + " (same view)", **kw), key="ref_network")
+    with st.expander("The network's distribution over the whole scene"):
+        st.plotly_chart(netfig.network_heatmap(
+            net.cell_prob[0], net.cell_bounds, geometry=wb.geometry(run.scene or scene),
+            title=f"The network's distribution for sample {sample} over the scene: log10 P of every coarse cell" + (" and the candidate cells" if agnostic else ""),
+            **kw), key="ref_network_scene")
+    st.caption("Right: the network's own belief, coarse to fine — log10 P of each coarse cell (softmax of its "
+               "coarse logits)" + ("; the scene-agnostic model's candidate cells (cyan squares) and its fine head's "
+                                   "weights over the sub-points of the chosen cell (green)" if agnostic else "")
+               + "; its Gaussian (σ ellipses) is the MAP search's prior. Left: what the map says.")
 with wb.guard("residuals"):
     from core.learning.inference import residual_table, serving_table
 

@@ -12,7 +12,7 @@ from core import REPO_ROOT
 from core.errors import CoreError
 from core.jobs.manager import ablate_spec, evaluate_spec, train_spec
 from core.learning.config import Config, load_config
-from core.learning.evaluation import group_table, method_table
+from core.learning.evaluation import group_table, held_out_summary, method_table
 from core.stores.lineage import check_scene_stores
 from core.stores.output import check_writable
 from core.stores.run import evaluations, is_taken, read_metrics, run_info
@@ -97,14 +97,19 @@ with st.form("train_form"):
     split = cols[1].selectbox("Split", ["random", "spatial"], index=["random", "spatial"].index(values["split"]),
                               key=f"split_{preset}", help="spatial: whole map blocks are held out for val and test")
     with_dataset = ws.scenes_with_dataset()
+    corpus = {c: p for c, p in ws.corpus_datasets().items() if c not in with_dataset}  # corpus cities with a dataset
+    trainable = with_dataset + list(corpus)
+    label = lambda s: f"{s} (corpus)" if s in corpus else s  # noqa: E731
     cols = st.columns(2)
-    train_scenes = cols[0].multiselect("Training scenes", with_dataset, default=[scene] if scene in with_dataset else [],
-                                       key="train_scenes", help="one model on all of them (scenes that have a dataset)")
-    holdout = cols[1].selectbox("Held-out scene", ["(none)"] + with_dataset, key="train_holdout",
+    train_scenes = cols[0].multiselect("Training scenes", trainable, default=[scene] if scene in with_dataset else [],
+                                       key="train_scenes", format_func=label,
+                                       help="one model on all of them: the scenes that have a dataset and the "
+                                            f"cities of the corpus ({ws.rel(ws.corpus_dir)}/datasets)")
+    holdout = cols[1].selectbox("Held-out scene", ["(none)"] + trainable, key="train_holdout", format_func=label,
                                 help="never trained on; evaluate the run there with python -m core evaluate --scene")
     go = st.form_submit_button("Start training", type="primary")
 clean = name.strip()
-picked = {scene: dataset_path}  # the active scene trains on the sidebar's dataset (world)
+picked = {**corpus, scene: dataset_path}  # the active scene trains on the sidebar's dataset (world), a city its corpus one
 try:
     run_dir, name_problem = ws.run_path(clean), ""
 except CoreError as exc:
@@ -163,8 +168,9 @@ else:
                         key="grad_chart")
         if rows:
             last = rows[-1]
-            st.caption(f"Epoch {last.get('epoch', len(rows))}: val median {last.get('val_median_m', float('nan')):.2f} m, "
-                       f"P90 {last.get('val_p90_m', float('nan')):.2f} m, {last.get('epoch_s', float('nan')):.1f} s/epoch.")
+            val = (f"val median {last['val_median_m']:.2f} m, P90 {last.get('val_p90_m') or float('nan'):.2f} m"
+                   if last.get("val_median_m") is not None else "no validation (model selection: last)")
+            st.caption(f"Epoch {last.get('epoch', len(rows))}: {val}, {last.get('epoch_s', float('nan')):.1f} s/epoch.")
 
     with wb.guard("curves"):
         curves()
@@ -178,6 +184,20 @@ if runs:
                            "labels": r.label_fraction, "split": r.split, "epochs": r.epochs_done,
                            "best val median [m]": r.best_val_median_m, "checkpoint": r.has_checkpoint} for r in runs])
     st.dataframe(table, hide_index=True, width="stretch")
+
+shipped = [r for r in runs if r.path.resolve() in {p.resolve() for p in ws.shipped_run_paths()} and r.holdout_scene]
+for info in shipped:  # a shipped run on several scenes: what it does on the scene it never trained on
+    with wb.guard(info.name):
+        held = [row for path in evaluations(info.path)
+                if (row := held_out_summary(json.loads(path.read_text()))) is not None]
+        kind = {"agnostic": "scene-agnostic", "memorizing": "memorizing"}.get(info.config.model.kind, "") \
+            if info.config else ""
+        st.markdown(f"**{info.name}** (shipped, read-only): a {kind} model trained on {', '.join(info.scenes)}; "
+                    f"**{info.holdout_scene}** held out, never trained on. Its evaluation there:")
+        if held:
+            st.dataframe(pd.DataFrame(held), hide_index=True, width="stretch", key=f"held_{info.name}")
+        else:
+            st.caption(f"No evaluation on {info.holdout_scene} yet (Evaluate on a scene, below).")
 
 
 # -- evaluate on a scene (in-scene or held out) ------------------------------------------
@@ -203,6 +223,8 @@ else:
                                            "(the calibrated likelihood over the whole map, no network)")
     eval_go = cols[4].button("Evaluate", key="eval_go")
     other = dataset_path if eval_scene == scene and dataset_path != ws.dataset_path(scene) else None
+    if other is None and not ws.dataset_path(eval_scene).exists():  # a corpus city: its dataset in the corpus
+        other = ws.corpus_datasets().get(eval_scene)
     spec = evaluate_spec(ws.rel(ws.root / eval_run), eval_scene, "test", eval_refine, eval_baselines,
                          dataset=ws.rel(other) if other is not None else None)
     st.caption(f"`python -m core {' '.join(spec.args)}`")
@@ -274,8 +296,11 @@ def test_errors(path: str, stamp: float, limit: int = 2000) -> np.ndarray:
 
 with_ckpt = [r for r in runs if r.has_checkpoint]
 if with_ckpt:
+    ours = [r.name for r in with_ckpt if scene == r.scene or scene in r.scenes]  # trained on the active scene
     chosen = st.multiselect("Error CDF of runs (test split, up to 2,000 samples)", [r.name for r in with_ckpt],
-                            default=[r.name for r in with_ckpt][:2], key="cdf_runs")
+                            default=ours[:2], key="cdf_runs",
+                            help="each run on its (first) training scene; by default two runs trained on the "
+                                 "active scene")
     if chosen:
         errors = {}
         for name in chosen:

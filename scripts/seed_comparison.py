@@ -11,6 +11,19 @@ per method, mean ± sd over seeds of the median / P90 / RMSE, the share beyond 2
 two-level bootstrap 95 % CI (core.learning.statistics) of the median's change and ratio of network +
 MAP and network + whole-walk (``--references``) against each other method, overall, for NLOS and for one site heard
 (and of the P90 overall; those entries carry ``"metric": "p90_m"``). ``--json FILE`` writes it all.
+
+Arms of runs instead of one set of seeds (docs/model.md, "Adapting to a new city")::
+
+    PYTHONPATH=. .venv/bin/python scripts/seed_comparison.py --scene munich --split test \
+        --arms zero_shot=R0,R1,R2 physics_only=P0,P1,P2 labels_5=F0,F1,F2 labels_100=H0,H1,H2 \
+        --pairs physics_only-zero_shot labels_5/labels_100 zero_shot/labels_100
+
+``--arms NAME=RUN,RUN,...``: each arm's runs, one per seed, in the same seed order in every arm, all
+evaluated on ``--scene``'s split (a training scene of the run or one it never saw: the same UEs). Prints,
+per arm, network and network + MAP (mean ± sd over seeds of median / P90 / share beyond 20 m) and the
+exhaustive map matching of the first arm's first run (no network); then for each ``--pairs`` entry
+(``A-B``: the paired change of A against B; ``A/B``: their ratio; default every ``A-B``) the paired
+two-level bootstrap 95 % CI of the median's change and of its ratio, for the network and for network + MAP.
 """
 
 import argparse
@@ -31,7 +44,11 @@ DELTA_GROUPS = ("all", "nlos", "sites_1")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", nargs="+", required=True)
+    parser.add_argument("--runs", nargs="+")
+    parser.add_argument("--arms", nargs="+", metavar="NAME=RUN,RUN,...",
+                        help="compare arms of runs (one run per seed, same seed order) instead of methods of --runs")
+    parser.add_argument("--pairs", nargs="+", metavar="A-B|A/B", help="with --arms: the pairs to compare")
+    parser.add_argument("--scene", default=None, help="with --arms: the scene every run is evaluated on")
     parser.add_argument("--split", default="test")
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--device", default="cpu", help="torch device of the network and the MAP refinement")
@@ -42,6 +59,11 @@ def main() -> None:
                         help="another dataset of the runs' scene to evaluate on (e.g. datasets/etoile_realistic: the "
                              "same walks traced in a perturbed twin); calibrated on its train split, in memory")
     args = parser.parse_args()
+    if args.arms:
+        compare_arm_runs(args)
+        return
+    if not args.runs:
+        parser.error("--runs (or --arms) is required")
     scene = None
     if args.dataset:
         from core.stores.lineage import store_ref
@@ -101,6 +123,58 @@ def main() -> None:
                                           **({} if metric == "median_m" else {"metric": metric}), **d})
                     print(f"  {NAMES.get(ref, ref)} vs {NAMES.get(other, other):26s} [{group:7s}] Δ {metric[:-2]:6s} "
                           f"{d['delta']:+.3f} m [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], ratio {d['ratio']:.3f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=2, default=float)
+
+
+ARM_METHODS = ("model", "model_refined")
+
+
+def compare_arm_runs(args) -> None:
+    """``--arms``: each arm's runs evaluated on ``--scene``, and the paired CIs of ``--pairs`` (see the module doc)."""
+    arms: dict[str, list[str]] = {}
+    for spec in args.arms:
+        name, _, runs = spec.partition("=")
+        if not name or not runs:
+            raise SystemExit(f"--arms {spec!r}: expected NAME=RUN,RUN,...")
+        arms[name] = runs.split(",")
+    if len({len(r) for r in arms.values()}) != 1:
+        raise SystemExit("--arms: every arm needs the same number of runs (one per seed)")
+    errors: dict[str, dict[str, list[np.ndarray]]] = {}
+    reference: dict[str, np.ndarray] = {}
+    for name, runs in arms.items():
+        for run_dir in runs:
+            run = load_run(run_dir, device=args.device, scene=args.scene)
+            res = evaluate_run(run_dir, args.split, refine=True, baselines=not reference, device=args.device, run=run,
+                               write=False, keep_errors=True)
+            if not reference:
+                reference = {k: v for k, v in res["_errors"].items() if k == "exhaustive"}
+            for method in ARM_METHODS:
+                errors.setdefault(name, {}).setdefault(method, []).append(res["_errors"][method])
+    n = len(next(iter(errors.values()))["model"][0])
+    out = {"split": args.split, "scene": args.scene, "ues": n, "arms": arms, "summary": {}, "pairs": []}
+    print(f"{args.split} split of {args.scene or 'each run'}, {n} UEs, {len(next(iter(arms.values())))} seeds")
+    rows = [(name, method, errs) for name, per in errors.items() for method, errs in per.items()]
+    rows += [("(no network)", name, [e]) for name, e in reference.items()]
+    for name, method, errs in rows:
+        s = seed_summary(errs)
+        beyond = float(np.mean([np.mean(e > 20.0) for e in errs]))
+        out["summary"].setdefault(name, {})[method] = {**s, "beyond_20m": beyond}
+        print(f"  {name:16s} {NAMES.get(method, method):22s} median {s['median_m']:.3f} ± {s['median_m_sd']:.3f}  "
+              f"P90 {s['p90_m']:.2f} ± {s['p90_m_sd']:.2f}  >20 m {100 * beyond:.2f} %")
+    pairs = args.pairs or [f"{a}-{b}" for i, a in enumerate(arms) for b in list(arms)[i + 1:]]
+    for pair in pairs:
+        op = "/" if "/" in pair else "-"
+        a, _, b = pair.partition(op)
+        if a not in errors or b not in errors:
+            raise SystemExit(f"--pairs {pair!r}: unknown arm (known: {', '.join(arms)})")
+        for method in ARM_METHODS:
+            d = paired_delta(errors[a][method], errors[b][method], "median_m", n_boot=args.n_boot)
+            out["pairs"].append({"pair": pair, "a": a, "b": b, "method": method, **d})
+            text = (f"ratio {d['ratio']:.3f} [{d['ratio_ci_low']:.3f}, {d['ratio_ci_high']:.3f}]" if op == "/" else
+                    f"Δ median {d['delta']:+.3f} m [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
+            print(f"  {pair:28s} {NAMES.get(method, method):14s} {text}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2, default=float)

@@ -143,6 +143,21 @@ def test_train_evaluate_cli_and_checkpoint_round_trip(scene, tmp_path, capsys):
         again = rebuilt(data.feats, data.site_index, data.mask, run.maps)
     assert np.allclose(pred.xy, again.xy.numpy(), atol=1e-5)
     assert pred.attention["temporal"][0].shape[-1] == data.mask.shape[1] and pred.patch_grid is None
+    # the network's distribution, coarse to fine: the chosen cell holds the estimate, whose offset is the fine
+    # head's sub-point mean moved by at most half a sub-cell; the per-candidate attention of every candidate
+    from core.learning.inference import subpoint_xy
+
+    dist = predict(run, idx[:6], return_attention=True, return_distribution=True)
+    g, s = run.model.spec.grid_size, run.model.spec.fine_subgrid
+    assert dist.cell_prob.shape == (6, g, g) and np.allclose(dist.cell_prob.sum((1, 2)), 1.0, atol=1e-5)
+    assert dist.subpoint_prob.shape == (6, s, s) and np.allclose(dist.subpoint_prob.sum((1, 2)), 1.0, atol=1e-5)
+    cell_w = (np.array(run.radio_map.bounds[2:]) - np.array(run.radio_map.bounds[:2])) / g
+    for row in range(6):
+        mean = (subpoint_xy(dist, row, g) * dist.subpoint_prob[row][..., None]).sum((0, 1))
+        assert (np.abs(dist.xy[row] - mean) <= 0.5 * cell_w / s + 1e-3).all()
+    n_cand = dist.attention["candidate_cells"][0].shape[1]
+    assert dist.attention["candidate_temporal"][0].shape[:2] == (6, n_cand)
+    assert np.allclose(dist.xy, pred.xy[:6], atol=1e-5)  # the same estimates
     capsys.readouterr()
     assert main(["evaluate", "--run", str(out), "--refine", "--no-progress", "--json",
                  "--out", str(tmp_path / "eval.json")]) == 0

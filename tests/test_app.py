@@ -517,6 +517,7 @@ def test_refinement_inspector(workspace):
     figs = _plotly(at)
     titles = [f["layout"]["title"]["text"] for f in figs]
     assert any("Batch summary" in t for t in titles) and any("MAP path" in t for t in titles)
+    _check_network_heatmap(at, agnostic=False)
     surface = next(f for f in figs if f["layout"]["title"]["text"].startswith("Sample "))
     heat = surface["data"][0]
     assert heat["type"] == "heatmap" and heat["name"] == "posterior (likelihood + prior)"
@@ -701,6 +702,42 @@ def test_every_page_on_the_shipped_default_scene(tmp_path, monkeypatch):
         assert len(at.get("plotly_chart")) >= charts, page
 
 
+def test_the_shipped_many_city_run_on_munich(tmp_path, monkeypatch):
+    """The shipped scene-agnostic run (assets/agnostic_many: trained on etoile, florence and both street canyons,
+    munich held out) on the shipped data: the Training page lists it with its held-out scene and its shipped
+    evaluation on munich; the Attention and Refinement pages draw it on munich. Reads the shipped data only."""
+    monkeypatch.delenv("CORE_WORKSPACE", raising=False)
+    monkeypatch.setenv("CORE_JOBS_DB", str(tmp_path / "jobs.sqlite"))
+    monkeypatch.setenv("CORE_RUNS_DIR", str(tmp_path / "runs"))  # the shipped runs, not a checkout's own
+    shipped = json.loads((REPO_ROOT / "assets" / "agnostic_many" / "eval_test_munich_refine.json").read_text())
+    assert shipped["held_out"] and shipped["scene"] == "munich" and shipped["count"] == 300
+    at = _app("pages/training.py", scene="munich")
+    assert not at.error, _texts(at.error)
+    runs = at.dataframe[0].value.set_index("run")
+    row = runs.loc["assets/agnostic_many"]
+    assert row["held out"] == "munich" and row["scenes"] == ("etoile, florence, simple_street_canyon, "
+                                                             "simple_street_canyon_with_cars")
+    held = next(d.value for d in at.dataframe if "network + MAP median [m]" in d.value.columns)
+    assert list(held["scene"]) == ["munich"] and list(held["UEs"]) == [300]
+    assert held["network median [m]"].iloc[0] == pytest.approx(shipped["median_m"])
+    assert held["network + MAP median [m]"].iloc[0] == pytest.approx(shipped["refinement"]["after"]["median_m"])
+    assert held["network median [m]"].iloc[0] < 3.0 and held["network + MAP median [m]"].iloc[0] < 1.5
+    assert "**munich** held out" in _texts(at.markdown)
+    at.switch_page("pages/attention.py").run()
+    _no_exception(at)
+    assert at.selectbox(key="att_run").value == "assets/agnostic_many"  # preselected: munich is its held-out scene
+    assert not at.error and not at.warning, (_texts(at.error), _texts(at.warning))
+    assert "Scene 'munich' is held out" in _texts(at.info)
+    _check_agnostic_attention(at, site_names={f"site{k}" for k in range(5)})
+    at.switch_page("pages/refinement.py").run()
+    _no_exception(at)
+    assert at.selectbox(key="ref_run").value == "assets/agnostic_many"
+    assert not at.error and not at.warning, (_texts(at.error), _texts(at.warning))
+    _check_network_heatmap(at, agnostic=True)
+    summary = {m.label: m.value for m in at.metric}
+    assert summary["Samples refined"] == "300 / 300"
+
+
 def test_training_on_many_scenes_and_a_held_out_one(tmp_path, monkeypatch):
     """The launch form picks the training scenes and the held-out scene; the run table shows them."""
     from core.learning.config import load_config
@@ -717,11 +754,14 @@ def test_training_on_many_scenes_and_a_held_out_one(tmp_path, monkeypatch):
     train(config, root / "runs" / "two", device="cpu", show_progress=False)
     monkeypatch.setenv("CORE_WORKSPACE", str(root))
     monkeypatch.setenv("CORE_JOBS_DB", str(root / ".jobs" / "jobs.sqlite"))
+    synthetic_scene(root / "corpus", num_ues=120, height=20, width=20, cell=4.0, reports=6, k=4, seed=3,
+                    scene="city_7")  # a corpus city: corpus/datasets/city_7 with its map in corpus/radio_maps
     at = _app("pages/training.py")
     runs = at.dataframe[0].value.set_index("run")
     assert runs.loc["runs/two", "scenes"] == "etoile, munich" and runs.loc["runs/two", "held out"] == "florence"
     assert runs.loc["runs/tiny", "scenes"] == "etoile"
-    assert set(at.multiselect(key="train_scenes").options) >= {"etoile", "munich", "florence"}
+    assert set(at.multiselect(key="train_scenes").options) >= {"etoile", "munich", "florence", "city_7 (corpus)"}
+    at = _app("pages/training.py")
     at.multiselect(key="train_scenes").set_value(["etoile", "munich"])
     at.selectbox(key="train_holdout").select("munich")
     _start_training(at, "refused")
@@ -759,6 +799,21 @@ def test_training_on_many_scenes_and_a_held_out_one(tmp_path, monkeypatch):
         assert not at.error, _texts(at.error)
         if "attention" in page:
             assert "Scene 'florence' is held out" in _texts(at.info)
+    # corpus cities train beside the real scenes (and can be held out): their corpus datasets, their corpus maps
+    at.switch_page("pages/training.py").run()
+    at.multiselect(key="train_scenes").set_value(["etoile", "city_7"])
+    at.selectbox(key="train_holdout").select("munich")
+    _start_training(at, "with_corpus")
+    job = next(j for j in _manager(root).list() if j.kind == "train" and "with_corpus" in j.command)
+    assert "corpus/datasets/city_7" in job.command and "--set data.holdout_scene=munich" in job.command
+    _manager(root).cancel(job.id, grace_s=1.0)
+    from core.learning.scene_data import load_scenes
+
+    scenes = load_scenes(load_config(REPO_ROOT / "configs" / "model.yaml", [
+        f"data.datasets=[{root / 'datasets' / 'etoile'}, {root / 'corpus' / 'datasets' / 'city_7'}]",
+        f"physics_loss.radio_maps_dir={root / 'radio_maps'}"]))
+    assert [m.ref.scene for _, m in scenes] == ["etoile", "city_7"]
+    assert scenes[1][1].source is not None and "corpus" in str(scenes[1][1].source)
 
 
 def test_evaluating_the_shipped_run_in_the_app_leaves_it_untouched(tmp_path, monkeypatch):
@@ -920,9 +975,68 @@ def test_an_agnostic_run_on_the_attention_and_refinement_pages(workspace):
     at = _app("pages/attention.py")
     at.selectbox(key="att_run").select("runs/tiny_agnostic").run()
     _no_exception(at)
-    assert not at.error and len(_plotly(at)) >= 1
-    assert "map patches" in _texts(at.info) + _texts(at.caption) + _texts(at.markdown)
+    assert not at.error and not at.warning
+    assert "no map patches" in _texts(at.caption)
+    _check_agnostic_attention(at, site_names={"site0", "site1", "site2"})
+    at.selectbox(key="att_cand_query").select_index(1).run()  # the first candidate's attention as lines
+    at.selectbox(key="att_cand_pick").select_index(2).run()
+    _no_exception(at)
+    data = _plotly(at)[0]["data"]
+    lines = [t for t in data if str(t.get("name", "")).startswith("attention of c1")]  # c1 to every candidate
+    n_cand = len(next(t for t in data if t.get("name") == "candidate cells")["text"])
+    assert len(lines) == n_cand and all(t["hovertemplate"].startswith("c1") for t in lines)
+    assert "c3" in _plotly(at)[2]["layout"]["title"]["text"]
     at.switch_page("pages/refinement.py").run()
     at.selectbox(key="ref_run").select("runs/tiny_agnostic").run()
     _no_exception(at)
     assert not at.error and any(f["layout"]["title"]["text"].startswith("Sample ") for f in _plotly(at))
+    _check_network_heatmap(at, agnostic=True)
+
+
+def _check_agnostic_attention(at: AppTest, site_names: set[str]) -> None:
+    """The Attention page of an agnostic run: candidates on the map with their probabilities, the attention
+    between them (rows sum to 1), a candidate's temporal attention over report tokens labelled by time and
+    site, the attention per site, and the scene averages."""
+    titles = {"Candidates": "Candidates of", "Attention": "Attention between", "Temporal": "Temporal self-attention",
+              "Mean": "Mean attention between", "Where": "Where the network"}
+    figs = {k: next((f for f in _plotly(at) if f["layout"]["title"]["text"].startswith(t)), None)
+            for k, t in titles.items()}
+    assert all(f is not None for f in figs.values()), [f["layout"]["title"]["text"] for f in _plotly(at)]
+    cmap = figs["Candidates"]
+    names = {t.get("name") for t in cmap["data"]}
+    assert {"network", "candidate cells", "ground truth", "network estimate"} <= names
+    cand = next(t for t in cmap["data"] if t.get("name") == "candidate cells")
+    prob = _array(cand["customdata"])
+    assert len(prob) >= 2 and (prob >= 0).all() and prob.sum() <= 1 + 1e-6
+    assert cand["text"][0].startswith("c1") and sum("*" in x for x in cand["text"]) <= 1
+    heat = next(t for t in cmap["data"] if t.get("name") == "network")
+    assert np.isclose(_array(heat["customdata"]).sum(), 1.0, atol=1e-3)  # the distribution over every cell
+    matrix = _array(figs["Attention"]["data"][0]["z"])
+    assert matrix.shape == (len(prob), len(prob)) and np.allclose(matrix.sum(1), 1.0, atol=1e-4)
+    temporal = figs["Temporal"]
+    labels = list(temporal["data"][0]["x"])
+    present = [x for x in labels if "missing" not in x]
+    assert present and all(" s: " in x for x in present) and present[-1].split()[1] == "+0.0"
+    heard = {site.strip() for x in present for site in x.split(" s: ")[1].split(",")}
+    assert heard <= site_names, heard
+    shares = next(f for f in _plotly(at) if f["layout"]["title"]["text"].startswith("Attention received per site"))
+    assert set(shares["data"][0]["x"]) <= site_names and np.isclose(_array(shares["data"][0]["y"]).sum(), 1.0)
+    rank = _array(figs["Mean"]["data"][0]["z"])
+    assert rank.shape == matrix.shape and np.allclose(rank.sum(1), 1.0, atol=1e-4)
+    assert np.isclose(_array(figs["Where"]["data"][0]["customdata"]).sum(), 1.0, atol=1e-3)
+
+
+def _check_network_heatmap(at: AppTest, agnostic: bool) -> None:
+    """The Refinement inspector draws the network's distribution beside the likelihood surface: coarse cells
+    (a distribution), the agnostic model's candidates and sub-point weights (sum to 1), truth, network, MAP."""
+    figs = [f for f in _plotly(at) if f["layout"]["title"]["text"].startswith("The network's distribution")]
+    assert len(figs) == 2, [f["layout"]["title"]["text"] for f in _plotly(at)]
+    view = figs[0]
+    names = {t.get("name") for t in view["data"]}
+    assert {"coarse cells", "ground truth", "network estimate", "MAP estimate", "1σ network"} <= names
+    coarse = next(t for t in view["data"] if t.get("name") == "coarse cells")
+    assert np.isclose(_array(coarse["customdata"]).sum(), 1.0, atol=1e-3)
+    assert ({"candidate cells", "fine sub-points"} <= names) == agnostic
+    if agnostic:
+        sub = next(t for t in view["data"] if t.get("name") == "fine sub-points")
+        assert np.isclose(_array(sub["z"]).sum(), 1.0, atol=1e-4)

@@ -252,3 +252,26 @@ def test_a_corpus_city_gets_its_map_and_dataset_and_a_rerun_skips_them(tmp_path,
     remade = RadioMap.load(map_file)
     assert remade.attrs["propagation"]["retry_samples_per_src"] == 20000
     assert MeasurementDataset.load(ds_file).radio_map_ref.digest == remade.lineage.digest != digest
+
+
+def test_a_city_a_check_refused_is_not_traced_again_unless_asked(tmp_path, capsys):
+    """A deterministic failure (the map covers too little) is remembered with what it depended on: a rerun reports
+    its cause at once, --retry-failed traces it again, other settings build it (and forget the failure)."""
+    out = tmp_path / "corpus"
+    args = ["make-corpus", "--count", "1", "--fixed", "--size-m", "64", "--block-m", "32", "--sites", "1",
+            "--resolution", "4", "--samples-per-tx", "3000", "--retry-samples-per-tx", "0", "--max-depth", "0",
+            "--min-coverage", "1.0", "--walks", "12", "--reports", "2", "--out", str(out), "--no-progress"]
+    assert main(args) == 2
+    failed = out / "records" / "city_0.failed.json"
+    cause = json.loads(failed.read_text())["cause"]
+    assert "below --min-coverage 100%" in cause and not (out / "radio_maps" / "city_0.zarr").exists()
+    capsys.readouterr()
+    assert main(args) == 2
+    text = capsys.readouterr().out
+    assert "failed before with the same parameters and settings" in text and cause in text
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["last_run"]["failed"] == 1 and manifest["last_run"]["wall_s"] < 5  # nothing traced
+    assert main([*args, "--retry-failed"]) == 2
+    assert "failed before" not in capsys.readouterr().out and failed.exists()  # traced again, refused again
+    assert main([a if a != "1.0" else "0.5" for a in args]) == 0  # another threshold: built, the failure forgotten
+    assert not failed.exists() and (out / "radio_maps" / "city_0.zarr").exists()

@@ -234,6 +234,11 @@ def test_evaluate_command(run_dir, tmp_path):
         assert len(rows) == 6, label  # the metrics, the method table, three group tables and the bound table
     assert "bound: last 1 s of reports" not in table.stdout and "bound: last 0 s of reports" in table.stdout
     assert "median error [m] per group" in table.stdout and "nlos" in table.stdout and "sites_1" in table.stdout
+    # --silence needs a recorded sensitivity: one line, before any work, nothing written
+    quiet = subprocess.run([sys.executable, "-m", "core", "evaluate", "--run", str(run_dir), "--refine", "--silence"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert quiet.returncode == 2 and "records no sensitivity" in quiet.stderr and "Traceback" not in quiet.stderr
+    assert not (run_dir / "eval_test_refine_silence.json").exists()
 
 
 def test_a_training_scene_evaluated_on_another_dataset_of_it(run_dir, tmp_path):

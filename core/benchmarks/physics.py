@@ -27,8 +27,8 @@ memory per sample count, whose part not linear in N must stay flat (memory does 
 scale with N beyond the outputs); these rows are the summary's ``map_search``. The
 median and 90th percentile of the error before and after are recorded as a sanity check.
 
-The whole-walk estimator (:mod:`core.physics.trajectory`: exhaustive scan + snapshot MAP start,
-then the joint MAP of the walk's 8 reports) is timed on ``--walks`` walks of 8 reports at 0.2 s
+The whole-walk estimator (:mod:`core.physics.trajectory`: the lattice scan bounded by blocks,
+:mod:`core.physics.bounded_scan`, + snapshot MAP start, then the joint MAP of the walk's 8 reports) is timed on ``--walks`` walks of 8 reports at 0.2 s
 on the same map, no network: ``walk_ms_per_walk`` (everything) and ``walk_smoother_ms_per_walk``
 (the joint optimisation alone), against the target of 30 ms per walk (``walk_ok``).
 

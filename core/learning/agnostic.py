@@ -284,7 +284,8 @@ class FineHead(nn.Module):
 
     def forward(self, o, n, heard, sub, cover, rel, context):
         """``o[B, S, 4]``, ``n[B, S]``, ``heard[B, S]``; the cell's ``sub[B, S, 4, P]``, ``cover[B, S, P]``,
-        ``rel[B, S, P, 3]``; ``context[B, d]`` -> ``(offset [B, 2], logvar [B, 2])`` in cell units."""
+        ``rel[B, S, P, 3]``; ``context[B, d]`` -> ``(offset [B, 2], logvar [B, 2])`` in cell units, and ``w [B, P]``
+        the sub-points' weights (softmax; sub-point ``p`` at :attr:`u` ``[p]`` cell units from the centre)."""
         o_ang = torch.atan2(o[..., 3], o[..., 2])[..., None]  # [B, S, 1]
         m_ang = torch.atan2(sub[:, :, 3], sub[:, :, 2])  # [B, S, P]
         rng = rel.norm(dim=-1).clamp(min=1.0)
@@ -304,7 +305,7 @@ class FineHead(nn.Module):
         offset = w @ self.u + (0.5 / self.subgrid) * torch.tanh(raw[:, :2])
         spread = (w[..., None] * (self.u[None] - offset[:, None]).pow(2)).sum(1)
         logvar = torch.log(spread + F.softplus(raw[:, 2:]) / self.subgrid**2 + 1e-6).clamp(-8.0, 4.0)
-        return offset, logvar
+        return offset, logvar, w
 
 
 class AgnosticTransformer(CellGrid):
@@ -380,7 +381,14 @@ class AgnosticTransformer(CellGrid):
     def forward(self, feats, site_index, mask, map_image, target_cell=None, return_attention=False,
                 head_xy=False, scene_index=None) -> ModelOutput:
         """As :meth:`MapConditionedTransformer.forward`; ``map_image``: a :class:`SceneTable` (one scene, the
-        spec's bounds) or a :class:`~core.learning.model.SceneMaps` of ``M`` scene tables."""
+        spec's bounds) or a :class:`~core.learning.model.SceneMaps` of ``M`` scene tables.
+
+        ``return_attention``: ``out.attention`` = ``{"temporal": [[B, H, T, T]]`` (the best candidate's),
+        ``"candidates": [[B, H, N, N]]`` per candidate layer (query candidate, key candidate), ``"candidate_cells":
+        [[B, N]]`` (cell indices, best ``base`` first), ``"candidate_temporal": [[B, N, H, T, T]]`` (every
+        candidate's temporal attention), ``"candidate_base": [[B, N]]`` (their coarse-match score ``base``, log
+        units), ``"subpoint_weights": [[B, P]]`` (the fine head's softmax over the sub-points of the chosen cell)}``.
+        """
         frame = self.frame(map_image, scene_index)
         table = map_image.images if isinstance(map_image, SceneMaps) else map_image
         scene = frame.scene
@@ -432,12 +440,12 @@ class AgnosticTransformer(CellGrid):
         context = (cand_logits.softmax(-1)[..., None] * tok).sum(1)  # [B, d]
         cell = logits.argmax(-1)
         if target_cell is None:
-            offset, logvar = self._fine_at(table, scene, cell, o, n, heard, context)
+            offset, logvar, w_sub = self._fine_at(table, scene, cell, o, n, heard, context)
         else:  # the chosen and the true cell in one pass
             two = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731
-            off2, lv2 = self._fine_at(table, two(scene), torch.cat([cell, target_cell]), two(o), two(n), two(heard),
-                                      two(context))
-            offset, logvar = off2[:b], lv2[:b]
+            off2, lv2, w2 = self._fine_at(table, two(scene), torch.cat([cell, target_cell]), two(o), two(n),
+                                          two(heard), two(context))
+            offset, logvar, w_sub = off2[:b], lv2[:b], w2[:b]
         centre, xy, sigma, confidence = self.position(logits, cell, offset, logvar, frame)
         out = ModelOutput(logits, cell, offset, logvar, xy, sigma, confidence)
         if target_cell is not None:
@@ -447,8 +455,11 @@ class AgnosticTransformer(CellGrid):
             out.head_xy = centre + off * frame.cell_wh
         if return_attention:
             best = cand_logits.argmax(-1)
-            wt = w_time.view(b, n_cand, *w_time.shape[1:])[torch.arange(b, device=best.device), best]
-            out.attention = {"temporal": [wt], "candidates": cand_att, "candidate_cells": [cand]}
+            per_cand = w_time.view(b, n_cand, *w_time.shape[1:])  # [B, N, H, T, T]
+            wt = per_cand[torch.arange(b, device=best.device), best]
+            out.attention = {"temporal": [wt], "candidates": cand_att, "candidate_cells": [cand],
+                             "candidate_temporal": [per_cand], "candidate_base": [cand_base],
+                             "subpoint_weights": [w_sub]}
         return out
 
 

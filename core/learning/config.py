@@ -70,8 +70,11 @@ class DataConfig(_Section):
     max_samples: int | None = Field(default=None, gt=0)
     #: fraction of the TRAIN walks that keep their label, drawn with ``seed`` (nested: with one
     #: seed the 5 % labelled walks are among the 20 %); the others contribute only the physics
-    #: term. Validation and test stay fully labelled.
-    label_fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    #: term. Validation and test stay fully labelled. 0: no label at all (a new city's unlabelled walks):
+    #: needs ``training.init_from`` (the likelihood's calibration is transferred from that run) and the
+    #: physics term, and trains a fixed number of epochs with no labelled validation
+    #: (``training.model_selection: last``; docs/model.md, "Adapting to a new city")
+    label_fraction: float = Field(default=1.0, ge=0.0, le=1.0)
     #: ``random``: the dataset's own split; ``spatial``: whole blocks of the map are held out for
     #: val and test (see :func:`core.learning.data_loading.spatial_split`), applied at load time
     split: Literal["random", "spatial"] = "random"
@@ -164,6 +167,13 @@ class TrainingConfig(_Section):
     #: torch CPU threads per process (0 = torch default). 1: on a shared 2-core machine, OpenMP threads
     #: waiting on a busy core made steps ~10x slower than one thread (measured)
     num_threads: int = Field(default=1, ge=0, le=1024)
+    #: a run directory whose checkpoint (best.pt, else last.pt) initialises the weights (fine-tuning, e.g. on a
+    #: new city); its model kind and sizes must be this config's; recorded in lineage.json (core.learning.fine_tune)
+    init_from: str | None = Field(default=None, min_length=1)
+    #: which weights best.pt holds: ``val`` = the epoch with the best val median (early stopping on it);
+    #: ``last`` = the last epoch's, a fixed epoch count, the val split never read (no labelled validation);
+    #: None = ``last`` when ``data.label_fraction`` is 0, else ``val``
+    model_selection: Literal["val", "last"] | None = None
     loss: LossConfig = LossConfig()
 
 
@@ -175,6 +185,9 @@ class RefinementConfig(_Section):
     min_confidence_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     #: Gaussian prior at the network's prediction with its predicted sigma
     use_prior: bool = True
+    #: the prior's shape when use_prior: "gaussian" N(xy, sigma^2) (sigma includes the coarse spread), or
+    #: "heatmap": the network's most likely coarse cells as a mixture (core.physics.prior.heatmap_prior)
+    prior: Literal["gaussian", "heatmap"] = "gaussian"
 
 
 class PhysicsLossConfig(_Section):
@@ -204,6 +217,10 @@ class PhysicsLossConfig(_Section):
     cell_features: list[Literal["snr", "sinr", "throughput", "bler"]] | Literal["auto"] = []
     #: "site": the robust penalty of a normalised residual z: cauchy log(1 + z^2), or huber (delta 2)
     penalty: Literal["cauchy", "huber"] = "cauchy"
+    #: "site": at test time (MAP, exhaustive and whole-walk search) also charge the sites a report with a free
+    #: slot did NOT hear where the map predicts them loud (core.physics.silence; its outlier share fitted on
+    #: the labelled train walks); the training term does not use it. `evaluate --silence` switches it on.
+    silence: bool = False
     #: per-feature weights; None = the defaults of core.features; "auto" = calibrated on the
     #: train split: w_f = (sigma_map,f / s_f)^2 with s_f the robust spread of the residual
     #: observed - map(true position), so that w_f z_f^2 = (residual / s_f)^2 (a noise-aware likelihood)
@@ -253,6 +270,29 @@ class Config(_Section):
     training: TrainingConfig = TrainingConfig()
     physics_loss: PhysicsLossConfig = PhysicsLossConfig()
 
+    @model_validator(mode="after")
+    def _unlabelled(self):
+        """``data.label_fraction: 0`` trains on the physics term alone: it needs that term, a run to transfer the
+        likelihood's calibration from, and no labelled validation."""
+        if self.data.label_fraction > 0:
+            return self
+        if self.physics_loss.lambda_phys <= 0:
+            raise ValueError("data.label_fraction: 0 (no labelled walk) with physics_loss.lambda_phys 0 leaves "
+                             "nothing to train on")
+        if self.training.init_from is None:
+            raise ValueError("data.label_fraction: 0 (no labelled walk) needs training.init_from: the likelihood's "
+                             "calibration is transferred from that run, never made from this scene's labels")
+        if self.training.model_selection == "val":
+            raise ValueError("data.label_fraction: 0 needs training.model_selection: last (choosing on the val "
+                             "median would read labels)")
+        return self
+
+    @property
+    def selection(self) -> str:
+        """``training.model_selection`` resolved: ``last`` with no labelled walk, else ``val`` unless set."""
+        chosen = self.training.model_selection
+        return chosen if chosen is not None else ("last" if self.data.label_fraction == 0 else "val")
+
     @property
     def physics_active(self) -> bool:
         """Whether the physics term is computed at all during training (``lambda_phys > 0``)."""
@@ -295,6 +335,8 @@ def _format_error(exc: ValidationError, source: str) -> str:
     # a union's tag (e.g. "dict[str,float]") is no key of the config: leave it out of the path
     path = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and "[" in p)) or "<root>"
     msg = first["msg"]
+    if first["type"] == "value_error" and not first["loc"]:  # a whole-config rule: its message names the keys
+        return f"{source}: {first['ctx']['error']}"
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     extra = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""

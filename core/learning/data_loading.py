@@ -200,11 +200,14 @@ def physics_observation(dataset: MeasurementDataset, features: tuple[str, ...], 
 def labeled_mask(n: int, fraction: float, seed: int) -> np.ndarray:
     """bool ``[n]``: which of ``n`` training walks keep their label.
 
-    ``round(fraction * n)`` walks (at least one), the first ones of a permutation drawn with
-    ``seed``: deterministic, and nested across fractions for one seed (the 5 % are among the 20 %).
+    ``round(fraction * n)`` walks (at least one when ``fraction > 0``; none at 0), the first ones of a
+    permutation drawn with ``seed``: deterministic, and nested across fractions for one seed (the 5 % are
+    among the 20 %).
     """
     if fraction >= 1.0:
         return np.ones(n, dtype=bool)
+    if fraction <= 0.0:
+        return np.zeros(n, dtype=bool)
     keep = np.random.default_rng([int(seed), 0x1AB]).permutation(n)[: max(1, round(fraction * n))]
     out = np.zeros(n, dtype=bool)
     out[keep] = True

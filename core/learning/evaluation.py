@@ -79,8 +79,11 @@ def _timed_predict(run, indices) -> tuple[Any, float]:
 
 def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: bool = False, device="cpu",
                  threshold: float | None = None, top_k: int | None = None, window_s: float | None = None,
-                 run=None, write: bool = True, keep_errors: bool = False) -> dict[str, Any]:
+                 run=None, write: bool = True, keep_errors: bool = False, silence: bool = False) -> dict[str, Any]:
     """Evaluate ``run_dir`` on ``split`` (see the module doc); ``run`` may be an already loaded run.
+
+    ``silence``: the likelihood of every search (MAP, exhaustive, whole walk) also charges the sites
+    a report with a free slot did not hear (:mod:`core.physics.silence`; ``physics_loss.silence``).
 
     ``threshold``, ``top_k``, ``window_s``: the MAP refinement's options
     (:func:`~core.learning.inference.refine_prediction`; None: its defaults).
@@ -89,11 +92,18 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     from core.learning.inference import cpu_threads, load_run
 
     run = run or load_run(run_dir, device=device)
+    if silence:
+        from core.physics.silence import silence_threshold_db
+
+        if silence_threshold_db(run.dataset, run.radio_map) is None:  # before any work
+            raise CoreError(f"--silence: {run.dataset.ref.path} records no sensitivity (--sensitivity-dbm off, or "
+                            "no measurement model): every site is reported, so silence says nothing")
+        run.config.physics_loss.silence = True
     indices = run.dataset.indices(split)
     if len(indices) == 0:
         raise CoreError(f"--split {split}: no samples in {run.config.data.dataset}")
     if write:  # before the work: a result that cannot be written is refused now
-        check_writable(evaluation_path(run.run_dir, split, refine=refine), "--run")
+        check_writable(evaluation_path(run.run_dir, split, refine=refine, silence=silence), "--run")
     progress.report(0.05, f"predicting {len(indices)} {split} samples")
     pred, ms = _timed_predict(run, indices)
     result: dict[str, Any] = {"run": str(run.run_dir), "split": split, "checkpoint": run.checkpoint.name,
@@ -138,8 +148,11 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
                                          "ms_per_sample": 1000.0 * cost.get(name, float("nan"))}
             errors[name] = e
     _ratios(result, errors, bound_rms)
+    if run.config.physics_loss.silence and run._likelihood is not None:
+        result["silence"] = run.likelihood.silence.to_dict()
     if write:
-        atomic_write_text(evaluation_path(run.run_dir, split, refine=refine), json.dumps(result, indent=2, default=float))
+        atomic_write_text(evaluation_path(run.run_dir, split, refine=refine, silence=silence),
+                          json.dumps(result, indent=2, default=float))
     progress.report(1.0, "evaluation done")
     if keep_errors:
         result["_errors"] = errors
@@ -154,7 +167,7 @@ def evaluate_scene(run_dir, scene: str, split: str = "test", refine: bool = Fals
     from core.learning.inference import load_run
 
     run = load_run(run_dir, device=device, scene=scene, dataset_path=dataset_path)
-    path = evaluation_path(run.run_dir, split, scene, refine, dataset=dataset_path)
+    path = evaluation_path(run.run_dir, split, scene, refine, dataset=dataset_path, silence=options.get("silence", False))
     if write:
         check_writable(path, "--run")
     result = evaluate_run(run_dir, split, refine, baselines, run=run, write=False, **options)
@@ -282,6 +295,20 @@ def method_table(result: dict[str, Any]):
                          for label, (m, _) in _method_rows(result).items()}).T
 
 
+def held_out_summary(result: dict[str, Any]) -> dict[str, Any] | None:
+    """One row of a held-out evaluation (``evaluate --run R --scene S`` on a scene the run never trained on),
+    None for an in-scene result: scene, split, UEs, and per method of the result (network, network + MAP,
+    network + whole-walk when there) the median and P90 error [m]."""
+    if not result.get("held_out"):
+        return None
+    row: dict[str, Any] = {"scene": result.get("scene"), "split": result.get("split"), "UEs": result.get("count")}
+    for label, (m, _) in _method_rows(result).items():
+        if label in ("network", "network + MAP", "network + whole-walk"):
+            row[f"{label} median [m]"] = m.get("median_m", float("nan"))
+            row[f"{label} P90 [m]"] = m.get("p90_m", float("nan"))
+    return row
+
+
 def group_table(result: dict[str, Any], metric: str = "median_m"):
     """DataFrame of ``metric`` per method (rows) and UE group (columns, :data:`core.learning.groups.GROUPS`
     order, with the group's count in the header)."""
@@ -377,6 +404,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the same scene, sites, propagation and grid (e.g. a k-path map, generate-maps "
                              "--paths-per-site); its calibration is made in memory; recorded as radio_map_override "
                              "and in the result file's name (eval_<split>_map-<folder>...)")
+    parser.add_argument("--silence", action="store_true",
+                        help="searches also charge the sites a report with a free slot did not hear where the map "
+                             "predicts them loud (core.physics.silence); result file ..._silence.json")
     parser.add_argument("--out", default=None,
                         help="write the result JSON to this file instead of into the run directory")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -386,7 +416,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # one thread: much faster than 2 on a shared 2-core CPU
     device = "cpu" if args.device == "auto" and not torch.cuda.is_available() else args.device
-    options = dict(threshold=args.threshold, top_k=args.top_k, window_s=args.window)
+    options = dict(threshold=args.threshold, top_k=args.top_k, window_s=args.window, silence=args.silence)
     out = None
     if args.out is not None:
         out = Path(args.out)
@@ -400,7 +430,7 @@ def run(args: argparse.Namespace) -> int:
         if not Path(args.radio_map).exists():
             raise CoreError(f"--radio-map {args.radio_map}: no such map store")
         label, dataset = f"map-{Path(args.radio_map).resolve().parent.name}", None
-    target = out or evaluation_path(args.run, args.split, label, args.refine, dataset=dataset)
+    target = out or evaluation_path(args.run, args.split, label, args.refine, dataset=dataset, silence=args.silence)
     if out is None:  # before the lock file beside it: an unwritable run folder is one line
         check_writable(target, "--run")
     with output_lock(target, "evaluation"):  # one writer per result file

@@ -25,6 +25,7 @@ not the one the run was trained on, raise :class:`~core.errors.StoreError` namin
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,11 +104,30 @@ class LoadedRun:
         if self.calibration is None:
             raise CoreError(f"run {self.run_dir}: no calibration loaded (calibrate_run(run) first)")
         if self._likelihood is None:
+            from dataclasses import replace
+
             from core.physics.likelihood import RobustLikelihood
 
-            self._likelihood = RobustLikelihood(self.radio_map, self.calibration,
-                                                likelihood_config(self.config.physics_loss), device=self.device)
+            config = likelihood_config(self.config.physics_loss)
+            lik = RobustLikelihood(self.radio_map, self.calibration, replace(config, silence=False), device=self.device)
+            if config.silence:
+                lik = RobustLikelihood(lik.maps, self.calibration, config, silence=self._silence(lik.maps))
+            self._likelihood = lik
         return self._likelihood
+
+    def _silence(self, maps):
+        """The silence term of the loaded scene (:mod:`core.physics.silence`): its outlier share fitted on the
+        train split's labelled walks, the default for a held-out scene (no labels); a measurement model
+        without a sensitivity gives none (CoreError: silence then says nothing)."""
+        from core.physics.silence import Silence, fit_silence, silence_threshold_db
+
+        threshold = silence_threshold_db(self.dataset, self.radio_map)
+        if threshold is None:
+            raise CoreError(f"silence: {self.dataset.ref.path or 'the dataset'} records no sensitivity "
+                            "(--sensitivity-dbm off): every site is reported, silence says nothing")
+        if self.held_out:
+            return Silence(threshold)
+        return fit_silence(self.dataset, maps, self.calibration, threshold, split="train")
 
     def refiner(self, search=None):
         """A :class:`~core.physics.refinement.MapRefiner` over :attr:`likelihood` for ``search``
@@ -150,10 +170,23 @@ class Prediction:
     #: the ``k`` most likely coarse cells, most likely first (the first is the one ``xy`` lies in):
     coarse_xy: np.ndarray | None = None  # [N, k, 2] their centres [m]
     coarse_prob: np.ndarray | None = None  # [N, k] their softmax probabilities
+    #: [N, 2] the fine head's own std inside the chosen cell [m] (``sigma`` adds the coarse spread)
+    fine_sigma: np.ndarray | None = None
     #: {"temporal": [ [N, H, T, T] ] * layers, "cross": [ [N, H, T, P] ] * layers} or None
     attention: dict[str, list[np.ndarray]] | None = None
     patch_grid: tuple[int, int] | None = None  # (rows, cols); patch p = row * cols + col, row along +y
     patch_bounds: np.ndarray | None = None  # [P, 4] (x_min, y_min, x_max, y_max) of each patch [m]
+    #: with ``return_distribution=True`` (:func:`predict`), the network's distribution from coarse to fine:
+    #: ``cell_prob [N, G, G]`` the probability of each of its ``G x G`` coarse cells (softmax of the coarse logits,
+    #: unitless, sums to 1 per sample; the chosen cell is its argmax); cell ``(i, j)``: row ``i`` along +y,
+    #: column ``j`` along +x of ``cell_bounds [4]`` (x_min, y_min, x_max, y_max) [m], the loaded map's bounds,
+    #: each cell ``(x_max - x_min) / G`` by ``(y_max - y_min) / G`` m
+    cell_prob: np.ndarray | None = None
+    cell_bounds: np.ndarray | None = None
+    #: agnostic model only (else None): ``[N, s, s]`` the fine head's weights over the ``s x s`` sub-points of the
+    #: chosen cell (softmax, sums to 1); sub-point ``(a, b)`` lies at the cell centre + ``((b + 0.5) / s - 0.5,
+    #: (a + 0.5) / s - 0.5)`` times the cell size (:func:`subpoint_xy`)
+    subpoint_prob: np.ndarray | None = None
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
@@ -274,11 +307,27 @@ def calibrate_run(run: LoadedRun):
     if run.calibration is None:
         if run.held_out:
             run.calibration = _transferred_calibration(run)
+        elif run.config.data.label_fraction == 0 and not run.foreign_dataset:  # trained with no label: none read now
+            run.calibration = _unlabelled_run_calibration(run)
         else:
             name = None if run.scene_index == 0 else run.trained_scenes[run.scene_index]
             run.calibration = ensure_calibration(run.run_dir, run.dataset, run.radio_map, name,
                                                  store=not (run.foreign_dataset or run.map_override))
     return run.calibration
+
+
+def _unlabelled_run_calibration(run: LoadedRun):
+    """A run trained with ``data.label_fraction: 0``: its stored calibration when made from these stores, else
+    the one transferred again from its ``training.init_from`` run -- never calibrated on this scene's labels."""
+    from core.learning.fine_tune import check_init_from, transferred_calibrations
+    from core.learning.run_calibration import made_from, read_calibration
+
+    name = None if run.scene_index == 0 else run.trained_scenes[run.scene_index]
+    with contextlib.suppress(StoreError):
+        stored = read_calibration(run.run_dir, name)
+        if stored is not None and made_from(stored, run.dataset.ref, run.radio_map.ref):
+            return stored
+    return transferred_calibrations(check_init_from(run.config), [(run.dataset, run.radio_map)])[0]
 
 
 def _transferred_calibration(run: LoadedRun):
@@ -334,47 +383,84 @@ def patch_bounds(spec, bounds) -> tuple[tuple[int, int], np.ndarray]:
 
 
 def predict(run: LoadedRun, indices, return_attention: bool = False, batch_size: int = 1024,
-            top_k: int = COARSE_TOP_K) -> Prediction:
+            top_k: int = COARSE_TOP_K, return_distribution: bool = False) -> Prediction:
     """Predict samples ``indices`` (dataset indices) of ``run`` (with :func:`cpu_threads`).
 
     ``top_k``: how many of the most likely coarse cells to return (``coarse_xy``,
-    ``coarse_prob``; at most ``G * G``).
+    ``coarse_prob``; at most ``G * G``). ``return_distribution``: also the network's whole distribution
+    (``cell_prob [N, G, G]``, ``cell_bounds``, and the agnostic model's ``subpoint_prob [N, s, s]``;
+    ``4 G²`` bytes per sample, so for a few samples).
     """
     with cpu_threads(run):
-        return _predict(run, indices, return_attention, batch_size, top_k)
+        return _predict(run, indices, return_attention, batch_size, top_k, return_distribution)
+
+
+def subpoint_xy(prediction: Prediction, row: int, grid_size: int) -> np.ndarray:
+    """``[s, s, 2]`` positions [m] of the sub-points of sample row ``row``'s chosen cell (the cells of a
+    ``grid_size x grid_size`` grid over ``prediction.cell_bounds``), laid out as ``subpoint_prob``."""
+    if prediction.subpoint_prob is None or prediction.cell_prob is None:
+        raise CoreError("subpoint_xy: the prediction has no sub-point weights (an agnostic run, return_distribution)")
+    s = prediction.subpoint_prob.shape[-1]
+    x_min, y_min, x_max, y_max = (float(v) for v in prediction.cell_bounds)
+    w, h = (x_max - x_min) / grid_size, (y_max - y_min) / grid_size
+    i, j = np.unravel_index(int(np.argmax(prediction.cell_prob[row])), prediction.cell_prob[row].shape)
+    u = (np.arange(s) + 0.5) / s - 0.5
+    cx, cy = x_min + (j + 0.5) * w, y_min + (i + 0.5) * h
+    return np.stack(np.meshgrid(cx + u * w, cy + u * h, indexing="xy"), -1)  # [a (y), b (x), 2]
 
 
 @torch.no_grad()
-def _predict(run: LoadedRun, indices, return_attention: bool, batch_size: int, top_k: int) -> Prediction:
+def _predict(run: LoadedRun, indices, return_attention: bool, batch_size: int, top_k: int,
+             return_distribution: bool = False) -> Prediction:
     indices = np.atleast_1d(np.asarray(indices, dtype=np.int64))
     if indices.size and (indices.min() < 0 or indices.max() >= run.dataset.num_samples):
         raise CoreError(f"predict: indices must be in [0, {run.dataset.num_samples}), got {indices.min()}..{indices.max()}")
     data = run.tensors(indices)
-    parts: dict[str, list] = {"xy": [], "sigma": [], "confidence": [], "coarse_xy": [], "coarse_prob": []}
+    parts: dict[str, list] = {"xy": [], "sigma": [], "confidence": [], "coarse_xy": [], "coarse_prob": [],
+                              "fine_sigma": []}
     g2 = run.model.spec.grid_size ** 2
     top_k = int(min(max(top_k, 1), g2))
     attention: dict[str, list[list[np.ndarray]]] = {}
     maps = run.maps  # the loaded scene's map and bounds: positions in its frame
     frame = run.model.frame(maps)
+    agnostic = run.model.spec.kind == "agnostic"
+    if return_distribution:
+        parts["cell_prob"] = []
+        if agnostic:
+            parts["subpoint_prob"] = []
+    g = run.model.spec.grid_size
     for start in range(0, len(data), batch_size):
         b = data.batch(torch.arange(start, min(start + batch_size, len(data))), run.device)
-        out = run.model(b["feats"], b["site_index"], b["mask"], maps, return_attention=return_attention)
-        prob, cells = out.logits.softmax(-1).topk(top_k, dim=-1)
+        out = run.model(b["feats"], b["site_index"], b["mask"], maps,
+                        return_attention=return_attention or (return_distribution and agnostic))
+        prob_all = out.logits.softmax(-1)
+        prob, cells = prob_all.topk(top_k, dim=-1)
         out_np = {"xy": out.xy, "sigma": out.sigma, "confidence": out.confidence, "coarse_prob": prob,
-                  "coarse_xy": run.model.cell_centre(cells.reshape(-1), frame).reshape(*cells.shape, 2)}
+                  "coarse_xy": run.model.cell_centre(cells.reshape(-1), frame).reshape(*cells.shape, 2),
+                  "fine_sigma": (0.5 * out.logvar).exp() * frame.cell_wh}
+        if return_distribution:
+            out_np["cell_prob"] = prob_all.reshape(-1, g, g)
+            if agnostic:
+                w = out.attention["subpoint_weights"][0]
+                s = int(round(w.shape[-1] ** 0.5))
+                out_np["subpoint_prob"] = w.reshape(-1, s, s)
         for k in parts:
             parts[k].append(out_np[k].cpu().numpy())
         if return_attention:
             for key, layers in out.attention.items():
                 attention.setdefault(key, []).append([w.cpu().numpy() for w in layers])
-    empty = {"xy": (0, 2), "sigma": (0, 2), "confidence": (0,), "coarse_xy": (0, top_k, 2), "coarse_prob": (0, top_k)}
+    s = run.model.spec.fine_subgrid
+    empty = {"xy": (0, 2), "sigma": (0, 2), "confidence": (0,), "coarse_xy": (0, top_k, 2), "coarse_prob": (0, top_k),
+             "fine_sigma": (0, 2), "cell_prob": (0, g, g), "subpoint_prob": (0, s, s)}
     cat = {k: (np.concatenate(v) if v else np.zeros(empty[k], np.float32)) for k, v in parts.items()}
     true_xy = data.target_xy.numpy()
     pred = Prediction(
         indices=indices, xy=cat["xy"], sigma=cat["sigma"], confidence=cat["confidence"], true_xy=true_xy,
         error_m=position_errors(cat["xy"], true_xy), los=data.los.numpy(), num_reports=data.num_reports.numpy(),
-        coarse_xy=cat["coarse_xy"], coarse_prob=cat["coarse_prob"],
+        coarse_xy=cat["coarse_xy"], coarse_prob=cat["coarse_prob"], fine_sigma=cat["fine_sigma"],
         groups=ue_groups(run.dataset, indices, run.config.physics_loss.report_window_s),
+        cell_prob=cat.get("cell_prob"), subpoint_prob=cat.get("subpoint_prob"),
+        cell_bounds=np.asarray(run.radio_map.bounds, dtype=np.float64) if return_distribution else None,
     )
     if return_attention:  # per key, per layer: the batches concatenated
         pred.attention = {key: [np.concatenate([c[layer] for c in chunks]) for layer in range(len(chunks[0]))]
@@ -477,6 +563,10 @@ class RefinedPrediction:
     use_prior: bool
     search: Any
     seconds: float
+    #: the prior used when it is not the Gaussian of ``start_xy`` / ``prior_sigma`` (a PositionPrior: the heatmap)
+    prior: Any = None
+    #: "gaussian", "heatmap" or "flat"
+    prior_kind: str = "gaussian"
 
     def source_name(self, i: int) -> str:
         """Which start won for sample row ``i`` ("window", "centre 2", "global 1"; "not refined")."""
@@ -496,14 +586,15 @@ def _start_labels(n_centres: int, n_global: int) -> tuple[str, ...]:
 
 def refine_prediction(run: LoadedRun, prediction: Prediction, threshold: float | None = None,
                       top_k: int | None = None, window_s: float | None = None, search=None,
-                      use_prior: bool | None = None) -> RefinedPrediction:
+                      use_prior: bool | None = None, prior: str | None = None) -> RefinedPrediction:
     """MAP refinement (:class:`~core.physics.refinement.MapRefiner`) of every sample of ``prediction``.
 
     Posterior ``J(p) = NLL(p | reports) + prior_nll(p)``: the run's calibrated robust
     likelihood (:attr:`LoadedRun.likelihood`) of the sample's reports pooled over the last
     ``window_s`` seconds (default the run's ``physics_loss.report_window_s``), and the network's Gaussian
     ``N(mean, sigma^2)`` with its outlier floor as the prior (``use_prior``: default the
-    config's ``physics_loss.refinement.use_prior``; off: a flat prior). Starts: the window
+    config's ``physics_loss.refinement.use_prior``; off: a flat prior; ``prior``: "gaussian" or "heatmap",
+    the network's likely cells as a mixture, :func:`network_prior`; default the config's). Starts: the window
     around the mean, the ``top_k`` next most likely coarse cells (default
     :data:`DEFAULT_TOP_K`) and the global scan's blocks. ``threshold``: refine only samples
     with confidence below it (None: all). ``search``: a MapSearchConfig (default
@@ -515,6 +606,7 @@ def refine_prediction(run: LoadedRun, prediction: Prediction, threshold: float |
     top_k = DEFAULT_TOP_K if top_k is None else max(0, int(top_k))
     window_s = run.config.physics_loss.report_window_s if window_s is None else float(window_s)
     use_prior = run.config.physics_loss.refinement.use_prior if use_prior is None else bool(use_prior)
+    kind = run.config.physics_loss.refinement.prior if prior is None else prior
     calibrate_run(run)
     refiner = run.refiner(search)
     n = len(prediction.indices)
@@ -523,12 +615,31 @@ def refine_prediction(run: LoadedRun, prediction: Prediction, threshold: float |
     centres = None
     if top_k and prediction.coarse_xy is not None and prediction.coarse_xy.shape[1] > 1:
         centres = torch.as_tensor(prediction.coarse_xy[:, 1:1 + top_k])
+    mixture = network_prior(run, prediction, refiner) if use_prior and kind == "heatmap" else None
     with cpu_threads(run):
         res = refiner(torch.as_tensor(prediction.xy), torch.as_tensor(sigma), obs, centres=centres,
                       confidence=None if threshold is None else torch.as_tensor(prediction.confidence),
-                      threshold=threshold)
-    return _refined(res, prediction, obs, sigma, threshold, 0 if centres is None else centres.shape[1],
-                    window_s, use_prior, search)
+                      threshold=threshold, prior=mixture)
+    out = _refined(res, prediction, obs, sigma, threshold, 0 if centres is None else centres.shape[1],
+                   window_s, use_prior, search)
+    out.prior, out.prior_kind = mixture, kind if use_prior else "flat"
+    return out
+
+
+def network_prior(run: LoadedRun, prediction: Prediction, refiner):
+    """The network's heatmap as the MAP prior (:func:`~core.physics.prior.heatmap_prior`): its
+    ``COARSE_TOP_K`` most likely coarse cells with their probabilities, the chosen one at the fine head's
+    estimate and spread, the others at their centres with sigma = cell width / sqrt(12)."""
+    from core.physics.prior import heatmap_prior
+
+    if prediction.coarse_prob is None or prediction.fine_sigma is None:
+        raise CoreError("heatmap prior: the prediction has no coarse probabilities or fine sigma")
+    maps, c = refiner.lik.maps, refiner.config
+    t = lambda a: torch.as_tensor(a).to(device=maps.device, dtype=maps.dtype)  # noqa: E731
+    cell = run.model.frame(run.maps).cell_wh.to(device=maps.device, dtype=maps.dtype)  # [1, 2] metres
+    cell_sigma = (cell / math.sqrt(12.0)).expand(len(prediction.indices), 2)
+    return heatmap_prior(t(prediction.xy), t(prediction.fine_sigma), t(prediction.coarse_xy[:, 1:]),
+                         t(prediction.coarse_prob), cell_sigma, refiner.area, c.outlier_prob, c.min_sigma_m)
 
 
 def _refined(res, prediction: Prediction, obs, sigma, threshold, n_centres: int, window_s: float, use_prior: bool,
@@ -588,9 +699,12 @@ def refinement_surface(run: LoadedRun, refined: RefinedPrediction, row: int, hal
     refiner, c = run.refiner(refined.search), refined.search
     obs = site_observation(run.dataset, refined.indices[row:row + 1], window_s=refined.window_s)
     dt, dev = run.likelihood.maps.dtype, run.likelihood.maps.device
-    prior = position_prior(torch.as_tensor(refined.start_xy[row:row + 1], dtype=dt, device=dev),
-                           torch.as_tensor(refined.prior_sigma[row:row + 1], dtype=dt, device=dev), refiner.area,
-                           c.outlier_prob, c.min_sigma_m)
+    if refined.prior is not None:  # the heatmap the search used
+        prior = refined.prior.take(slice(row, row + 1))
+    else:
+        prior = position_prior(torch.as_tensor(refined.start_xy[row:row + 1], dtype=dt, device=dev),
+                               torch.as_tensor(refined.prior_sigma[row:row + 1], dtype=dt, device=dev), refiner.area,
+                               c.outlier_prob, c.min_sigma_m)
     centre = refined.start_xy[row] if centre is None else centre
     with cpu_threads(run):
         return likelihood_surface(run.likelihood, obs, centre, float(half_m or c.window_m), step_m, prior)

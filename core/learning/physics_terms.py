@@ -30,7 +30,8 @@ def likelihood_config(p: PhysicsLossConfig):
     from core.physics.likelihood import LikelihoodConfig
 
     cells = p.cell_features if p.cell_features == "auto" else tuple(p.cell_features)
-    return LikelihoodConfig(site_features=tuple(p.site_features), cell_features=cells, penalty=p.penalty)
+    return LikelihoodConfig(site_features=tuple(p.site_features), cell_features=cells, penalty=p.penalty,
+                            silence=p.silence)
 
 
 def calibrated_weights(dataset: MeasurementDataset, radio_map: RadioMap, observation: str = "latest",
@@ -126,13 +127,15 @@ class ServingMapTerm:
         return batch["obs_mask"].any(1)
 
 
-def make_physics_term(config: Config, radio_map: RadioMap, device: torch.device, dataset=None):
+def make_physics_term(config: Config, radio_map: RadioMap, device: torch.device, dataset=None, calibration=None):
     """The physics term as training sees it: ``physics(xy [B, 2], batch) -> [B]`` per-sample losses and
     ``physics.active(batch) -> bool [B]`` (samples with an observation). Everything in training is built
     on this interface only.
 
     ``physics_loss.likelihood: site`` (default) calibrates the per-site likelihood on the LABELLED train
     walks of ``dataset`` (their true positions are needed); the calibration is ``physics.calibration``.
+    ``calibration``: one given instead (``data.label_fraction: 0``: transferred from the init run, never made
+    from labels; :mod:`core.learning.fine_tune`); with no labelled walk and none given, refused.
     """
     if config.physics_loss.likelihood == "serving":
         return ServingMapTerm(make_physics_loss(config, radio_map, device, dataset))
@@ -143,9 +146,14 @@ def make_physics_term(config: Config, radio_map: RadioMap, device: torch.device,
         raise ConfigError("physics_loss.likelihood: 'site' needs the dataset to calibrate on")
     if not all(name in radio_map.layers for name in SITE_LAYERS):
         raise ConfigError(f"physics_loss.likelihood: 'site' needs per-site layers, which {radio_map.source} lacks")
-    calibration = calibrate(dataset.subset(labeled_train_indices(dataset, config)), radio_map, split=None)
-    calibration.meta.update({"dataset": dataset.ref.to_dict(), "radio_map": radio_map.ref.to_dict(),
-                             "label_fraction": config.data.label_fraction})
+    if calibration is None:
+        labelled = labeled_train_indices(dataset, config)
+        if len(labelled) == 0:
+            raise ConfigError("data.label_fraction: no labelled train walk to calibrate the likelihood on "
+                              "(label_fraction 0 transfers the calibration of training.init_from)")
+        calibration = calibrate(dataset.subset(labelled), radio_map, split=None)
+        calibration.meta.update({"dataset": dataset.ref.to_dict(), "radio_map": radio_map.ref.to_dict(),
+                                 "label_fraction": config.data.label_fraction})
     return SiteLikelihoodTerm(RobustLikelihood(radio_map, calibration, likelihood_config(config.physics_loss),
                                                device=device))
 
@@ -171,10 +179,12 @@ class SceneTerms:
         return out
 
 
-def make_scene_physics(config: Config, run: RunData, device: torch.device):
+def make_scene_physics(config: Config, run: RunData, device: torch.device, calibrations: list | None = None):
     """The physics term of every scene of ``run`` (:func:`make_physics_term` each, calibrated on its own
-    labelled train walks): that term itself for one scene, a :class:`SceneTerms` for several."""
-    terms = [make_physics_term(config, s.radio_map, device, s.dataset) for s in run.scenes]
+    labelled train walks, or given ``calibrations``, one per scene): that term itself for one scene, a
+    :class:`SceneTerms` for several."""
+    given = calibrations if calibrations is not None else [None] * len(run.scenes)
+    terms = [make_physics_term(config, s.radio_map, device, s.dataset, c) for s, c in zip(run.scenes, given)]
     return terms[0] if len(terms) == 1 else SceneTerms(terms)
 
 

@@ -4,7 +4,8 @@ against each other, with ``config.data`` applied, and the model's tensors of a s
 One scene (``data.dataset``) or several (``data.datasets``, docs/model.md "Many scenes"): a run's data is
 a :class:`RunData` of :class:`SceneData` (index ``m`` = the samples' ``scene_index``) and the model's
 :class:`~core.learning.model.ModelSpec`. A scene's radio map is ``<physics_loss.radio_maps_dir>/<scene>.zarr``
-(:func:`core.stores.lineage.map_path_for`) and must be the map its dataset was made with
+(:func:`core.stores.lineage.map_path_for`; where that folder has none, the map the dataset records, e.g. a corpus
+city's) and must be the map its dataset was made with
 (:func:`core.stores.lineage.check_map_of_dataset`). Every refusal is one line naming the config key.
 
 Used by training (:mod:`core.learning.training`), inference (a trained run's scenes and held-out scenes),
@@ -96,15 +97,21 @@ class RunData:
 
 def load_stores(dataset_path, maps_dir, scene: str | None = None, key: str = "data.dataset"):
     """``(dataset, radio map)`` at ``dataset_path`` and ``<maps_dir>/<its scene>.zarr``, the map being the one
-    the dataset was made with. A dataset that is missing or corrupt is a StoreError, prefixed with ``key``
-    unless that is ``data.dataset`` (whose store is named alone, as for every single-scene run)."""
+    the dataset was made with; when ``maps_dir`` holds no map of the scene, the map the dataset records where
+    that store is (a corpus city's ``<corpus>/radio_maps/<city>.zarr``, so corpus cities and the real scenes
+    train together with one ``radio_maps_dir``). A dataset that is missing or corrupt is a StoreError, prefixed
+    with ``key`` unless that is ``data.dataset`` (whose store is named alone, as for every single-scene run)."""
     try:
         dataset = MeasurementDataset.load(resolve_path(dataset_path))
     except StoreError as exc:
         if key == "data.dataset":
             raise
         raise StoreError(f"{key}: {exc}") from None
-    radio_map = RadioMap.load(map_path_for(dataset.ref, maps_dir, scene))
+    path = map_path_for(dataset.ref, maps_dir, scene)
+    recorded = dataset.radio_map_ref
+    if not path.exists() and recorded is not None and recorded.path and resolve_path(recorded.path).exists():
+        path = resolve_path(recorded.path)  # made with its map elsewhere (a corpus city): that map, where it is
+    radio_map = RadioMap.load(path)
     check_map_of_dataset(dataset.ref, dataset.radio_map_ref, radio_map.ref)
     return dataset, radio_map
 

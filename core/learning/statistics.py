@@ -4,7 +4,7 @@ A comparison has arms (methods) evaluated on the SAME test UEs for each of the s
 seeds, so errors are paired: ``errors[arm][s]`` is a ``[N]`` array of errors [m] for
 seed ``s``, UE ``n`` being the same UE in every arm.
 
-Change of a metric ``M`` (median, P90 or RMSE) of ``arm`` against ``reference``::
+Change of a metric ``M`` (median, P90, RMSE or the share beyond 20 m) of ``arm`` against ``reference``::
 
     delta = mean_s [ M(errors[arm][s]) - M(errors[reference][s]) ]
 
@@ -25,6 +25,7 @@ METRICS: dict[str, Callable[[np.ndarray], float]] = {
     "median_m": lambda e: float(np.median(e)),
     "p90_m": lambda e: float(np.percentile(e, 90)),
     "rmse_m": lambda e: float(np.sqrt(np.mean(np.square(e)))),
+    "beyond_20m": lambda e: float(np.mean(e > 20.0)),
 }
 
 
@@ -37,6 +38,8 @@ def _metric_rows(errors: np.ndarray, idx: np.ndarray, metric: str) -> np.ndarray
         return np.percentile(sample, 90, axis=1)
     if metric == "rmse_m":
         return np.sqrt(np.mean(np.square(sample), axis=1))
+    if metric == "beyond_20m":
+        return np.mean(sample > 20.0, axis=1)
     raise KeyError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
 
 
@@ -54,8 +57,8 @@ def paired_delta(arm: Sequence[np.ndarray], reference: Sequence[np.ndarray], met
     """Change of ``metric`` of ``arm`` against ``reference`` with its bootstrap 95 % CI.
 
     ``arm`` and ``reference``: one ``[N]`` error array [m] per seed, same seeds, same UEs.
-    Returns ``{"delta", "ci_low", "ci_high", "ratio"}`` where ``ratio`` is the mean over
-    seeds of ``M(arm) / M(reference)``.
+    Returns ``{"delta", "ci_low", "ci_high", "ratio", "ratio_ci_low", "ratio_ci_high"}`` where ``ratio`` is
+    the mean over seeds of ``M(arm) / M(reference)`` and its CI comes from the same bootstrap replicates.
     """
     a, r = _stack(arm, "arm"), _stack(reference, "reference")
     if a.shape != r.shape:
@@ -64,14 +67,18 @@ def paired_delta(arm: Sequence[np.ndarray], reference: Sequence[np.ndarray], met
     identity = np.broadcast_to(np.arange(n), (n_seeds, n))
     m_a, m_r = _metric_rows(a, identity, metric), _metric_rows(r, identity, metric)
     rng = np.random.default_rng(seed)
-    deltas = np.empty(n_boot)
+    deltas, ratios = np.empty(n_boot), np.empty(n_boot)
     for b in range(n_boot):
         seeds = rng.integers(0, n_seeds, size=n_seeds)
         ues = rng.integers(0, n, size=(n_seeds, n))
-        deltas[b] = np.mean(_metric_rows(a[seeds], ues, metric) - _metric_rows(r[seeds], ues, metric))
+        ma, mr = _metric_rows(a[seeds], ues, metric), _metric_rows(r[seeds], ues, metric)
+        deltas[b] = np.mean(ma - mr)
+        ratios[b] = np.mean(ma / np.maximum(mr, 1e-12))
     low, high = np.percentile(deltas, [2.5, 97.5])
+    r_low, r_high = np.percentile(ratios, [2.5, 97.5])
     return {"delta": float(np.mean(m_a - m_r)), "ci_low": float(low), "ci_high": float(high),
-            "ratio": float(np.mean(m_a / np.maximum(m_r, 1e-12)))}
+            "ratio": float(np.mean(m_a / np.maximum(m_r, 1e-12))), "ratio_ci_low": float(r_low),
+            "ratio_ci_high": float(r_high)}
 
 
 def seed_summary(per_seed: Sequence[np.ndarray]) -> dict[str, float]:

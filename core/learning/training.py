@@ -32,7 +32,11 @@ Loss per batch::
   linear ramp (per step) over ``physics_loss.ramp_epochs`` to ``lambda_phys``.
 
 ``data.label_fraction < 1`` keeps the labels of only that fraction of the train walks (drawn
-with ``seed``); the others contribute the physics term alone. ``data.split: spatial`` holds out
+with ``seed``); the others contribute the physics term alone. ``training.init_from: RUN`` starts from
+that run's weights (:mod:`core.learning.fine_tune`; fresh optimiser and schedule, recorded in lineage.json);
+with ``data.label_fraction: 0`` the likelihood's calibration is transferred from it and no label is read.
+``training.model_selection: last`` (forced with no label) keeps the last epoch in best.pt, never reads the
+val split and never stops early (its metrics rows have ``val_*`` None). ``data.split: spatial`` holds out
 whole map blocks for val and test (applied at load time). With the physics term off, unlabelled
 walks are left out of the forward pass (they would contribute nothing).
 
@@ -76,9 +80,11 @@ import torch
 from core import progress, resolve_path
 from core.device import resolve_device
 from core.errors import StoreError
+from core.learning import fine_tune
 from core.learning.coarse_physics import attach_cell_posterior
 from core.learning.config import Config, load_config
 from core.learning.data_loading import TensorData, concat_tensors
+from core.learning.fine_tune import InitRun, check_init_from, init_feature_weights, lineage_record, load_weights
 from core.learning.kinds import build_model
 from core.learning.losses import LOSS_TERMS, compute_losses, gradient_balance, predict_tensors
 from core.learning.metrics import error_metrics, position_errors
@@ -144,18 +150,27 @@ class _Loop:
     bad_epochs: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     status: run_store.StatusWriter | None = None  # status.json of the run being written (rank 0)
+    init: InitRun | None = None  # the run whose weights this one started from (training.init_from)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def _build_loop(config: Config, run: RunData, device: torch.device, rank: int, world: int) -> _Loop:
+def _build_loop(config: Config, run: RunData, device: torch.device, rank: int, world: int,
+                init: InitRun | None = None) -> _Loop:
     t = config.training
     parts = [scene_tensors(run, m, "train", config) for m in range(len(run.scenes))]
     val_data = tensors(run, "val", config)
-    model = build_model(run.spec, config.seed).to(device)
-    physics = make_scene_physics(config, run, device) if config.physics_active else None
+    model = build_model(run.spec, config.seed)
+    if init is not None:  # fine-tuning: the init run's weights, a fresh optimiser and schedule
+        load_weights(model, init)
+    model = model.to(device)
+    # no labelled walk: the likelihood's calibration is the init run's, transferred (never this scene's labels)
+    calibrations = None
+    if config.data.label_fraction == 0:
+        calibrations = fine_tune.transferred_calibrations(init, [(s.dataset, s.radio_map) for s in run.scenes])
+    physics = make_scene_physics(config, run, device, calibrations) if config.physics_active else None
     prior = _attach_posteriors(run, parts, physics, config)
     train_data = concat_tensors(parts)
     per_rank = len(train_data) // world
@@ -165,7 +180,7 @@ def _build_loop(config: Config, run: RunData, device: torch.device, rank: int, w
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
     diag_batch = train_data.batch(torch.arange(min(t.batch_size, len(train_data))), device)
     return _Loop(config, run, device, rank, world, model, optimizer, scheduler, physics, train_data, val_data,
-                 run.maps.to(device), steps_per_epoch, diag_batch, coarse_prior=prior)
+                 run.maps.to(device), steps_per_epoch, diag_batch, coarse_prior=prior, init=init)
 
 
 def _attach_posteriors(run: RunData, parts: list[TensorData], physics, config: Config) -> dict[str, float] | None:
@@ -208,8 +223,9 @@ def _wrap_distributed(loop: _Loop) -> None:
 def _start_run_dir(loop: _Loop, out: Path) -> None:
     """Write the run's config, lineage and first log line (rank 0)."""
     config, physics, scenes = loop.config, loop.physics, loop.run.scenes
+    init = lineage_record(loop.init, config.training.init_from) if loop.init is not None else None
     run_store.write_lineage(out, loop.run.dataset.ref, loop.run.radio_map.ref,
-                            [(s.dataset.ref, s.radio_map.ref) for s in scenes], config.data.holdout_scene)
+                            [(s.dataset.ref, s.radio_map.ref) for s in scenes], config.data.holdout_scene, init)
     for m, term in enumerate(scene_terms(physics) if physics is not None else []):
         if term.calibration is not None:  # the first scene's is calibration.json, as for one scene
             run_store.write_calibration(out, term.calibration, None if m == 0 else scenes[m].name)
@@ -224,7 +240,9 @@ def _start_run_dir(loop: _Loop, out: Path) -> None:
     run_store.append_log(out, f"train {len(loop.train_data)} ({labeled} labelled) val {len(loop.val_data)} samples, "
                               f"split {config.data.split}, {params} parameters, physics {phys}, "
                               f"{_describe_scenes(loop.run)}, "
-                              f"device {loop.device}, world {loop.world}, epochs {loop.start_epoch}->{config.training.epochs}")
+                              f"device {loop.device}, world {loop.world}, epochs {loop.start_epoch}->{config.training.epochs}, "
+                              f"model selection {config.selection}"
+                              + (f", weights from {init['run']}/{init['checkpoint']} (epoch {init['epoch']})" if init else ""))
 
 
 def _describe_scenes(run: RunData) -> str:
@@ -269,8 +287,11 @@ def _train_epoch(loop: _Loop, epoch: int) -> tuple[dict[str, float], int]:
     return sums, max(seen, 1)
 
 
-def _validate(loop: _Loop, lambda_phys: float) -> tuple[dict[str, float | None], dict[str, float]]:
-    """``(mean val loss terms, val error metrics)`` of the current model (``total`` with ``lambda_phys``)."""
+def _validate(loop: _Loop, lambda_phys: float) -> tuple[dict[str, float | None], dict[str, float | None]]:
+    """``(mean val loss terms, val error metrics)`` of the current model (``total`` with ``lambda_phys``);
+    with ``model_selection: last`` the val split is not read at all (every value None)."""
+    if loop.config.selection == "last":
+        return {k: None for k in LOSS_TERMS}, {"median_m": None, "p90_m": None}
     val = predict_tensors(loop.net, loop.val_data, loop.maps, loop.device, config=loop.config,
                           physics=loop.physics, lambda_phys=lambda_phys)
     return val["losses"], error_metrics(position_errors(val["xy"], loop.val_data.target_xy.numpy()))
@@ -316,13 +337,17 @@ def _run_epochs(loop: _Loop, out: Path, max_epochs: int | None, bar) -> bool:
         val_losses, val = _validate(loop, loop.config.lambda_at(epoch + 1))
         row = _epoch_row(loop, epoch, sums, n_seen, val_losses, val, time.perf_counter() - t0, grads)
         loop.history.append(row)
-        improved = val["median_m"] < loop.best
-        loop.best, loop.bad_epochs = (val["median_m"], 0) if improved else (loop.best, loop.bad_epochs + 1)
+        if loop.config.selection == "last":  # best.pt holds the last epoch's weights; no early stopping
+            improved = True
+        else:
+            improved = val["median_m"] < loop.best
+            loop.best, loop.bad_epochs = (val["median_m"], 0) if improved else (loop.best, loop.bad_epochs + 1)
         if loop.is_main:
             _save_epoch(loop, out, row, improved, val)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{row['train_total']:.3f}", val_med=f"{val['median_m']:.2f}m")
+                bar.set_postfix(loss=f"{row['train_total']:.3f}",
+                                **({"val_med": f"{val['median_m']:.2f}m"} if val["median_m"] is not None else {}))
         if t.early_stopping_patience > 0 and loop.bad_epochs >= t.early_stopping_patience:
             if loop.is_main:
                 run_store.append_log(out, f"early stop: val median has not improved for {loop.bad_epochs} epochs")
@@ -344,12 +369,14 @@ def train(config: Config, out_dir: str | os.PathLike, resume: bool = False, devi
         run_store.check_out_dir(out, resume=resume)
     if resume and (out / run_store.LAST).exists():  # before any work: the same run, or a one-line refusal
         run_store.check_resume_config(out, config)
+    init = check_init_from(config)  # before any work: a run of this model's kind and size, or one line
     if config.training.num_threads and device.type == "cpu":
         torch.set_num_threads(max(1, config.training.num_threads // world))
     run = run_data or prepare(config)
     if config.physics_active:  # calibrate "auto" weights now, so the run's config.yaml holds the numbers
+        config = init_feature_weights(config, init)  # no labelled walk: the init run's numbers
         config = resolve_config(config, run.dataset, run.radio_map)
-    loop = _build_loop(config, run, device, rank, world)
+    loop = _build_loop(config, run, device, rank, world, init)
     if resume and (out / run_store.LAST).exists():
         for m, scene in enumerate(run.scenes):
             run_store.check_lineage(out, scene.dataset.ref, scene.radio_map.ref, m)
@@ -419,8 +446,10 @@ def run(args: argparse.Namespace) -> int:
         with target as out_dir:
             result = train(config, out_dir, resume=args.resume, device=args.device,
                            show_progress=not args.no_progress)
-    if result["rank"] == 0:
+    if result["rank"] == 0 and math.isfinite(result["best_val_median_m"]):
         print(f"best val median {result['best_val_median_m']:.2f} m after {result['epochs_run']} epochs -> {out}")
+    elif result["rank"] == 0:
+        print(f"{result['epochs_run']} epochs, the last kept (model selection: last, no validation) -> {out}")
     return 0
 
 

@@ -67,6 +67,12 @@ weighted by its responsibility ``gamma_m = omega_m exp(-r_m) / sum_i omega_i exp
 exp(-r_i)`` through ``d w_c / d p``. A path absent at a cell holds that cell's path 0, so its
 weight goes to path 0.
 
+**Silence** (``LikelihoodConfig.silence``, with a :class:`~core.physics.silence.Silence`): a
+report with a free slot says the sites it lacks were below the sensitivity; where the map
+predicts such a site loud, the position costs ``-log(eps + (1 - eps) Phi((G_thr - b_s -
+G_s(p)) / sigma_s))`` per site (:mod:`core.physics.silence`). Added to the NLL (and to
+:attr:`LikelihoodTerms.silence`); ignored when the observation does not say which report had room.
+
 API (the physics term for training and the objective of the MAP search)::
 
     lik = RobustLikelihood(radio_map_or_site_maps, calibration, LikelihoodConfig())
@@ -96,6 +102,7 @@ from torch.autograd.function import once_differentiable
 from core.errors import ConfigError, CoreError
 from core.physics.calibration import CELL_FEATURES, SITE_FEATURES, Calibration
 from core.physics.observation import SiteObservation, site_observation
+from core.physics.silence import Silence, silence_cost, silence_nll, unheard_sites
 from core.physics.site_lookup import SiteMaps, prepare_site_maps
 
 __all__ = ["RobustLikelihood", "LikelihoodConfig", "SiteObservation", "PreparedObservation", "LikelihoodTerms",
@@ -144,6 +151,8 @@ class LikelihoodConfig:
     weights: ``{feature: multiplier}`` (default 1).
     path_mixture: "auto": a k-path map's ToA/AoA as a mixture over its paths (module doc); "off":
         path 0 only (the map read as k = 1).
+    silence: add the cost of the sites a report with a free slot did not hear (module doc; needs a
+        :class:`~core.physics.silence.Silence` given to the likelihood).
     """
 
     site_features: tuple[str, ...] = SITE_FEATURES
@@ -153,6 +162,7 @@ class LikelihoodConfig:
     miss_z: float = 10.0
     weights: dict[str, float] = field(default_factory=dict)
     path_mixture: str = "auto"
+    silence: bool = False
 
     def __post_init__(self) -> None:
         if self.path_mixture not in PATH_MIXTURES:
@@ -180,7 +190,8 @@ class PreparedObservation(NamedTuple):
     ``o_pg``, ``o_toa`` (measured - bias), ``u_c``, ``u_s`` (unit vector of measured AoA -
     bias), ``inv2_pg``, ``inv2_toa``, ``inv2_aoa`` (``m n / sigma^2``, ``n`` the reports averaged, sigma of AoA in rad),
     ``r_miss`` (``rho(z_miss) sum_f m w``). Serving part: ``o_cell``, ``inv2_cell``
-    ``[F_c, B]``, ``r_miss_cell [B]``. ``site_ids [B, K]``.
+    ``[F_c, B]``, ``r_miss_cell [B]``. ``site_ids [B, K]``. ``unheard [S, B]`` 0/1: sites the
+    silence term charges (None: no silence term).
     """
 
     o_pg: torch.Tensor
@@ -195,11 +206,13 @@ class PreparedObservation(NamedTuple):
     inv2_cell: torch.Tensor
     r_miss_cell: torch.Tensor
     site_ids: torch.Tensor
+    unheard: torch.Tensor | None = None
 
     def take(self, idx) -> PreparedObservation:
         """The same observation for samples ``idx`` (a long tensor or a slice)."""
         cols = [v[:, idx] for v in self[:10]]
-        return PreparedObservation(*cols, self.r_miss_cell[idx], self.site_ids[idx])
+        return PreparedObservation(*cols, self.r_miss_cell[idx], self.site_ids[idx],
+                                   None if self.unheard is None else self.unheard[:, idx])
 
 
 class LikelihoodTerms(NamedTuple):
@@ -209,7 +222,8 @@ class LikelihoodTerms(NamedTuple):
     mix included); cell ``[B, F_c]`` nats; residual ``[B, K, 3]`` measured - bias - map in
     feature units (AoA wrapped, deg); z ``[B, K, 3]`` normalised residuals (AoA: chord /
     sigma); coverage ``[B, K]``; present bool ``[B, K, 3]``; cell_residual, cell_z
-    ``[B, F_c]``; cell_coverage ``[B]``; cell_features names.
+    ``[B, F_c]``; cell_coverage ``[B]``; silence ``[B]`` nats of the silence term (0 without one;
+    included in ``total``); cell_features names.
     """
 
     total: torch.Tensor
@@ -222,6 +236,7 @@ class LikelihoodTerms(NamedTuple):
     cell_residual: torch.Tensor
     cell_z: torch.Tensor
     cell_coverage: torch.Tensor
+    silence: torch.Tensor
     cell_features: tuple[str, ...]
 
 
@@ -309,9 +324,12 @@ class RobustLikelihood(torch.nn.Module):
         calibration: a :class:`Calibration` with one row per map site.
         config: a :class:`LikelihoodConfig`.
         device: where to put a map prepared here.
+        silence: the silence term's constants (:func:`~core.physics.silence.fit_silence`); used when
+            ``config.silence`` (required then).
     """
 
-    def __init__(self, maps, calibration: Calibration, config: LikelihoodConfig | None = None, device=None) -> None:
+    def __init__(self, maps, calibration: Calibration, config: LikelihoodConfig | None = None, device=None,
+                 silence: Silence | None = None) -> None:
         super().__init__()
         self.config = config = config or LikelihoodConfig()
         cells = calibration.informative_cell_features if config.cell_features == "auto" else tuple(config.cell_features)
@@ -348,6 +366,10 @@ class RobustLikelihood(torch.nn.Module):
         self.paths = maps.paths if config.path_mixture == "auto" and (w[1] > 0 or w[2] > 0) else 1
         self._product_mixture = config.penalty == "cauchy" and all(v in (0.0, 1.0) for v in w)
         buf("log_pi", path_log_weights(calibration, self.paths))
+        if config.silence and silence is None:
+            raise CoreError("likelihood: silence is on but no Silence was given (fit_silence)")
+        self.silence = silence if config.silence else None
+        buf("pg_scale", calibration.scale[:, 0])  # [S] dB, the silence term's sigma_s
 
     @classmethod
     def calibrated(cls, radio_map, dataset, config: LikelihoodConfig | None = None, split: str | None = "train",
@@ -403,7 +425,10 @@ class RobustLikelihood(torch.nn.Module):
         r_miss = torch.tensordot(self.w_miss, present, dims=1)  # [S, B]
         per_site = (o[0], o[1], u_c, u_s, inv2[0], inv2[1], inv2[2], r_miss)
         o_cell, inv2_cell, r_cell = self._prepare_cell(obs, b)
-        return PreparedObservation(*per_site, o_cell, inv2_cell, r_cell, ids)
+        unheard = None
+        if self.silence is not None and obs.room is not None:
+            unheard = unheard_sites(ids, torch.as_tensor(obs.room, device=dev), s).to(dt)
+        return PreparedObservation(*per_site, o_cell, inv2_cell, r_cell, ids, unheard)
 
     def _prepare_cell(self, obs: SiteObservation, b: int):
         dt, dev = self.maps.dtype, self.maps.device
@@ -445,7 +470,21 @@ class RobustLikelihood(torch.nn.Module):
             total = _FusedNLL.apply(raw, kernel)
         else:
             total = kernel(raw, False)[0]
+        total = self._add_silence(total, raw, cov, prep, b, p)
         return total.squeeze(1) if single else total
+
+    def _add_silence(self, total: torch.Tensor, raw: torch.Tensor, cov: torch.Tensor, prep: PreparedObservation,
+                     b: int, p: int) -> torch.Tensor:
+        """``total [B, P]`` plus the silence term of ``prep`` at the points of ``raw [C, B P]`` (autograd through the
+        path-gain channels); ``total`` itself without one."""
+        if prep.unheard is None:
+            return total
+        s = self.maps.num_sites
+        return total + self._silence(raw[:s].view(s, b, p), cov[:s].view(s, b, p), prep.unheard.unsqueeze(-1))
+
+    def _silence(self, gain: torch.Tensor, cover: torch.Tensor, unheard: torch.Tensor) -> torch.Tensor:
+        """The silence term [nats] (:func:`~core.physics.silence.silence_nll`) with the path-gain calibration."""
+        return silence_nll(gain, cover, unheard, self.bias_t[0], self.pg_scale, self.silence)
 
     @torch.no_grad()
     def evaluate_shared(self, points: torch.Tensor, prep: PreparedObservation) -> torch.Tensor:
@@ -463,9 +502,40 @@ class RobustLikelihood(torch.nn.Module):
             raw = sampled[:n_base].unsqueeze(1).expand(-1, b, p).reshape(-1, b * p)
             chans, weight = self.maps.path_part(sampled)
             shared = (chans.view(3, self.paths, s, 4, 1, p), weight.view(4, 1, p))
-            return self._mixture_kernel(raw, cov[:s].view(s, b, p), cov, prep, b, p, None, shared)[0]
-        raw = sampled.unsqueeze(1).expand(-1, b, p).reshape(-1, b * p)
-        return self._kernel(raw, cov, prep, b, p, False)[0]
+            total = self._mixture_kernel(raw, cov[:s].view(s, b, p), cov, prep, b, p, None, shared)[0]
+        else:
+            raw = sampled.unsqueeze(1).expand(-1, b, p).reshape(-1, b * p)
+            total = self._kernel(raw, cov, prep, b, p, False)[0]
+        if prep.unheard is not None:  # per (site, point) once, then [B, S] @ [S, P]
+            s = self.maps.num_sites
+            gain, cover = sampled[:s], self.maps.coverage(pts)[:s]
+            per_site = silence_cost(gain, self.bias_t[0], self.pg_scale, self.silence) * cover  # [S, P]
+            total = total + prep.unheard.t() @ per_site
+        return total
+
+    @torch.no_grad()
+    def evaluate_sampled(self, raw: torch.Tensor, coverage: torch.Tensor, prep: PreparedObservation) -> torch.Tensor:
+        """NLL ``[B, P]`` of sample ``b`` of ``prep`` at its own ``P`` points, given their table channels
+        ``raw [C, B * P]`` (:meth:`SiteMaps.sample`, with ``paths`` for a mixture: :meth:`sampled_channels` rows;
+        sample-major: columns ``b P .. b P + P - 1``) and coverage
+        ``[S + 1, B * P]`` (:meth:`SiteMaps.coverage`); no gradient. For points whose map values were sampled
+        once and are scored for many reports (a column may repeat)."""
+        b = prep.site_ids.shape[0]
+        n = raw.shape[1] if raw.ndim == 2 else -1
+        rows = self.sampled_channels
+        if (raw.ndim != 2 or raw.shape[0] != rows or b == 0 or n % b
+                or coverage.shape != (self.maps.num_sites + 1, n)):
+            raise CoreError(f"likelihood: evaluate_sampled needs raw [{rows}, B * P] and coverage "
+                            f"[{self.maps.num_sites + 1}, B * P] for B = {b}, got {tuple(raw.shape)}, "
+                            f"{tuple(coverage.shape)}")
+        raw = raw.contiguous()
+        return self._add_silence(self._kernel(raw, coverage, prep, b, n // b, False)[0], raw, coverage, prep, b, n // b)
+
+    @property
+    def sampled_channels(self) -> int:
+        """Rows of the map sample this likelihood reads (:meth:`SiteMaps.sample` with ``paths = self.paths > 1``)."""
+        m = self.maps
+        return m.num_channels + (3 * m.components * m.num_sites + 4 if self.paths > 1 else 0)
 
     def _kernel(self, raw: torch.Tensor, coverage: torch.Tensor, prep: PreparedObservation, b: int, p: int,
                 need_grad: bool):
@@ -659,8 +729,10 @@ class RobustLikelihood(torch.nn.Module):
             site[..., 1] += cov * correction
         residual = torch.where(m > 0, torch.stack([r_pg, r_toa, r_aoa], -1), 0.0)
         cell, c_res, c_z, c_cov = self._cell_terms(raw, coverage[-1], prep, b)
-        total = site.sum((1, 2)) + cell.sum(-1)
-        return LikelihoodTerms(total, site, cell, residual, z2.sqrt(), cov, m > 0, c_res, c_z, c_cov,
+        silence = torch.zeros(b, dtype=maps.dtype, device=maps.device) if prep.unheard is None else \
+            self._silence(maps.site_part(raw)[0], coverage[:-1], prep.unheard)
+        total = site.sum((1, 2)) + cell.sum(-1) + silence
+        return LikelihoodTerms(total, site, cell, residual, z2.sqrt(), cov, m > 0, c_res, c_z, c_cov, silence,
                                self.cell_features)
 
     def _path_terms(self, raw: torch.Tensor, prep: PreparedObservation, ids: torch.Tensor, inv2: torch.Tensor,

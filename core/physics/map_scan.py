@@ -13,7 +13,8 @@ block cost is the likelihood's, with the block's covered fraction as the coverag
 
     NLL_block = sum_s  c_s (sum_f w_f m_f rho(z_{s,f}) - R_s) + R_s           (+ serving features likewise)
 
-(the serving features enter like the per-site ones). Blocks where no cell is covered
+(the serving features enter like the per-site ones; the silence term, when the observation has
+one, at the block's mean path gain: ``sum_s unheard_s c_s silence_cost(M_pg,s)``). Blocks where no cell is covered
 (``valid``) are excluded. :meth:`GlobalScan.top` returns the ``top`` best blocks per sample,
 greedily non-maximum-suppressed (each pick removes blocks within ``1.5`` block widths),
 optionally ignoring blocks near given centres (the window the search covers anyway).
@@ -27,6 +28,7 @@ import math
 import torch
 
 from core.errors import CoreError
+from core.physics.silence import silence_cost
 
 __all__ = ["GlobalScan"]
 
@@ -69,6 +71,7 @@ class GlobalScan:
         cell_sig2 = torch.tensor([cal.cell[f]["scale"] ** 2 for f in likelihood.cell_features], dtype=dt, device=dev)
         self.inv2_cell = 1.0 / (cell_sig2.unsqueeze(1) + var[:, 4 * s:base].t())
         self.excluded = self.valid <= 0  # [G] blocks with no covered cell
+        self._silence = None  # [S, G] the silence cost per site and block, made on first use
 
     @torch.no_grad()
     def nll(self, prep) -> torch.Tensor:
@@ -98,6 +101,10 @@ class GlobalScan:
             wc = torch.as_tensor(lik.wc, dtype=z2.dtype, device=z2.device).view(-1, 1, 1)
             tc = rho(z2).mul_(wc).sum(0).sub_(prep.r_miss_cell.unsqueeze(1))
             total.add_(tc.mul_(self.valid).add_(prep.r_miss_cell.unsqueeze(1)))
+        if prep.unheard is not None:  # the silence term at the block's mean path gain, weighted by its coverage
+            if self._silence is None:
+                self._silence = silence_cost(self.pg, lik.bias_t[0], lik.pg_scale, lik.silence).mul_(self.cover)
+            total.add_(prep.unheard.t() @ self._silence)
         return total
 
     @torch.no_grad()

@@ -22,6 +22,9 @@ variance by it). :func:`site_observation` takes it from a
   position lags the label's by about ``speed * window_s / 2``: keep the window short.
   The one window every method uses is :data:`core.features.REPORT_WINDOW_S`.
   The serving-cell features are the latest report's.
+
+``room [B]`` records whether the latest present report had a free slot: then every site it
+did not report was below the sensitivity there (:mod:`core.physics.silence`).
 """
 
 from __future__ import annotations
@@ -44,12 +47,15 @@ class SiteObservation(NamedTuple):
     cell: float ``[B, 4]`` (snr, sinr, throughput, bler), NaN where absent; or None.
     weight: float ``[B, K, 3]`` reports averaged into each value (>= 1 where present), or
         None (1 everywhere).
+    room: bool ``[B]`` the latest report had a free slot (so the sites it lacks were not heard), or
+        None (unknown: no silence term).
     """
 
     site_ids: torch.Tensor
     site: torch.Tensor
     cell: torch.Tensor | None = None
     weight: torch.Tensor | None = None
+    room: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -57,7 +63,7 @@ class SiteObservation(NamedTuple):
 
     def take(self, idx) -> SiteObservation:
         pick = lambda v: None if v is None else v[idx]  # noqa: E731
-        return SiteObservation(self.site_ids[idx], self.site[idx], pick(self.cell), pick(self.weight))
+        return SiteObservation(self.site_ids[idx], self.site[idx], pick(self.cell), pick(self.weight), pick(self.room))
 
 
 def _latest(present: np.ndarray) -> np.ndarray:
@@ -87,14 +93,15 @@ def site_observation(dataset, indices=None, report: str = "latest", window_s: fl
     rows = np.arange(len(idx))
     ok = present[rows, t]
     cell = np.where(ok[:, None], dataset.cell_features[idx, t], np.nan)
+    latest_ids = np.where(ok[:, None], dataset.site_ids[idx, t], -1)
+    room = torch.from_numpy(ok & ((latest_ids >= 0).sum(1) < latest_ids.shape[1]))
     if window_s > 0:
         ids, site, weight = _pooled(dataset, idx, present, t, window_s)
         return SiteObservation(torch.from_numpy(ids), torch.from_numpy(site), torch.from_numpy(cell.astype(np.float32)),
-                               torch.from_numpy(weight))
-    ids = np.where(ok[:, None], dataset.site_ids[idx, t], -1)
+                               torch.from_numpy(weight), room)
     site = np.where(ok[:, None, None], dataset.site_features[idx, t], np.nan)
-    return SiteObservation(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(site.astype(np.float32)),
-                           torch.from_numpy(cell.astype(np.float32)))
+    return SiteObservation(torch.from_numpy(latest_ids.astype(np.int64)), torch.from_numpy(site.astype(np.float32)),
+                           torch.from_numpy(cell.astype(np.float32)), room=room)
 
 
 def _num_sites(dataset, ids: np.ndarray) -> int:

@@ -6,7 +6,8 @@ For each sample the posterior, in nats, is::
 
 with ``NLL`` the calibrated robust likelihood of its report
 (:class:`~core.physics.likelihood.RobustLikelihood`) and ``prior_nll`` the network's
-Gaussian ``N(mu, sigma^2)`` with a uniform outlier floor (:mod:`core.physics.prior`).
+Gaussian ``N(mu, sigma^2)`` with a uniform outlier floor (:mod:`core.physics.prior`), or any
+:class:`~core.physics.prior.PositionPrior` given to the call (the network's heatmap).
 The MAP estimate ``argmin J`` is searched, batched over samples (in chunks, so memory
 does not grow with ``N`` beyond the outputs), in five stages:
 
@@ -227,7 +228,7 @@ class MapRefiner:
 
     # -- the call -------------------------------------------------------------------------
     def __call__(self, mu, sigma, obs: SiteObservation, centres=None, confidence=None,
-                 threshold: float | None = None) -> MapResult:
+                 threshold: float | None = None, prior: PositionPrior | None = None) -> MapResult:
         t0 = time.perf_counter()
         maps, c = self.lik.maps, self.config
         mu = torch.as_tensor(mu).to(device=maps.device, dtype=maps.dtype)
@@ -235,7 +236,10 @@ class MapRefiner:
         if mu.shape != (n, 2) or obs.batch != n:
             raise CoreError(f"MAP search: mu must be [N, 2] with one observation per row, got {tuple(mu.shape)} "
                             f"for {obs.batch} observations")
-        prior = position_prior(mu, sigma, self.area, c.outlier_prob, c.min_sigma_m)
+        if prior is None:
+            prior = position_prior(mu, sigma, self.area, c.outlier_prob, c.min_sigma_m)
+        elif prior.mu.shape != mu.shape:
+            raise CoreError(f"MAP search: the prior is for {prior.mu.shape[0]} samples, mu for {n}")
         if centres is not None:
             centres = torch.as_tensor(centres).to(device=maps.device, dtype=maps.dtype)
             if centres.ndim != 3 or centres.shape[0] != n or centres.shape[2] != 2:

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from core.errors import CoreError
+from core.physics.bounded_scan import DEFAULT_BLOCK
 from core.physics.observation import SiteObservation
 from core.physics.prior import PositionPrior
 
@@ -49,7 +50,7 @@ __all__ = ["WalkConfig", "WalkResult", "WalkSmoother", "walk_observation", "scan
 
 @dataclass(frozen=True)
 class WalkConfig:
-    """Motion model and optimiser settings (see the module doc)."""
+    """Motion model, optimiser and no-network start settings (see the module doc)."""
 
     process_noise_m: float = 0.1  #: q [m/sqrt(s)]: deviation from constant velocity
     speed_sigma_mps: float = 1.0  #: sigma_v per axis [m/s]
@@ -57,14 +58,17 @@ class WalkConfig:
     lr_m: float = 0.3  #: first step size [m] (and m/s for the velocity)
     chunk_size: int = 512  #: walks per batch
     device_motion: bool = True  #: use the dataset's device-motion channel when it records one
+    #: the no-network start's scan: lattice points per side of the blocks its lower bound prunes
+    #: (:class:`~core.physics.bounded_scan.BoundedScan`, same picks as scoring every point); 0: score every point
+    scan_block: int = DEFAULT_BLOCK
 
     def __post_init__(self) -> None:
         for name in ("process_noise_m", "speed_sigma_mps", "lr_m"):
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
                 raise CoreError(f"whole-walk: {name} must be > 0, got {v}")
-        if self.steps < 0 or self.chunk_size < 1:
-            raise CoreError("whole-walk: steps must be >= 0 and chunk_size >= 1")
+        if self.steps < 0 or self.chunk_size < 1 or self.scan_block < 0:
+            raise CoreError("whole-walk: steps must be >= 0, chunk_size >= 1 and scan_block >= 0")
 
 
 class WalkResult(NamedTuple):
@@ -90,8 +94,9 @@ def walk_observation(dataset, indices) -> tuple[SiteObservation, np.ndarray]:
     site = np.where(present[..., None, None], dataset.site_features[idx], np.nan).astype(np.float32)
     cell = np.where(present[..., None], dataset.cell_features[idx], np.nan).astype(np.float32)
     k = ids.shape[-1]
+    room = present & ((ids >= 0).sum(-1) < k)  # a free slot: the sites the report lacks were not heard
     obs = SiteObservation(torch.from_numpy(ids.reshape(n * t_len, k)), torch.from_numpy(site.reshape(n * t_len, k, 3)),
-                          torch.from_numpy(cell.reshape(n * t_len, -1)))
+                          torch.from_numpy(cell.reshape(n * t_len, -1)), room=torch.from_numpy(room.reshape(-1)))
     return obs, np.asarray(dataset.t[idx], dtype=np.float64)
 
 
@@ -199,30 +204,32 @@ class WalkSmoother:
 
 @torch.no_grad()
 def scan_starts(likelihood, obs: SiteObservation, step_m: float = 5.0, top: int = 6, blocks: int | None = None,
-                chunk: int = 32) -> torch.Tensor:
+                chunk: int = 32, bound_block: int = DEFAULT_BLOCK) -> torch.Tensor:
     """``[N, top, 2]`` the ``top`` best distinct points of a scan of the likelihood alone.
 
-    ``blocks=None``: every covered point of a grid of ``step_m`` over the whole map (cell
-    centres under it) is scored for every observation
-    (:meth:`~core.physics.likelihood.RobustLikelihood.evaluate_shared`). ``blocks=n``: coarse
-    to fine -- the ``n`` best blocks of the global scan (:class:`~core.physics.map_scan.GlobalScan`,
-    block statistics) and a grid of ``step_m`` over each. Picks are greedy, each removing the
-    points within ``2 step_m`` of it.
+    ``blocks=None``: every covered point of a lattice of ``step_m`` over the whole map (cell
+    centres under it: :func:`~core.physics.bounded_scan.scan_lattice`) is a candidate for every
+    observation. ``bound_block=n`` (default :data:`~core.physics.bounded_scan.DEFAULT_BLOCK`):
+    coarse to fine without loss -- blocks of ``n x n`` lattice points whose lower bound cannot beat
+    the ``top``-th pick are never scored, with the same picks
+    (:class:`~core.physics.bounded_scan.BoundedScan`); ``bound_block=0``: every point is scored
+    (:meth:`~core.physics.likelihood.RobustLikelihood.evaluate_shared`). ``blocks=n``: coarse to fine
+    WITH loss -- the ``n`` best blocks of the global scan (:class:`~core.physics.map_scan.GlobalScan`,
+    block statistics) and a grid of ``step_m`` over each. Picks are greedy, each removing the points
+    within ``2 step_m`` of it.
     """
+    from core.physics.bounded_scan import BoundedScan, scan_lattice
     from core.physics.map_scan import GlobalScan
 
     maps = likelihood.maps
+    if int(bound_block) < 0:
+        raise CoreError(f"whole-walk: bound_block must be >= 0, got {bound_block}")
+    bounded = None
     if blocks is None:
-        h, w = maps.shape
-        every = max(1, int(round(step_m / maps.cell_size)))
-        ii, jj = torch.meshgrid(torch.arange(every // 2, h, every), torch.arange(every // 2, w, every), indexing="ij")
-        keep = maps.cover[-1][ii, jj]
-        ii, jj = ii[keep], jj[keep]
-        cell = maps.cell_size
-        pts = torch.stack([maps.bounds[0] + (jj + 0.5) * cell, maps.bounds[1] + (ii + 0.5) * cell], -1)
-        pts = pts.to(maps.device, maps.dtype)
-        if pts.shape[0] == 0:
-            raise CoreError("whole-walk: the map covers no cell to scan")
+        lattice = scan_lattice(maps, step_m)
+        pts = lattice.points
+        if bound_block:
+            bounded = BoundedScan(likelihood, lattice, bound_block)
     else:
         scan = GlobalScan(likelihood)
         n = int(math.floor(0.5 * scan.block_m / step_m + 1e-9))
@@ -232,6 +239,9 @@ def scan_starts(likelihood, obs: SiteObservation, step_m: float = 5.0, top: int 
     out = []
     for s in range(0, obs.batch, chunk):
         prep = likelihood.prepare(obs.take(slice(s, min(s + chunk, obs.batch))))
+        if bounded is not None:
+            out.append(bounded.top(prep, top, 2 * step_m))
+            continue
         if blocks is None:
             cand = pts.unsqueeze(0)
             cost = likelihood.evaluate_shared(pts, prep)  # [B, P]
@@ -252,11 +262,11 @@ def scan_starts(likelihood, obs: SiteObservation, step_m: float = 5.0, top: int 
 
 
 def snapshot_start(refiner, obs: SiteObservation, step_m: float = 5.0, top: int = 6,
-                   blocks: int | None = None) -> torch.Tensor:
+                   blocks: int | None = None, bound_block: int = DEFAULT_BLOCK) -> torch.Tensor:
     """``[N, 2]`` snapshot MAP positions without a network: the best points of a scan
     (:func:`scan_starts`), then the MAP search (:class:`~core.physics.refinement.MapRefiner`) around
     the best (its window) and the others (as centres), with a flat prior."""
-    starts = scan_starts(refiner.lik, obs, step_m, top, blocks)
+    starts = scan_starts(refiner.lik, obs, step_m, top, blocks, bound_block=bound_block)
     mu = starts[:, 0]
     return refiner(mu, torch.full_like(mu, 1.0e4), obs, centres=starts[:, 1:]).xy
 
@@ -277,10 +287,11 @@ def whole_walk(dataset, indices, refiner, config: WalkConfig | None = None, wind
     from core.physics.observation import site_observation
 
     t0 = time.perf_counter()
-    if start is None:
-        start = snapshot_start(refiner, site_observation(dataset, indices, window_s=window_s))
-    obs, t = walk_observation(dataset, indices)
     config = config or WalkConfig()
+    if start is None:
+        start = snapshot_start(refiner, site_observation(dataset, indices, window_s=window_s),
+                               bound_block=config.scan_block)
+    obs, t = walk_observation(dataset, indices)
     if velocity is None and config.device_motion and dataset.motion is not None:
         from core.stores.motion_model import velocity_measurement
 

@@ -11,6 +11,7 @@ sizes); ``--fixed`` gives every city the command's own generator flags. Layout::
                                     measurement model, seed = the city's), unless --walks 0 or --no-map
     <out>/records/city_<seed>.json  what the task measured: parameters, statistics, coverage, digests,
                                     time per stage [s]
+    <out>/records/city_<seed>.failed.json  why a check refused the city (with what it depended on)
     <out>/manifest.json             every record, the failures with their cause, the settings
 
 Each city is one call of :func:`corpus_city` through :mod:`core.raytracing.scene_batch`: in turn, or
@@ -20,6 +21,11 @@ city in memory. **Resuming**: a city whose folder is valid (every digest of its 
 with the same parameters, whose map loads and whose record names that city's digest, is skipped;
 anything else is rebuilt (its own files only), and so is whatever depends on it (a new city: its map
 and dataset; a dataset whose recorded map digest is not the map's). Every file is written atomically.
+**Known failures**: a city whose map covers too little of it (:class:`~core.errors.CoverageError`, a
+property of its parameters and the settings) leaves ``<out>/records/city_<seed>.failed.json`` (its
+parameters, map and dataset settings, the cause); a rerun with the same ones reports that cause again at
+once instead of tracing the city again (``--retry-failed`` traces it again). Any other failure (a file in
+the way, a killed worker) leaves no such record: the city is tried again.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import numpy as np
 
 from core import cli_types
 from core.device import RAY_LOCAL
-from core.errors import CoreError
+from core.errors import CoreError, CoverageError
 
 #: ranges of the varied parameters (uniform), chosen so the corpus spans etoile, munich, florence and
 #: san_francisco (docs/cities.md)
@@ -136,8 +142,44 @@ def corpus_dataset(name: str, root: Path, num_ues: int, reports: int, seed: int,
     return str(path)
 
 
+def _failure_key(values: dict[str, Any], settings, dataset, num_sites: int) -> dict[str, Any]:
+    """What a failure depends on: the city's parameters, its sites, the map settings and the dataset size."""
+    from core.raytracing.city import params_from
+
+    return json.loads(json.dumps({
+        "params": params_from(values).model_dump(), "sites": num_sites, "dataset": list(dataset) if dataset else None,
+        "map": None if settings is None else {"resolution_m": settings.resolution, "map_size": settings.map_size,
+                                              "min_coverage": settings.min_coverage,
+                                              "propagation": settings.propagation.to_dict()}}))
+
+
 def corpus_city(name: str, values: dict[str, Any], out: str, settings, num_sites: int,
-                dataset: tuple[int, int] | None = None, threads: int | None = None) -> tuple[str, str]:
+                dataset: tuple[int, int] | None = None, threads: int | None = None,
+                retry_failed: bool = False) -> tuple[str, str]:
+    """:func:`build_city`, remembering a coverage failure (module doc, "Known failures"): with the same
+    parameters and settings it is raised again at once unless ``retry_failed``."""
+    from core.stores.atomic import atomic_write_text
+
+    failed_file = Path(out) / "records" / f"{name}.failed.json"
+    key = _failure_key(values, settings, dataset, num_sites)
+    try:
+        known = json.loads(failed_file.read_text())
+    except (OSError, ValueError):
+        known = None
+    if known is not None and known.get("key") == key and not retry_failed:
+        raise CoreError(f"failed before with the same parameters and settings (--retry-failed traces it again): "
+                        f"{known.get('cause')}")
+    try:
+        result = build_city(name, values, out, settings, num_sites, dataset, threads)
+    except CoverageError as exc:  # the same inputs fail again; anything else (a file in the way) may not
+        atomic_write_text(failed_file, json.dumps({"name": name, "key": key, "cause": str(exc)}, indent=1) + "\n")
+        raise
+    failed_file.unlink(missing_ok=True)
+    return result
+
+
+def build_city(name: str, values: dict[str, Any], out: str, settings, num_sites: int,
+               dataset: tuple[int, int] | None = None, threads: int | None = None) -> tuple[str, str]:
     """Build city ``name`` (parameters ``values``), its map (``settings``; None: no map) and, with a map
     and ``dataset = (walks, reports)``, its dataset, under ``out``.
 
@@ -279,6 +321,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-depth", type=cli_types.non_negative_int, default=None)
     parser.add_argument("--min-coverage", type=cli_types.fraction, default=None)
     add_ray_argument(parser)
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="trace again the cities whose map covered too little before, with the same parameters and "
+                             "settings (default: report their recorded cause at once)")
     parser.add_argument("--num-cpus", type=cli_types.count, default=None,
                         help="with a local --ray: give it this many CPUs (default: every core), so at most this many "
                              "cities trace at once, each on one thread; leaves the other cores free")
@@ -327,7 +372,8 @@ def run(args: argparse.Namespace) -> int:
     with output_lock(out, "--out"):
         dataset = (int(args.walks), int(args.reports)) if args.walks > 0 and settings is not None else None
         threads = 1 if args.ray is not None else None  # a Ray task holds one CPU: one Dr.Jit thread
-        calls = [SceneCall(name, corpus_city, (v, str(out), settings, int(args.sites), dataset, threads))
+        calls = [SceneCall(name, corpus_city, (v, str(out), settings, int(args.sites), dataset, threads,
+                                               bool(args.retry_failed)))
                  for name, v in values.items()]
         t0 = time.perf_counter()
         if args.ray is not None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.errors import CoreError
+from core.errors import CoverageError
 from core.stores.measurement_model import MeasurementModel
 
 DEFAULT_MIN_COVERAGE = 0.9  # fraction of the outdoor cells (issue 11: every street scene reaches it)
@@ -47,7 +47,8 @@ def outdoor_coverage(valid: np.ndarray, outdoor: np.ndarray) -> float:
 
 def check_coverage(scene: str, valid: np.ndarray, outdoor: np.ndarray, site_covered: np.ndarray,
                    min_coverage: float) -> float:
-    """The map's outdoor coverage; :class:`CoreError` (one line, names ``scene``) when below ``min_coverage``.
+    """The map's outdoor coverage; :class:`~core.errors.CoverageError` (one line, names ``scene``) when below
+    ``min_coverage``.
 
     Args:
         scene: scene name.
@@ -69,7 +70,7 @@ def check_coverage(scene: str, valid: np.ndarray, outdoor: np.ndarray, site_cove
         per_site = ", ".join(f"{(c & outdoor).sum() / outdoor.sum():.0%}" for c in site_covered)
         cause = (f"likely cause: the sites reach too little of the area (per site {per_site}); "
                  f"raise --samples-per-tx or --max-depth, or move the sites")
-    raise CoreError(f"{head}; {cause}; the map was not written")
+    raise CoverageError(f"{head}; {cause}; the map was not written")
 
 
 def heard_threshold_db(tx_power_dbm: float, sensitivity_dbm: float | None) -> float:

@@ -355,6 +355,8 @@ class RunLineage:
     radio_map: StoreRef | None
     scenes: tuple[tuple[StoreRef | None, StoreRef | None], ...] = ()
     holdout_scene: str | None = None
+    #: the run whose weights this one started from (``training.init_from``): run, checkpoint, epoch, digest
+    init_from: dict[str, Any] | None = None
 
     @property
     def scene_names(self) -> list[str]:
@@ -363,14 +365,18 @@ class RunLineage:
 
 
 def write_lineage(run_dir: str | os.PathLike, dataset: StoreRef, radio_map: StoreRef,
-                  scenes: Iterable[tuple[StoreRef, StoreRef]] = (), holdout_scene: str | None = None) -> None:
+                  scenes: Iterable[tuple[StoreRef, StoreRef]] = (), holdout_scene: str | None = None,
+                  init_from: Mapping[str, Any] | None = None) -> None:
     """Record the stores a run trains on: the first scene's ``dataset`` and ``radio_map``, and every
-    training scene's (``scenes``; default the first alone)."""
+    training scene's (``scenes``; default the first alone); ``init_from``: the run whose weights it started
+    from (:func:`core.learning.fine_tune.lineage_record`), written only when given."""
     scenes = list(scenes) or [(dataset, radio_map)]
-    atomic_write_text(Path(run_dir) / LINEAGE, json.dumps(
-        {"dataset": dataset.to_dict(), "radio_map": radio_map.to_dict(),
-         "scenes": [{"scene": d.scene, "dataset": d.to_dict(), "radio_map": r.to_dict()} for d, r in scenes],
-         "holdout_scene": holdout_scene}, indent=2) + "\n")
+    record = {"dataset": dataset.to_dict(), "radio_map": radio_map.to_dict(),
+              "scenes": [{"scene": d.scene, "dataset": d.to_dict(), "radio_map": r.to_dict()} for d, r in scenes],
+              "holdout_scene": holdout_scene}
+    if init_from is not None:
+        record["init_from"] = dict(init_from)
+    atomic_write_text(Path(run_dir) / LINEAGE, json.dumps(record, indent=2) + "\n")
 
 
 def read_lineage(run_dir: str | os.PathLike) -> RunLineage | None:
@@ -388,8 +394,9 @@ def read_lineage(run_dir: str | os.PathLike) -> RunLineage | None:
     scenes = raw.get("scenes")
     scenes = tuple((StoreRef.from_dict(s.get("dataset")), StoreRef.from_dict(s.get("radio_map")))
                    for s in scenes if isinstance(s, dict)) if isinstance(scenes, list) else ()
-    held = raw.get("holdout_scene")
-    return RunLineage(*first, scenes or (first,), held if isinstance(held, str) else None)
+    held, init = raw.get("holdout_scene"), raw.get("init_from")
+    return RunLineage(*first, scenes or (first,), held if isinstance(held, str) else None,
+                      init if isinstance(init, dict) else None)
 
 
 def check_lineage(run_dir: str | os.PathLike, dataset: StoreRef | None, radio_map: StoreRef, index: int = 0) -> None:
@@ -418,14 +425,15 @@ def evaluations_dir(run_dir: str | os.PathLike) -> Path:
 
 
 def evaluation_path(run_dir: str | os.PathLike, split: str, scene: str | None = None, refine: bool = False,
-                    dataset: str | os.PathLike | None = None) -> Path:
-    """``<evaluations_dir>/eval_<split>[_<scene>[-<dataset>]][_refine].json``: what ``evaluate`` writes (``scene``:
-    ``--scene``; ``dataset``: ``--dataset``, named only when its folder is not the scene's own, e.g.
-    ``eval_test_etoile-etoile_realistic_refine.json``, so two worlds never share a file)."""
+                    dataset: str | os.PathLike | None = None, silence: bool = False) -> Path:
+    """``<evaluations_dir>/eval_<split>[_<scene>[-<dataset>]][_refine][_silence].json``: what ``evaluate`` writes
+    (``scene``: ``--scene``; ``dataset``: ``--dataset``, named only when its folder is not the scene's own, e.g.
+    ``eval_test_etoile-etoile_realistic_refine.json``, so two worlds never share a file; ``silence``:
+    ``--silence``, the likelihood with the silence term)."""
     label = scene
     if scene and dataset is not None and Path(dataset).name != scene:
         label = f"{scene}-{Path(dataset).name}"
-    name = f"eval_{split}{f'_{label}' if label else ''}{'_refine' if refine else ''}.json"
+    name = f"eval_{split}{f'_{label}' if label else ''}{'_refine' if refine else ''}{'_silence' if silence else ''}.json"
     return evaluations_dir(run_dir) / name
 
 

@@ -5,8 +5,9 @@ A :class:`Workspace` is a root folder laid out as the repository is::
     <root>/radio_maps/<scene>.zarr     radio map (python -m core generate-maps)
     <root>/datasets/<scene>/           measurement dataset (python -m core make-dataset)
     <root>/runs/<name>/                training runs (python -m core train / ablate)
-    <root>/assets/default_run/         the shipped model
+    <root>/assets/default_run/         the shipped model (other shipped runs: assets/<name>/ with a config.yaml)
     <root>/configs/*.yaml              training presets
+    <root>/corpus/                     the procedural-city corpus (make-corpus): datasets/<city>, radio_maps/<city>.zarr
     <root>/scenes/                     the user's Mitsuba XML scenes
 
 The root defaults to the repository; ``CORE_WORKSPACE`` moves it (tests use a tmp
@@ -36,6 +37,8 @@ DEFAULT_SCENE = "etoile"
 #: a run name: one plain folder name under the runs folder (never ``.``, ``..``, a path or a hidden name)
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 PRESETS = ("baseline", "model", "strong_physics", "agnostic")
+#: the city corpus folder of a workspace (``make corpus``; core/raytracing/corpus.py)
+CORPUS_FOLDER = "corpus"
 
 
 @dataclass(frozen=True)
@@ -162,8 +165,46 @@ class Workspace:
             raise CoreError(f"unknown training preset {preset!r} (use {', '.join(PRESETS)})")
         return self.configs_dir / f"{preset}.yaml"
 
+    @property
+    def corpus_dir(self) -> Path:
+        """The workspace's city corpus (``make corpus``, ``python -m core make-corpus --out corpus``)."""
+        return self.root / CORPUS_FOLDER
+
+    def corpus_datasets(self) -> dict[str, Path]:
+        """``{city: <corpus>/datasets/<city>}`` for every corpus city whose dataset store is there and readable,
+        by city number (what a run can train on, beside the real scenes; metadata only)."""
+        folder = self.corpus_dir / "datasets"
+        if not folder.is_dir():
+            return {}
+        found = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                 and store_status(p, "measurement_dataset").ok]
+        number = lambda p: (int(m.group(1)) if (m := re.search(r"(\d+)$", p.name)) else -1, p.name)  # noqa: E731
+        return {p.name: p for p in sorted(found, key=number)}
+
+    def scene_map_path(self, scene: str, dataset: str | os.PathLike | None = None) -> Path:
+        """The map a run reads for ``scene`` (as training does, :func:`core.learning.scene_data.load_stores`):
+        ``<radio_maps>/<scene>.zarr``, or, where that is missing, the map ``dataset`` records where that store is
+        (a corpus city's ``<corpus>/radio_maps/<city>.zarr``)."""
+        from core.stores.lineage import recorded_map_path
+
+        path = self.map_path(scene)
+        if path.exists() or dataset is None:
+            return path
+        try:
+            recorded = recorded_map_path(dataset)
+        except CoreError:
+            return path
+        return recorded if recorded is not None and recorded.exists() else path
+
     def default_run_path(self) -> Path:
         return self.assets_dir / "default_run"
+
+    def shipped_run_paths(self) -> list[Path]:
+        """The runs shipped read-only under ``assets/`` (a folder with ``config.yaml``): the default run first,
+        then the others by name (``assets/agnostic_many``: the scene-agnostic model on four scenes, munich
+        held out, with its held-out evaluation)."""
+        others = sorted(p.parent for p in self.assets_dir.glob("*/config.yaml") if p.parent != self.default_run_path())
+        return [self.default_run_path(), *others]
 
     # -- what exists --------------------------------------------------------------------
     def scene_names(self) -> list[str]:
@@ -195,10 +236,10 @@ class Workspace:
                       key=lambda e: (e.scene, e.path.name != e.scene, e.path.name))
 
     def runs(self, scene: str | None = None) -> list[RunInfo]:
-        """Training runs (``runs/*``, an ablation's variants, and the shipped default run),
+        """Training runs (``runs/*``, an ablation's variants, and the shipped runs: :meth:`shipped_run_paths`),
         newest first, named by their path from the root; only those trained on ``scene`` (one of
         their scenes) if given."""
-        infos = list_runs(self.runs_dir, [self.default_run_path()], relative_to=self.root)
+        infos = list_runs(self.runs_dir, self.shipped_run_paths(), relative_to=self.root)
         return [r for r in infos if scene is None or r.scene == scene or scene in r.scenes]
 
     def scenes_with_dataset(self) -> list[str]:

@@ -114,7 +114,7 @@ def add_sites(fig: go.Figure, sites: Sequence[Mapping] | None, row: int | None =
     )
 
 
-def _equal_axes(fig: go.Figure, bounds: Sequence[float], row: int | None = None, col: int | None = None) -> None:
+def equal_axes(fig: go.Figure, bounds: Sequence[float], row: int | None = None, col: int | None = None) -> None:
     x_min, y_min, x_max, y_max = bounds
     fig.update_xaxes(title_text="x [m]", range=[x_min, x_max], constrain="domain", row=row, col=col)
     fig.update_yaxes(title_text="y [m]", range=[y_min, y_max], scaleanchor="x" if row is None else None,
@@ -166,7 +166,7 @@ def feature_heatmap(rm: RadioMap, feature: str, geometry: Any = None, sites: Seq
                        f"{rm.cell_size:g} m{note}",
         height=height, margin=dict(l=60, r=20, t=60, b=50), legend=dict(orientation="h", y=-0.12),
     )
-    _equal_axes(fig, rm.bounds)
+    equal_axes(fig, rm.bounds)
     return fig
 
 
@@ -216,7 +216,7 @@ def difference_heatmap(rm_a: RadioMap, rm_b: RadioMap, feature: str, label_a: st
     med = float(np.median(np.abs(finite))) if finite.size else float("nan")
     fig.update_layout(title=f"Difference of {feature}: {label_a} − {label_b} (median |Δ| {med:.3g} {unit})",
                       height=560, margin=dict(l=60, r=20, t=60, b=50), legend=dict(orientation="h", y=-0.12))
-    _equal_axes(fig, rm_a.bounds)
+    equal_axes(fig, rm_a.bounds)
     return fig
 
 
@@ -348,20 +348,24 @@ def cdf_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], title: str =
 
 # -- attention ---------------------------------------------------------------------------
 def temporal_attention(layers: Sequence[np.ndarray], report_mask: np.ndarray | None = None,
-                       title: str = "Temporal self-attention") -> go.Figure:
+                       title: str = "Temporal self-attention", labels: Sequence[str] | None = None) -> go.Figure:
     """One heatmap per layer (rows) and head (columns) of a sample's self-attention.
 
     Args:
         layers: ``L`` arrays ``[heads, T, T]``: weight of key report ``k`` (column) for
             query report ``q`` (row); each row sums to 1 over present reports.
         report_mask: bool ``[T]``, missing reports are marked in the axis labels.
+        labels: ``T`` token labels (e.g. time and sites heard:
+            :func:`core.learning.candidates.report_labels`) instead of ``r<t>``.
     """
     n_layers = len(layers)
     heads = int(np.asarray(layers[0]).shape[0]) if n_layers else 0
     if n_layers == 0 or heads == 0:
         raise CoreError("no temporal attention to draw (the model returned none)")
     t = np.asarray(layers[0]).shape[-1]
-    labels = [f"r{i}" + ("" if report_mask is None or report_mask[i] else " (missing)") for i in range(t)]
+    if labels is None or len(labels) != t:
+        labels = [f"r{i}" + ("" if report_mask is None or report_mask[i] else " (missing)") for i in range(t)]
+    long = max(len(str(x)) for x in labels) > 12
     fig = make_subplots(rows=n_layers, cols=heads, subplot_titles=[f"layer {layer + 1}, head {h + 1}"
                                                                     for layer in range(n_layers) for h in range(heads)],
                         horizontal_spacing=0.03, vertical_spacing=min(0.12, 0.3 / n_layers))
@@ -376,7 +380,8 @@ def temporal_attention(layers: Sequence[np.ndarray], report_mask: np.ndarray | N
     fig.update_xaxes(showticklabels=False)
     fig.update_xaxes(title_text="key report", showticklabels=True, row=n_layers)
     fig.update_layout(title=title, coloraxis=dict(colorscale="Blues", cmin=0, colorbar=dict(title="weight")),
-                      height=max(320, 250 * n_layers + 80), margin=dict(l=70, r=20, t=80, b=50))
+                      height=max(320, 250 * n_layers + 80) + (120 if long else 0),
+                      margin=dict(l=190 if long else 70, r=20, t=80, b=170 if long else 50))
     return fig
 
 
@@ -403,7 +408,7 @@ def patch_attention_map(weights: np.ndarray, patch_bounds: Sequence[float], geom
     add_sites(fig, sites)
     _add_points(fig, true_xy, pred_xy)
     fig.update_layout(title=title, height=560, margin=dict(l=60, r=20, t=60, b=50), legend=dict(orientation="h", y=-0.12))
-    _equal_axes(fig, patch_bounds)
+    equal_axes(fig, patch_bounds)
     return fig
 
 
@@ -494,7 +499,7 @@ def surface_layers(surface, site_names: Sequence[str] = ()) -> dict[str, np.ndar
     return layers
 
 
-def _marker(fig: go.Figure, xy, name: str, symbol: str, color: str, size: int = 14) -> None:
+def point_marker(fig: go.Figure, xy, name: str, symbol: str, color: str, size: int = 14) -> None:
     fig.add_trace(go.Scatter(x=[xy[0]], y=[xy[1]], mode="markers", name=name,
                              marker=dict(symbol=symbol, size=size, color=color, line=dict(color="black", width=1)),
                              hovertemplate=name + " x=%{x:.2f} m, y=%{y:.2f} m<extra></extra>"))
@@ -545,11 +550,11 @@ def likelihood_surface(surface, layer: str, true_xy=None, network_xy=None, sigma
                                  text=list(path_labels) or None, line=dict(color=MAP_COLOR, width=2), marker=dict(size=6),
                                  hovertemplate="%{text}<br>x=%{x:.2f} m, y=%{y:.2f} m<extra>path</extra>"))
     if true_xy is not None:
-        _marker(fig, true_xy, "ground truth", "star", TRUTH_COLOR, 16)
+        point_marker(fig, true_xy, "ground truth", "star", TRUTH_COLOR, 16)
     if network_xy is not None:
-        _marker(fig, network_xy, "network estimate", "x", NETWORK_COLOR)
+        point_marker(fig, network_xy, "network estimate", "x", NETWORK_COLOR)
     if map_xy is not None:
-        _marker(fig, map_xy, "MAP estimate", "diamond", MAP_COLOR)
+        point_marker(fig, map_xy, "MAP estimate", "diamond", MAP_COLOR)
     x0, x1 = float(surface.xs[0]), float(surface.xs[-1])
     y0, y1 = float(surface.ys[0]), float(surface.ys[-1])
     pad = 0.5 * float(surface.step)
