@@ -26,8 +26,9 @@ with ``gap(o, [lo, hi]) = max(lo - o, 0) + max(o - hi, 0)`` (0 when the range ho
          = min(t_lb, R_s)        some
          = R_s                   none
 
-(a k-path mixture ``-log sum_j pi_j exp(-r_j) >= min_j r_j``: the ToA/AoA part is the minimum
-over paths of each path's bound), the serving features likewise with the serving coverage, and
+(a k-path mixture ``-log sum_m omega_m exp(-r_m) >= min_m r_m`` as its weights ``omega_m = pi_r w_c``
+sum to 1: the ToA/AoA part is the minimum over the ``M = 4 k`` anchored paths of the stencil cells of
+each one's bound, from the block's ranges of their values at its points), the serving features likewise with the serving coverage, and
 ``LB_g = sum_s LB_s + LB_cell <= NLL(p)`` for every lattice point of the block.
 
 **Exact picks.** Per sample: score the points of the ``seed_blocks`` blocks of lowest bound,
