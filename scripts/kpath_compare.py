@@ -3,6 +3,7 @@
     PYTHONPATH=. .venv/bin/python scripts/kpath_compare.py --run assets/default_run \
         --kpath-map /work/kpath_maps/etoile.zarr [--split test] [--limit 500] [--out kpath.json] \
         [--scene etoile --dataset datasets/etoile_realistic]   # another world of the scene
+        [--save-errors ERRORS.npz] [--pair-with OTHER.npz --pair-label old]  # arms of another run (other code)
 
 Three arms on the SAME UEs (the first ``--limit`` of the split, or all):
 
@@ -19,6 +20,11 @@ sites, propagation and grid; the calibration is made in memory). Every arm's lik
 serving features, as the shipped run's evaluation (its stored calibration marks none independent;
 a fresh one would let BLER in, which would be another likelihood, not the map). Paired bootstrap CIs of the
 median difference (mixture - recorded, mixture - path 0) over the UEs.
+
+``--save-errors`` writes every arm's per-UE errors (``<arm>/<method>`` arrays, the UEs' indices as
+``indices``); ``--pair-with`` reads such a file from another run on the same UEs -- e.g. the first
+k-path layout's mixture run with the code of its time (``PYTHONPATH=<old tree>``, which this script
+only imports from) -- and adds paired CIs ``mixture - <pair-label> <arm>``.
 """
 
 from __future__ import annotations
@@ -92,6 +98,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--arms", nargs="+", default=["recorded", "path0", "mixture"])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--save-errors", default=None, help="write every arm's per-UE errors here (.npz)")
+    ap.add_argument("--pair-with", default=None, help="per-UE errors of another run (.npz of --save-errors)")
+    ap.add_argument("--pair-label", default="other", help="what --pair-with's arms are called in the CIs")
     args = ap.parse_args()
     torch.set_num_threads(1)
     result = {"run": args.run, "kpath_map": args.kpath_map, "split": args.split, "dataset": args.dataset, "arms": []}
@@ -111,6 +120,17 @@ def main() -> None:
         out, errors[arm] = _arm(run, indices, arm)
         result["arms"].append(out)
         print(json.dumps(out, indent=1), flush=True)
+    if args.save_errors:
+        np.savez(args.save_errors, indices=indices, **{f"{arm}/{m}": e for arm, errs in errors.items()
+                                                       for m, e in errs.items()})
+    if args.pair_with:
+        other = np.load(args.pair_with)
+        if not np.array_equal(other["indices"], indices):
+            raise SystemExit(f"--pair-with {args.pair_with}: other UEs than this run's")
+        for key in other.files:
+            if key != "indices":
+                arm, method = key.split("/", 1)
+                errors.setdefault(f"{args.pair_label} {arm}", {})[method] = other[key]
     if "mixture" in errors:
         result["paired_median_difference"] = {
             f"mixture - {other}": {m: _paired_ci(errors["mixture"][m], errors[other][m]) for m in errors[other]}

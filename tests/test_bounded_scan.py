@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from core.errors import CoreError
-from core.features import wrap_degrees
 from core.physics.bounded_scan import BoundedScan, scan_lattice
 from core.physics.calibration import calibrate
 from core.physics.likelihood import LikelihoodConfig, RobustLikelihood
@@ -39,11 +38,20 @@ def test_the_bounded_scan_makes_the_full_scans_picks_in_the_true_basin():
 
 
 def _k_path(rm: RadioMap) -> RadioMap:
-    toa, aoa = rm.layers["site_toa"], rm.layers["site_aoa"]
-    return RadioMap(rm.values, rm.features, rm.bounds, valid=rm.valid, attrs={**rm.attrs, "paths_per_site": 2},
-                    layers={**rm.layers, "site_alt_toa": (toa + 60.0).astype(np.float32),
-                            "site_alt_aoa": wrap_degrees(aoa + 35.0).astype(np.float32),
-                            "site_alt_power": np.where(np.isfinite(toa), -3.0, np.nan).astype(np.float32)})
+    """``rm`` as a 2-path anchor map: the direct path and a reflection off the wall x = 200 m."""
+    from core.stores.path_anchors import ANCHOR_LAYER, encode_anchors
+
+    h, w = rm.shape
+    sites = np.array([q["position"] for q in rm.attrs["sites"]])
+    l0 = np.asarray(rm.attrs["generator"]["excess_ns"]) * 0.299792458  # the excess delay as a length before
+    mirror = sites.copy()
+    mirror[:, 0] = 2 * 200.0 - mirror[:, 0]
+    a = np.stack([np.concatenate([q, l0[:, None]], 1) for q in (sites, mirror)], 1)[..., None, None] * np.ones((h, w))
+    a = np.where(np.isfinite(rm.layers["site_toa"])[:, None, None], a, np.nan)
+    layer, meta = encode_anchors(a, (0.0, 0.0))
+    return RadioMap(rm.values, rm.features, rm.bounds, valid=rm.valid,
+                    attrs={**rm.attrs, "paths_per_site": 2, "path_anchors": meta},
+                    layers={**rm.layers, ANCHOR_LAYER: layer})
 
 
 @pytest.mark.parametrize("rm, config", [

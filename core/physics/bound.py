@@ -34,8 +34,10 @@ are functions of the same noisy path gains, so they add nothing and are not coun
 
 **k-path maps.** The likelihood reads a k-path map's ToA and AoA as a mixture over the site's
 paths (:mod:`core.physics.likelihood`). The bound then takes, per slot, the gradient of the ONE
-path that explains the report at the truth: the path ``j*`` nearest the measured ``(toa, aoa)``
-in ``(r_toa / sigma_toa)^2 + (r_aoa / sigma_aoa)^2`` (:func:`slot_gradients` with ``observed``).
+path that explains the report at the truth: of the paths of the stencil cells with weight > 0
+(each evaluated at the truth from its anchor, :meth:`SiteMaps.path_components`), the one nearest
+the measured ``(toa, aoa)`` in ``(r_toa / sigma_toa)^2 + (r_aoa / sigma_aoa)^2``
+(:func:`slot_gradients` with ``observed``).
 That is the mixture's Fisher information when its paths are apart by many sigmas (the other
 paths' responsibilities vanish near the truth); where two paths coincide within the noise the
 mixture carries a little less information, so the bound is then slightly optimistic. With
@@ -125,14 +127,15 @@ def _nearest_path_gradients(maps: SiteMaps, xy: torch.Tensor, site_ids, observed
     """:func:`slot_gradients` of a k-path map: path gain as always, ToA/AoA of the nearest path."""
     g, covered = slot_gradients(maps, xy, site_ids)
     ids = maps.check_site_ids(site_ids, xy.shape[0])
-    k_paths = maps.paths
+    k_paths = maps.components
     with torch.enable_grad():
         q = xy.detach().to(device=maps.device, dtype=maps.dtype).requires_grad_(True)
-        paths = maps.path_lookup(q, ids)  # [M, K, k, 2]
+        paths, weight = maps.path_lookup(q, ids)  # [M, K, C, 2], [M, C]: every path of the stencil cells
         obs = torch.as_tensor(observed, device=maps.device).to(maps.dtype)
         rt = (obs[..., 1:2] - paths[..., 0].detach()) / sigma[1]
         ra = torch.remainder(obs[..., 2:3] - paths[..., 1].detach() + 180.0, 360.0).sub_(180.0) / sigma[2]
         d = torch.nan_to_num(rt.square() + ra.square(), nan=float("inf"))
+        d = torch.where(weight.detach()[:, None] > 0, d, float("inf"))  # only cells of the stencil with weight
         best = d.argmin(-1)  # [M, K]
         k = ids.shape[1]
         for slot in range(k):

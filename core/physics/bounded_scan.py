@@ -26,8 +26,9 @@ with ``gap(o, [lo, hi]) = max(lo - o, 0) + max(o - hi, 0)`` (0 when the range ho
          = min(t_lb, R_s)        some
          = R_s                   none
 
-(a k-path mixture ``-log sum_j pi_j exp(-r_j) >= min_j r_j``: the ToA/AoA part is the minimum
-over paths of each path's bound), the serving features likewise with the serving coverage, and
+(a k-path mixture ``-log sum_m omega_m exp(-r_m) >= min_m r_m`` as its weights ``omega_m = pi_r w_c``
+sum to 1: the ToA/AoA part is the minimum over the ``M = 4 k`` anchored paths of the stencil cells of
+each one's bound, from the block's ranges of their values at its points), the serving features likewise with the serving coverage, and
 ``LB_g = sum_s LB_s + LB_cell <= NLL(p)`` for every lattice point of the block.
 
 **Exact picks.** Per sample: score the points of the ``seed_blocks`` blocks of lowest bound,
@@ -118,7 +119,7 @@ class BoundedScan:
         self.points = lattice.points
         n = self.points.shape[0]
         with torch.no_grad():
-            self.table = maps.sample(self.points).contiguous()  # [C, P]
+            self.table = maps.sample(self.points, paths=likelihood.paths > 1).contiguous()  # [C, P]
             self.cover = maps.coverage(self.points)  # [S + 1, P]
         br, bc = lattice.rows // self.block, lattice.cols // self.block
         key = br * (int(bc.max()) + 1) + bc
@@ -164,15 +165,15 @@ class BoundedScan:
         if w_pg:
             t.add_(self._rho(_gap(lo[:s], hi[:s], prep.o_pg).square_().mul_(prep.inv2_pg.unsqueeze(-1)), w_pg))
         k = lik.paths
-        # ToA and AoA of every path j: [k, S, G] ranges (path 0: the base rows; then the next paths')
+        # ToA and AoA of every mixture component: [M, S, G] ranges (a k-path map: the M = 4 k anchored paths of the
+        # stencil cells, SiteMaps.path_part; the mixture is >= its smallest component's cost, its weights sum to 1)
         if k > 1:
-            alt = lambda a: lik.maps.alt_part(a).view(3, k - 1, s, g)  # noqa: E731
-            rng = [torch.cat([lo[(1 + q) * s:(2 + q) * s].unsqueeze(0), alt(lo)[q]]) for q in range(3)], \
-                  [torch.cat([hi[(1 + q) * s:(2 + q) * s].unsqueeze(0), alt(hi)[q]]) for q in range(3)]
+            comp = lambda a: lik.maps.path_part(a)[0].transpose(2, 3).reshape(3, 4 * k, s, g)  # noqa: E731
+            rng = [comp(lo)[q] for q in range(3)], [comp(hi)[q] for q in range(3)]
         else:
             rng = [lo[(1 + q) * s:(2 + q) * s].unsqueeze(0) for q in range(3)], \
                   [hi[(1 + q) * s:(2 + q) * s].unsqueeze(0) for q in range(3)]
-        r = torch.zeros((k, s, b, g), dtype=lo.dtype, device=lo.device)
+        r = torch.zeros((rng[0][0].shape[0], s, b, g), dtype=lo.dtype, device=lo.device)
         if w_toa:
             r.add_(self._rho(_gap(rng[0][0], rng[1][0], prep.o_toa).square_().mul_(prep.inv2_toa.unsqueeze(-1)), w_toa))
         if w_aoa:

@@ -43,8 +43,9 @@ features count as not informative (``cell_features: auto`` then uses none).
 k-path maps (:attr:`SiteMaps.paths` ``k > 1``): ``path_weights`` ``pi [k]``, the per-rank
 weights of the likelihood's mixture over a site's paths (:mod:`core.physics.likelihood`), fitted
 by EM on the same residuals at the truth: every covered slot with ToA and AoA gives each path
-``j`` the likelihood ``L_j = pi_j / ((1 + z_toa,j^2)(1 + z_aoa,j^2))`` (the Cauchy terms with
-this calibration's bias and scale, AoA by its chord), and ``pi_j <- mean responsibility
+rank ``j`` the likelihood ``L_j = pi_j sum_c w_c / ((1 + z_toa,jc^2)(1 + z_aoa,jc^2))`` over the
+stencil cells ``c`` (bilinear weights ``w_c``; the Cauchy terms with this calibration's bias and
+scale against each cell's path ``j`` evaluated from its anchor, AoA by its chord), and ``pi_j <- mean responsibility
 L_j / sum_i L_i`` until it settles (100 steps). So ``pi_j`` is how often the report's
 (strongest) path is the map's path ``j``. None for a map of one path per site.
 
@@ -347,24 +348,28 @@ def path_weights(maps: SiteMaps, xy, ids, site, bias, scale, steps: int = 100, c
     calibration's. Uniform when no slot has both ToA and AoA.
     """
     k = maps.paths
-    rho = []
+    lik_rank = []
     with torch.no_grad():
         for s in range(0, len(xy), chunk):
             i = torch.as_tensor(ids[s:s + chunk])
-            paths = maps.path_lookup(torch.as_tensor(xy[s:s + chunk], dtype=maps.dtype), i).double().cpu().numpy()
-            cov = maps.lookup(torch.as_tensor(xy[s:s + chunk], dtype=maps.dtype), i).covered.cpu().numpy()
+            q = torch.as_tensor(xy[s:s + chunk], dtype=maps.dtype)
+            paths, weight = maps.path_lookup(q, i)  # [n, K, M, 2], [n, M]: component m = 4 r + c
+            paths, weight = paths.double().cpu().numpy(), weight.double().cpu().numpy()
+            cov = maps.lookup(q, i).covered.cpu().numpy()
             sid = np.clip(ids[s:s + chunk], 0, None)
             obs = site[s:s + chunk].astype(np.float64)
             ok = (ids[s:s + chunk] >= 0) & cov & np.isfinite(obs[..., 1]) & np.isfinite(obs[..., 2])
             z_t = (obs[..., 1, None] - bias[sid, 1, None] - paths[..., 0]) / scale[sid, 1, None]
             delta = np.deg2rad(wrap_degrees(obs[..., 2, None] - bias[sid, 2, None] - paths[..., 1]))
             z_a = 2 * np.sin(np.abs(delta) / 2) / np.deg2rad(scale[sid, 2, None])  # the chord
-            rho.append((np.log1p(z_t**2) + np.log1p(z_a**2))[ok])  # [n, k]
-    r = np.concatenate(rho) if rho else np.zeros((0, k))
+            rho = np.log1p(z_t**2) + np.log1p(z_a**2)  # [n, K, M]
+            rho = rho - rho.min(-1, keepdims=True)
+            per_rank = (np.exp(-rho) * weight[:, None]).reshape(*rho.shape[:2], k, 4).sum(-1)  # [n, K, k]
+            lik_rank.append(per_rank[ok])
+    lik = np.concatenate(lik_rank) if lik_rank else np.zeros((0, k))
     pi = np.full(k, 1.0 / k)
-    if len(r) == 0:
+    if len(lik) == 0:
         return pi.tolist()
-    lik = np.exp(-(r - r.min(1, keepdims=True)))
     for _ in range(steps):
         g = pi * lik
         pi = (g / g.sum(1, keepdims=True)).mean(0)

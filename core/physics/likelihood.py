@@ -43,23 +43,29 @@ everywhere, no seam at +-180 deg, no atan2 (the von Mises kernel). The NLL in na
 strongest path, and near a change of strongest path between map nodes that is the map's
 second or third path, not its first. With a k-path map (:attr:`SiteMaps.paths` ``k > 1``,
 ``generate-maps --paths-per-site k``) and ``path_mixture="auto"`` (the default) a slot's ToA
-and AoA match ANY of the site's ``k`` paths, jointly (one path explains both)::
+and AoA match ANY path of the ``2 x 2`` cells of the bilinear stencil around ``p``, jointly (one
+path explains both), each evaluated AT ``p`` from its anchor (:meth:`SiteMaps.path_components`:
+never an interpolation across two paths)::
 
-    rho_path(p) = -log sum_j pi_j exp(-[w_toa rho(z_toa,j) + w_aoa rho(z_aoa,j)])      j = 0 .. k-1
+    rho_path(p) = -log sum_r sum_c pi_r w_c(p) exp(-[w_toa rho(z_toa,rc) + w_aoa rho(z_aoa,rc)])
 
+(``r = 0 .. k-1`` the path rank at cell ``c``, ``w_c(p)`` the cell's bilinear weight, ``sum_c w_c = 1``)
 replacing ``w_toa rho(z_toa) + w_aoa rho(z_aoa)`` in the sum above (path gain is the sum over
-paths: unchanged). ``z_{.,j}`` are the residuals against path ``j``'s map values with the same
-calibrated bias and scale; ``pi_j`` are weights per path RANK, ``sum pi_j = 1``, estimated on the
+paths: unchanged, interpolated). ``z_{.,rc}`` are the residuals against component ``(r, c)`` with the
+same calibrated bias and scale; ``pi_r`` are weights per path RANK, ``sum pi_r = 1``, estimated on the
 calibration split at the truth (:attr:`Calibration.path_weights`: the EM fit of this very mixture,
-so each rank's weight is how often the report's strongest path is the map's path ``j``); a
+so each rank's weight is how often the report's strongest path is the map's path ``r``); a
 calibration without them (made with a k = 1 map) gives :data:`DEFAULT_PATH_WEIGHT0` to path 0 and
-the rest in equal parts. Rank weights rather than the paths' relative power: the power of the
-map's next paths is itself interpolated across the node that switches, and per-rank weights fitted
-on the data are the frequencies the mixture needs. With ``k = 1`` (or ``path_mixture="off"``)
+the rest in equal parts. Rank weights rather than the paths' relative power: per-rank weights
+fitted on the data are the frequencies the mixture needs. At a cell centre only that cell's
+``k`` paths count (``w_c = 1``); a component enters with weight 0 where the stencil changes, so the
+mixture is continuous in ``p``. With ``k = 1`` (or ``path_mixture="off"``)
 ``rho_path`` is ``rho(z_toa) + rho(z_aoa)`` exactly: the same code path as without paths. The
-mixture is a log-sum-exp, smooth in ``p``; its gradient is each path's gradient weighted by its
-responsibility ``gamma_j = pi_j exp(-r_j) / sum_i pi_i exp(-r_i)``. A path absent at a cell holds
-path 0's values (:class:`SiteMaps`), so its weight goes to path 0.
+mixture is a log-sum-exp, smooth in ``p`` inside a cell; its gradient is each component's gradient
+weighted by its responsibility ``gamma_m = omega_m exp(-r_m) / sum_i omega_i exp(-r_i)``
+(``omega = pi_r w_c``) plus the weights' own gradient ``-sum_r pi_r exp(-r_rc) / sum_i omega_i
+exp(-r_i)`` through ``d w_c / d p``. A path absent at a cell holds that cell's path 0, so its
+weight goes to path 0.
 
 **Silence** (``LikelihoodConfig.silence``, with a :class:`~core.physics.silence.Silence`): a
 report with a free slot says the sites it lacks were below the sensitivity; where the map
@@ -457,7 +463,7 @@ class RobustLikelihood(torch.nn.Module):
         xy3 = xy.unsqueeze(1) if single else xy
         b, p = xy3.shape[:2]
         flat = xy3.reshape(b * p, 2)
-        raw = self.maps.sample(flat)
+        raw = self.maps.sample(flat, paths=self.paths > 1)
         cov = self.maps.coverage(flat)  # [S + 1, N] 0/1, no gradient
         kernel = lambda r, need_grad: self._kernel(r, cov, prep, b, p, need_grad)  # noqa: E731
         if raw.requires_grad and torch.is_grad_enabled():
@@ -489,12 +495,13 @@ class RobustLikelihood(torch.nn.Module):
         """
         b, p = prep.site_ids.shape[0], points.shape[0]
         pts = points.to(device=self.maps.device, dtype=self.maps.dtype)
-        sampled = self.maps.sample(pts)
+        sampled = self.maps.sample(pts, paths=self.paths > 1)
         cov = self.maps.coverage(pts).unsqueeze(1).expand(-1, b, p).reshape(-1, b * p)
-        if self.paths > 1 and self._product_mixture:  # the next paths' channels broadcast, never copied per sample
-            s, n_base = self.maps.num_sites, 4 * self.maps.num_sites + len(self.cell_features)
+        if self.paths > 1 and self._product_mixture:  # the path components broadcast, never copied per sample
+            s, n_base = self.maps.num_sites, self.maps.num_channels
             raw = sampled[:n_base].unsqueeze(1).expand(-1, b, p).reshape(-1, b * p)
-            shared = sampled[n_base:].view(3, self.paths - 1, s, 1, p)
+            chans, weight = self.maps.path_part(sampled)
+            shared = (chans.view(3, self.paths, s, 4, 1, p), weight.view(4, 1, p))
             total = self._mixture_kernel(raw, cov[:s].view(s, b, p), cov, prep, b, p, None, shared)[0]
         else:
             raw = sampled.unsqueeze(1).expand(-1, b, p).reshape(-1, b * p)
@@ -509,18 +516,26 @@ class RobustLikelihood(torch.nn.Module):
     @torch.no_grad()
     def evaluate_sampled(self, raw: torch.Tensor, coverage: torch.Tensor, prep: PreparedObservation) -> torch.Tensor:
         """NLL ``[B, P]`` of sample ``b`` of ``prep`` at its own ``P`` points, given their table channels
-        ``raw [C, B * P]`` (:meth:`SiteMaps.sample`; sample-major: columns ``b P .. b P + P - 1``) and coverage
+        ``raw [C, B * P]`` (:meth:`SiteMaps.sample`, with ``paths`` for a mixture: :meth:`sampled_channels` rows;
+        sample-major: columns ``b P .. b P + P - 1``) and coverage
         ``[S + 1, B * P]`` (:meth:`SiteMaps.coverage`); no gradient. For points whose map values were sampled
         once and are scored for many reports (a column may repeat)."""
         b = prep.site_ids.shape[0]
         n = raw.shape[1] if raw.ndim == 2 else -1
-        if (raw.ndim != 2 or raw.shape[0] != self.maps.num_channels or b == 0 or n % b
+        rows = self.sampled_channels
+        if (raw.ndim != 2 or raw.shape[0] != rows or b == 0 or n % b
                 or coverage.shape != (self.maps.num_sites + 1, n)):
-            raise CoreError(f"likelihood: evaluate_sampled needs raw [{self.maps.num_channels}, B * P] and coverage "
+            raise CoreError(f"likelihood: evaluate_sampled needs raw [{rows}, B * P] and coverage "
                             f"[{self.maps.num_sites + 1}, B * P] for B = {b}, got {tuple(raw.shape)}, "
                             f"{tuple(coverage.shape)}")
         raw = raw.contiguous()
         return self._add_silence(self._kernel(raw, coverage, prep, b, n // b, False)[0], raw, coverage, prep, b, n // b)
+
+    @property
+    def sampled_channels(self) -> int:
+        """Rows of the map sample this likelihood reads (:meth:`SiteMaps.sample` with ``paths = self.paths > 1``)."""
+        m = self.maps
+        return m.num_channels + (3 * m.components * m.num_sites + 4 if self.paths > 1 else 0)
 
     def _kernel(self, raw: torch.Tensor, coverage: torch.Tensor, prep: PreparedObservation, b: int, p: int,
                 need_grad: bool):
@@ -530,8 +545,6 @@ class RobustLikelihood(torch.nn.Module):
         pg, toa, cos, sin = raw[: 4 * s].view(4, s, b, p).unbind(0)
         cov = coverage[:s].view(s, b, p)
         grad = torch.empty_like(raw) if need_grad else None
-        if grad is not None and self.maps.paths > 1:
-            self.maps.alt_part(grad).zero_()  # the next paths' channels: written by the mixture, if used
         gs = None if grad is None else grad[: 4 * s].view(4, s, b, p)
         if self.paths > 1:
             return self._mixture_kernel(raw, cov, coverage, prep, b, p, grad)
@@ -580,16 +593,27 @@ class RobustLikelihood(torch.nn.Module):
             gc.mul_(wc).mul_(cov)
         return tm.mul_(cov).add_(prep.r_miss_cell.unsqueeze(1))
 
-    def _path_rho(self, raw: torch.Tensor, prep: PreparedObservation, b: int, p: int, need_grad: bool):
-        """Per path ``j``: ``r [k, S, B, P]`` = ``w_toa rho(z_toa,j) + w_aoa rho(z_aoa,j)`` and, if asked, its
-        gradients ``d r / d (toa, cos, sin)`` ``[3, k, S, B, P]`` (path 0 from the base channels, then the next paths)."""
-        s, k = self.maps.num_sites, self.paths
-        base = raw[s: 4 * s].view(3, 1, s, b, p)  # toa, cos, sin
-        chans = torch.cat([base, self.maps.alt_part(raw).view(3, k - 1, s, b, p)], 1)  # [3, k, S, B, P]
+    def _components(self, raw: torch.Tensor, b: int, p: int, shared=None):
+        """``(values [3, k, S, 4, B|1, P], weight [4, B|1, P])``: the mixture components of a k-path map (ToA, cos,
+        sin of path rank ``r`` of site ``s`` at stencil cell ``c``; :meth:`SiteMaps.path_components`) and the stencil
+        cells' weights, from ``raw`` or ``shared``."""
+        if shared is not None:
+            return shared
+        chans, weight = self.maps.path_part(raw)
+        return chans.view(3, self.paths, self.maps.num_sites, 4, b, p), weight.view(4, b, p)
+
+    def _log_omega(self, weight: torch.Tensor) -> torch.Tensor:
+        """``log (pi_r w_c)`` ``[k, 1, 4, B|1, P]`` (-inf where ``w_c = 0``)."""
+        return self.log_pi.view(-1, 1, 1, 1, 1) + torch.log(weight).unsqueeze(0).unsqueeze(0)
+
+    def _path_rho(self, chans: torch.Tensor, prep: PreparedObservation, b: int, need_grad: bool):
+        """Per component: ``r [k, S, 4, B, P]`` = ``w_toa rho(z_toa) + w_aoa rho(z_aoa)`` from ``chans
+        [3, k, S, 4, B|1, P]`` and, if asked, its gradients ``d r / d (toa, cos, sin)`` ``[3, k, S, 4, B, P]``."""
+        k, s, p = chans.shape[1], chans.shape[2], chans.shape[-1]
         kind, delta = self.config.penalty, self.config.huber_delta
-        r = torch.zeros((k, s, b, p), dtype=raw.dtype, device=raw.device)
-        g = torch.zeros((3, k, s, b, p), dtype=raw.dtype, device=raw.device) if need_grad else None
-        un = lambda v: v.view(1, s, b, 1)  # noqa: E731
+        r = torch.zeros((k, s, 4, b, p), dtype=chans.dtype, device=chans.device)
+        g = torch.zeros((3, k, s, 4, b, p), dtype=chans.dtype, device=chans.device) if need_grad else None
+        un = lambda v: v.view(1, s, 1, b, 1)  # noqa: E731
         if self.w[1]:
             r.add_(_linear_rho(chans[0], un(prep.o_toa), un(prep.inv2_toa), kind, delta,
                                None if g is None else g[0]).mul_(self.w[1]))
@@ -602,37 +626,29 @@ class RobustLikelihood(torch.nn.Module):
                 g[1:3].mul_(self.w[2])
         return r, g
 
-    def _path_factors(self, raw: torch.Tensor, prep: PreparedObservation, b: int, p: int, grad, shared=None):
-        """Cauchy with 0/1 weights: ``pi_j / (D_toa,j D_aoa,j)`` ``[k, S, B, P]`` with ``D = 1 + z^2`` (capped as in
-        :func:`_linear_rho`): :meth:`_path_rho`'s ``pi_j exp(-r_j)`` without a log. Writes ``d r_j / d`` (toa, cos,
-        sin) into ``grad``'s rows (path 0: the base rows, the next paths: their own), when given. ``shared``
-        ``[3, J, S, 1, P]``: the next paths' channels at points shared by every sample (``raw`` then holds
-        only the table's first ``4 S + F_c`` channels; no gradient)."""
-        s, k = self.maps.num_sites, self.paths
-        alt = self.maps.alt_part(raw).view(3, k - 1, s, b, p) if shared is None else shared
-        gs = None if grad is None else grad[s: 4 * s].view(3, s, b, p)
-        ga = None if grad is None else self.maps.alt_part(grad).view(3, k - 1, s, b, p)
-        un = lambda v: v.view(s, b, 1)  # noqa: E731
-        inv = torch.empty((k, s, b, p), dtype=raw.dtype, device=raw.device)
-        groups = ((raw[s: 4 * s].view(3, s, b, p), gs, inv[0]), (alt, ga, inv[1:]))
-        for chans, g, out in groups:
-            den = None
-            if self.w[1]:
-                den = _linear_rho(chans[0], un(prep.o_toa), un(prep.inv2_toa), "cauchy", 0.0,
-                                  None if g is None else g[0], True)
-            elif g is not None:
-                g[0].zero_()
-            if self.w[2]:
-                d2 = _chord_rho(chans[1], chans[2], un(prep.u_c), un(prep.u_s), un(prep.inv2_aoa), "cauchy", 0.0,
-                                None if g is None else g[1:3], True)
-                den = d2 if den is None else den.mul_(d2)
-            elif g is not None:
-                g[1:3].zero_()
-            out.copy_(den.reciprocal_())
-        return inv.mul_(self.log_pi.exp().view(k, 1, 1, 1))
+    def _path_factors(self, chans: torch.Tensor, prep: PreparedObservation, b: int, g=None) -> torch.Tensor:
+        """Cauchy with 0/1 weights: ``1 / (D_toa D_aoa)`` ``[k, S, 4, B, P]`` with ``D = 1 + z^2`` (capped as in
+        :func:`_linear_rho`): :meth:`_path_rho`'s ``exp(-r)`` without a log. Writes ``d r / d`` (toa, cos,
+        sin) into ``g [3, k, S, 4, B, P]`` when given."""
+        s = chans.shape[2]
+        un = lambda v: v.view(1, s, 1, b, 1)  # noqa: E731
+        den = None
+        if self.w[1]:
+            den = _linear_rho(chans[0], un(prep.o_toa), un(prep.inv2_toa), "cauchy", 0.0, None if g is None else g[0],
+                              True)
+        elif g is not None:
+            g[0].zero_()
+        if self.w[2]:
+            d2 = _chord_rho(chans[1], chans[2], un(prep.u_c), un(prep.u_s), un(prep.inv2_aoa), "cauchy", 0.0,
+                            None if g is None else g[1:3], True)
+            den = d2 if den is None else den.mul_(d2)
+        elif g is not None:
+            g[1:3].zero_()
+        return den.reciprocal_()
 
     def _mixture_kernel(self, raw, cov, coverage, prep: PreparedObservation, b: int, p: int, grad, shared=None):
-        """:meth:`_kernel` for a k-path map: path gain as always, ToA and AoA a mixture over the paths (module doc)."""
+        """:meth:`_kernel` for a k-path map: path gain as always, ToA and AoA a mixture over the ``M = 4 k`` path
+        components of the stencil cells, weights ``pi_r w_c(p)`` (module doc)."""
         s, k = self.maps.num_sites, self.paths
         gs = None if grad is None else grad[: 4 * s].view(4, s, b, p)
         kind, delta = self.config.penalty, self.config.huber_delta
@@ -644,26 +660,33 @@ class RobustLikelihood(torch.nn.Module):
                 gs[0].mul_(self.w[0])
         elif gs is not None:
             gs[0].zero_()
-        if self._product_mixture:  # Cauchy, weights 0/1: sum_j pi_j / (D_toa,j D_aoa,j), ONE log, no copies
-            inv = self._path_factors(raw, prep, b, p, grad, shared)
-            mix = inv.sum(0)  # [S, B, P]
-            t.sub_(torch.log(mix))
-            if gs is not None:
-                gamma = inv.div_(mix)
-                gs[1:4].mul_(gamma[0])
-                self.maps.alt_part(grad).view(3, k - 1, s, b, p).mul_(gamma[1:])
-        else:
-            r, g = self._path_rho(raw, prep, b, p, gs is not None)
-            a = self.log_pi.view(k, 1, 1, 1) - r
-            lse = torch.logsumexp(a, 0)  # [S, B, P]
-            t.sub_(lse)
-            if gs is not None:
-                g.mul_((a - lse).exp_())  # times the responsibilities [k, S, B, P]
-                gs[1:4].copy_(g[:, 0])
-                self.maps.alt_part(grad).view(3, k - 1, s, b * p).copy_(g[:, 1:].reshape(3, k - 1, s, b * p))
+        chans, weight = self._components(raw, b, p, shared)
+        log_omega = self._log_omega(weight)  # [k, 1, 4, B|1, P]
+        g = gw = None
         if gs is not None:
+            gs[1:4].zero_()  # path 0's interpolated channels: not in the mixture (its anchors are)
+            g, gw = self._components(grad, b, p)
+        if self._product_mixture:  # Cauchy, weights 0/1: sum pi_r w_c / (D_toa D_aoa), ONE log, no copies
+            inv = self._path_factors(chans, prep, b, g)  # [k, S, 4, B, P]
+            omega = log_omega.exp()
+            mix = (inv.mul_(omega) if g is None else inv * omega).sum((0, 2))  # [S, B, P]
+            t.sub_(torch.log(mix))
+            if g is not None:
+                e = inv.div_(mix.unsqueeze(1))  # exp(-r) / mix, per unit weight
+                g.mul_(e * omega)  # times the responsibilities
+        else:
+            r, gr = self._path_rho(chans, prep, b, g is not None)
+            a = log_omega - r
+            lse = torch.logsumexp(a, (0, 2))  # over (rank, cell): [S, B, P]
+            t.sub_(lse)
+            if g is not None:
+                g.copy_(gr.mul_((a - lse.unsqueeze(1)).exp_()))  # times the responsibilities
+                e = (-r - lse.unsqueeze(1)).exp_()  # exp(-r) / mix, per unit weight
+        if g is not None:  # d (-log mix) / d w_c = -sum_r pi_r exp(-r_(r,c)) / mix, summed over covered sites
+            e = e.mul_(cov.unsqueeze(1)).sum(1).mul_(self.log_pi.exp().view(k, 1, 1, 1)).sum(0)  # [4, B, P]
+            gw.copy_(e.neg_())
             gs.mul_(cov)
-            self.maps.alt_part(grad).view(3, k - 1, s, b, p).mul_(cov)
+            g.mul_(cov.unsqueeze(1))
         total = t.sub_(prep.r_miss.unsqueeze(-1)).mul_(cov).sum(0).add_(prep.r_miss.sum(0).unsqueeze(-1))
         if self.cell_features:
             total.add_(self._cell_kernel(raw, coverage[s].view(b, p), prep, b, p, grad))
@@ -684,7 +707,7 @@ class RobustLikelihood(torch.nn.Module):
         prep = obs if isinstance(obs, PreparedObservation) else self.prepare(obs)
         maps = self.maps
         xy = xy.to(device=maps.device, dtype=maps.dtype)
-        raw, coverage = maps.sample(xy), maps.coverage(xy)
+        raw, coverage = maps.sample(xy, paths=self.paths > 1), maps.coverage(xy)
         ids = prep.site_ids
         b, k = ids.shape
         g = torch.gather(maps.site_part(raw).permute(2, 0, 1), 2, ids.clamp(min=0).unsqueeze(1).expand(b, 4, k))  # [B, 4, K]
@@ -715,20 +738,22 @@ class RobustLikelihood(torch.nn.Module):
     def _path_terms(self, raw: torch.Tensor, prep: PreparedObservation, ids: torch.Tensor, inv2: torch.Tensor,
                     r_pg: torch.Tensor):
         """For :meth:`terms` with a mixture: ``(r_toa, r_aoa, z2 [B, K, 3], correction [B, K])`` against each slot's
-        most responsible path ``j*``; ``correction = mixture - r_j* = log(gamma_j* / pi_j*)`` [nats]."""
+        most responsible path component ``m*``; ``correction = mixture - r_m* = log(gamma_m* / omega_m*)`` [nats]."""
         b, k_slots = ids.shape
-        r, _ = self._path_rho(raw, prep, b, 1, False)  # [k, S, B, 1]
-        a = self.log_pi.view(-1, 1, 1, 1) - r
+        chans, weight = self._components(raw, b, 1)  # [3, k, S, 4, B, 1], [4, B, 1]
+        r, _ = self._path_rho(chans, prep, b, False)  # [k, S, 4, B, 1]
+        a = self._log_omega(weight) - r
+        flat = lambda v: v.transpose(1, 2).flatten(0, 1)  # noqa: E731  [k, S, 4, ...] -> [M, S, ...], m = 4 r + c
+        r, a = flat(r), flat(a)
         lse = torch.logsumexp(a, 0)
         best = a.argmax(0)  # [S, B, 1]
         corr = (-lse - torch.gather(r, 0, best.unsqueeze(0))[0])[..., 0].t()  # [B, S]
-        s = self.maps.num_sites
-        chans = torch.cat([raw[s: 4 * s].view(3, 1, s, b), self.maps.alt_part(raw).view(3, self.paths - 1, s, b)], 1)
         pick = best[..., 0].unsqueeze(0)  # [1, S, B]
 
-        def sel(c):  # c [k, S, B] -> the best path's value per slot [B, K]
+        def sel(c):  # c [M, S, B] -> the best component's value per slot [B, K]
             return torch.gather(torch.gather(c, 0, pick)[0].t(), 1, ids.clamp(min=0))
 
+        chans = chans[..., 0].transpose(2, 3).flatten(1, 2)  # [3, M, S, B]
         toa_j, cos_j, sin_j = (sel(chans[i]) for i in range(3))  # [B, K]
         uc = torch.where(ids >= 0, torch.gather(prep.u_c.t(), 1, ids.clamp(min=0)), 0.0)
         us = torch.where(ids >= 0, torch.gather(prep.u_s.t(), 1, ids.clamp(min=0)), 0.0)

@@ -16,13 +16,23 @@ with the layers of exactly those sites.
     [0, S)      path gain of site s [dB]          [S, 2S)    ToA [ns]
     [2S, 3S)    cos(AoA)                          [3S, 4S)   sin(AoA)
     [4S, 4S + F_c)  serving-map features ``cell_features`` (``RadioMap.values``), if asked
-    then, for a k-path map (``k > 1``, ``J = k - 1``; :attr:`SiteMaps.paths`), the next paths' channels
-    [A, A + JS)  ToA of path j of site s at A + (j - 1) S + s     (A = 4S + F_c)
-    [A + JS, A + 2JS)  cos(AoA)     [A + 2JS, A + 3JS)  sin(AoA)
 
-A next path absent at a cell (the site has fewer paths there, or none) takes path 0's
-values: a mixture over the paths (:mod:`core.physics.likelihood`) then gives its weight to
-path 0, i.e. it is renormalised over the paths present.
+A k-path map (``k > 1``, :attr:`SiteMaps.paths`) adds every site's ``k`` paths per cell as ANCHORS
+(:mod:`core.stores.path_anchors`: ``q``, its height above the cell's receiver ``dz`` and the length
+before it ``L0``), in a separate table ``anchor_table [4 k S, H W]``. They are never interpolated:
+:meth:`SiteMaps.path_components` evaluates each path of each of the four cells ``c`` of the bilinear
+stencil around ``p`` AT ``p``::
+
+    toa_{r,c}(p) = (L0 + sqrt(|q_xy - p|^2 + dz^2)) / c       (cos, sin)_{r,c}(p) = (q_xy - p) / |q_xy - p|
+
+with the stencil's bilinear weights ``w_c(p)`` (sum 1; 1 on the cell itself at its centre): ``M = 4 k``
+mixture components per site, each ONE path, exact inside a cell for a specular path, smooth in ``p``
+(a component enters with weight 0 where the stencil changes). A path absent at a cell holds that cell's
+path 0 (its weight goes to path 0); a cell the site does not cover holds the nearest covered cell's paths.
+:meth:`SiteMaps.sample` with ``paths=True`` appends them to the table's channels::
+
+    [A, A + 3 M S)   toa, cos, sin of path rank r of site s at stencil cell c, [3, k, S, 4]  (A = 4 S + F_c)
+    [A + 3 M S, A + 3 M S + 4)   the stencil weights w_c
 
 and a coverage bitmask per cell: bit ``s`` set where site ``s`` has a path AND the cell is
 covered (``valid``), bit ``S`` = ``valid`` (the serving coverage). Holes are filled per
@@ -54,6 +64,7 @@ import torch.nn.functional as F
 from core.errors import CoreError
 from core.features import feature_spec
 from core.physics.lookup import GridTable, angle_from_cos_sin, fill_holes
+from core.stores.path_anchors import SPEED_OF_LIGHT
 
 __all__ = ["SiteMaps", "SiteValues", "site_lookup", "prepare_site_maps", "SITE_LAYERS", "GROUPS"]
 
@@ -108,25 +119,23 @@ def _site_slabs(path_gain, toa, aoa, valid) -> tuple[np.ndarray, np.ndarray, np.
     return slabs, cover, spread
 
 
-def _alt_slabs(alt_toa, alt_aoa, slabs: np.ndarray, cover: np.ndarray) -> np.ndarray | None:
-    """The next paths' channels ``[3 J S, H, W]`` (module doc order) from ``[S J, H, W]`` layers, or None.
-
-    Where path ``j`` is absent (NaN) or the site does not cover the cell: path 0's filled values
-    (``slabs [4, S, H, W]``, :func:`_site_slabs`)."""
-    if alt_toa is None and alt_aoa is None:
-        return None
-    s, h, w = slabs.shape[1:]
-    tt, aa = (np.asarray(a, dtype=np.float64) for a in (alt_toa, alt_aoa))
-    if tt.shape != aa.shape or tt.ndim != 3 or tt.shape[1:] != (h, w) or tt.shape[0] % s or tt.shape[0] == 0:
-        raise CoreError(f"SiteMaps: alt_toa and alt_aoa must both be [S (k-1), {h}, {w}] with S = {s}, "
-                        f"got {tt.shape}, {aa.shape}")
-    j = tt.shape[0] // s
-    tt, aa = tt.reshape(s, j, h, w).transpose(1, 0, 2, 3), aa.reshape(s, j, h, w).transpose(1, 0, 2, 3)  # [J, S, H, W]
-    has = np.isfinite(tt) & np.isfinite(aa) & cover[None]
-    rad = np.deg2rad(np.where(has, aa, 0.0))
-    out = np.stack([np.where(has, tt, slabs[1][None]), np.where(has, np.cos(rad), slabs[2][None]),
-                    np.where(has, np.sin(rad), slabs[3][None])])  # [3, J, S, H, W]
-    return out.reshape(3 * j * s, h, w)
+def _anchor_table(anchors, cover: np.ndarray) -> np.ndarray:
+    """``[4 k S, H W]`` float64 lookup table (rows: coordinate, rank, site) of anchors ``[S, k, 4, H, W]``
+    (``(q_x, q_y, dz, L0)`` [m], NaN absent; :meth:`~core.stores.radio_map.RadioMap.path_anchors`): absent
+    paths hold the cell's path 0, cells site ``s`` does not cover (``cover [S, H, W]``) the nearest covered
+    cell's paths."""
+    a = np.asarray(anchors, dtype=np.float64)
+    s, k, four, h, w = a.shape
+    if four != 4 or cover.shape != (s, h, w):
+        raise CoreError(f"SiteMaps: anchors must be [S, k, 4, {h}, {w}] with S = {cover.shape[0]}, got {a.shape}")
+    out = np.empty_like(a)
+    for i in range(s):
+        has0 = np.isfinite(a[i, 0]).all(0) & cover[i]
+        present = np.isfinite(a[i]).all(1, keepdims=True)  # [k, 1, H, W]
+        filled = np.where(present, a[i], a[i, :1])
+        filled = np.where(has0[None, None], filled, 0.0)
+        out[i] = fill_holes(filled.reshape(k * 4, h, w), has0).reshape(k, 4, h, w)
+    return out.transpose(2, 1, 0, 3, 4).reshape(4 * k * s, h * w)
 
 
 class SiteMaps(GridTable):
@@ -140,21 +149,22 @@ class SiteMaps(GridTable):
         cell: ``{name: [H, W]}`` serving-map features to look up too (finite where valid).
         sites: ``[S, 3]`` site positions [m] (kept as ``site_xyz``), optional.
         site_names: ``S`` names (default ``site0``...).
-        alt_toa, alt_aoa: ``[S (k-1), H, W]`` the next ``k - 1`` paths' ToA [ns] and AoA [deg]
-            (``RadioMap`` layers ``site_alt_toa``/``site_alt_aoa``: plane ``s (k-1) + j - 1``), or None (k = 1).
+        anchors: ``[S, k, 4, H, W]`` every site's ``k`` paths' anchors ``(q_x, q_y, dz, L0)`` [m] per cell,
+            ``dz`` the anchor's height above the cell's receiver, NaN where absent
+            (:meth:`RadioMap.path_anchors`), or None (k = 1).
 
     Buffers (non-persistent; ``.to(device)`` moves them): ``table``; ``cover_bits``
     int64 ``[H * W]``; ``cover`` bool ``[S + 1, H, W]`` (sites, then ``valid``);
     ``scale, offset [2]`` with ``grid = offset + xy * scale``; ``lo, hi [2]`` the outer
     bounds; ``site_xyz``.
+    k-path maps: ``anchor_table [4 k S, H W]`` (:func:`_anchor_table`).
     Attributes: ``num_sites``, ``paths`` (k: 1, or the k-path map's), ``cell_features``, ``spread [S, 3]`` (numpy: std of each
     site's path gain, ToA and circular std of AoA over the cells it covers), ``cell_spread``
     ``{name: std over valid cells}``, ``bounds``, ``shape (H, W)``, ``cell_size``.
     """
 
     def __init__(self, path_gain, toa, aoa, bounds, valid=None, cell: dict | None = None, sites=None,
-                 site_names=None, device=None, dtype: torch.dtype = torch.float32, alt_toa=None,
-                 alt_aoa=None) -> None:
+                 site_names=None, device=None, dtype: torch.dtype = torch.float32, anchors=None) -> None:
         super().__init__()
         shape = np.shape(path_gain)
         if len(shape) != 3 or np.shape(toa) != shape or np.shape(aoa) != shape:
@@ -170,8 +180,8 @@ class SiteMaps(GridTable):
         if not (x_max > x_min and y_max > y_min):
             raise CoreError(f"SiteMaps: bounds {self.bounds} must have x_max > x_min and y_max > y_min")
         slabs, cover, self.spread = _site_slabs(path_gain, toa, aoa, valid)
-        alt = _alt_slabs(alt_toa, alt_aoa, slabs, cover)  # [3 J S, H, W] or None
-        self.paths = 1 if alt is None else 1 + alt.shape[0] // (3 * s)
+        anchor_table = None if anchors is None else _anchor_table(anchors, cover)  # [4 k S, H W]
+        self.paths = 1 if anchor_table is None else anchor_table.shape[0] // (4 * s)
         cell = dict(cell or {})
         self.cell_features = tuple(cell)
         planes = [slabs.reshape(4 * s, h, w)]
@@ -182,8 +192,6 @@ class SiteMaps(GridTable):
                 raise CoreError(f"SiteMaps: cell feature {name!r} must be [{h}, {w}], got {plane.shape}")
             self.cell_spread[name] = float(plane[valid].std()) if valid.any() else float("nan")
             planes.append(fill_holes(np.where(valid, plane, 0.0)[None], valid))
-        if alt is not None:
-            planes.append(alt)
         table = torch.from_numpy(np.concatenate(planes)).to(dtype).unsqueeze(0)
         bits = np.zeros((h, w), np.int64)
         for i, c in enumerate(list(cover) + [valid]):
@@ -205,6 +213,8 @@ class SiteMaps(GridTable):
         self.register_buffer("hi", hi.to(dtype), persistent=False)
         xyz = None if sites is None else torch.as_tensor(np.asarray(sites, dtype=np.float64).reshape(s, 3))
         self.register_buffer("site_xyz", xyz, persistent=False)
+        table_a = None if anchor_table is None else torch.from_numpy(anchor_table).to(dtype)
+        self.register_buffer("anchor_table", table_a, persistent=False)
         if device is not None:
             self.to(device)
 
@@ -214,8 +224,9 @@ class SiteMaps(GridTable):
         """From a :class:`~core.stores.radio_map.RadioMap` with the three per-site layers.
 
         ``cell_features``: serving-map feature names to add (each must be in the map).
-        ``paths``: read a k-path map's ``site_alt_*`` layers too (False: path 0 only, as a k = 1 map).
-        A missing layer is a :class:`CoreError` naming it.
+        ``paths``: read a k-path map's path anchors too (False: path 0 only, as a k = 1 map).
+        A missing layer is a :class:`CoreError` naming it; a map of the first k-path layout (interpolated
+        ``site_alt_*`` values) is refused with ``paths`` (one line, with the command that regenerates it).
         """
         missing = [layer for layer in SITE_LAYERS.values() if layer not in radio_map.layers]
         if missing:
@@ -229,11 +240,11 @@ class SiteMaps(GridTable):
         for name in cell:
             if feature_spec(name).angular:
                 raise CoreError(f"SiteMaps: cell feature {name!r} is angular; only linear serving features are supported")
-        alt = {}
+        anchors = None
         if paths and radio_map.paths_per_site > 1:
-            alt = {"alt_toa": radio_map.layers["site_alt_toa"], "alt_aoa": radio_map.layers["site_alt_aoa"]}
+            anchors = radio_map.path_anchors()  # the first k-path layout: a StoreError, one line
         return cls(*layers, radio_map.bounds, valid=radio_map.valid, cell=cell, sites=pos, site_names=names,
-                   device=device, dtype=dtype, **alt)
+                   device=device, dtype=dtype, anchors=anchors)
 
     # -- facts ------------------------------------------------------------------------
     @property
@@ -249,13 +260,18 @@ class SiteMaps(GridTable):
         return f"sites={self.num_sites}, grid={h}x{w}, cell_features={list(self.cell_features)}"
 
     # -- sampling ---------------------------------------------------------------------
-    def sample(self, xy: torch.Tensor) -> torch.Tensor:
-        """All table channels at ``xy [N, 2]`` metres: channel-major ``[C, N]`` (a view of ONE grid_sample's output)."""
+    def sample(self, xy: torch.Tensor, paths: bool = False) -> torch.Tensor:
+        """All table channels at ``xy [N, 2]`` metres: channel-major ``[C, N]`` (a view of ONE grid_sample's output).
+
+        ``paths`` (a k-path map): followed by :meth:`path_components`' rows (module doc)."""
         n = xy.shape[0]
         grid = torch.addcmul(self.offset, xy, self.scale)
         out = F.grid_sample(self.table, grid.view(1, 1, n, 2), mode="bilinear", padding_mode="border",
                             align_corners=False)  # [1, C, 1, N], contiguous
-        return out.view(self.num_channels, n)
+        out = out.view(self.num_channels, n)
+        if paths and self.paths > 1:
+            out = torch.cat([out, self.path_components(xy)])
+        return out
 
     def site_part(self, raw: torch.Tensor) -> torch.Tensor:
         """``raw [C, N]`` -> ``[4, S, N]`` per-site groups (a view; order :data:`GROUPS`)."""
@@ -265,27 +281,56 @@ class SiteMaps(GridTable):
         """``raw [C, N]`` -> serving features ``[F_c, N]`` (a view)."""
         return raw[4 * self.num_sites: 4 * self.num_sites + len(self.cell_features)]
 
-    def alt_part(self, raw: torch.Tensor) -> torch.Tensor:
-        """``raw [C, N]`` -> the next paths' ``[3, J, S, N]`` (ToA [ns], cos, sin of AoA; ``J = paths - 1``; a view)."""
-        a = 4 * self.num_sites + len(self.cell_features)
-        return raw[a:].view(3, self.paths - 1, self.num_sites, raw.shape[1])
+    @property
+    def components(self) -> int:
+        """``M = 4 k``: the mixture components per site (every path of the four stencil cells)."""
+        return 4 * self.paths
 
-    def path_lookup(self, xy: torch.Tensor, site_ids) -> torch.Tensor:
-        """Every path's ``(toa [ns], aoa [deg])`` of each slot's site at ``xy [B, 2]``: ``[B, K, k, 2]``.
+    def path_part(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``raw`` of :meth:`sample` with ``paths`` -> ``(values [3, k, S, 4, N]`` (ToA [ns], cos, sin of path rank
+        ``r`` of site ``s`` at stencil cell ``c``), ``weight [4, N]`` (the cells' bilinear weights)), views."""
+        a = self.num_channels
+        n, m, s = raw.shape[1], self.components, self.num_sites
+        return raw[a: a + 3 * m * s].view(3, self.paths, s, 4, n), raw[a + 3 * m * s: a + 3 * m * s + 4]
 
-        Path 0 is the strongest (:meth:`lookup`'s), then the next ``k - 1`` (hole-filled with
-        path 0 where absent, as in the table); 0 in empty slots. Differentiable in ``xy``.
-        """
+    def path_components(self, xy: torch.Tensor) -> torch.Tensor:
+        """Every path of the four stencil cells around ``xy [N, 2]`` evaluated at ``xy`` (module doc):
+        ``[3 M S + 4, N]`` (:meth:`path_part` splits it), differentiable in ``xy``."""
+        n, (h, w) = xy.shape[0], self.shape
+        s, k = self.num_sites, self.paths
+        u = ((xy[:, 0] - self.lo[0]) * self.inv_cell[0] - 0.5).clamp(0, w - 1)
+        v = ((xy[:, 1] - self.lo[1]) * self.inv_cell[1] - 0.5).clamp(0, h - 1)
+        j0 = u.detach().floor().clamp_(max=max(w - 2, 0))
+        i0 = v.detach().floor().clamp_(max=max(h - 2, 0))
+        fu, fv = u - j0, v - i0
+        j0, i0 = j0.long(), i0.long()
+        j1, i1 = (j0 + 1).clamp_(max=w - 1), (i0 + 1).clamp_(max=h - 1)
+        idx = torch.stack([i0 * w + j0, i0 * w + j1, i1 * w + j0, i1 * w + j1])  # [4, N]
+        weight = torch.stack([(1 - fv) * (1 - fu), (1 - fv) * fu, fv * (1 - fu), fv * fu])  # [4, N]
+        a = self.anchor_table.index_select(1, idx.view(-1)).view(4, k, s, 4, n)  # [coords, k, S, cells, N]
+        dx, dy = a[0] - xy[:, 0], a[1] - xy[:, 1]
+        h2 = dx * dx + dy * dy
+        inv_h = h2.clamp(min=1e-12).rsqrt()  # right under an anchor the azimuth is undefined: (0, 0), finite
+        toa = (h2 + a[2] * a[2]).clamp(min=1e-12).sqrt().add(a[3]).mul(1e9 / SPEED_OF_LIGHT)
+        return torch.cat([toa.view(-1, n), (dx * inv_h).view(-1, n), (dy * inv_h).view(-1, n), weight])
+
+    def path_lookup(self, xy: torch.Tensor, site_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every mixture component's ``(toa [ns], aoa [deg])`` of each slot's site at ``xy [B, 2]``:
+        ``([B, K, M, 2], weight [B, M])``, component ``m = 4 r + c`` (path rank ``r``, stencil cell ``c``)
+        with its cell's bilinear weight; 0 in empty slots. Differentiable in ``xy``."""
         ids = self.check_site_ids(site_ids, xy.shape[0])
         b, k = ids.shape
-        raw = self.sample(xy.to(device=self.device, dtype=self.dtype))
-        base = self.site_part(raw)[1:]  # [3, S, B]
-        chans = base.unsqueeze(1) if self.paths == 1 else torch.cat([base.unsqueeze(1), self.alt_part(raw)], 1)
-        idx = ids.clamp(min=0).t().reshape(1, 1, k, b).expand(3, self.paths, k, b)
-        slots = torch.gather(chans, 2, idx)  # [3, k_paths, K, B]
+        xy = xy.to(device=self.device, dtype=self.dtype)
+        m, s = self.components, self.num_sites
+        comp = self.path_components(xy)
+        chans = comp[: 3 * m * s].view(3, self.paths, s, 4, b).transpose(2, 3).reshape(3, m, s, b)
+        weight = comp[3 * m * s:]
+        idx = ids.clamp(min=0).t().reshape(1, 1, k, b).expand(3, m, k, b)
+        slots = torch.gather(chans, 2, idx)  # [3, M, K, B]
         aoa = angle_from_cos_sin(slots[1], slots[2])
-        out = torch.stack([slots[0], aoa], -1).permute(2, 1, 0, 3)  # [B, K, k_paths, 2]
-        return torch.where((ids >= 0)[..., None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+        out = torch.stack([slots[0], aoa], -1).permute(2, 1, 0, 3)  # [B, K, M, 2]
+        out = torch.where((ids >= 0)[..., None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+        return out, weight.t().repeat(1, self.paths)
 
     @torch.no_grad()
     def coverage(self, xy: torch.Tensor) -> torch.Tensor:
@@ -345,16 +390,15 @@ class SiteMaps(GridTable):
         """Mean and variance of every table channel, then of every coverage mask, over ``block x block`` cells.
 
         Returns ``(centres [G, 2] m, mean [G, C + S + 1], var [G, C + S + 1])`` (columns: the
-        table's first ``C = 4 S + F_c`` channels -- a k-path map's next paths are not pooled: the
-        global scan reads path 0 --, the ``S`` site coverages, ``valid``) with ``G = ceil(H/block) *
+        table's ``C = 4 S + F_c`` channels -- a k-path map's anchors are not pooled: the global
+        scan reads path 0 --, the ``S`` site coverages, ``valid``) with ``G = ceil(H/block) *
         ceil(W/block)`` blocks in row-major order (rows along +y); the last blocks may be
         partial (only real cells count) and a centre is the mean of its cells' centres.
         """
         if int(block) < 1:
             raise CoreError(f"block_stats: block must be >= 1 cells, got {block}")
         block = int(block)
-        base = self.table[:, : 4 * self.num_sites + len(self.cell_features)]  # a k-path map's next paths: not pooled
-        t = torch.cat([base, self.cover.unsqueeze(0).to(self.dtype)], dim=1).to(torch.float64)
+        t = torch.cat([self.table, self.cover.unsqueeze(0).to(self.dtype)], dim=1).to(torch.float64)
         pool = lambda v: F.avg_pool2d(v, block, block, ceil_mode=True, count_include_pad=False)  # noqa: E731
         mean, sq = pool(t), pool(t * t)
         var = (sq - mean * mean).clamp(min=0.0)

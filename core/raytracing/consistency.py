@@ -43,11 +43,16 @@ bler                    0.3        three times the 0.1 BLER target
 ``serving_agreement``: fraction of reports whose slot-0 site is the site with the
 largest ``site_path_gain`` at the true position.
 
-A k-path map (``attrs["paths_per_site"] = k > 1``, the ``site_alt_*`` layers) adds the group
-``site layer, nearest of k paths`` for ToA and AoA: each slot's residuals against the one of
-the site's ``k`` paths (path 0 = ``site_toa``/``site_aoa``, then the next paths) that is nearest
+A k-path map (``attrs["paths_per_site"] = k > 1``, the ``site_anchor`` layer) adds the group
+``site layer, nearest of k paths`` for ToA and AoA: each slot's residuals against the nearest,
 in ``(r_toa / 3 ns)^2 + (r_aoa / 3 deg)^2`` (one path explains both, as in the likelihood's
-mixture; a path NaN at the point is skipped). ``summary["paths_per_site"]`` is ``k``.
+mixture), of the ``k`` paths of each of the four cells of the bilinear stencil around the point
+that have weight there (:func:`~core.stores.path_anchors.stencil_paths`: each path evaluated AT the
+point from its anchor, never interpolated; the likelihood's mixture components), and the group
+``site layer, nearest of k paths, control 10 cells off``: the same against the paths of the cells
+10 cells (rows and columns) away, the share of gross residuals a wrong position would reach by
+chance with as many candidates. ``summary["paths_per_site"]`` is ``k``. A map of the first k-path
+layout (``site_alt_*`` values) is refused with the command that regenerates it.
 ``--radio-map PATH`` reads another map of the dataset's scene than the one it records
 (:func:`~core.stores.lineage.check_map_override`: same scene, sites and propagation), e.g. a
 k-path map generated with the settings of the dataset's; ``summary["radio_map_override"]``
@@ -120,24 +125,28 @@ def bilinear(planes: np.ndarray, bounds, xy: np.ndarray, index: np.ndarray | Non
     return np.where(weight > 1e-12, out, np.nan)
 
 
-def nearest_path_residuals(rmap, xy: np.ndarray, sites: np.ndarray, toa: np.ndarray, aoa: np.ndarray
-                           ) -> tuple[np.ndarray, np.ndarray]:
+def nearest_path_residuals(rmap, xy: np.ndarray, sites: np.ndarray, toa: np.ndarray, aoa: np.ndarray,
+                           anchors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(r_toa [M] ns, r_aoa [M] deg)`` of measured ``toa``, ``aoa [M]`` at ``xy [M, 2]`` (site ``sites [M]``)
-    against the nearest of a k-path map's paths (module docstring); NaN where no path is finite there."""
-    k = rmap.paths_per_site
-    t_paths = [bilinear(rmap.layers["site_toa"], rmap.bounds, xy, sites)]
-    a_paths = [bilinear(rmap.layers["site_aoa"], rmap.bounds, xy, sites, angular=True)]
-    for j in range(1, k):
-        plane = sites * (k - 1) + j - 1
-        t_paths.append(bilinear(rmap.layers["site_alt_toa"], rmap.bounds, xy, plane))
-        a_paths.append(bilinear(rmap.layers["site_alt_aoa"], rmap.bounds, xy, plane, angular=True))
-    rt = toa[None] - np.stack(t_paths)  # [k, M]
-    ra = wrap_degrees(aoa[None] - np.stack(a_paths))
-    d = np.where(np.isfinite(rt) & np.isfinite(ra), (rt / NEAREST_SCALE[0]) ** 2 + (ra / NEAREST_SCALE[1]) ** 2, np.inf)
-    best = d.argmin(0)[None]
-    ok = np.isfinite(np.take_along_axis(d, best, 0)[0])
-    return (np.where(ok, np.take_along_axis(rt, best, 0)[0], np.nan),
-            np.where(ok, np.take_along_axis(ra, best, 0)[0], np.nan))
+    against the nearest path of a k-path map's stencil cells (module docstring); NaN where no path is
+    finite there. ``anchors``: ``rmap.path_anchors()``, if already decoded."""
+    from core.stores.path_anchors import stencil_paths
+
+    rel = rmap.path_anchors() if anchors is None else anchors
+    t_paths, a_paths, weight = stencil_paths(rel, rmap.bounds, xy, sites)  # [M, k, 4] each, weight [M, 4]
+    rt = (toa[:, None, None] - t_paths).reshape(len(xy), -1)  # [M, 4 k]
+    ra = wrap_degrees(aoa[:, None, None] - a_paths).reshape(len(xy), -1)
+    use = np.broadcast_to(weight[:, None, :] > 0, t_paths.shape).reshape(len(xy), -1)
+    d = np.where(np.isfinite(rt) & np.isfinite(ra) & use,
+                 (rt / NEAREST_SCALE[0]) ** 2 + (ra / NEAREST_SCALE[1]) ** 2, np.inf)
+    best = d.argmin(1)[:, None]
+    ok = np.isfinite(np.take_along_axis(d, best, 1)[:, 0])
+    return (np.where(ok, np.take_along_axis(rt, best, 1)[:, 0], np.nan),
+            np.where(ok, np.take_along_axis(ra, best, 1)[:, 0], np.nan))
+
+
+#: the control's offset [cells] (module docstring)
+CONTROL_OFFSET_CELLS = 10
 
 
 def residual_stats(r: np.ndarray, gross: float) -> dict[str, float]:
@@ -187,6 +196,9 @@ def consistency_rows(ds, rmap, split: str = "test") -> tuple[list[dict[str, Any]
     from core.stores.dataset import CELL_FEATURES, SITE_FEATURES
 
     idx = _last_reports(ds, split)
+    anchors = None
+    if rmap.paths_per_site > 1:  # decoded once; the first k-path layout is refused here (StoreError, one line)
+        anchors = rmap.path_anchors()
     if len(idx) == 0:
         raise CoreError(f"dataset {ds.source}: no sample of split {split!r} has its last report")
     xy = ds.ue_xyz[idx, -1, :2].astype(np.float64)
@@ -208,9 +220,13 @@ def consistency_rows(ds, rmap, split: str = "test") -> tuple[list[dict[str, Any]
                 rows += _rows(variant, feat, "site layer, slot 0", r[k == 0], None, names)
                 if feat in ("toa", "aoa") and rmap.paths_per_site > 1:
                     m, k = np.nonzero((ids >= 0) & np.isfinite(sf[..., 1]) & np.isfinite(sf[..., 2]))
-                    near = nearest_path_residuals(rmap, xy[m], ids[m, k], sf[m, k, 1], sf[m, k, 2])[f - 1]
-                    rows += _rows(variant, feat, f"site layer, nearest of {rmap.paths_per_site} paths", near,
-                                  ids[m, k], names)
+                    group = f"site layer, nearest of {rmap.paths_per_site} paths"
+                    near = nearest_path_residuals(rmap, xy[m], ids[m, k], sf[m, k, 1], sf[m, k, 2], anchors)[f - 1]
+                    rows += _rows(variant, feat, group, near, ids[m, k], names)
+                    off = xy[m] + CONTROL_OFFSET_CELLS * rmap.cell_size
+                    ctrl = nearest_path_residuals(rmap, off, ids[m, k], sf[m, k, 1], sf[m, k, 2], anchors)[f - 1]
+                    rows += _rows(variant, feat, f"{group}, control {CONTROL_OFFSET_CELLS} cells off", ctrl, None,
+                                  names)
             r = _residual(sf[:, 0, f], bilinear(rmap.feature(feat), rmap.bounds, xy, angular=angular), angular)
             rows += _rows(variant, feat, "serving map vs slot 0", r[np.isfinite(sf[:, 0, f])], None, names)
         for f, feat in enumerate(CELL_FEATURES):

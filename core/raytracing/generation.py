@@ -96,8 +96,9 @@ class MapSettings:
             below it is an error (:mod:`core.raytracing.coverage`).
         propagation: the propagation physics, shared with ``make-dataset``.
         paths_per_site: ``k``, the paths kept per site and cell (``--paths-per-site``): 1 = the
-            strongest only (the map as before, no ``site_alt_*`` layers); ``k > 1`` adds the
-            ``k - 1`` next paths (:func:`alt_paths`), recorded as ``attrs["paths_per_site"]``.
+            strongest only (the map as before, no ``site_anchor`` layer); ``k > 1`` adds the
+            anchors of every site's ``k`` paths (path 0, then :func:`alt_paths`), recorded as
+            ``attrs["paths_per_site"]`` (:mod:`core.stores.path_anchors`).
     """
 
     resolution: float = 1.0
@@ -291,8 +292,8 @@ def site_layer(xyz: np.ndarray, indoor: np.ndarray, nodes: dict[str, np.ndarray]
     an exact line-of-sight test from each cell to the site. Formulas: module docstring;
     the path gain averages only the stencil nodes of the cell's own class (seeing the
     site or not) when there are any, so a lit cell never blends in a shadowed node.
-    ``anchors``, if given, receives the chosen path's ``q [H, W, 3]``, ``l0 [H, W]`` and the
-    stencil's ``weights [4, H, W]`` (for :func:`alt_paths`).
+    ``anchors``, if given, receives the chosen path's ``q [H, W, 3]``, ``l0 [H, W]`` [m], the
+    stencil's ``weights [4, H, W]`` (for :func:`alt_paths`) and ``covered [H, W]``.
     """
     node_sees = sees_site[np.ix_(nodes["rows"], nodes["cols"])]
     weights, same, gains, images, offsets, direct = [], [], [], [], [], []
@@ -318,15 +319,17 @@ def site_layer(xyz: np.ndarray, indoor: np.ndarray, nodes: dict[str, np.ndarray]
     q = np.where(sees_site[..., None], site, q)
     toa, aoa = geometric_toa_aoa(xyz, q, np.where(sees_site, 0.0, l0))
     if anchors is not None:
-        anchors.update(weights=w, covered=covered)
+        anchors.update(weights=w, covered=covered, q=q, l0=np.where(sees_site, 0.0, l0))
     return tuple(np.where(covered, v, np.nan) for v in (pg, toa, aoa))
 
 
 def alt_paths(xyz: np.ndarray, nodes: dict[str, np.ndarray], s: int, site: np.ndarray, sees_site: np.ndarray,
               toa0: np.ndarray, aoa0: np.ndarray, gain: np.ndarray, weights: np.ndarray, k: int
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              ) -> tuple[np.ndarray, ...]:
     """Site ``s``'s next ``k - 1`` paths on every cell: ``(toa [k-1, H, W] ns, aoa [k-1, H, W] deg,
-    power [k-1, H, W] dB relative to the cell's path gain)``, NaN where the cell has fewer.
+    power [k-1, H, W] dB relative to the cell's path gain, anchor q [k-1, H, W, 3] m, L0 [k-1, H, W] m)``,
+    NaN where the cell has fewer. The map stores the anchors (:mod:`core.stores.path_anchors`); the
+    delay and azimuth at the cell centre are what they give there.
 
     The candidates are the ``k`` strongest paths of each stencil node with weight > 0
     (``weights [4, H, W]`` of :func:`site_layer`): path ``r`` of node ``n``, anchor ``q``,
@@ -346,7 +349,7 @@ def alt_paths(xyz: np.ndarray, nodes: dict[str, np.ndarray], s: int, site: np.nd
     """
     h, w = toa0.shape
     extra = k - 1
-    toa_c, aoa_c, pow_c = [], [], []
+    toa_c, aoa_c, pow_c, q_c, l_c = [], [], [], [], []
     for (a, b, _), wn in zip(_stencil_nodes(nodes, (h, w)), weights):
         node_xyz = nodes["xyz"][a, b]
         ranks = [(nodes["image"][a, b, s], nodes["offset"][a, b, s], nodes["power"][a, b, s])]
@@ -361,9 +364,13 @@ def alt_paths(xyz: np.ndarray, nodes: dict[str, np.ndarray], s: int, site: np.nd
             toa_c.append(t)
             aoa_c.append(az)
             pow_c.append(np.where(ok & np.isfinite(pc), pc, -np.inf))
-    toa_c, aoa_c, pow_c = np.stack(toa_c), np.stack(aoa_c), np.stack(pow_c)  # [C, H, W]
+            q_c.append(np.broadcast_to(q, (h, w, 3)))
+            l_c.append(np.broadcast_to(np.where(np.isfinite(l0), l0, 0.0), (h, w)))
+    toa_c, aoa_c, pow_c, l_c = np.stack(toa_c), np.stack(aoa_c), np.stack(pow_c), np.stack(l_c)  # [C, H, W]
+    q_c = np.stack(q_c)  # [C, H, W, 3]
     order = np.argsort(-pow_c, axis=0, kind="stable")
-    out_t, out_a, out_p = (np.full((extra, h, w), np.nan) for _ in range(3))
+    out_t, out_a, out_p, out_l = (np.full((extra, h, w), np.nan) for _ in range(4))
+    out_q = np.full((extra, h, w, 3), np.nan)
     count = np.zeros((h, w), np.int64)
 
     def same(t, az, t_ref, a_ref):
@@ -371,7 +378,8 @@ def alt_paths(xyz: np.ndarray, nodes: dict[str, np.ndarray], s: int, site: np.nd
 
     for c in range(order.shape[0]):
         pick = order[c:c + 1]
-        t, az, pc = (np.take_along_axis(v, pick, 0)[0] for v in (toa_c, aoa_c, pow_c))
+        t, az, pc, l0 = (np.take_along_axis(v, pick, 0)[0] for v in (toa_c, aoa_c, pow_c, l_c))
+        q = np.take_along_axis(q_c, pick[..., None], 0)[0]
         take = np.isfinite(pc) & (count < extra) & ~same(t, az, toa0, aoa0)
         for j in range(extra):
             take &= ~((j < count) & same(t, az, out_t[j], out_a[j]))
@@ -380,8 +388,10 @@ def alt_paths(xyz: np.ndarray, nodes: dict[str, np.ndarray], s: int, site: np.nd
             out_t[j] = np.where(slot, t, out_t[j])
             out_a[j] = np.where(slot, az, out_a[j])
             out_p[j] = np.where(slot, np.minimum(pc - gain, 0.0), out_p[j])
+            out_q[j] = np.where(slot[..., None], q, out_q[j])
+            out_l[j] = np.where(slot, l0, out_l[j])
         count += take
-    return out_t, out_a, out_p
+    return out_t, out_a, out_p, out_q, out_l
 
 
 def spreading_db(d_node: np.ndarray, d_cell: np.ndarray, offset: np.ndarray) -> np.ndarray:
@@ -402,13 +412,16 @@ def spreading_db(d_node: np.ndarray, d_cell: np.ndarray, offset: np.ndarray) -> 
 def site_layers(scene, xyz: np.ndarray, indoor: np.ndarray, nodes: dict[str, np.ndarray],
                 sites: list[dict[str, Any]], paths_per_site: int = 1) -> dict[str, np.ndarray]:
     """The per-site layers ``site_path_gain``, ``site_toa``, ``site_aoa``, each float32 ``[S, H, W]``;
-    with ``paths_per_site = k > 1`` also ``site_alt_toa``, ``site_alt_aoa``, ``site_alt_power``,
-    float32 ``[S (k-1), H, W]`` (plane ``s (k-1) + j - 1`` = site ``s``'s path ``j``, :func:`alt_paths`)."""
+    with ``paths_per_site = k > 1`` also the anchors of every site's ``k`` paths (path 0: the one of
+    ``site_toa``; then :func:`alt_paths`) as float64 ``site_anchor [S, k, 4, H, W]`` ``(q_x, q_y, q_z, L0)``
+    [m], NaN where absent or uncovered (:func:`generate_map` encodes it, :mod:`core.stores.path_anchors`)."""
     from core.raytracing.tracing import line_of_sight
-    from core.stores.radio_map import ALT_LAYERS, SITE_LAYERS
+    from core.stores.path_anchors import ANCHOR_LAYER
+    from core.stores.radio_map import SITE_LAYERS
 
     outdoor = ~indoor
-    planes = {name: [] for name in SITE_LAYERS + (ALT_LAYERS if paths_per_site > 1 else ())}
+    planes = {name: [] for name in SITE_LAYERS}
+    anchor_planes = []
     for s, site in enumerate(sites):
         pos = np.asarray(site["position"], dtype=np.float64)
         sees = np.zeros(indoor.shape, bool)
@@ -418,11 +431,17 @@ def site_layers(scene, xyz: np.ndarray, indoor: np.ndarray, nodes: dict[str, np.
         for name, plane in zip(SITE_LAYERS, layer):
             planes[name].append(plane)
         if paths_per_site > 1:
-            alt = alt_paths(xyz, nodes, s, pos, sees, layer[1], layer[2], layer[0], anchors["weights"], paths_per_site)
-            for name, plane in zip(ALT_LAYERS, alt):
-                planes[name].append(np.where(anchors["covered"][None], plane, np.nan))
-    return {name: np.concatenate([np.asarray(q).reshape(-1, *indoor.shape) for q in p]).astype(np.float32)
-            for name, p in planes.items()}
+            _, _, _, q, l0 = alt_paths(xyz, nodes, s, pos, sees, layer[1], layer[2], layer[0], anchors["weights"],
+                                       paths_per_site)
+            q = np.concatenate([anchors["q"][None], q])  # [k, H, W, 3]
+            l0 = np.concatenate([anchors["l0"][None], l0])  # [k, H, W]
+            a = np.concatenate([np.moveaxis(q, -1, 1), l0[:, None]], 1)  # [k, 4, H, W]
+            anchor_planes.append(np.where((anchors["covered"] & np.isfinite(layer[1]))[None, None], a, np.nan))
+    out = {name: np.concatenate([np.asarray(q).reshape(-1, *indoor.shape) for q in p]).astype(np.float32)
+           for name, p in planes.items()}
+    if anchor_planes:
+        out[ANCHOR_LAYER] = np.stack(anchor_planes)
+    return out
 
 
 def starved_cells(indoor: np.ndarray, nodes: dict[str, np.ndarray]) -> np.ndarray:
@@ -444,15 +463,15 @@ def write_starved_cells(starved: np.ndarray, traced: dict[str, np.ndarray], laye
     """
     if not starved.any():
         return
-    k = 1 + (traced["alt_toa"].shape[-1] if "alt_toa" in traced else 0)
     has = np.isfinite(traced["path_gain"]).T  # [S, n]
     for layer, key in (("site_path_gain", "path_gain"), ("site_toa", "toa"), ("site_aoa", "aoa")):
         layers[layer][:, starved] = np.where(has, traced[key].T, np.nan)
-    if k > 1:  # plane s (k-1) + j: [n, S, k-1] -> [S (k-1), n]
-        rel = traced["alt_power"] - traced["path_gain"][..., None]
-        for layer, arr in (("site_alt_toa", traced["alt_toa"]), ("site_alt_aoa", traced["alt_aoa"]),
-                           ("site_alt_power", rel)):
-            layers[layer][:, starved] = np.where(np.isfinite(traced["alt_toa"]), arr, np.nan).reshape(len(arr), -1).T
+    if "site_anchor" in layers:  # [S, k, 4, H, W] <- path 0's and the next paths' own anchors there
+        q = np.concatenate([traced["image"][:, :, None], traced["alt_image"]], 2)  # [n, S, k, 3]
+        l0 = np.concatenate([traced["offset"][:, :, None], traced["alt_offset"]], 2)  # [n, S, k]
+        a = np.concatenate([q, l0[..., None]], -1)  # [n, S, k, 4]
+        ok = np.isfinite(a).all(-1, keepdims=True) & has.T[:, :, None, None]
+        layers["site_anchor"][:, :, :, starved] = np.where(ok, a, np.nan).transpose(1, 2, 3, 0)
 
 
 def serving_values(layers: dict[str, np.ndarray], indoor: np.ndarray, radio, link) -> tuple[np.ndarray, np.ndarray]:
@@ -553,6 +572,11 @@ def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None
     t = stage(2, t)
     layers = site_layers(scene, xyz, indoor, nodes, sites, settings.paths_per_site)
     write_starved_cells(starved, nodes.pop("starved_traced"), layers)
+    path_anchors = None
+    if "site_anchor" in layers:  # int16 multiples of 2^n / 64 m about the map centre (core.stores.path_anchors)
+        from core.stores.path_anchors import encode_anchors
+
+        layers["site_anchor"], path_anchors = encode_anchors(layers["site_anchor"], center)
     t = stage(3, t)
     link = link or link_abstraction(LinkConfig())
     values, valid = serving_values(layers, indoor, settings.propagation.radio, link)
@@ -567,6 +591,7 @@ def generate_map(info, settings: MapSettings, sites: list[dict[str, Any]] | None
                               settings.propagation.radio.tx_power_dbm))
     if settings.paths_per_site > 1:
         attrs["paths_per_site"] = settings.paths_per_site
+        attrs["path_anchors"] = path_anchors
     return RadioMap(values, DEFAULT_FEATURE_ORDER, bounds, valid=valid, attrs=attrs, layers=layers,
                     outdoor=~indoor, ground=ground.astype(np.float32))
 
@@ -646,8 +671,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"PathSolver traces every N-th row and column (default: {DEFAULT_TOA_DECIMATION})")
     parser.add_argument("--seed", type=cli_types.seed, default=defaults.seed, help=f"PathSolver seed (default: {defaults.seed})")
     parser.add_argument("--paths-per-site", type=cli_types.integer(1, MAX_PATHS_PER_SITE), default=1,
-                        help="paths kept per site and cell: 1 = the strongest (default); k > 1 adds the site_alt_* "
-                             "layers of the next k-1 paths, which the likelihood reads as a mixture")
+                        help="paths kept per site and cell: 1 = the strongest (default); k > 1 adds the site_anchor "
+                             "layer: every site's k strongest paths as anchors, which the likelihood reads as a mixture")
     parser.add_argument("--min-coverage", type=cli_types.fraction, default=DEFAULT_MIN_COVERAGE,
                         help=f"smallest acceptable fraction of covered outdoor cells; below it the scene fails "
                              f"and nothing is written (default: {DEFAULT_MIN_COVERAGE})")

@@ -57,20 +57,25 @@ layer               shape                 unit   meaning
 NaN where site ``s`` has no path to the cell (and under roofs); the three layers are
 NaN at the same cells.
 
-k-path layers (optional; ``attrs["paths_per_site"] = k > 1``, ``generate-maps
---paths-per-site k``): the site's NEXT ``k - 1`` paths by power at the cell, plane
-``s (k - 1) + j - 1`` = site ``s``'s path ``j`` (``j = 1 .. k-1``; path 0 is the strongest,
-``site_toa`` / ``site_aoa``, unchanged):
+k-path layer (optional; ``attrs["paths_per_site"] = k > 1``, ``generate-maps
+--paths-per-site k``): every site's ``k`` strongest paths at every cell as ANCHORS (the point
+each path comes from once unfolded, and the length before it), evaluated at the query point
+rather than interpolated (:mod:`core.stores.path_anchors`):
 
-==================  ============================  =====  ========================================
-``site_alt_toa``    float32 ``[S (k-1), H, W]``  ns     delay of path ``j``
-``site_alt_aoa``    float32 ``[S (k-1), H, W]``  deg    its azimuth of arrival, in (-180, 180]
-``site_alt_power``  float32 ``[S (k-1), H, W]``  dB     its power relative to ``site_path_gain``
-                                                         (the share of the site's power, <= 0 dB)
-==================  ============================  =====  ========================================
+==================  ==============================  =====  =====================================
+``site_anchor``     int16 ``[4 S k, H, W]``        m / Q  plane ``4 (s k + r) + c``: coordinate ``c``
+                                                           of ``(q_x, q_y, q_z, L0)`` of site ``s``'s
+                                                           path of rank ``r`` (0 = the strongest),
+                                                           ``(v - origin) / quantum``; -32768: absent
+==================  ==============================  =====  =====================================
 
-NaN where the site has fewer paths there (and wherever ``site_path_gain`` is NaN). A map
-without them reads as ``k = 1`` (:attr:`RadioMap.paths_per_site`). Where the serving site ``s*`` covers a valid cell,
+with ``attrs["path_anchors"] = {"quantum_m", "origin_m", "layout"}``. Absent where the site has
+fewer paths there (and wherever ``site_path_gain`` is NaN). Path 0's values stay in ``site_toa``
+/ ``site_aoa``. A map without it reads as ``k = 1`` (:attr:`RadioMap.paths_per_site`). The first
+k-path layout (``site_alt_toa``, ``site_alt_aoa``, ``site_alt_power`` float32 ``[S (k-1), H, W]``,
+interpolated values) still loads, path 0 included, but its next paths are refused by the code that
+would read them (:meth:`RadioMap.path_anchors`) with the command that regenerates it.
+Where the serving site ``s*`` covers a valid cell,
 ``values[path_gain|toa|aoa]`` equal ``site_*[s*]``. Cell values are at the cell
 centre (not cell averages), so the cell-centred bilinear lookup is exact at centres.
 How they are made: :mod:`core.raytracing.generation`.
@@ -91,13 +96,14 @@ from core.errors import StoreError
 from core.features import feature_spec
 from core.stores.atomic import atomic_path, read_consistently
 from core.stores.lineage import Lineage, StoreRef, check_digest, content_digest, map_scene
+from core.stores.path_anchors import ANCHOR_LAYER, decode_anchors
 from core.stores.zarr_group import open_group, read_arrays
 
 FORMAT_VERSION = 3  # 3: outdoor mask and ground heights; 2: per-site layers, attrs["propagation"]
 OLDEST_READABLE_VERSION = 2  # format 2 lacks only outdoor and ground
 SITE_LAYERS: tuple[str, ...] = ("site_path_gain", "site_toa", "site_aoa")
-#: the k-path layers (``[S (k-1), H, W]``, module doc); absent in a map of one path per site
-ALT_LAYERS: tuple[str, ...] = ("site_alt_toa", "site_alt_aoa", "site_alt_power")
+#: the first k-path layout's layers (``[S (k-1), H, W]``, interpolated values): loaded, never read as paths
+LEGACY_ALT_LAYERS: tuple[str, ...] = ("site_alt_toa", "site_alt_aoa", "site_alt_power")
 _CHUNK = 128
 
 
@@ -139,14 +145,23 @@ def _check_site_layers(layers: dict[str, np.ndarray], attrs: dict[str, Any], whe
         raise StoreError(f"{where}: per-site layers {counts} must have one plane per site ({len(sites)} in attrs)")
     if len(set(counts.values())) > 1:
         raise StoreError(f"{where}: per-site layers {counts} disagree on the number of sites")
-    alt = {name: layers[name].shape[0] for name in ALT_LAYERS if name in layers}
     k = attrs.get("paths_per_site", 1)
-    if alt or k != 1:
-        n_sites = next(iter(counts.values()), None)
-        if (not isinstance(k, int) or k < 2 or len(alt) != len(ALT_LAYERS) or n_sites is None
-                or set(alt.values()) != {n_sites * (k - 1)}):
-            raise StoreError(f"{where}: k-path layers {alt} must be all of {list(ALT_LAYERS)} with S (k - 1) planes "
-                             f"each (S = {n_sites} sites, attrs paths_per_site = {k!r})")
+    legacy = {name: layers[name].shape[0] for name in LEGACY_ALT_LAYERS if name in layers}
+    anchor = layers.get(ANCHOR_LAYER)
+    if anchor is None and not legacy and k == 1:
+        return
+    n_sites = next(iter(counts.values()), None)
+    if not isinstance(k, int) or k < 2 or n_sites is None:
+        raise StoreError(f"{where}: k-path layers need attrs paths_per_site >= 2 and the per-site layers "
+                         f"(paths_per_site = {k!r}, {n_sites} sites)")
+    if anchor is not None:
+        meta = attrs.get("path_anchors")
+        if anchor.shape[0] != 4 * n_sites * k or not isinstance(meta, dict) or not {"quantum_m", "origin_m"} <= set(meta):
+            raise StoreError(f"{where}: layer {ANCHOR_LAYER!r} must have 4 S k = {4 * n_sites * k} planes and attrs "
+                             f"path_anchors {{quantum_m, origin_m}}, got {anchor.shape[0]} planes, {meta!r}")
+    elif len(legacy) != len(LEGACY_ALT_LAYERS) or set(legacy.values()) != {n_sites * (k - 1)}:
+        raise StoreError(f"{where}: k-path layers {legacy} must be {ANCHOR_LAYER!r}, or all of {list(LEGACY_ALT_LAYERS)} "
+                         f"with S (k - 1) planes each (S = {n_sites} sites, attrs paths_per_site = {k!r})")
 
 
 def regenerate_command(path: str | os.PathLike, meta: dict[str, Any]) -> str:
@@ -253,9 +268,11 @@ class RadioMap:
 
         layers = {str(k): np.asarray(v) for k, v in (layers or {}).items()}
         for name, layer in layers.items():
-            if layer.ndim != 3 or layer.shape[1:] != (height, width) or layer.dtype != np.float32:
+            dtype = np.int16 if name == ANCHOR_LAYER else np.float32
+            if layer.ndim != 3 or layer.shape[1:] != (height, width) or layer.dtype != dtype:
                 raise StoreError(
-                    f"{where}: layer {name!r} must be float32 [K, {height}, {width}], got {layer.dtype} {layer.shape}"
+                    f"{where}: layer {name!r} must be {np.dtype(dtype).name} [K, {height}, {width}], "
+                    f"got {layer.dtype} {layer.shape}"
                 )
 
         _check_site_layers(layers, attrs or {}, where)
@@ -337,8 +354,32 @@ class RadioMap:
 
     @property
     def paths_per_site(self) -> int:
-        """``k``: the paths per site and cell the map keeps (1 without the ``site_alt_*`` layers)."""
+        """``k``: the paths per site and cell the map keeps (1 without k-path layers)."""
         return int(self._attrs.get("paths_per_site", 1))
+
+    def path_anchors(self, relative: bool = True) -> np.ndarray:
+        """float64 ``[S, k, 4, H, W]``: every site's ``k`` paths' anchors ``(q_x, q_y, q_z, L0)`` [m] per cell,
+        NaN where absent (:mod:`core.stores.path_anchors`). ``relative``: ``q_z`` minus the cell's receiver
+        height (``ground`` + ``attrs["radio"]["rx_height_m"]``, 1.5 m without them), as the lookup evaluates it.
+
+        Raises :class:`StoreError` for a map of one path per site, and -- one line, with the command
+        that regenerates it -- for the first k-path layout (interpolated ``site_alt_*`` values)."""
+        if ANCHOR_LAYER not in self._layers:
+            where = f"radio map {self.source or self._attrs.get('scene', '')}"
+            if self.paths_per_site > 1:
+                meta = {"attrs": self._attrs, "bounds": list(self._bounds), "cell_size": self.cell_size}
+                cmd = regenerate_command(self.source or "radio_maps/map.zarr", meta).replace(
+                    " --force", f" --paths-per-site {self.paths_per_site} --force")
+                raise StoreError(f"{where}: its next paths are in the first k-path layout (site_alt_* values, "
+                                 f"interpolated across paths), which this code no longer reads; regenerate it: {cmd}")
+            raise StoreError(f"{where}: holds one path per site (no {ANCHOR_LAYER!r} layer)")
+        sites = self._layers["site_toa"].shape[0]
+        anchors = decode_anchors(self._layers[ANCHOR_LAYER], self._attrs["path_anchors"], sites)
+        if relative:
+            rx = float((self._attrs.get("radio") or {}).get("rx_height_m", 1.5))
+            ground = self._ground if self._ground is not None else np.zeros(self.shape, np.float32)
+            anchors[:, :, 2] -= ground.astype(np.float64)[None, None] + rx
+        return anchors
 
     @property
     def source(self) -> str | None:
