@@ -77,6 +77,7 @@ import numpy as np
 
 from core.errors import CoreError
 from core.features import wrap_degrees
+from core.stores.grid_stencil import bilinear_stencil
 
 GROSS: dict[str, float] = {"path_gain": 10.0, "toa": 30.0, "aoa": 30.0, "snr": 10.0, "sinr": 10.0,
                            "throughput": 20.0, "bler": 0.3}
@@ -98,18 +99,9 @@ def bilinear(planes: np.ndarray, bounds, xy: np.ndarray, index: np.ndarray | Non
     ``angular``: degrees interpolated as ``atan2(sum w sin, sum w cos)``. Returns float64 ``[N]``.
     """
     xy = np.asarray(xy, dtype=np.float64)
-    h, w = planes.shape[-2:]
-    x_min, y_min, x_max, _ = bounds
-    c = (x_max - x_min) / w
-    u = np.clip((xy[:, 0] - x_min) / c - 0.5, 0.0, w - 1)
-    v = np.clip((xy[:, 1] - y_min) / c - 0.5, 0.0, h - 1)
-    j0 = np.minimum(np.floor(u).astype(np.int64), max(w - 2, 0))
-    i0 = np.minimum(np.floor(v).astype(np.int64), max(h - 2, 0))
-    fu, fv = u - j0, v - i0
     acc = np.zeros((2 if angular else 1, len(xy)))
     weight = np.zeros(len(xy))
-    for di, dj, wt in ((0, 0, (1 - fv) * (1 - fu)), (0, 1, (1 - fv) * fu), (1, 0, fv * (1 - fu)), (1, 1, fv * fu)):
-        ii, jj = np.minimum(i0 + di, h - 1), np.minimum(j0 + dj, w - 1)
+    for ii, jj, wt in bilinear_stencil(bounds, planes.shape[-2:], xy):
         val = (planes[ii, jj] if index is None else planes[index, ii, jj]).astype(np.float64)
         ok = np.isfinite(val) & (wt > 0)
         wt = np.where(ok, wt, 0.0)

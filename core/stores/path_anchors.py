@@ -35,6 +35,7 @@ from __future__ import annotations
 import numpy as np
 
 from core.features import wrap_degrees
+from core.stores.grid_stencil import bilinear_stencil
 
 #: the layer name and the int16 code of an absent path
 ANCHOR_LAYER = "site_anchor"
@@ -90,20 +91,11 @@ def stencil_paths(rel: np.ndarray, bounds, xy: np.ndarray, sites: np.ndarray):
 
     ``rel [S, k, 4, H, W]``: :meth:`RadioMap.path_anchors` (``q_z`` relative to the cell's receiver height). Returns ``toa [N, k, 4]`` [ns], ``aoa [N, k, 4]``
     [deg] (NaN where the cell has no such path) and the cells' bilinear weights ``weight [N, 4]``
-    (cell-centred, clamped to the outermost centres as :func:`core.raytracing.consistency.bilinear`;
+    (:func:`core.stores.grid_stencil.bilinear_stencil`: cell-centred, clamped to the outermost centres;
     cells in order (i0, j0), (i0, j0+1), (i0+1, j0), (i0+1, j0+1))."""
     xy = np.asarray(xy, dtype=np.float64)
-    h, w = rel.shape[-2:]
-    x_min, y_min, x_max, _ = bounds
-    c = (x_max - x_min) / w
-    u = np.clip((xy[:, 0] - x_min) / c - 0.5, 0.0, w - 1)
-    v = np.clip((xy[:, 1] - y_min) / c - 0.5, 0.0, h - 1)
-    j0 = np.minimum(np.floor(u).astype(np.int64), max(w - 2, 0))
-    i0 = np.minimum(np.floor(v).astype(np.int64), max(h - 2, 0))
-    fu, fv = u - j0, v - i0
     toa, aoa, weight = [], [], []
-    for di, dj, wt in ((0, 0, (1 - fv) * (1 - fu)), (0, 1, (1 - fv) * fu), (1, 0, fv * (1 - fu)), (1, 1, fv * fu)):
-        ii, jj = np.minimum(i0 + di, h - 1), np.minimum(j0 + dj, w - 1)
+    for ii, jj, wt in bilinear_stencil(bounds, rel.shape[-2:], xy):
         q = rel[sites, :, :, ii, jj]  # [N, k, 4] (advanced indices apart: their dimension first)
         t, a = anchor_distance(q, xy[:, None, :])
         toa.append(t)
