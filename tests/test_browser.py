@@ -268,9 +268,10 @@ def test_localize_the_example_file_see_the_tracks_and_download(browser_page, ser
     _, root = server
     shutil.copytree(REPO_ROOT / "assets" / "default_run", root / "runs" / "shipped-etoile")  # a run of the real etoile
     _goto(page, "Localize", "Localize")
-    runs = _runs(page)
     page.get_by_test_id("stRadio").get_by_text("Upload", exact=True).click()
-    _settle(page, runs)
+    # the uploader is drawn by the run the click started (that run can be too quick to be counted: see _goto)
+    page.get_by_test_id("stFileUploader").wait_for()
+    _settle(page, None)
     runs = _runs(page)
     page.locator('[data-testid="stFileUploader"] input[type=file]').set_input_files(
         str(REPO_ROOT / "docs" / "examples" / "reports_example.csv"))
