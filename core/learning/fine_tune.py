@@ -97,18 +97,9 @@ def lineage_record(init: InitRun, given: str) -> dict[str, Any]:
 
 def _source_calibrations(init: InitRun) -> list:
     """The init run's stored calibrations, one per training scene that has one (unreadable ones skipped)."""
-    from core.errors import StoreError
-    from core.learning.run_calibration import read_calibration
+    from core.learning.run_calibration import stored_calibrations
 
-    out = []
-    for m, name in enumerate(init.scenes or [None]):
-        try:
-            cal = read_calibration(init.run_dir, None if m == 0 else name)
-        except StoreError:
-            cal = None
-        if cal is not None:
-            out.append(cal)
-    return out
+    return stored_calibrations(init.run_dir, init.scenes or [None])
 
 
 def transferred_calibrations(init: InitRun, stores: list[tuple]) -> list:

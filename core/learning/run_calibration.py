@@ -35,6 +35,18 @@ def read_calibration(run_dir: str | os.PathLike, scene: str | None = None):
         raise StoreError(f"{path}: unreadable calibration ({exc})") from None
 
 
+def stored_calibrations(run_dir: str | os.PathLike, scenes) -> list:
+    """The calibrations ``run_dir`` stored for its training ``scenes`` (in scene-index order; the first scene's is
+    ``calibration.json``), skipping the missing and unreadable ones."""
+    out = []
+    for m, name in enumerate(scenes):
+        with contextlib.suppress(StoreError):
+            cal = read_calibration(run_dir, None if m == 0 else name)
+            if cal is not None:
+                out.append(cal)
+    return out
+
+
 def made_from(calibration, dataset: StoreRef, radio_map: StoreRef) -> bool:
     """Whether ``calibration`` records these stores (the same saves: equal lineage ids, or
     equal digests when ids are absent)."""
