@@ -93,12 +93,7 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
 
     run = run or load_run(run_dir, device=device)
     if silence:
-        from core.physics.silence import silence_threshold_db
-
-        if silence_threshold_db(run.dataset, run.radio_map) is None:  # before any work
-            raise CoreError(f"--silence: {run.dataset.ref.path} records no sensitivity (--sensitivity-dbm off, or "
-                            "no measurement model: every site is reported, so silence says nothing), or its map no "
-                            "transmit power")
+        run.silence_threshold()  # refused before any work when there is none
         run.config.physics_loss.silence = True
     indices = run.dataset.indices(split)
     if len(indices) == 0:

@@ -115,17 +115,25 @@ class LoadedRun:
             self._likelihood = lik
         return self._likelihood
 
-    def _silence(self, maps):
-        """The silence term of the loaded scene (:mod:`core.physics.silence`): its outlier share fitted on the
-        train split's labelled walks, the default for a held-out scene (no labels); a measurement model
-        without a sensitivity gives none (CoreError: silence then says nothing)."""
-        from core.physics.silence import Silence, fit_silence, silence_threshold_db
+    def silence_threshold(self) -> float:
+        """``G_thr`` [dB] of the silence term (:func:`~core.physics.silence.silence_threshold_db`); CoreError when
+        the dataset records no sensitivity (every site is reported: silence says nothing) or its map no transmit
+        power."""
+        from core.physics.silence import silence_threshold_db
 
         threshold = silence_threshold_db(self.dataset, self.radio_map)
         if threshold is None:
             raise CoreError(f"silence: {self.dataset.ref.path or 'the dataset'} records no sensitivity "
-                            "(--sensitivity-dbm off: every site is reported, silence says nothing), or its map no "
-                            "transmit power")
+                            "(--sensitivity-dbm off, or no measurement model: every site is reported, so silence "
+                            "says nothing), or its map no transmit power")
+        return threshold
+
+    def _silence(self, maps):
+        """The silence term of the loaded scene (:mod:`core.physics.silence`): its outlier share fitted on the
+        train split's labelled walks, the default for a held-out scene (no labels)."""
+        from core.physics.silence import Silence, fit_silence
+
+        threshold = self.silence_threshold()
         if self.held_out:
             return Silence(threshold)
         return fit_silence(self.dataset, maps, self.calibration, threshold, split="train")
@@ -334,17 +342,10 @@ def _unlabelled_run_calibration(run: LoadedRun):
 def _transferred_calibration(run: LoadedRun):
     """The held-out scene's likelihood calibration: transferred from the training scenes' stored
     calibrations (the first scene's is made and stored when missing), never from this scene's labels."""
-    from core.learning.run_calibration import read_calibration
+    from core.learning.run_calibration import stored_calibrations
     from core.physics.calibration import transfer_calibration
 
-    sources = []
-    for m, name in enumerate(run.trained_scenes):
-        try:
-            cal = read_calibration(run.run_dir, None if m == 0 else name)
-        except StoreError:
-            cal = None
-        if cal is not None:
-            sources.append(cal)
+    sources = stored_calibrations(run.run_dir, run.trained_scenes)
     if not sources:
         first = load_run(run.run_dir, run.device, scene=run.trained_scenes[0] if run.trained_scenes else None)
         sources.append(calibrate_run(first))
