@@ -47,6 +47,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-dataset": ("core.raytracing.measurements", "ray-trace a UE measurement dataset along random walks"),
     "consistency": ("core.raytracing.consistency",
                     "measured features minus the radio map at the true positions (residual statistics)"),
+    "correct-map": ("core.physics.twin_correction",
+                    "fit what the twin gets wrong to a world's labelled walks: a corrected copy of the radio map"),
     "train": ("core.learning.training", "train the map-conditioned transformer from a YAML config"),
     "evaluate": ("core.learning.evaluation", "evaluate a training run (optionally with gradient refinement)"),
     "ablate": ("core.learning.ablation", "train and evaluate baseline vs physics-regularized models"),

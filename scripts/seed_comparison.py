@@ -12,6 +12,10 @@ two-level bootstrap 95 % CI (core.learning.statistics) of the median's change an
 MAP and network + whole-walk (``--references``) against each other method, overall, for NLOS and for one site heard
 (and of the P90 overall; those entries carry ``"metric": "p90_m"``). ``--json FILE`` writes it all.
 
+``--beside-map PATH ...``: every method is ALSO evaluated against each of these maps of the scene (e.g. the
+twin corrected by ``correct-map``, docs/world.md), its errors named ``METHOD@PATH``; name them in
+``--references`` to pair them with the methods on the dataset's own map (the same UEs, the same seeds).
+
 Arms of runs instead of one set of seeds (docs/model.md, "Adapting to a new city")::
 
     PYTHONPATH=. .venv/bin/python scripts/seed_comparison.py --scene munich --split test \
@@ -37,6 +41,12 @@ from core.learning.inference import load_run
 from core.learning.statistics import paired_delta, seed_summary
 
 NAMES = {"model": "network", "model_refined": "network + MAP", "model_walk": "network + whole-walk", **LABELS}
+
+
+def label(name: str) -> str:
+    """A method's printed name; ``METHOD@map`` (--beside-map) keeps its map."""
+    method, at, where = name.partition("@")
+    return NAMES.get(method, method) + (f" @{where}" if at else "")
 #: the methods that hold a network (one estimate per seed); every other method is seed-free
 NETWORK_METHODS = ("model", "model_refined", "model_walk")
 DELTA_GROUPS = ("all", "nlos", "sites_1")
@@ -58,6 +68,9 @@ def main() -> None:
     parser.add_argument("--dataset", default=None,
                         help="another dataset of the runs' scene to evaluate on (e.g. datasets/etoile_realistic: the "
                              "same walks traced in a perturbed twin); calibrated on its train split, in memory")
+    parser.add_argument("--beside-map", nargs="+", metavar="PATH",
+                        help="also evaluate every method against these maps of the scene (e.g. correct-map's), "
+                             "named METHOD@PATH; pass them to --references to pair them")
     args = parser.parse_args()
     if args.arms:
         compare_arm_runs(args)
@@ -71,24 +84,29 @@ def main() -> None:
         scene = store_ref(args.dataset, "dataset").scene
     per_method: dict[str, list[np.ndarray]] = {}
     groups = None
-    baselines: dict[str, np.ndarray] = {}
     cost: dict[str, float] = {}
-    for run_dir in args.runs:
-        run = load_run(run_dir, device=args.device, scene=scene, dataset_path=args.dataset)
-        res = evaluate_run(run_dir, args.split, refine=True, baselines=not baselines, device=args.device, run=run,
-                           write=False, keep_errors=True)
-        errors = res["_errors"]
-        if not baselines:  # the baselines need no training: computed once, the same for every seed
-            baselines = {k: v for k, v in errors.items() if k not in NETWORK_METHODS}
-            cost = {k: v["ms_per_sample"] for k, v in res["baselines"].items()}
-        cost["model_refined"] = res["refinement"]["ms_per_sample"]
-        for name, e in (errors | baselines).items():
-            per_method.setdefault(name, []).append(e)
-        if groups is None:
-            from core.learning.groups import ue_groups
+    maps = [(None, "")] + [(path, f"@{path}") for path in args.beside_map or []]
+    for map_path, suffix in maps:
+        baselines: dict[str, np.ndarray] = {}
+        for run_dir in args.runs:
+            run = load_run(run_dir, device=args.device, scene=scene, dataset_path=args.dataset,
+                           radio_map_override=map_path)
+            res = evaluate_run(run_dir, args.split, refine=True, baselines=not baselines, device=args.device, run=run,
+                               write=False, keep_errors=True)
+            errors = res["_errors"]
+            if not baselines:  # the baselines need no training: computed once, the same for every seed
+                baselines = {k: v for k, v in errors.items() if k not in NETWORK_METHODS}
+                cost |= {k + suffix: v["ms_per_sample"] for k, v in res["baselines"].items()}
+            cost["model_refined" + suffix] = res["refinement"]["ms_per_sample"]
+            for name, e in (errors | baselines).items():
+                per_method.setdefault(name + suffix, []).append(e)
+            if groups is None:
+                from core.learning.groups import ue_groups
 
-            groups = ue_groups(run.dataset, run.dataset.indices(args.split), run.config.physics_loss.report_window_s)
-    out = {"split": args.split, "runs": args.runs, "dataset": args.dataset or "the runs' own", "groups": {g: int(m.sum()) for g, m in groups.items()},
+                groups = ue_groups(run.dataset, run.dataset.indices(args.split),
+                                   run.config.physics_loss.report_window_s)
+    out = {"split": args.split, "runs": args.runs, "dataset": args.dataset or "the runs' own",
+           "beside_maps": args.beside_map or [], "groups": {g: int(m.sum()) for g, m in groups.items()},
            "methods": {}, "deltas": []}
     n = len(per_method["model"][0])
     print(f"{args.split} split, {n} UEs, {len(args.runs)} seeds ({', '.join(args.runs)})"
@@ -104,7 +122,7 @@ def main() -> None:
                      for g, m in groups.items()}
         out["methods"][name] = {**s, "beyond_20m": beyond, "worst2_share": worst, "ms_per_sample": cost.get(name),
                                 "groups": per_group}
-        print(f"  {NAMES.get(name, name):26s} median {s['median_m']:.3f} ± {s['median_m_sd']:.3f}  P90 {s['p90_m']:.2f} ± "
+        print(f"  {label(name):26s} median {s['median_m']:.3f} ± {s['median_m_sd']:.3f}  P90 {s['p90_m']:.2f} ± "
               f"{s['p90_m_sd']:.2f}  RMSE {s['rmse_m']:.2f} ± {s['rmse_m_sd']:.2f}  >20 m {100 * beyond:.2f} %  "
               f"worst 2 % carry {100 * worst:.1f} % of e²")
         print("      median / P90 / >20 m by group: " + "; ".join(
@@ -121,7 +139,7 @@ def main() -> None:
                                      n_boot=args.n_boot)
                     out["deltas"].append({"method": ref, "other": other, "group": group,
                                           **({} if metric == "median_m" else {"metric": metric}), **d})
-                    print(f"  {NAMES.get(ref, ref)} vs {NAMES.get(other, other):26s} [{group:7s}] Δ {metric[:-2]:6s} "
+                    print(f"  {label(ref)} vs {label(other):26s} [{group:7s}] Δ {metric[:-2]:6s} "
                           f"{d['delta']:+.3f} m [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], ratio {d['ratio']:.3f}")
     if args.json:
         with open(args.json, "w") as fh:

@@ -69,8 +69,8 @@ from core.errors import CoreError
 from core.features import wrap_degrees
 from core.physics.site_lookup import SiteMaps, prepare_site_maps
 
-__all__ = ["Calibration", "calibrate", "transfer_calibration", "robust_location_scale", "SITE_FEATURES", "CELL_FEATURES",
-           "MIN_SCALE", "DEFAULT_SCALE"]
+__all__ = ["Calibration", "calibrate", "transfer_calibration", "robust_location_scale", "truth_residuals", "SITE_FEATURES",
+           "CELL_FEATURES", "MIN_SCALE", "DEFAULT_SCALE"]
 
 SITE_FEATURES: tuple[str, ...] = ("path_gain", "toa", "aoa")
 CELL_FEATURES: tuple[str, ...] = ("snr", "sinr", "throughput", "bler")
@@ -254,6 +254,18 @@ def _residuals(maps: SiteMaps, xy, ids, site, cell, chunk: int = 65536):
     else:
         r_cell, ok_cell = np.zeros((len(xy), 0)), np.zeros((len(xy), 0), bool)
     return np.where(ok, res, 0.0), ok, reported, covered, np.where(ok_cell, r_cell, 0.0), ok_cell
+
+
+def truth_residuals(dataset, maps: SiteMaps, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The per-site residuals at the truth of every present report of samples ``indices``.
+
+    Returns ``xy [M, 2]`` (each report's true position, m), ``ids [M, K]`` (site per slot, -1 empty),
+    ``r [M, K, 3]`` (measured minus map: path gain dB, ToA ns, AoA deg wrapped; 0 where not ``ok``) and
+    ``ok [M, K, 3]`` (reported, covered by the site's layer and finite).
+    """
+    xy, ids, site, cell = _reports(dataset, indices, "all")
+    r, ok = _residuals(maps, xy, ids, site, cell)[:2]
+    return xy, ids, r, ok
 
 
 def _estimate(r: np.ndarray, name: str, min_count: int, pooled: tuple[float, float] | None):

@@ -1,0 +1,299 @@
+"""What the twin gets wrong, learned from labelled walks: per-site residual fields added to the map.
+
+``python -m core correct-map --dataset D [--out PATH] [--radio-map MAP] [--split train] [--force]``
+
+writes ``<radio-maps>/corrected/<scene>.zarr`` unless ``--out`` says otherwise: a maps folder of its own,
+so the twin keeps its place and ``--radio-maps radio_maps/corrected`` reads the corrected maps.
+
+A radio map is a digital twin. In the world, a report's per-site features differ from the map's at the
+UE's true position by the measurement noise AND by the twin's error (a wall of another material, a
+building a storey lower, a site a metre off, the world's shadow fading: docs/world.md). Part of that error
+is systematic in space, so labelled walks (reports with their true positions) sample it. Per site ``s``
+and feature ``f`` (path gain dB, ToA ns, AoA deg), every labelled slot gives a residual at the truth
+(:func:`~core.physics.calibration.truth_residuals`)::
+
+    r_n = z_n - L_s(x_n)                                  (AoA wrapped to (-180, 180])
+
+and the correction on the map's cell-centred grid ``g`` is a kernel mean shrunk to zero::
+
+    w_n(g) = exp(-|g - x_n|^2 / (2 h^2))                                 Gaussian kernel, bandwidth h [m]
+    c(g)   = sum_n w_n(g) clip(r_n, +-R_f) / (lambda + sum_n w_n(g))     path gain, ToA
+    c(g)   = atan2(sum_n w_n(g) sin r_n, lambda + sum_n w_n(g) cos r_n)   AoA (a circular mean)
+    L'_s(g) = L_s(g) + c(g)                                              (AoA wrapped)
+
+``lambda`` counts pseudo-reports of zero residual at ``g``: where few labelled reports fall, ``c`` shrinks
+to 0 and the map stays the twin's. ``R_f`` (:data:`CLIP`) keeps a report whose strongest path is another
+path than the map's (ToA hundreds of ns off) from dragging its neighbours' correction. The sums are taken
+on the grid: each report is binned to the cell that contains it (its position rounded to that cell's
+centre, at most ``cell / sqrt 2`` off) and the bins are convolved with the sampled Gaussian
+(``scipy.ndimage.gaussian_filter``, truncated at 4 h); ``lambda`` is scaled by the kernel's centre weight so
+that it stays a count of reports.
+
+``h`` and ``lambda`` are chosen per feature on the VAL split from :data:`BANDWIDTHS_M` x :data:`SHRINKS`
+(fitted on the fit split, scored on val), or no correction at all when none beats the twin there (in the
+oracle world, where the map is the truth, ToA and AoA stay uncorrected): the mean Cauchy loss ``log(1 + (r' / s)^2)`` of the corrected
+val residuals ``r'``, at ``s`` = the twin's own robust scale of the val residuals (a fixed yardstick, the
+likelihood's penalty). The choice and the val losses and robust scales before and after are recorded in
+the corrected map's ``attrs["twin_correction"]`` (:class:`TwinCorrection`).
+
+What changes: the per-site layers ``site_path_gain``, ``site_toa``, ``site_aoa`` only (what the
+likelihood, the calibration and every search read). Cells no site covers stay uncovered (NaN stays NaN).
+The serving-cell channels (``values``: the serving site's path gain, ToA, AoA, SNR, SINR, throughput,
+BLER) stay the twin's. The sites, propagation settings, grid and scene are the twin's, so
+``evaluate --radio-map`` and ``consistency --radio-map`` accept the corrected map for the dataset.
+
+Where labelled walks sample the area densely (a random split of the same walks: the test UEs walk where
+the fit split's did) this is the twin fitted to the world; in an area with no labelled walk it is the twin.
+A map of k paths per site is refused (its path anchors would need their own correction).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from core.errors import CoreError
+from core.features import wrap_degrees
+
+__all__ = ["TwinCorrection", "FeatureChoice", "fit_corrections", "correct_map", "BANDWIDTHS_M", "SHRINKS", "CLIP"]
+
+#: the per-site layers corrected, in the residuals' feature order (path gain, ToA, AoA)
+LAYERS: tuple[str, ...] = ("site_path_gain", "site_toa", "site_aoa")
+FEATURES: tuple[str, ...] = ("path_gain", "toa", "aoa")
+#: residual clip R_f per feature (path gain dB, ToA ns; AoA is averaged on the circle and needs none)
+CLIP: dict[str, float] = {"path_gain": 20.0, "toa": 300.0}
+#: bandwidths h [m] and shrinkages lambda [reports] tried on the val split
+BANDWIDTHS_M: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 8.0)
+SHRINKS: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)
+#: the default output's maps folder, inside --radio-maps: ``<radio-maps>/corrected/<scene>.zarr``
+CORRECTED_FOLDER = "corrected"
+
+
+@dataclass(frozen=True)
+class FeatureChoice:
+    """One feature's chosen kernel and what it did on the val split (losses: mean Cauchy loss at the
+    twin's val scale; robust std: 1.4826 MAD, feature units)."""
+
+    bandwidth_m: float | None  # None: no kernel beat the twin on val, so this feature is not corrected
+    shrink: float | None
+    val_loss_twin: float
+    val_loss_corrected: float
+    val_robust_std_twin: float
+    val_robust_std_corrected: float
+
+
+@dataclass(frozen=True)
+class TwinCorrection:
+    """The fitted fields and their record.
+
+    fields: float32 ``[3, S, H, W]`` the correction ``c`` per feature (path gain dB, ToA ns, AoA deg), site
+    and cell; counts: ``[S, H, W]`` labelled slots binned per site and cell (any feature); choices: per
+    feature; fit_reports / val_reports: the labelled reports used.
+    """
+
+    fields: np.ndarray
+    counts: np.ndarray
+    choices: dict[str, FeatureChoice]
+    fit_split: str
+    fit_reports: int
+    val_reports: int
+
+    def record(self, dataset_ref: dict, twin_ref: dict) -> dict[str, Any]:
+        """The ``attrs["twin_correction"]`` of the corrected map (JSON-safe)."""
+        return {"dataset": dataset_ref, "twin": twin_ref, "fit_split": self.fit_split, "val_split": "val",
+                "fit_reports": self.fit_reports, "val_reports": self.val_reports, "clip": dict(CLIP),
+                "features": {f: asdict(c) for f, c in self.choices.items()}}
+
+
+def _robust_std(r: np.ndarray) -> float:
+    return float(1.4826 * np.median(np.abs(r - np.median(r)))) if r.size else float("nan")
+
+
+def _binned(xy: np.ndarray, ids: np.ndarray, r: np.ndarray, ok: np.ndarray, shape, bounds, cell: float, f: int,
+            num_sites: int) -> tuple[np.ndarray, ...]:
+    """Per site and cell ``[S, H, W]``: the count of feature ``f``'s residuals and their sums (path gain /
+    ToA: the clipped residual; AoA: its sine and cosine)."""
+    h, w = shape
+    col = np.clip(np.floor((xy[:, 0] - bounds[0]) / cell), 0, w - 1).astype(np.int64)
+    row = np.clip(np.floor((xy[:, 1] - bounds[1]) / cell), 0, h - 1).astype(np.int64)
+    m, k = np.nonzero(ok[..., f])
+    where = (ids[m, k], row[m], col[m])
+    val = r[m, k, f]
+    count = np.zeros((num_sites, h, w))
+    np.add.at(count, where, 1.0)
+    sums = []
+    if FEATURES[f] == "aoa":
+        for part in (np.sin(np.radians(val)), np.cos(np.radians(val))):
+            acc = np.zeros_like(count)
+            np.add.at(acc, where, part)
+            sums.append(acc)
+    else:
+        acc = np.zeros_like(count)
+        np.add.at(acc, where, np.clip(val, -CLIP[FEATURES[f]], CLIP[FEATURES[f]]))
+        sums.append(acc)
+    return (count, *sums)
+
+
+def _field(binned: tuple[np.ndarray, ...], angular: bool, bandwidth_cells: float, shrink: float) -> np.ndarray:
+    """``c [S, H, W]`` of the module doc from the binned sums."""
+    from scipy.ndimage import gaussian_filter
+
+    def smooth(a: np.ndarray) -> np.ndarray:
+        return np.stack([gaussian_filter(plane, bandwidth_cells, mode="constant") for plane in a])
+
+    delta = np.zeros((9, 9))
+    delta[4, 4] = 1.0
+    lam = shrink * float(gaussian_filter(delta, bandwidth_cells, mode="constant")[4, 4])  # lambda, in reports
+    count = smooth(binned[0])
+    if angular:
+        return np.degrees(np.arctan2(smooth(binned[1]), lam + smooth(binned[2])))
+    return smooth(binned[1]) / (lam + count)
+
+
+def _lookup(field: np.ndarray, xy: np.ndarray, ids: np.ndarray, ok_f: np.ndarray, bounds, cell: float) -> np.ndarray:
+    """``field[s]`` at the cell of each ok slot (the flat ``[M_ok]`` in ``np.nonzero`` order)."""
+    h, w = field.shape[-2:]
+    col = np.clip(np.floor((xy[:, 0] - bounds[0]) / cell), 0, w - 1).astype(np.int64)
+    row = np.clip(np.floor((xy[:, 1] - bounds[1]) / cell), 0, h - 1).astype(np.int64)
+    m, k = np.nonzero(ok_f)
+    return field[ids[m, k], row[m], col[m]]
+
+
+def fit_corrections(dataset, radio_map, split: str = "train") -> TwinCorrection:
+    """Fit the correction of ``radio_map`` (a RadioMap with per-site layers, one path per site) to the
+    labelled reports of ``dataset``'s ``split``, with h and lambda chosen on its val split (module doc)."""
+    from core.physics.calibration import truth_residuals
+    from core.physics.site_lookup import prepare_site_maps
+
+    if radio_map.paths_per_site > 1:
+        raise CoreError(f"radio map {radio_map.source}: {radio_map.paths_per_site} paths per site; the twin correction "
+                        "corrects maps of one path per site (generate one without --paths-per-site)")
+    missing = [name for name in LAYERS if name not in radio_map.layers]
+    if missing:
+        raise CoreError(f"radio map {radio_map.source}: no per-site layers {missing} to correct")
+    if split == "val":
+        raise CoreError("correct-map: --split val is where the kernel is chosen; fit on train (or test)")
+    maps = prepare_site_maps(radio_map)
+    fit = truth_residuals(dataset, maps, dataset.indices(split))
+    val = truth_residuals(dataset, maps, dataset.indices("val"))
+    for name, (_, _, _, ok) in ((split, fit), ("val", val)):
+        if not ok.any():
+            raise CoreError(f"dataset {dataset.source}: split {name!r} has no labelled report a site layer covers")
+    bounds, cell, shape, num_sites = radio_map.bounds, radio_map.cell_size, radio_map.shape, maps.num_sites
+    fields, choices, counts = [], {}, np.zeros((num_sites, *shape))
+    for f, name in enumerate(FEATURES):
+        angular = name == "aoa"
+        binned = _binned(*fit, shape, bounds, cell, f, num_sites)
+        counts = np.maximum(counts, binned[0])
+        xy_v, ids_v, r_v, ok_v = val
+        r_val = r_v[..., f][ok_v[..., f]]
+        scale = max(_robust_std(r_val), 1e-6)
+
+        def loss(res: np.ndarray, scale=scale) -> float:
+            return float(np.mean(np.log1p((res / scale) ** 2)))
+
+        best = (loss(r_val), None, None, np.zeros((num_sites, *shape)), r_val)  # the twin kept, if nothing beats it
+        for h in BANDWIDTHS_M:
+            for lam in SHRINKS:
+                c = _field(binned, angular, h / cell, lam)
+                res = r_val - _lookup(c, xy_v, ids_v, ok_v[..., f], bounds, cell)
+                res = wrap_degrees(res) if angular else res
+                score = loss(res)
+                if score < best[0]:
+                    best = (score, h, lam, c, res)
+        score, h, lam, c, res = best
+        choices[name] = FeatureChoice(h, lam, loss(r_val), score, _robust_std(r_val), _robust_std(res))
+        fields.append(c.astype(np.float32))
+    return TwinCorrection(np.stack(fields), counts.astype(np.float32), choices, split,
+                          int(fit[3].any((1, 2)).sum()), int(val[3].any((1, 2)).sum()))
+
+
+def correct_map(radio_map, correction: TwinCorrection, record: dict[str, Any]):
+    """A new :class:`~core.stores.radio_map.RadioMap`: ``radio_map`` with ``correction`` added to its per-site
+    layers (AoA wrapped; NaN stays NaN) and ``attrs["twin_correction"] = record``; everything else as is."""
+    from core.stores.radio_map import RadioMap
+
+    layers = dict(radio_map.layers)
+    for f, name in enumerate(LAYERS):
+        twin = layers[name]
+        out = twin.astype(np.float64) + correction.fields[f]
+        out = wrap_degrees(out) if FEATURES[f] == "aoa" else out
+        layers[name] = np.where(np.isfinite(twin), out, np.nan).astype(np.float32)
+    return RadioMap(radio_map.values, radio_map.features, radio_map.bounds, valid=radio_map.valid,
+                    attrs={**radio_map.attrs, "twin_correction": record}, layers=layers,
+                    outdoor=radio_map.outdoor, ground=radio_map.ground)
+
+
+# -- command -----------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", required=True, help="a labelled dataset traced in the world, e.g. "
+                                                         "datasets/etoile_realistic")
+    parser.add_argument("--out", default=None,
+                        help="the corrected map store to write (default: <radio-maps>/corrected/<scene>.zarr, a maps "
+                             "folder of its own, so the twin keeps its place)")
+    parser.add_argument("--radio-map", default=None, metavar="PATH",
+                        help="the twin to correct (default: the map the dataset records, in --radio-maps)")
+    parser.add_argument("--radio-maps", default="radio_maps", help="folder of <scene>.zarr (default: radio_maps)")
+    parser.add_argument("--split", choices=("train", "test"), default="train",
+                        help="the labelled walks fitted (default: train; the kernel is chosen on val)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it is a radio map store")
+    parser.add_argument("--json", default=None, help="also write the record (choices, val figures) here")
+
+
+def _table(correction: TwinCorrection) -> str:
+    units = {"path_gain": "dB", "toa": "ns", "aoa": "deg"}
+    lines = ["| feature | h m | lambda | val robust std: twin -> corrected | val Cauchy loss: twin -> corrected |",
+             "|---|---:|---:|---|---|"]
+    for name, c in correction.choices.items():
+        kernel = "twin kept | -" if c.bandwidth_m is None else f"{c.bandwidth_m:g} | {c.shrink:g}"
+        lines.append(f"| {name} [{units[name]}] | {kernel} | {c.val_robust_std_twin:.3g} -> "
+                     f"{c.val_robust_std_corrected:.3g} | {c.val_loss_twin:.3f} -> {c.val_loss_corrected:.3f} |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from core.stores.atomic import atomic_write_text
+    from core.stores.dataset import MeasurementDataset
+    from core.stores.lineage import check_map_of_dataset, check_map_override, map_path
+    from core.stores.lock import output_lock
+    from core.stores.output import check_writable, writing_store
+    from core.stores.radio_map import RadioMap
+
+    ds = MeasurementDataset.load(args.dataset)
+    scene = ds.attrs.get("scene")
+    if not scene:
+        raise CoreError(f"dataset {args.dataset}: attrs name no scene")
+    out = Path(args.out) if args.out else map_path(Path(args.radio_maps) / CORRECTED_FOLDER, scene)
+    check_writable(out, "--out")
+    if args.json:
+        check_writable(args.json, "--json")
+    if out.exists() and not args.force:
+        raise CoreError(f"--out {out} exists (use --force to replace it)")
+    if args.radio_map:
+        twin = RadioMap.load(args.radio_map)
+        check_map_override(ds.ref, twin.ref)
+    else:
+        twin = RadioMap.load(map_path(args.radio_maps, scene))
+        check_map_of_dataset(ds.ref, ds.radio_map_ref, twin.ref)
+    if twin.source and out.resolve() == Path(twin.source).resolve():
+        raise CoreError(f"--out {out} is the twin being corrected; write the corrected map to another path")
+    with writing_store(out, "radio_map", args.force, "--out"):  # one writer; --force replaces a map only; then work
+        correction = fit_corrections(ds, twin, args.split)
+        record = correction.record(ds.ref.to_dict(), twin.ref.to_dict())
+        correct_map(twin, correction, record).save(out)
+    print(f"twin {twin.ref.describe()} corrected with {correction.fit_reports} labelled reports of "
+          f"{args.dataset} ({args.split}); kernel chosen on {correction.val_reports} val reports:")
+    print(_table(correction))
+    covered = (correction.counts > 0).any(0).mean()
+    print(f"cells with a labelled report (any site): {100 * covered:.1f} %; wrote {out} "
+          f"(evaluate --radio-map {out}, consistency --radio-map {out})")
+    if args.json:
+        with output_lock(args.json):
+            atomic_write_text(Path(args.json), json.dumps(record, indent=2))
+    return 0
