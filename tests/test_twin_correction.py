@@ -98,3 +98,29 @@ def test_command_writes_a_map_the_dataset_accepts_and_guards_its_output(world, t
     assert "nothing was deleted" in refused(["--out", str(foreign), "--force"], capsys)
     assert (foreign / "notes.txt").read_text() == "keep"
     assert "read-only" in refused(["--out", "radio_maps/etoile.zarr", "--force"], capsys)
+
+
+def test_a_corrected_map_stands_in_for_its_twin_only(world, tmp_path):
+    """``radio_maps_dir: <maps>/corrected`` trains and evaluates against the correction of the dataset's own map;
+    a correction of another save is refused, and so is a spatial split of the dataset the map was fitted to."""
+    from core.errors import ConfigError, StoreError
+    from core.learning.config import Config
+    from core.learning.scene_data import apply_data_config, load_stores
+    from core.physics.twin_correction import correct_map, fit_corrections
+    from core.stores.lineage import map_path
+
+    root, twin, ds = world
+    corr = fit_corrections(ds, twin)
+    fixed = correct_map(twin, corr, corr.record(ds.ref.to_dict(), twin.ref.to_dict()))
+    fixed.save(map_path(tmp_path / "corrected", "twin"))
+    loaded_ds, loaded_map = load_stores(root / "datasets" / "twin", tmp_path / "corrected")
+    assert loaded_map.attrs["twin_correction"]["twin"]["id"] == twin.lineage.id
+    config = Config()
+    assert apply_data_config(config, loaded_ds, loaded_map).num_samples == ds.num_samples  # random split: fine
+    config.data.split = "spatial"
+    with pytest.raises(ConfigError, match="fitted to the stored 'train' split of this dataset"):
+        apply_data_config(config, loaded_ds, loaded_map)
+    other = correct_map(twin, corr, corr.record(ds.ref.to_dict(), {"path": "elsewhere", "id": "0" * 32}))
+    other.save(map_path(tmp_path / "other", "twin"))
+    with pytest.raises(StoreError, match="is not the map dataset"):
+        load_stores(root / "datasets" / "twin", tmp_path / "other")

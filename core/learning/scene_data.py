@@ -189,7 +189,14 @@ def check_fits(spec: ModelSpec, dataset: MeasurementDataset, radio_map: RadioMap
 
 def apply_data_config(config: Config, dataset: MeasurementDataset, radio_map: RadioMap) -> MeasurementDataset:
     """The dataset as ``config.data`` asks: the spatial split (when ``split: spatial``), then the
-    first ``max_samples`` samples."""
+    first ``max_samples`` samples. A map ``correct-map`` fitted to THIS dataset's stored train split is refused
+    with any other split (its test walks would include walks the map was fitted to)."""
+    fitted = (radio_map.attrs.get("twin_correction") or {}).get("dataset") or {}
+    if config.data.split != "random" and dataset.lineage is not None and fitted.get("id") == dataset.lineage.id:
+        raise ConfigError(f"data.split: {config.data.split!r} with radio map {radio_map.source}, which correct-map "
+                          f"fitted to the stored {radio_map.attrs['twin_correction'].get('fit_split')!r} split of "
+                          f"this dataset: its test walks would include walks the map was fitted to; use "
+                          "data.split: random, or correct the map with another dataset of the world")
     if config.data.split == "spatial":
         split = spatial_split(dataset.labels, radio_map.bounds, config.data.spatial_blocks)
         dataset = dataclasses.replace(dataset, split=split)

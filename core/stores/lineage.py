@@ -22,6 +22,10 @@ Where a dataset's map is looked up without a training config (``evaluate --scene
 --dataset D``, a held-out scene in the app): at the path it records
 (:func:`recorded_map_path`), else in the run's maps folder.
 
+A map that ``correct-map`` derived from the recorded one (its attrs ``twin_correction.twin`` name that save)
+stands in for it: ``radio_maps_dir: radio_maps/corrected`` trains and evaluates against the corrected maps
+(:func:`corrected_twin_id`).
+
 A dataset made WITHOUT a map (``make-dataset --no-map``, attrs ``without_radio_map: true``;
 its walks cover the scene's square, its sites are the automatic layout) records no map,
 and it is not read against an arbitrary one: a map is accepted for it only when it has the
@@ -257,11 +261,20 @@ def check_map_of_dataset(dataset: StoreRef, recorded: StoreRef | None, radio_map
     unless it has the dataset's sites and propagation (module docstring)."""
     if dataset.scene and radio_map.scene != dataset.scene:
         raise StoreError(f"radio map {radio_map.describe()} is not of the scene of dataset {dataset.describe()}")
-    if recorded is not None and recorded.id and radio_map.id != recorded.id:
+    if recorded is not None and recorded.id and radio_map.id != recorded.id and corrected_twin_id(radio_map) != recorded.id:
         raise StoreError(f"radio map {radio_map.describe()} is not the map dataset {dataset.describe()} was made "
                          f"with ({recorded.describe()}): make the dataset again, or restore that map")
     if recorded is None:
         _check_map_of_mapless(dataset, radio_map)
+
+
+def corrected_twin_id(radio_map: StoreRef) -> str | None:
+    """The id of the map a ``correct-map`` store was corrected from (``attrs["twin_correction"]["twin"]``), else
+    None. A dataset accepts that correction wherever it accepts the twin (:func:`check_map_of_dataset`): the same
+    sites, propagation and grid, with the per-site layers fitted to labelled walks (docs/world.md)."""
+    record = _free_attrs(Path(radio_map.path)).get("twin_correction")
+    twin = record.get("twin") if isinstance(record, Mapping) else None
+    return twin.get("id") if isinstance(twin, Mapping) and isinstance(twin.get("id"), str) else None
 
 
 def check_map_override(dataset: StoreRef, radio_map: StoreRef) -> None:
