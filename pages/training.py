@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -225,10 +226,28 @@ else:
     other = dataset_path if eval_scene == scene and dataset_path != ws.dataset_path(scene) else None
     if other is None and not ws.dataset_path(eval_scene).exists():  # a corpus city: its dataset in the corpus
         other = ws.corpus_datasets().get(eval_scene)
-    spec = evaluate_spec(ws.rel(ws.root / eval_run), eval_scene, "test", eval_refine, eval_baselines,
-                         dataset=ws.rel(other) if other is not None else None)
-    st.caption(f"`python -m core {' '.join(spec.args)}`")
-    if eval_go:
+    # the scene's corrected map (correct-map, Radio maps page) in place of the dataset's: the run's own scene only
+    corrected = ws.corrected_map_path(eval_scene)
+    map_choices = ["dataset"] + (["corrected"] if eval_scene == info.scene
+                                 and store_status(corrected, "radio_map").ok else [])
+    eval_map = st.radio("Radio map", map_choices, horizontal=True, key="eval_map",
+                        format_func={"dataset": "the dataset's map",
+                                     "corrected": f"the corrected map ({ws.rel(corrected)})"}.get,
+                        help="the corrected map (python -m core correct-map) is read in place of the twin the "
+                             "dataset records (--radio-map); it reads the run's own dataset of its first scene")
+    spec = None
+    with wb.guard("evaluation"):
+        if eval_map == "corrected":
+            spec = evaluate_spec(ws.rel(ws.root / eval_run), None, "test", eval_refine, eval_baselines,
+                                 radio_map=ws.rel(corrected))
+            if other is not None and info.dataset and Path(info.dataset).name != Path(other).name:
+                st.caption(f"With --radio-map the run's own dataset (`{info.dataset}`) is evaluated, not "
+                           f"`{ws.rel(other)}`.")
+        else:
+            spec = evaluate_spec(ws.rel(ws.root / eval_run), eval_scene, "test", eval_refine, eval_baselines,
+                                 dataset=ws.rel(other) if other is not None else None)
+        st.caption(f"`python -m core {' '.join(spec.args)}`")
+    if eval_go and spec is not None:
         with wb.guard("evaluation"):
             wb.launch(spec)
     wb.job_panel(("evaluate",), key="eval_jobs", limit=3, title="Evaluation jobs")

@@ -361,6 +361,130 @@ def test_corrupt_stores_are_reported_not_raised(workspace):
     assert "Nothing to draw yet" in _texts(at.info)
 
 
+# -- the twin corrected (correct-map) ----------------------------------------------------------
+@pytest.fixture
+def corrected_map(workspace):
+    """``(twin, corrected map)``: the workspace's etoile map corrected by its dataset's train walks, read in a
+    world 5 dB louder than the twin at site 1 (fit_corrections + correct_map, no job), at the workspace's
+    corrected-map path; removed afterwards."""
+    import shutil
+
+    from core.physics.twin_correction import correct_map, fit_corrections
+    from core.stores.dataset import MeasurementDataset
+    from core.stores.radio_map import RadioMap
+    from core.stores.workspace import Workspace
+
+    path = Workspace.from_env().corrected_map_path("etoile")
+    twin = RadioMap.load(workspace / "radio_maps" / "etoile.zarr")
+    ds = MeasurementDataset.load(workspace / "datasets" / "etoile")
+    for arr in (ds.site_features, ds.clean_site_features):  # in memory only: the stored dataset is the twin's
+        arr[..., 0][ds.site_ids == 1] += 5.0
+    fit = fit_corrections(ds, twin)
+    assert fit.choices["path_gain"].bandwidth_m is not None  # path gain corrected: the views differ
+    correct_map(twin, fit, fit.record(ds.ref.to_dict(), twin.ref.to_dict())).save(path)
+    yield twin, RadioMap.load(path)
+    shutil.rmtree(path.parent)
+
+
+def test_correct_map_spec_is_the_command_a_user_types(workspace):
+    from core.errors import CoreError
+    from core.jobs.manager import correct_map_spec, evaluate_spec
+    from core.stores.workspace import Workspace
+
+    spec = correct_map_spec("datasets/etoile_realistic", "etoile")
+    assert spec.kind == "correct-map" and spec.output == "radio_maps/corrected/etoile.zarr"
+    assert spec.args == ("correct-map", "--dataset", "datasets/etoile_realistic", "--radio-maps", "radio_maps")
+    again = correct_map_spec("d", "etoile", "maps", split="test", force=True)
+    assert again.args[-4:] == ("maps", "--split", "test", "--force") and again.output == "maps/corrected/etoile.zarr"
+    ws = Workspace.from_env()
+    assert ws.corrected_map_path("etoile") == workspace / "radio_maps" / "corrected" / "etoile.zarr"
+    with pytest.raises(CoreError, match="train or test"):
+        correct_map_spec("d", "etoile", split="val")
+    ev = evaluate_spec("runs/tiny", None, "test", True, radio_map="radio_maps/corrected/etoile.zarr")
+    assert ev.args[-2:] == ("--radio-map", "radio_maps/corrected/etoile.zarr") and "--scene" not in ev.args
+    assert Path(ev.output).name == "eval_test_map-corrected_refine.json"  # the name evaluate gives it
+    with pytest.raises(CoreError, match="no scene"):
+        evaluate_spec("runs/tiny", "etoile", radio_map="radio_maps/corrected/etoile.zarr")
+    # the page: no corrected map yet, and the command of the sidebar's dataset
+    at = _app("pages/radio_maps.py")
+    assert "No corrected map of etoile yet" in _texts(at.caption)
+    assert ("The button runs: `python -m core correct-map --dataset datasets/etoile --radio-maps radio_maps`"
+            in _texts(at.caption))
+    assert not at.get("radio") or all(r.key != "corr_view" for r in at.radio)
+
+
+def test_the_corrected_map_views_and_its_record(workspace, corrected_map):
+    twin, fixed = corrected_map
+    at = _app("pages/radio_maps.py")
+    assert "correct-map --dataset datasets/etoile --radio-maps radio_maps --force`" in _texts(at.caption)
+    assert at.radio(key="corr_view").value == "twin"
+    record = next(d.value for d in at.dataframe if "h m" in d.value.columns)
+    assert list(record["feature"]) == ["path_gain [dB]", "toa [ns]", "aoa [deg]"]
+    chosen = fixed.attrs["twin_correction"]["features"]
+    kept = lambda v: None if v is None or v != v else float(v)  # noqa: E731 (None or NaN: the twin kept)
+    assert [kept(v) for v in record["h m"]] == [chosen[f]["bandwidth_m"] for f in ("path_gain", "toa", "aoa")]
+
+    def shown() -> np.ndarray:
+        fig = next(f for f in _plotly(at) if " of site " in f["layout"]["title"]["text"])
+        return _array(fig["data"][0]["z"])
+
+    site = 1
+    at.selectbox(key="corr_site").select(site).run()
+    _no_exception(at)
+    want = np.where(twin.valid, twin.layers["site_path_gain"][site], np.nan)
+    np.testing.assert_allclose(shown(), want, equal_nan=True)
+    at.radio(key="corr_view").set_value("corrected").run()
+    np.testing.assert_allclose(shown(), np.where(twin.valid, fixed.layers["site_path_gain"][site], np.nan),
+                               rtol=1e-6, equal_nan=True)
+    at.radio(key="corr_view").set_value("correction").run()
+    diff = fixed.layers["site_path_gain"][site].astype(np.float64) - twin.layers["site_path_gain"][site]
+    np.testing.assert_allclose(shown(), np.where(twin.valid, diff, np.nan), atol=1e-4, equal_nan=True)
+    assert 3.0 < np.nanmedian(shown()) < 6.0  # the world's +5 dB at site 1, where the walks went
+    at.selectbox(key="corr_feature").select("aoa").run()
+    _no_exception(at)
+    z = shown()
+    assert np.nanmax(np.abs(z)) <= 180.0 and "wrapped" in _plotly(at)[-1]["layout"]["title"]["text"]
+    assert not at.error
+    # the evaluate form: the dataset's map by default, the corrected one adds --radio-map
+    at.switch_page("pages/training.py").run()
+    _no_exception(at)
+    assert at.radio(key="eval_map").options == ["the dataset's map",
+                                                "the corrected map (radio_maps/corrected/etoile.zarr)"]
+    command = lambda: next(str(c.value) for c in at.caption if "python -m core evaluate" in str(c.value))  # noqa: E731
+    assert "--radio-map" not in command() and "--scene etoile" in command()
+    at.radio(key="eval_map").set_value("corrected").run()
+    _no_exception(at)
+    assert command().endswith("--refine --radio-map radio_maps/corrected/etoile.zarr`")
+    assert "--scene" not in command()
+
+
+def test_foreign_corrected_stores_are_one_line(workspace, corrected_map):
+    """A corrected-map path that holds no radio map, or a radio map without the correction record: one
+    line each, never a traceback."""
+    from core.stores.radio_map import RadioMap
+
+    path = workspace / "radio_maps" / "corrected" / "etoile.zarr"
+    twin, _ = corrected_map
+    plain = RadioMap(twin.values, twin.features, twin.bounds, valid=twin.valid, attrs=twin.attrs, layers=twin.layers)
+    plain.save(path)  # the twin's copy: a radio map of etoile, but no correction record
+    at = _app("pages/radio_maps.py")
+    assert "corrected map: " in _texts(at.error) and "not a corrected map" in _texts(at.error)
+    assert len([e for e in at.error if "corrected" in str(e.value)]) == 1
+    assert all(r.key != "corr_view" for r in at.radio)
+    import shutil
+
+    shutil.rmtree(path)
+    path.mkdir()
+    (path / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group",
+                                                "attributes": {"kind": "measurement_dataset"}}))
+    at = _app("pages/radio_maps.py")
+    assert [str(e.value) for e in at.error if "orrected" in str(e.value)] == [
+        f"Corrected map: {path}: not a radio map store (kind='measurement_dataset')"]
+    at.switch_page("pages/training.py").run()
+    _no_exception(at)
+    assert at.radio(key="eval_map").options == ["the dataset's map"]  # a broken store is never offered
+
+
 # -- Training -----------------------------------------------------------------------------
 def test_training_launches_a_tiny_job_and_shows_its_curves(workspace):
     at = _app("pages/training.py")

@@ -69,7 +69,7 @@ import psutil
 from core import REPO_ROOT, cli_types, progress
 from core.device import RAY_LOCAL
 from core.errors import CoreError
-from core.stores.lineage import map_path
+from core.stores.lineage import corrected_map_path, map_path
 from core.stores.measurement_model import MeasurementModel
 
 DB_ENV = "CORE_JOBS_DB"
@@ -86,6 +86,7 @@ KINDS = {
     "train": "training",
     "ablate": "ablation",
     "evaluate": "evaluation",
+    "correct-map": "twin correction",
     "localize": "localizing a report file",
     "make-city": "procedural city",
     "make-corpus": "city corpus",
@@ -310,15 +311,20 @@ def train_spec(config: str, out: str, overrides: dict[str, object] | None = None
 
 
 def evaluate_spec(run: str, scene: str | None = None, split: str = "test", refine: bool = True,
-                  baselines: bool = False, dataset: str | None = None) -> JobSpec:
+                  baselines: bool = False, dataset: str | None = None, radio_map: str | None = None) -> JobSpec:
     """Evaluate run directory ``run`` on ``split`` (``scene``: a training scene or a held-out one, with the
     in-scene vs held-out table; ``refine``: with test-time MAP on that scene's map; ``dataset``: another dataset
-    of ``scene``, e.g. its realistic world). Writes ``<run>/eval_<split>[_<scene>][_refine].json``
-    (:func:`~core.stores.run.evaluation_path`; named per dataset with ``dataset``)."""
+    of ``scene``, e.g. its realistic world; ``radio_map``: the run's own scene read against this map store in
+    place of the one its dataset records, e.g. the corrected map :func:`correct_map_spec` writes; it goes without
+    a scene). Writes ``<run>/eval_<split>[_<scene>][_refine].json`` (:func:`~core.stores.run.evaluation_path`;
+    named per dataset with ``dataset``, per map folder with ``radio_map``)."""
     from core.stores.run import evaluation_path
 
     if split not in ("train", "val", "test"):
         raise CoreError(f"--split must be train, val or test, got {split!r}")
+    if radio_map and (scene or dataset):
+        raise CoreError("--radio-map reads the run's own scene and dataset against another map: give no scene or "
+                        "dataset with it")
     args = ["evaluate", "--run", run, "--split", split]
     if scene:
         args += ["--scene", scene]
@@ -330,7 +336,27 @@ def evaluate_spec(run: str, scene: str | None = None, split: str = "test", refin
         if not scene:
             raise CoreError("evaluating another dataset needs its scene (--scene)")
         args += ["--dataset", dataset]
-    return JobSpec("evaluate", tuple(args), str(evaluation_path(run, split, scene, refine, dataset=dataset)))
+    if radio_map:
+        args += ["--radio-map", radio_map]
+    return JobSpec("evaluate", tuple(args), str(evaluation_path(run, split, scene, refine, dataset=dataset,
+                                                                radio_map=radio_map or None)))
+
+
+def correct_map_spec(dataset: str, scene: str, radio_maps: str = "radio_maps", split: str = "train",
+                     force: bool = False) -> JobSpec:
+    """Fit what the twin ``<radio_maps>/<scene>.zarr`` gets wrong to the labelled walks of ``dataset`` (a dataset
+    of ``scene``, e.g. ``datasets/etoile_realistic``) and write the corrected copy to
+    ``<radio_maps>/corrected/<scene>.zarr`` (:func:`~core.stores.lineage.corrected_map_path`; ``python -m core
+    correct-map``, :mod:`core.physics.twin_correction`). ``split``: the labelled walks fitted (train | test; the
+    kernel is chosen on val); ``force``: replace an existing corrected map."""
+    if split not in ("train", "test"):
+        raise CoreError(f"--split must be train or test (the kernel is chosen on val), got {split!r}")
+    args = ["correct-map", "--dataset", dataset, "--radio-maps", radio_maps]
+    if split != "train":
+        args += ["--split", split]
+    if force:
+        args.append("--force")
+    return JobSpec("correct-map", tuple(args), str(corrected_map_path(radio_maps, scene)))
 
 
 def localize_spec(run: str, reports: str, out: str, method: str = "map") -> JobSpec:

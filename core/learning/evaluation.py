@@ -425,8 +425,9 @@ def run(args: argparse.Namespace) -> int:
             raise CoreError("--radio-map and --scene: give one (--radio-map reads the run's own scene against another map)")
         if not Path(args.radio_map).exists():
             raise CoreError(f"--radio-map {args.radio_map}: no such map store")
-        label, dataset = f"map-{Path(args.radio_map).resolve().parent.name}", None
-    target = out or evaluation_path(args.run, args.split, label, args.refine, dataset=dataset, silence=args.silence)
+        label, dataset = None, None
+    target = out or evaluation_path(args.run, args.split, label, args.refine, dataset=dataset, silence=args.silence,
+                                    radio_map=args.radio_map)
     if out is None:  # before the lock file beside it: an unwritable run folder is one line
         check_writable(target, "--run")
     with output_lock(target, "evaluation"):  # one writer per result file

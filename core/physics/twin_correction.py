@@ -57,8 +57,10 @@ import numpy as np
 
 from core.errors import CoreError
 from core.features import wrap_degrees
+from core.stores.lineage import CORRECTED_FOLDER, corrected_map_path
 
-__all__ = ["TwinCorrection", "FeatureChoice", "fit_corrections", "correct_map", "BANDWIDTHS_M", "SHRINKS", "CLIP"]
+__all__ = ["TwinCorrection", "FeatureChoice", "fit_corrections", "correct_map", "BANDWIDTHS_M", "SHRINKS", "CLIP",
+           "CORRECTED_FOLDER", "VIEWS", "site_layer", "record_rows"]
 
 #: the per-site layers corrected, in the residuals' feature order (path gain, ToA, AoA)
 LAYERS: tuple[str, ...] = ("site_path_gain", "site_toa", "site_aoa")
@@ -68,8 +70,6 @@ CLIP: dict[str, float] = {"path_gain": 20.0, "toa": 300.0}
 #: bandwidths h [m] and shrinkages lambda [reports] tried on the val split
 BANDWIDTHS_M: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 8.0)
 SHRINKS: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)
-#: the default output's maps folder, inside --radio-maps: ``<radio-maps>/corrected/<scene>.zarr``
-CORRECTED_FOLDER = "corrected"
 
 
 @dataclass(frozen=True)
@@ -227,6 +227,68 @@ def correct_map(radio_map, correction: TwinCorrection, record: dict[str, Any]):
                     outdoor=radio_map.outdoor, ground=radio_map.ground)
 
 
+# -- reading a corrected map back (the app's view) ----------------------------------------
+#: what :func:`site_layer` shows of one site and feature
+VIEWS: tuple[str, ...] = ("twin", "corrected", "correction")
+UNITS: dict[str, str] = {"path_gain": "dB", "toa": "ns", "aoa": "deg"}
+
+
+def correction_record(corrected) -> dict[str, Any]:
+    """``attrs["twin_correction"]`` of the map ``corrected``; a one-line CoreError when it is not a corrected map."""
+    record = corrected.attrs.get("twin_correction")
+    if not isinstance(record, dict) or not isinstance(record.get("features"), dict):
+        raise CoreError(f"radio map {corrected.source}: not a corrected map (no attrs twin_correction record; "
+                        "python -m core correct-map writes one)")
+    return record
+
+
+def site_layer(twin, corrected, feature: str, site: int, view: str) -> np.ndarray:
+    """``[H, W]`` one site's layer of ``feature`` (path_gain dB, toa ns, aoa deg): the twin's (``twin``), the
+    corrected map's (``corrected``) or ``correction`` = corrected - twin (AoA wrapped to (-180, 180]); NaN where
+    the site has no path. The two maps must share their grid and sites (a corrected map of another twin, or
+    a store that is no corrected map, is a one-line CoreError)."""
+    if view not in VIEWS:
+        raise CoreError(f"view {view!r}: one of {', '.join(VIEWS)}")
+    if feature not in FEATURES:
+        raise CoreError(f"feature {feature!r}: one of {', '.join(FEATURES)}")
+    correction_record(corrected)
+    layer = LAYERS[FEATURES.index(feature)]
+    planes = []
+    for rm in (twin, corrected):
+        if layer not in rm.layers:
+            raise CoreError(f"radio map {rm.source}: no per-site layer {layer}")
+        planes.append(rm.layers[layer])
+    if twin.shape != corrected.shape or not np.allclose(twin.bounds, corrected.bounds) \
+            or planes[0].shape != planes[1].shape:
+        raise CoreError(f"radio map {corrected.source} is not on the grid and sites of the twin {twin.source}: "
+                        "correct this twin again (python -m core correct-map)")
+    if not 0 <= int(site) < planes[0].shape[0]:
+        raise CoreError(f"site {site}: the maps have {planes[0].shape[0]} sites")
+    before, after = (p[int(site)].astype(np.float64) for p in planes)
+    if view == "twin":
+        return before
+    if view == "corrected":
+        return after
+    diff = after - before
+    return wrap_degrees(diff) if feature == "aoa" else diff
+
+
+def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per feature of a ``twin_correction`` record: its kernel (h m, lambda; None = the twin kept) and
+    its val robust std and Cauchy loss, twin -> corrected."""
+    rows = []
+    for name, c in (record.get("features") or {}).items():
+        if not isinstance(c, dict):
+            raise CoreError(f"twin_correction record: feature {name!r} is not a record")
+        rows.append({"feature": f"{name} [{UNITS.get(name, '?')}]", "h m": c.get("bandwidth_m"),
+                     "lambda": c.get("shrink"), "kept": "twin kept" if c.get("bandwidth_m") is None else "corrected",
+                     "val robust std twin": c.get("val_robust_std_twin"),
+                     "val robust std corrected": c.get("val_robust_std_corrected"),
+                     "val Cauchy loss twin": c.get("val_loss_twin"),
+                     "val Cauchy loss corrected": c.get("val_loss_corrected")})
+    return rows
+
+
 # -- command -----------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="a labelled dataset traced in the world, e.g. "
@@ -243,14 +305,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="also write the record (choices, val figures) here")
 
 
-def _table(correction: TwinCorrection) -> str:
-    units = {"path_gain": "dB", "toa": "ns", "aoa": "deg"}
+def _table(record: dict[str, Any]) -> str:
     lines = ["| feature | h m | lambda | val robust std: twin -> corrected | val Cauchy loss: twin -> corrected |",
              "|---|---:|---:|---|---|"]
-    for name, c in correction.choices.items():
-        kernel = "twin kept | -" if c.bandwidth_m is None else f"{c.bandwidth_m:g} | {c.shrink:g}"
-        lines.append(f"| {name} [{units[name]}] | {kernel} | {c.val_robust_std_twin:.3g} -> "
-                     f"{c.val_robust_std_corrected:.3g} | {c.val_loss_twin:.3f} -> {c.val_loss_corrected:.3f} |")
+    for r in record_rows(record):
+        kernel = "twin kept | -" if r["h m"] is None else f"{r['h m']:g} | {r['lambda']:g}"
+        lines.append(f"| {r['feature']} | {kernel} | {r['val robust std twin']:.3g} -> "
+                     f"{r['val robust std corrected']:.3g} | {r['val Cauchy loss twin']:.3f} -> "
+                     f"{r['val Cauchy loss corrected']:.3f} |")
     return "\n".join(lines)
 
 
@@ -269,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
     scene = ds.attrs.get("scene")
     if not scene:
         raise CoreError(f"dataset {args.dataset}: attrs name no scene")
-    out = Path(args.out) if args.out else map_path(Path(args.radio_maps) / CORRECTED_FOLDER, scene)
+    out = Path(args.out) if args.out else corrected_map_path(args.radio_maps, scene)
     check_writable(out, "--out")
     if args.json:
         check_writable(args.json, "--json")
@@ -289,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
         correct_map(twin, correction, record).save(out)
     print(f"twin {twin.ref.describe()} corrected with {correction.fit_reports} labelled reports of "
           f"{args.dataset} ({args.split}); kernel chosen on {correction.val_reports} val reports:")
-    print(_table(correction))
+    print(_table(record))
     covered = (correction.counts > 0).any(0).mean()
     print(f"cells with a labelled report (any site): {100 * covered:.1f} %; wrote {out} "
           f"(evaluate --radio-map {out}, consistency --radio-map {out})")

@@ -228,6 +228,17 @@ def map_path(folder: str | os.PathLike, scene: str) -> Path:
     return Path(folder) / f"{scene}.zarr"
 
 
+#: the maps folder of the corrected maps inside a maps folder (``python -m core correct-map``:
+#: :mod:`core.physics.twin_correction`), so the twin keeps its place
+CORRECTED_FOLDER = "corrected"
+
+
+def corrected_map_path(radio_maps: str | os.PathLike, scene: str) -> Path:
+    """``<radio_maps>/corrected/<scene>.zarr``: THE path of a scene's corrected map (``correct-map``'s default
+    ``--out``; what the app offers to ``evaluate --radio-map``)."""
+    return map_path(Path(radio_maps) / CORRECTED_FOLDER, scene)
+
+
 def map_scene(path: str | os.PathLike) -> str:
     """The scene whose map :func:`map_path` names ``path`` (``<folder>/<scene>.zarr`` -> ``scene``)."""
     return Path(path).name.removesuffix(".zarr")

@@ -3,6 +3,7 @@
 A :class:`Workspace` is a root folder laid out as the repository is::
 
     <root>/radio_maps/<scene>.zarr     radio map (python -m core generate-maps)
+    <root>/radio_maps/corrected/<scene>.zarr   its corrected copy (python -m core correct-map)
     <root>/datasets/<scene>/           measurement dataset (python -m core make-dataset)
     <root>/runs/<name>/                training runs (python -m core train / ablate)
     <root>/assets/default_run/         the shipped model (other shipped runs: assets/<name>/ with a config.yaml)
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from core import REPO_ROOT
 from core.errors import CoreError
-from core.stores.lineage import map_path, map_paths, map_scene, store_ref
+from core.stores.lineage import corrected_map_path, map_path, map_paths, map_scene, store_ref
 from core.stores.run import RunInfo, list_runs
 from core.stores.zarr_group import read_attrs
 
@@ -146,6 +147,11 @@ class Workspace:
     # -- paths ---------------------------------------------------------------------------
     def map_path(self, scene: str) -> Path:
         return map_path(self.radio_maps_dir, scene)
+
+    def corrected_map_path(self, scene: str) -> Path:
+        """``<radio_maps>/corrected/<scene>.zarr``: the scene's twin corrected by ``python -m core correct-map``
+        (:func:`core.stores.lineage.corrected_map_path`)."""
+        return corrected_map_path(self.radio_maps_dir, scene)
 
     def dataset_path(self, scene: str, world: str = "oracle") -> Path:
         """``<datasets>/<scene>`` for the oracle world (the map's own), ``<datasets>/<scene>_<world>`` for another

@@ -220,6 +220,38 @@ def difference_heatmap(rm_a: RadioMap, rm_b: RadioMap, feature: str, label_a: st
     return fig
 
 
+def site_layer_heatmap(rm: RadioMap, values: np.ndarray, feature: str, site: int, view: str, geometry: Any = None,
+                       max_cells: int = 256, height: int = 560) -> go.Figure:
+    """Heatmap of one site's per-site layer ``values [H, W]`` of ``feature`` (path_gain dB, toa ns, aoa deg) on
+    ``rm``'s grid, with that site marked: ``view`` ``twin`` or ``corrected`` in the feature's colours, or
+    ``correction`` (corrected - twin, :func:`core.physics.twin_correction.site_layer`) diverging around 0."""
+    unit = feature_spec(feature).unit
+    sites = rm.attrs.get("sites") or []
+    name = str(sites[site].get("name", site)) if 0 <= site < len(sites) else str(site)
+    finite = values[np.isfinite(values) & rm.valid]
+    if view == "correction":
+        trace, k = _heatmap(rm, feature, values, max_cells, colorscale="RdBu_r", zmid=0.0,
+                            colorbar_title=f"Δ {feature} [{unit}]")
+        med = float(np.median(np.abs(finite))) if finite.size else float("nan")
+        what = f"correction (corrected − twin{'; wrapped to ±180°' if feature_spec(feature).angular else ''}), " \
+               f"median |Δ| {med:.3g} {unit}"
+    else:
+        zmin = zmax = None
+        if finite.size and not feature_spec(feature).angular:
+            zmin, zmax = (float(v) for v in np.percentile(finite, [1, 99]))
+            zmin, zmax = (zmin, zmax) if zmax > zmin else (None, None)
+        trace, k = _heatmap(rm, feature, values, max_cells, zmin=zmin, zmax=zmax)
+        what = view
+    fig = go.Figure(trace)
+    add_buildings(fig, geometry)
+    add_sites(fig, [sites[site]] if 0 <= site < len(sites) else None)
+    note = f" (every {_ordinal(k)} cell shown)" if k > 1 else ""
+    fig.update_layout(title=f"{feature} [{unit}] of site {name}: {what}{note}", height=height,
+                      margin=dict(l=60, r=20, t=60, b=50), legend=dict(orientation="h", y=-0.12))
+    equal_axes(fig, rm.bounds)
+    return fig
+
+
 # -- training ---------------------------------------------------------------------------
 def loss_curves(metrics: Sequence[Mapping], title: str = "Training curves") -> go.Figure:
     """Every loss term per epoch (train solid, val dashed) and the val errors [m].
