@@ -411,6 +411,18 @@ def test_correct_map_spec_is_the_command_a_user_types(workspace):
     assert ("The button runs: `python -m core correct-map --dataset datasets/etoile --radio-maps radio_maps`"
             in _texts(at.caption))
     assert not at.get("radio") or all(r.key != "corr_view" for r in at.radio)
+    at.button(key="corr_go").click().run()  # the button launches that command as a job
+    _no_exception(at)
+    manager = _manager(workspace)
+    job = next(j for j in manager.list() if j.kind == "correct-map")
+    try:
+        assert job.command == "python -m core correct-map --dataset datasets/etoile --radio-maps radio_maps"
+        assert job.output == str(ws.corrected_map_path("etoile"))
+    finally:
+        manager.cancel(job.id, grace_s=1.0)
+        import shutil
+
+        shutil.rmtree(ws.corrected_map_path("etoile").parent, ignore_errors=True)  # had it finished already
 
 
 def test_the_corrected_map_views_and_its_record(workspace, corrected_map):
