@@ -94,55 +94,67 @@ if radio_map is not None:
                                     key="cmp_diff")
 
 # -- the twin corrected by a world's labelled walks (correct-map) ------------------------
-st.divider()
-st.subheader("What the twin gets wrong")
-corrected_path = ws.corrected_map_path(scene)
-corrected_status = store_status(corrected_path, "radio_map")
-dataset = wb.active_dataset(scene)
-with st.expander("Correct the twin with the labelled walks of the dataset (correct-map)",
-                 expanded=not corrected_status.ok):
-    st.caption(f"Fits the twin's error per site and feature to the labelled walks of `{ws.rel(dataset)}` (the "
-               "sidebar's dataset; a world's, e.g. `datasets/<scene>_realistic`) and writes a corrected copy of the "
-               f"map to `{ws.rel(corrected_path)}`; the twin keeps its place. docs/world.md")
-    split = st.radio("Walks fitted", ["train", "test"], horizontal=True, key="corr_split",
-                     help="the kernel and its shrinkage are chosen on the val split")
-    dataset_status = store_status(dataset, "measurement_dataset")
-    if not dataset_status.ok:
-        st.warning(f"**No labelled walks to fit**: {dataset_status.message}", icon=":material/search:")
-    with wb.guard("correct-map"):
-        spec = correct_map_spec(ws.rel(dataset), scene, ws.rel(ws.radio_maps_dir), split,
-                                force=corrected_status.state != "missing")
-        st.caption("The button runs: `python -m core " + " ".join(spec.args) + "`")
-        if st.button("Correct the twin", key="corr_go", disabled=not dataset_status.ok) and wb.launch(spec) is not None:
-            st.rerun()
-wb.job_panel(("correct-map",), key="corr_jobs", limit=2, title="Twin-correction jobs")
 VIEW_LABELS = {"twin": "twin", "corrected": "corrected", "correction": "correction (corrected − twin; AoA wrapped)"}
-if corrected_status.state == "missing":
-    st.caption(f"No corrected map of {scene} yet (`{ws.rel(corrected_path)}`).")
-elif not corrected_status.ok:
-    st.error(f"Corrected map: {corrected_status.message}", icon=":material/warning:")
-elif radio_map is not None:
-    with wb.guard("corrected map"):
-        corrected = wb.load_map(corrected_path)
-        record = correction_record(corrected)
-        sites = radio_map.attrs.get("sites") or []
-        cols = st.columns([2, 1, 1])
-        view = cols[0].radio("View", VIEWS, horizontal=True, key="corr_view", format_func=VIEW_LABELS.get)
-        site = cols[1].selectbox("Site", list(range(len(sites))), key="corr_site",
-                                 format_func=lambda i: str(sites[i].get("name", i)))
-        feature = cols[2].selectbox("Feature", FEATURES, key="corr_feature")
-        values = site_layer(radio_map, corrected, feature, int(site or 0), view)
-        st.plotly_chart(figures.site_layer_heatmap(radio_map, values, feature, int(site or 0), view, geometry),
-                        key="corr_heatmap")
-        twin = record.get("twin") or {}
-        fitted = (record.get("dataset") or {}).get("path", "?")
-        st.caption(f"`{ws.rel(corrected_path)}`: fitted on {record.get('fit_reports', '?')} labelled reports of "
-                   f"`{fitted}` ({record.get('fit_split', '?')}), kernels chosen on {record.get('val_reports', '?')} "
-                   "val reports; h and λ empty = the twin kept for that feature.")
-        if twin.get("digest") and radio_map.ref.digest and twin["digest"] != radio_map.ref.digest:
-            st.warning(f"The corrected map was fitted to another save of the twin ({twin.get('path')}); correct "
-                       "this one again.", icon=":material/link_off:")
-        st.dataframe(pd.DataFrame(record_rows(record)), hide_index=True, width="stretch", key="corr_record")
+
+
+def correction_launcher(corrected_status) -> None:
+    """The expander that launches ``correct-map`` with the sidebar's dataset (the command shown)."""
+    dataset = wb.active_dataset(scene)
+    with st.expander("Correct the twin with the labelled walks of the dataset (correct-map)",
+                     expanded=not corrected_status.ok):
+        st.caption(f"Fits the twin's error per site and feature to the labelled walks of `{ws.rel(dataset)}` (the "
+                   "sidebar's dataset; a world's, e.g. `datasets/<scene>_realistic`) and writes a corrected copy of "
+                   f"the map to `{ws.rel(corrected_status.path)}`; the twin keeps its place. docs/world.md")
+        split = st.radio("Walks fitted", ["train", "test"], horizontal=True, key="corr_split",
+                         help="the kernel and its shrinkage are chosen on the val split")
+        dataset_status = store_status(dataset, "measurement_dataset")
+        if not dataset_status.ok:
+            st.caption(f"No labelled walks to fit: {dataset_status.message}.")
+        with wb.guard("correct-map"):
+            spec = correct_map_spec(ws.rel(dataset), scene, ws.rel(ws.radio_maps_dir), split,
+                                    force=corrected_status.state != "missing")
+            st.caption("The button runs: `python -m core " + " ".join(spec.args) + "`")
+            if st.button("Correct the twin", key="corr_go", disabled=not dataset_status.ok) \
+                    and wb.launch(spec) is not None:
+                st.rerun()
+    wb.job_panel(("correct-map",), key="corr_jobs", limit=2, title="Twin-correction jobs")
+
+
+def correction_view(twin_map, corrected_path) -> None:
+    """One site's layer of a feature: twin, corrected or the correction; and the record of the choices."""
+    corrected = wb.load_map(corrected_path)
+    record = correction_record(corrected)
+    sites = twin_map.attrs.get("sites") or []
+    cols = st.columns([2, 1, 1])
+    view = cols[0].radio("View", VIEWS, horizontal=True, key="corr_view", format_func=VIEW_LABELS.get)
+    site = int(cols[1].selectbox("Site", list(range(len(sites))), key="corr_site",
+                                 format_func=lambda i: str(sites[i].get("name", i))) or 0)
+    feature = cols[2].selectbox("Feature", FEATURES, key="corr_feature")
+    values = site_layer(twin_map, corrected, feature, site, view)
+    st.plotly_chart(figures.site_layer_heatmap(twin_map, values, feature, site, view, geometry), key="corr_heatmap")
+    twin = record.get("twin") or {}
+    st.caption(f"`{ws.rel(corrected_path)}`: fitted on {record.get('fit_reports', '?')} labelled reports of "
+               f"`{(record.get('dataset') or {}).get('path', '?')}` ({record.get('fit_split', '?')}), kernels "
+               f"chosen on {record.get('val_reports', '?')} val reports; h and λ empty = the twin kept for that "
+               "feature.")
+    if twin.get("digest") and twin_map.ref.digest and twin["digest"] != twin_map.ref.digest:
+        st.warning(f"The corrected map was fitted to another save of the twin ({twin.get('path')}); correct "
+                   "this one again.", icon=":material/link_off:")
+    st.dataframe(pd.DataFrame(record_rows(record)), hide_index=True, width="stretch")
+
+
+if radio_map is not None:  # the twin is there to correct
+    st.divider()
+    st.subheader("What the twin gets wrong")
+    corrected_status = store_status(ws.corrected_map_path(scene), "radio_map")
+    correction_launcher(corrected_status)
+    if corrected_status.state == "missing":
+        st.caption(f"No corrected map of {scene} yet (`{ws.rel(corrected_status.path)}`).")
+    elif not corrected_status.ok:
+        st.error(f"Corrected map: {corrected_status.message}", icon=":material/warning:")
+    else:
+        with wb.guard("corrected map"):
+            correction_view(radio_map, corrected_status.path)
 
 # -- generation form ---------------------------------------------------------------------
 st.divider()
