@@ -141,7 +141,9 @@ def test_evaluating_the_shipped_run_writes_its_own_place(tmp_path, monkeypatch):
 
 
 # -- one writer per output --------------------------------------------------------------------------
-def test_a_second_train_into_the_same_out_is_refused_and_the_first_finishes(tmp_path, scene_sets):
+def test_a_second_train_into_the_same_out_is_refused_and_the_first_finishes(tmp_path, scene_sets, capsys):
+    """The first writer is a real process; the second is the command's main in this process (the refusal is the
+    same code and the same stderr line; an import of torch less)."""
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "core", "train", "--config", "configs/model.yaml", *scene_sets,
                               "--set", "training.epochs=3", "--set", "seed=1", "--out", str(out), "--no-progress"],
@@ -149,15 +151,17 @@ def test_a_second_train_into_the_same_out_is_refused_and_the_first_finishes(tmp_
     try:
         wait_for(lambda: holder(out).get("pid") == first.pid, timeout=120, what="the first train holds the lock")
         first.send_signal(signal.SIGSTOP)  # it holds the lock while the second tries, whatever the machine's speed
+        capsys.readouterr()
         try:
-            second = core("train", "--config", "configs/model.yaml", *scene_sets, "--set", "training.epochs=2",
-                          "--set", "seed=2", "--out", str(out), "--no-progress")
+            code = main(["train", "--config", str(REPO_ROOT / "configs" / "model.yaml"), *scene_sets, "--set",
+                         "training.epochs=2", "--set", "seed=2", "--out", str(out), "--no-progress"])
         finally:
             first.send_signal(signal.SIGCONT)
-        assert second.returncode == 2
-        assert second.stderr.startswith(f"error: run directory {out}: being written by pid {first.pid} "
-                                        "(python -m core train --config configs/model.yaml")
-        assert second.stderr.count("\n") == 1
+        err = capsys.readouterr().err
+        assert code == 2
+        assert err.startswith(f"error: run directory {out}: being written by pid {first.pid} "
+                              "(python -m core train --config configs/model.yaml")
+        assert err.count("\n") == 1
         _, err = first.communicate(timeout=300)
         assert first.returncode == 0, err
     finally:
