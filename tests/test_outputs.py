@@ -1,8 +1,9 @@
 """Nothing a user made is destroyed, and one writer per output (core/stores/output.py, core/stores/lock.py).
 
-Real commands in real processes: ``--force`` replaces only the command's own output, the shipped
-assets and stores are read-only to every command, two writers of one output are refused with
-the holder's pid, and a dead holder's lock is taken over.
+Real commands (real processes, or the entry point's ``main`` in this process where only the refusal is
+checked): ``--force`` replaces only the command's own output, the shipped assets and stores are read-only
+to every command, two writers of one output are refused with the holder's pid, and a dead holder's lock
+is taken over.
 """
 
 from __future__ import annotations
@@ -59,17 +60,20 @@ def scene_sets(scene) -> list[str]:
 
 
 # -- --force replaces only the command's own output ----------------------------------------------
-def test_train_force_refuses_a_folder_of_the_users_and_leaves_it(tmp_path):
-    """The issue's command, exactly: exit 2, one line listing what it would have deleted, both left."""
+def test_train_force_refuses_a_folder_of_the_users_and_leaves_it(tmp_path, monkeypatch, capsys):
+    """The issue's command, exactly (its main, from the repository root): exit 2, one line listing what it would
+    have deleted, both left."""
     d = tmp_path / "thesis"
     (d / "docs").mkdir(parents=True)
     (d / "thesis.tex").write_text("x\n")
-    proc = core("train", "--config", "configs/model.yaml", "--set", "model.preset=tiny", "--set", "training.epochs=1",
-                "--out", str(d), "--force")
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    assert "it also holds docs, thesis.tex, which this command did not make; nothing was deleted" in proc.stderr
-    assert "(it would have deleted docs/, thesis.tex)" in proc.stderr
+    monkeypatch.chdir(REPO_ROOT)
+    code = main(["train", "--config", "configs/model.yaml", "--set", "model.preset=tiny", "--set", "training.epochs=1",
+                 "--out", str(d), "--force"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "it also holds docs, thesis.tex, which this command did not make; nothing was deleted" in err
+    assert "(it would have deleted docs/, thesis.tex)" in err
     assert (d / "docs").is_dir() and (d / "thesis.tex").read_text() == "x\n"
 
 
