@@ -897,8 +897,7 @@ def test_training_on_many_scenes_and_a_held_out_one(tmp_path, monkeypatch):
     assert runs.loc["runs/two", "scenes"] == "etoile, munich" and runs.loc["runs/two", "held out"] == "florence"
     assert runs.loc["runs/tiny", "scenes"] == "etoile"
     assert set(at.multiselect(key="train_scenes").options) >= {"etoile", "munich", "florence", "city_7 (corpus)"}
-    at = _app("pages/training.py")
-    at.multiselect(key="train_scenes").set_value(["etoile", "munich"])
+    at.multiselect(key="train_scenes").set_value(["etoile", "munich"])  # the same page as a fresh one: only read
     at.selectbox(key="train_holdout").select("munich")
     _start_training(at, "refused")
     assert any("held-out scene 'munich' is also a training scene" in e.value for e in at.error)

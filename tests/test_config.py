@@ -1,11 +1,10 @@
 """Training configuration: the shipped configs, overrides and clear errors."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from core.cli import main
 from core.errors import ConfigError
 from core.learning.config import Config, apply_override, config_from_dict, load_config
 
@@ -70,13 +69,15 @@ def test_inconsistent_sizes_and_bad_files(tmp_path):
     assert isinstance(load_config(None), Config)
 
 
-def test_cli_reports_bad_config_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "core", "train", "--config", "configs/model.yaml",
-                           "--set", "physics_loss.lambda_phys=-1", "--out", str(tmp_path / "run")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert "physics_loss.lambda_phys" in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+def test_cli_reports_bad_config_in_one_line(tmp_path, capsys):
+    """The command's main in-process (a real ``python -m core train`` refusing a config:
+    tests/test_validation.py)."""
+    code = main(["train", "--config", str(ROOT / "configs" / "model.yaml"), "--set", "physics_loss.lambda_phys=-1",
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "physics_loss.lambda_phys" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("override, key", [

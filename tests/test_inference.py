@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.cli import main
 from core.errors import CoreError, StoreError
 from core.learning.config import load_config
 from core.learning.groups import GROUPS
@@ -192,7 +193,8 @@ def test_missing_or_corrupt_files_are_store_errors(run_dir, tmp_path):
         load_run(broken)
 
 
-def test_evaluate_command(run_dir, tmp_path):
+def test_evaluate_command(run_dir, tmp_path, capsys):
+    """The entry point in a real process once (--json); the table and the refusal in-process (the same main)."""
     proc = subprocess.run([sys.executable, "-m", "core", "evaluate", "--run", str(run_dir), "--refine", "--baselines",
                            "--json"], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr
@@ -222,22 +224,23 @@ def test_evaluate_command(run_dir, tmp_path):
     assert result["baselines"]["whole-walk"]["median_m"] < result["baselines"]["knn"]["median_m"]
     assert json.loads((run_dir / "eval_test_refine.json").read_text())["count"] == result["count"]
     out = tmp_path / "val.json"
-    table = subprocess.run([sys.executable, "-m", "core", "evaluate", "--run", str(run_dir), "--split", "val",
-                            "--refine", "--baselines", "--threshold", "0.5", "--top-k", "1", "--window", "0",
-                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert table.returncode == 0, table.stderr
+    capsys.readouterr()
+    rc = main(["evaluate", "--run", str(run_dir), "--split", "val", "--refine", "--baselines", "--threshold", "0.5",
+               "--top-k", "1", "--window", "0", "--out", str(out)])
+    table = capsys.readouterr()
+    assert rc == 0, table.err
     assert json.loads(out.read_text())["split"] == "val" and not (run_dir / "eval_val_refine.json").exists()
-    lines = table.stdout.splitlines()
+    lines = table.out.splitlines()
     for label in ("network", "network + MAP", "network + whole-walk", "kNN fingerprint", "ML map matching",
                   "multilateration", "map matching, exhaustive", "whole-walk (no network)"):
         rows = [line for line in lines if re.match(re.escape(label) + r"\s+(-?[\d.]|nan)", line)]
         assert len(rows) == 6, label  # the metrics, the method table, three group tables and the bound table
-    assert "bound: last 1 s of reports" not in table.stdout and "bound: last 0 s of reports" in table.stdout
-    assert "median error [m] per group" in table.stdout and "nlos" in table.stdout and "sites_1" in table.stdout
+    assert "bound: last 1 s of reports" not in table.out and "bound: last 0 s of reports" in table.out
+    assert "median error [m] per group" in table.out and "nlos" in table.out and "sites_1" in table.out
     # --silence needs a recorded sensitivity: one line, before any work, nothing written
-    quiet = subprocess.run([sys.executable, "-m", "core", "evaluate", "--run", str(run_dir), "--refine", "--silence"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert quiet.returncode == 2 and "records no sensitivity" in quiet.stderr and "Traceback" not in quiet.stderr
+    rc = main(["evaluate", "--run", str(run_dir), "--refine", "--silence"])
+    quiet = capsys.readouterr()
+    assert rc == 2 and "records no sensitivity" in quiet.err and "Traceback" not in quiet.err
     assert not (run_dir / "eval_test_refine_silence.json").exists()
 
 

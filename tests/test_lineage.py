@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -150,24 +149,29 @@ def trained_run(root: Path) -> Path:
     return run_dir
 
 
-def evaluate(run_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "core", "evaluate", "--run", str(run_dir), "--json"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=240)
+def evaluate(run_dir: Path, capsys) -> subprocess.CompletedProcess:
+    """``python -m core evaluate --run RUN --json`` through the entry point's ``main``, in this process (the
+    real process's exit status and stderr: tests/test_inference.py and tests/test_outputs.py)."""
+    argv = ["evaluate", "--run", str(run_dir), "--json"]
+    capsys.readouterr()
+    code = main(argv)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out.out, out.err)
 
 
-def test_evaluate_refuses_a_map_of_another_scene(tmp_path):
+def test_evaluate_refuses_a_map_of_another_scene(tmp_path, capsys):
     run_dir = trained_run(tmp_path)
     alpha_map = tmp_path / "radio_maps" / "alpha.zarr"
-    assert json.loads(evaluate(run_dir).stdout)["count"] > 0
+    assert json.loads(evaluate(run_dir, capsys).stdout)["count"] > 0
     shutil.rmtree(alpha_map)
     shutil.copytree(tmp_path / "radio_maps" / "beta.zarr", alpha_map)
-    proc = evaluate(run_dir)
+    proc = evaluate(run_dir, capsys)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith(f"error: radio map {alpha_map} (scene beta, id ")
     assert f"is not of the scene of dataset {tmp_path / 'datasets' / 'alpha'} (scene alpha, id " in proc.stderr
 
 
-def test_evaluate_refuses_a_dataset_the_run_was_not_trained_on(tmp_path):
+def test_evaluate_refuses_a_dataset_the_run_was_not_trained_on(tmp_path, capsys):
     run_dir = trained_run(tmp_path)
     ds_path = tmp_path / "datasets" / "alpha"
     trained_on = store_ref(ds_path)
@@ -176,7 +180,7 @@ def test_evaluate_refuses_a_dataset_the_run_was_not_trained_on(tmp_path):
     dataset.split[:10] = np.int8(1)
     dataset.split[10:20] = np.int8(2)
     dataset.save(ds_path)
-    proc = evaluate(run_dir)
+    proc = evaluate(run_dir, capsys)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == (
         f"error: run {run_dir} was trained on dataset {ds_path} (scene alpha, id {trained_on.id[:8]}), but its "

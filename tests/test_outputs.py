@@ -1,8 +1,9 @@
 """Nothing a user made is destroyed, and one writer per output (core/stores/output.py, core/stores/lock.py).
 
-Real commands in real processes: ``--force`` replaces only the command's own output, the shipped
-assets and stores are read-only to every command, two writers of one output are refused with
-the holder's pid, and a dead holder's lock is taken over.
+Real commands (real processes, or the entry point's ``main`` in this process where only the refusal is
+checked): ``--force`` replaces only the command's own output, the shipped assets and stores are read-only
+to every command, two writers of one output are refused with the holder's pid, and a dead holder's lock
+is taken over.
 """
 
 from __future__ import annotations
@@ -59,17 +60,20 @@ def scene_sets(scene) -> list[str]:
 
 
 # -- --force replaces only the command's own output ----------------------------------------------
-def test_train_force_refuses_a_folder_of_the_users_and_leaves_it(tmp_path):
-    """The issue's command, exactly: exit 2, one line listing what it would have deleted, both left."""
+def test_train_force_refuses_a_folder_of_the_users_and_leaves_it(tmp_path, monkeypatch, capsys):
+    """The issue's command, exactly (its main, from the repository root): exit 2, one line listing what it would
+    have deleted, both left."""
     d = tmp_path / "thesis"
     (d / "docs").mkdir(parents=True)
     (d / "thesis.tex").write_text("x\n")
-    proc = core("train", "--config", "configs/model.yaml", "--set", "model.preset=tiny", "--set", "training.epochs=1",
-                "--out", str(d), "--force")
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    assert "it also holds docs, thesis.tex, which this command did not make; nothing was deleted" in proc.stderr
-    assert "(it would have deleted docs/, thesis.tex)" in proc.stderr
+    monkeypatch.chdir(REPO_ROOT)
+    code = main(["train", "--config", "configs/model.yaml", "--set", "model.preset=tiny", "--set", "training.epochs=1",
+                 "--out", str(d), "--force"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "it also holds docs, thesis.tex, which this command did not make; nothing was deleted" in err
+    assert "(it would have deleted docs/, thesis.tex)" in err
     assert (d / "docs").is_dir() and (d / "thesis.tex").read_text() == "x\n"
 
 
@@ -141,7 +145,9 @@ def test_evaluating_the_shipped_run_writes_its_own_place(tmp_path, monkeypatch):
 
 
 # -- one writer per output --------------------------------------------------------------------------
-def test_a_second_train_into_the_same_out_is_refused_and_the_first_finishes(tmp_path, scene_sets):
+def test_a_second_train_into_the_same_out_is_refused_and_the_first_finishes(tmp_path, scene_sets, capsys):
+    """The first writer is a real process; the second is the command's main in this process (the refusal is the
+    same code and the same stderr line; an import of torch less)."""
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "core", "train", "--config", "configs/model.yaml", *scene_sets,
                               "--set", "training.epochs=3", "--set", "seed=1", "--out", str(out), "--no-progress"],
@@ -149,15 +155,17 @@ def test_a_second_train_into_the_same_out_is_refused_and_the_first_finishes(tmp_
     try:
         wait_for(lambda: holder(out).get("pid") == first.pid, timeout=120, what="the first train holds the lock")
         first.send_signal(signal.SIGSTOP)  # it holds the lock while the second tries, whatever the machine's speed
+        capsys.readouterr()
         try:
-            second = core("train", "--config", "configs/model.yaml", *scene_sets, "--set", "training.epochs=2",
-                          "--set", "seed=2", "--out", str(out), "--no-progress")
+            code = main(["train", "--config", str(REPO_ROOT / "configs" / "model.yaml"), *scene_sets, "--set",
+                         "training.epochs=2", "--set", "seed=2", "--out", str(out), "--no-progress"])
         finally:
             first.send_signal(signal.SIGCONT)
-        assert second.returncode == 2
-        assert second.stderr.startswith(f"error: run directory {out}: being written by pid {first.pid} "
-                                        "(python -m core train --config configs/model.yaml")
-        assert second.stderr.count("\n") == 1
+        err = capsys.readouterr().err
+        assert code == 2
+        assert err.startswith(f"error: run directory {out}: being written by pid {first.pid} "
+                              "(python -m core train --config configs/model.yaml")
+        assert err.count("\n") == 1
         _, err = first.communicate(timeout=300)
         assert first.returncode == 0, err
     finally:
