@@ -90,3 +90,20 @@ def test_a_serving_feature_that_recounts_the_path_gain_is_not_informative():
     for entry in old["cell"].values():
         entry.pop("independent")
     assert Calibration.from_dict(old).informative_cell_features == ()
+
+
+def test_rank_correlation_matches_pandas_spearman_with_ties():
+    """The numpy Spearman (average ranks for ties) against pandas' reference, and NaN for a constant input."""
+    import pandas as pd
+
+    from core.physics.calibration import _rank_correlation
+
+    rng = np.random.default_rng(3)
+    for n in (2, 7, 300):
+        a = rng.integers(0, 5, n).astype(float)  # many ties
+        b = a + rng.normal(0, 2, n)
+        b[: n // 3] = 0.0  # a saturated stretch: ties in b as well
+        want = pd.Series(a).corr(pd.Series(b), method="spearman")
+        got = _rank_correlation(a, b)
+        assert (np.isnan(got) and np.isnan(want)) or abs(got - want) < 1e-12, (n, got, want)
+    assert np.isnan(_rank_correlation(np.ones(5), np.arange(5.0)))
