@@ -209,8 +209,8 @@ with wb.guard("likelihood surface"):
                    (float(centre[0]), float(centre[1])))
     layers = list(figures.surface_layers(surf, site_names))
     layer = s[2].selectbox("Surface", layers, key="ref_layer",
-                           help="The posterior, the likelihood of all sites, the prior, one reported site's term, or (silence term on) "
-                                "what the sites it did not hear add.")
+                           help="The posterior, the likelihood of all sites, the prior, one reported site's term, "
+                                "or (silence term on) what the sites it did not hear add.")
     views[0].plotly_chart(figures.likelihood_surface(
         surf, layer, true_xy=pred.true_xy[i], network_xy=pred.xy[i], sigma=pred.sigma[i], map_xy=ref.xy[i],
         path=ref.path[:, i], path_labels=ref.path_labels, starts=ref.starts[i], start_labels=ref.start_labels,
