@@ -36,6 +36,20 @@ with wb.guard(f"run {name}"):
 if run is None:
     st.stop()
 wb.dataset_note(run)
+why_not = run.silence_unavailable()
+silence = st.toggle("Silence term", value=bool(run.config.physics_loss.silence) and why_not is None, key="ref_silence",
+                    disabled=why_not is not None,
+                    help="Also charge the sites a report with a free slot did NOT hear where the map predicts them "
+                         "loud (as `evaluate --silence`): the refinement, its likelihood surface (view \"silent "
+                         "sites\") and the residuals use that likelihood.")
+if why_not:
+    st.caption(f"Silence term unavailable: {why_not}")
+view = None
+with wb.guard("silence term"):
+    view = run.with_silence(silence)  # a copy when it differs from the run's config: the cached run is unchanged
+if view is None:
+    st.stop()
+run = view
 
 
 
@@ -69,7 +83,7 @@ if point and point.get("run") == name:
     with st.expander(f"A point of the report file {Path(point['reports']).name} (from the Localize page)",
                      expanded=True):
         with wb.guard("report point"):
-            report_point(run, point)
+            report_point(run, point)  # run: with the silence term as the toggle says
         if st.button("Close this point", key="ref_point_close"):
             st.session_state.pop("ref_report_point", None)
             st.rerun()
@@ -88,10 +102,11 @@ options = (float(threshold) if gate else None, int(top_k), float(window_s))
 
 
 @st.cache_data(show_spinner="Predicting and refining…", max_entries=8)
-def analysis(path: str, stamp: float, split: str, limit: int, options: tuple, scene: str | None, ds: str | None):
+def analysis(path: str, stamp: float, split: str, limit: int, options: tuple, silence: bool, scene: str | None,
+             ds: str | None):
     from core.learning.inference import predict, refine_prediction
 
-    r = wb.load_run(path, scene, ds)
+    r = wb.load_run(path, scene, ds).with_silence(silence)
     pred = predict(r, r.dataset.indices(split)[:limit])
     threshold, top_k, window_s = options
     return pred, refine_prediction(r, pred, threshold=threshold, top_k=top_k, window_s=window_s)
@@ -107,12 +122,12 @@ def bound(path: str, stamp: float, split: str, limit: int, window_s: float, scen
 
 
 @st.cache_data(show_spinner="Evaluating the likelihood surface…", max_entries=64)
-def surface(path: str, stamp: float, split: str, limit: int, options: tuple, scene: str | None, ds: str | None, row: int,
-            half_m: float, centre: tuple):
+def surface(path: str, stamp: float, split: str, limit: int, options: tuple, silence: bool, scene: str | None,
+            ds: str | None, row: int, half_m: float, centre: tuple):
     from core.learning.inference import refinement_surface
 
-    _, ref = analysis(path, stamp, split, limit, options, scene, ds)
-    return refinement_surface(wb.load_run(path, scene, ds), ref, row, half_m=half_m, centre=centre)
+    _, ref = analysis(path, stamp, split, limit, options, silence, scene, ds)
+    return refinement_surface(wb.load_run(path, scene, ds).with_silence(silence), ref, row, half_m=half_m, centre=centre)
 
 
 @st.cache_data(show_spinner="The network's distribution…", max_entries=64)
@@ -125,7 +140,7 @@ def distribution(path: str, stamp: float, scene: str | None, ds: str | None, sam
 path, stamp = str(ws.root / name), wb.mtime(ws.root / name)
 result = None
 with wb.guard("refinement"):
-    result = analysis(path, stamp, split, int(limit), options, scene, dataset)
+    result = analysis(path, stamp, split, int(limit), options, silence, scene, dataset)
 if result is None:
     st.stop()
 pred, ref = result
@@ -174,6 +189,10 @@ st.markdown(f"Error: network **{ref.error_before_m[i]:.2f} m** → MAP **{ref.er
             f"(won by the start **{ref.source_name(i)}**; posterior {ref.posterior_before[i]:.2f} → "
             f"{ref.posterior_after[i]:.2f} nats). σ = ({pred.sigma[i, 0]:.1f}, {pred.sigma[i, 1]:.1f}) m, "
             f"confidence {pred.confidence[i]:.2f}, {int(pred.num_reports[i])} reports.")
+if silence:
+    st.caption(f"Silence term: the sites this sample's reports did not hear add {ref.silence_before[i]:.2f} nats "
+               f"at the network's estimate and {ref.silence_after[i]:.2f} at the MAP estimate (in the NLL and the "
+               "posterior above; 0 when its latest report had no free slot).")
 bound_cov = None
 with wb.guard("Cramér–Rao bound"):
     covs = bound(path, stamp, split, int(limit), float(window_s), scene, dataset)
@@ -186,10 +205,12 @@ if bound_cov is not None:
                if np.isfinite(rms) else "Cramér–Rao bound: the pooled reports do not determine the position.")
 views = st.columns(2)
 with wb.guard("likelihood surface"):
-    surf = surface(path, stamp, split, int(limit), options, scene, dataset, i, float(half), (float(centre[0]), float(centre[1])))
+    surf = surface(path, stamp, split, int(limit), options, silence, scene, dataset, i, float(half),
+                   (float(centre[0]), float(centre[1])))
     layers = list(figures.surface_layers(surf, site_names))
     layer = s[2].selectbox("Surface", layers, key="ref_layer",
-                           help="The posterior, the likelihood of all sites, the prior, or one reported site's term.")
+                           help="The posterior, the likelihood of all sites, the prior, one reported site's term, "
+                                "or (silence term on) what the sites it did not hear add.")
     views[0].plotly_chart(figures.likelihood_surface(
         surf, layer, true_xy=pred.true_xy[i], network_xy=pred.xy[i], sigma=pred.sigma[i], map_xy=ref.xy[i],
         path=ref.path[:, i], path_labels=ref.path_labels, starts=ref.starts[i], start_labels=ref.start_labels,

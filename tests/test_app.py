@@ -38,6 +38,7 @@ def build_workspace(root: Path) -> Path:
 
     rm = analytic_radio_map(height=32, width=48, bounds=(-96.0, -64.0, 96.0, 64.0))
     rm._attrs["scene"] = "etoile"
+    rm._attrs["radio"] = {"tx_power_dbm": 43.0}  # the analytic map's (silence's threshold: sensitivity - this)
     rm.save(root / "radio_maps" / "etoile.zarr")
     ds = synthetic_dataset(rm, 300, reports=6, seed=0)
     ds.attrs["scene"] = "etoile"
@@ -674,6 +675,11 @@ def test_refinement_inspector(workspace):
     metrics = {m.label: m.value for m in at.metric}
     done, total = metrics["Samples refined"].split(" / ")
     assert done == total  # every sample by default
+    # the synthetic dataset records no sensitivity: the silence term is off and says why, in one line
+    toggle = at.toggle(key="ref_silence")
+    assert toggle.disabled and toggle.value is False
+    assert "Silence term unavailable: silence: " in _texts(at.caption) and "records no sensitivity" in _texts(at.caption)
+    assert "silent sites" not in at.selectbox(key="ref_layer").options
     # one site's term of the likelihood
     layers = at.selectbox(key="ref_layer").options
     site_layer = next(x for x in layers if x.startswith("site "))
@@ -729,6 +735,89 @@ def test_refinement_inspector_shows_errors_not_tracebacks(workspace, monkeypatch
     _no_exception(at)
     assert [e.value for e in at.error] == ["refinement: likelihood: the calibration has 3 sites, the map 5"]
     assert not _plotly(at)
+
+
+def _silent_dataset(workspace: Path) -> Path:
+    """A dataset of etoile that records a sensitivity (so the silence term applies): the slots after the first
+    whose measured path gain is below the median second slot's are dropped, so most reports have a free slot."""
+    from core.physics.synthetic import synthetic_dataset
+    from core.stores.measurement_model import MeasurementModel
+    from core.stores.radio_map import RadioMap
+
+    rm = RadioMap.load(workspace / "radio_maps" / "etoile.zarr")
+    ds = synthetic_dataset(rm, 300, reports=6, seed=2)
+    pg, ids = ds.site_features[..., 0], ds.site_ids
+    threshold = float(np.nanmedian(pg[..., 1]))  # [dB]
+    heard = np.isfinite(pg) & (pg >= threshold)
+    heard[..., 0] = ids[..., 0] >= 0
+    drop = ~np.cumprod(heard, axis=-1).astype(bool)
+    ids[drop] = -1
+    ds.site_features[drop] = np.nan
+    ds.clean_site_features[drop] = np.nan
+    tx = rm.attrs["radio"]["tx_power_dbm"]
+    ds.attrs.update(scene="etoile", measurement_model=MeasurementModel(sensitivity_dbm=threshold + tx).to_attrs())
+    return ds.save(workspace / "datasets" / "etoile_silent")
+
+
+def test_the_silence_term_on_the_refinement_inspector(workspace):
+    """On a dataset that records a sensitivity, the "Silence term" toggle refines with the likelihood that also
+    charges the unheard sites: off, the estimates are the plain likelihood's; on, the silence term's (its nats
+    shown, its own surface view), and the cached run is never changed."""
+    import shutil
+
+    from core.learning.inference import calibrate_run, load_run, predict, refine_prediction, refinement_surface
+
+    path = _silent_dataset(workspace)
+    try:
+        run = load_run(workspace / "runs" / "tiny", scene="etoile", dataset_path=path)
+        calibrate_run(run)
+        pred = predict(run, run.dataset.indices("test"))
+        window_s = run.config.physics_loss.report_window_s
+        off = refine_prediction(run, pred, top_k=3, window_s=window_s)
+        silent = run.with_silence(True)
+        on = refine_prediction(silent, pred, top_k=3, window_s=window_s)
+        assert run.config.physics_loss.silence is False and run.likelihood.silence is None  # the run is unchanged
+        assert silent.with_silence(False).likelihood.silence is None and run.with_silence(True) is silent
+        row = int(np.argmax(on.silence_before))  # the sample whose unheard sites cost most at the network's mean
+        assert on.silence_before[row] > 0.5 and off.silence_before[row] == 0.0
+        surf = refinement_surface(silent, on, row, half_m=4.0, centre=on.xy[row], step_m=1.0)  # its own layer
+        assert np.allclose(surf.nll, surf.site.sum(0) + surf.cell + surf.silence, atol=1e-3)
+        assert np.isclose(surf.silence[4, 4], on.silence_after[row], atol=1e-3)
+        assert np.isclose(surf.posterior[4, 4], on.posterior_after[row], atol=1e-3)
+
+        at = _app()
+        at.selectbox(key="_dataset_picker").select("etoile_silent").run()
+        at.session_state["ref_run"] = "runs/tiny"  # (other tests of the module train more runs)
+        at.switch_page("pages/refinement.py").run()
+        _no_exception(at)
+        assert at.selectbox(key="ref_run").value == "runs/tiny"
+        toggle = at.toggle(key="ref_silence")
+        assert not toggle.disabled and toggle.value is False and "Silence term unavailable" not in _texts(at.caption)
+
+        def estimates(at: AppTest) -> np.ndarray:
+            return at.dataframe[0].value.sort_values("sample")["map_error_m"].to_numpy()
+
+        np.testing.assert_allclose(estimates(at), np.round(off.error_after_m, 3), atol=2e-3)  # off: as before
+        at.selectbox(key="ref_sample").select(int(pred.indices[row])).run()
+        before = _texts(at.markdown)
+        at.toggle(key="ref_silence").set_value(True).run()
+        _no_exception(at)
+        np.testing.assert_allclose(estimates(at), np.round(on.error_after_m, 3), atol=2e-3)
+        assert not np.allclose(on.error_after_m, off.error_after_m)  # the term moves some estimates
+        assert f"add {on.silence_before[row]:.2f} nats at the network's estimate" in _texts(at.caption)
+        assert f"posterior {on.posterior_before[row]:.2f}" in _texts(at.markdown) and _texts(at.markdown) != before
+        assert on.posterior_before[row] > off.posterior_before[row] + 0.5
+        assert "silent sites" in at.selectbox(key="ref_layer").options
+        at.selectbox(key="ref_layer").select("silent sites").run()
+        _no_exception(at)
+        surface = next(f for f in _plotly(at) if f["layout"]["title"]["text"].startswith("Sample "))
+        assert surface["data"][0]["name"] == "silent sites" and np.nanmax(_array(surface["data"][0]["customdata"])) > 0
+        at.toggle(key="ref_silence").set_value(False).run()  # back: the plain likelihood's estimates again
+        _no_exception(at)
+        np.testing.assert_allclose(estimates(at), np.round(off.error_after_m, 3), atol=2e-3)
+        assert "silent sites" not in at.selectbox(key="ref_layer").options
+    finally:
+        shutil.rmtree(path)
 
 
 def test_job_survives_an_app_restart(workspace):

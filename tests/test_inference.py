@@ -151,7 +151,7 @@ def test_inspector_helpers(run_dir):
     surf = refinement_surface(run, ref, row, half_m=6.0, centre=ref.xy[row], step_m=0.5)
     assert surf.xs.shape == (25,) and surf.nll.shape == surf.prior.shape == (25, 25) and surf.step == 0.5
     assert surf.site.shape == (ref.site_ids.shape[1], 25, 25)
-    assert np.allclose(surf.nll, surf.site.sum(0) + surf.cell, atol=1e-3)
+    assert np.allclose(surf.nll, surf.site.sum(0) + surf.cell, atol=1e-3) and surf.silence is None  # no silence term
     assert np.allclose(surf.posterior, surf.nll + surf.prior)
     # the grid's centre is the MAP estimate: the same posterior as the search found there
     assert np.isclose(surf.posterior[12, 12], ref.posterior_after[row], atol=1e-3)

@@ -86,6 +86,7 @@ class LoadedRun:
     calibration: Any = field(default=None, repr=False)
     _likelihood: Any = field(default=None, repr=False)
     _refiners: dict = field(default_factory=dict, repr=False)
+    _variants: dict = field(default_factory=dict, repr=False)
 
     @property
     def held_out(self) -> bool:
@@ -127,6 +128,43 @@ class LoadedRun:
                             "(--sensitivity-dbm off, or no measurement model: every site is reported, so silence "
                             "says nothing), or its map no transmit power")
         return threshold
+
+    def silence_unavailable(self) -> str | None:
+        """Why the silence term cannot be used on the loaded scene (:meth:`silence_threshold`'s one line), None
+        when it can."""
+        try:
+            self.silence_threshold()
+        except CoreError as exc:
+            return str(exc)
+        return None
+
+    def with_silence(self, on: bool = True) -> LoadedRun:
+        """This run with the likelihood's silence term on (or off): ``physics_loss.silence`` set in a COPY of the
+        config, never in this run's (two users of one cached run each see their own choice).
+
+        ``self`` when its config already says so; else a shallow copy sharing the model, dataset, map and
+        calibration (:func:`calibrate_run` first), with its own config, :attr:`likelihood` (built here, so that
+        a copy of it with another dataset, a report window, keeps the silence fitted on this scene) and refiners,
+        made once per run and flag. CoreError (:meth:`silence_threshold`) when on and the dataset records no
+        sensitivity.
+        """
+        import copy
+        import dataclasses
+
+        on = bool(on)
+        if bool(self.config.physics_loss.silence) == on:
+            return self
+        if on:
+            self.silence_threshold()
+        made = self._variants.get(on)
+        if made is None or made.dataset is not self.dataset or made.radio_map is not self.radio_map:
+            calibrate_run(self)
+            config = copy.deepcopy(self.config)
+            config.physics_loss.silence = on
+            made = dataclasses.replace(self, config=config, _likelihood=None, _refiners={}, _variants={})
+            made.likelihood  # noqa: B018 -- built now (see the docstring)
+            self._variants[on] = made
+        return made
 
     def _silence(self, maps):
         """The silence term of the loaded scene (:mod:`core.physics.silence`): its outlier share fitted on the
@@ -569,6 +607,10 @@ class RefinedPrediction:
     prior: Any = None
     #: "gaussian", "heatmap" or "flat"
     prior_kind: str = "gaussian"
+    #: ``[N]`` [nats] the silence term (the sites a report with a free slot did not hear,
+    #: :mod:`core.physics.silence`) in ``nll_before`` / ``nll_after``; 0 without it
+    silence_before: np.ndarray | None = None
+    silence_after: np.ndarray | None = None
 
     def source_name(self, i: int) -> str:
         """Which start won for sample row ``i`` ("window", "centre 2", "global 1"; "not refined")."""
@@ -680,6 +722,7 @@ def _refined(res, prediction: Prediction, obs, sigma, threshold, n_centres: int,
         cell_z_before=czb, cell_z_after=cza, error_before_m=prediction.error_m,
         error_after_m=position_errors(xy, prediction.true_xy), threshold=threshold, top_k=n_centres,
         window_s=window_s, use_prior=use_prior, search=search, seconds=float(res.seconds),
+        silence_before=npy(tb.silence), silence_after=npy(ta.silence),
     )
 
 

@@ -6,10 +6,12 @@ For a sample's observation and prior, on the grid ``x_j = cx + j h``, ``y_i = cy
     nll[i, j]       = NLL(x_j, y_i)                       (RobustLikelihood, nats)
     site[k, i, j]   = sum_f NLL term of slot k, feature f    (its coverage mix included)
     cell[i, j]      = sum_c NLL term of serving feature c
+    silence[i, j]   = the silence term: what the sites the sample did NOT hear add
+                      (:mod:`core.physics.silence`; None when the likelihood has none)
     prior[i, j]     = prior_nll(x_j, y_i)                 (0 without a prior)
     posterior[i, j] = nll + prior
 
-so ``nll = sum_k site[k] + cell`` (the terms of :meth:`RobustLikelihood.terms`). Points
+so ``nll = sum_k site[k] + cell (+ silence)`` (the terms of :meth:`RobustLikelihood.terms`). Points
 outside the map's bounds are NaN in every layer (the lookup would clamp them to the
 border). The grid is evaluated in chunks of ``chunk`` points; the observation is
 prepared once.
@@ -34,7 +36,8 @@ MAX_POINTS_PER_SIDE = 161
 class LikelihoodSurface(NamedTuple):
     """One sample's surfaces (numpy, float64): xs ``[W]``, ys ``[H]`` [m]; nll, prior,
     posterior, cell ``[H, W]`` and site ``[K, H, W]`` [nats], NaN outside the map; site_ids
-    ``[K]`` (-1 empty slot); step [m]."""
+    ``[K]`` (-1 empty slot); step [m]; silence ``[H, W]`` [nats] the silence term, None when the
+    likelihood or the observation has none."""
 
     xs: np.ndarray
     ys: np.ndarray
@@ -45,6 +48,7 @@ class LikelihoodSurface(NamedTuple):
     cell: np.ndarray
     site_ids: np.ndarray
     step: float
+    silence: np.ndarray | None = None
 
 
 @torch.no_grad()
@@ -74,13 +78,14 @@ def likelihood_surface(likelihood, obs, centre, half_m: float, step_m: float | N
     maps = likelihood.maps
     pts = torch.as_tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=maps.dtype, device=maps.device)
     prep = likelihood.prepare(obs)
-    total, site, cell = [], [], []
+    total, site, cell, silent = [], [], [], []
     for s in range(0, len(pts), chunk):
         xy = pts[s:s + chunk]
         t = likelihood.terms(xy, prep.take(torch.zeros(len(xy), dtype=torch.long, device=maps.device)))
         total.append(t.total)
         site.append(t.site.sum(-1))
         cell.append(t.cell.sum(-1))
+        silent.append(t.silence)
     shape = gx.shape
     to = lambda parts: torch.cat(parts).double().cpu().numpy()  # noqa: E731
     nll = to(total).reshape(shape)
@@ -89,7 +94,9 @@ def likelihood_surface(likelihood, obs, centre, half_m: float, step_m: float | N
     x0, y0, x1, y1 = maps.bounds
     outside = (gx < x0) | (gx > x1) | (gy < y0) | (gy > y1)
     cell_n = to(cell).reshape(shape)
-    for layer in (nll, pri, cell_n):
+    silence = to(silent).reshape(shape) if prep.unheard is not None else None
+    for layer in (nll, pri, cell_n) + (() if silence is None else (silence,)):
         layer[outside] = np.nan
     site_n[:, outside] = np.nan
-    return LikelihoodSurface(xs, ys, nll, pri, nll + pri, site_n, cell_n, obs.site_ids[0].cpu().numpy(), step)
+    return LikelihoodSurface(xs, ys, nll, pri, nll + pri, site_n, cell_n, obs.site_ids[0].cpu().numpy(), step,
+                             silence)

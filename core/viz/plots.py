@@ -518,8 +518,9 @@ NETWORK_COLOR, MAP_COLOR, TRUTH_COLOR, START_COLOR = "#1f77b4", "#ff7f0e", "#2ca
 
 def surface_layers(surface, site_names: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """The layers of a :class:`~core.physics.surface.LikelihoodSurface` to draw, by label:
-    posterior, likelihood (all terms), prior, then one per reported site (slot order), and
-    the serving cell's features when they weigh anything. Values ``[H, W]`` in nats."""
+    posterior, likelihood (all terms), prior, then one per reported site (slot order), the
+    serving cell's features when they weigh anything, and "silent sites" (what the sites the sample
+    did not hear add: the silence term) when the likelihood has one. Values ``[H, W]`` in nats."""
     layers = {"posterior (likelihood + prior)": surface.posterior, "likelihood (all sites)": surface.nll,
               "prior (network)": surface.prior}
     for k, s in enumerate(np.asarray(surface.site_ids)):
@@ -528,6 +529,8 @@ def surface_layers(surface, site_names: Sequence[str] = ()) -> dict[str, np.ndar
     cell = np.asarray(surface.cell)[np.isfinite(surface.cell)]
     if cell.size and np.ptp(cell) > 0:
         layers["serving cell features"] = surface.cell
+    if surface.silence is not None:
+        layers["silent sites"] = surface.silence
     return layers
 
 
