@@ -1,6 +1,6 @@
 """What the twin gets wrong, learned from labelled walks: per-site residual fields added to the map.
 
-``python -m core correct-map --dataset D [--out PATH] [--radio-map MAP] [--split train] [--force]``
+``python -m core correct-map --dataset D [--out PATH] [--radio-map MAP] [--split train] [--walks N] [--force]``
 
 writes ``<radio-maps>/corrected/<scene>.zarr`` unless ``--out`` says otherwise: a maps folder of its own,
 so the twin keeps its place and ``--radio-maps radio_maps/corrected`` reads the corrected maps.
@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from core import cli_types
 from core.errors import CoreError
 from core.features import wrap_degrees
 from core.stores.lineage import CORRECTED_FOLDER, corrected_map_path
@@ -100,11 +101,14 @@ class TwinCorrection:
     fit_split: str
     fit_reports: int
     val_reports: int
+    fit_walks: int
+    walks_seed: int | None = None  #: the draw of a subset of the split's walks (``walks``), None: all of them
 
     def record(self, dataset_ref: dict, twin_ref: dict) -> dict[str, Any]:
         """The ``attrs["twin_correction"]`` of the corrected map (JSON-safe)."""
         return {"dataset": dataset_ref, "twin": twin_ref, "fit_split": self.fit_split, "val_split": "val",
-                "fit_reports": self.fit_reports, "val_reports": self.val_reports, "clip": dict(CLIP),
+                "fit_walks": self.fit_walks, "walks_seed": self.walks_seed, "fit_reports": self.fit_reports,
+                "val_reports": self.val_reports, "clip": dict(CLIP),
                 "features": {f: asdict(c) for f, c in self.choices.items()}}
 
 
@@ -162,9 +166,12 @@ def _lookup(field: np.ndarray, xy: np.ndarray, ids: np.ndarray, ok_f: np.ndarray
     return field[ids[m, k], row[m], col[m]]
 
 
-def fit_corrections(dataset, radio_map, split: str = "train") -> TwinCorrection:
+def fit_corrections(dataset, radio_map, split: str = "train", walks: int | None = None,
+                    walks_seed: int = 0) -> TwinCorrection:
     """Fit the correction of ``radio_map`` (a RadioMap with per-site layers, one path per site) to the
-    labelled reports of ``dataset``'s ``split``, with h and lambda chosen on its val split (module doc)."""
+    labelled reports of ``dataset``'s ``split``, with h and lambda chosen on its val split (module doc).
+    ``walks``: fit only this many of the split's walks, drawn without replacement with ``walks_seed`` (how
+    many labelled walks does the correction need; the val split is used whole)."""
     from core.physics.calibration import truth_residuals
     from core.physics.site_lookup import prepare_site_maps
 
@@ -177,7 +184,12 @@ def fit_corrections(dataset, radio_map, split: str = "train") -> TwinCorrection:
     if split == "val":
         raise CoreError("correct-map: --split val is where the kernel is chosen; fit on train (or test)")
     maps = prepare_site_maps(radio_map)
-    fit = truth_residuals(dataset, maps, dataset.indices(split))
+    fit_idx = dataset.indices(split)
+    if walks is not None:
+        if isinstance(walks, bool) or int(walks) != walks or walks < 1:
+            raise CoreError(f"correct-map: walks must be an integer >= 1, got {walks!r}")
+        fit_idx = np.sort(np.random.default_rng(walks_seed).permutation(fit_idx)[:int(walks)])
+    fit = truth_residuals(dataset, maps, fit_idx)
     val = truth_residuals(dataset, maps, dataset.indices("val"))
     for name, (_, _, _, ok) in ((split, fit), ("val", val)):
         if not ok.any():
@@ -208,7 +220,8 @@ def fit_corrections(dataset, radio_map, split: str = "train") -> TwinCorrection:
         choices[name] = FeatureChoice(h, lam, loss(r_val), score, _robust_std(r_val), _robust_std(res))
         fields.append(c.astype(np.float32))
     return TwinCorrection(np.stack(fields), counts.astype(np.float32), choices, split,
-                          int(fit[3].any((1, 2)).sum()), int(val[3].any((1, 2)).sum()))
+                          int(fit[3].any((1, 2)).sum()), int(val[3].any((1, 2)).sum()), int(len(fit_idx)),
+                          None if walks is None else int(walks_seed))
 
 
 def correct_map(radio_map, correction: TwinCorrection, record: dict[str, Any]):
@@ -301,6 +314,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--radio-maps", default="radio_maps", help="folder of <scene>.zarr (default: radio_maps)")
     parser.add_argument("--split", choices=("train", "test"), default="train",
                         help="the labelled walks fitted (default: train; the kernel is chosen on val)")
+    parser.add_argument("--walks", type=cli_types.count, default=None,
+                        help="fit only this many labelled walks of --split, drawn at random (default: all)")
+    parser.add_argument("--walks-seed", type=cli_types.seed, default=0, help="the draw of --walks (default: 0)")
     parser.add_argument("--force", action="store_true", help="replace --out if it is a radio map store")
     parser.add_argument("--json", default=None, help="also write the record (choices, val figures) here")
 
@@ -346,11 +362,11 @@ def run(args: argparse.Namespace) -> int:
     if twin.source and out.resolve() == Path(twin.source).resolve():
         raise CoreError(f"--out {out} is the twin being corrected; write the corrected map to another path")
     with writing_store(out, "radio_map", args.force, "--out"):  # one writer; --force replaces a map only; then work
-        correction = fit_corrections(ds, twin, args.split)
+        correction = fit_corrections(ds, twin, args.split, args.walks, args.walks_seed)
         record = correction.record(ds.ref.to_dict(), twin.ref.to_dict())
         correct_map(twin, correction, record).save(out)
     print(f"twin {twin.ref.describe()} corrected with {correction.fit_reports} labelled reports of "
-          f"{args.dataset} ({args.split}); kernel chosen on {correction.val_reports} val reports:")
+          f"{correction.fit_walks} walks of {args.dataset} ({args.split}); kernel chosen on {correction.val_reports} val reports:")
     print(_table(record))
     covered = (correction.counts > 0).any(0).mean()
     print(f"cells with a labelled report (any site): {100 * covered:.1f} %; wrote {out} "
