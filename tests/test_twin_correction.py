@@ -62,6 +62,7 @@ def test_fields_recover_the_worlds_offsets_and_the_circle(world):
     few = fit_corrections(ds, twin, walks=50, walks_seed=1)
     assert few.fit_walks == 50 and few.walks_seed == 1 and few.fit_reports < corr.fit_reports / 5
     assert few.record({}, {})["fit_walks"] == 50 and corr.record({}, {})["walks_seed"] is None
+    assert 0 < few.reach < corr.reach <= 1  # fewer walks come near fewer cells
     fixed = correct_map(twin, corr, {"note": "test"})
     assert fixed.attrs["twin_correction"] == {"note": "test"} and fixed.attrs["sites"] == twin.attrs["sites"]
     np.testing.assert_array_equal(fixed.values, twin.values)  # the serving channels stay the twin's
