@@ -128,3 +128,15 @@ def test_a_corrected_map_stands_in_for_its_twin_only(world, tmp_path):
     other.save(map_path(tmp_path / "other", "twin"))
     with pytest.raises(StoreError, match="is not the map dataset"):
         load_stores(root / "datasets" / "twin", tmp_path / "other")
+    from core.stores.lineage import check_map_override
+    from core.stores.radio_map import RadioMap
+
+    for value, ok in ((0, True), (2, False)):  # a setting added later reads as off where it is absent
+        later = RadioMap(fixed.values, fixed.features, fixed.bounds, valid=fixed.valid, layers=fixed.layers,
+                         attrs={**fixed.attrs, "propagation": {"retry_samples_per_src": value}})
+        later.save(tmp_path / f"later{value}" / "twin.zarr")
+        if ok:
+            check_map_override(ds.ref, later.ref)
+        else:
+            with pytest.raises(StoreError, match="other propagation"):
+                check_map_override(ds.ref, later.ref)

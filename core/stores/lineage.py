@@ -194,10 +194,16 @@ def _free_attrs(path: Path) -> dict[str, Any]:
 
 
 def _transmitters(attrs: Mapping[str, Any]) -> tuple[list[tuple[str, tuple[float, ...]]], Any]:
-    """``([(site name, position rounded to mm)], propagation)`` of a store's attrs."""
+    """``([(site name, position rounded to mm)], propagation)`` of a store's attrs; the propagation without the
+    settings that are off (0, false, null), so a setting added after a store was made (absent there, off by
+    default) does not tell two stores of the same physics apart."""
     sites = [(str(q.get("name")), tuple(round(float(v), 3) for v in q.get("position", ())))
              for q in attrs.get("sites") or [] if isinstance(q, Mapping)]
-    return sites, attrs.get("propagation")
+    prop = attrs.get("propagation")
+    if isinstance(prop, Mapping):
+        prop = {k: v for k, v in prop.items() if v is not None and v is not False
+                and not (type(v) in (int, float) and v == 0)} or None
+    return sites, prop
 
 
 def _check_map_of_mapless(dataset: StoreRef, radio_map: StoreRef) -> None:
