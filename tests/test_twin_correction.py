@@ -86,6 +86,9 @@ def test_command_writes_a_map_the_dataset_accepts_and_guards_its_output(world, t
     fixed = RadioMap.load(out)
     record = fixed.attrs["twin_correction"]
     assert record["dataset"]["id"] == ds.lineage.id and record["fit_split"] == "train"
+    check = record["localization_check"]  # the val walks localized against both maps, printed and recorded
+    assert check["walks"] == len(ds.indices("val")) and "exhaustive map matching of" in done.stdout
+    assert check["corrected"]["median_m"] < check["twin"]["median_m"]  # the world's offsets are worth metres
     check_map_override(ds.ref, fixed.ref)  # evaluate / consistency --radio-map take it for this dataset
     from core.cli import main
 
