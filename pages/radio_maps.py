@@ -5,7 +5,7 @@ import streamlit as st
 
 import app_widgets as wb
 from core.jobs.manager import correct_map_spec, generate_maps_spec
-from core.physics.twin_correction import FEATURES, VIEWS, correction_record, record_rows, site_layer
+from core.physics.twin_correction import FEATURES, VIEWS, check_lines, correction_record, record_rows, site_layer
 from core.raytracing.coverage import DEFAULT_MIN_COVERAGE, coverage_figures, heard_sensitivity
 from core.raytracing.generation import DEFAULT_TOA_DECIMATION, fitted_map_size
 from core.raytracing.tracing import MAX_SAMPLES_PER_SRC, PropagationSettings
@@ -141,6 +141,11 @@ def correction_view(twin_map, corrected_path) -> None:
         st.warning(f"The corrected map was fitted to another save of the twin ({twin.get('path')}); correct "
                    "this one again.", icon=":material/link_off:")
     st.dataframe(pd.DataFrame(record_rows(record)), hide_index=True, width="stretch")
+    for line in check_lines(record):
+        if line.startswith("warning:"):
+            st.warning(line.removeprefix("warning: ").capitalize(), icon=":material/warning:")
+        else:
+            st.caption(line[0].upper() + line[1:] + ".")
 
 
 if radio_map is not None:  # the twin is there to correct

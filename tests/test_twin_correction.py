@@ -86,6 +86,12 @@ def test_command_writes_a_map_the_dataset_accepts_and_guards_its_output(world, t
     fixed = RadioMap.load(out)
     record = fixed.attrs["twin_correction"]
     assert record["dataset"]["id"] == ds.lineage.id and record["fit_split"] == "train"
+    from core.physics.twin_correction import check_lines
+
+    worse = {"walks": 9, "twin": {"median_m": 1.0, "p90_m": 2.0, "beyond_20m": 0.0},
+             "corrected": {"median_m": 1.5, "p90_m": 2.0, "beyond_20m": 0.0}}
+    assert [ln.split(":")[0] for ln in check_lines({"localization_check": worse})][1] == "warning"
+    assert len(check_lines(record)) == 1 and check_lines({}) == []
     check = record["localization_check"]  # the val walks localized against both maps, printed and recorded
     assert check["walks"] == len(ds.indices("val")) and "exhaustive map matching of" in done.stdout
     assert check["corrected"]["median_m"] < check["twin"]["median_m"]  # the world's offsets are worth metres

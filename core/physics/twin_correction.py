@@ -61,7 +61,7 @@ from core.features import wrap_degrees
 from core.stores.lineage import CORRECTED_FOLDER, corrected_map_path
 
 __all__ = ["TwinCorrection", "FeatureChoice", "fit_corrections", "correct_map", "BANDWIDTHS_M", "SHRINKS", "CLIP",
-           "CORRECTED_FOLDER", "VIEWS", "site_layer", "record_rows"]
+           "CORRECTED_FOLDER", "VIEWS", "site_layer", "record_rows", "check_lines", "localization_check"]
 
 #: the per-site layers corrected, in the residuals' feature order (path gain, ToA, AoA)
 LAYERS: tuple[str, ...] = ("site_path_gain", "site_toa", "site_aoa")
@@ -290,6 +290,22 @@ def localization_check(dataset, twin, corrected, walks: int = CHECK_WALKS, seed:
     return out
 
 
+def check_lines(record: dict[str, Any]) -> list[str]:
+    """The record's :func:`localization_check` in words (the command prints them, the app shows them): the
+    figures, and a line starting ``warning:`` when the corrected map is worse in median; [] without a check."""
+    check = record.get("localization_check")
+    if not isinstance(check, dict) or not all(isinstance(check.get(k), dict) for k in ("twin", "corrected")):
+        return []
+    t, c = check["twin"], check["corrected"]
+    lines = [f"exhaustive map matching of {check.get('walks', '?')} val walks (no network): twin median "
+             f"{t['median_m']:.2f} m, P90 {t['p90_m']:.1f} m, {100 * t['beyond_20m']:.1f} % beyond 20 m -> corrected "
+             f"{c['median_m']:.2f} m, {c['p90_m']:.1f} m, {100 * c['beyond_20m']:.1f} %"]
+    if c["median_m"] > t["median_m"]:
+        lines.append("warning: the corrected map localizes these val walks worse in median than the twin: fit more "
+                     "walks, or keep the twin")
+    return lines
+
+
 # -- reading a corrected map back (the app's view) ----------------------------------------
 #: what :func:`site_layer` shows of one site and feature
 VIEWS: tuple[str, ...] = ("twin", "corrected", "correction")
@@ -430,15 +446,8 @@ def run(args: argparse.Namespace) -> int:
     if correction.reach < SPARSE_REACH:
         print(f"warning: below {100 * SPARSE_REACH:.0f} %, a partly corrected map draws searches toward its corrected "
               "areas (etoile's realistic world: 17 % made the median worse; docs/world.md): fit more walks")
-    check = record.get("localization_check")
-    if check:
-        t, c = check["twin"], check["corrected"]
-        print(f"exhaustive map matching of {check['walks']} val walks (no network): twin median {t['median_m']:.2f} m, "
-              f"P90 {t['p90_m']:.1f} m, {100 * t['beyond_20m']:.1f} % beyond 20 m -> corrected {c['median_m']:.2f} m, "
-              f"{c['p90_m']:.1f} m, {100 * c['beyond_20m']:.1f} %")
-        if c["median_m"] > t["median_m"]:
-            print("warning: the corrected map localizes these val walks worse in median than the twin: fit more walks, "
-                  "or keep the twin")
+    for line in check_lines(record):
+        print(line)
     if args.json:
         with output_lock(args.json):
             atomic_write_text(Path(args.json), json.dumps(record, indent=2))
