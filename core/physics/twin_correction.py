@@ -124,17 +124,14 @@ def _robust_std(r: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(r - np.median(r)))) if r.size else float("nan")
 
 
-def _binned(xy: np.ndarray, ids: np.ndarray, r: np.ndarray, ok: np.ndarray, shape, bounds, cell: float, f: int,
+def _binned(cells: tuple[np.ndarray, np.ndarray], ids: np.ndarray, r: np.ndarray, ok: np.ndarray, shape, f: int,
             num_sites: int) -> tuple[np.ndarray, ...]:
     """Per site and cell ``[S, H, W]``: the count of feature ``f``'s residuals and their sums (path gain /
-    ToA: the clipped residual; AoA: its sine and cosine)."""
-    h, w = shape
-    col = np.clip(np.floor((xy[:, 0] - bounds[0]) / cell), 0, w - 1).astype(np.int64)
-    row = np.clip(np.floor((xy[:, 1] - bounds[1]) / cell), 0, h - 1).astype(np.int64)
+    ToA: the clipped residual; AoA: its sine and cosine); ``cells``: each report's ``(row [M], col [M])``."""
     m, k = np.nonzero(ok[..., f])
-    where = (ids[m, k], row[m], col[m])
+    where = (ids[m, k], cells[0][m], cells[1][m])
     val = r[m, k, f]
-    count = np.zeros((num_sites, h, w))
+    count = np.zeros((num_sites, *shape))
     np.add.at(count, where, 1.0)
     sums = []
     if FEATURES[f] == "aoa":
@@ -165,13 +162,10 @@ def _field(binned: tuple[np.ndarray, ...], angular: bool, bandwidth_cells: float
     return smooth(binned[1]) / (lam + count)
 
 
-def _lookup(field: np.ndarray, xy: np.ndarray, ids: np.ndarray, ok_f: np.ndarray, bounds, cell: float) -> np.ndarray:
+def _lookup(field: np.ndarray, cells: tuple[np.ndarray, np.ndarray], ids: np.ndarray, ok_f: np.ndarray) -> np.ndarray:
     """``field[s]`` at the cell of each ok slot (the flat ``[M_ok]`` in ``np.nonzero`` order)."""
-    h, w = field.shape[-2:]
-    col = np.clip(np.floor((xy[:, 0] - bounds[0]) / cell), 0, w - 1).astype(np.int64)
-    row = np.clip(np.floor((xy[:, 1] - bounds[1]) / cell), 0, h - 1).astype(np.int64)
     m, k = np.nonzero(ok_f)
-    return field[ids[m, k], row[m], col[m]]
+    return field[ids[m, k], cells[0][m], cells[1][m]]
 
 
 def fit_corrections(dataset, radio_map, split: str = "train", walks: int | None = None,
@@ -202,13 +196,14 @@ def fit_corrections(dataset, radio_map, split: str = "train", walks: int | None 
     for name, (_, _, _, ok) in ((split, fit), ("val", val)):
         if not ok.any():
             raise CoreError(f"dataset {dataset.source}: split {name!r} has no labelled report a site layer covers")
-    bounds, cell, shape, num_sites = radio_map.bounds, radio_map.cell_size, radio_map.shape, maps.num_sites
+    cell, shape, num_sites = radio_map.cell_size, radio_map.shape, maps.num_sites
+    fit_cells, val_cells = radio_map.cell_of(fit[0]), radio_map.cell_of(val[0])  # the cell holding each report
     fields, choices, counts = [], {}, np.zeros((num_sites, *shape))
     for f, name in enumerate(FEATURES):
         angular = name == "aoa"
-        binned = _binned(*fit, shape, bounds, cell, f, num_sites)
+        binned = _binned(fit_cells, *fit[1:], shape, f, num_sites)
         counts = np.maximum(counts, binned[0])
-        xy_v, ids_v, r_v, ok_v = val
+        _, ids_v, r_v, ok_v = val
         r_val = r_v[..., f][ok_v[..., f]]
         scale = max(_robust_std(r_val), 1e-6)
 
@@ -219,7 +214,7 @@ def fit_corrections(dataset, radio_map, split: str = "train", walks: int | None 
         for h in BANDWIDTHS_M:
             for lam in SHRINKS:
                 c = _field(binned, angular, h / cell, lam)
-                res = r_val - _lookup(c, xy_v, ids_v, ok_v[..., f], bounds, cell)
+                res = r_val - _lookup(c, val_cells, ids_v, ok_v[..., f])
                 res = wrap_degrees(res) if angular else res
                 score = loss(res)
                 if score < best[0]:
