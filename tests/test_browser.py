@@ -189,11 +189,22 @@ def _no_exception_box(page, where: str) -> None:
 
 
 def _goto(page, label: str, title: str) -> None:
-    page.get_by_test_id("stSidebarNav").get_by_text(label, exact=True).click()
     # the page's own heading is written by its new script run, so that run has started; a
     # finished-run count is not needed (and a run that starts and ends within one observer
-    # batch would not be counted)
-    page.get_by_role("heading", name=title, exact=True).wait_for()
+    # batch would not be counted). A click that lands while the current page re-renders its
+    # sidebar (a job panel's poll) can be lost (seen twice in a row on 2026-12-03, then not in 5 runs): then click
+    # again, as a user would.
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    heading = page.get_by_role("heading", name=title, exact=True)
+    for attempt in range(3):
+        page.get_by_test_id("stSidebarNav").get_by_text(label, exact=True).click()
+        try:
+            heading.wait_for(timeout=30_000 if attempt < 2 else 120_000)
+            break
+        except PlaywrightTimeoutError:
+            if attempt == 2:
+                raise
     _settle(page, None)
 
 
