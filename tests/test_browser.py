@@ -191,9 +191,9 @@ def _no_exception_box(page, where: str) -> None:
 def _goto(page, label: str, title: str) -> None:
     # the page's own heading is written by its new script run, so that run has started; a
     # finished-run count is not needed (and a run that starts and ends within one observer
-    # batch would not be counted). A click that lands while the current page re-renders its
-    # sidebar (a job panel's poll) can be lost (seen twice in a row on 2026-12-03, then not in 5 runs): then click
-    # again, as a user would.
+    # batch would not be counted). A click can go unanswered: after the training-job test the Localize
+    # heading never came, twice in a row on 2026-12-03, then not in 5 runs; the cause was not found (a
+    # click landing while the page re-renders is the guess). Then click again, as a user would.
     from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
     heading = page.get_by_role("heading", name=title, exact=True)
