@@ -120,10 +120,6 @@ class TwinCorrection:
                 "features": {f: asdict(c) for f, c in self.choices.items()}}
 
 
-def _robust_std(r: np.ndarray) -> float:
-    return float(1.4826 * np.median(np.abs(r - np.median(r)))) if r.size else float("nan")
-
-
 def _binned(cells: tuple[np.ndarray, np.ndarray], ids: np.ndarray, r: np.ndarray, ok: np.ndarray, shape, f: int,
             num_sites: int) -> tuple[np.ndarray, ...]:
     """Per site and cell ``[S, H, W]``: the count of feature ``f``'s residuals and their sums (path gain /
@@ -174,8 +170,11 @@ def fit_corrections(dataset, radio_map, split: str = "train", walks: int | None 
     labelled reports of ``dataset``'s ``split``, with h and lambda chosen on its val split (module doc).
     ``walks``: fit only this many of the split's walks, drawn without replacement with ``walks_seed`` (how
     many labelled walks does the correction need; the val split is used whole)."""
-    from core.physics.calibration import truth_residuals
+    from core.physics.calibration import robust_location_scale, truth_residuals
     from core.physics.site_lookup import prepare_site_maps
+
+    def robust_std(r: np.ndarray) -> float:  # 1.4826 MAD (AoA residuals already wrapped about 0)
+        return robust_location_scale(r)[1]
 
     if radio_map.paths_per_site > 1:
         raise CoreError(f"radio map {radio_map.source}: {radio_map.paths_per_site} paths per site; the twin correction "
@@ -205,7 +204,7 @@ def fit_corrections(dataset, radio_map, split: str = "train", walks: int | None 
         counts = np.maximum(counts, binned[0])
         _, ids_v, r_v, ok_v = val
         r_val = r_v[..., f][ok_v[..., f]]
-        scale = max(_robust_std(r_val), 1e-6)
+        scale = max(robust_std(r_val), 1e-6)
 
         def loss(res: np.ndarray, scale=scale) -> float:
             return float(np.mean(np.log1p((res / scale) ** 2)))
@@ -220,7 +219,7 @@ def fit_corrections(dataset, radio_map, split: str = "train", walks: int | None 
                 if score < best[0]:
                     best = (score, h, lam, c, res)
         score, h, lam, c, res = best
-        choices[name] = FeatureChoice(h, lam, loss(r_val), score, _robust_std(r_val), _robust_std(res))
+        choices[name] = FeatureChoice(h, lam, loss(r_val), score, robust_std(r_val), robust_std(res))
         fields.append(c.astype(np.float32))
     return TwinCorrection(np.stack(fields), counts.astype(np.float32), choices, split,
                           int(fit[3].any((1, 2)).sum()), int(val[3].any((1, 2)).sum()), int(len(fit_idx)),
