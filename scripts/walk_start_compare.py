@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from core.learning.inference import calibrate_run, cpu_threads, load_run, walk_prediction
+from core.learning.metrics import error_metrics
 from core.learning.statistics import paired_delta
 from core.physics.observation import site_observation
 from core.physics.trajectory import WalkConfig, scan_starts
@@ -57,8 +58,9 @@ def main() -> None:
     print(f"{args.run}, {args.split} split, {len(idx)} UEs; load average {os.getloadavg()[0]:.2f}; "
           f"scan picks identical for {100 * same_share:.2f} % of walks ({'all' if same else 'not all'})")
     for name, e in errors.items():
-        row = {"median_m": float(np.median(e)), "p90_m": float(np.percentile(e, 90)),
-               "beyond_20m": float(np.mean(e > 20.0)), "ms_per_walk": float(np.median(ms[name])),
+        m = error_metrics(e)
+        row = {"median_m": m["median_m"], "p90_m": m["p90_m"],
+               "beyond_20m": m["beyond_20m"], "ms_per_walk": float(np.median(ms[name])),
                "ms_per_walk_runs": ms[name]}
         out["methods"][name] = row
         print(f"  {name:14s} median {row['median_m']:.3f} m  P90 {row['p90_m']:.2f} m  >20 m "
