@@ -9,7 +9,7 @@ from core.physics.twin_correction import FEATURES, VIEWS, check_lines, correctio
 from core.raytracing.coverage import DEFAULT_MIN_COVERAGE, coverage_figures, heard_sensitivity
 from core.raytracing.generation import DEFAULT_TOA_DECIMATION, fitted_map_size
 from core.raytracing.tracing import MAX_SAMPLES_PER_SRC, PropagationSettings
-from core.stores.lineage import map_paths
+from core.stores.lineage import corrected_twin_id, map_paths
 from core.stores.workspace import store_status
 from core.viz import plots as figures
 
@@ -137,7 +137,7 @@ def correction_view(twin_map, corrected_path) -> None:
                f"`{(record.get('dataset') or {}).get('path', '?')}` ({record.get('fit_split', '?')}), kernels "
                f"chosen on {record.get('val_reports', '?')} val reports; h and λ empty = the twin kept for that "
                "feature.")
-    if twin.get("digest") and twin_map.ref.digest and twin["digest"] != twin_map.ref.digest:
+    if twin_map.ref.id and corrected_twin_id(corrected.ref) != twin_map.ref.id:  # the stand-in rule of lineage
         st.warning(f"The corrected map was fitted to another save of the twin ({twin.get('path')}); correct "
                    "this one again.", icon=":material/link_off:")
     st.dataframe(pd.DataFrame(record_rows(record)), hide_index=True, width="stretch")
