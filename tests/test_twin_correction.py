@@ -111,6 +111,13 @@ def test_command_writes_a_map_the_dataset_accepts_and_guards_its_output(world, t
     assert "nothing was deleted" in refused(["--out", str(foreign), "--force"], capsys)
     assert (foreign / "notes.txt").read_text() == "keep"
     assert "read-only" in refused(["--out", "radio_maps/etoile.zarr", "--force"], capsys)
+    plain = tmp_path / "plain.zarr"  # a radio map correct-map did not make (generate-maps' kind): --force keeps it
+    saved = RadioMap.load(root / "radio_maps" / "twin.zarr")  # a copy: the module's twin keeps its own lineage
+    saved.save(plain)
+    assert "nothing was deleted" in refused(["--out", str(plain), "--force"], capsys)
+    assert RadioMap.load(plain).lineage.id == saved.lineage.id
+    assert main(base[3:] + ["--out", str(out), "--force", "--check-walks", "0"]) == 0  # its own output: replaced
+    capsys.readouterr()
 
 
 def test_a_corrected_map_stands_in_for_its_twin_only(world, tmp_path):

@@ -380,7 +380,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-walks", type=cli_types.integer(0), default=CHECK_WALKS,
                         help=f"localize this many val walks by exhaustive map matching against the twin and the "
                              f"corrected map, and say which is better (default: {CHECK_WALKS}; 0: no check)")
-    parser.add_argument("--force", action="store_true", help="replace --out if it is a radio map store")
+    parser.add_argument("--force", action="store_true", help="replace --out if it is a corrected map (this command's own output; any other store is kept)")
     parser.add_argument("--json", default=None, help="also write the record (choices, val figures) here")
 
 
@@ -401,9 +401,9 @@ def run(args: argparse.Namespace) -> int:
 
     from core.stores.atomic import atomic_write_text
     from core.stores.dataset import MeasurementDataset
-    from core.stores.lineage import check_map_of_dataset, check_map_override, map_path
+    from core.stores.lineage import StoreRef, check_map_of_dataset, check_map_override, corrected_twin_id, map_path
     from core.stores.lock import output_lock
-    from core.stores.output import check_writable, writing_store
+    from core.stores.output import check_replaceable, check_writable, writing_store
     from core.stores.radio_map import RadioMap
 
     ds = MeasurementDataset.load(args.dataset)
@@ -424,6 +424,9 @@ def run(args: argparse.Namespace) -> int:
         check_map_of_dataset(ds.ref, ds.radio_map_ref, twin.ref)
     if twin.source and out.resolve() == Path(twin.source).resolve():
         raise CoreError(f"--out {out} is the twin being corrected; write the corrected map to another path")
+    if args.force:  # this command's own output only: a corrected map, not any radio map (generate-maps' twins)
+        check_replaceable(out, corrected_twin_id(StoreRef(str(out))) is not None,
+                          "a corrected map (correct-map's own output)", "--out")
     with writing_store(out, "radio_map", args.force, "--out"):  # one writer; --force replaces a map only; then work
         correction = fit_corrections(ds, twin, args.split, args.walks, args.walks_seed)
         record = correction.record(ds.ref.to_dict(), twin.ref.to_dict())
