@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +269,39 @@ def test_a_training_scene_evaluated_on_another_dataset_of_it(run_dir, tmp_path):
         other_scene.attrs["scene"] = "elsewhere"
         other_scene.save(tmp_path / "elsewhere")
         load_run(copy, scene="analytic", dataset_path=tmp_path / "elsewhere")
+
+
+def test_prior_weight_auto_is_chosen_on_val_and_recorded(run_dir, tmp_path, capsys):
+    """``evaluate --prior-weight auto``: the weight with the smallest val median, recorded with its grid, and the
+    searches run with it; a larger weight holds MAP nearer the network; the val split and a missing --refine are
+    refused in one line before any work."""
+    from core.learning.evaluation import evaluate_run
+    from core.learning.inference import map_search_config
+    from core.learning.prior_weight import PRIOR_WEIGHTS
+
+    res = evaluate_run(run_dir, "test", refine=True, prior_weight="auto", write=False, keep_errors=True)
+    choice = res["prior_weight"]
+    assert choice["split"] == "val" and [r["weight"] for r in choice["grid"]] == list(PRIOR_WEIGHTS)
+    best = min(choice["grid"], key=lambda r: (r["median_m"], r["weight"]))
+    assert choice["weight"] == best["weight"] and choice["count"] == len(load_run(run_dir).dataset.indices("val"))
+    fixed = evaluate_run(run_dir, "test", refine=True, prior_weight=choice["weight"], write=False, keep_errors=True)
+    assert fixed["prior_weight"] == {"weight": choice["weight"], "split": None}
+    np.testing.assert_allclose(res["_errors"]["model_refined"], fixed["_errors"]["model_refined"])
+    run = load_run(run_dir)
+    pred = predict(run, run.dataset.indices("test"))
+    moved = {w: np.median(np.linalg.norm(refine_prediction(
+        run, pred, search=replace(map_search_config(run.config), prior_weight=w)).xy - pred.xy, axis=1))
+        for w in (1.0, 256.0)}
+    assert moved[256.0] < moved[1.0]
+    rc = main(["evaluate", "--run", str(run_dir), "--refine", "--prior-weight", "auto", "--out", str(tmp_path / "a.json")])
+    assert rc == 0 and json.loads((tmp_path / "a.json").read_text())["prior_weight"]["split"] == "val"
+    capsys.readouterr()
+    for args, words in ((["--refine", "--split", "val", "--prior-weight", "auto"], "chooses the weight on the val"),
+                        (["--prior-weight", "4"], "give --refine"), (["--refine", "--prior-weight", "nan"], "auto or a")):
+        try:
+            rc = main(["evaluate", "--run", str(run_dir), *args])
+        except SystemExit as stop:  # argparse refuses a bad value itself
+            rc = stop.code
+        err = capsys.readouterr().err
+        assert rc == 2 and words in err and "Traceback" not in err, args
+    assert not list(run_dir.glob("eval_*prior*.json"))

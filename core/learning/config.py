@@ -188,6 +188,9 @@ class RefinementConfig(_Section):
     #: the prior's shape when use_prior: "gaussian" N(xy, sigma^2) (sigma includes the coarse spread), or
     #: "heatmap": the network's most likely coarse cells as a mixture (core.physics.prior.heatmap_prior)
     prior: Literal["gaussian", "heatmap"] = "gaussian"
+    #: w of J = NLL - w log p_prior in every search with the network's prior (MAP, network + whole walk);
+    #: 1 = Bayes' rule as written; `evaluate --prior-weight auto` chooses it on the val split
+    prior_weight: float = Field(default=1.0, gt=0.0, le=1.0e4)
 
 
 class PhysicsLossConfig(_Section):

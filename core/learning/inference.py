@@ -528,13 +528,14 @@ def map_search_config(config: Config):
     """The :class:`~core.physics.refinement.MapSearchConfig` of a run's config.
 
     From ``physics_loss.refinement``: ``num_steps`` -> ``polish_steps`` (Adam steps after
-    the pattern search). Everything else: the MapSearchConfig defaults (``learning_rate``
+    the pattern search), ``prior_weight`` -> ``prior_weight``. Everything else: the MapSearchConfig defaults (``learning_rate``
     was the old gradient refinement's step from the raw estimate; the polish starts from a
     0.5 m pattern search, so its own 0.25 m default stays).
     """
     from core.physics.refinement import MapSearchConfig
 
-    return MapSearchConfig(polish_steps=int(config.physics_loss.refinement.num_steps))
+    r = config.physics_loss.refinement
+    return MapSearchConfig(polish_steps=int(r.num_steps), prior_weight=float(r.prior_weight))
 
 
 @dataclass
@@ -683,7 +684,8 @@ def network_prior(run: LoadedRun, prediction: Prediction, refiner):
     cell = run.model.frame(run.maps).cell_wh.to(device=maps.device, dtype=maps.dtype)  # [1, 2] metres
     cell_sigma = (cell / math.sqrt(12.0)).expand(len(prediction.indices), 2)
     return heatmap_prior(t(prediction.xy), t(prediction.fine_sigma), t(prediction.coarse_xy[:, 1:]),
-                         t(prediction.coarse_prob), cell_sigma, refiner.area, c.outlier_prob, c.min_sigma_m)
+                         t(prediction.coarse_prob), cell_sigma, refiner.area, c.outlier_prob, c.min_sigma_m,
+                         c.prior_weight)
 
 
 def _refined(res, prediction: Prediction, obs, sigma, threshold, n_centres: int, window_s: float, use_prior: bool,
@@ -817,7 +819,7 @@ def walk_prediction(run: LoadedRun, prediction: Prediction | None = None, start=
         c = refiner.config
         prior = position_prior(torch.as_tensor(prediction.xy, dtype=dt, device=dev),
                                torch.as_tensor(prediction.sigma, dtype=dt, device=dev), refiner.area, c.outlier_prob,
-                               c.min_sigma_m)
+                               c.min_sigma_m, c.prior_weight)
         start = prediction.xy if start is None else start
         return whole_walk(run.dataset, prediction.indices, refiner, config, window_s=window_s,
                           start=torch.as_tensor(np.asarray(start), dtype=dt, device=dev), prior=prior)
