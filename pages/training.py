@@ -235,24 +235,25 @@ else:
                                      "corrected": f"the corrected map ({ws.rel(corrected)})"}.get,
                         help="the corrected map (python -m core correct-map) is read in place of the twin the "
                              "dataset records (--radio-map); it reads the run's own dataset of its first scene")
-    eval_prior = st.radio("Network prior's weight in MAP", ["run", "auto"], horizontal=True, key="eval_prior",
+    eval_prior = st.radio("Network prior's σ in MAP", ["run", "auto"], horizontal=True, key="eval_prior",
                           disabled=not eval_refine,
-                          format_func={"run": "the run's (physics_loss.refinement.prior_weight)",
-                                       "auto": "chosen on the val split"}.get,
-                          help="w of J = NLL − w log p_prior; auto tries 1 … 256 on the val split and keeps the "
-                               "smallest network + MAP median (--prior-weight auto, recorded in the result)")
-    prior_weight = "auto" if eval_refine and eval_prior == "auto" else None
+                          format_func={"run": "the run's (physics_loss.refinement.prior_sigma_scale × the network's)",
+                                       "auto": "scale chosen on the val split"}.get,
+                          help="the prior's σ = s × the network's; auto tries s = 2 … 1/16 on the val split and keeps "
+                               "the smallest network + MAP median (--prior-sigma-scale auto, recorded in the result)")
+    prior_scale = "auto" if eval_refine and eval_prior == "auto" else None
     spec = None
     with wb.guard("evaluation"):
         if eval_map == "corrected":
             spec = evaluate_spec(ws.rel(ws.root / eval_run), None, "test", eval_refine, eval_baselines,
-                                 radio_map=ws.rel(corrected), prior_weight=prior_weight)
+                                 radio_map=ws.rel(corrected), prior_sigma_scale=prior_scale)
             if other is not None and info.dataset and Path(info.dataset).name != Path(other).name:
                 st.caption(f"With --radio-map the run's own dataset (`{info.dataset}`) is evaluated, not "
                            f"`{ws.rel(other)}`.")
         else:
             spec = evaluate_spec(ws.rel(ws.root / eval_run), eval_scene, "test", eval_refine, eval_baselines,
-                                 dataset=ws.rel(other) if other is not None else None, prior_weight=prior_weight)
+                                 dataset=ws.rel(other) if other is not None else None,
+                                 prior_sigma_scale=prior_scale)
         st.caption(f"`python -m core {' '.join(spec.args)}`")
     if eval_go and spec is not None:
         with wb.guard("evaluation"):

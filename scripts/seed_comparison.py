@@ -12,8 +12,9 @@ two-level bootstrap 95 % CI (core.learning.statistics) of the median's change an
 MAP and network + whole-walk (``--references``) against each other method, overall, for NLOS and for one site heard
 (and of the P90 overall; those entries carry ``"metric": "p90_m"``). ``--json FILE`` writes it all.
 
-``--prior-weight W|auto``: the prior's weight in every search with the network's prior (``evaluate
---prior-weight``; auto: chosen per run on its val split, the chosen weights in the JSON's ``prior_weights``).
+``--prior-sigma-scale S|auto``: the prior's sigma over the network's in every search with the network's prior
+(``evaluate --prior-sigma-scale``; auto: chosen per run on its val split, the chosen scales in the JSON's
+``prior_sigma_scales``).
 
 ``--beside-map PATH ...``: every method is ALSO evaluated against each of these maps of the scene (e.g. the
 twin corrected by ``correct-map``, docs/world.md), its errors named ``METHOD@PATH``; name them in
@@ -38,7 +39,7 @@ import json
 
 import numpy as np
 
-from core.learning.evaluation import LABELS, evaluate_run, prior_weight_arg
+from core.learning.evaluation import LABELS, evaluate_run, sigma_scale_arg
 from core.learning.groups import GROUPS, worst_share
 from core.learning.inference import load_run
 from core.learning.statistics import paired_delta, seed_summary
@@ -71,9 +72,9 @@ def main() -> None:
     parser.add_argument("--dataset", default=None,
                         help="another dataset of the runs' scene to evaluate on (e.g. datasets/etoile_realistic: the "
                              "same walks traced in a perturbed twin); calibrated on its train split, in memory")
-    parser.add_argument("--prior-weight", type=prior_weight_arg, default=None, metavar="W|auto",
-                        help="w of every search with the network's prior (evaluate --prior-weight); auto: chosen per "
-                             "run on its val split, recorded as prior_weights")
+    parser.add_argument("--prior-sigma-scale", type=sigma_scale_arg, default=None, metavar="S|auto",
+                        help="the prior's sigma over the network's in every search with the network's prior (evaluate "
+                             "--prior-sigma-scale); auto: chosen per run on its val split, recorded as prior_sigma_scales")
     parser.add_argument("--beside-map", nargs="+", metavar="PATH",
                         help="also evaluate every method against these maps of the scene (e.g. correct-map's), "
                              "named METHOD@PATH; pass them to --references to pair them")
@@ -91,7 +92,7 @@ def main() -> None:
     per_method: dict[str, list[np.ndarray]] = {}
     groups = None
     cost: dict[str, float] = {}
-    weights: dict[str, float] = {}  # the prior weight each run (@ map) searched with
+    scales: dict[str, float] = {}  # the prior sigma scale each run (@ map) searched with
     maps = [(None, "")] + [(path, f"@{path}") for path in args.beside_map or []]
     for map_path, suffix in maps:
         baselines: dict[str, np.ndarray] = {}
@@ -99,8 +100,8 @@ def main() -> None:
             run = load_run(run_dir, device=args.device, scene=scene, dataset_path=args.dataset,
                            radio_map_override=map_path)
             res = evaluate_run(run_dir, args.split, refine=True, baselines=not baselines, device=args.device, run=run,
-                               write=False, keep_errors=True, prior_weight=args.prior_weight)
-            weights.setdefault(run_dir + suffix, res["prior_weight"]["weight"])
+                               write=False, keep_errors=True, prior_sigma_scale=args.prior_sigma_scale)
+            scales.setdefault(run_dir + suffix, res["prior_sigma_scale"]["scale"])
             errors = res["_errors"]
             if not baselines:  # the baselines need no training: computed once, the same for every seed
                 baselines = {k: v for k, v in errors.items() if k not in NETWORK_METHODS}
@@ -114,7 +115,8 @@ def main() -> None:
                 groups = ue_groups(run.dataset, run.dataset.indices(args.split),
                                    run.config.physics_loss.report_window_s)
     out = {"split": args.split, "runs": args.runs, "dataset": args.dataset or "the runs' own",
-           "beside_maps": args.beside_map or [], "prior_weight": args.prior_weight, "prior_weights": weights,
+           "beside_maps": args.beside_map or [], "prior_sigma_scale": args.prior_sigma_scale,
+           "prior_sigma_scales": scales,
            "groups": {g: int(m.sum()) for g, m in groups.items()},
            "methods": {}, "deltas": []}
     n = len(per_method["model"][0])
@@ -174,7 +176,7 @@ def compare_arm_runs(args) -> None:
         for run_dir in runs:
             run = load_run(run_dir, device=args.device, scene=args.scene)
             res = evaluate_run(run_dir, args.split, refine=True, baselines=not reference, device=args.device, run=run,
-                               write=False, keep_errors=True, prior_weight=args.prior_weight)
+                               write=False, keep_errors=True, prior_sigma_scale=args.prior_sigma_scale)
             if not reference:
                 reference = {k: v for k, v in res["_errors"].items() if k == "exhaustive"}
             for method in ARM_METHODS:

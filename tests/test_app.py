@@ -406,11 +406,12 @@ def test_correct_map_spec_is_the_command_a_user_types(workspace):
     assert Path(ev.output).name == "eval_test_map-corrected_refine.json"  # the name evaluate gives it
     with pytest.raises(CoreError, match="no scene"):
         evaluate_spec("runs/tiny", "etoile", radio_map="radio_maps/corrected/etoile.zarr")
-    auto = evaluate_spec("runs/tiny", None, "test", True, prior_weight="auto")
-    assert auto.args[-2:] == ("--prior-weight", "auto") and Path(auto.output).name == "eval_test_refine_prior-auto.json"
-    assert evaluate_spec("runs/tiny", None, "test", True, prior_weight=64.0).args[-1] == "64"
-    for bad, words in ((dict(refine=False, prior_weight=4.0), "with refinement"),
-                       (dict(split="val", prior_weight="auto"), "another split")):
+    auto = evaluate_spec("runs/tiny", None, "test", True, prior_sigma_scale="auto")
+    assert auto.args[-2:] == ("--prior-sigma-scale", "auto")
+    assert Path(auto.output).name == "eval_test_refine_prior-auto.json"
+    assert evaluate_spec("runs/tiny", None, "test", True, prior_sigma_scale=0.125).args[-1] == "0.125"
+    for bad, words in ((dict(refine=False, prior_sigma_scale=0.5), "with refinement"),
+                       (dict(split="val", prior_sigma_scale="auto"), "another split")):
         with pytest.raises(CoreError, match=words):
             evaluate_spec("runs/tiny", **bad)
     # the page: no corrected map yet, and the command of the sidebar's dataset
@@ -476,9 +477,9 @@ def test_the_corrected_map_views_and_its_record(workspace, corrected_map):
     _no_exception(at)
     assert command().endswith("--refine --radio-map radio_maps/corrected/etoile.zarr`")
     assert "--scene" not in command()
-    at.radio(key="eval_prior").set_value("auto").run()  # the prior's weight chosen on val
+    at.radio(key="eval_prior").set_value("auto").run()  # the prior's sigma scale chosen on val
     _no_exception(at)
-    assert command().endswith("--radio-map radio_maps/corrected/etoile.zarr --prior-weight auto`")
+    assert command().endswith("--radio-map radio_maps/corrected/etoile.zarr --prior-sigma-scale auto`")
 
 
 def test_foreign_corrected_stores_are_one_line(workspace, corrected_map):

@@ -6,7 +6,6 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -271,33 +270,33 @@ def test_a_training_scene_evaluated_on_another_dataset_of_it(run_dir, tmp_path):
         load_run(copy, scene="analytic", dataset_path=tmp_path / "elsewhere")
 
 
-def test_prior_weight_auto_is_chosen_on_val_and_recorded(run_dir, tmp_path, capsys):
-    """``evaluate --prior-weight auto``: the weight with the smallest val median, recorded with its grid, and the
-    searches run with it; a larger weight holds MAP nearer the network; the val split and a missing --refine are
-    refused in one line before any work."""
+def test_prior_sigma_scale_auto_is_chosen_on_val_and_recorded(run_dir, tmp_path, capsys):
+    """``evaluate --prior-sigma-scale auto``: the scale with the smallest val median, recorded with its grid, and
+    the searches run with it; the val split and a missing --refine
+    are refused in one line before any work."""
     from core.learning.evaluation import evaluate_run
-    from core.learning.inference import map_search_config
-    from core.learning.prior_weight import PRIOR_WEIGHTS
+    from core.learning.prior_scale import SIGMA_SCALES
 
-    res = evaluate_run(run_dir, "test", refine=True, prior_weight="auto", write=False, keep_errors=True)
-    choice = res["prior_weight"]
-    assert choice["split"] == "val" and [r["weight"] for r in choice["grid"]] == list(PRIOR_WEIGHTS)
-    best = min(choice["grid"], key=lambda r: (r["median_m"], r["weight"]))
-    assert choice["weight"] == best["weight"] and choice["count"] == len(load_run(run_dir).dataset.indices("val"))
-    fixed = evaluate_run(run_dir, "test", refine=True, prior_weight=choice["weight"], write=False, keep_errors=True)
-    assert fixed["prior_weight"] == {"weight": choice["weight"], "split": None}
+    res = evaluate_run(run_dir, "test", refine=True, prior_sigma_scale="auto", write=False, keep_errors=True)
+    choice = res["prior_sigma_scale"]
+    assert choice["split"] == "val" and [r["scale"] for r in choice["grid"]] == list(SIGMA_SCALES)
+    best = min(r["median_m"] for r in choice["grid"])
+    assert next(r for r in choice["grid"] if r["scale"] == choice["scale"])["median_m"] == best
+    assert choice["count"] == len(load_run(run_dir).dataset.indices("val"))
+    fixed = evaluate_run(run_dir, "test", refine=True, prior_sigma_scale=choice["scale"], write=False, keep_errors=True)
+    assert fixed["prior_sigma_scale"] == {"scale": choice["scale"], "split": None}
     np.testing.assert_allclose(res["_errors"]["model_refined"], fixed["_errors"]["model_refined"])
     run = load_run(run_dir)
     pred = predict(run, run.dataset.indices("test"))
-    moved = {w: np.median(np.linalg.norm(refine_prediction(
-        run, pred, search=replace(map_search_config(run.config), prior_weight=w)).xy - pred.xy, axis=1))
-        for w in (1.0, 256.0)}
-    assert moved[256.0] < moved[1.0]
-    rc = main(["evaluate", "--run", str(run_dir), "--refine", "--prior-weight", "auto", "--out", str(tmp_path / "a.json")])
-    assert rc == 0 and json.loads((tmp_path / "a.json").read_text())["prior_weight"]["split"] == "val"
+    for s in (2.0, 1.0 / 16):  # the prior the search used (and the inspector draws) is the scaled one
+        np.testing.assert_allclose(refine_prediction(run, pred, sigma_scale=s).prior_sigma, pred.sigma * np.float32(s))
+    rc = main(["evaluate", "--run", str(run_dir), "--refine", "--prior-sigma-scale", "auto",
+               "--out", str(tmp_path / "a.json")])
+    assert rc == 0 and json.loads((tmp_path / "a.json").read_text())["prior_sigma_scale"]["split"] == "val"
     capsys.readouterr()
-    for args, words in ((["--refine", "--split", "val", "--prior-weight", "auto"], "chooses the weight on the val"),
-                        (["--prior-weight", "4"], "give --refine"), (["--refine", "--prior-weight", "nan"], "auto or a")):
+    for args, words in ((["--refine", "--split", "val", "--prior-sigma-scale", "auto"], "chooses the scale on the val"),
+                        (["--prior-sigma-scale", "0.5"], "give --refine"),
+                        (["--refine", "--prior-sigma-scale", "nan"], "auto or a")):
         try:
             rc = main(["evaluate", "--run", str(run_dir), *args])
         except SystemExit as stop:  # argparse refuses a bad value itself

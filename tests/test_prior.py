@@ -43,19 +43,3 @@ def test_heatmap_prior_checks_its_inputs():
         heatmap_prior(mu, 1.0, torch.zeros(1, 1, 2), torch.tensor([[0.9, 0.5]]), 4.0, 1e4)
     with pytest.raises(CoreError, match="cell_sigma"):
         heatmap_prior(mu, 1.0, torch.zeros(1, 1, 2), torch.tensor([[0.5, 0.5]]), -4.0, 1e4)
-
-
-def test_the_weight_scales_the_prior_nll_and_is_checked():
-    """``w`` of ``J = NLL - w log p``: w times the NLL of the same prior, for both shapes, kept by take."""
-    mu = torch.tensor([[3.0, -2.0], [0.0, 0.0]], dtype=torch.float64)
-    xy = torch.randn(2, 5, 2, dtype=torch.float64) * 10
-    one, many = position_prior(mu, 2.0, 1e4, 0.05), position_prior(mu, 2.0, 1e4, 0.05, weight=16.0)
-    torch.testing.assert_close(many.nll(xy), 16.0 * one.nll(xy))
-    torch.testing.assert_close(many.take(slice(0, 1)).nll(xy[:1]), 16.0 * one.nll(xy)[:1])
-    centres, probs = torch.tensor([[[20.0, 10.0]], [[-15.0, 5.0]]], dtype=torch.float64), torch.full((2, 2), 0.4,
-                                                                                                     dtype=torch.float64)
-    torch.testing.assert_close(heatmap_prior(mu, 2.0, centres, probs, 4.0, 1e4, weight=3.0).nll(xy),
-                               3.0 * heatmap_prior(mu, 2.0, centres, probs, 4.0, 1e4).nll(xy))
-    for bad in (0.0, -1.0, math.inf, math.nan):
-        with pytest.raises(CoreError, match="weight"):
-            position_prior(mu, 2.0, 1e4, weight=bad)

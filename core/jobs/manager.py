@@ -312,15 +312,15 @@ def train_spec(config: str, out: str, overrides: dict[str, object] | None = None
 
 def evaluate_spec(run: str, scene: str | None = None, split: str = "test", refine: bool = True,
                   baselines: bool = False, dataset: str | None = None, radio_map: str | None = None,
-                  prior_weight: float | str | None = None) -> JobSpec:
+                  prior_sigma_scale: float | str | None = None) -> JobSpec:
     """Evaluate run directory ``run`` on ``split`` (``scene``: a training scene or a held-out one, with the
     in-scene vs held-out table; ``refine``: with test-time MAP on that scene's map; ``dataset``: another dataset
     of ``scene``, e.g. its realistic world; ``radio_map``: the run's own scene read against this map store in
     place of the one its dataset records, e.g. the corrected map :func:`correct_map_spec` writes; it goes without
-    a scene; ``prior_weight``: with ``refine``, the network prior's weight in the searches, a number or "auto",
-    chosen on the val split). Writes ``<run>/eval_<split>[_<scene>][_refine].json``
+    a scene; ``prior_sigma_scale``: with ``refine``, the network prior's sigma over the network's in the searches,
+    a number or "auto", chosen on the val split). Writes ``<run>/eval_<split>[_<scene>][_refine].json``
     (:func:`~core.stores.run.evaluation_path`; named per dataset with ``dataset``, per map folder with ``radio_map``,
-    ``_prior-<w>`` with ``prior_weight``)."""
+    ``_prior-<s>`` with ``prior_sigma_scale``)."""
     from core.stores.run import evaluation_path
 
     if split not in ("train", "val", "test"):
@@ -341,15 +341,16 @@ def evaluate_spec(run: str, scene: str | None = None, split: str = "test", refin
         args += ["--dataset", dataset]
     if radio_map:
         args += ["--radio-map", radio_map]
-    if prior_weight is not None:
+    scale = prior_sigma_scale
+    if scale is not None:
         if not refine:
-            raise CoreError("a prior weight weighs the network's prior in the MAP searches: evaluate with refinement")
-        if prior_weight == "auto" and split == "val":
-            raise CoreError("--prior-weight auto chooses the weight on the val split: evaluate another split")
-        args += ["--prior-weight", prior_weight if prior_weight == "auto" else f"{float(prior_weight):g}"]
+            raise CoreError("a prior sigma scale shapes the network's prior in the MAP searches: evaluate with refinement")
+        if scale == "auto" and split == "val":
+            raise CoreError("--prior-sigma-scale auto chooses the scale on the val split: evaluate another split")
+        args += ["--prior-sigma-scale", scale if scale == "auto" else f"{float(scale):g}"]
     return JobSpec("evaluate", tuple(args), str(evaluation_path(run, split, scene, refine, dataset=dataset,
                                                                 radio_map=radio_map or None,
-                                                                prior_weight=prior_weight)))
+                                                                prior_sigma_scale=scale)))
 
 
 def correct_map_spec(dataset: str, scene: str, radio_maps: str = "radio_maps", split: str = "train",

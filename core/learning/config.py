@@ -188,9 +188,10 @@ class RefinementConfig(_Section):
     #: the prior's shape when use_prior: "gaussian" N(xy, sigma^2) (sigma includes the coarse spread), or
     #: "heatmap": the network's most likely coarse cells as a mixture (core.physics.prior.heatmap_prior)
     prior: Literal["gaussian", "heatmap"] = "gaussian"
-    #: w of J = NLL - w log p_prior in every search with the network's prior (MAP, network + whole walk);
-    #: 1 = Bayes' rule as written; `evaluate --prior-weight auto` chooses it on the val split
-    prior_weight: float = Field(default=1.0, gt=0.0, le=1.0e4)
+    #: the prior's sigma = this x the network's (its fine sigma for "heatmap"), floored at 1 m, in every search with
+    #: the network's prior (MAP, network + whole walk); 1 = the network's as it is; `evaluate --prior-sigma-scale
+    #: auto` chooses it on the val split (core.learning.prior_scale)
+    prior_sigma_scale: float = Field(default=1.0, gt=0.0, le=100.0)
 
 
 class PhysicsLossConfig(_Section):

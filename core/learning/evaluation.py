@@ -16,10 +16,10 @@ after a warm-up), plus:
   fraction_refined, threshold, top_k, window_s, use_prior, search (the MapSearchConfig),
   ms_per_sample, sources (how many samples each kind of start won: window, centre,
   global), ``before`` / ``after`` (all samples), ``refined_before`` / ``refined_after``
-  (only the refined ones), ``groups_after``}; and ``prior_weight`` = {weight, split}: the ``w`` of
-  ``J = NLL - w log p_prior`` in every search with the network's prior (``--prior-weight W``, or
-  ``auto``: chosen on the val split, with its ``count`` and per-weight ``grid``,
-  :mod:`core.learning.prior_weight`; ``split`` None when given);
+  (only the refined ones), ``groups_after``}; and ``prior_sigma_scale`` = {scale, split}: the prior's
+  sigma over the network's in every search with the network's prior (``--prior-sigma-scale S``, or
+  ``auto``: chosen on the val split, with its ``count`` and per-scale ``grid``,
+  :mod:`core.learning.prior_scale`; ``split`` None when given);
 * with ``--baselines``: ``baselines`` = {"knn", "ml", "multilateration", "exhaustive": metrics}
   on the same split and the same reports (the run's window; each with its ``groups`` and
   ``ms_per_sample``); ``exhaustive`` is the run's calibrated likelihood searched over the whole
@@ -83,14 +83,14 @@ def _timed_predict(run, indices) -> tuple[Any, float]:
 def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: bool = False, device="cpu",
                  threshold: float | None = None, top_k: int | None = None, window_s: float | None = None,
                  run=None, write: bool = True, keep_errors: bool = False, silence: bool = False,
-                 prior_weight: float | str | None = None) -> dict[str, Any]:
+                 prior_sigma_scale: float | str | None = None) -> dict[str, Any]:
     """Evaluate ``run_dir`` on ``split`` (see the module doc); ``run`` may be an already loaded run.
 
     ``silence``: the likelihood of every search (MAP, exhaustive, whole walk) also charges the sites
     a report with a free slot did not hear (:mod:`core.physics.silence`; ``physics_loss.silence``).
-    ``prior_weight``: ``w`` of every search with the network's prior (``physics_loss.refinement.prior_weight``;
-    None: the run's), or "auto": chosen on the val split (:mod:`core.learning.prior_weight`); recorded as
-    ``result["prior_weight"]``.
+    ``prior_sigma_scale``: the prior's sigma over the network's in every search with the network's prior
+    (``physics_loss.refinement.prior_sigma_scale``; None: the run's), or "auto": chosen on the val split
+    (:mod:`core.learning.prior_scale`); recorded as ``result["prior_sigma_scale"]``.
 
     ``threshold``, ``top_k``, ``window_s``: the MAP refinement's options
     (:func:`~core.learning.inference.refine_prediction`; None: its defaults).
@@ -105,13 +105,13 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     indices = run.dataset.indices(split)
     if len(indices) == 0:
         raise CoreError(f"--split {split}: no samples in {run.config.data.dataset}")
-    if prior_weight == "auto" and refine:  # refused before any work when the choice would be scored on itself
-        from core.learning.prior_weight import check_scored_split
+    if prior_sigma_scale == "auto" and refine:  # refused before any work when the choice would be scored on itself
+        from core.learning.prior_scale import check_scored_split
 
         check_scored_split(split)
     if write:  # before the work: a result that cannot be written is refused now
-        check_writable(evaluation_path(run.run_dir, split, refine=refine, silence=silence, prior_weight=prior_weight),
-                       "--run")
+        check_writable(evaluation_path(run.run_dir, split, refine=refine, silence=silence,
+                                       prior_sigma_scale=prior_sigma_scale), "--run")
     progress.report(0.05, f"predicting {len(indices)} {split} samples")
     pred, ms = _timed_predict(run, indices)
     result: dict[str, Any] = {"run": str(run.run_dir), "split": split, "checkpoint": run.checkpoint.name,
@@ -129,7 +129,7 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     errors = {"model": pred.error_m}
     bound_rms = _bound(run, indices, window_s, result)
     if refine:
-        result["prior_weight"] = _prior_weight(run, split, prior_weight)
+        result["prior_sigma_scale"] = _prior_sigma_scale(run, split, prior_sigma_scale)
         progress.report(0.4, "MAP refinement")
         result["refinement"], errors["model_refined"], map_xy = _refinement(run, pred, threshold, top_k, window_s)
         if bound_rms is not None:
@@ -160,7 +160,8 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     if run.config.physics_loss.silence and run._likelihood is not None:
         result["silence"] = run.likelihood.silence.to_dict()
     if write:
-        atomic_write_text(evaluation_path(run.run_dir, split, refine=refine, silence=silence, prior_weight=prior_weight),
+        atomic_write_text(evaluation_path(run.run_dir, split, refine=refine, silence=silence,
+                                          prior_sigma_scale=prior_sigma_scale),
                           json.dumps(result, indent=2, default=float))
     progress.report(1.0, "evaluation done")
     if keep_errors:
@@ -177,7 +178,7 @@ def evaluate_scene(run_dir, scene: str, split: str = "test", refine: bool = Fals
 
     run = load_run(run_dir, device=device, scene=scene, dataset_path=dataset_path)
     path = evaluation_path(run.run_dir, split, scene, refine, dataset=dataset_path, silence=options.get("silence", False),
-                           prior_weight=options.get("prior_weight"))
+                           prior_sigma_scale=options.get("prior_sigma_scale"))
     if write:
         check_writable(path, "--run")
     result = evaluate_run(run_dir, split, refine, baselines, run=run, write=False, **options)
@@ -207,21 +208,21 @@ def _scene_row(scene: str, role: str, result: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _prior_weight(run, split: str, prior_weight: float | str | None) -> dict[str, Any]:
-    """Sets the run's ``physics_loss.refinement.prior_weight`` (a number, "auto": chosen on val, None: kept)
-    and returns what ``result["prior_weight"]`` records: ``{"weight", "split"}`` (the split it was chosen on,
-    None when given) and, for "auto", the choice's ``count`` and ``grid``."""
+def _prior_sigma_scale(run, split: str, scale: float | str | None) -> dict[str, Any]:
+    """Sets the run's ``physics_loss.refinement.prior_sigma_scale`` (a number, "auto": chosen on val, None:
+    kept) and returns what ``result["prior_sigma_scale"]`` records: ``{"scale", "split"}`` (the split it was
+    chosen on, None when given) and, for "auto", the choice's ``count`` and ``grid``."""
     r = run.config.physics_loss.refinement
-    if prior_weight == "auto":
-        from core.learning.prior_weight import choose_prior_weight
+    if scale == "auto":
+        from core.learning.prior_scale import choose_sigma_scale
 
-        progress.report(0.3, "choosing the prior weight on val")
-        choice = choose_prior_weight(run, split)
-        r.prior_weight = choice["weight"]
+        progress.report(0.3, "choosing the prior's sigma scale on val")
+        choice = choose_sigma_scale(run, split)
+        r.prior_sigma_scale = choice["scale"]
         return choice
-    if prior_weight is not None:
-        r.prior_weight = float(prior_weight)
-    return {"weight": float(r.prior_weight), "split": None}
+    if scale is not None:
+        r.prior_sigma_scale = float(scale)
+    return {"scale": float(r.prior_sigma_scale), "split": None}
 
 
 def _refinement(run, pred, threshold, top_k, window_s) -> tuple[dict[str, Any], Any, Any]:
@@ -434,33 +435,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--silence", action="store_true",
                         help="searches also charge the sites a report with a free slot did not hear where the map "
                              "predicts them loud (core.physics.silence); result file ..._silence.json")
-    parser.add_argument("--prior-weight", type=prior_weight_arg, default=None, metavar="W|auto",
-                        help="with --refine: w of J = NLL - w log p_prior in every search with the network's prior "
-                             "(default: the run's physics_loss.refinement.prior_weight, 1); auto: chosen on the val "
-                             "split by network + MAP's median (core.learning.prior_weight); result file ..._prior-<w>.json")
+    parser.add_argument("--prior-sigma-scale", type=sigma_scale_arg, default=None, metavar="S|auto",
+                        help="with --refine: the prior's sigma = S x the network's in every search with the network's "
+                             "prior (default: the run's physics_loss.refinement.prior_sigma_scale, 1); auto: chosen on "
+                             "the val split by network + MAP's median (core.learning.prior_scale); result file "
+                             "..._prior-<S>.json")
     parser.add_argument("--out", default=None,
                         help="write the result JSON to this file instead of into the run directory")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
 
-def prior_weight_arg(text: str) -> float | str:
-    """``--prior-weight``: "auto" or a finite number > 0."""
+def sigma_scale_arg(text: str) -> float | str:
+    """``--prior-sigma-scale``: "auto" or a finite number in (0, 100]."""
     if text == "auto":
         return text
     try:
-        return cli_types.number(0.0, 1.0e4, low_open=True)(text)
+        return cli_types.number(0.0, 100.0, low_open=True)(text)
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"must be auto or a finite number in (0, 10000], got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be auto or a finite number in (0, 100], got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # one thread: much faster than 2 on a shared 2-core CPU
     device = "cpu" if args.device == "auto" and not torch.cuda.is_available() else args.device
-    if args.prior_weight is not None and not args.refine:
-        raise CoreError("--prior-weight weighs the network's prior in the searches of --refine: give --refine")
+    if args.prior_sigma_scale is not None and not args.refine:
+        raise CoreError("--prior-sigma-scale scales the network's prior in the searches of --refine: give --refine")
     options = dict(threshold=args.threshold, top_k=args.top_k, window_s=args.window, silence=args.silence,
-                   prior_weight=args.prior_weight)
+                   prior_sigma_scale=args.prior_sigma_scale)
     out = None
     if args.out is not None:
         out = Path(args.out)
@@ -475,7 +477,7 @@ def run(args: argparse.Namespace) -> int:
             raise CoreError(f"--radio-map {args.radio_map}: no such map store")
         label, dataset = None, None
     target = out or evaluation_path(args.run, args.split, label, args.refine, dataset=dataset, silence=args.silence,
-                                    radio_map=args.radio_map, prior_weight=args.prior_weight)
+                                    radio_map=args.radio_map, prior_sigma_scale=args.prior_sigma_scale)
     if out is None:  # before the lock file beside it: an unwritable run folder is one line
         check_writable(target, "--run")
     with output_lock(target, "evaluation"):  # one writer per result file

@@ -528,14 +528,13 @@ def map_search_config(config: Config):
     """The :class:`~core.physics.refinement.MapSearchConfig` of a run's config.
 
     From ``physics_loss.refinement``: ``num_steps`` -> ``polish_steps`` (Adam steps after
-    the pattern search), ``prior_weight`` -> ``prior_weight``. Everything else: the MapSearchConfig defaults (``learning_rate``
+    the pattern search). Everything else: the MapSearchConfig defaults (``learning_rate``
     was the old gradient refinement's step from the raw estimate; the polish starts from a
     0.5 m pattern search, so its own 0.25 m default stays).
     """
     from core.physics.refinement import MapSearchConfig
 
-    r = config.physics_loss.refinement
-    return MapSearchConfig(polish_steps=int(r.num_steps), prior_weight=float(r.prior_weight))
+    return MapSearchConfig(polish_steps=int(config.physics_loss.refinement.num_steps))
 
 
 @dataclass
@@ -631,7 +630,8 @@ def _start_labels(n_centres: int, n_global: int) -> tuple[str, ...]:
 
 def refine_prediction(run: LoadedRun, prediction: Prediction, threshold: float | None = None,
                       top_k: int | None = None, window_s: float | None = None, search=None,
-                      use_prior: bool | None = None, prior: str | None = None) -> RefinedPrediction:
+                      use_prior: bool | None = None, prior: str | None = None,
+                      sigma_scale: float | None = None) -> RefinedPrediction:
     """MAP refinement (:class:`~core.physics.refinement.MapRefiner`) of every sample of ``prediction``.
 
     Posterior ``J(p) = NLL(p | reports) + prior_nll(p)``: the run's calibrated robust
@@ -639,7 +639,8 @@ def refine_prediction(run: LoadedRun, prediction: Prediction, threshold: float |
     ``window_s`` seconds (default the run's ``physics_loss.report_window_s``), and the network's Gaussian
     ``N(mean, sigma^2)`` with its outlier floor as the prior (``use_prior``: default the
     config's ``physics_loss.refinement.use_prior``; off: a flat prior; ``prior``: "gaussian" or "heatmap",
-    the network's likely cells as a mixture, :func:`network_prior`; default the config's). Starts: the window
+    the network's likely cells as a mixture, :func:`network_prior`; default the config's; ``sigma_scale``: the
+    network's sigma times this, default the config's ``physics_loss.refinement.prior_sigma_scale``). Starts: the window
     around the mean, the ``top_k`` next most likely coarse cells (default
     :data:`DEFAULT_TOP_K`) and the global scan's blocks. ``threshold``: refine only samples
     with confidence below it (None: all). ``search``: a MapSearchConfig (default
@@ -652,15 +653,16 @@ def refine_prediction(run: LoadedRun, prediction: Prediction, threshold: float |
     window_s = run.config.physics_loss.report_window_s if window_s is None else float(window_s)
     use_prior = run.config.physics_loss.refinement.use_prior if use_prior is None else bool(use_prior)
     kind = run.config.physics_loss.refinement.prior if prior is None else prior
+    scale = run.config.physics_loss.refinement.prior_sigma_scale if sigma_scale is None else float(sigma_scale)
     calibrate_run(run)
     refiner = run.refiner(search)
     n = len(prediction.indices)
     obs = site_observation(run.dataset, prediction.indices, window_s=window_s)
-    sigma = prediction.sigma if use_prior else np.full((n, 2), FLAT_PRIOR_SIGMA_M, np.float32)
+    sigma = prediction.sigma * np.float32(scale) if use_prior else np.full((n, 2), FLAT_PRIOR_SIGMA_M, np.float32)
     centres = None
     if top_k and prediction.coarse_xy is not None and prediction.coarse_xy.shape[1] > 1:
         centres = torch.as_tensor(prediction.coarse_xy[:, 1:1 + top_k])
-    mixture = network_prior(run, prediction, refiner) if use_prior and kind == "heatmap" else None
+    mixture = network_prior(run, prediction, refiner, scale) if use_prior and kind == "heatmap" else None
     with cpu_threads(run):
         res = refiner(torch.as_tensor(prediction.xy), torch.as_tensor(sigma), obs, centres=centres,
                       confidence=None if threshold is None else torch.as_tensor(prediction.confidence),
@@ -671,10 +673,10 @@ def refine_prediction(run: LoadedRun, prediction: Prediction, threshold: float |
     return out
 
 
-def network_prior(run: LoadedRun, prediction: Prediction, refiner):
+def network_prior(run: LoadedRun, prediction: Prediction, refiner, sigma_scale: float = 1.0):
     """The network's heatmap as the MAP prior (:func:`~core.physics.prior.heatmap_prior`): its
     ``COARSE_TOP_K`` most likely coarse cells with their probabilities, the chosen one at the fine head's
-    estimate and spread, the others at their centres with sigma = cell width / sqrt(12)."""
+    estimate and spread (times ``sigma_scale``), the others at their centres with sigma = cell width / sqrt(12)."""
     from core.physics.prior import heatmap_prior
 
     if prediction.coarse_prob is None or prediction.fine_sigma is None:
@@ -683,9 +685,8 @@ def network_prior(run: LoadedRun, prediction: Prediction, refiner):
     t = lambda a: torch.as_tensor(a).to(device=maps.device, dtype=maps.dtype)  # noqa: E731
     cell = run.model.frame(run.maps).cell_wh.to(device=maps.device, dtype=maps.dtype)  # [1, 2] metres
     cell_sigma = (cell / math.sqrt(12.0)).expand(len(prediction.indices), 2)
-    return heatmap_prior(t(prediction.xy), t(prediction.fine_sigma), t(prediction.coarse_xy[:, 1:]),
-                         t(prediction.coarse_prob), cell_sigma, refiner.area, c.outlier_prob, c.min_sigma_m,
-                         c.prior_weight)
+    return heatmap_prior(t(prediction.xy), t(prediction.fine_sigma * sigma_scale), t(prediction.coarse_xy[:, 1:]),
+                         t(prediction.coarse_prob), cell_sigma, refiner.area, c.outlier_prob, c.min_sigma_m)
 
 
 def _refined(res, prediction: Prediction, obs, sigma, threshold, n_centres: int, window_s: float, use_prior: bool,
@@ -817,9 +818,9 @@ def walk_prediction(run: LoadedRun, prediction: Prediction | None = None, start=
             return whole_walk(run.dataset, indices, refiner, config, window_s=window_s)
         dt, dev = run.likelihood.maps.dtype, run.likelihood.maps.device
         c = refiner.config
+        sigma = prediction.sigma * run.config.physics_loss.refinement.prior_sigma_scale
         prior = position_prior(torch.as_tensor(prediction.xy, dtype=dt, device=dev),
-                               torch.as_tensor(prediction.sigma, dtype=dt, device=dev), refiner.area, c.outlier_prob,
-                               c.min_sigma_m, c.prior_weight)
+                               torch.as_tensor(sigma, dtype=dt, device=dev), refiner.area, c.outlier_prob, c.min_sigma_m)
         start = prediction.xy if start is None else start
         return whole_walk(run.dataset, prediction.indices, refiner, config, window_s=window_s,
                           start=torch.as_tensor(np.asarray(start), dtype=dt, device=dev), prior=prior)

@@ -17,12 +17,6 @@ near ``mu`` this is the Gaussian NLL; far away it levels off at ``log(A / eps)``
 candidate far from ``mu`` wins when its likelihood beats the one near ``mu`` by more than
 that margin minus the Gaussian's. ``eps = 0`` gives the pure Gaussian. ``sigma`` is
 floored at ``min_sigma`` (an overconfident network cannot pin the search).
-
-**Weight.** A search minimises ``J = NLL + w (-log p)``: the prior raised to the power ``w``
-(``weight``, default 1: Bayes' rule as written). ``w > 1`` says the likelihood is worth less than
-its nats claim -- the reports pooled over a window share the map's error at the place, so their
-NLLs are not independent -- or that the network's sigma is too wide; ``w`` is chosen on held-out
-walks (:mod:`core.learning.prior_weight`), never on the split it is scored on.
 """
 
 from __future__ import annotations
@@ -43,8 +37,7 @@ class PositionPrior(NamedTuple):
 
     mu ``[B, 2]``: the network's estimate (where the search's window is); means ``[B, J, 2]``;
     inv_sigma ``[B, J, 2]`` (1 / sigma); log_gauss ``[B, J]`` = log(weight_j / (2 pi sx sy)) with the
-    weights summing to the Gaussians' share; log_floor ``[B]`` = log(floor share / A) (``-inf``: none);
-    weight ``w`` > 0: :meth:`nll` is ``-w log p`` (module doc).
+    weights summing to the Gaussians' share; log_floor ``[B]`` = log(floor share / A) (``-inf``: none).
     """
 
     mu: torch.Tensor
@@ -52,21 +45,20 @@ class PositionPrior(NamedTuple):
     inv_sigma: torch.Tensor
     log_gauss: torch.Tensor
     log_floor: torch.Tensor
-    weight: float = 1.0
 
     def nll(self, xy: torch.Tensor) -> torch.Tensor:
-        """``-w log p`` at ``xy [B, 2]`` -> ``[B]`` or ``xy [B, P, 2]`` -> ``[B, P]`` (differentiable)."""
+        """``-log p`` at ``xy [B, 2]`` -> ``[B]`` or ``xy [B, P, 2]`` -> ``[B, P]`` (differentiable)."""
         single = xy.ndim == 2
         x = xy.unsqueeze(1) if single else xy  # [B, P, 2]
         d = (x.unsqueeze(2) - self.means.unsqueeze(1)) * self.inv_sigma.unsqueeze(1)  # [B, P, J, 2]
         gauss = self.log_gauss.unsqueeze(1) - 0.5 * d.square().sum(-1)  # [B, P, J]
         gauss = gauss.squeeze(-1) if gauss.shape[-1] == 1 else torch.logsumexp(gauss, -1)
-        out = -self.weight * torch.logaddexp(gauss, self.log_floor.unsqueeze(1).expand_as(gauss))
+        out = -torch.logaddexp(gauss, self.log_floor.unsqueeze(1).expand_as(gauss))
         return out.squeeze(1) if single else out
 
     def take(self, idx) -> PositionPrior:
         return PositionPrior(self.mu[idx], self.means[idx], self.inv_sigma[idx], self.log_gauss[idx],
-                             self.log_floor[idx], self.weight)
+                             self.log_floor[idx])
 
 
 def _sigma(s, b: int, like: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:
@@ -83,9 +75,7 @@ def _sigma(s, b: int, like: torch.Tensor, shape: tuple[int, ...], what: str) -> 
     return s
 
 
-def _checked(outlier_prob: float, area_m2: float, weight: float) -> None:
-    if not (math.isfinite(weight) and weight > 0):
-        raise CoreError(f"prior: weight must be finite and > 0, got {weight}")
+def _checked(outlier_prob: float, area_m2: float) -> None:
     if not (0.0 <= outlier_prob < 1.0):
         raise CoreError(f"prior: outlier_prob must be in [0, 1), got {outlier_prob}")
     if not area_m2 > 0:
@@ -93,7 +83,7 @@ def _checked(outlier_prob: float, area_m2: float, weight: float) -> None:
 
 
 def position_prior(mu: torch.Tensor, sigma, area_m2: float, outlier_prob: float = 0.05,
-                   min_sigma: float = 1.0, weight: float = 1.0) -> PositionPrior:
+                   min_sigma: float = 1.0) -> PositionPrior:
     """The Gaussian-plus-floor prior of the module doc.
 
     Args:
@@ -102,20 +92,18 @@ def position_prior(mu: torch.Tensor, sigma, area_m2: float, outlier_prob: float 
         area_m2: the area a gross miss is spread over (the map's covered area).
         outlier_prob: ``eps`` in [0, 1).
         min_sigma: floor of ``sigma`` [m].
-        weight: ``w`` of ``J = NLL + w (-log p)`` (module doc).
     """
-    _checked(outlier_prob, area_m2, weight)
+    _checked(outlier_prob, area_m2)
     b = mu.shape[0]
     s = _sigma(sigma, b, mu, (b, 2), "sigma").clamp(min=min_sigma)
     log_gauss = math.log1p(-outlier_prob) - math.log(2 * math.pi) - s.log().sum(-1)
     log_floor = math.log(outlier_prob) - math.log(area_m2) if outlier_prob > 0 else -math.inf
     return PositionPrior(mu, mu.unsqueeze(1), (1.0 / s).unsqueeze(1), log_gauss.unsqueeze(1),
-                         torch.full((b,), log_floor, dtype=mu.dtype, device=mu.device), float(weight))
+                         torch.full((b,), log_floor, dtype=mu.dtype, device=mu.device))
 
 
 def heatmap_prior(mu: torch.Tensor, fine_sigma, centres: torch.Tensor, probs: torch.Tensor, cell_sigma,
-                  area_m2: float, outlier_prob: float = 0.05, min_sigma: float = 1.0,
-                  weight: float = 1.0) -> PositionPrior:
+                  area_m2: float, outlier_prob: float = 0.05, min_sigma: float = 1.0) -> PositionPrior:
     """The network's distribution over the map as the prior: its ``J`` most likely coarse cells::
 
         p(x) = (1 - eps) [ pi_0 N(x; mu, fine_sigma^2) + sum_{j>=1} pi_j N(x; c_j, cell_sigma^2) ]
@@ -131,9 +119,9 @@ def heatmap_prior(mu: torch.Tensor, fine_sigma, centres: torch.Tensor, probs: to
         mu: ``[B, 2]`` the network's estimate [m]; fine_sigma: a number, ``[B]`` or ``[B, 2]`` [m].
         centres: ``[B, J - 1, 2]`` the next cells' centres [m]; probs: ``[B, J]`` the cells' coarse
             probabilities (the chosen cell first), summing to at most 1.
-        cell_sigma: a number or ``[B]`` [m]. area_m2, outlier_prob, min_sigma, weight: as :func:`position_prior`.
+        cell_sigma: a number or ``[B]`` [m]. area_m2, outlier_prob, min_sigma: as :func:`position_prior`.
     """
-    _checked(outlier_prob, area_m2, weight)
+    _checked(outlier_prob, area_m2)
     b, j = probs.shape
     if centres.shape != (b, j - 1, 2):
         raise CoreError(f"prior: centres must be [{b}, {j - 1}, 2] for {j} probabilities, got {tuple(centres.shape)}")
@@ -146,4 +134,4 @@ def heatmap_prior(mu: torch.Tensor, fine_sigma, centres: torch.Tensor, probs: to
     means = torch.cat([mu.unsqueeze(1), centres.to(mu.dtype)], 1)
     log_gauss = math.log1p(-outlier_prob) + pi.clamp(min=1e-12).log() - math.log(2 * math.pi) - s.log().sum(-1)
     rest = (outlier_prob + (1 - outlier_prob) * (1 - pi.sum(-1))).clamp(min=0.0)
-    return PositionPrior(mu, means, 1.0 / s, log_gauss, rest.log() - math.log(area_m2), float(weight))
+    return PositionPrior(mu, means, 1.0 / s, log_gauss, rest.log() - math.log(area_m2))

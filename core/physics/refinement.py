@@ -2,14 +2,12 @@
 
 For each sample the posterior, in nats, is::
 
-    J(p) = NLL(p) + prior_nll(p),        prior_nll = -w log p_prior
+    J(p) = NLL(p) + prior_nll(p)
 
 with ``NLL`` the calibrated robust likelihood of its report
-(:class:`~core.physics.likelihood.RobustLikelihood`) and ``p_prior`` the network's
+(:class:`~core.physics.likelihood.RobustLikelihood`) and ``prior_nll`` the network's
 Gaussian ``N(mu, sigma^2)`` with a uniform outlier floor (:mod:`core.physics.prior`), or any
-:class:`~core.physics.prior.PositionPrior` given to the call (the network's heatmap); ``w``
-is ``prior_weight`` (1: Bayes' rule as written; chosen on held-out walks by
-:mod:`core.learning.prior_weight`).
+:class:`~core.physics.prior.PositionPrior` given to the call (the network's heatmap).
 The MAP estimate ``argmin J`` is searched, batched over samples (in chunks, so memory
 does not grow with ``N`` beyond the outputs), in five stages:
 
@@ -69,7 +67,6 @@ class MapSearchConfig:
     polish_lr_m: float = 0.25
     outlier_prob: float = 0.05  #: prior probability of a gross network miss
     min_sigma_m: float = 1.0
-    prior_weight: float = 1.0  #: ``w`` of ``J = NLL - w log p_prior`` (module doc)
     chunk_size: int = 64
 
     def __post_init__(self) -> None:
@@ -77,8 +74,6 @@ class MapSearchConfig:
                      "min_sigma_m"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 raise CoreError(f"MAP search: {name} must be > 0, got {getattr(self, name)}")
-        if not (self.prior_weight > 0 and math.isfinite(self.prior_weight)):
-            raise CoreError(f"MAP search: prior_weight must be > 0, got {self.prior_weight}")
         if self.global_top < 0 or self.polish_steps < 0 or self.chunk_size < 1:
             raise CoreError("MAP search: global_top and polish_steps must be >= 0, chunk_size >= 1")
 
@@ -242,7 +237,7 @@ class MapRefiner:
             raise CoreError(f"MAP search: mu must be [N, 2] with one observation per row, got {tuple(mu.shape)} "
                             f"for {obs.batch} observations")
         if prior is None:
-            prior = position_prior(mu, sigma, self.area, c.outlier_prob, c.min_sigma_m, c.prior_weight)
+            prior = position_prior(mu, sigma, self.area, c.outlier_prob, c.min_sigma_m)
         elif prior.mu.shape != mu.shape:
             raise CoreError(f"MAP search: the prior is for {prior.mu.shape[0]} samples, mu for {n}")
         if centres is not None:

@@ -426,19 +426,20 @@ def evaluations_dir(run_dir: str | os.PathLike) -> Path:
 
 def evaluation_path(run_dir: str | os.PathLike, split: str, scene: str | None = None, refine: bool = False,
                     dataset: str | os.PathLike | None = None, silence: bool = False,
-                    radio_map: str | os.PathLike | None = None, prior_weight: float | str | None = None) -> Path:
-    """``<evaluations_dir>/eval_<split>[_<scene>[-<dataset>]][_refine][_silence][_prior-<w>].json``: what ``evaluate``
+                    radio_map: str | os.PathLike | None = None, prior_sigma_scale: float | str | None = None) -> Path:
+    """``<evaluations_dir>/eval_<split>[_<scene>[-<dataset>]][_refine][_silence][_prior-<s>].json``: what ``evaluate``
     writes (``scene``: ``--scene``; ``dataset``: ``--dataset``, named only when its folder is not the scene's own, e.g.
     ``eval_test_etoile-etoile_realistic_refine.json``, so two worlds never share a file; ``silence``:
     ``--silence``, the likelihood with the silence term; ``radio_map``: ``--radio-map``, in place of a scene,
-    named by the map's folder: ``eval_test_map-corrected_refine.json``; ``prior_weight``: ``--prior-weight``,
-    ``_prior-auto`` or ``_prior-64``)."""
+    named by the map's folder: ``eval_test_map-corrected_refine.json``; ``prior_sigma_scale``:
+    ``--prior-sigma-scale``, ``_prior-auto`` or ``_prior-0.125``)."""
     label = scene
     if radio_map is not None:
         label = f"map-{Path(radio_map).resolve().parent.name}"
     elif scene and dataset is not None and Path(dataset).name != scene:
         label = f"{scene}-{Path(dataset).name}"
-    prior = "" if prior_weight is None else f"_prior-{prior_weight if isinstance(prior_weight, str) else f'{prior_weight:g}'}"
+    scale = prior_sigma_scale
+    prior = "" if scale is None else f"_prior-{scale if isinstance(scale, str) else f'{scale:g}'}"
     name = f"eval_{split}{f'_{label}' if label else ''}{'_refine' if refine else ''}{'_silence' if silence else ''}{prior}.json"
     return evaluations_dir(run_dir) / name
 
