@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--dataset", default=None,
                         help="another dataset of the runs' scene to evaluate on (e.g. datasets/etoile_realistic: the "
                              "same walks traced in a perturbed twin); calibrated on its train split, in memory")
+    parser.add_argument("--scan-starts", type=int, default=None, metavar="N",
+                        help="the MAP search also starts from the N best points of the exact scan (evaluate --scan-starts)")
     parser.add_argument("--prior-sigma-scale", type=sigma_scale_arg, default=None, metavar="S|auto",
                         help="the prior's sigma over the network's in every search with the network's prior (evaluate "
                              "--prior-sigma-scale); auto: chosen per run on its val split, recorded as prior_sigma_scales")
@@ -100,7 +102,8 @@ def main() -> None:
             run = load_run(run_dir, device=args.device, scene=scene, dataset_path=args.dataset,
                            radio_map_override=map_path)
             res = evaluate_run(run_dir, args.split, refine=True, baselines=not baselines, device=args.device, run=run,
-                               write=False, keep_errors=True, prior_sigma_scale=args.prior_sigma_scale)
+                               write=False, keep_errors=True, prior_sigma_scale=args.prior_sigma_scale,
+                               scan_starts=args.scan_starts)
             scales.setdefault(run_dir + suffix, res["prior_sigma_scale"]["scale"])
             errors = res["_errors"]
             if not baselines:  # the baselines need no training: computed once, the same for every seed
@@ -115,7 +118,7 @@ def main() -> None:
                 groups = ue_groups(run.dataset, run.dataset.indices(args.split),
                                    run.config.physics_loss.report_window_s)
     out = {"split": args.split, "runs": args.runs, "dataset": args.dataset or "the runs' own",
-           "beside_maps": args.beside_map or [], "prior_sigma_scale": args.prior_sigma_scale,
+           "beside_maps": args.beside_map or [], "prior_sigma_scale": args.prior_sigma_scale, "scan_starts": args.scan_starts,
            "prior_sigma_scales": scales,
            "groups": {g: int(m.sum()) for g, m in groups.items()},
            "methods": {}, "deltas": []}
@@ -176,7 +179,8 @@ def compare_arm_runs(args) -> None:
         for run_dir in runs:
             run = load_run(run_dir, device=args.device, scene=args.scene)
             res = evaluate_run(run_dir, args.split, refine=True, baselines=not reference, device=args.device, run=run,
-                               write=False, keep_errors=True, prior_sigma_scale=args.prior_sigma_scale)
+                               write=False, keep_errors=True, prior_sigma_scale=args.prior_sigma_scale,
+                               scan_starts=args.scan_starts)
             if not reference:
                 reference = {k: v for k, v in res["_errors"].items() if k == "exhaustive"}
             for method in ARM_METHODS:

@@ -304,3 +304,22 @@ def test_prior_sigma_scale_auto_is_chosen_on_val_and_recorded(run_dir, tmp_path,
         err = capsys.readouterr().err
         assert rc == 2 and words in err and "Traceback" not in err, args
     assert not list(run_dir.glob("eval_*prior*.json"))
+
+
+def test_scan_starts_reach_the_search_and_the_inspector(run_dir):
+    """``evaluate --scan-starts N`` (``physics_loss.refinement.scan_starts``): the MAP search holds N starts from the
+    exact scan, recorded in the result and labelled for the inspector; its own result file."""
+    from core.learning.evaluation import evaluate_run
+    from core.stores.run import evaluation_path
+
+    res = evaluate_run(run_dir, "test", refine=True, scan_starts=3, write=False)
+    r = res["refinement"]
+    assert r["search"]["scan_top"] == 3 and set(r["sources"]) == {"window", "centre", "global", "scan"}
+    assert sum(r["sources"].values()) == res["count"]
+    run = load_run(run_dir)
+    run.config.physics_loss.refinement.scan_starts = 3
+    ref = refine_prediction(run, predict(run, run.dataset.indices("test")[:20]))
+    assert ref.start_labels[-3:] == ("scan 1", "scan 2", "scan 3") and ref.starts.shape[1] == len(ref.start_labels)
+    won = ref.source == 3  # the label of the winning column is its kind's
+    assert all(ref.source_name(i).startswith("scan") for i in np.flatnonzero(won & ref.refined))
+    assert evaluation_path(run_dir, "test", refine=True, scan_starts=3).name == "eval_test_refine_scan-3.json"

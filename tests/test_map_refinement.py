@@ -10,11 +10,19 @@ import torch
 
 from core.errors import CoreError
 from core.physics.calibration import calibrate
+from core.physics.exhaustive import ExhaustiveMatcher
 from core.physics.likelihood import LikelihoodConfig, RobustLikelihood
 from core.physics.map_scan import GlobalScan
 from core.physics.observation import site_observation
 from core.physics.prior import position_prior
-from core.physics.refinement import SOURCE_CENTRE, SOURCE_GLOBAL, SOURCE_WINDOW, MapRefiner, MapSearchConfig
+from core.physics.refinement import (
+    SOURCE_CENTRE,
+    SOURCE_GLOBAL,
+    SOURCE_SCAN,
+    SOURCE_WINDOW,
+    MapRefiner,
+    MapSearchConfig,
+)
 from core.physics.synthetic import analytic_radio_map, synthetic_dataset
 
 SITES = np.array([[-100.0, -80.0, 25.0], [110.0, -60.0, 25.0], [0.0, 100.0, 25.0], [-110.0, 90.0, 25.0]])
@@ -66,6 +74,25 @@ def test_recovers_a_gross_miss_through_the_global_scan():
     assert ((local.xy[far] - TRUTH[far]).norm(dim=1) > 20).float().mean() > 0.9
     gauss = MapRefiner(LIK, MapSearchConfig(outlier_prob=0.0))(mu, 5.0, OBS)
     assert ((gauss.xy[far] - TRUTH[far]).norm(dim=1) > 20).float().mean() > 0.9
+
+
+def test_scan_starts_hold_exhaustive_searchs_basins():
+    """``scan_top``: the exact lattice scan's best points are starts, so a gross miss whose block the block
+    statistics would not rank is recovered, and with a flat prior MAP lands where exhaustive search does."""
+    mu = start(6.0)
+    far = torch.arange(0, len(mu), 4)
+    direction = torch.nn.functional.normalize(-TRUTH[far] + 1e-3, dim=1)
+    mu[far] = torch.clamp(TRUTH[far] + 120.0 * direction, -127, 127)
+    scan = MapRefiner(LIK, MapSearchConfig(global_top=0, scan_top=4))
+    res = scan(mu, 5.0, OBS)
+    assert res.starts.shape == (len(mu), 1 + 4, 2)
+    assert ((res.xy[far] - TRUTH[far]).norm(dim=1) < 5.0).float().mean() > 0.8
+    assert (res.source[far] == SOURCE_SCAN).float().mean() > 0.8 and int(res.source_rank.max()) <= 3
+    flat = scan(mu, 1.0e4, OBS)  # no prior: the basin exhaustive map matching finds
+    ex = ExhaustiveMatcher(LIK)(OBS)
+    assert ((flat.xy - ex.xy).norm(dim=1) < 2.0).float().mean() > 0.95
+    with pytest.raises(CoreError, match="scan_top"):
+        MapSearchConfig(scan_top=-1)
 
 
 def test_extra_centres_are_searched():

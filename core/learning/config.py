@@ -192,6 +192,9 @@ class RefinementConfig(_Section):
     #: the network's prior (MAP, network + whole walk); 1 = the network's as it is; `evaluate --prior-sigma-scale
     #: auto` chooses it on the val split (core.learning.prior_scale)
     prior_sigma_scale: float = Field(default=1.0, gt=0.0, le=100.0)
+    #: starts of the MAP search from the exact scan of the likelihood alone (its best lattice points, as exhaustive
+    #: map matching ranks them; core.physics.bounded_scan): 0 = off (the block-statistics global starts only)
+    scan_starts: int = Field(default=0, ge=0, le=64)
 
 
 class PhysicsLossConfig(_Section):

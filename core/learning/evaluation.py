@@ -83,14 +83,16 @@ def _timed_predict(run, indices) -> tuple[Any, float]:
 def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: bool = False, device="cpu",
                  threshold: float | None = None, top_k: int | None = None, window_s: float | None = None,
                  run=None, write: bool = True, keep_errors: bool = False, silence: bool = False,
-                 prior_sigma_scale: float | str | None = None) -> dict[str, Any]:
+                 prior_sigma_scale: float | str | None = None, scan_starts: int | None = None) -> dict[str, Any]:
     """Evaluate ``run_dir`` on ``split`` (see the module doc); ``run`` may be an already loaded run.
 
     ``silence``: the likelihood of every search (MAP, exhaustive, whole walk) also charges the sites
     a report with a free slot did not hear (:mod:`core.physics.silence`; ``physics_loss.silence``).
     ``prior_sigma_scale``: the prior's sigma over the network's in every search with the network's prior
     (``physics_loss.refinement.prior_sigma_scale``; None: the run's), or "auto": chosen on the val split
-    (:mod:`core.learning.prior_scale`); recorded as ``result["prior_sigma_scale"]``.
+    (:mod:`core.learning.prior_scale`); recorded as ``result["prior_sigma_scale"]``. ``scan_starts``: the MAP
+    search's starts from the exact scan of the likelihood (``physics_loss.refinement.scan_starts``; None: the
+    run's), recorded in ``result["refinement"]["search"]["scan_top"]``.
 
     ``threshold``, ``top_k``, ``window_s``: the MAP refinement's options
     (:func:`~core.learning.inference.refine_prediction`; None: its defaults).
@@ -102,6 +104,8 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     if silence:
         run.silence_threshold()  # refused before any work when there is none
         run.config.physics_loss.silence = True
+    if scan_starts is not None:
+        run.config.physics_loss.refinement.scan_starts = int(scan_starts)
     indices = run.dataset.indices(split)
     if len(indices) == 0:
         raise CoreError(f"--split {split}: no samples in {run.config.data.dataset}")
@@ -111,7 +115,7 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
         check_scored_split(split)
     if write:  # before the work: a result that cannot be written is refused now
         check_writable(evaluation_path(run.run_dir, split, refine=refine, silence=silence,
-                                       prior_sigma_scale=prior_sigma_scale), "--run")
+                                       prior_sigma_scale=prior_sigma_scale, scan_starts=scan_starts), "--run")
     progress.report(0.05, f"predicting {len(indices)} {split} samples")
     pred, ms = _timed_predict(run, indices)
     result: dict[str, Any] = {"run": str(run.run_dir), "split": split, "checkpoint": run.checkpoint.name,
@@ -161,7 +165,7 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
         result["silence"] = run.likelihood.silence.to_dict()
     if write:
         atomic_write_text(evaluation_path(run.run_dir, split, refine=refine, silence=silence,
-                                          prior_sigma_scale=prior_sigma_scale),
+                                          prior_sigma_scale=prior_sigma_scale, scan_starts=scan_starts),
                           json.dumps(result, indent=2, default=float))
     progress.report(1.0, "evaluation done")
     if keep_errors:
@@ -178,7 +182,7 @@ def evaluate_scene(run_dir, scene: str, split: str = "test", refine: bool = Fals
 
     run = load_run(run_dir, device=device, scene=scene, dataset_path=dataset_path)
     path = evaluation_path(run.run_dir, split, scene, refine, dataset=dataset_path, silence=options.get("silence", False),
-                           prior_sigma_scale=options.get("prior_sigma_scale"))
+                           prior_sigma_scale=options.get("prior_sigma_scale"), scan_starts=options.get("scan_starts"))
     if write:
         check_writable(path, "--run")
     result = evaluate_run(run_dir, split, refine, baselines, run=run, write=False, **options)
@@ -435,6 +439,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--silence", action="store_true",
                         help="searches also charge the sites a report with a free slot did not hear where the map "
                              "predicts them loud (core.physics.silence); result file ..._silence.json")
+    parser.add_argument("--scan-starts", type=cli_types.integer(0, 64), default=None, metavar="N",
+                        help="with --refine: the MAP search also starts from the N best points of the exact scan of "
+                             "the likelihood alone (as exhaustive map matching ranks them; default: the run's "
+                             "physics_loss.refinement.scan_starts, 0); result file ..._scan-<N>.json")
     parser.add_argument("--prior-sigma-scale", type=sigma_scale_arg, default=None, metavar="S|auto",
                         help="with --refine: the prior's sigma = S x the network's in every search with the network's "
                              "prior (default: the run's physics_loss.refinement.prior_sigma_scale, 1); auto: chosen on "
@@ -461,8 +469,10 @@ def run(args: argparse.Namespace) -> int:
     device = "cpu" if args.device == "auto" and not torch.cuda.is_available() else args.device
     if args.prior_sigma_scale is not None and not args.refine:
         raise CoreError("--prior-sigma-scale scales the network's prior in the searches of --refine: give --refine")
+    if args.scan_starts is not None and not args.refine:
+        raise CoreError("--scan-starts adds starts to the MAP search of --refine: give --refine")
     options = dict(threshold=args.threshold, top_k=args.top_k, window_s=args.window, silence=args.silence,
-                   prior_sigma_scale=args.prior_sigma_scale)
+                   prior_sigma_scale=args.prior_sigma_scale, scan_starts=args.scan_starts)
     out = None
     if args.out is not None:
         out = Path(args.out)
@@ -477,7 +487,8 @@ def run(args: argparse.Namespace) -> int:
             raise CoreError(f"--radio-map {args.radio_map}: no such map store")
         label, dataset = None, None
     target = out or evaluation_path(args.run, args.split, label, args.refine, dataset=dataset, silence=args.silence,
-                                    radio_map=args.radio_map, prior_sigma_scale=args.prior_sigma_scale)
+                                    radio_map=args.radio_map, prior_sigma_scale=args.prior_sigma_scale,
+                                    scan_starts=args.scan_starts)
     if out is None:  # before the lock file beside it: an unwritable run folder is one line
         check_writable(target, "--run")
     with output_lock(target, "evaluation"):  # one writer per result file

@@ -517,7 +517,7 @@ DEFAULT_TOP_K = 3
 FLAT_PRIOR_SIGMA_M = 1.0e4
 #: stages of :attr:`RefinedPrediction.path` before the polish steps
 PATH_STAGES = ("network", "best start", "pattern search")
-SOURCES = ("window", "centre", "global")
+SOURCES = ("window", "centre", "global", "scan")
 #: the columns of :func:`residual_table`
 RESIDUAL_COLUMNS = ("site", "reports", "path at network", "path at MAP",
                     *(f"{f} σ {w}" for f in ("path_gain", "toa", "aoa") for w in ("network", "MAP")),
@@ -528,13 +528,14 @@ def map_search_config(config: Config):
     """The :class:`~core.physics.refinement.MapSearchConfig` of a run's config.
 
     From ``physics_loss.refinement``: ``num_steps`` -> ``polish_steps`` (Adam steps after
-    the pattern search). Everything else: the MapSearchConfig defaults (``learning_rate``
+    the pattern search), ``scan_starts`` -> ``scan_top`` (starts from the exact scan). Everything else: the MapSearchConfig defaults (``learning_rate``
     was the old gradient refinement's step from the raw estimate; the polish starts from a
     0.5 m pattern search, so its own 0.25 m default stays).
     """
     from core.physics.refinement import MapSearchConfig
 
-    return MapSearchConfig(polish_steps=int(config.physics_loss.refinement.num_steps))
+    r = config.physics_loss.refinement
+    return MapSearchConfig(polish_steps=int(r.num_steps), scan_top=int(r.scan_starts))
 
 
 @dataclass
@@ -548,7 +549,7 @@ class RefinedPrediction:
     end, then each polish step (labels ``path_labels``); path_posterior ``[P, N]``
     ``J = NLL + prior_nll`` there. ``xy`` is the best point of the polish (not always its
     last). starts ``[N, M, 2]``, start_posterior ``[N, M]`` each start's best grid point
-    (``start_labels``: "window", "centre 1".., "global 1".., NaN posterior when not refined);
+    (``start_labels``: "window", "centre 1".., "global 1".., "scan 1".., NaN posterior when not refined);
     source ``[N]`` the winner's kind (index into :data:`SOURCES`), start_index ``[N]`` its column.
     posterior_*, nll_*, prior_* ``[N]`` at ``mu`` (``_before``) and at ``xy`` (``_after``).
     site_ids ``[N, K]`` the observation's slots (-1 empty), weight ``[N, K, 3]`` reports
@@ -624,8 +625,9 @@ def _signed_z(terms) -> tuple[np.ndarray, np.ndarray]:
     return z, cz
 
 
-def _start_labels(n_centres: int, n_global: int) -> tuple[str, ...]:
-    return ("window", *(f"centre {i + 1}" for i in range(n_centres)), *(f"global {i + 1}" for i in range(n_global)))
+def _start_labels(n_centres: int, n_global: int, n_scan: int = 0) -> tuple[str, ...]:
+    return ("window", *(f"centre {i + 1}" for i in range(n_centres)), *(f"global {i + 1}" for i in range(n_global)),
+            *(f"scan {i + 1}" for i in range(n_scan)))
 
 
 def refine_prediction(run: LoadedRun, prediction: Prediction, threshold: float | None = None,
@@ -697,11 +699,13 @@ def _refined(res, prediction: Prediction, obs, sigma, threshold, n_centres: int,
     xy = npy(res.xy)
     rows = np.arange(n)
     m = res.starts.shape[1]
-    n_global = max(0, m - 1 - n_centres) if res.start_posterior.shape[1] == m else 0
-    labels = _start_labels(n_centres, n_global)[:m] if m > 1 else ("window",)
+    n_scan = min(search.scan_top, max(0, m - 1 - n_centres))
+    n_global = max(0, m - 1 - n_centres - n_scan) if res.start_posterior.shape[1] == m else 0
+    labels = _start_labels(n_centres, n_global, n_scan)[:m] if m > 1 else ("window",)
     start_j = npy(res.start_posterior)
     source, rank = npy(res.source).astype(np.int64), npy(res.source_rank)
-    col = np.where(source == 0, 0, np.where(source == 1, 1 + rank, 1 + n_centres + rank)).clip(0, m - 1)
+    first = np.array([0, 1, 1 + n_centres, 1 + n_centres + n_global])  # each kind's first column
+    col = (first[source] + np.where(source == 0, 0, rank)).clip(0, m - 1)
     win_j = np.where(npy(res.refined), start_j[rows, col], npy(res.posterior_start))
     path = np.concatenate([prediction.xy[None].astype(np.float64), npy(res.coarse_xy)[None], npy(res.path)], 0)
     path_j = np.concatenate([npy(res.posterior_start)[None], win_j[None], npy(res.path_posterior)], 0)

@@ -17,6 +17,12 @@ does not grow with ``N`` beyond the outputs), in five stages:
 3. **global**: the ``global_top`` best blocks of the whole map by likelihood alone
    (:class:`~core.physics.map_scan.GlobalScan`, skipping the window), each searched like a
    centre -- so a gross network miss can be recovered when the report says so.
+   **scan** (``scan_top > 0``): also the ``scan_top`` best points of the EXACT scan of the likelihood
+   alone over a lattice ``scan_step_m`` apart (:class:`~core.physics.bounded_scan.BoundedScan`: the
+   points exhaustive map matching would rank, without scoring most of them; at least two steps
+   apart), each searched like a centre. Block statistics rank a block by its mean and can miss the
+   one basin a report points to; the exact scan cannot, so the MAP search then holds every start
+   exhaustive search has and the prior chooses between them.
 4. **pattern search** from every start's best point: its 8 neighbours at step ``h``,
    moving to the best, ``h`` halved from ``max(window_step_m, start_step_m) / 2`` down to
    ``fine_step_m``.
@@ -39,15 +45,16 @@ from dataclasses import dataclass
 import torch
 
 from core.errors import CoreError
+from core.physics.bounded_scan import BoundedScan, scan_lattice
 from core.physics.likelihood import LikelihoodTerms, PreparedObservation, RobustLikelihood
 from core.physics.map_scan import GlobalScan
 from core.physics.observation import SiteObservation
 from core.physics.prior import PositionPrior, position_prior
 
 __all__ = ["MapSearchConfig", "MapRefiner", "MapResult", "map_refine", "SOURCE_WINDOW", "SOURCE_CENTRE",
-           "SOURCE_GLOBAL"]
+           "SOURCE_GLOBAL", "SOURCE_SCAN"]
 
-SOURCE_WINDOW, SOURCE_CENTRE, SOURCE_GLOBAL = 0, 1, 2
+SOURCE_WINDOW, SOURCE_CENTRE, SOURCE_GLOBAL, SOURCE_SCAN = 0, 1, 2, 3
 _BETA1, _BETA2, _EPS = 0.9, 0.999, 1e-8
 _NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
@@ -62,6 +69,8 @@ class MapSearchConfig:
     start_step_m: float = 4.0
     global_top: int = 2
     global_block: int | None = None  #: block size in cells (None: about 32 blocks along the longer side)
+    scan_top: int = 0  #: best points of the exact lattice scan searched as starts (0: off)
+    scan_step_m: float = 5.0  #: that lattice's step
     fine_step_m: float = 0.5
     polish_steps: int = 5
     polish_lr_m: float = 0.25
@@ -71,11 +80,11 @@ class MapSearchConfig:
 
     def __post_init__(self) -> None:
         for name in ("window_m", "window_step_m", "centre_radius_m", "start_step_m", "fine_step_m", "polish_lr_m",
-                     "min_sigma_m"):
+                     "min_sigma_m", "scan_step_m"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 raise CoreError(f"MAP search: {name} must be > 0, got {getattr(self, name)}")
-        if self.global_top < 0 or self.polish_steps < 0 or self.chunk_size < 1:
-            raise CoreError("MAP search: global_top and polish_steps must be >= 0, chunk_size >= 1")
+        if self.global_top < 0 or self.scan_top < 0 or self.polish_steps < 0 or self.chunk_size < 1:
+            raise CoreError("MAP search: global_top, scan_top and polish_steps must be >= 0, chunk_size >= 1")
 
 
 @dataclass
@@ -138,6 +147,7 @@ class MapRefiner:
         self.window = _grid(c.window_m, c.window_step_m, dt, dev)
         self.centre_grid = _grid(c.centre_radius_m, c.start_step_m, dt, dev)
         self.block_grid = _grid(0.5 * self.scan.block_m, c.start_step_m, dt, dev) if self.scan else None
+        self.lattice_scan = BoundedScan(likelihood, scan_lattice(maps, c.scan_step_m)) if c.scan_top else None
         self.neighbours = torch.tensor(_NEIGHBOURS, dtype=dt, device=dev)
         cell = maps.cell_size
         self.area = float(maps.cover[-1].sum()) * cell * cell if bool(maps.cover[-1].any()) else \
@@ -213,6 +223,10 @@ class MapRefiner:
             blocks = self.scan.top(prep, c.global_top, avoid=mu, avoid_radius=radius)
             groups.append(self._best_of(blocks, self.block_grid, prep, prior))
             kinds.append(torch.full((blocks.shape[1],), SOURCE_GLOBAL, dtype=torch.int8))
+        if self.lattice_scan is not None:
+            picks = self.lattice_scan.top(prep, c.scan_top, 2 * c.scan_step_m)
+            groups.append(self._best_of(picks, self.centre_grid, prep, prior))
+            kinds.append(torch.full((picks.shape[1],), SOURCE_SCAN, dtype=torch.int8))
         starts = torch.cat([g[0] for g in groups], dim=1)  # [B, M, 2]
         start_j = torch.cat([g[1] for g in groups], dim=1)
         kind = torch.cat(kinds).to(mu.device)
