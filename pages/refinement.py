@@ -98,18 +98,31 @@ top_k = o[2].number_input("Coarse cells searched", min_value=0, max_value=8, val
 window_s = o[3].number_input("Pool reports over [s]", min_value=0.0, max_value=5.0, value=float(run.config.physics_loss.report_window_s),
                              step=0.2, key="ref_window", help="Reports within this time of the latest one are averaged per site "
                                                     "(0: the latest report only).")
-options = (float(threshold) if gate else None, int(top_k), float(window_s))
+o2 = st.columns([1, 1, 2])
+scan_starts = o2[0].number_input("Scan starts", min_value=0, max_value=16, key="ref_scan",
+                                 value=int(run.config.physics_loss.refinement.scan_starts),
+                                 help="The best points of the exact scan of the likelihood alone (as exhaustive map "
+                                      "matching ranks them), each searched as an extra start (`evaluate --scan-starts`).")
+sigma_scale = o2[1].number_input("Prior σ × the network's", min_value=0.01, max_value=100.0, key="ref_sigma_scale",
+                                 value=float(run.config.physics_loss.refinement.prior_sigma_scale), format="%.4g",
+                                 help="The prior's σ over the network's own (`evaluate --prior-sigma-scale`; "
+                                      "auto there chooses it on the val split).")
+options = (float(threshold) if gate else None, int(top_k), float(window_s), int(scan_starts), float(sigma_scale))
 
 
 @st.cache_data(show_spinner="Predicting and refining…", max_entries=8)
 def analysis(path: str, stamp: float, split: str, limit: int, options: tuple, silence: bool, scene: str | None,
              ds: str | None):
-    from core.learning.inference import predict, refine_prediction
+    from dataclasses import replace
+
+    from core.learning.inference import map_search_config, predict, refine_prediction
 
     r = wb.load_run(path, scene, ds).with_silence(silence)
     pred = predict(r, r.dataset.indices(split)[:limit])
-    threshold, top_k, window_s = options
-    return pred, refine_prediction(r, pred, threshold=threshold, top_k=top_k, window_s=window_s)
+    threshold, top_k, window_s, scan_starts, sigma_scale = options
+    return pred, refine_prediction(r, pred, threshold=threshold, top_k=top_k, window_s=window_s,
+                                   search=replace(map_search_config(r.config), scan_top=scan_starts),
+                                   sigma_scale=sigma_scale)
 
 
 @st.cache_data(show_spinner="Computing the Cramér–Rao bound…", max_entries=8)
@@ -212,7 +225,7 @@ with wb.guard("likelihood surface"):
                            help="The posterior, the likelihood of all sites, the prior, one reported site's term, "
                                 "or (silence term on) what the sites it did not hear add.")
     views[0].plotly_chart(figures.likelihood_surface(
-        surf, layer, true_xy=pred.true_xy[i], network_xy=pred.xy[i], sigma=pred.sigma[i], map_xy=ref.xy[i],
+        surf, layer, true_xy=pred.true_xy[i], network_xy=pred.xy[i], sigma=pred.sigma[i] * sigma_scale, map_xy=ref.xy[i],
         path=ref.path[:, i], path_labels=ref.path_labels, starts=ref.starts[i], start_labels=ref.start_labels,
         site_names=site_names, title=f"Sample {sample}: {layer} around the {centre_on} (Δ from the best in view)",
         bound_cov=bound_cov),

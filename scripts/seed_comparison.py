@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--dataset", default=None,
                         help="another dataset of the runs' scene to evaluate on (e.g. datasets/etoile_realistic: the "
                              "same walks traced in a perturbed twin); calibrated on its train split, in memory")
+    parser.add_argument("--silence", action="store_true",
+                        help="every search also charges the sites a report with a free slot did not hear (evaluate --silence)")
     parser.add_argument("--scan-starts", type=int, default=None, metavar="N",
                         help="the MAP search also starts from the N best points of the exact scan (evaluate --scan-starts)")
     parser.add_argument("--prior-sigma-scale", type=sigma_scale_arg, default=None, metavar="S|auto",
@@ -103,7 +105,7 @@ def main() -> None:
                            radio_map_override=map_path)
             res = evaluate_run(run_dir, args.split, refine=True, baselines=not baselines, device=args.device, run=run,
                                write=False, keep_errors=True, prior_sigma_scale=args.prior_sigma_scale,
-                               scan_starts=args.scan_starts)
+                               scan_starts=args.scan_starts, silence=args.silence)
             scales.setdefault(run_dir + suffix, res["prior_sigma_scale"]["scale"])
             errors = res["_errors"]
             if not baselines:  # the baselines need no training: computed once, the same for every seed
@@ -118,7 +120,7 @@ def main() -> None:
                 groups = ue_groups(run.dataset, run.dataset.indices(args.split),
                                    run.config.physics_loss.report_window_s)
     out = {"split": args.split, "runs": args.runs, "dataset": args.dataset or "the runs' own",
-           "beside_maps": args.beside_map or [], "prior_sigma_scale": args.prior_sigma_scale, "scan_starts": args.scan_starts,
+           "beside_maps": args.beside_map or [], "prior_sigma_scale": args.prior_sigma_scale, "scan_starts": args.scan_starts, "silence": args.silence,
            "prior_sigma_scales": scales,
            "groups": {g: int(m.sum()) for g, m in groups.items()},
            "methods": {}, "deltas": []}

@@ -700,6 +700,19 @@ def test_refinement_inspector(workspace):
     assert surface["data"][0]["name"] == site_layer and site_layer in surface["layout"]["title"]["text"]
     at.selectbox(key="ref_centre").select("ground truth").run()
     _no_exception(at)
+    # starts from the exact scan: drawn and labelled among the search starts
+    at.number_input(key="ref_scan").set_value(2).run()
+    _no_exception(at)
+    surface = next(f for f in _plotly(at) if f["layout"]["title"]["text"].startswith("Sample "))
+    starts = next(t for t in surface["data"] if t.get("name") == "search starts")
+    assert list(starts["text"][-2:]) == ["scan 1", "scan 2"]
+    width = lambda: np.ptp(_array(next(t for t in next(  # noqa: E731
+        f for f in _plotly(at) if f["layout"]["title"]["text"].startswith("Sample "))["data"]
+        if t.get("name") == "1σ network")["x"]))
+    before = width()
+    at.number_input(key="ref_sigma_scale").set_value(0.25).run()  # a narrower prior: the ellipse drawn shrinks
+    _no_exception(at)
+    assert width() == pytest.approx(0.25 * before, rel=1e-3)
     # the confidence gate is an option: below 0, nothing is refined
     at.checkbox(key="ref_gate").check().run()
     at.number_input(key="ref_thr").set_value(0.0).run()
