@@ -22,3 +22,6 @@ def test_bench_physics_reports_likelihood_and_map(tmp_path, capsys):
     assert all(r["lik_fwdbwd_ms"] > 0 and r["site_bare_fwdbwd_ms"] > 0 for r in batch_rows)
     assert summary["walks"] == 20 and summary["walk_ms_per_walk"] > 0 and summary["walk_smoother_ms_per_walk"] > 0  # two timings: no order asserted
     assert map_rows[-1]["map_ms_per_sample"] > 0 and map_rows[-1]["median_err_after_m"] >= 0
+    # the search with starts from the exact scan, timed in the same run, its ratio and its target
+    assert summary["map_scan_ms_per_sample"] > 0 and summary["map_scan_vs_map"] > 0 and "map_scan_ok" in summary
+    assert map_rows[-1]["median_err_after_scan_m"] >= 0

@@ -25,7 +25,11 @@ The MAP search (:class:`~core.physics.refinement.MapRefiner`, default settings: 
 truth + N(0, 4 m), 5 % gross misses of 100-150 m): ``map_ms_per_sample`` and its peak
 memory per sample count, whose part not linear in N must stay flat (memory does not
 scale with N beyond the outputs); these rows are the summary's ``map_search``. The
-median and 90th percentile of the error before and after are recorded as a sanity check.
+median and 90th percentile of the error before and after are recorded as a sanity check. At the
+largest count the same search with starts from the exact scan (``scan_top`` =
+:data:`SCAN_STARTS`, :mod:`core.physics.bounded_scan`; ``evaluate --scan-starts``) is timed too:
+``map_scan_ms_per_sample``, its ratio to the default search measured in the same run, and
+``map_scan_ok`` against :data:`MAP_SCAN_MS_TARGET` (issue 19: network + MAP within 2 ms).
 
 The whole-walk estimator (:mod:`core.physics.trajectory`: the lattice scan bounded by blocks,
 :mod:`core.physics.bounded_scan`, + snapshot MAP start, then the joint MAP of the walk's 8 reports) is timed on ``--walks`` walks of 8 reports at 0.2 s
@@ -66,6 +70,9 @@ from core.device import resolve_device
 LOSS_RATIO_TARGET = 2.0
 LIK_RATIO_TARGET = 2.0
 MAP_MS_TARGET = 1.0
+#: the MAP search with starts from the exact scan (``--scan-starts``): its starts and its target [ms/sample]
+SCAN_STARTS = 6
+MAP_SCAN_MS_TARGET = 2.0
 NUM_SITES = 5
 
 
@@ -274,9 +281,10 @@ def _site_row(n, ctx, args, device, gen) -> dict:
 
 def _map_rows(ctx, args, counts: list[int], device) -> list[dict]:
     """The MAP search on ``counts`` samples: time (largest count) and peak memory (every count)."""
-    from core.physics.refinement import MapRefiner
+    from core.physics.refinement import MapRefiner, MapSearchConfig
 
     refiner = MapRefiner(ctx["lik"])
+    scanning = MapRefiner(ctx["lik"], MapSearchConfig(scan_top=SCAN_STARTS))
     obs, truth, mu, sigma = ctx["map_obs"], ctx["map_truth"], ctx["map_mu"], ctx["map_sigma"]
     rows = []
     for n in counts:
@@ -290,6 +298,11 @@ def _map_rows(ctx, args, counts: list[int], device) -> list[dict]:
             row.update(map_ms=ms, map_ms_per_sample=ms / n, median_err_before_m=float(err0.median()),
                        median_err_after_m=float(err1.median()), p90_err_before_m=float(err0.quantile(0.9)),
                        p90_err_after_m=float(err1.quantile(0.9)))
+            scan = lambda n=n: scanning(mu[:n], sigma[:n], obs.take(slice(0, n)))  # noqa: E731
+            scan_ms = _median_ms(scan, max(1, min(args.repeats, 3)), device)
+            err2 = (scan().xy.cpu() - truth[:n]).norm(dim=1)
+            row.update(map_scan_ms_per_sample=scan_ms / n, map_scan_vs_map=scan_ms / ms,
+                       median_err_after_scan_m=float(err2.median()), p90_err_after_scan_m=float(err2.quantile(0.9)))
         rows.append(row)
     return rows
 
@@ -411,6 +424,11 @@ def _summary(rows: list[dict], map_rows: list[dict], args, device) -> dict:
         "map_ms_per_sample": round(top["map_ms_per_sample"], 4),
         "map_target": f"<= {MAP_MS_TARGET} ms/sample",
         "map_ok": bool(top["map_ms_per_sample"] <= MAP_MS_TARGET),
+        "map_scan_starts": SCAN_STARTS,
+        "map_scan_ms_per_sample": round(top["map_scan_ms_per_sample"], 4),
+        "map_scan_vs_map": round(top["map_scan_vs_map"], 3),
+        "map_scan_target": f"<= {MAP_SCAN_MS_TARGET} ms/sample",
+        "map_scan_ok": bool(top["map_scan_ms_per_sample"] <= MAP_SCAN_MS_TARGET),
     }
     summary.update(_memory_check(rows, "batch", ("loss_fwdbwd_peak_MiB", "lik_fwdbwd_peak_MiB")))
     summary.update(_memory_check(map_rows, "map_samples", ("map_peak_MiB",)))
