@@ -528,9 +528,10 @@ def map_search_config(config: Config):
     """The :class:`~core.physics.refinement.MapSearchConfig` of a run's config.
 
     From ``physics_loss.refinement``: ``num_steps`` -> ``polish_steps`` (Adam steps after
-    the pattern search), ``scan_starts`` -> ``scan_top`` (starts from the exact scan). Everything else: the MapSearchConfig defaults (``learning_rate``
-    was the old gradient refinement's step from the raw estimate; the polish starts from a
-    0.5 m pattern search, so its own 0.25 m default stays).
+    the pattern search), ``scan_starts`` -> ``scan_top`` (starts from the exact scan).
+    Everything else: the MapSearchConfig defaults (``learning_rate`` was the old gradient
+    refinement's step from the raw estimate; the polish starts from a 0.5 m pattern search,
+    so its own 0.25 m default stays).
     """
     from core.physics.refinement import MapSearchConfig
 
@@ -642,8 +643,8 @@ def refine_prediction(run: LoadedRun, prediction: Prediction, threshold: float |
     ``N(mean, sigma^2)`` with its outlier floor as the prior (``use_prior``: default the
     config's ``physics_loss.refinement.use_prior``; off: a flat prior; ``prior``: "gaussian" or "heatmap",
     the network's likely cells as a mixture, :func:`network_prior`; default the config's; ``sigma_scale``: the
-    network's sigma times this, default the config's ``physics_loss.refinement.prior_sigma_scale``). Starts: the window
-    around the mean, the ``top_k`` next most likely coarse cells (default
+    network's sigma times this, default the config's ``physics_loss.refinement.prior_sigma_scale``). Starts: the
+    window around the mean, the ``top_k`` next most likely coarse cells (default
     :data:`DEFAULT_TOP_K`) and the global scan's blocks. ``threshold``: refine only samples
     with confidence below it (None: all). ``search``: a MapSearchConfig (default
     :func:`map_search_config`). Batched (the refiner works in chunks).
