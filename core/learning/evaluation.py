@@ -101,18 +101,10 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     from core.learning.inference import cpu_threads, load_run
 
     run = run or load_run(run_dir, device=device)
-    if silence:
-        run.silence_threshold()  # refused before any work when there is none
-        run.config.physics_loss.silence = True
-    if scan_starts is not None:
-        run.config.physics_loss.refinement.scan_starts = int(scan_starts)
+    _search_options(run, split, refine, silence, scan_starts, prior_sigma_scale)
     indices = run.dataset.indices(split)
     if len(indices) == 0:
         raise CoreError(f"--split {split}: no samples in {run.config.data.dataset}")
-    if prior_sigma_scale == "auto" and refine:  # refused before any work when the choice would be scored on itself
-        from core.learning.prior_scale import check_scored_split
-
-        check_scored_split(split)
     if write:  # before the work: a result that cannot be written is refused now
         check_writable(evaluation_path(run.run_dir, split, refine=refine, silence=silence,
                                        prior_sigma_scale=prior_sigma_scale, scan_starts=scan_starts), "--run")
@@ -210,6 +202,20 @@ def _scene_row(scene: str, role: str, result: dict[str, Any]) -> dict[str, Any]:
         row.update(refined_median_m=result["refinement"]["after"]["median_m"],
                    refined_p90_m=result["refinement"]["after"]["p90_m"])
     return row
+
+
+def _search_options(run, split: str, refine: bool, silence: bool, scan_starts: int | None, prior_sigma_scale) -> None:
+    """The searches' options set in ``run``'s config, each checked before any work: the silence term (refused
+    without a recorded sensitivity), the scan starts, and a scale "auto" (refused on the split it is chosen on)."""
+    if silence:
+        run.silence_threshold()  # refused before any work when there is none
+        run.config.physics_loss.silence = True
+    if scan_starts is not None:
+        run.config.physics_loss.refinement.scan_starts = int(scan_starts)
+    if prior_sigma_scale == "auto" and refine:
+        from core.learning.prior_scale import check_scored_split
+
+        check_scored_split(split)
 
 
 def _prior_sigma_scale(run, split: str, scale: float | str | None) -> dict[str, Any]:
