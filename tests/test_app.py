@@ -411,7 +411,7 @@ def test_correct_map_spec_is_the_command_a_user_types(workspace):
     assert Path(auto.output).name == "eval_test_refine_prior-auto.json"
     assert evaluate_spec("runs/tiny", None, "test", True, prior_sigma_scale=0.125).args[-1] == "0.125"
     for bad, words in ((dict(refine=False, prior_sigma_scale=0.5), "with refinement"),
-                       (dict(split="val", prior_sigma_scale="auto"), "another split")):
+                       (dict(split="val", prior_sigma_scale="auto"), "score another split")):
         with pytest.raises(CoreError, match=words):
             evaluate_spec("runs/tiny", **bad)
     # the page: no corrected map yet, and the command of the sidebar's dataset

@@ -345,8 +345,10 @@ def evaluate_spec(run: str, scene: str | None = None, split: str = "test", refin
     if scale is not None:
         if not refine:
             raise CoreError("a prior sigma scale shapes the network's prior in the MAP searches: evaluate with refinement")
-        if scale == "auto" and split == "val":
-            raise CoreError("--prior-sigma-scale auto chooses the scale on the val split: evaluate another split")
+        if scale == "auto":
+            from core.learning.prior_scale import check_scored_split
+
+            check_scored_split(split)  # the scale is chosen on val: refused on val itself
         args += ["--prior-sigma-scale", scale if scale == "auto" else f"{float(scale):g}"]
     return JobSpec("evaluate", tuple(args), str(evaluation_path(run, split, scene, refine, dataset=dataset,
                                                                 radio_map=radio_map or None,
