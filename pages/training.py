@@ -242,18 +242,28 @@ else:
                           help="the prior's σ = s × the network's; auto tries s = 2 … 1/16 on the val split and keeps "
                                "the smallest network + MAP median (--prior-sigma-scale auto, recorded in the result)")
     prior_scale = "auto" if eval_refine and eval_prior == "auto" else None
+    o = st.columns(2)
+    eval_scan = o[0].number_input("Scan starts (0: the run's)", min_value=0, max_value=64, value=0, key="eval_scan",
+                                  disabled=not eval_refine,
+                                  help="the MAP search also starts from the N best points of the exact scan of the "
+                                       "likelihood alone (--scan-starts N)")
+    eval_basins = o[1].number_input("Whole-walk basins (0: the run's)", min_value=0, max_value=16, value=0,
+                                    key="eval_basins", disabled=not (eval_refine or eval_baselines),
+                                    help="every whole walk also starts from up to N runner-up basins of its snapshot "
+                                         "search and keeps the one whose walk posterior ends lowest (--walk-basins N)")
+    search = dict(prior_sigma_scale=prior_scale, scan_starts=int(eval_scan) if eval_refine and eval_scan else None,
+                  walk_basins=int(eval_basins) if (eval_refine or eval_baselines) and eval_basins else None)
     spec = None
     with wb.guard("evaluation"):
         if eval_map == "corrected":
             spec = evaluate_spec(ws.rel(ws.root / eval_run), None, "test", eval_refine, eval_baselines,
-                                 radio_map=ws.rel(corrected), prior_sigma_scale=prior_scale)
+                                 radio_map=ws.rel(corrected), **search)
             if other is not None and info.dataset and Path(info.dataset).name != Path(other).name:
                 st.caption(f"With --radio-map the run's own dataset (`{info.dataset}`) is evaluated, not "
                            f"`{ws.rel(other)}`.")
         else:
             spec = evaluate_spec(ws.rel(ws.root / eval_run), eval_scene, "test", eval_refine, eval_baselines,
-                                 dataset=ws.rel(other) if other is not None else None,
-                                 prior_sigma_scale=prior_scale)
+                                 dataset=ws.rel(other) if other is not None else None, **search)
         st.caption(f"`python -m core {' '.join(spec.args)}`")
     if eval_go and spec is not None:
         with wb.guard("evaluation"):

@@ -16,6 +16,9 @@ MAP and network + whole-walk (``--references``) against each other method, overa
 (``evaluate --prior-sigma-scale``; auto: chosen per run on its val split, the chosen scales in the JSON's
 ``prior_sigma_scales``).
 
+``--walk-basins N``: every whole walk also starts from up to N runner-up basins of its snapshot search
+(``evaluate --walk-basins``).
+
 ``--beside-map PATH ...``: every method is ALSO evaluated against each of these maps of the scene (e.g. the
 twin corrected by ``correct-map``, docs/world.md), its errors named ``METHOD@PATH``; name them in
 ``--references`` to pair them with the methods on the dataset's own map (the same UEs, the same seeds).
@@ -79,6 +82,9 @@ def main() -> None:
     parser.add_argument("--prior-sigma-scale", type=sigma_scale_arg, default=None, metavar="S|auto",
                         help="the prior's sigma over the network's in every search with the network's prior (evaluate "
                              "--prior-sigma-scale); auto: chosen per run on its val split, recorded as prior_sigma_scales")
+    parser.add_argument("--walk-basins", type=int, default=None, metavar="N",
+                        help="every whole walk (after the network, and without one) also starts from up to N runner-up "
+                             "basins of its snapshot search (evaluate --walk-basins)")
     parser.add_argument("--beside-map", nargs="+", metavar="PATH",
                         help="also evaluate every method against these maps of the scene (e.g. correct-map's), "
                              "named METHOD@PATH; pass them to --references to pair them")
@@ -105,13 +111,15 @@ def main() -> None:
                            radio_map_override=map_path)
             res = evaluate_run(run_dir, args.split, refine=True, baselines=not baselines, device=args.device, run=run,
                                write=False, keep_errors=True, prior_sigma_scale=args.prior_sigma_scale,
-                               scan_starts=args.scan_starts, silence=args.silence)
+                               scan_starts=args.scan_starts, silence=args.silence, walk_basins=args.walk_basins)
             scales.setdefault(run_dir + suffix, res["prior_sigma_scale"]["scale"])
             errors = res["_errors"]
             if not baselines:  # the baselines need no training: computed once, the same for every seed
                 baselines = {k: v for k, v in errors.items() if k not in NETWORK_METHODS}
                 cost |= {k + suffix: v["ms_per_sample"] for k, v in res["baselines"].items()}
             cost["model_refined" + suffix] = res["refinement"]["ms_per_sample"]
+            if "walk_refinement" in res:
+                cost["model_walk" + suffix] = res["walk_refinement"]["ms_per_walk"]
             for name, e in (errors | baselines).items():
                 per_method.setdefault(name + suffix, []).append(e)
             if groups is None:
@@ -121,6 +129,7 @@ def main() -> None:
                                    run.config.physics_loss.report_window_s)
     out = {"split": args.split, "runs": args.runs, "dataset": args.dataset or "the runs' own",
            "beside_maps": args.beside_map or [], "prior_sigma_scale": args.prior_sigma_scale, "scan_starts": args.scan_starts, "silence": args.silence,
+           "walk_basins": args.walk_basins,
            "prior_sigma_scales": scales,
            "groups": {g: int(m.sum()) for g, m in groups.items()},
            "methods": {}, "deltas": []}
@@ -182,7 +191,7 @@ def compare_arm_runs(args) -> None:
             run = load_run(run_dir, device=args.device, scene=args.scene)
             res = evaluate_run(run_dir, args.split, refine=True, baselines=not reference, device=args.device, run=run,
                                write=False, keep_errors=True, prior_sigma_scale=args.prior_sigma_scale,
-                               scan_starts=args.scan_starts)
+                               scan_starts=args.scan_starts, walk_basins=args.walk_basins)
             if not reference:
                 reference = {k: v for k, v in res["_errors"].items() if k == "exhaustive"}
             for method in ARM_METHODS:

@@ -410,8 +410,13 @@ def test_correct_map_spec_is_the_command_a_user_types(workspace):
     assert auto.args[-2:] == ("--prior-sigma-scale", "auto")
     assert Path(auto.output).name == "eval_test_refine_prior-auto.json"
     assert evaluate_spec("runs/tiny", None, "test", True, prior_sigma_scale=0.125).args[-1] == "0.125"
+    searched = evaluate_spec("runs/tiny", None, "test", True, True, scan_starts=6, walk_basins=3)
+    assert searched.args[-4:] == ("--scan-starts", "6", "--walk-basins", "3")
+    assert Path(searched.output).name == "eval_test_refine_scan-6_basins-3.json"
     for bad, words in ((dict(refine=False, prior_sigma_scale=0.5), "with refinement"),
-                       (dict(split="val", prior_sigma_scale="auto"), "score another split")):
+                       (dict(split="val", prior_sigma_scale="auto"), "score another split"),
+                       (dict(refine=False, scan_starts=2), "with refinement"),
+                       (dict(refine=False, walk_basins=2), "refinement or baselines")):
         with pytest.raises(CoreError, match=words):
             evaluate_spec("runs/tiny", **bad)
     # the page: no corrected map yet, and the command of the sidebar's dataset

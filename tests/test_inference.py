@@ -323,3 +323,16 @@ def test_scan_starts_reach_the_search_and_the_inspector(run_dir):
     won = ref.source == 3  # the label of the winning column is its kind's
     assert all(ref.source_name(i).startswith("scan") for i in np.flatnonzero(won & ref.refined))
     assert evaluation_path(run_dir, "test", refine=True, scan_starts=3).name == "eval_test_refine_scan-3.json"
+
+
+def test_walk_basins_reach_both_whole_walks_and_name_the_result(run_dir, capsys):
+    """``evaluate --walk-basins N``: recorded, its own result file; refused without a whole walk to start."""
+    from core.cli import main
+
+    rc = main(["evaluate", "--run", str(run_dir), "--refine", "--walk-basins", "2", "--no-progress", "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert rc == 0 and res["walk_basins"] == 2 and "walk_refinement" in res
+    assert (run_dir / "eval_test_refine_basins-2.json").is_file()
+    rc = main(["evaluate", "--run", str(run_dir), "--walk-basins", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "give one of them" in err and "Traceback" not in err

@@ -12,7 +12,14 @@ from core.physics.likelihood import RobustLikelihood
 from core.physics.observation import site_observation
 from core.physics.refinement import MapRefiner, MapSearchConfig
 from core.physics.synthetic import analytic_radio_map, synthetic_dataset
-from core.physics.trajectory import WalkConfig, WalkSmoother, scan_starts, walk_observation, whole_walk
+from core.physics.trajectory import (
+    WalkConfig,
+    WalkSmoother,
+    runner_up_basins,
+    scan_starts,
+    walk_observation,
+    whole_walk,
+)
 
 RM = analytic_radio_map(height=24, width=32, bounds=(-64.0, -48.0, 64.0, 48.0))
 DATA = synthetic_dataset(RM, 240, reports=8, seed=4, report_interval_s=0.5, speed_mps=(0.8, 1.5), missing_prob=0.1)
@@ -84,3 +91,51 @@ def test_bad_input_is_one_clear_error():
         smoother(walk_obs, t[:, ::-1].copy(), torch.zeros(4, 2))
     with pytest.raises(CoreError, match="process_noise_m"):
         WalkConfig(process_noise_m=0.0)
+    with pytest.raises(CoreError, match="alternatives must be"):
+        smoother(walk_obs, t, torch.zeros(4, 2), alternatives=(torch.zeros(4, 2), torch.ones(4, dtype=torch.bool)))
+    with pytest.raises(CoreError, match="basins"):
+        WalkConfig(basins=-1)
+
+
+def test_runner_up_basins_keep_close_rivals_far_apart_best_first():
+    """Against a hand-made search: margin, separation from the winner and from each other, NaN = not searched."""
+    xy = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    post = torch.tensor([10.0, 10.0])
+    starts = torch.tensor([[[0.0, 0.0], [50.0, 0.0], [55.0, 0.0], [0.0, 40.0], [5.0, 0.0], [0.0, -90.0]],
+                           [[0.0, 0.0], [30.0, 0.0], [0.0, 30.0], [-30.0, 0.0], [0.0, -30.0], [6.0, 6.0]]])
+    sp = torch.tensor([[10.0, 14.0, 12.0, 19.0, 10.5, 25.0],      # 55 m (12) wins over 50 m (14, within 10 m of it)
+                       [10.0, float("nan"), 13.0, 19.9, 20.0, 11.0]])  # NaN, a rival at the margin, one too close
+    points, valid = runner_up_basins(xy, post, starts, sp, count=3, margin_nats=10.0, separation_m=10.0)
+    assert valid.tolist() == [[True, True, False], [True, True, False]]
+    assert points[0, :2].tolist() == [[55.0, 0.0], [0.0, 40.0]] and points[0, 2].tolist() == [0.0, 0.0]
+    assert points[1, :2].tolist() == [[0.0, 30.0], [-30.0, 0.0]]
+    none, ok = runner_up_basins(xy, post, starts, sp, count=2, margin_nats=1.0)
+    assert not ok.any() and (none == 0).all()
+    with pytest.raises(CoreError, match="basins"):
+        runner_up_basins(xy, post, starts[:, :3], sp, count=1)
+
+
+def test_other_starts_only_lower_the_walk_posterior_and_find_the_true_basin():
+    """A walk started 40 m off with the true position as an alternative ends near the truth; invalid alternatives
+    change nothing; a walk keeps whichever start ends lowest."""
+    idx = np.arange(60)
+    walk_obs, t = walk_observation(DATA, idx)
+    smoother = WalkSmoother(LIK)
+    true = torch.as_tensor(_true(idx), dtype=torch.float32)
+    off = true + torch.tensor([40.0, 0.0])
+    alone = smoother(walk_obs, t, off)
+    other = (torch.stack([true, off + 3.0], 1), torch.tensor([[True, False]] * 60))
+    both = smoother(walk_obs, t, off, alternatives=other)
+    assert (both.cost <= alone.cost).all() and (both.cost < alone.cost).float().mean() > 0.8
+    assert np.median((both.xy - true).norm(dim=1).numpy()) < 2.0 < np.median((alone.xy - true).norm(dim=1).numpy())
+    unused = smoother(walk_obs, t, off, alternatives=(other[0], torch.zeros(60, 2, dtype=torch.bool)))
+    assert torch.equal(unused.xy, alone.xy) and torch.equal(unused.cost, alone.cost)
+
+
+def test_whole_walk_with_basins_never_ends_above_its_one_start():
+    """Without a network: the snapshot search's runner-up basins as more starts (WalkConfig.basins)."""
+    refiner = MapRefiner(LIK, MapSearchConfig(global_top=2))
+    idx = np.arange(80)
+    one = whole_walk(DATA, idx, refiner, WalkConfig(), window_s=0.0)
+    more = whole_walk(DATA, idx, refiner, WalkConfig(basins=2, basin_margin_nats=50.0), window_s=0.0)
+    assert (more.cost <= one.cost + 1e-4).all()

@@ -312,15 +312,18 @@ def train_spec(config: str, out: str, overrides: dict[str, object] | None = None
 
 def evaluate_spec(run: str, scene: str | None = None, split: str = "test", refine: bool = True,
                   baselines: bool = False, dataset: str | None = None, radio_map: str | None = None,
-                  prior_sigma_scale: float | str | None = None) -> JobSpec:
+                  prior_sigma_scale: float | str | None = None, scan_starts: int | None = None,
+                  walk_basins: int | None = None) -> JobSpec:
     """Evaluate run directory ``run`` on ``split`` (``scene``: a training scene or a held-out one, with the
     in-scene vs held-out table; ``refine``: with test-time MAP on that scene's map; ``dataset``: another dataset
     of ``scene``, e.g. its realistic world; ``radio_map``: the run's own scene read against this map store in
     place of the one its dataset records, e.g. the corrected map :func:`correct_map_spec` writes; it goes without
     a scene; ``prior_sigma_scale``: with ``refine``, the network prior's sigma over the network's in the searches,
-    a number or "auto", chosen on the val split). Writes ``<run>/eval_<split>[_<scene>][_refine].json``
-    (:func:`~core.stores.run.evaluation_path`; named per dataset with ``dataset``, per map folder with ``radio_map``,
-    ``_prior-<s>`` with ``prior_sigma_scale``)."""
+    a number or "auto", chosen on the val split; ``scan_starts``: with ``refine``, the MAP search's starts from the
+    exact scan; ``walk_basins``: with ``refine`` or ``baselines``, the runner-up basins every whole walk also starts
+    from). Writes ``<run>/eval_<split>[_<scene>][_refine].json`` (:func:`~core.stores.run.evaluation_path`; named per
+    dataset with ``dataset``, per map folder with ``radio_map``, ``_prior-<s>``, ``_scan-<n>``, ``_basins-<k>`` with
+    those options)."""
     from core.stores.run import evaluation_path
 
     if split not in ("train", "val", "test"):
@@ -350,9 +353,17 @@ def evaluate_spec(run: str, scene: str | None = None, split: str = "test", refin
 
             check_scored_split(split)  # the scale is chosen on val: refused on val itself
         args += ["--prior-sigma-scale", scale if scale == "auto" else f"{float(scale):g}"]
+    if scan_starts is not None:
+        if not refine:
+            raise CoreError("scan starts are starts of the MAP search: evaluate with refinement")
+        args += ["--scan-starts", str(int(scan_starts))]
+    if walk_basins is not None:
+        if not (refine or baselines):
+            raise CoreError("whole-walk basins are starts of the whole walks: evaluate with refinement or baselines")
+        args += ["--walk-basins", str(int(walk_basins))]
     return JobSpec("evaluate", tuple(args), str(evaluation_path(run, split, scene, refine, dataset=dataset,
-                                                                radio_map=radio_map or None,
-                                                                prior_sigma_scale=scale)))
+                                                                radio_map=radio_map or None, prior_sigma_scale=scale,
+                                                                scan_starts=scan_starts, walk_basins=walk_basins)))
 
 
 def correct_map_spec(dataset: str, scene: str, radio_maps: str = "radio_maps", split: str = "train",

@@ -195,6 +195,10 @@ class RefinementConfig(_Section):
     #: starts of the MAP search from the exact scan of the likelihood alone (its best lattice points, as exhaustive
     #: map matching ranks them; core.physics.bounded_scan): 0 = off (the block-statistics global starts only)
     scan_starts: int = Field(default=0, ge=0, le=64)
+    #: runner-up basins of the snapshot search (network + MAP's, or exhaustive search's without a network) the
+    #: whole walk also starts from; each walk keeps the start whose whole-walk posterior ends lowest
+    #: (core.physics.trajectory.runner_up_basins): 0 = off (the one start)
+    walk_basins: int = Field(default=0, ge=0, le=16)
 
 
 class PhysicsLossConfig(_Section):

@@ -28,7 +28,8 @@ after a warm-up), plus:
   (:func:`core.learning.inference.walk_prediction`: the network's prior, started at network +
   MAP) = {method "whole-walk", ms_per_walk, after, groups_after}; with ``--baselines`` also
   ``baselines["whole-walk"]`` (:mod:`core.physics.trajectory` without a network) and
-  ``walk_ms_per_walk``;
+  ``walk_ms_per_walk``; both also start from ``walk_basins`` runner-up basins of their snapshot search
+  (``--walk-basins N``, :func:`core.physics.trajectory.runner_up_basins`; recorded at top level);
 * ``bound`` (where the map has per-site layers): the Cramér–Rao bounds of the position
   (:mod:`core.physics.bound`, at the true positions, the noise of the dataset's measurement
   model) for the latest report, the reports of the pooled window (``window_s``), the whole
@@ -83,7 +84,8 @@ def _timed_predict(run, indices) -> tuple[Any, float]:
 def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: bool = False, device="cpu",
                  threshold: float | None = None, top_k: int | None = None, window_s: float | None = None,
                  run=None, write: bool = True, keep_errors: bool = False, silence: bool = False,
-                 prior_sigma_scale: float | str | None = None, scan_starts: int | None = None) -> dict[str, Any]:
+                 prior_sigma_scale: float | str | None = None, scan_starts: int | None = None,
+                 walk_basins: int | None = None) -> dict[str, Any]:
     """Evaluate ``run_dir`` on ``split`` (see the module doc); ``run`` may be an already loaded run.
 
     ``silence``: the likelihood of every search (MAP, exhaustive, whole walk) also charges the sites
@@ -92,7 +94,9 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     (``physics_loss.refinement.prior_sigma_scale``; None: the run's), or "auto": chosen on the val split
     (:mod:`core.learning.prior_scale`); recorded as ``result["prior_sigma_scale"]``. ``scan_starts``: the MAP
     search's starts from the exact scan of the likelihood (``physics_loss.refinement.scan_starts``; None: the
-    run's), recorded in ``result["refinement"]["search"]["scan_top"]``.
+    run's), recorded in ``result["refinement"]["search"]["scan_top"]``. ``walk_basins``: the runner-up basins the
+    whole walks (after the network, and without one) also start from (``physics_loss.refinement.walk_basins``;
+    None: the run's), recorded as ``result["walk_basins"]``.
 
     ``threshold``, ``top_k``, ``window_s``: the MAP refinement's options
     (:func:`~core.learning.inference.refine_prediction`; None: its defaults).
@@ -101,13 +105,14 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     from core.learning.inference import cpu_threads, load_run
 
     run = run or load_run(run_dir, device=device)
-    _search_options(run, split, refine, silence, scan_starts, prior_sigma_scale)
+    _search_options(run, split, refine, silence, scan_starts, prior_sigma_scale, walk_basins)
     indices = run.dataset.indices(split)
     if len(indices) == 0:
         raise CoreError(f"--split {split}: no samples in {run.config.data.dataset}")
     if write:  # before the work: a result that cannot be written is refused now
         check_writable(evaluation_path(run.run_dir, split, refine=refine, silence=silence,
-                                       prior_sigma_scale=prior_sigma_scale, scan_starts=scan_starts), "--run")
+                                       prior_sigma_scale=prior_sigma_scale, scan_starts=scan_starts,
+                                       walk_basins=walk_basins), "--run")
     progress.report(0.05, f"predicting {len(indices)} {split} samples")
     pred, ms = _timed_predict(run, indices)
     result: dict[str, Any] = {"run": str(run.run_dir), "split": split, "checkpoint": run.checkpoint.name,
@@ -117,6 +122,7 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
                               "paths_per_site": run.radio_map.paths_per_site}
     if run.map_override is not None:
         result["radio_map_override"] = run.map_override
+    result["walk_basins"] = int(run.config.physics_loss.refinement.walk_basins)
     result.update(error_metrics(pred.error_m))
     epoch_s = run.metrics["epoch_s"].mean() if "epoch_s" in run.metrics else float("nan")
     result["train_s_per_epoch"] = float(epoch_s)
@@ -127,10 +133,10 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     if refine:
         result["prior_sigma_scale"] = _prior_sigma_scale(run, split, prior_sigma_scale)
         progress.report(0.4, "MAP refinement")
-        result["refinement"], errors["model_refined"], map_xy = _refinement(run, pred, threshold, top_k, window_s)
+        result["refinement"], errors["model_refined"], refined = _refinement(run, pred, threshold, top_k, window_s)
         if bound_rms is not None:
             progress.report(0.5, "whole-walk refinement")
-            result["walk_refinement"], errors["model_walk"] = _walk(run, pred, map_xy)
+            result["walk_refinement"], errors["model_walk"] = _walk(run, pred, refined)
     if baselines:
         from core.learning.baselines import run_baselines
         from core.learning.inference import calibrate_run, walk_prediction
@@ -157,7 +163,8 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
         result["silence"] = run.likelihood.silence.to_dict()
     if write:
         atomic_write_text(evaluation_path(run.run_dir, split, refine=refine, silence=silence,
-                                          prior_sigma_scale=prior_sigma_scale, scan_starts=scan_starts),
+                                          prior_sigma_scale=prior_sigma_scale, scan_starts=scan_starts,
+                                          walk_basins=walk_basins),
                           json.dumps(result, indent=2, default=float))
     progress.report(1.0, "evaluation done")
     if keep_errors:
@@ -174,7 +181,8 @@ def evaluate_scene(run_dir, scene: str, split: str = "test", refine: bool = Fals
 
     run = load_run(run_dir, device=device, scene=scene, dataset_path=dataset_path)
     path = evaluation_path(run.run_dir, split, scene, refine, dataset=dataset_path, silence=options.get("silence", False),
-                           prior_sigma_scale=options.get("prior_sigma_scale"), scan_starts=options.get("scan_starts"))
+                           prior_sigma_scale=options.get("prior_sigma_scale"), scan_starts=options.get("scan_starts"),
+                           walk_basins=options.get("walk_basins"))
     if write:
         check_writable(path, "--run")
     result = evaluate_run(run_dir, split, refine, baselines, run=run, write=False, **options)
@@ -204,14 +212,18 @@ def _scene_row(scene: str, role: str, result: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _search_options(run, split: str, refine: bool, silence: bool, scan_starts: int | None, prior_sigma_scale) -> None:
+def _search_options(run, split: str, refine: bool, silence: bool, scan_starts: int | None, prior_sigma_scale,
+                    walk_basins: int | None = None) -> None:
     """The searches' options set in ``run``'s config, each checked before any work: the silence term (refused
-    without a recorded sensitivity), the scan starts, and a scale "auto" (refused on the split it is chosen on)."""
+    without a recorded sensitivity), the scan starts, the whole walks' basins and a scale "auto" (refused on the
+    split it is chosen on)."""
     if silence:
         run.silence_threshold()  # refused before any work when there is none
         run.config.physics_loss.silence = True
     if scan_starts is not None:
         run.config.physics_loss.refinement.scan_starts = int(scan_starts)
+    if walk_basins is not None:
+        run.config.physics_loss.refinement.walk_basins = int(walk_basins)
     if prior_sigma_scale == "auto" and refine:
         from core.learning.prior_scale import check_scored_split
 
@@ -236,7 +248,7 @@ def _prior_sigma_scale(run, split: str, scale: float | str | None) -> dict[str, 
 
 
 def _refinement(run, pred, threshold, top_k, window_s) -> tuple[dict[str, Any], Any, Any]:
-    """``(result["refinement"], errors after [N], MAP positions [N, 2])`` of the MAP refinement of ``pred``."""
+    """``(result["refinement"], errors after [N], the RefinedPrediction)`` of the MAP refinement of ``pred``."""
     from dataclasses import asdict
 
     import numpy as np
@@ -256,7 +268,7 @@ def _refinement(run, pred, threshold, top_k, window_s) -> tuple[dict[str, Any], 
         "before": error_metrics(ref.error_before_m), "after": error_metrics(ref.error_after_m),
         "refined_before": error_metrics(ref.error_before_m[m]), "refined_after": error_metrics(ref.error_after_m[m]),
         "groups_after": grouped_metrics(ref.error_after_m, pred.groups),
-    }, ref.error_after_m, ref.xy
+    }, ref.error_after_m, ref
 
 
 def _bound(run, indices, window_s, result):
@@ -289,11 +301,12 @@ def _ratios(result, errors, bound_rms) -> None:
     result["bound"]["ratio"] = {name: float(np.median(e)) / med for name, e in errors.items()}
 
 
-def _walk(run, pred, map_xy):
-    """``(result["walk_refinement"], errors [N])``: the whole walk after the network (prior) + MAP (start)."""
+def _walk(run, pred, refined):
+    """``(result["walk_refinement"], errors [N])``: the whole walk after the network (prior) + MAP (``refined``:
+    the start, and its runner-up basins with ``walk_basins``)."""
     from core.learning.inference import walk_prediction
 
-    walk = walk_prediction(run, pred, start=map_xy)
+    walk = walk_prediction(run, pred, refined=refined)
     e = position_errors(walk.xy.cpu().numpy(), pred.true_xy)
     return {"method": "whole-walk", "ms_per_walk": 1000.0 * walk.seconds / max(len(e), 1), "after": error_metrics(e),
             "groups_after": grouped_metrics(e, pred.groups)}, e
@@ -454,6 +467,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "prior (default: the run's physics_loss.refinement.prior_sigma_scale, 1); auto: chosen on "
                              "the val split by network + MAP's median (core.learning.prior_scale); result file "
                              "..._prior-<S>.json")
+    parser.add_argument("--walk-basins", type=cli_types.integer(0, 16), default=None, metavar="N",
+                        help="with --refine or --baselines: every whole walk (after the network, and without one) also "
+                             "starts from up to N runner-up basins of its snapshot search and keeps the one whose walk "
+                             "posterior ends lowest (default: the run's physics_loss.refinement.walk_basins, 0); result "
+                             "file ..._basins-<N>.json")
     parser.add_argument("--out", default=None,
                         help="write the result JSON to this file instead of into the run directory")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -477,8 +495,10 @@ def run(args: argparse.Namespace) -> int:
         raise CoreError("--prior-sigma-scale scales the network's prior in the searches of --refine: give --refine")
     if args.scan_starts is not None and not args.refine:
         raise CoreError("--scan-starts adds starts to the MAP search of --refine: give --refine")
+    if args.walk_basins is not None and not (args.refine or args.baselines):
+        raise CoreError("--walk-basins adds starts to the whole walks of --refine and --baselines: give one of them")
     options = dict(threshold=args.threshold, top_k=args.top_k, window_s=args.window, silence=args.silence,
-                   prior_sigma_scale=args.prior_sigma_scale, scan_starts=args.scan_starts)
+                   prior_sigma_scale=args.prior_sigma_scale, scan_starts=args.scan_starts, walk_basins=args.walk_basins)
     out = None
     if args.out is not None:
         out = Path(args.out)
@@ -494,7 +514,7 @@ def run(args: argparse.Namespace) -> int:
         label, dataset = None, None
     target = out or evaluation_path(args.run, args.split, label, args.refine, dataset=dataset, silence=args.silence,
                                     radio_map=args.radio_map, prior_sigma_scale=args.prior_sigma_scale,
-                                    scan_starts=args.scan_starts)
+                                    scan_starts=args.scan_starts, walk_basins=args.walk_basins)
     if out is None:  # before the lock file beside it: an unwritable run folder is one line
         check_writable(target, "--run")
     with output_lock(target, "evaluation"):  # one writer per result file

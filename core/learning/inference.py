@@ -539,6 +539,14 @@ def map_search_config(config: Config):
     return MapSearchConfig(polish_steps=int(r.num_steps), scan_top=int(r.scan_starts))
 
 
+def walk_config(config: Config):
+    """The :class:`~core.physics.trajectory.WalkConfig` of a run's config: ``physics_loss.refinement.walk_basins``
+    -> ``basins`` (runner-up basins of the snapshot search the whole walk also starts from); the rest its defaults."""
+    from core.physics.trajectory import WalkConfig
+
+    return WalkConfig(basins=int(config.physics_loss.refinement.walk_basins))
+
+
 @dataclass
 class RefinedPrediction:
     """MAP refinement of a :class:`Prediction` (numpy; ``N`` samples, ``K`` slots, ``M`` starts,
@@ -804,20 +812,25 @@ def serving_table(refined: RefinedPrediction, row: int) -> pd.DataFrame:
                         columns=["feature", "σ network", "σ MAP", "NLL network", "NLL MAP"])
 
 
-def walk_prediction(run: LoadedRun, prediction: Prediction | None = None, start=None, indices=None, config=None):
+def walk_prediction(run: LoadedRun, prediction: Prediction | None = None, start=None, indices=None, config=None,
+                    refined: RefinedPrediction | None = None):
     """The whole-walk estimate (:mod:`core.physics.trajectory`) of the walks of ``prediction``
     (or of ``indices`` without a network), with the run's calibrated likelihood.
 
     With a ``prediction``: the network's Gaussian (and outlier floor, as in the MAP search) is the
-    prior on the last position and ``start [N, 2]`` (default the network's mean; pass the network +
-    MAP estimate) the start. Without: the exhaustive-scan snapshot start, no prior. Returns the
-    :class:`~core.physics.trajectory.WalkResult` (tensors on the run's device).
+    prior on the last position and ``start [N, 2]`` (default the network's mean) the start; ``refined``
+    (network + MAP's :class:`RefinedPrediction` of the same samples, instead of ``start``): its estimate is
+    the start and, with ``config.basins``, its search's runner-up basins
+    (:func:`~core.physics.trajectory.runner_up_basins`) the other starts. Without: the exhaustive-scan
+    snapshot start (and its runner-up basins), no prior. ``config``: default :func:`walk_config` of the
+    run. Returns the :class:`~core.physics.trajectory.WalkResult` (tensors on the run's device).
     """
     from core.physics.prior import position_prior
-    from core.physics.trajectory import whole_walk
+    from core.physics.trajectory import runner_up_basins, whole_walk
 
     refiner = run.refiner()
     window_s = run.config.physics_loss.report_window_s
+    config = config or walk_config(run.config)
     with cpu_threads(run):
         if prediction is None:
             return whole_walk(run.dataset, indices, refiner, config, window_s=window_s)
@@ -826,9 +839,17 @@ def walk_prediction(run: LoadedRun, prediction: Prediction | None = None, start=
         sigma = prediction.sigma * run.config.physics_loss.refinement.prior_sigma_scale
         prior = position_prior(torch.as_tensor(prediction.xy, dtype=dt, device=dev),
                                torch.as_tensor(sigma, dtype=dt, device=dev), refiner.area, c.outlier_prob, c.min_sigma_m)
+        others = None
+        if refined is not None:
+            start = refined.xy
+            if config.basins:
+                others = runner_up_basins(*(torch.as_tensor(a, dtype=dt, device=dev) for a in (
+                    refined.xy, refined.posterior_after, refined.starts, refined.start_posterior)),
+                    config.basins, config.basin_margin_nats, config.basin_separation_m)
         start = prediction.xy if start is None else start
         return whole_walk(run.dataset, prediction.indices, refiner, config, window_s=window_s,
-                          start=torch.as_tensor(np.asarray(start), dtype=dt, device=dev), prior=prior)
+                          start=torch.as_tensor(np.asarray(start), dtype=dt, device=dev), prior=prior,
+                          alternatives=others)
 
 
 def bounds(run: LoadedRun, indices, window_s: float | None = None):

@@ -28,6 +28,14 @@ Starts: one position per walk for ``p`` (``v = 0``, ``d = 0``); :func:`whole_wal
 without a network by a global scan and the snapshot MAP search of the pooled window
 (:class:`~core.physics.refinement.MapRefiner` with a flat prior), or takes the network +
 MAP estimate, with the network's Gaussian as the prior on ``p_{T-1}``.
+
+Basins (``WalkConfig.basins = K > 0``): the snapshot search ranks basins by the pooled window
+alone; the walk scores all ``T`` reports and the motion, so it is the better judge between them.
+The walk then also starts from up to ``K`` runner-up basins of that search
+(:func:`runner_up_basins`: its other starts' best points, at least ``basin_separation_m`` from
+the winner and from each other, whose posterior is within ``basin_margin_nats`` of the winner's),
+and each walk keeps the start whose optimised ``J`` is lowest. Where one basin dominates (most
+walks that hear three or more sites) nothing more is run.
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ from core.physics.bounded_scan import DEFAULT_BLOCK
 from core.physics.observation import SiteObservation
 from core.physics.prior import PositionPrior
 
-__all__ = ["WalkConfig", "WalkResult", "WalkSmoother", "walk_observation", "scan_starts", "snapshot_start", "whole_walk"]
+__all__ = ["WalkConfig", "WalkResult", "WalkSmoother", "walk_observation", "scan_starts", "snapshot_search",
+           "runner_up_basins", "whole_walk"]
 
 
 @dataclass(frozen=True)
@@ -61,14 +70,17 @@ class WalkConfig:
     #: the no-network start's scan: lattice points per side of the blocks its lower bound prunes
     #: (:class:`~core.physics.bounded_scan.BoundedScan`, same picks as scoring every point); 0: score every point
     scan_block: int = DEFAULT_BLOCK
+    basins: int = 0  #: runner-up basins of the snapshot search the walk also starts from (0: its one start)
+    basin_margin_nats: float = 10.0  #: ... those whose snapshot posterior is within this of the winner's
+    basin_separation_m: float = 10.0  #: ... at least this far from the winner and from each other
 
     def __post_init__(self) -> None:
-        for name in ("process_noise_m", "speed_sigma_mps", "lr_m"):
+        for name in ("process_noise_m", "speed_sigma_mps", "lr_m", "basin_margin_nats", "basin_separation_m"):
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
                 raise CoreError(f"whole-walk: {name} must be > 0, got {v}")
-        if self.steps < 0 or self.chunk_size < 1 or self.scan_block < 0:
-            raise CoreError("whole-walk: steps must be >= 0, chunk_size >= 1 and scan_block >= 0")
+        if self.steps < 0 or self.chunk_size < 1 or self.scan_block < 0 or self.basins < 0:
+            raise CoreError("whole-walk: steps must be >= 0, chunk_size >= 1, scan_block >= 0 and basins >= 0")
 
 
 class WalkResult(NamedTuple):
@@ -103,10 +115,11 @@ def walk_observation(dataset, indices) -> tuple[SiteObservation, np.ndarray]:
 class WalkSmoother:
     """The whole-walk MAP of the module doc over one likelihood; build once, call per batch of walks.
 
-    ``smoother(obs [N * T rows], t [N, T], start [N, 2], prior=None, velocity=None, velocity_sigma=None)
-    -> WalkResult`` (``prior``: a :class:`~core.physics.prior.PositionPrior` on the last position, ``[N]``;
-    ``velocity [N, 2]`` m/s and ``velocity_sigma`` (a number or ``[N]``, default 0.1) m/s: the device's
-    own motion measurement).
+    ``smoother(obs [N * T rows], t [N, T], start [N, 2], prior=None, velocity=None, velocity_sigma=None,
+    alternatives=None) -> WalkResult`` (``prior``: a :class:`~core.physics.prior.PositionPrior` on the last
+    position, ``[N]``; ``velocity [N, 2]`` m/s and ``velocity_sigma`` (a number or ``[N]``, default 0.1) m/s:
+    the device's own motion measurement; ``alternatives``: ``(points [N, K, 2], valid bool [N, K])``, more
+    starts per walk (:func:`runner_up_basins`): each walk keeps the start whose ``J`` ends lowest).
     """
 
     def __init__(self, likelihood, config: WalkConfig | None = None) -> None:
@@ -163,7 +176,7 @@ class WalkSmoother:
         return best_path, best_v, best_j
 
     def __call__(self, obs: SiteObservation, t, start, prior: PositionPrior | None = None, velocity=None,
-                 velocity_sigma=None) -> WalkResult:
+                 velocity_sigma=None, alternatives=None) -> WalkResult:
         t0 = time.perf_counter()
         maps = self.lik.maps
         dt_, dev = maps.dtype, maps.device
@@ -186,6 +199,14 @@ class WalkSmoother:
                 raise CoreError(f"whole-walk: velocity must be [N, 2] m/s and velocity_sigma > 0 (a number or [N]); got "
                                 f"{tuple(v_dev.shape)}, {tuple(sig.shape)}")
             motion = (v_dev, sig)
+        path, vel, cost = self._walks(obs, tau, steps, start, prior, motion)
+        if alternatives is not None:
+            self._other_starts(alternatives, (path, vel, cost), obs, tau, steps, prior, motion)
+        return WalkResult(path[:, -1], path, vel, cost, time.perf_counter() - t0)
+
+    def _walks(self, obs, tau, steps, start, prior, motion):
+        """``(path [N, T, 2], velocity [N, 2], J [N])`` of the walks from ``start [N, 2]``, in chunks."""
+        n, t_len = tau.shape
         paths, vels, costs = [], [], []
         size = self.config.chunk_size
         for s in range(0, n, size):
@@ -197,9 +218,31 @@ class WalkSmoother:
             paths.append(path)
             vels.append(v)
             costs.append(j)
-        path = torch.cat(paths) if paths else start.new_zeros(0, t_len, 2)
-        return WalkResult(path[:, -1], path, torch.cat(vels) if vels else start.new_zeros(0, 2),
-                          torch.cat(costs) if costs else start.new_zeros(0), time.perf_counter() - t0)
+        if not paths:
+            return start.new_zeros(0, t_len, 2), start.new_zeros(0, 2), start.new_zeros(0)
+        return torch.cat(paths), torch.cat(vels), torch.cat(costs)
+
+    def _other_starts(self, alternatives, best, obs, tau, steps, prior, motion) -> None:
+        """The walks from ``alternatives = (points [N, K, 2], valid bool [N, K])`` too (only the valid ones);
+        ``best = (path, velocity, J)`` keeps, per walk, the lowest ``J`` (updated in place)."""
+        path, vel, cost = best
+        n, t_len = tau.shape
+        points = torch.as_tensor(alternatives[0]).to(path.device, path.dtype)
+        valid = torch.as_tensor(alternatives[1]).to(path.device, torch.bool)
+        if points.ndim != 3 or points.shape[0] != n or points.shape[2] != 2 or valid.shape != points.shape[:2]:
+            raise CoreError(f"whole-walk: alternatives must be points [N, K, 2] and valid [N, K] for N = {n}; got "
+                            f"{tuple(points.shape)}, {tuple(valid.shape)}")
+        rows = torch.arange(t_len)
+        for k in range(points.shape[1]):
+            ids = torch.nonzero(valid[:, k]).squeeze(1)
+            if len(ids) == 0:
+                continue
+            sub = obs.take((ids.cpu()[:, None] * t_len + rows).reshape(-1))
+            p_k, v_k, j_k = self._walks(sub, tau[ids], steps[ids], points[ids, k], None if prior is None else prior.take(ids),
+                                        None if motion is None else (motion[0][ids], motion[1][ids]))
+            better = j_k < cost[ids]
+            won = ids[better]
+            path[won], vel[won], cost[won] = p_k[better], v_k[better], j_k[better]
 
 
 @torch.no_grad()
@@ -261,23 +304,60 @@ def scan_starts(likelihood, obs: SiteObservation, step_m: float = 5.0, top: int 
     return torch.cat(out) if out else maps.lo.new_zeros(0, top, 2)
 
 
-def snapshot_start(refiner, obs: SiteObservation, step_m: float = 5.0, top: int = 6,
-                   blocks: int | None = None, bound_block: int = DEFAULT_BLOCK) -> torch.Tensor:
-    """``[N, 2]`` snapshot MAP positions without a network: the best points of a scan
-    (:func:`scan_starts`), then the MAP search (:class:`~core.physics.refinement.MapRefiner`) around
-    the best (its window) and the others (as centres), with a flat prior."""
+def snapshot_search(refiner, obs: SiteObservation, step_m: float = 5.0, top: int = 6,
+                    blocks: int | None = None, bound_block: int = DEFAULT_BLOCK):
+    """The snapshot MAP search without a network (a :class:`~core.physics.refinement.MapResult`; its ``xy [N, 2]``
+    the positions): the best points of a scan (:func:`scan_starts`), then the MAP search
+    (:class:`~core.physics.refinement.MapRefiner`) around the best (its window) and the others (as centres),
+    with a flat prior."""
     starts = scan_starts(refiner.lik, obs, step_m, top, blocks, bound_block=bound_block)
     mu = starts[:, 0]
-    return refiner(mu, torch.full_like(mu, 1.0e4), obs, centres=starts[:, 1:]).xy
+    return refiner(mu, torch.full_like(mu, 1.0e4), obs, centres=starts[:, 1:])
+
+
+@torch.no_grad()
+def runner_up_basins(xy, posterior, starts, start_posterior, count: int, margin_nats: float = 10.0,
+                     separation_m: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(points [N, count, 2], valid bool [N, count])``: a MAP search's runner-up basins, best first.
+
+    ``xy [N, 2]`` and ``posterior [N]``: the search's winner and its ``J`` [nats]; ``starts [N, M, 2]`` and
+    ``start_posterior [N, M]``: each start's best point and its ``J`` (NaN: not searched). A start is a basin
+    when ``start_posterior - posterior < margin_nats`` and it lies more than ``separation_m`` from ``xy`` and
+    from every basin picked before it (greedy, lowest ``J`` first). Invalid slots hold ``xy``.
+    """
+    xy, post = torch.as_tensor(xy), torch.as_tensor(posterior)
+    pts, sp = torch.as_tensor(starts).to(xy.dtype), torch.as_tensor(start_posterior).to(post.dtype)
+    n, m = sp.shape
+    if xy.shape != (n, 2) or post.shape != (n,) or pts.shape != (n, m, 2) or count < 0:
+        raise CoreError(f"basins: xy [N, 2], posterior [N], starts [N, M, 2], start_posterior [N, M] and count >= 0; "
+                        f"got {tuple(xy.shape)}, {tuple(post.shape)}, {tuple(pts.shape)}, {tuple(sp.shape)}, {count}")
+    free = torch.isfinite(sp) & (sp - post[:, None] < margin_nats)
+    free &= (pts - xy[:, None]).norm(dim=-1) > separation_m
+    score = torch.where(free, sp, torch.full_like(sp, math.inf))
+    points = xy[:, None].repeat(1, count, 1)
+    valid = torch.zeros(n, count, dtype=torch.bool, device=xy.device)
+    rows = torch.arange(n, device=xy.device)
+    for k in range(count):
+        arg = score.argmin(dim=1)
+        ok = torch.isfinite(score[rows, arg])
+        pick = pts[rows, arg]
+        points[:, k] = torch.where(ok[:, None], pick, xy)
+        valid[:, k] = ok
+        near = (pts - pick[:, None]).norm(dim=-1) <= separation_m
+        score = score.masked_fill(near & ok[:, None], math.inf)
+    return points, valid
 
 
 def whole_walk(dataset, indices, refiner, config: WalkConfig | None = None, window_s: float = 1.0,
-               start=None, prior: PositionPrior | None = None, velocity=None, velocity_sigma=None) -> WalkResult:
+               start=None, prior: PositionPrior | None = None, velocity=None, velocity_sigma=None,
+               alternatives=None) -> WalkResult:
     """The whole-walk estimate of walks ``dataset[indices]`` (see the module doc).
 
     ``refiner``: a :class:`~core.physics.refinement.MapRefiner` over the calibrated likelihood
     (its likelihood scores the reports). ``start [N, 2]``: where to start (e.g. network + MAP);
-    None: :func:`snapshot_start` on the reports pooled over ``window_s`` (no network).
+    None: :func:`snapshot_search` on the reports pooled over ``window_s`` (no network), and with
+    ``config.basins`` its runner-up basins as ``alternatives``. ``alternatives``: ``(points [N, K, 2],
+    valid [N, K])`` more starts (:func:`runner_up_basins` of the network + MAP search), see :class:`WalkSmoother`.
     ``prior``: the network's prior on the last position, or None. ``velocity``, ``velocity_sigma``:
     the device's motion measurement (see :class:`WalkSmoother`); by default the dataset's device-motion
     channel when it records one and ``config.device_motion`` (:func:`~core.stores.motion_model.velocity_measurement`).
@@ -289,8 +369,12 @@ def whole_walk(dataset, indices, refiner, config: WalkConfig | None = None, wind
     t0 = time.perf_counter()
     config = config or WalkConfig()
     if start is None:
-        start = snapshot_start(refiner, site_observation(dataset, indices, window_s=window_s),
-                               bound_block=config.scan_block)
+        search = snapshot_search(refiner, site_observation(dataset, indices, window_s=window_s),
+                                 bound_block=config.scan_block)
+        start = search.xy
+        if config.basins:
+            alternatives = runner_up_basins(search.xy, search.posterior, search.starts, search.start_posterior,
+                                            config.basins, config.basin_margin_nats, config.basin_separation_m)
     obs, t = walk_observation(dataset, indices)
     if velocity is None and config.device_motion and dataset.motion is not None:
         from core.stores.motion_model import velocity_measurement
@@ -298,5 +382,5 @@ def whole_walk(dataset, indices, refiner, config: WalkConfig | None = None, wind
         idx = np.asarray(indices)
         velocity, velocity_sigma = velocity_measurement(dataset.motion[idx], dataset.t[idx],
                                                         dataset.measurement_model.motion)
-    result = WalkSmoother(refiner.lik, config)(obs, t, start, prior, velocity, velocity_sigma)
+    result = WalkSmoother(refiner.lik, config)(obs, t, start, prior, velocity, velocity_sigma, alternatives)
     return result._replace(seconds=time.perf_counter() - t0)

@@ -427,13 +427,15 @@ def evaluations_dir(run_dir: str | os.PathLike) -> Path:
 def evaluation_path(run_dir: str | os.PathLike, split: str, scene: str | None = None, refine: bool = False,
                     dataset: str | os.PathLike | None = None, silence: bool = False,
                     radio_map: str | os.PathLike | None = None, prior_sigma_scale: float | str | None = None,
-                    scan_starts: int | None = None) -> Path:
-    """``<evaluations_dir>/eval_<split>[_<scene>[-<dataset>]][_refine][_silence][_scan-<n>][_prior-<s>].json``: what ``evaluate``
+                    scan_starts: int | None = None, walk_basins: int | None = None) -> Path:
+    """``<evaluations_dir>/eval_<split>[_<scene>[-<dataset>]][_refine][_silence][_scan-<n>][_prior-<s>][_basins-<k>].json``:
+    what ``evaluate``
     writes (``scene``: ``--scene``; ``dataset``: ``--dataset``, named only when its folder is not the scene's own, e.g.
     ``eval_test_etoile-etoile_realistic_refine.json``, so two worlds never share a file; ``silence``:
     ``--silence``, the likelihood with the silence term; ``radio_map``: ``--radio-map``, in place of a scene,
     named by the map's folder: ``eval_test_map-corrected_refine.json``; ``prior_sigma_scale``:
-    ``--prior-sigma-scale``, ``_prior-auto`` or ``_prior-0.125``; ``scan_starts``: ``--scan-starts``, ``_scan-6``)."""
+    ``--prior-sigma-scale``, ``_prior-auto`` or ``_prior-0.125``; ``scan_starts``: ``--scan-starts``, ``_scan-6``;
+    ``walk_basins``: ``--walk-basins``, ``_basins-2``)."""
     label = scene
     if radio_map is not None:
         label = f"map-{Path(radio_map).resolve().parent.name}"
@@ -442,8 +444,9 @@ def evaluation_path(run_dir: str | os.PathLike, split: str, scene: str | None = 
     scale = prior_sigma_scale
     prior = "" if scale is None else f"_prior-{scale if isinstance(scale, str) else f'{scale:g}'}"
     scan = "" if scan_starts is None else f"_scan-{int(scan_starts)}"
+    basins = "" if walk_basins is None else f"_basins-{int(walk_basins)}"
     name = (f"eval_{split}{f'_{label}' if label else ''}{'_refine' if refine else ''}{'_silence' if silence else ''}"
-            f"{scan}{prior}.json")
+            f"{scan}{prior}{basins}.json")
     return evaluations_dir(run_dir) / name
 
 
