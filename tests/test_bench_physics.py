@@ -21,6 +21,7 @@ def test_bench_physics_reports_likelihood_and_map(tmp_path, capsys):
     assert [r["batch"] for r in batch_rows] == [16, 64] and [r["map_samples"] for r in map_rows] == [40, 80]
     assert all(r["lik_fwdbwd_ms"] > 0 and r["site_bare_fwdbwd_ms"] > 0 for r in batch_rows)
     assert summary["walks"] == 20 and summary["walk_ms_per_walk"] > 0 and summary["walk_smoother_ms_per_walk"] > 0  # two timings: no order asserted
+    assert summary["walk_basins3_ms_per_walk"] > 0 and isinstance(summary["walk_basins3_ok"], bool)
     assert map_rows[-1]["map_ms_per_sample"] > 0 and map_rows[-1]["median_err_after_m"] >= 0
     # the search with starts from the exact scan, timed in the same run, its ratio and its target
     assert summary["map_scan_ms_per_sample"] > 0 and summary["map_scan_vs_map"] > 0 and "map_scan_ok" in summary
