@@ -19,6 +19,9 @@ MAP and network + whole-walk (``--references``) against each other method, overa
 ``--walk-basins N``: every whole walk also starts from up to N runner-up basins of its snapshot search
 (``evaluate --walk-basins``).
 
+``--errors FILE.npz``: every method's per-UE errors ``[seeds, N]`` and the groups' masks, so that two
+invocations with different options (e.g. ``--walk-basins``) pair on the same UEs: ``scripts/paired_errors.py``.
+
 ``--beside-map PATH ...``: every method is ALSO evaluated against each of these maps of the scene (e.g. the
 twin corrected by ``correct-map``, docs/world.md), its errors named ``METHOD@PATH``; name them in
 ``--references`` to pair them with the methods on the dataset's own map (the same UEs, the same seeds).
@@ -72,6 +75,9 @@ def main() -> None:
     parser.add_argument("--references", nargs="+", default=["model_refined", "model_walk"],
                         help="the methods whose paired Δ median against every other method is printed")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--errors", default=None, metavar="FILE.npz",
+                        help="also write every method's per-UE errors [seeds, N] and the group masks (group:NAME), to "
+                             "pair two invocations on the same UEs (scripts/paired_errors.py)")
     parser.add_argument("--dataset", default=None,
                         help="another dataset of the runs' scene to evaluate on (e.g. datasets/etoile_realistic: the "
                              "same walks traced in a perturbed twin); calibrated on its train split, in memory")
@@ -169,6 +175,9 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=2, default=float)
+    if args.errors:
+        np.savez_compressed(args.errors, **{name: np.stack(errs) for name, errs in per_method.items()},
+                            **{f"group:{g}": m for g, m in groups.items()})
 
 
 ARM_METHODS = ("model", "model_refined")
