@@ -102,7 +102,7 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     (:func:`~core.learning.inference.refine_prediction`; None: its defaults).
     ``keep_errors`` adds ``_errors`` = {method: errors [N] in metres}.
     """
-    from core.learning.inference import cpu_threads, load_run
+    from core.learning.inference import load_run
 
     run = run or load_run(run_dir, device=device)
     _search_options(run, split, refine, silence, scan_starts, prior_sigma_scale, walk_basins)
@@ -138,26 +138,7 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
             progress.report(0.5, "whole-walk refinement")
             result["walk_refinement"], errors["model_walk"] = _walk(run, pred, refined)
     if baselines:
-        from core.learning.baselines import run_baselines
-        from core.learning.inference import calibrate_run, walk_prediction
-
-        progress.report(0.6, "classical baselines")
-        calibrate_run(run)  # the likelihood exhaustive map matching searches
-        cost: dict[str, float] = {}
-        with cpu_threads(run):
-            est = run_baselines(run.dataset, run.radio_map, indices, run.config, likelihood=run.likelihood,
-                                timings=cost)
-        result["baselines"] = {}
-        if bound_rms is not None:  # the map has per-site layers
-            walk = walk_prediction(run, indices=indices)  # without a network
-            est["whole-walk"] = walk.xy.cpu().numpy()
-            cost["whole-walk"] = walk.seconds / max(len(indices), 1)
-            result["walk_ms_per_walk"] = 1000.0 * cost["whole-walk"]
-        for name, xy in est.items():
-            e = position_errors(xy, pred.true_xy)
-            result["baselines"][name] = {**error_metrics(e), "groups": grouped_metrics(e, pred.groups),
-                                         "ms_per_sample": 1000.0 * cost.get(name, float("nan"))}
-            errors[name] = e
+        _baselines(run, indices, pred, bound_rms is not None, result, errors)
     _ratios(result, errors, bound_rms)
     if run.config.physics_loss.silence and run._likelihood is not None:
         result["silence"] = run.likelihood.silence.to_dict()
@@ -170,6 +151,30 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     if keep_errors:
         result["_errors"] = errors
     return result
+
+
+def _baselines(run, indices, pred, with_walk: bool, result: dict[str, Any], errors: dict[str, Any]) -> None:
+    """The classical baselines (and, where the map has per-site layers, the whole walk with no network) on
+    ``indices``: ``result["baselines"][name]`` = metrics, groups and ms per sample; ``errors[name]`` = errors [N] m."""
+    from core.learning.baselines import run_baselines
+    from core.learning.inference import calibrate_run, cpu_threads, walk_prediction
+
+    progress.report(0.6, "classical baselines")
+    calibrate_run(run)  # the likelihood exhaustive map matching searches
+    cost: dict[str, float] = {}
+    with cpu_threads(run):
+        est = run_baselines(run.dataset, run.radio_map, indices, run.config, likelihood=run.likelihood, timings=cost)
+    result["baselines"] = {}
+    if with_walk:
+        walk = walk_prediction(run, indices=indices)  # without a network
+        est["whole-walk"] = walk.xy.cpu().numpy()
+        cost["whole-walk"] = walk.seconds / max(len(indices), 1)
+        result["walk_ms_per_walk"] = 1000.0 * cost["whole-walk"]
+    for name, xy in est.items():
+        e = position_errors(xy, pred.true_xy)
+        result["baselines"][name] = {**error_metrics(e), "groups": grouped_metrics(e, pred.groups),
+                                     "ms_per_sample": 1000.0 * cost.get(name, float("nan"))}
+        errors[name] = e
 
 
 def evaluate_scene(run_dir, scene: str, split: str = "test", refine: bool = False, device="cpu",
