@@ -219,6 +219,7 @@ def test_evaluate_command(run_dir, tmp_path, capsys):
     assert set(b["ratio"]) == {"model", "model_refined", "model_walk", "knn", "ml", "multilateration", "exhaustive",
                                "whole-walk"}
     assert b["ratio"]["model_refined"] == pytest.approx(r["after"]["median_m"] / b["window"]["median_m"])
+    assert b["corrected_map"] is False  # the twin as generated: no caveat
     w = result["walk_refinement"]
     assert w["method"] == "whole-walk" and w["ms_per_walk"] > 0 and np.isfinite(w["after"]["median_m"])
     assert result["baselines"]["whole-walk"]["median_m"] < result["baselines"]["knn"]["median_m"]
@@ -236,6 +237,7 @@ def test_evaluate_command(run_dir, tmp_path, capsys):
         rows = [line for line in lines if re.match(re.escape(label) + r"\s+(-?[\d.]|nan)", line)]
         assert len(rows) == 6, label  # the metrics, the method table, three group tables and the bound table
     assert "bound: last 1 s of reports" not in table.out and "bound: last 0 s of reports" in table.out
+    assert "caveat:" not in table.out
     assert "median error [m] per group" in table.out and "nlos" in table.out and "sites_1" in table.out
     # --silence needs a recorded sensitivity: one line, before any work, nothing written
     rc = main(["evaluate", "--run", str(run_dir), "--refine", "--silence"])
@@ -336,3 +338,24 @@ def test_walk_basins_reach_both_whole_walks_and_name_the_result(run_dir, capsys)
     rc = main(["evaluate", "--run", str(run_dir), "--walk-basins", "2", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "give one of them" in err and "Traceback" not in err
+
+
+def test_bound_on_a_corrected_map_carries_its_caveat(run_dir, tmp_path, capsys):
+    """A map that correct-map made (attrs["twin_correction"]): evaluate still prints the bound, flagged in the JSON
+    and with one caveat line under its table (the fitted correction's slope is no information; docs/world.md)."""
+    from core.learning.evaluation import CORRECTED_MAP_CAVEAT
+    from core.physics.twin_correction import correct_map, fit_corrections
+
+    run = load_run(run_dir)
+    fit = fit_corrections(run.dataset, run.radio_map)
+    path = tmp_path / "corrected" / "synthetic.zarr"
+    correct_map(run.radio_map, fit, fit.record(run.dataset.ref.to_dict(), run.radio_map.ref.to_dict())).save(path)
+    out = tmp_path / "eval.json"
+    capsys.readouterr()
+    rc = main(["evaluate", "--run", str(run_dir), "--split", "val", "--refine", "--radio-map", str(path),
+               "--no-progress", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    bound = json.loads(out.read_text())["bound"]
+    assert bound["corrected_map"] is True and bound["window"]["median_m"] > 0
+    assert printed.out.count(CORRECTED_MAP_CAVEAT) == 1
