@@ -1,0 +1,96 @@
+"""Network + MAP with an ENSEMBLE of networks as the prior: does averaging independently trained networks buy
+what one network does not?
+
+    PYTHONPATH=. .venv/bin/python scripts/ensemble_prior.py --ensembles A0,B1,C2 A1,B2,C0 A2,B0,C1 \
+        --errors F.npz --json F.json
+
+Each ``--ensembles`` item is one ensemble (comma-separated run directories of the same scene and dataset); give
+one per replicate, no run in two of them. Per ensemble, on the ``--split`` walks:
+
+    mu = mean_m mu_m        sigma^2 = mean_m sigma_m^2 + var_m mu_m        (per axis) [m]
+
+the members' Gaussian estimates pooled as one mixture's first two moments; the MAP search then runs as
+``evaluate --refine`` does, with the FIRST member's likelihood and search starts (coarse cells) and the prior
+``N(mu, (s sigma)^2)``, ``s`` chosen on val as ``--prior-sigma-scale auto`` chooses it
+(:func:`core.learning.prior_scale.choose_sigma_scale`'s grid and rule). The MAP search's scan starts: ``--scan-starts``.
+
+``--errors``: per-UE errors ``[ensembles, N]`` as ``ensemble`` (the pooled network alone) and ``ensemble_map``
+(network + MAP), with the group masks of ``--groups-from`` (a ``seed_comparison.py --errors`` file of the same
+split), to pair with :mod:`scripts.paired_errors`. Cost: one network pass per member.
+"""
+
+import argparse
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+
+from core.learning.inference import load_run, map_search_config, predict, refine_prediction
+from core.learning.metrics import error_metrics, position_errors
+from core.learning.prior_scale import CHOICE_SPLIT, SIGMA_SCALES
+
+
+def pooled(preds):
+    """One prediction: the members' mean and mixture sigma; the first member's search starts."""
+    xy = np.stack([p.xy for p in preds])  # [M, N, 2]
+    var = np.mean(np.stack([p.sigma ** 2 for p in preds]), axis=0) + xy.var(axis=0)
+    return replace(preds[0], xy=xy.mean(axis=0), sigma=np.sqrt(var))
+
+
+def ensemble_errors(runs, split: str, scan_starts: int) -> dict:
+    """``{"network": errors [N], "map": errors [N], "scale": s, "grid": [...]}`` of one ensemble on ``split``."""
+    first = runs[0]
+    search = replace(map_search_config(first.config), scan_top=scan_starts)
+    rows = []
+    val = pooled([predict(r, r.dataset.indices(CHOICE_SPLIT)) for r in runs])
+    for s in SIGMA_SCALES:
+        ref = refine_prediction(first, val, use_prior=True, sigma_scale=s, search=search)
+        rows.append({"scale": s, "median_m": error_metrics(position_errors(ref.xy, val.true_xy))["median_m"]})
+    scale = min(rows, key=lambda r: (r["median_m"], abs(math.log(r["scale"]))))["scale"]
+    pred = pooled([predict(r, r.dataset.indices(split)) for r in runs])
+    ref = refine_prediction(first, pred, use_prior=True, sigma_scale=scale, search=search)
+    return {"network": position_errors(pred.xy, pred.true_xy), "map": position_errors(ref.xy, pred.true_xy),
+            "scale": scale, "grid": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ensembles", nargs="+", required=True, help="RUN,RUN,... per ensemble")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--scan-starts", type=int, default=6)
+    parser.add_argument("--errors", help="write the per-UE errors here (.npz)")
+    parser.add_argument("--groups-from", help="a seed_comparison.py --errors file whose group masks to copy")
+    parser.add_argument("--json", help="write the summary here")
+    args = parser.parse_args()
+    if args.split == CHOICE_SPLIT:
+        raise SystemExit(f"the scale is chosen on {CHOICE_SPLIT}; score another split")
+    out = {"network": [], "map": [], "scales": [], "ensembles": args.ensembles}
+    for spec in args.ensembles:
+        res = ensemble_errors([load_run(p) for p in spec.split(",")], args.split, args.scan_starts)
+        for key in ("network", "map"):
+            out[key].append(res[key])
+        out["scales"].append(res["scale"])
+        print(f"{spec}: s = {res['scale']:g}; network {np.median(res['network']):.3f} m, "
+              f"network + MAP {np.median(res['map']):.3f} m (P90 {np.percentile(res['map'], 90):.2f} m, "
+              f"{100 * np.mean(res['map'] > 20):.2f} % beyond 20 m)")
+    summary = {"ensembles": args.ensembles, "scales": out["scales"], "split": args.split}
+    for key in ("network", "map"):
+        e = np.stack(out[key])
+        summary[key] = {"median_m": float(np.mean(np.median(e, axis=1))), "median_m_sd": float(np.std(np.median(e, axis=1))),
+                        "p90_m": float(np.mean(np.percentile(e, 90, axis=1))), "beyond_20m": float(np.mean(e > 20))}
+        print(f"{key}: median {summary[key]['median_m']:.3f} ± {summary[key]['median_m_sd']:.3f} m, "
+              f"P90 {summary[key]['p90_m']:.2f} m, {100 * summary[key]['beyond_20m']:.2f} % beyond 20 m")
+    if args.errors:
+        groups = {}
+        if args.groups_from:
+            with np.load(args.groups_from) as g:
+                groups = {k: g[k] for k in g.files if k.startswith("group:")}
+        np.savez(args.errors, ensemble=np.stack(out["network"]), ensemble_map=np.stack(out["map"]), **groups)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
