@@ -8,8 +8,8 @@ import streamlit as st
 
 import app_widgets as wb
 from core.learning import candidates as cands
-from core.learning.evaluation import CORRECTED_MAP_CAVEAT
 from core.learning.inference import calibrate_run, subpoint_xy
+from core.physics.twin_correction import BOUND_CAVEAT, is_corrected
 from core.viz import network as netfig
 from core.viz import plots as figures
 
@@ -217,8 +217,8 @@ if bound_cov is not None:
                f"dataset's noise): RMS {rms:.2f} m — the green ellipses around the truth; an efficient estimator's "
                f"errors would lie there. The error of network + MAP is {ref.error_after_m[i] / rms:.1f}× it."
                if np.isfinite(rms) else "Cramér–Rao bound: the pooled reports do not determine the position.")
-    if "twin_correction" in run.radio_map.attrs:
-        st.caption(CORRECTED_MAP_CAVEAT[0].upper() + CORRECTED_MAP_CAVEAT[1:] + ".")
+    if is_corrected(run.radio_map):
+        st.caption(BOUND_CAVEAT[0].upper() + BOUND_CAVEAT[1:] + ".")
 views = st.columns(2)
 with wb.guard("likelihood surface"):
     surf = surface(path, stamp, split, int(limit), options, silence, scene, dataset, i, float(half),

@@ -12,7 +12,7 @@ one per replicate, no run in two of them. Per ensemble, on the ``--split`` walks
 the members' Gaussian estimates pooled as one mixture's first two moments; the MAP search then runs as
 ``evaluate --refine`` does, with the FIRST member's likelihood and search starts (coarse cells) and the prior
 ``N(mu, (s sigma)^2)``, ``s`` chosen on val as ``--prior-sigma-scale auto`` chooses it
-(:func:`core.learning.prior_scale.choose_sigma_scale`'s grid and rule). The MAP search's scan starts: ``--scan-starts``.
+(:func:`core.learning.prior_scale.choose_sigma_scale`, given the pooled val prediction). The MAP search's scan starts: ``--scan-starts``.
 
 ``--errors``: per-UE errors ``[ensembles, N]`` as ``ensemble`` (the pooled network alone) and ``ensemble_map``
 (network + MAP), with the group masks of ``--groups-from`` (a ``seed_comparison.py --errors`` file of the same
@@ -21,14 +21,14 @@ split), to pair with :mod:`scripts.paired_errors`. Cost: one network pass per me
 
 import argparse
 import json
-import math
 from dataclasses import replace
 
 import numpy as np
 
+from core.errors import CoreError
 from core.learning.inference import load_run, map_search_config, predict, refine_prediction
-from core.learning.metrics import error_metrics, position_errors
-from core.learning.prior_scale import CHOICE_SPLIT, SIGMA_SCALES
+from core.learning.metrics import position_errors
+from core.learning.prior_scale import CHOICE_SPLIT, check_scored_split, choose_sigma_scale
 
 
 def pooled(preds):
@@ -42,16 +42,12 @@ def ensemble_errors(runs, split: str, scan_starts: int) -> dict:
     """``{"network": errors [N], "map": errors [N], "scale": s, "grid": [...]}`` of one ensemble on ``split``."""
     first = runs[0]
     search = replace(map_search_config(first.config), scan_top=scan_starts)
-    rows = []
     val = pooled([predict(r, r.dataset.indices(CHOICE_SPLIT)) for r in runs])
-    for s in SIGMA_SCALES:
-        ref = refine_prediction(first, val, use_prior=True, sigma_scale=s, search=search)
-        rows.append({"scale": s, "median_m": error_metrics(position_errors(ref.xy, val.true_xy))["median_m"]})
-    scale = min(rows, key=lambda r: (r["median_m"], abs(math.log(r["scale"]))))["scale"]
+    choice = choose_sigma_scale(first, split, prediction=val, search=search)
     pred = pooled([predict(r, r.dataset.indices(split)) for r in runs])
-    ref = refine_prediction(first, pred, use_prior=True, sigma_scale=scale, search=search)
+    ref = refine_prediction(first, pred, use_prior=True, sigma_scale=choice["scale"], search=search)
     return {"network": position_errors(pred.xy, pred.true_xy), "map": position_errors(ref.xy, pred.true_xy),
-            "scale": scale, "grid": rows}
+            "scale": choice["scale"], "grid": choice["grid"]}
 
 
 def main() -> None:
@@ -63,18 +59,21 @@ def main() -> None:
     parser.add_argument("--groups-from", help="a seed_comparison.py --errors file whose group masks to copy")
     parser.add_argument("--json", help="write the summary here")
     args = parser.parse_args()
-    if args.split == CHOICE_SPLIT:
-        raise SystemExit(f"the scale is chosen on {CHOICE_SPLIT}; score another split")
-    out = {"network": [], "map": [], "scales": [], "ensembles": args.ensembles}
+    try:
+        check_scored_split(args.split)
+    except CoreError as e:
+        raise SystemExit(str(e)) from None
+    out = {"network": [], "map": [], "scales": [], "grids": []}
     for spec in args.ensembles:
         res = ensemble_errors([load_run(p) for p in spec.split(",")], args.split, args.scan_starts)
         for key in ("network", "map"):
             out[key].append(res[key])
         out["scales"].append(res["scale"])
+        out["grids"].append(res["grid"])
         print(f"{spec}: s = {res['scale']:g}; network {np.median(res['network']):.3f} m, "
               f"network + MAP {np.median(res['map']):.3f} m (P90 {np.percentile(res['map'], 90):.2f} m, "
               f"{100 * np.mean(res['map'] > 20):.2f} % beyond 20 m)")
-    summary = {"ensembles": args.ensembles, "scales": out["scales"], "split": args.split}
+    summary = {"ensembles": args.ensembles, "scales": out["scales"], "val_grids": out["grids"], "split": args.split}
     for key in ("network", "map"):
         e = np.stack(out[key])
         summary[key] = {"median_m": float(np.mean(np.median(e, axis=1))), "median_m_sd": float(np.std(np.median(e, axis=1))),

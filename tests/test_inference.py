@@ -343,8 +343,7 @@ def test_walk_basins_reach_both_whole_walks_and_name_the_result(run_dir, capsys)
 def test_bound_on_a_corrected_map_carries_its_caveat(run_dir, tmp_path, capsys):
     """A map that correct-map made (attrs["twin_correction"]): evaluate still prints the bound, flagged in the JSON
     and with one caveat line under its table (the fitted correction's slope is no information; docs/world.md)."""
-    from core.learning.evaluation import CORRECTED_MAP_CAVEAT
-    from core.physics.twin_correction import correct_map, fit_corrections
+    from core.physics.twin_correction import BOUND_CAVEAT, correct_map, fit_corrections
 
     run = load_run(run_dir)
     fit = fit_corrections(run.dataset, run.radio_map)
@@ -358,4 +357,4 @@ def test_bound_on_a_corrected_map_carries_its_caveat(run_dir, tmp_path, capsys):
     assert rc == 0, printed.err
     bound = json.loads(out.read_text())["bound"]
     assert bound["corrected_map"] is True and bound["window"]["median_m"] > 0
-    assert printed.out.count(CORRECTED_MAP_CAVEAT) == 1
+    assert printed.out.count(BOUND_CAVEAT) == 1

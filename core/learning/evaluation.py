@@ -283,6 +283,7 @@ def _bound(run, indices, window_s, result):
     import numpy as np
 
     from core.learning.inference import bounds
+    from core.physics.twin_correction import is_corrected
 
     w = run.config.physics_loss.report_window_s if window_s is None else float(window_s)
     out = bounds(run, indices, w)
@@ -291,7 +292,7 @@ def _bound(run, indices, window_s, result):
     covs, noise = out
     rms = {k: np.sqrt(np.trace(c, axis1=1, axis2=2)) for k, c in covs.items()}
     result["bound"] = {"noise": {"source": noise.source, "sigma": list(noise.sigma), "clock_ns": noise.clock_ns},
-                       "window_s": w, "corrected_map": "twin_correction" in run.radio_map.attrs,
+                       "window_s": w, "corrected_map": is_corrected(run.radio_map),
                        **{k: {"median_m": float(np.median(v)), "p90_m": float(np.percentile(v, 90))}
                           for k, v in rms.items()}}
     return rms["window"]
@@ -419,15 +420,11 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-#: printed under the bound table when the map is correct-map's: the fitted correction's slope counts as information
-#: and the measurement model leaves out the twin's remaining error, so the bound is no limit (docs/world.md)
-CORRECTED_MAP_CAVEAT = ("caveat: this map is a corrected twin (correct-map): the bound reads the fitted correction's "
-                        "slope as information and leaves out the twin's remaining error, so it is no limit here")
-
-
 def _bound_table(result: dict[str, Any], rows) -> str:
     """The Cramér–Rao bounds and every method's median over the pooled-window bound's."""
     import pandas as pd
+
+    from core.physics.twin_correction import BOUND_CAVEAT
 
     b = result["bound"]
     noise = b["noise"]
@@ -438,7 +435,7 @@ def _bound_table(result: dict[str, Any], rows) -> str:
     for label, (m, _) in rows.items():
         table[label] = {"median_m": m["median_m"], "p90_m": m["p90_m"], "× bound": m["median_m"] / med}
     sigma = ", ".join(f"{v:g}" for v in noise["sigma"])
-    caveat = CORRECTED_MAP_CAVEAT + "\n" if b.get("corrected_map") else ""
+    caveat = BOUND_CAVEAT + "\n" if b.get("corrected_map") else ""
     return (f"Cramér–Rao bound (noise σ {sigma} dB/ns/deg from the {noise['source']}); × bound: median over the "
             f"pooled-window bound's median\n{caveat}" + pd.DataFrame(table).T.to_string(
                 float_format=lambda v: f"{v:.3f}", na_rep=""))

@@ -42,9 +42,13 @@ def check_scored_split(scored_split: str, split: str = CHOICE_SPLIT) -> None:
 
 
 def choose_sigma_scale(run, scored_split: str, grid: tuple[float, ...] = SIGMA_SCALES,
-                       split: str = CHOICE_SPLIT) -> dict[str, Any]:
+                       split: str = CHOICE_SPLIT, prediction=None, search=None) -> dict[str, Any]:
     """Chooses ``s`` for ``run`` (a :class:`~core.learning.inference.LoadedRun`, its likelihood as it will be
     scored: silence, map override) by the median error of network + MAP on ``split``.
+
+    ``prediction``: the prediction of ``split``'s walks whose estimate is the prior (default: ``run``'s network's;
+    scripts/ensemble_prior.py gives an ensemble's pooled one); ``search``: the MAP search settings (default: the
+    run's).
 
     Returns ``{"scale": s*, "split": split, "count": N, "grid": [{"scale", "median_m", "p90_m", "beyond_20m"},
     ...]}``. Raises :class:`CoreError` when ``scored_split`` is ``split`` or ``split`` has no walks.
@@ -58,10 +62,10 @@ def choose_sigma_scale(run, scored_split: str, grid: tuple[float, ...] = SIGMA_S
     idx = run.dataset.indices(split)
     if len(idx) == 0:
         raise CoreError(f"--prior-sigma-scale auto: the {split} split of {run.config.data.dataset} is empty")
-    pred = predict(run, idx)
+    pred = predict(run, idx) if prediction is None else prediction
     rows = []
     for s in grid:
-        ref = refine_prediction(run, pred, use_prior=True, sigma_scale=float(s))
+        ref = refine_prediction(run, pred, use_prior=True, sigma_scale=float(s), search=search)
         m = error_metrics(position_errors(ref.xy, pred.true_xy))
         rows.append({"scale": float(s), "median_m": m["median_m"], "p90_m": m["p90_m"], "beyond_20m": m["beyond_20m"]})
     best = min(rows, key=lambda r: (r["median_m"], abs(math.log(r["scale"]))))

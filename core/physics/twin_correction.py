@@ -306,6 +306,18 @@ VIEWS: tuple[str, ...] = ("twin", "corrected", "correction")
 UNITS: dict[str, str] = {"path_gain": "dB", "toa": "ns", "aoa": "deg"}
 
 
+#: said under the Cramér–Rao bound of a corrected map (evaluate's table, the Refinement page): the fitted
+#: correction's slope counts as information and the measurement model leaves out the twin's remaining error
+#: (docs/world.md)
+BOUND_CAVEAT = ("caveat: this map is a corrected twin (correct-map): the bound reads the fitted correction's "
+                "slope as information and leaves out the twin's remaining error, so it is no limit here")
+
+
+def is_corrected(radio_map) -> bool:
+    """Whether ``radio_map`` is one that ``correct-map`` wrote (it carries ``attrs["twin_correction"]``)."""
+    return "twin_correction" in radio_map.attrs
+
+
 def correction_record(corrected) -> dict[str, Any]:
     """``attrs["twin_correction"]`` of the map ``corrected``; a one-line CoreError when it is not a corrected map."""
     record = corrected.attrs.get("twin_correction")
