@@ -45,6 +45,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-corpus": ("core.raytracing.corpus",
                     "build N procedural cities and their radio maps, one (Ray) task per city, resuming; a manifest"),
     "make-dataset": ("core.raytracing.measurements", "ray-trace a UE measurement dataset along random walks"),
+    "merge-datasets": ("core.stores.dataset_merge",
+                       "merge datasets of one world traced with different walk seeds: more train walks, same val/test"),
     "consistency": ("core.raytracing.consistency",
                     "measured features minus the radio map at the true positions (residual statistics)"),
     "correct-map": ("core.physics.twin_correction",
