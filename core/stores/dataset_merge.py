@@ -43,11 +43,8 @@ def _check_same_world(first: MeasurementDataset, other: MeasurementDataset) -> N
     for key in sorted((set(a) | set(b)) - set(MAY_DIFFER)):
         if a.get(key) != b.get(key):
             raise CoreError(f"{other.source} and {first.source} differ in attrs[{key!r}]: not walks of one world")
-    if a.get("seed") == b.get("seed"):
-        raise CoreError(f"{other.source} and {first.source} were made with the same walk seed {a.get('seed')!r}: "
-                        "their walks repeat (make the second with another make-dataset --seed)")
-    ref_a, ref_b = first.radio_map_ref, other.radio_map_ref
-    if (ref_a and ref_a.id, ref_a and ref_a.digest) != (ref_b and ref_b.id, ref_b and ref_b.digest):
+    lineage = lambda ref: (ref.id, ref.digest) if ref else None  # noqa: E731
+    if lineage(first.radio_map_ref) != lineage(other.radio_map_ref):
         raise CoreError(f"{other.source} and {first.source} were made with different radio maps (lineage)")
     if first.ue_xyz.shape[1:] != other.ue_xyz.shape[1:] or first.site_ids.shape[2:] != other.site_ids.shape[2:]:
         raise CoreError(f"{other.source} has {other.num_reports} reports x {other.num_sites_per_report} site slots "
@@ -66,7 +63,8 @@ def merge_datasets(datasets: list[MeasurementDataset]) -> MeasurementDataset:
     seeds = set()
     for ds in datasets:
         if ds.attrs.get("seed") in seeds:
-            raise CoreError(f"{ds.source}: walk seed {ds.attrs.get('seed')!r} is given twice: its walks repeat")
+            raise CoreError(f"{ds.source}: walk seed {ds.attrs.get('seed')!r} is given twice: its walks repeat "
+                            "(make it with another make-dataset --seed)")
         seeds.add(ds.attrs.get("seed"))
         if ds is not first:
             _check_same_world(first, ds)
