@@ -405,12 +405,16 @@ def dataset_form(scene: str, out: str, radio_maps: str, key: str, button: str, f
     :func:`ray_choice`)."""
     d = MeasurementModel()
     with st.form(key):
-        cols = st.columns(3)
+        cols = st.columns(4)
         num_ues = cols[0].number_input("UE walks", min_value=1, max_value=10_000_000, value=20_000, step=1000,
                                        key=f"{key}_ues")
         reports = cols[1].number_input("Reports per walk", min_value=1, max_value=1000, value=8, key=f"{key}_reports")
         k = cols[2].number_input("Sites per report K", min_value=1, max_value=64, value=d.sites_per_report,
                                  key=f"{key}_k", help="the K strongest received sites of each report")
+        walk_seed = cols[3].number_input("Walk seed", min_value=0, max_value=2**31 - 1, value=0, step=1,
+                                         key=f"{key}_seed",
+                                         help="seed of the walks, noise and split; another seed is another dataset of "
+                                              "the same world, in its own folder (<name>_seed<N>), to merge below")
         cols = st.columns(4)
         pg = cols[0].number_input("Path-gain noise σ [dB]", min_value=0.0, max_value=100.0, value=d.path_gain_db,
                                   step=0.5, key=f"{key}_pg")
@@ -449,14 +453,47 @@ def dataset_form(scene: str, out: str, radio_maps: str, key: str, button: str, f
         model = MeasurementModel(float(pg), float(toa), float(aoa), float(clock), float(missing), int(k),
                                  None if no_threshold else float(sensitivity), world=world,
                                  motion=MotionModel(float(step_sigma), float(heading)))
-        if not world.is_oracle:  # another world of the scene: its own folder beside the oracle dataset
+        if not world.is_oracle or walk_seed:  # another world or seed: its own folder beside the oracle dataset
             ws = workspace()
-            target = ws.dataset_path(scene, world.name)
+            target = ws.dataset_path(scene, world.name, f"seed{int(walk_seed)}" if walk_seed else None)
             out, force = ws.rel(target), store_status(target, "measurement_dataset").state != "missing"
         spec = make_dataset_spec(scene, out, int(num_ues), int(reports), radio_maps=radio_maps, model=model,
-                                 force=force, ray=ray)
+                                 force=force, ray=ray, seed=int(walk_seed))
         st.caption("The button runs: `python -m core " + " ".join(spec.args) + "`")
         if go and launch(spec) is not None:
+            st.rerun()
+
+
+def merge_box(ws: Workspace, scene: str, key: str = "merge") -> None:
+    """Datasets of one world of ``scene`` (walks traced with other seeds) merged into one, ``<dataset>_merged``:
+    ``python -m core merge-datasets`` (:mod:`core.stores.dataset_merge`); the first keeps its val and test walks
+    and every walk of the others goes to train, so runs and maps fitted on the merge are scored on the same UEs."""
+    from core.jobs.manager import merge_datasets_spec
+
+    entries = {ws.rel(e.path): e for e in ws.datasets(scene) if e.status.ok}
+    if len(entries) < 2:
+        st.caption(f"Merging needs two datasets of one world of {scene}: make another with another walk seed above.")
+        return
+    picked = st.multiselect("Datasets to merge (the first keeps its val and test walks)", list(entries),
+                            key=f"{key}_pick")
+    if len(picked) < 2:
+        st.caption("Pick two or more datasets of the same world.")
+        return
+    worlds = sorted({entries[p].world for p in picked})
+    if len(worlds) > 1:
+        st.warning(f"These datasets are of different worlds ({', '.join(worlds)}): only walks of one world merge.",
+                   icon=":material/block:")
+        return
+    target = ws.dataset_path(scene, worlds[0], "merged")
+    exists = store_status(target, "measurement_dataset").state != "missing"
+    force = exists and st.checkbox(f"Replace {ws.rel(target)}", value=False, key=f"{key}_force",
+                                   help="--force: replaces a dataset store only, never anything else")
+    with guard("merge settings"):
+        spec = merge_datasets_spec(picked, ws.rel(target), force=force)
+        st.caption("The button runs: `python -m core " + " ".join(spec.args) + "` (it checks that the datasets are "
+                   "walks of one world before it writes)")
+        if st.button(f"Merge into {ws.rel(target)}", key=f"{key}_go", disabled=exists and not force) \
+                and launch(spec) is not None:
             st.rerun()
 
 

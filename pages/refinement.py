@@ -108,7 +108,12 @@ sigma_scale = o2[1].number_input("Prior σ × the network's", min_value=0.01, ma
                                  value=float(run.config.physics_loss.refinement.prior_sigma_scale), format="%.4g",
                                  help="The prior's σ over the network's own (`evaluate --prior-sigma-scale`; "
                                       "auto there chooses it on the val split).")
-options = (float(threshold) if gate else None, int(top_k), float(window_s), int(scan_starts), float(sigma_scale))
+min_sigma = o2[2].number_input("Prior σ floor [m]", min_value=0.01, max_value=1000.0, key="ref_min_sigma",
+                               value=float(run.config.physics_loss.refinement.prior_min_sigma_m), format="%.4g",
+                               help="The prior's σ is never below this (`physics_loss.refinement.prior_min_sigma_m`; "
+                                    "`evaluate --prior-sigma-scale auto` chooses it on the val split after the scale).")
+options = (float(threshold) if gate else None, int(top_k), float(window_s), int(scan_starts), float(sigma_scale),
+           float(min_sigma))
 
 
 @st.cache_data(show_spinner="Predicting and refining…", max_entries=8)
@@ -120,9 +125,10 @@ def analysis(path: str, stamp: float, split: str, limit: int, options: tuple, si
 
     r = wb.load_run(path, scene, ds).with_silence(silence)
     pred = predict(r, r.dataset.indices(split)[:limit])
-    threshold, top_k, window_s, scan_starts, sigma_scale = options
+    threshold, top_k, window_s, scan_starts, sigma_scale, min_sigma = options
     return pred, refine_prediction(r, pred, threshold=threshold, top_k=top_k, window_s=window_s,
-                                   search=replace(map_search_config(r.config), scan_top=scan_starts),
+                                   search=replace(map_search_config(r.config), scan_top=scan_starts,
+                                                  min_sigma_m=min_sigma),
                                    sigma_scale=sigma_scale)
 
 

@@ -95,6 +95,8 @@ else:
                    "refused (their lineage names it).")
         wb.dataset_form(scene, ws.rel(ws.dataset_path(scene)), ws.rel(ws.radio_maps_dir), key="remake_dataset",
                         button=f"Make the dataset of {scene} again", force=True, ray=ray)
+with st.expander("Merge datasets of one world (more labelled walks, the same val and test UEs)"):
+    wb.merge_box(ws, scene)
 if not any(r.has_checkpoint for r in status.runs):
     st.info(f"No trained model for {scene} yet: train one on the Training page.", icon=":material/monitoring:")
     st.page_link("pages/training.py", label="Go to Training", icon=":material/monitoring:")
@@ -109,5 +111,5 @@ with st.expander("Make a procedural city (docs/cities.md)"):
 with st.expander("The city corpus: many cities with their maps and datasets"):
     wb.corpus_box(ws, ray)
 
-wb.job_panel(("generate-maps", "make-dataset", "make-city", "make-corpus"), key="scene_jobs", limit=3,
+wb.job_panel(("generate-maps", "make-dataset", "merge-datasets", "make-city", "make-corpus"), key="scene_jobs", limit=3,
              title="Map, dataset and city jobs")

@@ -39,15 +39,16 @@ def pooled(preds):
 
 
 def ensemble_errors(runs, split: str, scan_starts: int) -> dict:
-    """``{"network": errors [N], "map": errors [N], "scale": s, "grid": [...]}`` of one ensemble on ``split``."""
+    """``{"network": errors [N], "map": errors [N], "scale": s, "min_sigma_m": m, "grid": [...]}`` of one ensemble
+    on ``split``."""
     first = runs[0]
     search = replace(map_search_config(first.config), scan_top=scan_starts)
     val = pooled([predict(r, r.dataset.indices(CHOICE_SPLIT)) for r in runs])
     choice = choose_sigma_scale(first, split, prediction=val, search=search)
     pred = pooled([predict(r, r.dataset.indices(split)) for r in runs])
-    ref = refine_prediction(first, pred, use_prior=True, sigma_scale=choice["scale"], search=search)
+    ref = refine_prediction(first, pred, use_prior=True, sigma_scale=choice["scale"], search=choice["search"])
     return {"network": position_errors(pred.xy, pred.true_xy), "map": position_errors(ref.xy, pred.true_xy),
-            "scale": choice["scale"], "grid": choice["grid"]}
+            "scale": choice["scale"], "min_sigma_m": choice["min_sigma_m"], "grid": choice["grid"]}
 
 
 def main() -> None:
@@ -68,9 +69,9 @@ def main() -> None:
         res = ensemble_errors([load_run(p) for p in spec.split(",")], args.split, args.scan_starts)
         for key in ("network", "map"):
             out[key].append(res[key])
-        out["scales"].append(res["scale"])
+        out["scales"].append({"scale": res["scale"], "min_sigma_m": res["min_sigma_m"]})
         out["grids"].append(res["grid"])
-        print(f"{spec}: s = {res['scale']:g}; network {np.median(res['network']):.3f} m, "
+        print(f"{spec}: s = {res['scale']:g}, floor {res['min_sigma_m']:g} m; network {np.median(res['network']):.3f} m, "
               f"network + MAP {np.median(res['map']):.3f} m (P90 {np.percentile(res['map'], 90):.2f} m, "
               f"{100 * np.mean(res['map'] > 20):.2f} % beyond 20 m)")
     summary = {"ensembles": args.ensembles, "scales": out["scales"], "val_grids": out["grids"], "split": args.split}

@@ -13,8 +13,8 @@ MAP and network + whole-walk (``--references``) against each other method, overa
 (and of the P90 overall; those entries carry ``"metric": "p90_m"``). ``--json FILE`` writes it all.
 
 ``--prior-sigma-scale S|auto``: the prior's sigma over the network's in every search with the network's prior
-(``evaluate --prior-sigma-scale``; auto: chosen per run on its val split, the chosen scales in the JSON's
-``prior_sigma_scales``).
+(``evaluate --prior-sigma-scale``; auto: chosen per run on its val split, then the sigma floor at that scale; the
+chosen scales in the JSON's ``prior_sigma_scales``, the floors [m] in ``prior_min_sigmas``).
 
 ``--walk-basins N``: every whole walk also starts from up to N runner-up basins of its snapshot search
 (``evaluate --walk-basins``).
@@ -109,6 +109,7 @@ def main() -> None:
     groups = None
     cost: dict[str, float] = {}
     scales: dict[str, float] = {}  # the prior sigma scale each run (@ map) searched with
+    floors: dict[str, float] = {}  # and the prior sigma's floor [m]
     maps = [(None, "")] + [(path, f"@{path}") for path in args.beside_map or []]
     for map_path, suffix in maps:
         baselines: dict[str, np.ndarray] = {}
@@ -119,6 +120,7 @@ def main() -> None:
                                write=False, keep_errors=True, prior_sigma_scale=args.prior_sigma_scale,
                                scan_starts=args.scan_starts, silence=args.silence, walk_basins=args.walk_basins)
             scales.setdefault(run_dir + suffix, res["prior_sigma_scale"]["scale"])
+            floors.setdefault(run_dir + suffix, res["prior_sigma_scale"]["min_sigma_m"])
             errors = res["_errors"]
             if not baselines:  # the baselines need no training: computed once, the same for every seed
                 baselines = {k: v for k, v in errors.items() if k not in NETWORK_METHODS}
@@ -136,7 +138,7 @@ def main() -> None:
     out = {"split": args.split, "runs": args.runs, "dataset": args.dataset or "the runs' own",
            "beside_maps": args.beside_map or [], "prior_sigma_scale": args.prior_sigma_scale, "scan_starts": args.scan_starts, "silence": args.silence,
            "walk_basins": args.walk_basins,
-           "prior_sigma_scales": scales,
+           "prior_sigma_scales": scales, "prior_min_sigmas": floors,
            "groups": {g: int(m.sum()) for g, m in groups.items()},
            "methods": {}, "deltas": []}
     n = len(per_method["model"][0])

@@ -280,6 +280,58 @@ def test_the_datasets_world_is_shown_and_the_form_picks_one(workspace):
         shutil.rmtree(path)
 
 
+def test_datasets_of_one_world_are_merged_from_the_scenes_page(workspace):
+    """The dataset form's walk seed gives another dataset of the same world in its own folder; the merge box joins
+    datasets of one world with a real merge-datasets job, and refuses to mix worlds before any job."""
+    import shutil
+
+    from core.physics.synthetic import analytic_radio_map, synthetic_dataset
+    from core.stores.dataset import MeasurementDataset
+    from core.stores.measurement_model import MeasurementModel
+    from core.stores.world_model import PRESETS
+
+    radio_map = analytic_radio_map(height=16, width=16, bounds=(0.0, 0.0, 64.0, 64.0))
+    made = []
+    for name, seed, world in (("munich", 0, None), ("munich_seed1", 1, None), ("munich_realistic", 0, "realistic")):
+        ds = synthetic_dataset(radio_map, 20 + seed, reports=3, k=2, seed=seed)
+        ds.attrs["scene"] = "munich"
+        if world:
+            ds.attrs["measurement_model"] = MeasurementModel(world=PRESETS[world]).to_attrs()
+        made.append(ds.save(workspace / "datasets" / name))
+    manager = _manager(workspace)
+    try:
+        at = _app(scene="munich")
+        at.number_input(key="remake_dataset_seed").set_value(2)
+        next(b for b in at.button if b.label == "Make the dataset of munich again").click().run()
+        _no_exception(at)
+        job = next(j for j in manager.list() if j.kind == "make-dataset" and "munich" in j.args)
+        manager.cancel(job.id, grace_s=1.0)
+        assert "--out datasets/munich_seed2 " in job.command and "--seed 2" in job.command
+        assert not job.command.endswith("--force")  # a new folder: datasets/munich stays as it is
+
+        at.multiselect(key="merge_pick").set_value(["datasets/munich", "datasets/munich_realistic"]).run()
+        _no_exception(at)
+        assert "different worlds (oracle, realistic)" in _texts(at.warning)
+        assert not [b for b in at.button if b.key == "merge_go"]
+        at.multiselect(key="merge_pick").set_value(["datasets/munich", "datasets/munich_seed1"]).run()
+        assert ("merge-datasets --datasets datasets/munich datasets/munich_seed1 --out datasets/munich_merged`"
+                in _texts(at.caption))
+        at.button(key="merge_go").click().run()
+        _no_exception(at)
+        job = next(j for j in manager.list() if j.kind == "merge-datasets")
+        assert manager.wait(job.id, timeout_s=120).status == "succeeded", manager.log(job.id)
+        merged = MeasurementDataset.load(workspace / "datasets" / "munich_merged")
+        first = MeasurementDataset.load(made[0])
+        assert merged.num_samples == 41
+        np.testing.assert_array_equal(merged.indices("test"), first.indices("test"))
+        at.run()  # now it exists: replacing it is a choice, off by default
+        assert [b for b in at.button if b.key == "merge_go"][0].disabled
+        assert any(c.label.startswith("Replace datasets/munich_merged") for c in at.checkbox)
+    finally:
+        for path in [*made, workspace / "datasets" / "munich_merged"]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 # -- Radio maps ---------------------------------------------------------------------------
 def test_radio_maps_every_feature_with_units_and_comparison(workspace):
     at = _app("pages/radio_maps.py")
@@ -718,6 +770,8 @@ def test_refinement_inspector(workspace):
     at.number_input(key="ref_sigma_scale").set_value(0.25).run()  # a narrower prior: the ellipse drawn shrinks
     _no_exception(at)
     assert width() == pytest.approx(0.25 * before, rel=1e-3)
+    at.number_input(key="ref_min_sigma").set_value(0.25).run()  # the prior's floor, as `auto` may choose it
+    _no_exception(at)
     # the confidence gate is an option: below 0, nothing is refined
     at.checkbox(key="ref_gate").check().run()
     at.number_input(key="ref_thr").set_value(0.0).run()

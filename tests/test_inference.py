@@ -273,20 +273,28 @@ def test_a_training_scene_evaluated_on_another_dataset_of_it(run_dir, tmp_path):
 
 
 def test_prior_sigma_scale_auto_is_chosen_on_val_and_recorded(run_dir, tmp_path, capsys):
-    """``evaluate --prior-sigma-scale auto``: the scale with the smallest val median, recorded with its grid, and
-    the searches run with it; the val split and a missing --refine
-    are refused in one line before any work."""
+    """``evaluate --prior-sigma-scale auto``: the scale with the smallest val median at the run's sigma floor, then
+    the floor with the smallest val median at that scale, recorded with their grid, and the searches run with
+    them; the val split and a missing --refine are refused in one line before any work."""
     from core.learning.evaluation import evaluate_run
-    from core.learning.prior_scale import SIGMA_SCALES
+    from core.learning.prior_scale import MIN_SIGMAS_M, SIGMA_SCALES
 
     res = evaluate_run(run_dir, "test", refine=True, prior_sigma_scale="auto", write=False, keep_errors=True)
     choice = res["prior_sigma_scale"]
-    assert choice["split"] == "val" and [r["scale"] for r in choice["grid"]] == list(SIGMA_SCALES)
-    best = min(r["median_m"] for r in choice["grid"])
-    assert next(r for r in choice["grid"] if r["scale"] == choice["scale"])["median_m"] == best
+    scales, floors = choice["grid"][:len(SIGMA_SCALES)], choice["grid"][len(SIGMA_SCALES):]
+    assert choice["split"] == "val" and [r["scale"] for r in scales] == list(SIGMA_SCALES)
+    assert {r["min_sigma_m"] for r in scales} == {1.0}  # the run's floor (the config's default)
+    first = min(scales, key=lambda r: r["median_m"])
+    assert [(r["scale"], r["min_sigma_m"]) for r in floors] == [(first["scale"], m) for m in MIN_SIGMAS_M if m != 1.0]
+    assert choice["scale"] == first["scale"]
+    chosen = next(r for r in choice["grid"] if (r["scale"], r["min_sigma_m"]) == (choice["scale"], choice["min_sigma_m"]))
+    assert chosen["median_m"] == min(r["median_m"] for r in choice["grid"])
     assert choice["count"] == len(load_run(run_dir).dataset.indices("val"))
-    fixed = evaluate_run(run_dir, "test", refine=True, prior_sigma_scale=choice["scale"], write=False, keep_errors=True)
-    assert fixed["prior_sigma_scale"] == {"scale": choice["scale"], "split": None}
+    run = load_run(run_dir)  # the same searches from the numbers: the scale given, the floor in the run's config
+    run.config.physics_loss.refinement.prior_min_sigma_m = choice["min_sigma_m"]
+    fixed = evaluate_run(run_dir, "test", refine=True, prior_sigma_scale=choice["scale"], run=run, write=False,
+                         keep_errors=True)
+    assert fixed["prior_sigma_scale"] == {"scale": choice["scale"], "min_sigma_m": choice["min_sigma_m"], "split": None}
     np.testing.assert_allclose(res["_errors"]["model_refined"], fixed["_errors"]["model_refined"])
     run = load_run(run_dir)
     pred = predict(run, run.dataset.indices("test"))

@@ -20,6 +20,7 @@ import pytest
 from waiting import gone as _gone
 from waiting import wait_for as _wait_for
 
+from core.errors import CoreError
 from core.jobs.manager import (
     PRUNED_LOG,
     REPO_ROOT,
@@ -29,6 +30,7 @@ from core.jobs.manager import (
     JobSpec,
     generate_maps_spec,
     make_dataset_spec,
+    merge_datasets_spec,
     selftest_spec,
     train_spec,
 )
@@ -170,6 +172,14 @@ def test_spec_builders_make_plain_argument_lists():
     spec = train_spec("configs/model.yaml", "runs/x", {"physics_loss.lambda_phys": 0.25, "training.epochs": 3})
     assert spec.args == ("train", "--config", "configs/model.yaml", "--set", "physics_loss.lambda_phys=0.25",
                          "--set", "training.epochs=3", "--out", "runs/x")
+    assert make_dataset_spec("etoile", "d", seed=3).args[-2:] == ("--seed", "3")
+    assert "--seed" not in make_dataset_spec("etoile", "d").args  # 0: the command's default
+    spec = merge_datasets_spec(["datasets/a", "datasets/a_seed1"], "datasets/a_merged", force=True)
+    assert spec.args == ("merge-datasets", "--datasets", "datasets/a", "datasets/a_seed1", "--out", "datasets/a_merged",
+                         "--force") and spec.output == "datasets/a_merged" and spec.kind == "merge-datasets"
+    for datasets, out in ((["datasets/a"], "m"), (["datasets/a", "datasets/a"], "m"), (["d/a", "d/b"], "d/b")):
+        with pytest.raises(CoreError, match="merge-datasets"):
+            merge_datasets_spec(datasets, out)
 
 
 def test_cli_submit_wait_and_list(tmp_path):

@@ -100,7 +100,7 @@ def test_cli_writes_a_yaml_the_layout_reads_and_refuses_to_overwrite(tmp_path, c
     assert sites_override("simple_street_canyon", tmp_path) == data["sites"]
     before = out.read_text()
     assert main(args) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"error: {out} exists; pass --force to overwrite it"]
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: --out {out} exists (use --force to replace it)"]
     assert out.read_text() == before and not list(tmp_path.glob(".*"))  # nothing half-written beside it
     with pytest.raises(SystemExit) as info:  # a checked flag (core/cli_types.py): refused as argparse reads it
         main(args[:3] + ["--num-sites", "0", "--out", str(tmp_path / "x.yaml")])

@@ -83,6 +83,7 @@ STATUSES = ACTIVE + FINAL
 KINDS = {
     "generate-maps": "map generation",
     "make-dataset": "dataset generation",
+    "merge-datasets": "merging datasets",
     "train": "training",
     "ablate": "ablation",
     "evaluate": "evaluation",
@@ -260,15 +261,20 @@ def generate_maps_spec(
 
 def make_dataset_spec(scene: str, out: str, num_ues: int = 20000, reports: int = 8,
                       radio_maps: str | None = None, model: MeasurementModel | None = None,
-                      force: bool = False, ray: str | None = None) -> JobSpec:
+                      force: bool = False, ray: str | None = None, seed: int = 0) -> JobSpec:
     """Ray-trace a measurement dataset of ``scene`` into ``out``.
 
     ``model``: the measurement model, written out as every one of its flags
     (``--noise-path-gain-db ... --sensitivity-dbm``); checked here, so a bad value is refused
     before a job starts. ``None``: the command's defaults. ``ray``: see :func:`_ray_args`.
+    ``seed``: the walks' seed (``--seed``; 0, the command's default, is not written).
     """
+    if int(seed) < 0:
+        raise CoreError(f"--seed must be >= 0, got {seed}")
     args = ["make-dataset", "--scene", scene, "--num-ues", str(int(num_ues)), "--reports", str(int(reports)),
             "--out", out]
+    if int(seed):
+        args += ["--seed", str(int(seed))]
     if radio_maps is not None:
         args += ["--radio-maps", radio_maps]
     if model is not None:
@@ -278,6 +284,21 @@ def make_dataset_spec(scene: str, out: str, num_ues: int = 20000, reports: int =
         args.append("--force")
     args += _ray_args(ray)
     return JobSpec("make-dataset", tuple(args), out)
+
+
+def merge_datasets_spec(datasets: Sequence[str], out: str, force: bool = False) -> JobSpec:
+    """Merge ``datasets`` (walks of one world traced with different seeds; the first's val and test kept) into
+    ``out``: ``python -m core merge-datasets`` (:mod:`core.stores.dataset_merge`, which checks that they are one
+    world before it writes). ``force``: replace a dataset already at ``out``."""
+    datasets = [str(d) for d in datasets]
+    if len(datasets) < 2:
+        raise CoreError(f"merge-datasets needs at least two datasets, got {len(datasets)}")
+    if len(set(datasets)) < len(datasets) or out in datasets:
+        raise CoreError("merge-datasets: every dataset once, and --out none of them")
+    args = ["merge-datasets", "--datasets", *datasets, "--out", out]
+    if force:
+        args.append("--force")
+    return JobSpec("merge-datasets", tuple(args), out)
 
 
 def make_city_spec(seed: int, scenes_dir: str, params: dict[str, object] | None = None, name: str | None = None,

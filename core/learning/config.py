@@ -188,10 +188,13 @@ class RefinementConfig(_Section):
     #: the prior's shape when use_prior: "gaussian" N(xy, sigma^2) (sigma includes the coarse spread), or
     #: "heatmap": the network's most likely coarse cells as a mixture (core.physics.prior.heatmap_prior)
     prior: Literal["gaussian", "heatmap"] = "gaussian"
-    #: the prior's sigma = this x the network's (its fine sigma for "heatmap"), floored at 1 m, in every search with
-    #: the network's prior (MAP, network + whole walk); 1 = the network's as it is; `evaluate --prior-sigma-scale
-    #: auto` chooses it on the val split (core.learning.prior_scale)
+    #: the prior's sigma = this x the network's (its fine sigma for "heatmap"), floored at prior_min_sigma_m, in
+    #: every search with the network's prior (MAP, network + whole walk); 1 = the network's as it is; `evaluate
+    #: --prior-sigma-scale auto` chooses it on the val split (core.learning.prior_scale)
     prior_sigma_scale: float = Field(default=1.0, gt=0.0, le=100.0)
+    #: the floor of that sigma [m] (an overconfident network cannot pin the search below it); `evaluate
+    #: --prior-sigma-scale auto` chooses it on the val split with the scale (core.learning.prior_scale)
+    prior_min_sigma_m: float = Field(default=1.0, gt=0.0, le=1000.0)
     #: starts of the MAP search from the exact scan of the likelihood alone (its best lattice points, as exhaustive
     #: map matching ranks them; core.physics.bounded_scan): 0 = off (the block-statistics global starts only)
     scan_starts: int = Field(default=0, ge=0, le=64)

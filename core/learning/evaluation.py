@@ -236,20 +236,21 @@ def _search_options(run, split: str, refine: bool, silence: bool, scan_starts: i
 
 
 def _prior_sigma_scale(run, split: str, scale: float | str | None) -> dict[str, Any]:
-    """Sets the run's ``physics_loss.refinement.prior_sigma_scale`` (a number, "auto": chosen on val, None:
-    kept) and returns what ``result["prior_sigma_scale"]`` records: ``{"scale", "split"}`` (the split it was
-    chosen on, None when given) and, for "auto", the choice's ``count`` and ``grid``."""
+    """Sets the run's ``physics_loss.refinement.prior_sigma_scale`` (a number, "auto": chosen on val with the
+    sigma floor ``prior_min_sigma_m``, None: kept) and returns what ``result["prior_sigma_scale"]`` records:
+    ``{"scale", "min_sigma_m", "split"}`` (the split they were chosen on, None when given) and, for "auto", the
+    choice's ``count`` and ``grid``."""
     r = run.config.physics_loss.refinement
     if scale == "auto":
         from core.learning.prior_scale import choose_sigma_scale
 
         progress.report(0.3, "choosing the prior's sigma scale on val")
         choice = choose_sigma_scale(run, split)
-        r.prior_sigma_scale = choice["scale"]
-        return choice
+        r.prior_sigma_scale, r.prior_min_sigma_m = choice["scale"], choice["min_sigma_m"]
+        return {k: v for k, v in choice.items() if k != "search"}
     if scale is not None:
         r.prior_sigma_scale = float(scale)
-    return {"scale": float(r.prior_sigma_scale), "split": None}
+    return {"scale": float(r.prior_sigma_scale), "min_sigma_m": float(r.prior_min_sigma_m), "split": None}
 
 
 def _refinement(run, pred, threshold, top_k, window_s) -> tuple[dict[str, Any], Any, Any]:

@@ -528,7 +528,8 @@ def map_search_config(config: Config):
     """The :class:`~core.physics.refinement.MapSearchConfig` of a run's config.
 
     From ``physics_loss.refinement``: ``num_steps`` -> ``polish_steps`` (Adam steps after
-    the pattern search), ``scan_starts`` -> ``scan_top`` (starts from the exact scan).
+    the pattern search), ``scan_starts`` -> ``scan_top`` (starts from the exact scan),
+    ``prior_min_sigma_m`` -> ``min_sigma_m`` (the network prior's sigma floor).
     Everything else: the MapSearchConfig defaults (``learning_rate`` was the old gradient
     refinement's step from the raw estimate; the polish starts from a 0.5 m pattern search,
     so its own 0.25 m default stays).
@@ -536,7 +537,8 @@ def map_search_config(config: Config):
     from core.physics.refinement import MapSearchConfig
 
     r = config.physics_loss.refinement
-    return MapSearchConfig(polish_steps=int(r.num_steps), scan_top=int(r.scan_starts))
+    return MapSearchConfig(polish_steps=int(r.num_steps), scan_top=int(r.scan_starts),
+                           min_sigma_m=float(r.prior_min_sigma_m))
 
 
 def walk_config(config: Config):

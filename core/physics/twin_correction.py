@@ -415,7 +415,7 @@ def run(args: argparse.Namespace) -> int:
     from core.stores.dataset import MeasurementDataset
     from core.stores.lineage import StoreRef, check_map_of_dataset, check_map_override, corrected_twin_id, map_path
     from core.stores.lock import output_lock
-    from core.stores.output import check_replaceable, check_writable, writing_store
+    from core.stores.output import check_new, check_replaceable, check_writable, writing_store
     from core.stores.radio_map import RadioMap
 
     ds = MeasurementDataset.load(args.dataset)
@@ -426,8 +426,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable(out, "--out")
     if args.json:
         check_writable(args.json, "--json")
-    if out.exists() and not args.force:
-        raise CoreError(f"--out {out} exists (use --force to replace it)")
+    check_new(out, args.force)
     if args.radio_map:
         twin = RadioMap.load(args.radio_map)
         check_map_override(ds.ref, twin.ref)

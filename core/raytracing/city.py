@@ -536,13 +536,12 @@ def write_city(params: CityParams, scenes_dir: str | Path, name: str, force: boo
     """
     from core.stores.atomic import atomic_path
     from core.stores.lock import output_lock
-    from core.stores.output import check_replaceable, check_writable
+    from core.stores.output import check_new, check_replaceable, check_writable
 
     folder = Path(scenes_dir) / name
     check_writable(folder, "--out")
     with output_lock(folder, "--out"):
-        if folder.exists() and not force:
-            raise CoreError(f"--out {folder} exists; pass --force to replace it")
+        check_new(folder, force)
         if force:
             check_replaceable(folder, _own(name), "a city's files", "--out")
         city = generate_city(params)

@@ -108,7 +108,7 @@ from core.raytracing.distributed import add_ray_argument
 from core.stores.lineage import WITHOUT_MAP, check_map_of_scene, map_path
 from core.stores.measurement_model import KNOBS, SENSITIVITY_OFF, MeasurementModel
 from core.stores.motion_model import MotionModel
-from core.stores.output import check_writable, writing_store
+from core.stores.output import check_new, check_writable, writing_store
 from core.stores.world_model import PRESETS as WORLD_PRESETS
 from core.stores.world_model import WORLD_KNOBS, WorldModel
 
@@ -625,8 +625,7 @@ def dataset_of_scene(scene: str, out: str, options: DatasetOptions, force: bool,
 
         out = str(Path(out) / resolve_scene(scene, options.scenes_dir).name)
     path = Path(out)
-    if path.exists() and not force:
-        raise CoreError(f"--out {path} exists (use --force to overwrite)")
+    check_new(path, force)
     with writing_store(path, "measurement_dataset", force):  # not shipped, one writer, --force only on a dataset
         ds = make_dataset(scene, options.num_ues, options.reports, radio_maps=options.radio_maps, seed=options.seed,
                           split=options.split, scenes_dir=options.scenes_dir, model=options.model,

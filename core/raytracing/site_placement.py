@@ -188,11 +188,11 @@ def run(args: argparse.Namespace) -> int:
         resolve_scene,
         scene_bbox,
     )
+    from core.stores.output import check_new
 
     num_sites = DEFAULT_NUM_SITES if args.num_sites is None else int(args.num_sites)
     out = Path(args.out) if args.out else SITES_CONFIG_DIR / f"{args.scene}.yaml"
-    if out.exists() and not args.force:
-        raise CoreError(f"{out} exists; pass --force to overwrite it")
+    check_new(out, args.force)
     settings = MapSettings(resolution=float(args.resolution), map_size=tuple(args.map_size) if args.map_size else None,
                            center=tuple(args.center) if args.center else None)
     settings.validate()

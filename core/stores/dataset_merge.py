@@ -94,15 +94,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from core.stores.output import check_writable, writing_store
+    from core.stores.output import check_new, check_writable, writing_store
 
     out = Path(args.out)
     inputs = [Path(p) for p in args.datasets]
     if any(p.resolve() == out.resolve() for p in inputs):
         raise CoreError(f"--out {out} is one of --datasets: write the merge to a new store")
     check_writable(out, "--out")
-    if out.exists() and not args.force:
-        raise CoreError(f"--out {out} exists (use --force to overwrite)")
+    check_new(out, args.force)
     merged = merge_datasets([MeasurementDataset.load(p) for p in inputs])  # validated before any write
     with writing_store(out, "measurement_dataset", args.force):
         merged.save(out)

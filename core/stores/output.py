@@ -96,6 +96,15 @@ def check_writable(path: str | os.PathLike, label: str = "--out") -> None:
     os.unlink(probe)
 
 
+def check_new(path: str | os.PathLike, force: bool, label: str = "--out") -> None:
+    """Refuse, BEFORE any work, an output ``path`` that exists when ``force`` is not given: one
+    :class:`CoreError` line, the same for every command (``--force`` then replaces only the command's
+    own kind of output: :func:`check_replaceable`)."""
+    path = Path(path)
+    if not force and (path.exists() or path.is_symlink()):
+        raise CoreError(f"{label} {path} exists (use --force to replace it)")
+
+
 def listing(path: str | os.PathLike, limit: int = 8) -> str:
     """``a, b/, c … and N more``: the entries of folder ``path`` (folders with a slash)."""
     entries = sorted(f"{e.name}/" if e.is_dir() else e.name for e in os.scandir(path))

@@ -153,10 +153,13 @@ class Workspace:
         (:func:`core.stores.lineage.corrected_map_path`)."""
         return corrected_map_path(self.radio_maps_dir, scene)
 
-    def dataset_path(self, scene: str, world: str = "oracle") -> Path:
+    def dataset_path(self, scene: str, world: str = "oracle", variant: str | None = None) -> Path:
         """``<datasets>/<scene>`` for the oracle world (the map's own), ``<datasets>/<scene>_<world>`` for another
-        world of the same scene (``make-dataset --world realistic``): THE path builder of a dataset."""
-        return self.datasets_dir / (scene if world == "oracle" else f"{scene}_{world}")
+        world of the same scene (``make-dataset --world realistic``), each with ``_<variant>`` for another dataset of
+        that world (``seed1``: walks of another ``--seed``; ``merged``: ``merge-datasets``): THE path builder of a
+        dataset."""
+        name = scene if world == "oracle" else f"{scene}_{world}"
+        return self.datasets_dir / (f"{name}_{variant}" if variant else name)
 
     def run_path(self, name: str) -> Path:
         """``<runs>/<name>``, where a run named ``name`` is written; a name that is not a plain folder name
