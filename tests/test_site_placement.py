@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
+from core.raytracing.scenes import SITES_CONFIG_DIR
 from core.raytracing.site_placement import greedy_max_coverage, line_of_sight, place_sites
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +103,12 @@ def test_cli_writes_a_yaml_the_layout_reads_and_refuses_to_overwrite(tmp_path, c
     assert main(args) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"error: --out {out} exists (use --force to replace it)"]
     assert out.read_text() == before and not list(tmp_path.glob(".*"))  # nothing half-written beside it
+    shipped = SITES_CONFIG_DIR / "etoile.yaml"  # a shipped scene's sites, the default --out: read-only, even --force
+    kept = shipped.read_bytes()
+    assert main(["place-sites", "--scene", "etoile", "--force"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: --out {shipped}: shipped with the project and read-only")
+    assert shipped.read_bytes() == kept and not list(SITES_CONFIG_DIR.glob(".*"))
     with pytest.raises(SystemExit) as info:  # a checked flag (core/cli_types.py): refused as argparse reads it
         main(args[:3] + ["--num-sites", "0", "--out", str(tmp_path / "x.yaml")])
     assert info.value.code == 2

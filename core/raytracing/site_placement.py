@@ -188,25 +188,28 @@ def run(args: argparse.Namespace) -> int:
         resolve_scene,
         scene_bbox,
     )
-    from core.stores.output import check_new
+    from core.stores.lock import output_lock
+    from core.stores.output import check_new, check_writable
 
     num_sites = DEFAULT_NUM_SITES if args.num_sites is None else int(args.num_sites)
     out = Path(args.out) if args.out else SITES_CONFIG_DIR / f"{args.scene}.yaml"
-    check_new(out, args.force)
-    settings = MapSettings(resolution=float(args.resolution), map_size=tuple(args.map_size) if args.map_size else None,
-                           center=tuple(args.center) if args.center else None)
-    settings.validate()
-    info = resolve_scene(args.scene, args.scenes_dir)
-    scene = load_scene(info)
-    settings, _, area = map_area(settings, scene_bbox(scene))
-    placement = place_sites(scene, buildings_of(scene), area, num_sites, float(args.spacing),
-                            settings.propagation.radio.rx_height_m)
-    steps = ", ".join(f"{c:.1%}" for c in placement.los_coverage)
-    description = (f"greedy line-of-sight max-coverage layout (python -m core place-sites): {num_sites} of "
-                   f"{placement.num_candidates} rooftop candidates over the map area {[round(v, 2) for v in area]}; "
-                   f"outdoor points seen by a site ({args.spacing:g} m grid, {placement.num_targets} points) "
-                   f"after each site: {steps}")
-    write_sites_yaml(out, info.name, placement, description)
+    check_writable(out, "--out")  # a shipped scene's sites (configs/sites/etoile.yaml) are read-only
+    with output_lock(out, "--out"):  # one writer
+        check_new(out, args.force)
+        settings = MapSettings(resolution=float(args.resolution), map_size=tuple(args.map_size) if args.map_size else None,
+                               center=tuple(args.center) if args.center else None)
+        settings.validate()
+        info = resolve_scene(args.scene, args.scenes_dir)
+        scene = load_scene(info)
+        settings, _, area = map_area(settings, scene_bbox(scene))
+        placement = place_sites(scene, buildings_of(scene), area, num_sites, float(args.spacing),
+                                settings.propagation.radio.rx_height_m)
+        steps = ", ".join(f"{c:.1%}" for c in placement.los_coverage)
+        description = (f"greedy line-of-sight max-coverage layout (python -m core place-sites): {num_sites} of "
+                       f"{placement.num_candidates} rooftop candidates over the map area {[round(v, 2) for v in area]}; "
+                       f"outdoor points seen by a site ({args.spacing:g} m grid, {placement.num_targets} points) "
+                       f"after each site: {steps}")
+        write_sites_yaml(out, info.name, placement, description)
     print(f"{info.name}: {num_sites} sites see {placement.los_coverage[-1]:.1%} of {placement.num_targets} outdoor "
           f"points (after each site: {steps}); {placement.seconds:.1f} s; wrote {out}")
     return 0
