@@ -238,9 +238,10 @@ else:
     eval_prior = st.radio("Network prior's σ in MAP", ["run", "auto"], horizontal=True, key="eval_prior",
                           disabled=not eval_refine,
                           format_func={"run": "the run's (physics_loss.refinement.prior_sigma_scale × the network's)",
-                                       "auto": "scale chosen on the val split"}.get,
-                          help="the prior's σ = s × the network's; auto tries s = 2 … 1/16 on the val split and keeps "
-                               "the smallest network + MAP median (--prior-sigma-scale auto, recorded in the result)")
+                                       "auto": "scale and floor chosen on the val split"}.get,
+                          help="the prior's σ = max(s × the network's, floor); auto tries s = 2 … 1/16 on the val "
+                               "split, keeps the smallest network + MAP median, then the floor 1, ½ or ¼ m at that s "
+                               "(--prior-sigma-scale auto, both recorded in the result)")
     prior_scale = "auto" if eval_refine and eval_prior == "auto" else None
     o = st.columns(2)
     eval_scan = o[0].number_input("Scan starts (0: the run's)", min_value=0, max_value=64, value=0, key="eval_scan",
