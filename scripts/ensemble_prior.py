@@ -11,7 +11,7 @@ one per replicate, no run in two of them. Per ensemble, on the ``--split`` walks
 
 the members' Gaussian estimates pooled as one mixture's first two moments; the MAP search then runs as
 ``evaluate --refine`` does, with the FIRST member's likelihood and search starts (coarse cells) and the prior
-``N(mu, (s sigma)^2)``, ``s`` chosen on val as ``--prior-sigma-scale auto`` chooses it
+``N(mu, max(s sigma, m)^2)``, ``s`` and the floor ``m`` chosen on val as ``--prior-sigma-scale auto`` chooses them
 (:func:`core.learning.prior_scale.choose_sigma_scale`, given the pooled val prediction). The MAP search's scan starts: ``--scan-starts``.
 
 ``--errors``: per-UE errors ``[ensembles, N]`` as ``ensemble`` (the pooled network alone) and ``ensemble_map``
