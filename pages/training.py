@@ -108,6 +108,10 @@ with st.form("train_form"):
                                             f"cities of the corpus ({ws.rel(ws.corpus_dir)}/datasets)")
     holdout = cols[1].selectbox("Held-out scene", ["(none)"] + trainable, key="train_holdout", format_func=label,
                                 help="never trained on; evaluate the run there with python -m core evaluate --scene")
+    teachers = st.multiselect("Learn from runs (distillation)", [r.name for r in ws.runs(scene)], key="train_teachers",
+                              help="runs trained on the same dataset, split and grid: the new run also learns their "
+                                   "pooled predictions (training.distill_from; measured on realistic etoile it did not "
+                                   "beat a plain run: docs/model.md)")
     go = st.form_submit_button("Start training", type="primary")
 clean = name.strip()
 picked = {**corpus, scene: dataset_path}  # the active scene trains on the sidebar's dataset (world), a city its corpus one
@@ -136,6 +140,8 @@ elif go:
             overrides["physics_loss.radio_maps_dir"] = portable(ws.radio_maps_dir)
         if max_samples:
             overrides["data.max_samples"] = int(max_samples)
+        if teachers:
+            overrides["training.distill_from"] = json.dumps([portable(ws.root / t) for t in teachers])
         job_id = wb.launch(train_spec(ws.rel(ws.preset_path(preset)), ws.rel(run_dir), overrides))
         if job_id is not None:
             st.session_state["curve_run"] = ws.rel(run_dir)

@@ -16,11 +16,14 @@ the members' Gaussian estimates pooled as one mixture's first two moments; the M
 
 ``--errors``: per-UE errors ``[ensembles, N]`` as ``ensemble`` (the pooled network alone) and ``ensemble_map``
 (network + MAP), with the group masks of ``--groups-from`` (a ``seed_comparison.py --errors`` file of the same
-split), to pair with :mod:`scripts.paired_errors`. Cost: one network pass per member.
+split), to pair with :mod:`scripts.paired_errors`. Cost: one network pass per member; the summary records, per
+ensemble, each member's and the whole network's CPU time per sample and the MAP search's (process CPU time over
+all threads, so a loaded machine slows them alike and their ratios hold).
 """
 
 import argparse
 import json
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -45,10 +48,18 @@ def ensemble_errors(runs, split: str, scan_starts: int) -> dict:
     search = replace(map_search_config(first.config), scan_top=scan_starts)
     val = pooled([predict(r, r.dataset.indices(CHOICE_SPLIT)) for r in runs])
     choice = choose_sigma_scale(first, split, prediction=val, search=search)
-    pred = pooled([predict(r, r.dataset.indices(split)) for r in runs])
+    members, member_ms = [], []
+    for r in runs:
+        t0 = time.process_time()
+        members.append(predict(r, r.dataset.indices(split)))
+        member_ms.append(1000 * (time.process_time() - t0) / len(members[-1].xy))
+    pred = pooled(members)
+    t0 = time.process_time()
     ref = refine_prediction(first, pred, use_prior=True, sigma_scale=choice["scale"], search=choice["search"])
+    map_ms = 1000 * (time.process_time() - t0) / len(pred.xy)
     return {"network": position_errors(pred.xy, pred.true_xy), "map": position_errors(ref.xy, pred.true_xy),
-            "scale": choice["scale"], "min_sigma_m": choice["min_sigma_m"], "grid": choice["grid"]}
+            "scale": choice["scale"], "min_sigma_m": choice["min_sigma_m"], "grid": choice["grid"],
+            "cost_ms": {"members": member_ms, "network": sum(member_ms), "map_search": map_ms}}
 
 
 def main() -> None:
@@ -64,17 +75,20 @@ def main() -> None:
         check_scored_split(args.split)
     except CoreError as e:
         raise SystemExit(str(e)) from None
-    out = {"network": [], "map": [], "scales": [], "grids": []}
+    out = {"network": [], "map": [], "scales": [], "grids": [], "cost_ms": []}
     for spec in args.ensembles:
         res = ensemble_errors([load_run(p) for p in spec.split(",")], args.split, args.scan_starts)
         for key in ("network", "map"):
             out[key].append(res[key])
         out["scales"].append({"scale": res["scale"], "min_sigma_m": res["min_sigma_m"]})
         out["grids"].append(res["grid"])
+        out["cost_ms"].append(res["cost_ms"])
         print(f"{spec}: s = {res['scale']:g}, floor {res['min_sigma_m']:g} m; network {np.median(res['network']):.3f} m, "
               f"network + MAP {np.median(res['map']):.3f} m (P90 {np.percentile(res['map'], 90):.2f} m, "
-              f"{100 * np.mean(res['map'] > 20):.2f} % beyond 20 m)")
-    summary = {"ensembles": args.ensembles, "scales": out["scales"], "val_grids": out["grids"], "split": args.split}
+              f"{100 * np.mean(res['map'] > 20):.2f} % beyond 20 m); CPU ms per sample: members "
+              f"{', '.join(f'{v:.2f}' for v in res['cost_ms']['members'])}, MAP search {res['cost_ms']['map_search']:.2f}")
+    summary = {"ensembles": args.ensembles, "scales": out["scales"], "val_grids": out["grids"], "split": args.split,
+               "cost_ms_per_sample": out["cost_ms"]}
     for key in ("network", "map"):
         e = np.stack(out[key])
         summary[key] = {"median_m": float(np.mean(np.median(e, axis=1))), "median_m_sd": float(np.std(np.median(e, axis=1))),

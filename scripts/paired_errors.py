@@ -6,7 +6,8 @@
 Each argument is ``FILE.npz:METHOD`` (``METHOD`` as the file names it, e.g. ``model_walk@/path/to/map.zarr``); both
 must hold the same seeds and UEs. Prints, per group, each side's median / P90 / share beyond 20 m (mean over seeds)
 and the paired two-level bootstrap 95 % CI (:func:`core.learning.statistics.paired_delta`) of the change of the
-median, the P90 and the share beyond 20 m of the first against the second.
+median, the P90 and the share beyond 20 m of the first against the second, and of their ratio (first / second,
+mean over seeds).
 """
 
 import argparse
@@ -54,7 +55,8 @@ def main() -> None:
             row[metric] = d
             scale, unit = (100.0, " %") if metric == "beyond_20m" else (1.0, " m")
             print(f"[{g} {m.sum()}] {metric:10s} Δ {scale * d['delta']:+.3f}{unit} "
-                  f"[{scale * d['ci_low']:+.3f}, {scale * d['ci_high']:+.3f}]")
+                  f"[{scale * d['ci_low']:+.3f}, {scale * d['ci_high']:+.3f}]; ratio {d['ratio']:.3f}× "
+                  f"[{d['ratio_ci_low']:.3f}, {d['ratio_ci_high']:.3f}]")
         out["groups"][g] = row
     if args.json:
         with open(args.json, "w") as fh:

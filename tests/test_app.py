@@ -604,6 +604,23 @@ def test_training_launches_a_tiny_job_and_shows_its_curves(workspace):
     assert cdf["layout"]["xaxis"]["title"]["text"] == "localization error [m]"
 
 
+def test_training_learns_from_picked_runs(workspace):
+    """The form's teachers become ``training.distill_from``; the job trains with their targets."""
+    at = _app("pages/training.py")
+    at.selectbox(key="train_preset").select("baseline").run()
+    {n.label: n for n in at.number_input}["Epochs"].set_value(1)
+    at.selectbox(key="mp_baseline").select("tiny")
+    at.multiselect(key="train_teachers").set_value(["runs/tiny"])
+    at = _start_training(at, "student")
+    manager = _manager(workspace)
+    job = next(j for j in manager.list() if j.kind == "train" and "runs/student" in j.command)
+    teacher = workspace / "runs" / "tiny"  # absolute: the workspace is not the repository
+    assert f'training.distill_from=["{teacher}"]' in job.args
+    done = manager.wait(job.id, timeout_s=240)
+    assert done.status == "succeeded", manager.log(job.id)
+    assert f"distilled from {teacher}" in (workspace / "runs" / "student" / "log.txt").read_text()
+
+
 def _start_training(at: AppTest, name: str) -> AppTest:
     at.text_input(key="train_name").set_value(name)
     next(b for b in at.button if b.label == "Start training").click().run()

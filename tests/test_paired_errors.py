@@ -33,6 +33,10 @@ def test_a_known_shift_is_found_with_its_ci_and_a_mismatch_is_one_line(tmp_path)
     d = res["groups"]["all"]
     assert d["beyond_20m"]["delta"] == -0.02 and d["median_m"]["ci_high"] < 0 < -d["median_m"]["ci_low"]
     assert res["groups"]["sites_1"]["count"] == 100 and res["seeds"] == 3
+    m = d["median_m"]  # the ratio (arm / reference) is printed with its CI, from the same replicates
+    assert 0.75 < m["ratio"] < 0.85 and m["ratio_ci_low"] < m["ratio"] < m["ratio_ci_high"] < 1
+    line = next(row for row in done.stdout.splitlines() if row.startswith("[all 400] median_m"))
+    assert f"ratio {m['ratio']:.3f}× [{m['ratio_ci_low']:.3f}, {m['ratio_ci_high']:.3f}]" in line
     bad = _run(f"{tmp_path}/a.npz:walk", f"{tmp_path}/b.npz:short")
     assert bad.returncode != 0 and "differ in seeds or UEs" in bad.stderr and "Traceback" not in bad.stderr
     unknown = _run(f"{tmp_path}/a.npz:nope", f"{tmp_path}/b.npz:walk")

@@ -174,6 +174,11 @@ class TrainingConfig(_Section):
     #: ``last`` = the last epoch's, a fixed epoch count, the val split never read (no labelled validation);
     #: None = ``last`` when ``data.label_fraction`` is 0, else ``val``
     model_selection: Literal["val", "last"] | None = None
+    #: run directories (same dataset, map, split and grid) whose pooled predictions the network also learns
+    #: from, once computed before training: knowledge distillation of an ensemble (core.learning.distill); [] = off
+    distill_from: list[str] = Field(default_factory=list)
+    #: the weight of that term (L_distill) in L_total
+    distill_weight: float = Field(default=1.0, ge=0.0, le=1000.0)
     loss: LossConfig = LossConfig()
 
 

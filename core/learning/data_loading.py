@@ -88,6 +88,9 @@ class TensorData:
     phys_q      float32 [N, k]      ... and their map-likelihood posterior q (rows of 0: no coarse term);
                                     see core.learning.coarse_physics. None = absent (left out of batches)
     phys_xy     float32 [N, 2]      optional: the likelihood's mode in the most likely cell [m] (mode term)
+    teach_cells long    [N, k]      optional (train, training.distill_from): the teachers' k most likely cells,
+    teach_q     float32 [N, k]      ... their pooled probabilities, and
+    teach_xy    float32 [N, 2]      ... their mean position [m] (core.learning.distill)
     scene_index long    [N]         the sample's scene: which map and physics term it is read against
                                     (0 with one scene; ``indices`` point into that scene's dataset)
     """
@@ -109,6 +112,9 @@ class TensorData:
     phys_cells: torch.Tensor | None = None
     phys_q: torch.Tensor | None = None
     phys_xy: torch.Tensor | None = None
+    teach_cells: torch.Tensor | None = None
+    teach_q: torch.Tensor | None = None
+    teach_xy: torch.Tensor | None = None
     scene_index: torch.Tensor | None = None
 
     def __len__(self) -> int:

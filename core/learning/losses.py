@@ -8,7 +8,8 @@
 (:func:`core.learning.model.coarse_loss`, :func:`core.learning.model.fine_loss` at the TRUE cell);
 ``L_phys``: :func:`core.learning.physics_terms.physics_term` at the position-head output, plus
 ``coarse_weight * L_coarse_phys`` and ``mode_weight * L_mode`` (:mod:`core.learning.coarse_physics`)
-where the batch carries the one-off posterior. See :mod:`core.learning.training` for the schedule.
+where the batch carries the one-off posterior; ``+ distill_weight * L_distill`` where the batch carries an
+ensemble's targets (:mod:`core.learning.distill`). See :mod:`core.learning.training` for the schedule.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from core.learning.coarse_physics import coarse_physics_term, mode_term
 from core.learning.config import Config
 from core.learning.data_loading import TensorData
+from core.learning.distill import distill_term
 from core.learning.model import SceneMaps, coarse_loss, fine_loss
 from core.learning.physics_terms import physics_term
 
@@ -70,6 +72,10 @@ def compute_losses(model, batch: dict[str, torch.Tensor], map_image: torch.Tenso
     coarse, fine = _supervised(out, target_cell, target_offset, labeled)
     terms: dict[str, Any] = {"coarse": coarse, "fine": fine, "phys": None}
     total = coarse + config.training.loss.lambda_fine * fine
+    if "teach_q" in batch and config.training.distill_weight > 0:
+        terms["distill"] = distill_term(net, out, batch, target_cell, labeled & (fine_cell == target_cell), frame,
+                                        config.training.loss.lambda_fine)
+        total = total + config.training.distill_weight * terms["distill"]
     if use_physics:
         terms["phys"] = physics_term(physics, out.head_xy, batch, config.physics_loss.per_sample_grad_clip)
         cw = config.physics_loss.coarse_weight

@@ -35,6 +35,8 @@ Loss per batch::
 with ``seed``); the others contribute the physics term alone. ``training.init_from: RUN`` starts from
 that run's weights (:mod:`core.learning.fine_tune`; fresh optimiser and schedule, recorded in lineage.json);
 with ``data.label_fraction: 0`` the likelihood's calibration is transferred from it and no label is read.
+``training.distill_from: [RUN, ...]`` adds ``distill_weight * L_distill``: the network also learns those runs'
+pooled predictions (an ensemble), computed once before training (:mod:`core.learning.distill`).
 ``training.model_selection: last`` (forced with no label) keeps the last epoch in best.pt, never reads the
 val split and never stops early (its metrics rows have ``val_*`` None). ``data.split: spatial`` holds out
 whole map blocks for val and test (applied at load time). With the physics term off, unlabelled
@@ -84,6 +86,7 @@ from core.learning import fine_tune
 from core.learning.coarse_physics import attach_cell_posterior
 from core.learning.config import Config, load_config
 from core.learning.data_loading import TensorData, concat_tensors
+from core.learning.distill import attach_teacher_targets, check_teachers
 from core.learning.fine_tune import InitRun, check_init_from, init_feature_weights, lineage_record, load_weights
 from core.learning.kinds import build_model
 from core.learning.losses import LOSS_TERMS, compute_losses, gradient_balance, predict_tensors
@@ -151,6 +154,7 @@ class _Loop:
     history: list[dict[str, Any]] = field(default_factory=list)
     status: run_store.StatusWriter | None = None  # status.json of the run being written (rank 0)
     init: InitRun | None = None  # the run whose weights this one started from (training.init_from)
+    taught: dict[str, Any] | None = None  # the teachers' one-off targets (training.distill_from): teachers, walks, seconds
 
     @property
     def is_main(self) -> bool:
@@ -158,7 +162,7 @@ class _Loop:
 
 
 def _build_loop(config: Config, run: RunData, device: torch.device, rank: int, world: int,
-                init: InitRun | None = None) -> _Loop:
+                init: InitRun | None = None, teachers: list | None = None) -> _Loop:
     t = config.training
     parts = [scene_tensors(run, m, "train", config) for m in range(len(run.scenes))]
     val_data = tensors(run, "val", config)
@@ -172,6 +176,7 @@ def _build_loop(config: Config, run: RunData, device: torch.device, rank: int, w
         calibrations = fine_tune.transferred_calibrations(init, [(s.dataset, s.radio_map) for s in run.scenes])
     physics = make_scene_physics(config, run, device, calibrations) if config.physics_active else None
     prior = _attach_posteriors(run, parts, physics, config)
+    taught = attach_teacher_targets(parts[0], teachers, run.radio_map.bounds, run.spec.grid_size) if teachers else None
     train_data = concat_tensors(parts)
     per_rank = len(train_data) // world
     steps_per_epoch = max(1, per_rank // t.batch_size + int(per_rank % t.batch_size > 0))
@@ -180,7 +185,7 @@ def _build_loop(config: Config, run: RunData, device: torch.device, rank: int, w
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
     diag_batch = train_data.batch(torch.arange(min(t.batch_size, len(train_data))), device)
     return _Loop(config, run, device, rank, world, model, optimizer, scheduler, physics, train_data, val_data,
-                 run.maps.to(device), steps_per_epoch, diag_batch, coarse_prior=prior, init=init)
+                 run.maps.to(device), steps_per_epoch, diag_batch, coarse_prior=prior, init=init, taught=taught)
 
 
 def _attach_posteriors(run: RunData, parts: list[TensorData], physics, config: Config) -> dict[str, float] | None:
@@ -242,7 +247,10 @@ def _start_run_dir(loop: _Loop, out: Path) -> None:
                               f"{_describe_scenes(loop.run)}, "
                               f"device {loop.device}, world {loop.world}, epochs {loop.start_epoch}->{config.training.epochs}, "
                               f"model selection {config.selection}"
-                              + (f", weights from {init['run']}/{init['checkpoint']} (epoch {init['epoch']})" if init else ""))
+                              + (f", weights from {init['run']}/{init['checkpoint']} (epoch {init['epoch']})" if init else "")
+                              + (f", distilled from {', '.join(config.training.distill_from)} (weight "
+                                 f"{config.training.distill_weight:g}; their targets for {loop.taught['walks']} walks "
+                                 f"in {loop.taught['seconds']:.1f} s, once)" if loop.taught else ""))
 
 
 def _describe_scenes(run: RunData) -> str:
@@ -278,9 +286,9 @@ def _train_epoch(loop: _Loop, epoch: int) -> tuple[dict[str, float], int]:
             torch.nn.utils.clip_grad_norm_(loop.model.parameters(), t.grad_clip)
         loop.optimizer.step()
         loop.scheduler.step()
-        for k in LOSS_TERMS:
-            if terms[k] is not None:
-                sums[k] += float(terms[k].detach()) * len(idx)
+        for k in (*LOSS_TERMS, "distill"):
+            if terms.get(k) is not None:
+                sums[k] = sums.get(k, 0.0) + float(terms[k].detach()) * len(idx)
         seen += len(idx)
         if loop.is_main:
             progress.report((epoch + (step + 1) / loop.steps_per_epoch) / t.epochs, f"epoch {epoch + 1}/{t.epochs}")
@@ -304,6 +312,8 @@ def _epoch_row(loop: _Loop, epoch: int, sums: dict[str, float], n_seen: int, val
                            "lambda_phys": loop.config.lambda_at(epoch + 1) if loop.physics is not None else 0.0}
     for k in LOSS_TERMS:
         row[f"train_{k}"] = sums[k] / n_seen if (k != "phys" or loop.physics is not None) else None
+    if "distill" in sums:
+        row["train_distill"] = sums["distill"] / n_seen
     for k in LOSS_TERMS:
         row[f"val_{k}"] = val_losses[k]
     row.update(val_median_m=val["median_m"], val_p90_m=val["p90_m"], epoch_s=epoch_s, **grads)
@@ -373,10 +383,11 @@ def train(config: Config, out_dir: str | os.PathLike, resume: bool = False, devi
     if config.training.num_threads and device.type == "cpu":
         torch.set_num_threads(max(1, config.training.num_threads // world))
     run = run_data or prepare(config)
+    teachers = check_teachers(config, run)  # before any training: one line naming the key
     if config.physics_active:  # calibrate "auto" weights now, so the run's config.yaml holds the numbers
         config = init_feature_weights(config, init)  # no labelled walk: the init run's numbers
         config = resolve_config(config, run.dataset, run.radio_map)
-    loop = _build_loop(config, run, device, rank, world, init)
+    loop = _build_loop(config, run, device, rank, world, init, teachers)
     if resume and (out / run_store.LAST).exists():
         for m, scene in enumerate(run.scenes):
             run_store.check_lineage(out, scene.dataset.ref, scene.radio_map.ref, m)
