@@ -59,7 +59,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "localize a measurement-report file with a run: positions, σ ellipses, errors when truth is given"),
     "tune-baselines": ("core.learning.baseline_tuning",
                        "tune multilateration and exhaustive map matching on the val split (prints the sweep)"),
-    "bench": ("core.benchmarks.cli", "run a benchmark (physics, maps, train, localize, world); prints a table, writes JSON"),
+    "bench": ("core.benchmarks.cli", "run a benchmark (physics, maps, train, localize, inference, world); prints a table, writes JSON"),
     "jobs": ("core.jobs.manager", "list, follow, submit and cancel the background jobs the app also uses"),
 }
 

@@ -74,6 +74,17 @@ def integer(low: int | None = None, high: int | None = None) -> Callable[[str], 
     return _checked(int, "an integer", low, high)
 
 
+def counts(text: str) -> list[int]:
+    """An argparse ``type``: positive integers separated by commas (``256,1024``), at least one."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, e.g. 256,1024; got {text!r}")
+    return values
+
+
 #: the common cases
 positive = number(0.0, low_open=True)
 non_negative = number(0.0)

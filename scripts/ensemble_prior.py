@@ -5,11 +5,8 @@ what one network does not?
         --errors F.npz --json F.json
 
 Each ``--ensembles`` item is one ensemble (comma-separated run directories of the same scene and dataset); give
-one per replicate, no run in two of them. Per ensemble, on the ``--split`` walks:
-
-    mu = mean_m mu_m        sigma^2 = mean_m sigma_m^2 + var_m mu_m        (per axis) [m]
-
-the members' Gaussian estimates pooled as one mixture's first two moments; the MAP search then runs as
+one per replicate, no run in two of them. Per ensemble, on the ``--split`` walks, the members' Gaussian
+estimates pooled as one mixture's first two moments (:mod:`core.learning.ensemble`); the MAP search then runs as
 ``evaluate --refine`` does, with the FIRST member's likelihood and search starts (coarse cells) and the prior
 ``N(mu, max(s sigma, m)^2)``, ``s`` and the floor ``m`` chosen on val as ``--prior-sigma-scale auto`` chooses them
 (:func:`core.learning.prior_scale.choose_sigma_scale`, given the pooled val prediction). The MAP search's scan starts: ``--scan-starts``.
@@ -29,31 +26,26 @@ from dataclasses import replace
 import numpy as np
 
 from core.errors import CoreError
+from core.learning.ensemble import check_members, pool
 from core.learning.inference import load_run, map_search_config, predict, refine_prediction
 from core.learning.metrics import position_errors
 from core.learning.prior_scale import CHOICE_SPLIT, check_scored_split, choose_sigma_scale
 
 
-def pooled(preds):
-    """One prediction: the members' mean and mixture sigma; the first member's search starts."""
-    xy = np.stack([p.xy for p in preds])  # [M, N, 2]
-    var = np.mean(np.stack([p.sigma ** 2 for p in preds]), axis=0) + xy.var(axis=0)
-    return replace(preds[0], xy=xy.mean(axis=0), sigma=np.sqrt(var))
-
-
 def ensemble_errors(runs, split: str, scan_starts: int) -> dict:
     """``{"network": errors [N], "map": errors [N], "scale": s, "min_sigma_m": m, "grid": [...]}`` of one ensemble
     on ``split``."""
+    check_members(runs)
     first = runs[0]
     search = replace(map_search_config(first.config), scan_top=scan_starts)
-    val = pooled([predict(r, r.dataset.indices(CHOICE_SPLIT)) for r in runs])
+    val = pool([predict(r, r.dataset.indices(CHOICE_SPLIT)) for r in runs])
     choice = choose_sigma_scale(first, split, prediction=val, search=search)
     members, member_ms = [], []
     for r in runs:
         t0 = time.process_time()
         members.append(predict(r, r.dataset.indices(split)))
         member_ms.append(1000 * (time.process_time() - t0) / len(members[-1].xy))
-    pred = pooled(members)
+    pred = pool(members)
     t0 = time.process_time()
     ref = refine_prediction(first, pred, use_prior=True, sigma_scale=choice["scale"], search=choice["search"])
     map_ms = 1000 * (time.process_time() - t0) / len(pred.xy)

@@ -110,3 +110,21 @@ def test_with_the_silence_term_the_bounded_scan_still_makes_the_full_scans_picks
                            scan_starts(LIK, obs, step_m=4.0, top=6, bound_block=0))  # silence moves picks
     torch.testing.assert_close(scan_starts(lik, obs, step_m=4.0, top=6),
                                scan_starts(lik, obs, step_m=4.0, top=6, bound_block=0), rtol=0, atol=0)
+
+
+def test_first_in_order_matches_a_full_stable_sort():
+    """The NMS's first L points per sample (value, then index), with ties, infinities and short rows, against
+    sorting every row whole."""
+    from core.physics.bounded_scan import _first_in_order
+
+    rng = np.random.default_rng(0)
+    val = torch.from_numpy(rng.integers(0, 6, (7, 40)).astype(np.float32))  # many ties
+    val[1, 5:] = torch.inf  # a row with 5 finite entries
+    val[2] = torch.inf  # none
+    idx = torch.from_numpy(np.stack([rng.permutation(100)[:40] for _ in range(7)]))
+    for width in (1, 8, 40):
+        got_val, got_idx = _first_in_order(val, idx, width, fill=100)
+        for r in range(7):
+            ref = sorted((float(v), int(i)) for v, i in zip(val[r], idx[r]) if np.isfinite(float(v)))[:width]
+            ref += [(float("inf"), 100)] * (width - len(ref))
+            assert [(float(v), int(i)) for v, i in zip(got_val[r], got_idx[r])] == ref

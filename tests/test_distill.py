@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from refusals import refused_train
 
 from core.learning.config import load_config
 from core.learning.distill import pool_teachers
@@ -25,6 +26,9 @@ def test_pool_teachers_matches_a_dense_reference():
     rng = np.random.default_rng(0)
     grid, bounds, n, members, k_each = 6, (-12.0, -12.0, 12.0, 12.0), 5, 3, 4
     w = (bounds[2] - bounds[0]) / grid
+
+    def cell_of(xy):  # the cell i * G + j of a square grid from (x_min, y_min), row i along +y
+        return (np.floor((xy[..., 1] - bounds[1]) / w) * grid + np.floor((xy[..., 0] - bounds[0]) / w)).astype(int)
     preds = []
     for _ in range(members):
         cells = np.stack([rng.choice(12, k_each, replace=False) for _ in range(n)])  # overlapping, few cells
@@ -33,7 +37,7 @@ def test_pool_teachers_matches_a_dense_reference():
         prob = rng.dirichlet(np.ones(k_each), n)
         preds.append(SimpleNamespace(xy=rng.normal(0, 5, (n, 2)), coarse_xy=centres, coarse_prob=prob, cells=cells))
     for k in (3, 32):
-        cells, q, mu = pool_teachers(preds, bounds, grid, k)
+        cells, q, mu = pool_teachers(preds, cell_of, k)
         dense = np.zeros((n, grid * grid))
         for p in preds:
             np.add.at(dense, (np.arange(n)[:, None].repeat(k_each, 1), p.cells), p.coarse_prob / members)
@@ -92,17 +96,11 @@ def test_a_student_learns_the_teachers_pooled_targets(world, tmp_path):
 
 
 def test_bad_teachers_are_one_line_before_any_work(world, tmp_path, capsys):
-    from core.cli import main
-
     train(cfg(world, "gamma"), world / "gamma_run", show_progress=False)
 
     def train_cli(*sets):
-        args = [a for kv in (*TINY, f"data.dataset={world / 'datasets' / 'alpha'}",
-                             f"physics_loss.radio_maps_dir={world / 'radio_maps'}", *sets) for a in ("--set", kv)]
-        code = main(["train", "--config", "configs/agnostic.yaml", *args, "--out", str(tmp_path / "x"), "--no-progress"])
-        err = capsys.readouterr().err.strip()
-        assert code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "x").exists()
-        return err
+        return refused_train(capsys, tmp_path / "x", *TINY, f"data.dataset={world / 'datasets' / 'alpha'}",
+                             f"physics_loss.radio_maps_dir={world / 'radio_maps'}", *sets)
 
     assert f"training.distill_from: {tmp_path / 'nowhere'}: " in train_cli(f"training.distill_from=[{tmp_path / 'nowhere'}]")
     assert f"training.distill_from: {world / 'gamma_run'}" in train_cli(f"training.distill_from=[{world / 'gamma_run'}]")

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from refusals import refused_train
 
 from core.errors import ConfigError
 from core.learning.config import load_config
@@ -105,15 +106,9 @@ def test_label_fraction_zero_trains_on_physics_alone_and_reads_no_label(world, t
 
 
 def test_bad_init_from_is_one_line(world, tmp_path, capsys):
-    from core.cli import main
-
     def train_cli(*sets):
-        args = [a for kv in (*TINY, f"data.dataset={world / 'datasets' / 'gamma'}",
-                             f"physics_loss.radio_maps_dir={world / 'radio_maps'}", *sets) for a in ("--set", kv)]
-        code = main(["train", "--config", "configs/agnostic.yaml", *args, "--out", str(tmp_path / "x"), "--no-progress"])
-        err = capsys.readouterr().err.strip()
-        assert code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "x").exists()
-        return err
+        return refused_train(capsys, tmp_path / "x", *TINY, f"data.dataset={world / 'datasets' / 'gamma'}",
+                             f"physics_loss.radio_maps_dir={world / 'radio_maps'}", *sets)
 
     assert train_cli(f"training.init_from={tmp_path / 'nowhere'}").endswith(
         f"training.init_from: {tmp_path / 'nowhere'}: no such run directory")

@@ -1,4 +1,4 @@
-"""``python -m core bench {physics,maps,train,localize,world}``.
+"""``python -m core bench {physics,maps,train,localize,inference,world}``.
 
 Each benchmark module provides ``add_arguments(parser)`` and ``run(args) -> int`` and
 reports through :func:`core.benchmarks.report.write_report`.
@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "maps": ("core.benchmarks.maps", "radio-map generation time, map fidelity and dataset time"),
     "train": ("core.benchmarks.train", "epoch time with and without the physics loss"),
     "localize": ("core.benchmarks.localize", "localize: time and peak memory against the report file's size"),
+    "inference": ("core.benchmarks.inference", "network (or an ensemble) and MAP search: ms per sample on a run's walks"),
     "world": ("core.benchmarks.world", "make-dataset in the realistic world vs the oracle world, same walks, one run"),
 }
 

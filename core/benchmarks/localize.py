@@ -27,22 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", default="assets/default_run", help="the run that localizes (default: %(default)s)")
     parser.add_argument("--dataset", default="datasets/etoile", help="whose split is repeated (default: %(default)s)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
-    parser.add_argument("--rows", default="100000,1000000",
-                        help="report-file sizes in rows, comma-separated (default: %(default)s)")
+    parser.add_argument("--rows", type=cli_types.counts, default=[100_000, 1_000_000],
+                        help="report-file sizes in rows, comma-separated (default: 100000,1000000)")
     parser.add_argument("--method", default="map", choices=("network", "map", "exhaustive"))
     parser.add_argument("--chunk-rows", type=cli_types.count, default=None, help="localize's --chunk-rows")
-
-
-def _sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(v) for v in text.split(",")]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        from core.errors import CoreError
-
-        raise CoreError(f"--rows {text}: give positive integers separated by commas, e.g. 100000,1000000")
-    return sizes
 
 
 def make_report_file(dataset_path, split: str, rows: int, out: Path) -> tuple[int, int]:
@@ -95,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     from core.benchmarks.report import write_report
 
-    sizes = _sizes(args.rows)
+    sizes = args.rows
     rows_out = []
     with tempfile.TemporaryDirectory(prefix="bench-localize-") as tmp:
         for n in sizes:

@@ -24,7 +24,8 @@ analytic scene with N UEs instead (no ray-traced data needed).
 agnostic, core/learning/kinds.py) at the config's λ, interleaved step by step on the same samples
 (each kind its own tensors); reported: each kind's epoch time, the agnostic / memorizing ratio (median
 paired CPU-time ratio, and of the wall sums) and each kind's batched inference time per sample
-(batches of 1024, no gradient), the issue-19 cost figures.
+(one batch of ``predict``'s size, :data:`~core.learning.inference.PREDICT_BATCH`, no gradient), the issue-19
+cost figures; ``python -m core bench inference`` times the whole prediction and the MAP search on a run's walks.
 """
 
 from __future__ import annotations
@@ -142,10 +143,12 @@ def _run_kinds(args: argparse.Namespace, device, overrides: list[str]) -> dict:
                 w, c = step(kind, perm[s : s + bs])
                 wall[kind].append(w)
                 cpu[kind].append(c)
+    from core.learning.inference import PREDICT_BATCH
+
     infer = {}
     for kind, (_, model, _, _, data, maps) in variants.items():
         model.eval()
-        batch = data.batch(torch.arange(min(1024, len(data))), device)
+        batch = data.batch(torch.arange(min(PREDICT_BATCH.get(device.type, 1024), len(data))), device)
         times = []
         with torch.no_grad():
             for _ in range(3):

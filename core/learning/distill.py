@@ -22,6 +22,7 @@ Memory: ``O(N k)``; time: one network pass per teacher over the train walks, onc
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -77,21 +78,14 @@ def check_teachers(config, run) -> list:
     return teachers
 
 
-def _cells_of(xy: np.ndarray, bounds, grid: int) -> np.ndarray:
-    """``xy[..., 2]`` [m] -> the coarse cell ``i * G + j`` each lies in (row ``i`` along +y; clamped to the grid)."""
-    x_min, y_min, x_max, y_max = (float(v) for v in bounds)
-    j = np.clip(np.floor((xy[..., 0] - x_min) / ((x_max - x_min) / grid)), 0, grid - 1)
-    i = np.clip(np.floor((xy[..., 1] - y_min) / ((y_max - y_min) / grid)), 0, grid - 1)
-    return (i * grid + j).astype(np.int64)
-
-
-def pool_teachers(predictions: list, bounds, grid: int, k: int = TOPK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pool_teachers(predictions: list, cell_of: Callable[[np.ndarray], np.ndarray], k: int = TOPK
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(cells long [N, k], q float32 [N, k], mu float32 [N, 2])`` from the teachers' predictions of the same
     ``N`` walks (:class:`~core.learning.inference.Prediction` with ``coarse_xy``/``coarse_prob`` of their top
-    cells): ``q`` the mean of their cell probabilities (a cell outside a teacher's top cells counts 0 for it), its
+    cells); ``cell_of`` maps positions ``[..., 2]`` [m] to the coarse cell each lies in ``[...]``. ``q`` the mean of their cell probabilities (a cell outside a teacher's top cells counts 0 for it), its
     ``k`` largest entries renormalised; ``mu`` the mean of their positions."""
     n, m = len(predictions[0].xy), len(predictions)
-    cells = np.concatenate([_cells_of(p.coarse_xy, bounds, grid) for p in predictions], 1)  # [N, M k']
+    cells = np.concatenate([cell_of(p.coarse_xy) for p in predictions], 1)  # [N, M k']
     probs = np.concatenate([p.coarse_prob for p in predictions], 1) / m
     order = np.argsort(cells, axis=1, kind="stable")
     cells, probs = np.take_along_axis(cells, order, 1), np.take_along_axis(probs, order, 1)
@@ -111,16 +105,21 @@ def pool_teachers(predictions: list, bounds, grid: int, k: int = TOPK) -> tuple[
             torch.from_numpy(mu.astype(np.float32)))
 
 
-def attach_teacher_targets(data, teachers: list, bounds, grid: int) -> dict[str, float]:
+def attach_teacher_targets(data, teachers: list, net, frame) -> dict[str, float]:
     """Store the pooled targets of the walks of ``data`` (a TensorData of the one scene) as ``data.teach_cells``,
-    ``data.teach_q`` and ``data.teach_xy``; returns ``{"teachers", "walks", "seconds"}`` (the one-off cost)."""
+    ``data.teach_q`` and ``data.teach_xy``, in the cells of the student ``net`` (its ``cell_of`` in ``frame``);
+    returns ``{"walks", "seconds"}`` (the one-off cost)."""
     from core.learning.inference import predict
+
+    def cell_of(xy: np.ndarray) -> np.ndarray:
+        flat = torch.as_tensor(xy.reshape(-1, 2), dtype=frame.origin.dtype, device=frame.origin.device)
+        return net.cell_of(flat, frame)[0].cpu().numpy().reshape(xy.shape[:-1])
 
     t0 = time.perf_counter()
     idx = data.indices.numpy()
     preds = [predict(t, idx, top_k=TOPK) for t in teachers]
-    data.teach_cells, data.teach_q, data.teach_xy = pool_teachers(preds, bounds, grid)
-    return {"teachers": len(teachers), "walks": len(idx), "seconds": time.perf_counter() - t0}
+    data.teach_cells, data.teach_q, data.teach_xy = pool_teachers(preds, cell_of)
+    return {"walks": len(idx), "seconds": time.perf_counter() - t0}
 
 
 def distill_term(net, out, batch: dict[str, torch.Tensor], target_cell: torch.Tensor, labeled: torch.Tensor,

@@ -154,7 +154,7 @@ class _Loop:
     history: list[dict[str, Any]] = field(default_factory=list)
     status: run_store.StatusWriter | None = None  # status.json of the run being written (rank 0)
     init: InitRun | None = None  # the run whose weights this one started from (training.init_from)
-    taught: dict[str, Any] | None = None  # the teachers' one-off targets (training.distill_from): teachers, walks, seconds
+    taught: dict[str, Any] | None = None  # the teachers' one-off targets (training.distill_from): walks, seconds
 
     @property
     def is_main(self) -> bool:
@@ -176,7 +176,7 @@ def _build_loop(config: Config, run: RunData, device: torch.device, rank: int, w
         calibrations = fine_tune.transferred_calibrations(init, [(s.dataset, s.radio_map) for s in run.scenes])
     physics = make_scene_physics(config, run, device, calibrations) if config.physics_active else None
     prior = _attach_posteriors(run, parts, physics, config)
-    taught = attach_teacher_targets(parts[0], teachers, run.radio_map.bounds, run.spec.grid_size) if teachers else None
+    taught = attach_teacher_targets(parts[0], teachers, model, model.frame(run.maps.to(device))) if teachers else None
     train_data = concat_tensors(parts)
     per_rank = len(train_data) // world
     steps_per_epoch = max(1, per_rank // t.batch_size + int(per_rank % t.batch_size > 0))

@@ -95,6 +95,30 @@ def _gap(lo: torch.Tensor, hi: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     return (lo - o).clamp_(min=0.0).add_((o - hi).clamp_(min=0.0))
 
 
+def _first_in_order(val: torch.Tensor, idx: torch.Tensor, width: int, fill: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(val [B, L], idx [B, L])``: the first ``L = width`` finite entries of each row of ``val, idx [B, N]``
+    in (value, index) order, as a stable sort by index then by value gives them; a row with fewer is padded
+    with ``(inf, fill)``. Only the finite entries at or below each row's ``L``-th smallest value (those ``L`` and their ties)
+    are sorted: ``O(B N)`` for the threshold, ``O(B L log(B L))`` for the sort."""
+    b = val.shape[0]
+    kth = val.topk(width, dim=1, largest=False).values[:, -1:]  # [B, 1]
+    r, j = ((val <= kth) & torch.isfinite(val)).nonzero(as_tuple=True)
+    v, i = val[r, j], idx[r, j]
+    order = torch.argsort(i, stable=True)
+    order = order[torch.argsort(v[order], stable=True)]
+    order = order[torch.argsort(r[order], stable=True)]
+    r, v, i = r[order], v[order], i[order]
+    per = torch.bincount(r, minlength=b)
+    rank = torch.arange(r.numel(), device=r.device) - (torch.cumsum(per, 0) - per)[r]
+    keep = rank < width
+    out_val = torch.full((b, width), math.inf, dtype=val.dtype, device=val.device)
+    out_idx = torch.full((b, width), fill, dtype=idx.dtype, device=idx.device)
+    out_val[r[keep], rank[keep]] = v[keep]
+    out_idx[r[keep], rank[keep]] = i[keep]
+    return out_val, out_idx
+
+
 class BoundedScan:
     """The lattice's map table and block ranges for one likelihood, made once; :meth:`top` per batch.
 
@@ -201,7 +225,8 @@ class BoundedScan:
         pts = self.members[blocks]  # [n, M]
         ok = pts >= 0
         safe = pts.clamp(min=0).reshape(-1)
-        cost = self.lik.evaluate_sampled(self.table[:, safe], self.cover[:, safe], prep.take(walk))  # [n, M]
+        cost = self.lik.evaluate_sampled(self.table.index_select(1, safe), self.cover.index_select(1, safe),
+                                         prep.take(walk))  # [n, M] (index_select: 2-4x faster than [:, safe] on a CPU)
         self.scored += int(ok.sum())
         return cost.masked_fill_(~ok, math.inf)
 
@@ -210,43 +235,42 @@ class BoundedScan:
         """Greedy picks over the scored points: ``(xy [B, top, 2], cost [B, top])``; a pick removes the points
         within ``radius`` [m] (Euclidean) of it; ties go to the lowest lattice index.
 
-        The scored points are ordered per sample by (NLL, lattice index) -- the order in which the greedy
-        pick visits them -- and the greedy runs on the first ``L`` of each (doubling ``L`` while a sample
-        with more points gets fewer than ``top`` finite picks): its picks are those over all of them."""
+        The greedy visits each sample's scored points in (NLL, lattice index) order and runs on the first ``L``
+        of them (doubling ``L`` while a sample with more points gets fewer than ``top`` finite picks): its
+        picks are those over all of them. Those first ``L`` come from :func:`_first_in_order`, which sorts
+        only the points at or below each sample's ``L``-th smallest NLL, not all of them."""
         m2 = self.block**2
         p = self.points.shape[0]
         pts = self.members[blocks].reshape(-1)  # [T] (-1: padding)
         w = walk.repeat_interleave(m2)
-        c = cost.reshape(-1)
-        order = torch.argsort(pts, stable=True)  # lattice index, then NLL, then sample: stable sorts
-        order = order[torch.argsort(c[order], stable=True)]
-        order = order[torch.argsort(w[order], stable=True)]
-        pts, w, c = pts[order], w[order], c[order]
+        order = torch.argsort(w, stable=True)  # one row per sample: [B, N] NLL and lattice index
+        w, pts, c = w[order], pts[order], cost.reshape(-1)[order]
         n_per = torch.bincount(w, minlength=b)
-        rank = torch.arange(w.numel(), device=w.device) - (torch.cumsum(n_per, 0) - n_per)[w]
-        finite = torch.bincount(w, weights=torch.isfinite(c).to(c.dtype), minlength=b)
-        width = min(8 * top, int(n_per.max()) if w.numel() else 1)
+        col = torch.arange(w.numel(), device=w.device) - (torch.cumsum(n_per, 0) - n_per)[w]
+        n = max(1, int(n_per.max()) if w.numel() else 1)
+        val = torch.full((b, n), math.inf, dtype=c.dtype, device=c.device)
+        idx = torch.full((b, n), p, dtype=torch.long, device=w.device)  # p: no point (padding or empty)
+        val[w, col] = c
+        idx[w, col] = torch.where(pts >= 0, pts, p)
+        finite = torch.isfinite(val).sum(1)
+        width = min(8 * top, n)
         rows = torch.arange(b, device=w.device)
-        table = torch.cat([self.points, self.points[:1]])  # padding -> point 0, NLL inf
+        table = torch.cat([self.points, self.points[:1]])  # no point -> point 0, NLL inf
         while True:
-            keep = rank < width
-            idx = torch.full((b, width), p, dtype=torch.long, device=w.device)
-            val = torch.full((b, width), math.inf, dtype=c.dtype, device=c.device)
-            idx[w[keep], rank[keep]] = torch.where(pts[keep] >= 0, pts[keep], p)
-            val[w[keep], rank[keep]] = c[keep]
-            xy = table[idx]  # [B, L, 2]
+            first_val, first_idx = _first_in_order(val, idx, width, p)
+            xy = table[first_idx]  # [B, L, 2]
             picks, costs = [], []
             for _ in range(top):
-                arg = val.argmin(dim=1)
+                arg = first_val.argmin(dim=1)
                 best = xy[rows, arg]
-                costs.append(val[rows, arg])  # none left (inf): point 0, as the full scan's argmin of all-inf
+                costs.append(first_val[rows, arg])  # none left (inf): point 0, as the full scan's argmin of all-inf
                 picks.append(torch.where(torch.isfinite(costs[-1]).unsqueeze(1), best, self.points[0]))
-                val.masked_fill_((xy - best.unsqueeze(1)).norm(dim=-1) <= radius, math.inf)
+                first_val.masked_fill_((xy - best.unsqueeze(1)).norm(dim=-1) <= radius, math.inf)
             costs = torch.stack(costs, 1)
             short = ~torch.isfinite(costs[:, -1]) & (finite > width)
             if not bool(short.any()):
                 return torch.stack(picks, 1), costs
-            width = min(2 * width, int(n_per.max()))
+            width = min(2 * width, n)
 
     @torch.no_grad()
     def top(self, prep, top: int, radius: float) -> torch.Tensor:

@@ -1,0 +1,61 @@
+"""An ensemble of trained networks as one prediction: MAP's prior from ``M`` independently trained runs.
+
+Each member ``m`` gives a Gaussian estimate ``N(mu_m, sigma_m^2)`` per axis; the ensemble is their equal-weight
+mixture, summarised by its first two moments::
+
+    mu      = mean_m mu_m                                   [N, 2] m
+    sigma^2 = mean_m sigma_m^2 + mean_m (mu_m - mu)^2       [N, 2] m^2   (within + between the members)
+
+The rest of the prediction (the search starts ``coarse_xy``, groups, truth) is the FIRST member's. Members must
+read the same dataset and map (so their samples, truth and likelihood are the same). Cost: one network pass per
+member. Measured (realistic etoile, three 60-epoch agnostic runs as the prior of the MAP search): docs/world.md;
+its cost per sample: ``python -m core bench inference``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from core.errors import CoreError
+from core.learning.metrics import position_errors
+
+
+def check_members(runs: list) -> None:
+    """A :class:`CoreError` of one line unless ``runs`` (LoadedRun) are at least one, and all read the first's
+    dataset and radio map (their store ids)."""
+    if not runs:
+        raise CoreError("ensemble: give at least one run")
+    first = runs[0]
+    for r in runs[1:]:
+        for what, ours, theirs in (("dataset", first.dataset.ref, r.dataset.ref),
+                                   ("radio map", first.radio_map.ref, r.radio_map.ref)):
+            if ours.id != theirs.id:
+                raise CoreError(f"ensemble: {r.run_dir} reads {what} {theirs.describe()}, {first.run_dir} reads "
+                                f"{ours.describe()}: an ensemble's members must read the same {what}")
+
+
+def pool(predictions: list):
+    """One :class:`~core.learning.inference.Prediction` from the members' predictions of the same samples:
+    ``xy`` and ``sigma`` as in the module doc, the rest the first member's."""
+    if len({len(p.indices) for p in predictions}) != 1 or not all(
+            np.array_equal(p.indices, predictions[0].indices) for p in predictions):
+        raise CoreError("ensemble: the members' predictions are of different samples")
+    xy = np.stack([p.xy for p in predictions])  # [M, N, 2]
+    var = np.mean(np.stack([p.sigma**2 for p in predictions]), axis=0) + xy.var(axis=0)
+    mu = xy.mean(axis=0)
+    first = predictions[0]
+    return replace(first, xy=mu, sigma=np.sqrt(var), error_m=position_errors(mu, first.true_xy))
+
+
+def predict_ensemble(runs: list, indices, batch_size: int | None = None):
+    """:func:`pool` of every member's :func:`~core.learning.inference.predict` of ``indices``."""
+    from core.learning.inference import predict
+
+    check_members(runs)
+    kw = {} if batch_size is None else {"batch_size": batch_size}
+    return pool([predict(r, indices, **kw) for r in runs])
+
+
+__all__ = ["check_members", "pool", "predict_ensemble"]

@@ -1,0 +1,83 @@
+"""An ensemble of networks as one prediction (core/learning/ensemble.py) and its cost (``bench inference``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from core.errors import CoreError
+from core.learning.ensemble import check_members, pool
+
+
+@dataclass
+class _Pred:  # the fields pool() reads and keeps
+    indices: np.ndarray
+    xy: np.ndarray
+    sigma: np.ndarray
+    true_xy: np.ndarray
+    error_m: np.ndarray
+    coarse_xy: np.ndarray
+
+
+def test_pool_is_the_mixture_mean_and_std_and_keeps_the_first_members_starts():
+    rng = np.random.default_rng(0)
+    truth = rng.normal(0, 5, (4, 2))
+    members = [_Pred(np.arange(4), rng.normal(0, 5, (4, 2)), rng.uniform(0.5, 3, (4, 2)), truth, np.zeros(4),
+                     np.full((4, 3, 2), float(m))) for m in range(3)]
+    out = pool(members)
+    # reference: draw from the equal-weight mixture of the members' Gaussians, per UE and axis
+    draws = np.concatenate([m.xy[None] + m.sigma[None] * rng.standard_normal((200_000, 4, 2)) for m in members])
+    assert np.allclose(out.xy, draws.mean(0), atol=0.05)
+    assert np.allclose(out.sigma, draws.std(0), rtol=0.01)
+    assert np.allclose(out.error_m, np.linalg.norm(out.xy - truth, axis=1))
+    assert np.array_equal(out.coarse_xy, members[0].coarse_xy)  # the search starts: the first member's
+    with pytest.raises(CoreError, match="different samples"):
+        pool([members[0], _Pred(np.arange(1, 5), *[getattr(members[1], f) for f in ("xy", "sigma", "true_xy",
+                                                                                   "error_m", "coarse_xy")])])
+
+
+def test_members_of_another_dataset_or_map_are_one_line():
+    def run(name, dataset, radio_map):
+        ref = lambda i: SimpleNamespace(id=i, describe=lambda: f"<{i}>")  # noqa: E731
+        return SimpleNamespace(run_dir=Path(name), dataset=SimpleNamespace(ref=ref(dataset)),
+                               radio_map=SimpleNamespace(ref=ref(radio_map)))
+
+    check_members([run("a", "d1", "m1"), run("b", "d1", "m1")])
+    with pytest.raises(CoreError) as e:
+        check_members([run("a", "d1", "m1"), run("b", "d2", "m1")])
+    assert str(e.value) == ("ensemble: b reads dataset <d2>, a reads <d1>: an ensemble's members must read the "
+                            "same dataset")
+    with pytest.raises(CoreError, match="same radio map"):
+        check_members([run("a", "d1", "m1"), run("b", "d1", "m2")])
+    with pytest.raises(CoreError, match="at least one run"):
+        check_members([])
+
+
+def test_bench_inference_times_every_member_the_network_and_the_map_search(tmp_path, capsys):
+    from core.cli import main
+
+    out = tmp_path / "inference.json"
+    assert main(["bench", "--out", str(out), "inference", "--runs", "assets/default_run,assets/default_run",
+                 "--samples", "64", "--repeats", "1", "--batch-sizes", "32"]) == 0
+    report = json.loads(out.read_text())
+    rows, summary = report["rows"], report["summary"]
+    assert {r["batch_size"] for r in rows} == {32, 256, None}  # the default batch size is always timed
+    at = {r["stage"]: r for r in rows if r["batch_size"] == 256}
+    members = [r for s, r in at.items() if s.startswith("member")]
+    assert len(members) == 2 and all(r["cpu_ms"] > 0 and r["wall_ms"] > 0 for r in rows)
+    assert at["network (2 members)"]["cpu_ms"] == pytest.approx(sum(r["cpu_ms"] for r in members))
+    map_ms = next(r["cpu_ms"] for r in rows if r["stage"] == "MAP search (the network's prior)")
+    assert at["network + MAP"]["cpu_ms"] == pytest.approx(at["network (2 members)"]["cpu_ms"] + map_ms)
+    assert summary["samples"] == 64 and summary["network_ok"] == (summary["network_cpu_ms_per_sample"] <= 1.0)
+    assert "network_map_ok" in capsys.readouterr().out
+    assert main(["bench", "--out", str(out), "inference", "--runs", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.strip().endswith("no such run directory")
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--out", str(out), "inference", "--batch-sizes", "256,0"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--batch-sizes: must be positive integers" in err
