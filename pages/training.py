@@ -260,9 +260,19 @@ else:
                                          "search and keeps the one whose walk posterior ends lowest (--walk-basins N)")
     search = dict(prior_sigma_scale=prior_scale, scan_starts=int(eval_scan) if eval_refine and eval_scan else None,
                   walk_basins=int(eval_basins) if (eval_refine or eval_baselines) and eval_basins else None)
+    peers = [r.name for r in evaluable if r.name != eval_run and (r.dataset, r.scene, r.split) == (info.dataset, info.scene, info.split)]
+    eval_members = st.multiselect("Ensemble with (other runs of this dataset)", peers, key="eval_ensemble",
+                                  help="their networks are pooled with this run's (mean and mixture σ) as the "
+                                       "network and MAP's prior (--ensemble); on the run's own scene, dataset and map")
     spec = None
     with wb.guard("evaluation"):
-        if eval_map == "corrected":
+        if eval_members:
+            if eval_scene != info.scene or other is not None or eval_map != "dataset":
+                raise CoreError("an ensemble is evaluated on the run's own scene and dataset with the dataset's map: "
+                                f"pick scene {info.scene} and its dataset")
+            spec = evaluate_spec(ws.rel(ws.root / eval_run), None, "test", eval_refine, eval_baselines,
+                                 ensemble=[ws.rel(ws.root / m) for m in eval_members], **search)
+        elif eval_map == "corrected":
             spec = evaluate_spec(ws.rel(ws.root / eval_run), None, "test", eval_refine, eval_baselines,
                                  radio_map=ws.rel(corrected), **search)
             if other is not None and info.dataset and Path(info.dataset).name != Path(other).name:

@@ -1176,6 +1176,35 @@ def test_evaluating_the_shipped_run_in_the_app_leaves_it_untouched(tmp_path, mon
     assert tracked == ""
 
 
+def test_an_ensemble_is_evaluated_from_the_training_page(tmp_path, monkeypatch):
+    """Two runs of one dataset picked as an ensemble: the job is ``evaluate --ensemble``, its result file the
+    ensemble's; with another scene the job is refused before it starts."""
+    import shutil
+
+    root = build_workspace(tmp_path)
+    shutil.copytree(root / "runs" / "tiny", root / "runs" / "tiny_b")
+    monkeypatch.setenv("CORE_WORKSPACE", str(root))
+    monkeypatch.setenv("CORE_JOBS_DB", str(root / ".jobs" / "jobs.sqlite"))
+    at = _app("pages/training.py")
+    at.selectbox(key="eval_run").select("runs/tiny").run()
+    assert at.multiselect(key="eval_ensemble").options == ["runs/tiny_b"]
+    at.multiselect(key="eval_ensemble").set_value(["runs/tiny_b"]).run()
+    at.selectbox(key="eval_scene").select("etoile").run()
+    at.button(key="eval_go").click().run()
+    _no_exception(at)
+    manager = _manager(root)
+    job = next(j for j in manager.list() if j.kind == "evaluate")
+    assert job.command.endswith("evaluate --run runs/tiny --split test --ensemble runs/tiny_b --refine")
+    assert Path(job.output).name.startswith("eval_test_refine_ens-2-")
+    assert manager.wait(job.id, timeout_s=240).status == "succeeded", manager.log(job.id)
+    assert json.loads(Path(job.output).read_text())["ensemble"] == ["runs/tiny", "runs/tiny_b"]
+    from core.errors import CoreError
+    from core.jobs.manager import evaluate_spec
+
+    with pytest.raises(CoreError, match="an ensemble is evaluated on its first run's own scene"):
+        evaluate_spec("runs/tiny", "munich", ensemble=["runs/tiny_b"])
+
+
 def ws_rel(root: Path, path: Path) -> str:
     return str(path.resolve().relative_to(root.resolve()))
 

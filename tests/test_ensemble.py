@@ -81,3 +81,65 @@ def test_bench_inference_times_every_member_the_network_and_the_map_search(tmp_p
         main(["bench", "--out", str(out), "inference", "--batch-sizes", "256,0"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "--batch-sizes: must be positive integers" in err
+
+
+TINY = ["model.preset=tiny", "training.batch_size=32", "training.epochs=1", "training.warmup_epochs=0",
+        "training.num_threads=1", "physics_loss.warmup_epochs=0", "physics_loss.ramp_epochs=0",
+        "physics_loss.coarse_subgrid=2", "physics_loss.mode_subgrid=2", "model.num_candidates=6",
+        "model.fine_subgrid=3", "model.d_report=16"]
+
+
+@pytest.fixture(scope="module")
+def cities(tmp_path_factory):
+    """Two analytic cities; two tiny agnostic runs on ``alpha`` (seeds 0, 1) and one on ``gamma``."""
+    from core.learning.config import load_config
+    from core.learning.training import train
+    from core.physics.synthetic import synthetic_scene
+
+    root = tmp_path_factory.mktemp("ensemble")
+    synthetic_scene(root, num_ues=120, height=24, width=24, cell=4.0, reports=6, k=3, seed=0, scene="alpha")
+    synthetic_scene(root, num_ues=60, height=22, width=22, cell=4.0, reports=6, k=3, seed=2, scene="gamma")
+    for name, scene, seed in (("a0", "alpha", 0), ("a1", "alpha", 1), ("g0", "gamma", 0)):
+        config = load_config("configs/agnostic.yaml", [f"data.dataset={root / 'datasets' / scene}",
+                                                       f"physics_loss.radio_maps_dir={root / 'radio_maps'}",
+                                                       *TINY, f"seed={seed}"])
+        train(config, root / name, show_progress=False)
+    return root
+
+
+def test_evaluate_pools_the_ensemble_as_the_network_and_the_prior(cities, capsys):
+    from core.cli import main
+    from core.learning.inference import load_run, predict
+    from core.stores.run import evaluation_path
+
+    a0, a1 = str(cities / "a0"), str(cities / "a1")
+    assert main(["evaluate", "--run", a0, "--ensemble", a1, "--refine", "--no-progress"]) == 0
+    assert "network: the ensemble of 2 runs" in capsys.readouterr().out
+    path = evaluation_path(a0, "test", refine=True, ensemble=[a1])
+    assert path.name.startswith("eval_test_refine_ens-2-") and path.exists()
+    assert not evaluation_path(a0, "test", refine=True).exists()  # the single network's result is another file
+    result = json.loads(path.read_text())
+    assert result["ensemble"] == [a0, a1]
+    runs = [load_run(p) for p in (a0, a1)]
+    idx = runs[0].dataset.indices("test")
+    expect = pool([predict(r, idx) for r in runs])
+    assert result["median_m"] == pytest.approx(float(np.median(expect.error_m)), rel=1e-6)
+    assert result["refinement"]["before"]["median_m"] == pytest.approx(result["median_m"])
+
+
+def test_a_bad_ensemble_is_one_line_before_any_work(cities, tmp_path, capsys):
+    from core.cli import main
+
+    a0 = str(cities / "a0")
+
+    def refused(*args):
+        assert main(["evaluate", "--run", a0, "--refine", "--out", str(tmp_path / "e.json"), "--no-progress",
+                     *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and not (tmp_path / "e.json").exists()
+        return err
+
+    assert f"--ensemble: {cities / 'g0'} was trained on dataset" in refused("--ensemble", str(cities / "g0"))
+    assert refused("--ensemble", str(tmp_path / "none")).endswith("no such run directory")
+    assert "given twice" in refused("--ensemble", a0)
+    assert "without --scene and --radio-map" in refused("--ensemble", str(cities / "a1"), "--scene", "alpha")

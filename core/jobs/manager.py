@@ -334,7 +334,7 @@ def train_spec(config: str, out: str, overrides: dict[str, object] | None = None
 def evaluate_spec(run: str, scene: str | None = None, split: str = "test", refine: bool = True,
                   baselines: bool = False, dataset: str | None = None, radio_map: str | None = None,
                   prior_sigma_scale: float | str | None = None, scan_starts: int | None = None,
-                  walk_basins: int | None = None) -> JobSpec:
+                  walk_basins: int | None = None, ensemble: list[str] | None = None) -> JobSpec:
     """Evaluate run directory ``run`` on ``split`` (``scene``: a training scene or a held-out one, with the
     in-scene vs held-out table; ``refine``: with test-time MAP on that scene's map; ``dataset``: another dataset
     of ``scene``, e.g. its realistic world; ``radio_map``: the run's own scene read against this map store in
@@ -342,7 +342,8 @@ def evaluate_spec(run: str, scene: str | None = None, split: str = "test", refin
     a scene; ``prior_sigma_scale``: with ``refine``, the network prior's sigma over the network's in the searches,
     a number or "auto", chosen on the val split; ``scan_starts``: with ``refine``, the MAP search's starts from the
     exact scan; ``walk_basins``: with ``refine`` or ``baselines``, the runner-up basins every whole walk also starts
-    from). Writes ``<run>/eval_<split>[_<scene>][_refine].json`` (:func:`~core.stores.run.evaluation_path`; named per
+    from; ``ensemble``: other runs of the run's dataset whose networks are pooled with its own, on its own scene:
+    no scene, dataset or map with it). Writes ``<run>/eval_<split>[_<scene>][_refine].json`` (:func:`~core.stores.run.evaluation_path`; named per
     dataset with ``dataset``, per map folder with ``radio_map``, ``_prior-<s>``, ``_scan-<n>``, ``_basins-<k>`` with
     those options)."""
     from core.stores.run import evaluation_path
@@ -352,7 +353,12 @@ def evaluate_spec(run: str, scene: str | None = None, split: str = "test", refin
     if radio_map and (scene or dataset):
         raise CoreError("--radio-map reads the run's own scene and dataset against another map: give no scene or "
                         "dataset with it")
+    if ensemble and (scene or dataset or radio_map):
+        raise CoreError("an ensemble is evaluated on its first run's own scene, dataset and map: give no scene, "
+                        "dataset or map with it")
     args = ["evaluate", "--run", run, "--split", split]
+    if ensemble:
+        args += ["--ensemble", ",".join(ensemble)]
     if scene:
         args += ["--scene", scene]
     if refine:
@@ -384,7 +390,8 @@ def evaluate_spec(run: str, scene: str | None = None, split: str = "test", refin
         args += ["--walk-basins", str(int(walk_basins))]
     return JobSpec("evaluate", tuple(args), str(evaluation_path(run, split, scene, refine, dataset=dataset,
                                                                 radio_map=radio_map or None, prior_sigma_scale=scale,
-                                                                scan_starts=scan_starts, walk_basins=walk_basins)))
+                                                                scan_starts=scan_starts, walk_basins=walk_basins,
+                                                                ensemble=ensemble or None)))
 
 
 def correct_map_spec(dataset: str, scene: str, radio_maps: str = "radio_maps", split: str = "train",

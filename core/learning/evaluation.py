@@ -30,6 +30,10 @@ after a warm-up), plus:
   ``baselines["whole-walk"]`` (:mod:`core.physics.trajectory` without a network) and
   ``walk_ms_per_walk``; both also start from ``walk_basins`` runner-up basins of their snapshot search
   (``--walk-basins N``, :func:`core.physics.trajectory.runner_up_basins`; recorded at top level);
+* with ``--ensemble RUN,RUN``: ``ensemble`` = every member, ``--run`` first: their networks pooled
+  (:mod:`core.learning.ensemble`, the members' mean and mixture sigma) are "the network" of every row and the
+  searches' prior (an "auto" scale is chosen for the pooled val prediction); ``inference_ms_per_sample`` is
+  the members' sum; the result file ``..._ens-<members>-<id>.json``;
 * ``bound`` (where the map has per-site layers): the Cramér–Rao bounds of the position
   (:mod:`core.physics.bound`, at the true positions, the noise of the dataset's measurement
   model) for the latest report, the reports of the pooled window (``window_s``), the whole
@@ -85,8 +89,12 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
                  threshold: float | None = None, top_k: int | None = None, window_s: float | None = None,
                  run=None, write: bool = True, keep_errors: bool = False, silence: bool = False,
                  prior_sigma_scale: float | str | None = None, scan_starts: int | None = None,
-                 walk_basins: int | None = None) -> dict[str, Any]:
+                 walk_basins: int | None = None, ensemble: list[str] | None = None) -> dict[str, Any]:
     """Evaluate ``run_dir`` on ``split`` (see the module doc); ``run`` may be an already loaded run.
+
+    ``ensemble``: other runs of the same dataset and map whose networks are pooled with this run's
+    (:mod:`core.learning.ensemble`) as "the network": its estimate, MAP's and the whole walk's prior, the choice
+    of an "auto" scale; recorded as ``result["ensemble"]`` (every member, this run first).
 
     ``silence``: the likelihood of every search (MAP, exhaustive, whole walk) also charges the sites
     a report with a free slot did not hear (:mod:`core.physics.silence`; ``physics_loss.silence``).
@@ -112,9 +120,15 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     if write:  # before the work: a result that cannot be written is refused now
         check_writable(evaluation_path(run.run_dir, split, refine=refine, silence=silence,
                                        prior_sigma_scale=prior_sigma_scale, scan_starts=scan_starts,
-                                       walk_basins=walk_basins), "--run")
+                                       walk_basins=walk_basins, ensemble=ensemble), "--run")
+    members = _ensemble_members(run, ensemble or [], device)
     progress.report(0.05, f"predicting {len(indices)} {split} samples")
     pred, ms = _timed_predict(run, indices)
+    if members:
+        from core.learning.ensemble import pool
+
+        timed = [_timed_predict(m, indices) for m in members]
+        pred, ms = pool([pred, *(p for p, _ in timed)]), ms + sum(t for _, t in timed)
     result: dict[str, Any] = {"run": str(run.run_dir), "split": split, "checkpoint": run.checkpoint.name,
                               "lambda_phys": run.config.physics_loss.lambda_phys,
                               "label_fraction": run.config.data.label_fraction, "data_split": run.config.data.split,
@@ -122,6 +136,8 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
                               "paths_per_site": run.radio_map.paths_per_site}
     if run.map_override is not None:
         result["radio_map_override"] = run.map_override
+    if members:
+        result["ensemble"] = [str(r.run_dir) for r in (run, *members)]
     result["walk_basins"] = int(run.config.physics_loss.refinement.walk_basins)
     result.update(error_metrics(pred.error_m))
     epoch_s = run.metrics["epoch_s"].mean() if "epoch_s" in run.metrics else float("nan")
@@ -131,7 +147,7 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     errors = {"model": pred.error_m}
     bound_rms = _bound(run, indices, window_s, result)
     if refine:
-        result["prior_sigma_scale"] = _prior_sigma_scale(run, split, prior_sigma_scale)
+        result["prior_sigma_scale"] = _prior_sigma_scale(run, split, prior_sigma_scale, members)
         progress.report(0.4, "MAP refinement")
         result["refinement"], errors["model_refined"], refined = _refinement(run, pred, threshold, top_k, window_s)
         if bound_rms is not None:
@@ -145,7 +161,7 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     if write:
         atomic_write_text(evaluation_path(run.run_dir, split, refine=refine, silence=silence,
                                           prior_sigma_scale=prior_sigma_scale, scan_starts=scan_starts,
-                                          walk_basins=walk_basins),
+                                          walk_basins=walk_basins, ensemble=ensemble),
                           json.dumps(result, indent=2, default=float))
     progress.report(1.0, "evaluation done")
     if keep_errors:
@@ -217,6 +233,41 @@ def _scene_row(scene: str, role: str, result: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _ensemble_members(run, paths: list[str], device) -> list:
+    """The runs ``paths`` loaded on ``run``'s scene, dataset and map (:func:`~core.learning.inference.load_run`
+    with its stores), or a :class:`CoreError` of one line: no such run, another dataset or map, or ``run``
+    itself among them."""
+    from core import resolve_path
+    from core.learning.ensemble import check_members
+    from core.learning.inference import load_run
+    from core.stores import run as run_store
+
+    members = []
+    for p in paths:
+        path = resolve_path(p)
+        if not path.is_dir():
+            raise CoreError(f"--ensemble: {p}: no such run directory")
+        if path.resolve() == Path(run.run_dir).resolve() or any(path.resolve() == Path(m.run_dir).resolve()
+                                                               for m in members):
+            raise CoreError(f"--ensemble: {p} is given twice (--run is the first member)")
+        lineage = run_store.read_lineage(path)
+        if lineage is not None and lineage.dataset is not None and lineage.dataset.id != run.dataset.ref.id:
+            raise CoreError(f"--ensemble: {p} was trained on dataset {lineage.dataset.describe()}, --run reads "
+                            f"{run.dataset.ref.describe()}: an ensemble's members must read the same dataset")
+        try:
+            member = load_run(path, device=device, stores=(run.dataset, run.radio_map))
+        except CoreError as exc:
+            raise CoreError(f"--ensemble: {p}: {exc}") from None
+        ours, theirs = run.config.data, member.config.data
+        if (theirs.split, theirs.spatial_blocks, theirs.max_samples) != (ours.split, ours.spatial_blocks, ours.max_samples):
+            raise CoreError(f"--ensemble: {p} was trained on another split or sample cap (split {theirs.split}, "
+                            f"max_samples {theirs.max_samples}; --run: {ours.split}, {ours.max_samples}): it may "
+                            "have trained on the walks scored here")
+        members.append(member)
+    check_members([run, *members])
+    return members
+
+
 def _search_options(run, split: str, refine: bool, silence: bool, scan_starts: int | None, prior_sigma_scale,
                     walk_basins: int | None = None) -> None:
     """The searches' options set in ``run``'s config, each checked before any work: the silence term (refused
@@ -235,17 +286,22 @@ def _search_options(run, split: str, refine: bool, silence: bool, scan_starts: i
         check_scored_split(split)
 
 
-def _prior_sigma_scale(run, split: str, scale: float | str | None) -> dict[str, Any]:
+def _prior_sigma_scale(run, split: str, scale: float | str | None, members: list = ()) -> dict[str, Any]:
     """Sets the run's ``physics_loss.refinement.prior_sigma_scale`` (a number, "auto": chosen on val with the
-    sigma floor ``prior_min_sigma_m``, None: kept) and returns what ``result["prior_sigma_scale"]`` records:
-    ``{"scale", "min_sigma_m", "split"}`` (the split they were chosen on, None when given) and, for "auto", the
-    choice's ``count`` and ``grid``."""
+    sigma floor ``prior_min_sigma_m``, for the ensemble of ``run`` and ``members`` when there are members; None:
+    kept) and returns what ``result["prior_sigma_scale"]`` records: ``{"scale", "min_sigma_m", "split"}`` (the
+    split they were chosen on, None when given) and, for "auto", the choice's ``count`` and ``grid``."""
     r = run.config.physics_loss.refinement
     if scale == "auto":
-        from core.learning.prior_scale import choose_sigma_scale
+        from core.learning.prior_scale import CHOICE_SPLIT, choose_sigma_scale
 
         progress.report(0.3, "choosing the prior's sigma scale on val")
-        choice = choose_sigma_scale(run, split)
+        val = None
+        if members:
+            from core.learning.ensemble import predict_ensemble
+
+            val = predict_ensemble([run, *members], run.dataset.indices(CHOICE_SPLIT))
+        choice = choose_sigma_scale(run, split, prediction=val)
         r.prior_sigma_scale, r.prior_min_sigma_m = choice["scale"], choice["min_sigma_m"]
         return {k: v for k, v in choice.items() if k != "search"}
     if scale is not None:
@@ -400,6 +456,9 @@ def format_table(result: dict[str, Any]) -> str:
     if "lambda_phys" in result:
         lines.append(f"lambda_phys {result['lambda_phys']:g} (applied)  label_fraction {result['label_fraction']:g}  "
                      f"split {result['data_split']}")
+    if "ensemble" in result:
+        lines.append(f"network: the ensemble of {len(result['ensemble'])} runs ({', '.join(result['ensemble'])}; "
+                     "their mean and mixture sigma)")
     if "radio_map_override" in result:
         o = result["radio_map_override"]
         lines.append(f"radio map {o['used']['path']} (--radio-map; {result.get('paths_per_site', 1)} path(s) per site) "
@@ -483,6 +542,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "starts from up to N runner-up basins of its snapshot search and keeps the one whose walk "
                              "posterior ends lowest (default: the run's physics_loss.refinement.walk_basins, 0); result "
                              "file ..._basins-<N>.json")
+    parser.add_argument("--ensemble", default=None, metavar="RUN,RUN",
+                        help="other runs of the same dataset, map and split whose networks are pooled with --run's "
+                             "(the members' mean and mixture sigma, core.learning.ensemble) as the network: its "
+                             "estimate and the searches' prior; result file ..._ens-<members>-<id>.json")
     parser.add_argument("--out", default=None,
                         help="write the result JSON to this file instead of into the run directory")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -508,6 +571,9 @@ def run(args: argparse.Namespace) -> int:
         raise CoreError("--scan-starts adds starts to the MAP search of --refine: give --refine")
     if args.walk_basins is not None and not (args.refine or args.baselines):
         raise CoreError("--walk-basins adds starts to the whole walks of --refine and --baselines: give one of them")
+    ensemble = [p for p in (args.ensemble or "").split(",") if p]
+    if ensemble and (args.scene is not None or args.radio_map is not None):
+        raise CoreError("--ensemble pools runs on --run's own scene and map: give it without --scene and --radio-map")
     options = dict(threshold=args.threshold, top_k=args.top_k, window_s=args.window, silence=args.silence,
                    prior_sigma_scale=args.prior_sigma_scale, scan_starts=args.scan_starts, walk_basins=args.walk_basins)
     out = None
@@ -525,7 +591,7 @@ def run(args: argparse.Namespace) -> int:
         label, dataset = None, None
     target = out or evaluation_path(args.run, args.split, label, args.refine, dataset=dataset, silence=args.silence,
                                     radio_map=args.radio_map, prior_sigma_scale=args.prior_sigma_scale,
-                                    scan_starts=args.scan_starts, walk_basins=args.walk_basins)
+                                    scan_starts=args.scan_starts, walk_basins=args.walk_basins, ensemble=ensemble)
     if out is None:  # before the lock file beside it: an unwritable run folder is one line
         check_writable(target, "--run")
     with output_lock(target, "evaluation"):  # one writer per result file
@@ -541,7 +607,7 @@ def run(args: argparse.Namespace) -> int:
                 atomic_write_text(target, json.dumps(result, indent=2, default=float))
         else:
             result = evaluate_run(args.run, args.split, args.refine, args.baselines, device=device,
-                                  write=out is None, **options)
+                                  write=out is None, ensemble=ensemble, **options)
         if out is not None:
             atomic_write_text(out, json.dumps(result, indent=2, default=float))
     print(json.dumps(result, indent=2, default=float) if args.json else format_table(result))

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -427,15 +428,17 @@ def evaluations_dir(run_dir: str | os.PathLike) -> Path:
 def evaluation_path(run_dir: str | os.PathLike, split: str, scene: str | None = None, refine: bool = False,
                     dataset: str | os.PathLike | None = None, silence: bool = False,
                     radio_map: str | os.PathLike | None = None, prior_sigma_scale: float | str | None = None,
-                    scan_starts: int | None = None, walk_basins: int | None = None) -> Path:
-    """``<evaluations_dir>/eval_<split>[_<scene>[-<dataset>]][_refine][_silence][_scan-<n>][_prior-<s>][_basins-<k>].json``:
+                    scan_starts: int | None = None, walk_basins: int | None = None,
+                    ensemble: list[str] | None = None) -> Path:
+    """``<evaluations_dir>/eval_<split>[_<scene>[-<dataset>]][_refine][_silence][_scan-<n>][_prior-<s>][_basins-<k>][_ens-<m>-<id>].json``:
     what ``evaluate``
     writes (``scene``: ``--scene``; ``dataset``: ``--dataset``, named only when its folder is not the scene's own, e.g.
     ``eval_test_etoile-etoile_realistic_refine.json``, so two worlds never share a file; ``silence``:
     ``--silence``, the likelihood with the silence term; ``radio_map``: ``--radio-map``, in place of a scene,
     named by the map's folder: ``eval_test_map-corrected_refine.json``; ``prior_sigma_scale``:
     ``--prior-sigma-scale``, ``_prior-auto`` or ``_prior-0.125``; ``scan_starts``: ``--scan-starts``, ``_scan-6``;
-    ``walk_basins``: ``--walk-basins``, ``_basins-2``)."""
+    ``walk_basins``: ``--walk-basins``, ``_basins-2``; ``ensemble``: ``--ensemble``'s other runs, ``_ens-3-<id>`` for
+    three members in all, ``id`` 8 hex digits of a hash of their paths as given, normalised)."""
     label = scene
     if radio_map is not None:
         label = f"map-{Path(radio_map).resolve().parent.name}"
@@ -445,8 +448,12 @@ def evaluation_path(run_dir: str | os.PathLike, split: str, scene: str | None = 
     prior = "" if scale is None else f"_prior-{scale if isinstance(scale, str) else f'{scale:g}'}"
     scan = "" if scan_starts is None else f"_scan-{int(scan_starts)}"
     basins = "" if walk_basins is None else f"_basins-{int(walk_basins)}"
+    ens = ""
+    if ensemble:
+        digest = hashlib.sha256("\n".join(os.path.normpath(p) for p in ensemble).encode()).hexdigest()[:8]
+        ens = f"_ens-{len(ensemble) + 1}-{digest}"
     name = (f"eval_{split}{f'_{label}' if label else ''}{'_refine' if refine else ''}{'_silence' if silence else ''}"
-            f"{scan}{prior}{basins}.json")
+            f"{scan}{prior}{basins}{ens}.json")
     return evaluations_dir(run_dir) / name
 
 
