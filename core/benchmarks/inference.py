@@ -86,8 +86,9 @@ def run(args: argparse.Namespace) -> int:
         search = replace(search, min_sigma_m=args.prior_min_sigma)
     scale = args.prior_sigma_scale
 
-    for r in runs:  # warm-up, untimed: calibration, the search's tables, first passes
-        refine_prediction(r, predict(r, idx[:64]), search=search)
+    for r in runs[1:]:  # warm-up, untimed: every network's first pass; the first run's calibration and tables
+        predict(r, idx[:64])
+    refine_prediction(first, predict(first, idx[:64]), search=search, sigma_scale=scale)
     times: dict[tuple, list[tuple[float, float]]] = {}
     for _ in range(args.repeats):
         preds = {}
