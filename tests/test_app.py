@@ -1140,6 +1140,21 @@ def test_training_on_many_scenes_and_a_held_out_one(tmp_path, monkeypatch):
     assert scenes[1][1].source is not None and "corpus" in str(scenes[1][1].source)
 
 
+def _evaluate_from_the_page(root: Path, run: str, ensemble: list[str] | None = None):
+    """The Training page's Evaluate click for ``run`` on etoile (with ``ensemble`` picked, when given):
+    ``(the job manager, the evaluate job it started)``."""
+    at = _app("pages/training.py")
+    at.selectbox(key="eval_run").select(run).run()
+    if ensemble:
+        assert set(ensemble) <= set(at.multiselect(key="eval_ensemble").options)
+        at.multiselect(key="eval_ensemble").set_value(ensemble).run()
+    at.selectbox(key="eval_scene").select("etoile").run()
+    at.button(key="eval_go").click().run()
+    _no_exception(at)
+    manager = _manager(root)
+    return manager, next(j for j in manager.list() if j.kind == "evaluate")
+
+
 def test_evaluating_the_shipped_run_in_the_app_leaves_it_untouched(tmp_path, monkeypatch):
     """An Evaluate click on the shipped run (assets/default_run) writes to runs/evaluations/, which the page
     reads back; nothing under assets/ changes (here the workspace's, and the repository's tracked files)."""
@@ -1156,13 +1171,7 @@ def test_evaluating_the_shipped_run_in_the_app_leaves_it_untouched(tmp_path, mon
     before = digest(root / "assets")
     monkeypatch.setenv("CORE_WORKSPACE", str(root))
     monkeypatch.setenv("CORE_JOBS_DB", str(root / ".jobs" / "jobs.sqlite"))
-    at = _app("pages/training.py")
-    at.selectbox(key="eval_run").select("assets/default_run").run()
-    at.selectbox(key="eval_scene").select("etoile").run()
-    at.button(key="eval_go").click().run()
-    _no_exception(at)
-    manager = _manager(root)
-    job = next(j for j in manager.list() if j.kind == "evaluate")
+    manager, job = _evaluate_from_the_page(root, "assets/default_run")
     assert job.command.endswith("evaluate --run assets/default_run --split test --scene etoile --refine")
     result = root / "runs" / "evaluations" / "default_run" / "eval_test_etoile_refine.json"
     assert job.output == str(result)
@@ -1185,15 +1194,7 @@ def test_an_ensemble_is_evaluated_from_the_training_page(tmp_path, monkeypatch):
     shutil.copytree(root / "runs" / "tiny", root / "runs" / "tiny_b")
     monkeypatch.setenv("CORE_WORKSPACE", str(root))
     monkeypatch.setenv("CORE_JOBS_DB", str(root / ".jobs" / "jobs.sqlite"))
-    at = _app("pages/training.py")
-    at.selectbox(key="eval_run").select("runs/tiny").run()
-    assert at.multiselect(key="eval_ensemble").options == ["runs/tiny_b"]
-    at.multiselect(key="eval_ensemble").set_value(["runs/tiny_b"]).run()
-    at.selectbox(key="eval_scene").select("etoile").run()
-    at.button(key="eval_go").click().run()
-    _no_exception(at)
-    manager = _manager(root)
-    job = next(j for j in manager.list() if j.kind == "evaluate")
+    manager, job = _evaluate_from_the_page(root, "runs/tiny", ensemble=["runs/tiny_b"])
     assert job.command.endswith("evaluate --run runs/tiny --split test --ensemble runs/tiny_b --refine")
     assert Path(job.output).name.startswith("eval_test_refine_ens-2-")
     assert manager.wait(job.id, timeout_s=240).status == "succeeded", manager.log(job.id)

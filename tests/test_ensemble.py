@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from tiny_world import city, tiny_run
 
 from core.errors import CoreError
 from core.learning.ensemble import check_members, pool
@@ -83,27 +84,14 @@ def test_bench_inference_times_every_member_the_network_and_the_map_search(tmp_p
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "--batch-sizes: must be positive integers" in err
 
 
-TINY = ["model.preset=tiny", "training.batch_size=32", "training.epochs=1", "training.warmup_epochs=0",
-        "training.num_threads=1", "physics_loss.warmup_epochs=0", "physics_loss.ramp_epochs=0",
-        "physics_loss.coarse_subgrid=2", "physics_loss.mode_subgrid=2", "model.num_candidates=6",
-        "model.fine_subgrid=3", "model.d_report=16"]
-
-
 @pytest.fixture(scope="module")
 def cities(tmp_path_factory):
     """Two analytic cities; two tiny agnostic runs on ``alpha`` (seeds 0, 1) and one on ``gamma``."""
-    from core.learning.config import load_config
-    from core.learning.training import train
-    from core.physics.synthetic import synthetic_scene
-
     root = tmp_path_factory.mktemp("ensemble")
-    synthetic_scene(root, num_ues=120, height=24, width=24, cell=4.0, reports=6, k=3, seed=0, scene="alpha")
-    synthetic_scene(root, num_ues=60, height=22, width=22, cell=4.0, reports=6, k=3, seed=2, scene="gamma")
+    city(root, "alpha", seed=0)
+    city(root, "gamma", seed=2, num_ues=60, cells=22)
     for name, scene, seed in (("a0", "alpha", 0), ("a1", "alpha", 1), ("g0", "gamma", 0)):
-        config = load_config("configs/agnostic.yaml", [f"data.dataset={root / 'datasets' / scene}",
-                                                       f"physics_loss.radio_maps_dir={root / 'radio_maps'}",
-                                                       *TINY, f"seed={seed}"])
-        train(config, root / name, show_progress=False)
+        tiny_run(root, name, scene, seed)
     return root
 
 
