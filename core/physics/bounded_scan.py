@@ -99,8 +99,8 @@ def _first_in_order(val: torch.Tensor, idx: torch.Tensor, width: int, fill: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(val [B, L], idx [B, L])``: the first ``L = width`` finite entries of each row of ``val, idx [B, N]``
     in (value, index) order, as a stable sort by index then by value gives them; a row with fewer is padded
-    with ``(inf, fill)``. Only the finite entries at or below each row's ``L``-th smallest value (those ``L`` and their ties)
-    are sorted: ``O(B N)`` for the threshold, ``O(B L log(B L))`` for the sort."""
+    with ``(inf, fill)``. Only the finite entries at or below each row's ``L``-th smallest value (those ``L``
+    and their ties) are sorted: ``O(B N)`` for the threshold, ``O(B L log(B L))`` for the sort."""
     b = val.shape[0]
     kth = val.topk(width, dim=1, largest=False).values[:, -1:]  # [B, 1]
     r, j = ((val <= kth) & torch.isfinite(val)).nonzero(as_tuple=True)
