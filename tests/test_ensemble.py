@@ -131,3 +131,37 @@ def test_a_bad_ensemble_is_one_line_before_any_work(cities, tmp_path, capsys):
     assert refused("--ensemble", str(tmp_path / "none")).endswith("no such run directory")
     assert "given twice" in refused("--ensemble", a0)
     assert "without --scene and --radio-map" in refused("--ensemble", str(cities / "a1"), "--scene", "alpha")
+
+
+def test_localize_pools_the_ensemble_on_a_report_file(cities, tmp_path, capsys):
+    """``localize --ensemble``: the network's positions are the members' mean, at every report time; MAP takes
+    the pooled prior with a given scale; bad combinations are one line before any work."""
+    import pandas as pd
+
+    from core.cli import main
+    from core.reports.export import export_reports
+
+    a0, a1 = str(cities / "a0"), str(cities / "a1")
+    reports = tmp_path / "reports.csv"
+    export_reports(cities / "datasets" / "alpha", "test", reports, show_progress=False, limit=8)
+
+    def localize(out, *args):
+        assert main(["localize", "--reports", str(reports), "--out", str(tmp_path / out), "--no-progress",
+                     *args]) == 0, capsys.readouterr().err
+        return pd.read_csv(tmp_path / out)
+
+    one, two = localize("0.csv", "--run", a0, "--method", "network"), localize("1.csv", "--run", a1, "--method", "network")
+    both = localize("e.csv", "--run", a0, "--ensemble", a1, "--method", "network")
+    for c in ("network_x_m", "network_y_m"):
+        assert np.allclose(both[c], (one[c] + two[c]) / 2, atol=1e-4)
+    mapped = localize("m.csv", "--run", a0, "--ensemble", a1, "--method", "map", "--prior-sigma-scale", "0.5")
+    assert np.allclose(mapped["network_x_m"], both["network_x_m"]) and np.isfinite(mapped["x_m"]).all()
+    capsys.readouterr()
+    for args, why in ((["--ensemble", a1, "--method", "exhaustive"], "--ensemble pools networks"),
+                      (["--prior-sigma-scale", "0.5", "--method", "network"], "--prior-sigma-scale scales"),
+                      (["--scan-starts", "2", "--method", "exhaustive"], "--scan-starts adds starts"),
+                      (["--ensemble", str(cities / "g0")], "--ensemble: ")):
+        assert main(["localize", "--run", a0, "--reports", str(reports), "--out", str(tmp_path / "x.csv"),
+                     "--no-progress", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and why in err and not (tmp_path / "x.csv").exists()

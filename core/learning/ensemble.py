@@ -15,6 +15,7 @@ its cost per sample: ``python -m core bench inference``.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
@@ -49,6 +50,41 @@ def pool(predictions: list):
     return replace(first, xy=mu, sigma=np.sqrt(var), error_m=position_errors(mu, first.true_xy))
 
 
+def load_members(run, paths: list[str], device="cpu", option: str = "--ensemble") -> list:
+    """The runs ``paths`` loaded on ``run``'s scene, dataset and map (:func:`~core.learning.inference.load_run`
+    with its stores): the other members of an ensemble whose first is ``run``. A :class:`CoreError` of one line
+    naming ``option``: no such run, another dataset or map, another split or sample cap (it may have trained on
+    the walks scored), or a run given twice."""
+    from core import resolve_path
+    from core.learning.inference import load_run
+    from core.stores import run as run_store
+
+    members = []
+    for p in paths:
+        path = resolve_path(p)
+        if not path.is_dir():
+            raise CoreError(f"{option}: {p}: no such run directory")
+        if path.resolve() == Path(run.run_dir).resolve() or any(path.resolve() == Path(m.run_dir).resolve()
+                                                               for m in members):
+            raise CoreError(f"{option}: {p} is given twice (--run is the first member)")
+        lineage = run_store.read_lineage(path)
+        if lineage is not None and lineage.dataset is not None and lineage.dataset.id != run.dataset.ref.id:
+            raise CoreError(f"{option}: {p} was trained on dataset {lineage.dataset.describe()}, --run reads "
+                            f"{run.dataset.ref.describe()}: an ensemble's members must read the same dataset")
+        try:
+            member = load_run(path, device=device, stores=(run.dataset, run.radio_map))
+        except CoreError as exc:
+            raise CoreError(f"{option}: {p}: {exc}") from None
+        ours, theirs = run.config.data, member.config.data
+        if (theirs.split, theirs.spatial_blocks, theirs.max_samples) != (ours.split, ours.spatial_blocks, ours.max_samples):
+            raise CoreError(f"{option}: {p} was trained on another split or sample cap (split {theirs.split}, "
+                            f"max_samples {theirs.max_samples}; --run: {ours.split}, {ours.max_samples}): it may "
+                            "have trained on the walks scored here")
+        members.append(member)
+    check_members([run, *members])
+    return members
+
+
 def predict_ensemble(runs: list, indices, batch_size: int | None = None):
     """:func:`pool` of every member's :func:`~core.learning.inference.predict` of ``indices``."""
     from core.learning.inference import predict
@@ -58,4 +94,4 @@ def predict_ensemble(runs: list, indices, batch_size: int | None = None):
     return pool([predict(r, indices, **kw) for r in runs])
 
 
-__all__ = ["check_members", "pool", "predict_ensemble"]
+__all__ = ["check_members", "load_members", "pool", "predict_ensemble"]

@@ -69,7 +69,9 @@ import torch
 
 from core import cli_types, progress
 from core.errors import CoreError
+from core.learning.ensemble import load_members
 from core.learning.metrics import METRIC_KEYS, error_metrics, grouped_metrics, position_errors
+from core.learning.prior_scale import apply_sigma_scale, sigma_scale_arg
 from core.stores.atomic import atomic_write_text
 from core.stores.lock import output_lock
 from core.stores.output import check_writable
@@ -121,7 +123,7 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
         check_writable(evaluation_path(run.run_dir, split, refine=refine, silence=silence,
                                        prior_sigma_scale=prior_sigma_scale, scan_starts=scan_starts,
                                        walk_basins=walk_basins, ensemble=ensemble), "--run")
-    members = _ensemble_members(run, ensemble or [], device)
+    members = load_members(run, ensemble or [], device)
     progress.report(0.05, f"predicting {len(indices)} {split} samples")
     pred, ms = _timed_predict(run, indices)
     if members:
@@ -147,7 +149,7 @@ def evaluate_run(run_dir, split: str = "test", refine: bool = False, baselines: 
     errors = {"model": pred.error_m}
     bound_rms = _bound(run, indices, window_s, result)
     if refine:
-        result["prior_sigma_scale"] = _prior_sigma_scale(run, split, prior_sigma_scale, members)
+        result["prior_sigma_scale"] = apply_sigma_scale(run, split, prior_sigma_scale, members)
         progress.report(0.4, "MAP refinement")
         result["refinement"], errors["model_refined"], refined = _refinement(run, pred, threshold, top_k, window_s)
         if bound_rms is not None:
@@ -233,41 +235,6 @@ def _scene_row(scene: str, role: str, result: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _ensemble_members(run, paths: list[str], device) -> list:
-    """The runs ``paths`` loaded on ``run``'s scene, dataset and map (:func:`~core.learning.inference.load_run`
-    with its stores), or a :class:`CoreError` of one line: no such run, another dataset or map, or ``run``
-    itself among them."""
-    from core import resolve_path
-    from core.learning.ensemble import check_members
-    from core.learning.inference import load_run
-    from core.stores import run as run_store
-
-    members = []
-    for p in paths:
-        path = resolve_path(p)
-        if not path.is_dir():
-            raise CoreError(f"--ensemble: {p}: no such run directory")
-        if path.resolve() == Path(run.run_dir).resolve() or any(path.resolve() == Path(m.run_dir).resolve()
-                                                               for m in members):
-            raise CoreError(f"--ensemble: {p} is given twice (--run is the first member)")
-        lineage = run_store.read_lineage(path)
-        if lineage is not None and lineage.dataset is not None and lineage.dataset.id != run.dataset.ref.id:
-            raise CoreError(f"--ensemble: {p} was trained on dataset {lineage.dataset.describe()}, --run reads "
-                            f"{run.dataset.ref.describe()}: an ensemble's members must read the same dataset")
-        try:
-            member = load_run(path, device=device, stores=(run.dataset, run.radio_map))
-        except CoreError as exc:
-            raise CoreError(f"--ensemble: {p}: {exc}") from None
-        ours, theirs = run.config.data, member.config.data
-        if (theirs.split, theirs.spatial_blocks, theirs.max_samples) != (ours.split, ours.spatial_blocks, ours.max_samples):
-            raise CoreError(f"--ensemble: {p} was trained on another split or sample cap (split {theirs.split}, "
-                            f"max_samples {theirs.max_samples}; --run: {ours.split}, {ours.max_samples}): it may "
-                            "have trained on the walks scored here")
-        members.append(member)
-    check_members([run, *members])
-    return members
-
-
 def _search_options(run, split: str, refine: bool, silence: bool, scan_starts: int | None, prior_sigma_scale,
                     walk_basins: int | None = None) -> None:
     """The searches' options set in ``run``'s config, each checked before any work: the silence term (refused
@@ -284,29 +251,6 @@ def _search_options(run, split: str, refine: bool, silence: bool, scan_starts: i
         from core.learning.prior_scale import check_scored_split
 
         check_scored_split(split)
-
-
-def _prior_sigma_scale(run, split: str, scale: float | str | None, members: list = ()) -> dict[str, Any]:
-    """Sets the run's ``physics_loss.refinement.prior_sigma_scale`` (a number, "auto": chosen on val with the
-    sigma floor ``prior_min_sigma_m``, for the ensemble of ``run`` and ``members`` when there are members; None:
-    kept) and returns what ``result["prior_sigma_scale"]`` records: ``{"scale", "min_sigma_m", "split"}`` (the
-    split they were chosen on, None when given) and, for "auto", the choice's ``count`` and ``grid``."""
-    r = run.config.physics_loss.refinement
-    if scale == "auto":
-        from core.learning.prior_scale import CHOICE_SPLIT, choose_sigma_scale
-
-        progress.report(0.3, "choosing the prior's sigma scale on val")
-        val = None
-        if members:
-            from core.learning.ensemble import predict_ensemble
-
-            val = predict_ensemble([run, *members], run.dataset.indices(CHOICE_SPLIT))
-        choice = choose_sigma_scale(run, split, prediction=val)
-        r.prior_sigma_scale, r.prior_min_sigma_m = choice["scale"], choice["min_sigma_m"]
-        return {k: v for k, v in choice.items() if k != "search"}
-    if scale is not None:
-        r.prior_sigma_scale = float(scale)
-    return {"scale": float(r.prior_sigma_scale), "min_sigma_m": float(r.prior_min_sigma_m), "split": None}
 
 
 def _refinement(run, pred, threshold, top_k, window_s) -> tuple[dict[str, Any], Any, Any]:
@@ -550,16 +494,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the result JSON to this file instead of into the run directory")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-
-
-def sigma_scale_arg(text: str) -> float | str:
-    """``--prior-sigma-scale``: "auto" or a finite number in (0, 100]."""
-    if text == "auto":
-        return text
-    try:
-        return cli_types.number(0.0, 100.0, low_open=True)(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"must be auto or a finite number in (0, 100], got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,15 +24,18 @@ network pass over the choice split and one MAP search per grid point (1–3 s pe
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
+from core.cli_types import number
 from core.errors import CoreError
 
-__all__ = ["SIGMA_SCALES", "MIN_SIGMAS_M", "CHOICE_SPLIT", "check_scored_split", "choose_sigma_scale"]
+__all__ = ["SIGMA_SCALES", "MIN_SIGMAS_M", "CHOICE_SPLIT", "apply_sigma_scale", "check_scored_split", "choose_sigma_scale",
+           "sigma_scale_arg"]
 
 #: the scales tried
 SIGMA_SCALES: tuple[float, ...] = (2.0, 1.0, 0.5, 0.25, 0.125, 0.0625)
@@ -94,3 +97,36 @@ def choose_sigma_scale(run, scored_split: str, grid: tuple[float, ...] = SIGMA_S
     return {"scale": best["scale"], "min_sigma_m": best["min_sigma_m"],
             "search": replace(search, min_sigma_m=best["min_sigma_m"]), "split": split, "count": int(len(idx)),
             "grid": rows}
+
+
+def apply_sigma_scale(run, scored_split: str, scale: float | str | None, members: list = ()) -> dict[str, Any]:
+    """Sets the run's ``physics_loss.refinement.prior_sigma_scale`` (a number, "auto": chosen on val with the
+    sigma floor ``prior_min_sigma_m``, for the ensemble of ``run`` and ``members`` when there are members; None:
+    kept) and returns what ``result["prior_sigma_scale"]`` records: ``{"scale", "min_sigma_m", "split"}`` (the
+    split they were chosen on, None when given) and, for "auto", the choice's ``count`` and ``grid``."""
+    r = run.config.physics_loss.refinement
+    if scale == "auto":
+        from core import progress
+
+        progress.report(0.3, "choosing the prior's sigma scale on val")
+        val = None
+        if members:
+            from core.learning.ensemble import predict_ensemble
+
+            val = predict_ensemble([run, *members], run.dataset.indices(CHOICE_SPLIT))
+        choice = choose_sigma_scale(run, scored_split, prediction=val)
+        r.prior_sigma_scale, r.prior_min_sigma_m = choice["scale"], choice["min_sigma_m"]
+        return {k: v for k, v in choice.items() if k != "search"}
+    if scale is not None:
+        r.prior_sigma_scale = float(scale)
+    return {"scale": float(r.prior_sigma_scale), "min_sigma_m": float(r.prior_min_sigma_m), "split": None}
+
+
+def sigma_scale_arg(text: str) -> float | str:
+    """``--prior-sigma-scale``: "auto" or a finite number in (0, 100]."""
+    if text == "auto":
+        return text
+    try:
+        return number(0.0, 100.0, low_open=True)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be auto or a finite number in (0, 100], got {text!r}") from None

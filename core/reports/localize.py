@@ -59,8 +59,9 @@ class _Scores:
         return np.concatenate(which[name]) if which.get(name) else np.zeros(0)
 
 
-def _localize_chunk(run, win, method: str, scores: _Scores) -> dict[str, np.ndarray]:
-    """The result columns of one chunk's windows (:class:`~core.reports.windows.Windows`); scores added."""
+def _localize_chunk(run, win, method: str, scores: _Scores, members: tuple = ()) -> dict[str, np.ndarray]:
+    """The result columns of one chunk's windows (:class:`~core.reports.windows.Windows`); scores added.
+    ``members``: the other runs of an ensemble whose networks are pooled with ``run``'s."""
     from core.learning.groups import ue_groups
     from core.learning.inference import predict, refine_prediction
     from core.learning.metrics import position_errors
@@ -76,6 +77,10 @@ def _localize_chunk(run, win, method: str, scores: _Scores) -> dict[str, np.ndar
     t0 = time.perf_counter()
     if method in ("network", "map"):
         pred = predict(r, np.arange(n))
+        if members:
+            from core.learning.ensemble import pool
+
+            pred = pool([pred, *(predict(dataclasses.replace(m, dataset=ds), np.arange(n)) for m in members)])
         scores.seconds["network"] = scores.seconds.get("network", 0.0) + time.perf_counter() - t0
         conf, net_xy, xy, cov = pred.confidence, pred.xy, pred.xy, diagonal_covariance(pred.sigma)
     if method == "map":
@@ -157,8 +162,10 @@ def format_result(result: dict[str, Any]) -> str:
 
 
 def localize_reports(run, reports, out, method: str = "map", chunk_rows: int = CHUNK_ROWS,
-                     show_progress: bool = True) -> dict[str, Any]:
+                     show_progress: bool = True, members: tuple = ()) -> dict[str, Any]:
     """Localize the report file ``reports`` with the loaded ``run`` into ``out`` (see the module doc).
+    ``members``: other loaded runs of ``run``'s dataset and map (:func:`core.learning.ensemble.load_members`)
+    whose networks are pooled with ``run``'s as the network and MAP's prior.
 
     Returns ``{"rows", "walks", "positions", "seconds", "method", "out", "result"}``; ``result`` is the
     evaluate-style scoring (None without truth)."""
@@ -196,7 +203,7 @@ def localize_reports(run, reports, out, method: str = "map", chunk_rows: int = C
             win = report_windows(df, index, run.dataset.num_reports, run.dataset.num_sites_per_report, attrs,
                                  str(reports))
             if win.dataset.num_samples:
-                cols = _localize_chunk(run, win, method, scores)
+                cols = _localize_chunk(run, win, method, scores, tuple(members))
                 writer.write(cols)
             done += len(df)
             bar.update(len(df))
@@ -235,6 +242,8 @@ def report_window(run, reports, walk_id: str, time_s: float, chunk_rows: int = C
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from core.learning.prior_scale import sigma_scale_arg
+
     parser.add_argument("--run", required=True, help="run directory (e.g. runs/NAME or assets/default_run)")
     parser.add_argument("--reports", required=True, help="report file: .csv or .parquet (docs/reports.md)")
     parser.add_argument("--method", default="map", choices=list(METHODS),
@@ -242,6 +251,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="positions file: .csv, .parquet or .geojson")
     parser.add_argument("--chunk-rows", type=cli_types.integer(1000), default=CHUNK_ROWS,
                         help=f"report rows read per chunk (memory; default {CHUNK_ROWS})")
+    parser.add_argument("--ensemble", default=None, metavar="RUN,RUN",
+                        help="other runs of --run's dataset and map whose networks are pooled with its own as the "
+                             "network and MAP's prior (evaluate --ensemble)")
+    parser.add_argument("--prior-sigma-scale", type=sigma_scale_arg, default=None, metavar="S|auto",
+                        help="with --method map: the prior's sigma = S x the network's (default: the run's); auto: "
+                             "chosen on the run's val split, then the sigma floor (evaluate --prior-sigma-scale)")
+    parser.add_argument("--scan-starts", type=cli_types.integer(0, 64), default=None, metavar="N",
+                        help="with --method map: MAP also starts from the N best points of the exact scan of the "
+                             "likelihood (evaluate --scan-starts; default: the run's)")
     parser.add_argument("--json", action="store_true", help="print the summary and scores as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
@@ -249,15 +267,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from core.learning.ensemble import load_members
     from core.learning.inference import load_run
+    from core.learning.prior_scale import apply_sigma_scale
 
     torch.set_num_threads(1)  # one thread: much faster than 2 on a shared 2-core CPU (as evaluate)
     device = "cpu" if args.device == "auto" and not torch.cuda.is_available() else args.device
     file_kind(args.out, "--out", ("csv", "parquet", "geojson"))
     file_kind(args.reports, "--reports")
+    ensemble = [p for p in (args.ensemble or "").split(",") if p]
+    if ensemble and args.method == "exhaustive":
+        raise CoreError("--ensemble pools networks: give --method network or map")
+    if args.prior_sigma_scale is not None and args.method != "map":
+        raise CoreError("--prior-sigma-scale scales the network's prior in MAP: give --method map")
+    if args.scan_starts is not None and args.method != "map":
+        raise CoreError("--scan-starts adds starts to the MAP search: give --method map")
     loaded = load_run(args.run, device=device)
+    members = load_members(loaded, ensemble, device)
+    if args.scan_starts is not None:  # before an "auto" scale: it is chosen with the search it will serve
+        loaded.config.physics_loss.refinement.scan_starts = int(args.scan_starts)
+    if args.prior_sigma_scale is not None:
+        apply_sigma_scale(loaded, "reports", args.prior_sigma_scale, members)
     info = localize_reports(loaded, args.reports, args.out, args.method, args.chunk_rows,
-                            show_progress=not args.no_progress)
+                            show_progress=not args.no_progress, members=tuple(members))
     if args.json:
         print(json.dumps(info, indent=2, default=float))
         return 0
