@@ -154,7 +154,7 @@ def test_localize_pools_the_ensemble_on_a_report_file(cities, tmp_path, capsys):
     both = localize("e.csv", "--run", a0, "--ensemble", a1, "--method", "network")
     for c in ("network_x_m", "network_y_m"):
         assert np.allclose(both[c], (one[c] + two[c]) / 2, atol=1e-4)
-    mapped = localize("m.csv", "--run", a0, "--ensemble", a1, "--method", "map", "--prior-sigma-scale", "0.5")
+    mapped = localize("m.csv", "--run", a0, "--ensemble", a1, "--method", "map", "--prior-sigma-scale", "auto")
     assert np.allclose(mapped["network_x_m"], both["network_x_m"]) and np.isfinite(mapped["x_m"]).all()
     capsys.readouterr()
     for args, why in ((["--ensemble", a1, "--method", "exhaustive"], "--ensemble pools networks"),

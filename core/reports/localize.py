@@ -162,10 +162,12 @@ def format_result(result: dict[str, Any]) -> str:
 
 
 def localize_reports(run, reports, out, method: str = "map", chunk_rows: int = CHUNK_ROWS,
-                     show_progress: bool = True, members: tuple = ()) -> dict[str, Any]:
+                     show_progress: bool = True, members: tuple = (),
+                     sigma_scale: float | str | None = None) -> dict[str, Any]:
     """Localize the report file ``reports`` with the loaded ``run`` into ``out`` (see the module doc).
     ``members``: other loaded runs of ``run``'s dataset and map (:func:`core.learning.ensemble.load_members`)
-    whose networks are pooled with ``run``'s as the network and MAP's prior.
+    whose networks are pooled with ``run``'s as the network and MAP's prior. ``sigma_scale``: the prior's
+    scale, a number or "auto" (:func:`core.learning.prior_scale.apply_sigma_scale`, after the file is checked).
 
     Returns ``{"rows", "walks", "positions", "seconds", "method", "out", "result"}``; ``result`` is the
     evaluate-style scoring (None without truth)."""
@@ -191,6 +193,10 @@ def localize_reports(run, reports, out, method: str = "map", chunk_rows: int = C
     t0 = time.perf_counter()
     progress.report(0.0, "checking the report file")
     summary = validate(reports, names, run.scene, run.radio_map.bounds, chunk_rows, show_progress=show_progress)
+    if sigma_scale is not None:
+        from core.learning.prior_scale import apply_sigma_scale
+
+        apply_sigma_scale(run, "reports", sigma_scale, list(members))
     calibrate_run(run)
     index = {s: i for i, s in enumerate(names)}
     attrs = {"scene": run.scene, "sites": run.dataset.attrs.get("sites")}
@@ -269,7 +275,6 @@ def run(args: argparse.Namespace) -> int:
 
     from core.learning.ensemble import load_members
     from core.learning.inference import load_run
-    from core.learning.prior_scale import apply_sigma_scale
 
     torch.set_num_threads(1)  # one thread: much faster than 2 on a shared 2-core CPU (as evaluate)
     device = "cpu" if args.device == "auto" and not torch.cuda.is_available() else args.device
@@ -286,10 +291,9 @@ def run(args: argparse.Namespace) -> int:
     members = load_members(loaded, ensemble, device)
     if args.scan_starts is not None:  # before an "auto" scale: it is chosen with the search it will serve
         loaded.config.physics_loss.refinement.scan_starts = int(args.scan_starts)
-    if args.prior_sigma_scale is not None:
-        apply_sigma_scale(loaded, "reports", args.prior_sigma_scale, members)
     info = localize_reports(loaded, args.reports, args.out, args.method, args.chunk_rows,
-                            show_progress=not args.no_progress, members=tuple(members))
+                            show_progress=not args.no_progress, members=tuple(members),
+                            sigma_scale=args.prior_sigma_scale)
     if args.json:
         print(json.dumps(info, indent=2, default=float))
         return 0
