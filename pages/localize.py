@@ -64,18 +64,31 @@ method_label = o[1].selectbox("Method", list(METHODS), key="loc_method",
                                    "exhaustive: the calibrated likelihood searched over the whole map, no network.")
 fmt = o[2].selectbox("Output", ["csv", "parquet", "geojson"], key="loc_fmt")
 method = METHODS[method_label]
-out = REPORTS / "localized" / f"{reports.stem}.{Path(name).name}.{method}.{fmt}"
+chosen = next((r for r in ws.runs() if r.name == name), None)
+peers = [r.name for r in ws.runs() if r.has_checkpoint and r.name != name and chosen is not None
+         and (r.dataset, r.scene, r.split) == (chosen.dataset, chosen.scene, chosen.split)]
+members = st.multiselect("Ensemble with (other runs of this dataset)", peers, key="loc_ensemble",
+                         disabled=method == "exhaustive",
+                         help="their networks are pooled with this run's (mean and mixture σ) as the network and "
+                              "MAP's prior (localize --ensemble)") if peers else []
+members = members if method != "exhaustive" else []
+tag = f".ens{len(members) + 1}-" + "-".join(Path(m).name for m in members) if members else ""
+out = REPORTS / "localized" / f"{reports.stem}.{Path(name).name}{tag}.{method}.{fmt}"
 big = reports.stat().st_size > PAGE_LIMIT_BYTES
 st.caption(f"Writes `{ws.rel(out)}`. " + ("This file is large: it runs as a background job (progress and cancel "
                                           "below)." if big else "Small enough to run here."))
 if st.button("Localize", type="primary", key="loc_go"):
     if big:
-        wb.launch(localize_spec(name, str(reports), str(out), method))
+        with wb.guard("localize"):
+            wb.launch(localize_spec(name, str(reports), str(out), method, members))
     else:
+        from core.learning.ensemble import load_members
         from core.reports.localize import format_result, localize_reports
 
         with wb.guard("localize"), st.spinner("Localizing…"):
-            info = localize_reports(wb.load_run(ws.root / name), reports, out, method, show_progress=False)
+            run = wb.load_run(ws.root / name)
+            others = load_members(run, [str(ws.root / m) for m in members])
+            info = localize_reports(run, reports, out, method, show_progress=False, members=tuple(others))
             st.session_state["loc_info"] = {"out": str(out), "text": format_result(info["result"])
                                             if info["result"] else "", "summary":
                                             f"{info['positions']} positions of {info['walks']} walks "

@@ -1211,6 +1211,33 @@ def ws_rel(root: Path, path: Path) -> str:
 
 
 # -- Localize -----------------------------------------------------------------------------
+def test_localize_page_pools_an_ensemble(tmp_path, monkeypatch):
+    """Another run of the dataset picked as an ensemble: the positions file is the ensemble's (its own name), its
+    network columns the members' mean (here two copies of one run: that run's own)."""
+    import shutil
+
+    import pandas as pd
+
+    from core.reports.export import export_reports
+
+    root = build_workspace(tmp_path)
+    shutil.copytree(root / "runs" / "tiny", root / "runs" / "tiny_b")
+    monkeypatch.setenv("CORE_WORKSPACE", str(root))
+    monkeypatch.setenv("CORE_JOBS_DB", str(root / ".jobs" / "jobs.sqlite"))
+    export_reports(root / "datasets" / "etoile", "test", root / "reports" / "test.csv", show_progress=False, limit=6)
+    at = _app("pages/localize.py")
+    at.selectbox(key="loc_run").select("runs/tiny").run()
+    at.selectbox(key="loc_file").select("reports/test.csv").run()
+    at.selectbox(key="loc_method").select("network").run()
+    at.button(key="loc_go").click().run()  # the run alone
+    at.multiselect(key="loc_ensemble").set_value(["runs/tiny_b"]).run()
+    at.button(key="loc_go").click().run()
+    _no_exception(at)
+    alone = pd.read_csv(root / "reports" / "localized" / "test.tiny.network.csv")
+    pooled = pd.read_csv(root / "reports" / "localized" / "test.tiny.ens2-tiny_b.network.csv")
+    assert np.allclose(pooled["network_x_m"], alone["network_x_m"], atol=1e-4) and len(pooled) == len(alone)
+
+
 def test_localize_page_tracks_download_and_inspector(workspace):
     """A report file of the workspace localized on the page: tracks coloured by error, the error table, the
     download, and one point opened in the Refinement inspector."""

@@ -411,12 +411,17 @@ def correct_map_spec(dataset: str, scene: str, radio_maps: str = "radio_maps", s
     return JobSpec("correct-map", tuple(args), str(corrected_map_path(radio_maps, scene)))
 
 
-def localize_spec(run: str, reports: str, out: str, method: str = "map") -> JobSpec:
+def localize_spec(run: str, reports: str, out: str, method: str = "map", ensemble: Sequence[str] = ()) -> JobSpec:
     """Localize the report file ``reports`` with run ``run`` by ``method`` (network | map | exhaustive) into
-    ``out`` (csv | parquet | geojson): ``python -m core localize`` (:mod:`core.reports.localize`)."""
+    ``out`` (csv | parquet | geojson): ``python -m core localize`` (:mod:`core.reports.localize`); ``ensemble``:
+    other runs of ``run``'s dataset pooled with it as the network (network and map only)."""
     if method not in ("network", "map", "exhaustive"):
         raise CoreError(f"--method must be network, map or exhaustive, got {method!r}")
-    return JobSpec("localize", ("localize", "--run", run, "--reports", reports, "--method", method, "--out", out), out)
+    if ensemble and method == "exhaustive":
+        raise CoreError("an ensemble pools networks: localize with the network or network + MAP")
+    extra = ("--ensemble", ",".join(ensemble)) if ensemble else ()
+    return JobSpec("localize", ("localize", "--run", run, "--reports", reports, "--method", method, *extra,
+                                "--out", out), out)
 
 
 def ablate_spec(scene: str, out: str, extra: Sequence[str] = ()) -> JobSpec:
