@@ -64,8 +64,9 @@ method_label = o[1].selectbox("Method", list(METHODS), key="loc_method",
                                    "exhaustive: the calibrated likelihood searched over the whole map, no network.")
 fmt = o[2].selectbox("Output", ["csv", "parquet", "geojson"], key="loc_fmt")
 method = METHODS[method_label]
-chosen = next((r for r in ws.runs() if r.name == name), None)
-peers = [r.name for r in ws.runs() if r.has_checkpoint and r.name != name and chosen is not None
+runs = ws.runs()  # read once: each entry reads its run directory
+chosen = next((r for r in runs if r.name == name), None)
+peers = [r.name for r in runs if r.has_checkpoint and r.name != name and chosen is not None
          and (r.dataset, r.scene, r.split) == (chosen.dataset, chosen.scene, chosen.split)]
 members = st.multiselect("Ensemble with (other runs of this dataset)", peers, key="loc_ensemble",
                          disabled=method == "exhaustive",

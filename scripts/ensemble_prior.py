@@ -26,7 +26,7 @@ from dataclasses import replace
 import numpy as np
 
 from core.errors import CoreError
-from core.learning.ensemble import check_members, pool
+from core.learning.ensemble import load_members, pool
 from core.learning.inference import load_run, map_search_config, predict, refine_prediction
 from core.learning.metrics import position_errors
 from core.learning.prior_scale import CHOICE_SPLIT, check_scored_split, choose_sigma_scale
@@ -34,8 +34,7 @@ from core.learning.prior_scale import CHOICE_SPLIT, check_scored_split, choose_s
 
 def ensemble_errors(runs, split: str, scan_starts: int) -> dict:
     """``{"network": errors [N], "map": errors [N], "scale": s, "min_sigma_m": m, "grid": [...]}`` of one ensemble
-    on ``split``."""
-    check_members(runs)
+    (``runs``: the first and :func:`~core.learning.ensemble.load_members` of the others) on ``split``."""
     first = runs[0]
     search = replace(map_search_config(first.config), scan_top=scan_starts)
     val = pool([predict(r, r.dataset.indices(CHOICE_SPLIT)) for r in runs])
@@ -69,7 +68,13 @@ def main() -> None:
         raise SystemExit(str(e)) from None
     out = {"network": [], "map": [], "scales": [], "grids": [], "cost_ms": []}
     for spec in args.ensembles:
-        res = ensemble_errors([load_run(p) for p in spec.split(",")], args.split, args.scan_starts)
+        first, *others = spec.split(",")
+        run = load_run(first)
+        try:  # the others on the first's stores (loaded once), refused in one line if they do not belong
+            runs = [run, *load_members(run, others, option="--ensembles")]
+        except CoreError as e:
+            raise SystemExit(str(e)) from None
+        res = ensemble_errors(runs, args.split, args.scan_starts)
         for key in ("network", "map"):
             out[key].append(res[key])
         out["scales"].append({"scale": res["scale"], "min_sigma_m": res["min_sigma_m"]})

@@ -8,7 +8,7 @@ trained on the same dataset, map and grid) predict every train walk once, and th
     q_T(c)  = mean_m softmax(logits_m)(c)          over the G x G coarse cells, its k largest kept (renormalised)
     mu_T    = mean_m xy_m                          [m], the members' mean position
 
-(the pool of :mod:`scripts.ensemble_prior`). Training then adds to ``L_total``, per labelled walk::
+(``mu_T`` as :func:`core.learning.ensemble.pool` pools positions). Training then adds to ``L_total``, per labelled walk::
 
     L_distill = - sum_c q_T(c) log softmax(logits)(c)
                 + lambda_fine * 0.5 * mean_xy(logvar + (off(mu_T) - offset)^2 / exp(logvar))   [mu_T in the true cell]
@@ -41,10 +41,8 @@ def check_teachers(config, run) -> list:
     """The teacher runs, loaded for inference (:func:`core.learning.inference.load_run`), or a
     :class:`ConfigError` of one line naming the key: no such run, another dataset or map than this run's (one
     scene only), another split or sample cap (its train walks must be this run's), or another coarse grid."""
-    from core import resolve_path
     from core.errors import CoreError
-    from core.learning.inference import load_run
-    from core.stores import run as run_store
+    from core.learning.ensemble import load_peer
 
     given = list(config.training.distill_from)
     if not given:
@@ -53,24 +51,10 @@ def check_teachers(config, run) -> list:
         raise ConfigError(f"{KEY}: distillation needs one training scene (this config has {len(run.scenes)})")
     teachers = []
     for path in given:
-        run_dir = resolve_path(path)
-        if not run_dir.is_dir():
-            raise ConfigError(f"{KEY}: {path}: no such run directory")
-        try:
-            lineage = run_store.read_lineage(run_dir)
-            if lineage is not None and lineage.dataset is not None and lineage.dataset.id != run.dataset.ref.id:
-                raise ConfigError(f"{KEY}: {path} was trained on dataset {lineage.dataset.describe()}, this run "
-                                  f"trains on {run.dataset.ref.describe()}")
-            teacher = load_run(run_dir, stores=(run.dataset, run.radio_map))
-        except ConfigError:
-            raise
+        try:  # this run's dataset, map, split and sample cap: its train walks are the teacher's
+            teacher = load_peer(path, run.dataset, run.radio_map, config.data, KEY)
         except CoreError as exc:
-            raise ConfigError(f"{KEY}: {exc}") from None
-        theirs, ours = teacher.config.data, config.data
-        if (theirs.split, theirs.spatial_blocks, theirs.max_samples) != (ours.split, ours.spatial_blocks, ours.max_samples):
-            raise ConfigError(f"{KEY}: {path} was trained on another split or sample cap (split {theirs.split}, "
-                              f"max_samples {theirs.max_samples}; this run: {ours.split}, {ours.max_samples}): its "
-                              "train walks must be this run's, or it has seen this run's val walks")
+            raise ConfigError(str(exc)) from None
         if teacher.model.spec.grid_size != run.spec.grid_size:
             raise ConfigError(f"{KEY}: {path} has a {teacher.model.spec.grid_size}-cell grid, this model "
                               f"{run.spec.grid_size}")
@@ -100,7 +84,7 @@ def pool_teachers(predictions: list, cell_of: Callable[[np.ndarray], np.ndarray]
     top = np.argsort(-summed, axis=1, kind="stable")[:, :k]
     q = np.take_along_axis(summed, top, 1)
     q = q / np.maximum(q.sum(1, keepdims=True), 1e-12)
-    mu = np.mean(np.stack([p.xy for p in predictions]), 0)
+    mu = np.mean(np.stack([p.xy for p in predictions]), 0)  # the ensemble's mean (core.learning.ensemble.pool)
     return (torch.from_numpy(np.take_along_axis(uniq, top, 1)), torch.from_numpy(q.astype(np.float32)),
             torch.from_numpy(mu.astype(np.float32)))
 

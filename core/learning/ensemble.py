@@ -50,37 +50,49 @@ def pool(predictions: list):
     return replace(first, xy=mu, sigma=np.sqrt(var), error_m=position_errors(mu, first.true_xy))
 
 
-def load_members(run, paths: list[str], device="cpu", option: str = "--ensemble") -> list:
-    """The runs ``paths`` loaded on ``run``'s scene, dataset and map (:func:`~core.learning.inference.load_run`
-    with its stores): the other members of an ensemble whose first is ``run``. A :class:`CoreError` of one line
-    naming ``option``: no such run, another dataset or map, another split or sample cap (it may have trained on
-    the walks scored), or a run given twice."""
+def load_peer(path: str, dataset, radio_map, data, option: str, device="cpu"):
+    """The run at ``path`` loaded on ``dataset`` and ``radio_map`` (:func:`~core.learning.inference.load_run`
+    with these stores), trained on that dataset with the split and sample cap of ``data`` (a run's
+    ``config.data``): so it never trained on the walks scored here. A :class:`CoreError` of one line naming
+    ``option``: no such run, another dataset, another split or sample cap, or stores it does not fit."""
     from core import resolve_path
     from core.learning.inference import load_run
     from core.stores import run as run_store
 
+    run_dir = resolve_path(path)
+    if not run_dir.is_dir():
+        raise CoreError(f"{option}: {path}: no such run directory")
+    try:
+        lineage = run_store.read_lineage(run_dir)
+    except CoreError as exc:
+        raise CoreError(f"{option}: {path}: {exc}") from None
+    if lineage is not None and lineage.dataset is not None and lineage.dataset.id != dataset.ref.id:
+        raise CoreError(f"{option}: {path} was trained on dataset {lineage.dataset.describe()}, not on "
+                        f"{dataset.ref.describe()}: it must read the same dataset")
+    try:
+        peer = load_run(run_dir, device=device, stores=(dataset, radio_map))
+    except CoreError as exc:
+        raise CoreError(f"{option}: {path}: {exc}") from None
+    theirs = peer.config.data
+    if (theirs.split, theirs.spatial_blocks, theirs.max_samples) != (data.split, data.spatial_blocks, data.max_samples):
+        raise CoreError(f"{option}: {path} was trained on another split or sample cap (split {theirs.split}, "
+                        f"max_samples {theirs.max_samples}; here: {data.split}, {data.max_samples}): it may have "
+                        "trained on the walks scored here")
+    return peer
+
+
+def load_members(run, paths: list[str], device="cpu", option: str = "--ensemble") -> list:
+    """The runs ``paths`` loaded as :func:`load_peer` loads them on ``run``'s dataset, map and data settings: the
+    other members of an ensemble whose first is ``run``. A :class:`CoreError` of one line naming ``option`` as
+    there, or for a run given twice."""
+    from core import resolve_path
+
     members = []
     for p in paths:
-        path = resolve_path(p)
-        if not path.is_dir():
-            raise CoreError(f"{option}: {p}: no such run directory")
-        if path.resolve() == Path(run.run_dir).resolve() or any(path.resolve() == Path(m.run_dir).resolve()
-                                                               for m in members):
+        path = resolve_path(p).resolve()
+        if path == Path(run.run_dir).resolve() or any(path == Path(m.run_dir).resolve() for m in members):
             raise CoreError(f"{option}: {p} is given twice (--run is the first member)")
-        lineage = run_store.read_lineage(path)
-        if lineage is not None and lineage.dataset is not None and lineage.dataset.id != run.dataset.ref.id:
-            raise CoreError(f"{option}: {p} was trained on dataset {lineage.dataset.describe()}, --run reads "
-                            f"{run.dataset.ref.describe()}: an ensemble's members must read the same dataset")
-        try:
-            member = load_run(path, device=device, stores=(run.dataset, run.radio_map))
-        except CoreError as exc:
-            raise CoreError(f"{option}: {p}: {exc}") from None
-        ours, theirs = run.config.data, member.config.data
-        if (theirs.split, theirs.spatial_blocks, theirs.max_samples) != (ours.split, ours.spatial_blocks, ours.max_samples):
-            raise CoreError(f"{option}: {p} was trained on another split or sample cap (split {theirs.split}, "
-                            f"max_samples {theirs.max_samples}; --run: {ours.split}, {ours.max_samples}): it may "
-                            "have trained on the walks scored here")
-        members.append(member)
+        members.append(load_peer(p, run.dataset, run.radio_map, run.config.data, option, device))
     check_members([run, *members])
     return members
 
@@ -94,4 +106,4 @@ def predict_ensemble(runs: list, indices, batch_size: int | None = None):
     return pool([predict(r, indices, **kw) for r in runs])
 
 
-__all__ = ["check_members", "load_members", "pool", "predict_ensemble"]
+__all__ = ["check_members", "load_members", "load_peer", "pool", "predict_ensemble"]
