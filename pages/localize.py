@@ -24,6 +24,7 @@ REPORTS = ws.root / "reports"
 #: files up to this size [bytes] are localized on the page; larger ones run as a background job
 PAGE_LIMIT_BYTES = int(os.environ.get("CORE_LOCALIZE_PAGE_BYTES", 3_000_000))
 METHODS = {"network + MAP": "map", "network": "network", "map matching, exhaustive (no network)": "exhaustive"}
+SCALES = {"the run's": None, "auto (chosen on val)": "auto", "a number": None}
 
 
 def workspace_files() -> list[Path]:
@@ -73,7 +74,20 @@ members = st.multiselect("Ensemble with (other runs of this dataset)", peers, ke
                          help="their networks are pooled with this run's (mean and mixture σ) as the network and "
                               "MAP's prior (localize --ensemble)") if peers else []
 members = members if method != "exhaustive" else []
+scale, starts = None, None
+if method == "map":
+    sc = st.columns([2, 1, 1])
+    pick = sc[0].selectbox("Prior σ scale", list(SCALES), key="loc_scale",
+                          help="the prior's σ over the network's in MAP: the run's setting, chosen on the run's val "
+                               "split (auto, with the σ floor; seconds to minutes), or a number "
+                               "(localize --prior-sigma-scale)")
+    scale = SCALES[pick] if pick != "a number" else sc[1].number_input("Scale", 0.05, 100.0, 1.0, 0.25, key="loc_scale_value")
+    starts = sc[2].number_input("Scan starts", 0, 64, value=None, step=1, key="loc_scan", placeholder="the run's",
+                               help="MAP also starts from the N best points of the exact scan of the likelihood "
+                                    "(localize --scan-starts); empty: the run's setting")
 tag = f".ens{len(members) + 1}-" + "-".join(Path(m).name for m in members) if members else ""
+tag += (f".s{scale if scale == 'auto' else f'{scale:g}'}" if scale is not None else "") + \
+    (f".scan{int(starts)}" if starts is not None else "")
 out = REPORTS / "localized" / f"{reports.stem}.{Path(name).name}{tag}.{method}.{fmt}"
 big = reports.stat().st_size > PAGE_LIMIT_BYTES
 st.caption(f"Writes `{ws.rel(out)}`. " + ("This file is large: it runs as a background job (progress and cancel "
@@ -81,7 +95,7 @@ st.caption(f"Writes `{ws.rel(out)}`. " + ("This file is large: it runs as a back
 if st.button("Localize", type="primary", key="loc_go"):
     if big:
         with wb.guard("localize"):
-            wb.launch(localize_spec(name, str(reports), str(out), method, members))
+            wb.launch(localize_spec(name, str(reports), str(out), method, members, scale, starts))
     else:
         from core.learning.ensemble import load_members
         from core.reports.localize import format_result, localize_reports
@@ -89,7 +103,8 @@ if st.button("Localize", type="primary", key="loc_go"):
         with wb.guard("localize"), st.spinner("Localizing…"):
             run = wb.load_run(ws.root / name)
             others = load_members(run, [str(ws.root / m) for m in members])
-            info = localize_reports(run, reports, out, method, show_progress=False, members=tuple(others))
+            info = localize_reports(run, reports, out, method, show_progress=False, members=tuple(others),
+                                    sigma_scale=scale, scan_starts=starts)
             st.session_state["loc_info"] = {"out": str(out), "text": format_result(info["result"])
                                             if info["result"] else "", "summary":
                                             f"{info['positions']} positions of {info['walks']} walks "

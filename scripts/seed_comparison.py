@@ -19,6 +19,9 @@ chosen scales in the JSON's ``prior_sigma_scales``, the floors [m] in ``prior_mi
 ``--walk-basins N``: every whole walk also starts from up to N runner-up basins of its snapshot search
 (``evaluate --walk-basins``).
 
+``--runs A,B,C ...``: a comma-separated item is an ENSEMBLE (``evaluate --ensemble``: the networks of its runs
+pooled as the network and every search's prior, read on the same map); give one disjoint ensemble per seed.
+
 ``--errors FILE.npz``: every method's per-UE errors ``[seeds, N]`` and the groups' masks, so that two
 invocations with different options (e.g. ``--walk-basins``) pair on the same UEs: ``scripts/paired_errors.py``.
 
@@ -114,11 +117,13 @@ def main() -> None:
     for map_path, suffix in maps:
         baselines: dict[str, np.ndarray] = {}
         for run_dir in args.runs:
-            run = load_run(run_dir, device=args.device, scene=scene, dataset_path=args.dataset,
+            first, *others = run_dir.split(",")
+            run = load_run(first, device=args.device, scene=scene, dataset_path=args.dataset,
                            radio_map_override=map_path)
-            res = evaluate_run(run_dir, args.split, refine=True, baselines=not baselines, device=args.device, run=run,
+            res = evaluate_run(first, args.split, refine=True, baselines=not baselines, device=args.device, run=run,
                                write=False, keep_errors=True, prior_sigma_scale=args.prior_sigma_scale,
-                               scan_starts=args.scan_starts, silence=args.silence, walk_basins=args.walk_basins)
+                               scan_starts=args.scan_starts, silence=args.silence, walk_basins=args.walk_basins,
+                               ensemble=others)
             scales.setdefault(run_dir + suffix, res["prior_sigma_scale"]["scale"])
             floors.setdefault(run_dir + suffix, res["prior_sigma_scale"]["min_sigma_m"])
             errors = res["_errors"]

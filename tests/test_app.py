@@ -1236,6 +1236,16 @@ def test_localize_page_pools_an_ensemble(tmp_path, monkeypatch):
     alone = pd.read_csv(root / "reports" / "localized" / "test.tiny.network.csv")
     pooled = pd.read_csv(root / "reports" / "localized" / "test.tiny.ens2-tiny_b.network.csv")
     assert np.allclose(pooled["network_x_m"], alone["network_x_m"], atol=1e-4) and len(pooled) == len(alone)
+    # network + MAP with the search's own settings: a positions file of its own, the run's settings untouched
+    at.selectbox(key="loc_method").select("network + MAP").run()
+    at.selectbox(key="loc_scale").select("a number").run()
+    at.number_input(key="loc_scale_value").set_value(0.5).run()
+    at.number_input(key="loc_scan").set_value(2).run()
+    at.button(key="loc_go").click().run()
+    _no_exception(at)
+    searched = pd.read_csv(root / "reports" / "localized" / "test.tiny.ens2-tiny_b.s0.5.scan2.map.csv")
+    assert len(searched) == len(alone) and np.isfinite(searched["x_m"]).all()
+    assert "Writes `reports/localized/test.tiny.ens2-tiny_b.s0.5.scan2.map.csv`" in " ".join(c.value for c in at.caption)
 
 
 def test_localize_page_tracks_download_and_inspector(workspace):

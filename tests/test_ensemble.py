@@ -130,7 +130,31 @@ def test_a_bad_ensemble_is_one_line_before_any_work(cities, tmp_path, capsys):
     assert f"--ensemble: {cities / 'g0'} was trained on dataset" in refused("--ensemble", str(cities / "g0"))
     assert refused("--ensemble", str(tmp_path / "none")).endswith("no such run directory")
     assert "given twice" in refused("--ensemble", a0)
-    assert "without --scene and --radio-map" in refused("--ensemble", str(cities / "a1"), "--scene", "alpha")
+    assert "without --scene" in refused("--ensemble", str(cities / "a1"), "--scene", "alpha")
+
+
+def test_an_ensemble_reads_the_map_given_with_radio_map(cities, tmp_path, capsys):
+    """``evaluate --radio-map M --ensemble``: every member reads M (a k-path or corrected map of the scene), not
+    only --run; the pooled network is their mean on M."""
+    from core.cli import main
+    from core.learning.inference import load_run, predict
+    from core.physics.twin_correction import correct_map, fit_corrections
+
+    a0, a1 = str(cities / "a0"), str(cities / "a1")
+    first = load_run(a0)
+    fit = fit_corrections(first.dataset, first.radio_map)
+    other = tmp_path / "corrected" / "alpha.zarr"
+    correct_map(first.radio_map, fit, fit.record(first.dataset.ref.to_dict(), first.radio_map.ref.to_dict())).save(other)
+    out = tmp_path / "e.json"
+    assert main(["evaluate", "--run", a0, "--ensemble", a1, "--radio-map", str(other), "--out", str(out),
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert result["ensemble"] == [a0, a1] and result["radio_map_override"]["used"]["path"].endswith("alpha.zarr")
+    runs = [load_run(p, radio_map_override=other) for p in (a0, a1)]
+    idx = runs[0].dataset.indices("test")
+    on_other, on_own = (pool([predict(r, idx) for r in rs]) for rs in (runs, [first, load_run(a1)]))
+    assert result["median_m"] == pytest.approx(float(np.median(on_other.error_m)), rel=1e-6)
+    assert not np.allclose(on_other.xy, on_own.xy)  # the map given is what the members read
 
 
 def test_localize_pools_the_ensemble_on_a_report_file(cities, tmp_path, capsys):
@@ -156,6 +180,16 @@ def test_localize_pools_the_ensemble_on_a_report_file(cities, tmp_path, capsys):
         assert np.allclose(both[c], (one[c] + two[c]) / 2, atol=1e-4)
     mapped = localize("m.csv", "--run", a0, "--ensemble", a1, "--method", "map", "--prior-sigma-scale", "auto")
     assert np.allclose(mapped["network_x_m"], both["network_x_m"]) and np.isfinite(mapped["x_m"]).all()
+    from core.learning.inference import load_run
+    from core.reports.localize import localize_reports
+
+    run = load_run(a0)  # the search's options apply to a copy: the run given (the app's cached one) keeps its own
+    r = run.config.physics_loss.refinement
+    before = (r.prior_sigma_scale, r.scan_starts)
+    info = localize_reports(run, reports, tmp_path / "k.csv", "map", show_progress=False, sigma_scale=0.5,
+                            scan_starts=2)
+    assert (info["result"]["prior_sigma_scale"]["scale"], info["result"]["scan_starts"]) == (0.5, 2)
+    assert (r.prior_sigma_scale, r.scan_starts) == before and before != (0.5, 2)
     capsys.readouterr()
     for args, why in ((["--ensemble", a1, "--method", "exhaustive"], "--ensemble pools networks"),
                       (["--prior-sigma-scale", "0.5", "--method", "network"], "--prior-sigma-scale scales"),

@@ -139,6 +139,7 @@ def test_bad_outputs_are_refused(run_dir, exported, tmp_path, capsys):
 
 def test_the_page_launches_the_same_command():
     from core.cli import build_parser
+    from core.errors import CoreError
     from core.jobs.manager import KINDS, localize_spec
 
     spec = localize_spec("assets/default_run", "reports/big.parquet", "reports/localized/big.csv", "exhaustive")
@@ -146,6 +147,13 @@ def test_the_page_launches_the_same_command():
     args = build_parser("localize").parse_args(list(spec.args))
     assert (args.run, args.reports, args.method, args.out) == ("assets/default_run", "reports/big.parquet",
                                                                "exhaustive", "reports/localized/big.csv")
+    spec = localize_spec("assets/default_run", "r.csv", "o.csv", "map", sigma_scale=0.5, scan_starts=6)
+    args = build_parser("localize").parse_args(list(spec.args))
+    assert (args.prior_sigma_scale, args.scan_starts) == (0.5, 6)
+    assert build_parser("localize").parse_args(list(localize_spec("a", "r.csv", "o.csv", "map", sigma_scale="auto")
+                                                    .args)).prior_sigma_scale == "auto"
+    with pytest.raises(CoreError, match="MAP's"):
+        localize_spec("a", "r.csv", "o.csv", "network", scan_starts=2)
 
 
 def test_windows_are_dataset_samples():

@@ -411,15 +411,23 @@ def correct_map_spec(dataset: str, scene: str, radio_maps: str = "radio_maps", s
     return JobSpec("correct-map", tuple(args), str(corrected_map_path(radio_maps, scene)))
 
 
-def localize_spec(run: str, reports: str, out: str, method: str = "map", ensemble: Sequence[str] = ()) -> JobSpec:
+def localize_spec(run: str, reports: str, out: str, method: str = "map", ensemble: Sequence[str] = (),
+                  sigma_scale: float | str | None = None, scan_starts: int | None = None) -> JobSpec:
     """Localize the report file ``reports`` with run ``run`` by ``method`` (network | map | exhaustive) into
     ``out`` (csv | parquet | geojson): ``python -m core localize`` (:mod:`core.reports.localize`); ``ensemble``:
-    other runs of ``run``'s dataset pooled with it as the network (network and map only)."""
+    other runs of ``run``'s dataset pooled with it as the network (network and map only); ``sigma_scale`` (a
+    number or "auto") and ``scan_starts``: MAP's prior scale and scan starts (map only; None: the run's)."""
     if method not in ("network", "map", "exhaustive"):
         raise CoreError(f"--method must be network, map or exhaustive, got {method!r}")
     if ensemble and method == "exhaustive":
         raise CoreError("an ensemble pools networks: localize with the network or network + MAP")
+    if (sigma_scale is not None or scan_starts is not None) and method != "map":
+        raise CoreError("the prior's scale and the scan starts are MAP's: localize with network + MAP")
     extra = ("--ensemble", ",".join(ensemble)) if ensemble else ()
+    if sigma_scale is not None:
+        extra += ("--prior-sigma-scale", sigma_scale if sigma_scale == "auto" else _num(float(sigma_scale)))
+    if scan_starts is not None:
+        extra += ("--scan-starts", str(int(scan_starts)))
     return JobSpec("localize", ("localize", "--run", run, "--reports", reports, "--method", method, *extra,
                                 "--out", out), out)
 

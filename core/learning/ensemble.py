@@ -50,11 +50,13 @@ def pool(predictions: list):
     return replace(first, xy=mu, sigma=np.sqrt(var), error_m=position_errors(mu, first.true_xy))
 
 
-def load_peer(path: str, dataset, radio_map, data, option: str, device="cpu"):
+def load_peer(path: str, dataset, radio_map, data, option: str, device="cpu", radio_map_override=None):
     """The run at ``path`` loaded on ``dataset`` and ``radio_map`` (:func:`~core.learning.inference.load_run`
     with these stores), trained on that dataset with the split and sample cap of ``data`` (a run's
-    ``config.data``): so it never trained on the walks scored here. A :class:`CoreError` of one line naming
-    ``option``: no such run, another dataset, another split or sample cap, or stores it does not fit."""
+    ``config.data``): so it never trained on the walks scored here. ``radio_map_override``: a map store path
+    read INSTEAD of ``radio_map`` (the dataset's own map; ``load_run(radio_map_override=)``). A
+    :class:`CoreError` of one line naming ``option``: no such run, another dataset, another split or sample cap,
+    or stores it does not fit."""
     from core import resolve_path
     from core.learning.inference import load_run
     from core.stores import run as run_store
@@ -70,7 +72,7 @@ def load_peer(path: str, dataset, radio_map, data, option: str, device="cpu"):
         raise CoreError(f"{option}: {path} was trained on dataset {lineage.dataset.describe()}, not on "
                         f"{dataset.ref.describe()}: it must read the same dataset")
     try:
-        peer = load_run(run_dir, device=device, stores=(dataset, radio_map))
+        peer = load_run(run_dir, device=device, stores=(dataset, radio_map), radio_map_override=radio_map_override)
     except CoreError as exc:
         raise CoreError(f"{option}: {path}: {exc}") from None
     theirs = peer.config.data
@@ -83,16 +85,22 @@ def load_peer(path: str, dataset, radio_map, data, option: str, device="cpu"):
 
 def load_members(run, paths: list[str], device="cpu", option: str = "--ensemble") -> list:
     """The runs ``paths`` loaded as :func:`load_peer` loads them on ``run``'s dataset, map and data settings: the
-    other members of an ensemble whose first is ``run``. A :class:`CoreError` of one line naming ``option`` as
-    there, or for a run given twice."""
+    other members of an ensemble whose first is ``run``. Where ``run`` reads another map than its dataset's
+    (``run.map_override``, ``evaluate --radio-map``), every member reads that map too. A :class:`CoreError` of
+    one line naming ``option`` as there, or for a run given twice."""
     from core import resolve_path
+    from core.stores.radio_map import RadioMap
 
+    recorded, override = run.radio_map, None
+    if paths and run.map_override is not None:
+        recorded = RadioMap.load(resolve_path(run.map_override["recorded"]["path"]))
+        override = run.map_override["used"]["path"]
     members = []
     for p in paths:
         path = resolve_path(p).resolve()
         if path == Path(run.run_dir).resolve() or any(path == Path(m.run_dir).resolve() for m in members):
             raise CoreError(f"{option}: {p} is given twice (--run is the first member)")
-        members.append(load_peer(p, run.dataset, run.radio_map, run.config.data, option, device))
+        members.append(load_peer(p, run.dataset, recorded, run.config.data, option, device, override))
     check_members([run, *members])
     return members
 

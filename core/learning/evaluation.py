@@ -32,8 +32,8 @@ after a warm-up), plus:
   (``--walk-basins N``, :func:`core.physics.trajectory.runner_up_basins`; recorded at top level);
 * with ``--ensemble RUN,RUN``: ``ensemble`` = every member, ``--run`` first: their networks pooled
   (:mod:`core.learning.ensemble`, the members' mean and mixture sigma) are "the network" of every row and the
-  searches' prior (an "auto" scale is chosen for the pooled val prediction); ``inference_ms_per_sample`` is
-  the members' sum; the result file ``..._ens-<members>-<id>.json``;
+  searches' prior (an "auto" scale is chosen for the pooled val prediction); with ``--radio-map`` every member
+  reads that map; ``inference_ms_per_sample`` is the members' sum; the result file ``..._ens-<members>-<id>.json``;
 * ``bound`` (where the map has per-site layers): the Cramér–Rao bounds of the position
   (:mod:`core.physics.bound`, at the true positions, the noise of the dataset's measurement
   model) for the latest report, the reports of the pooled window (``window_s``), the whole
@@ -489,7 +489,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ensemble", default=None, metavar="RUN,RUN",
                         help="other runs of the same dataset, map and split whose networks are pooled with --run's "
                              "(the members' mean and mixture sigma, core.learning.ensemble) as the network: its "
-                             "estimate and the searches' prior; result file ..._ens-<members>-<id>.json")
+                             "estimate and the searches' prior; with --radio-map every member reads that map; "
+                             "result file ..._ens-<members>-<id>.json")
     parser.add_argument("--out", default=None,
                         help="write the result JSON to this file instead of into the run directory")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -506,8 +507,8 @@ def run(args: argparse.Namespace) -> int:
     if args.walk_basins is not None and not (args.refine or args.baselines):
         raise CoreError("--walk-basins adds starts to the whole walks of --refine and --baselines: give one of them")
     ensemble = [p for p in (args.ensemble or "").split(",") if p]
-    if ensemble and (args.scene is not None or args.radio_map is not None):
-        raise CoreError("--ensemble pools runs on --run's own scene and map: give it without --scene and --radio-map")
+    if ensemble and args.scene is not None:
+        raise CoreError("--ensemble pools runs on --run's own scene: give it without --scene")
     options = dict(threshold=args.threshold, top_k=args.top_k, window_s=args.window, silence=args.silence,
                    prior_sigma_scale=args.prior_sigma_scale, scan_starts=args.scan_starts, walk_basins=args.walk_basins)
     out = None
@@ -536,7 +537,8 @@ def run(args: argparse.Namespace) -> int:
             from core.learning.inference import load_run
 
             run = load_run(args.run, device=device, radio_map_override=args.radio_map)
-            result = evaluate_run(args.run, args.split, args.refine, args.baselines, run=run, write=False, **options)
+            result = evaluate_run(args.run, args.split, args.refine, args.baselines, run=run, write=False,
+                                  ensemble=ensemble, **options)
             if out is None:
                 atomic_write_text(target, json.dumps(result, indent=2, default=float))
         else:

@@ -23,6 +23,7 @@ gives ``evaluate``'s numbers), and below it the median and P90 over every report
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import time
@@ -142,6 +143,9 @@ def _result(scores: _Scores, method: str, run) -> dict[str, Any]:
                                 "ms_per_sample": ms("map"), "num_refined": int(scores.samples), "positions": int(scores.samples),
                                 "sources": {s: int(c) for s, c in zip(SOURCES, won)},
                                 "window_s": run.config.physics_loss.report_window_s, "top_k": DEFAULT_TOP_K}
+        r = run.config.physics_loss.refinement
+        result["prior_sigma_scale"] = {"scale": float(r.prior_sigma_scale), "min_sigma_m": float(r.prior_min_sigma_m)}
+        result["scan_starts"] = int(r.scan_starts)
     if method == "exhaustive":
         e = scores.cat(scores.end, method)
         result["baselines"] = {"exhaustive": {**error_metrics(e), "groups": grouped_metrics(e, groups),
@@ -163,11 +167,13 @@ def format_result(result: dict[str, Any]) -> str:
 
 def localize_reports(run, reports, out, method: str = "map", chunk_rows: int = CHUNK_ROWS,
                      show_progress: bool = True, members: tuple = (),
-                     sigma_scale: float | str | None = None) -> dict[str, Any]:
+                     sigma_scale: float | str | None = None, scan_starts: int | None = None) -> dict[str, Any]:
     """Localize the report file ``reports`` with the loaded ``run`` into ``out`` (see the module doc).
     ``members``: other loaded runs of ``run``'s dataset and map (:func:`core.learning.ensemble.load_members`)
     whose networks are pooled with ``run``'s as the network and MAP's prior. ``sigma_scale``: the prior's
-    scale, a number or "auto" (:func:`core.learning.prior_scale.apply_sigma_scale`, after the file is checked).
+    scale, a number or "auto" (:func:`core.learning.prior_scale.apply_sigma_scale`, after the file is checked);
+    ``scan_starts``: MAP's starts from the exact scan (None: the run's). Neither changes ``run`` itself (the
+    app's cached run): they apply to a copy of its configuration.
 
     Returns ``{"rows", "walks", "positions", "seconds", "method", "out", "result"}``; ``result`` is the
     evaluate-style scoring (None without truth)."""
@@ -193,11 +199,9 @@ def localize_reports(run, reports, out, method: str = "map", chunk_rows: int = C
     t0 = time.perf_counter()
     progress.report(0.0, "checking the report file")
     summary = validate(reports, names, run.scene, run.radio_map.bounds, chunk_rows, show_progress=show_progress)
-    if sigma_scale is not None:
-        from core.learning.prior_scale import apply_sigma_scale
-
-        apply_sigma_scale(run, "reports", sigma_scale, list(members))
     calibrate_run(run)
+    if sigma_scale is not None or scan_starts is not None:
+        run = _searching_with(run, sigma_scale, scan_starts, members)
     index = {s: i for i, s in enumerate(names)}
     attrs = {"scene": run.scene, "sites": run.dataset.attrs.get("sites")}
     scores = _Scores()
@@ -220,6 +224,20 @@ def localize_reports(run, reports, out, method: str = "map", chunk_rows: int = C
     result = _result(scores, method, run) if summary.has_truth and scores.groups else None
     return {"rows": summary.rows, "walks": summary.walks, "positions": positions,
             "seconds": time.perf_counter() - t0, "method": METHODS[method], "out": str(out), "result": result}
+
+
+def _searching_with(run, sigma_scale: float | str | None, scan_starts: int | None, members: tuple):
+    """A copy of the calibrated ``run`` (its likelihood shared) whose MAP search starts from ``scan_starts``
+    points of the scan and whose prior has ``sigma_scale`` (see :func:`localize_reports`)."""
+    from core.learning.prior_scale import apply_sigma_scale
+
+    _ = run.likelihood  # built once, on the run given: the copy shares it
+    run = dataclasses.replace(run, config=copy.deepcopy(run.config))
+    if scan_starts is not None:  # before an "auto" scale: it is chosen with the search it will serve
+        run.config.physics_loss.refinement.scan_starts = int(scan_starts)
+    if sigma_scale is not None:
+        apply_sigma_scale(run, "reports", sigma_scale, list(members))
+    return run
 
 
 def report_window(run, reports, walk_id: str, time_s: float, chunk_rows: int = CHUNK_ROWS):
@@ -289,11 +307,9 @@ def run(args: argparse.Namespace) -> int:
         raise CoreError("--scan-starts adds starts to the MAP search: give --method map")
     loaded = load_run(args.run, device=device)
     members = load_members(loaded, ensemble, device)
-    if args.scan_starts is not None:  # before an "auto" scale: it is chosen with the search it will serve
-        loaded.config.physics_loss.refinement.scan_starts = int(args.scan_starts)
     info = localize_reports(loaded, args.reports, args.out, args.method, args.chunk_rows,
                             show_progress=not args.no_progress, members=tuple(members),
-                            sigma_scale=args.prior_sigma_scale)
+                            sigma_scale=args.prior_sigma_scale, scan_starts=args.scan_starts)
     if args.json:
         print(json.dumps(info, indent=2, default=float))
         return 0
